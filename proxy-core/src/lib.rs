@@ -1,0 +1,19 @@
+//! proxy-core: the AISIX data plane.
+//!
+//! Configuration arrives as source events, becomes an immutable [`snapshot::Snapshot`]
+//! in a [`snapshot::SnapshotStore`], and every proxy request reads one snapshot from
+//! start to end. The HTTP layer authenticates the caller, resolves the model alias,
+//! calls the upstream through a provider adapter and renders every failure in the
+//! envelope of its route family.
+//!
+//! Layout:
+//! - `secret`: a string type that never prints its value.
+//! - `resources`: resource keys, wire specs and validated types.
+//! - `snapshot`: the snapshot, its incremental builder and the store.
+//! - `error`: the one proxy error type and its envelopes.
+//! - `http`: the proxy listener (routes, request ids, drain).
+//! - `upstream`: the upstream HTTP client and provider adapters.
+
+pub mod resources;
+pub mod secret;
+pub mod snapshot;

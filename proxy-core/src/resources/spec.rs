@@ -1,0 +1,114 @@
+//! Wire types: the JSON documents stored under `<prefix>/<kind>/<id>`, exactly as the
+//! AISIX resource conventions name their fields. Validation lives in `validate.rs`.
+//!
+//! Unknown fields are tolerated (a newer control plane may add some) and collected in
+//! `unknown`, so they can be counted and reported.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::secret::Secret;
+
+#[derive(Debug, Deserialize)]
+pub struct ProviderKeySpec {
+    pub display_name: Option<String>,
+    pub provider: Option<String>,
+    pub adapter: Option<String>,
+    pub api_base: Option<String>,
+    pub api_key: Option<Secret>,
+    pub secret: Option<Secret>,
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ModelSpec {
+    pub display_name: Option<String>,
+    // Direct form.
+    pub provider: Option<String>,
+    pub model_name: Option<String>,
+    pub provider_key_id: Option<String>,
+    // Routing form.
+    pub routing: Option<RoutingSpec>,
+    // Shared.
+    pub timeout: Option<u64>,
+    pub stream_timeout: Option<u64>,
+    pub retries: Option<u32>,
+    pub allowed_cidrs: Option<Vec<String>>,
+    pub rate_limit: Option<RateLimitSpec>,
+    pub cost: Option<CostSpec>,
+    pub cooldown: Option<CooldownSpec>,
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RoutingSpec {
+    #[serde(default)]
+    pub targets: Vec<TargetSpec>,
+    pub strategy: Option<String>,
+    pub retries: Option<u32>,
+    pub max_fallbacks: Option<u32>,
+    pub retry_on_429: Option<bool>,
+    pub fallback_on_statuses: Option<Vec<u16>>,
+    pub when_all_unavailable: Option<String>,
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct TargetSpec {
+    pub model: Option<String>,
+    pub weight: Option<u32>,
+    pub priority: Option<i32>,
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RateLimitSpec {
+    pub rps: Option<u64>,
+    pub rpm: Option<u64>,
+    pub rph: Option<u64>,
+    pub rpd: Option<u64>,
+    pub tpm: Option<u64>,
+    pub tpd: Option<u64>,
+    pub concurrency: Option<u64>,
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CostSpec {
+    pub input_per_1k: Option<f64>,
+    pub output_per_1k: Option<f64>,
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CooldownSpec {
+    pub enabled: Option<bool>,
+    pub default_seconds: Option<u64>,
+    pub max_seconds: Option<u64>,
+    pub honor_retry_after: Option<bool>,
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ApiKeySpec {
+    pub key_hash: Option<String>,
+    pub allowed_models: Option<Vec<String>>,
+    #[serde(default)]
+    pub disabled: bool,
+    pub expires_at: Option<String>,
+    pub rate_limit: Option<RateLimitSpec>,
+    pub display_name: Option<String>,
+    pub team_id: Option<String>,
+    pub user_id: Option<String>,
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, Value>,
+}

@@ -1,0 +1,179 @@
+use super::*;
+
+fn parse(kind: Kind, json: &str) -> Result<Resource, Problems> {
+    Resource::parse(&ResourceKey::new(kind, "id1"), json.as_bytes())
+}
+
+fn problems(kind: Kind, json: &str) -> Vec<(String, String)> {
+    match parse(kind, json) {
+        Ok(r) => panic!("expected problems, got {r:?}"),
+        Err(p) => p.0.into_iter().map(|e| (e.path, e.message)).collect(),
+    }
+}
+
+#[test]
+fn key_parsing() {
+    let k = ResourceKey::parse("/aisix", "/aisix/models/m1").unwrap();
+    assert_eq!((k.kind, &*k.id), (Kind::Models, "m1"));
+    assert_eq!(k.full("/aisix"), "/aisix/models/m1");
+    assert!(matches!(
+        ResourceKey::parse("/aisix", "/other/models/m1"),
+        Err(KeyError::OutsidePrefix(_))
+    ));
+    assert!(matches!(
+        ResourceKey::parse("/aisix", "/aisix/models"),
+        Err(KeyError::Malformed)
+    ));
+    assert!(matches!(
+        ResourceKey::parse("/aisix", "/aisix/models/a/b"),
+        Err(KeyError::Malformed)
+    ));
+    assert!(matches!(
+        ResourceKey::parse("/aisix", "/aisix/widgets/w"),
+        Err(KeyError::UnknownKind(_))
+    ));
+}
+
+#[test]
+fn provider_key_defaults_and_normalisation() {
+    let Resource::ProviderKey(pk) = parse(
+        Kind::ProviderKeys,
+        r#"{"display_name":"p","provider":"openai","api_key":"sk"}"#,
+    )
+    .unwrap() else {
+        panic!()
+    };
+    assert_eq!(pk.api_base, "https://api.openai.com");
+    assert_eq!(pk.adapter, Adapter::OpenAi);
+    for base in [
+        "http://h:1/v1",
+        "http://h:1/v1/",
+        "http://h:1",
+        "http://h:1/",
+    ] {
+        let json =
+            format!(r#"{{"display_name":"p","provider":"acme","api_base":"{base}","secret":"s"}}"#);
+        let Resource::ProviderKey(pk) = parse(Kind::ProviderKeys, &json).unwrap() else {
+            panic!()
+        };
+        assert_eq!(pk.api_base, "http://h:1", "{base}");
+    }
+}
+
+#[test]
+fn provider_key_collects_every_problem() {
+    let got = problems(
+        Kind::ProviderKeys,
+        r#"{"provider":"acme","api_key":"a","secret":"b","x":1}"#,
+    );
+    assert_eq!(
+        got,
+        vec![
+            ("display_name".into(), "required".into()),
+            (
+                "api_base".into(),
+                "required for provider 'acme' (it is not built in)".into()
+            ),
+            (
+                "api_key".into(),
+                "set exactly one of api_key or secret, not both".into()
+            ),
+        ]
+    );
+}
+
+#[test]
+fn unknown_fields_are_tolerated_and_counted() {
+    let r = parse(
+        Kind::ProviderKeys,
+        r#"{"display_name":"p","provider":"openai","api_key":"k","future":true}"#,
+    )
+    .unwrap();
+    assert_eq!(r.unknown_fields(), 1);
+}
+
+#[test]
+fn type_errors_name_the_field() {
+    let got = problems(Kind::Models, r#"{"display_name":"m","timeout":"soon"}"#);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, "timeout");
+    let got = problems(
+        Kind::Models,
+        r#"{"display_name":"m","routing":{"targets":[{"model":"a","weight":"x"}]}}"#,
+    );
+    assert_eq!(got[0].0, "routing.targets[0].weight");
+    let got = problems(Kind::Models, "not json");
+    assert_eq!(got[0].0, "(document)");
+    let got = problems(Kind::Models, r#"{"display_name":"m"} trailing"#);
+    assert_eq!(got[0].0, "(document)");
+}
+
+#[test]
+fn model_forms() {
+    let got = problems(Kind::Models, r#"{"display_name":"m"}"#);
+    assert_eq!(
+        got,
+        vec![
+            ("model_name".into(), "required".into()),
+            ("provider_key_id".into(), "required".into()),
+        ]
+    );
+    let got = problems(
+        Kind::Models,
+        r#"{"display_name":"m","model_name":"x","routing":{"targets":[{"model":"a"}]}}"#,
+    );
+    assert_eq!(got[0].0, "routing");
+    let got = problems(
+        Kind::Models,
+        r#"{"display_name":"m","routing":{"targets":[{"weight":0}],"strategy":"random","when_all_unavailable":"x","fallback_on_statuses":[200]},
+            "allowed_cidrs":["10.0.0.0/8","nope"],"timeout":0,"rate_limit":{"rpm":0},"cost":{"input_per_1k":-1},
+            "cooldown":{"default_seconds":700}}"#,
+    );
+    let paths: Vec<&str> = got.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "routing.targets[0].weight",
+            "routing.targets[0].model",
+            "routing.strategy",
+            "routing.when_all_unavailable",
+            "routing.fallback_on_statuses[0]",
+            "allowed_cidrs[1]",
+            "timeout",
+            "rate_limit.rpm",
+            "cost.input_per_1k",
+            "cooldown.default_seconds",
+        ]
+    );
+}
+
+#[test]
+fn api_key_validation_and_matching() {
+    let hash = KeyHash::of_plaintext("caller-1");
+    let hex = hex::encode(hash.0);
+    let json = format!(
+        r#"{{"key_hash":"{hex}","allowed_models":["gpt-4o","claude-*"],"expires_at":"2030-01-01T00:00:00+02:00"}}"#
+    );
+    let Resource::ApiKey(k) = parse(Kind::ApiKeys, &json).unwrap() else {
+        panic!()
+    };
+    assert_eq!(k.key_hash, hash);
+    assert!(k.allows("gpt-4o") && k.allows("claude-3") && !k.allows("gpt-4o-mini"));
+    assert!(!k.is_expired(std::time::SystemTime::now()));
+    let got = problems(
+        Kind::ApiKeys,
+        r#"{"key_hash":"ABC","expires_at":"tomorrow"}"#,
+    );
+    let paths: Vec<&str> = got.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(paths, ["key_hash", "allowed_models", "expires_at"]);
+}
+
+#[test]
+fn secrets_never_appear_in_debug_output() {
+    let r = parse(
+        Kind::ProviderKeys,
+        r#"{"display_name":"p","provider":"openai","api_key":"sk-very-secret"}"#,
+    )
+    .unwrap();
+    assert!(!format!("{r:?}").contains("sk-very-secret"));
+}

@@ -1,0 +1,602 @@
+//! Validated domain types and the conversions from wire specs. Each conversion collects
+//! every problem it finds, each with its field path, instead of stopping at the first.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use ipnet::IpNet;
+use wildmatch::WildMatch;
+
+use super::spec::{
+    ApiKeySpec, CooldownSpec, CostSpec, ModelSpec, ProviderKeySpec, RateLimitSpec, RoutingSpec,
+};
+use crate::secret::Secret;
+
+/// One problem found in a resource document, with the path of the offending field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+/// Every problem found in one resource document.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Problems(pub Vec<FieldError>);
+
+impl Problems {
+    pub fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn into_result<T>(self, value: T) -> Result<T, Problems> {
+        if self.0.is_empty() {
+            Ok(value)
+        } else {
+            Err(self)
+        }
+    }
+}
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{}: {}", e.path, e.message)?;
+        }
+        Ok(())
+    }
+}
+
+/// The wire protocol a provider key speaks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Adapter {
+    OpenAi,
+    Anthropic,
+    /// A protocol family this build does not implement: requests answer 501.
+    Other(String),
+}
+
+#[derive(Debug)]
+pub struct ProviderKey {
+    pub id: Arc<str>,
+    pub display_name: String,
+    pub provider: String,
+    pub adapter: Adapter,
+    /// Base URL without a trailing slash or `/v1`; routes append `/v1/...`.
+    pub api_base: String,
+    pub credential: Secret,
+    pub unknown_fields: usize,
+}
+
+#[derive(Debug)]
+pub struct Model {
+    pub id: Arc<str>,
+    pub name: Arc<str>,
+    pub target: ModelTarget,
+    /// Non-streaming end-to-end limit; for streams, the limit until response headers.
+    pub timeout: Option<Duration>,
+    /// Longest allowed gap between two stream chunks.
+    pub stream_timeout: Option<Duration>,
+    pub retries: u32,
+    pub allowed_cidrs: Vec<IpNet>,
+    pub rate_limit: RateLimit,
+    pub cost: Option<Cost>,
+    pub cooldown: Cooldown,
+    pub unknown_fields: usize,
+}
+
+#[derive(Debug)]
+pub enum ModelTarget {
+    Direct(DirectTarget),
+    Routing(Routing),
+}
+
+#[derive(Debug)]
+pub struct DirectTarget {
+    pub provider: Option<String>,
+    pub model_name: String,
+    pub provider_key_id: String,
+}
+
+#[derive(Debug)]
+pub struct Routing {
+    pub targets: Vec<Target>,
+    pub strategy: Strategy,
+    pub retries: u32,
+    pub max_fallbacks: Option<u32>,
+    pub retry_on_429: bool,
+    pub fallback_on_statuses: Vec<u16>,
+    pub when_all_unavailable: WhenAllUnavailable,
+}
+
+#[derive(Debug)]
+pub struct Target {
+    pub model: String,
+    pub weight: u32,
+    pub priority: i32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    Failover,
+    RoundRobin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenAllUnavailable {
+    Fail,
+    TryAnyway,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RateLimit {
+    pub rps: Option<u64>,
+    pub rpm: Option<u64>,
+    pub rph: Option<u64>,
+    pub rpd: Option<u64>,
+    pub tpm: Option<u64>,
+    pub tpd: Option<u64>,
+    pub concurrency: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Cost {
+    pub input_per_1k: f64,
+    pub output_per_1k: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cooldown {
+    pub enabled: bool,
+    pub default: Duration,
+    pub max: Duration,
+    pub honor_retry_after: bool,
+}
+
+impl Default for Cooldown {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            default: Duration::from_secs(30),
+            max: Duration::from_secs(600),
+            honor_retry_after: true,
+        }
+    }
+}
+
+/// SHA-256 of a caller's plaintext key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyHash(pub [u8; 32]);
+
+impl KeyHash {
+    pub fn of_plaintext(plaintext: &str) -> Self {
+        use sha2::{Digest, Sha256};
+        Self(Sha256::digest(plaintext.as_bytes()).into())
+    }
+}
+
+#[derive(Debug)]
+pub struct ApiKey {
+    pub id: Arc<str>,
+    pub key_hash: KeyHash,
+    pub allowed_models: Vec<ModelPattern>,
+    pub disabled: bool,
+    pub expires_at: Option<SystemTime>,
+    pub rate_limit: RateLimit,
+    pub display_name: Option<String>,
+    pub team_id: Option<String>,
+    pub user_id: Option<String>,
+    pub unknown_fields: usize,
+}
+
+impl ApiKey {
+    pub fn allows(&self, alias: &str) -> bool {
+        self.allowed_models.iter().any(|p| p.matches(alias))
+    }
+
+    pub fn is_expired(&self, now: SystemTime) -> bool {
+        self.expires_at.is_some_and(|t| now >= t)
+    }
+}
+
+/// An `allowed_models` entry: an exact alias, or a glob when it contains `*`.
+#[derive(Debug)]
+pub enum ModelPattern {
+    Exact(String),
+    Glob(WildMatch),
+}
+
+impl ModelPattern {
+    fn new(p: &str) -> Self {
+        if p.contains('*') {
+            Self::Glob(WildMatch::new(p))
+        } else {
+            Self::Exact(p.to_owned())
+        }
+    }
+
+    pub fn matches(&self, alias: &str) -> bool {
+        match self {
+            Self::Exact(s) => s == alias,
+            Self::Glob(g) => g.matches(alias),
+        }
+    }
+}
+
+const BUILT_IN_BASES: &[(&str, &str, Adapter)] = &[
+    ("openai", "https://api.openai.com", Adapter::OpenAi),
+    ("deepseek", "https://api.deepseek.com", Adapter::OpenAi),
+    ("anthropic", "https://api.anthropic.com", Adapter::Anthropic),
+];
+
+impl ProviderKey {
+    pub fn from_spec(id: &str, spec: ProviderKeySpec) -> Result<Self, Problems> {
+        let mut p = Problems::default();
+        let display_name = required_name(&mut p, "display_name", spec.display_name);
+        let provider = spec.provider.unwrap_or_default();
+        let built_in = BUILT_IN_BASES.iter().find(|(name, _, _)| *name == provider);
+        let adapter = match spec.adapter.as_deref() {
+            Some("openai") => Adapter::OpenAi,
+            Some("anthropic") => Adapter::Anthropic,
+            Some("") => {
+                p.push("adapter", "must not be empty");
+                Adapter::OpenAi
+            }
+            Some(other) => Adapter::Other(other.to_owned()),
+            None => built_in.map_or(Adapter::OpenAi, |(_, _, a)| a.clone()),
+        };
+        if provider.is_empty() && spec.adapter.is_none() {
+            p.push("provider", "required (or set adapter)");
+        }
+        let api_base = match (spec.api_base, built_in) {
+            (Some(base), _) => normalize_api_base(&mut p, &base),
+            (None, Some((_, base, _))) => (*base).to_owned(),
+            (None, None) => {
+                p.push(
+                    "api_base",
+                    format!("required for provider '{provider}' (it is not built in)"),
+                );
+                String::new()
+            }
+        };
+        let credential = match (spec.api_key, spec.secret) {
+            (Some(k), None) | (None, Some(k)) if !k.is_empty() => k,
+            (Some(_), Some(_)) => {
+                p.push("api_key", "set exactly one of api_key or secret, not both");
+                Secret::new("")
+            }
+            (None, None) => {
+                p.push("api_key", "required (api_key or secret)");
+                Secret::new("")
+            }
+            _ => {
+                p.push("api_key", "must not be empty");
+                Secret::new("")
+            }
+        };
+        let key = ProviderKey {
+            id: id.into(),
+            display_name,
+            provider: if provider.is_empty() {
+                spec.adapter.unwrap_or_default()
+            } else {
+                provider
+            },
+            adapter,
+            api_base,
+            credential,
+            unknown_fields: spec.unknown.len(),
+        };
+        p.into_result(key)
+    }
+}
+
+impl Model {
+    pub fn from_spec(id: &str, spec: ModelSpec) -> Result<Self, Problems> {
+        let mut p = Problems::default();
+        let name = required_name(&mut p, "display_name", spec.display_name);
+        let has_direct = spec.model_name.is_some() || spec.provider_key_id.is_some();
+        let target = match (spec.routing, has_direct) {
+            (Some(_), true) => {
+                p.push(
+                    "routing",
+                    "a model is either direct (model_name, provider_key_id) or routing, not both",
+                );
+                None
+            }
+            (Some(r), false) => Some(ModelTarget::Routing(routing(&mut p, r))),
+            (None, _) => Some(ModelTarget::Direct(DirectTarget {
+                provider: spec.provider,
+                model_name: required_name(&mut p, "model_name", spec.model_name),
+                provider_key_id: required_name(&mut p, "provider_key_id", spec.provider_key_id),
+            })),
+        };
+        let allowed_cidrs = spec
+            .allowed_cidrs
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| parse_cidr(&mut p, &format!("allowed_cidrs[{i}]"), c))
+            .collect();
+        let model = Model {
+            id: id.into(),
+            name: name.into(),
+            target: target.unwrap_or(ModelTarget::Routing(Routing::empty())),
+            timeout: millis(&mut p, "timeout", spec.timeout),
+            stream_timeout: millis(&mut p, "stream_timeout", spec.stream_timeout),
+            retries: spec.retries.unwrap_or(0),
+            allowed_cidrs,
+            rate_limit: rate_limit(&mut p, "rate_limit", spec.rate_limit),
+            cost: spec.cost.map(|c| cost(&mut p, c)),
+            cooldown: spec
+                .cooldown
+                .map(|c| cooldown(&mut p, c))
+                .unwrap_or_default(),
+            unknown_fields: spec.unknown.len(),
+        };
+        p.into_result(model)
+    }
+
+    /// Whether a client address may use this model (an empty list allows everyone).
+    pub fn admits(&self, ip: IpAddr) -> bool {
+        self.allowed_cidrs.is_empty() || self.allowed_cidrs.iter().any(|n| n.contains(&ip))
+    }
+}
+
+impl Routing {
+    fn empty() -> Self {
+        Self {
+            targets: Vec::new(),
+            strategy: Strategy::Failover,
+            retries: 0,
+            max_fallbacks: None,
+            retry_on_429: false,
+            fallback_on_statuses: Vec::new(),
+            when_all_unavailable: WhenAllUnavailable::Fail,
+        }
+    }
+}
+
+impl ApiKey {
+    pub fn from_spec(id: &str, spec: ApiKeySpec) -> Result<Self, Problems> {
+        let mut p = Problems::default();
+        let key_hash = match spec.key_hash.as_deref().map(parse_key_hash) {
+            Some(Ok(h)) => h,
+            Some(Err(msg)) => {
+                p.push("key_hash", msg);
+                KeyHash([0; 32])
+            }
+            None => {
+                p.push("key_hash", "required");
+                KeyHash([0; 32])
+            }
+        };
+        let allowed_models = match spec.allowed_models {
+            Some(list) => list
+                .iter()
+                .enumerate()
+                .filter_map(|(i, m)| {
+                    if m.trim().is_empty() {
+                        p.push(format!("allowed_models[{i}]"), "must not be empty");
+                        None
+                    } else {
+                        Some(ModelPattern::new(m))
+                    }
+                })
+                .collect(),
+            None => {
+                p.push(
+                    "allowed_models",
+                    "required (an empty list denies every model)",
+                );
+                Vec::new()
+            }
+        };
+        let expires_at = spec.expires_at.as_deref().and_then(|s| {
+            use time::format_description::well_known::Rfc3339;
+            match time::OffsetDateTime::parse(s, &Rfc3339) {
+                Ok(t) => Some(SystemTime::from(t)),
+                Err(e) => {
+                    p.push("expires_at", format!("not an RFC 3339 timestamp: {e}"));
+                    None
+                }
+            }
+        });
+        let key = ApiKey {
+            id: id.into(),
+            key_hash,
+            allowed_models,
+            disabled: spec.disabled,
+            expires_at,
+            rate_limit: rate_limit(&mut p, "rate_limit", spec.rate_limit),
+            display_name: spec.display_name,
+            team_id: spec.team_id,
+            user_id: spec.user_id,
+            unknown_fields: spec.unknown.len(),
+        };
+        p.into_result(key)
+    }
+}
+
+fn parse_key_hash(s: &str) -> Result<KeyHash, &'static str> {
+    let valid = s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let mut out = [0u8; 32];
+    if !valid || hex::decode_to_slice(s, &mut out).is_err() {
+        return Err("must be the lowercase hex SHA-256 of the caller key (64 characters)");
+    }
+    Ok(KeyHash(out))
+}
+
+fn required_name(p: &mut Problems, path: &str, v: Option<String>) -> String {
+    match v {
+        Some(s) if !s.trim().is_empty() => s,
+        Some(_) => {
+            p.push(path, "must not be empty");
+            String::new()
+        }
+        None => {
+            p.push(path, "required");
+            String::new()
+        }
+    }
+}
+
+fn normalize_api_base(p: &mut Problems, raw: &str) -> String {
+    let trimmed = raw.trim().trim_end_matches('/');
+    let base = trimmed.strip_suffix("/v1").unwrap_or(trimmed);
+    match base.parse::<http::Uri>() {
+        Ok(uri)
+            if matches!(uri.scheme_str(), Some("http" | "https"))
+                && uri.authority().is_some()
+                && uri.query().is_none() => {}
+        _ => p.push(
+            "api_base",
+            format!("'{raw}' is not an http(s) URL with a host"),
+        ),
+    }
+    base.to_owned()
+}
+
+fn parse_cidr(p: &mut Problems, path: &str, s: &str) -> Option<IpNet> {
+    if let Ok(net) = s.parse::<IpNet>() {
+        return Some(net.trunc());
+    }
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(IpNet::from(ip));
+    }
+    p.push(path, format!("'{s}' is not a CIDR block or IP address"));
+    None
+}
+
+fn millis(p: &mut Problems, path: &str, v: Option<u64>) -> Option<Duration> {
+    match v {
+        Some(0) => {
+            p.push(path, "must be at least 1 (milliseconds)");
+            None
+        }
+        other => other.map(Duration::from_millis),
+    }
+}
+
+fn rate_limit(p: &mut Problems, path: &str, spec: Option<RateLimitSpec>) -> RateLimit {
+    let spec = spec.unwrap_or_default();
+    let mut check = |field: &str, v: Option<u64>| {
+        if v == Some(0) {
+            p.push(
+                format!("{path}.{field}"),
+                "must be at least 1 (omit it for no limit)",
+            );
+        }
+        v
+    };
+    RateLimit {
+        rps: check("rps", spec.rps),
+        rpm: check("rpm", spec.rpm),
+        rph: check("rph", spec.rph),
+        rpd: check("rpd", spec.rpd),
+        tpm: check("tpm", spec.tpm),
+        tpd: check("tpd", spec.tpd),
+        concurrency: check("concurrency", spec.concurrency),
+    }
+}
+
+fn cost(p: &mut Problems, spec: CostSpec) -> Cost {
+    let mut check = |field: &str, v: Option<f64>| match v {
+        Some(x) if x.is_finite() && x >= 0.0 => x,
+        Some(_) => {
+            p.push(format!("cost.{field}"), "must be a non-negative number");
+            0.0
+        }
+        None => 0.0,
+    };
+    Cost {
+        input_per_1k: check("input_per_1k", spec.input_per_1k),
+        output_per_1k: check("output_per_1k", spec.output_per_1k),
+    }
+}
+
+fn cooldown(p: &mut Problems, spec: CooldownSpec) -> Cooldown {
+    let d = Cooldown::default();
+    let c = Cooldown {
+        enabled: spec.enabled.unwrap_or(d.enabled),
+        default: spec.default_seconds.map_or(d.default, Duration::from_secs),
+        max: spec.max_seconds.map_or(d.max, Duration::from_secs),
+        honor_retry_after: spec.honor_retry_after.unwrap_or(d.honor_retry_after),
+    };
+    if c.default > c.max {
+        p.push(
+            "cooldown.default_seconds",
+            "must not be greater than cooldown.max_seconds",
+        );
+    }
+    c
+}
+
+fn routing(p: &mut Problems, spec: RoutingSpec) -> Routing {
+    if spec.targets.is_empty() {
+        p.push("routing.targets", "must list at least one target");
+    }
+    let targets = spec
+        .targets
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let path = format!("routing.targets[{i}]");
+            if t.weight == Some(0) {
+                p.push(format!("{path}.weight"), "must be at least 1");
+            }
+            Target {
+                model: required_name(p, &format!("{path}.model"), t.model),
+                weight: t.weight.unwrap_or(1),
+                priority: t.priority.unwrap_or(0),
+            }
+        })
+        .collect();
+    let strategy = match spec.strategy.as_deref() {
+        None | Some("failover") => Strategy::Failover,
+        Some("round_robin") => Strategy::RoundRobin,
+        Some(other) => {
+            p.push(
+                "routing.strategy",
+                format!("unknown strategy '{other}' (expected failover or round_robin)"),
+            );
+            Strategy::Failover
+        }
+    };
+    let when_all_unavailable = match spec.when_all_unavailable.as_deref() {
+        None | Some("fail") => WhenAllUnavailable::Fail,
+        Some("try_anyway") => WhenAllUnavailable::TryAnyway,
+        Some(other) => {
+            p.push(
+                "routing.when_all_unavailable",
+                format!("unknown value '{other}' (expected fail or try_anyway)"),
+            );
+            WhenAllUnavailable::Fail
+        }
+    };
+    let statuses = spec.fallback_on_statuses.unwrap_or_default();
+    for (i, s) in statuses.iter().enumerate() {
+        if !(400..=599).contains(s) {
+            p.push(
+                format!("routing.fallback_on_statuses[{i}]"),
+                "must be an HTTP error status (400-599)",
+            );
+        }
+    }
+    Routing {
+        targets,
+        strategy,
+        retries: spec.retries.unwrap_or(0),
+        max_fallbacks: spec.max_fallbacks,
+        retry_on_429: spec.retry_on_429.unwrap_or(false),
+        fallback_on_statuses: statuses,
+        when_all_unavailable,
+    }
+}
