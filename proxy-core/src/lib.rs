@@ -14,6 +14,17 @@
 //! - `http`: the proxy listener (routes, request ids, drain).
 //! - `upstream`: the upstream HTTP client and provider adapters.
 
+pub mod error;
+pub mod http;
+pub mod openai;
 pub mod resources;
 pub mod secret;
 pub mod snapshot;
+pub mod upstream;
+
+/// Installs ring as the process-wide rustls crypto provider: the one provider used
+/// across the workspace. Safe to call more than once.
+pub fn install_crypto_provider() {
+    // An Err only means a provider is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

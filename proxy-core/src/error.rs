@@ -1,0 +1,264 @@
+//! The one proxy error type, classified once into status, error type and envelope.
+//!
+//! `ProxyError::class` is an exhaustive match without a wildcard arm: a new variant
+//! does not compile until someone decides its status, type and log level.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+/// Why a proxy request failed. Messages are shown to callers: they never carry
+/// secrets or upstream 5xx bodies.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("{0}")]
+    InvalidApiKey(&'static str),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("model '{0}' does not exist")]
+    ModelNotFound(String),
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<&'static str>,
+    },
+    #[error("request body exceeds the limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    /// An upstream 4xx, shown with its status; `error` holds the fields the caller sees.
+    #[error("{}", .error.message)]
+    UpstreamRejected {
+        status: StatusCode,
+        error: UpstreamErrorFields,
+    },
+    /// An upstream 5xx or a transport failure. `detail` is for logs only.
+    #[error("the upstream provider failed to answer")]
+    UpstreamFailed { detail: String },
+    #[error("the upstream provider did not answer within {0} ms")]
+    Timeout(u128),
+    #[error("{0}")]
+    NotImplemented(String),
+    #[error("{0}")]
+    ProviderUnavailable(String),
+    #[error("unknown route: {0}")]
+    UnknownRoute(String),
+    #[error("method not allowed: {0}")]
+    MethodNotAllowed(String),
+}
+
+/// The OpenAI-style fields of an upstream 4xx error, as the caller will see them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamErrorFields {
+    pub message: String,
+    pub kind: String,
+    pub param: Option<String>,
+    pub code: Option<String>,
+}
+
+/// How an error presents itself: one decision per variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Class {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    /// Gateway-side problems an operator may need to look at are logged at WARN.
+    pub operator_visible: bool,
+}
+
+impl ProxyError {
+    pub fn invalid_request(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        Self::InvalidRequest {
+            message: message.into(),
+            param,
+        }
+    }
+
+    pub fn class(&self) -> Class {
+        let (status, kind, operator_visible) = match self {
+            ProxyError::InvalidApiKey(_) => (StatusCode::UNAUTHORIZED, "invalid_api_key", false),
+            ProxyError::PermissionDenied(_) => (StatusCode::FORBIDDEN, "permission_denied", false),
+            ProxyError::ModelNotFound(_) => (StatusCode::NOT_FOUND, "model_not_found", false),
+            ProxyError::InvalidRequest { .. } => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error", false)
+            }
+            ProxyError::BodyTooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                false,
+            ),
+            ProxyError::UpstreamRejected { status, .. } => (*status, "upstream_error", false),
+            ProxyError::UpstreamFailed { .. } => (StatusCode::BAD_GATEWAY, "upstream_error", true),
+            ProxyError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout", true),
+            ProxyError::NotImplemented(_) => {
+                (StatusCode::NOT_IMPLEMENTED, "not_implemented", false)
+            }
+            ProxyError::ProviderUnavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "provider_unavailable",
+                true,
+            ),
+            ProxyError::UnknownRoute(_) => (StatusCode::NOT_FOUND, "invalid_request_error", false),
+            ProxyError::MethodNotAllowed(_) => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                false,
+            ),
+        };
+        Class {
+            status,
+            kind,
+            operator_visible,
+        }
+    }
+
+    /// Renders the OpenAI envelope: `{"error":{"message","type","param"?,"code"?}}`.
+    pub fn into_openai_response(self) -> Response {
+        let class = self.class();
+        let message = self.to_string();
+        let body = match &self {
+            ProxyError::UpstreamRejected { error, .. } => OpenAiEnvelope::new(
+                &error.message,
+                &error.kind,
+                error.param.as_deref(),
+                error.code.as_deref(),
+            )
+            .to_json(),
+            ProxyError::InvalidRequest { param, .. } => {
+                OpenAiEnvelope::new(&message, class.kind, *param, None).to_json()
+            }
+            _ => OpenAiEnvelope::new(&message, class.kind, None, None).to_json(),
+        };
+        json_response(class.status, body)
+    }
+}
+
+impl IntoResponse for ProxyError {
+    fn into_response(self) -> Response {
+        self.into_openai_response()
+    }
+}
+
+#[derive(Serialize)]
+struct OpenAiEnvelope<'a> {
+    error: OpenAiError<'a>,
+}
+
+#[derive(Serialize)]
+struct OpenAiError<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    param: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<&'a str>,
+}
+
+impl<'a> OpenAiEnvelope<'a> {
+    fn new(message: &'a str, kind: &'a str, param: Option<&'a str>, code: Option<&'a str>) -> Self {
+        Self {
+            error: OpenAiError {
+                message,
+                kind,
+                param,
+                code,
+            },
+        }
+    }
+
+    fn to_json(&self) -> Vec<u8> {
+        // Serialising plain strings into a Vec cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+pub(crate) fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+    let mut response = (status, body).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn render(e: ProxyError) -> (u16, String) {
+        let r = e.into_openai_response();
+        let status = r.status().as_u16();
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    /// Golden envelopes, byte for byte.
+    #[tokio::test]
+    async fn openai_envelopes_are_pinned() {
+        let cases = [
+            (
+                ProxyError::InvalidApiKey("invalid API key"),
+                401,
+                r#"{"error":{"message":"invalid API key","type":"invalid_api_key"}}"#,
+            ),
+            (
+                ProxyError::PermissionDenied("this API key may not use model 'gpt'".into()),
+                403,
+                r#"{"error":{"message":"this API key may not use model 'gpt'","type":"permission_denied"}}"#,
+            ),
+            (
+                ProxyError::ModelNotFound("nope".into()),
+                404,
+                r#"{"error":{"message":"model 'nope' does not exist","type":"model_not_found"}}"#,
+            ),
+            (
+                ProxyError::invalid_request("missing required parameter 'model'", Some("model")),
+                400,
+                r#"{"error":{"message":"missing required parameter 'model'","type":"invalid_request_error","param":"model"}}"#,
+            ),
+            (
+                ProxyError::BodyTooLarge { limit: 10 },
+                413,
+                r#"{"error":{"message":"request body exceeds the limit of 10 bytes","type":"invalid_request_error"}}"#,
+            ),
+            (
+                ProxyError::UpstreamFailed {
+                    detail: "secret upstream body".into(),
+                },
+                502,
+                r#"{"error":{"message":"the upstream provider failed to answer","type":"upstream_error"}}"#,
+            ),
+            (
+                ProxyError::Timeout(1500),
+                504,
+                r#"{"error":{"message":"the upstream provider did not answer within 1500 ms","type":"timeout"}}"#,
+            ),
+            (
+                ProxyError::NotImplemented("x".into()),
+                501,
+                r#"{"error":{"message":"x","type":"not_implemented"}}"#,
+            ),
+            (
+                ProxyError::ProviderUnavailable("y".into()),
+                503,
+                r#"{"error":{"message":"y","type":"provider_unavailable"}}"#,
+            ),
+            (
+                ProxyError::UpstreamRejected {
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    error: UpstreamErrorFields {
+                        message: "slow down".into(),
+                        kind: "requests".into(),
+                        param: None,
+                        code: Some("rate_limit_exceeded".into()),
+                    },
+                },
+                429,
+                r#"{"error":{"message":"slow down","type":"requests","code":"rate_limit_exceeded"}}"#,
+            ),
+        ];
+        for (error, status, body) in cases {
+            assert_eq!(render(error).await, (status, body.to_owned()));
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! Liveness, model discovery, caller authentication and the fallbacks.
+
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use super::ProxyState;
+use crate::error::ProxyError;
+use crate::resources::{ApiKey, KeyHash, ModelTarget};
+use crate::snapshot::Snapshot;
+
+pub(super) async fn livez(
+    State(state): State<ProxyState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let verbose = q
+        .get("verbose")
+        .is_some_and(|v| !matches!(v.as_str(), "0" | "false"));
+    let draining = state.0.draining.is_cancelled();
+    let (status, body) = match (draining, verbose) {
+        (false, false) => (StatusCode::OK, "ok"),
+        (false, true) => (
+            StatusCode::OK,
+            "[+]ping ok\n[+]shutdown ok\nlivez check passed",
+        ),
+        (true, false) => (StatusCode::INTERNAL_SERVER_ERROR, "livez check failed"),
+        (true, true) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "[+]ping ok\n[-]shutdown failed: the process is shutting down\nlivez check failed",
+        ),
+    };
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+#[derive(Serialize)]
+struct ModelList {
+    object: &'static str,
+    data: Vec<ModelEntry>,
+}
+
+#[derive(Serialize)]
+struct ModelEntry {
+    id: String,
+    object: &'static str,
+    created: u64,
+    owned_by: String,
+}
+
+pub(super) async fn list_models(
+    State(state): State<ProxyState>,
+    headers: HeaderMap,
+) -> Result<Response, ProxyError> {
+    let snapshot = state.0.store.load();
+    let caller = authenticate(&snapshot, &headers)?;
+    let mut data: Vec<ModelEntry> = snapshot
+        .models()
+        .filter(|m| caller.allows(&m.name))
+        .map(|m| ModelEntry {
+            id: m.name.to_string(),
+            object: "model",
+            created: state.0.started_unix,
+            owned_by: match &m.target {
+                ModelTarget::Direct(d) => snapshot
+                    .provider_key(&d.provider_key_id)
+                    .map_or_else(|| "aisix".to_owned(), |pk| pk.provider.clone()),
+                ModelTarget::Routing(_) => "aisix".to_owned(),
+            },
+        })
+        .collect();
+    data.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+    Ok(Json(ModelList {
+        object: "list",
+        data,
+    })
+    .into_response())
+}
+
+/// Finds the caller's key from `Authorization: Bearer <key>` and checks it is usable.
+pub(super) fn authenticate<'s>(
+    snapshot: &'s Snapshot,
+    headers: &HeaderMap,
+) -> Result<&'s ApiKey, ProxyError> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|k| !k.is_empty());
+    let Some(plaintext) = bearer else {
+        return Err(ProxyError::InvalidApiKey(
+            if headers.contains_key("x-api-key") {
+                "this route reads the API key from 'Authorization: Bearer <key>', not x-api-key"
+            } else {
+                "missing API key: send 'Authorization: Bearer <key>'"
+            },
+        ));
+    };
+    let key = snapshot
+        .api_key(&KeyHash::of_plaintext(plaintext))
+        .ok_or(ProxyError::InvalidApiKey("invalid API key"))?;
+    if key.disabled {
+        return Err(ProxyError::InvalidApiKey("this API key is disabled"));
+    }
+    if key.is_expired(SystemTime::now()) {
+        return Err(ProxyError::InvalidApiKey("this API key has expired"));
+    }
+    Ok(key)
+}
+
+pub(super) async fn unknown_route(method: Method, uri: Uri) -> ProxyError {
+    ProxyError::UnknownRoute(format!("{method} {}", uri.path()))
+}
+
+pub(super) async fn method_not_allowed(method: Method, uri: Uri) -> ProxyError {
+    ProxyError::MethodNotAllowed(format!("{method} {}", uri.path()))
+}

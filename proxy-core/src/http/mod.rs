@@ -1,0 +1,173 @@
+//! The proxy listener: routes, request ids, access log and graceful drain.
+//!
+//! Layout:
+//! - `mod.rs`: state, router, the request-context middleware and `serve`.
+//! - `basic.rs`: `/livez`, `/v1/models`, caller authentication and fallbacks.
+//! - `chat.rs`: `POST /v1/chat/completions`.
+
+mod basic;
+mod chat;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::snapshot::SnapshotStore;
+use crate::upstream::Upstream;
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-aisix-request-id");
+pub const CALL_ID: HeaderName = HeaderName::from_static("x-aisix-call-id");
+pub const SERVED_BY: HeaderName = HeaderName::from_static("x-aisix-served-by");
+
+/// Proxy listener settings (the `proxy` section of the config file).
+#[derive(Debug, Clone, Default)]
+pub struct ProxyOptions {
+    /// Largest accepted request body; `None` means unlimited.
+    pub body_limit: Option<usize>,
+    /// Extra headers, besides `x-aisix-request-id`, whose value may be adopted as the
+    /// request id (e.g. `x-request-id`), in order of preference.
+    pub request_id_headers: Vec<HeaderName>,
+    /// Write one access-log line per request.
+    pub access_log: bool,
+}
+
+/// Everything a handler needs; cheap to clone.
+#[derive(Clone)]
+pub struct ProxyState(Arc<Inner>);
+
+struct Inner {
+    store: Arc<SnapshotStore>,
+    upstream: Upstream,
+    options: ProxyOptions,
+    draining: CancellationToken,
+    started_unix: u64,
+}
+
+impl ProxyState {
+    /// `draining` is cancelled when shutdown begins: liveness then fails while
+    /// in-flight requests finish.
+    pub fn new(
+        store: Arc<SnapshotStore>,
+        upstream: Upstream,
+        options: ProxyOptions,
+        draining: CancellationToken,
+    ) -> Self {
+        let started_unix = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Self(Arc::new(Inner {
+            store,
+            upstream,
+            options,
+            draining,
+            started_unix,
+        }))
+    }
+}
+
+/// The request id of the current request, set by the request-context middleware.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub Arc<str>);
+
+pub fn router(state: ProxyState) -> Router {
+    Router::new()
+        .route("/livez", get(basic::livez))
+        .route("/v1/models", get(basic::list_models))
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .fallback(basic::unknown_route)
+        .method_not_allowed_fallback(basic::method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            request_context,
+        ))
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `stop` is cancelled, then stops accepting and
+/// waits for in-flight requests (streams included) to finish.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(stop.cancelled_owned())
+    .await
+}
+
+async fn request_context(
+    State(state): State<ProxyState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let id: Arc<str> = request_id(req.headers(), &state.0.options.request_id_headers).into();
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let started = tokio::time::Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let mut response = next.run(req).await;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    if state.0.options.access_log {
+        info!(
+            target: "aisix::access",
+            request_id = %id,
+            method = %method,
+            path,
+            status = response.status().as_u16(),
+            served_by = response.headers().get(SERVED_BY).and_then(|v| v.to_str().ok()),
+            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "request"
+        );
+    }
+    response
+}
+
+/// The caller's own well-formed id, or a fresh UUID.
+fn request_id(headers: &HeaderMap, accepted: &[HeaderName]) -> String {
+    std::iter::once(&REQUEST_ID)
+        .chain(accepted)
+        .filter_map(|name| headers.get(name)?.to_str().ok())
+        .find(|v| well_formed_id(v))
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
+}
+
+fn well_formed_id(v: &str) -> bool {
+    (1..=128).contains(&v.len())
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids() {
+        let mut h = HeaderMap::new();
+        let accepted = [HeaderName::from_static("x-request-id")];
+        h.insert("x-request-id", HeaderValue::from_static("ingress-1"));
+        assert_eq!(request_id(&h, &accepted), "ingress-1");
+        assert_ne!(request_id(&h, &[]), "ingress-1");
+        h.insert(REQUEST_ID, HeaderValue::from_static("mine-2"));
+        assert_eq!(request_id(&h, &accepted), "mine-2");
+        h.insert(REQUEST_ID, HeaderValue::from_static("bad id with spaces"));
+        assert_eq!(request_id(&h, &accepted), "ingress-1");
+        assert_eq!(request_id(&HeaderMap::new(), &[]).len(), 36);
+        assert!(!well_formed_id(&"x".repeat(129)));
+    }
+}

@@ -1,0 +1,243 @@
+//! OpenAI wire helpers: reading the few fields of a request body the proxy needs and
+//! rewriting `model` without re-serialising the rest, and reading upstream errors.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+use crate::error::{ProxyError, UpstreamErrorFields};
+
+/// A chat-completions body, top-level fields kept raw and in order.
+pub struct ChatBody<'a> {
+    fields: Vec<(Cow<'a, str>, &'a RawValue)>,
+    pub model: String,
+    pub stream: bool,
+}
+
+impl<'a> ChatBody<'a> {
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, ProxyError> {
+        let Fields(fields) = serde_json::from_slice(bytes).map_err(|e| {
+            ProxyError::invalid_request(
+                format!("request body is not a valid JSON object: {e}"),
+                None,
+            )
+        })?;
+        let find = |name: &str| {
+            fields
+                .iter()
+                .rev()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| *v)
+        };
+        let model = match find("model").map(|v| serde_json::from_str::<String>(v.get())) {
+            Some(Ok(m)) if !m.is_empty() => m,
+            Some(_) => {
+                return Err(ProxyError::invalid_request(
+                    "'model' must be a non-empty string",
+                    Some("model"),
+                ));
+            }
+            None => {
+                return Err(ProxyError::invalid_request(
+                    "missing required parameter 'model'",
+                    Some("model"),
+                ));
+            }
+        };
+        match find("messages").map(|v| v.get().trim_start().starts_with('[')) {
+            Some(true) => {}
+            Some(false) => {
+                return Err(ProxyError::invalid_request(
+                    "'messages' must be an array",
+                    Some("messages"),
+                ));
+            }
+            None => {
+                return Err(ProxyError::invalid_request(
+                    "missing required parameter 'messages'",
+                    Some("messages"),
+                ));
+            }
+        }
+        let stream = match find("stream").map(|v| serde_json::from_str::<Option<bool>>(v.get())) {
+            None => false,
+            Some(Ok(s)) => s.unwrap_or(false),
+            Some(Err(_)) => {
+                return Err(ProxyError::invalid_request(
+                    "'stream' must be a boolean",
+                    Some("stream"),
+                ));
+            }
+        };
+        Ok(Self {
+            fields,
+            model,
+            stream,
+        })
+    }
+
+    /// The body with `model` replaced by the upstream id; every other field is copied
+    /// byte for byte.
+    pub fn with_model(&self, upstream_model: &str) -> Vec<u8> {
+        let size: usize = self
+            .fields
+            .iter()
+            .map(|(k, v)| k.len() + v.get().len() + 4)
+            .sum();
+        let mut out = Vec::with_capacity(size + upstream_model.len() + 16);
+        out.push(b'{');
+        let mut first = true;
+        let mut write = |out: &mut Vec<u8>, key: &str, raw: &str| {
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            write_json_string(out, key);
+            out.push(b':');
+            out.extend_from_slice(raw.as_bytes());
+        };
+        let mut model_written = false;
+        for (key, value) in &self.fields {
+            if key == "model" {
+                if !model_written {
+                    let mut quoted = Vec::new();
+                    write_json_string(&mut quoted, upstream_model);
+                    write(
+                        &mut out,
+                        "model",
+                        std::str::from_utf8(&quoted).unwrap_or("\"\""),
+                    );
+                    model_written = true;
+                }
+            } else {
+                write(&mut out, key, value.get());
+            }
+        }
+        out.push(b'}');
+        out
+    }
+}
+
+fn write_json_string(out: &mut Vec<u8>, s: &str) {
+    // Serialising a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+struct Fields<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Fields<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    let value: &'de RawValue = map.next_value()?;
+                    fields.push((key, value));
+                }
+                Ok(Fields(fields))
+            }
+        }
+        d.deserialize_map(V).map_err(de::Error::custom)
+    }
+}
+
+/// Reads an upstream 4xx body: native OpenAI errors keep their fields; anything else
+/// becomes a generic `upstream_error` naming the status.
+pub fn upstream_error_fields(status: u16, body: &[u8]) -> UpstreamErrorFields {
+    #[derive(Deserialize)]
+    struct Envelope {
+        error: Inner,
+    }
+    #[derive(Deserialize)]
+    struct Inner {
+        message: Option<String>,
+        #[serde(rename = "type")]
+        kind: Option<String>,
+        param: Option<String>,
+        code: Option<serde_json::Value>,
+    }
+    match serde_json::from_slice::<Envelope>(body) {
+        Ok(Envelope { error }) => UpstreamErrorFields {
+            message: error
+                .message
+                .unwrap_or_else(|| format!("the upstream provider answered {status}")),
+            kind: error.kind.unwrap_or_else(|| "upstream_error".to_owned()),
+            param: error.param,
+            code: match error.code {
+                Some(serde_json::Value::String(s)) => Some(s),
+                Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+                _ => None,
+            },
+        },
+        Err(_) => UpstreamErrorFields {
+            message: format!("the upstream provider answered {status}"),
+            kind: "upstream_error".to_owned(),
+            param: None,
+            code: None,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rewrites_only_the_model() {
+        let body = br#"{"model":"alias","messages":[{"role":"user","content":"h\u00e9 \"x\""}],"stream":true,"n":1}"#;
+        let parsed = ChatBody::parse(body).unwrap();
+        assert_eq!(parsed.model, "alias");
+        assert!(parsed.stream);
+        let out = parsed.with_model("gpt-\"4o\"");
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"model":"gpt-\"4o\"","messages":[{"role":"user","content":"h\u00e9 \"x\""}],"stream":true,"n":1}"#
+        );
+    }
+
+    #[test]
+    fn reports_the_missing_or_wrong_field() {
+        let param = |body: &[u8]| match ChatBody::parse(body) {
+            Err(ProxyError::InvalidRequest { param, .. }) => param,
+            _ => panic!("expected invalid request"),
+        };
+        assert_eq!(param(br#"{"messages":[]}"#), Some("model"));
+        assert_eq!(param(br#"{"model":3,"messages":[]}"#), Some("model"));
+        assert_eq!(param(br#"{"model":"m"}"#), Some("messages"));
+        assert_eq!(param(br#"{"model":"m","messages":{}}"#), Some("messages"));
+        assert_eq!(
+            param(br#"{"model":"m","messages":[],"stream":"yes"}"#),
+            Some("stream")
+        );
+        assert_eq!(param(b"[1]"), None);
+        assert_eq!(param(b"{\"model\":\"\xff\"}"), None);
+        assert_eq!(param(b"{"), None);
+    }
+
+    #[test]
+    fn upstream_errors_keep_openai_fields() {
+        let f = upstream_error_fields(400, br#"{"error":{"message":"bad","type":"invalid_request_error","param":"x","code":null}}"#);
+        assert_eq!(
+            (
+                f.message.as_str(),
+                f.kind.as_str(),
+                f.param.as_deref(),
+                f.code
+            ),
+            ("bad", "invalid_request_error", Some("x"), None)
+        );
+        let f = upstream_error_fields(404, b"<html>");
+        assert_eq!(
+            (f.message.as_str(), f.kind.as_str()),
+            ("the upstream provider answered 404", "upstream_error")
+        );
+    }
+}

@@ -1,0 +1,211 @@
+//! The upstream HTTP client and the OpenAI-compatible adapter.
+//!
+//! One pooled keep-alive client serves every upstream (TCP_NODELAY on). Non-streaming
+//! answers are read whole within the model's `timeout`; streams are relayed chunk by
+//! chunk, each gap bounded by `stream_timeout`, and end without `[DONE]` when the
+//! upstream drops or stalls.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt, stream};
+use http::{HeaderValue, StatusCode, header};
+use tracing::warn;
+
+use crate::error::{ProxyError, UpstreamErrorFields};
+use crate::openai::upstream_error_fields;
+use crate::resources::{Model, ProviderKey};
+
+/// Used when a model sets no `timeout`: LLM answers can be slow, but not unbounded.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Upstream error bodies larger than this are not read (they are summarised instead).
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// The upstream a request goes to: the direct model and its provider key.
+pub struct Target<'a> {
+    pub model: &'a Arc<Model>,
+    pub upstream_model: &'a str,
+    pub provider_key: &'a Arc<ProviderKey>,
+}
+
+/// A successful upstream answer, ready to send back.
+pub struct Answer {
+    pub status: StatusCode,
+    pub content_type: Option<HeaderValue>,
+    pub body: Body,
+}
+
+#[derive(Clone)]
+pub struct Upstream {
+    client: reqwest::Client,
+}
+
+impl Upstream {
+    pub fn new() -> Result<Self, reqwest::Error> {
+        crate::install_crypto_provider();
+        let client = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .no_proxy()
+            .build()?;
+        Ok(Self { client })
+    }
+
+    /// Sends an OpenAI-compatible request to `path` (e.g. `/v1/chat/completions`).
+    pub async fn send_openai(
+        &self,
+        target: &Target<'_>,
+        path: &str,
+        body: Vec<u8>,
+        stream: bool,
+        request_id: &str,
+    ) -> Result<Answer, ProxyError> {
+        let timeout = target.model.timeout.unwrap_or(DEFAULT_TIMEOUT);
+        let url = format!("{}{path}", target.provider_key.api_base);
+        let request = self
+            .client
+            .post(url)
+            .bearer_auth(target.provider_key.credential.expose())
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("x-aisix-request-id", request_id)
+            .body(body);
+        let started = tokio::time::Instant::now();
+        let response = tokio::time::timeout(timeout, request.send())
+            .await
+            .map_err(|_| ProxyError::Timeout(timeout.as_millis()))?
+            .map_err(|e| transport_failure(target, &e))?;
+        let status = response.status();
+        let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
+        if !status.is_success() {
+            let remaining = timeout.saturating_sub(started.elapsed());
+            return Err(self.rejected(target, response, remaining).await);
+        }
+        let body = if stream {
+            relay(
+                response.bytes_stream(),
+                target.model.stream_timeout,
+                target.model.name.clone(),
+            )
+        } else {
+            let remaining = timeout.saturating_sub(started.elapsed());
+            let bytes = tokio::time::timeout(remaining, response.bytes())
+                .await
+                .map_err(|_| ProxyError::Timeout(timeout.as_millis()))?
+                .map_err(|e| transport_failure(target, &e))?;
+            Body::from(bytes)
+        };
+        Ok(Answer {
+            status,
+            content_type,
+            body,
+        })
+    }
+
+    /// Maps a non-2xx upstream answer: 5xx become 502 without their body; 4xx keep
+    /// their status and, for native OpenAI errors, their fields.
+    async fn rejected(
+        &self,
+        target: &Target<'_>,
+        response: reqwest::Response,
+        within: Duration,
+    ) -> ProxyError {
+        let status = response.status();
+        if status.is_server_error() || !status.is_client_error() {
+            return ProxyError::UpstreamFailed {
+                detail: format!("{} answered {status}", target.model.name),
+            };
+        }
+        if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+            // About the gateway's provider credential, not the caller's key: say so, and
+            // never echo what the provider said about the credential.
+            return ProxyError::UpstreamRejected {
+                status,
+                error: UpstreamErrorFields {
+                    message: format!(
+                        "the upstream provider rejected the gateway's credential for model '{}'",
+                        target.model.name
+                    ),
+                    kind: "upstream_error".to_owned(),
+                    param: None,
+                    code: Some("upstream_authentication_failed".to_owned()),
+                },
+            };
+        }
+        let body = read_bounded(response, within).await;
+        ProxyError::UpstreamRejected {
+            status,
+            error: upstream_error_fields(status.as_u16(), &body),
+        }
+    }
+}
+
+async fn read_bounded(response: reqwest::Response, within: Duration) -> Bytes {
+    if response
+        .content_length()
+        .is_some_and(|n| n > MAX_ERROR_BODY as u64)
+    {
+        return Bytes::new();
+    }
+    let mut chunks = response.bytes_stream();
+    let mut body = Vec::new();
+    let read = async {
+        while let Some(Ok(chunk)) = chunks.next().await {
+            body.extend_from_slice(&chunk);
+            if body.len() > MAX_ERROR_BODY {
+                body.clear();
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(within, read).await;
+    Bytes::from(body)
+}
+
+fn transport_failure(target: &Target<'_>, e: &reqwest::Error) -> ProxyError {
+    let kind = if e.is_connect() {
+        "connect"
+    } else {
+        "transport"
+    };
+    ProxyError::UpstreamFailed {
+        detail: format!("{} {kind} error: {e}", target.model.name),
+    }
+}
+
+/// Passes stream chunks through as they arrive. An upstream error or a gap longer than
+/// `gap` ends the stream cleanly (so the caller sees no `[DONE]`), and is logged.
+fn relay(
+    upstream: impl Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
+    gap: Option<Duration>,
+    model: Arc<str>,
+) -> Body {
+    let chunks = stream::unfold(Box::pin(upstream), move |mut upstream| {
+        let model = model.clone();
+        async move {
+            let next = match gap {
+                Some(gap) => match tokio::time::timeout(gap, upstream.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        warn!(model = %model, gap_ms = gap.as_millis(), "upstream stream stalled; ending it");
+                        return None;
+                    }
+                },
+                None => upstream.next().await,
+            };
+            match next {
+                Some(Ok(chunk)) => Some((Ok::<_, Infallible>(chunk), upstream)),
+                Some(Err(e)) => {
+                    warn!(model = %model, error = %e, "upstream stream broke; ending it");
+                    None
+                }
+                None => None,
+            }
+        }
+    });
+    Body::from_stream(chunks)
+}

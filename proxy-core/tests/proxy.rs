@@ -1,0 +1,585 @@
+//! In-process tests of the proxy listener against the mock provider.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cloud_mock::provider::{MockProvider, Script};
+use futures_util::StreamExt;
+use proxy_core::http::{ProxyOptions, ProxyState, router, serve};
+use proxy_core::resources::KeyHash;
+use proxy_core::snapshot::{SnapshotStore, Source, SourceEvent};
+use proxy_core::upstream::Upstream;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+const CALLER: &str = "caller-key-1";
+const UPSTREAM_SECRET: &str = "sk-upstream-secret";
+
+struct Harness {
+    url: String,
+    mock: MockProvider,
+    client: reqwest::Client,
+    draining: CancellationToken,
+    stop: CancellationToken,
+}
+
+fn hash(k: &str) -> String {
+    hex::encode(KeyHash::of_plaintext(k).0)
+}
+
+async fn harness(options: ProxyOptions) -> Harness {
+    let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let docs = vec![
+        (
+            "provider_keys/pk1",
+            json!({"display_name": "mock", "provider": "openai", "api_base": format!("{}/v1", mock.url()), "api_key": UPSTREAM_SECRET}),
+        ),
+        (
+            "provider_keys/dead",
+            json!({"display_name": "dead", "provider": "acme", "api_base": format!("http://{closed}"), "secret": "x"}),
+        ),
+        (
+            "provider_keys/anth",
+            json!({"display_name": "anth", "provider": "anthropic", "api_key": "x"}),
+        ),
+        (
+            "provider_keys/odd",
+            json!({"display_name": "odd", "provider": "bedrock", "adapter": "bedrock", "api_base": "http://127.0.0.1:9", "api_key": "x"}),
+        ),
+        (
+            "models/m1",
+            json!({"display_name": "gpt", "model_name": "up-gpt", "provider_key_id": "pk1"}),
+        ),
+        (
+            "models/m2",
+            json!({"display_name": "slow", "model_name": "up-slow", "provider_key_id": "pk1", "timeout": 300}),
+        ),
+        (
+            "models/m3",
+            json!({"display_name": "broken", "model_name": "up-broken", "provider_key_id": "pk1"}),
+        ),
+        (
+            "models/m4",
+            json!({"display_name": "unreachable", "model_name": "x", "provider_key_id": "dead"}),
+        ),
+        (
+            "models/m5",
+            json!({"display_name": "other", "model_name": "up-other", "provider_key_id": "pk1"}),
+        ),
+        (
+            "models/m6",
+            json!({"display_name": "fenced", "model_name": "up-gpt", "provider_key_id": "pk1", "allowed_cidrs": ["10.0.0.0/8"]}),
+        ),
+        (
+            "models/m7",
+            json!({"display_name": "claude", "model_name": "claude-x", "provider_key_id": "anth"}),
+        ),
+        (
+            "models/m8",
+            json!({"display_name": "odd", "model_name": "x", "provider_key_id": "odd"}),
+        ),
+        (
+            "models/m9",
+            json!({"display_name": "stalls", "model_name": "up-stalls", "provider_key_id": "pk1", "stream_timeout": 200}),
+        ),
+        (
+            "models/r1",
+            json!({"display_name": "auto", "routing": {"targets": [{"model": "gpt"}, {"model": "broken", "priority": 5}]}}),
+        ),
+        (
+            "api_keys/k1",
+            json!({"key_hash": hash(CALLER), "allowed_models": ["gpt", "slow", "broken", "unreachable", "fenced", "claude", "odd", "stalls", "auto"]}),
+        ),
+        (
+            "api_keys/k2",
+            json!({"key_hash": hash("disabled-key"), "allowed_models": ["*"], "disabled": true}),
+        ),
+        (
+            "api_keys/k3",
+            json!({"key_hash": hash("expired-key"), "allowed_models": ["*"], "expires_at": "2020-01-01T00:00:00Z"}),
+        ),
+        (
+            "api_keys/k4",
+            json!({"key_hash": hash("narrow-key"), "allowed_models": ["o*"]}),
+        ),
+    ];
+    let store = Arc::new(SnapshotStore::new("/aisix"));
+    let entries = docs
+        .into_iter()
+        .map(|(k, v)| (format!("/aisix/{k}"), Bytes::from(v.to_string())))
+        .collect();
+    let report = store.apply(
+        Source::File,
+        [SourceEvent::Reset {
+            entries,
+            revision: 1,
+        }],
+    );
+    assert!(
+        report.newly_rejected.is_empty(),
+        "{:?}",
+        report.newly_rejected
+    );
+    mock.set_script_for(
+        "up-broken",
+        Script {
+            status: 500,
+            error_body: Some("internal secret detail".into()),
+            ..Script::default()
+        },
+    );
+
+    let draining = CancellationToken::new();
+    let stop = CancellationToken::new();
+    let state = ProxyState::new(store, Upstream::new().unwrap(), options, draining.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(serve(listener, router(state), stop.clone()));
+    Harness {
+        url,
+        mock,
+        client: reqwest::Client::new(),
+        draining,
+        stop,
+    }
+}
+
+impl Harness {
+    async fn chat(&self, key: Option<&str>, body: Value) -> reqwest::Response {
+        let mut r = self
+            .client
+            .post(format!("{}/v1/chat/completions", self.url))
+            .json(&body);
+        if let Some(key) = key {
+            r = r.bearer_auth(key);
+        }
+        r.send().await.unwrap()
+    }
+}
+
+fn hello(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "Say hello."}]})
+}
+
+async fn status_and_body(r: reqwest::Response) -> (u16, String) {
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn chat_completion_rewrites_model_and_carries_ids() {
+    let h = harness(ProxyOptions::default()).await;
+    let r = h.chat(Some(CALLER), hello("gpt")).await;
+    assert_eq!(r.status(), 200);
+    let headers = r.headers().clone();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "Hello from the mock provider."
+    );
+    assert_eq!(headers["x-aisix-served-by"], "gpt");
+    assert_eq!(headers["content-type"], "application/json");
+    let request_id = headers["x-aisix-request-id"].to_str().unwrap();
+    assert!(uuid::Uuid::parse_str(request_id).is_ok());
+    assert!(uuid::Uuid::parse_str(headers["x-aisix-call-id"].to_str().unwrap()).is_ok());
+
+    let seen = h.mock.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, "/v1/chat/completions");
+    assert_eq!(seen[0].json()["model"], "up-gpt");
+    assert_eq!(seen[0].json()["messages"], hello("gpt")["messages"]);
+    assert_eq!(
+        seen[0].headers["authorization"],
+        format!("Bearer {UPSTREAM_SECRET}")
+    );
+    assert_eq!(seen[0].headers["x-aisix-request-id"], request_id);
+}
+
+#[tokio::test]
+async fn caller_request_ids_are_honoured_only_where_configured() {
+    let h = harness(ProxyOptions::default()).await;
+    let send = |h: &Harness, name: &'static str, value: &'static str| {
+        h.client
+            .post(format!("{}/v1/chat/completions", h.url))
+            .bearer_auth(CALLER)
+            .header(name, value)
+            .json(&hello("gpt"))
+            .send()
+    };
+    let r = send(&h, "x-aisix-request-id", "trace-123").await.unwrap();
+    assert_eq!(r.headers()["x-aisix-request-id"], "trace-123");
+    assert_eq!(
+        h.mock.requests()[0].headers["x-aisix-request-id"],
+        "trace-123"
+    );
+    let r = send(&h, "x-request-id", "ingress-9").await.unwrap();
+    assert_ne!(r.headers()["x-aisix-request-id"], "ingress-9");
+    let r = send(&h, "x-aisix-request-id", "not ok!").await.unwrap();
+    assert_ne!(r.headers()["x-aisix-request-id"], "not ok!");
+
+    let options = ProxyOptions {
+        request_id_headers: vec![http::HeaderName::from_static("x-request-id")],
+        ..ProxyOptions::default()
+    };
+    let h = harness(options).await;
+    let r = send(&h, "x-request-id", "ingress-9").await.unwrap();
+    assert_eq!(r.headers()["x-aisix-request-id"], "ingress-9");
+}
+
+#[tokio::test]
+async fn authentication_errors_are_401_invalid_api_key() {
+    let h = harness(ProxyOptions::default()).await;
+    let cases = [
+        (None, "missing API key: send 'Authorization: Bearer <key>'"),
+        (Some("wrong"), "invalid API key"),
+        (Some("disabled-key"), "this API key is disabled"),
+        (Some("expired-key"), "this API key has expired"),
+    ];
+    for (key, message) in cases {
+        let r = h.chat(key, hello("gpt")).await;
+        assert!(r.headers().contains_key("x-aisix-request-id"));
+        assert!(r.headers().contains_key("x-aisix-call-id"));
+        let expected = format!(r#"{{"error":{{"message":"{message}","type":"invalid_api_key"}}}}"#);
+        assert_eq!(status_and_body(r).await, (401, expected));
+    }
+    let r = h
+        .client
+        .post(format!("{}/v1/chat/completions", h.url))
+        .header("x-api-key", CALLER)
+        .json(&hello("gpt"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        status_and_body(r).await,
+        (401, r#"{"error":{"message":"this route reads the API key from 'Authorization: Bearer <key>', not x-api-key","type":"invalid_api_key"}}"#.into())
+    );
+    assert!(h.mock.requests().is_empty());
+}
+
+#[tokio::test]
+async fn access_and_request_errors() {
+    let h = harness(ProxyOptions {
+        body_limit: Some(2048),
+        ..ProxyOptions::default()
+    })
+    .await;
+    let r = h.chat(Some("narrow-key"), hello("gpt")).await;
+    assert_eq!(status_and_body(r).await, (403, r#"{"error":{"message":"this API key may not use model 'gpt'","type":"permission_denied"}}"#.into()));
+    let r = h.chat(Some(CALLER), hello("fenced")).await;
+    assert_eq!(status_and_body(r).await, (403, r#"{"error":{"message":"client address 127.0.0.1 may not use model 'fenced'","type":"permission_denied"}}"#.into()));
+    let r = h.chat(Some(CALLER), hello("nope")).await;
+    assert_eq!(
+        status_and_body(r).await,
+        (
+            404,
+            r#"{"error":{"message":"model 'nope' does not exist","type":"model_not_found"}}"#
+                .into()
+        )
+    );
+    let r = h.chat(Some(CALLER), json!({"messages": []})).await;
+    assert_eq!(status_and_body(r).await, (400, r#"{"error":{"message":"missing required parameter 'model'","type":"invalid_request_error","param":"model"}}"#.into()));
+    let r = h.chat(Some(CALLER), json!({"model": "gpt"})).await;
+    assert_eq!(status_and_body(r).await, (400, r#"{"error":{"message":"missing required parameter 'messages'","type":"invalid_request_error","param":"messages"}}"#.into()));
+    let r = h
+        .client
+        .post(format!("{}/v1/chat/completions", h.url))
+        .bearer_auth(CALLER)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = status_and_body(r).await;
+    assert_eq!(status, 400);
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("request body is not a valid JSON object")
+    );
+
+    let big = json!({"model": "gpt", "messages": [{"role": "user", "content": "x".repeat(4096)}]});
+    let too_large = r#"{"error":{"message":"request body exceeds the limit of 2048 bytes","type":"invalid_request_error"}}"#;
+    let r = h.chat(Some(CALLER), big.clone()).await;
+    assert_eq!(status_and_body(r).await, (413, too_large.into()));
+    // Chunked, so no Content-Length to check up front.
+    let chunks = futures_util::stream::iter(
+        big.to_string()
+            .into_bytes()
+            .chunks(512)
+            .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
+            .collect::<Vec<_>>(),
+    );
+    let r = h
+        .client
+        .post(format!("{}/v1/chat/completions", h.url))
+        .bearer_auth(CALLER)
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status_and_body(r).await, (413, too_large.into()));
+    assert!(h.mock.requests().is_empty());
+}
+
+#[tokio::test]
+async fn upstream_failures_map_to_gateway_errors() {
+    let h = harness(ProxyOptions::default()).await;
+    let r = h.chat(Some(CALLER), hello("broken")).await;
+    assert!(!r.headers().contains_key("x-aisix-served-by"));
+    assert_eq!(status_and_body(r).await, (502, r#"{"error":{"message":"the upstream provider failed to answer","type":"upstream_error"}}"#.into()));
+
+    let r = h.chat(Some(CALLER), hello("unreachable")).await;
+    assert_eq!(status_and_body(r).await, (502, r#"{"error":{"message":"the upstream provider failed to answer","type":"upstream_error"}}"#.into()));
+
+    h.mock.set_script_for("up-gpt", Script { status: 429, error_body: Some(r#"{"error":{"message":"Rate limit reached","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#.into()), ..Script::default() });
+    let r = h.chat(Some(CALLER), hello("gpt")).await;
+    assert_eq!(status_and_body(r).await, (429, r#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#.into()));
+
+    h.mock.set_script_for(
+        "up-gpt",
+        Script {
+            status: 401,
+            error_body: Some(format!(
+                r#"{{"error":{{"message":"Incorrect API key provided: {UPSTREAM_SECRET}"}}}}"#
+            )),
+            ..Script::default()
+        },
+    );
+    let r = h.chat(Some(CALLER), hello("gpt")).await;
+    let (status, body) = status_and_body(r).await;
+    assert_eq!(status, 401);
+    assert!(!body.contains(UPSTREAM_SECRET));
+    assert_eq!(
+        body,
+        r#"{"error":{"message":"the upstream provider rejected the gateway's credential for model 'gpt'","type":"upstream_error","code":"upstream_authentication_failed"}}"#
+    );
+
+    h.mock.set_script_for(
+        "up-gpt",
+        Script {
+            status: 418,
+            error_body: Some("<html>teapot</html>".into()),
+            ..Script::default()
+        },
+    );
+    let r = h.chat(Some(CALLER), hello("gpt")).await;
+    assert_eq!(
+        status_and_body(r).await,
+        (
+            418,
+            r#"{"error":{"message":"the upstream provider answered 418","type":"upstream_error"}}"#
+                .into()
+        )
+    );
+}
+
+#[tokio::test]
+async fn slow_upstreams_time_out_with_504() {
+    let h = harness(ProxyOptions::default()).await;
+    h.mock.set_script_for(
+        "up-slow",
+        Script {
+            headers_delay_ms: 5_000,
+            ..Script::default()
+        },
+    );
+    let started = Instant::now();
+    let r = h.chat(Some(CALLER), hello("slow")).await;
+    let elapsed = started.elapsed();
+    assert_eq!(status_and_body(r).await, (504, r#"{"error":{"message":"the upstream provider did not answer within 300 ms","type":"timeout"}}"#.into()));
+    assert!(
+        elapsed >= Duration::from_millis(300) && elapsed < Duration::from_secs(3),
+        "{elapsed:?}"
+    );
+}
+
+#[tokio::test]
+async fn unsupported_adapters_answer_501() {
+    let h = harness(ProxyOptions::default()).await;
+    for model in ["claude", "odd"] {
+        let r = h.chat(Some(CALLER), hello(model)).await;
+        let (status, body) = status_and_body(r).await;
+        assert_eq!(status, 501, "{model}");
+        let body: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["error"]["type"], "not_implemented");
+    }
+}
+
+#[tokio::test]
+async fn routing_model_fails_over_to_the_next_target() {
+    let h = harness(ProxyOptions::default()).await;
+    let r = h.chat(Some(CALLER), hello("auto")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-aisix-served-by"], "gpt");
+    let tried: Vec<Value> = h
+        .mock
+        .requests()
+        .iter()
+        .map(|r| r.json()["model"].clone())
+        .collect();
+    assert_eq!(tried, [json!("up-broken"), json!("up-gpt")]);
+}
+
+#[tokio::test]
+async fn stream_chunks_arrive_before_the_upstream_finishes() {
+    let h = harness(ProxyOptions::default()).await;
+    h.mock.set_script(Script {
+        chunks: 4,
+        chunk_interval_ms: 300,
+        ..Script::default()
+    });
+    let mut body = hello("gpt");
+    body["stream"] = json!(true);
+    let started = Instant::now();
+    let r = h.chat(Some(CALLER), body).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    assert_eq!(r.headers()["x-aisix-served-by"], "gpt");
+    let mut stream = r.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    let first_at = started.elapsed();
+    assert!(String::from_utf8_lossy(&first).starts_with("data: {"));
+    let mut all = first.to_vec();
+    while let Some(chunk) = stream.next().await {
+        all.extend_from_slice(&chunk.unwrap());
+    }
+    let done_at = started.elapsed();
+    // The upstream spends at least 6 x 300 ms on its events; the first must not wait for them.
+    assert!(done_at >= Duration::from_millis(1_800), "{done_at:?}");
+    assert!(
+        first_at < done_at - Duration::from_millis(900),
+        "first {first_at:?}, done {done_at:?}"
+    );
+    let text = String::from_utf8(all).unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    assert_eq!(text.matches("data: ").count(), 6);
+    assert_eq!(h.mock.requests()[0].json()["stream"], true);
+}
+
+#[tokio::test]
+async fn a_stream_that_drops_or_stalls_ends_without_done() {
+    let h = harness(ProxyOptions::default()).await;
+    h.mock.set_script(Script {
+        chunks: 5,
+        drop_after_chunks: Some(2),
+        ..Script::default()
+    });
+    let mut body = hello("gpt");
+    body["stream"] = json!(true);
+    let r = h.chat(Some(CALLER), body.clone()).await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert_eq!(text.matches("data: ").count(), 2, "{text}");
+    assert!(!text.contains("[DONE]"));
+
+    h.mock.set_script(Script {
+        chunks: 3,
+        chunk_interval_ms: 1_000,
+        ..Script::default()
+    });
+    body["model"] = json!("stalls");
+    let started = Instant::now();
+    let r = h.chat(Some(CALLER), body).await;
+    let text = r.text().await.unwrap();
+    assert!(!text.contains("[DONE]"));
+    assert!(
+        started.elapsed() < Duration::from_millis(1_800),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn models_lists_only_allowed_aliases() {
+    let h = harness(ProxyOptions::default()).await;
+    let r = h
+        .client
+        .get(format!("{}/v1/models", h.url))
+        .bearer_auth("narrow-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key("x-aisix-request-id"));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["object"], "list");
+    let data = body["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    assert_eq!(
+        (
+            data[0]["id"].as_str(),
+            data[0]["object"].as_str(),
+            data[0]["owned_by"].as_str()
+        ),
+        (Some("odd"), Some("model"), Some("bedrock"))
+    );
+    assert_eq!(data[1]["id"], "other");
+    assert!(data[1]["created"].is_u64());
+
+    let r = h
+        .client
+        .get(format!("{}/v1/models", h.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+#[tokio::test]
+async fn livez_reports_drain() {
+    let h = harness(ProxyOptions::default()).await;
+    let get = |q: &'static str| h.client.get(format!("{}/livez{q}", h.url)).send();
+    assert_eq!(
+        status_and_body(get("").await.unwrap()).await,
+        (200, "ok".into())
+    );
+    let (status, body) = status_and_body(get("?verbose=1").await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert!(body.lines().count() > 1 && body.ends_with("livez check passed"));
+    h.draining.cancel();
+    let (status, body) = status_and_body(get("").await.unwrap()).await;
+    assert_eq!((status, body.ends_with("livez check failed")), (500, true));
+    let (status, body) = status_and_body(get("?verbose=1").await.unwrap()).await;
+    assert_eq!(
+        (
+            status,
+            body.lines().count() > 1,
+            body.ends_with("livez check failed")
+        ),
+        (500, true, true)
+    );
+    // Requests are still served while draining.
+    assert_eq!(h.chat(Some(CALLER), hello("gpt")).await.status(), 200);
+    h.stop.cancel();
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_use_the_envelope() {
+    let h = harness(ProxyOptions::default()).await;
+    let r = h
+        .client
+        .get(format!("{}/v1/nothing", h.url))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().contains_key("x-aisix-request-id"));
+    assert_eq!(status_and_body(r).await, (404, r#"{"error":{"message":"unknown route: GET /v1/nothing","type":"invalid_request_error"}}"#.into()));
+    let r = h
+        .client
+        .get(format!("{}/v1/chat/completions", h.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status_and_body(r).await, (405, r#"{"error":{"message":"method not allowed: GET /v1/chat/completions","type":"invalid_request_error"}}"#.into()));
+}
