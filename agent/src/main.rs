@@ -1,1 +1,136 @@
-fn main() {}
+//! `aisix-agent`: parse arguments and config, validate, bind, then run.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use agent::config::Config;
+use agent::{Controls, Prepared};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Parser)]
+#[command(
+    name = "aisix-agent",
+    version,
+    about = "The AISIX AI gateway edge agent"
+)]
+struct Cli {
+    /// Path of the YAML config file.
+    #[arg(long, short, global = true, default_value = "config.yaml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check the config file and the resources it names, print every problem, and exit.
+    Validate,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli.config, std::env::vars()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("aisix-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
+        Some(Command::Validate) => validate(&cli.config, &config),
+        None => serve(config),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("aisix-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(config: Config) -> anyhow::Result<ExitCode> {
+    agent::logging::init(&config.observability);
+    let resources = agent::prepare_resources(&config)?;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let addr = config.proxy.addr;
+        let proxy_listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("proxy.addr: cannot listen on {addr}"))?;
+        let controls = Controls::default();
+        let prepared = Prepared {
+            config,
+            resources,
+            proxy_listener,
+        };
+        tokio::select! {
+            result = agent::run(prepared, controls.clone()) => result,
+            result = forward_signals(controls) => result,
+        }
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SIGHUP reloads; the first SIGTERM/SIGINT drains; a second one exits at once.
+async fn forward_signals(controls: Controls) -> anyhow::Result<()> {
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the resources file");
+                controls.reload.notify_one();
+            }
+            _ = term.recv() => stop(&controls),
+            _ = int.recv() => stop(&controls),
+        }
+    }
+}
+
+fn stop(controls: &Controls) {
+    if controls.shutdown.is_cancelled() {
+        eprintln!("aisix-agent: second signal: exiting without waiting for the drain");
+        std::process::exit(130);
+    }
+    controls.shutdown.cancel();
+}
+
+fn validate(config_path: &Path, config: &Config) -> anyhow::Result<ExitCode> {
+    let file = agent::prepare_resources(config)?;
+    let store = proxy_core::snapshot::SnapshotStore::new(agent::PREFIX);
+    let report = store.apply(
+        proxy_core::snapshot::Source::File,
+        [proxy_core::snapshot::SourceEvent::Reset {
+            entries: file.entries,
+            revision: 1,
+        }],
+    );
+    let mut problems = file.problems;
+    problems.extend(
+        report
+            .newly_rejected
+            .iter()
+            .map(|r| format!("{}: {}", r.key, r.error)),
+    );
+    for section in &config.ignored {
+        println!("note: config section '{section}' is not implemented by this build; ignored");
+    }
+    if problems.is_empty() {
+        let (p, m, a) = store.load().counts();
+        println!(
+            "{}: ok ({p} provider keys, {m} models, {a} api keys)",
+            config_path.display()
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for p in &problems {
+            println!("problem: {p}");
+        }
+        println!("{}: {} problem(s)", config_path.display(), problems.len());
+        Ok(ExitCode::FAILURE)
+    }
+}

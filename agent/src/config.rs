@@ -1,0 +1,396 @@
+//! The agent's configuration file (YAML, `--config PATH`), with environment overrides.
+//!
+//! Unknown keys are errors that name their path. Sections of the AISIX config that this
+//! build does not implement yet are accepted and reported once as ignored, so existing
+//! config files keep working. `AISIX_<SECTION>__<FIELD>` environment variables override
+//! file values (double underscore between levels; values are read as YAML scalars).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_yaml_ng::{Mapping, Value};
+
+/// Why a configuration could not be loaded. Each message names the file, variable or
+/// field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid YAML: {source}")]
+    Syntax {
+        path: PathBuf,
+        source: serde_yaml_ng::Error,
+    },
+    #[error("config file {path}: {field}: {message}")]
+    Field {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+}
+
+/// Sections that exist in the AISIX gateway config but that this build does not use.
+const IGNORED_SECTIONS: &[&str] = &[
+    "cache",
+    "ratelimit",
+    "upstream",
+    "downstream",
+    "deployment",
+    "etcd",
+    "admin",
+    "managed",
+];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// File mode: a YAML document with `provider_keys`, `models` and `api_keys` lists.
+    pub resources_file: Option<PathBuf>,
+    #[serde(default)]
+    pub proxy: ProxySection,
+    #[serde(default)]
+    pub observability: ObservabilitySection,
+    #[serde(default)]
+    pub shutdown: ShutdownSection,
+    // Accepted and reported as ignored (see IGNORED_SECTIONS).
+    #[serde(default)]
+    cache: Option<Value>,
+    #[serde(default)]
+    ratelimit: Option<Value>,
+    #[serde(default)]
+    upstream: Option<Value>,
+    #[serde(default)]
+    downstream: Option<Value>,
+    #[serde(default)]
+    deployment: Option<Value>,
+    #[serde(default)]
+    etcd: Option<Value>,
+    #[serde(default)]
+    admin: Option<Value>,
+    #[serde(default)]
+    managed: Option<Value>,
+    #[serde(skip)]
+    pub ignored: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxySection {
+    pub addr: SocketAddr,
+    /// 0 means unlimited.
+    pub request_body_limit_bytes: u64,
+    pub request_id: RequestIdSection,
+}
+
+impl Default for ProxySection {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([0, 0, 0, 0], 3000)),
+            request_body_limit_bytes: 0,
+            request_id: RequestIdSection::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RequestIdSection {
+    /// Generic request-id headers (e.g. `x-request-id`) whose value may be adopted.
+    pub accept_headers: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObservabilitySection {
+    /// A tracing filter (`info`, `debug`, `aisix::access=off,info`); `RUST_LOG` wins.
+    pub log_level: String,
+    pub log_format: LogFormat,
+    pub access_log: bool,
+    /// Accepted, not implemented yet: reported as ignored.
+    metrics: Option<Value>,
+}
+
+impl Default for ObservabilitySection {
+    fn default() -> Self {
+        Self {
+            log_level: "info".to_owned(),
+            log_format: LogFormat::Text,
+            access_log: true,
+            metrics: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownSection {
+    /// After SIGTERM, keep serving (with liveness failing) this long so load balancers
+    /// notice, before closing the listener.
+    pub min_drain_secs: u64,
+    /// Then wait at most this long for in-flight requests and streams to finish.
+    pub drain_timeout_secs: u64,
+}
+
+impl Default for ShutdownSection {
+    fn default() -> Self {
+        Self {
+            min_drain_secs: 5,
+            drain_timeout_secs: 30,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`, applies `AISIX_*__*` overrides from `env`, and validates.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text, env)
+    }
+
+    pub fn parse(
+        path: &Path,
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut value: Value =
+            serde_yaml_ng::from_str(text).map_err(|source| ConfigError::Syntax {
+                path: path.to_owned(),
+                source,
+            })?;
+        if value.is_null() {
+            value = Value::Mapping(Mapping::new());
+        }
+        let mut overrides: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("AISIX_") && k.contains("__"))
+            .collect();
+        overrides.sort();
+        for (var, raw) in overrides {
+            apply_override(&mut value, &var, &raw)?;
+        }
+        let field_error = |field: String, message: String| ConfigError::Field {
+            path: path.to_owned(),
+            field,
+            message,
+        };
+        let mut config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+            let (field, message) = (e.path().to_string(), e.into_inner().to_string());
+            field_error(parent_of_unknown(field, &message), message)
+        })?;
+        config
+            .validate()
+            .map_err(|(f, m)| field_error(f.to_owned(), m))?;
+        config.ignored = config.ignored_sections();
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.resources_file.is_none() {
+            return Err((
+                "resources_file",
+                "required: this build serves configuration from a resources file (etcd and managed modes are not available yet)".to_owned(),
+            ));
+        }
+        for h in &self.proxy.request_id.accept_headers {
+            if http_header_name(h).is_none() {
+                return Err((
+                    "proxy.request_id.accept_headers",
+                    format!("'{h}' is not a valid header name"),
+                ));
+            }
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.observability.log_level).map_err(|e| {
+            (
+                "observability.log_level",
+                format!(
+                    "'{}' is not a valid filter: {e}",
+                    self.observability.log_level
+                ),
+            )
+        })?;
+        Ok(())
+    }
+
+    fn ignored_sections(&self) -> Vec<String> {
+        let present = [
+            &self.cache,
+            &self.ratelimit,
+            &self.upstream,
+            &self.downstream,
+            &self.deployment,
+            &self.etcd,
+            &self.admin,
+            &self.managed,
+        ];
+        let mut out: Vec<String> = IGNORED_SECTIONS
+            .iter()
+            .zip(present)
+            .filter(|(_, v)| v.is_some())
+            .map(|(name, _)| (*name).to_owned())
+            .collect();
+        if self.observability.metrics.is_some() {
+            out.push("observability.metrics".to_owned());
+        }
+        out
+    }
+
+    /// The request-id headers as validated header names.
+    pub fn request_id_headers(&self) -> Vec<proxy_core::http::HeaderName> {
+        self.proxy
+            .request_id
+            .accept_headers
+            .iter()
+            .filter_map(|h| http_header_name(h))
+            .collect()
+    }
+}
+
+/// Names the section holding an unknown key (the key itself is in the message),
+/// whichever way the deserializer reported its path.
+fn parent_of_unknown(field: String, message: &str) -> String {
+    let unknown = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split('`').next());
+    let field = match unknown {
+        Some(name) if field == name => ".".to_owned(),
+        Some(name) => field
+            .strip_suffix(&format!(".{name}"))
+            .map_or(field.clone(), str::to_owned),
+        None => field,
+    };
+    if field == "." {
+        "(top level)".to_owned()
+    } else {
+        field
+    }
+}
+
+fn http_header_name(h: &str) -> Option<proxy_core::http::HeaderName> {
+    proxy_core::http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok()
+}
+
+/// `AISIX_PROXY__ADDR=...` sets `proxy.addr`; levels are separated by `__`.
+fn apply_override(root: &mut Value, var: &str, raw: &str) -> Result<(), ConfigError> {
+    let env_error = |message: String| ConfigError::Env {
+        var: var.to_owned(),
+        message,
+    };
+    let path: Vec<String> = var["AISIX_".len()..]
+        .split("__")
+        .map(str::to_ascii_lowercase)
+        .collect();
+    if path.iter().any(String::is_empty) {
+        return Err(env_error("expected AISIX_<SECTION>__<FIELD>".to_owned()));
+    }
+    let value: Value =
+        serde_yaml_ng::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_owned()));
+    let mut node = root;
+    for (i, key) in path.iter().enumerate() {
+        let Value::Mapping(map) = node else {
+            return Err(env_error(format!(
+                "'{}' is not a section",
+                path[..i].join(".")
+            )));
+        };
+        let key = Value::String(key.clone());
+        if i + 1 == path.len() {
+            map.insert(key, value);
+            return Ok(());
+        }
+        node = map
+            .entry(key)
+            .or_insert_with(|| Value::Mapping(Mapping::new()));
+        if node.is_null() {
+            *node = Value::Mapping(Mapping::new());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("c.yaml"), text, Vec::new())
+    }
+
+    #[test]
+    fn defaults_and_ignored_sections() {
+        let c = parse("resources_file: r.yaml\ncache: {enabled: true}\nobservability:\n  metrics: {prometheus: {enabled: true}}\n").unwrap();
+        assert_eq!(c.proxy.addr.to_string(), "0.0.0.0:3000");
+        assert_eq!(c.proxy.request_body_limit_bytes, 0);
+        assert_eq!(c.shutdown.min_drain_secs, 5);
+        assert_eq!(c.ignored, ["cache", "observability.metrics"]);
+    }
+
+    #[test]
+    fn unknown_keys_name_their_path() {
+        let e = parse("resources_file: r.yaml\nproxy:\n  adr: 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("config file c.yaml: proxy: unknown field `adr`"),
+            "{e}"
+        );
+        let e = parse("resources_file: r.yaml\nproxyy: {}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("(top level): unknown field `proxyy`"), "{e}");
+        let e = parse("resources_file: r.yaml\nproxy:\n  addr: nowhere\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("proxy.addr: invalid socket address"), "{e}");
+        let e = parse("proxy: {}\n").unwrap_err().to_string();
+        assert!(e.contains("resources_file: required"), "{e}");
+        let e = parse("resources_file: [\n").unwrap_err().to_string();
+        assert!(e.contains("not valid YAML"), "{e}");
+    }
+
+    #[test]
+    fn environment_overrides() {
+        let env = vec![
+            ("AISIX_PROXY__ADDR".to_owned(), "127.0.0.1:9999".to_owned()),
+            (
+                "AISIX_PROXY__REQUEST_BODY_LIMIT_BYTES".to_owned(),
+                "1024".to_owned(),
+            ),
+            ("AISIX_API_KEY".to_owned(), "not an override".to_owned()),
+        ];
+        let c = Config::parse(Path::new("c.yaml"), "resources_file: r.yaml\n", env).unwrap();
+        assert_eq!(c.proxy.addr.to_string(), "127.0.0.1:9999");
+        assert_eq!(c.proxy.request_body_limit_bytes, 1024);
+        let env = vec![("AISIX_PROXY__NOPE".to_owned(), "1".to_owned())];
+        let e = Config::parse(Path::new("c.yaml"), "resources_file: r.yaml\n", env)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("proxy: unknown field `nope`"), "{e}");
+        let env = vec![("AISIX_RESOURCES_FILE__X".to_owned(), "1".to_owned())];
+        let e = Config::parse(Path::new("c.yaml"), "resources_file: r.yaml\n", env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("environment variable AISIX_RESOURCES_FILE__X"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,386 @@
+//! The real `aisix-agent` binary in file mode, against the mock provider.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cloud_mock::provider::{MockProvider, Script};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tests::{Process, addr_in, binary, eventually, http_client, key_hash};
+
+const CALLER: &str = "e2e-caller-key";
+const STARTUP: Duration = Duration::from_secs(20);
+
+struct Agent {
+    process: Process,
+    url: String,
+    dir: tempfile::TempDir,
+}
+
+fn resources(api_base: &str, extra_models: &str) -> String {
+    format!(
+        r#"
+provider_keys:
+  - id: pk1
+    display_name: mock
+    provider: openai
+    api_base: {api_base}/v1
+    api_key: sk-e2e-upstream-secret
+models:
+  - id: m1
+    display_name: gpt-4o-mini
+    model_name: mock-gpt
+    provider_key_id: pk1
+{extra_models}
+api_keys:
+  - id: k1
+    key_hash: {hash}
+    allowed_models: ["*"]
+"#,
+        hash = key_hash(CALLER)
+    )
+}
+
+fn write_config(dir: &Path, extra: &str) -> PathBuf {
+    let config = dir.join("config.yaml");
+    let text = format!(
+        "resources_file: {}\nproxy:\n  addr: 127.0.0.1:0\n  request_body_limit_bytes: 65536\nshutdown:\n  min_drain_secs: 0\n  drain_timeout_secs: 10\n{extra}",
+        dir.join("resources.yaml").display()
+    );
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+async fn start_agent(resources_text: &str, extra_config: &str) -> Agent {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("resources.yaml"), resources_text).unwrap();
+    let config = write_config(dir.path(), extra_config);
+    let mut process = Process::start(
+        &binary("aisix-agent"),
+        &["--config", config.to_str().unwrap()],
+        &[],
+    );
+    let line = process.wait_for_line("proxy listener ready", STARTUP);
+    let url = format!("http://{}", addr_in(&line));
+    let client = http_client();
+    eventually("agent answers /livez", STARTUP, || async {
+        client
+            .get(format!("{url}/livez"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    Agent { process, url, dir }
+}
+
+async fn model_ids(client: &reqwest::Client, url: &str) -> Vec<String> {
+    let body: Value = client
+        .get(format!("{url}/v1/models"))
+        .bearer_auth(CALLER)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn chat(model: &str, stream: bool) -> Value {
+    json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "Say hello."}]})
+}
+
+#[tokio::test]
+async fn serves_models_and_chat_completions() {
+    let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let agent = start_agent(&resources(&mock.url(), ""), "").await;
+    let client = http_client();
+
+    let livez = client
+        .get(format!("{}/livez", agent.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(livez.status(), 200);
+    assert_eq!(livez.text().await.unwrap(), "ok");
+    assert_eq!(model_ids(&client, &agent.url).await, ["gpt-4o-mini"]);
+
+    let r = client
+        .post(format!("{}/v1/chat/completions", agent.url))
+        .bearer_auth(CALLER)
+        .json(&chat("gpt-4o-mini", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-aisix-served-by"], "gpt-4o-mini");
+    assert!(r.headers().contains_key("x-aisix-call-id"));
+    let request_id = r.headers()["x-aisix-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "Hello from the mock provider."
+    );
+    assert_eq!(mock.requests()[0].json()["model"], "mock-gpt");
+    assert_eq!(mock.requests()[0].headers["x-aisix-request-id"], request_id);
+
+    mock.set_script(Script {
+        chunks: 3,
+        chunk_interval_ms: 200,
+        ..Script::default()
+    });
+    let started = Instant::now();
+    let r = client
+        .post(format!("{}/v1/chat/completions", agent.url))
+        .bearer_auth(CALLER)
+        .json(&chat("gpt-4o-mini", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut stream = r.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    let first_at = started.elapsed();
+    let mut text = String::from_utf8(first.to_vec()).unwrap();
+    while let Some(chunk) = stream.next().await {
+        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    assert!(
+        first_at < started.elapsed() - Duration::from_millis(400),
+        "first chunk waited for the whole stream"
+    );
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+
+    // Errors keep their envelope through the real binary too.
+    let r = client
+        .post(format!("{}/v1/chat/completions", agent.url))
+        .bearer_auth("nope")
+        .json(&chat("gpt-4o-mini", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.text().await.unwrap(),
+        r#"{"error":{"message":"invalid API key","type":"invalid_api_key"}}"#
+    );
+
+    // The provider key never reaches the logs.
+    assert!(!agent.process.output().contains("sk-e2e-upstream-secret"));
+    assert!(
+        agent.process.output().contains(&request_id),
+        "access log carries the request id"
+    );
+}
+
+#[tokio::test]
+async fn sighup_reloads_and_a_broken_file_keeps_the_last_good_snapshot() {
+    let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let mut agent = start_agent(&resources(&mock.url(), ""), "").await;
+    let client = http_client();
+    let file = agent.dir.path().join("resources.yaml");
+
+    let added =
+        "  - id: m2\n    display_name: added-model\n    model_name: x\n    provider_key_id: pk1\n";
+    std::fs::write(&file, resources(&mock.url(), added)).unwrap();
+    agent.process.signal("HUP");
+    eventually(
+        "the new alias is visible",
+        Duration::from_secs(10),
+        || async {
+            model_ids(&client, &agent.url)
+                .await
+                .contains(&"added-model".to_owned())
+        },
+    )
+    .await;
+
+    std::fs::write(&file, "models: [\n  broken").unwrap();
+    agent.process.signal("HUP");
+    agent
+        .process
+        .wait_for_line("resources file not reloaded", Duration::from_secs(10));
+    assert_eq!(
+        model_ids(&client, &agent.url).await,
+        ["added-model", "gpt-4o-mini"]
+    );
+
+    // A bad resource is rejected alone, and named.
+    let dangling = "  - id: m3\n    display_name: orphan\n    model_name: x\n    provider_key_id: missing-pk\n";
+    std::fs::write(&file, resources(&mock.url(), dangling)).unwrap();
+    agent.process.signal("HUP");
+    let line = agent
+        .process
+        .wait_for_line("resource rejected", Duration::from_secs(10));
+    assert!(
+        line.contains("/aisix/models/m3")
+            && line.contains("provider_key_id: provider key 'missing-pk' does not exist"),
+        "{line}"
+    );
+    eventually(
+        "the removed alias disappears",
+        Duration::from_secs(10),
+        || async { model_ids(&client, &agent.url).await == ["gpt-4o-mini"] },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn sigterm_fails_liveness_drains_streams_and_exits_zero() {
+    let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let mut agent = start_agent(&resources(&mock.url(), ""), "").await;
+    // Rewrite the drain settings for this test: restart with a 2 s minimum drain.
+    drop(agent.process);
+    let config = write_config(agent.dir.path(), "")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("min_drain_secs: 0", "min_drain_secs: 2"),
+    )
+    .unwrap();
+    agent.process = Process::start(&binary("aisix-agent"), &["--config", &config], &[]);
+    agent.url = format!(
+        "http://{}",
+        addr_in(&agent.process.wait_for_line("proxy listener ready", STARTUP))
+    );
+    let client = http_client();
+
+    mock.set_script(Script {
+        chunks: 6,
+        chunk_interval_ms: 500,
+        ..Script::default()
+    });
+    let r = client
+        .post(format!("{}/v1/chat/completions", agent.url))
+        .bearer_auth(CALLER)
+        .json(&chat("gpt-4o-mini", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let stream = tokio::spawn(r.text());
+
+    agent.process.signal("TERM");
+    eventually(
+        "liveness fails during the drain",
+        Duration::from_secs(5),
+        || async {
+            match client.get(format!("{}/livez", agent.url)).send().await {
+                Ok(r) => {
+                    r.status() == 500 && r.text().await.unwrap().ends_with("livez check failed")
+                }
+                Err(_) => false,
+            }
+        },
+    )
+    .await;
+    let text = stream.await.unwrap().unwrap();
+    assert!(
+        text.ends_with("data: [DONE]\n\n"),
+        "the in-flight stream was cut: {text}"
+    );
+    let status = agent.process.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status}");
+}
+
+fn run_to_exit(args: &[&str]) -> (bool, String) {
+    let mut p = Process::start(&binary("aisix-agent"), args, &[]);
+    let status = p.wait_exit(STARTUP);
+    (status.success(), p.output())
+}
+
+#[tokio::test]
+async fn bad_start_up_input_stops_with_a_message_naming_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("resources.yaml"),
+        resources("http://127.0.0.1:9", ""),
+    )
+    .unwrap();
+    let config = write_config(dir.path(), "admin_keyz: [x]\n");
+    let (ok, out) = run_to_exit(&["--config", config.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        out.contains("(top level): unknown field `admin_keyz`"),
+        "{out}"
+    );
+
+    let config = write_config(dir.path(), "");
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("request_body_limit_bytes", "request_body_limit"),
+    )
+    .unwrap();
+    let (ok, out) = run_to_exit(&["--config", config.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        out.contains("proxy: unknown field `request_body_limit`"),
+        "{out}"
+    );
+
+    let config = write_config(dir.path(), "");
+    std::fs::write(dir.path().join("resources.yaml"), "models: {oops").unwrap();
+    let (ok, out) = run_to_exit(&["--config", config.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(out.contains("resources.yaml is not valid YAML"), "{out}");
+
+    let (ok, out) = run_to_exit(&["--config", dir.path().join("absent.yaml").to_str().unwrap()]);
+    assert!(!ok);
+    assert!(out.contains("cannot read config file"), "{out}");
+}
+
+#[tokio::test]
+async fn validate_reports_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = "  - id: m2\n    display_name: orphan\n    model_name: x\n    provider_key_id: nope\n  - id: m3\n    display_name: bad\n    timeout: 0\n";
+    std::fs::write(
+        dir.path().join("resources.yaml"),
+        resources("http://127.0.0.1:9", bad),
+    )
+    .unwrap();
+    let config = write_config(dir.path(), "cache: {enabled: true}\n");
+    let (ok, out) = run_to_exit(&["validate", "--config", config.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        out.contains("problem: models/m2: provider_key_id: provider key 'nope' does not exist"),
+        "{out}"
+    );
+    assert!(out.contains("problem: models/m3: model_name: required; provider_key_id: required; timeout: must be at least 1"), "{out}");
+    assert!(
+        out.contains("config section 'cache' is not implemented"),
+        "{out}"
+    );
+
+    std::fs::write(
+        dir.path().join("resources.yaml"),
+        resources("http://127.0.0.1:9", ""),
+    )
+    .unwrap();
+    let (ok, out) = run_to_exit(&["validate", "--config", config.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("ok (1 provider keys, 1 models, 1 api keys)"),
+        "{out}"
+    );
+}
