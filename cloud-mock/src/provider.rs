@@ -302,7 +302,7 @@ fn sse(script: &Script, model: &str) -> Response {
     events.push("data: [DONE]\n\n".to_owned());
     let drop_after = script.drop_after_chunks;
     let gap = Duration::from_millis(script.chunk_interval_ms);
-    let items = events.into_iter().enumerate().map(move |(i, e)| (i, e));
+    let items = events.into_iter().enumerate();
     let body = stream::unfold(items, move |mut items| async move {
         let (i, event) = items.next()?;
         tokio::time::sleep(gap).await;

@@ -1,5 +1,12 @@
 //! In-process tests of the proxy listener against the mock provider.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure should fail the test loudly"
+)]
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

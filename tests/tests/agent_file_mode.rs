@@ -1,5 +1,12 @@
 //! The real `aisix-agent` binary in file mode, against the mock provider.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure should fail the test loudly"
+)]
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
