@@ -88,7 +88,7 @@ impl Process {
     }
 
     /// Waits until a printed line contains `needle`; returns that line.
-    pub fn wait_for_line(&mut self, needle: &str, within: Duration) -> String {
+    pub async fn wait_for_line(&mut self, needle: &str, within: Duration) -> String {
         let deadline = Instant::now() + within;
         loop {
             if let Some(line) = self
@@ -102,7 +102,7 @@ impl Process {
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 // Give the reader threads a moment to drain the pipes.
-                std::thread::sleep(Duration::from_millis(100));
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 panic!(
                     "process exited ({status}) before printing {needle:?}; output:\n{}",
                     self.output()
@@ -113,7 +113,7 @@ impl Process {
                 "no line with {needle:?} within {within:?}; output:\n{}",
                 self.output()
             );
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -128,11 +128,11 @@ impl Process {
     }
 
     /// Waits for the process to exit and returns its status.
-    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+    pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(100));
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 return status;
             }
             assert!(
@@ -140,7 +140,7 @@ impl Process {
                 "process still running after {within:?}; output:\n{}",
                 self.output()
             );
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
@@ -174,6 +174,26 @@ where
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+/// Starts `aisix-agent --config CONFIG` and waits until its proxy answers `/livez`.
+/// Returns the process and the proxy's base URL.
+pub async fn start_agent(config: &Path) -> (Process, String) {
+    let within = Duration::from_secs(20);
+    let config = config.to_str().expect("UTF-8 config path");
+    let mut process = Process::start(&binary("aisix-agent"), &["--config", config], &[]);
+    let line = process.wait_for_line("proxy listener ready", within).await;
+    let url = format!("http://{}", addr_in(&line));
+    let client = http_client();
+    eventually("agent answers /livez", within, || async {
+        client
+            .get(format!("{url}/livez"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    (process, url)
 }
 
 /// SHA-256 hex of a caller key, as `api_keys[].key_hash` stores it.

@@ -62,22 +62,7 @@ async fn start_agent(resources_text: &str, extra_config: &str) -> Agent {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("resources.yaml"), resources_text).unwrap();
     let config = write_config(dir.path(), extra_config);
-    let mut process = Process::start(
-        &binary("aisix-agent"),
-        &["--config", config.to_str().unwrap()],
-        &[],
-    );
-    let line = process.wait_for_line("proxy listener ready", STARTUP);
-    let url = format!("http://{}", addr_in(&line));
-    let client = http_client();
-    eventually("agent answers /livez", STARTUP, || async {
-        client
-            .get(format!("{url}/livez"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+    let (process, url) = tests::start_agent(&config).await;
     Agent { process, url, dir }
 }
 
@@ -97,6 +82,21 @@ async fn model_ids(client: &reqwest::Client, url: &str) -> Vec<String> {
         .iter()
         .map(|m| m["id"].as_str().unwrap().to_owned())
         .collect()
+}
+
+async fn post_chat(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    body: &Value,
+) -> reqwest::Response {
+    client
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
 }
 
 fn chat(model: &str, stream: bool) -> Value {
@@ -120,13 +120,7 @@ async fn serves_models_and_chat_completions() {
     assert_eq!(livez.text().await.unwrap(), "ok");
     assert_eq!(model_ids(&client, &agent.url).await, ["gpt-4o-mini"]);
 
-    let r = client
-        .post(format!("{}/v1/chat/completions", agent.url))
-        .bearer_auth(CALLER)
-        .json(&chat("gpt-4o-mini", false))
-        .send()
-        .await
-        .unwrap();
+    let r = post_chat(&client, &agent.url, CALLER, &chat("gpt-4o-mini", false)).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-aisix-served-by"], "gpt-4o-mini");
     assert!(r.headers().contains_key("x-aisix-call-id"));
@@ -148,13 +142,7 @@ async fn serves_models_and_chat_completions() {
         ..Script::default()
     });
     let started = Instant::now();
-    let r = client
-        .post(format!("{}/v1/chat/completions", agent.url))
-        .bearer_auth(CALLER)
-        .json(&chat("gpt-4o-mini", true))
-        .send()
-        .await
-        .unwrap();
+    let r = post_chat(&client, &agent.url, CALLER, &chat("gpt-4o-mini", true)).await;
     assert_eq!(r.status(), 200);
     let mut stream = r.bytes_stream();
     let first = stream.next().await.unwrap().unwrap();
@@ -170,13 +158,7 @@ async fn serves_models_and_chat_completions() {
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
 
     // Errors keep their envelope through the real binary too.
-    let r = client
-        .post(format!("{}/v1/chat/completions", agent.url))
-        .bearer_auth("nope")
-        .json(&chat("gpt-4o-mini", false))
-        .send()
-        .await
-        .unwrap();
+    let r = post_chat(&client, &agent.url, "nope", &chat("gpt-4o-mini", false)).await;
     assert_eq!(r.status(), 401);
     assert_eq!(
         r.text().await.unwrap(),
@@ -219,7 +201,8 @@ async fn sighup_reloads_and_a_broken_file_keeps_the_last_good_snapshot() {
     agent.process.signal("HUP");
     agent
         .process
-        .wait_for_line("resources file not reloaded", Duration::from_secs(10));
+        .wait_for_line("resources file not reloaded", Duration::from_secs(10))
+        .await;
     assert_eq!(
         model_ids(&client, &agent.url).await,
         ["added-model", "gpt-4o-mini"]
@@ -231,7 +214,8 @@ async fn sighup_reloads_and_a_broken_file_keeps_the_last_good_snapshot() {
     agent.process.signal("HUP");
     let line = agent
         .process
-        .wait_for_line("resource rejected", Duration::from_secs(10));
+        .wait_for_line("resource rejected", Duration::from_secs(10))
+        .await;
     assert!(
         line.contains("/aisix/models/m3")
             && line.contains("provider_key_id: provider key 'missing-pk' does not exist"),
@@ -267,7 +251,12 @@ async fn sigterm_fails_liveness_drains_streams_and_exits_zero() {
     agent.process = Process::start(&binary("aisix-agent"), &["--config", &config], &[]);
     agent.url = format!(
         "http://{}",
-        addr_in(&agent.process.wait_for_line("proxy listener ready", STARTUP))
+        addr_in(
+            &agent
+                .process
+                .wait_for_line("proxy listener ready", STARTUP)
+                .await
+        )
     );
     let client = http_client();
 
@@ -276,13 +265,7 @@ async fn sigterm_fails_liveness_drains_streams_and_exits_zero() {
         chunk_interval_ms: 500,
         ..Script::default()
     });
-    let r = client
-        .post(format!("{}/v1/chat/completions", agent.url))
-        .bearer_auth(CALLER)
-        .json(&chat("gpt-4o-mini", true))
-        .send()
-        .await
-        .unwrap();
+    let r = post_chat(&client, &agent.url, CALLER, &chat("gpt-4o-mini", true)).await;
     assert_eq!(r.status(), 200);
     let stream = tokio::spawn(r.text());
 
@@ -305,13 +288,13 @@ async fn sigterm_fails_liveness_drains_streams_and_exits_zero() {
         text.ends_with("data: [DONE]\n\n"),
         "the in-flight stream was cut: {text}"
     );
-    let status = agent.process.wait_exit(Duration::from_secs(20));
+    let status = agent.process.wait_exit(Duration::from_secs(20)).await;
     assert!(status.success(), "{status}");
 }
 
-fn run_to_exit(args: &[&str]) -> (bool, String) {
+async fn run_to_exit(args: &[&str]) -> (bool, String) {
     let mut p = Process::start(&binary("aisix-agent"), args, &[]);
-    let status = p.wait_exit(STARTUP);
+    let status = p.wait_exit(STARTUP).await;
     (status.success(), p.output())
 }
 
@@ -324,7 +307,7 @@ async fn bad_start_up_input_stops_with_a_message_naming_the_problem() {
     )
     .unwrap();
     let config = write_config(dir.path(), "admin_keyz: [x]\n");
-    let (ok, out) = run_to_exit(&["--config", config.to_str().unwrap()]);
+    let (ok, out) = run_to_exit(&["--config", config.to_str().unwrap()]).await;
     assert!(!ok);
     assert!(
         out.contains("(top level): unknown field `admin_keyz`"),
@@ -339,7 +322,7 @@ async fn bad_start_up_input_stops_with_a_message_naming_the_problem() {
             .replace("request_body_limit_bytes", "request_body_limit"),
     )
     .unwrap();
-    let (ok, out) = run_to_exit(&["--config", config.to_str().unwrap()]);
+    let (ok, out) = run_to_exit(&["--config", config.to_str().unwrap()]).await;
     assert!(!ok);
     assert!(
         out.contains("proxy: unknown field `request_body_limit`"),
@@ -348,11 +331,12 @@ async fn bad_start_up_input_stops_with_a_message_naming_the_problem() {
 
     let config = write_config(dir.path(), "");
     std::fs::write(dir.path().join("resources.yaml"), "models: {oops").unwrap();
-    let (ok, out) = run_to_exit(&["--config", config.to_str().unwrap()]);
+    let (ok, out) = run_to_exit(&["--config", config.to_str().unwrap()]).await;
     assert!(!ok);
     assert!(out.contains("resources.yaml is not valid YAML"), "{out}");
 
-    let (ok, out) = run_to_exit(&["--config", dir.path().join("absent.yaml").to_str().unwrap()]);
+    let (ok, out) =
+        run_to_exit(&["--config", dir.path().join("absent.yaml").to_str().unwrap()]).await;
     assert!(!ok);
     assert!(out.contains("cannot read config file"), "{out}");
 }
@@ -367,7 +351,7 @@ async fn validate_reports_every_problem() {
     )
     .unwrap();
     let config = write_config(dir.path(), "cache: {enabled: true}\n");
-    let (ok, out) = run_to_exit(&["validate", "--config", config.to_str().unwrap()]);
+    let (ok, out) = run_to_exit(&["validate", "--config", config.to_str().unwrap()]).await;
     assert!(!ok);
     assert!(
         out.contains("problem: models/m2: provider_key_id: provider key 'nope' does not exist"),
@@ -384,7 +368,7 @@ async fn validate_reports_every_problem() {
         resources("http://127.0.0.1:9", ""),
     )
     .unwrap();
-    let (ok, out) = run_to_exit(&["validate", "--config", config.to_str().unwrap()]);
+    let (ok, out) = run_to_exit(&["validate", "--config", config.to_str().unwrap()]).await;
     assert!(ok, "{out}");
     assert!(
         out.contains("ok (1 provider keys, 1 models, 1 api keys)"),
