@@ -51,6 +51,14 @@ async fn harness(options: ProxyOptions) -> Harness {
             json!({"display_name": "mock", "provider": "openai", "api_base": format!("{}/v1", mock.url()), "api_key": UPSTREAM_SECRET}),
         ),
         (
+            "provider_keys/ds",
+            json!({"display_name": "deepseek", "provider": "deepseek", "api_base": mock.url(), "api_key": "sk-deepseek"}),
+        ),
+        (
+            "provider_keys/custom",
+            json!({"display_name": "custom", "provider": "acme-llm", "adapter": "openai", "api_base": format!("{}/v1/", mock.url()), "secret": "sk-custom"}),
+        ),
+        (
             "provider_keys/dead",
             json!({"display_name": "dead", "provider": "acme", "api_base": format!("http://{closed}"), "secret": "x"}),
         ),
@@ -99,12 +107,20 @@ async fn harness(options: ProxyOptions) -> Harness {
             json!({"display_name": "stalls", "model_name": "up-stalls", "provider_key_id": "pk1", "stream_timeout": 200}),
         ),
         (
+            "models/d1",
+            json!({"display_name": "ds-chat", "provider": "deepseek", "model_name": "deepseek-chat", "provider_key_id": "ds"}),
+        ),
+        (
+            "models/c1",
+            json!({"display_name": "custom", "model_name": "acme-1", "provider_key_id": "custom"}),
+        ),
+        (
             "models/r1",
             json!({"display_name": "auto", "routing": {"targets": [{"model": "gpt"}, {"model": "broken", "priority": 5}]}}),
         ),
         (
             "api_keys/k1",
-            json!({"key_hash": hash(CALLER), "allowed_models": ["gpt", "slow", "broken", "unreachable", "fenced", "claude", "odd", "stalls", "auto"]}),
+            json!({"key_hash": hash(CALLER), "allowed_models": ["gpt", "slow", "broken", "unreachable", "fenced", "claude", "odd", "stalls", "auto", "ds-chat", "custom"]}),
         ),
         (
             "api_keys/k2",
@@ -208,6 +224,26 @@ async fn chat_completion_rewrites_model_and_carries_ids() {
         format!("Bearer {UPSTREAM_SECRET}")
     );
     assert_eq!(seen[0].headers["x-aisix-request-id"], request_id);
+}
+
+#[tokio::test]
+async fn deepseek_and_custom_openai_compatible_vendors() {
+    let h = harness(ProxyOptions::default()).await;
+    for (alias, upstream_model, credential) in [
+        ("ds-chat", "deepseek-chat", "sk-deepseek"),
+        ("custom", "acme-1", "sk-custom"),
+    ] {
+        let r = h.chat(Some(CALLER), hello(alias)).await;
+        assert_eq!(r.status(), 200, "{alias}");
+        assert_eq!(r.headers()["x-aisix-served-by"], alias);
+        let seen = h.mock.requests().pop().unwrap();
+        assert_eq!(seen.path, "/v1/chat/completions");
+        assert_eq!(seen.json()["model"], upstream_model);
+        assert_eq!(
+            seen.headers["authorization"],
+            format!("Bearer {credential}")
+        );
+    }
 }
 
 #[tokio::test]
