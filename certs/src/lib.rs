@@ -1,1 +1,52 @@
-//! placeholder
+//! certs: the one place in the workspace that knows about X.509.
+//!
+//! A [`CertificateAuthority`] is generated (ECDSA P-256) or loaded from PEM, and issues
+//! gateway client certificates carrying a [`GatewayIdentity`] in URI SANs
+//! (`x-aisix://env/<env_id>`, `x-aisix://dp/<dp_id>`, extended key usage clientAuth)
+//! and control-plane server certificates (DNS and IP SANs, serverAuth). [`inspect_pem`]
+//! reads any PEM certificate back. No async runtime: callers run key generation on a
+//! blocking thread.
+//!
+//! Layout:
+//! - `authority`: the CA, issuing, saving and loading.
+//! - `inspect`: reading certificates (fields, fingerprint, days left, identity).
+//! - `identity`: the gateway identity and its SAN URIs.
+
+mod authority;
+mod identity;
+mod inspect;
+
+pub use authority::{CertificateAuthority, Issued, PrivateKeyPem};
+
+/// Writes a new file with `mode` (atomically; never overwrites an existing file).
+pub fn write_new_file(path: &std::path::Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
+    authority::write_new(path, contents, mode)
+}
+pub use identity::GatewayIdentity;
+pub use inspect::{CertInfo, inspect_pem};
+
+/// What went wrong with a certificate operation; each message names the item at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("{what}: {source}")]
+    Generate {
+        what: &'static str,
+        source: rcgen::Error,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what}: no PEM block of type {expected} found")]
+    WrongPemType {
+        what: String,
+        expected: &'static str,
+    },
+    #[error("{what}: not a valid X.509 certificate: {reason}")]
+    Parse { what: String, reason: String },
+    #[error("invalid identity: {0}")]
+    Identity(String),
+    #[error("{0} already exists; refusing to overwrite it")]
+    Exists(std::path::PathBuf),
+}
