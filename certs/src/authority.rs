@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType,
+    SerialNumber,
 };
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -28,6 +29,10 @@ pub const CA_KEY_FILE: &str = "ca-key.pem";
 pub struct PrivateKeyPem(String);
 
 impl PrivateKeyPem {
+    pub fn new(pem: String) -> Self {
+        Self(pem)
+    }
+
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -124,16 +129,34 @@ impl CertificateAuthority {
         validity: Duration,
     ) -> Result<Issued, CertError> {
         let key = KeyPair::generate().map_err(gen_err("generating the gateway key"))?;
-        let mut params = base_params(&format!("aisix-gateway {}", identity.dp_id), validity, &key)?;
+        let params = self.gateway_params(identity, validity, &key)?;
+        self.sign(params, key)
+    }
+
+    /// The parameters of every gateway certificate this CA issues.
+    pub(crate) fn gateway_params(
+        &self,
+        identity: &GatewayIdentity,
+        validity: Duration,
+        public_key: &impl PublicKeyData,
+    ) -> Result<CertificateParams, CertError> {
+        let mut params = base_params(
+            &format!("aisix-gateway {}", identity.dp_id),
+            validity,
+            public_key,
+        )?;
         params.subject_alt_names = identity
             .uris()
             .into_iter()
             .map(|u| u.try_into().map(SanType::URI))
             .collect::<Result<_, _>>()
             .map_err(gen_err("encoding the identity URIs"))?;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        self.sign(params, key)
+        crate::csr::gateway_usages(&mut params);
+        Ok(params)
+    }
+
+    pub(crate) fn issuer(&self) -> &Issuer<'static, KeyPair> {
+        &self.issuer
     }
 
     /// A server certificate for a control plane, valid for the given names and addresses.
@@ -177,7 +200,7 @@ impl CertificateAuthority {
 fn base_params(
     common_name: &str,
     validity: Duration,
-    key: &KeyPair,
+    key: &impl PublicKeyData,
 ) -> Result<CertificateParams, CertError> {
     let now = OffsetDateTime::now_utc();
     let validity = time::Duration::try_from(validity)
@@ -195,9 +218,9 @@ fn base_params(
 }
 
 /// A positive 128-bit serial, unique per key and moment.
-fn serial(key: &KeyPair, now: OffsetDateTime) -> SerialNumber {
+fn serial(key: &impl PublicKeyData, now: OffsetDateTime) -> SerialNumber {
     let mut h = Sha256::new();
-    h.update(key.public_key_raw());
+    h.update(key.der_bytes());
     h.update(now.unix_timestamp_nanos().to_be_bytes());
     let mut bytes: [u8; 16] = h.finalize()[..16].try_into().unwrap_or([1; 16]);
     bytes[0] &= 0x7f;

@@ -51,7 +51,8 @@ pub fn inspect_pem(what: &str, pem: &str) -> Result<Vec<CertInfo>, CertError> {
     ders.iter().map(|der| inspect_der(what, der)).collect()
 }
 
-fn inspect_der(what: &str, der: &[u8]) -> Result<CertInfo, CertError> {
+/// Reads one DER certificate (`what` names it in errors).
+pub fn inspect_der(what: &str, der: &[u8]) -> Result<CertInfo, CertError> {
     let parse_err = |reason: String| CertError::Parse {
         what: what.to_owned(),
         reason,

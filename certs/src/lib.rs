@@ -4,17 +4,24 @@
 //! gateway client certificates carrying a [`GatewayIdentity`] in URI SANs
 //! (`x-aisix://env/<env_id>`, `x-aisix://dp/<dp_id>`, extended key usage clientAuth)
 //! and control-plane server certificates (DNS and IP SANs, serverAuth). [`inspect_pem`]
-//! reads any PEM certificate back. No async runtime: callers run key generation on a
+//! reads any PEM certificate back. Gateways can instead make a CSR ([`generate_csr`])
+//! that the CA signs only for the identity it expects. No async runtime: callers run key generation on a
 //! blocking thread.
 //!
 //! Layout:
 //! - `authority`: the CA, issuing, saving and loading.
 //! - `inspect`: reading certificates (fields, fingerprint, days left, identity).
 //! - `identity`: the gateway identity and its SAN URIs.
+//! - `csr`: certificate signing requests (key generated locally).
+//! - `bundle`: loading and checking a certificate, key and CA.
+//! - `tls`: rustls client and server configurations for mutual TLS.
 
 mod authority;
+mod bundle;
+mod csr;
 mod identity;
 mod inspect;
+pub mod tls;
 
 pub use authority::{CertificateAuthority, Issued, PrivateKeyPem};
 
@@ -22,8 +29,10 @@ pub use authority::{CertificateAuthority, Issued, PrivateKeyPem};
 pub fn write_new_file(path: &std::path::Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
     authority::write_new(path, contents, mode)
 }
+pub use bundle::{Bundle, PemSource};
+pub use csr::{Csr, generate_csr};
 pub use identity::GatewayIdentity;
-pub use inspect::{CertInfo, inspect_pem};
+pub use inspect::{CertInfo, inspect_der, inspect_pem};
 
 /// What went wrong with a certificate operation; each message names the item at fault.
 #[derive(Debug, thiserror::Error)]
@@ -49,4 +58,29 @@ pub enum CertError {
     Identity(String),
     #[error("{0} already exists; refusing to overwrite it")]
     Exists(std::path::PathBuf),
+    #[error("{what}: the private key does not match the certificate")]
+    KeyMismatch { what: String },
+    #[error("{what}: expired at {not_after}")]
+    Expired {
+        what: String,
+        not_after: time::OffsetDateTime,
+    },
+    #[error("{what}: not valid before {not_before} (check the clock)")]
+    NotYetValid {
+        what: String,
+        not_before: time::OffsetDateTime,
+    },
+    #[error(
+        "{what}: no gateway identity (needs URI SANs x-aisix://env/<env_id> and x-aisix://dp/<dp_id>)"
+    )]
+    MissingIdentity { what: String },
+    #[error("{what}: not issued by the given CA")]
+    NotIssuedByCa { what: String },
+    #[error("CSR: {0}")]
+    Csr(String),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,136 @@
+//! rustls configurations for the control-plane link.
+//!
+//! The client presents a gateway identity held in a [`SwappableIdentity`], so a rotated
+//! certificate takes effect on the next handshake without rebuilding the client. The
+//! server accepts only client certificates issued by its CA, and [`peer_identity`]
+//! reads the verified peer's gateway identity for the application.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::client::ResolvesClientCert;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::CertificateDer;
+use rustls::server::WebPkiClientVerifier;
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, ServerConfig, SignatureScheme};
+
+use crate::bundle::{pem_certs, pem_key};
+use crate::{Bundle, CertError, GatewayIdentity, inspect_der};
+
+const VERSIONS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+/// The workspace's one crypto provider (ring).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The client certificate a TLS client presents; replaceable at run time.
+#[derive(Debug)]
+pub struct SwappableIdentity {
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl SwappableIdentity {
+    pub fn new(bundle: &Bundle) -> Result<Arc<Self>, CertError> {
+        Ok(Arc::new(Self {
+            current: ArcSwap::from_pointee(certified_key(bundle)?),
+        }))
+    }
+
+    /// Presents `bundle` from the next handshake on; open connections are unaffected.
+    pub fn swap(&self, bundle: &Bundle) -> Result<(), CertError> {
+        self.current.store(Arc::new(certified_key(bundle)?));
+        Ok(())
+    }
+}
+
+impl ResolvesClientCert for SwappableIdentity {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+fn certified_key(bundle: &Bundle) -> Result<CertifiedKey, CertError> {
+    let key = pem_key("private key", bundle.key.expose())?;
+    CertifiedKey::from_der(bundle.chain.clone(), key, &provider())
+        .map_err(|e| CertError::Tls(format!("cannot use the gateway key: {e}")))
+}
+
+fn roots(what: &str, ca_pem: &str) -> Result<RootCertStore, CertError> {
+    let mut roots = RootCertStore::empty();
+    for cert in pem_certs(what, ca_pem)? {
+        roots
+            .add(cert)
+            .map_err(|e| CertError::Tls(format!("{what}: {e}")))?;
+    }
+    Ok(roots)
+}
+
+/// A client config that trusts `ca_pem` (plus `extra_ca_pem`, if given) and presents
+/// the identity; TLS 1.2 minimum.
+pub fn client_config(
+    ca_pem: &str,
+    extra_ca_pem: Option<&str>,
+    identity: Arc<SwappableIdentity>,
+) -> Result<ClientConfig, CertError> {
+    let mut roots = roots("CA", ca_pem)?;
+    if let Some(extra) = extra_ca_pem {
+        for cert in pem_certs("extra CA", extra)? {
+            roots
+                .add(cert)
+                .map_err(|e| CertError::Tls(format!("extra CA: {e}")))?;
+        }
+    }
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)
+        .map_err(|e| CertError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_cert_resolver(identity);
+    // A resumed session would carry the identity of the handshake it resumes: after a
+    // rotation the server must see the new certificate, so every connection does a
+    // full handshake (they are long-lived and pooled, so this is cheap).
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
+}
+
+/// A server config presenting `cert_pem`/`key_pem` and requiring client certificates
+/// issued by `client_ca_pem`; TLS 1.2 minimum.
+pub fn server_config(
+    cert_pem: &str,
+    key_pem: &str,
+    client_ca_pem: &str,
+) -> Result<ServerConfig, CertError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots("client CA", client_ca_pem)?),
+        provider(),
+    )
+    .build()
+    .map_err(|e| CertError::Tls(e.to_string()))?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)
+        .map_err(|e| CertError::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            pem_certs("server certificate", cert_pem)?,
+            pem_key("server key", key_pem)?,
+        )
+        .map_err(|e| CertError::Tls(format!("server certificate and key: {e}")))?;
+    // Every connection verifies a client certificate afresh (rotation, revocation),
+    // even from clients that would like to resume.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(config)
+}
+
+/// The gateway identity of a peer whose chain the TLS layer has verified.
+pub fn peer_identity(chain: &[CertificateDer<'_>]) -> Option<GatewayIdentity> {
+    inspect_der("peer certificate", chain.first()?)
+        .ok()?
+        .identity
+}
