@@ -133,6 +133,26 @@ impl CertificateAuthority {
         self.sign(params, key)
     }
 
+    /// A gateway certificate valid exactly from `not_before` to `not_after`: for
+    /// certificates that must be expired or not yet valid (tests, fault injection).
+    pub fn issue_gateway_between(
+        &self,
+        identity: &GatewayIdentity,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<Issued, CertError> {
+        if not_after <= not_before {
+            return Err(CertError::Validity(
+                "not_after must be later than not_before".to_owned(),
+            ));
+        }
+        let key = KeyPair::generate().map_err(gen_err("generating the gateway key"))?;
+        let mut params = self.gateway_params(identity, Duration::ZERO, &key)?;
+        params.not_before = not_before;
+        params.not_after = not_after;
+        self.sign(params, key)
+    }
+
     /// The parameters of every gateway certificate this CA issues.
     pub(crate) fn gateway_params(
         &self,
@@ -204,7 +224,7 @@ fn base_params(
 ) -> Result<CertificateParams, CertError> {
     let now = OffsetDateTime::now_utc();
     let validity = time::Duration::try_from(validity)
-        .map_err(|_| CertError::Identity("validity is too long".to_owned()))?;
+        .map_err(|_| CertError::Validity("validity is too long".to_owned()))?;
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
     params

@@ -59,18 +59,7 @@ impl Bundle {
         let key_der = pem_key(&key_name, &key_pem)?;
 
         let leaf = inspect_pem(&cert_name, &cert_pem)?.remove(0);
-        if now < leaf.not_before {
-            return Err(CertError::NotYetValid {
-                what: cert_name,
-                not_before: leaf.not_before,
-            });
-        }
-        if now > leaf.not_after {
-            return Err(CertError::Expired {
-                what: cert_name,
-                not_after: leaf.not_after,
-            });
-        }
+        check_validity(&cert_name, &leaf, now)?;
         let identity = leaf
             .identity
             .clone()
@@ -89,6 +78,37 @@ impl Bundle {
             leaf,
         })
     }
+}
+
+/// Checks that the first certificate of `cert_pem` was issued by a CA in `ca_pem` and
+/// is valid at `now`; returns what it says. Errors say which check failed.
+pub fn verify_certificate(
+    cert_pem: &str,
+    ca_pem: &str,
+    now: OffsetDateTime,
+) -> Result<CertInfo, CertError> {
+    let chain = pem_certs("certificate", cert_pem)?;
+    let cas = pem_certs("CA", ca_pem)?;
+    let leaf = inspect_pem("certificate", cert_pem)?.remove(0);
+    issued_by("certificate", &chain[0], &cas)?;
+    check_validity("certificate", &leaf, now)?;
+    Ok(leaf)
+}
+
+fn check_validity(what: &str, leaf: &CertInfo, now: OffsetDateTime) -> Result<(), CertError> {
+    if now < leaf.not_before {
+        return Err(CertError::NotYetValid {
+            what: what.to_owned(),
+            not_before: leaf.not_before,
+        });
+    }
+    if now > leaf.not_after {
+        return Err(CertError::Expired {
+            what: what.to_owned(),
+            not_after: leaf.not_after,
+        });
+    }
+    Ok(())
 }
 
 pub(crate) fn pem_certs(what: &str, pem: &str) -> Result<Vec<CertificateDer<'static>>, CertError> {

@@ -29,7 +29,7 @@ pub use authority::{CertificateAuthority, Issued, PrivateKeyPem};
 pub fn write_new_file(path: &std::path::Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
     authority::write_new(path, contents, mode)
 }
-pub use bundle::{Bundle, PemSource};
+pub use bundle::{Bundle, PemSource, verify_certificate};
 pub use csr::{Csr, generate_csr};
 pub use identity::GatewayIdentity;
 pub use inspect::{CertInfo, inspect_der, inspect_pem};
@@ -76,6 +76,8 @@ pub enum CertError {
     MissingIdentity { what: String },
     #[error("{what}: not issued by the given CA")]
     NotIssuedByCa { what: String },
+    #[error("validity: {0}")]
+    Validity(String),
     #[error("CSR: {0}")]
     Csr(String),
     #[error("TLS: {0}")]

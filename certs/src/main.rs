@@ -6,8 +6,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use certs::{CertificateAuthority, GatewayIdentity, Issued, inspect_pem, write_new_file};
+use certs::{
+    CertError, CertInfo, CertificateAuthority, GatewayIdentity, Issued, generate_csr, inspect_pem,
+    verify_certificate, write_new_file,
+};
 use clap::{Parser, Subcommand};
+use serde_json::json;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -26,8 +30,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create a certificate authority: DIR/ca.pem and DIR/ca-key.pem (mode 0600).
-    Ca {
+    /// Create a certificate authority (ECDSA P-256): DIR/ca.pem and DIR/ca-key.pem (mode 0600).
+    /// Never overwrites an existing CA.
+    InitCa {
         #[arg(long)]
         dir: PathBuf,
         #[arg(long, default_value = "AISIX CA")]
@@ -35,13 +40,16 @@ enum Command {
         #[arg(long, default_value_t = 3650)]
         days: u32,
     },
-    /// Issue a gateway client certificate: OUT/gateway.pem, OUT/gateway-key.pem, OUT/ca.pem.
-    Gateway {
+    /// Issue a gateway client certificate with a new key:
+    /// OUT/gateway.pem, OUT/gateway-key.pem (0600) and OUT/ca.pem.
+    IssueGateway {
         /// Folder holding ca.pem and ca-key.pem.
         #[arg(long)]
         ca_dir: PathBuf,
+        /// Environment id (URI SAN x-aisix://env/<id>).
         #[arg(long = "env")]
         env_id: String,
+        /// Data-plane id (URI SAN x-aisix://dp/<id>).
         #[arg(long = "dp")]
         dp_id: String,
         #[arg(long, default_value_t = 90)]
@@ -49,8 +57,9 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Issue a control-plane server certificate: OUT/server.pem, OUT/server-key.pem, OUT/ca.pem.
-    Server {
+    /// Issue a control-plane server certificate with a new key:
+    /// OUT/server.pem, OUT/server-key.pem (0600) and OUT/ca.pem.
+    IssueServer {
         #[arg(long)]
         ca_dir: PathBuf,
         /// DNS name (repeatable).
@@ -64,24 +73,66 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Generate a key here and a CSR for a gateway identity:
+    /// OUT/gateway.csr and OUT/gateway-key.pem (0600). The key never leaves this host.
+    Csr {
+        #[arg(long = "env")]
+        env_id: String,
+        #[arg(long = "dp")]
+        dp_id: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign a gateway CSR, only if it asks for exactly the given identity; writes the
+    /// certificate to OUT.
+    SignCsr {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        csr: PathBuf,
+        #[arg(long = "env")]
+        env_id: String,
+        #[arg(long = "dp")]
+        dp_id: String,
+        #[arg(long, default_value_t = 90)]
+        days: u32,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print what a PEM certificate file says: subject, issuer, serial, SANs, validity,
-    /// fingerprint, days left and gateway identity.
-    Inspect { file: PathBuf },
+    /// SHA-256 fingerprint, days left and gateway identity.
+    Inspect {
+        file: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check that CERT was issued by CA and is valid now. Exit status: 0 valid,
+    /// 1 unreadable input, 3 not issued by the CA, 4 not yet valid, 5 expired.
+    Verify {
+        #[arg(long)]
+        ca: PathBuf,
+        cert: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse().command) {
+    let outcome = match Cli::parse().command {
+        Command::Verify { ca, cert } => verify(&ca, &cert),
+        other => run(other).map_err(|e| (1, e)),
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err((code, e)) => {
             eprintln!("aisix-certs: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(code)
         }
     }
 }
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Ca {
+        Command::InitCa {
             dir,
             common_name,
             days,
@@ -94,7 +145,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 dir.join("ca-key.pem").display()
             );
         }
-        Command::Gateway {
+        Command::IssueGateway {
             ca_dir,
             env_id,
             dp_id,
@@ -106,7 +157,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             let issued = ca.issue_gateway(&identity, DAY * days)?;
             write_bundle(&out, "gateway", &issued, ca.cert_pem())?;
         }
-        Command::Server {
+        Command::IssueServer {
             ca_dir,
             dns_names,
             ips,
@@ -121,31 +172,114 @@ fn run(command: Command) -> anyhow::Result<()> {
             let issued = ca.issue_server(&dns_names, &ips, DAY * days)?;
             write_bundle(&out, "server", &issued, ca.cert_pem())?;
         }
-        Command::Inspect { file } => {
+        Command::Csr { env_id, dp_id, out } => {
+            let csr = generate_csr(&GatewayIdentity::new(&env_id, &dp_id)?)?;
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            write(&out.join("gateway-key.pem"), csr.key_pem.expose(), 0o600)?;
+            write(&out.join("gateway.csr"), &csr.csr_pem, 0o644)?;
+        }
+        Command::SignCsr {
+            ca_dir,
+            csr,
+            env_id,
+            dp_id,
+            days,
+            out,
+        } => {
+            let ca = CertificateAuthority::load(&ca_dir)?;
+            let request = std::fs::read_to_string(&csr)
+                .with_context(|| format!("cannot read {}", csr.display()))?;
+            let cert = ca.sign_gateway_csr(
+                &request,
+                &GatewayIdentity::new(&env_id, &dp_id)?,
+                DAY * days,
+            )?;
+            write(&out, &cert, 0o644)?;
+        }
+        Command::Inspect { file, json } => {
             let pem = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
-            print_info(&file, &pem)?;
+            let infos = inspect_pem(&file.display().to_string(), &pem)?;
+            if json {
+                let list: Vec<_> = infos.iter().map(to_json).collect::<anyhow::Result<_>>()?;
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print_text(&file, &infos)?;
+            }
+        }
+        Command::Verify { .. } => anyhow::bail!("verify is handled separately"),
+    }
+    Ok(())
+}
+
+fn verify(ca: &Path, cert: &Path) -> Result<(), (u8, anyhow::Error)> {
+    let read = |p: &Path| {
+        std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read {}", p.display()))
+            .map_err(|e| (1, e))
+    };
+    let (ca_pem, cert_pem) = (read(ca)?, read(cert)?);
+    match verify_certificate(&cert_pem, &ca_pem, OffsetDateTime::now_utc()) {
+        Ok(info) => {
+            println!(
+                "{}: valid, issued by {}, {} days left",
+                cert.display(),
+                info.issuer,
+                info.days_left(OffsetDateTime::now_utc())
+            );
+            Ok(())
+        }
+        Err(e) => {
+            let code = match &e {
+                CertError::NotIssuedByCa { .. } => 3,
+                CertError::NotYetValid { .. } => 4,
+                CertError::Expired { .. } => 5,
+                _ => 1,
+            };
+            Err((
+                code,
+                anyhow::Error::new(e).context(cert.display().to_string()),
+            ))
         }
     }
+}
+
+fn write(path: &Path, contents: &str, mode: u32) -> anyhow::Result<()> {
+    write_new_file(path, contents.as_bytes(), mode)?;
+    println!("wrote {}", path.display());
     Ok(())
 }
 
 fn write_bundle(out: &Path, name: &str, issued: &Issued, ca_pem: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let files = [
-        (format!("{name}.pem"), issued.cert_pem.as_str(), 0o644),
-        (format!("{name}-key.pem"), issued.key_pem.expose(), 0o600),
-        ("ca.pem".to_owned(), ca_pem, 0o644),
-    ];
-    for (file, contents, mode) in files {
-        write_new_file(&out.join(&file), contents.as_bytes(), mode)?;
-        println!("wrote {}", out.join(file).display());
-    }
-    Ok(())
+    write(
+        &out.join(format!("{name}-key.pem")),
+        issued.key_pem.expose(),
+        0o600,
+    )?;
+    write(&out.join(format!("{name}.pem")), &issued.cert_pem, 0o644)?;
+    write(&out.join("ca.pem"), ca_pem, 0o644)
 }
 
-fn print_info(file: &Path, pem: &str) -> anyhow::Result<()> {
-    let infos = inspect_pem(&file.display().to_string(), pem)?;
+fn to_json(c: &CertInfo) -> anyhow::Result<serde_json::Value> {
+    Ok(json!({
+        "subject": c.subject,
+        "issuer": c.issuer,
+        "serial": c.serial,
+        "dns_names": c.dns_names,
+        "ip_addresses": c.ip_addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "uris": c.uris,
+        "not_before": c.not_before.format(&Rfc3339)?,
+        "not_after": c.not_after.format(&Rfc3339)?,
+        "days_left": c.days_left(OffsetDateTime::now_utc()),
+        "sha256_fingerprint": c.sha256_fingerprint,
+        "is_ca": c.is_ca,
+        "identity": c.identity.as_ref().map(|i| json!({"env_id": i.env_id, "dp_id": i.dp_id})),
+    }))
+}
+
+fn print_text(file: &Path, infos: &[CertInfo]) -> anyhow::Result<()> {
     let now = OffsetDateTime::now_utc();
     let list = |v: Vec<String>| {
         if v.is_empty() {
