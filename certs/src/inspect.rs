@@ -36,18 +36,7 @@ impl CertInfo {
 
 /// Reads every certificate in a PEM document (`what` names it in errors).
 pub fn inspect_pem(what: &str, pem: &str) -> Result<Vec<CertInfo>, CertError> {
-    let ders: Vec<_> = rustls_pemfile::certs(&mut pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .map_err(|e| CertError::Parse {
-            what: what.to_owned(),
-            reason: e.to_string(),
-        })?;
-    if ders.is_empty() {
-        return Err(CertError::WrongPemType {
-            what: what.to_owned(),
-            expected: "CERTIFICATE",
-        });
-    }
+    let ders = crate::bundle::pem_certs(what, pem)?;
     ders.iter().map(|der| inspect_der(what, der)).collect()
 }
 

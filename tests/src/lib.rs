@@ -152,8 +152,12 @@ impl Drop for Process {
     }
 }
 
-/// Reads `addr=HOST:PORT` out of a log line.
+/// Reads the `addr` field out of a log line, text (`addr=HOST:PORT`) or JSON.
 pub fn addr_in(line: &str) -> String {
+    if let Some(start) = line.find("\"addr\":\"") {
+        let rest = &line[start + "\"addr\":\"".len()..];
+        return rest.split('"').next().unwrap_or_default().to_owned();
+    }
     line.split_whitespace()
         .find_map(|w| w.strip_prefix("addr="))
         .map(|a| a.trim_matches('"').to_owned())

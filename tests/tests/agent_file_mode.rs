@@ -375,3 +375,36 @@ async fn validate_reports_every_problem() {
         "{out}"
     );
 }
+
+#[tokio::test]
+async fn json_logs_and_access_log_switch() {
+    let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let agent = start_agent(
+        &resources(&mock.url(), ""),
+        "observability:\n  log_format: json\n  access_log: false\n",
+    )
+    .await;
+    let client = http_client();
+    let r = post_chat(&client, &agent.url, CALLER, &chat("gpt-4o-mini", false)).await;
+    assert_eq!(r.status(), 200);
+    let output = agent.process.output();
+    let ready = output
+        .lines()
+        .find(|l| l.contains("proxy listener ready"))
+        .unwrap();
+    let parsed: Value = serde_json::from_str(ready).unwrap();
+    assert_eq!(parsed["level"], "INFO");
+    assert_eq!(parsed["fields"]["message"], "proxy listener ready");
+    assert!(
+        output
+            .lines()
+            .all(|l| serde_json::from_str::<Value>(l).is_ok()),
+        "{output}"
+    );
+    assert!(
+        !output.contains("aisix::access"),
+        "access log was disabled: {output}"
+    );
+}
