@@ -46,12 +46,8 @@ enum Command {
         /// Folder holding ca.pem and ca-key.pem.
         #[arg(long)]
         ca_dir: PathBuf,
-        /// Environment id (URI SAN x-aisix://env/<id>).
-        #[arg(long = "env")]
-        env_id: String,
-        /// Data-plane id (URI SAN x-aisix://dp/<id>).
-        #[arg(long = "dp")]
-        dp_id: String,
+        #[command(flatten)]
+        identity: IdentityArgs,
         #[arg(long, default_value_t = 90)]
         days: u32,
         #[arg(long)]
@@ -76,10 +72,8 @@ enum Command {
     /// Generate a key here and a CSR for a gateway identity:
     /// OUT/gateway.csr and OUT/gateway-key.pem (0600). The key never leaves this host.
     Csr {
-        #[arg(long = "env")]
-        env_id: String,
-        #[arg(long = "dp")]
-        dp_id: String,
+        #[command(flatten)]
+        identity: IdentityArgs,
         #[arg(long)]
         out: PathBuf,
     },
@@ -90,10 +84,8 @@ enum Command {
         ca_dir: PathBuf,
         #[arg(long)]
         csr: PathBuf,
-        #[arg(long = "env")]
-        env_id: String,
-        #[arg(long = "dp")]
-        dp_id: String,
+        #[command(flatten)]
+        identity: IdentityArgs,
         #[arg(long, default_value_t = 90)]
         days: u32,
         #[arg(long)]
@@ -114,6 +106,23 @@ enum Command {
         ca: PathBuf,
         cert: PathBuf,
     },
+}
+
+/// The gateway identity a certificate or CSR carries.
+#[derive(clap::Args)]
+struct IdentityArgs {
+    /// Environment id (URI SAN x-aisix://env/<id>).
+    #[arg(long = "env")]
+    env_id: String,
+    /// Data-plane id (URI SAN x-aisix://dp/<id>).
+    #[arg(long = "dp")]
+    dp_id: String,
+}
+
+impl IdentityArgs {
+    fn identity(&self) -> Result<GatewayIdentity, CertError> {
+        GatewayIdentity::new(&self.env_id, &self.dp_id)
+    }
 }
 
 fn main() -> ExitCode {
@@ -147,13 +156,12 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::IssueGateway {
             ca_dir,
-            env_id,
-            dp_id,
+            identity,
             days,
             out,
         } => {
             let ca = CertificateAuthority::load(&ca_dir)?;
-            let identity = GatewayIdentity::new(&env_id, &dp_id)?;
+            let identity = identity.identity()?;
             let issued = ca.issue_gateway(&identity, DAY * days)?;
             write_bundle(&out, "gateway", &issued, ca.cert_pem())?;
         }
@@ -172,8 +180,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             let issued = ca.issue_server(&dns_names, &ips, DAY * days)?;
             write_bundle(&out, "server", &issued, ca.cert_pem())?;
         }
-        Command::Csr { env_id, dp_id, out } => {
-            let csr = generate_csr(&GatewayIdentity::new(&env_id, &dp_id)?)?;
+        Command::Csr { identity, out } => {
+            let csr = generate_csr(&identity.identity()?)?;
             std::fs::create_dir_all(&out)
                 .with_context(|| format!("cannot create {}", out.display()))?;
             write(&out.join("gateway-key.pem"), csr.key_pem.expose(), 0o600)?;
@@ -182,19 +190,14 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::SignCsr {
             ca_dir,
             csr,
-            env_id,
-            dp_id,
+            identity,
             days,
             out,
         } => {
             let ca = CertificateAuthority::load(&ca_dir)?;
             let request = std::fs::read_to_string(&csr)
                 .with_context(|| format!("cannot read {}", csr.display()))?;
-            let cert = ca.sign_gateway_csr(
-                &request,
-                &GatewayIdentity::new(&env_id, &dp_id)?,
-                DAY * days,
-            )?;
+            let cert = ca.sign_gateway_csr(&request, &identity.identity()?, DAY * days)?;
             write(&out, &cert, 0o644)?;
         }
         Command::Inspect { file, json } => {

@@ -408,3 +408,73 @@ async fn json_logs_and_access_log_switch() {
         "access log was disabled: {output}"
     );
 }
+
+/// Starts an agent whose `shutdown` section is replaced by `shutdown_yaml`.
+async fn start_with_shutdown(mock: &MockProvider, shutdown_yaml: &str) -> Agent {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("resources.yaml"),
+        resources(&mock.url(), ""),
+    )
+    .unwrap();
+    let config = write_config(dir.path(), "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let head = &text[..text.find("shutdown:").unwrap()];
+    std::fs::write(&config, format!("{head}{shutdown_yaml}")).unwrap();
+    let (process, url) = tests::start_agent(&config).await;
+    Agent { process, url, dir }
+}
+
+#[tokio::test]
+async fn drain_timeout_bounds_shutdown() {
+    let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    mock.set_script(Script {
+        chunks: 20,
+        chunk_interval_ms: 500,
+        ..Script::default()
+    });
+    let mut agent = start_with_shutdown(
+        &mock,
+        "shutdown:\n  min_drain_secs: 0\n  drain_timeout_secs: 1\n",
+    )
+    .await;
+    let client = http_client();
+    let r = post_chat(&client, &agent.url, CALLER, &chat("gpt-4o-mini", true)).await;
+    assert_eq!(r.status(), 200);
+    let stream = tokio::spawn(r.text());
+
+    let started = Instant::now();
+    agent.process.signal("TERM");
+    let status = agent.process.wait_exit(Duration::from_secs(10)).await;
+    let elapsed = started.elapsed();
+    assert!(status.success(), "{status}");
+    // The 10 s stream is cut after the 1 s drain timeout, not waited for.
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(5),
+        "{elapsed:?}"
+    );
+    assert!(agent.process.output().contains("drain timeout reached"));
+    let text = stream.await.unwrap().unwrap_or_default();
+    assert!(!text.contains("[DONE]"), "{text}");
+}
+
+#[tokio::test]
+async fn a_second_signal_exits_without_waiting_for_the_drain() {
+    let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let mut agent = start_with_shutdown(&mock, "shutdown:\n  min_drain_secs: 60\n").await;
+    agent.process.signal("TERM");
+    agent
+        .process
+        .wait_for_line("draining", Duration::from_secs(5))
+        .await;
+    let started = Instant::now();
+    agent.process.signal("INT");
+    let status = agent.process.wait_exit(Duration::from_secs(5)).await;
+    assert_eq!(status.code(), Some(130), "{}", agent.process.output());
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(agent.process.output().contains("second signal"));
+}
