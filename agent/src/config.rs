@@ -8,6 +8,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use proxy_core::secret::Secret;
 use serde::Deserialize;
 use serde_yaml_ng::{Mapping, Value};
 
@@ -42,8 +43,6 @@ const IGNORED_SECTIONS: &[&str] = &[
     "upstream",
     "downstream",
     "deployment",
-    "etcd",
-    "admin",
     "managed",
 ];
 
@@ -52,6 +51,10 @@ const IGNORED_SECTIONS: &[&str] = &[
 pub struct Config {
     /// File mode: a YAML document with `provider_keys`, `models` and `api_keys` lists.
     pub resources_file: Option<PathBuf>,
+    /// Self-hosted mode: resources are watched in etcd.
+    pub etcd: Option<EtcdSection>,
+    /// Self-hosted mode's admin listener.
+    pub admin: Option<AdminSection>,
     #[serde(default)]
     pub proxy: ProxySection,
     #[serde(default)]
@@ -70,13 +73,61 @@ pub struct Config {
     #[serde(default)]
     deployment: Option<Value>,
     #[serde(default)]
-    etcd: Option<Value>,
-    #[serde(default)]
-    admin: Option<Value>,
-    #[serde(default)]
     managed: Option<Value>,
     #[serde(skip)]
     pub ignored: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdSection {
+    /// `http://` or `https://` URLs; requests fail over between them in order.
+    pub endpoints: Vec<String>,
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// Connect timeout for each endpoint.
+    #[serde(default = "default_etcd_timeout")]
+    pub dial_timeout_ms: u64,
+    /// Timeout of each request other than the long-lived watch.
+    #[serde(default = "default_etcd_timeout")]
+    pub request_timeout_ms: u64,
+    /// etcd authentication (both or neither).
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// TLS to etcd: a CA to trust and optionally a client certificate.
+    pub tls: Option<EtcdTlsSection>,
+    /// Where the last good snapshot is kept (a sled database), so the agent starts and
+    /// serves while etcd is unreachable. Without it, start-up waits for etcd.
+    pub cache_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTlsSection {
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+fn default_prefix() -> String {
+    "/aisix".to_owned()
+}
+
+fn default_etcd_timeout() -> u64 {
+    5000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    #[serde(default = "default_admin_addr")]
+    pub addr: SocketAddr,
+    /// Accepted as `Authorization: Bearer <key>` or `x-api-key: <key>`.
+    pub admin_keys: Vec<Secret>,
+}
+
+fn default_admin_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 3001))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -204,11 +255,31 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), (&'static str, String)> {
-        if self.resources_file.is_none() {
-            return Err((
-                "resources_file",
-                "required: this build serves configuration from a resources file (etcd and managed modes are not available yet)".to_owned(),
-            ));
+        match (&self.resources_file, &self.etcd) {
+            (Some(_), Some(_)) => {
+                return Err((
+                    "resources_file",
+                    "choose one configuration source: resources_file or etcd, not both".to_owned(),
+                ));
+            }
+            (None, None) => {
+                return Err((
+                    "(top level)",
+                    "a configuration source is required: set etcd (self-hosted) or resources_file"
+                        .to_owned(),
+                ));
+            }
+            (None, Some(etcd)) => etcd.validate()?,
+            (Some(_), None) => {}
+        }
+        if let Some(admin) = &self.admin {
+            if admin.admin_keys.is_empty() || admin.admin_keys.iter().any(|k| k.expose().is_empty())
+            {
+                return Err((
+                    "admin.admin_keys",
+                    "at least one non-empty admin key is required".to_owned(),
+                ));
+            }
         }
         for h in &self.proxy.request_id.accept_headers {
             if http_header_name(h).is_none() {
@@ -230,6 +301,12 @@ impl Config {
         Ok(())
     }
 
+    /// The storage prefix resources live under, without a trailing slash.
+    pub fn prefix(&self) -> String {
+        let prefix = self.etcd.as_ref().map_or("/aisix", |e| e.prefix.as_str());
+        prefix.trim_end_matches('/').to_owned()
+    }
+
     fn ignored_sections(&self) -> Vec<String> {
         let present = [
             &self.cache,
@@ -237,8 +314,6 @@ impl Config {
             &self.upstream,
             &self.downstream,
             &self.deployment,
-            &self.etcd,
-            &self.admin,
             &self.managed,
         ];
         let mut out: Vec<String> = IGNORED_SECTIONS
@@ -247,6 +322,9 @@ impl Config {
             .filter(|(_, v)| v.is_some())
             .map(|(name, _)| (*name).to_owned())
             .collect();
+        if self.admin.is_some() && self.etcd.is_none() {
+            out.push("admin (the admin listener runs in self-hosted etcd mode only)".to_owned());
+        }
         if self.observability.metrics.is_some() {
             out.push("observability.metrics".to_owned());
         }
@@ -261,6 +339,60 @@ impl Config {
             .iter()
             .filter_map(|h| http_header_name(h))
             .collect()
+    }
+}
+
+impl EtcdSection {
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.endpoints.is_empty() {
+            return Err((
+                "etcd.endpoints",
+                "at least one endpoint is required".to_owned(),
+            ));
+        }
+        for e in &self.endpoints {
+            let ok = (e.starts_with("http://") || e.starts_with("https://"))
+                && reqwest::Url::parse(e).is_ok_and(|u| u.host().is_some());
+            if !ok {
+                return Err((
+                    "etcd.endpoints",
+                    format!("'{e}' is not an http:// or https:// URL"),
+                ));
+            }
+        }
+        if !self.prefix.starts_with('/') || self.prefix.trim_end_matches('/').is_empty() {
+            return Err((
+                "etcd.prefix",
+                format!(
+                    "'{}' must start with '/' and name a folder, e.g. /aisix",
+                    self.prefix
+                ),
+            ));
+        }
+        if self.dial_timeout_ms == 0 {
+            return Err(("etcd.dial_timeout_ms", "must be greater than 0".to_owned()));
+        }
+        if self.request_timeout_ms == 0 {
+            return Err((
+                "etcd.request_timeout_ms",
+                "must be greater than 0".to_owned(),
+            ));
+        }
+        if self.username.is_some() != self.password.is_some() {
+            return Err((
+                "etcd.username",
+                "username and password go together: set both or neither".to_owned(),
+            ));
+        }
+        if let Some(tls) = &self.tls {
+            if tls.cert_file.is_some() != tls.key_file.is_some() {
+                return Err((
+                    "etcd.tls.cert_file",
+                    "a client certificate needs both cert_file and key_file".to_owned(),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -361,9 +493,72 @@ mod tests {
             .to_string();
         assert!(e.contains("proxy.addr: invalid socket address"), "{e}");
         let e = parse("proxy: {}\n").unwrap_err().to_string();
-        assert!(e.contains("resources_file: required"), "{e}");
+        assert!(e.contains("a configuration source is required"), "{e}");
         let e = parse("resources_file: [\n").unwrap_err().to_string();
         assert!(e.contains("not valid YAML"), "{e}");
+    }
+
+    #[test]
+    fn etcd_and_admin_sections() {
+        let c = parse(
+            "etcd:\n  endpoints: [http://127.0.0.1:2379, http://10.0.0.2:2379]\n  prefix: /gw/\n  cache_dir: /tmp/c\nadmin:\n  admin_keys: [k1]\n",
+        )
+        .unwrap();
+        let etcd = c.etcd.as_ref().unwrap();
+        assert_eq!(etcd.endpoints.len(), 2);
+        assert_eq!(
+            (etcd.dial_timeout_ms, etcd.request_timeout_ms),
+            (5000, 5000)
+        );
+        assert_eq!(c.prefix(), "/gw");
+        assert_eq!(c.admin.as_ref().unwrap().addr.to_string(), "127.0.0.1:3001");
+        assert!(c.ignored.is_empty(), "{:?}", c.ignored);
+
+        let cases = [
+            (
+                "etcd: {endpoints: []}\n",
+                "etcd.endpoints: at least one endpoint",
+            ),
+            (
+                "etcd: {endpoints: [127.0.0.1:2379]}\n",
+                "etcd.endpoints: '127.0.0.1:2379' is not an http",
+            ),
+            (
+                "etcd: {endpoints: [http://e:1], prefix: aisix}\n",
+                "etcd.prefix: 'aisix' must start with '/'",
+            ),
+            (
+                "etcd: {endpoints: [http://e:1], dial_timeout_ms: 0}\n",
+                "etcd.dial_timeout_ms: must be greater than 0",
+            ),
+            (
+                "etcd: {endpoints: [http://e:1], username: u}\n",
+                "etcd.username: username and password go together",
+            ),
+            (
+                "etcd: {endpoints: [http://e:1], tls: {cert_file: c.pem}}\n",
+                "etcd.tls.cert_file: a client certificate needs both",
+            ),
+            (
+                "etcd: {endpoints: [http://e:1], tls: {ca: x}}\n",
+                "etcd.tls: unknown field `ca`",
+            ),
+            (
+                "etcd: {endpoints: [http://e:1]}\nadmin: {admin_keys: []}\n",
+                "admin.admin_keys: at least one non-empty admin key",
+            ),
+            (
+                "etcd: {endpoints: [http://e:1]}\nresources_file: r.yaml\n",
+                "resources_file: choose one configuration source",
+            ),
+        ];
+        for (text, expected) in cases {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(expected), "{text} -> {e}");
+        }
+        let c = parse("resources_file: r.yaml\nadmin: {admin_keys: [k]}\n").unwrap();
+        assert_eq!(c.ignored.len(), 1);
+        assert!(c.ignored[0].starts_with("admin"));
     }
 
     #[test]

@@ -11,9 +11,13 @@
 //! - `resources_file`: file mode's YAML resources document.
 //! - `logging`: tracing setup (text or JSON).
 
+pub mod backoff;
+pub mod cache;
 pub mod config;
+pub mod etcd;
 pub mod logging;
 pub mod resources_file;
+pub mod watch;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -99,6 +99,27 @@ pub fn client_config(
     Ok(config)
 }
 
+/// A client config for other TLS services (etcd): trusts `ca_pem` and, when given,
+/// presents a fixed client certificate and key (PEM); TLS 1.2 minimum.
+pub fn plain_client_config(
+    ca_pem: &str,
+    client: Option<(&str, &str)>,
+) -> Result<ClientConfig, CertError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)
+        .map_err(|e| CertError::Tls(e.to_string()))?
+        .with_root_certificates(roots("CA", ca_pem)?);
+    match client {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert_pem, key_pem)) => builder
+            .with_client_auth_cert(
+                pem_certs("client certificate", cert_pem)?,
+                pem_key("client key", key_pem)?,
+            )
+            .map_err(|e| CertError::Tls(format!("client certificate and key: {e}"))),
+    }
+}
+
 /// A server config presenting `cert_pem`/`key_pem` and requiring client certificates
 /// issued by `client_ca_pem`; TLS 1.2 minimum.
 pub fn server_config(

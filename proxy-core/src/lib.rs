@@ -11,10 +11,12 @@
 //! - `resources`: resource keys, wire specs and validated types.
 //! - `snapshot`: the snapshot, its incremental builder and the store.
 //! - `error`: the one proxy error type and its envelopes.
+//! - `health`: consecutive upstream failures per model.
 //! - `http`: the proxy listener (routes, request ids, drain).
 //! - `upstream`: the upstream HTTP client and provider adapters.
 
 pub mod error;
+pub mod health;
 pub mod http;
 pub mod openai;
 pub mod resources;

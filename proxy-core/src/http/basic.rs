@@ -18,10 +18,15 @@ pub(super) async fn livez(
     State(state): State<ProxyState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    let verbose = q
+    livez_response(state.0.draining.is_cancelled(), &q)
+}
+
+/// The `/livez` answer of any listener: `ok`, or 500 `livez check failed` while the
+/// process is draining; `?verbose=1` gives a multi-line body.
+pub fn livez_response(draining: bool, query: &HashMap<String, String>) -> Response {
+    let verbose = query
         .get("verbose")
         .is_some_and(|v| !matches!(v.as_str(), "0" | "false"));
-    let draining = state.0.draining.is_cancelled();
     let (status, body) = match (draining, verbose) {
         (false, false) => (StatusCode::OK, "ok"),
         (false, true) => (

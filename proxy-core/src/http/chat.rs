@@ -70,13 +70,24 @@ async fn handle(
     }
     let mut last_error = None;
     for candidate in candidates(&snapshot, model) {
+        let health = &state.0.health;
         match attempt(state, &snapshot, candidate, &request, request_id).await {
-            Ok(answer) => return Ok(respond(answer, &candidate.name, request.stream)),
+            Ok(answer) => {
+                health.success(&candidate.name);
+                return Ok(respond(answer, &candidate.name, request.stream));
+            }
             Err(e @ (ProxyError::UpstreamFailed { .. } | ProxyError::Timeout(_))) => {
+                health.failure(&candidate.name);
                 warn!(request_id, model = %candidate.name, error = %e, detail = ?e, "upstream attempt failed");
                 last_error = Some(e);
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                if matches!(&e, ProxyError::UpstreamRejected { status, .. } if status.as_u16() == 429)
+                {
+                    health.failure(&candidate.name);
+                }
+                return Err(e);
+            }
         }
     }
     Err(last_error.unwrap_or_else(|| {

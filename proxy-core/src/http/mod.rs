@@ -23,8 +23,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::health::ModelHealth;
 use crate::snapshot::SnapshotStore;
+
 use crate::upstream::Upstream;
+pub use basic::livez_response;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-aisix-request-id");
 pub const CALL_ID: HeaderName = HeaderName::from_static("x-aisix-call-id");
@@ -52,6 +55,7 @@ struct Inner {
     options: ProxyOptions,
     draining: CancellationToken,
     started_unix: u64,
+    health: Arc<ModelHealth>,
 }
 
 impl ProxyState {
@@ -72,7 +76,13 @@ impl ProxyState {
             options,
             draining,
             started_unix,
+            health: Arc::default(),
         }))
+    }
+
+    /// Upstream failure streaks per model, recorded by the request handlers.
+    pub fn health(&self) -> Arc<ModelHealth> {
+        self.0.health.clone()
     }
 }
 

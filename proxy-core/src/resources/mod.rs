@@ -13,8 +13,9 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 
 pub use validate::{
-    Adapter, ApiKey, DirectTarget, FieldError, KeyHash, Model, ModelTarget, Problems, ProviderKey,
-    RateLimit, Routing, Strategy, Target, WhenAllUnavailable,
+    Adapter, ApiKey, DirectTarget, FieldError, Guardrail, GuardrailPattern, HookPoint, KeyHash,
+    Model, ModelTarget, Problems, ProviderKey, RateLimit, Routing, Strategy, Target,
+    WhenAllUnavailable,
 };
 
 /// The resource kinds this build understands, as they appear in keys.
@@ -23,16 +24,23 @@ pub enum Kind {
     ProviderKeys,
     Models,
     ApiKeys,
+    Guardrails,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::ProviderKeys, Kind::Models, Kind::ApiKeys];
+    pub const ALL: [Kind; 4] = [
+        Kind::ProviderKeys,
+        Kind::Models,
+        Kind::ApiKeys,
+        Kind::Guardrails,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::ProviderKeys => "provider_keys",
             Kind::Models => "models",
             Kind::ApiKeys => "api_keys",
+            Kind::Guardrails => "guardrails",
         }
     }
 
@@ -104,6 +112,7 @@ pub enum Resource {
     ProviderKey(Arc<ProviderKey>),
     Model(Arc<Model>),
     ApiKey(Arc<ApiKey>),
+    Guardrail(Arc<Guardrail>),
 }
 
 impl Resource {
@@ -116,6 +125,9 @@ impl Resource {
             }
             Kind::Models => Resource::Model(Arc::new(Model::from_spec(id, decode(json)?)?)),
             Kind::ApiKeys => Resource::ApiKey(Arc::new(ApiKey::from_spec(id, decode(json)?)?)),
+            Kind::Guardrails => {
+                Resource::Guardrail(Arc::new(Guardrail::from_spec(id, decode(json)?)?))
+            }
         })
     }
 
@@ -125,6 +137,7 @@ impl Resource {
             Resource::ProviderKey(r) => r.unknown_fields,
             Resource::Model(r) => r.unknown_fields,
             Resource::ApiKey(r) => r.unknown_fields,
+            Resource::Guardrail(r) => r.unknown_fields,
         }
     }
 }

@@ -112,3 +112,27 @@ pub struct ApiKeySpec {
     #[serde(flatten)]
     pub unknown: BTreeMap<String, Value>,
 }
+
+#[derive(Debug, Deserialize)]
+pub struct GuardrailSpec {
+    pub name: Option<String>,
+    pub kind: Option<String>,
+    pub patterns: Option<Vec<PatternSpec>>,
+    pub hook_point: Option<String>,
+    pub enabled: Option<bool>,
+    pub enforcement_mode: Option<String>,
+    pub fail_open: Option<bool>,
+    /// Scope: model display names (globs allowed) and caller key ids; empty means all.
+    pub models: Option<Vec<String>>,
+    pub api_keys: Option<Vec<String>>,
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PatternSpec {
+    pub kind: Option<String>,
+    pub value: Option<String>,
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, Value>,
+}

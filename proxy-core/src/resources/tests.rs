@@ -177,3 +177,49 @@ fn secrets_never_appear_in_debug_output() {
     .unwrap();
     assert!(!format!("{r:?}").contains("sk-very-secret"));
 }
+
+#[test]
+fn guardrails_validate_every_pattern() {
+    let Resource::Guardrail(g) = parse(
+        Kind::Guardrails,
+        r#"{"name":"no-secrets","patterns":[{"kind":"literal","value":"password"},{"kind":"regex","value":"sk-[a-z]+"}],"hook_point":"input","enforcement_mode":"monitor"}"#,
+    )
+    .unwrap() else {
+        panic!("expected a guardrail")
+    };
+    assert_eq!(
+        (g.patterns.len(), g.hook_point, g.block, g.enabled),
+        (2, HookPoint::Input, false, true)
+    );
+    assert_eq!(
+        problems(
+            Kind::Guardrails,
+            r#"{"kind":"semantic","patterns":[{"kind":"regex","value":"("},{"kind":"glob","value":"x"},{}],"hook_point":"later"}"#
+        ),
+        [
+            ("name".to_owned(), "required".to_owned()),
+            (
+                "kind".to_owned(),
+                "'semantic' is not supported (keyword)".to_owned()
+            ),
+            (
+                "patterns[0].value".to_owned(),
+                problems(
+                    Kind::Guardrails,
+                    r#"{"name":"n","patterns":[{"kind":"regex","value":"("}]}"#
+                )[0]
+                .1
+                .clone()
+            ),
+            (
+                "patterns[1].kind".to_owned(),
+                "'glob' is not one of literal, regex".to_owned()
+            ),
+            ("patterns[2].value".to_owned(), "required".to_owned()),
+            (
+                "hook_point".to_owned(),
+                "'later' is not one of input, output, both".to_owned()
+            ),
+        ]
+    );
+}

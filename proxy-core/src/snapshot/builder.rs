@@ -30,8 +30,9 @@ pub(super) struct Builder {
 
 struct Doc {
     raw: Bytes,
-    /// The last value of this key that passed validation on its own.
+    /// The last value of this key that passed validation on its own, and its document.
     good: Option<Resource>,
+    good_raw: Option<Bytes>,
     /// Why the current raw document failed validation, if it did.
     invalid: Option<String>,
     /// What the snapshot serves for this key right now.
@@ -64,6 +65,7 @@ impl Builder {
         let doc = self.docs.entry(key.clone()).or_insert_with(|| Doc {
             raw: Bytes::new(),
             good: None,
+            good_raw: None,
             invalid: None,
             published: None,
         });
@@ -71,6 +73,7 @@ impl Builder {
         match parsed {
             Ok(resource) => {
                 doc.invalid = None;
+                doc.good_raw = Some(doc.raw.clone());
                 let old = doc.good.replace(resource);
                 self.reindex(&key, old, dirty);
             }
@@ -100,6 +103,13 @@ impl Builder {
         self.docs.keys()
     }
 
+    /// The last self-valid document of every key: what a restart should begin from.
+    pub(super) fn good_documents(&self) -> impl Iterator<Item = (&ResourceKey, &Bytes)> {
+        self.docs
+            .iter()
+            .filter_map(|(k, d)| d.good_raw.as_ref().map(|raw| (k, raw)))
+    }
+
     /// Re-evaluates every dirty key in dependency order and updates the snapshot maps.
     pub(super) fn settle(&mut self, dirty: BTreeSet<ResourceKey>, report: &mut BatchReport) {
         let mut direct = Vec::new();
@@ -114,7 +124,7 @@ impl Builder {
                     routers.insert(key);
                 }
                 (Kind::Models, _) => direct.push(key),
-                (Kind::ApiKeys, _) => rest.push(key),
+                (Kind::ApiKeys | Kind::Guardrails, _) => rest.push(key),
             }
         }
         for key in direct {
@@ -177,6 +187,7 @@ impl Builder {
                 add(self.routers_by_target.get(&m.name));
             }
             Resource::ApiKey(k) => add(self.hash_claims.get(&k.key_hash)),
+            Resource::Guardrail(_) => {}
         }
     }
 
@@ -217,6 +228,7 @@ impl Builder {
                 }
             }
             Resource::ApiKey(k) => edit(&mut self.hash_claims, k.key_hash, key, insert),
+            Resource::Guardrail(_) => {}
         }
     }
 
@@ -284,7 +296,7 @@ impl Builder {
     /// Checks what a resource refers to against what is published now.
     fn check_references(&self, key: &ResourceKey, r: &Resource) -> Result<(), String> {
         match r {
-            Resource::ProviderKey(_) => Ok(()),
+            Resource::ProviderKey(_) | Resource::Guardrail(_) => Ok(()),
             Resource::Model(m) => {
                 self.check_owner(&self.name_claims, &m.name, key, "display_name")?;
                 self.check_model_refs(m)
@@ -373,6 +385,9 @@ impl Builder {
             Resource::ApiKey(k) => {
                 s.api_keys.insert(k.key_hash, k.clone());
             }
+            Resource::Guardrail(g) => {
+                s.guardrails.insert(g.id.clone(), g.clone());
+            }
         }
     }
 
@@ -394,6 +409,9 @@ impl Builder {
                 {
                     s.api_keys.remove(&k.key_hash);
                 }
+            }
+            Resource::Guardrail(g) => {
+                s.guardrails.remove(&g.id);
             }
         }
     }

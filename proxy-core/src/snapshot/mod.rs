@@ -22,7 +22,7 @@ use tokio::time::Instant;
 pub use builder::BatchReport;
 use builder::Builder;
 
-use crate::resources::{ApiKey, KeyHash, Model, ProviderKey, ResourceKey};
+use crate::resources::{ApiKey, Guardrail, KeyHash, Model, ProviderKey, ResourceKey};
 
 /// Where the serving configuration came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -46,7 +46,7 @@ impl Source {
 }
 
 /// What a configuration source reports. Keys are full storage keys (`<prefix>/<kind>/<id>`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceEvent {
     /// The complete set of resources as of `revision` (after a full list).
     Reset {
@@ -85,6 +85,7 @@ pub struct Snapshot {
     provider_keys: imbl::HashMap<Arc<str>, Arc<ProviderKey>>,
     models: imbl::HashMap<Arc<str>, Arc<Model>>,
     api_keys: imbl::HashMap<KeyHash, Arc<ApiKey>>,
+    guardrails: imbl::OrdMap<Arc<str>, Arc<Guardrail>>,
     rejected: imbl::OrdMap<ResourceKey, Rejection>,
 }
 
@@ -104,6 +105,11 @@ impl Snapshot {
 
     pub fn models(&self) -> impl Iterator<Item = &Arc<Model>> {
         self.models.values()
+    }
+
+    /// Guardrails by id.
+    pub fn guardrails(&self) -> impl Iterator<Item = &Arc<Guardrail>> {
+        self.guardrails.values()
     }
 
     pub fn rejections(&self) -> impl Iterator<Item = &Rejection> {
@@ -135,6 +141,14 @@ pub struct SnapshotStore {
     current: ArcSwap<Snapshot>,
     builder: Mutex<Builder>,
     freshness: Mutex<(Option<Source>, Option<Instant>)>,
+    commits: tokio::sync::watch::Sender<u64>,
+}
+
+/// The resources worth keeping across a restart: every key's last self-valid document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Documents {
+    pub revision: i64,
+    pub entries: Vec<(String, Bytes)>,
 }
 
 impl SnapshotStore {
@@ -145,6 +159,7 @@ impl SnapshotStore {
             current: ArcSwap::from_pointee(Snapshot::default()),
             builder: Mutex::new(Builder::default()),
             freshness: Mutex::new((None, None)),
+            commits: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -220,7 +235,31 @@ impl SnapshotStore {
         drop(builder);
         *lock(&self.freshness) = (Some(source), Some(Instant::now()));
         log_report(&self.prefix, &report);
+        if report.changed_keys > 0 || !report.newly_rejected.is_empty() {
+            self.commits.send_modify(|n| *n += 1);
+        }
         report
+    }
+
+    /// Changes whenever a batch changed the configuration (not on progress alone), so a
+    /// writer can persist the latest state off the request path.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.commits.subscribe()
+    }
+
+    /// Every key's last self-valid document and the revision they reflect, consistent
+    /// with each other. O(n); meant for the cache writer, not the request path.
+    pub fn documents(&self) -> Documents {
+        let builder = lock(&self.builder);
+        let mut entries: Vec<(String, Bytes)> = builder
+            .good_documents()
+            .map(|(k, raw)| (k.full(&self.prefix), raw.clone()))
+            .collect();
+        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Documents {
+            revision: builder.snapshot.revision,
+            entries,
+        }
     }
 
     pub fn freshness(&self) -> Freshness {

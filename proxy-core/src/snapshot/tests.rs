@@ -300,3 +300,43 @@ fn large_configs_apply_single_changes_cheaply() {
     assert_eq!(report.changed_keys, 1);
     assert_eq!(store.load().counts(), (1, 2000, 0));
 }
+
+#[test]
+fn documents_keep_the_last_good_value_and_commits_are_signalled() {
+    let store = SnapshotStore::new(P);
+    let mut commits = store.subscribe();
+    store.apply(
+        Source::Etcd,
+        [put(pk("a"), 2), put(direct("m1", "gpt", "a"), 3)],
+    );
+    assert!(commits.has_changed().unwrap());
+    commits.borrow_and_update();
+    let good = store.documents();
+    assert_eq!(good.revision, 3);
+    assert_eq!(good.entries.len(), 2);
+    assert!(good.entries[0].0.ends_with("/models/m1"), "sorted by key");
+
+    // A broken update keeps the old document for a restart, and is signalled.
+    store.apply(
+        Source::Etcd,
+        [put(
+            (
+                format!("{P}/provider_keys/a"),
+                Bytes::from_static(b"{not json"),
+            ),
+            4,
+        )],
+    );
+    assert!(commits.has_changed().unwrap());
+    commits.borrow_and_update();
+    let after = store.documents();
+    assert_eq!(after.revision, 4);
+    assert_eq!(after.entries, good.entries);
+
+    // Progress alone is not a change worth persisting.
+    store.apply(Source::Etcd, [SourceEvent::Progress { revision: 9 }]);
+    assert!(!commits.has_changed().unwrap());
+
+    store.apply(Source::Etcd, [del("models/m1", 10)]);
+    assert_eq!(store.documents().entries.len(), 1);
+}

@@ -1,0 +1,311 @@
+//! The last good snapshot on disk, in a sled database under the state directory.
+//!
+//! After each committed change a background writer stores every key's last self-valid
+//! document with the revision they reflect, as one generation: a SHA-256 checksum
+//! followed by a JSON body. The previous generation is kept beside it, and both are
+//! replaced in one atomic sled batch, then flushed, so a `kill -9` at any moment
+//! leaves a complete generation behind. At start the agent restores the newest
+//! generation that verifies, before contacting any source; a corrupt or unreadable
+//! cache is reported and ignored (an unopenable database is moved aside), never fatal.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use proxy_core::snapshot::{Documents, SnapshotStore};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+const CURRENT: &[u8] = b"snapshot/current";
+const PREVIOUS: &[u8] = b"snapshot/previous";
+const FORMAT: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("snapshot cache {path}: {message}")]
+    Open { path: PathBuf, message: String },
+    #[error("snapshot cache: {0}")]
+    Db(#[from] sled::Error),
+    #[error("snapshot cache: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// One stored generation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Generation {
+    format: u32,
+    prefix: String,
+    revision: i64,
+    saved_unix: u64,
+    entries: Vec<(String, String)>,
+}
+
+/// What a restart begins from.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    pub revision: i64,
+    pub saved_unix: u64,
+    pub entries: Vec<(String, Bytes)>,
+    /// Whether the newest generation was unusable and the previous one was used.
+    pub fell_back: bool,
+}
+
+pub struct SnapshotCache {
+    db: sled::Db,
+    prefix: String,
+}
+
+impl SnapshotCache {
+    /// Opens (or creates) the cache under `dir`. A database that cannot be opened is
+    /// moved aside, reported, and replaced by an empty one.
+    pub fn open(dir: &Path, prefix: &str) -> Result<Self, CacheError> {
+        let path = dir.join("snapshot-cache");
+        std::fs::create_dir_all(dir).map_err(|e| CacheError::Open {
+            path: dir.to_owned(),
+            message: e.to_string(),
+        })?;
+        let db = match open_db(&path) {
+            Ok(db) => db,
+            Err(message) => {
+                let aside = dir.join(format!("snapshot-cache.unreadable-{}", unix_now()));
+                warn!(path = %path.display(), error = %message, moved_to = %aside.display(), "snapshot cache unreadable; ignoring it and starting a new one");
+                std::fs::rename(&path, &aside).map_err(|e| CacheError::Open {
+                    path: path.clone(),
+                    message: format!("{message}; and it cannot be moved aside: {e}"),
+                })?;
+                open_db(&path).map_err(|message| CacheError::Open {
+                    path: path.clone(),
+                    message,
+                })?
+            }
+        };
+        Ok(Self {
+            db,
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    /// The newest generation that verifies, if any. Problems are logged, not returned.
+    pub fn restore(&self) -> Option<Restored> {
+        let mut fell_back = false;
+        for (name, key) in [("current", CURRENT), ("previous", PREVIOUS)] {
+            match self.read(key) {
+                Ok(Some(g)) => {
+                    return Some(Restored {
+                        revision: g.revision,
+                        saved_unix: g.saved_unix,
+                        entries: g
+                            .entries
+                            .into_iter()
+                            .map(|(k, v)| (k, Bytes::from(v)))
+                            .collect(),
+                        fell_back,
+                    });
+                }
+                Ok(None) => {}
+                Err(problem) => {
+                    warn!(generation = name, error = %problem, "snapshot cache generation ignored");
+                    fell_back = true;
+                }
+            }
+        }
+        None
+    }
+
+    fn read(&self, key: &[u8]) -> Result<Option<Generation>, String> {
+        let Some(blob) = self.db.get(key).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        let (sum, body) = blob
+            .split_at_checked(32)
+            .ok_or_else(|| "truncated".to_owned())?;
+        if Sha256::digest(body).as_slice() != sum {
+            return Err("checksum mismatch".to_owned());
+        }
+        let g: Generation = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+        if g.format != FORMAT {
+            return Err(format!("unknown format {}", g.format));
+        }
+        if g.prefix != self.prefix {
+            return Err(format!(
+                "written for prefix {} (this agent uses {})",
+                g.prefix, self.prefix
+            ));
+        }
+        Ok(Some(g))
+    }
+
+    /// Stores `documents` as the current generation (the old one becomes previous) and
+    /// flushes. Blocking: call from a blocking thread.
+    pub fn save(&self, documents: &Documents) -> Result<(), CacheError> {
+        let generation = Generation {
+            format: FORMAT,
+            prefix: self.prefix.clone(),
+            revision: documents.revision,
+            saved_unix: unix_now(),
+            entries: documents
+                .entries
+                .iter()
+                .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
+                .collect(),
+        };
+        let body = serde_json::to_vec(&generation)?;
+        let mut blob = Sha256::digest(&body).to_vec();
+        blob.extend_from_slice(&body);
+        let mut batch = sled::Batch::default();
+        if let Some(current) = self.db.get(CURRENT)? {
+            batch.insert(PREVIOUS, current);
+        }
+        batch.insert(CURRENT, blob);
+        self.db.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    #[cfg(test)]
+    fn corrupt_current(&self) {
+        self.db.insert(CURRENT, b"garbage".to_vec()).unwrap();
+    }
+}
+
+fn open_db(path: &Path) -> Result<sled::Db, String> {
+    // sled reports most damage as errors, but a mangled file can also make it panic;
+    // either way the cache is unusable and must not take the agent down.
+    let attempt = std::panic::catch_unwind(|| sled::Config::new().path(path).open());
+    match attempt {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the database is damaged".to_owned()),
+    }
+}
+
+/// Restores the cached snapshot into `store` (source `cache`). Returns whether one was
+/// applied.
+pub fn restore_into(cache: &SnapshotCache, store: &SnapshotStore) -> bool {
+    let Some(restored) = cache.restore() else {
+        info!("no snapshot cache to start from");
+        return false;
+    };
+    let keys = restored.entries.len();
+    store.apply(
+        proxy_core::snapshot::Source::Cache,
+        [proxy_core::snapshot::SourceEvent::Reset {
+            entries: restored.entries,
+            revision: restored.revision,
+        }],
+    );
+    info!(
+        revision = restored.revision,
+        keys,
+        saved_unix = restored.saved_unix,
+        previous_generation = restored.fell_back,
+        "serving the cached snapshot until the configuration source answers"
+    );
+    true
+}
+
+/// Writes the snapshot after every committed change, off the request path, until
+/// shutdown; a last write happens at shutdown if a change is pending.
+pub async fn run_writer(
+    cache: Arc<SnapshotCache>,
+    store: Arc<SnapshotStore>,
+    shutdown: CancellationToken,
+) {
+    let mut commits = store.subscribe();
+    commits.mark_unchanged();
+    loop {
+        let stopping = tokio::select! {
+            () = shutdown.cancelled() => true,
+            changed = commits.changed() => changed.is_err(),
+        };
+        if stopping && !commits.has_changed().unwrap_or(false) {
+            return;
+        }
+        commits.mark_unchanged();
+        let documents = store.documents();
+        let revision = documents.revision;
+        let cache = cache.clone();
+        match tokio::task::spawn_blocking(move || cache.save(&documents)).await {
+            Ok(Ok(())) => tracing::debug!(revision, "snapshot cache written"),
+            Ok(Err(e)) => {
+                warn!(error = %e, revision, "cannot write the snapshot cache; serving is unaffected");
+            }
+            Err(e) => warn!(error = %e, "snapshot cache writer failed"),
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn docs(revision: i64, n: usize) -> Documents {
+        Documents {
+            revision,
+            entries: (0..n)
+                .map(|i| {
+                    (
+                        format!("/aisix/provider_keys/p{i}"),
+                        Bytes::from(format!(r#"{{"display_name":"p{i}"}}"#)),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn round_trip_fallback_and_prefix_check() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let cache = SnapshotCache::open(dir.path(), "/aisix").unwrap();
+            assert!(cache.restore().is_none());
+            cache.save(&docs(5, 2)).unwrap();
+            cache.save(&docs(9, 3)).unwrap();
+        }
+        let cache = SnapshotCache::open(dir.path(), "/aisix").unwrap();
+        let r = cache.restore().unwrap();
+        assert_eq!((r.revision, r.entries.len(), r.fell_back), (9, 3, false));
+        assert_eq!(&r.entries[2].1[..], br#"{"display_name":"p2"}"#);
+
+        cache.corrupt_current();
+        let r = cache.restore().unwrap();
+        assert_eq!((r.revision, r.entries.len(), r.fell_back), (5, 2, true));
+        drop(cache);
+
+        let other = SnapshotCache::open(dir.path(), "/other").unwrap();
+        assert!(other.restore().is_none());
+    }
+
+    #[test]
+    fn an_unreadable_database_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snapshot-cache");
+        std::fs::create_dir_all(&path).unwrap();
+        std::fs::write(path.join("conf"), b"\x00\xffnot a sled config").unwrap();
+        std::fs::write(path.join("db"), vec![0xa5u8; 4096]).unwrap();
+        let cache = SnapshotCache::open(dir.path(), "/aisix").unwrap();
+        assert!(cache.restore().is_none());
+        cache.save(&docs(3, 1)).unwrap();
+        assert_eq!(cache.restore().unwrap().revision, 3);
+        let aside = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("snapshot-cache.unreadable-")
+            });
+        assert!(aside);
+    }
+}
