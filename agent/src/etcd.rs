@@ -101,6 +101,7 @@ pub struct Listing {
 
 impl EtcdClient {
     pub fn new(options: EtcdOptions) -> Result<Self, EtcdError> {
+        proxy_core::install_crypto_provider();
         let mut builder = reqwest::Client::builder()
             .connect_timeout(options.dial_timeout)
             .tcp_keepalive(Duration::from_secs(30))

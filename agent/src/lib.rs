@@ -1,16 +1,21 @@
 //! agent: the AISIX edge agent process.
 //!
-//! `main` parses the command line and the config file, loads the resources file,
-//! binds the proxy listener, and calls [`run`], which serves until shutdown:
-//! SIGHUP reloads the resources file; SIGTERM/SIGINT starts a drain (liveness fails,
-//! requests keep being served for `min_drain_secs`, then the listener closes and
-//! in-flight requests get `drain_timeout_secs` to finish).
+//! `main` parses the command line and the config file, prepares the configuration
+//! source (loads the resources file, or builds the etcd client and opens the snapshot
+//! cache), binds the listeners, and calls [`run`], which serves until shutdown.
+//! SIGTERM/SIGINT starts a drain (liveness fails, requests keep being served for
+//! `min_drain_secs`, then the listeners close and in-flight requests get
+//! `drain_timeout_secs` to finish); background tasks then stop and flush.
 //!
 //! Layout:
 //! - `config`: the config file, environment overrides and their validation.
-//! - `resources_file`: file mode's YAML resources document.
+//! - `resources_file`: file mode's YAML resources document (SIGHUP reloads it).
+//! - `etcd`: the etcd v3 JSON client; `watch`: the list-then-watch configuration
+//!   watcher; `backoff`: retry pacing; `cache`: the sled last-good snapshot.
+//! - `admin`: the self-hosted admin listener.
 //! - `logging`: tracing setup (text or JSON).
 
+pub mod admin;
 pub mod backoff;
 pub mod cache;
 pub mod config;
@@ -23,6 +28,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use proxy_core::http::{ProxyOptions, ProxyState, router, serve};
 use proxy_core::snapshot::{SnapshotStore, Source, SourceEvent};
 use proxy_core::upstream::Upstream;
@@ -32,11 +38,19 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::config::Config;
+use crate::backoff::BackoffPolicy;
+use crate::cache::SnapshotCache;
+use crate::config::{Config, EtcdSection};
+use crate::etcd::{EtcdClient, EtcdOptions};
 use crate::resources_file::ResourcesFile;
+use crate::watch::{WatchStatus, Watcher};
 
-/// The key prefix resources live under.
+/// The key prefix of file mode.
 pub const PREFIX: &str = "/aisix";
+
+/// How long a watch may stay silent before it is re-established, until progress
+/// notifications reveal the server's interval (etcd's default interval is 10 minutes).
+const INITIAL_WATCH_IDLE: Duration = Duration::from_secs(11 * 60);
 
 /// Signals from the outside world.
 #[derive(Clone, Default)]
@@ -47,30 +61,104 @@ pub struct Controls {
     pub reload: Arc<Notify>,
 }
 
+/// Where the configuration comes from, ready to use.
+pub enum PreparedSource {
+    File(ResourcesFile),
+    Etcd {
+        client: Arc<EtcdClient>,
+        cache: Option<SnapshotCache>,
+    },
+}
+
 /// Everything `run` needs that `main` prepared and validated.
 pub struct Prepared {
     pub config: Config,
-    pub resources: ResourcesFile,
+    pub source: PreparedSource,
     pub proxy_listener: TcpListener,
+    /// Self-hosted mode's admin listener, when an `admin` section is configured.
+    pub admin_listener: Option<TcpListener>,
 }
 
-/// Loads the resources file once, before any port is bound, so a broken file stops
-/// start-up with a clear message.
+/// Prepares the configuration source before any port is bound, so a broken resources
+/// file, TLS file or cache directory stops start-up with a clear message.
+pub fn prepare_source(config: &Config) -> anyhow::Result<PreparedSource> {
+    match (&config.etcd, &config.resources_file) {
+        (Some(etcd), _) => {
+            let client = Arc::new(etcd_client(etcd)?);
+            let cache = match &etcd.cache_dir {
+                Some(dir) => Some(
+                    SnapshotCache::open(dir, &config.prefix())
+                        .with_context(|| format!("etcd.cache_dir: {}", dir.display()))?,
+                ),
+                None => None,
+            };
+            Ok(PreparedSource::Etcd { client, cache })
+        }
+        (None, path) => Ok(PreparedSource::File(ResourcesFile::load(
+            &path.clone().unwrap_or_default(),
+            PREFIX,
+        )?)),
+    }
+}
+
+/// Loads the resources file (file mode).
 pub fn prepare_resources(config: &Config) -> anyhow::Result<ResourcesFile> {
-    let path = resources_path(config);
-    Ok(ResourcesFile::load(&path, PREFIX)?)
+    Ok(ResourcesFile::load(&resources_path(config), PREFIX)?)
 }
 
 fn resources_path(config: &Config) -> PathBuf {
     config.resources_file.clone().unwrap_or_default()
 }
 
+/// Builds the etcd client from the `etcd` section (reading its TLS files).
+pub fn etcd_client(etcd: &EtcdSection) -> anyhow::Result<EtcdClient> {
+    let read = |field: &str, path: &PathBuf| {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("etcd.tls.{field}: cannot read {}", path.display()))
+    };
+    let tls = match &etcd.tls {
+        None => None,
+        Some(tls) => {
+            let ca = match &tls.ca_file {
+                Some(path) => read("ca_file", path)?,
+                None => anyhow::bail!(
+                    "etcd.tls.ca_file: required with TLS (this build trusts only the CA you name)"
+                ),
+            };
+            let client = match (&tls.cert_file, &tls.key_file) {
+                (Some(c), Some(k)) => Some((read("cert_file", c)?, read("key_file", k)?)),
+                _ => None,
+            };
+            let config = certs::tls::plain_client_config(
+                &ca,
+                client.as_ref().map(|(c, k)| (c.as_str(), k.as_str())),
+            )
+            .context("etcd.tls")?;
+            Some(config)
+        }
+    };
+    if tls.is_none() && etcd.endpoints.iter().any(|e| e.starts_with("https://")) {
+        anyhow::bail!(
+            "etcd.tls.ca_file: https endpoints need the CA that signed etcd's certificate"
+        );
+    }
+    let options = EtcdOptions {
+        endpoints: etcd.endpoints.clone(),
+        dial_timeout: Duration::from_millis(etcd.dial_timeout_ms),
+        request_timeout: Duration::from_millis(etcd.request_timeout_ms),
+        credentials: etcd.username.clone().zip(etcd.password.clone()),
+        tls,
+    };
+    Ok(EtcdClient::new(options)?)
+}
+
 /// Serves until `controls.shutdown` is cancelled and the drain has finished.
 pub async fn run(prepared: Prepared, controls: Controls) -> anyhow::Result<()> {
     let Prepared {
         config,
-        resources,
+        source,
         proxy_listener,
+        admin_listener,
     } = prepared;
     for section in &config.ignored {
         warn!(
@@ -78,9 +166,36 @@ pub async fn run(prepared: Prepared, controls: Controls) -> anyhow::Result<()> {
             "config section is not implemented by this build; ignored"
         );
     }
-    let store = Arc::new(SnapshotStore::new(PREFIX));
+    let store = Arc::new(SnapshotStore::new(config.prefix()));
+    let background = CancellationToken::new();
+    let workers = TaskTracker::new();
     let mut generation = 1;
-    apply_file(&store, resources, generation);
+    let etcd = match source {
+        PreparedSource::File(resources) => {
+            apply_file(&store, resources, generation);
+            None
+        }
+        PreparedSource::Etcd { client, cache } => {
+            if let Some(cache) = cache {
+                let cache = Arc::new(cache);
+                cache::restore_into(&cache, &store);
+                workers.spawn(cache::run_writer(cache, store.clone(), background.clone()));
+            } else {
+                info!("etcd.cache_dir is not set: nothing is served until etcd answers");
+            }
+            let watcher = Watcher {
+                client: client.clone(),
+                prefix: config.prefix(),
+                store: store.clone(),
+                source: Source::Etcd,
+                backoff: BackoffPolicy::default(),
+                idle_timeout: INITIAL_WATCH_IDLE,
+                status: Arc::new(WatchStatus::default()),
+            };
+            workers.spawn(watcher.run(background.clone()));
+            Some(client)
+        }
+    };
 
     let draining = CancellationToken::new();
     let stop = CancellationToken::new();
@@ -93,15 +208,42 @@ pub async fn run(prepared: Prepared, controls: Controls) -> anyhow::Result<()> {
         access_log: config.observability.access_log,
     };
     let state = ProxyState::new(store.clone(), Upstream::new()?, options, draining.clone());
+    let servers = TaskTracker::new();
     let addr = proxy_listener.local_addr()?;
-    let tasks = TaskTracker::new();
-    let server = tasks.spawn(serve(proxy_listener, router(state), stop.clone()));
+    let health = state.health();
+    servers.spawn(serve_logged(
+        "proxy",
+        proxy_listener,
+        router(state),
+        stop.clone(),
+    ));
     info!(addr = %addr, "proxy listener ready");
+    if let (Some(listener), Some(client), Some(section)) = (admin_listener, etcd, &config.admin) {
+        let admin = admin::Admin::new(
+            store.clone(),
+            health,
+            client,
+            &section.admin_keys,
+            draining.clone(),
+        );
+        let addr = listener.local_addr()?;
+        servers.spawn(serve_logged(
+            "admin",
+            listener,
+            admin::router(Arc::new(admin)),
+            stop.clone(),
+        ));
+        info!(addr = %addr, "admin listener ready");
+    }
 
     let path = resources_path(&config);
     loop {
         tokio::select! {
             () = controls.reload.notified() => {
+                if config.etcd.is_some() {
+                    info!("nothing to reload: the configuration follows etcd");
+                    continue;
+                }
                 generation += 1;
                 match ResourcesFile::load(&path, PREFIX) {
                     Ok(file) => apply_file(&store, file, generation),
@@ -120,18 +262,35 @@ pub async fn run(prepared: Prepared, controls: Controls) -> anyhow::Result<()> {
     );
     tokio::time::sleep(min_drain).await;
     stop.cancel();
-    tasks.close();
+    servers.close();
     let grace = Duration::from_secs(config.shutdown.drain_timeout_secs);
-    match tokio::time::timeout(grace, server).await {
-        Ok(Ok(Ok(()))) => info!("shutdown: all requests finished"),
-        Ok(Ok(Err(e))) => error!(error = %e, "proxy listener failed"),
-        Ok(Err(e)) => error!(error = %e, "proxy listener task failed"),
+    match tokio::time::timeout(grace, servers.wait()).await {
+        Ok(()) => info!("shutdown: all requests finished"),
         Err(_) => warn!(
             drain_timeout_secs = grace.as_secs(),
             "shutdown: drain timeout reached; closing remaining connections"
         ),
     }
+    background.cancel();
+    workers.close();
+    if tokio::time::timeout(Duration::from_secs(10), workers.wait())
+        .await
+        .is_err()
+    {
+        warn!("shutdown: background tasks did not stop within 10 s");
+    }
     Ok(())
+}
+
+async fn serve_logged(
+    name: &'static str,
+    listener: TcpListener,
+    router: axum::Router,
+    stop: CancellationToken,
+) {
+    if let Err(e) = serve(listener, router, stop).await {
+        error!(listener = name, error = %e, "listener failed");
+    }
 }
 
 fn apply_file(store: &SnapshotStore, file: ResourcesFile, generation: i64) {

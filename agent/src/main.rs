@@ -53,18 +53,27 @@ fn main() -> ExitCode {
 
 fn serve(config: Config) -> anyhow::Result<ExitCode> {
     agent::logging::init(&config.observability);
-    let resources = agent::prepare_resources(&config)?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
+        let source = agent::prepare_source(&config)?;
         let addr = config.proxy.addr;
         let proxy_listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("proxy.addr: cannot listen on {addr}"))?;
+        let admin_listener = match (&config.etcd, &config.admin) {
+            (Some(_), Some(admin)) => Some(
+                tokio::net::TcpListener::bind(admin.addr)
+                    .await
+                    .with_context(|| format!("admin.addr: cannot listen on {}", admin.addr))?,
+            ),
+            _ => None,
+        };
         let controls = Controls::default();
         let prepared = Prepared {
             config,
-            resources,
+            source,
             proxy_listener,
+            admin_listener,
         };
         tokio::select! {
             result = agent::run(prepared, controls.clone()) => result,
@@ -100,6 +109,18 @@ fn stop(controls: &Controls) {
 }
 
 fn validate(config_path: &Path, config: &Config) -> anyhow::Result<ExitCode> {
+    for section in &config.ignored {
+        println!("note: config section '{section}' is not implemented by this build; ignored");
+    }
+    if let Some(etcd) = &config.etcd {
+        agent::etcd_client(etcd)?;
+        println!(
+            "{}: ok (self-hosted: resources are watched under {} in etcd and checked as they arrive)",
+            config_path.display(),
+            config.prefix()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let file = agent::prepare_resources(config)?;
     let store = proxy_core::snapshot::SnapshotStore::new(agent::PREFIX);
     let report = store.apply(
@@ -116,9 +137,6 @@ fn validate(config_path: &Path, config: &Config) -> anyhow::Result<ExitCode> {
             .iter()
             .map(|r| format!("{}: {}", r.key, r.error)),
     );
-    for section in &config.ignored {
-        println!("note: config section '{section}' is not implemented by this build; ignored");
-    }
     if problems.is_empty() {
         let (p, m, a) = store.load().counts();
         println!(

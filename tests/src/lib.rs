@@ -12,6 +12,8 @@
     reason = "test support: a failure here should fail the test loudly"
 )]
 
+pub mod etcd;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -1,0 +1,648 @@
+//! The real `aisix-agent` binary in self-hosted mode against a real etcd (started on
+//! ephemeral ports), with its admin listener and the mock provider.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure should fail the test loudly"
+)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use cloud_mock::provider::{MockProvider, Script};
+use serde_json::{Value, json};
+use tests::etcd::{Etcd, Gate, PROGRESS_INTERVAL};
+use tests::{Process, addr_in, binary, eventually, http_client, key_hash};
+
+const ADMIN_KEY: &str = "e2e-admin-key";
+const CALLER: &str = "e2e-etcd-caller";
+const UPSTREAM_SECRET: &str = "sk-e2e-etcd-upstream-secret";
+const WITHIN: Duration = Duration::from_secs(30);
+
+struct Agent {
+    process: Process,
+    proxy: String,
+    admin: String,
+    http: reqwest::Client,
+}
+
+impl Agent {
+    async fn start(dir: &Path, etcd_url: &str) -> Agent {
+        let config = dir.join("config.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "etcd:\n  endpoints: [\"{etcd_url}\"]\n  cache_dir: {}\n  dial_timeout_ms: 500\n  request_timeout_ms: 2000\nproxy:\n  addr: 127.0.0.1:0\nadmin:\n  addr: 127.0.0.1:0\n  admin_keys: [{ADMIN_KEY}]\nshutdown:\n  min_drain_secs: 0\n  drain_timeout_secs: 5\n",
+                dir.join("state").display()
+            ),
+        )
+        .unwrap();
+        let (mut process, proxy) = tests::start_agent(&config).await;
+        let line = process.wait_for_line("admin listener ready", WITHIN).await;
+        let admin = format!("http://{}", addr_in(&line));
+        Agent {
+            process,
+            proxy,
+            admin,
+            http: http_client(),
+        }
+    }
+
+    async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.admin))
+            .bearer_auth(ADMIN_KEY);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn create(&self, kind: &str, body: Value) -> String {
+        let (status, answer) = self
+            .admin(
+                reqwest::Method::POST,
+                &format!("/admin/v1/{kind}"),
+                Some(body),
+            )
+            .await;
+        assert_eq!(status, 201, "{answer}");
+        answer["id"].as_str().unwrap().to_owned()
+    }
+
+    async fn models(&self) -> Vec<String> {
+        let Ok(response) = self
+            .http
+            .get(format!("{}/v1/models", self.proxy))
+            .bearer_auth(CALLER)
+            .send()
+            .await
+        else {
+            return Vec::new();
+        };
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        let mut ids: Vec<String> = body["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["id"].as_str().map(str::to_owned))
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    async fn wait_models(&self, expected: &[&str]) {
+        eventually(
+            &format!("/v1/models shows {expected:?}"),
+            WITHIN,
+            || async { self.models().await == expected },
+        )
+        .await;
+    }
+
+    async fn health(&self) -> Value {
+        let (status, body) = self
+            .admin(reqwest::Method::GET, "/admin/v1/health", None)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    async fn chat(&self, model: &str) -> u16 {
+        self.http
+            .post(format!("{}/v1/chat/completions", self.proxy))
+            .bearer_auth(CALLER)
+            .json(&json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+}
+
+fn provider_key(api_base: &str, name: &str) -> Value {
+    json!({"display_name": name, "provider": "openai", "api_base": api_base, "api_key": UPSTREAM_SECRET})
+}
+
+fn model(name: &str, provider_key_id: &str) -> Value {
+    json!({"display_name": name, "model_name": format!("up-{name}"), "provider_key_id": provider_key_id})
+}
+
+/// Provider key, model `gpt` and the caller key through the admin API.
+async fn seed(agent: &Agent, mock: &MockProvider) -> String {
+    let pk = agent
+        .create("provider_keys", provider_key(&mock.url(), "mock"))
+        .await;
+    agent.create("models", model("gpt", &pk)).await;
+    agent
+        .create(
+            "api_keys",
+            json!({"key": CALLER, "allowed_models": ["*"], "display_name": "e2e"}),
+        )
+        .await;
+    pk
+}
+
+#[tokio::test]
+async fn admin_writes_reach_the_proxy_and_every_error_uses_the_admin_envelope() {
+    let etcd = Etcd::start().await;
+    let mock = MockProvider::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(dir.path(), &etcd.url()).await;
+    let pk = seed(&agent, &mock).await;
+    agent.wait_models(&["gpt"]).await;
+    assert_eq!(agent.chat("gpt").await, 200);
+    assert_eq!(mock.requests()[0].json()["model"], "up-gpt");
+
+    // Liveness needs no key; everything else does (Bearer or x-api-key).
+    let http = &agent.http;
+    let livez = http
+        .get(format!("{}/livez", agent.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(livez.status(), 200);
+    assert_eq!(livez.text().await.unwrap(), "ok");
+    for request in [
+        http.get(format!("{}/admin/v1/health", agent.admin)),
+        http.get(format!("{}/admin/v1/models", agent.admin))
+            .bearer_auth("wrong"),
+        http.get(format!("{}/admin/v1/nothing", agent.admin))
+            .header("x-api-key", "wrong"),
+    ] {
+        let r = request.send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        assert_eq!(
+            r.json::<Value>().await.unwrap(),
+            json!({"error_msg": "missing or invalid admin key"})
+        );
+    }
+    let r = http
+        .get(format!("{}/admin/v1/models", agent.admin))
+        .header("x-api-key", ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["total"], 1);
+
+    // Provider credentials never come back.
+    let (status, listed) = agent
+        .admin(reqwest::Method::GET, "/admin/v1/provider_keys", None)
+        .await;
+    assert_eq!(status, 200);
+    assert!(!listed.to_string().contains(UPSTREAM_SECRET), "{listed}");
+    assert_eq!(listed["list"][0]["value"]["api_key"], "******");
+    // PUT with the redacted value (a GET round trip) keeps the stored credential.
+    let mut doc = listed["list"][0]["value"].clone();
+    doc["display_name"] = json!("mock-renamed");
+    let (status, _) = agent
+        .admin(
+            reqwest::Method::PUT,
+            &format!("/admin/v1/provider_keys/{pk}"),
+            Some(doc),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        etcd.etcdctl(&[
+            "get",
+            &format!("/aisix/provider_keys/{pk}"),
+            "--print-value-only"
+        ])
+        .contains(UPSTREAM_SECRET)
+    );
+    let (status, one) = agent
+        .admin(
+            reqwest::Method::GET,
+            &format!("/admin/v1/provider_keys/{pk}"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, &one["value"]["display_name"]),
+        (200, &json!("mock-renamed"))
+    );
+    // Caller keys are stored as hashes only.
+    let stored = etcd.etcdctl(&["get", "/aisix/api_keys/", "--prefix", "--print-value-only"]);
+    assert!(
+        stored.contains(&key_hash(CALLER)) && !stored.contains(CALLER),
+        "{stored}"
+    );
+
+    // 400: invalid JSON, not an object, each invalid field named, dangling reference.
+    let raw = http
+        .post(format!("{}/admin/v1/models", agent.admin))
+        .bearer_auth(ADMIN_KEY)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status(), 400);
+    let body: Value = raw.json().await.unwrap();
+    assert!(
+        body["error_msg"]
+            .as_str()
+            .unwrap()
+            .starts_with("the body is not valid JSON"),
+        "{body}"
+    );
+    let cases = [
+        ("models", json!([1]), "the body must be a JSON object"),
+        (
+            "models",
+            json!({"model_name": "x", "provider_key_id": pk, "allowed_cidrs": ["nope"]}),
+            "display_name: required",
+        ),
+        (
+            "models",
+            json!({"display_name": "x", "model_name": "x", "provider_key_id": "missing"}),
+            "provider_key_id: provider key 'missing' does not exist",
+        ),
+        (
+            "models",
+            json!({"display_name": "r", "routing": {"targets": [{"model": "gpt"}, {"model": "ghost"}]}}),
+            "routing.targets[1].model: 'ghost' is not a direct model",
+        ),
+        (
+            "provider_keys",
+            json!({"display_name": "p", "provider": "custom"}),
+            "api_base",
+        ),
+        (
+            "api_keys",
+            json!({"allowed_models": ["*"]}),
+            "key_hash: required",
+        ),
+        (
+            "guardrails",
+            json!({"name": "g", "patterns": [{"kind": "regex", "value": "("}]}),
+            "patterns[0].value: invalid regex",
+        ),
+    ];
+    for (kind, body, expected) in cases {
+        let (status, answer) = agent
+            .admin(
+                reqwest::Method::POST,
+                &format!("/admin/v1/{kind}"),
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!(status, 400, "{kind} {body} -> {answer}");
+        let message = answer["error_msg"].as_str().unwrap();
+        assert!(message.contains(expected), "{kind} {body}: {message}");
+    }
+    let (status, answer) = agent
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/models",
+            Some(json!({"model_name": "x", "allowed_cidrs": ["nope"], "provider_key_id": pk})),
+        )
+        .await;
+    assert_eq!(status, 400);
+    let message = answer["error_msg"].as_str().unwrap();
+    assert!(
+        message.contains("display_name") && message.contains("allowed_cidrs[0]"),
+        "{message}"
+    );
+
+    // 409: duplicate display names (and guardrail names).
+    let (status, answer) = agent
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/models",
+            Some(model("gpt", &pk)),
+        )
+        .await;
+    assert_eq!(status, 409);
+    assert!(
+        answer["error_msg"]
+            .as_str()
+            .unwrap()
+            .starts_with("display_name: 'gpt' is already used by models/")
+    );
+    agent
+        .create(
+            "guardrails",
+            json!({"name": "no-pii", "patterns": [{"kind": "literal", "value": "ssn"}]}),
+        )
+        .await;
+    let (status, _) = agent
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/guardrails",
+            Some(json!({"name": "no-pii", "patterns": [{"value": "x"}]})),
+        )
+        .await;
+    assert_eq!(status, 409);
+
+    // 404: unknown id, unknown kind, unknown route; DELETE then 404.
+    for path in [
+        "/admin/v1/models/no-such-id",
+        "/admin/v1/widgets",
+        "/admin/v2/models",
+    ] {
+        let (status, answer) = agent.admin(reqwest::Method::GET, path, None).await;
+        assert_eq!(status, 404, "{path}");
+        assert!(answer["error_msg"].is_string(), "{path}: {answer}");
+    }
+    let id = agent.create("models", model("temp", &pk)).await;
+    agent.wait_models(&["gpt", "temp"]).await;
+    let path = format!("/admin/v1/models/{id}");
+    assert_eq!(
+        agent.admin(reqwest::Method::DELETE, &path, None).await.0,
+        200
+    );
+    assert_eq!(
+        agent.admin(reqwest::Method::DELETE, &path, None).await.0,
+        404
+    );
+    agent.wait_models(&["gpt"]).await;
+
+    // 500 while etcd is down; health still answers from memory and the proxy serves.
+    let mut etcd = etcd;
+    etcd.kill().await;
+    let (status, answer) = agent
+        .admin(reqwest::Method::GET, "/admin/v1/models", None)
+        .await;
+    assert_eq!(status, 500);
+    assert!(
+        answer["error_msg"]
+            .as_str()
+            .unwrap()
+            .starts_with("configuration store unavailable"),
+        "{answer}"
+    );
+    let health = agent.health().await;
+    assert_eq!(health["models"][0]["name"], "gpt");
+    assert_eq!(agent.chat("gpt").await, 200);
+
+    let logs = agent.process.output();
+    assert!(!logs.contains(UPSTREAM_SECRET) && !logs.contains(CALLER) && !logs.contains(ADMIN_KEY));
+    agent.process.signal("TERM");
+    assert!(agent.process.wait_exit(WITHIN).await.success());
+}
+
+#[tokio::test]
+async fn direct_etcd_writes_converge_in_any_order_and_survive_an_etcd_restart() {
+    let mut etcd = Etcd::start().await;
+    let mock = MockProvider::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), &etcd.url()).await;
+    let health = agent.health().await;
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["models"], json!([]));
+
+    // The model arrives before its provider key: rejected alone, then served.
+    etcd.etcdctl(&[
+        "put",
+        "/aisix/models/m1",
+        &model("early", "pk1").to_string(),
+    ]);
+    etcd.etcdctl(&[
+        "put",
+        "/aisix/api_keys/k1",
+        &json!({"key_hash": key_hash(CALLER), "allowed_models": ["*"]}).to_string(),
+    ]);
+    eventually("the caller key applies", WITHIN, || async {
+        agent
+            .http
+            .get(format!("{}/v1/models", agent.proxy))
+            .bearer_auth(CALLER)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert_eq!(agent.models().await, Vec::<String>::new());
+    etcd.etcdctl(&[
+        "put",
+        "/aisix/provider_keys/pk1",
+        &provider_key(&mock.url(), "mock").to_string(),
+    ]);
+    agent.wait_models(&["early"]).await;
+    assert_eq!(agent.chat("early").await, 200);
+
+    // etcd dies: the snapshot keeps serving; it comes back: the watch recovers.
+    etcd.kill().await;
+    assert_eq!(agent.chat("early").await, 200);
+    assert_eq!(agent.health().await["models"][0]["name"], "early");
+    etcd.restart().await;
+    etcd.etcdctl(&["put", "/aisix/models/m2", &model("late", "pk1").to_string()]);
+    agent.wait_models(&["early", "late"]).await;
+    etcd.etcdctl(&["del", "/aisix/models/m1"]);
+    agent.wait_models(&["late"]).await;
+
+    // A quiet watch stays fresh through progress notifications.
+    let before = agent.health().await["config"]["snapshot_revision"].clone();
+    tokio::time::sleep(PROGRESS_INTERVAL * 4).await;
+    let health = agent.health().await;
+    let age = health["config"]["snapshot_age_seconds"].as_u64().unwrap();
+    assert!(
+        age <= 2,
+        "snapshot_age_seconds {age} after a quiet spell: {health}"
+    );
+    assert!(health["config"]["snapshot_revision"].as_i64() >= before.as_i64());
+}
+
+#[tokio::test]
+async fn compaction_while_disconnected_lists_again_without_losing_updates() {
+    let etcd = Etcd::start().await;
+    let gate = Gate::start(etcd.port()).await;
+    let mock = MockProvider::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(dir.path(), &gate.url()).await;
+    seed(&agent, &mock).await;
+    agent.wait_models(&["gpt"]).await;
+
+    gate.cut();
+    // While the agent cannot see etcd: one model added, one removed, history compacted.
+    etcd.put(
+        "/aisix/models/m-new",
+        &model("added-offline", "x").to_string(),
+    )
+    .await;
+    let gpt_key = etcd.etcdctl(&["get", "/aisix/models/", "--prefix", "--keys-only"]);
+    let gpt_key = gpt_key
+        .lines()
+        .find(|k| !k.is_empty() && !k.contains("m-new"))
+        .unwrap()
+        .to_owned();
+    let pk = etcd.etcdctl(&["get", "/aisix/provider_keys/", "--prefix", "--keys-only"]);
+    let pk_id = pk
+        .lines()
+        .next()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    etcd.put(
+        "/aisix/models/m-new",
+        &model("added-offline", &pk_id).to_string(),
+    )
+    .await;
+    etcd.delete(&gpt_key).await;
+    let compacted = etcd.compact().await;
+    assert_eq!(
+        agent.models().await,
+        ["gpt"],
+        "still serving the last good snapshot"
+    );
+
+    gate.restore();
+    agent.wait_models(&["added-offline"]).await;
+    agent
+        .process
+        .wait_for_line("watch start revision was compacted", WITHIN)
+        .await;
+    let revision = agent.health().await["config"]["snapshot_revision"]
+        .as_i64()
+        .unwrap();
+    assert!(revision >= compacted, "revision {revision} < {compacted}");
+}
+
+#[tokio::test]
+async fn starts_from_the_cache_with_etcd_down_and_converges_when_it_returns() {
+    let mut etcd = Etcd::start().await;
+    let mock = MockProvider::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(dir.path(), &etcd.url()).await;
+    seed(&agent, &mock).await;
+    agent.wait_models(&["gpt"]).await;
+    let revision = agent.health().await["config"]["snapshot_revision"].clone();
+    agent.process.signal("TERM");
+    assert!(agent.process.wait_exit(WITHIN).await.success());
+    etcd.kill().await;
+
+    let agent = Agent::start(dir.path(), &etcd.url()).await;
+    assert_eq!(
+        agent.models().await,
+        ["gpt"],
+        "served from the cache at once"
+    );
+    assert_eq!(agent.chat("gpt").await, 200);
+    assert_eq!(
+        agent.health().await["config"]["snapshot_revision"],
+        revision
+    );
+
+    etcd.restart().await;
+    etcd.etcdctl(&["del", "/aisix/models/", "--prefix"]);
+    agent.wait_models(&[]).await;
+    drop(agent);
+
+    // A damaged cache is reported and ignored: the agent starts and follows etcd.
+    let cache = dir.path().join("state/snapshot-cache");
+    for entry in std::fs::read_dir(&cache).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::write(&path, vec![0x5a; 512]).unwrap();
+        }
+    }
+    let pk = etcd.etcdctl(&["get", "/aisix/provider_keys/", "--prefix", "--keys-only"]);
+    let pk_id = pk
+        .lines()
+        .next()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    etcd.put(
+        "/aisix/models/m3",
+        &model("after-damage", &pk_id).to_string(),
+    )
+    .await;
+    let mut agent = Agent::start(dir.path(), &etcd.url()).await;
+    agent.wait_models(&["after-damage"]).await;
+    let logs = agent.process.output();
+    assert!(
+        logs.contains("snapshot cache unreadable")
+            || logs.contains("snapshot cache generation ignored"),
+        "{logs}"
+    );
+    agent.process.signal("TERM");
+    assert!(agent.process.wait_exit(WITHIN).await.success());
+}
+
+#[tokio::test]
+async fn model_health_follows_consecutive_upstream_failures() {
+    let etcd = Etcd::start().await;
+    let mock = MockProvider::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), &etcd.url()).await;
+    seed(&agent, &mock).await;
+    agent.wait_models(&["gpt"]).await;
+    let level = || async {
+        agent.health().await["models"][0]["health"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(level().await, 0);
+
+    mock.set_script(Script {
+        status: 500,
+        ..Script::default()
+    });
+    let mut seen = Vec::new();
+    for _ in 0..9 {
+        assert_eq!(agent.chat("gpt").await, 502);
+        seen.push(level().await);
+    }
+    assert_eq!(seen, [0, 0, 0, 1, 1, 1, 1, 2, 2]);
+    mock.set_script(Script::default());
+    assert_eq!(agent.chat("gpt").await, 200);
+    assert_eq!(level().await, 0);
+}
+
+#[tokio::test]
+async fn etcd_mode_start_up_problems_name_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    let cases = [
+        (
+            "etcd:\n  endpoints: [\"https://127.0.0.1:1\"]\n",
+            "etcd.tls.ca_file",
+        ),
+        (
+            "etcd:\n  endpoints: [\"http://127.0.0.1:1\"]\n  tls: {ca_file: /nonexistent/ca.pem}\n",
+            "etcd.tls.ca_file: cannot read /nonexistent/ca.pem",
+        ),
+        (
+            "etcd:\n  endpoints: []\n",
+            "etcd.endpoints: at least one endpoint is required",
+        ),
+    ];
+    for (text, expected) in cases {
+        std::fs::write(&config, text).unwrap();
+        let out = std::process::Command::new(binary("aisix-agent"))
+            .args(["--config", config.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{text}");
+        assert!(stderr.contains(expected), "{text}: {stderr}");
+    }
+}
