@@ -186,6 +186,28 @@ impl CertificateAuthority {
         ips: &[IpAddr],
         validity: Duration,
     ) -> Result<Issued, CertError> {
+        self.issue_service(dns_names, ips, validity, false)
+    }
+
+    /// A server certificate that may also authenticate as a client: what etcd needs
+    /// with `--client-cert-auth`, because its HTTP gateway dials the server with the
+    /// server's own certificate.
+    pub fn issue_server_and_client(
+        &self,
+        dns_names: &[String],
+        ips: &[IpAddr],
+        validity: Duration,
+    ) -> Result<Issued, CertError> {
+        self.issue_service(dns_names, ips, validity, true)
+    }
+
+    fn issue_service(
+        &self,
+        dns_names: &[String],
+        ips: &[IpAddr],
+        validity: Duration,
+        client_too: bool,
+    ) -> Result<Issued, CertError> {
         let key = KeyPair::generate().map_err(gen_err("generating the server key"))?;
         let cn = dns_names
             .first()
@@ -203,6 +225,11 @@ impl CertificateAuthority {
             .extend(ips.iter().copied().map(SanType::IpAddress));
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        if client_too {
+            params
+                .extended_key_usages
+                .push(ExtendedKeyUsagePurpose::ClientAuth);
+        }
         self.sign(params, key)
     }
 

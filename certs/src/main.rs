@@ -64,6 +64,10 @@ enum Command {
         /// IP address (repeatable).
         #[arg(long = "ip")]
         ips: Vec<IpAddr>,
+        /// Also allow client authentication (etcd with --client-cert-auth needs this:
+        /// its HTTP gateway dials the server with the server's own certificate).
+        #[arg(long)]
+        client_auth: bool,
         #[arg(long, default_value_t = 365)]
         days: u32,
         #[arg(long)]
@@ -169,6 +173,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             ca_dir,
             dns_names,
             ips,
+            client_auth,
             days,
             out,
         } => {
@@ -177,7 +182,11 @@ fn run(command: Command) -> anyhow::Result<()> {
                 "give at least one --dns or --ip"
             );
             let ca = CertificateAuthority::load(&ca_dir)?;
-            let issued = ca.issue_server(&dns_names, &ips, DAY * days)?;
+            let issued = if client_auth {
+                ca.issue_server_and_client(&dns_names, &ips, DAY * days)?
+            } else {
+                ca.issue_server(&dns_names, &ips, DAY * days)?
+            };
             write_bundle(&out, "server", &issued, ca.cert_pem())?;
         }
         Command::Csr { identity, out } => {

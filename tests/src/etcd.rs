@@ -45,29 +45,55 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// TLS files for an etcd that requires client certificates.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    /// Server certificate (with clientAuth too: etcd's gateway dials itself with it).
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    /// A client certificate for etcdctl.
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
 pub struct Etcd {
     process: Option<Process>,
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
     http: reqwest::Client,
+    tls: Option<EtcdTls>,
+    /// `user:password` for etcdctl once auth is enabled.
+    pub user: Option<String>,
+    extra: Vec<String>,
 }
 
 impl Etcd {
     pub async fn start() -> Etcd {
+        Self::start_with(None, &[]).await
+    }
+
+    /// With `tls`, an etcd serving HTTPS and requiring client certificates issued by
+    /// `tls.ca`; `extra` flags are passed to etcd as they are.
+    pub async fn start_with(tls: Option<EtcdTls>, extra: &[&str]) -> Etcd {
         let mut etcd = Etcd {
             process: None,
             dir: tempfile::tempdir().unwrap(),
             client_port: free_port(),
             peer_port: free_port(),
             http: http_client(),
+            tls,
+            user: None,
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
         };
         etcd.launch().await;
         etcd
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     pub fn port(&self) -> u16 {
@@ -79,7 +105,20 @@ impl Etcd {
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let data = self.dir.path().join("data");
         let interval = format!("{}ms", PROGRESS_INTERVAL.as_millis());
-        let process = Process::start(
+        let mut tls_args = Vec::new();
+        if let Some(tls) = &self.tls {
+            for (flag, path) in [
+                ("--cert-file", &tls.server_cert),
+                ("--key-file", &tls.server_key),
+                ("--trusted-ca-file", &tls.ca),
+            ] {
+                tls_args.push(flag.to_owned());
+                tls_args.push(path.to_str().unwrap().to_owned());
+            }
+            tls_args.push("--client-cert-auth".to_owned());
+        }
+        tls_args.extend(self.extra.iter().cloned());
+        let mut process = Process::start(
             &find("etcd", "AISIX_ETCD_BIN"),
             &[
                 "--name",
@@ -98,9 +137,19 @@ impl Etcd {
                 &format!("test={peer}"),
                 "--experimental-watch-progress-notify-interval",
                 &interval,
-            ],
+            ]
+            .into_iter()
+            .chain(tls_args.iter().map(String::as_str))
+            .collect::<Vec<_>>(),
             &[],
         );
+        if self.tls.is_some() {
+            process
+                .wait_for_line("ready to serve client requests", Duration::from_secs(30))
+                .await;
+            self.process = Some(process);
+            return;
+        }
         self.process = Some(process);
         let http = self.http.clone();
         eventually("etcd answers", Duration::from_secs(30), || {
@@ -173,13 +222,24 @@ impl Etcd {
 
     /// Runs `etcdctl` (v3 API) against this etcd; returns stdout.
     pub fn etcdctl(&self, args: &[&str]) -> String {
-        let out = Command::new(find("etcdctl", "AISIX_ETCDCTL_BIN"))
+        let mut command = Command::new(find("etcdctl", "AISIX_ETCDCTL_BIN"));
+        command
             .env("ETCDCTL_API", "3")
             .arg("--endpoints")
-            .arg(self.url())
-            .args(args)
-            .output()
-            .unwrap();
+            .arg(self.url());
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cacert")
+                .arg(&tls.ca)
+                .arg("--cert")
+                .arg(&tls.client_cert)
+                .arg("--key")
+                .arg(&tls.client_key);
+        }
+        if let Some(user) = &self.user {
+            command.arg("--user").arg(user);
+        }
+        let out = command.args(args).output().unwrap();
         assert!(
             out.status.success(),
             "etcdctl {args:?}: {}",

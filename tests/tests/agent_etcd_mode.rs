@@ -30,11 +30,20 @@ struct Agent {
 
 impl Agent {
     async fn start(dir: &Path, etcd_url: &str) -> Agent {
+        Self::start_with(
+            dir,
+            &format!("  endpoints: [\"{etcd_url}\"]\n  request_timeout_ms: 2000\n"),
+        )
+        .await
+    }
+
+    /// Starts the agent with `etcd_lines` (indented YAML) in its etcd section.
+    async fn start_with(dir: &Path, etcd_lines: &str) -> Agent {
         let config = dir.join("config.yaml");
         std::fs::write(
             &config,
             format!(
-                "etcd:\n  endpoints: [\"{etcd_url}\"]\n  cache_dir: {}\n  dial_timeout_ms: 500\n  request_timeout_ms: 2000\nproxy:\n  addr: 127.0.0.1:0\nadmin:\n  addr: 127.0.0.1:0\n  admin_keys: [{ADMIN_KEY}]\nshutdown:\n  min_drain_secs: 0\n  drain_timeout_secs: 5\n",
+                "etcd:\n{etcd_lines}  cache_dir: {}\n  dial_timeout_ms: 500\nproxy:\n  addr: 127.0.0.1:0\nadmin:\n  addr: 127.0.0.1:0\n  admin_keys: [{ADMIN_KEY}]\nshutdown:\n  min_drain_secs: 0\n  drain_timeout_secs: 5\n",
                 dir.join("state").display()
             ),
         )
@@ -102,12 +111,19 @@ impl Agent {
     }
 
     async fn wait_models(&self, expected: &[&str]) {
-        eventually(
-            &format!("/v1/models shows {expected:?}"),
-            WITHIN,
-            || async { self.models().await == expected },
-        )
-        .await;
+        let deadline = tokio::time::Instant::now() + WITHIN;
+        loop {
+            let seen = self.models().await;
+            if seen == expected {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "/v1/models shows {seen:?}, not {expected:?}, after {WITHIN:?}; agent output:\n{}",
+                self.process.output()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     }
 
     async fn health(&self) -> Value {
@@ -645,4 +661,161 @@ async fn etcd_mode_start_up_problems_name_the_field() {
         assert!(!out.status.success(), "{text}");
         assert!(stderr.contains(expected), "{text}: {stderr}");
     }
+}
+
+/// Puts a provider key `pk1` for `mock`, model `gpt` and the caller key with etcdctl.
+fn seed_with_etcdctl(etcd: &Etcd, mock: &MockProvider) {
+    etcd.etcdctl(&[
+        "put",
+        "/aisix/provider_keys/pk1",
+        &provider_key(&mock.url(), "mock").to_string(),
+    ]);
+    etcd.etcdctl(&["put", "/aisix/models/m1", &model("gpt", "pk1").to_string()]);
+    etcd.etcdctl(&[
+        "put",
+        "/aisix/api_keys/k1",
+        &json!({"key_hash": key_hash(CALLER), "allowed_models": ["*"]}).to_string(),
+    ]);
+}
+
+#[tokio::test]
+async fn tls_with_client_certificates_and_endpoint_failover() {
+    const DAY: Duration = Duration::from_secs(86_400);
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let ca = certs::CertificateAuthority::generate("etcd test CA", DAY).unwrap();
+    let server = ca
+        .issue_server_and_client(&[], &["127.0.0.1".parse().unwrap()], DAY)
+        .unwrap();
+    let client = ca
+        .issue_gateway(&certs::GatewayIdentity::new("env", "dp").unwrap(), DAY)
+        .unwrap();
+    let tls = tests::etcd::EtcdTls {
+        ca: write("ca.pem", ca.cert_pem()),
+        server_cert: write("server.pem", &server.cert_pem),
+        server_key: write("server-key.pem", server.key_pem.expose()),
+        client_cert: write("client.pem", &client.cert_pem),
+        client_key: write("client-key.pem", client.key_pem.expose()),
+    };
+    let etcd = Etcd::start_with(Some(tls.clone()), &[]).await;
+    let mock = MockProvider::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    seed_with_etcdctl(&etcd, &mock);
+
+    // The first endpoint refuses connections; the agent fails over to the second.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let endpoints = format!("  endpoints: [\"https://{dead}\", \"{}\"]\n", etcd.url());
+    let tls_lines = format!(
+        "  tls:\n    ca_file: {}\n    cert_file: {}\n    key_file: {}\n",
+        tls.ca.display(),
+        tls.client_cert.display(),
+        tls.client_key.display()
+    );
+    let state = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start_with(state.path(), &format!("{endpoints}{tls_lines}")).await;
+    agent.wait_models(&["gpt"]).await;
+    assert_eq!(agent.chat("gpt").await, 200);
+    // Admin writes go through the same TLS client.
+    agent.create("models", model("second", "pk1")).await;
+    agent.wait_models(&["gpt", "second"]).await;
+    agent.process.signal("TERM");
+    assert!(agent.process.wait_exit(WITHIN).await.success());
+
+    // Without a client certificate etcd refuses the agent, which says so and serves nothing.
+    let no_client_cert = format!("{endpoints}  tls:\n    ca_file: {}\n", tls.ca.display());
+    let fresh = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start_with(fresh.path(), &no_client_cert).await;
+    agent
+        .process
+        .wait_for_line("configuration watch interrupted", WITHIN)
+        .await;
+    assert_eq!(agent.models().await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn password_authentication_with_token_renewal() {
+    const PASSWORD: &str = "e2e-etcd-password";
+    // Tokens live one second, so the agent's admin calls must renew theirs.
+    let mut etcd = Etcd::start_with(None, &["--auth-token-ttl", "1"]).await;
+    etcd.etcdctl(&["user", "add", &format!("root:{PASSWORD}")]);
+    etcd.etcdctl(&["auth", "enable"]);
+    etcd.user = Some(format!("root:{PASSWORD}"));
+    let mock = MockProvider::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    seed_with_etcdctl(&etcd, &mock);
+
+    let lines = format!(
+        "  endpoints: [\"{}\"]\n  username: root\n  password: {PASSWORD}\n",
+        etcd.url()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start_with(dir.path(), &lines).await;
+    agent.wait_models(&["gpt"]).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    agent.create("models", model("after-expiry", "pk1")).await;
+    agent.wait_models(&["after-expiry", "gpt"]).await;
+    agent.process.signal("TERM");
+    assert!(agent.process.wait_exit(WITHIN).await.success());
+    assert!(!agent.process.output().contains(PASSWORD));
+
+    // A wrong password: nothing is served and the logs say why, without the password.
+    let wrong = lines.replace(PASSWORD, "not-the-password");
+    let fresh = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start_with(fresh.path(), &wrong).await;
+    let line = agent
+        .process
+        .wait_for_line("configuration watch interrupted", WITHIN)
+        .await;
+    assert!(line.contains("authentication failed"), "{line}");
+    assert!(!agent.process.output().contains("not-the-password"));
+    assert_eq!(agent.models().await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn request_timeout_bounds_every_etcd_call() {
+    // A server that accepts connections and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            held.push(conn);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start_with(
+        dir.path(),
+        &format!("  endpoints: [\"http://{addr}\"]\n  request_timeout_ms: 300\n"),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let (status, answer) = agent
+        .admin(reqwest::Method::GET, "/admin/v1/models", None)
+        .await;
+    assert_eq!(status, 500);
+    assert!(
+        answer["error_msg"].as_str().unwrap().contains("timed out"),
+        "{answer}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    let health = agent.health().await;
+    assert_eq!(
+        health["config"]["snapshot_age_seconds"],
+        Value::Null,
+        "{health}"
+    );
+    assert_eq!(health["config"]["snapshot_revision"], 0);
 }
