@@ -228,7 +228,7 @@ pub async fn run_writer(
         let revision = documents.revision;
         let cache = cache.clone();
         match tokio::task::spawn_blocking(move || cache.save(&documents)).await {
-            Ok(Ok(())) => tracing::debug!(revision, "snapshot cache written"),
+            Ok(Ok(())) => info!(revision, "snapshot cache written"),
             Ok(Err(e)) => {
                 warn!(error = %e, revision, "cannot write the snapshot cache; serving is unaffected");
             }

@@ -365,6 +365,11 @@ async fn admin_writes_reach_the_proxy_and_every_error_uses_the_admin_envelope() 
         .await;
     assert_eq!(status, 409);
 
+    let (status, answer) = agent
+        .admin(reqwest::Method::PATCH, "/admin/v1/models", None)
+        .await;
+    assert_eq!(status, 405, "{answer}");
+    assert!(answer["error_msg"].is_string());
     // 404: unknown id, unknown kind, unknown route; DELETE then 404.
     for path in [
         "/admin/v1/models/no-such-id",
@@ -546,8 +551,16 @@ async fn starts_from_the_cache_with_etcd_down_and_converges_when_it_returns() {
     seed(&agent, &mock).await;
     agent.wait_models(&["gpt"]).await;
     let revision = agent.health().await["config"]["snapshot_revision"].clone();
-    agent.process.signal("TERM");
-    assert!(agent.process.wait_exit(WITHIN).await.success());
+    // Killed without warning once the cache holds this revision.
+    agent
+        .process
+        .wait_for_line(
+            &format!("snapshot cache written revision={revision}"),
+            WITHIN,
+        )
+        .await;
+    agent.process.signal("KILL");
+    agent.process.wait_exit(WITHIN).await;
     etcd.kill().await;
 
     let agent = Agent::start(dir.path(), &etcd.url()).await;
