@@ -220,6 +220,13 @@ fn kind(name: &str) -> Result<Kind, AdminError> {
     })
 }
 
+/// The kind of a `/admin/v1/{kind}/{id}` route, once both parts are checked.
+fn kind_and_id(kind_name: &str, id: &str) -> Result<Kind, AdminError> {
+    let kind = kind(kind_name)?;
+    check_id(id)?;
+    Ok(kind)
+}
+
 fn check_id(id: &str) -> Result<(), AdminError> {
     let ok = (1..=128).contains(&id.len())
         && id
@@ -249,8 +256,7 @@ async fn read(
     State(admin): State<Arc<Admin>>,
     Path((kind_name, id)): Path<(String, String)>,
 ) -> Answer {
-    let kind = kind(&kind_name)?;
-    check_id(&id)?;
+    let kind = kind_and_id(&kind_name, &id)?;
     match admin.etcd.get(&admin.key(kind, &id)).await? {
         Some(kv) => Ok(axum::Json(item(kind, &id, &kv.value)).into_response()),
         None => Err(not_found(kind, &id)),
@@ -277,8 +283,7 @@ async fn replace(
     Path((kind_name, id)): Path<(String, String)>,
     body: Bytes,
 ) -> Answer {
-    let kind = kind(&kind_name)?;
-    check_id(&id)?;
+    let kind = kind_and_id(&kind_name, &id)?;
     let existing = admin.etcd.get(&admin.key(kind, &id)).await?;
     let status = if existing.is_some() {
         StatusCode::OK
@@ -293,8 +298,7 @@ async fn remove(
     State(admin): State<Arc<Admin>>,
     Path((kind_name, id)): Path<(String, String)>,
 ) -> Answer {
-    let kind = kind(&kind_name)?;
-    check_id(&id)?;
+    let kind = kind_and_id(&kind_name, &id)?;
     if admin.etcd.delete(&admin.key(kind, &id)).await? {
         Ok(axum::Json(json!({ "id": id, "deleted": true })).into_response())
     } else {

@@ -490,34 +490,16 @@ async fn compaction_while_disconnected_lists_again_without_losing_updates() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut agent = Agent::start(dir.path(), &gate.url()).await;
-    seed(&agent, &mock).await;
+    let pk = seed(&agent, &mock).await;
     agent.wait_models(&["gpt"]).await;
 
     gate.cut();
     // While the agent cannot see etcd: one model added, one removed, history compacted.
-    etcd.put(
-        "/aisix/models/m-new",
-        &model("added-offline", "x").to_string(),
-    )
-    .await;
     let gpt_key = etcd.etcdctl(&["get", "/aisix/models/", "--prefix", "--keys-only"]);
-    let gpt_key = gpt_key
-        .lines()
-        .find(|k| !k.is_empty() && !k.contains("m-new"))
-        .unwrap()
-        .to_owned();
-    let pk = etcd.etcdctl(&["get", "/aisix/provider_keys/", "--prefix", "--keys-only"]);
-    let pk_id = pk
-        .lines()
-        .next()
-        .unwrap()
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .to_owned();
+    let gpt_key = gpt_key.lines().next().unwrap().to_owned();
     etcd.put(
         "/aisix/models/m-new",
-        &model("added-offline", &pk_id).to_string(),
+        &model("added-offline", &pk).to_string(),
     )
     .await;
     etcd.delete(&gpt_key).await;
@@ -548,7 +530,7 @@ async fn starts_from_the_cache_with_etcd_down_and_converges_when_it_returns() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut agent = Agent::start(dir.path(), &etcd.url()).await;
-    seed(&agent, &mock).await;
+    let pk = seed(&agent, &mock).await;
     agent.wait_models(&["gpt"]).await;
     let revision = agent.health().await["config"]["snapshot_revision"].clone();
     // Killed without warning once the cache holds this revision.
@@ -588,20 +570,8 @@ async fn starts_from_the_cache_with_etcd_down_and_converges_when_it_returns() {
             std::fs::write(&path, vec![0x5a; 512]).unwrap();
         }
     }
-    let pk = etcd.etcdctl(&["get", "/aisix/provider_keys/", "--prefix", "--keys-only"]);
-    let pk_id = pk
-        .lines()
-        .next()
-        .unwrap()
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .to_owned();
-    etcd.put(
-        "/aisix/models/m3",
-        &model("after-damage", &pk_id).to_string(),
-    )
-    .await;
+    etcd.put("/aisix/models/m3", &model("after-damage", &pk).to_string())
+        .await;
     let mut agent = Agent::start(dir.path(), &etcd.url()).await;
     agent.wait_models(&["after-damage"]).await;
     let logs = agent.process.output();
@@ -664,6 +634,21 @@ async fn etcd_mode_start_up_problems_name_the_field() {
             "etcd.endpoints: at least one endpoint is required",
         ),
     ];
+    std::fs::write(
+        &config,
+        "etcd:\n  endpoints: [\"http://127.0.0.1:2379\"]\n  prefix: /gw\nadmin:\n  admin_keys: [k]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(binary("aisix-agent"))
+        .args(["validate", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("ok (self-hosted: resources are watched under /gw"),
+        "{stdout}"
+    );
     for (text, expected) in cases {
         std::fs::write(&config, text).unwrap();
         let out = std::process::Command::new(binary("aisix-agent"))
