@@ -5,4 +5,5 @@
 //! Layout:
 //! - `provider`: a scriptable, recording mock of an OpenAI-shaped provider.
 
+pub mod cp;
 pub mod provider;
