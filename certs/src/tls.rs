@@ -9,11 +9,14 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use rustls::client::ResolvesClientCert;
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::CertificateDer;
+use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{DigitallySignedStruct, DistinguishedName};
 
 use crate::bundle::{pem_certs, pem_key};
 use crate::{Bundle, CertError, GatewayIdentity, inspect_der};
@@ -147,6 +150,109 @@ pub fn server_config(
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     Ok(config)
+}
+
+/// Decides, during the handshake, whether a gateway identity is refused (revoked).
+pub type Refuse = Arc<dyn Fn(&GatewayIdentity) -> bool + Send + Sync>;
+
+/// Like [`server_config`], but trusting every CA in `client_ca_pem` and refusing, in
+/// the handshake, client certificates without a gateway identity or whose identity
+/// `refuse` rejects.
+pub fn gateway_server_config(
+    cert_pem: &str,
+    key_pem: &str,
+    client_ca_pem: &str,
+    refuse: Refuse,
+) -> Result<ServerConfig, CertError> {
+    let inner = WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots("client CA", client_ca_pem)?),
+        provider(),
+    )
+    .build()
+    .map_err(|e| CertError::Tls(e.to_string()))?;
+    let verifier = Arc::new(GatewayVerifier { inner, refuse });
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)
+        .map_err(|e| CertError::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            pem_certs("server certificate", cert_pem)?,
+            pem_key("server key", key_pem)?,
+        )
+        .map_err(|e| CertError::Tls(format!("server certificate and key: {e}")))?;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(config)
+}
+
+struct GatewayVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    refuse: Refuse,
+}
+
+impl std::fmt::Debug for GatewayVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayVerifier").finish_non_exhaustive()
+    }
+}
+
+impl ClientCertVerifier for GatewayVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let identity = inspect_der("client certificate", end_entity)
+            .ok()
+            .and_then(|info| info.identity)
+            .ok_or_else(|| {
+                rustls::Error::General("client certificate has no gateway identity".to_owned())
+            })?;
+        if (self.refuse)(&identity) {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Revoked,
+            ));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// The gateway identity of a peer whose chain the TLS layer has verified.

@@ -12,7 +12,9 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use certs::tls::{SwappableIdentity, client_config, peer_identity, server_config};
+use certs::tls::{
+    SwappableIdentity, client_config, gateway_server_config, peer_identity, server_config,
+};
 use certs::{Bundle, CertificateAuthority, GatewayIdentity, PemSource};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
@@ -26,8 +28,13 @@ fn start_server(ca: &CertificateAuthority) -> SocketAddr {
     let issued = ca
         .issue_server(&["localhost".to_owned()], &[], DAY)
         .unwrap();
-    let config =
-        Arc::new(server_config(&issued.cert_pem, issued.key_pem.expose(), ca.cert_pem()).unwrap());
+    start_server_with(
+        server_config(&issued.cert_pem, issued.key_pem.expose(), ca.cert_pem()).unwrap(),
+    )
+}
+
+fn start_server_with(config: rustls::ServerConfig) -> SocketAddr {
+    let config = Arc::new(config);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -180,4 +187,41 @@ fn the_server_refuses_bad_or_missing_client_certificates() {
         connect(addr, &anonymous).is_err(),
         "a client without a certificate was accepted"
     );
+}
+
+#[test]
+fn gateway_server_refuses_revoked_identities_and_certificates_without_one() {
+    let ca = CertificateAuthority::generate("CA", DAY).unwrap();
+    let next_ca = CertificateAuthority::generate("next CA", DAY).unwrap();
+    let issued = ca
+        .issue_server(&["localhost".to_owned()], &[], DAY)
+        .unwrap();
+    let trusted = format!("{}{}", ca.cert_pem(), next_ca.cert_pem());
+    let config = gateway_server_config(
+        &issued.cert_pem,
+        issued.key_pem.expose(),
+        &trusted,
+        Arc::new(|id: &GatewayIdentity| id.dp_id == "dp-revoked"),
+    )
+    .unwrap();
+    let addr = start_server_with(config);
+    let connect_as = |bundle: &Bundle| {
+        let identity = SwappableIdentity::new(bundle).unwrap();
+        connect(addr, &client_config(ca.cert_pem(), None, identity).unwrap()).map(|(_, g)| g)
+    };
+    assert_eq!(connect_as(&bundle(&ca, "dp-1")).unwrap(), "hello dp-1");
+    assert!(connect_as(&bundle(&ca, "dp-revoked")).is_err());
+    // Certificates from every trusted CA are accepted.
+    assert_eq!(connect_as(&bundle(&next_ca, "dp-2")).unwrap(), "hello dp-2");
+
+    // A client certificate from the CA but without a gateway identity is refused.
+    let plain = ca
+        .issue_server_and_client(&["client.example".to_owned()], &[], DAY)
+        .unwrap();
+    let client = certs::tls::plain_client_config(
+        ca.cert_pem(),
+        Some((&plain.cert_pem, plain.key_pem.expose())),
+    )
+    .unwrap();
+    assert!(connect(addr, &client).is_err());
 }
