@@ -1,9 +1,12 @@
 //! cloud-mock: what the agent runs against on one machine.
 //!
-//! Today it holds the mock LLM providers; the bundled control plane grows here.
+//! It holds the mock LLM providers and the bundled control plane (in progress: the
+//! mutual-TLS data-plane listener with the etcd v3 JSON subset and fault knobs exist;
+//! the console API, state directory and `/dp/*` endpoints come next).
 //!
 //! Layout:
 //! - `provider`: a scriptable, recording mock of an OpenAI-shaped provider.
+//! - `cp`: the control plane.
 
 pub mod cp;
 pub mod provider;

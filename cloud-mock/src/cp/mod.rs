@@ -1,7 +1,152 @@
 //! The bundled control plane: the server side of the managed-mode contract
-//! (`../shared/design/CONTROL_PLANE.md`), with a console API and fault injection.
+//! (`../shared/design/CONTROL_PLANE.md`), with fault injection.
 //!
 //! Layout:
 //! - `kv`: the revisioned key-value store behind the etcd v3 JSON subset.
+//! - `etcd_api`: `/v3/kv/range` and `/v3/watch`, confined to the caller's environment.
+//! - `dataplane`: the mutual-TLS listener gateways talk to.
+//! - `faults`: fault injection knobs.
 
+pub mod dataplane;
+pub mod etcd_api;
+pub mod faults;
 pub mod kv;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use certs::{CertificateAuthority, GatewayIdentity, Issued};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use self::faults::Faults;
+use self::kv::{Kv, KvImage};
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// The shared state of one control plane.
+pub struct ControlPlane {
+    pub kv: Kv,
+    pub faults: Faults,
+    progress_ms: AtomicU64,
+    revoked: RwLock<HashSet<(String, String)>>,
+    ca: RwLock<Arc<CertificateAuthority>>,
+    /// Cancelled when the control plane stops: open watch streams end.
+    pub stopping: CancellationToken,
+}
+
+impl ControlPlane {
+    pub fn new(ca: CertificateAuthority, image: KvImage) -> Self {
+        Self {
+            kv: Kv::new(image),
+            faults: Faults::default(),
+            progress_ms: AtomicU64::new(
+                u64::try_from(etcd_api::DEFAULT_PROGRESS_INTERVAL.as_millis()).unwrap_or(5000),
+            ),
+            revoked: RwLock::new(HashSet::new()),
+            ca: RwLock::new(Arc::new(ca)),
+            stopping: CancellationToken::new(),
+        }
+    }
+
+    pub fn progress_interval(&self) -> Duration {
+        Duration::from_millis(self.progress_ms.load(Ordering::Relaxed).max(10))
+    }
+
+    pub fn set_progress_interval(&self, interval: Duration) {
+        self.progress_ms.store(
+            u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    pub fn ca(&self) -> Arc<CertificateAuthority> {
+        self.ca.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Issues a gateway certificate for `env`/`dp` with a new key.
+    pub fn issue_gateway(&self, env: &str, dp: &str, validity: Duration) -> anyhow::Result<Issued> {
+        Ok(self
+            .ca()
+            .issue_gateway(&GatewayIdentity::new(env, dp)?, validity)?)
+    }
+
+    /// Refuses `env`/`dp` from the next handshake on (open connections are cut by
+    /// the caller as needed).
+    pub fn revoke(&self, env: &str, dp: &str) {
+        self.revoked
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((env.to_owned(), dp.to_owned()));
+    }
+
+    pub fn is_revoked(&self, identity: &GatewayIdentity) -> bool {
+        self.revoked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&(identity.env_id.clone(), identity.dp_id.clone()))
+    }
+}
+
+/// A control plane started in this process (tests, the demo).
+pub struct Running {
+    pub cp: Arc<ControlPlane>,
+    /// `https://127.0.0.1:PORT`
+    pub dp_url: String,
+    pub dp_addr: SocketAddr,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Running {
+    pub async fn shutdown(self) {
+        self.cp.stopping.cancel();
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+/// Starts a control plane with a fresh CA on `dp_addr` (port 0 picks one).
+pub async fn start(dp_addr: SocketAddr) -> anyhow::Result<Running> {
+    let ca = CertificateAuthority::generate("cloud-mock CA", DAY * 3650)?;
+    let cp = Arc::new(ControlPlane::new(ca, KvImage::default()));
+    let listener = TcpListener::bind(dp_addr).await?;
+    let dp_addr = listener.local_addr()?;
+    let tls = Arc::new(ArcSwap::from_pointee(server_tls(&cp, dp_addr)?));
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    tasks.spawn(dataplane::serve(cp.clone(), listener, tls, stop.clone()));
+    Ok(Running {
+        cp,
+        dp_url: format!("https://{dp_addr}"),
+        dp_addr,
+        stop,
+        tasks,
+    })
+}
+
+/// The data-plane TLS config: a server certificate for localhost and the listener's
+/// address, client certificates from the CA, revoked identities refused.
+fn server_tls(cp: &Arc<ControlPlane>, addr: SocketAddr) -> anyhow::Result<rustls::ServerConfig> {
+    let ca = cp.ca();
+    let mut ips = vec![addr.ip()];
+    if !addr.ip().is_loopback() {
+        ips.push(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let server = ca.issue_server(&["localhost".to_owned()], &ips, DAY * 365)?;
+    let weak = Arc::downgrade(cp);
+    let refuse: certs::tls::Refuse =
+        Arc::new(move |id: &GatewayIdentity| weak.upgrade().is_none_or(|cp| cp.is_revoked(id)));
+    Ok(certs::tls::gateway_server_config(
+        &server.cert_pem,
+        server.key_pem.expose(),
+        ca.cert_pem(),
+        refuse,
+    )?)
+}

@@ -1,0 +1,306 @@
+//! cloud-mock's control plane over real mutual TLS, driven with the agent's own etcd
+//! client: the etcd subset's semantics, environment isolation, handshake refusals and
+//! fault knobs as a gateway observes them.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure should fail the test loudly"
+)]
+
+use std::time::Duration;
+
+use agent::etcd::{EtcdClient, EtcdError, WatchMessage, WatchStream};
+use certs::tls::{SwappableIdentity, client_config};
+use certs::{Bundle, CertificateAuthority, PemSource};
+use cloud_mock::cp::faults::{EndpointFault, FaultSettings};
+use cloud_mock::cp::{Running, start};
+use proxy_core::snapshot::SourceEvent;
+
+const DAY: Duration = Duration::from_secs(86_400);
+const WAIT: Duration = Duration::from_secs(5);
+
+fn http_with(tls: rustls::ClientConfig) -> reqwest::Client {
+    proxy_core::install_crypto_provider();
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .no_proxy()
+        .build()
+        .unwrap()
+}
+
+fn gateway_tls(
+    ca: &CertificateAuthority,
+    trust_pem: &str,
+    env: &str,
+    dp: &str,
+) -> rustls::ClientConfig {
+    let issued = ca
+        .issue_gateway(&certs::GatewayIdentity::new(env, dp).unwrap(), DAY)
+        .unwrap();
+    let src = |s: &str| PemSource::Inline(s.to_owned());
+    let bundle = Bundle::load(
+        &src(&issued.cert_pem),
+        &src(issued.key_pem.expose()),
+        &src(ca.cert_pem()),
+        time::OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    client_config(trust_pem, None, SwappableIdentity::new(&bundle).unwrap()).unwrap()
+}
+
+fn client(cp: &Running, env: &str, dp: &str) -> EtcdClient {
+    let ca = cp.cp.ca();
+    let tls = gateway_tls(&ca, ca.cert_pem(), env, dp);
+    EtcdClient::with_http(http_with(tls), std::slice::from_ref(&cp.dp_url), WAIT, None).unwrap()
+}
+
+async fn next(stream: &mut WatchStream) -> WatchMessage {
+    tokio::time::timeout(WAIT, stream.next())
+        .await
+        .expect("a watch message in time")
+        .unwrap()
+        .expect("the stream is open")
+}
+
+fn keys(events: &[SourceEvent]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| match e {
+            SourceEvent::Put { key, .. } => format!("put {key}"),
+            SourceEvent::Delete { key, .. } => format!("delete {key}"),
+            other => format!("{other:?}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn watch_semantics_and_environment_isolation() {
+    let cp = start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    cp.cp.set_progress_interval(Duration::from_millis(200));
+    let kv = &cp.cp.kv;
+    kv.put("/aisix/env-a/models/m1", "{\"a\":1}".into());
+    kv.put("/aisix/env-b/models/m1", "{\"b\":1}".into());
+    let a = client(&cp, "env-a", "dp-1");
+
+    let listing = a.list("/aisix/env-a/").await.unwrap();
+    assert_eq!(listing.kvs.len(), 1);
+    assert_eq!(listing.kvs[0].key, "/aisix/env-a/models/m1");
+    assert_eq!(listing.revision, kv.revision());
+    for outside in ["/aisix/env-b/", "/aisix/", "/aisix/env-a"] {
+        match a.list(outside).await {
+            Err(EtcdError::Status { status: 403, .. }) => {}
+            other => panic!("{outside}: expected 403, got {other:?}"),
+        }
+    }
+    assert!(matches!(
+        a.get("/aisix/env-b/models/m1").await,
+        Err(EtcdError::Status { status: 403, .. })
+    ));
+    assert!(matches!(
+        a.watch("/aisix/env-b/", 1).await,
+        Err(EtcdError::Status { status: 403, .. })
+    ));
+
+    // From the next revision: deltas in order, other environments invisible, deletes.
+    let mut watch = a
+        .watch("/aisix/env-a/", listing.revision + 1)
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut watch).await,
+        WatchMessage::Created { .. }
+    ));
+    kv.put("/aisix/env-b/models/m2", "{}".into());
+    let r1 = kv.put("/aisix/env-a/models/m2", "{}".into());
+    let r2 = kv.delete("/aisix/env-a/models/m1").unwrap();
+    let mut seen = Vec::new();
+    let mut revisions = Vec::new();
+    while seen.len() < 2 {
+        match next(&mut watch).await {
+            WatchMessage::Events { events, .. } => {
+                revisions.extend(events.iter().map(|e| match e {
+                    SourceEvent::Put { revision, .. } | SourceEvent::Delete { revision, .. } => {
+                        *revision
+                    }
+                    _ => 0,
+                }));
+                seen.extend(keys(&events));
+            }
+            WatchMessage::Progress { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            "put /aisix/env-a/models/m2",
+            "delete /aisix/env-a/models/m1"
+        ]
+    );
+    assert_eq!(revisions, [r1, r2]);
+
+    // A quiet watch gets progress at the current revision.
+    let WatchMessage::Progress { revision } = next(&mut watch).await else {
+        panic!("expected progress")
+    };
+    assert_eq!(revision, kv.revision());
+
+    // A start revision before the compaction point is answered with compact_revision.
+    let start = listing.revision + 1;
+    kv.compact(kv.revision()).unwrap();
+    let mut old = a.watch("/aisix/env-a/", start).await.unwrap();
+    let mut compacted = None;
+    for _ in 0..2 {
+        if let WatchMessage::Compacted { compact_revision } = next(&mut old).await {
+            compacted = Some(compact_revision);
+            break;
+        }
+    }
+    assert_eq!(compacted, Some(kv.revision()));
+    // Starting from the past but after compaction replays what happened since.
+    let r3 = kv.put("/aisix/env-a/models/m3", "{}".into());
+    let mut replay = a.watch("/aisix/env-a/", r3).await.unwrap();
+    assert!(matches!(
+        next(&mut replay).await,
+        WatchMessage::Created { .. }
+    ));
+    let WatchMessage::Events { events, .. } = next(&mut replay).await else {
+        panic!("expected the replayed put")
+    };
+    assert_eq!(keys(&events), ["put /aisix/env-a/models/m3"]);
+    cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn handshakes_without_a_certificate_from_a_foreign_ca_or_revoked_are_refused() {
+    let cp = start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let ca = cp.cp.ca();
+    let list = |client: EtcdClient| async move { client.list("/aisix/env-a/").await };
+
+    assert!(list(client(&cp, "env-a", "dp-1")).await.is_ok());
+
+    let anonymous = certs::tls::plain_client_config(ca.cert_pem(), None).unwrap();
+    let anonymous = EtcdClient::with_http(
+        http_with(anonymous),
+        std::slice::from_ref(&cp.dp_url),
+        WAIT,
+        None,
+    )
+    .unwrap();
+    assert!(matches!(
+        list(anonymous).await,
+        Err(EtcdError::Transport { .. })
+    ));
+
+    let foreign = CertificateAuthority::generate("foreign", DAY).unwrap();
+    let tls = gateway_tls(&foreign, ca.cert_pem(), "env-a", "dp-1");
+    let foreign =
+        EtcdClient::with_http(http_with(tls), std::slice::from_ref(&cp.dp_url), WAIT, None)
+            .unwrap();
+    assert!(matches!(
+        list(foreign).await,
+        Err(EtcdError::Transport { .. })
+    ));
+
+    cp.cp.revoke("env-a", "dp-gone");
+    assert!(matches!(
+        list(client(&cp, "env-a", "dp-gone")).await,
+        Err(EtcdError::Transport { .. })
+    ));
+    assert!(
+        list(client(&cp, "env-a", "dp-2")).await.is_ok(),
+        "others are unaffected"
+    );
+    cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn fault_knobs_are_observable_from_a_gateway() {
+    let cp = start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    cp.cp.set_progress_interval(Duration::from_millis(100));
+    let a = client(&cp, "env-a", "dp-1");
+    let faults = &cp.cp.faults;
+
+    faults.set(&FaultSettings {
+        endpoints: [("range".to_owned(), EndpointFault::Status(503))].into(),
+        ..FaultSettings::default()
+    });
+    assert!(matches!(
+        a.list("/aisix/env-a/").await,
+        Err(EtcdError::Status { status: 503, .. })
+    ));
+    faults.set(&FaultSettings {
+        endpoints: [("range".to_owned(), EndpointFault::Malformed)].into(),
+        ..FaultSettings::default()
+    });
+    assert!(matches!(
+        a.list("/aisix/env-a/").await,
+        Err(EtcdError::Malformed { .. })
+    ));
+    faults.set(&FaultSettings::default());
+    let revision = a.list("/aisix/env-a/").await.unwrap().revision;
+
+    // Stalled: the stream stays open but says nothing, not even progress.
+    let mut watch = a.watch("/aisix/env-a/", revision + 1).await.unwrap();
+    assert!(matches!(
+        next(&mut watch).await,
+        WatchMessage::Created { .. }
+    ));
+    assert!(matches!(
+        next(&mut watch).await,
+        WatchMessage::Progress { .. }
+    ));
+    faults.set(&FaultSettings {
+        stall_watches: true,
+        ..FaultSettings::default()
+    });
+    // Drain what was already queued, then expect silence.
+    let _ = tokio::time::timeout(Duration::from_millis(150), watch.next()).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), watch.next())
+            .await
+            .is_err()
+    );
+    faults.set(&FaultSettings::default());
+    assert!(matches!(
+        next(&mut watch).await,
+        WatchMessage::Progress { .. }
+    ));
+
+    // Cut: open streams end.
+    faults.cut();
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match watch.next().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(matches!(ended, Ok(None) | Err(_)));
+
+    // Refused and delayed connections.
+    faults.set(&FaultSettings {
+        refuse_connections: true,
+        ..FaultSettings::default()
+    });
+    assert!(matches!(
+        client(&cp, "env-a", "dp-9").list("/aisix/env-a/").await,
+        Err(EtcdError::Transport { .. })
+    ));
+    faults.set(&FaultSettings {
+        delay_ms: 400,
+        ..FaultSettings::default()
+    });
+    let started = std::time::Instant::now();
+    client(&cp, "env-a", "dp-10")
+        .list("/aisix/env-a/")
+        .await
+        .unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    cp.shutdown().await;
+}
