@@ -130,26 +130,8 @@ pub fn server_config(
     key_pem: &str,
     client_ca_pem: &str,
 ) -> Result<ServerConfig, CertError> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots("client CA", client_ca_pem)?),
-        provider(),
-    )
-    .build()
-    .map_err(|e| CertError::Tls(e.to_string()))?;
-    let mut config = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(VERSIONS)
-        .map_err(|e| CertError::Tls(e.to_string()))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            pem_certs("server certificate", cert_pem)?,
-            pem_key("server key", key_pem)?,
-        )
-        .map_err(|e| CertError::Tls(format!("server certificate and key: {e}")))?;
-    // Every connection verifies a client certificate afresh (rotation, revocation),
-    // even from clients that would like to resume.
-    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    config.send_tls13_tickets = 0;
-    Ok(config)
+    let verifier = webpki_verifier(client_ca_pem)?;
+    finish_server_config(verifier, cert_pem, key_pem)
 }
 
 /// Decides, during the handshake, whether a gateway identity is refused (revoked).
@@ -164,13 +146,28 @@ pub fn gateway_server_config(
     client_ca_pem: &str,
     refuse: Refuse,
 ) -> Result<ServerConfig, CertError> {
-    let inner = WebPkiClientVerifier::builder_with_provider(
+    let inner = webpki_verifier(client_ca_pem)?;
+    finish_server_config(
+        Arc::new(GatewayVerifier { inner, refuse }),
+        cert_pem,
+        key_pem,
+    )
+}
+
+fn webpki_verifier(client_ca_pem: &str) -> Result<Arc<dyn ClientCertVerifier>, CertError> {
+    WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots("client CA", client_ca_pem)?),
         provider(),
     )
     .build()
-    .map_err(|e| CertError::Tls(e.to_string()))?;
-    let verifier = Arc::new(GatewayVerifier { inner, refuse });
+    .map_err(|e| CertError::Tls(e.to_string()))
+}
+
+fn finish_server_config(
+    verifier: Arc<dyn ClientCertVerifier>,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<ServerConfig, CertError> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
         .map_err(|e| CertError::Tls(e.to_string()))?
@@ -180,6 +177,8 @@ pub fn gateway_server_config(
             pem_key("server key", key_pem)?,
         )
         .map_err(|e| CertError::Tls(format!("server certificate and key: {e}")))?;
+    // Every connection verifies a client certificate afresh (rotation, revocation),
+    // even from clients that would like to resume.
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     Ok(config)
