@@ -304,3 +304,221 @@ async fn fault_knobs_are_observable_from_a_gateway() {
     assert!(started.elapsed() >= Duration::from_millis(400));
     cp.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_console_drives_what_gateways_see() {
+    let cp = start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let console = |method: reqwest::Method, path: &str, body: Option<serde_json::Value>| {
+        let mut request = http
+            .request(method, format!("{}{path}", cp.console_url))
+            .bearer_auth(&cp.console_token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (
+                status,
+                response
+                    .json::<serde_json::Value>()
+                    .await
+                    .unwrap_or_default(),
+            )
+        }
+    };
+    use reqwest::Method;
+    use serde_json::json;
+
+    let wrong = http
+        .get(format!("{}/console/v1/environments", cp.console_url))
+        .bearer_auth("nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    assert_eq!(
+        console(
+            Method::POST,
+            "/console/v1/environments",
+            Some(json!({"id": "prod"}))
+        )
+        .await
+        .0,
+        201
+    );
+    assert_eq!(
+        console(
+            Method::POST,
+            "/console/v1/environments",
+            Some(json!({"id": "prod"}))
+        )
+        .await
+        .0,
+        409
+    );
+    let (_, envs) = console(Method::GET, "/console/v1/environments", None).await;
+    assert_eq!(envs["environments"], json!(["prod"]));
+
+    // A bundle issued by the console is a working gateway identity for its environment.
+    let (status, bundle) = console(
+        Method::POST,
+        "/console/v1/environments/prod/bundles",
+        Some(json!({"dp_id": "dp-1"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{bundle}");
+    let src = |field: &str| PemSource::Inline(bundle[field].as_str().unwrap().to_owned());
+    let loaded = Bundle::load(
+        &src("cert_pem"),
+        &src("key_pem"),
+        &src("ca_pem"),
+        time::OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            loaded.identity.env_id.as_str(),
+            loaded.identity.dp_id.as_str()
+        ),
+        ("prod", "dp-1")
+    );
+    let tls = client_config(
+        &loaded.ca_pem,
+        None,
+        SwappableIdentity::new(&loaded).unwrap(),
+    )
+    .unwrap();
+    let gateway =
+        EtcdClient::with_http(http_with(tls), std::slice::from_ref(&cp.dp_url), WAIT, None)
+            .unwrap();
+
+    // Writes through the console are what the gateway lists and watches.
+    let (status, put) = console(
+        Method::PUT,
+        "/console/v1/environments/prod/resources/models/m1",
+        Some(json!({"display_name": "gpt"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{put}");
+    let first = put["revision"].as_i64().unwrap();
+    let listing = gateway.list("/aisix/prod/").await.unwrap();
+    assert_eq!((listing.kvs.len(), listing.revision), (1, first));
+    let (_, second) = console(
+        Method::PUT,
+        "/console/v1/environments/prod/resources/models/m2",
+        Some(json!({"display_name": "x"})),
+    )
+    .await;
+    assert!(
+        second["revision"].as_i64().unwrap() > first,
+        "every write bumps the revision"
+    );
+    assert_eq!(
+        console(
+            Method::DELETE,
+            "/console/v1/environments/prod/resources/models/m2",
+            None
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        console(
+            Method::DELETE,
+            "/console/v1/environments/prod/resources/models/m2",
+            None
+        )
+        .await
+        .0,
+        404
+    );
+    assert_eq!(
+        console(
+            Method::PUT,
+            "/console/v1/environments/nowhere/resources/models/m1",
+            Some(json!({}))
+        )
+        .await
+        .0,
+        404
+    );
+    assert_eq!(
+        console(
+            Method::PUT,
+            "/console/v1/environments/prod/resources/widgets/w",
+            Some(json!({}))
+        )
+        .await
+        .0,
+        404
+    );
+    let (_, listed) = console(Method::GET, "/console/v1/environments/prod/resources", None).await;
+    assert_eq!(listed["resources"][0]["value"]["display_name"], "gpt");
+
+    // Compaction: a watch from before it is answered with compact_revision.
+    let (status, compacted) = console(Method::POST, "/console/v1/compact", None).await;
+    assert_eq!(status, 200, "{compacted}");
+    let mut watch = gateway.watch("/aisix/prod/", first).await.unwrap();
+    let mut got = None;
+    for _ in 0..2 {
+        if let WatchMessage::Compacted { compact_revision } = next(&mut watch).await {
+            got = Some(compact_revision);
+            break;
+        }
+    }
+    assert_eq!(got, compacted["compact_revision"].as_i64());
+
+    // Faults set through the console are what the gateway observes.
+    let (status, _) = console(
+        Method::PUT,
+        "/console/v1/faults",
+        Some(json!({"endpoints": {"range": {"status": 502}}})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(matches!(
+        gateway.list("/aisix/prod/").await,
+        Err(EtcdError::Status { status: 502, .. })
+    ));
+    assert_eq!(
+        console(Method::PUT, "/console/v1/faults", Some(json!({"bogus": 1})))
+            .await
+            .0,
+        400
+    );
+    assert_eq!(
+        console(Method::PUT, "/console/v1/faults", Some(json!({})))
+            .await
+            .0,
+        200
+    );
+    assert!(gateway.list("/aisix/prod/").await.is_ok());
+
+    // Revocation: the gateway is refused from its next connection on.
+    assert_eq!(
+        console(
+            Method::POST,
+            "/console/v1/environments/prod/gateways/dp-1/revoke",
+            None
+        )
+        .await
+        .0,
+        200
+    );
+    let tls = client_config(
+        &loaded.ca_pem,
+        None,
+        SwappableIdentity::new(&loaded).unwrap(),
+    )
+    .unwrap();
+    let fresh = EtcdClient::with_http(http_with(tls), std::slice::from_ref(&cp.dp_url), WAIT, None)
+        .unwrap();
+    assert!(matches!(
+        fresh.list("/aisix/prod/").await,
+        Err(EtcdError::Transport { .. })
+    ));
+    cp.shutdown().await;
+}

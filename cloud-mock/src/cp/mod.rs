@@ -6,13 +6,15 @@
 //! - `etcd_api`: `/v3/kv/range` and `/v3/watch`, confined to the caller's environment.
 //! - `dataplane`: the mutual-TLS listener gateways talk to.
 //! - `faults`: fault injection knobs.
+//! - `console`: the console API (plain HTTP, bearer token).
 
+pub mod console;
 pub mod dataplane;
 pub mod etcd_api;
 pub mod faults;
 pub mod kv;
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -35,6 +37,7 @@ pub struct ControlPlane {
     pub faults: Faults,
     progress_ms: AtomicU64,
     revoked: RwLock<HashSet<(String, String)>>,
+    environments: RwLock<BTreeSet<String>>,
     ca: RwLock<Arc<CertificateAuthority>>,
     /// Cancelled when the control plane stops: open watch streams end.
     pub stopping: CancellationToken,
@@ -49,6 +52,7 @@ impl ControlPlane {
                 u64::try_from(etcd_api::DEFAULT_PROGRESS_INTERVAL.as_millis()).unwrap_or(5000),
             ),
             revoked: RwLock::new(HashSet::new()),
+            environments: RwLock::new(BTreeSet::new()),
             ca: RwLock::new(Arc::new(ca)),
             stopping: CancellationToken::new(),
         }
@@ -85,6 +89,30 @@ impl ControlPlane {
             .insert((env.to_owned(), dp.to_owned()));
     }
 
+    /// Adds an environment; false when it already exists.
+    pub fn add_environment(&self, id: &str) -> bool {
+        self.environments
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_owned())
+    }
+
+    pub fn has_environment(&self, id: &str) -> bool {
+        self.environments
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
+    }
+
+    pub fn environments(&self) -> Vec<String> {
+        self.environments
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
     pub fn is_revoked(&self, identity: &GatewayIdentity) -> bool {
         self.revoked
             .read()
@@ -99,6 +127,10 @@ pub struct Running {
     /// `https://127.0.0.1:PORT`
     pub dp_url: String,
     pub dp_addr: SocketAddr,
+    /// `http://127.0.0.1:PORT` of the console API.
+    pub console_url: String,
+    /// The console's bearer token.
+    pub console_token: String,
     stop: CancellationToken,
     tasks: TaskTracker,
 }
@@ -112,8 +144,14 @@ impl Running {
     }
 }
 
-/// Starts a control plane with a fresh CA on `dp_addr` (port 0 picks one).
+/// Starts a control plane with a fresh CA: the data plane on `dp_addr` and the console
+/// on `127.0.0.1`, port 0 (see [`start_with`]).
 pub async fn start(dp_addr: SocketAddr) -> anyhow::Result<Running> {
+    start_with(dp_addr, SocketAddr::from(([127, 0, 0, 1], 0))).await
+}
+
+/// Starts a control plane with a fresh CA (port 0 picks free ports).
+pub async fn start_with(dp_addr: SocketAddr, console_addr: SocketAddr) -> anyhow::Result<Running> {
     let ca = CertificateAuthority::generate("cloud-mock CA", DAY * 3650)?;
     let cp = Arc::new(ControlPlane::new(ca, KvImage::default()));
     let listener = TcpListener::bind(dp_addr).await?;
@@ -122,10 +160,25 @@ pub async fn start(dp_addr: SocketAddr) -> anyhow::Result<Running> {
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
     tasks.spawn(dataplane::serve(cp.clone(), listener, tls, stop.clone()));
+    let console_listener = TcpListener::bind(console_addr).await?;
+    let console_addr = console_listener.local_addr()?;
+    let console_token = uuid::Uuid::new_v4().simple().to_string();
+    let app = console::router(cp.clone(), console_token.clone());
+    let console_stop = stop.clone();
+    tasks.spawn(async move {
+        let served = axum::serve(console_listener, app)
+            .with_graceful_shutdown(console_stop.cancelled_owned())
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "console listener failed");
+        }
+    });
     Ok(Running {
         cp,
         dp_url: format!("https://{dp_addr}"),
         dp_addr,
+        console_url: format!("http://{console_addr}"),
+        console_token,
         stop,
         tasks,
     })
