@@ -94,10 +94,7 @@ pub fn prepare_source(config: &Config) -> anyhow::Result<PreparedSource> {
             };
             Ok(PreparedSource::Etcd { client, cache })
         }
-        (None, path) => Ok(PreparedSource::File(ResourcesFile::load(
-            &path.clone().unwrap_or_default(),
-            PREFIX,
-        )?)),
+        (None, _) => Ok(PreparedSource::File(prepare_resources(config)?)),
     }
 }
 

@@ -497,7 +497,21 @@ async fn the_console_drives_what_gateways_see() {
     );
     assert!(gateway.list("/aisix/prod/").await.is_ok());
 
-    // Revocation: the gateway is refused from its next connection on.
+    // Revocation: the revoked gateway's open watch ends, its open connection answers
+    // 403 and new handshakes fail; another gateway of the environment is unaffected.
+    cp.cp.set_progress_interval(Duration::from_millis(100));
+    let revision = gateway.list("/aisix/prod/").await.unwrap().revision;
+    let mut revoked_watch = gateway.watch("/aisix/prod/", revision + 1).await.unwrap();
+    assert!(matches!(
+        next(&mut revoked_watch).await,
+        WatchMessage::Created { .. }
+    ));
+    let other = client(&cp, "prod", "dp-2");
+    let mut other_watch = other.watch("/aisix/prod/", revision + 1).await.unwrap();
+    assert!(matches!(
+        next(&mut other_watch).await,
+        WatchMessage::Created { .. }
+    ));
     assert_eq!(
         console(
             Method::POST,
@@ -508,6 +522,25 @@ async fn the_console_drives_what_gateways_see() {
         .0,
         200
     );
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match revoked_watch.next().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the revoked gateway's watch ends");
+    assert!(matches!(ended, Ok(None) | Err(_)));
+    assert!(matches!(
+        next(&mut other_watch).await,
+        WatchMessage::Progress { .. }
+    ));
+    match gateway.list("/aisix/prod/").await {
+        Err(EtcdError::Status { status: 403, .. } | EtcdError::Transport { .. }) => {}
+        other => panic!("revoked gateway still answered: {other:?}"),
+    }
     let tls = client_config(
         &loaded.ca_pem,
         None,
@@ -520,5 +553,6 @@ async fn the_console_drives_what_gateways_see() {
         fresh.list("/aisix/prod/").await,
         Err(EtcdError::Transport { .. })
     ));
+    assert!(other.list("/aisix/prod/").await.is_ok());
     cp.shutdown().await;
 }

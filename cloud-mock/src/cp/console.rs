@@ -262,8 +262,6 @@ async fn revoke(
 ) -> Answer {
     known_env(&console, &env)?;
     console.cp.revoke(&env, &dp);
-    // Open connections of the gateway end with its watches.
-    console.cp.faults.cut();
     Ok(axum::Json(json!({"env_id": env, "dp_id": dp, "revoked": true})).into_response())
 }
 

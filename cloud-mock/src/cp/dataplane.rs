@@ -7,7 +7,12 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use axum::Extension;
 use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::Response;
 use axum::routing::post;
+use certs::GatewayIdentity;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use rustls::ServerConfig;
@@ -22,7 +27,21 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
     Router::new()
         .route("/v3/kv/range", post(etcd_api::range))
         .route("/v3/watch", post(etcd_api::watch))
+        .layer(middleware::from_fn_with_state(cp.clone(), refuse_revoked))
         .with_state(cp)
+}
+
+/// A gateway revoked after its connection was made gets 403 on every request.
+async fn refuse_revoked(
+    State(cp): State<Arc<ControlPlane>>,
+    Extension(peer): Extension<GatewayIdentity>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if cp.is_revoked(&peer) {
+        return etcd_api::gateway_error(StatusCode::FORBIDDEN, 7, "this gateway has been revoked");
+    }
+    next.run(req).await
 }
 
 /// Accepts connections until `stop`, then waits for open ones (watches end at `stop`).

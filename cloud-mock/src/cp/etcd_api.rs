@@ -222,7 +222,7 @@ pub async fn watch(
         Err(refusal) => return refusal.into_response(),
     };
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
-    tokio::spawn(stream_watch(cp.clone(), start, end, create, tx));
+    tokio::spawn(stream_watch(cp.clone(), peer, start, end, create, tx));
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     });
@@ -237,6 +237,7 @@ pub async fn watch(
 /// lags (the client then reconnects from its next revision).
 async fn stream_watch(
     cp: Arc<ControlPlane>,
+    peer: GatewayIdentity,
     start: String,
     end: Option<String>,
     create: WatchCreate,
@@ -252,6 +253,7 @@ async fn stream_watch(
     };
     let watch = cp.kv.watch(create.start_revision);
     let mut cut = cp.faults.cut_watches.subscribe();
+    let mut revocations = cp.revocations.subscribe();
     let start_revision = match &watch {
         Ok(w) => w.revision,
         Err(_) => cp.kv.revision(),
@@ -290,6 +292,7 @@ async fn stream_watch(
     loop {
         tokio::select! {
             _ = cut.recv() => return,
+            _ = revocations.recv() => if cp.is_revoked(&peer) { return },
             () = cp.stopping.cancelled() => return,
             () = tx.closed() => return,
             change = watch.live.recv() => match change {

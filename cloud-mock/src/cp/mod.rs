@@ -41,6 +41,8 @@ pub struct ControlPlane {
     ca: RwLock<Arc<CertificateAuthority>>,
     /// Cancelled when the control plane stops: open watch streams end.
     pub stopping: CancellationToken,
+    /// Signalled on every revocation, so open watches of the revoked gateway end.
+    pub revocations: tokio::sync::broadcast::Sender<()>,
 }
 
 impl ControlPlane {
@@ -55,6 +57,7 @@ impl ControlPlane {
             environments: RwLock::new(BTreeSet::new()),
             ca: RwLock::new(Arc::new(ca)),
             stopping: CancellationToken::new(),
+            revocations: tokio::sync::broadcast::channel(16).0,
         }
     }
 
@@ -80,13 +83,14 @@ impl ControlPlane {
             .issue_gateway(&GatewayIdentity::new(env, dp)?, validity)?)
     }
 
-    /// Refuses `env`/`dp` from the next handshake on (open connections are cut by
-    /// the caller as needed).
+    /// Refuses `env`/`dp` from now on: new handshakes fail, requests on its open
+    /// connections answer 403 and its open watches end.
     pub fn revoke(&self, env: &str, dp: &str) {
         self.revoked
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert((env.to_owned(), dp.to_owned()));
+        let _ = self.revocations.send(());
     }
 
     /// Adds an environment; false when it already exists.
