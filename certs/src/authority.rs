@@ -288,11 +288,20 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> CertError + '_ {
 
 /// Creates `path` with `mode`, failing if it exists; the file is complete or absent.
 pub(crate) fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
-    use std::os::unix::fs::OpenOptionsExt;
     if path.exists() {
         return Err(CertError::Exists(path.to_owned()));
     }
-    let tmp: PathBuf = path.with_extension("tmp");
+    write_atomic(path, contents, mode)
+}
+
+/// Replaces `path` with `contents`: written to a temporary file with `mode`, synced,
+/// renamed over the target and the directory synced, so a crash leaves the old file or
+/// the new one, never a mix.
+pub(crate) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -303,5 +312,11 @@ pub(crate) fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), C
     file.write_all(contents)
         .and_then(|()| file.sync_all())
         .map_err(io_err(&tmp))?;
-    fs::rename(&tmp, path).map_err(io_err(path))
+    fs::rename(&tmp, path).map_err(io_err(path))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(dir))?;
+    }
+    Ok(())
 }

@@ -13,12 +13,14 @@
 //! - `inspect`: reading certificates (fields, fingerprint, days left, identity).
 //! - `identity`: the gateway identity and its SAN URIs.
 //! - `csr`: certificate signing requests (key generated locally).
+//! - `enrollment`: one-time enrollment tokens that pin the CA.
 //! - `bundle`: loading and checking a certificate, key and CA.
 //! - `tls`: rustls client and server configurations for mutual TLS.
 
 mod authority;
 mod bundle;
 mod csr;
+pub mod enrollment;
 mod identity;
 mod inspect;
 pub mod tls;
@@ -28,6 +30,16 @@ pub use authority::{CertificateAuthority, Issued, PrivateKeyPem};
 /// Writes a new file with `mode` (atomically; never overwrites an existing file).
 pub fn write_new_file(path: &std::path::Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
     authority::write_new(path, contents, mode)
+}
+
+/// Replaces `path` with `contents` atomically (temporary file, sync, rename, directory
+/// sync) with `mode`; a crash leaves either the old file or the new one.
+pub fn write_file_atomic(
+    path: &std::path::Path,
+    contents: &[u8],
+    mode: u32,
+) -> Result<(), CertError> {
+    authority::write_atomic(path, contents, mode)
 }
 pub use bundle::{Bundle, PemSource, verify_certificate};
 pub use csr::{Csr, generate_csr};

@@ -137,18 +137,32 @@ pub fn server_config(
 /// Decides, during the handshake, whether a gateway identity is refused (revoked).
 pub type Refuse = Arc<dyn Fn(&GatewayIdentity) -> bool + Send + Sync>;
 
+/// Whether a client may connect without presenting a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Anonymous {
+    Refused,
+    /// Admitted: the application must confine such connections (enrollment only). A
+    /// certificate that is presented is still verified and refused when bad.
+    Admitted,
+}
+
 /// Like [`server_config`], but trusting every CA in `client_ca_pem` and refusing, in
 /// the handshake, client certificates without a gateway identity or whose identity
-/// `refuse` rejects.
+/// `refuse` rejects. `cert_pem` may hold the chain to send (leaf first).
 pub fn gateway_server_config(
     cert_pem: &str,
     key_pem: &str,
     client_ca_pem: &str,
     refuse: Refuse,
+    anonymous: Anonymous,
 ) -> Result<ServerConfig, CertError> {
     let inner = webpki_verifier(client_ca_pem)?;
     finish_server_config(
-        Arc::new(GatewayVerifier { inner, refuse }),
+        Arc::new(GatewayVerifier {
+            inner,
+            refuse,
+            anonymous,
+        }),
         cert_pem,
         key_pem,
     )
@@ -187,6 +201,7 @@ fn finish_server_config(
 struct GatewayVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     refuse: Refuse,
+    anonymous: Anonymous,
 }
 
 impl std::fmt::Debug for GatewayVerifier {
@@ -201,7 +216,7 @@ impl ClientCertVerifier for GatewayVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        true
+        self.anonymous == Anonymous::Refused
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use certs::tls::{
-    SwappableIdentity, client_config, gateway_server_config, peer_identity, server_config,
+    Anonymous, SwappableIdentity, client_config, gateway_server_config, peer_identity,
+    server_config,
 };
 use certs::{Bundle, CertificateAuthority, GatewayIdentity, PemSource};
 use rustls::pki_types::ServerName;
@@ -202,6 +203,7 @@ fn gateway_server_refuses_revoked_identities_and_certificates_without_one() {
         issued.key_pem.expose(),
         &trusted,
         Arc::new(|id: &GatewayIdentity| id.dp_id == "dp-revoked"),
+        Anonymous::Refused,
     )
     .unwrap();
     let addr = start_server_with(config);
