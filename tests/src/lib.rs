@@ -12,6 +12,7 @@
     reason = "test support: a failure here should fail the test loudly"
 )]
 
+pub mod cloud;
 pub mod etcd;
 
 use std::io::{BufRead, BufReader};
