@@ -1,11 +1,20 @@
-//! A mock OpenAI-shaped LLM provider that tests script.
+//! Mock LLM providers that tests script: one server speaking both the OpenAI shape
+//! (`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/models`) and the
+//! Anthropic shape (`/v1/messages`, `/v1/messages/count_tokens`), each with its own
+//! streaming format and error envelope.
 //!
-//! Each answer follows a [`Script`]: status, error body, delay before headers, number
-//! of SSE chunks and the gap between them, usage block, and a drop mid-stream. A script
-//! can be set for one upstream model name or as the default. Every request received is
-//! recorded. Out-of-process users script it over HTTP:
-//! `PUT /_mock/script` (a Script, optionally `?model=NAME`), `GET /_mock/requests`,
-//! `DELETE /_mock/requests`.
+//! Each answer follows a [`Script`]: status, error body, `Retry-After`, delay before
+//! headers, number of stream chunks and the gap between them, usage numbers, and a drop
+//! mid-stream. A script can be set for one upstream model name or as the default. Every
+//! request received is recorded (method, path, headers, body). Out-of-process users
+//! script it over HTTP: `PUT /_mock/script` (a Script, optionally `?model=NAME`),
+//! `GET /_mock/requests`, `DELETE /_mock/requests`.
+//!
+//! Layout: this file holds the server, scripts and recording; `openai` and `anthropic`
+//! the two API shapes.
+
+mod anthropic;
+mod openai;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -15,24 +24,26 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, put};
+use axum::routing::{get, post, put};
 use futures_util::stream;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// How the mock answers a chat-completions request.
+/// How the mock answers a request (any route).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Script {
     /// HTTP status; anything but 2xx answers `error_body`.
     pub status: u16,
-    /// Body for error statuses; an OpenAI-style error when unset.
+    /// Body for error statuses; the route's own error envelope when unset.
     pub error_body: Option<String>,
+    /// `Retry-After` header value sent with error statuses.
+    pub retry_after: Option<String>,
     /// Wait before sending response headers.
     pub headers_delay_ms: u64,
     /// Gap before each SSE chunk.
@@ -41,7 +52,7 @@ pub struct Script {
     pub chunks: usize,
     /// Usage block; in streams it is sent as a final chunk.
     pub usage: Option<Usage>,
-    /// Close the connection abruptly after this many chunks.
+    /// Close the connection abruptly after this many stream events.
     pub drop_after_chunks: Option<usize>,
     /// The answer text.
     pub content: String,
@@ -52,6 +63,7 @@ impl Default for Script {
         Self {
             status: 200,
             error_body: None,
+            retry_after: None,
             headers_delay_ms: 0,
             chunk_interval_ms: 0,
             chunks: 3,
@@ -173,8 +185,12 @@ fn router(shared: SharedState) -> Router {
     Router::new()
         .route("/_mock/script", put(set_script))
         .route("/_mock/requests", get(list_requests).delete(clear_requests))
-        .route("/v1/chat/completions", any(chat))
-        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(openai::chat))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/embeddings", post(openai::embeddings))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .with_state(shared)
 }
 
@@ -207,20 +223,23 @@ async fn clear_requests(State(shared): State<SharedState>) -> StatusCode {
     StatusCode::NO_CONTENT
 }
 
-async fn models() -> axum::Json<Value> {
-    axum::Json(
-        json!({"object": "list", "data": [{"id": "mock-model", "object": "model", "created": 0, "owned_by": "mock"}]}),
-    )
+/// One request as a route handler sees it: recorded, parsed, with its script.
+struct Call {
+    request: Value,
+    model: String,
+    stream: bool,
+    script: Script,
 }
 
-async fn chat(
-    State(shared): State<SharedState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+/// Records the request, picks its script (by `model`) and waits the script's delay.
+async fn receive(
+    shared: &SharedState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Call {
+    let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     let model = request
         .get("model")
         .and_then(Value::as_str)
@@ -231,7 +250,7 @@ async fn chat(
         .and_then(Value::as_bool)
         .unwrap_or(false);
     let script = {
-        let mut s = lock(&shared);
+        let mut s = lock(shared);
         s.requests.push(Recorded {
             method: method.to_string(),
             path: uri.path().to_owned(),
@@ -239,7 +258,7 @@ async fn chat(
                 .iter()
                 .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
                 .collect(),
-            body: String::from_utf8_lossy(&body).into_owned(),
+            body: String::from_utf8_lossy(body).into_owned(),
         });
         s.by_model
             .get(&model)
@@ -247,59 +266,53 @@ async fn chat(
             .unwrap_or_else(|| s.default_script.clone())
     };
     tokio::time::sleep(Duration::from_millis(script.headers_delay_ms)).await;
-    let status = StatusCode::from_u16(script.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    if !status.is_success() {
-        let body = script.error_body.clone().unwrap_or_else(|| {
-            json!({"error": {"message": format!("mock error {}", status.as_u16()), "type": "mock_error", "param": null, "code": "mock"}})
-                .to_string()
-        });
-        return (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
-    }
-    if stream {
-        sse(&script, &model)
-    } else {
-        let usage = script.usage.map(usage_json);
-        let body = json!({
-            "id": "chatcmpl-mock",
-            "object": "chat.completion",
-            "created": unix_now(),
-            "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": script.content}, "finish_reason": "stop"}],
-            "usage": usage,
-        });
-        (status, axum::Json(body)).into_response()
+    Call {
+        request,
+        model,
+        stream,
+        script,
     }
 }
 
-fn sse(script: &Script, model: &str) -> Response {
-    let pieces = split(&script.content, script.chunks.max(1));
-    let created = unix_now();
-    let mut events: Vec<String> = pieces
-        .iter()
-        .enumerate()
-        .map(|(i, piece)| {
-            let delta = if i == 0 {
-                json!({"role": "assistant", "content": piece})
-            } else {
-                json!({"content": piece})
-            };
-            let finish = if i + 1 == pieces.len() {
-                json!("stop")
-            } else {
-                Value::Null
-            };
-            chunk(
-                model,
-                created,
-                json!([{"index": 0, "delta": delta, "finish_reason": finish}]),
-                None,
-            )
-        })
-        .collect();
-    if let Some(usage) = script.usage {
-        events.push(chunk(model, created, json!([]), Some(usage_json(usage))));
+impl Call {
+    fn status(&self) -> StatusCode {
+        StatusCode::from_u16(self.script.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
-    events.push("data: [DONE]\n\n".to_owned());
+
+    /// The scripted error answer, if the script says to fail; `default_body` builds the
+    /// route's own envelope for a status.
+    fn error(&self, default_body: impl Fn(StatusCode) -> Value) -> Option<Response> {
+        let status = self.status();
+        if status.is_success() {
+            return None;
+        }
+        let body = self
+            .script
+            .error_body
+            .clone()
+            .unwrap_or_else(|| default_body(status).to_string());
+        let mut response =
+            (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+        if let Some(value) = self
+            .script
+            .retry_after
+            .as_deref()
+            .and_then(|v| HeaderValue::from_str(v).ok())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        Some(response)
+    }
+
+    /// The answer text in `chunks` pieces (at least one).
+    fn pieces(&self) -> Vec<String> {
+        split(&self.script.content, self.script.chunks.max(1))
+    }
+}
+
+/// An SSE response sending `events` (already framed) with the script's gap before each,
+/// aborting the connection after `drop_after_chunks` events when set.
+fn event_stream(events: Vec<String>, script: &Script) -> Response {
     let drop_after = script.drop_after_chunks;
     let gap = Duration::from_millis(script.chunk_interval_ms);
     let items = events.into_iter().enumerate();
@@ -317,18 +330,6 @@ fn sse(script: &Script, model: &str) -> Response {
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(body))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
-}
-
-fn chunk(model: &str, created: u64, choices: Value, usage: Option<Value>) -> String {
-    let mut c = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices});
-    if let Some(usage) = usage {
-        c["usage"] = usage;
-    }
-    format!("data: {c}\n\n")
-}
-
-fn usage_json(u: Usage) -> Value {
-    json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.prompt_tokens + u.completion_tokens})
 }
 
 /// Splits `text` into `n` pieces on character boundaries (some may be empty).

@@ -1,0 +1,117 @@
+//! The Anthropic shape: `/v1/messages` as JSON or as Anthropic's SSE event sequence
+//! (`message_start`, `content_block_start`, `ping`, `content_block_delta`...,
+//! `content_block_stop`, `message_delta`, `message_stop`), `/v1/messages/count_tokens`,
+//! and `{"type": "error", "error": {type, message}}` errors.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::{SharedState, event_stream, receive};
+
+/// Anthropic's error type for a status.
+pub fn error_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 | 422 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        408 => "timeout_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        _ => "api_error",
+    }
+}
+
+fn error_body(status: StatusCode) -> Value {
+    json!({"type": "error", "error": {"type": error_type(status), "message": format!("mock error {}", status.as_u16())}})
+}
+
+fn event(name: &str, data: &Value) -> String {
+    format!("event: {name}\ndata: {data}\n\n")
+}
+
+pub async fn messages(
+    State(shared): State<SharedState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let call = receive(&shared, &method, &uri, &headers, &body).await;
+    if let Some(error) = call.error(error_body) {
+        return error;
+    }
+    let (input, output) = call
+        .script
+        .usage
+        .map_or((0, 0), |u| (u.prompt_tokens, u.completion_tokens));
+    let message = |content: Value, stop: Value, output_tokens: u64| {
+        json!({
+            "id": "msg_mock",
+            "type": "message",
+            "role": "assistant",
+            "model": call.model,
+            "content": content,
+            "stop_reason": stop,
+            "stop_sequence": null,
+            "usage": {"input_tokens": input, "output_tokens": output_tokens},
+        })
+    };
+    if !call.stream {
+        let content = json!([{"type": "text", "text": call.script.content}]);
+        return axum::Json(message(content, json!("end_turn"), output)).into_response();
+    }
+    let mut events = vec![
+        event(
+            "message_start",
+            &json!({"type": "message_start", "message": message(json!([]), Value::Null, 1)}),
+        ),
+        event(
+            "content_block_start",
+            &json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
+        event("ping", &json!({"type": "ping"})),
+    ];
+    events.extend(call.pieces().iter().map(|piece| {
+        event(
+            "content_block_delta",
+            &json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}),
+        )
+    }));
+    events.push(event(
+        "content_block_stop",
+        &json!({"type": "content_block_stop", "index": 0}),
+    ));
+    events.push(event(
+        "message_delta",
+        &json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+                "usage": {"output_tokens": output}}),
+    ));
+    events.push(event("message_stop", &json!({"type": "message_stop"})));
+    event_stream(events, &call.script)
+}
+
+/// `{"input_tokens"}`: the script's prompt tokens, or about one token per four bytes
+/// of the messages and system prompt when the script has no usage.
+pub async fn count_tokens(
+    State(shared): State<SharedState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let call = receive(&shared, &method, &uri, &headers, &body).await;
+    if let Some(error) = call.error(error_body) {
+        return error;
+    }
+    let estimate = || {
+        let text = |field: &str| call.request.get(field).map_or(0, |v| v.to_string().len());
+        u64::try_from((text("messages") + text("system")).div_ceil(4)).unwrap_or(u64::MAX)
+    };
+    let tokens = call.script.usage.map_or_else(estimate, |u| u.prompt_tokens);
+    axum::Json(json!({"input_tokens": tokens})).into_response()
+}

@@ -1,0 +1,195 @@
+//! The OpenAI shape: chat completions and completions (JSON or SSE ending `[DONE]`),
+//! embeddings, the model list, and `{"error": {message, type, param, code}}` errors.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::{Call, SharedState, Usage, event_stream, lock, receive, unix_now};
+
+fn error_body(status: StatusCode) -> Value {
+    let kind = match status.as_u16() {
+        400 | 404 | 413 | 422 => "invalid_request_error",
+        401 | 403 => "authentication_error",
+        429 => "rate_limit_error",
+        _ => "server_error",
+    };
+    json!({"error": {"message": format!("mock error {}", status.as_u16()), "type": kind, "param": null, "code": "mock"}})
+}
+
+fn usage_json(u: Usage) -> Value {
+    json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.prompt_tokens + u.completion_tokens})
+}
+
+fn data(value: &Value) -> String {
+    format!("data: {value}\n\n")
+}
+
+/// The chunks of a stream: one per piece (the last carries `finish_reason`), a usage
+/// chunk when the script has usage, then `[DONE]`.
+fn stream(call: &Call, chunk: impl Fn(usize, &str, bool) -> Value) -> Response {
+    let pieces = call.pieces();
+    let mut events: Vec<String> = pieces
+        .iter()
+        .enumerate()
+        .map(|(i, piece)| data(&chunk(i, piece, i + 1 == pieces.len())))
+        .collect();
+    if let Some(usage) = call.script.usage {
+        let mut last = chunk(0, "", false);
+        last["choices"] = json!([]);
+        last["usage"] = usage_json(usage);
+        events.push(data(&last));
+    }
+    events.push("data: [DONE]\n\n".to_owned());
+    event_stream(events, &call.script)
+}
+
+pub async fn chat(
+    State(shared): State<SharedState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let call = receive(&shared, &method, &uri, &headers, &body).await;
+    if let Some(error) = call.error(error_body) {
+        return error;
+    }
+    let created = unix_now();
+    let model = call.model.clone();
+    if call.stream {
+        return stream(&call, |i, piece, last| {
+            let delta = if i == 0 {
+                json!({"role": "assistant", "content": piece})
+            } else {
+                json!({"content": piece})
+            };
+            let finish = if last { json!("stop") } else { Value::Null };
+            json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": created,
+                   "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        });
+    }
+    axum::Json(json!({
+        "id": "chatcmpl-mock",
+        "object": "chat.completion",
+        "created": created,
+        "model": call.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": call.script.content}, "finish_reason": "stop"}],
+        "usage": call.script.usage.map(usage_json),
+    }))
+    .into_response()
+}
+
+pub async fn completions(
+    State(shared): State<SharedState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let call = receive(&shared, &method, &uri, &headers, &body).await;
+    if let Some(error) = call.error(error_body) {
+        return error;
+    }
+    let created = unix_now();
+    let model = call.model.clone();
+    if call.stream {
+        return stream(&call, |_, piece, last| {
+            let finish = if last { json!("stop") } else { Value::Null };
+            json!({"id": "cmpl-mock", "object": "text_completion", "created": created, "model": model,
+                   "choices": [{"index": 0, "text": piece, "logprobs": null, "finish_reason": finish}]})
+        });
+    }
+    axum::Json(json!({
+        "id": "cmpl-mock",
+        "object": "text_completion",
+        "created": created,
+        "model": call.model,
+        "choices": [{"index": 0, "text": call.script.content, "logprobs": null, "finish_reason": "stop"}],
+        "usage": call.script.usage.map(usage_json),
+    }))
+    .into_response()
+}
+
+/// Dimensions of mock embeddings.
+const DIMENSIONS: usize = 8;
+
+/// A deterministic unit-ish vector for `text`.
+fn embed(text: &str) -> Vec<f64> {
+    let mut state: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        state = (state ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    (0..DIMENSIONS)
+        .map(|i| {
+            state = state.rotate_left(7).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i as u64);
+            f64::from(u32::try_from(state >> 40).unwrap_or(0)) / f64::from(1u32 << 24) - 0.5
+        })
+        .collect()
+}
+
+pub async fn embeddings(
+    State(shared): State<SharedState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let call = receive(&shared, &method, &uri, &headers, &body).await;
+    if let Some(error) = call.error(error_body) {
+        return error;
+    }
+    let inputs: Vec<String> = match call.request.get("input") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+            .collect(),
+        _ => {
+            let mut error = error_body(StatusCode::BAD_REQUEST);
+            error["error"]["message"] = json!("'input' is required");
+            return (StatusCode::BAD_REQUEST, axum::Json(error)).into_response();
+        }
+    };
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, text)| json!({"object": "embedding", "index": i, "embedding": embed(text)}))
+        .collect();
+    let prompt_tokens = call.script.usage.map_or(0, |u| u.prompt_tokens);
+    axum::Json(json!({
+        "object": "list",
+        "data": data,
+        "model": call.model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }))
+    .into_response()
+}
+
+/// `mock-model` and every model with its own script.
+pub async fn models(State(shared): State<SharedState>) -> axum::Json<Value> {
+    let mut names: Vec<String> = lock(&shared).by_model.keys().cloned().collect();
+    names.push("mock-model".to_owned());
+    names.sort();
+    names.dedup();
+    let data: Vec<Value> = names
+        .iter()
+        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "mock"}))
+        .collect();
+    axum::Json(json!({"object": "list", "data": data}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embeddings_are_deterministic_and_differ_by_text() {
+        assert_eq!(embed("a"), embed("a"));
+        assert_ne!(embed("a"), embed("b"));
+        assert_eq!(embed("a").len(), DIMENSIONS);
+        assert!(embed("hello").iter().all(|x| (-0.5..0.5).contains(x)));
+    }
+}
