@@ -1,12 +1,11 @@
 //! cloud-mock: what the agent runs against on one machine.
 //!
-//! It holds the mock LLM providers and the bundled control plane (in progress: the
-//! mutual-TLS data-plane listener with the etcd v3 JSON subset, fault knobs and the
-//! console API exist; the state directory and `/dp/*` endpoints come next).
-//!
 //! Layout:
-//! - `provider`: a scriptable, recording mock of an OpenAI-shaped provider.
-//! - `cp`: the control plane.
+//! - `provider`: scriptable, recording mocks of OpenAI- and Anthropic-shaped providers.
+//! - `cp`: the control plane (mutual-TLS data plane, console API, fault injection,
+//!   state directory).
+//! - `stack`: everything together, as `cloud-mock serve` runs it.
 
 pub mod cp;
 pub mod provider;
+pub mod stack;

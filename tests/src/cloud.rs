@@ -98,3 +98,79 @@ pub async fn send(
     let text = response.text().await?;
     Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
 }
+
+/// `cloud-mock serve` running as a process, with what it printed at start.
+pub struct CloudMockProcess {
+    pub process: crate::Process,
+    pub dp_url: String,
+    pub console: Console,
+    pub provider_url: String,
+    /// The directory holding the demo bundle (`cert.pem`, `key.pem`, `ca.pem`).
+    pub bundle_dir: std::path::PathBuf,
+}
+
+fn after<'a>(line: &'a str, marker: &str) -> &'a str {
+    line.split(marker)
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no {marker:?} in {line:?}"))
+}
+
+impl CloudMockProcess {
+    /// Starts `cloud-mock serve --state STATE` on ephemeral ports (or the given data
+    /// plane address, to restart on the same port) and waits for its start lines.
+    pub async fn start(state: &std::path::Path, dp_addr: Option<&str>) -> Self {
+        let state = state.to_str().unwrap();
+        let mut process = crate::Process::start(
+            &crate::binary("cloud-mock"),
+            &[
+                "serve",
+                "--state",
+                state,
+                "--dp-addr",
+                dp_addr.unwrap_or("127.0.0.1:0"),
+                "--console-addr",
+                "127.0.0.1:0",
+                "--provider-addr",
+                "127.0.0.1:0",
+            ],
+            &[],
+        );
+        let within = Duration::from_secs(30);
+        let dp = process
+            .wait_for_line("control plane (mTLS) listening on", within)
+            .await;
+        let console = process.wait_for_line("console listening on", within).await;
+        let token = process.wait_for_line("console token:", within).await;
+        let bundle = process.wait_for_line("demo bundle for", within).await;
+        let provider = process
+            .wait_for_line("mock provider listening on", within)
+            .await;
+        let bundle_dir = bundle
+            .split_whitespace()
+            .find(|w| w.ends_with("demo-bundle"))
+            .unwrap_or_else(|| panic!("no bundle path in {bundle:?}"));
+        Self {
+            dp_url: after(&dp, "listening on ").to_owned(),
+            console: Console::new(after(&console, "listening on "), after(&token, "token: ")),
+            provider_url: after(&provider, "listening on ").to_owned(),
+            bundle_dir: bundle_dir.into(),
+            process,
+        }
+    }
+
+    /// The `host:port` of the data plane.
+    pub fn dp_addr(&self) -> &str {
+        self.dp_url.trim_start_matches("https://")
+    }
+
+    /// The demo bundle as the console would answer it.
+    pub fn demo_bundle(&self) -> Value {
+        let read = |f: &str| std::fs::read_to_string(self.bundle_dir.join(f)).unwrap();
+        serde_json::json!({
+            "cert_pem": read("cert.pem"),
+            "key_pem": read("key.pem"),
+            "ca_pem": read("ca.pem"),
+        })
+    }
+}

@@ -21,14 +21,7 @@ use proxy_core::snapshot::SourceEvent;
 const DAY: Duration = Duration::from_secs(86_400);
 const WAIT: Duration = Duration::from_secs(5);
 
-fn http_with(tls: rustls::ClientConfig) -> reqwest::Client {
-    proxy_core::install_crypto_provider();
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .no_proxy()
-        .build()
-        .unwrap()
-}
+use tests::cloud::mtls_http as http_with;
 
 fn gateway_tls(
     ca: &CertificateAuthority,
