@@ -1,18 +1,20 @@
 //! Enrollment tokens: what an operator copies to install a gateway without moving a
-//! private key. `et1.<secret>.<ca-sha256>`: the secret (32 hex digits) is the one-time
-//! credential the control plane checks (it stores only its SHA-256); the CA fingerprint
-//! (SHA-256 of the CA certificate's DER, 64 hex digits) lets the enrolling agent trust
-//! the control plane before it has a CA bundle: it accepts the server only if the
-//! chain it presents carries that CA and the server certificate verifies against it.
+//! private key. `et1:<env_id>:<dp_id>:<secret>:<ca-sha256>`: the identity tells the
+//! agent what to put in its CSR; the secret (32 hex digits) is the one-time credential
+//! the control plane checks (it stores only its SHA-256); the CA fingerprint (SHA-256
+//! of the CA certificate's DER, 64 hex digits) lets the enrolling agent trust the
+//! control plane before it has a CA bundle: it accepts the server only if the chain it
+//! presents carries that CA and the server certificate verifies against it.
 
 use sha2::{Digest, Sha256};
 
-use crate::CertError;
+use crate::{CertError, GatewayIdentity};
 
 const PREFIX: &str = "et1";
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct EnrollmentToken {
+    pub identity: GatewayIdentity,
     secret: String,
     /// Lowercase hex SHA-256 of the CA certificate (DER).
     pub ca_sha256: String,
@@ -21,6 +23,7 @@ pub struct EnrollmentToken {
 impl std::fmt::Debug for EnrollmentToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EnrollmentToken")
+            .field("identity", &self.identity)
             .field("ca_sha256", &self.ca_sha256)
             .finish_non_exhaustive()
     }
@@ -50,11 +53,12 @@ pub fn ca_fingerprint(ca_pem: &str) -> Result<String, CertError> {
 }
 
 impl EnrollmentToken {
-    /// A new token with a random secret for the CA in `ca_pem`.
-    pub fn generate(ca_pem: &str) -> Result<Self, CertError> {
+    /// A new token for `identity` with a random secret, pinning the CA in `ca_pem`.
+    pub fn generate(identity: &GatewayIdentity, ca_pem: &str) -> Result<Self, CertError> {
         let mut secret = [0u8; 16];
         ring_fill(&mut secret)?;
         Ok(Self {
+            identity: identity.clone(),
             secret: secret.iter().map(|b| format!("{b:02x}")).collect(),
             ca_sha256: ca_fingerprint(ca_pem)?,
         })
@@ -64,19 +68,26 @@ impl EnrollmentToken {
     pub fn parse(text: &str) -> Result<Self, CertError> {
         let invalid = || {
             CertError::Identity(
-                "enrollment token: expected et1.<32 hex digits>.<64 hex digits>".to_owned(),
+                "enrollment token: expected et1:<env_id>:<dp_id>:<32 hex digits>:<64 hex digits>"
+                    .to_owned(),
             )
         };
-        let mut parts = text.trim().split('.');
-        let (Some(PREFIX), Some(secret), Some(ca), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let mut parts = text.trim().split(':');
+        let (Some(PREFIX), Some(env), Some(dp), Some(secret), Some(ca), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
             return Err(invalid());
         };
         if !is_hex(secret, 32) || !is_hex(ca, 64) {
             return Err(invalid());
         }
         Ok(Self {
+            identity: GatewayIdentity::new(env, dp)?,
             secret: secret.to_ascii_lowercase(),
             ca_sha256: ca.to_ascii_lowercase(),
         })
@@ -89,7 +100,10 @@ impl EnrollmentToken {
 
     /// The full token text (contains the secret: show it once, never log it).
     pub fn expose(&self) -> String {
-        format!("{PREFIX}.{}.{}", self.secret, self.ca_sha256)
+        format!(
+            "{PREFIX}:{}:{}:{}:{}",
+            self.identity.env_id, self.identity.dp_id, self.secret, self.ca_sha256
+        )
     }
 }
 
@@ -110,7 +124,8 @@ mod tests {
     #[test]
     fn tokens_round_trip_and_pin_the_ca() {
         let ca = CertificateAuthority::generate("t", Duration::from_secs(3600)).unwrap();
-        let token = EnrollmentToken::generate(ca.cert_pem()).unwrap();
+        let id = GatewayIdentity::new("prod.eu", "dp-1").unwrap();
+        let token = EnrollmentToken::generate(&id, ca.cert_pem()).unwrap();
         let parsed = EnrollmentToken::parse(&token.expose()).unwrap();
         assert_eq!(parsed, token);
         assert_eq!(token.ca_sha256, ca_fingerprint(ca.cert_pem()).unwrap());
@@ -121,18 +136,25 @@ mod tests {
                 .to_ascii_lowercase(),
             token.ca_sha256
         );
-        assert_ne!(EnrollmentToken::generate(ca.cert_pem()).unwrap(), token);
-        assert!(!format!("{token:?}").contains(&token.expose()[4..36]));
+        assert_eq!(parsed.identity, id);
+        assert!(token.expose().starts_with("et1:prod.eu:dp-1:"));
+        assert_ne!(
+            EnrollmentToken::generate(&id, ca.cert_pem()).unwrap(),
+            token
+        );
+        let secret = token.expose().split(':').nth(3).unwrap().to_owned();
+        assert!(!format!("{token:?}").contains(&secret));
     }
 
     #[test]
     fn malformed_tokens_are_refused() {
         for bad in [
             "",
-            "et1.abc.def",
-            "et2.00000000000000000000000000000000.0000000000000000000000000000000000000000000000000000000000000000",
-            "et1.0000000000000000000000000000000g.0000000000000000000000000000000000000000000000000000000000000000",
-            "et1.00000000000000000000000000000000.0000000000000000000000000000000000000000000000000000000000000000.x",
+            "et1:e:d:abc:def",
+            "et2:e:d:00000000000000000000000000000000:0000000000000000000000000000000000000000000000000000000000000000",
+            "et1:e:d:0000000000000000000000000000000g:0000000000000000000000000000000000000000000000000000000000000000",
+            "et1:e:d:00000000000000000000000000000000:0000000000000000000000000000000000000000000000000000000000000000:x",
+            "et1:e/x:d:00000000000000000000000000000000:0000000000000000000000000000000000000000000000000000000000000000",
         ] {
             assert!(EnrollmentToken::parse(bad).is_err(), "{bad}");
         }

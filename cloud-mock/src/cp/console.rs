@@ -230,8 +230,9 @@ async fn issue_bundle(State(cp): Cp, Path(env): Path<String>, body: Bytes) -> An
 async fn issue_token(State(cp): Cp, Path(env): Path<String>, body: Bytes) -> Answer {
     known_env(&cp, &env)?;
     let request: GatewayRequest = parse(&body)?;
-    request.identity(&env)?;
-    let token = EnrollmentToken::generate(cp.ca().cert_pem()).map_err(|e| internal(&e.into()))?;
+    let identity = request.identity(&env)?;
+    let token = EnrollmentToken::generate(&identity, cp.ca().cert_pem())
+        .map_err(|e| internal(&e.into()))?;
     let expires = unix_now()
         .saturating_add(i64::try_from(request.ttl_seconds.unwrap_or(3600)).unwrap_or(i64::MAX));
     let record = super::state::EnrollmentToken {

@@ -317,6 +317,11 @@ pub async fn register(State(cp): State<Arc<ControlPlane>>, body: Bytes) -> Answe
     let token = EnrollmentToken::parse(&request.token).map_err(|e| token_refused(e.to_string()))?;
     let hash = token.secret_sha256();
     let (env, dp, validity) = usable(&cp, &hash, unix_now())?;
+    if token.identity.env_id != env || token.identity.dp_id != dp {
+        return Err(token_refused(
+            "enrollment token is not valid: identity altered",
+        ));
+    }
     if cp.is_revoked(&GatewayIdentity::new(&env, &dp).map_err(|e| internal(&e.into()))?) {
         return Err(refuse(
             StatusCode::FORBIDDEN,
