@@ -37,14 +37,7 @@ pub enum ConfigError {
 }
 
 /// Sections that exist in the AISIX gateway config but that this build does not use.
-const IGNORED_SECTIONS: &[&str] = &[
-    "cache",
-    "ratelimit",
-    "upstream",
-    "downstream",
-    "deployment",
-    "managed",
-];
+const IGNORED_SECTIONS: &[&str] = &["cache", "ratelimit", "upstream", "downstream", "deployment"];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -55,6 +48,8 @@ pub struct Config {
     pub etcd: Option<EtcdSection>,
     /// Self-hosted mode's admin listener.
     pub admin: Option<AdminSection>,
+    /// Managed mode: configuration, budgets and usage through the control plane.
+    pub managed: Option<ManagedSection>,
     #[serde(default)]
     pub proxy: ProxySection,
     #[serde(default)]
@@ -72,8 +67,6 @@ pub struct Config {
     downstream: Option<Value>,
     #[serde(default)]
     deployment: Option<Value>,
-    #[serde(default)]
-    managed: Option<Value>,
     #[serde(skip)]
     pub ignored: Vec<String>,
 }
@@ -107,6 +100,52 @@ pub struct EtcdTlsSection {
     pub ca_file: Option<PathBuf>,
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
+}
+
+/// The `managed` section: how to reach the control plane and where to keep state.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManagedSection {
+    /// Managed mode is on only when this is true.
+    #[serde(default)]
+    pub enabled: bool,
+    /// `https://host:port` of the control plane's data-plane listener.
+    #[serde(default)]
+    pub cp_base_url: String,
+    /// The certificate bundle: each item inline (`*_pem`) or as a file (`*_file`),
+    /// never both. May be omitted when `state_dir/mtls` already holds a bundle (from
+    /// an earlier start or `aisix-agent enroll`).
+    pub cp_cert_pem: Option<Secret>,
+    pub cp_cert_file: Option<PathBuf>,
+    pub cp_key_pem: Option<Secret>,
+    pub cp_key_file: Option<PathBuf>,
+    pub cp_ca_pem: Option<Secret>,
+    pub cp_ca_file: Option<PathBuf>,
+    /// An extra CA to trust for the control plane's server certificate.
+    pub cp_extra_ca_file: Option<PathBuf>,
+    /// Holds `mtls/` (the bundle in use) and the snapshot cache.
+    #[serde(default)]
+    pub state_dir: PathBuf,
+    #[serde(default = "default_heartbeat_interval")]
+    pub heartbeat_interval_secs: u64,
+    /// TCP + TLS connect timeout of every control-plane call.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    /// Timeout of every control-plane call but the long-lived watch.
+    #[serde(default = "default_cp_request_timeout")]
+    pub request_timeout_ms: u64,
+}
+
+fn default_heartbeat_interval() -> u64 {
+    15
+}
+
+fn default_connect_timeout() -> u64 {
+    5000
+}
+
+fn default_cp_request_timeout() -> u64 {
+    10_000
 }
 
 fn default_prefix() -> String {
@@ -254,23 +293,38 @@ impl Config {
         Ok(config)
     }
 
+    /// The managed section when managed mode is enabled.
+    pub fn managed(&self) -> Option<&ManagedSection> {
+        self.managed.as_ref().filter(|m| m.enabled)
+    }
+
     fn validate(&self) -> Result<(), (&'static str, String)> {
-        match (&self.resources_file, &self.etcd) {
-            (Some(_), Some(_)) => {
-                return Err((
-                    "resources_file",
-                    "choose one configuration source: resources_file or etcd, not both".to_owned(),
-                ));
-            }
-            (None, None) => {
+        let sources = [
+            self.resources_file.is_some(),
+            self.etcd.is_some(),
+            self.managed().is_some(),
+        ];
+        match sources.iter().filter(|s| **s).count() {
+            0 => {
                 return Err((
                     "(top level)",
-                    "a configuration source is required: set etcd (self-hosted) or resources_file"
+                    "a configuration source is required: set managed (with enabled: true), etcd (self-hosted) or resources_file"
                         .to_owned(),
                 ));
             }
-            (None, Some(etcd)) => etcd.validate()?,
-            (Some(_), None) => {}
+            1 => {}
+            _ => {
+                return Err((
+                    "(top level)",
+                    "choose one configuration source: managed, etcd or resources_file".to_owned(),
+                ));
+            }
+        }
+        if let Some(etcd) = &self.etcd {
+            etcd.validate()?;
+        }
+        if let Some(managed) = self.managed() {
+            managed.validate()?;
         }
         if let Some(admin) = &self.admin {
             if admin.admin_keys.is_empty() || admin.admin_keys.iter().any(|k| k.expose().is_empty())
@@ -314,7 +368,6 @@ impl Config {
             &self.upstream,
             &self.downstream,
             &self.deployment,
-            &self.managed,
         ];
         let mut out: Vec<String> = IGNORED_SECTIONS
             .iter()
@@ -324,6 +377,9 @@ impl Config {
             .collect();
         if self.admin.is_some() && self.etcd.is_none() {
             out.push("admin (the admin listener runs in self-hosted etcd mode only)".to_owned());
+        }
+        if self.managed.as_ref().is_some_and(|m| !m.enabled) {
+            out.push("managed (enabled is false)".to_owned());
         }
         if self.observability.metrics.is_some() {
             out.push("observability.metrics".to_owned());
@@ -339,6 +395,78 @@ impl Config {
             .iter()
             .filter_map(|h| http_header_name(h))
             .collect()
+    }
+}
+
+impl ManagedSection {
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let url = reqwest::Url::parse(&self.cp_base_url);
+        match url {
+            Ok(u) if u.scheme() == "https" && u.host().is_some() => {}
+            Ok(u) if u.scheme() == "http" => {
+                return Err((
+                    "managed.cp_base_url",
+                    format!(
+                        "'{}': the control plane is reached over mutual TLS only; use https://",
+                        self.cp_base_url
+                    ),
+                ));
+            }
+            _ => {
+                return Err((
+                    "managed.cp_base_url",
+                    format!("'{}' is not an https:// URL", self.cp_base_url),
+                ));
+            }
+        }
+        if self.state_dir.as_os_str().is_empty() {
+            return Err((
+                "managed.state_dir",
+                "required: the directory that keeps the bundle and the last good snapshot"
+                    .to_owned(),
+            ));
+        }
+        let items = [
+            (
+                "managed.cp_cert_pem",
+                self.cp_cert_pem.is_some(),
+                self.cp_cert_file.is_some(),
+            ),
+            (
+                "managed.cp_key_pem",
+                self.cp_key_pem.is_some(),
+                self.cp_key_file.is_some(),
+            ),
+            (
+                "managed.cp_ca_pem",
+                self.cp_ca_pem.is_some(),
+                self.cp_ca_file.is_some(),
+            ),
+        ];
+        for (field, inline, file) in items {
+            if inline && file {
+                return Err((
+                    field,
+                    format!(
+                        "set {field} or {}, not both",
+                        field.replace("_pem", "_file")
+                    ),
+                ));
+            }
+        }
+        for (field, value) in [
+            (
+                "managed.heartbeat_interval_secs",
+                self.heartbeat_interval_secs,
+            ),
+            ("managed.connect_timeout_ms", self.connect_timeout_ms),
+            ("managed.request_timeout_ms", self.request_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err((field, "must be greater than 0".to_owned()));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -549,7 +677,7 @@ mod tests {
             ),
             (
                 "etcd: {endpoints: [http://e:1]}\nresources_file: r.yaml\n",
-                "resources_file: choose one configuration source",
+                "(top level): choose one configuration source",
             ),
         ];
         for (text, expected) in cases {
@@ -559,6 +687,55 @@ mod tests {
         let c = parse("resources_file: r.yaml\nadmin: {admin_keys: [k]}\n").unwrap();
         assert_eq!(c.ignored.len(), 1);
         assert!(c.ignored[0].starts_with("admin"));
+    }
+
+    #[test]
+    fn managed_section() {
+        let ok =
+            "managed: {enabled: true, cp_base_url: 'https://cp:7443', state_dir: /var/lib/aisix}\n";
+        let c = parse(ok).unwrap();
+        let m = c.managed().unwrap();
+        assert_eq!(m.heartbeat_interval_secs, 15);
+        assert_eq!(m.connect_timeout_ms, 5000);
+        assert!(c.ignored.is_empty(), "{:?}", c.ignored);
+        let cases = [
+            (
+                "managed: {enabled: true, cp_base_url: 'http://cp:7443', state_dir: /s}\n",
+                "managed.cp_base_url: 'http://cp:7443': the control plane is reached over mutual TLS only",
+            ),
+            (
+                "managed: {enabled: true, cp_base_url: 'cp:7443', state_dir: /s}\n",
+                "managed.cp_base_url",
+            ),
+            (
+                "managed: {enabled: true, cp_base_url: 'https://cp'}\n",
+                "managed.state_dir: required",
+            ),
+            (
+                "managed: {enabled: true, cp_base_url: 'https://cp', state_dir: /s, cp_key_pem: k, cp_key_file: /k}\n",
+                "managed.cp_key_pem: set managed.cp_key_pem or managed.cp_key_file, not both",
+            ),
+            (
+                "managed: {enabled: true, cp_base_url: 'https://cp', state_dir: /s, heartbeat_interval_secs: 0}\n",
+                "managed.heartbeat_interval_secs: must be greater than 0",
+            ),
+            (
+                "managed: {enabled: true, cp_base_url: 'https://cp', state_dir: /s, cp_cert: x}\n",
+                "managed: unknown field `cp_cert`",
+            ),
+            (
+                "managed: {enabled: true, cp_base_url: 'https://cp', state_dir: /s}\nresources_file: r.yaml\n",
+                "choose one configuration source",
+            ),
+        ];
+        for (text, expected) in cases {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(expected), "{text} -> {e}");
+        }
+        // A disabled section is not a source, and is reported.
+        let c = parse("resources_file: r.yaml\nmanaged: {enabled: false}\n").unwrap();
+        assert!(c.managed().is_none());
+        assert_eq!(c.ignored, ["managed (enabled is false)"]);
     }
 
     #[test]

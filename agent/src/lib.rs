@@ -12,6 +12,7 @@
 //! - `resources_file`: file mode's YAML resources document (SIGHUP reloads it).
 //! - `etcd`: the etcd v3 JSON client; `watch`: the list-then-watch configuration
 //!   watcher; `backoff`: retry pacing; `cache`: the sled last-good snapshot.
+//! - `managed`: managed mode (bundle, mTLS client, heartbeats) over the same watcher.
 //! - `admin`: the self-hosted admin listener.
 //! - `logging`: tracing setup (text or JSON).
 
@@ -21,6 +22,7 @@ pub mod cache;
 pub mod config;
 pub mod etcd;
 pub mod logging;
+pub mod managed;
 pub mod resources_file;
 pub mod watch;
 
@@ -68,6 +70,17 @@ pub enum PreparedSource {
         client: Arc<EtcdClient>,
         cache: Option<SnapshotCache>,
     },
+    Managed(Box<managed::Managed>),
+}
+
+impl PreparedSource {
+    /// The storage prefix resources live under, without a trailing slash.
+    pub fn prefix(&self, config: &Config) -> String {
+        match self {
+            PreparedSource::Managed(m) => m.prefix.clone(),
+            _ => config.prefix(),
+        }
+    }
 }
 
 /// Everything `run` needs that `main` prepared and validated.
@@ -82,6 +95,11 @@ pub struct Prepared {
 /// Prepares the configuration source before any port is bound, so a broken resources
 /// file, TLS file or cache directory stops start-up with a clear message.
 pub fn prepare_source(config: &Config) -> anyhow::Result<PreparedSource> {
+    if let Some(section) = config.managed() {
+        return Ok(PreparedSource::Managed(Box::new(managed::prepare(
+            section,
+        )?)));
+    }
     match (&config.etcd, &config.resources_file) {
         (Some(etcd), _) => {
             let client = Arc::new(etcd_client(etcd)?);
@@ -163,10 +181,11 @@ pub async fn run(prepared: Prepared, controls: Controls) -> anyhow::Result<()> {
             "config section is not implemented by this build; ignored"
         );
     }
-    let store = Arc::new(SnapshotStore::new(config.prefix()));
+    let store = Arc::new(SnapshotStore::new(source.prefix(&config)));
     let background = CancellationToken::new();
     let workers = TaskTracker::new();
     let mut generation = 1;
+    let health = Arc::new(proxy_core::health::ModelHealth::default());
     let etcd = match source {
         PreparedSource::File(resources) => {
             apply_file(&store, resources, generation);
@@ -192,6 +211,16 @@ pub async fn run(prepared: Prepared, controls: Controls) -> anyhow::Result<()> {
             workers.spawn(watcher.run(background.clone()));
             Some(client)
         }
+        PreparedSource::Managed(managed) => {
+            managed.start(
+                &store,
+                health.clone(),
+                &workers,
+                &background,
+                INITIAL_WATCH_IDLE,
+            );
+            None
+        }
     };
 
     let draining = CancellationToken::new();
@@ -204,10 +233,15 @@ pub async fn run(prepared: Prepared, controls: Controls) -> anyhow::Result<()> {
         request_id_headers: config.request_id_headers(),
         access_log: config.observability.access_log,
     };
-    let state = ProxyState::new(store.clone(), Upstream::new()?, options, draining.clone());
+    let state = ProxyState::new(
+        store.clone(),
+        Upstream::new()?,
+        options,
+        draining.clone(),
+        health.clone(),
+    );
     let servers = TaskTracker::new();
     let addr = proxy_listener.local_addr()?;
-    let health = state.health();
     servers.spawn(serve_logged(
         "proxy",
         proxy_listener,
@@ -237,8 +271,8 @@ pub async fn run(prepared: Prepared, controls: Controls) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             () = controls.reload.notified() => {
-                if config.etcd.is_some() {
-                    info!("nothing to reload: the configuration follows etcd");
+                if config.resources_file.is_none() {
+                    info!("nothing to reload: the configuration follows its source");
                     continue;
                 }
                 generation += 1;

@@ -112,6 +112,19 @@ fn validate(config_path: &Path, config: &Config) -> anyhow::Result<ExitCode> {
     for section in &config.ignored {
         println!("note: config section '{section}' is not implemented by this build; ignored");
     }
+    if let Some(managed) = config.managed() {
+        let bundle =
+            agent::managed::bundle::resolve(managed, time::OffsetDateTime::now_utc(), false)?;
+        println!(
+            "{}: ok (managed: gateway {} of environment {}, certificate valid until {}; resources come from {})",
+            config_path.display(),
+            bundle.identity.dp_id,
+            bundle.identity.env_id,
+            bundle.leaf.not_after,
+            managed.cp_base_url
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Some(etcd) = &config.etcd {
         agent::etcd_client(etcd)?;
         println!(

@@ -163,7 +163,13 @@ async fn harness(options: ProxyOptions) -> Harness {
 
     let draining = CancellationToken::new();
     let stop = CancellationToken::new();
-    let state = ProxyState::new(store, Upstream::new().unwrap(), options, draining.clone());
+    let state = ProxyState::new(
+        store,
+        Upstream::new().unwrap(),
+        options,
+        draining.clone(),
+        Default::default(),
+    );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(serve(listener, router(state), stop.clone()));

@@ -1,4 +1,4 @@
-//! Liveness, model discovery, caller authentication and the fallbacks.
+//! Liveness, readiness, model discovery, caller authentication and the fallbacks.
 
 use std::collections::HashMap;
 use std::time::SystemTime;
@@ -19,6 +19,45 @@ pub(super) async fn livez(
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     livez_response(state.0.draining.is_cancelled(), &q)
+}
+
+/// `/readyz`: 200 once a snapshot is loaded (from the source or the cache) and while
+/// not draining; 503 otherwise, saying why. `?verbose=1` lists the checks.
+pub(super) async fn readyz(
+    State(state): State<ProxyState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let loaded = state.0.store.freshness().source;
+    let draining = state.0.draining.is_cancelled();
+    let verbose = q
+        .get("verbose")
+        .is_some_and(|v| !matches!(v.as_str(), "0" | "false"));
+    let config = match loaded {
+        Some(source) => format!("[+]config ok (source {})", source.as_str()),
+        None => "[-]config failed: no configuration loaded yet".to_owned(),
+    };
+    let shutdown = if draining {
+        "[-]shutdown failed: the process is shutting down"
+    } else {
+        "[+]shutdown ok"
+    };
+    let ready = loaded.is_some() && !draining;
+    let (status, verdict) = if ready {
+        (StatusCode::OK, "readyz check passed")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "readyz check failed")
+    };
+    let body = match (ready, verbose) {
+        (true, false) => "ok".to_owned(),
+        (false, false) => verdict.to_owned(),
+        (_, true) => format!("{config}\n{shutdown}\n{verdict}"),
+    };
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body,
+    )
+        .into_response()
 }
 
 /// The `/livez` answer of any listener: `ok`, or 500 `livez check failed` while the

@@ -2,7 +2,8 @@
 //!
 //! Layout:
 //! - `mod.rs`: state, router, the request-context middleware and `serve`.
-//! - `basic.rs`: `/livez`, `/v1/models`, caller authentication and fallbacks.
+//! - `basic.rs`: `/livez`, `/readyz`, `/v1/models`, caller authentication and
+//!   fallbacks.
 //! - `chat.rs`: `POST /v1/chat/completions`.
 
 mod basic;
@@ -66,6 +67,7 @@ impl ProxyState {
         upstream: Upstream,
         options: ProxyOptions,
         draining: CancellationToken,
+        health: Arc<ModelHealth>,
     ) -> Self {
         let started_unix = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -76,7 +78,7 @@ impl ProxyState {
             options,
             draining,
             started_unix,
-            health: Arc::default(),
+            health,
         }))
     }
 
@@ -93,6 +95,7 @@ pub struct RequestId(pub Arc<str>);
 pub fn router(state: ProxyState) -> Router {
     Router::new()
         .route("/livez", get(basic::livez))
+        .route("/readyz", get(basic::readyz))
         .route("/v1/models", get(basic::list_models))
         .route("/v1/chat/completions", post(chat::chat_completions))
         .fallback(basic::unknown_route)

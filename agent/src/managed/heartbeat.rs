@@ -1,0 +1,173 @@
+//! `POST /dp/heartbeat`: at start, then every interval (the control plane may change
+//! it) with ±10 % jitter; after a failure, retried with capped exponential backoff.
+//! 403 and 404 mean the control plane has revoked or does not know this gateway: that
+//! is logged as such, and the agent keeps serving its snapshot and keeps trying.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use certs::{CertInfo, GatewayIdentity};
+use proxy_core::health::ModelHealth;
+use proxy_core::snapshot::SnapshotStore;
+use reqwest::Method;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::UsageQueueStatus;
+use super::client::{CpClient, CpError};
+use crate::backoff::{Backoff, BackoffPolicy};
+use crate::watch::WatchStatus;
+
+pub const CONTRACT_VERSION: u32 = 1;
+
+pub struct Heartbeat {
+    pub cp: Arc<CpClient>,
+    pub store: Arc<SnapshotStore>,
+    pub health: Arc<ModelHealth>,
+    pub watch: Arc<WatchStatus>,
+    pub identity: GatewayIdentity,
+    /// The certificate in use (replaced on rotation).
+    pub certificate: Arc<ArcSwap<CertInfo>>,
+    pub usage: Arc<UsageQueueStatus>,
+    pub interval: Duration,
+    /// Notified when a heartbeat answer asks for a certificate rotation.
+    pub rotate: Arc<Notify>,
+    pub backoff: BackoffPolicy,
+}
+
+/// SHA-256 over every key and document of the snapshot: equal hashes, equal config.
+pub fn config_hash(store: &SnapshotStore) -> String {
+    let mut hasher = Sha256::new();
+    for (key, value) in store.documents().entries {
+        hasher.update(key.as_bytes());
+        hasher.update([0]);
+        hasher.update(&value);
+        hasher.update([0]);
+    }
+    hex::encode(hasher.finalize())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
+impl Heartbeat {
+    fn body(&self, instance_id: &str, started: Instant) -> Value {
+        let snapshot = self.store.load();
+        let freshness = self.store.freshness();
+        let rejected: Vec<Value> = snapshot
+            .rejections()
+            .map(|r| {
+                json!({
+                    "key": r.key.full(self.store.prefix()),
+                    "kind": r.key.kind.as_str(),
+                    "error": r.error,
+                    "since_unix": r.since_unix,
+                    "serving_previous": r.serving_previous,
+                })
+            })
+            .collect();
+        let mut models: Vec<Value> = snapshot
+            .models()
+            .map(|m| json!({"id": m.id, "name": m.name, "health": self.health.of(&snapshot, m).as_u8()}))
+            .collect();
+        models.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        let cert = self.certificate.load();
+        let now = time::OffsetDateTime::now_utc();
+        json!({
+            "dp_id": self.identity.dp_id,
+            "instance_id": instance_id,
+            "hostname": hostname(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "contract_version": CONTRACT_VERSION,
+            "uptime_seconds": started.elapsed().as_secs(),
+            "config": {
+                "source": freshness.source.map_or("none", |s| s.as_str()),
+                "applied_revision": freshness.revision,
+                "config_hash": config_hash(&self.store),
+                "snapshot_age_seconds": freshness.age.map(|a| a.as_secs()),
+                "connected": self.watch.connected(),
+            },
+            "rejected_resources": rejected,
+            "certificate": {
+                "serial": cert.serial,
+                "not_after_unix": cert.not_after.unix_timestamp(),
+                "days_left": cert.days_left(now),
+            },
+            "models": models,
+            "usage_queue": {"pending": self.usage.pending(), "dropped": self.usage.dropped()},
+        })
+    }
+
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let instance_id = uuid::Uuid::new_v4().to_string();
+        let started = Instant::now();
+        let mut failures = Backoff::new(self.backoff);
+        info!(instance_id, "heartbeats start");
+        loop {
+            let body = self.body(&instance_id, started);
+            let wait = match self
+                .cp
+                .call(Method::POST, "/dp/heartbeat", Some(&body))
+                .await
+            {
+                Ok(answer) => {
+                    failures.reset();
+                    self.accept(&answer);
+                    jittered(self.interval)
+                }
+                Err(e) => {
+                    match &e {
+                        CpError::Status { status: 403, .. } => warn!(
+                            error = %e,
+                            "heartbeat refused: the control plane has revoked this gateway; serving the current snapshot"
+                        ),
+                        CpError::Status { status: 404, .. } => warn!(
+                            error = %e,
+                            "heartbeat refused: the control plane does not know this gateway; serving the current snapshot"
+                        ),
+                        _ => warn!(error = %e, "heartbeat failed; will retry"),
+                    }
+                    failures.next_delay().min(self.interval)
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    fn accept(&mut self, answer: &Value) {
+        debug!(answer = %answer, "heartbeat acknowledged");
+        if let Some(secs) = answer
+            .get("heartbeat_interval_secs")
+            .and_then(Value::as_u64)
+            .filter(|s| *s > 0)
+        {
+            let interval = Duration::from_secs(secs);
+            if interval != self.interval {
+                info!(
+                    heartbeat_interval_secs = secs,
+                    "the control plane set the heartbeat interval"
+                );
+                self.interval = interval;
+            }
+        }
+        if answer.get("rotate_certificate").and_then(Value::as_bool) == Some(true) {
+            info!("the control plane asks for a certificate rotation");
+            self.rotate.notify_one();
+        }
+    }
+}
+
+/// `interval` ± 10 %.
+fn jittered(interval: Duration) -> Duration {
+    interval.mul_f64(0.9 + fastrand::f64() * 0.2)
+}

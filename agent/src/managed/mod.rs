@@ -1,0 +1,172 @@
+//! Managed mode: the agent connected to a control plane over mutual TLS.
+//!
+//! Start-up ([`prepare`]): the state directory (0700) is created, the certificate
+//! bundle is chosen and kept under `state_dir/mtls` (see `bundle`), the mTLS client is
+//! built and the snapshot cache opened, all before any port is bound or any network
+//! call is made. Then ([`Managed::start`]): the cached snapshot is restored (source
+//! `cache`), and background tasks run until shutdown: the configuration watch (the
+//! same watcher as etcd mode, over the control plane's etcd subset, prefix
+//! `/aisix/<env_id>`), the cache writer, and heartbeats.
+//!
+//! Layout:
+//! - `bundle`: choosing, checking and keeping the certificate bundle.
+//! - `client`: the mTLS HTTP client for control-plane calls.
+//! - `heartbeat`: `POST /dp/heartbeat`.
+
+pub mod bundle;
+pub mod client;
+pub mod heartbeat;
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use certs::Bundle;
+use proxy_core::health::ModelHealth;
+use proxy_core::snapshot::{SnapshotStore, Source};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::backoff::BackoffPolicy;
+use crate::cache::{self, SnapshotCache};
+use crate::config::ManagedSection;
+use crate::etcd::EtcdClient;
+use crate::watch::{WatchStatus, Watcher};
+
+use self::client::CpClient;
+use self::heartbeat::Heartbeat;
+
+/// A certificate with fewer days left than this is warned about.
+const EXPIRY_WARNING_DAYS: i64 = 14;
+
+/// The durable usage queue's size, as heartbeats report it.
+#[derive(Debug, Default)]
+pub struct UsageQueueStatus {
+    pending: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl UsageQueueStatus {
+    pub fn pending(&self) -> u64 {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    pub fn set(&self, pending: u64, dropped: u64) {
+        self.pending.store(pending, Ordering::Relaxed);
+        self.dropped.store(dropped, Ordering::Relaxed);
+    }
+}
+
+/// Managed mode, ready to start.
+pub struct Managed {
+    pub section: ManagedSection,
+    pub bundle: Bundle,
+    pub cp: Arc<CpClient>,
+    pub etcd: Arc<EtcdClient>,
+    pub cache: SnapshotCache,
+    /// `/aisix/<env_id>`.
+    pub prefix: String,
+}
+
+/// Creates the state directory (0700), chooses and keeps the bundle, builds the
+/// client and opens the cache. Errors name what is wrong.
+pub fn prepare(section: &ManagedSection) -> anyhow::Result<Managed> {
+    let dir = &section.state_dir;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("managed.state_dir: cannot create {}", dir.display()))?;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
+    if mode != 0o700 {
+        if mode & 0o077 != 0 {
+            warn!(
+                dir = %dir.display(),
+                mode = format!("{mode:o}"),
+                "managed.state_dir was readable by others; setting it to 0700"
+            );
+        }
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("managed.state_dir: cannot set 0700 on {}", dir.display()))?;
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let bundle = bundle::resolve(section, now, true)?;
+    let days_left = bundle.leaf.days_left(now);
+    info!(
+        env_id = %bundle.identity.env_id,
+        dp_id = %bundle.identity.dp_id,
+        serial = %bundle.leaf.serial,
+        days_left,
+        "gateway certificate loaded"
+    );
+    if days_left < EXPIRY_WARNING_DAYS {
+        warn!(days_left, "the gateway certificate expires soon");
+    }
+    let cp = Arc::new(CpClient::new(section, &bundle)?);
+    let etcd = Arc::new(EtcdClient::with_http(
+        cp.http(),
+        &[cp.base_url()],
+        cp.request_timeout(),
+        None,
+    )?);
+    let prefix = format!("/aisix/{}", bundle.identity.env_id);
+    let cache = SnapshotCache::open(dir, &prefix)
+        .with_context(|| format!("managed.state_dir: {}", dir.display()))?;
+    Ok(Managed {
+        section: section.clone(),
+        bundle,
+        cp,
+        etcd,
+        cache,
+        prefix,
+    })
+}
+
+impl Managed {
+    /// Restores the cached snapshot into `store` and spawns the background tasks on
+    /// `workers`; they stop when `shutdown` is cancelled.
+    pub fn start(
+        self,
+        store: &Arc<SnapshotStore>,
+        health: Arc<ModelHealth>,
+        workers: &TaskTracker,
+        shutdown: &CancellationToken,
+        initial_watch_idle: Duration,
+    ) {
+        let cache = Arc::new(self.cache);
+        if !cache::restore_into(&cache, store) {
+            info!("no cached snapshot: nothing is served until the control plane answers");
+        }
+        workers.spawn(cache::run_writer(cache, store.clone(), shutdown.clone()));
+        let watch = Arc::new(WatchStatus::default());
+        let watcher = Watcher {
+            client: self.etcd,
+            prefix: self.prefix,
+            store: store.clone(),
+            source: Source::ControlPlane,
+            backoff: BackoffPolicy::default(),
+            idle_timeout: initial_watch_idle,
+            status: watch.clone(),
+        };
+        workers.spawn(watcher.run(shutdown.clone()));
+        let heartbeat = Heartbeat {
+            cp: self.cp,
+            store: store.clone(),
+            health,
+            watch,
+            identity: self.bundle.identity.clone(),
+            certificate: Arc::new(ArcSwap::from_pointee(self.bundle.leaf.clone())),
+            usage: Arc::new(UsageQueueStatus::default()),
+            interval: Duration::from_secs(self.section.heartbeat_interval_secs),
+            rotate: Arc::new(Notify::new()),
+            backoff: BackoffPolicy::default(),
+        };
+        workers.spawn(heartbeat.run(shutdown.clone()));
+    }
+}

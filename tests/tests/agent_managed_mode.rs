@@ -1,0 +1,461 @@
+//! The real `aisix-agent` binary in managed mode against cloud-mock's control plane
+//! (in this process, over real mutual TLS, with a state directory), the mock provider,
+//! and a real sled cache on disk.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure should fail the test loudly"
+)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cloud_mock::cp::{Options, Running, start_with};
+use cloud_mock::provider::MockProvider;
+use serde_json::{Value, json};
+use tests::cloud::Console;
+use tests::{Process, eventually, http_client, key_hash};
+
+const CALLER: &str = "e2e-managed-caller";
+const UPSTREAM_SECRET: &str = "sk-e2e-managed-upstream-secret";
+const WITHIN: Duration = Duration::from_secs(30);
+const ENV: &str = "prod";
+
+/// A control plane in this process, restartable on the same port with its state.
+struct Cp {
+    running: Option<Running>,
+    state: PathBuf,
+    addr: std::net::SocketAddr,
+    console: Console,
+}
+
+impl Cp {
+    async fn start(dir: &Path) -> Cp {
+        let state = dir.join("cp-state");
+        let running = start_with(Options {
+            state_dir: Some(state.clone()),
+            ..Options::default()
+        })
+        .await
+        .unwrap();
+        running.cp.set_progress_interval(Duration::from_millis(500));
+        let console = Console::new(&running.console_url, &running.console_token);
+        let (status, _) = console
+            .call("POST", "/console/v1/environments", Some(json!({"id": ENV})))
+            .await;
+        assert!(status == 201 || status == 409);
+        Cp {
+            addr: running.dp_addr,
+            running: Some(running),
+            state,
+            console,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    async fn stop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+    }
+
+    /// Starts again on the same data-plane port, with the same state.
+    async fn restart(&mut self) {
+        self.stop().await;
+        let running = start_with(Options {
+            dp_addr: self.addr,
+            state_dir: Some(self.state.clone()),
+            ..Options::default()
+        })
+        .await
+        .unwrap();
+        running.cp.set_progress_interval(Duration::from_millis(500));
+        self.console = Console::new(&running.console_url, &running.console_token);
+        self.running = Some(running);
+    }
+
+    async fn put(&self, kind: &str, id: &str, doc: Value) -> i64 {
+        self.console
+            .ok(
+                "PUT",
+                &format!("/console/v1/environments/{ENV}/resources/{kind}/{id}"),
+                Some(doc),
+            )
+            .await["revision"]
+            .as_i64()
+            .unwrap()
+    }
+
+    async fn seed(&self, mock: &MockProvider) {
+        self.put(
+            "provider_keys",
+            "pk1",
+            json!({"display_name": "mock", "provider": "openai", "api_base": mock.url(), "api_key": UPSTREAM_SECRET}),
+        )
+        .await;
+        self.put("models", "m1", model("gpt")).await;
+        self.put(
+            "api_keys",
+            "k1",
+            json!({"display_name": "e2e", "key_hash": key_hash(CALLER), "allowed_models": ["*"]}),
+        )
+        .await;
+    }
+
+    /// Writes a bundle for `dp` to `dir` (cert.pem, key.pem, ca.pem).
+    async fn bundle_files(&self, dir: &Path, dp: &str, extra: Value) -> PathBuf {
+        let mut request = json!({"dp_id": dp});
+        if let (Some(r), Some(e)) = (request.as_object_mut(), extra.as_object()) {
+            r.extend(e.clone());
+        }
+        let bundle = self
+            .console
+            .ok(
+                "POST",
+                &format!("/console/v1/environments/{ENV}/bundles"),
+                Some(request),
+            )
+            .await;
+        let out = dir.join(format!("bundle-{dp}"));
+        std::fs::create_dir_all(&out).unwrap();
+        for (file, field) in [
+            ("cert.pem", "cert_pem"),
+            ("key.pem", "key_pem"),
+            ("ca.pem", "ca_pem"),
+        ] {
+            std::fs::write(out.join(file), bundle[field].as_str().unwrap()).unwrap();
+        }
+        out
+    }
+
+    async fn heartbeat_of(&self, dp: &str) -> Option<Value> {
+        let listed = self
+            .console
+            .ok(
+                "GET",
+                &format!("/console/v1/environments/{ENV}/gateways"),
+                None,
+            )
+            .await;
+        listed["gateways"]
+            .as_array()?
+            .iter()
+            .find(|g| g["dp_id"] == dp)?["instances"]
+            .as_array()?
+            .iter()
+            .max_by_key(|i| i["last_seen_unix_ms"].as_i64())
+            .map(|i| i["last_heartbeat"].clone())
+    }
+}
+
+fn model(name: &str) -> Value {
+    json!({"display_name": name, "model_name": format!("up-{name}"), "provider_key_id": "pk1"})
+}
+
+fn write_config(dir: &Path, cp_url: &str, bundle: Option<&Path>) -> PathBuf {
+    let bundle_lines = bundle.map_or(String::new(), |b| {
+        format!(
+            "  cp_cert_file: {}\n  cp_key_file: {}\n  cp_ca_file: {}\n",
+            b.join("cert.pem").display(),
+            b.join("key.pem").display(),
+            b.join("ca.pem").display()
+        )
+    });
+    let config = dir.join("agent.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "managed:\n  enabled: true\n  cp_base_url: {cp_url}\n{bundle_lines}  state_dir: {}\n  heartbeat_interval_secs: 1\n  connect_timeout_ms: 500\n  request_timeout_ms: 2000\nproxy:\n  addr: 127.0.0.1:0\nshutdown:\n  min_drain_secs: 0\n  drain_timeout_secs: 5\n",
+            dir.join("agent-state").display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+struct Agent {
+    process: Process,
+    url: String,
+    http: reqwest::Client,
+}
+
+impl Agent {
+    async fn start(config: &Path) -> Agent {
+        let (process, url) = tests::start_agent(config).await;
+        Agent {
+            process,
+            url,
+            http: http_client(),
+        }
+    }
+
+    async fn models(&self) -> Vec<String> {
+        let Ok(response) = self
+            .http
+            .get(format!("{}/v1/models", self.url))
+            .bearer_auth(CALLER)
+            .send()
+            .await
+        else {
+            return Vec::new();
+        };
+        let body: Value = response.json().await.unwrap_or_default();
+        body["data"]
+            .as_array()
+            .map(|d| {
+                d.iter()
+                    .filter_map(|m| m["id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    async fn wait_model(&self, name: &str) {
+        eventually(&format!("model {name} is served"), WITHIN, || async {
+            self.models().await.iter().any(|m| m == name)
+        })
+        .await;
+    }
+
+    async fn chat(&self, model: &str) -> u16 {
+        self.http
+            .post(format!("{}/v1/chat/completions", self.url))
+            .bearer_auth(CALLER)
+            .json(&json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    async fn readyz(&self) -> (u16, String) {
+        let r = self
+            .http
+            .get(format!("{}/readyz?verbose=1", self.url))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    async fn stop(mut self) {
+        self.process.signal("TERM");
+        assert!(self.process.wait_exit(WITHIN).await.success());
+    }
+}
+
+#[tokio::test]
+async fn console_writes_reach_the_proxy_and_heartbeats_report_the_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockProvider::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let cp = Cp::start(dir.path()).await;
+    cp.seed(&mock).await;
+    let bundle = cp.bundle_files(dir.path(), "gw-1", json!({})).await;
+    let agent = Agent::start(&write_config(dir.path(), &cp.url(), Some(&bundle))).await;
+    agent.wait_model("gpt").await;
+    assert_eq!(agent.chat("gpt").await, 200);
+    assert_eq!(mock.requests()[0].json()["model"], "up-gpt");
+    let (status, body) = agent.readyz().await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("source control_plane"), "{body}");
+
+    // A bad resource is rejected alone; the next write still applies.
+    cp.put("models", "bad", json!({"display_name": "bad"}))
+        .await;
+    let revision = cp.put("models", "m2", model("gpt-2")).await;
+    agent.wait_model("gpt-2").await;
+    assert!(!agent.models().await.contains(&"bad".to_owned()));
+
+    // The heartbeat reports what is applied, what was rejected, and the certificate.
+    eventually("a heartbeat reports the rejection", WITHIN, || async {
+        cp.heartbeat_of("gw-1").await.is_some_and(|h| {
+            h["config"]["applied_revision"].as_i64() >= Some(revision)
+                && h["rejected_resources"]
+                    .as_array()
+                    .is_some_and(|r| r.iter().any(|x| x["key"] == "/aisix/prod/models/bad"))
+        })
+    })
+    .await;
+    let beat = cp.heartbeat_of("gw-1").await.unwrap();
+    assert_eq!(beat["dp_id"], "gw-1");
+    assert_eq!(beat["contract_version"], 1);
+    assert_eq!(beat["config"]["source"], "control_plane");
+    assert_eq!(beat["config"]["connected"], true);
+    assert_eq!(beat["config"]["config_hash"].as_str().unwrap().len(), 64);
+    assert_eq!(beat["rejected_resources"][0]["kind"], "models");
+    assert!(beat["certificate"]["days_left"].as_i64().unwrap() >= 29);
+    let names: Vec<&str> = beat["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["gpt", "gpt-2"]);
+    assert!(!beat.to_string().contains(UPSTREAM_SECRET));
+
+    // Compaction forces a re-list; no update is lost.
+    cp.console.ok("POST", "/console/v1/compact", None).await;
+    cp.put("models", "m3", model("gpt-3")).await;
+    agent.wait_model("gpt-3").await;
+    // A cut watch reconnects.
+    cp.console
+        .ok("POST", "/console/v1/faults/cut-watches", None)
+        .await;
+    cp.put("models", "m4", model("gpt-4")).await;
+    agent.wait_model("gpt-4").await;
+    // A delete is seen too.
+    cp.console
+        .ok(
+            "DELETE",
+            &format!("/console/v1/environments/{ENV}/resources/models/m4"),
+            None,
+        )
+        .await;
+    eventually("model gpt-4 is gone", WITHIN, || async {
+        !agent.models().await.contains(&"gpt-4".to_owned())
+    })
+    .await;
+    assert!(!agent.process.output().contains(UPSTREAM_SECRET));
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn with_the_control_plane_down_the_cache_serves_and_the_agent_converges_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockProvider::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let mut cp = Cp::start(dir.path()).await;
+    cp.seed(&mock).await;
+    let bundle = cp.bundle_files(dir.path(), "gw-1", json!({})).await;
+    let config = write_config(dir.path(), &cp.url(), Some(&bundle));
+    let agent = Agent::start(&config).await;
+    agent.wait_model("gpt").await;
+    // Let the cache writer catch up, then kill -9: nothing is flushed at exit.
+    eventually("the snapshot is cached", WITHIN, || async {
+        agent.process.output().contains("snapshot cache written")
+    })
+    .await;
+    agent.process.signal("KILL");
+    drop(agent);
+    cp.stop().await;
+
+    // Control plane down: the cached snapshot serves at once.
+    let agent = Agent::start(&config).await;
+    assert_eq!(agent.chat("gpt").await, 200);
+    let (status, body) = agent.readyz().await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("source cache"), "{body}");
+
+    // The control plane returns with a change: the agent converges.
+    cp.restart().await;
+    cp.put("models", "m2", model("gpt-2")).await;
+    agent.wait_model("gpt-2").await;
+    let (_, body) = agent.readyz().await;
+    assert!(body.contains("source control_plane"), "{body}");
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn without_a_cache_readyz_fails_until_the_control_plane_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockProvider::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let mut cp = Cp::start(dir.path()).await;
+    cp.seed(&mock).await;
+    let bundle = cp.bundle_files(dir.path(), "gw-1", json!({})).await;
+    cp.stop().await;
+
+    let agent = Agent::start(&write_config(dir.path(), &cp.url(), Some(&bundle))).await;
+    let (status, body) = agent.readyz().await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("no configuration loaded yet"), "{body}");
+    assert_eq!(
+        agent.chat("gpt").await,
+        401,
+        "no snapshot: no caller keys yet"
+    );
+
+    cp.restart().await;
+    agent.wait_model("gpt").await;
+    assert_eq!(agent.readyz().await.0, 200);
+    assert_eq!(agent.chat("gpt").await, 200);
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_revoked_gateway_keeps_serving_its_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockProvider::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let cp = Cp::start(dir.path()).await;
+    cp.seed(&mock).await;
+    let bundle = cp.bundle_files(dir.path(), "gw-1", json!({})).await;
+    let mut agent = Agent::start(&write_config(dir.path(), &cp.url(), Some(&bundle))).await;
+    agent.wait_model("gpt").await;
+    cp.console
+        .ok(
+            "POST",
+            &format!("/console/v1/environments/{ENV}/gateways/gw-1/revoke"),
+            None,
+        )
+        .await;
+    agent
+        .process
+        .wait_for_line("heartbeat refused", WITHIN)
+        .await;
+    assert_eq!(agent.chat("gpt").await, 200);
+    agent.stop().await;
+}
+
+fn run_agent(config: &Path) -> (bool, String) {
+    let output = std::process::Command::new(tests::binary("aisix-agent"))
+        .args(["--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_bad_or_missing_bundle_stops_start_up_naming_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = Cp::start(dir.path()).await;
+
+    let (ok, stderr) = run_agent(&write_config(dir.path(), &cp.url(), None));
+    assert!(!ok);
+    assert!(stderr.contains("no certificate bundle"), "{stderr}");
+
+    let (ok, stderr) = run_agent(&write_config(dir.path(), "http://127.0.0.1:1", None));
+    assert!(!ok);
+    assert!(stderr.contains("managed.cp_base_url"), "{stderr}");
+
+    let expired = cp
+        .bundle_files(dir.path(), "gw-short", json!({"validity_seconds": 1}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (ok, stderr) = run_agent(&write_config(dir.path(), &cp.url(), Some(&expired)));
+    assert!(!ok);
+    assert!(stderr.contains("expired"), "{stderr}");
+
+    // A key that does not belong to the certificate.
+    let good = cp.bundle_files(dir.path(), "gw-1", json!({})).await;
+    let other = cp.bundle_files(dir.path(), "gw-2", json!({})).await;
+    std::fs::copy(other.join("key.pem"), good.join("key.pem")).unwrap();
+    let (ok, stderr) = run_agent(&write_config(dir.path(), &cp.url(), Some(&good)));
+    assert!(!ok);
+    assert!(stderr.contains("key"), "{stderr}");
+    assert!(!stderr.contains("PRIVATE KEY"), "{stderr}");
+}
