@@ -27,10 +27,39 @@ struct Cli {
 enum Command {
     /// Check the config file and the resources it names, print every problem, and exit.
     Validate,
+    /// Enroll this gateway with a one-time token from the console: generate a key here
+    /// (it never leaves the host), have the control plane sign it, and keep the bundle
+    /// in STATE_DIR/mtls. Then run with managed.state_dir set to STATE_DIR and no
+    /// cp_cert/cp_key/cp_ca settings.
+    Enroll {
+        /// The control plane's data-plane URL, e.g. https://cp.example:7443.
+        #[arg(long)]
+        cp: String,
+        /// The enrollment token (et1:...). Used once.
+        #[arg(long)]
+        token: String,
+        /// The agent's state directory (managed.state_dir).
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Enroll {
+        cp,
+        token,
+        state_dir,
+    }) = &cli.command
+    {
+        return match enroll(cp, token, state_dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("aisix-agent: enroll: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = match Config::load(&cli.config, std::env::vars()) {
         Ok(c) => c,
         Err(e) => {
@@ -40,7 +69,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Some(Command::Validate) => validate(&cli.config, &config),
-        None => serve(config),
+        Some(Command::Enroll { .. }) | None => serve(config),
     };
     match result {
         Ok(code) => code,
@@ -81,6 +110,23 @@ fn serve(config: Config) -> anyhow::Result<ExitCode> {
         }
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn enroll(cp: &str, token: &str, state_dir: &Path) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let bundle = runtime.block_on(agent::managed::enroll::enroll(cp, token, state_dir))?;
+    println!(
+        "enrolled as gateway {} of environment {}; certificate valid until {}",
+        bundle.identity.dp_id, bundle.identity.env_id, bundle.leaf.not_after
+    );
+    println!(
+        "bundle kept in {}; run with managed.state_dir: {}",
+        agent::managed::bundle::BundleStore::new(state_dir)
+            .active_dir()
+            .display(),
+        state_dir.display()
+    );
+    Ok(())
 }
 
 /// SIGHUP reloads; the first SIGTERM/SIGINT drains; a second one exits at once.

@@ -275,3 +275,93 @@ pub fn peer_identity(chain: &[CertificateDer<'_>]) -> Option<GatewayIdentity> {
         .ok()?
         .identity
 }
+
+/// A client config for enrolling (no client certificate, no CA bundle yet): the server
+/// is accepted only if the chain it sends includes a CA certificate whose SHA-256 is
+/// `ca_sha256` (from the enrollment token) and its certificate verifies against that
+/// CA for the server name.
+pub fn enrollment_client_config(ca_sha256: &str) -> Result<ClientConfig, CertError> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)
+        .map_err(|e| CertError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier {
+            ca_sha256: ca_sha256.to_ascii_lowercase(),
+            provider: provider(),
+        }))
+        .with_no_client_auth();
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
+}
+
+#[derive(Debug)]
+struct PinnedCaVerifier {
+    ca_sha256: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let pinned = intermediates
+            .iter()
+            .find(|c| crate::enrollment::sha256_hex(c) == self.ca_sha256)
+            .ok_or_else(|| {
+                rustls::Error::General(
+                    "the control plane did not present the CA named in the enrollment token"
+                        .to_owned(),
+                )
+            })?;
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(pinned.clone().into_owned())
+            .map_err(|e| rustls::Error::General(format!("pinned CA: {e}")))?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

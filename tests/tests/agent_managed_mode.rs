@@ -459,3 +459,93 @@ async fn a_bad_or_missing_bundle_stops_start_up_naming_what_is_wrong() {
     assert!(stderr.contains("key"), "{stderr}");
     assert!(!stderr.contains("PRIVATE KEY"), "{stderr}");
 }
+
+/// Runs `aisix-agent enroll` (off the runtime's thread: the control plane is served
+/// by this process).
+async fn enroll(cp_url: &str, token: &str, state_dir: &Path) -> (bool, String) {
+    let mut command = std::process::Command::new(tests::binary("aisix-agent"));
+    command.args([
+        "enroll",
+        "--cp",
+        cp_url,
+        "--token",
+        token,
+        "--state-dir",
+        state_dir.to_str().unwrap(),
+    ]);
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+#[tokio::test]
+async fn enrollment_with_a_token_installs_a_gateway_without_moving_a_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockProvider::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let cp = Cp::start(dir.path()).await;
+    cp.seed(&mock).await;
+    let token = cp
+        .console
+        .ok(
+            "POST",
+            &format!("/console/v1/environments/{ENV}/enrollment-tokens"),
+            Some(json!({"dp_id": "gw-enrolled"})),
+        )
+        .await["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let state = dir.path().join("agent-state");
+
+    // A token whose CA fingerprint does not match is refused before anything is sent.
+    let mut forged: Vec<&str> = token.split(':').collect();
+    let zeros = "0".repeat(64);
+    forged[4] = &zeros;
+    let (ok, text) = enroll(&cp.url(), &forged.join(":"), &state).await;
+    assert!(!ok);
+    assert!(text.contains("did not present the CA"), "{text}");
+
+    let (ok, text) = enroll(&cp.url(), &token, &state).await;
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("enrolled as gateway gw-enrolled of environment prod"),
+        "{text}"
+    );
+    let key = state.join("mtls/active/key.pem");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::metadata(state.join("mtls"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
+    );
+
+    // The token works once.
+    let (ok, text) = enroll(&cp.url(), &token, &dir.path().join("other")).await;
+    assert!(!ok);
+    assert!(text.contains("already used"), "{text}");
+
+    // The agent runs from the kept bundle, with no bundle in its config.
+    let agent = Agent::start(&write_config(dir.path(), &cp.url(), None)).await;
+    agent.wait_model("gpt").await;
+    assert_eq!(agent.chat("gpt").await, 200);
+    eventually("the enrolled gateway heartbeats", WITHIN, || async {
+        cp.heartbeat_of("gw-enrolled").await.is_some()
+    })
+    .await;
+    agent.stop().await;
+}

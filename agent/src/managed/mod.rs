@@ -11,10 +11,12 @@
 //! Layout:
 //! - `bundle`: choosing, checking and keeping the certificate bundle.
 //! - `client`: the mTLS HTTP client for control-plane calls.
+//! - `enroll`: `aisix-agent enroll` (one-time token, key generated locally).
 //! - `heartbeat`: `POST /dp/heartbeat`.
 
 pub mod bundle;
 pub mod client;
+pub mod enroll;
 pub mod heartbeat;
 
 use std::os::unix::fs::PermissionsExt;
@@ -81,20 +83,7 @@ pub struct Managed {
 /// client and opens the cache. Errors name what is wrong.
 pub fn prepare(section: &ManagedSection) -> anyhow::Result<Managed> {
     let dir = &section.state_dir;
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("managed.state_dir: cannot create {}", dir.display()))?;
-    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
-    if mode != 0o700 {
-        if mode & 0o077 != 0 {
-            warn!(
-                dir = %dir.display(),
-                mode = format!("{mode:o}"),
-                "managed.state_dir was readable by others; setting it to 0700"
-            );
-        }
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("managed.state_dir: cannot set 0700 on {}", dir.display()))?;
-    }
+    create_state_dir(dir).context("managed.state_dir")?;
     let now = time::OffsetDateTime::now_utc();
     let bundle = bundle::resolve(section, now, true)?;
     let days_left = bundle.leaf.days_left(now);
@@ -126,6 +115,24 @@ pub fn prepare(section: &ManagedSection) -> anyhow::Result<Managed> {
         cache,
         prefix,
     })
+}
+
+/// Creates `dir` if needed and makes it 0700 (warning when it was open to others).
+pub fn create_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
+    if mode != 0o700 {
+        if mode & 0o077 != 0 {
+            warn!(
+                dir = %dir.display(),
+                mode = format!("{mode:o}"),
+                "the state directory was open to other users; setting it to 0700"
+            );
+        }
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot set 0700 on {}", dir.display()))?;
+    }
+    Ok(())
 }
 
 impl Managed {
