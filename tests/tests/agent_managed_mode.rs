@@ -549,3 +549,124 @@ async fn enrollment_with_a_token_installs_a_gateway_without_moving_a_key() {
     .await;
     agent.stop().await;
 }
+
+#[tokio::test]
+async fn certificates_rotate_under_traffic_without_a_failed_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockProvider::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let cp = Cp::start(dir.path()).await;
+    cp.seed(&mock).await;
+    // Issuers backdate not_before by 5 minutes: with 160 s of validity, 2/3 of the
+    // lifetime has passed about 7 s from now.
+    let bundle = cp
+        .bundle_files(dir.path(), "gw-1", json!({"validity_seconds": 160}))
+        .await;
+    let config = write_config(dir.path(), &cp.url(), Some(&bundle));
+    let mut agent = Agent::start(&config).await;
+    agent.wait_model("gpt").await;
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let traffic = {
+        let (http, url, stop) = (agent.http.clone(), agent.url.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0, 0);
+            while !stop.is_cancelled() {
+                let status = http
+                    .post(format!("{url}/v1/chat/completions"))
+                    .bearer_auth(CALLER)
+                    .json(&json!({"model": "gpt", "messages": [{"role": "user", "content": "hi"}]}))
+                    .send()
+                    .await
+                    .map_or(0, |r| r.status().as_u16());
+                if status == 200 { ok += 1 } else { failed += 1 }
+            }
+            (ok, failed)
+        })
+    };
+
+    let rotations = || async {
+        let listed = cp
+            .console
+            .ok(
+                "GET",
+                &format!("/console/v1/environments/{ENV}/gateways"),
+                None,
+            )
+            .await;
+        listed["gateways"][0]["certificates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["how"] == "rotation")
+            .count()
+    };
+    // On schedule...
+    agent
+        .process
+        .wait_for_line("gateway certificate rotated", WITHIN)
+        .await;
+    assert!(rotations().await >= 1);
+    // ...and when the control plane asks through a heartbeat.
+    let before = rotations().await;
+    cp.console
+        .ok(
+            "POST",
+            &format!("/console/v1/environments/{ENV}/gateways/gw-1/rotate"),
+            None,
+        )
+        .await;
+    eventually("a rotation the control plane asked for", WITHIN, || async {
+        rotations().await > before
+    })
+    .await;
+
+    // The configuration watch and heartbeats carry on with the new certificate.
+    cp.put("models", "m2", model("gpt-2")).await;
+    agent.wait_model("gpt-2").await;
+    let listed = cp
+        .console
+        .ok(
+            "GET",
+            &format!("/console/v1/environments/{ENV}/gateways"),
+            None,
+        )
+        .await;
+    let newest = listed["gateways"][0]["certificates"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()["serial"]
+        .clone();
+    eventually(
+        "a heartbeat presents the newest certificate",
+        WITHIN,
+        || async {
+            cp.heartbeat_of("gw-1")
+                .await
+                .is_some_and(|h| h["certificate"]["serial"] == newest)
+        },
+    )
+    .await;
+
+    stop.cancel();
+    let (ok, failed) = traffic.await.unwrap();
+    assert!(ok > 0);
+    assert_eq!(
+        failed, 0,
+        "requests failed during rotation ({ok} succeeded)"
+    );
+
+    // A restart uses the kept, rotated bundle rather than the configured original.
+    agent.stop().await;
+    let agent = Agent::start(&config).await;
+    agent
+        .process
+        .output()
+        .contains("using the kept bundle")
+        .then_some(())
+        .unwrap_or_else(|| panic!("{}", agent.process.output()));
+    agent.wait_model("gpt-2").await;
+    agent.stop().await;
+}

@@ -13,11 +13,13 @@
 //! - `client`: the mTLS HTTP client for control-plane calls.
 //! - `enroll`: `aisix-agent enroll` (one-time token, key generated locally).
 //! - `heartbeat`: `POST /dp/heartbeat`.
+//! - `rotation`: certificate rotation by CSR, identity swapped in place.
 
 pub mod bundle;
 pub mod client;
 pub mod enroll;
 pub mod heartbeat;
+pub mod rotation;
 
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
@@ -44,7 +46,7 @@ use self::client::CpClient;
 use self::heartbeat::Heartbeat;
 
 /// A certificate with fewer days left than this is warned about.
-const EXPIRY_WARNING_DAYS: i64 = 14;
+pub const EXPIRY_WARNING_DAYS: i64 = 14;
 
 /// The durable usage queue's size, as heartbeats report it.
 #[derive(Debug, Default)]
@@ -162,18 +164,29 @@ impl Managed {
             status: watch.clone(),
         };
         workers.spawn(watcher.run(shutdown.clone()));
+        let certificate = Arc::new(ArcSwap::from_pointee(self.bundle.leaf.clone()));
+        let rotate = Arc::new(Notify::new());
         let heartbeat = Heartbeat {
-            cp: self.cp,
+            cp: self.cp.clone(),
             store: store.clone(),
             health,
             watch,
             identity: self.bundle.identity.clone(),
-            certificate: Arc::new(ArcSwap::from_pointee(self.bundle.leaf.clone())),
+            certificate: certificate.clone(),
             usage: Arc::new(UsageQueueStatus::default()),
             interval: Duration::from_secs(self.section.heartbeat_interval_secs),
-            rotate: Arc::new(Notify::new()),
+            rotate: rotate.clone(),
             backoff: BackoffPolicy::default(),
         };
         workers.spawn(heartbeat.run(shutdown.clone()));
+        let rotation = rotation::Rotation {
+            cp: self.cp,
+            store: bundle::BundleStore::new(&self.section.state_dir),
+            identity: self.bundle.identity,
+            current: certificate,
+            asked: rotate,
+            backoff: BackoffPolicy::default(),
+        };
+        workers.spawn(rotation.run(shutdown.clone()));
     }
 }
