@@ -661,12 +661,8 @@ async fn certificates_rotate_under_traffic_without_a_failed_request() {
     // A restart uses the kept, rotated bundle rather than the configured original.
     agent.stop().await;
     let agent = Agent::start(&config).await;
-    agent
-        .process
-        .output()
-        .contains("using the kept bundle")
-        .then_some(())
-        .unwrap_or_else(|| panic!("{}", agent.process.output()));
+    let output = agent.process.output();
+    assert!(output.contains("using the kept bundle"), "{output}");
     agent.wait_model("gpt-2").await;
     agent.stop().await;
 }
