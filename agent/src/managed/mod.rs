@@ -121,10 +121,11 @@ pub fn prepare(section: &ManagedSection) -> anyhow::Result<Managed> {
 
 /// Creates `dir` if needed and makes it 0700 (warning when it was open to others).
 pub fn create_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    let existed = dir.exists();
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
     if mode != 0o700 {
-        if mode & 0o077 != 0 {
+        if existed && mode & 0o077 != 0 {
             warn!(
                 dir = %dir.display(),
                 mode = format!("{mode:o}"),
