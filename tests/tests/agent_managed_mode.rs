@@ -153,6 +153,18 @@ impl Cp {
     }
 }
 
+/// A temporary directory, a mock provider, and a control plane whose environment has
+/// a provider key for the mock, model `gpt` and the caller key.
+async fn seeded() -> (tempfile::TempDir, MockProvider, Cp) {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockProvider::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let cp = Cp::start(dir.path()).await;
+    cp.seed(&mock).await;
+    (dir, mock, cp)
+}
+
 fn model(name: &str) -> Value {
     json!({"display_name": name, "model_name": format!("up-{name}"), "provider_key_id": "pk1"})
 }
@@ -252,12 +264,7 @@ impl Agent {
 
 #[tokio::test]
 async fn console_writes_reach_the_proxy_and_heartbeats_report_the_snapshot() {
-    let dir = tempfile::tempdir().unwrap();
-    let mock = MockProvider::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let cp = Cp::start(dir.path()).await;
-    cp.seed(&mock).await;
+    let (dir, mock, cp) = seeded().await;
     let bundle = cp.bundle_files(dir.path(), "gw-1", json!({})).await;
     let agent = Agent::start(&write_config(dir.path(), &cp.url(), Some(&bundle))).await;
     agent.wait_model("gpt").await;
@@ -329,12 +336,7 @@ async fn console_writes_reach_the_proxy_and_heartbeats_report_the_snapshot() {
 
 #[tokio::test]
 async fn with_the_control_plane_down_the_cache_serves_and_the_agent_converges_later() {
-    let dir = tempfile::tempdir().unwrap();
-    let mock = MockProvider::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let mut cp = Cp::start(dir.path()).await;
-    cp.seed(&mock).await;
+    let (dir, _mock, mut cp) = seeded().await;
     let bundle = cp.bundle_files(dir.path(), "gw-1", json!({})).await;
     let config = write_config(dir.path(), &cp.url(), Some(&bundle));
     let agent = Agent::start(&config).await;
@@ -366,12 +368,7 @@ async fn with_the_control_plane_down_the_cache_serves_and_the_agent_converges_la
 
 #[tokio::test]
 async fn without_a_cache_readyz_fails_until_the_control_plane_answers() {
-    let dir = tempfile::tempdir().unwrap();
-    let mock = MockProvider::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let mut cp = Cp::start(dir.path()).await;
-    cp.seed(&mock).await;
+    let (dir, _mock, mut cp) = seeded().await;
     let bundle = cp.bundle_files(dir.path(), "gw-1", json!({})).await;
     cp.stop().await;
 
@@ -394,12 +391,7 @@ async fn without_a_cache_readyz_fails_until_the_control_plane_answers() {
 
 #[tokio::test]
 async fn a_revoked_gateway_keeps_serving_its_snapshot() {
-    let dir = tempfile::tempdir().unwrap();
-    let mock = MockProvider::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let cp = Cp::start(dir.path()).await;
-    cp.seed(&mock).await;
+    let (dir, _mock, cp) = seeded().await;
     let bundle = cp.bundle_files(dir.path(), "gw-1", json!({})).await;
     let mut agent = Agent::start(&write_config(dir.path(), &cp.url(), Some(&bundle))).await;
     agent.wait_model("gpt").await;
@@ -487,12 +479,7 @@ async fn enroll(cp_url: &str, token: &str, state_dir: &Path) -> (bool, String) {
 #[tokio::test]
 async fn enrollment_with_a_token_installs_a_gateway_without_moving_a_key() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().unwrap();
-    let mock = MockProvider::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let cp = Cp::start(dir.path()).await;
-    cp.seed(&mock).await;
+    let (dir, _mock, cp) = seeded().await;
     let token = cp
         .console
         .ok(
@@ -552,12 +539,7 @@ async fn enrollment_with_a_token_installs_a_gateway_without_moving_a_key() {
 
 #[tokio::test]
 async fn certificates_rotate_under_traffic_without_a_failed_request() {
-    let dir = tempfile::tempdir().unwrap();
-    let mock = MockProvider::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let cp = Cp::start(dir.path()).await;
-    cp.seed(&mock).await;
+    let (dir, _mock, cp) = seeded().await;
     // Issuers backdate not_before by 5 minutes: with 160 s of validity, 2/3 of the
     // lifetime has passed about 7 s from now.
     let bundle = cp

@@ -3,13 +3,11 @@
 //! `content_block_stop`, `message_delta`, `message_stop`), `/v1/messages/count_tokens`,
 //! and `{"type": "error", "error": {type, message}}` errors.
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::{SharedState, event_stream, receive};
+use super::{Call, event_stream};
 
 /// Anthropic's error type for a status.
 pub fn error_type(status: StatusCode) -> &'static str {
@@ -34,14 +32,7 @@ fn event(name: &str, data: &Value) -> String {
     format!("event: {name}\ndata: {data}\n\n")
 }
 
-pub async fn messages(
-    State(shared): State<SharedState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let call = receive(&shared, &method, &uri, &headers, &body).await;
+pub async fn messages(call: Call) -> Response {
     if let Some(error) = call.error(error_body) {
         return error;
     }
@@ -97,14 +88,7 @@ pub async fn messages(
 
 /// `{"input_tokens"}`: the script's prompt tokens, or about one token per four bytes
 /// of the messages and system prompt when the script has no usage.
-pub async fn count_tokens(
-    State(shared): State<SharedState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let call = receive(&shared, &method, &uri, &headers, &body).await;
+pub async fn count_tokens(call: Call) -> Response {
     if let Some(error) = call.error(error_body) {
         return error;
     }

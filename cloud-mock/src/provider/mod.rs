@@ -231,7 +231,23 @@ struct Call {
     script: Script,
 }
 
-/// Records the request, picks its script (by `model`) and waits the script's delay.
+/// Extracting a `Call` records the request, picks its script (by `model`) and waits
+/// the script's delay.
+impl axum::extract::FromRequest<SharedState> for Call {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request(
+        req: axum::extract::Request,
+        shared: &SharedState,
+    ) -> Result<Self, Self::Rejection> {
+        let (parts, body) = req.into_parts();
+        let body = axum::body::to_bytes(body, usize::MAX)
+            .await
+            .unwrap_or_default();
+        Ok(receive(shared, &parts.method, &parts.uri, &parts.headers, &body).await)
+    }
+}
+
 async fn receive(
     shared: &SharedState,
     method: &Method,

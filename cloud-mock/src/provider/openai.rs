@@ -1,13 +1,12 @@
 //! The OpenAI shape: chat completions and completions (JSON or SSE ending `[DONE]`),
 //! embeddings, the model list, and `{"error": {message, type, param, code}}` errors.
 
-use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::{Call, SharedState, Usage, event_stream, lock, receive, unix_now};
+use super::{Call, SharedState, Usage, event_stream, lock, unix_now};
 
 fn error_body(status: StatusCode) -> Value {
     let kind = match status.as_u16() {
@@ -46,14 +45,7 @@ fn stream(call: &Call, chunk: impl Fn(usize, &str, bool) -> Value) -> Response {
     event_stream(events, &call.script)
 }
 
-pub async fn chat(
-    State(shared): State<SharedState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let call = receive(&shared, &method, &uri, &headers, &body).await;
+pub async fn chat(call: Call) -> Response {
     if let Some(error) = call.error(error_body) {
         return error;
     }
@@ -82,14 +74,7 @@ pub async fn chat(
     .into_response()
 }
 
-pub async fn completions(
-    State(shared): State<SharedState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let call = receive(&shared, &method, &uri, &headers, &body).await;
+pub async fn completions(call: Call) -> Response {
     if let Some(error) = call.error(error_body) {
         return error;
     }
@@ -130,14 +115,7 @@ fn embed(text: &str) -> Vec<f64> {
         .collect()
 }
 
-pub async fn embeddings(
-    State(shared): State<SharedState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let call = receive(&shared, &method, &uri, &headers, &body).await;
+pub async fn embeddings(call: Call) -> Response {
     if let Some(error) = call.error(error_body) {
         return error;
     }
