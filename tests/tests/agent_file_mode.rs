@@ -283,6 +283,14 @@ async fn sigterm_fails_liveness_drains_streams_and_exits_zero() {
         },
     )
     .await;
+    // Readiness fails too, so load balancers stop sending traffic.
+    let ready = client
+        .get(format!("{}/readyz", agent.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    assert_eq!(ready.text().await.unwrap(), "readyz check failed");
     let text = stream.await.unwrap().unwrap();
     assert!(
         text.ends_with("data: [DONE]\n\n"),

@@ -116,6 +116,36 @@ impl BundleStore {
     }
 }
 
+/// The bundle a control plane signed (an answer `{certificate_pem, ca_pem}` to a
+/// rotation or enrollment) with the key generated for its CSR, checked now and checked
+/// to carry `expected`.
+pub fn signed(
+    answer: &serde_json::Value,
+    key_pem: &str,
+    expected: &certs::GatewayIdentity,
+) -> anyhow::Result<Bundle> {
+    let field = |name: &str| {
+        answer
+            .get(name)
+            .and_then(serde_json::Value::as_str)
+            .map(|pem| PemSource::Inline(pem.to_owned()))
+            .ok_or_else(|| anyhow::anyhow!("the control plane's answer has no {name}"))
+    };
+    let bundle = Bundle::load(
+        &field("certificate_pem")?,
+        &PemSource::Inline(key_pem.to_owned()),
+        &field("ca_pem")?,
+        OffsetDateTime::now_utc(),
+    )
+    .map_err(|e| anyhow::anyhow!("the certificate the control plane signed: {e}"))?;
+    anyhow::ensure!(
+        bundle.identity == *expected,
+        "the control plane signed {} instead of {expected}",
+        bundle.identity
+    );
+    Ok(bundle)
+}
+
 /// The bundle named by the config, if any (all three items, or none).
 fn configured(section: &ManagedSection, now: OffsetDateTime) -> anyhow::Result<Option<Bundle>> {
     let item = |inline: &Option<proxy_core::secret::Secret>, file: &Option<PathBuf>| match (

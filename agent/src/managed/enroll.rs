@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
+use certs::Bundle;
 use certs::enrollment::EnrollmentToken;
-use certs::{Bundle, PemSource};
 use serde_json::{Value, json};
 
 use super::bundle::{BundlePems, BundleStore};
@@ -51,33 +51,10 @@ pub async fn enroll(cp_url: &str, token: &str, state_dir: &Path) -> anyhow::Resu
             .unwrap_or("no reason given");
         anyhow::bail!("the control plane refused the enrollment ({status}): {reason}");
     }
-    let field = |name: &str| {
-        body.get(name)
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-            .with_context(|| format!("the control plane's answer has no {name}"))
-    };
-    let (cert_pem, ca_pem) = (field("certificate_pem")?, field("ca_pem")?);
-    let bundle = Bundle::load(
-        &PemSource::Inline(cert_pem.clone()),
-        &PemSource::Inline(csr.key_pem.expose().to_owned()),
-        &PemSource::Inline(ca_pem.clone()),
-        time::OffsetDateTime::now_utc(),
-    )
-    .context("the certificate the control plane signed")?;
-    anyhow::ensure!(
-        bundle.identity == token.identity,
-        "the control plane signed {} instead of {}",
-        bundle.identity,
-        token.identity
-    );
+    let bundle = super::bundle::signed(&body, csr.key_pem.expose(), &token.identity)?;
     super::create_state_dir(state_dir)?;
     BundleStore::new(state_dir)
-        .save(&BundlePems {
-            cert_pem: &cert_pem,
-            key_pem: csr.key_pem.expose(),
-            ca_pem: &ca_pem,
-        })
+        .save(&BundlePems::from(&bundle))
         .with_context(|| {
             format!(
                 "--state-dir: cannot keep the bundle in {}",

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use certs::{Bundle, CertInfo, GatewayIdentity, PemSource};
+use certs::{CertInfo, GatewayIdentity};
 use reqwest::Method;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -87,32 +87,9 @@ impl Rotation {
                 Some(&json!({"csr_pem": csr.csr_pem})),
             )
             .await?;
-        let field = |name: &str| {
-            answer
-                .get(name)
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-                .ok_or_else(|| anyhow::anyhow!("the rotation answer has no {name}"))
-        };
-        let (cert_pem, ca_pem) = (field("certificate_pem")?, field("ca_pem")?);
-        let bundle = Bundle::load(
-            &PemSource::Inline(cert_pem.clone()),
-            &PemSource::Inline(csr.key_pem.expose().to_owned()),
-            &PemSource::Inline(ca_pem.clone()),
-            time::OffsetDateTime::now_utc(),
-        )?;
-        anyhow::ensure!(
-            bundle.identity == self.identity,
-            "the control plane signed {} instead of {}",
-            bundle.identity,
-            self.identity
-        );
+        let bundle = super::bundle::signed(&answer, csr.key_pem.expose(), &self.identity)?;
         // Kept first: a crash right after still restarts with the new certificate.
-        self.store.save(&BundlePems {
-            cert_pem: &cert_pem,
-            key_pem: csr.key_pem.expose(),
-            ca_pem: &ca_pem,
-        })?;
+        self.store.save(&BundlePems::from(&bundle))?;
         self.cp.identity.swap(&bundle)?;
         self.current.store(Arc::new(bundle.leaf.clone()));
         Ok(bundle.leaf)

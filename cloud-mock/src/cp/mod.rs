@@ -130,10 +130,6 @@ impl ControlPlane {
         Ok(cp)
     }
 
-    pub fn state_dir(&self) -> Option<PathBuf> {
-        self.dir.as_ref().map(|d| d.path.clone())
-    }
-
     /// Writes the state file (no-op in memory). Serialised so the last write wins with
     /// the latest state.
     pub fn persist(&self) -> anyhow::Result<()> {
@@ -164,6 +160,13 @@ impl ControlPlane {
         let out = change(&mut lock(&self.registry));
         self.persist()?;
         Ok(out)
+    }
+
+    /// Runs `change` on the registry without writing the state file: for records that
+    /// need not survive a crash (heartbeats); they are saved with the next durable change
+    /// or at shutdown.
+    pub fn observe<T>(&self, change: impl FnOnce(&mut Registry) -> T) -> T {
+        change(&mut lock(&self.registry))
     }
 
     pub fn registry(&self) -> MutexGuard<'_, Registry> {
@@ -313,9 +316,9 @@ impl ControlPlane {
             let old = std::mem::replace(&mut cas.current, ca);
             cas.previous.push(old);
         }
+        // No server certificate from the new CA yet: installing issues one and saves.
         *lock(&self.server) = None;
         self.install_tls(None)?;
-        self.persist()?;
         Ok(pem)
     }
 

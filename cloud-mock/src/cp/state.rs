@@ -2,7 +2,8 @@
 //! to them, enrollment tokens, budgets and spend, settings, and (with the CA and the
 //! key-value image) how it is kept across restarts in a state directory.
 //!
-//! `state.json` (mode 0600, replaced atomically after every change) holds all of it but
+//! `state.json` (mode 0600, replaced atomically after every change; heartbeat records
+//! ride along with the next change or the shutdown save) holds all of it but
 //! the usage events, which are appended to `usage.jsonl` and synced before they are
 //! acknowledged. The directory is 0700.
 
