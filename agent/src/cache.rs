@@ -61,28 +61,8 @@ impl SnapshotCache {
     /// Opens (or creates) the cache under `dir`. A database that cannot be opened is
     /// moved aside, reported, and replaced by an empty one.
     pub fn open(dir: &Path, prefix: &str) -> Result<Self, CacheError> {
-        let path = dir.join("snapshot-cache");
-        std::fs::create_dir_all(dir).map_err(|e| CacheError::Open {
-            path: dir.to_owned(),
-            message: e.to_string(),
-        })?;
-        let db = match open_db(&path) {
-            Ok(db) => db,
-            Err(message) => {
-                let aside = dir.join(format!("snapshot-cache.unreadable-{}", unix_now()));
-                warn!(path = %path.display(), error = %message, moved_to = %aside.display(), "snapshot cache unreadable; ignoring it and starting a new one");
-                std::fs::rename(&path, &aside).map_err(|e| CacheError::Open {
-                    path: path.clone(),
-                    message: format!("{message}; and it cannot be moved aside: {e}"),
-                })?;
-                open_db(&path).map_err(|message| CacheError::Open {
-                    path: path.clone(),
-                    message,
-                })?
-            }
-        };
         Ok(Self {
-            db,
+            db: open_or_replace(dir, "snapshot-cache", "snapshot cache")?,
             prefix: prefix.to_owned(),
         })
     }
@@ -167,6 +147,29 @@ impl SnapshotCache {
     #[cfg(test)]
     fn corrupt_current(&self) {
         self.db.insert(CURRENT, b"garbage".to_vec()).unwrap();
+    }
+}
+
+/// Opens (or creates) the sled database `dir/name`. One that cannot be opened is moved
+/// aside (`name.unreadable-<unix time>`), reported, and replaced by an empty one.
+/// `what` names it in the report.
+pub fn open_or_replace(dir: &Path, name: &str, what: &str) -> Result<sled::Db, CacheError> {
+    let path = dir.join(name);
+    std::fs::create_dir_all(dir).map_err(|e| CacheError::Open {
+        path: dir.to_owned(),
+        message: e.to_string(),
+    })?;
+    match open_db(&path) {
+        Ok(db) => Ok(db),
+        Err(message) => {
+            let aside = dir.join(format!("{name}.unreadable-{}", unix_now()));
+            warn!(path = %path.display(), error = %message, moved_to = %aside.display(), "{what} unreadable; ignoring it and starting a new one");
+            std::fs::rename(&path, &aside).map_err(|e| CacheError::Open {
+                path: path.clone(),
+                message: format!("{message}; and it cannot be moved aside: {e}"),
+            })?;
+            open_db(&path).map_err(|message| CacheError::Open { path, message })
+        }
     }
 }
 

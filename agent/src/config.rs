@@ -134,6 +134,63 @@ pub struct ManagedSection {
     /// Timeout of every control-plane call but the long-lived watch.
     #[serde(default = "default_cp_request_timeout")]
     pub request_timeout_ms: u64,
+    #[serde(default)]
+    pub budget: BudgetSection,
+    #[serde(default)]
+    pub usage: UsageSection,
+}
+
+/// `managed.budget`: how budget decisions are asked for and what happens without one.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BudgetSection {
+    /// What a key that was never checked gets while the control plane cannot answer.
+    pub default_fail_mode: DefaultFailMode,
+    /// How long a request waits for a budget decision.
+    pub timeout_ms: u64,
+    /// How long past its TTL a cached decision is still used while the control plane
+    /// fails; after it the decision's fail mode applies.
+    pub stale_window_secs: u64,
+}
+
+impl Default for BudgetSection {
+    fn default() -> Self {
+        Self {
+            default_fail_mode: DefaultFailMode::Open,
+            timeout_ms: 1000,
+            stale_window_secs: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultFailMode {
+    Open,
+    Closed,
+}
+
+/// `managed.usage`: the durable usage queue and its sender.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsageSection {
+    /// Events kept while the control plane is unreachable; past it the oldest are
+    /// dropped (and counted).
+    pub queue_max_events: u64,
+    /// Events per `POST /dp/telemetry`.
+    pub batch_size: usize,
+    /// How often queued events are sent.
+    pub flush_interval_ms: u64,
+}
+
+impl Default for UsageSection {
+    fn default() -> Self {
+        Self {
+            queue_max_events: 100_000,
+            batch_size: 200,
+            flush_interval_ms: 1000,
+        }
+    }
 }
 
 fn default_heartbeat_interval() -> u64 {
@@ -461,6 +518,16 @@ impl ManagedSection {
             ),
             ("managed.connect_timeout_ms", self.connect_timeout_ms),
             ("managed.request_timeout_ms", self.request_timeout_ms),
+            ("managed.budget.timeout_ms", self.budget.timeout_ms),
+            (
+                "managed.usage.queue_max_events",
+                self.usage.queue_max_events,
+            ),
+            ("managed.usage.batch_size", self.usage.batch_size as u64),
+            (
+                "managed.usage.flush_interval_ms",
+                self.usage.flush_interval_ms,
+            ),
         ] {
             if value == 0 {
                 return Err((field, "must be greater than 0".to_owned()));
@@ -697,7 +764,17 @@ mod tests {
         let m = c.managed().unwrap();
         assert_eq!(m.heartbeat_interval_secs, 15);
         assert_eq!(m.connect_timeout_ms, 5000);
+        assert_eq!(m.budget.default_fail_mode, DefaultFailMode::Open);
+        assert_eq!(m.budget.stale_window_secs, 60);
+        assert_eq!(m.usage.queue_max_events, 100_000);
         assert!(c.ignored.is_empty(), "{:?}", c.ignored);
+        let tuned = "managed: {enabled: true, cp_base_url: 'https://cp:7443', state_dir: /s, budget: {default_fail_mode: closed, stale_window_secs: 5}, usage: {batch_size: 10}}\n";
+        let c = parse(tuned).unwrap();
+        let m = c.managed().unwrap();
+        assert_eq!(m.budget.default_fail_mode, DefaultFailMode::Closed);
+        assert_eq!(m.budget.stale_window_secs, 5);
+        assert_eq!(m.budget.timeout_ms, 1000);
+        assert_eq!(m.usage.batch_size, 10);
         let cases = [
             (
                 "managed: {enabled: true, cp_base_url: 'http://cp:7443', state_dir: /s}\n",
@@ -722,6 +799,14 @@ mod tests {
             (
                 "managed: {enabled: true, cp_base_url: 'https://cp', state_dir: /s, cp_cert: x}\n",
                 "managed: unknown field `cp_cert`",
+            ),
+            (
+                "managed: {enabled: true, cp_base_url: 'https://cp', state_dir: /s, budget: {default_fail_mode: sticky}}\n",
+                "managed.budget.default_fail_mode: unknown variant `sticky`, expected `open` or `closed`",
+            ),
+            (
+                "managed: {enabled: true, cp_base_url: 'https://cp', state_dir: /s, usage: {batch_size: 0}}\n",
+                "managed.usage.batch_size: must be greater than 0",
             ),
             (
                 "managed: {enabled: true, cp_base_url: 'https://cp', state_dir: /s}\nresources_file: r.yaml\n",

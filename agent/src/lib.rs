@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use proxy_core::http::{ProxyOptions, ProxyState, router, serve};
+use proxy_core::http::{Hooks, ProxyOptions, ProxyState, router, serve};
 use proxy_core::snapshot::{SnapshotStore, Source, SourceEvent};
 use proxy_core::upstream::Upstream;
 use tokio::net::TcpListener;
@@ -186,6 +186,7 @@ pub async fn run(prepared: Prepared, controls: Controls) -> anyhow::Result<()> {
     let workers = TaskTracker::new();
     let mut generation = 1;
     let health = Arc::new(proxy_core::health::ModelHealth::default());
+    let mut hooks = Hooks::default();
     let etcd = match source {
         PreparedSource::File(resources) => {
             apply_file(&store, resources, generation);
@@ -212,7 +213,7 @@ pub async fn run(prepared: Prepared, controls: Controls) -> anyhow::Result<()> {
             Some(client)
         }
         PreparedSource::Managed(managed) => {
-            managed.start(
+            hooks = managed.start(
                 &store,
                 health.clone(),
                 &workers,
@@ -239,6 +240,7 @@ pub async fn run(prepared: Prepared, controls: Controls) -> anyhow::Result<()> {
         options,
         draining.clone(),
         health.clone(),
+        hooks,
     );
     let servers = TaskTracker::new();
     let addr = proxy_listener.local_addr()?;

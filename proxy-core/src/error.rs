@@ -3,9 +3,13 @@
 //! `ProxyError::class` is an exhaustive match without a wildcard arm: a new variant
 //! does not compile until someone decides its status, type and log level.
 
+use std::sync::Arc;
+
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+
+use crate::budget::BudgetDenial;
 
 /// Why a proxy request failed. Messages are shown to callers: they never carry
 /// secrets or upstream 5xx bodies.
@@ -39,6 +43,9 @@ pub enum ProxyError {
     NotImplemented(String),
     #[error("{0}")]
     ProviderUnavailable(String),
+    /// The budget gate refused the caller key.
+    #[error("{}", .0.message)]
+    BudgetDenied(Arc<BudgetDenial>),
     #[error("unknown route: {0}")]
     UnknownRoute(String),
     #[error("method not allowed: {0}")]
@@ -95,6 +102,7 @@ impl ProxyError {
                 "provider_unavailable",
                 true,
             ),
+            ProxyError::BudgetDenied(_) => (StatusCode::TOO_MANY_REQUESTS, "billing_error", false),
             ProxyError::UnknownRoute(_) => (StatusCode::NOT_FOUND, "invalid_request_error", false),
             ProxyError::MethodNotAllowed(_) => (
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -124,9 +132,24 @@ impl ProxyError {
             ProxyError::InvalidRequest { param, .. } => {
                 OpenAiEnvelope::new(&message, class.kind, *param, None).to_json()
             }
+            ProxyError::BudgetDenied(denial) => budget_envelope(class.kind, denial),
             _ => OpenAiEnvelope::new(&message, class.kind, None, None).to_json(),
         };
-        json_response(class.status, body)
+        let mut response = json_response(class.status, body);
+        if let Some(seconds) = self.retry_after() {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+
+    /// The retry hint sent as `Retry-After`, in seconds.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            ProxyError::BudgetDenied(denial) => denial.retry_after_seconds,
+            _ => None,
+        }
     }
 }
 
@@ -134,6 +157,58 @@ impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
         self.into_openai_response()
     }
+}
+
+/// `{"error":{"message","type","code", <the denial's budget fields>}}`.
+fn budget_envelope(kind: &str, denial: &BudgetDenial) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Envelope<'a> {
+        error: Fields<'a>,
+    }
+    #[derive(Serialize)]
+    struct Fields<'a> {
+        message: &'a str,
+        #[serde(rename = "type")]
+        kind: &'a str,
+        #[serde(flatten)]
+        denial: Details<'a>,
+    }
+    /// The denial without `message`, which comes first.
+    #[derive(Serialize)]
+    struct Details<'a> {
+        code: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        scope: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        scope_ref: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        limit_usd: Option<f64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        spent_usd: Option<f64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        period: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        period_resets_at: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_seconds: Option<u64>,
+    }
+    let envelope = Envelope {
+        error: Fields {
+            message: &denial.message,
+            kind,
+            denial: Details {
+                code: &denial.code,
+                scope: denial.scope.as_deref(),
+                scope_ref: denial.scope_ref.as_deref(),
+                limit_usd: denial.limit_usd,
+                spent_usd: denial.spent_usd,
+                period: denial.period.as_deref(),
+                period_resets_at: denial.period_resets_at.as_deref(),
+                retry_after_seconds: denial.retry_after_seconds,
+            },
+        },
+    };
+    serde_json::to_vec(&envelope).unwrap_or_default()
 }
 
 #[derive(Serialize)]
@@ -260,5 +335,47 @@ mod tests {
         for (error, status, body) in cases {
             assert_eq!(render(error).await, (status, body.to_owned()));
         }
+    }
+
+    #[tokio::test]
+    async fn a_budget_denial_carries_its_fields_and_retry_after() {
+        let denial = BudgetDenial {
+            message: "Budget exceeded for API key k1.".into(),
+            code: "budget_exceeded".into(),
+            scope: Some("api_key".into()),
+            scope_ref: Some("k1".into()),
+            limit_usd: Some(1.5),
+            spent_usd: Some(2.0),
+            period: Some("monthly".into()),
+            period_resets_at: Some("2026-12-01T00:00:00Z".into()),
+            retry_after_seconds: Some(3600),
+        };
+        let response = ProxyError::BudgetDenied(Arc::new(denial)).into_openai_response();
+        assert_eq!(response.headers()[header::RETRY_AFTER], "3600");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            std::str::from_utf8(&body).unwrap(),
+            r#"{"error":{"message":"Budget exceeded for API key k1.","type":"billing_error","code":"budget_exceeded","scope":"api_key","scope_ref":"k1","limit_usd":1.5,"spent_usd":2.0,"period":"monthly","period_resets_at":"2026-12-01T00:00:00Z","retry_after_seconds":3600}}"#
+        );
+
+        let unavailable = BudgetDenial {
+            message: "no budget decision".into(),
+            code: "budget_unavailable".into(),
+            scope: None,
+            scope_ref: None,
+            limit_usd: None,
+            spent_usd: None,
+            period: None,
+            period_resets_at: None,
+            retry_after_seconds: None,
+        };
+        let response = ProxyError::BudgetDenied(Arc::new(unavailable)).into_openai_response();
+        assert_eq!(response.status(), 429);
+        assert!(response.headers().get(header::RETRY_AFTER).is_none());
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            std::str::from_utf8(&body).unwrap(),
+            r#"{"error":{"message":"no budget decision","type":"billing_error","code":"budget_unavailable"}}"#
+        );
     }
 }

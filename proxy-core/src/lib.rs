@@ -14,7 +14,10 @@
 //! - `health`: consecutive upstream failures per model.
 //! - `http`: the proxy listener (routes, request ids, drain).
 //! - `upstream`: the upstream HTTP client and provider adapters.
+//! - `budget`, `usage`: the two hooks a deployment plugs in (budget decisions, usage
+//!   events).
 
+pub mod budget;
 pub mod error;
 pub mod health;
 pub mod http;
@@ -23,6 +26,7 @@ pub mod resources;
 pub mod secret;
 pub mod snapshot;
 pub mod upstream;
+pub mod usage;
 
 /// Installs ring as the process-wide rustls crypto provider: the one provider used
 /// across the workspace. Safe to call more than once.

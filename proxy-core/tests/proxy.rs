@@ -169,6 +169,7 @@ async fn harness(options: ProxyOptions) -> Harness {
         options,
         draining.clone(),
         Default::default(),
+        Default::default(),
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());

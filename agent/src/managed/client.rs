@@ -73,30 +73,60 @@ impl CpClient {
         self.request_timeout
     }
 
-    /// Sends a JSON request to `path` (with its query) and reads a JSON answer.
+    /// Sends a JSON request to `path` and reads a JSON answer.
     pub async fn call(
         &self,
         method: Method,
         path: &str,
         body: Option<&Value>,
     ) -> Result<Value, CpError> {
-        let url = self
-            .base
-            .join(path)
-            .map_err(|e| CpError::Transport(format!("{path}: {e}")))?;
-        let mut request = self.http.request(method, url).timeout(self.request_timeout);
+        let mut request = self.http.request(method, self.url(path)?);
         if let Some(body) = body {
             request = request.json(body);
         }
-        let response = request
-            .send()
+        self.send(request, self.request_timeout).await
+    }
+
+    /// `GET path?query` within `timeout`.
+    pub async fn get(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<Value, CpError> {
+        let mut url = self.url(path)?;
+        url.query_pairs_mut().extend_pairs(query);
+        self.send(self.http.get(url), timeout).await
+    }
+
+    fn url(&self, path: &str) -> Result<Url, CpError> {
+        self.base
+            .join(path)
+            .map_err(|e| CpError::Transport(format!("{path}: {e}")))
+    }
+
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+        timeout: Duration,
+    ) -> Result<Value, CpError> {
+        let exchange = async {
+            let response = request
+                .send()
+                .await
+                .map_err(|e| CpError::Transport(error_chain(&e)))?;
+            let status = response.status().as_u16();
+            let bytes = response
+                .bytes()
+                .await
+                .map_err(|e| CpError::Transport(error_chain(&e)))?;
+            Ok::<_, CpError>((status, bytes))
+        };
+        let (status, bytes) = tokio::time::timeout(timeout, exchange)
             .await
-            .map_err(|e| CpError::Transport(error_chain(&e)))?;
-        let status = response.status().as_u16();
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| CpError::Transport(error_chain(&e)))?;
+            .map_err(|_| {
+                CpError::Transport(format!("no answer within {} ms", timeout.as_millis()))
+            })??;
         if !(200..300).contains(&status) {
             let message = serde_json::from_slice::<Value>(&bytes)
                 .ok()

@@ -17,8 +17,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::UsageQueueStatus;
 use super::client::{CpClient, CpError};
+use super::usage::UsageQueueStatus;
 use crate::backoff::{Backoff, BackoffPolicy};
 use crate::watch::WatchStatus;
 

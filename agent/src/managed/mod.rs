@@ -6,7 +6,8 @@
 //! call is made. Then ([`Managed::start`]): the cached snapshot is restored (source
 //! `cache`), and background tasks run until shutdown: the configuration watch (the
 //! same watcher as etcd mode, over the control plane's etcd subset, prefix
-//! `/aisix/<env_id>`), the cache writer, and heartbeats.
+//! `/aisix/<env_id>`), the cache writer, heartbeats, certificate rotation and the
+//! usage sender. The proxy gets the budget gate and the usage sink as its hooks.
 //!
 //! Layout:
 //! - `bundle`: choosing, checking and keeping the certificate bundle.
@@ -14,22 +15,26 @@
 //! - `enroll`: `aisix-agent enroll` (one-time token, key generated locally).
 //! - `heartbeat`: `POST /dp/heartbeat`.
 //! - `rotation`: certificate rotation by CSR, identity swapped in place.
+//! - `budget`: budget decisions (`GET /dp/budget_check`), the proxy's budget gate.
+//! - `usage`: the durable usage queue (the proxy's usage sink) and its sender.
 
+pub mod budget;
 pub mod bundle;
 pub mod client;
 pub mod enroll;
 pub mod heartbeat;
 pub mod rotation;
+pub mod usage;
 
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use certs::Bundle;
 use proxy_core::health::ModelHealth;
+use proxy_core::http::Hooks;
 use proxy_core::snapshot::{SnapshotStore, Source};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -42,33 +47,13 @@ use crate::config::ManagedSection;
 use crate::etcd::EtcdClient;
 use crate::watch::{WatchStatus, Watcher};
 
+use self::budget::BudgetChecker;
 use self::client::CpClient;
 use self::heartbeat::Heartbeat;
+use self::usage::{UsageQueue, UsageSender};
 
 /// A certificate with fewer days left than this is warned about.
 pub const EXPIRY_WARNING_DAYS: i64 = 14;
-
-/// The durable usage queue's size, as heartbeats report it.
-#[derive(Debug, Default)]
-pub struct UsageQueueStatus {
-    pending: AtomicU64,
-    dropped: AtomicU64,
-}
-
-impl UsageQueueStatus {
-    pub fn pending(&self) -> u64 {
-        self.pending.load(Ordering::Relaxed)
-    }
-
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
-    }
-
-    pub fn set(&self, pending: u64, dropped: u64) {
-        self.pending.store(pending, Ordering::Relaxed);
-        self.dropped.store(dropped, Ordering::Relaxed);
-    }
-}
 
 /// Managed mode, ready to start.
 pub struct Managed {
@@ -77,6 +62,7 @@ pub struct Managed {
     pub cp: Arc<CpClient>,
     pub etcd: Arc<EtcdClient>,
     pub cache: SnapshotCache,
+    pub usage: UsageQueue,
     /// `/aisix/<env_id>`.
     pub prefix: String,
 }
@@ -109,12 +95,19 @@ pub fn prepare(section: &ManagedSection) -> anyhow::Result<Managed> {
     let prefix = format!("/aisix/{}", bundle.identity.env_id);
     let cache = SnapshotCache::open(dir, &prefix)
         .with_context(|| format!("managed.state_dir: {}", dir.display()))?;
+    let usage = UsageQueue::open(
+        dir,
+        section.usage.queue_max_events,
+        section.usage.batch_size,
+    )
+    .with_context(|| format!("managed.state_dir: {}", dir.display()))?;
     Ok(Managed {
         section: section.clone(),
         bundle,
         cp,
         etcd,
         cache,
+        usage,
         prefix,
     })
 }
@@ -140,7 +133,7 @@ pub fn create_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
 
 impl Managed {
     /// Restores the cached snapshot into `store` and spawns the background tasks on
-    /// `workers`; they stop when `shutdown` is cancelled.
+    /// `workers`; they stop when `shutdown` is cancelled. Returns the proxy's hooks.
     pub fn start(
         self,
         store: &Arc<SnapshotStore>,
@@ -148,7 +141,7 @@ impl Managed {
         workers: &TaskTracker,
         shutdown: &CancellationToken,
         initial_watch_idle: Duration,
-    ) {
+    ) -> Hooks {
         let cache = Arc::new(self.cache);
         if !cache::restore_into(&cache, store) {
             info!("no cached snapshot: nothing is served until the control plane answers");
@@ -174,14 +167,14 @@ impl Managed {
             watch,
             identity: self.bundle.identity.clone(),
             certificate: certificate.clone(),
-            usage: Arc::new(UsageQueueStatus::default()),
+            usage: self.usage.status(),
             interval: Duration::from_secs(self.section.heartbeat_interval_secs),
             rotate: rotate.clone(),
             backoff: BackoffPolicy::default(),
         };
         workers.spawn(heartbeat.run(shutdown.clone()));
         let rotation = rotation::Rotation {
-            cp: self.cp,
+            cp: self.cp.clone(),
             store: bundle::BundleStore::new(&self.section.state_dir),
             identity: self.bundle.identity,
             current: certificate,
@@ -189,5 +182,20 @@ impl Managed {
             backoff: BackoffPolicy::default(),
         };
         workers.spawn(rotation.run(shutdown.clone()));
+        let usage = Arc::new(self.usage);
+        let sender = UsageSender {
+            queue: usage.clone(),
+            cp: self.cp.clone(),
+            interval: Duration::from_millis(self.section.usage.flush_interval_ms),
+            backoff: BackoffPolicy::default(),
+        };
+        workers.spawn(sender.run(shutdown.clone()));
+        Hooks {
+            budget: Some(Arc::new(BudgetChecker::new(
+                self.cp,
+                self.section.budget.clone(),
+            ))),
+            usage: Some(usage),
+        }
     }
 }

@@ -7,18 +7,22 @@ use std::sync::Arc;
 use axum::Extension;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
+use futures_util::StreamExt;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::basic::authenticate;
 use super::{CALL_ID, ProxyState, RequestId, SERVED_BY};
+use crate::budget::Verdict;
 use crate::error::ProxyError;
 use crate::openai::ChatBody;
 use crate::resources::{Adapter, Model, ModelTarget};
 use crate::snapshot::Snapshot;
 use crate::upstream::{Answer, Target};
+use crate::usage::{Pending, Tokens, UsageEvent, unix_now_ms};
 
 pub(super) async fn chat_completions(
     State(state): State<ProxyState>,
@@ -27,27 +31,40 @@ pub(super) async fn chat_completions(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let call_id = uuid::Uuid::new_v4().to_string();
-    let mut response = match handle(&state, peer, &request_id, &headers, body).await {
+    let call = Call {
+        request_id: &request_id,
+        call_id: uuid::Uuid::new_v4().to_string(),
+        started: Instant::now(),
+    };
+    let mut response = match handle(&state, peer, &call, &headers, body).await {
         Ok(response) => response,
         Err(error) => {
             log_failure(&request_id, &error);
             error.into_openai_response()
         }
     };
-    if let Ok(value) = HeaderValue::from_str(&call_id) {
+    if let Ok(value) = HeaderValue::from_str(&call.call_id) {
         response.headers_mut().insert(CALL_ID, value);
     }
     response
 }
 
+/// One chat-completions call: its ids and when it began.
+struct Call<'a> {
+    request_id: &'a str,
+    /// `x-aisix-call-id`, also the usage event's id.
+    call_id: String,
+    started: Instant,
+}
+
 async fn handle(
     state: &ProxyState,
     peer: SocketAddr,
-    request_id: &str,
+    call: &Call<'_>,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ProxyError> {
+    let request_id = call.request_id;
     let snapshot = state.0.store.load();
     let caller = authenticate(&snapshot, headers)?;
     let bytes = read_body(body, headers, state.0.options.body_limit).await?;
@@ -68,31 +85,78 @@ async fn handle(
             model.name
         )));
     }
-    let mut last_error = None;
+    if let Some(gate) = &state.0.hooks.budget
+        && let Verdict::Deny(denial) = gate.check(&caller.id).await
+    {
+        return Err(ProxyError::BudgetDenied(denial));
+    }
+    let usage = |served_by: &Model, status: StatusCode| {
+        let sink = state.0.hooks.usage.clone()?;
+        let event = UsageEvent {
+            event_id: call.call_id.clone(),
+            request_id: request_id.to_owned(),
+            api_key_id: caller.id.to_string(),
+            model: model.name.to_string(),
+            provider: provider_of(&snapshot, served_by),
+            served_by: served_by.name.to_string(),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cost_usd: 0.0,
+            status_code: status.as_u16(),
+            stream: request.stream,
+            latency_ms: 0,
+            ttft_ms: None,
+            timestamp_unix_ms: unix_now_ms(),
+        };
+        let cost = served_by.cost.or(model.cost);
+        Some(Pending::new(sink, event, cost, call.started))
+    };
+    let mut last_failure = None;
     for candidate in candidates(&snapshot, model) {
         let health = &state.0.health;
         match attempt(state, &snapshot, candidate, &request, request_id).await {
             Ok(answer) => {
                 health.success(&candidate.name);
-                return Ok(respond(answer, &candidate.name, request.stream));
+                let pending = usage(candidate, answer.status);
+                return Ok(respond(answer, &candidate.name, request.stream, pending).await);
             }
             Err(e @ (ProxyError::UpstreamFailed { .. } | ProxyError::Timeout(_))) => {
                 health.failure(&candidate.name);
                 warn!(request_id, model = %candidate.name, error = %e, detail = ?e, "upstream attempt failed");
-                last_error = Some(e);
+                last_failure = Some((e, candidate));
             }
             Err(e) => {
                 if matches!(&e, ProxyError::UpstreamRejected { status, .. } if status.as_u16() == 429)
                 {
                     health.failure(&candidate.name);
                 }
+                if let Some(pending) = usage(candidate, e.class().status) {
+                    pending.finish(Tokens::default(), None);
+                }
                 return Err(e);
             }
         }
     }
-    Err(last_error.unwrap_or_else(|| {
-        ProxyError::ProviderUnavailable(format!("model '{}' has no available target", model.name))
-    }))
+    let Some((error, candidate)) = last_failure else {
+        return Err(ProxyError::ProviderUnavailable(format!(
+            "model '{}' has no available target",
+            model.name
+        )));
+    };
+    if let Some(pending) = usage(candidate, error.class().status) {
+        pending.finish(Tokens::default(), None);
+    }
+    Err(error)
+}
+
+/// The provider name of a direct model (what usage events report).
+fn provider_of(snapshot: &Snapshot, model: &Model) -> String {
+    match &model.target {
+        ModelTarget::Direct(direct) => snapshot
+            .provider_key(&direct.provider_key_id)
+            .map_or_else(String::new, |p| p.provider.clone()),
+        ModelTarget::Routing(_) => String::new(),
+    }
 }
 
 /// The direct models to try, in order: the model itself, or a routing model's targets
@@ -161,8 +225,39 @@ async fn attempt(
     }
 }
 
-fn respond(answer: Answer, served_by: &str, stream: bool) -> Response {
-    let mut response = Response::new(answer.body);
+/// Builds the response; with a pending usage event, reads the usage of a whole answer
+/// (already in memory) or taps the stream, which records the event when it ends.
+async fn respond(
+    answer: Answer,
+    served_by: &str,
+    stream: bool,
+    usage: Option<Pending>,
+) -> Response {
+    let body = match usage {
+        None => answer.body,
+        Some(pending) if stream => {
+            let mut tap = pending.tap();
+            Body::from_stream(answer.body.into_data_stream().map(move |chunk| {
+                if let Ok(chunk) = &chunk {
+                    tap.observe(chunk);
+                }
+                chunk
+            }))
+        }
+        Some(pending) => match answer.body.collect().await {
+            Ok(collected) => {
+                let bytes = collected.to_bytes();
+                pending.finish(Tokens::from_json(&bytes).unwrap_or_default(), None);
+                Body::from(bytes)
+            }
+            Err(e) => {
+                pending.finish(Tokens::default(), None);
+                warn!(error = %e, "answer body unreadable");
+                Body::empty()
+            }
+        },
+    };
+    let mut response = Response::new(body);
     *response.status_mut() = answer.status;
     let headers = response.headers_mut();
     let default_type = if stream {

@@ -24,8 +24,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::budget::BudgetGate;
 use crate::health::ModelHealth;
 use crate::snapshot::SnapshotStore;
+use crate::usage::UsageSink;
 
 use crate::upstream::Upstream;
 pub use basic::livez_response;
@@ -46,6 +48,15 @@ pub struct ProxyOptions {
     pub access_log: bool,
 }
 
+/// What the proxy asks of its environment, when there is one to ask (managed mode).
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// Asked before dispatch; without one every request is allowed.
+    pub budget: Option<Arc<dyn BudgetGate>>,
+    /// Receives one event per dispatched request.
+    pub usage: Option<Arc<dyn UsageSink>>,
+}
+
 /// Everything a handler needs; cheap to clone.
 #[derive(Clone)]
 pub struct ProxyState(Arc<Inner>);
@@ -57,6 +68,7 @@ struct Inner {
     draining: CancellationToken,
     started_unix: u64,
     health: Arc<ModelHealth>,
+    hooks: Hooks,
 }
 
 impl ProxyState {
@@ -68,6 +80,7 @@ impl ProxyState {
         options: ProxyOptions,
         draining: CancellationToken,
         health: Arc<ModelHealth>,
+        hooks: Hooks,
     ) -> Self {
         let started_unix = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -79,6 +92,7 @@ impl ProxyState {
             draining,
             started_unix,
             health,
+            hooks,
         }))
     }
 

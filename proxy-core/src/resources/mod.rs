@@ -13,8 +13,8 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 
 pub use validate::{
-    Adapter, ApiKey, DirectTarget, FieldError, Guardrail, GuardrailPattern, HookPoint, KeyHash,
-    Model, ModelTarget, Problems, ProviderKey, RateLimit, Routing, Strategy, Target,
+    Adapter, ApiKey, Cost, DirectTarget, FieldError, Guardrail, GuardrailPattern, HookPoint,
+    KeyHash, Model, ModelTarget, Problems, ProviderKey, RateLimit, Routing, Strategy, Target,
     WhenAllUnavailable,
 };
 

@@ -1,0 +1,389 @@
+//! Usage telemetry: the durable queue the proxy records into (the [`UsageSink`]) and
+//! the sender that delivers it in batches to `POST /dp/telemetry`.
+//!
+//! The queue is a sled database, `state_dir/usage-queue`, keyed by a big-endian
+//! sequence number, so it keeps its order across restarts. sled writes in the
+//! background (every 500 ms) and the queue is flushed at shutdown and after every
+//! acknowledged batch, so a restart loses nothing and re-sends nothing that was
+//! acknowledged (a `kill -9` may lose the last half second of events, or re-send the
+//! last batch, which the control plane drops by `event_id`). Past
+//! `managed.usage.queue_max_events` the oldest events are dropped and counted; the
+//! count survives restarts and is reported in heartbeats.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use proxy_core::usage::{UsageEvent, UsageSink};
+use reqwest::Method;
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::client::{CpClient, CpError};
+use crate::backoff::{Backoff, BackoffPolicy};
+use crate::cache::{CacheError, open_or_replace};
+
+const DROPPED: &[u8] = b"dropped";
+/// How long shutdown waits for the last batches to be delivered.
+const FINAL_SEND: Duration = Duration::from_secs(3);
+
+/// The queue's size, as heartbeats report it.
+#[derive(Debug, Default)]
+pub struct UsageQueueStatus {
+    pending: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl UsageQueueStatus {
+    pub fn pending(&self) -> u64 {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+pub struct UsageQueue {
+    db: sled::Db,
+    events: sled::Tree,
+    meta: sled::Tree,
+    next: AtomicU64,
+    max_events: u64,
+    batch_size: usize,
+    status: Arc<UsageQueueStatus>,
+    /// Woken when a full batch is waiting.
+    full: Notify,
+}
+
+impl UsageQueue {
+    pub fn open(dir: &Path, max_events: u64, batch_size: usize) -> Result<Self, CacheError> {
+        let db = open_or_replace(dir, "usage-queue", "usage queue")?;
+        let events = db.open_tree("events")?;
+        let meta = db.open_tree("meta")?;
+        let next = match events.last()? {
+            Some((key, _)) => sequence(&key).map_or(0, |n| n + 1),
+            None => 0,
+        };
+        let dropped = meta
+            .get(DROPPED)?
+            .and_then(|v| v.as_ref().try_into().ok())
+            .map_or(0, u64::from_be_bytes);
+        let status = Arc::new(UsageQueueStatus {
+            pending: AtomicU64::new(events.len() as u64),
+            dropped: AtomicU64::new(dropped),
+        });
+        if status.pending() > 0 || dropped > 0 {
+            info!(
+                pending = status.pending(),
+                dropped, "usage queue restored; pending events will be sent"
+            );
+        }
+        Ok(Self {
+            db,
+            events,
+            meta,
+            next: AtomicU64::new(next),
+            max_events,
+            batch_size,
+            status,
+            full: Notify::new(),
+        })
+    }
+
+    pub fn status(&self) -> Arc<UsageQueueStatus> {
+        self.status.clone()
+    }
+
+    fn push(&self, event: &UsageEvent) -> Result<(), String> {
+        let bytes = serde_json::to_vec(event).map_err(|e| e.to_string())?;
+        let key = self.next.fetch_add(1, Ordering::Relaxed).to_be_bytes();
+        self.events.insert(key, bytes).map_err(|e| e.to_string())?;
+        let mut pending = self.status.pending.fetch_add(1, Ordering::Relaxed) + 1;
+        while pending > self.max_events {
+            match self.events.pop_min() {
+                Ok(Some(_)) => {
+                    pending = self.status.pending.fetch_sub(1, Ordering::Relaxed) - 1;
+                    self.count_dropped(1);
+                }
+                Ok(None) => break,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        if pending >= self.batch_size as u64 {
+            self.full.notify_one();
+        }
+        Ok(())
+    }
+
+    fn count_dropped(&self, n: u64) {
+        let total = self.status.dropped.fetch_add(n, Ordering::Relaxed) + n;
+        if let Err(e) = self.meta.insert(DROPPED, &total.to_be_bytes()) {
+            warn!(error = %e, "usage queue: cannot record the dropped count");
+        }
+        if total == n || total.is_power_of_two() {
+            warn!(
+                dropped_total = total,
+                max_events = self.max_events,
+                "usage queue full: oldest events dropped"
+            );
+        }
+    }
+
+    /// Up to `batch_size` events from the front, with their keys. Entries that do not
+    /// parse are removed and counted as dropped.
+    fn front(&self) -> Result<Vec<(sled::IVec, Value)>, sled::Error> {
+        let mut batch = Vec::with_capacity(self.batch_size);
+        for item in self.events.iter() {
+            let (key, bytes) = item?;
+            match serde_json::from_slice::<Value>(&bytes) {
+                Ok(event) => batch.push((key, event)),
+                Err(e) => {
+                    warn!(error = %e, "usage queue: unreadable event dropped");
+                    self.remove(&[key])?;
+                    self.count_dropped(1);
+                    continue;
+                }
+            }
+            if batch.len() == self.batch_size {
+                break;
+            }
+        }
+        Ok(batch)
+    }
+
+    fn remove(&self, keys: &[sled::IVec]) -> Result<(), sled::Error> {
+        for key in keys {
+            if self.events.remove(key)?.is_some() {
+                self.status.pending.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) {
+        if let Err(e) = self.db.flush_async().await {
+            warn!(error = %e, "usage queue: flush failed");
+        }
+    }
+}
+
+impl UsageSink for UsageQueue {
+    fn record(&self, event: UsageEvent) {
+        if let Err(e) = self.push(&event) {
+            warn!(error = %e, request_id = %event.request_id, "usage event not queued");
+            self.count_dropped(1);
+        }
+    }
+}
+
+fn sequence(key: &[u8]) -> Option<u64> {
+    key.try_into().ok().map(u64::from_be_bytes)
+}
+
+/// Delivers the queue: every `flush_interval`, or as soon as a full batch waits.
+pub struct UsageSender {
+    pub queue: Arc<UsageQueue>,
+    pub cp: Arc<CpClient>,
+    pub interval: Duration,
+    pub backoff: BackoffPolicy,
+}
+
+impl UsageSender {
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(self.backoff);
+        let mut failing = false;
+        loop {
+            let healthy = match self.send_all().await {
+                Ok(sent) => {
+                    if failing {
+                        info!(sent, "usage telemetry delivered again");
+                    }
+                    failing = false;
+                    backoff.reset();
+                    true
+                }
+                Err(e) => {
+                    if !failing {
+                        warn!(error = %e, pending = self.queue.status.pending(), "usage telemetry not delivered; events stay queued");
+                    }
+                    failing = true;
+                    false
+                }
+            };
+            let wait = if healthy {
+                self.interval
+            } else {
+                backoff.next_delay().max(self.interval)
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(wait) => {}
+                () = self.queue.full.notified(), if healthy => {}
+            }
+        }
+        match tokio::time::timeout(FINAL_SEND, self.send_all()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => debug!(error = %e, "usage telemetry: last send at shutdown failed"),
+            Err(_) => debug!("usage telemetry: last send at shutdown timed out"),
+        }
+        self.queue.flush().await;
+        let pending = self.queue.status.pending();
+        if pending > 0 {
+            info!(pending, "usage events kept for the next start");
+        }
+    }
+
+    /// Sends batches until the queue is empty; returns how many events were delivered.
+    async fn send_all(&self) -> Result<u64, CpError> {
+        let mut sent = 0;
+        loop {
+            let batch = self.queue.front().map_err(store_error)?;
+            if batch.is_empty() {
+                return Ok(sent);
+            }
+            let full = batch.len() == self.queue.batch_size;
+            sent += self.deliver(batch).await?;
+            self.queue.flush().await;
+            if !full {
+                return Ok(sent);
+            }
+        }
+    }
+
+    /// Sends one batch and removes what the control plane acknowledged. A batch refused
+    /// as invalid (400) is retried event by event so one bad event does not hold back
+    /// the rest; the refused one is dropped and counted.
+    async fn deliver(&self, batch: Vec<(sled::IVec, Value)>) -> Result<u64, CpError> {
+        let (keys, events): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        match self.post(&events).await {
+            Ok(()) => {
+                self.queue.remove(&keys).map_err(store_error)?;
+                Ok(keys.len() as u64)
+            }
+            Err(CpError::Status { status: 400, .. }) => {
+                let mut sent = 0;
+                for (key, event) in keys.into_iter().zip(events) {
+                    match self.post(std::slice::from_ref(&event)).await {
+                        Ok(()) => sent += 1,
+                        Err(CpError::Status {
+                            status: 400,
+                            message,
+                        }) => {
+                            warn!(error = %message, "usage event refused by the control plane; dropped");
+                            self.queue.count_dropped(1);
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    self.queue.remove(&[key]).map_err(store_error)?;
+                }
+                Ok(sent)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn post(&self, events: &[Value]) -> Result<(), CpError> {
+        let answer = self
+            .cp
+            .call(
+                Method::POST,
+                "/dp/telemetry",
+                Some(&json!({ "events": events })),
+            )
+            .await?;
+        let duplicates = answer.get("duplicates").and_then(Value::as_u64);
+        if duplicates.is_some_and(|d| d > 0) {
+            debug!(
+                duplicates,
+                "usage telemetry: the control plane had some events already"
+            );
+        }
+        Ok(())
+    }
+}
+
+fn store_error(e: sled::Error) -> CpError {
+    CpError::Transport(format!("usage queue: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    fn event(n: u32) -> UsageEvent {
+        UsageEvent {
+            event_id: format!("e{n}"),
+            request_id: format!("r{n}"),
+            api_key_id: "k".into(),
+            model: "m".into(),
+            provider: "openai".into(),
+            served_by: "m".into(),
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            cost_usd: 0.0,
+            status_code: 200,
+            stream: false,
+            latency_ms: 1,
+            ttft_ms: None,
+            timestamp_unix_ms: 1,
+        }
+    }
+
+    fn ids(queue: &UsageQueue) -> Vec<String> {
+        queue
+            .front()
+            .unwrap()
+            .into_iter()
+            .map(|(_, v)| v["event_id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn events_keep_their_order_across_reopening_and_the_oldest_go_first_when_full() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let queue = UsageQueue::open(dir.path(), 3, 10).unwrap();
+            for n in 0..5 {
+                queue.record(event(n));
+            }
+            assert_eq!(queue.status.pending(), 3);
+            assert_eq!(queue.status.dropped(), 2);
+            assert_eq!(ids(&queue), ["e2", "e3", "e4"]);
+            queue.flush().await;
+        }
+        let queue = UsageQueue::open(dir.path(), 10, 2).unwrap();
+        assert_eq!(queue.status.pending(), 3);
+        assert_eq!(queue.status.dropped(), 2, "the dropped count survives");
+        assert_eq!(ids(&queue), ["e2", "e3"], "batches are bounded");
+        queue.record(event(5));
+        let front = queue.front().unwrap();
+        let keys: Vec<_> = front.into_iter().map(|(k, _)| k).collect();
+        queue.remove(&keys).unwrap();
+        assert_eq!(
+            ids(&queue),
+            ["e4", "e5"],
+            "new events go after restored ones"
+        );
+        assert_eq!(queue.status.pending(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_event_is_dropped_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = UsageQueue::open(dir.path(), 10, 10).unwrap();
+        queue.record(event(0));
+        queue
+            .events
+            .insert(u64::MAX.to_be_bytes(), b"{not json".to_vec())
+            .unwrap();
+        queue.status.pending.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(ids(&queue), ["e0"]);
+        assert_eq!(queue.status.pending(), 1);
+        assert_eq!(queue.status.dropped(), 1);
+    }
+}

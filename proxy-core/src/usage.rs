@@ -1,0 +1,309 @@
+//! Usage accounting: one [`UsageEvent`] per dispatched request, handed to a
+//! [`UsageSink`] when the request completes (for streams: when the stream ends, also
+//! when the caller goes away). Managed mode queues them durably for the control plane.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::resources::Cost;
+
+pub trait UsageSink: Send + Sync {
+    /// Takes one event; must not block the caller (it runs on the request path).
+    fn record(&self, event: UsageEvent);
+}
+
+/// The control plane's `UsageEvent`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageEvent {
+    /// Unique per request, so replays are idempotent.
+    pub event_id: String,
+    pub request_id: String,
+    pub api_key_id: String,
+    /// The alias the caller asked for.
+    pub model: String,
+    /// The provider of the model that served (or last failed) the request.
+    pub provider: String,
+    /// The direct model that served (or last failed) the request.
+    pub served_by: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_usd: f64,
+    pub status_code: u16,
+    pub stream: bool,
+    pub latency_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttft_ms: Option<u64>,
+    pub timestamp_unix_ms: u64,
+}
+
+/// Token counts as the upstream reported them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tokens {
+    pub prompt: u64,
+    pub completion: u64,
+}
+
+impl Tokens {
+    /// Reads `usage` from a JSON document (a whole answer or one stream event): OpenAI's
+    /// `prompt_tokens`/`completion_tokens` or Anthropic's `input_tokens`/`output_tokens`.
+    pub fn from_json(document: &[u8]) -> Option<Tokens> {
+        #[derive(Deserialize)]
+        struct Document {
+            usage: Option<Usage>,
+        }
+        #[derive(Deserialize)]
+        struct Usage {
+            #[serde(alias = "input_tokens")]
+            prompt_tokens: Option<u64>,
+            #[serde(alias = "output_tokens")]
+            completion_tokens: Option<u64>,
+        }
+        let usage = serde_json::from_slice::<Document>(document).ok()?.usage?;
+        Some(Tokens {
+            prompt: usage.prompt_tokens.unwrap_or(0),
+            completion: usage.completion_tokens.unwrap_or(0),
+        })
+    }
+
+    pub fn cost(self, cost: Option<&Cost>) -> f64 {
+        cost.map_or(0.0, |c| {
+            (self.prompt as f64 * c.input_per_1k + self.completion as f64 * c.output_per_1k)
+                / 1000.0
+        })
+    }
+}
+
+/// A usage event waiting for the request to complete.
+pub struct Pending {
+    sink: Arc<dyn UsageSink>,
+    event: UsageEvent,
+    cost: Option<Cost>,
+    started: Instant,
+}
+
+impl Pending {
+    /// `event` carries everything but tokens, cost, latency and `ttft_ms`.
+    pub fn new(
+        sink: Arc<dyn UsageSink>,
+        event: UsageEvent,
+        cost: Option<Cost>,
+        started: Instant,
+    ) -> Self {
+        Self {
+            sink,
+            event,
+            cost,
+            started,
+        }
+    }
+
+    pub fn finish(self, tokens: Tokens, ttft: Option<Duration>) {
+        let Pending {
+            sink,
+            mut event,
+            cost,
+            started,
+        } = self;
+        event.prompt_tokens = tokens.prompt;
+        event.completion_tokens = tokens.completion;
+        event.cost_usd = tokens.cost(cost.as_ref());
+        event.latency_ms = millis(started.elapsed());
+        event.ttft_ms = ttft.map(millis);
+        sink.record(event);
+    }
+
+    /// Watches a server-sent-event stream for `usage`; records the event when dropped,
+    /// that is when the stream ended or the caller went away.
+    pub fn tap(self) -> StreamTap {
+        StreamTap {
+            pending: Some(self),
+            line: Vec::new(),
+            tokens: Tokens::default(),
+            first_chunk: None,
+        }
+    }
+}
+
+/// Lines longer than this are not inspected for usage (they are content, not usage).
+const MAX_LINE: usize = 64 * 1024;
+
+pub struct StreamTap {
+    pending: Option<Pending>,
+    line: Vec<u8>,
+    tokens: Tokens,
+    first_chunk: Option<Duration>,
+}
+
+impl StreamTap {
+    pub fn observe(&mut self, chunk: &Bytes) {
+        if self.first_chunk.is_none()
+            && let Some(p) = &self.pending
+        {
+            self.first_chunk = Some(p.started.elapsed());
+        }
+        for piece in chunk.split_inclusive(|b| *b == b'\n') {
+            if self.line.len() + piece.len() <= MAX_LINE {
+                self.line.extend_from_slice(piece);
+            } else {
+                self.line.clear();
+            }
+            if piece.ends_with(b"\n") {
+                self.end_of_line();
+            }
+        }
+    }
+
+    fn end_of_line(&mut self) {
+        if let Some(data) = self.line.trim_ascii().strip_prefix(b"data:")
+            && memfind(data, b"\"usage\"")
+            && let Some(tokens) = Tokens::from_json(data.trim_ascii())
+        {
+            // OpenAI sends usage once; Anthropic sends input tokens first and output
+            // tokens at the end: keep the largest of each.
+            self.tokens.prompt = self.tokens.prompt.max(tokens.prompt);
+            self.tokens.completion = self.tokens.completion.max(tokens.completion);
+        }
+        self.line.clear();
+    }
+}
+
+impl Drop for StreamTap {
+    fn drop(&mut self) {
+        if !self.line.is_empty() {
+            self.end_of_line();
+        }
+        if let Some(pending) = self.pending.take() {
+            pending.finish(self.tokens, self.first_chunk);
+        }
+    }
+}
+
+fn memfind(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+pub fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, millis)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use std::sync::Mutex;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<UsageEvent>>);
+
+    impl UsageSink for Recorder {
+        fn record(&self, event: UsageEvent) {
+            self.0.lock().unwrap().push(event);
+        }
+    }
+
+    fn pending(sink: Arc<Recorder>) -> Pending {
+        let event = UsageEvent {
+            event_id: "e1".into(),
+            request_id: "r1".into(),
+            api_key_id: "k1".into(),
+            model: "alias".into(),
+            provider: "openai".into(),
+            served_by: "direct".into(),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cost_usd: 0.0,
+            status_code: 200,
+            stream: true,
+            latency_ms: 0,
+            ttft_ms: None,
+            timestamp_unix_ms: 1,
+        };
+        let cost = Cost {
+            input_per_1k: 1.0,
+            output_per_1k: 2.0,
+        };
+        Pending::new(sink, event, Some(cost), Instant::now())
+    }
+
+    #[test]
+    fn whole_answers_yield_their_usage() {
+        let openai =
+            br#"{"id":"x","usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17}}"#;
+        assert_eq!(
+            Tokens::from_json(openai),
+            Some(Tokens {
+                prompt: 12,
+                completion: 5
+            })
+        );
+        let anthropic = br#"{"usage":{"input_tokens":3,"output_tokens":4}}"#;
+        assert_eq!(
+            Tokens::from_json(anthropic),
+            Some(Tokens {
+                prompt: 3,
+                completion: 4
+            })
+        );
+        assert_eq!(Tokens::from_json(br#"{"usage":null}"#), None);
+        assert_eq!(Tokens::from_json(b"not json"), None);
+        let cost = Cost {
+            input_per_1k: 1.0,
+            output_per_1k: 2.0,
+        };
+        let tokens = Tokens {
+            prompt: 1000,
+            completion: 500,
+        };
+        assert!((tokens.cost(Some(&cost)) - 2.0).abs() < 1e-9);
+        assert!(tokens.cost(None).abs() < f64::EPSILON);
+    }
+
+    #[tokio::test]
+    async fn a_stream_is_recorded_once_with_usage_split_across_chunks() {
+        let sink = Arc::new(Recorder::default());
+        let mut tap = pending(sink.clone()).tap();
+        tap.observe(&Bytes::from_static(
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n",
+        ));
+        tap.observe(&Bytes::from_static(b"data: {\"choices\":[],\"usa"));
+        tap.observe(&Bytes::from_static(
+            b"ge\":{\"prompt_tokens\":2000,\"completion_tokens\":1000}}\n\ndata: [DONE]\n\n",
+        ));
+        assert!(sink.0.lock().unwrap().is_empty(), "recorded before the end");
+        drop(tap);
+        let events = sink.0.lock().unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].prompt_tokens, 2000);
+        assert_eq!(events[0].completion_tokens, 1000);
+        assert!((events[0].cost_usd - 4.0).abs() < 1e-9);
+        assert!(events[0].ttft_ms.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_stream_without_usage_or_without_a_final_newline_still_records() {
+        let sink = Arc::new(Recorder::default());
+        let mut tap = pending(sink.clone()).tap();
+        tap.observe(&Bytes::from_static(
+            b"data: {\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":1}}",
+        ));
+        drop(tap);
+        let untouched = pending(sink.clone()).tap();
+        drop(untouched);
+        let events = sink.0.lock().unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0].prompt_tokens, 7);
+        assert_eq!(events[1].prompt_tokens, 0);
+        assert_eq!(events[1].ttft_ms, None);
+    }
+}
