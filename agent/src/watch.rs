@@ -5,7 +5,8 @@
 //!   removes keys deleted while we were away), so no update is lost.
 //! - Progress notifications advance the snapshot revision and freshness, so a quiet,
 //!   healthy watch does not look stale. Once two have arrived, their spacing sets the
-//!   idle timeout (three intervals without any message ends the stream and reconnects).
+//!   idle timeout (three intervals without any message ends the stream and reconnects),
+//!   kept for later streams.
 //! - Every failure waits out an exponential backoff with full jitter, capped, while the
 //!   last good snapshot keeps serving; a successful watch start resets the backoff.
 
@@ -54,10 +55,13 @@ impl Watcher {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(self.backoff);
         let mut next: Option<i64> = None;
+        // Kept across streams: the server's progress interval does not change when a
+        // stream is re-established, and a stall right after a reconnect must be seen.
+        let mut idle = IdleClock::new(self.idle_timeout);
         loop {
             let outcome = tokio::select! {
                 () = shutdown.cancelled() => return,
-                outcome = self.cycle(&mut next, &mut backoff) => outcome,
+                outcome = self.cycle(&mut next, &mut backoff, &mut idle) => outcome,
             };
             self.status.connected.store(false, Ordering::Relaxed);
             let problem = match outcome {
@@ -84,6 +88,7 @@ impl Watcher {
         &self,
         next: &mut Option<i64>,
         backoff: &mut Backoff,
+        idle: &mut IdleClock,
     ) -> Result<Ended, EtcdError> {
         let dir = format!("{}/", self.prefix);
         let start = match *next {
@@ -109,7 +114,7 @@ impl Watcher {
             }
         };
         let mut stream = self.client.watch(&dir, start).await?;
-        let mut idle = IdleClock::new(self.idle_timeout);
+        idle.new_stream();
         loop {
             let message = tokio::time::timeout(idle.timeout(), stream.next())
                 .await
@@ -168,8 +173,8 @@ fn revision_of(e: &SourceEvent) -> i64 {
     }
 }
 
-/// The watch idle timeout: the configured one until two progress notifications show
-/// the server's interval, then three intervals (at least three seconds).
+/// The watch idle timeout: the configured one until two progress notifications (on one
+/// stream) show the server's interval, then three intervals (at least three seconds).
 struct IdleClock {
     initial: Duration,
     last_progress: Option<Instant>,
@@ -183,6 +188,11 @@ impl IdleClock {
             last_progress: None,
             interval: None,
         }
+    }
+
+    /// Progress spacing is measured within one stream.
+    fn new_stream(&mut self) {
+        self.last_progress = None;
     }
 
     fn progress(&mut self) {
@@ -214,6 +224,11 @@ mod tests {
         clock.progress();
         assert_eq!(clock.timeout(), Duration::from_secs(15));
         tokio::time::advance(Duration::from_millis(100)).await;
+        clock.progress();
+        assert_eq!(clock.timeout(), Duration::from_secs(3));
+        // A new stream keeps the learned interval; spacing restarts with it.
+        clock.new_stream();
+        tokio::time::advance(Duration::from_secs(60)).await;
         clock.progress();
         assert_eq!(clock.timeout(), Duration::from_secs(3));
     }

@@ -169,7 +169,23 @@ fn model(name: &str) -> Value {
     json!({"display_name": name, "model_name": format!("up-{name}"), "provider_key_id": "pk1"})
 }
 
+async fn set_faults(cp: &Cp, faults: Value) {
+    cp.console
+        .ok("PUT", "/console/v1/faults", Some(faults))
+        .await;
+}
+
 fn write_config(dir: &Path, cp_url: &str, bundle: Option<&Path>) -> PathBuf {
+    write_config_with(dir, cp_url, bundle, "")
+}
+
+/// `managed_extra`: more lines of the `managed` section, indented by two spaces.
+fn write_config_with(
+    dir: &Path,
+    cp_url: &str,
+    bundle: Option<&Path>,
+    managed_extra: &str,
+) -> PathBuf {
     let bundle_lines = bundle.map_or(String::new(), |b| {
         format!(
             "  cp_cert_file: {}\n  cp_key_file: {}\n  cp_ca_file: {}\n",
@@ -182,7 +198,7 @@ fn write_config(dir: &Path, cp_url: &str, bundle: Option<&Path>) -> PathBuf {
     std::fs::write(
         &config,
         format!(
-            "managed:\n  enabled: true\n  cp_base_url: {cp_url}\n{bundle_lines}  state_dir: {}\n  heartbeat_interval_secs: 1\n  connect_timeout_ms: 500\n  request_timeout_ms: 2000\nproxy:\n  addr: 127.0.0.1:0\nshutdown:\n  min_drain_secs: 0\n  drain_timeout_secs: 5\n",
+            "managed:\n  enabled: true\n  cp_base_url: {cp_url}\n{bundle_lines}{managed_extra}  state_dir: {}\n  heartbeat_interval_secs: 1\n  connect_timeout_ms: 500\n  request_timeout_ms: 2000\nproxy:\n  addr: 127.0.0.1:0\nshutdown:\n  min_drain_secs: 0\n  drain_timeout_secs: 5\n",
             dir.join("agent-state").display()
         ),
     )
@@ -235,15 +251,17 @@ impl Agent {
     }
 
     async fn chat(&self, model: &str) -> u16 {
+        self.chat_as(CALLER, model, false).await.status().as_u16()
+    }
+
+    async fn chat_as(&self, caller: &str, model: &str, stream: bool) -> reqwest::Response {
         self.http
             .post(format!("{}/v1/chat/completions", self.url))
-            .bearer_auth(CALLER)
-            .json(&json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}))
+            .bearer_auth(caller)
+            .json(&json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}))
             .send()
             .await
             .unwrap()
-            .status()
-            .as_u16()
     }
 
     async fn readyz(&self) -> (u16, String) {
@@ -318,6 +336,19 @@ async fn console_writes_reach_the_proxy_and_heartbeats_report_the_snapshot() {
         .await;
     cp.put("models", "m4", model("gpt-4")).await;
     agent.wait_model("gpt-4").await;
+    // A stalled watch (open, silent, dropping changes) is given up and re-established;
+    // the change made while it stalled is replayed from the next revision. The agent
+    // notices silence once two progress notifications (every 500 ms here) have shown
+    // their interval: give the quiet watch that long first.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    set_faults(&cp, json!({"stall_watches": true})).await;
+    cp.put("models", "m5", model("gpt-5")).await;
+    eventually("the stalled watch is noticed", WITHIN, || async {
+        agent.process.output().contains("watch idle")
+    })
+    .await;
+    set_faults(&cp, json!({})).await;
+    agent.wait_model("gpt-5").await;
     // A delete is seen too.
     cp.console
         .ok(
@@ -390,7 +421,7 @@ async fn without_a_cache_readyz_fails_until_the_control_plane_answers() {
 }
 
 #[tokio::test]
-async fn a_revoked_gateway_keeps_serving_its_snapshot() {
+async fn revoked_or_forgotten_gateways_keep_serving_their_snapshot() {
     let (dir, _mock, cp) = seeded().await;
     let bundle = cp.bundle_files(dir.path(), "gw-1", json!({})).await;
     let mut agent = Agent::start(&write_config(dir.path(), &cp.url(), Some(&bundle))).await;
@@ -405,6 +436,26 @@ async fn a_revoked_gateway_keeps_serving_its_snapshot() {
     agent
         .process
         .wait_for_line("heartbeat refused", WITHIN)
+        .await;
+    assert_eq!(agent.chat("gpt").await, 200);
+    agent.stop().await;
+
+    // A gateway the control plane forgot (404) is told apart, and keeps serving too.
+    let second = dir.path().join("second");
+    std::fs::create_dir_all(&second).unwrap();
+    let bundle = cp.bundle_files(&second, "gw-2", json!({})).await;
+    let mut agent = Agent::start(&write_config(&second, &cp.url(), Some(&bundle))).await;
+    agent.wait_model("gpt").await;
+    cp.console
+        .ok(
+            "DELETE",
+            &format!("/console/v1/environments/{ENV}/gateways/gw-2"),
+            None,
+        )
+        .await;
+    agent
+        .process
+        .wait_for_line("does not know this gateway", WITHIN)
         .await;
     assert_eq!(agent.chat("gpt").await, 200);
     agent.stop().await;
@@ -646,5 +697,300 @@ async fn certificates_rotate_under_traffic_without_a_failed_request() {
     let output = agent.process.output();
     assert!(output.contains("using the kept bundle"), "{output}");
     agent.wait_model("gpt-2").await;
+    agent.stop().await;
+}
+
+/// A successful chat completion (read to the end); its call id.
+async fn served(agent: &Agent, stream: bool) -> String {
+    let response = agent.chat_as(CALLER, "gpt", stream).await;
+    assert_eq!(response.status(), 200);
+    let id = response.headers()["x-aisix-call-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    response.bytes().await.unwrap();
+    id
+}
+
+/// Usage events the console has received, and how many were sent twice.
+async fn received_usage(cp: &Cp) -> (Vec<Value>, u64) {
+    let listed = cp
+        .console
+        .ok(
+            "GET",
+            &format!("/console/v1/environments/{ENV}/usage"),
+            None,
+        )
+        .await;
+    let events = listed["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].clone())
+        .collect();
+    (events, listed["duplicates_received"].as_u64().unwrap())
+}
+
+#[tokio::test]
+async fn spending_past_the_budget_is_a_429_billing_error_with_the_budget_fields() {
+    let (dir, _mock, cp) = seeded().await;
+    // 10 prompt + 3 completion tokens per mock answer: $0.016 per request.
+    cp.put(
+        "models",
+        "m1",
+        json!({"display_name": "gpt", "model_name": "up-gpt", "provider_key_id": "pk1",
+               "cost": {"input_per_1k": 1.0, "output_per_1k": 2.0}}),
+    )
+    .await;
+    cp.console
+        .ok(
+            "PUT",
+            &format!("/console/v1/environments/{ENV}/budgets/k1"),
+            Some(json!({"limit_usd": 0.05, "period": "daily", "ttl_seconds": 1})),
+        )
+        .await;
+    let bundle = cp.bundle_files(dir.path(), "gw-1", json!({})).await;
+    let agent = Agent::start(&write_config_with(
+        dir.path(),
+        &cp.url(),
+        Some(&bundle),
+        "  usage: {flush_interval_ms: 100}\n",
+    ))
+    .await;
+    agent.wait_model("gpt").await;
+
+    // Spend is reported as usage, reaches the control plane's budget, and the next
+    // decision refuses the key.
+    let mut allowed = 0;
+    let denied = loop {
+        let response = agent.chat_as(CALLER, "gpt", allowed % 2 == 1).await;
+        if response.status() == 429 {
+            break response;
+        }
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+        allowed += 1;
+        assert!(allowed < 200, "never refused");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        allowed >= 4,
+        "refused after {allowed} requests costing $0.016"
+    );
+    let retry_after: u64 = denied.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(denied.headers().contains_key("x-aisix-call-id"));
+    assert_eq!(denied.headers()["content-type"], "application/json");
+    let body: Value = denied.json().await.unwrap();
+    let error = &body["error"];
+    assert_eq!(error["type"], "billing_error", "{body}");
+    assert_eq!(error["code"], "budget_exceeded");
+    assert_eq!(error["scope"], "api_key");
+    assert_eq!(error["scope_ref"], "k1");
+    assert_eq!(error["limit_usd"], 0.05);
+    assert!(error["spent_usd"].as_f64().unwrap() >= 0.05, "{body}");
+    assert_eq!(error["period"], "daily");
+    assert_eq!(error["retry_after_seconds"].as_u64(), Some(retry_after));
+    assert!((1..=86_400).contains(&retry_after));
+
+    // Every allowed request was reported once, with its cost.
+    eventually("every allowed request is reported", WITHIN, || async {
+        received_usage(&cp).await.0.len() == allowed
+    })
+    .await;
+    let (events, duplicates) = received_usage(&cp).await;
+    assert_eq!(duplicates, 0);
+    for event in &events {
+        assert_eq!(event["api_key_id"], "k1");
+        assert_eq!(event["model"], "gpt");
+        assert_eq!(event["provider"], "openai");
+        assert_eq!(event["status_code"], 200);
+        assert_eq!(event["prompt_tokens"], 10);
+        assert_eq!(event["completion_tokens"], 3);
+        assert!((event["cost_usd"].as_f64().unwrap() - 0.016).abs() < 1e-9);
+    }
+    assert!(
+        events
+            .iter()
+            .any(|e| e["stream"] == true && e["ttft_ms"].is_u64()),
+        "a streamed request is reported with its time to first token"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn with_budget_checks_failing_the_last_answer_holds_for_the_stale_window_then_the_fail_mode_applies()
+ {
+    let (dir, _mock, cp) = seeded().await;
+    let other = "e2e-managed-second-caller";
+    cp.put(
+        "api_keys",
+        "k2",
+        json!({"display_name": "second", "key_hash": key_hash(other), "allowed_models": ["*"]}),
+    )
+    .await;
+    cp.console
+        .ok(
+            "PUT",
+            &format!("/console/v1/environments/{ENV}/budgets/k1"),
+            Some(json!({"limit_usd": 100.0, "period": "monthly", "fail_mode": "closed", "ttl_seconds": 1})),
+        )
+        .await;
+    let bundle = cp.bundle_files(dir.path(), "gw-1", json!({})).await;
+    let agent = Agent::start(&write_config_with(
+        dir.path(),
+        &cp.url(),
+        Some(&bundle),
+        "  budget: {default_fail_mode: closed, stale_window_secs: 4, timeout_ms: 500}\n",
+    ))
+    .await;
+    agent.wait_model("gpt").await;
+    assert_eq!(agent.chat("gpt").await, 200);
+
+    set_faults(&cp, json!({"endpoints": {"budget_check": {"status": 503}}})).await;
+    let failing_since = tokio::time::Instant::now();
+    // Past the 1 s TTL, inside the 4 s stale window: the last answer still allows.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(agent.chat("gpt").await, 200, "the stale answer is used");
+    // A key never answered for follows the configured default (closed).
+    let refused = agent.chat_as(other, "gpt", false).await;
+    assert_eq!(refused.status(), 429);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "billing_error");
+    assert_eq!(body["error"]["code"], "budget_unavailable");
+
+    // Then the key's own fail mode (closed) refuses.
+    eventually("the stale window ends in a refusal", WITHIN, || async {
+        agent.chat("gpt").await == 429
+    })
+    .await;
+    let waited = failing_since.elapsed();
+    assert!(
+        waited >= Duration::from_secs(3),
+        "refused {waited:?} after the failures began; the window is 1 s TTL + 4 s"
+    );
+    let refused = agent.chat_as(CALLER, "gpt", false).await;
+    assert_eq!(refused.headers()["retry-after"], "5");
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "budget_unavailable", "{body}");
+
+    // The control plane answers again: so do the keys.
+    set_faults(&cp, json!({})).await;
+    eventually("budget checks recover", WITHIN, || async {
+        agent.chat("gpt").await == 200 && agent.chat_as(other, "gpt", false).await.status() == 200
+    })
+    .await;
+    assert!(agent.process.output().contains("budget check failed"));
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn usage_survives_a_control_plane_outage_and_an_agent_restart_without_loss_or_duplicates() {
+    let (dir, _mock, mut cp) = seeded().await;
+    let bundle = cp.bundle_files(dir.path(), "gw-1", json!({})).await;
+    let config = write_config_with(
+        dir.path(),
+        &cp.url(),
+        Some(&bundle),
+        "  usage: {flush_interval_ms: 100, batch_size: 2}\n",
+    );
+    let agent = Agent::start(&config).await;
+    agent.wait_model("gpt").await;
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(served(&agent, n == 1).await);
+    }
+    eventually("the first events arrive", WITHIN, || async {
+        received_usage(&cp).await.0.len() == 3
+    })
+    .await;
+
+    // The control plane goes away: requests keep being served and accounted.
+    cp.stop().await;
+    for n in 0..4 {
+        ids.push(served(&agent, n == 2).await);
+    }
+    agent.stop().await;
+    // Restarted while the control plane is still away: from the cache.
+    let agent = Agent::start(&config).await;
+    agent.wait_model("gpt").await;
+    for _ in 0..2 {
+        ids.push(served(&agent, false).await);
+    }
+    cp.restart().await;
+    eventually("every event arrives after the outage", WITHIN, || async {
+        received_usage(&cp).await.0.len() == ids.len()
+    })
+    .await;
+    // And nothing is sent again later.
+    ids.push(served(&agent, false).await);
+    eventually("the next event arrives", WITHIN, || async {
+        received_usage(&cp).await.0.len() == ids.len()
+    })
+    .await;
+    eventually("the heartbeat shows an empty queue", WITHIN, || async {
+        cp.heartbeat_of("gw-1")
+            .await
+            .is_some_and(|h| h["usage_queue"]["pending"] == 0)
+    })
+    .await;
+    let (events, duplicates) = received_usage(&cp).await;
+    assert_eq!(
+        duplicates, 0,
+        "events were sent again after acknowledgement"
+    );
+    let mut received: Vec<String> = events
+        .iter()
+        .map(|e| e["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    received.sort();
+    ids.sort();
+    assert_eq!(received, ids, "event ids are the call ids, each once");
+    assert_eq!(
+        cp.heartbeat_of("gw-1").await.unwrap()["usage_queue"]["dropped"],
+        0
+    );
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn the_control_plane_sets_the_heartbeat_interval() {
+    let (dir, _mock, cp) = seeded().await;
+    cp.console
+        .ok(
+            "PUT",
+            "/console/v1/settings",
+            Some(json!({"heartbeat_interval_secs": 30})),
+        )
+        .await;
+    let bundle = cp.bundle_files(dir.path(), "gw-1", json!({})).await;
+    // Configured to beat every second; the control plane's answer says 30.
+    let mut agent = Agent::start(&write_config(dir.path(), &cp.url(), Some(&bundle))).await;
+    let line = agent
+        .process
+        .wait_for_line("the control plane set the heartbeat interval", WITHIN)
+        .await;
+    assert!(line.contains("heartbeat_interval_secs=30"), "{line}");
+    let last_seen = async || {
+        cp.console
+            .ok(
+                "GET",
+                &format!("/console/v1/environments/{ENV}/gateways"),
+                None,
+            )
+            .await["gateways"][0]["instances"][0]["last_seen_unix_ms"]
+            .as_i64()
+    };
+    let first = last_seen().await;
+    assert!(first.is_some(), "the first heartbeat arrived");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        last_seen().await,
+        first,
+        "no heartbeat within 3 s of a 30 s interval"
+    );
     agent.stop().await;
 }

@@ -516,7 +516,8 @@ async fn list_usage(
                 .is_none_or(|k| e.event.get("api_key_id").and_then(Value::as_str) == Some(k))
         })
         .collect();
-    ok(json!({"events": events}))
+    let duplicates = usage.duplicates.get(&env).copied().unwrap_or(0);
+    ok(json!({"events": events, "duplicates_received": duplicates}))
 }
 
 #[derive(Default, Deserialize)]

@@ -221,6 +221,9 @@ pub async fn telemetry(
     let accepted = fresh.len();
     let duplicates = total - accepted;
     usage.append(fresh).map_err(|e| internal(&e.into()))?;
+    if duplicates > 0 {
+        *usage.duplicates.entry(env.clone()).or_default() += duplicates as u64;
+    }
     drop(usage);
     let now = time::OffsetDateTime::now_utc();
     cp.update(|r| {

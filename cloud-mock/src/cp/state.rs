@@ -7,7 +7,7 @@
 //! the usage events, which are appended to `usage.jsonl` and synced before they are
 //! acknowledged. The directory is 0700.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fs;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -209,6 +209,8 @@ pub struct StoredEvent {
 pub struct UsageLog {
     seen: HashSet<(String, String)>,
     pub recent: VecDeque<StoredEvent>,
+    /// Events received again (same `event_id`) per environment since the start.
+    pub duplicates: HashMap<String, u64>,
     file: Option<fs::File>,
 }
 
