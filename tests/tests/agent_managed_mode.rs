@@ -850,6 +850,40 @@ async fn with_budget_checks_failing_the_last_answer_holds_for_the_stale_window_t
     agent.wait_model("gpt").await;
     assert_eq!(agent.chat("gpt").await, 200);
 
+    // Concurrent first requests of one key share one check.
+    let third = "e2e-managed-third-caller";
+    cp.put(
+        "api_keys",
+        "k3",
+        json!({"display_name": "third", "key_hash": key_hash(third), "allowed_models": ["*"]}),
+    )
+    .await;
+    eventually("key k3 is known", WITHIN, || async {
+        let models = agent
+            .http
+            .get(format!("{}/v1/models", agent.url))
+            .bearer_auth(third);
+        models.send().await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let checks = async || {
+        cp.console.ok("GET", "/console/v1/calls", None).await["budget_check"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = checks().await;
+    let burst: Vec<_> = (0..20)
+        .map(|_| agent.chat_as(third, "gpt", false))
+        .collect();
+    for response in futures_util::future::join_all(burst).await {
+        assert_eq!(response.status(), 200);
+    }
+    assert_eq!(
+        checks().await - before,
+        1,
+        "one check for 20 concurrent requests"
+    );
+
     set_faults(&cp, json!({"endpoints": {"budget_check": {"status": 503}}})).await;
     let failing_since = tokio::time::Instant::now();
     // Past the 1 s TTL, inside the 4 s stale window: the last answer still allows.

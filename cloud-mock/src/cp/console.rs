@@ -25,7 +25,8 @@
 //! - `POST /console/v1/compact` `{"revision"?}` (default: the current revision)
 //!
 //! Control: `GET|PUT /console/v1/settings`, `GET|PUT /console/v1/faults`,
-//! `POST /console/v1/faults/cut-watches`.
+//! `POST /console/v1/faults/cut-watches`, `GET /console/v1/calls` (data-plane calls per
+//! endpoint name since the start).
 //!
 //! Errors are `{"error": "..."}` with 400, 401, 404, 409 or 500.
 
@@ -104,6 +105,7 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/console/v1/compact", post(compact))
         .route("/console/v1/ca/rotate", post(rotate_ca))
         .route("/console/v1/settings", get(get_settings).put(set_settings))
+        .route("/console/v1/calls", get(get_calls))
         .route("/console/v1/faults", get(get_faults).put(set_faults))
         .route("/console/v1/faults/cut-watches", post(cut_watches))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
@@ -550,6 +552,10 @@ async fn set_settings(State(cp): Cp, body: Bytes) -> Answer {
     cp.update(|r| r.settings = settings.clone())
         .map_err(|e| internal(&e))?;
     ok(json!(settings))
+}
+
+async fn get_calls(State(cp): Cp) -> Answer {
+    ok(json!(cp.faults.calls()))
 }
 
 async fn get_faults(State(cp): Cp) -> Answer {

@@ -1,6 +1,6 @@
 //! Fault injection knobs, set through the console and observed by gateways.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -27,6 +27,8 @@ pub struct Faults {
     refuse_connections: AtomicBool,
     delay_ms: AtomicU64,
     endpoints: Mutex<HashMap<String, EndpointFault>>,
+    /// Data-plane calls per endpoint name since the start (faulted ones included).
+    calls: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Default for Faults {
@@ -37,6 +39,7 @@ impl Default for Faults {
             refuse_connections: AtomicBool::new(false),
             delay_ms: AtomicU64::new(0),
             endpoints: Mutex::new(HashMap::new()),
+            calls: Mutex::default(),
         }
     }
 }
@@ -91,8 +94,14 @@ impl Faults {
         Duration::from_millis(self.delay_ms.load(Ordering::SeqCst))
     }
 
-    /// The injected answer for `endpoint`, if one is set.
+    /// Data-plane calls per endpoint name since the start.
+    pub fn calls(&self) -> BTreeMap<String, u64> {
+        lock(&self.calls).clone()
+    }
+
+    /// Counts a call of `endpoint` and returns the injected answer, if one is set.
     pub fn endpoint_answer(&self, endpoint: &str) -> Option<Response> {
+        *lock(&self.calls).entry(endpoint.to_owned()).or_default() += 1;
         match lock(&self.endpoints).get(endpoint)? {
             EndpointFault::Status(code) => {
                 let status =
