@@ -58,7 +58,7 @@ fn period_name(p: Period) -> &'static str {
     }
 }
 
-fn round_cents(usd: f64) -> f64 {
+fn round_micros(usd: f64) -> f64 {
     (usd * 1e6).round() / 1e6
 }
 
@@ -88,8 +88,8 @@ pub fn answer(
         "ttl_seconds": budget.ttl_seconds.unwrap_or(settings.budget_ttl_seconds),
         "budget": {
             "limit_usd": budget.limit_usd,
-            "spent_usd": round_cents(spent),
-            "remaining_usd": round_cents((budget.limit_usd - spent).max(0.0)),
+            "spent_usd": round_micros(spent),
+            "remaining_usd": round_micros((budget.limit_usd - spent).max(0.0)),
             "reset_seconds": reset_seconds,
         },
     });
@@ -102,15 +102,15 @@ pub fn answer(
             "type": "billing_error",
             "code": "budget_exceeded",
             "message": format!(
-                "Budget exceeded for API key {api_key_id}: spent ${:.2} of ${:.2} ({} budget).",
-                spent,
+                "Budget exceeded for API key {api_key_id}: spent ${} of ${} ({} budget).",
+                round_micros(spent),
                 budget.limit_usd,
                 period_name(budget.period)
             ),
             "scope": "api_key",
             "scope_ref": api_key_id,
             "limit_usd": budget.limit_usd,
-            "spent_usd": round_cents(spent),
+            "spent_usd": round_micros(spent),
             "period": period_name(budget.period),
             "period_resets_at": resets_at,
             "retry_after_seconds": reset_seconds,
