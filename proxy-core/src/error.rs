@@ -33,10 +33,18 @@ pub enum ProxyError {
     UpstreamRejected {
         status: StatusCode,
         error: UpstreamErrorFields,
+        /// The upstream's `Retry-After`, in seconds, when it sent a parseable one.
+        retry_after: Option<u64>,
     },
     /// An upstream 5xx or a transport failure. `detail` is for logs only.
     #[error("the upstream provider failed to answer")]
-    UpstreamFailed { detail: String },
+    UpstreamFailed {
+        detail: String,
+        retry_after: Option<u64>,
+    },
+    /// Every routing candidate is cooling down and the model says `fail`.
+    #[error("every target of model '{model}' is cooling down after failures")]
+    AllCandidatesUnavailable { model: String, retry_after: u64 },
     #[error("the upstream provider did not answer within {0} ms")]
     Timeout(u128),
     #[error("{0}")]
@@ -93,6 +101,11 @@ impl ProxyError {
             ),
             ProxyError::UpstreamRejected { status, .. } => (*status, "upstream_error", false),
             ProxyError::UpstreamFailed { .. } => (StatusCode::BAD_GATEWAY, "upstream_error", true),
+            ProxyError::AllCandidatesUnavailable { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "all_candidates_unavailable",
+                true,
+            ),
             ProxyError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout", true),
             ProxyError::NotImplemented(_) => {
                 (StatusCode::NOT_IMPLEMENTED, "not_implemented", false)
@@ -144,10 +157,27 @@ impl ProxyError {
         response
     }
 
+    /// The upstream's own `Retry-After`, in seconds, whatever its status.
+    pub fn upstream_retry_after(&self) -> Option<u64> {
+        match self {
+            ProxyError::UpstreamRejected { retry_after, .. }
+            | ProxyError::UpstreamFailed { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
     /// The retry hint sent as `Retry-After`, in seconds.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             ProxyError::BudgetDenied(denial) => denial.retry_after_seconds,
+            ProxyError::AllCandidatesUnavailable { retry_after, .. } => Some(*retry_after),
+            // Passed through on upstream 429s only: a 5xx becomes our 502, whose retry
+            // hint is not the upstream's to give.
+            ProxyError::UpstreamRejected {
+                status,
+                retry_after,
+                ..
+            } if *status == StatusCode::TOO_MANY_REQUESTS => *retry_after,
             _ => None,
         }
     }
@@ -299,6 +329,7 @@ mod tests {
             (
                 ProxyError::UpstreamFailed {
                     detail: "secret upstream body".into(),
+                    retry_after: None,
                 },
                 502,
                 r#"{"error":{"message":"the upstream provider failed to answer","type":"upstream_error"}}"#,
@@ -319,6 +350,14 @@ mod tests {
                 r#"{"error":{"message":"y","type":"provider_unavailable"}}"#,
             ),
             (
+                ProxyError::AllCandidatesUnavailable {
+                    model: "smart".into(),
+                    retry_after: 7,
+                },
+                503,
+                r#"{"error":{"message":"every target of model 'smart' is cooling down after failures","type":"all_candidates_unavailable"}}"#,
+            ),
+            (
                 ProxyError::UpstreamRejected {
                     status: StatusCode::TOO_MANY_REQUESTS,
                     error: UpstreamErrorFields {
@@ -327,6 +366,7 @@ mod tests {
                         param: None,
                         code: Some("rate_limit_exceeded".into()),
                     },
+                    retry_after: None,
                 },
                 429,
                 r#"{"error":{"message":"slow down","type":"requests","code":"rate_limit_exceeded"}}"#,

@@ -13,6 +13,7 @@
 //! - `error`: the one proxy error type and its envelopes.
 //! - `health`: consecutive upstream failures per model.
 //! - `http`: the proxy listener (routes, request ids, drain).
+//! - `routing`: candidate order, retries, failover and cooldowns.
 //! - `upstream`: the upstream HTTP client and provider adapters.
 //! - `budget`, `usage`: the two hooks a deployment plugs in (budget decisions, usage
 //!   events).
@@ -23,6 +24,7 @@ pub mod health;
 pub mod http;
 pub mod openai;
 pub mod resources;
+pub mod routing;
 pub mod secret;
 pub mod snapshot;
 pub mod upstream;

@@ -115,9 +115,11 @@ impl Upstream {
         within: Duration,
     ) -> ProxyError {
         let status = response.status();
+        let retry_after = retry_after(response.headers());
         if status.is_server_error() || !status.is_client_error() {
             return ProxyError::UpstreamFailed {
                 detail: format!("{} answered {status}", target.model.name),
+                retry_after,
             };
         }
         if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
@@ -134,14 +136,29 @@ impl Upstream {
                     param: None,
                     code: Some("upstream_authentication_failed".to_owned()),
                 },
+                retry_after,
             };
         }
         let body = read_bounded(response, within).await;
         ProxyError::UpstreamRejected {
             status,
             error: upstream_error_fields(status.as_u16(), &body),
+            retry_after,
         }
     }
+}
+
+/// `Retry-After` as seconds: a number of seconds or an HTTP date (rounded up).
+pub fn retry_after(headers: &http::HeaderMap) -> Option<u64> {
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(seconds);
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    let wait = at
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    Some(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
 }
 
 async fn read_bounded(response: reqwest::Response, within: Duration) -> Bytes {
@@ -174,6 +191,7 @@ fn transport_failure(target: &Target<'_>, e: &reqwest::Error) -> ProxyError {
     };
     ProxyError::UpstreamFailed {
         detail: format!("{} {kind} error: {e}", target.model.name),
+        retry_after: None,
     }
 }
 

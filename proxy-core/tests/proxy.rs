@@ -119,8 +119,48 @@ async fn harness(options: ProxyOptions) -> Harness {
             json!({"display_name": "auto", "routing": {"targets": [{"model": "gpt"}, {"model": "broken", "priority": 5}]}}),
         ),
         (
+            "models/m10",
+            json!({"display_name": "limited", "model_name": "up-limited", "provider_key_id": "pk1"}),
+        ),
+        (
+            "models/m11",
+            json!({"display_name": "picky", "model_name": "up-picky", "provider_key_id": "pk1"}),
+        ),
+        (
+            "models/r2",
+            json!({"display_name": "spread", "routing": {"strategy": "round_robin", "targets": [{"model": "gpt", "weight": 3}, {"model": "other"}]}}),
+        ),
+        (
+            "models/r3",
+            json!({"display_name": "persistent", "routing": {"retries": 2, "targets": [{"model": "broken"}, {"model": "gpt"}]}}),
+        ),
+        (
+            "models/r4",
+            json!({"display_name": "resilient", "routing": {"targets": [{"model": "slow"}, {"model": "unreachable"}, {"model": "picky"}, {"model": "gpt"}], "fallback_on_statuses": [404]}}),
+        ),
+        (
+            "models/r5",
+            json!({"display_name": "patient", "routing": {"retries": 1, "retry_on_429": true, "targets": [{"model": "limited"}, {"model": "gpt"}]}}),
+        ),
+        (
+            "models/r6",
+            json!({"display_name": "impatient", "routing": {"retries": 1, "targets": [{"model": "limited"}, {"model": "gpt"}]}}),
+        ),
+        (
+            "models/r7",
+            json!({"display_name": "fragile", "routing": {"targets": [{"model": "broken"}]}}),
+        ),
+        (
+            "models/r8",
+            json!({"display_name": "stubborn", "routing": {"targets": [{"model": "broken"}], "when_all_unavailable": "try_anyway"}}),
+        ),
+        (
+            "models/r9",
+            json!({"display_name": "bounded", "routing": {"targets": [{"model": "broken"}, {"model": "unreachable"}, {"model": "gpt"}], "max_fallbacks": 1}}),
+        ),
+        (
             "api_keys/k1",
-            json!({"key_hash": hash(CALLER), "allowed_models": ["gpt", "slow", "broken", "unreachable", "fenced", "claude", "odd", "stalls", "auto", "ds-chat", "custom"]}),
+            json!({"key_hash": hash(CALLER), "allowed_models": ["*"]}),
         ),
         (
             "api_keys/k2",
@@ -184,6 +224,15 @@ async fn harness(options: ProxyOptions) -> Harness {
 }
 
 impl Harness {
+    /// The upstream model of every request the mock received, in order.
+    fn tried(&self) -> Vec<String> {
+        self.mock
+            .requests()
+            .iter()
+            .map(|r| r.json()["model"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+
     async fn chat(&self, key: Option<&str>, body: Value) -> reqwest::Response {
         let mut r = self
             .client
@@ -472,13 +521,149 @@ async fn routing_model_fails_over_to_the_next_target() {
     let r = h.chat(Some(CALLER), hello("auto")).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-aisix-served-by"], "gpt");
-    let tried: Vec<Value> = h
-        .mock
-        .requests()
-        .iter()
-        .map(|r| r.json()["model"].clone())
-        .collect();
-    assert_eq!(tried, [json!("up-broken"), json!("up-gpt")]);
+    assert_eq!(h.tried(), ["up-broken", "up-gpt"]);
+}
+
+#[tokio::test]
+async fn round_robin_spreads_by_weight() {
+    let h = harness(ProxyOptions::default()).await;
+    let mut served = Vec::new();
+    for _ in 0..8 {
+        let r = h.chat(Some(CALLER), hello("spread")).await;
+        assert_eq!(r.status(), 200);
+        served.push(
+            r.headers()["x-aisix-served-by"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let gpt = served.iter().filter(|s| *s == "gpt").count();
+    assert_eq!((gpt, served.len() - gpt), (6, 2), "3:1 weights: {served:?}");
+    assert_ne!(
+        served[..4].iter().filter(|s| *s == "other").count(),
+        0,
+        "smooth, not bunched: {served:?}"
+    );
+}
+
+#[tokio::test]
+async fn retries_then_failover_and_cooldown_skips_the_failed_target() {
+    let h = harness(ProxyOptions::default()).await;
+    let r = h.chat(Some(CALLER), hello("persistent")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-aisix-served-by"], "gpt");
+    assert_eq!(
+        h.tried(),
+        ["up-broken", "up-broken", "up-broken", "up-gpt"],
+        "2 retries, then the next target"
+    );
+    // `broken` now cools down (30 s by default): the next request goes straight on.
+    let r = h.chat(Some(CALLER), hello("persistent")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(h.tried()[4..], ["up-gpt"]);
+}
+
+#[tokio::test]
+async fn failover_on_timeout_transport_and_listed_statuses_but_not_on_other_4xx() {
+    let h = harness(ProxyOptions::default()).await;
+    h.mock.set_script_for(
+        "up-slow",
+        Script {
+            headers_delay_ms: 5_000,
+            ..Script::default()
+        },
+    );
+    h.mock.set_script_for(
+        "up-picky",
+        Script {
+            status: 404,
+            ..Script::default()
+        },
+    );
+    let r = h.chat(Some(CALLER), hello("resilient")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-aisix-served-by"], "gpt");
+    assert_eq!(
+        h.tried(),
+        ["up-slow", "up-picky", "up-gpt"],
+        "the unreachable target never answered"
+    );
+
+    // A 400 is the caller's problem: returned at once, no other target tried.
+    let h2 = harness(ProxyOptions::default()).await;
+    h2.mock.set_script_for(
+        "up-slow",
+        Script {
+            status: 400,
+            ..Script::default()
+        },
+    );
+    let r = h2.chat(Some(CALLER), hello("resilient")).await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(h2.tried(), ["up-slow"]);
+}
+
+#[tokio::test]
+async fn upstream_429_is_retried_only_with_retry_on_429_and_its_retry_after_is_passed_on() {
+    let h = harness(ProxyOptions::default()).await;
+    h.mock.set_script_for(
+        "up-limited",
+        Script {
+            status: 429,
+            retry_after: Some("1".into()),
+            ..Script::default()
+        },
+    );
+    // Without retry_on_429 the 429 is the answer, with the upstream's hint.
+    let r = h.chat(Some(CALLER), hello("impatient")).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert_eq!(h.tried(), ["up-limited"]);
+    // With it: retried after the hinted second, then the next target.
+    let started = Instant::now();
+    let r = h.chat(Some(CALLER), hello("patient")).await;
+    assert_eq!(r.status(), 200);
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "waited for Retry-After"
+    );
+    assert_eq!(h.tried()[1..], ["up-limited", "up-limited", "up-gpt"]);
+}
+
+#[tokio::test]
+async fn all_candidates_cooling_down_is_503_with_retry_after_unless_try_anyway() {
+    let h = harness(ProxyOptions::default()).await;
+    let r = h.chat(Some(CALLER), hello("fragile")).await;
+    assert_eq!(r.status(), 502);
+    let r = h.chat(Some(CALLER), hello("fragile")).await;
+    let retry_after: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((29..=30).contains(&retry_after), "{retry_after}");
+    assert_eq!(
+        status_and_body(r).await,
+        (503, r#"{"error":{"message":"every target of model 'fragile' is cooling down after failures","type":"all_candidates_unavailable"}}"#.into())
+    );
+    assert_eq!(h.tried(), ["up-broken"]);
+    // try_anyway tries the cooling target again.
+    let r = h.chat(Some(CALLER), hello("stubborn")).await;
+    assert_eq!(r.status(), 502);
+    assert_eq!(h.tried(), ["up-broken", "up-broken"]);
+}
+
+#[tokio::test]
+async fn max_fallbacks_bounds_the_targets_tried() {
+    let h = harness(ProxyOptions::default()).await;
+    let r = h.chat(Some(CALLER), hello("bounded")).await;
+    assert_eq!(
+        r.status(),
+        502,
+        "gpt is the second fallback, beyond max_fallbacks 1"
+    );
+    assert_eq!(h.tried(), ["up-broken"]);
 }
 
 #[tokio::test]

@@ -20,6 +20,7 @@ use crate::budget::Verdict;
 use crate::error::ProxyError;
 use crate::openai::ChatBody;
 use crate::resources::{Adapter, Model, ModelTarget};
+use crate::routing::Next;
 use crate::snapshot::Snapshot;
 use crate::upstream::{Answer, Target};
 use crate::usage::{Pending, Tokens, UsageEvent, unix_now_ms};
@@ -111,29 +112,49 @@ async fn handle(
         let cost = served_by.cost.or(model.cost);
         Some(Pending::new(sink, event, cost, call.started))
     };
+    let plan = state.0.routing.plan(&snapshot, model)?;
+    let health = &state.0.health;
     let mut last_failure = None;
-    for candidate in candidates(&snapshot, model) {
-        let health = &state.0.health;
-        match attempt(state, &snapshot, candidate, &request, request_id).await {
-            Ok(answer) => {
-                health.success(&candidate.name);
-                let pending = usage(candidate, answer.status);
-                return Ok(respond(answer, &candidate.name, request.stream, pending).await);
-            }
-            Err(e @ (ProxyError::UpstreamFailed { .. } | ProxyError::Timeout(_))) => {
+    'candidates: for candidate in plan.candidates.iter().copied() {
+        let mut attempt_number = 0;
+        loop {
+            attempt_number += 1;
+            let error = match attempt(state, &snapshot, candidate, &request, request_id).await {
+                Ok(answer) => {
+                    health.success(&candidate.name);
+                    state.0.routing.recovered(&candidate.name);
+                    let pending = usage(candidate, answer.status);
+                    return Ok(respond(answer, &candidate.name, request.stream, pending).await);
+                }
+                Err(error) => error,
+            };
+            let upstream_fault = matches!(
+                &error,
+                ProxyError::UpstreamFailed { .. } | ProxyError::Timeout(_)
+            ) || matches!(&error, ProxyError::UpstreamRejected { status, .. } if status.as_u16() == 429);
+            if upstream_fault {
                 health.failure(&candidate.name);
-                warn!(request_id, model = %candidate.name, error = %e, detail = ?e, "upstream attempt failed");
-                last_failure = Some((e, candidate));
             }
-            Err(e) => {
-                if matches!(&e, ProxyError::UpstreamRejected { status, .. } if status.as_u16() == 429)
-                {
-                    health.failure(&candidate.name);
+            match plan.next(&error, attempt_number) {
+                Next::Retry(wait) => {
+                    warn!(request_id, model = %candidate.name, attempt = attempt_number, retry_in_ms = wait.as_millis() as u64, error = %error, detail = ?error, "upstream attempt failed; retrying");
+                    tokio::time::sleep(wait).await;
                 }
-                if let Some(pending) = usage(candidate, e.class().status) {
-                    pending.finish(Tokens::default(), None);
+                Next::Fallback { cool_down } => {
+                    warn!(request_id, model = %candidate.name, attempt = attempt_number, error = %error, detail = ?error, "upstream attempt failed; trying the next target");
+                    if cool_down {
+                        state
+                            .0
+                            .routing
+                            .cool_down(candidate, error.upstream_retry_after());
+                    }
+                    last_failure = Some((error, candidate));
+                    continue 'candidates;
                 }
-                return Err(e);
+                Next::Answer => {
+                    last_failure = Some((error, candidate));
+                    break 'candidates;
+                }
             }
         }
     }
@@ -156,22 +177,6 @@ fn provider_of(snapshot: &Snapshot, model: &Model) -> String {
             .provider_key(&direct.provider_key_id)
             .map_or_else(String::new, |p| p.provider.clone()),
         ModelTarget::Routing(_) => String::new(),
-    }
-}
-
-/// The direct models to try, in order: the model itself, or a routing model's targets
-/// by priority (higher first), then as listed.
-fn candidates<'s>(snapshot: &'s Snapshot, model: &'s Arc<Model>) -> Vec<&'s Arc<Model>> {
-    match &model.target {
-        ModelTarget::Direct(_) => vec![model],
-        ModelTarget::Routing(routing) => {
-            let mut targets: Vec<_> = routing.targets.iter().collect();
-            targets.sort_by_key(|t| std::cmp::Reverse(t.priority));
-            targets
-                .iter()
-                .filter_map(|t| snapshot.model(&t.model))
-                .collect()
-        }
     }
 }
 

@@ -26,6 +26,7 @@ use tracing::info;
 
 use crate::budget::BudgetGate;
 use crate::health::ModelHealth;
+use crate::routing::RoutingState;
 use crate::snapshot::SnapshotStore;
 use crate::usage::UsageSink;
 
@@ -69,6 +70,7 @@ struct Inner {
     started_unix: u64,
     health: Arc<ModelHealth>,
     hooks: Hooks,
+    routing: RoutingState,
 }
 
 impl ProxyState {
@@ -93,6 +95,7 @@ impl ProxyState {
             started_unix,
             health,
             hooks,
+            routing: RoutingState::default(),
         }))
     }
 
