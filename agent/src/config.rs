@@ -233,6 +233,12 @@ pub struct ProxySection {
     /// 0 means unlimited.
     pub request_body_limit_bytes: u64,
     pub request_id: RequestIdSection,
+    /// Reverse proxies (CIDRs) whose `client_ip_header` is believed; from any other
+    /// peer the header is ignored and the peer address is the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The header trusted proxies put the client address in (a comma-separated list,
+    /// nearest proxy last, like `x-forwarded-for`).
+    pub client_ip_header: String,
 }
 
 impl Default for ProxySection {
@@ -241,6 +247,8 @@ impl Default for ProxySection {
             addr: SocketAddr::from(([0, 0, 0, 0], 3000)),
             request_body_limit_bytes: 0,
             request_id: RequestIdSection::default(),
+            trusted_proxies: Vec::new(),
+            client_ip_header: "x-forwarded-for".to_owned(),
         }
     }
 }
@@ -392,6 +400,15 @@ impl Config {
                 ));
             }
         }
+        if http_header_name(&self.proxy.client_ip_header).is_none() {
+            return Err((
+                "proxy.client_ip_header",
+                format!(
+                    "'{}' is not a valid header name",
+                    self.proxy.client_ip_header
+                ),
+            ));
+        }
         for h in &self.proxy.request_id.accept_headers {
             if http_header_name(h).is_none() {
                 return Err((
@@ -442,6 +459,12 @@ impl Config {
             out.push("observability.metrics".to_owned());
         }
         out
+    }
+
+    /// The client-address header as a validated header name.
+    pub fn client_ip_header(&self) -> proxy_core::http::HeaderName {
+        http_header_name(&self.proxy.client_ip_header)
+            .unwrap_or(proxy_core::http::HeaderName::from_static("x-forwarded-for"))
     }
 
     /// The request-id headers as validated header names.
@@ -687,6 +710,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("proxy.addr: invalid socket address"), "{e}");
+        let e = parse("resources_file: r.yaml\nproxy:\n  trusted_proxies: [10.0.0.0/8, nope]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("proxy.trusted_proxies[1]: invalid IP address"),
+            "{e}"
+        );
+        let c = parse("resources_file: r.yaml\nproxy:\n  trusted_proxies: [10.0.0.0/8]\n  client_ip_header: X-Real-IP\n").unwrap();
+        assert_eq!(c.proxy.trusted_proxies.len(), 1);
+        assert_eq!(c.client_ip_header(), "x-real-ip");
         let e = parse("proxy: {}\n").unwrap_err().to_string();
         assert!(e.contains("a configuration source is required"), "{e}");
         let e = parse("resources_file: [\n").unwrap_err().to_string();

@@ -232,6 +232,8 @@ pub async fn run(prepared: Prepared, controls: Controls) -> anyhow::Result<()> {
             n => Some(usize::try_from(n).unwrap_or(usize::MAX)),
         },
         request_id_headers: config.request_id_headers(),
+        trusted_proxies: config.proxy.trusted_proxies.clone(),
+        client_ip_header: config.client_ip_header(),
         access_log: config.observability.access_log,
     };
     let state = ProxyState::new(

@@ -365,6 +365,32 @@ async fn authentication_errors_are_401_invalid_api_key() {
 }
 
 #[tokio::test]
+async fn allowed_cidrs_use_forwarded_addresses_only_from_trusted_proxies() {
+    let forwarded = |h: &Harness, from: &'static str| {
+        h.client
+            .post(format!("{}/v1/chat/completions", h.url))
+            .bearer_auth(CALLER)
+            .header("x-forwarded-for", from)
+            .json(&hello("fenced"))
+            .send()
+    };
+    // Loopback is not a trusted proxy here: the header is ignored.
+    let h = harness(ProxyOptions::default()).await;
+    let r = forwarded(&h, "10.1.2.3").await.unwrap();
+    assert_eq!(r.status(), 403);
+    // Trusted: the forwarded client decides.
+    let h = harness(ProxyOptions {
+        trusted_proxies: vec!["127.0.0.0/8".parse().unwrap()],
+        ..ProxyOptions::default()
+    })
+    .await;
+    let r = forwarded(&h, "10.1.2.3").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = forwarded(&h, "10.1.2.3, 192.0.2.9").await.unwrap();
+    assert_eq!(status_and_body(r).await, (403, r#"{"error":{"message":"client address 192.0.2.9 may not use model 'fenced'","type":"permission_denied"}}"#.into()));
+}
+
+#[tokio::test]
 async fn access_and_request_errors() {
     let h = harness(ProxyOptions {
         body_limit: Some(2048),

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::basic::authenticate;
-use super::{CALL_ID, ProxyState, RequestId, SERVED_BY};
+use super::{CALL_ID, ProxyState, RequestId, SERVED_BY, client_ip};
 use crate::budget::Verdict;
 use crate::error::ProxyError;
 use crate::openai::ChatBody;
@@ -79,10 +79,10 @@ async fn handle(
             model.name
         )));
     }
-    if !model.admits(peer.ip()) {
+    let client = client_ip(peer.ip(), headers, &state.0.options);
+    if !model.admits(client) {
         return Err(ProxyError::PermissionDenied(format!(
-            "client address {} may not use model '{}'",
-            peer.ip(),
+            "client address {client} may not use model '{}'",
             model.name
         )));
     }

@@ -9,7 +9,7 @@
 mod basic;
 mod chat;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -20,6 +20,7 @@ use axum::http::{HeaderMap, HeaderValue};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
+use ipnet::IpNet;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -38,7 +39,7 @@ pub const CALL_ID: HeaderName = HeaderName::from_static("x-aisix-call-id");
 pub const SERVED_BY: HeaderName = HeaderName::from_static("x-aisix-served-by");
 
 /// Proxy listener settings (the `proxy` section of the config file).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ProxyOptions {
     /// Largest accepted request body; `None` means unlimited.
     pub body_limit: Option<usize>,
@@ -47,6 +48,9 @@ pub struct ProxyOptions {
     pub request_id_headers: Vec<HeaderName>,
     /// Write one access-log line per request.
     pub access_log: bool,
+    /// Peers whose `client_ip_header` is believed (reverse proxies).
+    pub trusted_proxies: Vec<IpNet>,
+    pub client_ip_header: HeaderName,
 }
 
 /// What the proxy asks of its environment, when there is one to ask (managed mode).
@@ -56,6 +60,47 @@ pub struct Hooks {
     pub budget: Option<Arc<dyn BudgetGate>>,
     /// Receives one event per dispatched request.
     pub usage: Option<Arc<dyn UsageSink>>,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        Self {
+            body_limit: None,
+            request_id_headers: Vec::new(),
+            access_log: false,
+            trusted_proxies: Vec::new(),
+            client_ip_header: HeaderName::from_static("x-forwarded-for"),
+        }
+    }
+}
+
+/// The client's address: the peer's, unless the peer is a trusted proxy; then the
+/// rightmost address in `client_ip_header` that is not itself a trusted proxy (what
+/// the nearest untrusted hop connected from). A missing or unparsable header means
+/// the peer.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, options: &ProxyOptions) -> IpAddr {
+    let trusted = |ip: &IpAddr| options.trusted_proxies.iter().any(|net| net.contains(ip));
+    if !trusted(&peer) {
+        return peer;
+    }
+    let mut hops = Vec::new();
+    for value in headers.get_all(&options.client_ip_header) {
+        let Ok(text) = value.to_str() else {
+            return peer;
+        };
+        for hop in text.split(',') {
+            match hop.trim().parse::<IpAddr>() {
+                Ok(ip) => hops.push(ip),
+                Err(_) => return peer,
+            }
+        }
+    }
+    hops.iter()
+        .rev()
+        .find(|ip| !trusted(ip))
+        .or(hops.first())
+        .copied()
+        .unwrap_or(peer)
 }
 
 /// Everything a handler needs; cheap to clone.
@@ -191,6 +236,7 @@ fn well_formed_id(v: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
 
     #[test]
@@ -206,5 +252,39 @@ mod tests {
         assert_eq!(request_id(&h, &accepted), "ingress-1");
         assert_eq!(request_id(&HeaderMap::new(), &[]).len(), 36);
         assert!(!well_formed_id(&"x".repeat(129)));
+    }
+
+    #[test]
+    fn client_addresses_come_from_trusted_proxies_only() {
+        let options = ProxyOptions {
+            trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
+            ..ProxyOptions::default()
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let with = |value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("x-forwarded-for", HeaderValue::from_str(value).unwrap());
+            h
+        };
+        let proxy = ip("10.0.0.5");
+        let stranger = ip("198.51.100.7");
+        // Not from a trusted proxy: the header is ignored.
+        assert_eq!(client_ip(stranger, &with("192.0.2.1"), &options), stranger);
+        // From one: the rightmost untrusted hop (a caller cannot prepend its way in).
+        assert_eq!(
+            client_ip(proxy, &with("192.0.2.1"), &options),
+            ip("192.0.2.1")
+        );
+        assert_eq!(
+            client_ip(proxy, &with("10.9.9.9, 192.0.2.1, 10.0.0.7"), &options),
+            ip("192.0.2.1")
+        );
+        // Only proxies: the first one; nothing usable: the peer.
+        assert_eq!(
+            client_ip(proxy, &with("10.1.1.1, 10.2.2.2"), &options),
+            ip("10.1.1.1")
+        );
+        assert_eq!(client_ip(proxy, &with("nonsense"), &options), proxy);
+        assert_eq!(client_ip(proxy, &HeaderMap::new(), &options), proxy);
     }
 }
