@@ -48,3 +48,20 @@ pub struct BudgetDenial {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_seconds: Option<u64>,
 }
+
+impl BudgetDenial {
+    /// A denial with no budget fields (callers fill in what they know).
+    pub fn new(message: impl Into<String>, code: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            code: code.into(),
+            scope: None,
+            scope_ref: None,
+            limit_usd: None,
+            spent_usd: None,
+            period: None,
+            period_resets_at: None,
+            retry_after_seconds: None,
+        }
+    }
+}

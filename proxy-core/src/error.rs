@@ -398,17 +398,7 @@ mod tests {
             r#"{"error":{"message":"Budget exceeded for API key k1.","type":"billing_error","code":"budget_exceeded","scope":"api_key","scope_ref":"k1","limit_usd":1.5,"spent_usd":2.0,"period":"monthly","period_resets_at":"2026-12-01T00:00:00Z","retry_after_seconds":3600}}"#
         );
 
-        let unavailable = BudgetDenial {
-            message: "no budget decision".into(),
-            code: "budget_unavailable".into(),
-            scope: None,
-            scope_ref: None,
-            limit_usd: None,
-            spent_usd: None,
-            period: None,
-            period_resets_at: None,
-            retry_after_seconds: None,
-        };
+        let unavailable = BudgetDenial::new("no budget decision", "budget_unavailable");
         let response = ProxyError::BudgetDenied(Arc::new(unavailable)).into_openai_response();
         assert_eq!(response.status(), 429);
         assert!(response.headers().get(header::RETRY_AFTER).is_none());

@@ -107,6 +107,16 @@ impl Cp {
         .await;
     }
 
+    async fn budget(&self, api_key_id: &str, budget: Value) {
+        self.console
+            .ok(
+                "PUT",
+                &format!("/console/v1/environments/{ENV}/budgets/{api_key_id}"),
+                Some(budget),
+            )
+            .await;
+    }
+
     /// Writes a bundle for `dp` to `dir` (cert.pem, key.pem, ca.pem).
     async fn bundle_files(&self, dir: &Path, dp: &str, extra: Value) -> PathBuf {
         let mut request = json!({"dp_id": dp});
@@ -167,6 +177,20 @@ async fn seeded() -> (tempfile::TempDir, MockProvider, Cp) {
 
 fn model(name: &str) -> Value {
     json!({"display_name": name, "model_name": format!("up-{name}"), "provider_key_id": "pk1"})
+}
+
+/// An agent for gateway `gw-1` with `managed_extra` config lines, serving `gpt`.
+async fn gateway(dir: &Path, cp: &Cp, managed_extra: &str) -> Agent {
+    let bundle = cp.bundle_files(dir, "gw-1", json!({})).await;
+    let agent = Agent::start(&write_config_with(
+        dir,
+        &cp.url(),
+        Some(&bundle),
+        managed_extra,
+    ))
+    .await;
+    agent.wait_model("gpt").await;
+    agent
 }
 
 async fn set_faults(cp: &Cp, faults: Value) {
@@ -742,22 +766,12 @@ async fn spending_past_the_budget_is_a_429_billing_error_with_the_budget_fields(
                "cost": {"input_per_1k": 1.0, "output_per_1k": 2.0}}),
     )
     .await;
-    cp.console
-        .ok(
-            "PUT",
-            &format!("/console/v1/environments/{ENV}/budgets/k1"),
-            Some(json!({"limit_usd": 0.05, "period": "daily", "ttl_seconds": 1})),
-        )
-        .await;
-    let bundle = cp.bundle_files(dir.path(), "gw-1", json!({})).await;
-    let agent = Agent::start(&write_config_with(
-        dir.path(),
-        &cp.url(),
-        Some(&bundle),
-        "  usage: {flush_interval_ms: 100}\n",
-    ))
+    cp.budget(
+        "k1",
+        json!({"limit_usd": 0.05, "period": "daily", "ttl_seconds": 1}),
+    )
     .await;
-    agent.wait_model("gpt").await;
+    let agent = gateway(dir.path(), &cp, "  usage: {flush_interval_ms: 100}\n").await;
 
     // Spend is reported as usage, reaches the control plane's budget, and the next
     // decision refuses the key.
@@ -832,22 +846,17 @@ async fn with_budget_checks_failing_the_last_answer_holds_for_the_stale_window_t
         json!({"display_name": "second", "key_hash": key_hash(other), "allowed_models": ["*"]}),
     )
     .await;
-    cp.console
-        .ok(
-            "PUT",
-            &format!("/console/v1/environments/{ENV}/budgets/k1"),
-            Some(json!({"limit_usd": 100.0, "period": "monthly", "fail_mode": "closed", "ttl_seconds": 1})),
-        )
-        .await;
-    let bundle = cp.bundle_files(dir.path(), "gw-1", json!({})).await;
-    let agent = Agent::start(&write_config_with(
-        dir.path(),
-        &cp.url(),
-        Some(&bundle),
-        "  budget: {default_fail_mode: closed, stale_window_secs: 4, timeout_ms: 500}\n",
-    ))
+    cp.budget(
+        "k1",
+        json!({"limit_usd": 100.0, "period": "monthly", "fail_mode": "closed", "ttl_seconds": 1}),
+    )
     .await;
-    agent.wait_model("gpt").await;
+    let agent = gateway(
+        dir.path(),
+        &cp,
+        "  budget: {default_fail_mode: closed, stale_window_secs: 4, timeout_ms: 500}\n",
+    )
+    .await;
     assert_eq!(agent.chat("gpt").await, 200);
 
     // Concurrent first requests of one key share one check.

@@ -137,15 +137,12 @@ fn answer(wire: Wire, api_key_id: &str, at: Instant) -> Answer {
         Verdict::Allow
     } else {
         let denial = wire.reason.unwrap_or_else(|| BudgetDenial {
-            message: format!("Budget exceeded for API key {api_key_id}."),
-            code: "budget_exceeded".to_owned(),
             scope: Some("api_key".to_owned()),
             scope_ref: Some(api_key_id.to_owned()),
-            limit_usd: None,
-            spent_usd: None,
-            period: None,
-            period_resets_at: None,
-            retry_after_seconds: None,
+            ..BudgetDenial::new(
+                format!("Budget exceeded for API key {api_key_id}."),
+                "budget_exceeded",
+            )
         });
         Verdict::Deny(Arc::new(denial))
     };
@@ -178,15 +175,11 @@ fn fallback(options: &BudgetSection, last: Option<&Answer>, now: Instant) -> Ver
 
 fn unavailable() -> Verdict {
     Verdict::Deny(Arc::new(BudgetDenial {
-        message: "No budget decision is available for this API key (the control plane cannot be reached) and its budget fails closed.".to_owned(),
-        code: "budget_unavailable".to_owned(),
-        scope: None,
-        scope_ref: None,
-        limit_usd: None,
-        spent_usd: None,
-        period: None,
-        period_resets_at: None,
         retry_after_seconds: Some(UNAVAILABLE_RETRY_SECONDS),
+        ..BudgetDenial::new(
+            "No budget decision is available for this API key (the control plane cannot be reached) and its budget fails closed.",
+            "budget_unavailable",
+        )
     }))
 }
 
