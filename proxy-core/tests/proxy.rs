@@ -18,6 +18,7 @@ use proxy_core::resources::KeyHash;
 use proxy_core::snapshot::{SnapshotStore, Source, SourceEvent};
 use proxy_core::upstream::Upstream;
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -820,8 +821,23 @@ async fn livez_reports_drain() {
         ),
         (500, true, true)
     );
-    // Requests are still served while draining.
-    assert_eq!(h.chat(Some(CALLER), hello("gpt")).await.status(), 200);
+    // Requests are still served while draining, and close their connection.
+    let r = h.chat(Some(CALLER), hello("gpt")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["connection"], "close");
+    // A keep-alive client sees the connection end after its response.
+    let mut tcp = tokio::net::TcpStream::connect(h.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    tcp.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer))
+        .await
+        .expect("the server kept the connection open while draining")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 500"));
     h.stop.cancel();
 }
 

@@ -290,6 +290,8 @@ async fn sigterm_fails_liveness_drains_streams_and_exits_zero() {
         .await
         .unwrap();
     assert_eq!(ready.status(), 503);
+    // Responses during the drain close their keep-alive connection.
+    assert_eq!(ready.headers()["connection"], "close");
     assert_eq!(ready.text().await.unwrap(), "readyz check failed");
     let text = stream.await.unwrap().unwrap();
     assert!(

@@ -16,7 +16,7 @@ use std::time::SystemTime;
 use axum::Router;
 use axum::extract::{Request, State};
 pub use axum::http::HeaderName;
-use axum::http::{HeaderMap, HeaderValue};
+use axum::http::{HeaderMap, HeaderValue, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -203,6 +203,13 @@ async fn request_context(
     let mut response = next.run(req).await;
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(REQUEST_ID, value);
+    }
+    if state.0.draining.is_cancelled() {
+        // HTTP/1.1: hyper closes the connection after this response, so keep-alive
+        // clients reconnect (to another replica) instead of holding on to this one.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     if state.0.options.access_log {
         info!(
