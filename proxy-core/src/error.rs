@@ -51,6 +51,9 @@ pub enum ProxyError {
     NotImplemented(String),
     #[error("{0}")]
     ProviderUnavailable(String),
+    /// A rate limit of the caller key or the model refused the request.
+    #[error("{message}")]
+    RateLimited { message: String, retry_after: u64 },
     /// The budget gate refused the caller key.
     #[error("{}", .0.message)]
     BudgetDenied(Arc<BudgetDenial>),
@@ -116,6 +119,9 @@ impl ProxyError {
                 true,
             ),
             ProxyError::BudgetDenied(_) => (StatusCode::TOO_MANY_REQUESTS, "billing_error", false),
+            ProxyError::RateLimited { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", false)
+            }
             ProxyError::UnknownRoute(_) => (StatusCode::NOT_FOUND, "invalid_request_error", false),
             ProxyError::MethodNotAllowed(_) => (
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -170,7 +176,8 @@ impl ProxyError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             ProxyError::BudgetDenied(denial) => denial.retry_after_seconds,
-            ProxyError::AllCandidatesUnavailable { retry_after, .. } => Some(*retry_after),
+            ProxyError::AllCandidatesUnavailable { retry_after, .. }
+            | ProxyError::RateLimited { retry_after, .. } => Some(*retry_after),
             // Passed through on upstream 429s only: a 5xx becomes our 502, whose retry
             // hint is not the upstream's to give.
             ProxyError::UpstreamRejected {
@@ -348,6 +355,14 @@ mod tests {
                 ProxyError::ProviderUnavailable("y".into()),
                 503,
                 r#"{"error":{"message":"y","type":"provider_unavailable"}}"#,
+            ),
+            (
+                ProxyError::RateLimited {
+                    message: "rate limit exceeded: 2 requests per minute for this API key".into(),
+                    retry_after: 30,
+                },
+                429,
+                r#"{"error":{"message":"rate limit exceeded: 2 requests per minute for this API key","type":"rate_limit_exceeded"}}"#,
             ),
             (
                 ProxyError::AllCandidatesUnavailable {

@@ -14,6 +14,7 @@
 //! - `health`: consecutive upstream failures per model.
 //! - `http`: the proxy listener (routes, request ids, drain).
 //! - `routing`: candidate order, retries, failover and cooldowns.
+//! - `ratelimit`: request, token and concurrency limits of keys and models.
 //! - `upstream`: the upstream HTTP client and provider adapters.
 //! - `budget`, `usage`: the two hooks a deployment plugs in (budget decisions, usage
 //!   events).
@@ -23,6 +24,7 @@ pub mod error;
 pub mod health;
 pub mod http;
 pub mod openai;
+pub mod ratelimit;
 pub mod resources;
 pub mod routing;
 pub mod secret;

@@ -1,5 +1,6 @@
 //! Usage accounting: one [`UsageEvent`] per dispatched request, handed to a
-//! [`UsageSink`] when the request completes (for streams: when the stream ends, also
+//! [`UsageSink`] (and its tokens charged to the rate-limit lease) when the request
+//! completes (for streams: when the stream ends, also
 //! when the caller goes away). Managed mode queues them durably for the control plane.
 
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use crate::ratelimit::Lease;
 use crate::resources::Cost;
 
 pub trait UsageSink: Send + Sync {
@@ -79,7 +81,9 @@ impl Tokens {
 
 /// A usage event waiting for the request to complete.
 pub struct Pending {
-    sink: Arc<dyn UsageSink>,
+    sink: Option<Arc<dyn UsageSink>>,
+    /// Rate-limit lease: charged the tokens, and its concurrency slots freed, at the end.
+    lease: Option<Lease>,
     event: UsageEvent,
     cost: Option<Cost>,
     started: Instant,
@@ -88,13 +92,15 @@ pub struct Pending {
 impl Pending {
     /// `event` carries everything but tokens, cost, latency and `ttft_ms`.
     pub fn new(
-        sink: Arc<dyn UsageSink>,
+        sink: Option<Arc<dyn UsageSink>>,
+        lease: Option<Lease>,
         event: UsageEvent,
         cost: Option<Cost>,
         started: Instant,
     ) -> Self {
         Self {
             sink,
+            lease,
             event,
             cost,
             started,
@@ -104,10 +110,20 @@ impl Pending {
     pub fn finish(self, tokens: Tokens, ttft: Option<Duration>) {
         let Pending {
             sink,
+            lease,
             mut event,
             cost,
             started,
         } = self;
+        if let Some(lease) = lease {
+            lease.charge_tokens(
+                tokens.prompt + tokens.completion,
+                crate::ratelimit::unix_ms(),
+            );
+        }
+        let Some(sink) = sink else {
+            return;
+        };
         event.prompt_tokens = tokens.prompt;
         event.completion_tokens = tokens.completion;
         event.cost_usd = tokens.cost(cost.as_ref());
@@ -233,7 +249,7 @@ mod tests {
             input_per_1k: 1.0,
             output_per_1k: 2.0,
         };
-        Pending::new(sink, event, Some(cost), Instant::now())
+        Pending::new(Some(sink), None, event, Some(cost), Instant::now())
     }
 
     #[test]

@@ -164,6 +164,18 @@ async fn harness(options: ProxyOptions) -> Harness {
             json!({"key_hash": hash(CALLER), "allowed_models": ["*"]}),
         ),
         (
+            "api_keys/k5",
+            json!({"key_hash": hash("limited-key"), "allowed_models": ["*"], "rate_limit": {"rpm": 2, "tpm": 100}}),
+        ),
+        (
+            "api_keys/k6",
+            json!({"key_hash": hash("token-key"), "allowed_models": ["*"], "rate_limit": {"tpm": 20}}),
+        ),
+        (
+            "models/m12",
+            json!({"display_name": "single", "model_name": "up-single", "provider_key_id": "pk1", "rate_limit": {"concurrency": 1}}),
+        ),
+        (
             "api_keys/k2",
             json!({"key_hash": hash("disabled-key"), "allowed_models": ["*"], "disabled": true}),
         ),
@@ -248,6 +260,10 @@ impl Harness {
 
 fn hello(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "Say hello."}]})
+}
+
+fn stream_hello(model: &str) -> Value {
+    json!({"model": model, "stream": true, "messages": [{"role": "user", "content": "Say hello."}]})
 }
 
 async fn status_and_body(r: reqwest::Response) -> (u16, String) {
@@ -549,6 +565,117 @@ async fn routing_model_fails_over_to_the_next_target() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-aisix-served-by"], "gpt");
     assert_eq!(h.tried(), ["up-broken", "up-gpt"]);
+}
+
+/// Waits out the end of a minute when fewer than 3 s are left, so a test's requests
+/// share one rate-limit window.
+async fn well_inside_a_minute() {
+    let into = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        % 60_000;
+    if into > 57_000 {
+        tokio::time::sleep(Duration::from_millis(60_100 - into as u64)).await;
+    }
+}
+
+fn header<'r>(r: &'r reqwest::Response, name: &str) -> &'r str {
+    r.headers()[name].to_str().unwrap()
+}
+
+#[tokio::test]
+async fn request_limits_refuse_with_429_and_report_their_state_in_headers() {
+    let h = harness(ProxyOptions::default()).await;
+    well_inside_a_minute().await;
+    let r = h.chat(Some("limited-key"), hello("gpt")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-ratelimit-limit-requests"), "2");
+    assert_eq!(header(&r, "x-ratelimit-remaining-requests"), "1");
+    let reset = header(&r, "x-ratelimit-reset-requests");
+    let seconds: f64 = reset.trim_end_matches('s').parse().unwrap();
+    assert!(seconds > 0.0 && seconds <= 60.0, "{reset}");
+    assert_eq!(header(&r, "x-ratelimit-limit-tokens"), "100");
+    assert_eq!(header(&r, "x-ratelimit-remaining-tokens"), "100");
+    let r = h.chat(Some("limited-key"), hello("gpt")).await;
+    assert_eq!(header(&r, "x-ratelimit-remaining-requests"), "0");
+    assert_eq!(
+        header(&r, "x-ratelimit-remaining-tokens"),
+        "87",
+        "13 tokens charged"
+    );
+    let r = h.chat(Some("limited-key"), hello("gpt")).await;
+    let retry_after: u64 = header(&r, "retry-after").parse().unwrap();
+    assert!((1..=60).contains(&retry_after));
+    assert!(!r.headers().contains_key("x-ratelimit-limit-requests"));
+    assert_eq!(
+        status_and_body(r).await,
+        (429, r#"{"error":{"message":"rate limit exceeded: 2 requests per minute for this API key","type":"rate_limit_exceeded"}}"#.into())
+    );
+    assert_eq!(
+        h.tried().len(),
+        2,
+        "the refused request never reached the upstream"
+    );
+    // Keys without limits carry no x-ratelimit headers.
+    let r = h.chat(Some(CALLER), hello("gpt")).await;
+    assert!(!r.headers().contains_key("x-ratelimit-limit-requests"));
+}
+
+#[tokio::test]
+async fn token_limits_are_charged_from_streams_too() {
+    let h = harness(ProxyOptions::default()).await;
+    well_inside_a_minute().await;
+    for remaining in ["20", "7"] {
+        let r = h.chat(Some("token-key"), stream_hello("gpt")).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "x-ratelimit-remaining-tokens"), remaining);
+        assert!(r.text().await.unwrap().ends_with("data: [DONE]\n\n"));
+    }
+    let r = h.chat(Some("token-key"), stream_hello("gpt")).await;
+    let (status, body) = status_and_body(r).await;
+    assert_eq!(status, 429);
+    assert!(
+        body.contains("20 tokens per minute for this API key"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn concurrency_is_held_until_the_body_ends_and_released_when_the_caller_leaves() {
+    let h = harness(ProxyOptions::default()).await;
+    h.mock.set_script_for(
+        "up-single",
+        Script {
+            chunks: 50,
+            chunk_interval_ms: 100,
+            ..Script::default()
+        },
+    );
+    let first = h.chat(Some(CALLER), stream_hello("single")).await;
+    assert_eq!(first.status(), 200);
+    let r = h.chat(Some(CALLER), stream_hello("single")).await;
+    assert_eq!(r.headers()["retry-after"], "1");
+    let (status, body) = status_and_body(r).await;
+    assert_eq!(status, 429);
+    assert!(
+        body.contains("1 concurrent requests for model 'single'"),
+        "{body}"
+    );
+    // The caller goes away mid-stream: its slot is freed.
+    drop(first);
+    let mut admitted = false;
+    for _ in 0..50 {
+        let r = h.chat(Some(CALLER), hello("gpt")).await;
+        assert_eq!(r.status(), 200);
+        let r = h.chat(Some(CALLER), stream_hello("single")).await;
+        if r.status() == 200 {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(admitted, "the slot of the abandoned stream was never freed");
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::Extension;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -19,7 +19,8 @@ use super::{CALL_ID, ProxyState, RequestId, SERVED_BY, client_ip};
 use crate::budget::Verdict;
 use crate::error::ProxyError;
 use crate::openai::ChatBody;
-use crate::resources::{Adapter, Model, ModelTarget};
+use crate::ratelimit::{self, Lease, Scope};
+use crate::resources::{Adapter, ApiKey, Model, ModelTarget, RateLimit};
 use crate::routing::Next;
 use crate::snapshot::Snapshot;
 use crate::upstream::{Answer, Target};
@@ -86,13 +87,20 @@ async fn handle(
             model.name
         )));
     }
+    let mut lease = admit(state, caller, model)?;
     if let Some(gate) = &state.0.hooks.budget
         && let Verdict::Deny(denial) = gate.check(&caller.id).await
     {
         return Err(ProxyError::BudgetDenied(denial));
     }
-    let usage = |served_by: &Model, status: StatusCode| {
-        let sink = state.0.hooks.usage.clone()?;
+    let quota_headers = lease.as_ref().map(quota_headers).unwrap_or_default();
+    // The usage event and the token charge of the outcome (built once, for the answer).
+    let mut usage = |served_by: &Model, status: StatusCode| {
+        let sink = state.0.hooks.usage.clone();
+        let lease = lease.take();
+        if sink.is_none() && lease.is_none() {
+            return None;
+        }
         let event = UsageEvent {
             event_id: call.call_id.clone(),
             request_id: request_id.to_owned(),
@@ -110,7 +118,7 @@ async fn handle(
             timestamp_unix_ms: unix_now_ms(),
         };
         let cost = served_by.cost.or(model.cost);
-        Some(Pending::new(sink, event, cost, call.started))
+        Some(Pending::new(sink, lease, event, cost, call.started))
     };
     let plan = state.0.routing.plan(&snapshot, model)?;
     let health = &state.0.health;
@@ -124,7 +132,10 @@ async fn handle(
                     health.success(&candidate.name);
                     state.0.routing.recovered(&candidate.name);
                     let pending = usage(candidate, answer.status);
-                    return Ok(respond(answer, &candidate.name, request.stream, pending).await);
+                    let mut response =
+                        respond(answer, &candidate.name, request.stream, pending).await;
+                    response.headers_mut().extend(quota_headers);
+                    return Ok(response);
                 }
                 Err(error) => error,
             };
@@ -168,6 +179,51 @@ async fn handle(
         pending.finish(Tokens::default(), None);
     }
     Err(error)
+}
+
+/// Counts the request against the caller key's and the model's rate limits.
+fn admit(state: &ProxyState, caller: &ApiKey, model: &Model) -> Result<Option<Lease>, ProxyError> {
+    let unlimited = RateLimit::default();
+    let mut scopes = Vec::new();
+    if caller.rate_limit != unlimited {
+        scopes.push((Scope::ApiKey(caller.id.clone()), caller.rate_limit.clone()));
+    }
+    if model.rate_limit != unlimited {
+        scopes.push((Scope::Model(model.name.clone()), model.rate_limit.clone()));
+    }
+    if scopes.is_empty() {
+        return Ok(None);
+    }
+    state
+        .0
+        .limiter
+        .admit(scopes, ratelimit::unix_ms())
+        .map(Some)
+        .map_err(|refusal| ProxyError::RateLimited {
+            message: refusal.message,
+            retry_after: refusal.retry_after_secs,
+        })
+}
+
+/// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` for the caller key's limits.
+fn quota_headers(lease: &Lease) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (family, quota) in [("requests", lease.requests), ("tokens", lease.tokens)] {
+        let Some(quota) = quota else { continue };
+        for (name, value) in [
+            ("limit", quota.limit.to_string()),
+            ("remaining", quota.remaining.to_string()),
+            ("reset", ratelimit::format_reset(quota.reset_ms)),
+        ] {
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(format!("x-ratelimit-{name}-{family}").as_bytes()),
+                HeaderValue::from_str(&value),
+            ) {
+                headers.insert(name, value);
+            }
+        }
+    }
+    headers
 }
 
 /// The provider name of a direct model (what usage events report).

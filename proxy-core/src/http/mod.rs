@@ -27,6 +27,7 @@ use tracing::info;
 
 use crate::budget::BudgetGate;
 use crate::health::ModelHealth;
+use crate::ratelimit::RateLimiter;
 use crate::routing::RoutingState;
 use crate::snapshot::SnapshotStore;
 use crate::usage::UsageSink;
@@ -116,6 +117,7 @@ struct Inner {
     health: Arc<ModelHealth>,
     hooks: Hooks,
     routing: RoutingState,
+    limiter: Arc<RateLimiter>,
 }
 
 impl ProxyState {
@@ -141,6 +143,7 @@ impl ProxyState {
             health,
             hooks,
             routing: RoutingState::default(),
+            limiter: Arc::default(),
         }))
     }
 
