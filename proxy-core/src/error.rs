@@ -51,6 +51,12 @@ pub enum ProxyError {
     NotImplemented(String),
     #[error("{0}")]
     ProviderUnavailable(String),
+    /// A blocking guardrail matched; the matched text is never shown.
+    #[error("the {stage} was blocked by guardrail '{guardrail}'")]
+    ContentFiltered {
+        guardrail: String,
+        stage: &'static str,
+    },
     /// A rate limit of the caller key or the model refused the request.
     #[error("{message}")]
     RateLimited { message: String, retry_after: u64 },
@@ -119,6 +125,9 @@ impl ProxyError {
                 true,
             ),
             ProxyError::BudgetDenied(_) => (StatusCode::TOO_MANY_REQUESTS, "billing_error", false),
+            ProxyError::ContentFiltered { .. } => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "content_filter", false)
+            }
             ProxyError::RateLimited { .. } => {
                 (StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", false)
             }

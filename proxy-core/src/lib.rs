@@ -14,6 +14,7 @@
 //! - `health`: consecutive upstream failures per model.
 //! - `http`: the proxy listener (routes, request ids, drain).
 //! - `routing`: candidate order, retries, failover and cooldowns.
+//! - `guardrails`: keyword guardrails on input, output and streams.
 //! - `ratelimit`: request, token and concurrency limits of keys and models.
 //! - `upstream`: the upstream HTTP client and provider adapters.
 //! - `budget`, `usage`: the two hooks a deployment plugs in (budget decisions, usage
@@ -21,6 +22,7 @@
 
 pub mod budget;
 pub mod error;
+pub mod guardrails;
 pub mod health;
 pub mod http;
 pub mod openai;

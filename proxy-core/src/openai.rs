@@ -79,6 +79,15 @@ impl<'a> ChatBody<'a> {
         })
     }
 
+    /// A top-level field as sent (the last one when repeated).
+    pub fn field(&self, name: &str) -> Option<&'a RawValue> {
+        self.fields
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| *v)
+    }
+
     /// The body with `model` replaced by the upstream id; every other field is copied
     /// byte for byte.
     pub fn with_model(&self, upstream_model: &str) -> Vec<u8> {

@@ -176,6 +176,33 @@ async fn harness(options: ProxyOptions) -> Harness {
             json!({"display_name": "single", "model_name": "up-single", "provider_key_id": "pk1", "rate_limit": {"concurrency": 1}}),
         ),
         (
+            "models/g1",
+            json!({"display_name": "guarded-in", "model_name": "up-gpt", "provider_key_id": "pk1"}),
+        ),
+        (
+            "models/g2",
+            json!({"display_name": "guarded-out", "model_name": "up-gpt", "provider_key_id": "pk1"}),
+        ),
+        (
+            "models/g3",
+            json!({"display_name": "guarded-watch", "model_name": "up-gpt", "provider_key_id": "pk1"}),
+        ),
+        (
+            "guardrails/gr1",
+            json!({"name": "no-secrets", "hook_point": "input", "models": ["guarded-in"],
+                   "patterns": [{"kind": "literal", "value": "Forbidden-Word"}]}),
+        ),
+        (
+            "guardrails/gr2",
+            json!({"name": "no-mocks", "hook_point": "output", "models": ["guarded-out"],
+                   "patterns": [{"kind": "regex", "value": "mock\\s+provider"}]}),
+        ),
+        (
+            "guardrails/gr3",
+            json!({"name": "watcher", "enforcement_mode": "monitor", "models": ["guarded-watch"],
+                   "patterns": [{"kind": "literal", "value": "forbidden-word"}, {"kind": "literal", "value": "mock provider"}]}),
+        ),
+        (
             "api_keys/k2",
             json!({"key_hash": hash("disabled-key"), "allowed_models": ["*"], "disabled": true}),
         ),
@@ -676,6 +703,72 @@ async fn concurrency_is_held_until_the_body_ends_and_released_when_the_caller_le
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(admitted, "the slot of the abandoned stream was never freed");
+}
+
+fn says(model: &str, text: &str, stream: bool) -> Value {
+    json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": text}]})
+}
+
+#[tokio::test]
+async fn input_guardrails_block_before_dispatch_without_echoing_the_match() {
+    let h = harness(ProxyOptions::default()).await;
+    let r = h
+        .chat(
+            Some(CALLER),
+            says("guarded-in", "tell me the FORBIDDEN-WORD now", false),
+        )
+        .await;
+    assert_eq!(
+        status_and_body(r).await,
+        (422, r#"{"error":{"message":"the input was blocked by guardrail 'no-secrets'","type":"content_filter"}}"#.into())
+    );
+    assert!(
+        h.tried().is_empty(),
+        "a blocked request never reaches the upstream"
+    );
+    let r = h
+        .chat(Some(CALLER), says("guarded-in", "hello", false))
+        .await;
+    assert_eq!(r.status(), 200);
+    // Scoped to its model: the same words pass elsewhere.
+    let r = h
+        .chat(Some(CALLER), says("gpt", "forbidden-word", false))
+        .await;
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn output_guardrails_block_answers_and_end_streams_with_an_error_event() {
+    let h = harness(ProxyOptions::default()).await;
+    // The mock answers "Hello from the mock provider.".
+    let r = h.chat(Some(CALLER), says("guarded-out", "hi", false)).await;
+    assert_eq!(
+        status_and_body(r).await,
+        (422, r#"{"error":{"message":"the output was blocked by guardrail 'no-mocks'","type":"content_filter"}}"#.into())
+    );
+    // Streamed in pieces: the text that completes the match is replaced by an error
+    // event, and the stream ends without [DONE].
+    let r = h.chat(Some(CALLER), says("guarded-out", "hi", true)).await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(text.starts_with("data: "), "{text}");
+    assert!(
+        text.trim_end().ends_with(r#"data: {"error":{"message":"the output was blocked by guardrail 'no-mocks'","type":"content_filter"}}"#),
+        "{text}"
+    );
+    assert!(
+        !text.contains("[DONE]") && !text.contains("provider"),
+        "{text}"
+    );
+    // Monitor mode lets everything through.
+    let r = h
+        .chat(Some(CALLER), says("guarded-watch", "forbidden-word", false))
+        .await;
+    assert_eq!(r.status(), 200);
+    let r = h
+        .chat(Some(CALLER), says("guarded-watch", "hi", true))
+        .await;
+    assert!(r.text().await.unwrap().ends_with("data: [DONE]\n\n"));
 }
 
 #[tokio::test]

@@ -9,7 +9,8 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::Response;
-use futures_util::StreamExt;
+use bytes::Bytes;
+use futures_util::{StreamExt, stream};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -18,9 +19,10 @@ use super::basic::authenticate;
 use super::{CALL_ID, ProxyState, RequestId, SERVED_BY, client_ip};
 use crate::budget::Verdict;
 use crate::error::ProxyError;
+use crate::guardrails::{self, Passed, Stage, StreamGuard};
 use crate::openai::ChatBody;
 use crate::ratelimit::{self, Lease, Scope};
-use crate::resources::{Adapter, ApiKey, Model, ModelTarget, RateLimit};
+use crate::resources::{Adapter, ApiKey, Guardrail, Model, ModelTarget, RateLimit};
 use crate::routing::Next;
 use crate::snapshot::Snapshot;
 use crate::upstream::{Answer, Target};
@@ -87,6 +89,11 @@ async fn handle(
             model.name
         )));
     }
+    let guards = guardrails::applicable(&snapshot, &model.name, &caller.id);
+    if !guards.input.is_empty() {
+        let text = guardrails::request_text(request.field("messages"));
+        guardrails::scan(&guards.input, &text, Stage::Input, request_id)?;
+    }
     let mut lease = admit(state, caller, model)?;
     if let Some(gate) = &state.0.hooks.budget
         && let Verdict::Deny(denial) = gate.check(&caller.id).await
@@ -132,8 +139,12 @@ async fn handle(
                     health.success(&candidate.name);
                     state.0.routing.recovered(&candidate.name);
                     let pending = usage(candidate, answer.status);
+                    let output = Output {
+                        guardrails: guards.output,
+                        request_id: call.request_id,
+                    };
                     let mut response =
-                        respond(answer, &candidate.name, request.stream, pending).await;
+                        respond(answer, &candidate.name, request.stream, pending, output).await;
                     response.headers_mut().extend(quota_headers);
                     return Ok(response);
                 }
@@ -179,6 +190,34 @@ async fn handle(
         pending.finish(Tokens::default(), None);
     }
     Err(error)
+}
+
+/// Passes stream chunks through `guard`; a block sends its error event and ends the
+/// stream (without `[DONE]`).
+fn guard_stream(body: Body, guard: StreamGuard) -> Body {
+    let chunks = stream::unfold(
+        (body.into_data_stream(), guard, false),
+        |(mut inner, mut guard, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                match inner.next().await {
+                    Some(Ok(chunk)) => match guard.feed(&chunk) {
+                        Passed::Chunk(bytes) if bytes.is_empty() => {}
+                        Passed::Chunk(bytes) => return Some((Ok(bytes), (inner, guard, false))),
+                        Passed::Blocked(event) => return Some((Ok(event), (inner, guard, true))),
+                    },
+                    Some(Err(e)) => return Some((Err(e), (inner, guard, true))),
+                    None => {
+                        let rest = guard.finish();
+                        return (!rest.is_empty()).then_some((Ok(rest), (inner, guard, true)));
+                    }
+                }
+            }
+        },
+    );
+    Body::from_stream(chunks)
 }
 
 /// Counts the request against the caller key's and the model's rate limits.
@@ -286,16 +325,25 @@ async fn attempt(
     }
 }
 
-/// Builds the response; with a pending usage event, reads the usage of a whole answer
-/// (already in memory) or taps the stream, which records the event when it ends.
+/// The output guardrails of a request.
+struct Output<'a> {
+    guardrails: Vec<Arc<Guardrail>>,
+    request_id: &'a str,
+}
+
+/// Builds the response. With a pending usage event it reads the usage of a whole answer
+/// (already in memory) or taps the stream, which records the event when it ends; with
+/// output guardrails it checks the whole answer, or the stream event by event.
 async fn respond(
     answer: Answer,
     served_by: &str,
     stream: bool,
     usage: Option<Pending>,
+    output: Output<'_>,
 ) -> Response {
+    let guarded = !output.guardrails.is_empty();
     let body = match usage {
-        None => answer.body,
+        None if !guarded => answer.body,
         Some(pending) if stream => {
             let mut tap = pending.tap();
             Body::from_stream(answer.body.into_data_stream().map(move |chunk| {
@@ -305,18 +353,36 @@ async fn respond(
                 chunk
             }))
         }
-        Some(pending) => match answer.body.collect().await {
-            Ok(collected) => {
-                let bytes = collected.to_bytes();
+        None if stream => answer.body,
+        usage => {
+            let bytes = match answer.body.collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(e) => {
+                    warn!(error = %e, "answer body unreadable");
+                    Bytes::new()
+                }
+            };
+            if let Some(pending) = usage {
                 pending.finish(Tokens::from_json(&bytes).unwrap_or_default(), None);
-                Body::from(bytes)
             }
-            Err(e) => {
-                pending.finish(Tokens::default(), None);
-                warn!(error = %e, "answer body unreadable");
-                Body::empty()
+            if guarded {
+                let text = guardrails::answer_text(&bytes);
+                if let Err(e) =
+                    guardrails::scan(&output.guardrails, &text, Stage::Output, output.request_id)
+                {
+                    return e.into_openai_response();
+                }
             }
-        },
+            Body::from(bytes)
+        }
+    };
+    let body = if stream && guarded {
+        guard_stream(
+            body,
+            StreamGuard::new(output.guardrails, output.request_id.into()),
+        )
+    } else {
+        body
     };
     let mut response = Response::new(body);
     *response.status_mut() = answer.status;
