@@ -37,7 +37,7 @@ pub enum ConfigError {
 }
 
 /// Sections that exist in the AISIX gateway config but that this build does not use.
-const IGNORED_SECTIONS: &[&str] = &["cache", "ratelimit", "upstream", "downstream", "deployment"];
+const IGNORED_SECTIONS: &[&str] = &["ratelimit", "upstream", "downstream", "deployment"];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -56,9 +56,10 @@ pub struct Config {
     pub observability: ObservabilitySection,
     #[serde(default)]
     pub shutdown: ShutdownSection,
-    // Accepted and reported as ignored (see IGNORED_SECTIONS).
+    /// The response cache of non-streaming chat completions.
     #[serde(default)]
-    cache: Option<Value>,
+    pub cache: CacheSection,
+    // Accepted and reported as ignored (see IGNORED_SECTIONS).
     #[serde(default)]
     ratelimit: Option<Value>,
     #[serde(default)]
@@ -138,6 +139,42 @@ pub struct ManagedSection {
     pub budget: BudgetSection,
     #[serde(default)]
     pub usage: UsageSection,
+}
+
+/// `cache`: the in-memory response cache (off unless enabled).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSection {
+    pub enabled: bool,
+    pub ttl_secs: u64,
+    pub max_entries: usize,
+    /// Answers larger than this are not kept.
+    pub max_entry_bytes: usize,
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            ttl_secs: 300,
+            max_entries: 10_000,
+            max_entry_bytes: 1 << 20,
+        }
+    }
+}
+
+impl CacheSection {
+    /// The proxy's cache options when the cache is on.
+    pub fn options(&self) -> Option<proxy_core::cache::CacheOptions> {
+        if !self.enabled {
+            return None;
+        }
+        Some(proxy_core::cache::CacheOptions {
+            ttl: std::time::Duration::from_secs(self.ttl_secs),
+            max_entries: std::num::NonZeroUsize::new(self.max_entries)?,
+            max_entry_bytes: self.max_entry_bytes,
+        })
+    }
 }
 
 /// `managed.budget`: how budget decisions are asked for and what happens without one.
@@ -400,6 +437,16 @@ impl Config {
                 ));
             }
         }
+        if self.cache.enabled {
+            for (field, value) in [
+                ("cache.ttl_secs", self.cache.ttl_secs),
+                ("cache.max_entries", self.cache.max_entries as u64),
+            ] {
+                if value == 0 {
+                    return Err((field, "must be greater than 0".to_owned()));
+                }
+            }
+        }
         if http_header_name(&self.proxy.client_ip_header).is_none() {
             return Err((
                 "proxy.client_ip_header",
@@ -437,7 +484,6 @@ impl Config {
 
     fn ignored_sections(&self) -> Vec<String> {
         let present = [
-            &self.cache,
             &self.ratelimit,
             &self.upstream,
             &self.downstream,
@@ -686,11 +732,26 @@ mod tests {
 
     #[test]
     fn defaults_and_ignored_sections() {
-        let c = parse("resources_file: r.yaml\ncache: {enabled: true}\nobservability:\n  metrics: {prometheus: {enabled: true}}\n").unwrap();
+        let c = parse("resources_file: r.yaml\nratelimit: {}\nobservability:\n  metrics: {prometheus: {enabled: true}}\n").unwrap();
         assert_eq!(c.proxy.addr.to_string(), "0.0.0.0:3000");
         assert_eq!(c.proxy.request_body_limit_bytes, 0);
         assert_eq!(c.shutdown.min_drain_secs, 5);
-        assert_eq!(c.ignored, ["cache", "observability.metrics"]);
+        assert_eq!(c.ignored, ["ratelimit", "observability.metrics"]);
+        assert!(c.cache.options().is_none(), "the cache is off by default");
+        let c = parse("resources_file: r.yaml\ncache: {enabled: true, ttl_secs: 30}\n").unwrap();
+        let cache = c.cache.options().unwrap();
+        assert_eq!((cache.ttl.as_secs(), cache.max_entries.get()), (30, 10_000));
+        let e = parse("resources_file: r.yaml\ncache: {enabled: true, max_entries: 0}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cache.max_entries: must be greater than 0"),
+            "{e}"
+        );
+        let e = parse("resources_file: r.yaml\ncache: {enabled: true, backend: redis}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cache: unknown field `backend`"), "{e}");
     }
 
     #[test]

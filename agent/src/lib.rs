@@ -234,6 +234,7 @@ pub async fn run(prepared: Prepared, controls: Controls) -> anyhow::Result<()> {
         request_id_headers: config.request_id_headers(),
         trusted_proxies: config.proxy.trusted_proxies.clone(),
         client_ip_header: config.client_ip_header(),
+        cache: config.cache.options(),
         access_log: config.observability.access_log,
     };
     let state = ProxyState::new(

@@ -14,6 +14,7 @@
 //! - `health`: consecutive upstream failures per model.
 //! - `http`: the proxy listener (routes, request ids, drain).
 //! - `routing`: candidate order, retries, failover and cooldowns.
+//! - `cache`: the response cache of non-streaming chat completions.
 //! - `guardrails`: keyword guardrails on input, output and streams.
 //! - `ratelimit`: request, token and concurrency limits of keys and models.
 //! - `upstream`: the upstream HTTP client and provider adapters.
@@ -21,6 +22,7 @@
 //!   events).
 
 pub mod budget;
+pub mod cache;
 pub mod error;
 pub mod guardrails;
 pub mod health;

@@ -772,6 +772,67 @@ async fn output_guardrails_block_answers_and_end_streams_with_an_error_event() {
 }
 
 #[tokio::test]
+async fn the_response_cache_serves_repeats_per_caller_without_the_upstream_or_token_charges() {
+    let h = harness(ProxyOptions {
+        cache: Some(proxy_core::cache::CacheOptions {
+            ttl: Duration::from_secs(60),
+            max_entries: std::num::NonZeroUsize::new(100).unwrap(),
+            max_entry_bytes: 1 << 20,
+        }),
+        ..ProxyOptions::default()
+    })
+    .await;
+    well_inside_a_minute().await;
+    let body = says("gpt", "cache me", false);
+    let miss = h.chat(Some("token-key"), body.clone()).await;
+    assert_eq!(miss.headers()["x-aisix-cache"], "miss");
+    assert_eq!(header(&miss, "x-ratelimit-remaining-tokens"), "20");
+    let miss_body = miss.text().await.unwrap();
+    // The same request written differently: served from the cache.
+    let reordered = r#"{ "messages": [{"content": "cache me", "role": "user"}], "stream": false, "model": "gpt" }"#;
+    for _ in 0..2 {
+        let hit = h
+            .client
+            .post(format!("{}/v1/chat/completions", h.url))
+            .bearer_auth("token-key")
+            .header("content-type", "application/json")
+            .body(reordered)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(hit.status(), 200);
+        assert_eq!(hit.headers()["x-aisix-cache"], "hit");
+        assert_eq!(hit.headers()["x-aisix-served-by"], "gpt");
+        assert_eq!(
+            header(&hit, "x-ratelimit-remaining-tokens"),
+            "7",
+            "hits charge no tokens"
+        );
+        assert!(hit.headers().contains_key("x-aisix-call-id"));
+        assert_eq!(hit.text().await.unwrap(), miss_body);
+    }
+    assert_eq!(h.tried().len(), 1, "hits never reach the upstream");
+    // Another caller does not share the entry; streams and no-cache requests bypass it.
+    let other = h.chat(Some(CALLER), body.clone()).await;
+    assert_eq!(other.headers()["x-aisix-cache"], "miss");
+    let stream = h.chat(Some(CALLER), says("gpt", "cache me", true)).await;
+    assert!(!stream.headers().contains_key("x-aisix-cache"));
+    stream.text().await.unwrap();
+    let bypass = h
+        .client
+        .post(format!("{}/v1/chat/completions", h.url))
+        .bearer_auth(CALLER)
+        .header("cache-control", "no-cache")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bypass.status(), 200);
+    assert!(!bypass.headers().contains_key("x-aisix-cache"));
+    assert_eq!(h.tried().len(), 4);
+}
+
+#[tokio::test]
 async fn round_robin_spreads_by_weight() {
     let h = harness(ProxyOptions::default()).await;
     let mut served = Vec::new();

@@ -360,7 +360,7 @@ async fn validate_reports_every_problem() {
         resources("http://127.0.0.1:9", bad),
     )
     .unwrap();
-    let config = write_config(dir.path(), "cache: {enabled: true}\n");
+    let config = write_config(dir.path(), "ratelimit: {enabled: true}\n");
     let (ok, out) = run_to_exit(&["validate", "--config", config.to_str().unwrap()]).await;
     assert!(!ok);
     assert!(
@@ -369,7 +369,7 @@ async fn validate_reports_every_problem() {
     );
     assert!(out.contains("problem: models/m3: model_name: required; provider_key_id: required; timeout: must be at least 1"), "{out}");
     assert!(
-        out.contains("config section 'cache' is not implemented"),
+        out.contains("config section 'ratelimit' is not implemented"),
         "{out}"
     );
 
@@ -487,4 +487,28 @@ async fn a_second_signal_exits_without_waiting_for_the_drain() {
     assert_eq!(status.code(), Some(130), "{}", agent.process.output());
     assert!(started.elapsed() < Duration::from_secs(3));
     assert!(agent.process.output().contains("second signal"));
+}
+
+#[tokio::test]
+async fn the_cache_section_turns_the_response_cache_on() {
+    let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let agent = start_agent(
+        &resources(&mock.url(), ""),
+        "cache:\n  enabled: true\n  ttl_secs: 60\n",
+    )
+    .await;
+    let client = http_client();
+    let statuses: Vec<String> = {
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let r = post_chat(&client, &agent.url, CALLER, &chat("gpt-4o-mini", false)).await;
+            assert_eq!(r.status(), 200);
+            seen.push(r.headers()["x-aisix-cache"].to_str().unwrap().to_owned());
+        }
+        seen
+    };
+    assert_eq!(statuses, ["miss", "hit"]);
+    assert_eq!(mock.requests().len(), 1);
 }

@@ -16,8 +16,9 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::basic::authenticate;
-use super::{CALL_ID, ProxyState, RequestId, SERVED_BY, client_ip};
+use super::{CACHE_STATUS, CALL_ID, ProxyState, RequestId, SERVED_BY, client_ip};
 use crate::budget::Verdict;
+use crate::cache::{CacheKey, ResponseCache};
 use crate::error::ProxyError;
 use crate::guardrails::{self, Passed, Stage, StreamGuard};
 use crate::openai::ChatBody;
@@ -127,6 +128,34 @@ async fn handle(
         let cost = served_by.cost.or(model.cost);
         Some(Pending::new(sink, lease, event, cost, call.started))
     };
+    let cache = match &state.0.cache {
+        Some(cache) if !request.stream && !refuses_cache(headers) => {
+            ResponseCache::key(&caller.id, &model.name, &bytes).map(|key| (cache, key))
+        }
+        _ => None,
+    };
+    if let Some((cache, key)) = &cache
+        && let Some(hit) = cache.get(key)
+    {
+        // Guardrails still apply (they may have changed); no upstream, no tokens charged.
+        let text = guardrails::answer_text(&hit.body);
+        guardrails::scan(&guards.output, &text, Stage::Output, request_id)?;
+        let mut response = Response::new(Body::from(hit.body.clone()));
+        *response.status_mut() = hit.status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            hit.content_type
+                .clone()
+                .unwrap_or(HeaderValue::from_static("application/json")),
+        );
+        if let Ok(value) = HeaderValue::from_str(&hit.served_by) {
+            headers.insert(SERVED_BY, value);
+        }
+        headers.insert(CACHE_STATUS, HeaderValue::from_static("hit"));
+        headers.extend(quota_headers);
+        return Ok(response);
+    }
     let plan = state.0.routing.plan(&snapshot, model)?;
     let health = &state.0.health;
     let mut last_failure = None;
@@ -142,10 +171,16 @@ async fn handle(
                     let output = Output {
                         guardrails: guards.output,
                         request_id: call.request_id,
+                        cache,
                     };
                     let mut response =
                         respond(answer, &candidate.name, request.stream, pending, output).await;
                     response.headers_mut().extend(quota_headers);
+                    if cache.is_some() && response.status().is_success() {
+                        response
+                            .headers_mut()
+                            .insert(CACHE_STATUS, HeaderValue::from_static("miss"));
+                    }
                     return Ok(response);
                 }
                 Err(error) => error,
@@ -325,10 +360,28 @@ async fn attempt(
     }
 }
 
-/// The output guardrails of a request.
+/// What happens to an answer on its way out: output guardrails, and the cache slot
+/// a whole successful answer is kept in.
 struct Output<'a> {
     guardrails: Vec<Arc<Guardrail>>,
     request_id: &'a str,
+    cache: Option<(&'a ResponseCache, CacheKey)>,
+}
+
+/// `Cache-Control: no-cache` or `no-store` on the request: neither read nor fill the
+/// cache.
+fn refuses_cache(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|d| {
+            matches!(
+                d.trim().to_ascii_lowercase().as_str(),
+                "no-cache" | "no-store"
+            )
+        })
 }
 
 /// Builds the response. With a pending usage event it reads the usage of a whole answer
@@ -342,8 +395,9 @@ async fn respond(
     output: Output<'_>,
 ) -> Response {
     let guarded = !output.guardrails.is_empty();
+    let keep = output.cache.filter(|_| !stream);
     let body = match usage {
-        None if !guarded => answer.body,
+        None if !guarded && keep.is_none() => answer.body,
         Some(pending) if stream => {
             let mut tap = pending.tap();
             Body::from_stream(answer.body.into_data_stream().map(move |chunk| {
@@ -372,6 +426,10 @@ async fn respond(
                 {
                     return e.into_openai_response();
                 }
+            }
+            if let Some((cache, key)) = keep {
+                let content_type = answer.content_type.clone();
+                cache.put(key, answer.status, content_type, served_by, bytes.clone());
             }
             Body::from(bytes)
         }

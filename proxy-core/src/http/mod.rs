@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::budget::BudgetGate;
+use crate::cache::{CacheOptions, ResponseCache};
 use crate::health::ModelHealth;
 use crate::ratelimit::RateLimiter;
 use crate::routing::RoutingState;
@@ -38,6 +39,7 @@ pub use basic::livez_response;
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-aisix-request-id");
 pub const CALL_ID: HeaderName = HeaderName::from_static("x-aisix-call-id");
 pub const SERVED_BY: HeaderName = HeaderName::from_static("x-aisix-served-by");
+pub const CACHE_STATUS: HeaderName = HeaderName::from_static("x-aisix-cache");
 
 /// Proxy listener settings (the `proxy` section of the config file).
 #[derive(Debug, Clone)]
@@ -52,6 +54,8 @@ pub struct ProxyOptions {
     /// Peers whose `client_ip_header` is believed (reverse proxies).
     pub trusted_proxies: Vec<IpNet>,
     pub client_ip_header: HeaderName,
+    /// The response cache of non-streaming chat completions; `None`: off.
+    pub cache: Option<CacheOptions>,
 }
 
 /// What the proxy asks of its environment, when there is one to ask (managed mode).
@@ -71,6 +75,7 @@ impl Default for ProxyOptions {
             access_log: false,
             trusted_proxies: Vec::new(),
             client_ip_header: HeaderName::from_static("x-forwarded-for"),
+            cache: None,
         }
     }
 }
@@ -118,6 +123,7 @@ struct Inner {
     hooks: Hooks,
     routing: RoutingState,
     limiter: Arc<RateLimiter>,
+    cache: Option<ResponseCache>,
 }
 
 impl ProxyState {
@@ -134,6 +140,7 @@ impl ProxyState {
         let started_unix = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
+        let cache = options.cache.map(ResponseCache::new);
         Self(Arc::new(Inner {
             store,
             upstream,
@@ -144,6 +151,7 @@ impl ProxyState {
             hooks,
             routing: RoutingState::default(),
             limiter: Arc::default(),
+            cache,
         }))
     }
 
