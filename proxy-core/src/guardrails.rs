@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tracing::warn;
@@ -17,6 +17,7 @@ use tracing::warn;
 use crate::error::ProxyError;
 use crate::resources::{Guardrail, GuardrailPattern, HookPoint};
 use crate::snapshot::Snapshot;
+use crate::sse::{Filtered, data_lines};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
@@ -173,22 +174,13 @@ fn push_line(text: &mut String, line: &str) {
     text.push_str(line);
 }
 
-/// Output guardrails on a server-sent-event stream: complete events are checked on
-/// the text accumulated so far and passed on; a partial event waits for its end. A
-/// block replaces the offending event with an OpenAI error event and ends the stream.
+/// Output guardrails on a server-sent-event stream: each run of complete events is
+/// checked on the text accumulated so far. A block replaces the offending events with
+/// an OpenAI error event, which ends the stream.
 pub struct StreamGuard {
     guardrails: Vec<Arc<Guardrail>>,
     request_id: Arc<str>,
-    partial: BytesMut,
     text: String,
-    blocked: bool,
-}
-
-/// What to send on after a chunk.
-pub enum Passed {
-    Chunk(Bytes),
-    /// The error event; nothing follows it.
-    Blocked(Bytes),
 }
 
 impl StreamGuard {
@@ -196,27 +188,13 @@ impl StreamGuard {
         Self {
             guardrails,
             request_id,
-            partial: BytesMut::new(),
             text: String::new(),
-            blocked: false,
         }
     }
 
-    pub fn blocked(&self) -> bool {
-        self.blocked
-    }
-
-    pub fn feed(&mut self, chunk: &[u8]) -> Passed {
-        self.partial.extend_from_slice(chunk);
-        let Some(end) = last_event_end(&self.partial) else {
-            return Passed::Chunk(Bytes::new());
-        };
-        let complete = self.partial.split_to(end).freeze();
-        for line in complete.split(|b| *b == b'\n') {
-            let Some(data) = line.trim_ascii().strip_prefix(b"data:") else {
-                continue;
-            };
-            let delta = answer_text(data.trim_ascii());
+    pub fn check(&mut self, events: Bytes) -> Filtered {
+        for data in data_lines(&events) {
+            let delta = answer_text(data);
             if delta.is_empty() {
                 continue;
             }
@@ -227,27 +205,11 @@ impl StreamGuard {
                 Stage::Output,
                 &self.request_id,
             ) {
-                self.blocked = true;
-                return Passed::Blocked(error_event(&e));
+                return Filtered::End(error_event(&e));
             }
         }
-        Passed::Chunk(complete)
+        Filtered::Send(events)
     }
-
-    /// Whatever is left when the upstream ends (an event without its blank line).
-    pub fn finish(&mut self) -> Bytes {
-        self.partial.split().freeze()
-    }
-}
-
-/// The end of the last complete event (after its blank line).
-fn last_event_end(buffer: &[u8]) -> Option<usize> {
-    let lf = buffer.windows(2).rposition(|w| w == b"\n\n").map(|i| i + 2);
-    let crlf = buffer
-        .windows(4)
-        .rposition(|w| w == b"\r\n\r\n")
-        .map(|i| i + 4);
-    lf.max(crlf)
 }
 
 fn error_event(e: &ProxyError) -> Bytes {
@@ -324,26 +286,21 @@ mod tests {
     }
 
     #[test]
-    fn a_stream_is_blocked_on_text_split_across_events_and_chunks() {
+    fn a_stream_is_blocked_on_text_split_across_events() {
         let g = guardrail(
             serde_json::json!({"name": "words", "patterns": [{"kind": "regex", "value": "mock\\s+provider"}]}),
         );
         let mut guard = StreamGuard::new(vec![g], "r".into());
         let event = |text: &str| {
-            format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{text}\"}}}}]}}\n\n")
+            Bytes::from(format!(
+                "data: {{\"choices\":[{{\"delta\":{{\"content\":\"{text}\"}}}}]}}\n\n"
+            ))
         };
-        let Passed::Chunk(first) = guard.feed(event("Hello from the mock").as_bytes()) else {
+        let Filtered::Send(first) = guard.check(event("Hello from the mock")) else {
             panic!("blocked too early")
         };
         assert!(!first.is_empty());
-        // Half an event: held back until it is complete.
-        let second = event(" provider.");
-        let (a, b) = second.as_bytes().split_at(10);
-        let Passed::Chunk(held) = guard.feed(a) else {
-            panic!("blocked on half an event")
-        };
-        assert!(held.is_empty());
-        let Passed::Blocked(error) = guard.feed(b) else {
+        let Filtered::End(error) = guard.check(event(" provider.")) else {
             panic!("not blocked")
         };
         let error = String::from_utf8(error.to_vec()).unwrap();
@@ -353,6 +310,5 @@ mod tests {
             !error.contains("provider"),
             "the matched text is not echoed"
         );
-        assert!(guard.blocked());
     }
 }

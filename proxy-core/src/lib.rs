@@ -16,6 +16,7 @@
 //! - `routing`: candidate order, retries, failover and cooldowns.
 //! - `cache`: the response cache of non-streaming chat completions.
 //! - `guardrails`: keyword guardrails on input, output and streams.
+//! - `sse`: server-sent events re-chunked on event boundaries for filters.
 //! - `ratelimit`: request, token and concurrency limits of keys and models.
 //! - `upstream`: the upstream HTTP client and provider adapters.
 //! - `budget`, `usage`: the two hooks a deployment plugs in (budget decisions, usage
@@ -33,6 +34,7 @@ pub mod resources;
 pub mod routing;
 pub mod secret;
 pub mod snapshot;
+pub mod sse;
 pub mod upstream;
 pub mod usage;
 

@@ -88,6 +88,50 @@ impl<'a> ChatBody<'a> {
             .map(|(_, v)| *v)
     }
 
+    /// Whether a stream's caller asked for the usage chunk
+    /// (`stream_options.include_usage`).
+    pub fn include_usage(&self) -> bool {
+        self.field("stream_options")
+            .and_then(|raw| serde_json::from_str::<serde_json::Value>(raw.get()).ok())
+            .and_then(|v| v.get("include_usage")?.as_bool())
+            .unwrap_or(false)
+    }
+
+    /// The upstream body: `model` replaced by the upstream id and, for a stream whose
+    /// caller did not ask for usage, `stream_options.include_usage` set (the gateway
+    /// needs the numbers; the caller does not get the extra chunk). Every other field
+    /// is copied byte for byte.
+    pub fn upstream_body(&self, upstream_model: &str) -> Vec<u8> {
+        if !self.stream || self.include_usage() {
+            return self.with_model(upstream_model);
+        }
+        let mut options = self
+            .field("stream_options")
+            .and_then(|raw| serde_json::from_str::<serde_json::Value>(raw.get()).ok())
+            .filter(serde_json::Value::is_object)
+            .unwrap_or_else(|| serde_json::json!({}));
+        options["include_usage"] = serde_json::Value::Bool(true);
+        let mut body = self.without("stream_options").with_model(upstream_model);
+        body.pop(); // the closing brace
+        body.extend_from_slice(b",\"stream_options\":");
+        body.extend_from_slice(options.to_string().as_bytes());
+        body.push(b'}');
+        body
+    }
+
+    fn without(&self, name: &str) -> ChatBody<'a> {
+        ChatBody {
+            fields: self
+                .fields
+                .iter()
+                .filter(|(k, _)| k != name)
+                .cloned()
+                .collect(),
+            model: self.model.clone(),
+            stream: self.stream,
+        }
+    }
+
     /// The body with `model` replaced by the upstream id; every other field is copied
     /// byte for byte.
     pub fn with_model(&self, upstream_model: &str) -> Vec<u8> {
@@ -210,6 +254,23 @@ mod tests {
             std::str::from_utf8(&out).unwrap(),
             r#"{"model":"gpt-\"4o\"","messages":[{"role":"user","content":"h\u00e9 \"x\""}],"stream":true,"n":1}"#
         );
+    }
+
+    #[test]
+    fn streams_ask_for_usage_on_the_callers_behalf() {
+        let body = br#"{"model":"a","messages":[],"stream":true,"stream_options":{"x":1}}"#;
+        let out = ChatBody::parse(body).unwrap().upstream_body("up");
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"model":"up","messages":[],"stream":true,"stream_options":{"include_usage":true,"x":1}}"#
+        );
+        let asked =
+            br#"{"model":"a","messages":[],"stream":true,"stream_options":{"include_usage":true}}"#;
+        let out = ChatBody::parse(asked).unwrap().upstream_body("up");
+        assert!(out.ends_with(br#""stream_options":{"include_usage":true}}"#));
+        let whole = br#"{"model":"a","messages":[]}"#;
+        let out = ChatBody::parse(whole).unwrap().upstream_body("up");
+        assert_eq!(out, br#"{"model":"up","messages":[]}"#);
     }
 
     #[test]

@@ -650,6 +650,16 @@ async fn request_limits_refuse_with_429_and_report_their_state_in_headers() {
 }
 
 #[tokio::test]
+async fn streams_keep_the_usage_chunk_for_callers_who_ask() {
+    let h = harness(ProxyOptions::default()).await;
+    let mut body = stream_hello("gpt");
+    body["stream_options"] = json!({"include_usage": true});
+    let text = h.chat(Some(CALLER), body).await.text().await.unwrap();
+    assert!(text.contains("\"choices\":[],"), "{text}");
+    assert!(text.contains("\"total_tokens\":13"), "{text}");
+}
+
+#[tokio::test]
 async fn token_limits_are_charged_from_streams_too() {
     let h = harness(ProxyOptions::default()).await;
     well_inside_a_minute().await;
@@ -657,8 +667,13 @@ async fn token_limits_are_charged_from_streams_too() {
         let r = h.chat(Some("token-key"), stream_hello("gpt")).await;
         assert_eq!(r.status(), 200);
         assert_eq!(header(&r, "x-ratelimit-remaining-tokens"), remaining);
-        assert!(r.text().await.unwrap().ends_with("data: [DONE]\n\n"));
+        let text = r.text().await.unwrap();
+        assert!(text.ends_with("data: [DONE]\n\n"));
+        // The gateway asked for usage; the caller, who did not, does not get the chunk.
+        assert!(!text.contains("\"choices\":[]"), "{text}");
     }
+    let upstream = &h.mock.requests()[0];
+    assert_eq!(upstream.json()["stream_options"]["include_usage"], true);
     let r = h.chat(Some("token-key"), stream_hello("gpt")).await;
     let (status, body) = status_and_body(r).await;
     assert_eq!(status, 429);
@@ -1006,7 +1021,8 @@ async fn stream_chunks_arrive_before_the_upstream_finishes() {
     );
     let text = String::from_utf8(all).unwrap();
     assert!(text.ends_with("data: [DONE]\n\n"));
-    assert_eq!(text.matches("data: ").count(), 6);
+    // 4 content events and [DONE]: the usage event the gateway asked for is not passed on.
+    assert_eq!(text.matches("data: ").count(), 5, "{text}");
     assert_eq!(h.mock.requests()[0].json()["stream"], true);
 }
 

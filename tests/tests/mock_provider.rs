@@ -70,8 +70,18 @@ async fn openai_routes_answer_in_the_openai_shape() {
     .await;
     assert_eq!(streamed.headers()["content-type"], "text/event-stream");
     let (_, data) = sse(&streamed.text().await.unwrap());
-    assert_eq!(data.len(), 3 + 1 + 1, "{data:?}");
+    assert_eq!(data.len(), 3 + 1, "no usage chunk unless asked: {data:?}");
     assert_eq!(data.last().unwrap(), "[DONE]");
+    let with_usage = post(
+        url("/v1/chat/completions"),
+        json!({"model": "gpt", "stream": true, "stream_options": {"include_usage": true}, "messages": []}),
+    )
+    .await;
+    let (_, asked) = sse(&with_usage.text().await.unwrap());
+    assert_eq!(asked.len(), 3 + 1 + 1, "{asked:?}");
+    let usage: Value = serde_json::from_str(&asked[3]).unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["total_tokens"], 13);
     let text: String = data[..3]
         .iter()
         .map(|d| {
@@ -291,7 +301,7 @@ async fn scripts_control_timing_and_drops_and_requests_are_recorded() {
     .await;
     assert!(started.elapsed() >= Duration::from_millis(300));
     let (_, data) = sse(&answer.text().await.unwrap());
-    assert_eq!(data.len(), 4 + 1 + 1);
+    assert_eq!(data.len(), 4 + 1, "4 pieces and [DONE]");
     assert!(started.elapsed() >= Duration::from_millis(300 + 5 * 50));
 
     mock.set_script(Script {

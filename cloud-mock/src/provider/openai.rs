@@ -27,7 +27,8 @@ fn data(value: &Value) -> String {
 }
 
 /// The chunks of a stream: one per piece (the last carries `finish_reason`), a usage
-/// chunk when the script has usage, then `[DONE]`.
+/// chunk when the script has usage and the request asked for it
+/// (`stream_options.include_usage`, as OpenAI does), then `[DONE]`.
 fn stream(call: &Call, chunk: impl Fn(usize, &str, bool) -> Value) -> Response {
     let pieces = call.pieces();
     let mut events: Vec<String> = pieces
@@ -35,7 +36,8 @@ fn stream(call: &Call, chunk: impl Fn(usize, &str, bool) -> Value) -> Response {
         .enumerate()
         .map(|(i, piece)| data(&chunk(i, piece, i + 1 == pieces.len())))
         .collect();
-    if let Some(usage) = call.script.usage {
+    let asked = call.request["stream_options"]["include_usage"] == true;
+    if let Some(usage) = call.script.usage.filter(|_| asked) {
         let mut last = chunk(0, "", false);
         last["choices"] = json!([]);
         last["usage"] = usage_json(usage);

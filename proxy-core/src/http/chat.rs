@@ -10,7 +10,7 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use bytes::Bytes;
-use futures_util::{StreamExt, stream};
+use futures_util::StreamExt;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -20,12 +20,13 @@ use super::{CACHE_STATUS, CALL_ID, ProxyState, RequestId, SERVED_BY, client_ip};
 use crate::budget::Verdict;
 use crate::cache::{CacheKey, ResponseCache};
 use crate::error::ProxyError;
-use crate::guardrails::{self, Passed, Stage, StreamGuard};
+use crate::guardrails::{self, Stage, StreamGuard};
 use crate::openai::ChatBody;
 use crate::ratelimit::{self, Lease, Scope};
 use crate::resources::{Adapter, ApiKey, Guardrail, Model, ModelTarget, RateLimit};
 use crate::routing::Next;
 use crate::snapshot::Snapshot;
+use crate::sse::{self, Filtered};
 use crate::upstream::{Answer, Target};
 use crate::usage::{Pending, Tokens, UsageEvent, unix_now_ms};
 
@@ -172,6 +173,7 @@ async fn handle(
                         guardrails: guards.output,
                         request_id: call.request_id,
                         cache,
+                        strip_usage: request.stream && !request.include_usage(),
                     };
                     let mut response =
                         respond(answer, &candidate.name, request.stream, pending, output).await;
@@ -225,34 +227,6 @@ async fn handle(
         pending.finish(Tokens::default(), None);
     }
     Err(error)
-}
-
-/// Passes stream chunks through `guard`; a block sends its error event and ends the
-/// stream (without `[DONE]`).
-fn guard_stream(body: Body, guard: StreamGuard) -> Body {
-    let chunks = stream::unfold(
-        (body.into_data_stream(), guard, false),
-        |(mut inner, mut guard, done)| async move {
-            if done {
-                return None;
-            }
-            loop {
-                match inner.next().await {
-                    Some(Ok(chunk)) => match guard.feed(&chunk) {
-                        Passed::Chunk(bytes) if bytes.is_empty() => {}
-                        Passed::Chunk(bytes) => return Some((Ok(bytes), (inner, guard, false))),
-                        Passed::Blocked(event) => return Some((Ok(event), (inner, guard, true))),
-                    },
-                    Some(Err(e)) => return Some((Err(e), (inner, guard, true))),
-                    None => {
-                        let rest = guard.finish();
-                        return (!rest.is_empty()).then_some((Ok(rest), (inner, guard, true)));
-                    }
-                }
-            }
-        },
-    );
-    Body::from_stream(chunks)
 }
 
 /// Counts the request against the caller key's and the model's rate limits.
@@ -336,7 +310,9 @@ async fn attempt(
                 upstream_model: &direct.model_name,
                 provider_key,
             };
-            let body = request.with_model(target.upstream_model);
+            // Streams ask for usage (token limits, usage events need it); the extra
+            // chunk is taken out again for callers that did not ask (see `respond`).
+            let body = request.upstream_body(target.upstream_model);
             debug!(request_id, model = %model.name, upstream_model = target.upstream_model, "dispatching");
             state
                 .0
@@ -366,6 +342,8 @@ struct Output<'a> {
     guardrails: Vec<Arc<Guardrail>>,
     request_id: &'a str,
     cache: Option<(&'a ResponseCache, CacheKey)>,
+    /// The gateway asked for the usage chunk of this stream; the caller did not.
+    strip_usage: bool,
 }
 
 /// `Cache-Control: no-cache` or `no-store` on the request: neither read nor fill the
@@ -434,11 +412,21 @@ async fn respond(
             Body::from(bytes)
         }
     };
-    let body = if stream && guarded {
-        guard_stream(
-            body,
-            StreamGuard::new(output.guardrails, output.request_id.into()),
-        )
+    let body = if stream && (guarded || output.strip_usage) {
+        let mut guard =
+            guarded.then(|| StreamGuard::new(output.guardrails, output.request_id.into()));
+        let strip = output.strip_usage;
+        sse::filter_events(body, move |events| {
+            let events = if strip {
+                sse::without_usage_chunk(events)
+            } else {
+                events
+            };
+            match &mut guard {
+                Some(guard) => guard.check(events),
+                None => Filtered::Send(events),
+            }
+        })
     } else {
         body
     };
