@@ -392,6 +392,18 @@ mod tests {
         assert!(state.cooling_until("d", now).is_none());
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_cooldown_ends_when_its_time_is_up() {
+        let s = snapshot(json!({"targets": [{"model": "a"}, {"model": "b"}]}));
+        let state = RoutingState::default();
+        state.cool_down(s.model("a").unwrap(), Some(10));
+        assert_eq!(order(&state, &s), ["b"]);
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert_eq!(order(&state, &s), ["b"]);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(order(&state, &s), ["a", "b"], "back in after 10 s");
+    }
+
     #[test]
     fn max_fallbacks_bounds_the_candidates() {
         let s = snapshot(

@@ -888,6 +888,27 @@ async fn retries_then_failover_and_cooldown_skips_the_failed_target() {
 }
 
 #[tokio::test]
+async fn a_stream_that_broke_after_sending_bytes_is_not_retried() {
+    let h = harness(ProxyOptions::default()).await;
+    h.mock.set_script_for(
+        "up-gpt",
+        Script {
+            chunks: 5,
+            drop_after_chunks: Some(2),
+            ..Script::default()
+        },
+    );
+    // `persistent` retries twice per target: `broken` is retried before any byte is
+    // sent, `gpt` is not once its stream has begun.
+    let r = h.chat(Some(CALLER), stream_hello("persistent")).await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert_eq!(text.matches("data: ").count(), 2, "{text}");
+    assert!(!text.contains("[DONE]"));
+    assert_eq!(h.tried(), ["up-broken", "up-broken", "up-broken", "up-gpt"]);
+}
+
+#[tokio::test]
 async fn failover_on_timeout_transport_and_listed_statuses_but_not_on_other_4xx() {
     let h = harness(ProxyOptions::default()).await;
     h.mock.set_script_for(
