@@ -88,6 +88,18 @@ pub fn scan(
     Ok(())
 }
 
+/// Checks a whole chat-completions answer (its `choices[].message.content`).
+pub fn check_answer(
+    guardrails: &[Arc<Guardrail>],
+    body: &[u8],
+    request_id: &str,
+) -> Result<(), ProxyError> {
+    if guardrails.is_empty() {
+        return Ok(());
+    }
+    scan(guardrails, &answer_text(body), Stage::Output, request_id)
+}
+
 fn matches(pattern: &GuardrailPattern, text: &str, lower: &str) -> bool {
     match pattern {
         GuardrailPattern::Literal(literal) => lower.contains(&literal.to_lowercase()),

@@ -13,8 +13,8 @@ pub enum Filtered {
     End(Bytes),
 }
 
-/// Passes `body` through `filter` one run of complete events at a time; an event
-/// left without its blank line when the upstream ends goes through as it is.
+/// Passes `body` through `filter` one run of complete events at a time; an event left
+/// without its blank line when the upstream ends goes through `filter` last.
 pub fn filter_events<F>(body: Body, filter: F) -> Body
 where
     F: FnMut(Bytes) -> Filtered + Send + 'static,
@@ -46,8 +46,12 @@ where
                     Some(Err(e)) => return Some((Err(e), (inner, partial, filter, true))),
                     None => {
                         let rest = partial.split().freeze();
-                        return (!rest.is_empty())
-                            .then_some((Ok(rest), (inner, partial, filter, true)));
+                        if rest.is_empty() {
+                            return None;
+                        }
+                        let (Filtered::Send(out) | Filtered::End(out)) = filter(rest);
+                        return (!out.is_empty())
+                            .then_some((Ok(out), (inner, partial, filter, true)));
                     }
                 }
             }
@@ -74,10 +78,15 @@ pub fn data_lines(events: &[u8]) -> impl Iterator<Item = &[u8]> {
         .map(<[u8]>::trim_ascii)
 }
 
+/// Whether `needle` occurs in `haystack` (a cheap test before parsing JSON).
+pub fn mentions(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
 /// Drops OpenAI's usage-only chunk (`"choices": []` with a `usage` object) from a run
 /// of events: the chunk the gateway asked for on a caller's behalf.
 pub fn without_usage_chunk(events: Bytes) -> Bytes {
-    if !events.windows(7).any(|w| w == b"\"usage\"") {
+    if !mentions(&events, b"\"usage\"") {
         return events;
     }
     let mut out = BytesMut::with_capacity(events.len());
@@ -135,7 +144,7 @@ mod tests {
         let mut seen = Vec::new();
         let filtered = filter_events(body, move |events| {
             seen.push(events.clone());
-            assert!(events.ends_with(b"\n\n"));
+            assert!(events.ends_with(b"\n\n") || events == "data: tail");
             Filtered::Send(events)
         });
         let out = filtered.collect().await.unwrap().to_bytes();

@@ -6,12 +6,12 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::ratelimit::Lease;
 use crate::resources::Cost;
+use crate::sse;
 
 pub trait UsageSink: Send + Sync {
     /// Takes one event; must not block the caller (it runs on the request path).
@@ -137,69 +137,47 @@ impl Pending {
     pub fn tap(self) -> StreamTap {
         StreamTap {
             pending: Some(self),
-            line: Vec::new(),
             tokens: Tokens::default(),
-            first_chunk: None,
+            first_event: None,
         }
     }
 }
 
-/// Lines longer than this are not inspected for usage (they are content, not usage).
-const MAX_LINE: usize = 64 * 1024;
-
+/// Reads usage from the complete events of a stream, as
+/// [`crate::sse::filter_events`] hands them over.
 pub struct StreamTap {
     pending: Option<Pending>,
-    line: Vec<u8>,
     tokens: Tokens,
-    first_chunk: Option<Duration>,
+    first_event: Option<Duration>,
 }
 
 impl StreamTap {
-    pub fn observe(&mut self, chunk: &Bytes) {
-        if self.first_chunk.is_none()
+    pub fn observe(&mut self, events: &[u8]) {
+        if self.first_event.is_none()
             && let Some(p) = &self.pending
         {
-            self.first_chunk = Some(p.started.elapsed());
+            self.first_event = Some(p.started.elapsed());
         }
-        for piece in chunk.split_inclusive(|b| *b == b'\n') {
-            if self.line.len() + piece.len() <= MAX_LINE {
-                self.line.extend_from_slice(piece);
-            } else {
-                self.line.clear();
+        for data in sse::data_lines(events) {
+            if !sse::mentions(data, b"\"usage\"") {
+                continue;
             }
-            if piece.ends_with(b"\n") {
-                self.end_of_line();
+            if let Some(tokens) = Tokens::from_json(data) {
+                // OpenAI sends usage once; Anthropic sends input tokens first and output
+                // tokens at the end: keep the largest of each.
+                self.tokens.prompt = self.tokens.prompt.max(tokens.prompt);
+                self.tokens.completion = self.tokens.completion.max(tokens.completion);
             }
         }
-    }
-
-    fn end_of_line(&mut self) {
-        if let Some(data) = self.line.trim_ascii().strip_prefix(b"data:")
-            && memfind(data, b"\"usage\"")
-            && let Some(tokens) = Tokens::from_json(data.trim_ascii())
-        {
-            // OpenAI sends usage once; Anthropic sends input tokens first and output
-            // tokens at the end: keep the largest of each.
-            self.tokens.prompt = self.tokens.prompt.max(tokens.prompt);
-            self.tokens.completion = self.tokens.completion.max(tokens.completion);
-        }
-        self.line.clear();
     }
 }
 
 impl Drop for StreamTap {
     fn drop(&mut self) {
-        if !self.line.is_empty() {
-            self.end_of_line();
-        }
         if let Some(pending) = self.pending.take() {
-            pending.finish(self.tokens, self.first_chunk);
+            pending.finish(self.tokens, self.first_event);
         }
     }
-}
-
-fn memfind(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 fn millis(d: Duration) -> u64 {
@@ -216,6 +194,10 @@ pub fn unix_now_ms() -> u64 {
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use std::sync::Mutex;
+
+    use bytes::Bytes;
+    use futures_util::StreamExt;
+    use http_body_util::BodyExt;
 
     use super::*;
 
@@ -285,19 +267,34 @@ mod tests {
         assert!(tokens.cost(None).abs() < f64::EPSILON);
     }
 
+    /// A stream of `chunks` whose events `tap` observes, wired as the proxy wires it.
+    fn tapped(chunks: &[&'static [u8]], mut tap: StreamTap) -> axum::body::Body {
+        let chunks: Vec<Result<Bytes, std::io::Error>> =
+            chunks.iter().map(|c| Ok(Bytes::from_static(c))).collect();
+        let body = axum::body::Body::from_stream(futures_util::stream::iter(chunks));
+        sse::filter_events(body, move |events| {
+            tap.observe(&events);
+            sse::Filtered::Send(events)
+        })
+    }
+
     #[tokio::test]
     async fn a_stream_is_recorded_once_with_usage_split_across_chunks() {
         let sink = Arc::new(Recorder::default());
-        let mut tap = pending(sink.clone()).tap();
-        tap.observe(&Bytes::from_static(
-            b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n",
-        ));
-        tap.observe(&Bytes::from_static(b"data: {\"choices\":[],\"usa"));
-        tap.observe(&Bytes::from_static(
-            b"ge\":{\"prompt_tokens\":2000,\"completion_tokens\":1000}}\n\ndata: [DONE]\n\n",
-        ));
+        let body = tapped(
+            &[
+                b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n",
+                b"data: {\"choices\":[],\"usa",
+                b"ge\":{\"prompt_tokens\":2000,\"completion_tokens\":1000}}\n\ndata: [DONE]\n\n",
+            ],
+            pending(sink.clone()).tap(),
+        );
+        let mut body = body.into_data_stream();
+        let first = body.next().await.unwrap().unwrap();
+        assert!(first.starts_with(b"data: "));
         assert!(sink.0.lock().unwrap().is_empty(), "recorded before the end");
-        drop(tap);
+        while body.next().await.is_some() {}
+        drop(body);
         let events = sink.0.lock().unwrap();
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].prompt_tokens, 2000);
@@ -309,11 +306,11 @@ mod tests {
     #[tokio::test]
     async fn a_stream_without_usage_or_without_a_final_newline_still_records() {
         let sink = Arc::new(Recorder::default());
-        let mut tap = pending(sink.clone()).tap();
-        tap.observe(&Bytes::from_static(
-            b"data: {\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":1}}",
-        ));
-        drop(tap);
+        let body = tapped(
+            &[b"data: {\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":1}}"],
+            pending(sink.clone()).tap(),
+        );
+        body.collect().await.unwrap();
         let untouched = pending(sink.clone()).tap();
         drop(untouched);
         let events = sink.0.lock().unwrap();

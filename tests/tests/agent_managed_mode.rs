@@ -1037,3 +1037,61 @@ async fn the_control_plane_sets_the_heartbeat_interval() {
     );
     agent.stop().await;
 }
+
+#[tokio::test]
+async fn a_usage_event_the_control_plane_refuses_is_dropped_alone() {
+    let (dir, _mock, mut cp) = seeded().await;
+    let bundle = cp.bundle_files(dir.path(), "gw-1", json!({})).await;
+    let config = write_config_with(
+        dir.path(),
+        &cp.url(),
+        Some(&bundle),
+        "  usage: {flush_interval_ms: 100}\n",
+    );
+    let agent = Agent::start(&config).await;
+    agent.wait_model("gpt").await;
+    cp.stop().await;
+    let mut ids = vec![served(&agent, false).await, served(&agent, false).await];
+    agent.stop().await;
+    // A damaged event (no api_key_id) queued after the two real ones.
+    {
+        let db = sled::open(dir.path().join("agent-state/usage-queue")).unwrap();
+        let events = db.open_tree("events").unwrap();
+        assert_eq!(events.len(), 2, "both events were kept through the stop");
+        events
+            .insert(
+                (1u64 << 40).to_be_bytes(),
+                br#"{"event_id":"planted"}"#.to_vec(),
+            )
+            .unwrap();
+        db.flush().unwrap();
+    }
+    cp.restart().await;
+    let agent = Agent::start(&config).await;
+    eventually(
+        "the refused event is dropped and counted",
+        WITHIN,
+        || async {
+            cp.heartbeat_of("gw-1").await.is_some_and(|h| {
+                h["usage_queue"]["pending"] == 0 && h["usage_queue"]["dropped"] == 1
+            })
+        },
+    )
+    .await;
+    let (events, duplicates) = received_usage(&cp).await;
+    let mut received: Vec<String> = events
+        .iter()
+        .map(|e| e["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    received.sort();
+    ids.sort();
+    assert_eq!(received, ids, "the good events of the refused batch arrive");
+    assert_eq!(duplicates, 0);
+    assert!(
+        agent
+            .process
+            .output()
+            .contains("usage event refused by the control plane; dropped")
+    );
+    agent.stop().await;
+}

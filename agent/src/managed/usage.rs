@@ -65,7 +65,7 @@ impl UsageQueue {
         let events = db.open_tree("events")?;
         let meta = db.open_tree("meta")?;
         let next = match events.last()? {
-            Some((key, _)) => sequence(&key).map_or(0, |n| n + 1),
+            Some((key, _)) => sequence(&key).map_or(0, |n| n.saturating_add(1)),
             None => 0,
         };
         let dropped = meta

@@ -10,7 +10,6 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use bytes::Bytes;
-use futures_util::StreamExt;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -139,20 +138,15 @@ async fn handle(
         && let Some(hit) = cache.get(key)
     {
         // Guardrails still apply (they may have changed); no upstream, no tokens charged.
-        let text = guardrails::answer_text(&hit.body);
-        guardrails::scan(&guards.output, &text, Stage::Output, request_id)?;
-        let mut response = Response::new(Body::from(hit.body.clone()));
-        *response.status_mut() = hit.status;
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            hit.content_type
-                .clone()
-                .unwrap_or(HeaderValue::from_static("application/json")),
+        guardrails::check_answer(&guards.output, &hit.body, request_id)?;
+        let mut response = build_response(
+            hit.status,
+            hit.content_type.clone(),
+            Body::from(hit.body.clone()),
+            &hit.served_by,
+            false,
         );
-        if let Ok(value) = HeaderValue::from_str(&hit.served_by) {
-            headers.insert(SERVED_BY, value);
-        }
+        let headers = response.headers_mut();
         headers.insert(CACHE_STATUS, HeaderValue::from_static("hit"));
         headers.extend(quota_headers);
         return Ok(response);
@@ -362,9 +356,10 @@ fn refuses_cache(headers: &HeaderMap) -> bool {
         })
 }
 
-/// Builds the response. With a pending usage event it reads the usage of a whole answer
-/// (already in memory) or taps the stream, which records the event when it ends; with
-/// output guardrails it checks the whole answer, or the stream event by event.
+/// Builds the response. A stream goes through one event filter when something needs to
+/// see it: the usage tap (records the usage event when the stream ends), the removal
+/// of the usage chunk the caller did not ask for, the output guardrails. A whole answer
+/// (already in memory) gives its usage, is checked, and is kept in the cache.
 async fn respond(
     answer: Answer,
     served_by: &str,
@@ -372,66 +367,65 @@ async fn respond(
     usage: Option<Pending>,
     output: Output<'_>,
 ) -> Response {
-    let guarded = !output.guardrails.is_empty();
-    let keep = output.cache.filter(|_| !stream);
-    let body = match usage {
-        None if !guarded && keep.is_none() => answer.body,
-        Some(pending) if stream => {
-            let mut tap = pending.tap();
-            Body::from_stream(answer.body.into_data_stream().map(move |chunk| {
-                if let Ok(chunk) = &chunk {
-                    tap.observe(chunk);
-                }
-                chunk
-            }))
-        }
-        None if stream => answer.body,
-        usage => {
-            let bytes = match answer.body.collect().await {
-                Ok(collected) => collected.to_bytes(),
-                Err(e) => {
-                    warn!(error = %e, "answer body unreadable");
-                    Bytes::new()
-                }
-            };
-            if let Some(pending) = usage {
-                pending.finish(Tokens::from_json(&bytes).unwrap_or_default(), None);
-            }
-            if guarded {
-                let text = guardrails::answer_text(&bytes);
-                if let Err(e) =
-                    guardrails::scan(&output.guardrails, &text, Stage::Output, output.request_id)
-                {
-                    return e.into_openai_response();
-                }
-            }
-            if let Some((cache, key)) = keep {
-                let content_type = answer.content_type.clone();
-                cache.put(key, answer.status, content_type, served_by, bytes.clone());
-            }
-            Body::from(bytes)
-        }
-    };
-    let body = if stream && (guarded || output.strip_usage) {
-        let mut guard =
-            guarded.then(|| StreamGuard::new(output.guardrails, output.request_id.into()));
+    let body = if stream {
+        let mut tap = usage.map(Pending::tap);
+        let mut guard = (!output.guardrails.is_empty())
+            .then(|| StreamGuard::new(output.guardrails, output.request_id.into()));
         let strip = output.strip_usage;
-        sse::filter_events(body, move |events| {
-            let events = if strip {
-                sse::without_usage_chunk(events)
-            } else {
-                events
-            };
-            match &mut guard {
-                Some(guard) => guard.check(events),
-                None => Filtered::Send(events),
-            }
-        })
+        if tap.is_none() && guard.is_none() && !strip {
+            answer.body
+        } else {
+            sse::filter_events(answer.body, move |events| {
+                if let Some(tap) = &mut tap {
+                    tap.observe(&events);
+                }
+                let events = if strip {
+                    sse::without_usage_chunk(events)
+                } else {
+                    events
+                };
+                match &mut guard {
+                    Some(guard) => guard.check(events),
+                    None => Filtered::Send(events),
+                }
+            })
+        }
+    } else if usage.is_none() && output.guardrails.is_empty() && output.cache.is_none() {
+        answer.body
     } else {
-        body
+        let bytes = match answer.body.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) => {
+                warn!(error = %e, "answer body unreadable");
+                Bytes::new()
+            }
+        };
+        if let Some(pending) = usage {
+            pending.finish(Tokens::from_json(&bytes).unwrap_or_default(), None);
+        }
+        if let Err(e) = guardrails::check_answer(&output.guardrails, &bytes, output.request_id) {
+            return e.into_openai_response();
+        }
+        if let Some((cache, key)) = output.cache {
+            let content_type = answer.content_type.clone();
+            cache.put(key, answer.status, content_type, served_by, bytes.clone());
+        }
+        Body::from(bytes)
     };
+    build_response(answer.status, answer.content_type, body, served_by, stream)
+}
+
+/// A successful answer's response: status, content type (the upstream's, or the
+/// default of its kind), `Cache-Control: no-cache` for streams, `x-aisix-served-by`.
+fn build_response(
+    status: StatusCode,
+    content_type: Option<HeaderValue>,
+    body: Body,
+    served_by: &str,
+    stream: bool,
+) -> Response {
     let mut response = Response::new(body);
-    *response.status_mut() = answer.status;
+    *response.status_mut() = status;
     let headers = response.headers_mut();
     let default_type = if stream {
         "text/event-stream"
@@ -440,9 +434,7 @@ async fn respond(
     };
     headers.insert(
         header::CONTENT_TYPE,
-        answer
-            .content_type
-            .unwrap_or(HeaderValue::from_static(default_type)),
+        content_type.unwrap_or(HeaderValue::from_static(default_type)),
     );
     if stream {
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
