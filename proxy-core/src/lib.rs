@@ -17,6 +17,7 @@
 //! - `cache`: the response cache of non-streaming chat completions.
 //! - `guardrails`: keyword guardrails on input, output and streams.
 //! - `sse`: server-sent events re-chunked on event boundaries for filters.
+//! - `translate`: OpenAI chat completions <-> Anthropic messages, both ways.
 //! - `ratelimit`: request, token and concurrency limits of keys and models.
 //! - `upstream`: the upstream HTTP client and provider adapters.
 //! - `budget`, `usage`: the two hooks a deployment plugs in (budget decisions, usage
@@ -35,6 +36,7 @@ pub mod routing;
 pub mod secret;
 pub mod snapshot;
 pub mod sse;
+pub mod translate;
 pub mod upstream;
 pub mod usage;
 

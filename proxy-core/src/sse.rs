@@ -78,6 +78,45 @@ pub fn data_lines(events: &[u8]) -> impl Iterator<Item = &[u8]> {
         .map(<[u8]>::trim_ascii)
 }
 
+/// One server-sent event: its `event:` name and its `data:` lines joined by newlines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub name: Option<String>,
+    pub data: Vec<u8>,
+}
+
+/// The events of a run (LF or CRLF line endings); events without data are skipped.
+pub fn events(run: &[u8]) -> impl Iterator<Item = Event> + '_ {
+    let mut lines = run
+        .split(|b| *b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    std::iter::from_fn(move || {
+        let mut name = None;
+        let mut data: Option<Vec<u8>> = None;
+        for line in lines.by_ref() {
+            if line.is_empty() {
+                if data.is_some() {
+                    break;
+                }
+                name = None;
+                continue;
+            }
+            if let Some(value) = line.strip_prefix(b"data:") {
+                let value = value.strip_prefix(b" ").unwrap_or(value);
+                let buffer = data.get_or_insert_with(Vec::new);
+                if !buffer.is_empty() {
+                    buffer.push(b'\n');
+                }
+                buffer.extend_from_slice(value);
+            } else if let Some(value) = line.strip_prefix(b"event:") {
+                let value = value.strip_prefix(b" ").unwrap_or(value);
+                name = Some(String::from_utf8_lossy(value).into_owned());
+            }
+        }
+        data.map(|data| Event { name, data })
+    })
+}
+
 /// Whether `needle` occurs in `haystack` (a cheap test before parsing JSON).
 pub fn mentions(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
@@ -166,6 +205,30 @@ mod tests {
         });
         let out = filtered.collect().await.unwrap().to_bytes();
         assert_eq!(&out[..], b"data: bye\n\n");
+    }
+
+    #[test]
+    fn events_are_parsed_with_names_and_multiline_data() {
+        let run =
+            b"event: a\r\ndata: 1\r\ndata: 2\r\n\r\n: comment\n\nevent: b\ndata:3\n\ndata: tail";
+        let got: Vec<Event> = events(run).collect();
+        assert_eq!(
+            got,
+            [
+                Event {
+                    name: Some("a".into()),
+                    data: b"1\n2".to_vec()
+                },
+                Event {
+                    name: Some("b".into()),
+                    data: b"3".to_vec()
+                },
+                Event {
+                    name: None,
+                    data: b"tail".to_vec()
+                },
+            ]
+        );
     }
 
     #[test]

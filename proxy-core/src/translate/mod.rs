@@ -1,0 +1,80 @@
+//! Translation between the two caller formats: OpenAI chat completions and Anthropic
+//! messages, both ways, for requests, whole answers and streams.
+//!
+//! A request in one format going to an upstream of the other is rewritten before it is
+//! sent, and the answer is rewritten on its way back: whole answers at once, streams
+//! event by event as the upstream sends them (the caller sees well-formed events of its
+//! own format). System prompts, multi-turn conversations, images, tool definitions,
+//! tool calls and results, stop reasons and usage carry over; parameters the other side
+//! has no equivalent for are dropped, and requests that cannot be expressed at all
+//! (several choices, server-side tools) are refused with a 400 naming the parameter.
+//!
+//! Layout:
+//! - `request.rs`: request bodies, both ways.
+//! - `response.rs`: whole answers, both ways.
+//! - `stream.rs`: stateful event translators, both ways.
+
+mod request;
+mod response;
+mod stream;
+
+pub use request::{chat_to_messages, messages_to_chat};
+pub use response::{completion_to_message, message_to_completion};
+pub use stream::{AnthropicToOpenAi, OpenAiToAnthropic};
+
+use serde_json::Value;
+
+/// Used for `max_tokens` when an OpenAI caller sets none: Anthropic requires one.
+pub const DEFAULT_MAX_TOKENS: u64 = 4096;
+
+/// Anthropic's `stop_reason` as an OpenAI `finish_reason`.
+fn finish_reason(stop_reason: &str) -> &'static str {
+    match stop_reason {
+        "max_tokens" | "model_context_window_exceeded" => "length",
+        "tool_use" => "tool_calls",
+        "refusal" => "content_filter",
+        _ => "stop",
+    }
+}
+
+/// OpenAI's `finish_reason` as an Anthropic `stop_reason`.
+fn stop_reason(finish_reason: &str) -> &'static str {
+    match finish_reason {
+        "length" => "max_tokens",
+        "tool_calls" | "function_call" => "tool_use",
+        "content_filter" => "refusal",
+        _ => "end_turn",
+    }
+}
+
+/// The text of a string or of an array of `{type: "text", text}` parts, joined by
+/// newlines (other parts are skipped).
+fn plain_text(content: &Value) -> String {
+    match content {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => String::new(),
+    }
+}
+
+/// Anthropic usage: input tokens include the cached ones.
+fn anthropic_input_tokens(usage: &Value) -> u64 {
+    [
+        "input_tokens",
+        "cache_creation_input_tokens",
+        "cache_read_input_tokens",
+    ]
+    .iter()
+    .filter_map(|k| usage.get(*k).and_then(Value::as_u64))
+    .sum()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
