@@ -48,12 +48,19 @@ impl ResponseCache {
         }
     }
 
-    /// The key of a request; `None` when the body is not JSON (it is not cached).
-    pub fn key(api_key_id: &str, model: &str, body: &[u8]) -> Option<CacheKey> {
+    /// The key of a request to `route` (the same body means different answers on
+    /// `/v1/chat/completions` and `/v1/messages`); `None` when the body is not JSON
+    /// (it is not cached).
+    pub fn key(route: &str, api_key_id: &str, model: &str, body: &[u8]) -> Option<CacheKey> {
         let normalised =
             serde_json::to_vec(&serde_json::from_slice::<serde_json::Value>(body).ok()?).ok()?;
         let mut hash = Sha256::new();
-        for part in [api_key_id.as_bytes(), model.as_bytes(), &normalised] {
+        for part in [
+            route.as_bytes(),
+            api_key_id.as_bytes(),
+            model.as_bytes(),
+            &normalised,
+        ] {
             hash.update((part.len() as u64).to_be_bytes());
             hash.update(part);
         }
@@ -109,7 +116,7 @@ mod tests {
     }
 
     fn key(body: &str) -> CacheKey {
-        ResponseCache::key("k", "m", body.as_bytes()).unwrap()
+        ResponseCache::key("/r", "k", "m", body.as_bytes()).unwrap()
     }
 
     #[test]
@@ -121,14 +128,18 @@ mod tests {
         assert_ne!(key(r#"{"a":1}"#), key(r#"{"a":2}"#));
         let body = br#"{"a":1}"#;
         assert_ne!(
-            ResponseCache::key("k1", "m", body),
-            ResponseCache::key("k2", "m", body)
+            ResponseCache::key("/r", "k1", "m", body),
+            ResponseCache::key("/r", "k2", "m", body)
         );
         assert_ne!(
-            ResponseCache::key("k", "m1", body),
-            ResponseCache::key("k", "m2", body)
+            ResponseCache::key("/r", "k", "m1", body),
+            ResponseCache::key("/r", "k", "m2", body)
         );
-        assert_eq!(ResponseCache::key("k", "m", b"not json"), None);
+        assert_ne!(
+            ResponseCache::key("/v1/chat/completions", "k", "m", body),
+            ResponseCache::key("/v1/messages", "k", "m", body)
+        );
+        assert_eq!(ResponseCache::key("/r", "k", "m", b"not json"), None);
     }
 
     #[tokio::test(start_paused = true)]

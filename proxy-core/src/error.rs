@@ -65,6 +65,9 @@ pub enum ProxyError {
     BudgetDenied(Arc<BudgetDenial>),
     #[error("unknown route: {0}")]
     UnknownRoute(String),
+    /// Something other than a model that the request names does not exist.
+    #[error("{0}")]
+    NotFound(String),
     #[error("method not allowed: {0}")]
     MethodNotAllowed(String),
 }
@@ -76,6 +79,15 @@ pub struct UpstreamErrorFields {
     pub kind: String,
     pub param: Option<String>,
     pub code: Option<String>,
+}
+
+/// The error envelope of a route family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Envelope {
+    /// `{"error": {"message", "type", "param"?, "code"?}}`
+    OpenAi,
+    /// `{"type": "error", "error": {"type", "message"}}`, the type following the status.
+    Anthropic,
 }
 
 /// How an error presents itself: one decision per variant.
@@ -131,7 +143,9 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => {
                 (StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", false)
             }
-            ProxyError::UnknownRoute(_) => (StatusCode::NOT_FOUND, "invalid_request_error", false),
+            ProxyError::UnknownRoute(_) | ProxyError::NotFound(_) => {
+                (StatusCode::NOT_FOUND, "invalid_request_error", false)
+            }
             ProxyError::MethodNotAllowed(_) => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 "invalid_request_error",
@@ -143,6 +157,46 @@ impl ProxyError {
             kind,
             operator_visible,
         }
+    }
+
+    /// Renders the error in `envelope`, with its `Retry-After`.
+    pub fn into_response_in(self, envelope: Envelope) -> Response {
+        match envelope {
+            Envelope::OpenAi => self.into_openai_response(),
+            Envelope::Anthropic => self.into_anthropic_response(),
+        }
+    }
+
+    /// Renders the Anthropic envelope: `{"type":"error","error":{"type","message"}}`,
+    /// the type chosen by status as Anthropic's SDKs expect.
+    pub fn into_anthropic_response(self) -> Response {
+        let status = self.class().status;
+        let message = match &self {
+            ProxyError::UpstreamRejected { error, .. } => error.message.clone(),
+            _ => self.to_string(),
+        };
+        #[derive(Serialize)]
+        struct Envelope<'a> {
+            #[serde(rename = "type")]
+            kind: &'static str,
+            error: Error<'a>,
+        }
+        #[derive(Serialize)]
+        struct Error<'a> {
+            #[serde(rename = "type")]
+            kind: &'static str,
+            message: &'a str,
+        }
+        let body = Envelope {
+            kind: "error",
+            error: Error {
+                kind: anthropic_error_type(status),
+                message: &message,
+            },
+        };
+        let mut response = json_response(status, serde_json::to_vec(&body).unwrap_or_default());
+        self.add_retry_after(&mut response);
+        response
     }
 
     /// Renders the OpenAI envelope: `{"error":{"message","type","param"?,"code"?}}`.
@@ -164,12 +218,16 @@ impl ProxyError {
             _ => OpenAiEnvelope::new(&message, class.kind, None, None).to_json(),
         };
         let mut response = json_response(class.status, body);
+        self.add_retry_after(&mut response);
+        response
+    }
+
+    fn add_retry_after(&self, response: &mut Response) {
         if let Some(seconds) = self.retry_after() {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
-        response
     }
 
     /// The upstream's own `Retry-After`, in seconds, whatever its status.
@@ -202,6 +260,21 @@ impl ProxyError {
 impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
         self.into_openai_response()
+    }
+}
+
+/// Anthropic's error type for a status (the mapping its SDKs use).
+pub fn anthropic_error_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 | 422 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        408 => "timeout_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 => "overloaded_error",
+        _ => "api_error",
     }
 }
 
@@ -399,6 +472,109 @@ mod tests {
         for (error, status, body) in cases {
             assert_eq!(render(error).await, (status, body.to_owned()));
         }
+    }
+
+    /// Golden Anthropic envelopes: every row of the status table.
+    #[tokio::test]
+    async fn anthropic_envelopes_are_pinned() {
+        let upstream = |status: u16, message: &str| ProxyError::UpstreamRejected {
+            status: StatusCode::from_u16(status).unwrap(),
+            error: UpstreamErrorFields {
+                message: message.into(),
+                kind: "upstream_error".into(),
+                param: None,
+                code: Some("x".into()),
+            },
+            retry_after: Some(9),
+        };
+        let cases = [
+            (
+                ProxyError::invalid_request("'messages' must be an array", Some("messages")),
+                400,
+                r#"{"type":"error","error":{"type":"invalid_request_error","message":"'messages' must be an array"}}"#,
+            ),
+            (
+                ProxyError::ContentFiltered {
+                    guardrail: "g".into(),
+                    stage: "input",
+                },
+                422,
+                r#"{"type":"error","error":{"type":"invalid_request_error","message":"the input was blocked by guardrail 'g'"}}"#,
+            ),
+            (
+                ProxyError::InvalidApiKey("invalid API key"),
+                401,
+                r#"{"type":"error","error":{"type":"authentication_error","message":"invalid API key"}}"#,
+            ),
+            (
+                ProxyError::PermissionDenied("no".into()),
+                403,
+                r#"{"type":"error","error":{"type":"permission_error","message":"no"}}"#,
+            ),
+            (
+                ProxyError::ModelNotFound("m".into()),
+                404,
+                r#"{"type":"error","error":{"type":"not_found_error","message":"model 'm' does not exist"}}"#,
+            ),
+            (
+                upstream(408, "too slow"),
+                408,
+                r#"{"type":"error","error":{"type":"timeout_error","message":"too slow"}}"#,
+            ),
+            (
+                ProxyError::BodyTooLarge { limit: 10 },
+                413,
+                r#"{"type":"error","error":{"type":"request_too_large","message":"request body exceeds the limit of 10 bytes"}}"#,
+            ),
+            (
+                ProxyError::RateLimited {
+                    message: "slow down".into(),
+                    retry_after: 3,
+                },
+                429,
+                r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#,
+            ),
+            (
+                ProxyError::ProviderUnavailable("down".into()),
+                503,
+                r#"{"type":"error","error":{"type":"overloaded_error","message":"down"}}"#,
+            ),
+            (
+                ProxyError::UpstreamFailed {
+                    detail: "secret".into(),
+                    retry_after: None,
+                },
+                502,
+                r#"{"type":"error","error":{"type":"api_error","message":"the upstream provider failed to answer"}}"#,
+            ),
+            (
+                ProxyError::NotImplemented("nope".into()),
+                501,
+                r#"{"type":"error","error":{"type":"api_error","message":"nope"}}"#,
+            ),
+            (
+                ProxyError::Timeout(5),
+                504,
+                r#"{"type":"error","error":{"type":"api_error","message":"the upstream provider did not answer within 5 ms"}}"#,
+            ),
+        ];
+        for (error, status, body) in cases {
+            let r = error.into_response_in(Envelope::Anthropic);
+            assert_eq!(r.status().as_u16(), status);
+            assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
+            let got = r.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(std::str::from_utf8(&got).unwrap(), body);
+        }
+        let limited = ProxyError::RateLimited {
+            message: "m".into(),
+            retry_after: 3,
+        };
+        assert_eq!(
+            limited.into_anthropic_response().headers()[header::RETRY_AFTER],
+            "3"
+        );
+        let r = upstream(429, "busy").into_anthropic_response();
+        assert_eq!(r.headers()[header::RETRY_AFTER], "9");
     }
 
     #[tokio::test]

@@ -10,11 +10,11 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use serde::Deserialize;
-use serde_json::value::RawValue;
+use serde_json::Value;
 use tracing::warn;
 
-use crate::error::ProxyError;
+use crate::error::{Envelope, ProxyError};
+use crate::openai::RequestBody;
 use crate::resources::{Guardrail, GuardrailPattern, HookPoint};
 use crate::snapshot::Snapshot;
 use crate::sse::{Filtered, data_lines};
@@ -88,7 +88,7 @@ pub fn scan(
     Ok(())
 }
 
-/// Checks a whole chat-completions answer (its `choices[].message.content`).
+/// Checks a whole answer (see [`answer_text`]).
 pub fn check_answer(
     guardrails: &[Arc<Guardrail>],
     body: &[u8],
@@ -107,74 +107,121 @@ fn matches(pattern: &GuardrailPattern, text: &str, lower: &str) -> bool {
     }
 }
 
-/// The text of the caller's `messages`: string contents and the `text` of content
-/// parts, one per line.
-pub fn request_text(messages: Option<&RawValue>) -> String {
-    #[derive(Deserialize)]
-    struct Message {
-        #[serde(default)]
-        content: Option<Content>,
-    }
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Content {
-        Text(String),
-        Parts(Vec<Part>),
-        Other(serde::de::IgnoredAny),
-    }
-    #[derive(Deserialize)]
-    struct Part {
-        #[serde(default)]
-        text: Option<String>,
-    }
-    let Some(messages) = messages else {
-        return String::new();
-    };
-    let Ok(messages) = serde_json::from_str::<Vec<Message>>(messages.get()) else {
-        return String::new();
-    };
+/// The text a request sends to the model: for chat completions and messages, the
+/// `system` prompt and the text of every message (string contents, text parts, tool
+/// results); for other routes, every string of the body but `model`.
+pub fn request_text(body: &RequestBody<'_>, conversational: bool) -> String {
     let mut text = String::new();
-    for content in messages.into_iter().filter_map(|m| m.content) {
-        match content {
-            Content::Text(t) => push_line(&mut text, &t),
-            Content::Parts(parts) => {
-                for t in parts.into_iter().filter_map(|p| p.text) {
-                    push_line(&mut text, &t);
-                }
+    if !conversational {
+        for (name, value) in body.fields() {
+            if name != "model"
+                && let Ok(value) = serde_json::from_str::<Value>(value.get())
+            {
+                strings_of(&value, &mut text);
             }
-            Content::Other(_) => {}
+        }
+        return text;
+    }
+    let parse = |name| {
+        body.field(name)
+            .and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok())
+    };
+    if let Some(system) = parse("system") {
+        content_text(&system, &mut text);
+    }
+    for message in parse("messages")
+        .as_ref()
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(content) = message.get("content") {
+            content_text(content, &mut text);
         }
     }
     text
 }
 
-/// The text of a whole chat-completions answer (`choices[].message.content`).
+/// A string, or the `text` of parts (and the content of tool results), one per line.
+fn content_text(content: &Value, text: &mut String) {
+    match content {
+        Value::String(s) => push_line(text, s),
+        Value::Array(parts) => {
+            for part in parts {
+                if let Some(s) = part.get("text").and_then(Value::as_str) {
+                    push_line(text, s);
+                }
+                if part.get("type").and_then(Value::as_str) == Some("tool_result")
+                    && let Some(inner) = part.get("content")
+                {
+                    content_text(inner, text);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn strings_of(value: &Value, text: &mut String) {
+    match value {
+        Value::String(s) => push_line(text, s),
+        Value::Array(items) => items.iter().for_each(|v| strings_of(v, text)),
+        Value::Object(map) => map.values().for_each(|v| strings_of(v, text)),
+        _ => {}
+    }
+}
+
+/// The generated text of an answer or of one stream event, whatever its shape: OpenAI
+/// chat (`choices[].message.content`, `choices[].delta.content`), completions
+/// (`choices[].text`), Anthropic (`content[].text`, a `text_delta`), responses
+/// (`output[].content[].text`, `response.output_text.delta`).
 pub fn answer_text(body: &[u8]) -> String {
-    #[derive(Deserialize)]
-    struct Answer {
-        #[serde(default)]
-        choices: Vec<Choice>,
-    }
-    #[derive(Deserialize)]
-    struct Choice {
-        #[serde(default, alias = "delta")]
-        message: Option<Message>,
-    }
-    #[derive(Deserialize)]
-    struct Message {
-        #[serde(default)]
-        content: Option<String>,
-    }
-    let Ok(answer) = serde_json::from_slice::<Answer>(body) else {
+    let Ok(answer) = serde_json::from_slice::<Value>(body) else {
         return String::new();
     };
     let mut text = String::new();
-    for content in answer
-        .choices
+    let mut add = |v: Option<&Value>| {
+        if let Some(s) = v.and_then(Value::as_str) {
+            text.push_str(s);
+        }
+    };
+    for choice in answer
+        .get("choices")
+        .and_then(Value::as_array)
         .into_iter()
-        .filter_map(|c| c.message?.content)
+        .flatten()
     {
-        text.push_str(&content);
+        add(choice.pointer("/message/content"));
+        add(choice.pointer("/delta/content"));
+        add(choice.get("text"));
+    }
+    for block in answer
+        .get("content")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        add(block.get("text"));
+    }
+    for item in answer
+        .get("output")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        for part in item
+            .get("content")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            add(part.get("text"));
+        }
+    }
+    match answer.get("type").and_then(Value::as_str) {
+        Some("content_block_delta") => add(answer.pointer("/delta/text")),
+        Some("response.output_text.delta") => add(answer.get("delta")),
+        _ => {}
     }
     text
 }
@@ -192,14 +239,16 @@ fn push_line(text: &mut String, line: &str) {
 pub struct StreamGuard {
     guardrails: Vec<Arc<Guardrail>>,
     request_id: Arc<str>,
+    envelope: Envelope,
     text: String,
 }
 
 impl StreamGuard {
-    pub fn new(guardrails: Vec<Arc<Guardrail>>, request_id: Arc<str>) -> Self {
+    pub fn new(guardrails: Vec<Arc<Guardrail>>, request_id: Arc<str>, envelope: Envelope) -> Self {
         Self {
             guardrails,
             request_id,
+            envelope,
             text: String::new(),
         }
     }
@@ -217,17 +266,28 @@ impl StreamGuard {
                 Stage::Output,
                 &self.request_id,
             ) {
-                return Filtered::End(error_event(&e));
+                return Filtered::End(error_event(&e, self.envelope));
             }
         }
         Filtered::Send(events)
     }
 }
 
-fn error_event(e: &ProxyError) -> Bytes {
+/// The last event of a blocked stream, in the caller's format.
+fn error_event(e: &ProxyError, envelope: Envelope) -> Bytes {
     let class = e.class();
-    let event = serde_json::json!({"error": {"message": e.to_string(), "type": class.kind}});
-    Bytes::from(format!("data: {event}\n\n"))
+    match envelope {
+        Envelope::OpenAi => {
+            let event =
+                serde_json::json!({"error": {"message": e.to_string(), "type": class.kind}});
+            Bytes::from(format!("data: {event}\n\n"))
+        }
+        Envelope::Anthropic => {
+            let event = serde_json::json!({"type": "error", "error": {
+                "type": crate::error::anthropic_error_type(class.status), "message": e.to_string()}});
+            Bytes::from(format!("event: error\ndata: {event}\n\n"))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -286,15 +346,27 @@ mod tests {
 
     #[test]
     fn request_and_answer_text() {
-        let messages = RawValue::from_string(
-            r#"[{"role":"system","content":"be nice"},{"role":"user","content":[{"type":"text","text":"hello"},{"type":"image_url","image_url":{"url":"x"}}]},{"role":"assistant","content":null}]"#.to_owned(),
-        )
-        .unwrap();
-        assert_eq!(request_text(Some(&messages)), "be nice\nhello");
-        assert_eq!(
-            answer_text(br#"{"choices":[{"message":{"role":"assistant","content":"hi there"}}]}"#),
-            "hi there"
-        );
+        let chat = br#"{"model":"m","messages":[{"role":"system","content":"be nice"},{"role":"user","content":[{"type":"text","text":"hello"},{"type":"image_url","image_url":{"url":"x"}}]},{"role":"assistant","content":null}]}"#;
+        let body = RequestBody::parse(chat).unwrap();
+        assert_eq!(request_text(&body, true), "be nice\nhello");
+        let messages = br#"{"model":"m","system":[{"type":"text","text":"sys"}],"messages":[{"role":"user","content":[{"type":"tool_result","tool_use_id":"t","content":[{"type":"text","text":"result"}]},{"type":"text","text":"more"}]}]}"#;
+        let body = RequestBody::parse(messages).unwrap();
+        assert_eq!(request_text(&body, true), "sys\nresult\nmore");
+        let embeddings =
+            br#"{"model":"secret-model","input":["one",{"nested":"two"}],"dimensions":3}"#;
+        let body = RequestBody::parse(embeddings).unwrap();
+        assert_eq!(request_text(&body, false), "one\ntwo");
+        let answers: [&[u8]; 6] = [
+            br#"{"choices":[{"message":{"role":"assistant","content":"hi there"}}]}"#,
+            br#"{"choices":[{"delta":{"content":"hi there"}}]}"#,
+            br#"{"choices":[{"text":"hi there"}]}"#,
+            br#"{"content":[{"type":"text","text":"hi there"}]}"#,
+            br#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"hi there"}}"#,
+            br#"{"output":[{"type":"message","content":[{"type":"output_text","text":"hi there"}]}]}"#,
+        ];
+        for answer in answers {
+            assert_eq!(answer_text(answer), "hi there");
+        }
     }
 
     #[test]
@@ -302,7 +374,7 @@ mod tests {
         let g = guardrail(
             serde_json::json!({"name": "words", "patterns": [{"kind": "regex", "value": "mock\\s+provider"}]}),
         );
-        let mut guard = StreamGuard::new(vec![g], "r".into());
+        let mut guard = StreamGuard::new(vec![g], "r".into(), Envelope::OpenAi);
         let event = |text: &str| {
             Bytes::from(format!(
                 "data: {{\"choices\":[{{\"delta\":{{\"content\":\"{text}\"}}}}]}}\n\n"

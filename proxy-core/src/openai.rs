@@ -1,5 +1,5 @@
-//! OpenAI wire helpers: reading the few fields of a request body the proxy needs and
-//! rewriting `model` without re-serialising the rest, and reading upstream errors.
+//! Request bodies as the proxy reads them (the few fields it needs, `model` rewritten
+//! without re-serialising the rest) and OpenAI upstream errors.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -10,14 +10,15 @@ use serde_json::value::RawValue;
 
 use crate::error::{ProxyError, UpstreamErrorFields};
 
-/// A chat-completions body, top-level fields kept raw and in order.
-pub struct ChatBody<'a> {
+/// A JSON request body (chat completions, messages, embeddings...), top-level fields
+/// kept raw and in order.
+pub struct RequestBody<'a> {
     fields: Vec<(Cow<'a, str>, &'a RawValue)>,
     pub model: String,
     pub stream: bool,
 }
 
-impl<'a> ChatBody<'a> {
+impl<'a> RequestBody<'a> {
     pub fn parse(bytes: &'a [u8]) -> Result<Self, ProxyError> {
         let Fields(fields) = serde_json::from_slice(bytes).map_err(|e| {
             ProxyError::invalid_request(
@@ -47,21 +48,6 @@ impl<'a> ChatBody<'a> {
                 ));
             }
         };
-        match find("messages").map(|v| v.get().trim_start().starts_with('[')) {
-            Some(true) => {}
-            Some(false) => {
-                return Err(ProxyError::invalid_request(
-                    "'messages' must be an array",
-                    Some("messages"),
-                ));
-            }
-            None => {
-                return Err(ProxyError::invalid_request(
-                    "missing required parameter 'messages'",
-                    Some("messages"),
-                ));
-            }
-        }
         let stream = match find("stream").map(|v| serde_json::from_str::<Option<bool>>(v.get())) {
             None => false,
             Some(Ok(s)) => s.unwrap_or(false),
@@ -77,6 +63,29 @@ impl<'a> ChatBody<'a> {
             model,
             stream,
         })
+    }
+
+    /// Refuses the body unless `name` is present and an array.
+    pub fn require_array(&self, name: &'static str) -> Result<(), ProxyError> {
+        match self
+            .field(name)
+            .map(|v| v.get().trim_start().starts_with('['))
+        {
+            Some(true) => Ok(()),
+            Some(false) => Err(ProxyError::invalid_request(
+                format!("'{name}' must be an array"),
+                Some(name),
+            )),
+            None => Err(ProxyError::invalid_request(
+                format!("missing required parameter '{name}'"),
+                Some(name),
+            )),
+        }
+    }
+
+    /// The top-level fields as sent, in order.
+    pub fn fields(&self) -> impl Iterator<Item = (&str, &'a RawValue)> {
+        self.fields.iter().map(|(k, v)| (k.as_ref(), *v))
     }
 
     /// A top-level field as sent (the last one when repeated).
@@ -119,8 +128,8 @@ impl<'a> ChatBody<'a> {
         body
     }
 
-    fn without(&self, name: &str) -> ChatBody<'a> {
-        ChatBody {
+    fn without(&self, name: &str) -> RequestBody<'a> {
+        RequestBody {
             fields: self
                 .fields
                 .iter()
@@ -246,7 +255,7 @@ mod tests {
     #[test]
     fn rewrites_only_the_model() {
         let body = br#"{"model":"alias","messages":[{"role":"user","content":"h\u00e9 \"x\""}],"stream":true,"n":1}"#;
-        let parsed = ChatBody::parse(body).unwrap();
+        let parsed = RequestBody::parse(body).unwrap();
         assert_eq!(parsed.model, "alias");
         assert!(parsed.stream);
         let out = parsed.with_model("gpt-\"4o\"");
@@ -259,23 +268,26 @@ mod tests {
     #[test]
     fn streams_ask_for_usage_on_the_callers_behalf() {
         let body = br#"{"model":"a","messages":[],"stream":true,"stream_options":{"x":1}}"#;
-        let out = ChatBody::parse(body).unwrap().upstream_body("up");
+        let out = RequestBody::parse(body).unwrap().upstream_body("up");
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
             r#"{"model":"up","messages":[],"stream":true,"stream_options":{"include_usage":true,"x":1}}"#
         );
         let asked =
             br#"{"model":"a","messages":[],"stream":true,"stream_options":{"include_usage":true}}"#;
-        let out = ChatBody::parse(asked).unwrap().upstream_body("up");
+        let out = RequestBody::parse(asked).unwrap().upstream_body("up");
         assert!(out.ends_with(br#""stream_options":{"include_usage":true}}"#));
         let whole = br#"{"model":"a","messages":[]}"#;
-        let out = ChatBody::parse(whole).unwrap().upstream_body("up");
+        let out = RequestBody::parse(whole).unwrap().upstream_body("up");
         assert_eq!(out, br#"{"model":"up","messages":[]}"#);
     }
 
     #[test]
     fn reports_the_missing_or_wrong_field() {
-        let param = |body: &[u8]| match ChatBody::parse(body) {
+        let param = |body: &[u8]| match RequestBody::parse(body).and_then(|b| {
+            b.require_array("messages")?;
+            Ok(b)
+        }) {
             Err(ProxyError::InvalidRequest { param, .. }) => param,
             _ => panic!("expected invalid request"),
         };

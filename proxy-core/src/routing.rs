@@ -70,6 +70,8 @@ impl Plan<'_> {
     pub fn next(&self, error: &ProxyError, attempt: u32) -> Next {
         let (retryable, fallback) = match error {
             ProxyError::UpstreamFailed { .. } | ProxyError::Timeout(_) => (true, false),
+            // This target cannot serve the request at all; another one may.
+            ProxyError::NotImplemented(_) | ProxyError::ProviderUnavailable(_) => (false, true),
             ProxyError::UpstreamRejected { status, .. } => {
                 let code = status.as_u16();
                 (

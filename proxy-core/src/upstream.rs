@@ -1,4 +1,5 @@
-//! The upstream HTTP client and the OpenAI-compatible adapter.
+//! The upstream HTTP client: credentials per adapter (OpenAI-compatible: bearer;
+//! Anthropic: `x-api-key` and `anthropic-version`), error reading per adapter.
 //!
 //! One pooled keep-alive client serves every upstream (TCP_NODELAY on). Non-streaming
 //! answers are read whole within the model's `timeout`; streams are relayed chunk by
@@ -12,12 +13,13 @@ use std::time::Duration;
 use axum::body::Body;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, stream};
-use http::{HeaderValue, StatusCode, header};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
 use tracing::warn;
 
 use crate::error::{ProxyError, UpstreamErrorFields};
 use crate::openai::upstream_error_fields;
-use crate::resources::{Model, ProviderKey};
+use crate::resources::{Adapter, Model, ProviderKey};
+use crate::translate::anthropic_error_fields;
 
 /// Used when a model sets no `timeout`: LLM answers can be slow, but not unbounded.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -25,11 +27,27 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Upstream error bodies larger than this are not read (they are summarised instead).
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
+/// The Anthropic API version sent when the caller did not choose one.
+pub const ANTHROPIC_VERSION: &str = "2023-06-01";
+
 /// The upstream a request goes to: the direct model and its provider key.
 pub struct Target<'a> {
     pub model: &'a Arc<Model>,
     pub upstream_model: &'a str,
     pub provider_key: &'a Arc<ProviderKey>,
+}
+
+/// One request to an upstream.
+pub struct Outgoing {
+    /// The path under the provider key's `api_base`, e.g. `/v1/messages`.
+    pub path: &'static str,
+    pub body: Bytes,
+    pub content_type: HeaderValue,
+    /// The answer is relayed as a stream rather than read whole.
+    pub stream: bool,
+    /// Caller headers passed on (`anthropic-version`, `anthropic-beta` for a native
+    /// Anthropic upstream).
+    pub headers: HeaderMap,
 }
 
 /// A successful upstream answer, ready to send back.
@@ -56,24 +74,24 @@ impl Upstream {
         Ok(Self { client })
     }
 
-    /// Sends an OpenAI-compatible request to `path` (e.g. `/v1/chat/completions`).
-    pub async fn send_openai(
+    /// Sends `outgoing` to the target's provider with the provider's credential.
+    pub async fn send(
         &self,
         target: &Target<'_>,
-        path: &str,
-        body: Vec<u8>,
-        stream: bool,
+        outgoing: Outgoing,
         request_id: &str,
     ) -> Result<Answer, ProxyError> {
         let timeout = target.model.timeout.unwrap_or(DEFAULT_TIMEOUT);
-        let url = format!("{}{path}", target.provider_key.api_base);
+        let url = format!("{}{}", target.provider_key.api_base, outgoing.path);
         let request = self
             .client
             .post(url)
-            .bearer_auth(target.provider_key.credential.expose())
-            .header(header::CONTENT_TYPE, "application/json")
+            .headers(outgoing.headers)
+            .header(header::CONTENT_TYPE, outgoing.content_type)
             .header("x-aisix-request-id", request_id)
-            .body(body);
+            .body(outgoing.body);
+        let request = with_credential(request, target.provider_key);
+        let stream = outgoing.stream;
         let started = tokio::time::Instant::now();
         let response = tokio::time::timeout(timeout, request.send())
             .await
@@ -140,11 +158,32 @@ impl Upstream {
             };
         }
         let body = read_bounded(response, within).await;
+        let error = match target.provider_key.adapter {
+            Adapter::Anthropic => anthropic_error_fields(status.as_u16(), &body),
+            Adapter::OpenAi | Adapter::Other(_) => upstream_error_fields(status.as_u16(), &body),
+        };
         ProxyError::UpstreamRejected {
             status,
-            error: upstream_error_fields(status.as_u16(), &body),
+            error,
             retry_after,
         }
+    }
+
+    /// The client, for routes that relay requests as they are (passthrough).
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+}
+
+/// Adds the provider key's credential the way its adapter expects it.
+pub fn with_credential(
+    request: reqwest::RequestBuilder,
+    provider_key: &ProviderKey,
+) -> reqwest::RequestBuilder {
+    let secret = provider_key.credential.expose();
+    match provider_key.adapter {
+        Adapter::Anthropic => request.header("x-api-key", secret),
+        Adapter::OpenAi | Adapter::Other(_) => request.bearer_auth(secret),
     }
 }
 

@@ -51,10 +51,19 @@ pub struct Tokens {
 
 impl Tokens {
     /// Reads `usage` from a JSON document (a whole answer or one stream event): OpenAI's
-    /// `prompt_tokens`/`completion_tokens` or Anthropic's `input_tokens`/`output_tokens`.
+    /// `prompt_tokens`/`completion_tokens` or Anthropic's and the Responses API's
+    /// `input_tokens`/`output_tokens`, at the top or under `message` (Anthropic's
+    /// `message_start`) or `response` (`response.completed`). Anthropic's cached input
+    /// tokens count as input.
     pub fn from_json(document: &[u8]) -> Option<Tokens> {
         #[derive(Deserialize)]
         struct Document {
+            usage: Option<Usage>,
+            message: Option<Nested>,
+            response: Option<Nested>,
+        }
+        #[derive(Deserialize)]
+        struct Nested {
             usage: Option<Usage>,
         }
         #[derive(Deserialize)]
@@ -63,10 +72,18 @@ impl Tokens {
             prompt_tokens: Option<u64>,
             #[serde(alias = "output_tokens")]
             completion_tokens: Option<u64>,
+            cache_creation_input_tokens: Option<u64>,
+            cache_read_input_tokens: Option<u64>,
         }
-        let usage = serde_json::from_slice::<Document>(document).ok()?.usage?;
+        let document = serde_json::from_slice::<Document>(document).ok()?;
+        let usage = document
+            .usage
+            .or_else(|| document.message?.usage)
+            .or_else(|| document.response?.usage)?;
+        let cached = usage.cache_creation_input_tokens.unwrap_or(0)
+            + usage.cache_read_input_tokens.unwrap_or(0);
         Some(Tokens {
-            prompt: usage.prompt_tokens.unwrap_or(0),
+            prompt: usage.prompt_tokens.unwrap_or(0) + cached,
             completion: usage.completion_tokens.unwrap_or(0),
         })
     }
@@ -251,6 +268,22 @@ mod tests {
             Some(Tokens {
                 prompt: 3,
                 completion: 4
+            })
+        );
+        let start = br#"{"type":"message_start","message":{"usage":{"input_tokens":3,"cache_read_input_tokens":2,"output_tokens":1}}}"#;
+        assert_eq!(
+            Tokens::from_json(start),
+            Some(Tokens {
+                prompt: 5,
+                completion: 1
+            })
+        );
+        let completed = br#"{"type":"response.completed","response":{"usage":{"input_tokens":7,"output_tokens":8}}}"#;
+        assert_eq!(
+            Tokens::from_json(completed),
+            Some(Tokens {
+                prompt: 7,
+                completion: 8
             })
         );
         assert_eq!(Tokens::from_json(br#"{"usage":null}"#), None);

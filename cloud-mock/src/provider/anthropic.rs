@@ -52,10 +52,26 @@ pub async fn messages(call: Call) -> Response {
             "usage": {"input_tokens": input, "output_tokens": output_tokens},
         })
     };
+    let tool = call.script.tool_call.clone();
+    let stop = if tool.is_some() {
+        "tool_use"
+    } else {
+        "end_turn"
+    };
     if !call.stream {
-        let content = json!([{"type": "text", "text": call.script.content}]);
-        return axum::Json(message(content, json!("end_turn"), output)).into_response();
+        let content = match &tool {
+            Some(t) => {
+                let input: Value = serde_json::from_str(&t.arguments).unwrap_or_else(|_| json!({}));
+                json!([{"type": "tool_use", "id": t.id, "name": t.name, "input": input}])
+            }
+            None => json!([{"type": "text", "text": call.script.content}]),
+        };
+        return axum::Json(message(content, json!(stop), output)).into_response();
     }
+    let block = match &tool {
+        Some(t) => json!({"type": "tool_use", "id": t.id, "name": t.name, "input": {}}),
+        None => json!({"type": "text", "text": ""}),
+    };
     let mut events = vec![
         event(
             "message_start",
@@ -63,14 +79,19 @@ pub async fn messages(call: Call) -> Response {
         ),
         event(
             "content_block_start",
-            &json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            &json!({"type": "content_block_start", "index": 0, "content_block": block}),
         ),
         event("ping", &json!({"type": "ping"})),
     ];
     events.extend(call.pieces().iter().map(|piece| {
+        let delta = if tool.is_some() {
+            json!({"type": "input_json_delta", "partial_json": piece})
+        } else {
+            json!({"type": "text_delta", "text": piece})
+        };
         event(
             "content_block_delta",
-            &json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}),
+            &json!({"type": "content_block_delta", "index": 0, "delta": delta}),
         )
     }));
     events.push(event(
@@ -79,7 +100,7 @@ pub async fn messages(call: Call) -> Response {
     ));
     events.push(event(
         "message_delta",
-        &json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+        &json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null},
                 "usage": {"output_tokens": output}}),
     ));
     events.push(event("message_stop", &json!({"type": "message_stop"})));

@@ -1,5 +1,6 @@
 //! Mock LLM providers that tests script: one server speaking both the OpenAI shape
-//! (`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/models`) and the
+//! (`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/responses`,
+//! `/v1/rerank`, `/v1/images/generations`, `/v1/audio/*`, `/v1/models`) and the
 //! Anthropic shape (`/v1/messages`, `/v1/messages/count_tokens`), each with its own
 //! streaming format and error envelope.
 //!
@@ -56,6 +57,17 @@ pub struct Script {
     pub drop_after_chunks: Option<usize>,
     /// The answer text.
     pub content: String,
+    /// Answer with this tool call instead of text (streams split its arguments).
+    pub tool_call: Option<ToolCall>,
+}
+
+/// A function call the mock makes in its answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    /// The arguments as JSON text.
+    pub arguments: String,
 }
 
 impl Default for Script {
@@ -73,6 +85,7 @@ impl Default for Script {
             }),
             drop_after_chunks: None,
             content: "Hello from the mock provider.".to_owned(),
+            tool_call: None,
         }
     }
 }
@@ -188,6 +201,12 @@ fn router(shared: SharedState) -> Router {
         .route("/v1/chat/completions", post(openai::chat))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/embeddings", post(openai::embeddings))
+        .route("/v1/responses", post(openai::responses))
+        .route("/v1/rerank", post(openai::rerank))
+        .route("/v1/images/generations", post(openai::images))
+        .route("/v1/audio/speech", post(openai::speech))
+        .route("/v1/audio/transcriptions", post(openai::transcription))
+        .route("/v1/audio/translations", post(openai::transcription))
         .route("/v1/models", get(openai::models))
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
@@ -320,9 +339,14 @@ impl Call {
         Some(response)
     }
 
-    /// The answer text in `chunks` pieces (at least one).
+    /// The answer text (or the tool call's arguments) in `chunks` pieces (at least
+    /// one).
     fn pieces(&self) -> Vec<String> {
-        split(&self.script.content, self.script.chunks.max(1))
+        let text = match &self.script.tool_call {
+            Some(call) => &call.arguments,
+            None => &self.script.content,
+        };
+        split(text, self.script.chunks.max(1))
     }
 }
 

@@ -53,24 +53,37 @@ pub async fn chat(call: Call) -> Response {
     }
     let created = unix_now();
     let model = call.model.clone();
+    let tool = call.script.tool_call.clone();
+    let finish_reason = if tool.is_some() { "tool_calls" } else { "stop" };
     if call.stream {
         return stream(&call, |i, piece, last| {
-            let delta = if i == 0 {
-                json!({"role": "assistant", "content": piece})
-            } else {
-                json!({"content": piece})
+            let delta = match &tool {
+                Some(t) if i == 0 => json!({"role": "assistant", "content": null, "tool_calls": [
+                    {"index": 0, "id": t.id, "type": "function", "function": {"name": t.name, "arguments": piece}}]}),
+                Some(_) => json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}),
+                None if i == 0 => json!({"role": "assistant", "content": piece}),
+                None => json!({"content": piece}),
             };
-            let finish = if last { json!("stop") } else { Value::Null };
+            let finish = if last {
+                json!(finish_reason)
+            } else {
+                Value::Null
+            };
             json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": created,
                    "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
         });
     }
+    let message = match &tool {
+        Some(t) => json!({"role": "assistant", "content": null, "tool_calls": [
+            {"id": t.id, "type": "function", "function": {"name": t.name, "arguments": t.arguments}}]}),
+        None => json!({"role": "assistant", "content": call.script.content}),
+    };
     axum::Json(json!({
         "id": "chatcmpl-mock",
         "object": "chat.completion",
         "created": created,
         "model": call.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": call.script.content}, "finish_reason": "stop"}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
         "usage": call.script.usage.map(usage_json),
     }))
     .into_response()
@@ -146,6 +159,110 @@ pub async fn embeddings(call: Call) -> Response {
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     }))
     .into_response()
+}
+
+/// `/v1/responses`: one output message with the script's text, usage in input/output
+/// tokens; streams send `response.created`, text deltas and `response.completed`.
+pub async fn responses(call: Call) -> Response {
+    if let Some(error) = call.error(error_body) {
+        return error;
+    }
+    let usage = call.script.usage.map(|u| {
+        json!({"input_tokens": u.prompt_tokens, "output_tokens": u.completion_tokens,
+               "total_tokens": u.prompt_tokens + u.completion_tokens})
+    });
+    let response = |status: &str, text: &str| {
+        json!({"id": "resp_mock", "object": "response", "created_at": unix_now(), "status": status,
+               "model": call.model, "output": [{"type": "message", "id": "msg_mock", "status": status, "role": "assistant",
+               "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+               "usage": if status == "completed" { usage.clone() } else { None }})
+    };
+    if !call.stream {
+        return axum::Json(response("completed", &call.script.content)).into_response();
+    }
+    let event = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
+    let mut events = vec![event(
+        "response.created",
+        json!({"type": "response.created", "response": response("in_progress", "")}),
+    )];
+    events.extend(call.pieces().iter().map(|piece| {
+        event(
+            "response.output_text.delta",
+            json!({"type": "response.output_text.delta", "item_id": "msg_mock", "output_index": 0,
+                   "content_index": 0, "delta": piece}),
+        )
+    }));
+    events.push(event(
+        "response.completed",
+        json!({"type": "response.completed", "response": response("completed", &call.script.content)}),
+    ));
+    event_stream(events, &call.script)
+}
+
+/// `/v1/rerank` (the Cohere/Jina shape OpenAI-compatible servers use): documents scored
+/// by how many query words they contain.
+pub async fn rerank(call: Call) -> Response {
+    if let Some(error) = call.error(error_body) {
+        return error;
+    }
+    let query = call.request["query"].as_str().unwrap_or("").to_lowercase();
+    let documents = call.request["documents"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mut results: Vec<Value> = documents
+        .iter()
+        .enumerate()
+        .map(|(index, doc)| {
+            let text = doc.as_str().map_or_else(|| doc.to_string(), str::to_owned).to_lowercase();
+            let hits = query.split_whitespace().filter(|w| text.contains(w)).count();
+            json!({"index": index, "relevance_score": hits as f64 / (1 + query.split_whitespace().count()) as f64})
+        })
+        .collect();
+    results.sort_by(|a, b| {
+        b["relevance_score"]
+            .as_f64()
+            .partial_cmp(&a["relevance_score"].as_f64())
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    axum::Json(
+        json!({"id": "rerank-mock", "model": call.model, "results": results,
+        "usage": {"total_tokens": call.script.usage.map_or(0, |u| u.prompt_tokens)}}),
+    )
+    .into_response()
+}
+
+/// `/v1/images/generations`: one tiny base64 "image" per `n`.
+pub async fn images(call: Call) -> Response {
+    if let Some(error) = call.error(error_body) {
+        return error;
+    }
+    let n = call.request["n"].as_u64().unwrap_or(1);
+    let data: Vec<Value> = (0..n).map(|_| json!({"b64_json": "bW9jaw=="})).collect();
+    axum::Json(json!({"created": unix_now(), "data": data})).into_response()
+}
+
+/// `/v1/audio/speech`: a few bytes of "audio".
+pub async fn speech(call: Call) -> Response {
+    if let Some(error) = call.error(error_body) {
+        return error;
+    }
+    (
+        [(axum::http::header::CONTENT_TYPE, "audio/mpeg")],
+        format!(
+            "MOCK-AUDIO:{}",
+            call.request["input"].as_str().unwrap_or("")
+        ),
+    )
+        .into_response()
+}
+
+/// `/v1/audio/transcriptions` and `/translations` (multipart): the script's text.
+pub async fn transcription(call: Call) -> Response {
+    if let Some(error) = call.error(error_body) {
+        return error;
+    }
+    axum::Json(json!({"text": call.script.content})).into_response()
 }
 
 /// `mock-model` and every model with its own script.

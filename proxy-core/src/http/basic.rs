@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use super::ProxyState;
-use crate::error::ProxyError;
+use crate::error::{Envelope, ProxyError};
 use crate::resources::{ApiKey, KeyHash, ModelTarget};
 use crate::snapshot::Snapshot;
 
@@ -105,7 +105,7 @@ pub(super) async fn list_models(
     headers: HeaderMap,
 ) -> Result<Response, ProxyError> {
     let snapshot = state.0.store.load();
-    let caller = authenticate(&snapshot, &headers)?;
+    let caller = authenticate(&snapshot, &headers, Envelope::OpenAi)?;
     let mut data: Vec<ModelEntry> = snapshot
         .models()
         .filter(|m| caller.allows(&m.name))
@@ -129,28 +129,40 @@ pub(super) async fn list_models(
     .into_response())
 }
 
-/// Finds the caller's key from `Authorization: Bearer <key>` and checks it is usable.
+/// Finds the caller's key and checks it is usable. OpenAI-style routes read
+/// `Authorization: Bearer <key>`; Anthropic-style routes (and passthrough) also accept
+/// `x-api-key: <key>`, which wins when both are sent.
 pub(super) fn authenticate<'s>(
     snapshot: &'s Snapshot,
     headers: &HeaderMap,
+    envelope: Envelope,
 ) -> Result<&'s ApiKey, ProxyError> {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
-        .filter(|k| !k.is_empty());
-    let Some(plaintext) = bearer else {
-        return Err(ProxyError::InvalidApiKey(
-            if headers.contains_key("x-api-key") {
+    let header_value = |name| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+    };
+    let bearer = header_value(header::AUTHORIZATION.as_str()).and_then(|v| {
+        v.strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+            .map(str::trim)
+    });
+    let presented = match envelope {
+        Envelope::Anthropic => header_value("x-api-key").or(bearer),
+        Envelope::OpenAi => bearer,
+    };
+    let Some(plaintext) = presented.filter(|k| !k.is_empty()) else {
+        return Err(ProxyError::InvalidApiKey(match envelope {
+            Envelope::OpenAi if headers.contains_key("x-api-key") => {
                 "this route reads the API key from 'Authorization: Bearer <key>', not x-api-key"
-            } else {
-                "missing API key: send 'Authorization: Bearer <key>'"
-            },
-        ));
+            }
+            Envelope::OpenAi => "missing API key: send 'Authorization: Bearer <key>'",
+            Envelope::Anthropic => {
+                "missing API key: send 'x-api-key: <key>' or 'Authorization: Bearer <key>'"
+            }
+        }));
     };
     let key = snapshot
         .api_key(&KeyHash::of_plaintext(plaintext))

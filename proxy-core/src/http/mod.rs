@@ -4,22 +4,28 @@
 //! - `mod.rs`: state, router, the request-context middleware and `serve`.
 //! - `basic.rs`: `/livez`, `/readyz`, `/v1/models`, caller authentication and
 //!   fallbacks.
-//! - `chat.rs`: `POST /v1/chat/completions`.
+//! - `endpoint.rs`: the model-routed endpoints and what each adapter makes of them.
+//! - `call.rs`: one model-routed call (chat completions, messages, count_tokens,
+//!   completions, embeddings, responses, rerank, audio, images).
+//! - `passthrough.rs`: `ANY /passthrough/{provider}/{*rest}`.
 
 mod basic;
-mod chat;
+mod call;
+mod endpoint;
+mod passthrough;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use axum::Router;
-use axum::extract::{Request, State};
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
 pub use axum::http::HeaderName;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, any, get, post};
+use axum::{Extension, Router};
 use ipnet::IpNet;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +41,7 @@ use crate::usage::UsageSink;
 
 use crate::upstream::Upstream;
 pub use basic::livez_response;
+use endpoint::Endpoint;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-aisix-request-id");
 pub const CALL_ID: HeaderName = HeaderName::from_static("x-aisix-call-id");
@@ -166,11 +173,18 @@ impl ProxyState {
 pub struct RequestId(pub Arc<str>);
 
 pub fn router(state: ProxyState) -> Router {
-    Router::new()
+    let mut router = Router::new()
         .route("/livez", get(basic::livez))
         .route("/readyz", get(basic::readyz))
         .route("/v1/models", get(basic::list_models))
-        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/chat/completions", routed(Endpoint::ChatCompletions))
+        .route("/v1/messages", routed(Endpoint::Messages))
+        .route("/v1/messages/count_tokens", routed(Endpoint::CountTokens));
+    for path in endpoint::FORWARDED {
+        router = router.route(path, routed(Endpoint::Forward(path)));
+    }
+    router
+        .route("/passthrough/{provider}/{*rest}", any(passthrough::handle))
         .fallback(basic::unknown_route)
         .method_not_allowed_fallback(basic::method_not_allowed)
         .layer(middleware::from_fn_with_state(
@@ -178,6 +192,17 @@ pub fn router(state: ProxyState) -> Router {
             request_context,
         ))
         .with_state(state)
+}
+
+/// `POST` of a model-routed endpoint.
+fn routed(endpoint: Endpoint) -> MethodRouter<ProxyState> {
+    post(
+        move |State(state): State<ProxyState>,
+              ConnectInfo(peer): ConnectInfo<SocketAddr>,
+              Extension(RequestId(id)): Extension<RequestId>,
+              headers: HeaderMap,
+              body: Body| call::run(endpoint, state, peer, id, headers, body),
+    )
 }
 
 /// Serves `router` on `listener` until `stop` is cancelled, then stops accepting and

@@ -64,6 +64,16 @@ pub enum Adapter {
     Other(String),
 }
 
+impl Adapter {
+    pub fn name(&self) -> &str {
+        match self {
+            Adapter::OpenAi => "openai",
+            Adapter::Anthropic => "anthropic",
+            Adapter::Other(name) => name,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct ProviderKey {
     pub id: Arc<str>,

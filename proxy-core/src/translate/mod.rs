@@ -22,7 +22,59 @@ pub use request::{chat_to_messages, messages_to_chat};
 pub use response::{completion_to_message, message_to_completion};
 pub use stream::{AnthropicToOpenAi, OpenAiToAnthropic};
 
+/// How an answer is rewritten on its way to the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conversion {
+    /// Same format both sides.
+    None,
+    /// An Anthropic upstream answering an OpenAI caller.
+    AnthropicToOpenAi,
+    /// An OpenAI-compatible upstream answering an Anthropic caller.
+    OpenAiToAnthropic,
+}
+
+impl Conversion {
+    /// A whole answer in the caller's format.
+    pub fn answer(self, body: bytes::Bytes) -> Result<bytes::Bytes, crate::error::ProxyError> {
+        match self {
+            Conversion::None => Ok(body),
+            Conversion::AnthropicToOpenAi => message_to_completion(&body),
+            Conversion::OpenAiToAnthropic => completion_to_message(&body),
+        }
+    }
+
+    /// The event translator for a stream, when one is needed.
+    pub fn stream(self) -> Option<StreamTranslator> {
+        match self {
+            Conversion::None => None,
+            Conversion::AnthropicToOpenAi => {
+                Some(StreamTranslator::ToOpenAi(AnthropicToOpenAi::new()))
+            }
+            Conversion::OpenAiToAnthropic => {
+                Some(StreamTranslator::ToAnthropic(OpenAiToAnthropic::new()))
+            }
+        }
+    }
+}
+
+/// A stream translator of either direction.
+pub enum StreamTranslator {
+    ToOpenAi(AnthropicToOpenAi),
+    ToAnthropic(OpenAiToAnthropic),
+}
+
+impl StreamTranslator {
+    pub fn translate(&mut self, run: &[u8]) -> bytes::Bytes {
+        match self {
+            StreamTranslator::ToOpenAi(t) => t.translate(run),
+            StreamTranslator::ToAnthropic(t) => t.translate(run),
+        }
+    }
+}
+
 use serde_json::Value;
+
+use crate::error::UpstreamErrorFields;
 
 /// Used for `max_tokens` when an OpenAI caller sets none: Anthropic requires one.
 pub const DEFAULT_MAX_TOKENS: u64 = 4096;
@@ -71,6 +123,35 @@ fn anthropic_input_tokens(usage: &Value) -> u64 {
     .iter()
     .filter_map(|k| usage.get(*k).and_then(Value::as_u64))
     .sum()
+}
+
+/// An Anthropic upstream 4xx as OpenAI-style fields: `upstream_error` with a code
+/// saying what kind of refusal it was, and Anthropic's message.
+pub fn anthropic_error_fields(status: u16, body: &[u8]) -> UpstreamErrorFields {
+    let error: Value = serde_json::from_slice(body).unwrap_or_default();
+    let kind = error.pointer("/error/type").and_then(Value::as_str);
+    let code = match (kind, status) {
+        (Some("rate_limit_error"), _) | (None, 429) => "rate_limit_exceeded",
+        (Some("permission_error"), _) | (None, 403) => "permission_denied",
+        (Some("not_found_error"), _) | (None, 404) => "model_not_found",
+        (Some("request_too_large"), _) | (None, 413) => "request_too_large",
+        (Some("authentication_error"), _) | (None, 401) => "upstream_authentication_failed",
+        (Some("timeout_error"), _) | (None, 408) => "timeout",
+        _ => "invalid_request",
+    };
+    let message = error
+        .pointer("/error/message")
+        .and_then(Value::as_str)
+        .map_or_else(
+            || format!("the upstream provider answered {status}"),
+            str::to_owned,
+        );
+    UpstreamErrorFields {
+        message,
+        kind: "upstream_error".to_owned(),
+        param: None,
+        code: Some(code.to_owned()),
+    }
 }
 
 fn unix_now() -> u64 {

@@ -1,12 +1,12 @@
-//! `POST /v1/chat/completions`: authenticate, resolve the alias, check access, then call
-//! the upstream of each candidate in turn until one answers.
+//! One model-routed call, whatever its endpoint: authenticate, read the body, resolve
+//! the alias, check access, guardrails, rate limits and budget, then call the upstream
+//! of each candidate in turn until one answers, converting the answer to the caller's
+//! format when the upstream speaks the other one.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::Extension;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use bytes::Bytes;
@@ -15,28 +15,33 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::basic::authenticate;
-use super::{CACHE_STATUS, CALL_ID, ProxyState, RequestId, SERVED_BY, client_ip};
+use super::endpoint::Endpoint;
+use super::{CACHE_STATUS, CALL_ID, ProxyState, SERVED_BY, client_ip};
 use crate::budget::Verdict;
 use crate::cache::{CacheKey, ResponseCache};
-use crate::error::ProxyError;
+use crate::error::{Envelope, ProxyError};
 use crate::guardrails::{self, Stage, StreamGuard};
-use crate::openai::ChatBody;
+use crate::openai::RequestBody;
 use crate::ratelimit::{self, Lease, Scope};
-use crate::resources::{Adapter, ApiKey, Guardrail, Model, ModelTarget, RateLimit};
+use crate::resources::{ApiKey, Guardrail, Model, ModelTarget, RateLimit};
 use crate::routing::Next;
 use crate::snapshot::Snapshot;
 use crate::sse::{self, Filtered};
+use crate::translate::Conversion;
 use crate::upstream::{Answer, Target};
 use crate::usage::{Pending, Tokens, UsageEvent, unix_now_ms};
 
-pub(super) async fn chat_completions(
-    State(state): State<ProxyState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Extension(RequestId(request_id)): Extension<RequestId>,
+/// Runs one call of `endpoint`; failures are rendered in the endpoint's envelope.
+pub(super) async fn run(
+    endpoint: Endpoint,
+    state: ProxyState,
+    peer: SocketAddr,
+    request_id: Arc<str>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let call = Call {
+        endpoint,
         request_id: &request_id,
         call_id: uuid::Uuid::new_v4().to_string(),
         started: Instant::now(),
@@ -45,17 +50,22 @@ pub(super) async fn chat_completions(
         Ok(response) => response,
         Err(error) => {
             log_failure(&request_id, &error);
-            error.into_openai_response()
+            error.into_response_in(endpoint.envelope())
         }
     };
-    if let Ok(value) = HeaderValue::from_str(&call.call_id) {
+    // The seeds scope x-aisix-call-id to chat completions; the id still names the
+    // usage event of every call.
+    if endpoint == Endpoint::ChatCompletions
+        && let Ok(value) = HeaderValue::from_str(&call.call_id)
+    {
         response.headers_mut().insert(CALL_ID, value);
     }
     response
 }
 
-/// One chat-completions call: its ids and when it began.
+/// One call: its endpoint, ids and when it began.
 struct Call<'a> {
+    endpoint: Endpoint,
     request_id: &'a str,
     /// `x-aisix-call-id`, also the usage event's id.
     call_id: String,
@@ -70,10 +80,14 @@ async fn handle(
     body: Body,
 ) -> Result<Response, ProxyError> {
     let request_id = call.request_id;
+    let endpoint = call.endpoint;
     let snapshot = state.0.store.load();
-    let caller = authenticate(&snapshot, headers)?;
+    let caller = authenticate(&snapshot, headers, endpoint.envelope())?;
     let bytes = read_body(body, headers, state.0.options.body_limit).await?;
-    let request = ChatBody::parse(&bytes)?;
+    let request = RequestBody::parse(&bytes)?;
+    if endpoint.has_messages() {
+        request.require_array("messages")?;
+    }
     let model = snapshot
         .model(&request.model)
         .ok_or_else(|| ProxyError::ModelNotFound(request.model.clone()))?;
@@ -92,7 +106,7 @@ async fn handle(
     }
     let guards = guardrails::applicable(&snapshot, &model.name, &caller.id);
     if !guards.input.is_empty() {
-        let text = guardrails::request_text(request.field("messages"));
+        let text = guardrails::request_text(&request, endpoint.has_messages());
         guardrails::scan(&guards.input, &text, Stage::Input, request_id)?;
     }
     let mut lease = admit(state, caller, model)?;
@@ -129,8 +143,9 @@ async fn handle(
         Some(Pending::new(sink, lease, event, cost, call.started))
     };
     let cache = match &state.0.cache {
-        Some(cache) if !request.stream && !refuses_cache(headers) => {
-            ResponseCache::key(&caller.id, &model.name, &bytes).map(|key| (cache, key))
+        Some(cache) if endpoint.cacheable() && !request.stream && !refuses_cache(headers) => {
+            ResponseCache::key(endpoint.path(), &caller.id, &model.name, &bytes)
+                .map(|key| (cache, key))
         }
         _ => None,
     };
@@ -158,16 +173,21 @@ async fn handle(
         let mut attempt_number = 0;
         loop {
             attempt_number += 1;
-            let error = match attempt(state, &snapshot, candidate, &request, request_id).await {
-                Ok(answer) => {
+            let sent = attempt(state, &snapshot, candidate, call, &request, &bytes, headers).await;
+            let error = match sent {
+                Ok((answer, conversion)) => {
                     health.success(&candidate.name);
                     state.0.routing.recovered(&candidate.name);
                     let pending = usage(candidate, answer.status);
                     let output = Output {
                         guardrails: guards.output,
                         request_id: call.request_id,
+                        envelope: endpoint.envelope(),
+                        conversion,
                         cache,
-                        strip_usage: request.stream && !request.include_usage(),
+                        strip_usage: endpoint.asks_stream_usage()
+                            && request.stream
+                            && !request.include_usage(),
                     };
                     let mut response =
                         respond(answer, &candidate.name, request.stream, pending, output).await;
@@ -278,13 +298,16 @@ fn provider_of(snapshot: &Snapshot, model: &Model) -> String {
     }
 }
 
+/// Sends the call to one direct model: the request as its adapter wants it.
 async fn attempt(
     state: &ProxyState,
     snapshot: &Snapshot,
     model: &Arc<Model>,
-    request: &ChatBody<'_>,
-    request_id: &str,
-) -> Result<Answer, ProxyError> {
+    call: &Call<'_>,
+    request: &RequestBody<'_>,
+    raw: &[u8],
+    headers: &HeaderMap,
+) -> Result<(Answer, Conversion), ProxyError> {
     let unavailable = || {
         ProxyError::ProviderUnavailable(format!(
             "model '{}' has no usable provider key",
@@ -297,37 +320,25 @@ async fn attempt(
     let provider_key = snapshot
         .provider_key(&direct.provider_key_id)
         .ok_or_else(unavailable)?;
-    match &provider_key.adapter {
-        Adapter::OpenAi => {
-            let target = Target {
-                model,
-                upstream_model: &direct.model_name,
-                provider_key,
-            };
-            // Streams ask for usage (token limits, usage events need it); the extra
-            // chunk is taken out again for callers that did not ask (see `respond`).
-            let body = request.upstream_body(target.upstream_model);
-            debug!(request_id, model = %model.name, upstream_model = target.upstream_model, "dispatching");
-            state
-                .0
-                .upstream
-                .send_openai(
-                    &target,
-                    "/v1/chat/completions",
-                    body,
-                    request.stream,
-                    request_id,
-                )
-                .await
-        }
-        Adapter::Anthropic => Err(ProxyError::NotImplemented(format!(
-            "model '{}' uses the anthropic adapter, which this build cannot reach through /v1/chat/completions yet",
-            model.name
-        ))),
-        Adapter::Other(name) => Err(ProxyError::NotImplemented(format!(
-            "provider adapter '{name}' does not implement /v1/chat/completions"
-        ))),
-    }
+    let prepared = call.endpoint.prepare(
+        &provider_key.adapter,
+        request,
+        raw,
+        &direct.model_name,
+        headers,
+    )?;
+    let target = Target {
+        model,
+        upstream_model: &direct.model_name,
+        provider_key,
+    };
+    debug!(request_id = call.request_id, model = %model.name, upstream_model = target.upstream_model, path = prepared.outgoing.path, "dispatching");
+    let answer = state
+        .0
+        .upstream
+        .send(&target, prepared.outgoing, call.request_id)
+        .await?;
+    Ok((answer, prepared.conversion))
 }
 
 /// What happens to an answer on its way out: output guardrails, and the cache slot
@@ -335,6 +346,10 @@ async fn attempt(
 struct Output<'a> {
     guardrails: Vec<Arc<Guardrail>>,
     request_id: &'a str,
+    /// The caller's format (of the error event ending a blocked stream).
+    envelope: Envelope,
+    /// From the upstream's format to the caller's.
+    conversion: Conversion,
     cache: Option<(&'a ResponseCache, CacheKey)>,
     /// The gateway asked for the usage chunk of this stream; the caller did not.
     strip_usage: bool,
@@ -368,14 +383,20 @@ async fn respond(
     output: Output<'_>,
 ) -> Response {
     let body = if stream {
+        let mut translator = output.conversion.stream();
         let mut tap = usage.map(Pending::tap);
-        let mut guard = (!output.guardrails.is_empty())
-            .then(|| StreamGuard::new(output.guardrails, output.request_id.into()));
+        let mut guard = (!output.guardrails.is_empty()).then(|| {
+            StreamGuard::new(output.guardrails, output.request_id.into(), output.envelope)
+        });
         let strip = output.strip_usage;
-        if tap.is_none() && guard.is_none() && !strip {
+        if translator.is_none() && tap.is_none() && guard.is_none() && !strip {
             answer.body
         } else {
             sse::filter_events(answer.body, move |events| {
+                let events = match &mut translator {
+                    Some(translator) => translator.translate(&events),
+                    None => events,
+                };
                 if let Some(tap) = &mut tap {
                     tap.observe(&events);
                 }
@@ -390,7 +411,11 @@ async fn respond(
                 }
             })
         }
-    } else if usage.is_none() && output.guardrails.is_empty() && output.cache.is_none() {
+    } else if usage.is_none()
+        && output.guardrails.is_empty()
+        && output.cache.is_none()
+        && output.conversion == Conversion::None
+    {
         answer.body
     } else {
         let bytes = match answer.body.collect().await {
@@ -400,11 +425,21 @@ async fn respond(
                 Bytes::new()
             }
         };
+        let bytes = match output.conversion.answer(bytes) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                log_failure(output.request_id, &e);
+                if let Some(pending) = usage {
+                    pending.finish(Tokens::default(), None);
+                }
+                return e.into_response_in(output.envelope);
+            }
+        };
         if let Some(pending) = usage {
             pending.finish(Tokens::from_json(&bytes).unwrap_or_default(), None);
         }
         if let Err(e) = guardrails::check_answer(&output.guardrails, &bytes, output.request_id) {
-            return e.into_openai_response();
+            return e.into_response_in(output.envelope);
         }
         if let Some((cache, key)) = output.cache {
             let content_type = answer.content_type.clone();
@@ -412,7 +447,11 @@ async fn respond(
         }
         Body::from(bytes)
     };
-    build_response(answer.status, answer.content_type, body, served_by, stream)
+    let content_type = match output.conversion {
+        Conversion::None => answer.content_type,
+        Conversion::AnthropicToOpenAi | Conversion::OpenAiToAnthropic => None,
+    };
+    build_response(answer.status, content_type, body, served_by, stream)
 }
 
 /// A successful answer's response: status, content type (the upstream's, or the

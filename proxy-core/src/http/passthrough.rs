@@ -1,0 +1,343 @@
+//! `ANY /passthrough/{provider}/{*rest}`: a provider's own API, reached with the
+//! gateway's credential.
+//!
+//! After the caller key is authenticated (`Authorization: Bearer` or `x-api-key`) and
+//! the provider resolved, the method, path, query, body and safe headers go to the
+//! provider key's `api_base` with the upstream credential; the upstream status, headers
+//! and body come back unchanged (errors included), streamed. Caller credentials,
+//! cookies and hop-by-hop headers are not forwarded.
+//!
+//! `{provider}` names a provider (`openai`, `anthropic`, a vendor name) or a provider
+//! key's `display_name`. The caller key must be allowed at least one model served by
+//! that provider key: passthrough is raw access, so it is granted through models. When
+//! several keys match, the one behind the alphabetically first such model is used.
+//! Request rate limits and budgets of the caller key apply; guardrails, the cache and
+//! token accounting do not (the body is not interpreted).
+
+use std::sync::Arc;
+
+use axum::Extension;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderName, Method, Uri, header};
+use axum::response::Response;
+use futures_util::TryStreamExt;
+use tracing::{debug, warn};
+
+use super::basic::authenticate;
+use super::call::read_body;
+use super::{ProxyState, RequestId};
+use crate::budget::Verdict;
+use crate::error::{Envelope, ProxyError};
+use crate::ratelimit::{self, Scope};
+use crate::resources::{Adapter, ApiKey, ModelTarget, ProviderKey, RateLimit};
+use crate::snapshot::Snapshot;
+use crate::upstream::{self, DEFAULT_TIMEOUT};
+
+pub(super) async fn handle(
+    State(state): State<ProxyState>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
+    Path((provider, _)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let snapshot = state.0.store.load();
+    // Errors before the upstream answers use the envelope of the provider's family.
+    let envelope = match provider_keys_named(&snapshot, &provider).next() {
+        Some(pk) if pk.adapter == Adapter::Anthropic => Envelope::Anthropic,
+        _ => Envelope::OpenAi,
+    };
+    match forward(
+        &state,
+        &snapshot,
+        &request_id,
+        &provider,
+        method,
+        &uri,
+        &headers,
+        body,
+    )
+    .await
+    {
+        Ok(response) => response,
+        Err(error) => {
+            debug!(request_id = %request_id, provider, error = %error, "passthrough refused");
+            error.into_response_in(envelope)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments, reason = "one request's parts")]
+async fn forward(
+    state: &ProxyState,
+    snapshot: &Snapshot,
+    request_id: &str,
+    provider: &str,
+    method: Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ProxyError> {
+    let caller = authenticate(snapshot, headers, Envelope::Anthropic)?;
+    let provider_key = resolve(snapshot, caller, provider)?;
+    let rest = safe_rest(uri.path(), provider)?;
+    admit(state, caller)?;
+    if let Some(gate) = &state.0.hooks.budget
+        && let Verdict::Deny(denial) = gate.check(&caller.id).await
+    {
+        return Err(ProxyError::BudgetDenied(denial));
+    }
+    let bytes = read_body(body, headers, state.0.options.body_limit).await?;
+    let mut url = format!("{}/{rest}", provider_key.api_base);
+    if let Some(query) = uri.query() {
+        url.push('?');
+        url.push_str(query);
+    }
+    let mut outgoing = forwardable(headers);
+    if provider_key.adapter == Adapter::Anthropic && !outgoing.contains_key("anthropic-version") {
+        outgoing.insert(
+            HeaderName::from_static("anthropic-version"),
+            header::HeaderValue::from_static(upstream::ANTHROPIC_VERSION),
+        );
+    }
+    let request = state
+        .0
+        .upstream
+        .client()
+        .request(method, url)
+        .headers(outgoing)
+        .header("x-aisix-request-id", request_id)
+        .body(bytes);
+    let request = upstream::with_credential(request, provider_key);
+    debug!(request_id, provider, path = rest, "passthrough");
+    let response = tokio::time::timeout(DEFAULT_TIMEOUT, request.send())
+        .await
+        .map_err(|_| ProxyError::Timeout(DEFAULT_TIMEOUT.as_millis()))?
+        .map_err(|e| {
+            warn!(request_id, provider, error = %e, "passthrough upstream failed");
+            ProxyError::UpstreamFailed {
+                detail: format!("passthrough to {provider}: {e}"),
+                retry_after: None,
+            }
+        })?;
+    let mut relayed = Response::builder().status(response.status());
+    if let Some(out) = relayed.headers_mut() {
+        *out = forwardable_response(response.headers());
+    }
+    let body = Body::from_stream(response.bytes_stream().map_err(std::io::Error::other));
+    relayed.body(body).map_err(|e| ProxyError::UpstreamFailed {
+        detail: format!("passthrough response: {e}"),
+        retry_after: None,
+    })
+}
+
+fn provider_keys_named<'s>(
+    snapshot: &'s Snapshot,
+    name: &'s str,
+) -> impl Iterator<Item = &'s Arc<ProviderKey>> + 's {
+    snapshot.models().filter_map(move |m| match &m.target {
+        ModelTarget::Direct(d) => snapshot
+            .provider_key(&d.provider_key_id)
+            .filter(|pk| pk.provider == name || pk.display_name == name),
+        ModelTarget::Routing(_) => None,
+    })
+}
+
+/// The provider key behind the first model (by alias) the caller may use whose key
+/// is named `name`.
+fn resolve<'s>(
+    snapshot: &'s Snapshot,
+    caller: &ApiKey,
+    name: &str,
+) -> Result<&'s Arc<ProviderKey>, ProxyError> {
+    let mut any = false;
+    let mut allowed: Option<(&str, &Arc<ProviderKey>)> = None;
+    for model in snapshot.models() {
+        let ModelTarget::Direct(direct) = &model.target else {
+            continue;
+        };
+        let Some(pk) = snapshot
+            .provider_key(&direct.provider_key_id)
+            .filter(|pk| pk.provider == name || pk.display_name == name)
+        else {
+            continue;
+        };
+        any = true;
+        if caller.allows(&model.name) && allowed.is_none_or(|(alias, _)| *model.name < *alias) {
+            allowed = Some((&model.name, pk));
+        }
+    }
+    match allowed {
+        Some((_, pk)) => Ok(pk),
+        None if any => Err(ProxyError::PermissionDenied(format!(
+            "this API key may not use any model of provider '{name}'"
+        ))),
+        None => Err(ProxyError::NotFound(format!(
+            "provider '{name}' is not configured"
+        ))),
+    }
+}
+
+/// The path after `/passthrough/{provider}/`, refused when it could leave the
+/// provider's API base: `.` or `..` segments (also percent-encoded), encoded slashes or
+/// backslashes, empty segments.
+fn safe_rest<'u>(path: &'u str, provider: &str) -> Result<&'u str, ProxyError> {
+    let rest = path
+        .strip_prefix("/passthrough/")
+        .and_then(|p| p.split_once('/'))
+        .map_or("", |(_, rest)| rest);
+    let lower = rest.to_ascii_lowercase();
+    let tricky = rest.is_empty()
+        || lower.contains("%2f")
+        || lower.contains("%5c")
+        || rest.contains('\\')
+        || rest.split('/').any(|segment| {
+            let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+            segment.is_empty() || decoded == "." || decoded == ".."
+        });
+    if tricky {
+        return Err(ProxyError::invalid_request(
+            format!("passthrough path for '{provider}' must be a plain relative path"),
+            None,
+        ));
+    }
+    Ok(rest)
+}
+
+/// Request rate limits of the caller key (passthrough has no model to limit).
+fn admit(state: &ProxyState, caller: &ApiKey) -> Result<(), ProxyError> {
+    if caller.rate_limit == RateLimit::default() {
+        return Ok(());
+    }
+    let scopes = vec![(Scope::ApiKey(caller.id.clone()), caller.rate_limit.clone())];
+    state
+        .0
+        .limiter
+        .admit(scopes, ratelimit::unix_ms())
+        .map(drop)
+        .map_err(|refusal| ProxyError::RateLimited {
+            message: refusal.message,
+            retry_after: refusal.retry_after_secs,
+        })
+}
+
+/// Headers that are hop-by-hop (RFC 9110 7.6.1) or listed in `Connection`.
+fn hop_by_hop(name: &HeaderName, connection: &[String]) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    ) || connection.iter().any(|c| c == name.as_str())
+}
+
+fn connection_listed(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect()
+}
+
+/// The caller's headers minus credentials, cookies, hop-by-hop headers, `Host`,
+/// `Content-Length` (set again for the body) and our own `x-aisix-*`.
+fn forwardable(headers: &HeaderMap) -> HeaderMap {
+    let connection = connection_listed(headers);
+    let mut out = HeaderMap::new();
+    for (name, value) in headers {
+        let credential = matches!(
+            name.as_str(),
+            "authorization" | "x-api-key" | "api-key" | "x-goog-api-key" | "cookie"
+        );
+        let ours = name.as_str().starts_with("x-aisix-");
+        if credential
+            || ours
+            || hop_by_hop(name, &connection)
+            || name == header::HOST
+            || name == header::CONTENT_LENGTH
+        {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out
+}
+
+/// The upstream's response headers minus hop-by-hop ones.
+fn forwardable_response(headers: &HeaderMap) -> HeaderMap {
+    let connection = connection_listed(headers);
+    let mut out = HeaderMap::new();
+    for (name, value) in headers {
+        if !hop_by_hop(name, &connection) {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    #[test]
+    fn only_plain_relative_paths_pass() {
+        let ok = |p: &str| safe_rest(p, "openai").map(str::to_owned);
+        assert_eq!(ok("/passthrough/openai/v1/models").unwrap(), "v1/models");
+        assert_eq!(
+            ok("/passthrough/openai/v1/files/file-1/content").unwrap(),
+            "v1/files/file-1/content"
+        );
+        for bad in [
+            "/passthrough/openai/",
+            "/passthrough/openai/../admin",
+            "/passthrough/openai/v1/../../x",
+            "/passthrough/openai/v1/%2e%2E/x",
+            "/passthrough/openai/v1%2fmodels",
+            "/passthrough/openai/v1%5Cmodels",
+            "/passthrough/openai/v1\\models",
+            "/passthrough/openai//evil.example/x",
+            "/passthrough/openai/v1/./models",
+        ] {
+            assert!(ok(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn credentials_and_hop_by_hop_headers_stay_behind() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("authorization", "Bearer caller"),
+            ("x-api-key", "caller"),
+            ("cookie", "c=1"),
+            ("connection", "keep-alive, x-private"),
+            ("x-private", "1"),
+            ("keep-alive", "timeout=5"),
+            ("host", "gw"),
+            ("content-length", "3"),
+            ("x-aisix-request-id", "r"),
+            ("openai-organization", "org"),
+            ("anthropic-beta", "b"),
+            ("content-type", "application/json"),
+        ] {
+            h.append(HeaderName::from_static(k), v.parse().unwrap());
+        }
+        let out = forwardable(&h);
+        let mut names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            ["anthropic-beta", "content-type", "openai-organization"]
+        );
+    }
+}
