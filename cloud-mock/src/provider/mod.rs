@@ -101,6 +101,8 @@ pub struct Usage {
 pub struct Recorded {
     pub method: String,
     pub path: String,
+    #[serde(default)]
+    pub query: Option<String>,
     pub headers: HashMap<String, String>,
     pub body: String,
 }
@@ -289,6 +291,7 @@ async fn receive(
         s.requests.push(Recorded {
             method: method.to_string(),
             path: uri.path().to_owned(),
+            query: uri.query().map(str::to_owned),
             headers: headers
                 .iter()
                 .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))

@@ -6,7 +6,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::{Call, SharedState, Usage, event_stream, lock, unix_now};
+use axum::body::Bytes;
+use axum::http::{HeaderMap, Method, Uri};
+
+use super::{Call, SharedState, Usage, event_stream, lock, receive, unix_now};
 
 fn error_body(status: StatusCode) -> Value {
     let kind = match status.as_u16() {
@@ -265,8 +268,14 @@ pub async fn transcription(call: Call) -> Response {
     axum::Json(json!({"text": call.script.content})).into_response()
 }
 
-/// `mock-model` and every model with its own script.
-pub async fn models(State(shared): State<SharedState>) -> axum::Json<Value> {
+/// `mock-model` and every model with its own script (the request is recorded).
+pub async fn models(
+    State(shared): State<SharedState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> axum::Json<Value> {
+    receive(&shared, &method, &uri, &headers, &Bytes::new()).await;
     let mut names: Vec<String> = lock(&shared).by_model.keys().cloned().collect();
     names.push("mock-model".to_owned());
     names.sort();

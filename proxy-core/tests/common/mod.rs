@@ -295,4 +295,3 @@ pub fn stream_hello(model: &str) -> Value {
 pub async fn status_and_body(r: reqwest::Response) -> (u16, String) {
     (r.status().as_u16(), r.text().await.unwrap())
 }
-

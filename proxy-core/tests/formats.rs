@@ -1,0 +1,751 @@
+//! In-process tests of the API surface beyond OpenAI chat: Anthropic messages (native and
+//! translated), chat completions to Anthropic upstreams, the forwarded OpenAI routes,
+//! passthrough, and each route family's error envelope.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure should fail the test loudly"
+)]
+
+mod common;
+
+use cloud_mock::provider::{Script, ToolCall};
+use common::*;
+use proxy_core::http::ProxyOptions;
+use proxy_core::sse;
+use serde_json::{Value, json};
+
+const WEATHER_TOOL: &str = r#"{"city":"Paris","unit":"celsius"}"#;
+
+fn weather_call() -> Script {
+    Script {
+        tool_call: Some(ToolCall {
+            id: "call_weather_1".into(),
+            name: "get_weather".into(),
+            arguments: WEATHER_TOOL.into(),
+        }),
+        ..Script::default()
+    }
+}
+
+impl Harness {
+    /// POSTs `body` to `path` with the caller key in `x-api-key` (Anthropic style).
+    async fn anthropic(&self, path: &str, key: Option<&str>, body: Value) -> reqwest::Response {
+        let mut r = self
+            .client
+            .post(format!("{}{path}", self.url))
+            .header("anthropic-version", "2023-06-01")
+            .json(&body);
+        if let Some(key) = key {
+            r = r.header("x-api-key", key);
+        }
+        r.send().await.unwrap()
+    }
+
+    async fn openai(&self, path: &str, body: Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(CALLER)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+fn messages_hello(model: &str, stream: bool) -> Value {
+    json!({"model": model, "max_tokens": 64, "stream": stream, "system": "Be brief.",
+           "messages": [{"role": "user", "content": "Say hello."}]})
+}
+
+/// The events of an SSE body: (name, JSON payload or the raw text).
+async fn events(r: reqwest::Response) -> Vec<(String, Value)> {
+    let body = r.bytes().await.unwrap();
+    sse::events(&body)
+        .map(|e| {
+            let data = serde_json::from_slice(&e.data)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&e.data).into()));
+            (e.name.unwrap_or_default(), data)
+        })
+        .collect()
+}
+
+/// The text and the tool-call arguments of OpenAI chunks, concatenated.
+fn openai_stream_text(chunks: &[(String, Value)]) -> (String, String) {
+    let mut text = String::new();
+    let mut arguments = String::new();
+    for (_, c) in chunks {
+        if let Some(t) = c
+            .pointer("/choices/0/delta/content")
+            .and_then(Value::as_str)
+        {
+            text.push_str(t);
+        }
+        if let Some(a) = c
+            .pointer("/choices/0/delta/tool_calls/0/function/arguments")
+            .and_then(Value::as_str)
+        {
+            arguments.push_str(a);
+        }
+    }
+    (text, arguments)
+}
+
+#[tokio::test]
+async fn chat_completions_reach_anthropic_upstreams_translated() {
+    let h = harness(ProxyOptions::default()).await;
+    let body = json!({"model": "claude", "temperature": 0.5, "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Say hello."}]});
+    let r = h.chat(Some(CALLER), body).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-aisix-served-by"], "claude");
+    assert_eq!(r.headers()["content-type"], "application/json");
+    assert!(r.headers().contains_key("x-aisix-call-id"));
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["object"], "chat.completion");
+    assert_eq!(
+        answer["choices"][0]["message"],
+        json!({"role": "assistant", "content": "Hello from the mock provider."})
+    );
+    assert_eq!(answer["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        answer["usage"],
+        json!({"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13})
+    );
+    let seen = &h.mock.requests()[0];
+    assert_eq!(seen.path, "/v1/messages");
+    assert_eq!(seen.headers["x-api-key"], "sk-ant-upstream");
+    assert_eq!(seen.headers["anthropic-version"], "2023-06-01");
+    assert!(!seen.headers.contains_key("authorization"));
+    assert_eq!(
+        seen.json(),
+        json!({"model": "claude-x", "system": "Be brief.", "max_tokens": 4096, "temperature": 0.5,
+               "messages": [{"role": "user", "content": [{"type": "text", "text": "Say hello."}]}]})
+    );
+}
+
+#[tokio::test]
+async fn chat_streams_from_anthropic_become_openai_chunks() {
+    let h = harness(ProxyOptions::default()).await;
+    // Without include_usage: no usage chunk; with it: the usage chunk before [DONE].
+    for asked in [false, true] {
+        let mut body = stream_hello("claude");
+        if asked {
+            body["stream_options"] = json!({"include_usage": true});
+        }
+        let r = h.chat(Some(CALLER), body).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], "text/event-stream");
+        let chunks = events(r).await;
+        assert_eq!(
+            openai_stream_text(&chunks).0,
+            "Hello from the mock provider."
+        );
+        assert_eq!(chunks.last().unwrap().1, "[DONE]");
+        let usage: Vec<&Value> = chunks
+            .iter()
+            .filter_map(|(_, c)| c.get("usage").filter(|u| u.is_object()))
+            .collect();
+        if asked {
+            assert_eq!(
+                usage,
+                [&json!({"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13})]
+            );
+        } else {
+            assert!(usage.is_empty(), "{chunks:?}");
+        }
+        let finish: Vec<&Value> = chunks
+            .iter()
+            .filter_map(|(_, c)| {
+                c.pointer("/choices/0/finish_reason")
+                    .filter(|f| !f.is_null())
+            })
+            .collect();
+        assert_eq!(finish, [&json!("stop")]);
+    }
+}
+
+#[tokio::test]
+async fn tool_calls_cross_both_ways_whole_and_streamed() {
+    let h = harness(ProxyOptions::default()).await;
+    h.mock.set_script_for("claude-x", weather_call());
+    h.mock.set_script_for("up-gpt", weather_call());
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+
+    // OpenAI caller, Anthropic upstream.
+    let chat = json!({"model": "claude", "tools": tools, "tool_choice": "auto",
+        "messages": [{"role": "user", "content": "Weather in Paris?"}]});
+    let answer: Value = h
+        .chat(Some(CALLER), chat.clone())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["choices"][0]["finish_reason"], "tool_calls");
+    let call = &answer["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(call["id"], "call_weather_1");
+    assert_eq!(call["function"]["name"], "get_weather");
+    let args: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(args, serde_json::from_str::<Value>(WEATHER_TOOL).unwrap());
+    let sent = h.mock.requests().last().unwrap().json();
+    assert_eq!(sent["tools"][0]["name"], "get_weather");
+    assert_eq!(
+        sent["tools"][0]["input_schema"]["properties"]["city"]["type"],
+        "string"
+    );
+    assert_eq!(sent["tool_choice"], json!({"type": "auto"}));
+
+    let mut streamed = chat.clone();
+    streamed["stream"] = json!(true);
+    let chunks = events(h.chat(Some(CALLER), streamed).await).await;
+    assert_eq!(openai_stream_text(&chunks).1, WEATHER_TOOL);
+    assert!(
+        chunks
+            .iter()
+            .any(|(_, c)| c.pointer("/choices/0/finish_reason") == Some(&json!("tool_calls")))
+    );
+
+    // Anthropic caller, OpenAI upstream, and the tool result going back.
+    let messages = json!({"model": "gpt", "max_tokens": 100,
+        "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}],
+        "messages": [{"role": "user", "content": "Weather in Paris?"}]});
+    let message: Value = h
+        .anthropic("/v1/messages", Some(CALLER), messages.clone())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(message["stop_reason"], "tool_use");
+    assert_eq!(
+        message["content"],
+        json!([{"type": "tool_use", "id": "call_weather_1", "name": "get_weather",
+                "input": serde_json::from_str::<Value>(WEATHER_TOOL).unwrap()}])
+    );
+    let mut streamed = messages.clone();
+    streamed["stream"] = json!(true);
+    let evs = events(h.anthropic("/v1/messages", Some(CALLER), streamed).await).await;
+    let partial: String = evs
+        .iter()
+        .filter_map(|(_, e)| e.pointer("/delta/partial_json").and_then(Value::as_str))
+        .collect();
+    assert_eq!(partial, WEATHER_TOOL);
+    let start = evs
+        .iter()
+        .find(|(n, _)| n == "content_block_start")
+        .unwrap();
+    assert_eq!(start.1["content_block"]["type"], "tool_use");
+    let delta = evs.iter().find(|(n, _)| n == "message_delta").unwrap();
+    assert_eq!(delta.1["delta"]["stop_reason"], "tool_use");
+
+    let follow_up = json!({"model": "gpt", "max_tokens": 100, "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "call_weather_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_weather_1", "content": "18C, sunny"}]}]});
+    h.mock.set_script_for("up-gpt", Script::default());
+    let r = h.anthropic("/v1/messages", Some(CALLER), follow_up).await;
+    assert_eq!(r.status(), 200);
+    let sent = h.mock.requests().last().unwrap().json();
+    assert_eq!(
+        sent["messages"],
+        json!([{"role": "user", "content": "Weather in Paris?"},
+               {"role": "assistant", "content": null, "tool_calls": [{"id": "call_weather_1", "type": "function",
+                   "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+               {"role": "tool", "tool_call_id": "call_weather_1", "content": "18C, sunny"}])
+    );
+}
+
+#[tokio::test]
+async fn messages_to_openai_upstreams_are_translated() {
+    let h = harness(ProxyOptions::default()).await;
+    let r = h
+        .anthropic("/v1/messages", Some(CALLER), messages_hello("gpt", false))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key("x-aisix-request-id"));
+    assert!(!r.headers().contains_key("x-aisix-call-id"));
+    let message: Value = r.json().await.unwrap();
+    assert_eq!(
+        (&message["type"], &message["role"], &message["stop_reason"]),
+        (&json!("message"), &json!("assistant"), &json!("end_turn"))
+    );
+    assert_eq!(
+        message["content"],
+        json!([{"type": "text", "text": "Hello from the mock provider."}])
+    );
+    assert_eq!(
+        message["usage"],
+        json!({"input_tokens": 10, "output_tokens": 3})
+    );
+    let seen = &h.mock.requests()[0];
+    assert_eq!(seen.path, "/v1/chat/completions");
+    assert_eq!(
+        seen.headers["authorization"],
+        format!("Bearer {UPSTREAM_SECRET}")
+    );
+    assert!(!seen.headers.contains_key("x-api-key"));
+    assert_eq!(
+        seen.json()["messages"],
+        json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}])
+    );
+
+    let r = h
+        .anthropic("/v1/messages", Some(CALLER), messages_hello("gpt", true))
+        .await;
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let evs = events(r).await;
+    let names: Vec<&str> = evs.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names.first(), Some(&"message_start"));
+    assert_eq!(
+        &names[names.len() - 3..],
+        ["content_block_stop", "message_delta", "message_stop"]
+    );
+    let text: String = evs
+        .iter()
+        .filter_map(|(_, e)| e.pointer("/delta/text").and_then(Value::as_str))
+        .collect();
+    assert_eq!(text, "Hello from the mock provider.");
+    let delta = &evs[evs.len() - 2].1;
+    assert_eq!(
+        delta["usage"],
+        json!({"input_tokens": 10, "output_tokens": 3})
+    );
+    assert_eq!(delta["delta"]["stop_reason"], "end_turn");
+}
+
+#[tokio::test]
+async fn native_messages_and_count_tokens_pass_through() {
+    let h = harness(ProxyOptions::default()).await;
+    let body = messages_hello("claude", false);
+    let r = h
+        .client
+        .post(format!("{}/v1/messages", h.url))
+        .header("x-api-key", CALLER)
+        .header("anthropic-version", "2023-01-01")
+        .header("anthropic-beta", "tools-2024-04-04")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let message: Value = r.json().await.unwrap();
+    assert_eq!(message["model"], "claude-x");
+    assert_eq!(
+        message["content"][0]["text"],
+        "Hello from the mock provider."
+    );
+    let seen = &h.mock.requests()[0];
+    assert_eq!(seen.headers["anthropic-version"], "2023-01-01");
+    assert_eq!(seen.headers["anthropic-beta"], "tools-2024-04-04");
+    assert_eq!(seen.headers["x-api-key"], "sk-ant-upstream");
+    let mut expected = body.clone();
+    expected["model"] = json!("claude-x");
+    assert_eq!(seen.json(), expected);
+
+    // A native stream is relayed as the upstream sent it.
+    let evs = events(
+        h.anthropic("/v1/messages", Some(CALLER), messages_hello("claude", true))
+            .await,
+    )
+    .await;
+    let names: Vec<&str> = evs.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "message_start",
+            "content_block_start",
+            "ping",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop"
+        ]
+    );
+
+    // Bearer works too on Anthropic-style routes.
+    let count = json!({"model": "claude", "messages": [{"role": "user", "content": "hi"}]});
+    let r = h
+        .client
+        .post(format!("{}/v1/messages/count_tokens", h.url))
+        .bearer_auth(CALLER)
+        .json(&count)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"input_tokens": 10})
+    );
+    assert_eq!(
+        h.mock.requests().last().unwrap().path,
+        "/v1/messages/count_tokens"
+    );
+
+    let mut count = count;
+    count["model"] = json!("gpt");
+    let r = h
+        .anthropic("/v1/messages/count_tokens", Some(CALLER), count)
+        .await;
+    assert_eq!(
+        status_and_body(r).await,
+        (501, r#"{"type":"error","error":{"type":"api_error","message":"provider adapter 'openai' does not implement /v1/messages/count_tokens"}}"#.into())
+    );
+}
+
+#[tokio::test]
+async fn anthropic_routes_answer_in_the_anthropic_envelope() {
+    let h = harness(ProxyOptions::default()).await;
+    let cases = [
+        (
+            None,
+            messages_hello("claude", false),
+            401,
+            "authentication_error",
+        ),
+        (
+            Some("wrong-key"),
+            messages_hello("claude", false),
+            401,
+            "authentication_error",
+        ),
+        (
+            Some("narrow-key"),
+            messages_hello("claude", false),
+            403,
+            "permission_error",
+        ),
+        (
+            Some(CALLER),
+            messages_hello("nope", false),
+            404,
+            "not_found_error",
+        ),
+        (
+            Some(CALLER),
+            json!({"model": "claude", "messages": "hi"}),
+            400,
+            "invalid_request_error",
+        ),
+        (
+            Some(CALLER),
+            json!({"model": "guarded-in", "max_tokens": 5, "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "a Forbidden-Word here"}]}]}),
+            422,
+            "invalid_request_error",
+        ),
+    ];
+    for (key, body, status, kind) in cases {
+        let r = h.anthropic("/v1/messages", key, body).await;
+        assert_eq!(r.status(), status, "{kind}");
+        assert!(r.headers().contains_key("x-aisix-request-id"));
+        let envelope: Value = r.json().await.unwrap();
+        assert_eq!(envelope["type"], "error");
+        assert_eq!(envelope["error"]["type"], kind);
+        assert!(envelope["error"]["message"].is_string());
+        assert_eq!(
+            envelope["error"].as_object().unwrap().len(),
+            2,
+            "{envelope}"
+        );
+    }
+    assert!(h.mock.requests().is_empty());
+}
+
+#[tokio::test]
+async fn upstream_errors_keep_their_class_in_the_callers_format() {
+    let h = harness(ProxyOptions::default()).await;
+    let fail = |status: u16| Script {
+        status,
+        retry_after: Some("7".into()),
+        ..Script::default()
+    };
+    // Anthropic upstream, OpenAI caller: upstream_error with a specific code.
+    for (status, code) in [
+        (429, "rate_limit_exceeded"),
+        (404, "model_not_found"),
+        (400, "invalid_request"),
+    ] {
+        h.mock.set_script_for("claude-x", fail(status));
+        let r = h.chat(Some(CALLER), hello("claude")).await;
+        assert_eq!(r.status(), status);
+        let retry = r
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(retry.as_deref(), (status == 429).then_some("7"));
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(
+            body,
+            json!({"error": {"message": format!("mock error {status}"), "type": "upstream_error", "code": code}})
+        );
+    }
+    h.mock.set_script_for(
+        "claude-x",
+        Script {
+            error_body: Some("private detail".into()),
+            ..fail(529)
+        },
+    );
+    let r = h.chat(Some(CALLER), hello("claude")).await;
+    assert_eq!(
+        status_and_body(r).await,
+        (502, r#"{"error":{"message":"the upstream provider failed to answer","type":"upstream_error"}}"#.into())
+    );
+    // OpenAI upstream, Anthropic caller.
+    h.mock.set_script_for("up-gpt", fail(400));
+    let r = h
+        .anthropic("/v1/messages", Some(CALLER), messages_hello("gpt", false))
+        .await;
+    assert_eq!(
+        status_and_body(r).await,
+        (400, r#"{"type":"error","error":{"type":"invalid_request_error","message":"mock error 400"}}"#.into())
+    );
+    h.mock.set_script_for("up-gpt", fail(429));
+    let r = h
+        .anthropic("/v1/messages", Some(CALLER), messages_hello("gpt", false))
+        .await;
+    assert_eq!(r.headers()["retry-after"], "7");
+    assert_eq!(
+        status_and_body(r).await,
+        (
+            429,
+            r#"{"type":"error","error":{"type":"rate_limit_error","message":"mock error 429"}}"#
+                .into()
+        )
+    );
+    h.mock.set_script_for(
+        "up-gpt",
+        Script {
+            error_body: Some("private detail".into()),
+            ..fail(503)
+        },
+    );
+    let r = h
+        .anthropic("/v1/messages", Some(CALLER), messages_hello("gpt", false))
+        .await;
+    assert_eq!(
+        status_and_body(r).await,
+        (502, r#"{"type":"error","error":{"type":"api_error","message":"the upstream provider failed to answer"}}"#.into())
+    );
+}
+
+#[tokio::test]
+async fn a_blocked_anthropic_stream_ends_with_an_anthropic_error_event() {
+    let h = harness(ProxyOptions::default()).await;
+    let r = h
+        .anthropic(
+            "/v1/messages",
+            Some(CALLER),
+            messages_hello("guarded-out", true),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let evs = events(r).await;
+    let (name, last) = evs.last().unwrap();
+    assert_eq!(name, "error");
+    assert_eq!(last["type"], "error");
+    assert_eq!(last["error"]["type"], "invalid_request_error");
+    assert!(
+        last["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no-mocks")
+    );
+    assert!(!evs.iter().any(|(n, _)| n == "message_stop"));
+}
+
+#[tokio::test]
+async fn openai_routes_are_forwarded_with_the_model_rewritten() {
+    let h = harness(ProxyOptions::default()).await;
+    let cases = [
+        (
+            "/v1/embeddings",
+            json!({"model": "gpt", "input": ["a", "b"]}),
+            "data",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "gpt", "prompt": "Say"}),
+            "choices",
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "gpt", "input": "Say hello."}),
+            "output",
+        ),
+        (
+            "/v1/rerank",
+            json!({"model": "gpt", "query": "red fox", "documents": ["a red fox", "blue"]}),
+            "results",
+        ),
+        (
+            "/v1/images/generations",
+            json!({"model": "gpt", "prompt": "a fox", "n": 2}),
+            "data",
+        ),
+    ];
+    for (path, body, field) in cases {
+        let r = h.openai(path, body).await;
+        assert_eq!(r.status(), 200, "{path}");
+        assert!(r.headers().contains_key("x-aisix-request-id"), "{path}");
+        assert!(!r.headers().contains_key("x-aisix-call-id"), "{path}");
+        let answer: Value = r.json().await.unwrap();
+        assert!(
+            answer[field].as_array().is_some_and(|a| !a.is_empty()),
+            "{path}: {answer}"
+        );
+        let seen = h.mock.requests().pop().unwrap();
+        assert_eq!(
+            (seen.path.as_str(), &seen.json()["model"]),
+            (path, &json!("up-gpt"))
+        );
+        assert_eq!(
+            seen.headers["authorization"],
+            format!("Bearer {UPSTREAM_SECRET}")
+        );
+    }
+    let speech = h
+        .openai(
+            "/v1/audio/speech",
+            json!({"model": "gpt", "input": "hi", "voice": "alloy"}),
+        )
+        .await;
+    assert_eq!(speech.headers()["content-type"], "audio/mpeg");
+    assert_eq!(speech.bytes().await.unwrap(), "MOCK-AUDIO:hi");
+
+    // Streams of forwarded routes are relayed (completions ask for usage on the
+    // caller's behalf and drop it again).
+    let r = h
+        .openai(
+            "/v1/completions",
+            json!({"model": "gpt", "prompt": "Say", "stream": true}),
+        )
+        .await;
+    let chunks = events(r).await;
+    let text: String = chunks
+        .iter()
+        .filter_map(|(_, c)| c.pointer("/choices/0/text").and_then(Value::as_str))
+        .collect();
+    assert_eq!(text, "Hello from the mock provider.");
+    assert!(
+        chunks
+            .iter()
+            .all(|(_, c)| c.get("usage").is_none_or(Value::is_null))
+    );
+    assert_eq!(
+        h.mock.requests().last().unwrap().json()["stream_options"]["include_usage"],
+        true
+    );
+
+    // What the adapter cannot do: 501 in the OpenAI envelope.
+    let r = h
+        .openai("/v1/embeddings", json!({"model": "claude", "input": "a"}))
+        .await;
+    assert_eq!(
+        status_and_body(r).await,
+        (501, r#"{"error":{"message":"provider adapter 'anthropic' does not implement /v1/embeddings","type":"not_implemented"}}"#.into())
+    );
+    let r = h.openai("/v1/embeddings", json!({"input": "a"})).await;
+    assert_eq!(r.status(), 400);
+}
+
+#[tokio::test]
+async fn passthrough_forwards_with_the_gateway_credential() {
+    let h = harness(ProxyOptions::default()).await;
+    let r = h
+        .client
+        .get(format!("{}/passthrough/openai/v1/models?limit=2", h.url))
+        .bearer_auth(CALLER)
+        .header("openai-organization", "org-1")
+        .header("cookie", "session=caller")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key("x-aisix-request-id"));
+    let list: Value = r.json().await.unwrap();
+    assert_eq!(list["object"], "list");
+    let seen = h.mock.requests().pop().unwrap();
+    assert_eq!(
+        (seen.method.as_str(), seen.path.as_str()),
+        ("GET", "/v1/models")
+    );
+    assert_eq!(seen.query.as_deref(), Some("limit=2"));
+    assert_eq!(
+        seen.headers["authorization"],
+        format!("Bearer {UPSTREAM_SECRET}")
+    );
+    assert_eq!(seen.headers["openai-organization"], "org-1");
+    assert!(!seen.headers.contains_key("cookie"));
+    assert!(!seen.headers.values().any(|v| v.contains(CALLER)));
+
+    // Anthropic: the caller's x-api-key is replaced by the upstream's.
+    let body = json!({"model": "claude-raw", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]});
+    let r = h
+        .anthropic(
+            "/passthrough/anthropic/v1/messages",
+            Some(CALLER),
+            body.clone(),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let seen = h.mock.requests().pop().unwrap();
+    assert_eq!(seen.headers["x-api-key"], "sk-ant-upstream");
+    assert_eq!(seen.json(), body, "the body goes as sent");
+
+    // Upstream errors come back unchanged.
+    h.mock.set_script_for(
+        "claude-raw",
+        Script {
+            status: 418,
+            error_body: Some("{\"teapot\":true}".into()),
+            ..Script::default()
+        },
+    );
+    let r = h
+        .anthropic("/passthrough/anthropic/v1/messages", Some(CALLER), body)
+        .await;
+    assert_eq!(status_and_body(r).await, (418, "{\"teapot\":true}".into()));
+
+    // Refusals before the upstream is reached.
+    let before = h.mock.requests().len();
+    let status = |r: reqwest::Response| r.status().as_u16();
+    let get = |path: &str, key: &str| {
+        h.client
+            .get(format!("{}{path}", h.url))
+            .bearer_auth(key)
+            .send()
+    };
+    assert_eq!(
+        status(get("/passthrough/openai/v1/models", "wrong").await.unwrap()),
+        401
+    );
+    assert_eq!(
+        status(
+            get("/passthrough/anthropic/v1/models", "narrow-key")
+                .await
+                .unwrap()
+        ),
+        403
+    );
+    assert_eq!(
+        status(get("/passthrough/nobody/v1/models", CALLER).await.unwrap()),
+        404
+    );
+    assert_eq!(
+        status(
+            get("/passthrough/openai/v1%2F..%2Fadmin", CALLER)
+                .await
+                .unwrap()
+        ),
+        400
+    );
+    assert_eq!(h.mock.requests().len(), before, "refused before the upstream");
+}
