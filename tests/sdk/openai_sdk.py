@@ -5,6 +5,7 @@ model) and AISIX_NARROW_KEY (allowed gpt-4o-mini only). Exits non-zero on the fi
 failed check.
 """
 
+import json
 import os
 
 import openai
@@ -39,7 +40,7 @@ def expect_error(cls, status, kind, call):
 client = openai.OpenAI(base_url=BASE, api_key=KEY, max_retries=0)
 
 ids = sorted(m.id for m in client.models.list())
-check(ids == ["gpt-4o-mini", "restricted"], f"models.list() == {ids}")
+check("gpt-4o-mini" in ids and "claude" in ids and len(ids) == 8, f"models.list() == {ids}")
 
 raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES)
 check(raw.headers.get("x-aisix-served-by") == "gpt-4o-mini", "x-aisix-served-by")
@@ -52,6 +53,50 @@ stream = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, 
 text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 check(text == EXPECTED, f"streamed content {text!r}")
 
+# An Anthropic model through chat completions (translated both ways).
+completion = client.chat.completions.create(model="claude", messages=MESSAGES)
+check(completion.choices[0].message.content == EXPECTED, "claude content")
+check(completion.choices[0].finish_reason == "stop", "claude finish_reason")
+check(completion.usage.prompt_tokens == 10 and completion.usage.completion_tokens == 3, "claude usage")
+stream = client.chat.completions.create(model="claude", messages=MESSAGES, stream=True,
+                                        stream_options={"include_usage": True})
+chunks = list(stream)
+text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+check(text == EXPECTED, f"claude streamed content {text!r}")
+check(chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 13, "claude stream usage")
+
+# Tool calls, native and translated, whole and streamed.
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+for model in ["gpt-tools", "claude-tools"]:
+    completion = client.chat.completions.create(model=model, messages=ASK, tools=TOOLS)
+    choice = completion.choices[0]
+    check(choice.finish_reason == "tool_calls", f"{model} finish_reason {choice.finish_reason}")
+    call = choice.message.tool_calls[0]
+    check(call.function.name == "get_weather", f"{model} tool name")
+    check(json.loads(call.function.arguments) == {"city": "Paris"}, f"{model} tool arguments")
+    stream = client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, stream=True)
+    arguments, name, finish = "", None, None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        for tc in delta.tool_calls or []:
+            name = tc.function.name or name
+            arguments += tc.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    check(name == "get_weather" and json.loads(arguments) == {"city": "Paris"},
+          f"{model} streamed tool call {name} {arguments!r}")
+    check(finish == "tool_calls", f"{model} streamed finish_reason {finish}")
+    # The tool result goes back in a second turn.
+    follow = ASK + [choice.message.model_dump(exclude_none=True),
+                    {"role": "tool", "tool_call_id": call.id, "content": "18C, sunny"}]
+    answer = client.chat.completions.create(model={"gpt-tools": "gpt-4o-mini", "claude-tools": "claude"}[model],
+                                            messages=follow, tools=TOOLS)
+    check(answer.choices[0].message.content == EXPECTED, f"{model} answer after the tool result")
+
 bad = openai.OpenAI(base_url=BASE, api_key="not-a-key", max_retries=0)
 expect_error(openai.AuthenticationError, 401, "invalid_api_key", lambda: bad.models.list())
 expect_error(openai.NotFoundError, 404, "model_not_found",
@@ -62,5 +107,43 @@ expect_error(openai.PermissionDeniedError, 403, "permission_denied",
              lambda: narrow.chat.completions.create(model="restricted", messages=MESSAGES))
 expect_error(openai.BadRequestError, 400, "invalid_request_error",
              lambda: client.chat.completions.create(model="gpt-4o-mini", messages="not a list"))
+
+# Upstream errors: native fields kept, cross-provider ones as upstream_error; retry hints.
+try:
+    client.chat.completions.create(model="busy", messages=MESSAGES)
+    raise SystemExit("FAILED: expected RateLimitError")
+except openai.RateLimitError as e:
+    check(e.status_code == 429 and e.type == "rate_limit_error", f"native 429 {e.type}")
+    check(e.response.headers.get("retry-after") == "3", "upstream Retry-After passed through")
+try:
+    client.chat.completions.create(model="claude-busy", messages=MESSAGES)
+    raise SystemExit("FAILED: expected RateLimitError")
+except openai.RateLimitError as e:
+    check(e.type == "upstream_error" and e.code == "rate_limit_exceeded", f"cross-provider 429 {e.type} {e.code}")
+    check(e.response.headers.get("retry-after") == "3", "cross-provider Retry-After")
+expect_error(openai.InternalServerError, 502, "upstream_error",
+             lambda: client.chat.completions.create(model="broken", messages=MESSAGES))
+try:
+    client.chat.completions.create(model="broken", messages=MESSAGES)
+except openai.InternalServerError as e:
+    check("private upstream detail" not in e.response.text, "upstream 5xx body not exposed")
+
+# The other OpenAI routes.
+embeddings = client.embeddings.create(model="gpt-4o-mini", input=["a", "b"])
+check(len(embeddings.data) == 2 and len(embeddings.data[0].embedding) > 0, "embeddings")
+text = client.completions.create(model="gpt-4o-mini", prompt="Say").choices[0].text
+check(text == EXPECTED, f"completions {text!r}")
+response = client.responses.create(model="gpt-4o-mini", input="Say hello.")
+check(response.output_text == EXPECTED, f"responses {response.output_text!r}")
+check(response.usage.input_tokens == 10, "responses usage")
+streamed = "".join(e.delta for e in client.responses.create(model="gpt-4o-mini", input="Say hello.", stream=True)
+                   if e.type == "response.output_text.delta")
+check(streamed == EXPECTED, f"streamed responses {streamed!r}")
+image = client.images.generate(model="gpt-4o-mini", prompt="a fox", n=1)
+check(image.data[0].b64_json == "bW9jaw==", "images")
+speech = client.audio.speech.create(model="gpt-4o-mini", voice="alloy", input="hi")
+check(speech.content == b"MOCK-AUDIO:hi", "audio speech")
+expect_error(openai.APIStatusError, 501, "not_implemented",
+             lambda: client.embeddings.create(model="claude", input="a"))
 
 print(f"openai-sdk: {checks} checks passed")

@@ -1,6 +1,8 @@
-//! Tier 4: the official OpenAI Python SDK against the real agent binary.
+//! Tier 4: the official OpenAI and Anthropic Python SDKs against the real agent binary,
+//! in front of the mock provider speaking both APIs.
 //!
-//! `scripts/test` installs the SDK into `target/sdk-venv` and sets `AISIX_SDK_PYTHON`.
+//! `scripts/test` installs the pinned SDKs into `target/sdk-venv` and sets
+//! `AISIX_SDK_PYTHON`.
 
 #![allow(
     clippy::unwrap_used,
@@ -12,25 +14,63 @@
 use std::path::Path;
 use std::time::Duration;
 
-use cloud_mock::provider::MockProvider;
+use cloud_mock::provider::{MockProvider, Script, ToolCall};
 use tests::{Process, key_hash, start_agent};
 
-#[tokio::test]
-async fn official_openai_sdk_works_against_the_agent() {
+/// The models the SDK scripts use, by upstream model: what the mock answers.
+fn script_mock(mock: &MockProvider) {
+    let weather = || Script {
+        tool_call: Some(ToolCall {
+            id: "call_weather_1".into(),
+            name: "get_weather".into(),
+            arguments: r#"{"city":"Paris"}"#.into(),
+        }),
+        ..Script::default()
+    };
+    let busy = || Script {
+        status: 429,
+        retry_after: Some("3".into()),
+        ..Script::default()
+    };
+    mock.set_script_for("up-tools", weather());
+    mock.set_script_for("claude-tools-up", weather());
+    mock.set_script_for("up-busy", busy());
+    mock.set_script_for("claude-busy-up", busy());
+    mock.set_script_for(
+        "up-broken",
+        Script {
+            status: 500,
+            error_body: Some("private upstream detail".into()),
+            ..Script::default()
+        },
+    );
+}
+
+/// Runs `script` (in `tests/sdk/`) against an agent in front of the mock; it must exit 0
+/// and say its checks passed.
+async fn run_sdk_script(script: &str) {
     let python = std::env::var("AISIX_SDK_PYTHON").unwrap_or_else(|_| {
-        panic!("AISIX_SDK_PYTHON is not set: run the suite with `bash scripts/test`, which installs the official OpenAI SDK into target/sdk-venv")
+        panic!("AISIX_SDK_PYTHON is not set: run the suite with `bash scripts/test`, which installs the official OpenAI and Anthropic SDKs into target/sdk-venv")
     });
     let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
         .await
         .unwrap();
+    script_mock(&mock);
     let dir = tempfile::tempdir().unwrap();
     let resources = format!(
         r#"
 provider_keys:
   - {{id: pk1, display_name: mock, provider: openai, api_base: "{base}", api_key: sk-sdk-upstream}}
+  - {{id: pk2, display_name: mock-anthropic, provider: anthropic, api_base: "{base}", api_key: sk-ant-sdk-upstream}}
 models:
   - {{id: m1, display_name: gpt-4o-mini, model_name: up-gpt, provider_key_id: pk1}}
   - {{id: m2, display_name: restricted, model_name: up-restricted, provider_key_id: pk1}}
+  - {{id: m3, display_name: gpt-tools, model_name: up-tools, provider_key_id: pk1}}
+  - {{id: m4, display_name: busy, model_name: up-busy, provider_key_id: pk1}}
+  - {{id: m5, display_name: broken, model_name: up-broken, provider_key_id: pk1}}
+  - {{id: a1, display_name: claude, model_name: claude-up, provider_key_id: pk2}}
+  - {{id: a2, display_name: claude-tools, model_name: claude-tools-up, provider_key_id: pk2}}
+  - {{id: a3, display_name: claude-busy, model_name: claude-busy-up, provider_key_id: pk2}}
 api_keys:
   - {{id: k1, key_hash: {wide}, allowed_models: ["*"]}}
   - {{id: k2, key_hash: {narrow}, allowed_models: ["gpt-4o-mini"]}}
@@ -51,7 +91,7 @@ api_keys:
     .unwrap();
     let (_agent, url) = start_agent(&config).await;
 
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk/openai_sdk.py");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk").join(script);
     let mut sdk = Process::start(
         Path::new(&python),
         &[script.to_str().unwrap()],
@@ -63,11 +103,23 @@ api_keys:
     );
     let status = sdk.wait_exit(Duration::from_secs(120)).await;
     let output = sdk.output();
-    assert!(status.success(), "the OpenAI SDK checks failed:\n{output}");
+    assert!(status.success(), "{script:?} failed:\n{output}");
     assert!(output.contains("checks passed"), "{output}");
-    assert_eq!(
-        mock.requests().len(),
-        2,
-        "one non-streaming and one streaming upstream call"
-    );
+    // The upstream never saw a caller key.
+    for request in mock.requests() {
+        assert!(
+            !request.headers.values().any(|v| v.contains("sdk-wide-key")),
+            "{request:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn official_openai_sdk_works_against_the_agent() {
+    run_sdk_script("openai_sdk.py").await;
+}
+
+#[tokio::test]
+async fn official_anthropic_sdk_works_against_the_agent() {
+    run_sdk_script("anthropic_sdk.py").await;
 }

@@ -1,0 +1,102 @@
+"""Drives a running aisix-agent with the official Anthropic Python SDK.
+
+Started by tests/tests/sdk_compat.rs with AISIX_BASE_URL, AISIX_API_KEY (allowed every
+model) and AISIX_NARROW_KEY (allowed gpt-4o-mini only). `claude*` models are served by
+an Anthropic upstream (native), `gpt*` ones by an OpenAI-compatible one (translated).
+Exits non-zero on the first failed check.
+"""
+
+import os
+
+import anthropic
+
+BASE = os.environ["AISIX_BASE_URL"]
+KEY = os.environ["AISIX_API_KEY"]
+NARROW = os.environ["AISIX_NARROW_KEY"]
+MESSAGES = [{"role": "user", "content": "Say hello."}]
+EXPECTED = "Hello from the mock provider."
+TOOLS = [{"name": "get_weather", "description": "Current weather",
+          "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+
+checks = 0
+
+
+def check(condition, what):
+    global checks
+    if not condition:
+        raise SystemExit(f"FAILED: {what}")
+    checks += 1
+
+
+def expect_error(cls, status, kind, call):
+    try:
+        call()
+    except cls as e:
+        check(e.status_code == status, f"{cls.__name__} status {e.status_code} == {status}")
+        check(e.body["type"] == "error", f"{cls.__name__} envelope {e.body}")
+        check(e.body["error"]["type"] == kind, f"{cls.__name__} type {e.body['error']['type']!r} == {kind!r}")
+        check(e.response.headers.get("x-aisix-request-id"), "error carries x-aisix-request-id")
+        return e
+    raise SystemExit(f"FAILED: expected {cls.__name__}")
+
+
+client = anthropic.Anthropic(base_url=BASE, api_key=KEY, max_retries=0)
+
+for model in ["claude", "gpt-4o-mini"]:
+    raw = client.messages.with_raw_response.create(model=model, max_tokens=64, system="Be brief.",
+                                                   messages=MESSAGES)
+    check(raw.headers.get("x-aisix-request-id"), f"{model}: x-aisix-request-id")
+    message = raw.parse()
+    check(message.content[0].type == "text" and message.content[0].text == EXPECTED, f"{model}: content")
+    check(message.stop_reason == "end_turn", f"{model}: stop_reason {message.stop_reason}")
+    check(message.usage.input_tokens == 10 and message.usage.output_tokens == 3, f"{model}: usage {message.usage}")
+
+    with client.messages.stream(model=model, max_tokens=64, messages=MESSAGES) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    check(text == EXPECTED, f"{model}: streamed text {text!r}")
+    check(final.stop_reason == "end_turn", f"{model}: streamed stop_reason {final.stop_reason}")
+    check(final.usage.output_tokens == 3, f"{model}: streamed usage {final.usage}")
+
+for model in ["claude-tools", "gpt-tools"]:
+    message = client.messages.create(model=model, max_tokens=64, tools=TOOLS, messages=ASK)
+    check(message.stop_reason == "tool_use", f"{model}: stop_reason {message.stop_reason}")
+    use = message.content[-1]
+    check(use.type == "tool_use" and use.name == "get_weather", f"{model}: tool_use block")
+    check(use.input == {"city": "Paris"}, f"{model}: tool input {use.input}")
+    with client.messages.stream(model=model, max_tokens=64, tools=TOOLS, messages=ASK) as stream:
+        final = stream.get_final_message()
+    streamed = [b for b in final.content if b.type == "tool_use"]
+    check(streamed and streamed[0].input == {"city": "Paris"}, f"{model}: streamed tool input {final.content}")
+    check(final.stop_reason == "tool_use", f"{model}: streamed stop_reason")
+    follow = ASK + [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in message.content]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "18C"}]}]
+    answer = client.messages.create(model={"claude-tools": "claude", "gpt-tools": "gpt-4o-mini"}[model],
+                                    max_tokens=64, tools=TOOLS, messages=follow)
+    check(answer.content[0].text == EXPECTED, f"{model}: answer after the tool result")
+
+count = client.messages.count_tokens(model="claude", messages=MESSAGES)
+check(count.input_tokens == 10, f"count_tokens {count.input_tokens}")
+
+bad = anthropic.Anthropic(base_url=BASE, api_key="not-a-key", max_retries=0)
+expect_error(anthropic.AuthenticationError, 401, "authentication_error",
+             lambda: bad.messages.create(model="claude", max_tokens=5, messages=MESSAGES))
+expect_error(anthropic.NotFoundError, 404, "not_found_error",
+             lambda: client.messages.create(model="nope", max_tokens=5, messages=MESSAGES))
+narrow = anthropic.Anthropic(base_url=BASE, api_key=NARROW, max_retries=0)
+expect_error(anthropic.PermissionDeniedError, 403, "permission_error",
+             lambda: narrow.messages.create(model="claude", max_tokens=5, messages=MESSAGES))
+expect_error(anthropic.BadRequestError, 400, "invalid_request_error",
+             lambda: client.messages.create(model="claude", max_tokens=5, messages="not a list"))
+for model in ["claude-busy", "busy"]:
+    e = expect_error(anthropic.RateLimitError, 429, "rate_limit_error",
+                     lambda: client.messages.create(model=model, max_tokens=5, messages=MESSAGES))
+    check(e.response.headers.get("retry-after") == "3", f"{model}: upstream Retry-After passed through")
+e = expect_error(anthropic.InternalServerError, 502, "api_error",
+                 lambda: client.messages.create(model="broken", max_tokens=5, messages=MESSAGES))
+check("private upstream detail" not in e.response.text, "upstream 5xx body not exposed")
+expect_error(anthropic.APIStatusError, 501, "api_error",
+             lambda: client.messages.count_tokens(model="gpt-4o-mini", messages=MESSAGES))
+
+print(f"anthropic-sdk: {checks} checks passed")
