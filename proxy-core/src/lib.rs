@@ -18,6 +18,7 @@
 //! - `guardrails`: keyword guardrails on input, output and streams.
 //! - `sse`: server-sent events re-chunked on event boundaries for filters.
 //! - `translate`: OpenAI chat completions <-> Anthropic messages, both ways.
+//! - `multipart`: form bodies (audio, images) read and sent on with `model` replaced.
 //! - `ratelimit`: request, token and concurrency limits of keys and models.
 //! - `upstream`: the upstream HTTP client and provider adapters.
 //! - `budget`, `usage`: the two hooks a deployment plugs in (budget decisions, usage
@@ -29,6 +30,7 @@ pub mod error;
 pub mod guardrails;
 pub mod health;
 pub mod http;
+pub mod multipart;
 pub mod openai;
 pub mod ratelimit;
 pub mod resources;

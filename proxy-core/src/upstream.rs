@@ -41,13 +41,19 @@ pub struct Target<'a> {
 pub struct Outgoing {
     /// The path under the provider key's `api_base`, e.g. `/v1/messages`.
     pub path: &'static str,
-    pub body: Bytes,
-    pub content_type: HeaderValue,
+    pub payload: Payload,
     /// The answer is relayed as a stream rather than read whole.
     pub stream: bool,
     /// Caller headers passed on (`anthropic-version`, `anthropic-beta` for a native
     /// Anthropic upstream).
     pub headers: HeaderMap,
+}
+
+/// An upstream request body.
+pub enum Payload {
+    Json(Bytes),
+    /// A form, built for this one attempt (reqwest streams it).
+    Form(reqwest::multipart::Form),
 }
 
 /// A successful upstream answer, ready to send back.
@@ -87,9 +93,13 @@ impl Upstream {
             .client
             .post(url)
             .headers(outgoing.headers)
-            .header(header::CONTENT_TYPE, outgoing.content_type)
-            .header("x-aisix-request-id", request_id)
-            .body(outgoing.body);
+            .header("x-aisix-request-id", request_id);
+        let request = match outgoing.payload {
+            Payload::Json(body) => request
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(body),
+            Payload::Form(form) => request.multipart(form),
+        };
         let request = with_credential(request, target.provider_key);
         let stream = outgoing.stream;
         let started = tokio::time::Instant::now();

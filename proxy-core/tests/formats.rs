@@ -747,5 +747,74 @@ async fn passthrough_forwards_with_the_gateway_credential() {
         ),
         400
     );
-    assert_eq!(h.mock.requests().len(), before, "refused before the upstream");
+    assert_eq!(
+        h.mock.requests().len(),
+        before,
+        "refused before the upstream"
+    );
+}
+
+#[tokio::test]
+async fn forms_are_routed_by_their_model_field_and_sent_on_intact() {
+    let h = harness(ProxyOptions::default()).await;
+    let form = || {
+        reqwest::multipart::Form::new()
+            .text("model", "gpt")
+            .text("language", "en")
+            .part(
+                "file",
+                reqwest::multipart::Part::bytes(b"RIFF-fake-wave".to_vec())
+                    .file_name("hello.wav")
+                    .mime_str("audio/wav")
+                    .unwrap(),
+            )
+    };
+    let r = h
+        .client
+        .post(format!("{}/v1/audio/transcriptions", h.url))
+        .bearer_auth(CALLER)
+        .multipart(form())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"text": "Hello from the mock provider."})
+    );
+    let seen = h.mock.requests().pop().unwrap();
+    assert_eq!(seen.path, "/v1/audio/transcriptions");
+    assert!(seen.headers["content-type"].starts_with("multipart/form-data; boundary="));
+    for part in [
+        "name=\"model\"\r\n\r\nup-gpt\r\n",
+        "name=\"language\"\r\n\r\nen\r\n",
+        "filename=\"hello.wav\"",
+        "Content-Type: audio/wav\r\n\r\nRIFF-fake-wave\r\n",
+    ] {
+        assert!(seen.body.contains(part), "{part:?} in {}", seen.body);
+    }
+    assert!(!seen.body.contains("name=\"model\"\r\n\r\ngpt\r\n"));
+
+    // A form naming a model the key may not use, and a form without a model.
+    let r = h
+        .client
+        .post(format!("{}/v1/audio/transcriptions", h.url))
+        .bearer_auth("narrow-key")
+        .multipart(form())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = h
+        .client
+        .post(format!("{}/v1/audio/translations", h.url))
+        .bearer_auth(CALLER)
+        .multipart(reqwest::multipart::Form::new().text("language", "en"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        status_and_body(r).await,
+        (400, r#"{"error":{"message":"missing required parameter 'model'","type":"invalid_request_error","param":"model"}}"#.into())
+    );
 }

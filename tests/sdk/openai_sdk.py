@@ -143,6 +143,8 @@ image = client.images.generate(model="gpt-4o-mini", prompt="a fox", n=1)
 check(image.data[0].b64_json == "bW9jaw==", "images")
 speech = client.audio.speech.create(model="gpt-4o-mini", voice="alloy", input="hi")
 check(speech.content == b"MOCK-AUDIO:hi", "audio speech")
+transcript = client.audio.transcriptions.create(model="gpt-4o-mini", file=("hello.wav", b"RIFF-fake", "audio/wav"))
+check(transcript.text == EXPECTED, f"audio transcription {transcript.text!r}")
 expect_error(openai.APIStatusError, 501, "not_implemented",
              lambda: client.embeddings.create(model="claude", input="a"))
 

@@ -91,7 +91,9 @@ api_keys:
     .unwrap();
     let (_agent, url) = start_agent(&config).await;
 
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk").join(script);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("sdk")
+        .join(script);
     let mut sdk = Process::start(
         Path::new(&python),
         &[script.to_str().unwrap()],

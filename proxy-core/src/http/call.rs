@@ -21,6 +21,7 @@ use crate::budget::Verdict;
 use crate::cache::{CacheKey, ResponseCache};
 use crate::error::{Envelope, ProxyError};
 use crate::guardrails::{self, Stage, StreamGuard};
+use crate::multipart::{self, Form};
 use crate::openai::RequestBody;
 use crate::ratelimit::{self, Lease, Scope};
 use crate::resources::{ApiKey, Guardrail, Model, ModelTarget, RateLimit};
@@ -84,7 +85,18 @@ async fn handle(
     let snapshot = state.0.store.load();
     let caller = authenticate(&snapshot, headers, endpoint.envelope())?;
     let bytes = read_body(body, headers, state.0.options.body_limit).await?;
-    let request = RequestBody::parse(&bytes)?;
+    // A form (audio, images) is routed by its text fields and sent on as a form.
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let (form, fields) = if multipart::is_form(content_type) && !endpoint.has_messages() {
+        let form = Form::parse(bytes.clone(), content_type.unwrap_or_default()).await?;
+        let fields = Bytes::from(form.text_fields_json());
+        (Some(form), fields)
+    } else {
+        (None, bytes.clone())
+    };
+    let request = RequestBody::parse(&fields)?;
     if endpoint.has_messages() {
         request.require_array("messages")?;
     }
@@ -173,7 +185,13 @@ async fn handle(
         let mut attempt_number = 0;
         loop {
             attempt_number += 1;
-            let sent = attempt(state, &snapshot, candidate, call, &request, &bytes, headers).await;
+            let body = Sent {
+                request: &request,
+                raw: &bytes,
+                form: form.as_ref(),
+                headers,
+            };
+            let sent = attempt(state, &snapshot, candidate, call, &body).await;
             let error = match sent {
                 Ok((answer, conversion)) => {
                     health.success(&candidate.name);
@@ -298,15 +316,21 @@ fn provider_of(snapshot: &Snapshot, model: &Model) -> String {
     }
 }
 
+/// What the caller sent, as read.
+struct Sent<'a> {
+    request: &'a RequestBody<'a>,
+    raw: &'a [u8],
+    form: Option<&'a Form>,
+    headers: &'a HeaderMap,
+}
+
 /// Sends the call to one direct model: the request as its adapter wants it.
 async fn attempt(
     state: &ProxyState,
     snapshot: &Snapshot,
     model: &Arc<Model>,
     call: &Call<'_>,
-    request: &RequestBody<'_>,
-    raw: &[u8],
-    headers: &HeaderMap,
+    body: &Sent<'_>,
 ) -> Result<(Answer, Conversion), ProxyError> {
     let unavailable = || {
         ProxyError::ProviderUnavailable(format!(
@@ -322,10 +346,11 @@ async fn attempt(
         .ok_or_else(unavailable)?;
     let prepared = call.endpoint.prepare(
         &provider_key.adapter,
-        request,
-        raw,
+        body.request,
+        body.raw,
+        body.form,
         &direct.model_name,
-        headers,
+        body.headers,
     )?;
     let target = Target {
         model,

@@ -14,10 +14,11 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 
 use crate::error::{Envelope, ProxyError};
+use crate::multipart::Form;
 use crate::openai::RequestBody;
 use crate::resources::Adapter;
 use crate::translate::{self, Conversion};
-use crate::upstream::{ANTHROPIC_VERSION, Outgoing};
+use crate::upstream::{ANTHROPIC_VERSION, Outgoing, Payload};
 
 const CHAT: &str = "/v1/chat/completions";
 const MESSAGES: &str = "/v1/messages";
@@ -95,10 +96,10 @@ impl Endpoint {
         adapter: &Adapter,
         request: &RequestBody<'_>,
         raw: &[u8],
+        form: Option<&Form>,
         upstream_model: &str,
         caller_headers: &HeaderMap,
     ) -> Result<Prepared, ProxyError> {
-        let json = || HeaderValue::from_static("application/json");
         let (path, body, conversion, headers) = match (self, adapter) {
             (_, Adapter::Other(name)) => {
                 return Err(ProxyError::NotImplemented(format!(
@@ -129,6 +130,18 @@ impl Endpoint {
                 Conversion::None,
                 anthropic_headers(Some(caller_headers)),
             ),
+            (Endpoint::Forward(path), Adapter::OpenAi) if form.is_some() => {
+                let form = form.map(|f| f.with_model(upstream_model)).transpose()?;
+                return Ok(Prepared {
+                    outgoing: Outgoing {
+                        path,
+                        payload: form.map_or(Payload::Json(Bytes::new()), Payload::Form),
+                        stream: request.stream,
+                        headers: HeaderMap::new(),
+                    },
+                    conversion: Conversion::None,
+                });
+            }
             (Endpoint::Forward(path), Adapter::OpenAi) => {
                 let body = if self.asks_stream_usage() {
                     request.upstream_body(upstream_model)
@@ -151,8 +164,7 @@ impl Endpoint {
         Ok(Prepared {
             outgoing: Outgoing {
                 path,
-                body: Bytes::from(body),
-                content_type: json(),
+                payload: Payload::Json(Bytes::from(body)),
                 stream: request.stream,
                 headers,
             },
