@@ -48,6 +48,8 @@ pub struct RoutingState {
 
 /// What one request will try.
 pub struct Plan<'s> {
+    /// The alias being served.
+    pub model: &'s str,
     pub candidates: Vec<&'s Arc<Model>>,
     pub retries: u32,
     pub retry_on_429: bool,
@@ -118,6 +120,7 @@ impl RoutingState {
         let routing = match &model.target {
             ModelTarget::Direct(_) => {
                 return Ok(Plan {
+                    model: &model.name,
                     candidates: vec![model],
                     retries: model.retries,
                     retry_on_429: false,
@@ -181,6 +184,7 @@ impl RoutingState {
             candidates.truncate(1 + max as usize);
         }
         Ok(Plan {
+            model: &model.name,
             candidates,
             retries: routing.retries,
             retry_on_429: routing.retry_on_429,
@@ -437,6 +441,7 @@ mod tests {
     #[test]
     fn what_follows_a_failure() {
         let plan = Plan {
+            model: "m",
             candidates: Vec::new(),
             retries: 2,
             retry_on_429: false,

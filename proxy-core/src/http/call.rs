@@ -25,7 +25,7 @@ use crate::multipart::{self, Form};
 use crate::openai::RequestBody;
 use crate::ratelimit::{self, Lease, Scope};
 use crate::resources::{ApiKey, Guardrail, Model, ModelTarget, RateLimit};
-use crate::routing::Next;
+use crate::routing::{Next, Plan};
 use crate::snapshot::Snapshot;
 use crate::sse::{self, Filtered};
 use crate::translate::Conversion;
@@ -179,43 +179,63 @@ async fn handle(
         return Ok(response);
     }
     let plan = state.0.routing.plan(&snapshot, model)?;
+    let sent = Sent {
+        request: &request,
+        raw: &bytes,
+        form: form.as_ref(),
+        headers,
+    };
+    let (answer, conversion, served_by) = match dispatch(state, &snapshot, &plan, call, &sent).await
+    {
+        Ok(dispatched) => dispatched,
+        Err((error, tried)) => {
+            if let Some(pending) = tried.and_then(|t| usage(t, error.class().status)) {
+                pending.finish(Tokens::default(), None);
+            }
+            return Err(error);
+        }
+    };
+    let pending = usage(served_by, answer.status);
+    let output = Output {
+        guardrails: guards.output,
+        request_id,
+        envelope: endpoint.envelope(),
+        conversion,
+        cache,
+        strip_usage: endpoint.asks_stream_usage() && request.stream && !request.include_usage(),
+    };
+    let mut response = respond(answer, &served_by.name, request.stream, pending, output).await;
+    response.headers_mut().extend(quota_headers);
+    if cache.is_some() && response.status().is_success() {
+        response
+            .headers_mut()
+            .insert(CACHE_STATUS, HeaderValue::from_static("miss"));
+    }
+    Ok(response)
+}
+
+/// Tries the plan's candidates in turn (retries with backoff, failover, cooldowns,
+/// health) until one answers. Otherwise: the failure to report, and the target it came
+/// from (`None` when no target was tried).
+async fn dispatch<'s>(
+    state: &ProxyState,
+    snapshot: &'s Snapshot,
+    plan: &Plan<'s>,
+    call: &Call<'_>,
+    sent: &Sent<'_>,
+) -> Result<(Answer, Conversion, &'s Arc<Model>), (ProxyError, Option<&'s Arc<Model>>)> {
+    let request_id = call.request_id;
     let health = &state.0.health;
     let mut last_failure = None;
     'candidates: for candidate in plan.candidates.iter().copied() {
         let mut attempt_number = 0;
         loop {
             attempt_number += 1;
-            let body = Sent {
-                request: &request,
-                raw: &bytes,
-                form: form.as_ref(),
-                headers,
-            };
-            let sent = attempt(state, &snapshot, candidate, call, &body).await;
-            let error = match sent {
+            let error = match attempt(state, snapshot, candidate, call, sent).await {
                 Ok((answer, conversion)) => {
                     health.success(&candidate.name);
                     state.0.routing.recovered(&candidate.name);
-                    let pending = usage(candidate, answer.status);
-                    let output = Output {
-                        guardrails: guards.output,
-                        request_id: call.request_id,
-                        envelope: endpoint.envelope(),
-                        conversion,
-                        cache,
-                        strip_usage: endpoint.asks_stream_usage()
-                            && request.stream
-                            && !request.include_usage(),
-                    };
-                    let mut response =
-                        respond(answer, &candidate.name, request.stream, pending, output).await;
-                    response.headers_mut().extend(quota_headers);
-                    if cache.is_some() && response.status().is_success() {
-                        response
-                            .headers_mut()
-                            .insert(CACHE_STATUS, HeaderValue::from_static("miss"));
-                    }
-                    return Ok(response);
+                    return Ok((answer, conversion, candidate));
                 }
                 Err(error) => error,
             };
@@ -249,16 +269,16 @@ async fn handle(
             }
         }
     }
-    let Some((error, candidate)) = last_failure else {
-        return Err(ProxyError::ProviderUnavailable(format!(
-            "model '{}' has no available target",
-            model.name
-        )));
-    };
-    if let Some(pending) = usage(candidate, error.class().status) {
-        pending.finish(Tokens::default(), None);
-    }
-    Err(error)
+    Err(match last_failure {
+        Some((error, candidate)) => (error, Some(candidate)),
+        None => (
+            ProxyError::ProviderUnavailable(format!(
+                "model '{}' has no available target",
+                plan.model
+            )),
+            None,
+        ),
+    })
 }
 
 /// Counts the request against the caller key's and the model's rate limits.
