@@ -42,6 +42,10 @@ pub enum ProxyError {
         detail: String,
         retry_after: Option<u64>,
     },
+    /// The provider could not be reached at all (connection refused, DNS, TLS): the
+    /// adapter cannot complete the request. `detail` is for logs only.
+    #[error("the upstream provider of model '{model}' cannot be reached")]
+    ProviderUnreachable { model: String, detail: String },
     /// Every routing candidate is cooling down and the model says `fail`.
     #[error("every target of model '{model}' is cooling down after failures")]
     AllCandidatesUnavailable { model: String, retry_after: u64 },
@@ -122,6 +126,11 @@ impl ProxyError {
             ),
             ProxyError::UpstreamRejected { status, .. } => (*status, "upstream_error", false),
             ProxyError::UpstreamFailed { .. } => (StatusCode::BAD_GATEWAY, "upstream_error", true),
+            ProxyError::ProviderUnreachable { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "provider_unavailable",
+                true,
+            ),
             ProxyError::AllCandidatesUnavailable { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "all_candidates_unavailable",
@@ -437,6 +446,19 @@ mod tests {
                 ProxyError::ProviderUnavailable("y".into()),
                 503,
                 r#"{"error":{"message":"y","type":"provider_unavailable"}}"#,
+            ),
+            (
+                ProxyError::ProviderUnreachable {
+                    model: "gpt".into(),
+                    detail: "connection refused to 10.0.0.1".into(),
+                },
+                503,
+                r#"{"error":{"message":"the upstream provider of model 'gpt' cannot be reached","type":"provider_unavailable"}}"#,
+            ),
+            (
+                ProxyError::NotFound("provider 'x' is not configured".into()),
+                404,
+                r#"{"error":{"message":"provider 'x' is not configured","type":"invalid_request_error"}}"#,
             ),
             (
                 ProxyError::RateLimited {

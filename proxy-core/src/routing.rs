@@ -71,7 +71,9 @@ impl Plan<'_> {
     /// The decision after attempt number `attempt` (1 = the first) failed with `error`.
     pub fn next(&self, error: &ProxyError, attempt: u32) -> Next {
         let (retryable, fallback) = match error {
-            ProxyError::UpstreamFailed { .. } | ProxyError::Timeout(_) => (true, false),
+            ProxyError::UpstreamFailed { .. }
+            | ProxyError::ProviderUnreachable { .. }
+            | ProxyError::Timeout(_) => (true, false),
             // This target cannot serve the request at all; another one may.
             ProxyError::NotImplemented(_) | ProxyError::ProviderUnavailable(_) => (false, true),
             ProxyError::UpstreamRejected { status, .. } => {

@@ -233,13 +233,14 @@ async fn read_bounded(response: reqwest::Response, within: Duration) -> Bytes {
 }
 
 fn transport_failure(target: &Target<'_>, e: &reqwest::Error) -> ProxyError {
-    let kind = if e.is_connect() {
-        "connect"
-    } else {
-        "transport"
-    };
+    if e.is_connect() {
+        return ProxyError::ProviderUnreachable {
+            model: target.model.name.to_string(),
+            detail: format!("connect error: {e}"),
+        };
+    }
     ProxyError::UpstreamFailed {
-        detail: format!("{} {kind} error: {e}", target.model.name),
+        detail: format!("{} transport error: {e}", target.model.name),
         retry_after: None,
     }
 }

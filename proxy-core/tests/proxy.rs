@@ -229,8 +229,9 @@ async fn upstream_failures_map_to_gateway_errors() {
     assert!(!r.headers().contains_key("x-aisix-served-by"));
     assert_eq!(status_and_body(r).await, (502, r#"{"error":{"message":"the upstream provider failed to answer","type":"upstream_error"}}"#.into()));
 
+    // Nothing listens: the adapter cannot complete the request.
     let r = h.chat(Some(CALLER), hello("unreachable")).await;
-    assert_eq!(status_and_body(r).await, (502, r#"{"error":{"message":"the upstream provider failed to answer","type":"upstream_error"}}"#.into()));
+    assert_eq!(status_and_body(r).await, (503, r#"{"error":{"message":"the upstream provider of model 'unreachable' cannot be reached","type":"provider_unavailable"}}"#.into()));
 
     h.mock.set_script_for("up-gpt", Script { status: 429, error_body: Some(r#"{"error":{"message":"Rate limit reached","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#.into()), ..Script::default() });
     let r = h.chat(Some(CALLER), hello("gpt")).await;
@@ -725,9 +726,10 @@ async fn all_candidates_cooling_down_is_503_with_retry_after_unless_try_anyway()
 async fn max_fallbacks_bounds_the_targets_tried() {
     let h = harness(ProxyOptions::default()).await;
     let r = h.chat(Some(CALLER), hello("bounded")).await;
+    // The last target tried (unreachable) answers: nothing listens there.
     assert_eq!(
         r.status(),
-        502,
+        503,
         "gpt is the second fallback, beyond max_fallbacks 1"
     );
     assert_eq!(h.tried(), ["up-broken"]);

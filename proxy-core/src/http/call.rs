@@ -241,7 +241,9 @@ async fn dispatch<'s>(
             };
             let upstream_fault = matches!(
                 &error,
-                ProxyError::UpstreamFailed { .. } | ProxyError::Timeout(_)
+                ProxyError::UpstreamFailed { .. }
+                    | ProxyError::ProviderUnreachable { .. }
+                    | ProxyError::Timeout(_)
             ) || matches!(&error, ProxyError::UpstreamRejected { status, .. } if status.as_u16() == 429);
             if upstream_fault {
                 health.failure(&candidate.name);
