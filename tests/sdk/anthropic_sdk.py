@@ -6,39 +6,21 @@ an Anthropic upstream (native), `gpt*` ones by an OpenAI-compatible one (transla
 Exits non-zero on the first failed check.
 """
 
-import os
-
 import anthropic
 
-BASE = os.environ["AISIX_BASE_URL"]
-KEY = os.environ["AISIX_API_KEY"]
-NARROW = os.environ["AISIX_NARROW_KEY"]
-MESSAGES = [{"role": "user", "content": "Say hello."}]
-EXPECTED = "Hello from the mock provider."
+from checks import EXPECTED, KEY, MESSAGES, NARROW, check, passed, raises
+from checks import BASE_URL as BASE
+
 TOOLS = [{"name": "get_weather", "description": "Current weather",
           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
 
-checks = 0
-
-
-def check(condition, what):
-    global checks
-    if not condition:
-        raise SystemExit(f"FAILED: {what}")
-    checks += 1
-
 
 def expect_error(cls, status, kind, call):
-    try:
-        call()
-    except cls as e:
-        check(e.status_code == status, f"{cls.__name__} status {e.status_code} == {status}")
-        check(e.body["type"] == "error", f"{cls.__name__} envelope {e.body}")
-        check(e.body["error"]["type"] == kind, f"{cls.__name__} type {e.body['error']['type']!r} == {kind!r}")
-        check(e.response.headers.get("x-aisix-request-id"), "error carries x-aisix-request-id")
-        return e
-    raise SystemExit(f"FAILED: expected {cls.__name__}")
+    e = raises(cls, status, call)
+    check(e.body["type"] == "error", f"{cls.__name__} envelope {e.body}")
+    check(e.body["error"]["type"] == kind, f"{cls.__name__} type {e.body['error']['type']!r} == {kind!r}")
+    return e
 
 
 client = anthropic.Anthropic(base_url=BASE, api_key=KEY, max_retries=0)
@@ -99,4 +81,4 @@ check("private upstream detail" not in e.response.text, "upstream 5xx body not e
 expect_error(anthropic.APIStatusError, 501, "api_error",
              lambda: client.messages.count_tokens(model="gpt-4o-mini", messages=MESSAGES))
 
-print(f"anthropic-sdk: {checks} checks passed")
+passed("anthropic-sdk")

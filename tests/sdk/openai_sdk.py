@@ -6,35 +6,18 @@ failed check.
 """
 
 import json
-import os
 
 import openai
 
-BASE = os.environ["AISIX_BASE_URL"] + "/v1"
-KEY = os.environ["AISIX_API_KEY"]
-NARROW = os.environ["AISIX_NARROW_KEY"]
-MESSAGES = [{"role": "user", "content": "Say hello."}]
-EXPECTED = "Hello from the mock provider."
+from checks import EXPECTED, KEY, MESSAGES, NARROW, BASE_URL, check, passed, raises
 
-checks = 0
-
-
-def check(condition, what):
-    global checks
-    if not condition:
-        raise SystemExit(f"FAILED: {what}")
-    checks += 1
+BASE = BASE_URL + "/v1"
 
 
 def expect_error(cls, status, kind, call):
-    try:
-        call()
-    except cls as e:
-        check(e.status_code == status, f"{cls.__name__} status {e.status_code} == {status}")
-        check(e.type == kind, f"{cls.__name__} type {e.type!r} == {kind!r}")
-        check(e.response.headers.get("x-aisix-request-id"), "error carries x-aisix-request-id")
-        return
-    raise SystemExit(f"FAILED: expected {cls.__name__}")
+    e = raises(cls, status, call)
+    check(e.type == kind, f"{cls.__name__} type {e.type!r} == {kind!r}")
+    return e
 
 
 client = openai.OpenAI(base_url=BASE, api_key=KEY, max_retries=0)
@@ -148,4 +131,4 @@ check(transcript.text == EXPECTED, f"audio transcription {transcript.text!r}")
 expect_error(openai.APIStatusError, 501, "not_implemented",
              lambda: client.embeddings.create(model="claude", input="a"))
 
-print(f"openai-sdk: {checks} checks passed")
+passed("openai-sdk")

@@ -121,7 +121,7 @@ async fn handle(
         let text = guardrails::request_text(&request, endpoint.has_messages());
         guardrails::scan(&guards.input, &text, Stage::Input, request_id)?;
     }
-    let mut lease = admit(state, caller, model)?;
+    let mut lease = admit(state, caller, Some(model))?;
     if let Some(gate) = &state.0.hooks.budget
         && let Verdict::Deny(denial) = gate.check(&caller.id).await
     {
@@ -284,13 +284,17 @@ async fn dispatch<'s>(
 }
 
 /// Counts the request against the caller key's and the model's rate limits.
-fn admit(state: &ProxyState, caller: &ApiKey, model: &Model) -> Result<Option<Lease>, ProxyError> {
+pub(super) fn admit(
+    state: &ProxyState,
+    caller: &ApiKey,
+    model: Option<&Model>,
+) -> Result<Option<Lease>, ProxyError> {
     let unlimited = RateLimit::default();
     let mut scopes = Vec::new();
     if caller.rate_limit != unlimited {
         scopes.push((Scope::ApiKey(caller.id.clone()), caller.rate_limit.clone()));
     }
-    if model.rate_limit != unlimited {
+    if let Some(model) = model.filter(|m| m.rate_limit != unlimited) {
         scopes.push((Scope::Model(model.name.clone()), model.rate_limit.clone()));
     }
     if scopes.is_empty() {

@@ -21,16 +21,15 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, Method, Uri, header};
 use axum::response::Response;
-use futures_util::TryStreamExt;
+use futures_util::StreamExt;
 use tracing::{debug, warn};
 
 use super::basic::authenticate;
-use super::call::read_body;
+use super::call::{admit, read_body};
 use super::{ProxyState, RequestId};
 use crate::budget::Verdict;
 use crate::error::{Envelope, ProxyError};
-use crate::ratelimit::{self, Scope};
-use crate::resources::{Adapter, ApiKey, ModelTarget, ProviderKey, RateLimit};
+use crate::resources::{Adapter, ApiKey, ModelTarget, ProviderKey};
 use crate::snapshot::Snapshot;
 use crate::upstream::{self, DEFAULT_TIMEOUT};
 
@@ -83,7 +82,9 @@ async fn forward(
     let caller = authenticate(snapshot, headers, Envelope::Anthropic)?;
     let provider_key = resolve(snapshot, caller, provider)?;
     let rest = safe_rest(uri.path(), provider)?;
-    admit(state, caller)?;
+    // Request limits of the caller key (no model to limit); the lease (concurrency)
+    // is held until the body has been relayed.
+    let lease = admit(state, caller, None)?;
     if let Some(gate) = &state.0.hooks.budget
         && let Verdict::Deny(denial) = gate.check(&caller.id).await
     {
@@ -126,7 +127,10 @@ async fn forward(
     if let Some(out) = relayed.headers_mut() {
         *out = forwardable_response(response.headers());
     }
-    let body = Body::from_stream(response.bytes_stream().map_err(std::io::Error::other));
+    let body = Body::from_stream(response.bytes_stream().map(move |chunk| {
+        let _held = &lease;
+        chunk.map_err(std::io::Error::other)
+    }));
     relayed.body(body).map_err(|e| ProxyError::UpstreamFailed {
         detail: format!("passthrough response: {e}"),
         retry_after: None,
@@ -204,23 +208,6 @@ fn safe_rest<'u>(path: &'u str, provider: &str) -> Result<&'u str, ProxyError> {
         ));
     }
     Ok(rest)
-}
-
-/// Request rate limits of the caller key (passthrough has no model to limit).
-fn admit(state: &ProxyState, caller: &ApiKey) -> Result<(), ProxyError> {
-    if caller.rate_limit == RateLimit::default() {
-        return Ok(());
-    }
-    let scopes = vec![(Scope::ApiKey(caller.id.clone()), caller.rate_limit.clone())];
-    state
-        .0
-        .limiter
-        .admit(scopes, ratelimit::unix_ms())
-        .map(drop)
-        .map_err(|refusal| ProxyError::RateLimited {
-            message: refusal.message,
-            retry_after: refusal.retry_after_secs,
-        })
 }
 
 /// Headers that are hop-by-hop (RFC 9110 7.6.1) or listed in `Connection`.

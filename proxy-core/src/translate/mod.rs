@@ -113,6 +113,21 @@ fn plain_text(content: &Value) -> String {
     }
 }
 
+/// An OpenAI tool call (`{id, function: {name, arguments}}`, arguments as JSON text)
+/// as an Anthropic `tool_use` block (`input` an object; `{}` when unreadable).
+fn tool_use_block(call: &Value) -> Value {
+    let arguments = call
+        .pointer("/function/arguments")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let input = serde_json::from_str::<Value>(arguments)
+        .ok()
+        .filter(Value::is_object)
+        .unwrap_or_else(|| serde_json::json!({}));
+    serde_json::json!({"type": "tool_use", "id": call.get("id").cloned().unwrap_or_default(),
+        "name": call.pointer("/function/name").cloned().unwrap_or_default(), "input": input})
+}
+
 /// Anthropic usage: input tokens include the cached ones.
 fn anthropic_input_tokens(usage: &Value) -> u64 {
     [

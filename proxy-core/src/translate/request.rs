@@ -2,7 +2,7 @@
 
 use serde_json::{Map, Value, json};
 
-use super::{DEFAULT_MAX_TOKENS, plain_text};
+use super::{DEFAULT_MAX_TOKENS, plain_text, tool_use_block};
 use crate::error::ProxyError;
 
 type Result<T> = std::result::Result<T, ProxyError>;
@@ -185,19 +185,6 @@ fn openai_part(part: &Value) -> Result<Value> {
             "messages",
         )),
     }
-}
-
-fn tool_use_block(call: &Value) -> Value {
-    let arguments = call
-        .pointer("/function/arguments")
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    let input = serde_json::from_str::<Value>(arguments)
-        .ok()
-        .filter(Value::is_object)
-        .unwrap_or_else(|| json!({}));
-    json!({"type": "tool_use", "id": call.get("id").cloned().unwrap_or_default(),
-        "name": call.pointer("/function/name").cloned().unwrap_or_default(), "input": input})
 }
 
 fn openai_tools(tools: Vec<Value>) -> Result<Vec<Value>> {

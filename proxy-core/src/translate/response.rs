@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use serde_json::{Value, json};
 
-use super::{anthropic_input_tokens, finish_reason, stop_reason, unix_now};
+use super::{anthropic_input_tokens, finish_reason, stop_reason, tool_use_block, unix_now};
 use crate::error::ProxyError;
 
 fn unreadable(what: &str) -> ProxyError {
@@ -88,18 +88,7 @@ pub fn completion_to_message(body: &[u8]) -> Result<Bytes, ProxyError> {
         .into_iter()
         .flatten()
     {
-        let arguments = call
-            .pointer("/function/arguments")
-            .and_then(Value::as_str)
-            .unwrap_or("");
-        let input = serde_json::from_str::<Value>(arguments)
-            .ok()
-            .filter(Value::is_object)
-            .unwrap_or_else(|| json!({}));
-        content.push(
-            json!({"type": "tool_use", "id": call.get("id").cloned().unwrap_or_default(),
-            "name": call.pointer("/function/name").cloned().unwrap_or_default(), "input": input}),
-        );
+        content.push(tool_use_block(call));
     }
     let stop = choice
         .get("finish_reason")
