@@ -107,6 +107,7 @@ api_keys:
     let output = sdk.output();
     assert!(status.success(), "{script:?} failed:\n{output}");
     assert!(output.contains("checks passed"), "{output}");
+    println!("{}", output.trim());
     // The upstream never saw a caller key.
     for request in mock.requests() {
         assert!(
