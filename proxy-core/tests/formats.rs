@@ -13,8 +13,9 @@ mod common;
 
 use cloud_mock::provider::{Script, ToolCall};
 use common::*;
-use proxy_core::http::ProxyOptions;
+use proxy_core::http::{Hooks, ProxyOptions};
 use proxy_core::sse;
+use proxy_core::usage::{UsageEvent, UsageSink};
 use serde_json::{Value, json};
 
 const WEATHER_TOOL: &str = r#"{"city":"Paris","unit":"celsius"}"#;
@@ -816,5 +817,74 @@ async fn forms_are_routed_by_their_model_field_and_sent_on_intact() {
     assert_eq!(
         status_and_body(r).await,
         (400, r#"{"error":{"message":"missing required parameter 'model'","type":"invalid_request_error","param":"model"}}"#.into())
+    );
+}
+
+/// Collects usage events.
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<Vec<UsageEvent>>);
+
+impl UsageSink for Recorder {
+    fn record(&self, event: UsageEvent) {
+        self.0.lock().unwrap().push(event);
+    }
+}
+
+#[tokio::test]
+async fn usage_is_counted_whatever_the_formats() {
+    let recorder = std::sync::Arc::new(Recorder::default());
+    let hooks = Hooks {
+        usage: Some(recorder.clone()),
+        ..Hooks::default()
+    };
+    let h = harness_with(ProxyOptions::default(), hooks).await;
+    for stream in [false, true] {
+        let mut chat = stream_hello("claude");
+        chat["stream"] = json!(stream);
+        let calls = [
+            h.chat(Some(CALLER), chat).await,
+            h.anthropic("/v1/messages", Some(CALLER), messages_hello("gpt", stream))
+                .await,
+            h.anthropic(
+                "/v1/messages",
+                Some(CALLER),
+                messages_hello("claude", stream),
+            )
+            .await,
+        ];
+        for r in calls {
+            assert_eq!(r.status(), 200);
+            r.bytes().await.unwrap();
+        }
+    }
+    // A stream's event is recorded when its body ends, just after the last byte.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while recorder.0.lock().unwrap().len() < 6 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let events = recorder.0.lock().unwrap().clone();
+    let mut seen: Vec<(String, bool, u64, u64)> = events
+        .iter()
+        .map(|e| {
+            (
+                e.model.clone(),
+                e.stream,
+                e.prompt_tokens,
+                e.completion_tokens,
+            )
+        })
+        .collect();
+    seen.sort();
+    let expected = |model: &str, stream| (model.to_owned(), stream, 10, 3);
+    assert_eq!(
+        seen,
+        [
+            expected("claude", false),
+            expected("claude", false),
+            expected("claude", true),
+            expected("claude", true),
+            expected("gpt", false),
+            expected("gpt", true),
+        ]
     );
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use cloud_mock::provider::{MockProvider, Script};
-use proxy_core::http::{ProxyOptions, ProxyState, router, serve};
+use proxy_core::http::{Hooks, ProxyOptions, ProxyState, router, serve};
 use proxy_core::resources::KeyHash;
 use proxy_core::snapshot::{SnapshotStore, Source, SourceEvent};
 use proxy_core::upstream::Upstream;
@@ -37,6 +37,11 @@ pub fn hash(k: &str) -> String {
 }
 
 pub async fn harness(options: ProxyOptions) -> Harness {
+    harness_with(options, Hooks::default()).await
+}
+
+/// The harness with the given budget and usage hooks.
+pub async fn harness_with(options: ProxyOptions, hooks: Hooks) -> Harness {
     let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
         .await
         .unwrap();
@@ -248,7 +253,7 @@ pub async fn harness(options: ProxyOptions) -> Harness {
         options,
         draining.clone(),
         Default::default(),
-        Default::default(),
+        hooks,
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
