@@ -269,6 +269,7 @@ async fn messages_to_openai_upstreams_are_translated() {
     assert_eq!(r.status(), 200);
     assert!(r.headers().contains_key("x-aisix-request-id"));
     assert!(!r.headers().contains_key("x-aisix-call-id"));
+    assert_eq!(r.headers()["x-aisix-served-by"], "gpt");
     let message: Value = r.json().await.unwrap();
     assert_eq!(
         (&message["type"], &message["role"], &message["stop_reason"]),
@@ -597,6 +598,7 @@ async fn openai_routes_are_forwarded_with_the_model_rewritten() {
         assert_eq!(r.status(), 200, "{path}");
         assert!(r.headers().contains_key("x-aisix-request-id"), "{path}");
         assert!(!r.headers().contains_key("x-aisix-call-id"), "{path}");
+        assert_eq!(r.headers()["x-aisix-served-by"], "gpt", "{path}");
         let answer: Value = r.json().await.unwrap();
         assert!(
             answer[field].as_array().is_some_and(|a| !a.is_empty()),
@@ -753,6 +755,24 @@ async fn passthrough_forwards_with_the_gateway_credential() {
         before,
         "refused before the upstream"
     );
+    // Gateway refusals speak the provider family's envelope.
+    let refused: Value = get("/passthrough/anthropic/v1/models", "narrow-key")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (&refused["type"], &refused["error"]["type"]),
+        (&json!("error"), &json!("permission_error"))
+    );
+    let refused: Value = get("/passthrough/openai/v1/models", "wrong")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(refused["error"]["type"], "invalid_api_key");
 }
 
 #[tokio::test]
@@ -887,4 +907,21 @@ async fn usage_is_counted_whatever_the_formats() {
             expected("gpt", true),
         ]
     );
+}
+
+#[tokio::test]
+async fn rate_limit_headers_come_with_messages_too() {
+    let h = harness(ProxyOptions::default()).await;
+    let r = h
+        .anthropic(
+            "/v1/messages",
+            Some("limited-key"),
+            messages_hello("claude", false),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-aisix-served-by"], "claude");
+    assert_eq!(r.headers()["x-ratelimit-limit-requests"], "2");
+    assert_eq!(r.headers()["x-ratelimit-limit-tokens"], "100");
+    assert!(r.headers().contains_key("x-ratelimit-remaining-requests"));
 }

@@ -100,7 +100,8 @@ impl Endpoint {
         upstream_model: &str,
         caller_headers: &HeaderMap,
     ) -> Result<Prepared, ProxyError> {
-        let (path, body, conversion, headers) = match (self, adapter) {
+        let json = |body: Vec<u8>| Payload::Json(Bytes::from(body));
+        let (path, payload, conversion, headers) = match (self, adapter) {
             (_, Adapter::Other(name)) => {
                 return Err(ProxyError::NotImplemented(format!(
                     "provider adapter '{name}' is not available in this build"
@@ -108,47 +109,35 @@ impl Endpoint {
             }
             (Endpoint::ChatCompletions, Adapter::OpenAi) => (
                 CHAT,
-                request.upstream_body(upstream_model),
+                json(request.upstream_body(upstream_model)),
                 Conversion::None,
                 HeaderMap::new(),
             ),
             (Endpoint::ChatCompletions, Adapter::Anthropic) => (
                 MESSAGES,
-                translate::chat_to_messages(raw, upstream_model)?,
+                json(translate::chat_to_messages(raw, upstream_model)?),
                 Conversion::AnthropicToOpenAi,
                 anthropic_headers(None),
             ),
             (Endpoint::Messages, Adapter::OpenAi) => (
                 CHAT,
-                translate::messages_to_chat(raw, upstream_model)?,
+                json(translate::messages_to_chat(raw, upstream_model)?),
                 Conversion::OpenAiToAnthropic,
                 HeaderMap::new(),
             ),
             (Endpoint::Messages | Endpoint::CountTokens, Adapter::Anthropic) => (
                 self.path(),
-                request.with_model(upstream_model),
+                json(request.with_model(upstream_model)),
                 Conversion::None,
                 anthropic_headers(Some(caller_headers)),
             ),
-            (Endpoint::Forward(path), Adapter::OpenAi) if form.is_some() => {
-                let form = form.map(|f| f.with_model(upstream_model)).transpose()?;
-                return Ok(Prepared {
-                    outgoing: Outgoing {
-                        path,
-                        payload: form.map_or(Payload::Json(Bytes::new()), Payload::Form),
-                        stream: request.stream,
-                        headers: HeaderMap::new(),
-                    },
-                    conversion: Conversion::None,
-                });
-            }
             (Endpoint::Forward(path), Adapter::OpenAi) => {
-                let body = if self.asks_stream_usage() {
-                    request.upstream_body(upstream_model)
-                } else {
-                    request.with_model(upstream_model)
+                let payload = match form {
+                    Some(form) => Payload::Form(form.with_model(upstream_model)?),
+                    None if self.asks_stream_usage() => json(request.upstream_body(upstream_model)),
+                    None => json(request.with_model(upstream_model)),
                 };
-                (path, body, Conversion::None, HeaderMap::new())
+                (path, payload, Conversion::None, HeaderMap::new())
             }
             (
                 Endpoint::CountTokens | Endpoint::Forward(_),
@@ -164,7 +153,7 @@ impl Endpoint {
         Ok(Prepared {
             outgoing: Outgoing {
                 path,
-                payload: Payload::Json(Bytes::from(body)),
+                payload,
                 stream: request.stream,
                 headers,
             },

@@ -144,9 +144,14 @@ fn provider_keys_named<'s>(
     snapshot.models().filter_map(move |m| match &m.target {
         ModelTarget::Direct(d) => snapshot
             .provider_key(&d.provider_key_id)
-            .filter(|pk| pk.provider == name || pk.display_name == name),
+            .filter(|pk| named(pk, name)),
         ModelTarget::Routing(_) => None,
     })
+}
+
+/// Whether `{provider}` names this key: its provider or its display name.
+fn named(pk: &ProviderKey, name: &str) -> bool {
+    pk.provider == name || pk.display_name == name
 }
 
 /// The provider key behind the first model (by alias) the caller may use whose key
@@ -164,7 +169,7 @@ fn resolve<'s>(
         };
         let Some(pk) = snapshot
             .provider_key(&direct.provider_key_id)
-            .filter(|pk| pk.provider == name || pk.display_name == name)
+            .filter(|pk| named(pk, name))
         else {
             continue;
         };
