@@ -311,8 +311,7 @@ pub struct ObservabilitySection {
     pub log_level: String,
     pub log_format: LogFormat,
     pub access_log: bool,
-    /// Accepted, not implemented yet: reported as ignored.
-    metrics: Option<Value>,
+    pub metrics: MetricsSection,
 }
 
 impl Default for ObservabilitySection {
@@ -321,7 +320,34 @@ impl Default for ObservabilitySection {
             log_level: "info".to_owned(),
             log_format: LogFormat::Text,
             access_log: true,
-            metrics: None,
+            metrics: MetricsSection::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    pub prometheus: PrometheusSection,
+}
+
+/// `observability.metrics.prometheus`: the metrics and status listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrometheusSection {
+    pub enabled: bool,
+    /// Where the metrics are served; `/status/config` and `/status/ready` are on the
+    /// same listener.
+    pub path: String,
+    pub addr: SocketAddr,
+}
+
+impl Default for PrometheusSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: "/metrics".to_owned(),
+            addr: SocketAddr::from(([0, 0, 0, 0], 9090)),
         }
     }
 }
@@ -464,6 +490,15 @@ impl Config {
                 ));
             }
         }
+        let metrics_path = &self.observability.metrics.prometheus.path;
+        if !metrics_path.starts_with('/') || metrics_path.starts_with("/status/") {
+            return Err((
+                "observability.metrics.prometheus.path",
+                format!(
+                    "'{metrics_path}' must start with '/' and not be under /status/ (the status endpoints live there)"
+                ),
+            ));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.observability.log_level).map_err(|e| {
             (
                 "observability.log_level",
@@ -500,9 +535,6 @@ impl Config {
         }
         if self.managed.as_ref().is_some_and(|m| !m.enabled) {
             out.push("managed (enabled is false)".to_owned());
-        }
-        if self.observability.metrics.is_some() {
-            out.push("observability.metrics".to_owned());
         }
         out
     }
@@ -736,7 +768,32 @@ mod tests {
         assert_eq!(c.proxy.addr.to_string(), "0.0.0.0:3000");
         assert_eq!(c.proxy.request_body_limit_bytes, 0);
         assert_eq!(c.shutdown.min_drain_secs, 5);
-        assert_eq!(c.ignored, ["ratelimit", "observability.metrics"]);
+        assert_eq!(c.ignored, ["ratelimit"]);
+        let prometheus = &c.observability.metrics.prometheus;
+        assert!(prometheus.enabled);
+        assert_eq!(
+            (
+                prometheus.addr.to_string().as_str(),
+                prometheus.path.as_str()
+            ),
+            ("0.0.0.0:9090", "/metrics")
+        );
+        let e = parse(
+            "resources_file: r.yaml\nobservability:\n  metrics: {prometheus: {path: /status/x}}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("observability.metrics.prometheus.path: '/status/x'"),
+            "{e}"
+        );
+        let e = parse("resources_file: r.yaml\nobservability:\n  metrics: {statsd: {}}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("observability.metrics: unknown field `statsd`"),
+            "{e}"
+        );
         assert!(c.cache.options().is_none(), "the cache is off by default");
         let c = parse("resources_file: r.yaml\ncache: {enabled: true, ttl_secs: 30}\n").unwrap();
         let cache = c.cache.options().unwrap();
@@ -926,10 +983,23 @@ mod tests {
                 "1024".to_owned(),
             ),
             ("AISIX_API_KEY".to_owned(), "not an override".to_owned()),
+            (
+                "AISIX_OBSERVABILITY__METRICS__PROMETHEUS__ADDR".to_owned(),
+                "127.0.0.1:9191".to_owned(),
+            ),
+            (
+                "AISIX_OBSERVABILITY__LOG_FORMAT".to_owned(),
+                "json".to_owned(),
+            ),
         ];
         let c = Config::parse(Path::new("c.yaml"), "resources_file: r.yaml\n", env).unwrap();
         assert_eq!(c.proxy.addr.to_string(), "127.0.0.1:9999");
         assert_eq!(c.proxy.request_body_limit_bytes, 1024);
+        assert_eq!(
+            c.observability.metrics.prometheus.addr.to_string(),
+            "127.0.0.1:9191"
+        );
+        assert_eq!(c.observability.log_format, LogFormat::Json);
         let env = vec![("AISIX_PROXY__NOPE".to_owned(), "1".to_owned())];
         let e = Config::parse(Path::new("c.yaml"), "resources_file: r.yaml\n", env)
             .unwrap_err()

@@ -14,6 +14,7 @@
 //!   watcher; `backoff`: retry pacing; `cache`: the sled last-good snapshot.
 //! - `managed`: managed mode (bundle, mTLS client, heartbeats) over the same watcher.
 //! - `admin`: the self-hosted admin listener.
+//! - `status`: the metrics and status listener.
 //! - `logging`: tracing setup (text or JSON).
 
 pub mod admin;
@@ -24,6 +25,7 @@ pub mod etcd;
 pub mod logging;
 pub mod managed;
 pub mod resources_file;
+pub mod status;
 pub mod watch;
 
 use std::path::PathBuf;
@@ -31,7 +33,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use proxy_core::health::ModelHealth;
 use proxy_core::http::{Hooks, ProxyOptions, ProxyState, router, serve};
+use proxy_core::metrics::Metrics;
 use proxy_core::snapshot::{SnapshotStore, Source, SourceEvent};
 use proxy_core::upstream::Upstream;
 use tokio::net::TcpListener;
@@ -90,6 +94,18 @@ pub struct Prepared {
     pub proxy_listener: TcpListener,
     /// Self-hosted mode's admin listener, when an `admin` section is configured.
     pub admin_listener: Option<TcpListener>,
+    /// The metrics and status listener, unless disabled.
+    pub metrics_listener: Option<TcpListener>,
+}
+
+/// What the proxy, the background tasks and the listeners share.
+#[derive(Clone)]
+pub struct Shared {
+    pub store: Arc<SnapshotStore>,
+    pub health: Arc<ModelHealth>,
+    /// The configuration watch's state (unused in file mode).
+    pub watch: Arc<WatchStatus>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Prepares the configuration source before any port is bound, so a broken resources
@@ -174,6 +190,7 @@ pub async fn run(prepared: Prepared, controls: Controls) -> anyhow::Result<()> {
         source,
         proxy_listener,
         admin_listener,
+        metrics_listener,
     } = prepared;
     for section in &config.ignored {
         warn!(
@@ -181,21 +198,30 @@ pub async fn run(prepared: Prepared, controls: Controls) -> anyhow::Result<()> {
             "config section is not implemented by this build; ignored"
         );
     }
-    let store = Arc::new(SnapshotStore::new(source.prefix(&config)));
+    let shared = Shared {
+        store: Arc::new(SnapshotStore::new(source.prefix(&config))),
+        health: Arc::default(),
+        watch: Arc::default(),
+        metrics: Arc::default(),
+    };
+    let store = &shared.store;
     let background = CancellationToken::new();
     let workers = TaskTracker::new();
     let mut generation = 1;
-    let health = Arc::new(proxy_core::health::ModelHealth::default());
-    let mut hooks = Hooks::default();
-    let etcd = match source {
+    let mut hooks = Hooks {
+        metrics: shared.metrics.clone(),
+        ..Hooks::default()
+    };
+    let mut managed_status = None;
+    let (etcd, source_kind) = match source {
         PreparedSource::File(resources) => {
-            apply_file(&store, resources, generation);
-            None
+            apply_file(store, resources, generation);
+            (None, Source::File)
         }
         PreparedSource::Etcd { client, cache } => {
             if let Some(cache) = cache {
                 let cache = Arc::new(cache);
-                cache::restore_into(&cache, &store);
+                cache::restore_into(&cache, store);
                 workers.spawn(cache::run_writer(cache, store.clone(), background.clone()));
             } else {
                 info!("etcd.cache_dir is not set: nothing is served until etcd answers");
@@ -207,20 +233,17 @@ pub async fn run(prepared: Prepared, controls: Controls) -> anyhow::Result<()> {
                 source: Source::Etcd,
                 backoff: BackoffPolicy::default(),
                 idle_timeout: INITIAL_WATCH_IDLE,
-                status: Arc::new(WatchStatus::default()),
+                status: shared.watch.clone(),
             };
             workers.spawn(watcher.run(background.clone()));
-            Some(client)
+            (Some(client), Source::Etcd)
         }
         PreparedSource::Managed(managed) => {
-            hooks = managed.start(
-                &store,
-                health.clone(),
-                &workers,
-                &background,
-                INITIAL_WATCH_IDLE,
-            );
-            None
+            let (managed_hooks, status) =
+                managed.start(&shared, &workers, &background, INITIAL_WATCH_IDLE);
+            hooks = managed_hooks;
+            managed_status = Some(status);
+            (None, Source::ControlPlane)
         }
     };
 
@@ -242,7 +265,7 @@ pub async fn run(prepared: Prepared, controls: Controls) -> anyhow::Result<()> {
         Upstream::new()?,
         options,
         draining.clone(),
-        health.clone(),
+        shared.health.clone(),
         hooks,
     );
     let servers = TaskTracker::new();
@@ -257,7 +280,7 @@ pub async fn run(prepared: Prepared, controls: Controls) -> anyhow::Result<()> {
     if let (Some(listener), Some(client), Some(section)) = (admin_listener, etcd, &config.admin) {
         let admin = admin::Admin::new(
             store.clone(),
-            health,
+            shared.health.clone(),
             client,
             &section.admin_keys,
             draining.clone(),
@@ -272,6 +295,25 @@ pub async fn run(prepared: Prepared, controls: Controls) -> anyhow::Result<()> {
         info!(addr = %addr, "admin listener ready");
     }
 
+    if let Some(listener) = metrics_listener {
+        let status = status::Status {
+            shared: shared.clone(),
+            source: source_kind,
+            managed: managed_status,
+            draining: draining.clone(),
+            ignored: config.ignored.clone(),
+        };
+        let path = &config.observability.metrics.prometheus.path;
+        let addr = listener.local_addr()?;
+        servers.spawn(serve_logged(
+            "metrics",
+            listener,
+            status::router(Arc::new(status), path),
+            stop.clone(),
+        ));
+        info!(addr = %addr, path, "metrics listener ready");
+    }
+
     let path = resources_path(&config);
     loop {
         tokio::select! {
@@ -282,7 +324,7 @@ pub async fn run(prepared: Prepared, controls: Controls) -> anyhow::Result<()> {
                 }
                 generation += 1;
                 match ResourcesFile::load(&path, PREFIX) {
-                    Ok(file) => apply_file(&store, file, generation),
+                    Ok(file) => apply_file(store, file, generation),
                     Err(e) => error!(error = %e, "resources file not reloaded; the last good snapshot keeps serving"),
                 }
             }

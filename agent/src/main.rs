@@ -97,12 +97,28 @@ fn serve(config: Config) -> anyhow::Result<ExitCode> {
             ),
             _ => None,
         };
+        let prometheus = &config.observability.metrics.prometheus;
+        let metrics_listener = if prometheus.enabled {
+            Some(
+                tokio::net::TcpListener::bind(prometheus.addr)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "observability.metrics.prometheus.addr: cannot listen on {}",
+                            prometheus.addr
+                        )
+                    })?,
+            )
+        } else {
+            None
+        };
         let controls = Controls::default();
         let prepared = Prepared {
             config,
             source,
             proxy_listener,
             admin_listener,
+            metrics_listener,
         };
         tokio::select! {
             result = agent::run(prepared, controls.clone()) => result,

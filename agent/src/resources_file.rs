@@ -1,6 +1,6 @@
 //! File mode: resources from one YAML document, reloaded on SIGHUP.
 //!
-//! The document has lists `provider_keys`, `models` and `api_keys`; each entry is a
+//! The document has lists `provider_keys`, `models`, `api_keys` and `guardrails`; each entry is a
 //! resource document plus its `id`. A file that cannot be read or parsed is rejected
 //! whole (the last good snapshot keeps serving); a bad entry is reported and skipped,
 //! and a bad resource is rejected alone by the snapshot builder.
@@ -59,7 +59,7 @@ impl ResourcesFile {
             Value::Mapping(m) => m,
             _ => {
                 return Err(shape(
-                    "the document must be a mapping with lists provider_keys, models, api_keys"
+                    "the document must be a mapping with lists provider_keys, models, api_keys, guardrails"
                         .to_owned(),
                 ));
             }
@@ -70,7 +70,7 @@ impl ResourcesFile {
                 return Err(shape("top-level keys must be strings".to_owned()));
             };
             let Some(kind) = Kind::parse(name) else {
-                out.problems.push(format!("{name}: unknown resource list (expected provider_keys, models or api_keys); ignored"));
+                out.problems.push(format!("{name}: unknown resource list (expected provider_keys, models, api_keys or guardrails); ignored"));
                 continue;
             };
             let items = match list {
@@ -158,7 +158,7 @@ mod tests {
                 "models[2].id: duplicate id 'x' (first used by models[1]); skipped",
                 "models[3]: must be a mapping",
                 "models[4].id: must be a non-empty string without '/'",
-                "widgets: unknown resource list (expected provider_keys, models or api_keys); ignored",
+                "widgets: unknown resource list (expected provider_keys, models, api_keys or guardrails); ignored",
             ]
         );
     }

@@ -168,6 +168,24 @@ impl ProxyError {
         }
     }
 
+    /// The kind of a failed upstream attempt, for `aisix_upstream_failures_total`.
+    pub fn failure_kind(&self) -> &'static str {
+        match self {
+            ProxyError::Timeout(_) => "timeout",
+            ProxyError::ProviderUnreachable { .. } => "unreachable",
+            // A 5xx answer or a connection broken mid-answer.
+            ProxyError::UpstreamFailed { .. } => "server_error",
+            ProxyError::UpstreamRejected { status, .. }
+                if *status == StatusCode::TOO_MANY_REQUESTS =>
+            {
+                "rate_limited"
+            }
+            ProxyError::UpstreamRejected { .. } => "rejected",
+            ProxyError::NotImplemented(_) => "unsupported",
+            _ => "other",
+        }
+    }
+
     /// Renders the error in `envelope`, with its `Retry-After`.
     pub fn into_response_in(self, envelope: Envelope) -> Response {
         match envelope {
@@ -204,7 +222,7 @@ impl ProxyError {
             },
         };
         let mut response = json_response(status, serde_json::to_vec(&body).unwrap_or_default());
-        self.add_retry_after(&mut response);
+        self.annotate(&mut response);
         response
     }
 
@@ -227,11 +245,15 @@ impl ProxyError {
             _ => OpenAiEnvelope::new(&message, class.kind, None, None).to_json(),
         };
         let mut response = json_response(class.status, body);
-        self.add_retry_after(&mut response);
+        self.annotate(&mut response);
         response
     }
 
-    fn add_retry_after(&self, response: &mut Response) {
+    /// Adds `Retry-After` and the error type (for the access log and metrics).
+    fn annotate(&self, response: &mut Response) {
+        response
+            .extensions_mut()
+            .insert(crate::http::ErrorType(self.class().kind));
         if let Some(seconds) = self.retry_after() {
             response
                 .headers_mut()

@@ -30,6 +30,7 @@ pub mod error;
 pub mod guardrails;
 pub mod health;
 pub mod http;
+pub mod metrics;
 pub mod multipart;
 pub mod openai;
 pub mod ratelimit;

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use crate::http::Record;
 use crate::ratelimit::Lease;
 use crate::resources::Cost;
 use crate::sse;
@@ -99,6 +100,8 @@ impl Tokens {
 /// A usage event waiting for the request to complete.
 pub struct Pending {
     sink: Option<Arc<dyn UsageSink>>,
+    /// The request's facts for the access log and metrics: given the tokens too.
+    record: Record,
     /// Rate-limit lease: charged the tokens, and its concurrency slots freed, at the end.
     lease: Option<Lease>,
     event: UsageEvent,
@@ -111,12 +114,14 @@ impl Pending {
     pub fn new(
         sink: Option<Arc<dyn UsageSink>>,
         lease: Option<Lease>,
+        record: Record,
         event: UsageEvent,
         cost: Option<Cost>,
         started: Instant,
     ) -> Self {
         Self {
             sink,
+            record,
             lease,
             event,
             cost,
@@ -127,6 +132,7 @@ impl Pending {
     pub fn finish(self, tokens: Tokens, ttft: Option<Duration>) {
         let Pending {
             sink,
+            record,
             lease,
             mut event,
             cost,
@@ -138,6 +144,7 @@ impl Pending {
                 crate::ratelimit::unix_ms(),
             );
         }
+        record.usage(tokens, ttft);
         let Some(sink) = sink else {
             return;
         };
@@ -248,7 +255,14 @@ mod tests {
             input_per_1k: 1.0,
             output_per_1k: 2.0,
         };
-        Pending::new(Some(sink), None, event, Some(cost), Instant::now())
+        Pending::new(
+            Some(sink),
+            None,
+            Record::new("test".into()),
+            event,
+            Some(cost),
+            Instant::now(),
+        )
     }
 
     #[test]

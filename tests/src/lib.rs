@@ -14,6 +14,7 @@
 
 pub mod cloud;
 pub mod etcd;
+pub mod metrics;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -49,6 +50,13 @@ impl Process {
         let mut command = Command::new(program);
         command
             .args(args)
+            // Agents under test never take the default metrics port (9090): each gets
+            // a free one, printed in its "metrics listener ready" line. `envs` may
+            // override this.
+            .env(
+                "AISIX_OBSERVABILITY__METRICS__PROMETHEUS__ADDR",
+                "127.0.0.1:0",
+            )
             .envs(envs.iter().copied())
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())

@@ -25,6 +25,8 @@ struct Agent {
     process: Process,
     proxy: String,
     admin: String,
+    /// The metrics and status listener.
+    status: String,
     http: reqwest::Client,
 }
 
@@ -51,10 +53,15 @@ impl Agent {
         let (mut process, proxy) = tests::start_agent(&config).await;
         let line = process.wait_for_line("admin listener ready", WITHIN).await;
         let admin = format!("http://{}", addr_in(&line));
+        let line = process
+            .wait_for_line("metrics listener ready", WITHIN)
+            .await;
+        let status = format!("http://{}", addr_in(&line));
         Agent {
             process,
             proxy,
             admin,
+            status,
             http: http_client(),
         }
     }
@@ -75,6 +82,19 @@ impl Agent {
         let response = request.send().await.unwrap();
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `GET /status/config`.
+    async fn config_status(&self) -> Value {
+        let url = format!("{}/status/config", self.status);
+        self.http
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 
     async fn create(&self, kind: &str, body: Value) -> String {
@@ -459,13 +479,30 @@ async fn direct_etcd_writes_converge_in_any_order_and_survive_an_etcd_restart() 
     agent.wait_models(&["early"]).await;
     assert_eq!(agent.chat("early").await, 200);
 
-    // etcd dies: the snapshot keeps serving; it comes back: the watch recovers.
+    let status = agent.config_status().await;
+    assert_eq!(
+        (&status["source"], &status["connected"]),
+        (&json!("etcd"), &json!(true))
+    );
+
+    // etcd dies: the snapshot keeps serving, status and metrics say the watch is down;
+    // it comes back: the watch recovers.
     etcd.kill().await;
     assert_eq!(agent.chat("early").await, 200);
     assert_eq!(agent.health().await["models"][0]["name"], "early");
+    eventually("/status/config shows the watch down", WITHIN, || async {
+        agent.config_status().await["connected"] == false
+    })
+    .await;
+    let (families, _) = tests::metrics::scrape(&format!("{}/metrics", agent.status)).await;
+    assert_eq!(
+        tests::metrics::sample(&families, "aisix_config_connected", &[]),
+        Some(0.0)
+    );
     etcd.restart().await;
     etcd.etcdctl(&["put", "/aisix/models/m2", &model("late", "pk1").to_string()]);
     agent.wait_models(&["early", "late"]).await;
+    assert_eq!(agent.config_status().await["connected"], true);
     etcd.etcdctl(&["del", "/aisix/models/m1"]);
     agent.wait_models(&["late"]).await;
 

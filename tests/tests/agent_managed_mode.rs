@@ -16,6 +16,7 @@ use cloud_mock::cp::{Options, Running, start_with};
 use cloud_mock::provider::MockProvider;
 use serde_json::{Value, json};
 use tests::cloud::Console;
+use tests::metrics::sample;
 use tests::{Process, eventually, http_client, key_hash};
 
 const CALLER: &str = "e2e-managed-caller";
@@ -1094,4 +1095,121 @@ async fn a_usage_event_the_control_plane_refuses_is_dropped_alone() {
             .contains("usage event refused by the control plane; dropped")
     );
     agent.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_and_status_show_the_control_plane_link_and_no_secret_leaks() {
+    let (dir, _mock, cp) = seeded().await;
+    let bundle = cp.bundle_files(dir.path(), "gw-1", json!({})).await;
+    let config = write_config(dir.path(), &cp.url(), Some(&bundle));
+    // Debug logs, JSON: the secret scan covers everything the agent can say.
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("observability:\n  log_level: debug\n  log_format: json\n");
+    std::fs::write(&config, text).unwrap();
+    let mut agent = Agent::start(&config).await;
+    agent.wait_model("gpt").await;
+    assert_eq!(agent.chat("gpt").await, 200);
+    let mut seen = String::new();
+    let streamed = agent.chat_as(CALLER, "gpt", true).await;
+    seen.push_str(&format!("{:?}", streamed.headers()));
+    seen.push_str(&streamed.text().await.unwrap());
+    let line = agent
+        .process
+        .wait_for_line("metrics listener ready", WITHIN)
+        .await;
+    let base = format!("http://{}", tests::addr_in(&line));
+    let metrics_url = format!("{base}/metrics");
+    let scrape = || tests::metrics::scrape(&metrics_url);
+    eventually("a heartbeat has been acknowledged", WITHIN, || async {
+        let (families, _) = scrape().await;
+        sample(&families, "aisix_heartbeats_total", &[("outcome", "ok")]).is_some()
+    })
+    .await;
+    let (families, metrics_text) = scrape().await;
+    assert_eq!(sample(&families, "aisix_config_connected", &[]), Some(1.0));
+    assert_eq!(
+        sample(
+            &families,
+            "aisix_config_source_info",
+            &[("source", "control_plane")]
+        ),
+        Some(1.0)
+    );
+    let days = sample(&families, "aisix_certificate_remaining_days", &[]).unwrap();
+    assert!((29.0..=31.0).contains(&days), "{days}");
+    assert!(sample(&families, "aisix_usage_queue_events", &[]).is_some());
+    assert_eq!(
+        sample(&families, "aisix_usage_dropped_events_total", &[]),
+        Some(0.0)
+    );
+    assert!(
+        sample(
+            &families,
+            "aisix_budget_checks_total",
+            &[("outcome", "allowed")]
+        )
+        .is_some_and(|n| n >= 1.0)
+    );
+    seen.push_str(&metrics_text);
+
+    // /status/config agrees with what the heartbeats tell the control plane.
+    let status: Value = http_client()
+        .get(format!("{base}/status/config"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["source"], "control_plane");
+    assert_eq!(status["connected"], true);
+    eventually(
+        "the heartbeat carries the same config hash",
+        WITHIN,
+        || async {
+            cp.heartbeat_of("gw-1").await.is_some_and(|h| {
+                h["config"]["config_hash"] == status["config_hash"]
+                    && h["config"]["applied_revision"] == status["applied_revision"]
+            })
+        },
+    )
+    .await;
+    seen.push_str(&status.to_string());
+    seen.push_str(&cp.heartbeat_of("gw-1").await.unwrap().to_string());
+
+    // Revoked: the heartbeat outcome says so.
+    cp.console
+        .ok(
+            "POST",
+            &format!("/console/v1/environments/{ENV}/gateways/gw-1/revoke"),
+            None,
+        )
+        .await;
+    eventually("a revoked heartbeat is counted", WITHIN, || async {
+        let (families, _) = scrape().await;
+        sample(
+            &families,
+            "aisix_heartbeats_total",
+            &[("outcome", "revoked")],
+        )
+        .is_some()
+    })
+    .await;
+
+    agent.process.signal("TERM");
+    agent.process.wait_exit(WITHIN).await;
+    let output = agent.process.output();
+    assert!(output.contains("\"level\":\"DEBUG\""), "debug logs were on");
+    // The private key (every line of its PEM body), the provider key and the caller key
+    // appear in no log line, response, metric, status or heartbeat.
+    let key_pem = std::fs::read_to_string(bundle.join("key.pem")).unwrap();
+    let key_lines: Vec<&str> = key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----") && l.len() >= 16)
+        .collect();
+    assert!(!key_lines.is_empty());
+    for secret in key_lines.iter().copied().chain([UPSTREAM_SECRET, CALLER]) {
+        assert!(!output.contains(secret), "{secret} in the log");
+        assert!(!seen.contains(secret), "{secret} in an answer");
+    }
 }

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use proxy_core::budget::{BudgetDenial, BudgetGate, Check, Verdict};
+use proxy_core::metrics::Metrics;
 use serde::Deserialize;
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -67,15 +68,17 @@ pub struct BudgetChecker {
     keys: Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<Entry>>>>,
     /// Whether the last ask failed (to log outages once, not per request).
     failing: AtomicBool,
+    metrics: Arc<Metrics>,
 }
 
 impl BudgetChecker {
-    pub fn new(cp: Arc<CpClient>, options: BudgetSection) -> Self {
+    pub fn new(cp: Arc<CpClient>, options: BudgetSection, metrics: Arc<Metrics>) -> Self {
         Self {
             cp,
             options,
             keys: Mutex::default(),
             failing: AtomicBool::new(false),
+            metrics,
         }
     }
 
@@ -102,6 +105,10 @@ impl BudgetChecker {
             match self.ask(api_key_id).await {
                 Ok(answer) => {
                     let verdict = answer.verdict.clone();
+                    self.metrics.record_budget_check(match verdict {
+                        Verdict::Allow => "allowed",
+                        Verdict::Deny(_) => "denied",
+                    });
                     entry.answer = Some(answer);
                     entry.failed_at = None;
                     if self.failing.swap(false, Ordering::Relaxed) {
@@ -110,6 +117,7 @@ impl BudgetChecker {
                     return verdict;
                 }
                 Err(e) => {
+                    self.metrics.record_budget_check("failed");
                     entry.failed_at = Some(Instant::now());
                     if !self.failing.swap(true, Ordering::Relaxed) {
                         warn!(error = %e, "budget check failed; using cached decisions, then fail modes");

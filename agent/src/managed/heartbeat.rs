@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use certs::{CertInfo, GatewayIdentity};
 use proxy_core::health::ModelHealth;
+use proxy_core::metrics::Metrics;
 use proxy_core::snapshot::SnapshotStore;
 use reqwest::Method;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -29,6 +29,7 @@ pub struct Heartbeat {
     pub store: Arc<SnapshotStore>,
     pub health: Arc<ModelHealth>,
     pub watch: Arc<WatchStatus>,
+    pub metrics: Arc<Metrics>,
     pub identity: GatewayIdentity,
     /// The certificate in use (replaced on rotation).
     pub certificate: Arc<ArcSwap<CertInfo>>,
@@ -37,18 +38,6 @@ pub struct Heartbeat {
     /// Notified when a heartbeat answer asks for a certificate rotation.
     pub rotate: Arc<Notify>,
     pub backoff: BackoffPolicy,
-}
-
-/// SHA-256 over every key and document of the snapshot: equal hashes, equal config.
-pub fn config_hash(store: &SnapshotStore) -> String {
-    let mut hasher = Sha256::new();
-    for (key, value) in store.documents().entries {
-        hasher.update(key.as_bytes());
-        hasher.update([0]);
-        hasher.update(&value);
-        hasher.update([0]);
-    }
-    hex::encode(hasher.finalize())
 }
 
 fn hostname() -> String {
@@ -61,18 +50,6 @@ impl Heartbeat {
     fn body(&self, instance_id: &str, started: Instant) -> Value {
         let snapshot = self.store.load();
         let freshness = self.store.freshness();
-        let rejected: Vec<Value> = snapshot
-            .rejections()
-            .map(|r| {
-                json!({
-                    "key": r.key.full(self.store.prefix()),
-                    "kind": r.key.kind.as_str(),
-                    "error": r.error,
-                    "since_unix": r.since_unix,
-                    "serving_previous": r.serving_previous,
-                })
-            })
-            .collect();
         let mut models: Vec<Value> = snapshot
             .models()
             .map(|m| json!({"id": m.id, "name": m.name, "health": self.health.of(&snapshot, m).as_u8()}))
@@ -90,11 +67,11 @@ impl Heartbeat {
             "config": {
                 "source": freshness.source.map_or("none", |s| s.as_str()),
                 "applied_revision": freshness.revision,
-                "config_hash": config_hash(&self.store),
+                "config_hash": self.store.config_hash(),
                 "snapshot_age_seconds": freshness.age.map(|a| a.as_secs()),
                 "connected": self.watch.connected(),
             },
-            "rejected_resources": rejected,
+            "rejected_resources": self.store.rejected(),
             "certificate": {
                 "serial": cert.serial,
                 "not_after_unix": cert.not_after.unix_timestamp(),
@@ -118,11 +95,17 @@ impl Heartbeat {
                 .await
             {
                 Ok(answer) => {
+                    self.metrics.record_heartbeat("ok");
                     failures.reset();
                     self.accept(&answer);
                     jittered(self.interval)
                 }
                 Err(e) => {
+                    self.metrics.record_heartbeat(match &e {
+                        CpError::Status { status: 403, .. } => "revoked",
+                        CpError::Status { status: 404, .. } => "unknown_gateway",
+                        _ => "failed",
+                    });
                     match &e {
                         CpError::Status { status: 403, .. } => warn!(
                             error = %e,

@@ -32,25 +32,25 @@ use std::time::Duration;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use certs::Bundle;
-use proxy_core::health::ModelHealth;
+use certs::{Bundle, CertInfo};
 use proxy_core::http::Hooks;
-use proxy_core::snapshot::{SnapshotStore, Source};
+use proxy_core::snapshot::Source;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::Shared;
 use crate::backoff::BackoffPolicy;
 use crate::cache::{self, SnapshotCache};
 use crate::config::ManagedSection;
 use crate::etcd::EtcdClient;
-use crate::watch::{WatchStatus, Watcher};
+use crate::watch::Watcher;
 
 use self::budget::BudgetChecker;
 use self::client::CpClient;
 use self::heartbeat::Heartbeat;
-use self::usage::{UsageQueue, UsageSender};
+use self::usage::{UsageQueue, UsageQueueStatus, UsageSender};
 
 /// A certificate with fewer days left than this is warned about.
 pub const EXPIRY_WARNING_DAYS: i64 = 14;
@@ -132,22 +132,22 @@ pub fn create_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 impl Managed {
-    /// Restores the cached snapshot into `store` and spawns the background tasks on
-    /// `workers`; they stop when `shutdown` is cancelled. Returns the proxy's hooks.
+    /// Restores the cached snapshot into the shared store and spawns the background
+    /// tasks on `workers`; they stop when `shutdown` is cancelled. Returns the proxy's
+    /// hooks and what the status listener reads.
     pub fn start(
         self,
-        store: &Arc<SnapshotStore>,
-        health: Arc<ModelHealth>,
+        shared: &Shared,
         workers: &TaskTracker,
         shutdown: &CancellationToken,
         initial_watch_idle: Duration,
-    ) -> Hooks {
+    ) -> (Hooks, ManagedStatus) {
+        let store = &shared.store;
         let cache = Arc::new(self.cache);
         if !cache::restore_into(&cache, store) {
             info!("no cached snapshot: nothing is served until the control plane answers");
         }
         workers.spawn(cache::run_writer(cache, store.clone(), shutdown.clone()));
-        let watch = Arc::new(WatchStatus::default());
         let watcher = Watcher {
             client: self.etcd,
             prefix: self.prefix,
@@ -155,7 +155,7 @@ impl Managed {
             source: Source::ControlPlane,
             backoff: BackoffPolicy::default(),
             idle_timeout: initial_watch_idle,
-            status: watch.clone(),
+            status: shared.watch.clone(),
         };
         workers.spawn(watcher.run(shutdown.clone()));
         let certificate = Arc::new(ArcSwap::from_pointee(self.bundle.leaf.clone()));
@@ -163,8 +163,9 @@ impl Managed {
         let heartbeat = Heartbeat {
             cp: self.cp.clone(),
             store: store.clone(),
-            health,
-            watch,
+            health: shared.health.clone(),
+            watch: shared.watch.clone(),
+            metrics: shared.metrics.clone(),
             identity: self.bundle.identity.clone(),
             certificate: certificate.clone(),
             usage: self.usage.status(),
@@ -177,7 +178,7 @@ impl Managed {
             cp: self.cp.clone(),
             store: bundle::BundleStore::new(&self.section.state_dir),
             identity: self.bundle.identity,
-            current: certificate,
+            current: certificate.clone(),
             asked: rotate,
             backoff: BackoffPolicy::default(),
         };
@@ -190,12 +191,26 @@ impl Managed {
             backoff: BackoffPolicy::default(),
         };
         workers.spawn(sender.run(shutdown.clone()));
-        Hooks {
+        let status = ManagedStatus {
+            certificate,
+            usage: usage.status(),
+        };
+        let hooks = Hooks {
             budget: Some(Arc::new(BudgetChecker::new(
                 self.cp,
                 self.section.budget.clone(),
+                shared.metrics.clone(),
             ))),
             usage: Some(usage),
-        }
+            metrics: shared.metrics.clone(),
+        };
+        (hooks, status)
     }
+}
+
+/// What managed mode adds to the status listener.
+pub struct ManagedStatus {
+    /// The certificate in use (replaced on rotation).
+    pub certificate: Arc<ArcSwap<CertInfo>>,
+    pub usage: Arc<UsageQueueStatus>,
 }

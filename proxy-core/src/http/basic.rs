@@ -3,13 +3,13 @@
 use std::collections::HashMap;
 use std::time::SystemTime;
 
-use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use serde::Serialize;
 
-use super::ProxyState;
+use super::{ProxyState, Record};
 use crate::error::{Envelope, ProxyError};
 use crate::resources::{ApiKey, KeyHash, ModelTarget};
 use crate::snapshot::Snapshot;
@@ -102,10 +102,12 @@ struct ModelEntry {
 
 pub(super) async fn list_models(
     State(state): State<ProxyState>,
+    Extension(record): Extension<Record>,
     headers: HeaderMap,
 ) -> Result<Response, ProxyError> {
     let snapshot = state.0.store.load();
     let caller = authenticate(&snapshot, &headers, Envelope::OpenAi)?;
+    record.caller(&caller.id);
     let mut data: Vec<ModelEntry> = snapshot
         .models()
         .filter(|m| caller.allows(&m.name))

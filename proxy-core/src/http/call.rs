@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 
 use super::basic::authenticate;
 use super::endpoint::Endpoint;
-use super::{CACHE_STATUS, CALL_ID, ProxyState, SERVED_BY, client_ip};
+use super::{CACHE_STATUS, CALL_ID, ProxyState, Record, SERVED_BY, client_ip};
 use crate::budget::Verdict;
 use crate::cache::{CacheKey, ResponseCache};
 use crate::error::{Envelope, ProxyError};
@@ -37,15 +37,17 @@ pub(super) async fn run(
     endpoint: Endpoint,
     state: ProxyState,
     peer: SocketAddr,
-    request_id: Arc<str>,
+    record: Record,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let request_id = record.request_id().clone();
     let call = Call {
         endpoint,
         request_id: &request_id,
         call_id: uuid::Uuid::new_v4().to_string(),
         started: Instant::now(),
+        record,
     };
     let mut response = match handle(&state, peer, &call, &headers, body).await {
         Ok(response) => response,
@@ -71,6 +73,8 @@ struct Call<'a> {
     /// `x-aisix-call-id`, also the usage event's id.
     call_id: String,
     started: Instant,
+    /// Facts for the access log and metrics.
+    record: Record,
 }
 
 async fn handle(
@@ -84,6 +88,7 @@ async fn handle(
     let endpoint = call.endpoint;
     let snapshot = state.0.store.load();
     let caller = authenticate(&snapshot, headers, endpoint.envelope())?;
+    call.record.caller(&caller.id);
     let bytes = read_body(body, headers, state.0.options.body_limit).await?;
     // A form (audio, images) is routed by its text fields and sent on as a form.
     let content_type = headers
@@ -103,6 +108,7 @@ async fn handle(
     let model = snapshot
         .model(&request.model)
         .ok_or_else(|| ProxyError::ModelNotFound(request.model.clone()))?;
+    call.record.model(&model.name);
     if !caller.allows(&model.name) {
         return Err(ProxyError::PermissionDenied(format!(
             "this API key may not use model '{}'",
@@ -132,9 +138,6 @@ async fn handle(
     let mut usage = |served_by: &Model, status: StatusCode| {
         let sink = state.0.hooks.usage.clone();
         let lease = lease.take();
-        if sink.is_none() && lease.is_none() {
-            return None;
-        }
         let event = UsageEvent {
             event_id: call.call_id.clone(),
             request_id: request_id.to_owned(),
@@ -152,7 +155,7 @@ async fn handle(
             timestamp_unix_ms: unix_now_ms(),
         };
         let cost = served_by.cost.or(model.cost);
-        Some(Pending::new(sink, lease, event, cost, call.started))
+        Pending::new(sink, lease, call.record.clone(), event, cost, call.started)
     };
     let cache = match &state.0.cache {
         Some(cache) if endpoint.cacheable() && !request.stream && !refuses_cache(headers) => {
@@ -189,8 +192,8 @@ async fn handle(
     {
         Ok(dispatched) => dispatched,
         Err((error, tried)) => {
-            if let Some(pending) = tried.and_then(|t| usage(t, error.class().status)) {
-                pending.finish(Tokens::default(), None);
+            if let Some(tried) = tried {
+                usage(tried, error.class().status).finish(Tokens::default(), None);
             }
             return Err(error);
         }
@@ -203,6 +206,7 @@ async fn handle(
         conversion,
         cache,
         strip_usage: endpoint.asks_stream_usage() && request.stream && !request.include_usage(),
+        record: call.record.clone(),
     };
     let mut response = respond(answer, &served_by.name, request.stream, pending, output).await;
     response.headers_mut().extend(quota_headers);
@@ -239,6 +243,11 @@ async fn dispatch<'s>(
                 }
                 Err(error) => error,
             };
+            state
+                .0
+                .hooks
+                .metrics
+                .record_upstream_failure(&candidate.name, error.failure_kind());
             let upstream_fault = matches!(
                 &error,
                 ProxyError::UpstreamFailed { .. }
@@ -384,12 +393,18 @@ async fn attempt(
         provider_key,
     };
     debug!(request_id = call.request_id, model = %model.name, upstream_model = target.upstream_model, path = prepared.outgoing.path, "dispatching");
+    let sent = Instant::now();
     let answer = state
         .0
         .upstream
         .send(&target, prepared.outgoing, call.request_id)
-        .await?;
-    Ok((answer, prepared.conversion))
+        .await;
+    state
+        .0
+        .hooks
+        .metrics
+        .record_upstream(&model.name, sent.elapsed());
+    Ok((answer?, prepared.conversion))
 }
 
 /// What happens to an answer on its way out: output guardrails, and the cache slot
@@ -404,6 +419,8 @@ struct Output<'a> {
     cache: Option<(&'a ResponseCache, CacheKey)>,
     /// The gateway asked for the usage chunk of this stream; the caller did not.
     strip_usage: bool,
+    /// Where a stream cut by a guardrail is noted.
+    record: Record,
 }
 
 /// `Cache-Control: no-cache` or `no-store` on the request: neither read nor fill the
@@ -422,52 +439,47 @@ fn refuses_cache(headers: &HeaderMap) -> bool {
         })
 }
 
-/// Builds the response. A stream goes through one event filter when something needs to
-/// see it: the usage tap (records the usage event when the stream ends), the removal
-/// of the usage chunk the caller did not ask for, the output guardrails. A whole answer
-/// (already in memory) gives its usage, is checked, and is kept in the cache.
+/// Builds the response. A stream goes through one event filter: the usage tap
+/// (records usage when the stream ends), the removal of the usage chunk the caller did
+/// not ask for, the output guardrails. A whole answer (already in memory) gives its
+/// usage, is checked, and is kept in the cache.
 async fn respond(
     answer: Answer,
     served_by: &str,
     stream: bool,
-    usage: Option<Pending>,
+    usage: Pending,
     output: Output<'_>,
 ) -> Response {
     let body = if stream {
         let mut translator = output.conversion.stream();
-        let mut tap = usage.map(Pending::tap);
+        let mut tap = usage.tap();
         let mut guard = (!output.guardrails.is_empty()).then(|| {
             StreamGuard::new(output.guardrails, output.request_id.into(), output.envelope)
         });
         let strip = output.strip_usage;
-        if translator.is_none() && tap.is_none() && guard.is_none() && !strip {
-            answer.body
-        } else {
-            sse::filter_events(answer.body, move |events| {
-                let events = match &mut translator {
-                    Some(translator) => translator.translate(&events),
-                    None => events,
-                };
-                if let Some(tap) = &mut tap {
-                    tap.observe(&events);
+        let record = output.record;
+        sse::filter_events(answer.body, move |events| {
+            let events = match &mut translator {
+                Some(translator) => translator.translate(&events),
+                None => events,
+            };
+            tap.observe(&events);
+            let events = if strip {
+                sse::without_usage_chunk(events)
+            } else {
+                events
+            };
+            match &mut guard {
+                Some(guard) => {
+                    let filtered = guard.check(events);
+                    if matches!(filtered, Filtered::End(_)) {
+                        record.late_error("content_filter");
+                    }
+                    filtered
                 }
-                let events = if strip {
-                    sse::without_usage_chunk(events)
-                } else {
-                    events
-                };
-                match &mut guard {
-                    Some(guard) => guard.check(events),
-                    None => Filtered::Send(events),
-                }
-            })
-        }
-    } else if usage.is_none()
-        && output.guardrails.is_empty()
-        && output.cache.is_none()
-        && output.conversion == Conversion::None
-    {
-        answer.body
+                None => Filtered::Send(events),
+            }
+        })
     } else {
         let bytes = match answer.body.collect().await {
             Ok(collected) => collected.to_bytes(),
@@ -480,15 +492,11 @@ async fn respond(
             Ok(bytes) => bytes,
             Err(e) => {
                 log_failure(output.request_id, &e);
-                if let Some(pending) = usage {
-                    pending.finish(Tokens::default(), None);
-                }
+                usage.finish(Tokens::default(), None);
                 return e.into_response_in(output.envelope);
             }
         };
-        if let Some(pending) = usage {
-            pending.finish(Tokens::from_json(&bytes).unwrap_or_default(), None);
-        }
+        usage.finish(Tokens::from_json(&bytes).unwrap_or_default(), None);
         if let Err(e) = guardrails::check_answer(&output.guardrails, &bytes, output.request_id) {
             return e.into_response_in(output.envelope);
         }

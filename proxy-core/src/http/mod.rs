@@ -13,6 +13,7 @@ mod basic;
 mod call;
 mod endpoint;
 mod passthrough;
+mod record;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -29,11 +30,11 @@ use axum::{Extension, Router};
 use ipnet::IpNet;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
 
 use crate::budget::BudgetGate;
 use crate::cache::{CacheOptions, ResponseCache};
 use crate::health::ModelHealth;
+use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 use crate::routing::RoutingState;
 use crate::snapshot::SnapshotStore;
@@ -42,6 +43,7 @@ use crate::usage::UsageSink;
 use crate::upstream::Upstream;
 pub use basic::livez_response;
 use endpoint::Endpoint;
+pub use record::{ErrorType, Record, route_label};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-aisix-request-id");
 pub const CALL_ID: HeaderName = HeaderName::from_static("x-aisix-call-id");
@@ -72,6 +74,8 @@ pub struct Hooks {
     pub budget: Option<Arc<dyn BudgetGate>>,
     /// Receives one event per dispatched request.
     pub usage: Option<Arc<dyn UsageSink>>,
+    /// Where request metrics are counted (the agent serves them).
+    pub metrics: Arc<Metrics>,
 }
 
 impl Default for ProxyOptions {
@@ -168,10 +172,6 @@ impl ProxyState {
     }
 }
 
-/// The request id of the current request, set by the request-context middleware.
-#[derive(Debug, Clone)]
-pub struct RequestId(pub Arc<str>);
-
 pub fn router(state: ProxyState) -> Router {
     let mut router = Router::new()
         .route("/livez", get(basic::livez))
@@ -199,9 +199,9 @@ fn routed(endpoint: Endpoint) -> MethodRouter<ProxyState> {
     post(
         move |State(state): State<ProxyState>,
               ConnectInfo(peer): ConnectInfo<SocketAddr>,
-              Extension(RequestId(id)): Extension<RequestId>,
+              Extension(record): Extension<Record>,
               headers: HeaderMap,
-              body: Body| call::run(endpoint, state, peer, id, headers, body),
+              body: Body| call::run(endpoint, state, peer, record, headers, body),
     )
 }
 
@@ -232,7 +232,8 @@ async fn request_context(
     next: Next,
 ) -> Response {
     let id: Arc<str> = request_id(req.headers(), &state.0.options.request_id_headers).into();
-    req.extensions_mut().insert(RequestId(id.clone()));
+    let record = Record::new(id.clone());
+    req.extensions_mut().insert(record.clone());
     let started = tokio::time::Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
@@ -247,19 +248,22 @@ async fn request_context(
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    if state.0.options.access_log {
-        info!(
-            target: "aisix::access",
-            request_id = %id,
-            method = %method,
-            path,
-            status = response.status().as_u16(),
-            served_by = response.headers().get(SERVED_BY).and_then(|v| v.to_str().ok()),
-            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
-            "request"
-        );
-    }
-    response
+    let finish = record::Finish {
+        metrics: state.0.hooks.metrics.clone(),
+        access_log: state.0.options.access_log,
+        method,
+        path,
+        status: response.status().as_u16(),
+        served_by: response
+            .headers()
+            .get(SERVED_BY)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        error_type: response.extensions().get::<ErrorType>().map(|e| e.0),
+        record,
+        started,
+    };
+    response.map(|body| Body::new(record::Logged::new(body, finish)))
 }
 
 /// The caller's own well-formed id, or a fresh UUID.

@@ -26,7 +26,7 @@ use tracing::{debug, warn};
 
 use super::basic::authenticate;
 use super::call::{admit, read_body};
-use super::{ProxyState, RequestId};
+use super::{ProxyState, Record};
 use crate::budget::Verdict;
 use crate::error::{Envelope, ProxyError};
 use crate::resources::{Adapter, ApiKey, ModelTarget, ProviderKey};
@@ -35,7 +35,7 @@ use crate::upstream::{self, DEFAULT_TIMEOUT};
 
 pub(super) async fn handle(
     State(state): State<ProxyState>,
-    Extension(RequestId(request_id)): Extension<RequestId>,
+    Extension(record): Extension<Record>,
     Path((provider, _)): Path<(String, String)>,
     method: Method,
     uri: Uri,
@@ -49,20 +49,13 @@ pub(super) async fn handle(
         _ => Envelope::OpenAi,
     };
     match forward(
-        &state,
-        &snapshot,
-        &request_id,
-        &provider,
-        method,
-        &uri,
-        &headers,
-        body,
+        &state, &snapshot, &record, &provider, method, &uri, &headers, body,
     )
     .await
     {
         Ok(response) => response,
         Err(error) => {
-            debug!(request_id = %request_id, provider, error = %error, "passthrough refused");
+            debug!(request_id = %record.request_id(), provider, error = %error, "passthrough refused");
             error.into_response_in(envelope)
         }
     }
@@ -72,14 +65,16 @@ pub(super) async fn handle(
 async fn forward(
     state: &ProxyState,
     snapshot: &Snapshot,
-    request_id: &str,
+    record: &Record,
     provider: &str,
     method: Method,
     uri: &Uri,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ProxyError> {
+    let request_id: &str = record.request_id();
     let caller = authenticate(snapshot, headers, Envelope::Anthropic)?;
+    record.caller(&caller.id);
     let provider_key = resolve(snapshot, caller, provider)?;
     let rest = safe_rest(uri.path(), provider)?;
     // Request limits of the caller key (no model to limit); the lease (concurrency)

@@ -126,6 +126,18 @@ impl Snapshot {
     }
 }
 
+/// A rejected resource in status reports (heartbeats, `/status/config`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RejectedResource {
+    /// The full storage key.
+    pub key: String,
+    pub kind: &'static str,
+    pub error: String,
+    pub since_unix: u64,
+    /// The previous good version of the resource is still served.
+    pub serving_previous: bool,
+}
+
 /// Snapshot freshness, as admin health and heartbeats report it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Freshness {
@@ -260,6 +272,38 @@ impl SnapshotStore {
             revision: builder.snapshot.revision,
             entries,
         }
+    }
+
+    /// SHA-256 (hex) over every key and kept document: equal hashes, equal config.
+    pub fn config_hash(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut hasher = Sha256::new();
+        for (key, value) in self.documents().entries {
+            hasher.update(key.as_bytes());
+            hasher.update([0]);
+            hasher.update(&value);
+            hasher.update([0]);
+        }
+        hex::encode(hasher.finalize())
+    }
+
+    /// The rejected resources of the current snapshot, as status reports show them.
+    pub fn rejected(&self) -> Vec<RejectedResource> {
+        self.load()
+            .rejections()
+            .map(|r| RejectedResource {
+                key: r.key.full(&self.prefix),
+                kind: r.key.kind.as_str(),
+                error: r.error.clone(),
+                since_unix: r.since_unix,
+                serving_previous: r.serving_previous,
+            })
+            .collect()
+    }
+
+    /// Configuration batches that changed the snapshot since start.
+    pub fn applies(&self) -> u64 {
+        *self.commits.borrow()
     }
 
     pub fn freshness(&self) -> Freshness {

@@ -1,0 +1,174 @@
+//! The metrics and status listener (`observability.metrics.prometheus`).
+//!
+//! - `GET <path>` (default `/metrics`): every metric of [`proxy_core::metrics`], in the
+//!   OpenMetrics text format.
+//! - `GET /status/config`: where the configuration comes from, whether the source is
+//!   connected, the applied revision, the config hash, resource counts, rejected
+//!   resources with their reasons, and ignored config sections. JSON.
+//! - `GET /status/ready`: 200 when a configuration is loaded and the process is not
+//!   draining, else 503; JSON saying which.
+//! - `GET /livez`: as on the proxy listener.
+//!
+//! Nothing here needs a key: put this listener on a private address. No secret is ever
+//! part of an answer (the config hash is a digest, rejections name keys and reasons).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use proxy_core::metrics::{CONTENT_TYPE, Readings};
+use proxy_core::snapshot::{RejectedResource, Source};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::Shared;
+use crate::managed::ManagedStatus;
+
+pub struct Status {
+    pub shared: Shared,
+    /// The configured source (what `/status/config` reports before anything loaded).
+    pub source: Source,
+    pub managed: Option<ManagedStatus>,
+    pub draining: CancellationToken,
+    /// Config sections accepted but not implemented by this build.
+    pub ignored: Vec<String>,
+}
+
+pub fn router(status: Arc<Status>, metrics_path: &str) -> Router {
+    Router::new()
+        .route(metrics_path, get(metrics))
+        .route("/status/config", get(config))
+        .route("/status/ready", get(ready))
+        .route(
+            "/livez",
+            get(
+                |State(s): State<Arc<Status>>, Query(q): Query<HashMap<String, String>>| async move {
+                    proxy_core::http::livez_response(s.draining.is_cancelled(), &q)
+                },
+            ),
+        )
+        .with_state(status)
+}
+
+impl Status {
+    /// The watch state; `None` in file mode, which has nothing to connect to.
+    fn connected(&self) -> Option<bool> {
+        (self.source != Source::File).then(|| self.shared.watch.connected())
+    }
+
+    fn readings(&self) -> Readings {
+        let store = &self.shared.store;
+        let snapshot = store.load();
+        let freshness = store.freshness();
+        let (provider_keys, models, api_keys) = snapshot.counts();
+        let now = time::OffsetDateTime::now_utc();
+        Readings {
+            source: freshness.source.map(Source::as_str),
+            connected: self.connected(),
+            revision: freshness.revision,
+            age: freshness.age,
+            applies: store.applies(),
+            rejected: snapshot.rejections().count() as u64,
+            resources: vec![
+                ("provider_keys", provider_keys as u64),
+                ("models", models as u64),
+                ("api_keys", api_keys as u64),
+                ("guardrails", snapshot.guardrails().count() as u64),
+            ],
+            model_health: snapshot
+                .models()
+                .map(|m| (m.name.clone(), self.shared.health.of(&snapshot, m).as_u8()))
+                .collect(),
+            certificate_remaining_days: self.managed.as_ref().map(|m| {
+                let remaining = m.certificate.load().not_after - now;
+                remaining.as_seconds_f64() / 86_400.0
+            }),
+            usage_queue: self
+                .managed
+                .as_ref()
+                .map(|m| (m.usage.pending(), m.usage.dropped())),
+        }
+    }
+}
+
+async fn metrics(State(status): State<Arc<Status>>) -> Response {
+    let text = status.shared.metrics.render(status.readings());
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
+}
+
+#[derive(Serialize)]
+struct ConfigStatus {
+    /// `file`, `etcd` or `control_plane`.
+    source: Source,
+    /// What the serving snapshot was last loaded from (`cache` after an offline start).
+    loaded_from: Option<Source>,
+    connected: Option<bool>,
+    applied_revision: i64,
+    snapshot_age_seconds: Option<f64>,
+    config_hash: String,
+    resources: Resources,
+    rejected_resources: Vec<RejectedResource>,
+    ignored_config_sections: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct Resources {
+    provider_keys: usize,
+    models: usize,
+    api_keys: usize,
+    guardrails: usize,
+}
+
+async fn config(State(status): State<Arc<Status>>) -> Json<ConfigStatus> {
+    let store = &status.shared.store;
+    let snapshot = store.load();
+    let freshness = store.freshness();
+    let (provider_keys, models, api_keys) = snapshot.counts();
+    Json(ConfigStatus {
+        source: status.source,
+        loaded_from: freshness.source,
+        connected: status.connected(),
+        applied_revision: freshness.revision,
+        snapshot_age_seconds: freshness.age.map(|a| a.as_secs_f64()),
+        config_hash: store.config_hash(),
+        resources: Resources {
+            provider_keys,
+            models,
+            api_keys,
+            guardrails: snapshot.guardrails().count(),
+        },
+        rejected_resources: store.rejected(),
+        ignored_config_sections: status.ignored.clone(),
+    })
+}
+
+#[derive(Serialize)]
+struct ReadyStatus {
+    ready: bool,
+    config_loaded: bool,
+    draining: bool,
+}
+
+async fn ready(State(status): State<Arc<Status>>) -> Response {
+    let config_loaded = status.shared.store.freshness().source.is_some();
+    let draining = status.draining.is_cancelled();
+    let ready = config_loaded && !draining;
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        Json(ReadyStatus {
+            ready,
+            config_loaded,
+            draining,
+        }),
+    )
+        .into_response()
+}

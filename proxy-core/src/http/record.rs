@@ -1,0 +1,215 @@
+//! What is known about one request by the time its answer ends: the facts handlers
+//! learn on the way (caller key id, model alias, tokens, time to first token, a refusal
+//! inside a stream), and, when the answer's last byte is sent or the caller goes away,
+//! one access-log line and the request metrics.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::Method;
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use tokio::time::Instant;
+use tracing::info;
+
+use super::endpoint::FORWARDED;
+use crate::metrics::{Metrics, RequestRecord};
+use crate::usage::Tokens;
+
+/// The error type of an error response, set where errors are rendered.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorType(pub &'static str);
+
+#[derive(Debug, Default)]
+struct Facts {
+    key_id: Option<Arc<str>>,
+    model: Option<Arc<str>>,
+    tokens: Tokens,
+    first_token: Option<Duration>,
+    /// A refusal that happened after the response began (a guardrail cutting a stream).
+    late_error: Option<&'static str>,
+}
+
+/// The current request's id and the facts learned about it, shared between the
+/// handler and the request-context middleware (a request extension). Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Record(Arc<Shared>);
+
+#[derive(Debug)]
+struct Shared {
+    request_id: Arc<str>,
+    facts: Mutex<Facts>,
+}
+
+impl Record {
+    pub fn new(request_id: Arc<str>) -> Self {
+        Self(Arc::new(Shared {
+            request_id,
+            facts: Mutex::default(),
+        }))
+    }
+
+    /// `x-aisix-request-id`: the caller's well-formed id or a fresh UUID.
+    pub fn request_id(&self) -> &Arc<str> {
+        &self.0.request_id
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Facts) -> T) -> T {
+        f(&mut self.0.facts.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// The caller key's id (its resource id, never the key).
+    pub fn caller(&self, key_id: &Arc<str>) {
+        self.with(|f| f.key_id = Some(key_id.clone()));
+    }
+
+    /// The configured model alias the request named.
+    pub fn model(&self, alias: &Arc<str>) {
+        self.with(|f| f.model = Some(alias.clone()));
+    }
+
+    pub fn usage(&self, tokens: Tokens, first_token: Option<Duration>) {
+        self.with(|f| {
+            f.tokens = tokens;
+            f.first_token = first_token;
+        });
+    }
+
+    pub fn late_error(&self, error_type: &'static str) {
+        self.with(|f| f.late_error = Some(error_type));
+    }
+}
+
+/// The route label of a path: one of the fixed routes, or `other`.
+pub fn route_label(path: &str) -> &'static str {
+    const FIXED: [&str; 6] = [
+        "/livez",
+        "/readyz",
+        "/v1/models",
+        "/v1/chat/completions",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+    ];
+    if let Some(route) = FIXED.iter().chain(FORWARDED).find(|r| **r == path) {
+        return route;
+    }
+    if path.starts_with("/passthrough/") {
+        return "/passthrough";
+    }
+    "other"
+}
+
+/// Everything the access-log line and the metrics need, gathered when the response
+/// headers were sent; written once, when the body ends or is dropped.
+pub(super) struct Finish {
+    pub metrics: Arc<Metrics>,
+    pub access_log: bool,
+    pub method: Method,
+    pub path: String,
+    pub status: u16,
+    pub served_by: Option<String>,
+    pub error_type: Option<&'static str>,
+    pub record: Record,
+    pub started: Instant,
+}
+
+impl Finish {
+    fn write(self) {
+        let duration = self.started.elapsed();
+        let facts = self.record.with(std::mem::take);
+        let error_type = self.error_type.or(facts.late_error);
+        let route = route_label(&self.path);
+        self.metrics.record_request(&RequestRecord {
+            route,
+            model: facts.model.as_ref(),
+            status: self.status,
+            duration,
+            ttft: facts.first_token,
+            input_tokens: facts.tokens.prompt,
+            output_tokens: facts.tokens.completion,
+            error_type,
+        });
+        if self.access_log {
+            info!(
+                target: "aisix::access",
+                request_id = %self.record.request_id(),
+                method = %self.method,
+                path = self.path,
+                status = self.status,
+                api_key_id = facts.key_id.as_deref(),
+                model = facts.model.as_deref(),
+                served_by = self.served_by,
+                error_type,
+                latency_ms = duration.as_secs_f64() * 1000.0,
+                ttft_ms = facts.first_token.map(|d| d.as_secs_f64() * 1000.0),
+                input_tokens = facts.tokens.prompt,
+                output_tokens = facts.tokens.completion,
+                "request"
+            );
+        }
+    }
+}
+
+/// A response body that writes its [`Finish`] when it ends or is dropped (a caller
+/// that goes away mid-stream still gets its line).
+pub(super) struct Logged {
+    inner: Option<Body>,
+    finish: Option<Finish>,
+}
+
+impl Logged {
+    pub fn new(inner: Body, finish: Finish) -> Self {
+        Self {
+            inner: Some(inner),
+            finish: Some(finish),
+        }
+    }
+
+    /// Drops the inner body first (its usage tap writes the tokens), then writes.
+    fn end(&mut self) {
+        self.inner = None;
+        if let Some(finish) = self.finish.take() {
+            finish.write();
+        }
+    }
+}
+
+impl http_body::Body for Logged {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            self.end();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner
+            .as_ref()
+            .is_none_or(http_body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), http_body::Body::size_hint)
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        self.end();
+    }
+}

@@ -1,0 +1,532 @@
+//! Every Prometheus metric of the agent, declared here and nowhere else.
+//!
+//! Names follow `aisix_<noun>_<unit>[_total]`. Labels are bounded: routes are the fixed
+//! route table, models are configured aliases (a name that matches no model is
+//! recorded as `""`), statuses are HTTP codes, kinds and outcomes are the short lists
+//! below. API keys never appear (not even hashed).
+//!
+//! Two kinds of metric:
+//! - events, counted as they happen ([`Metrics`]'s fields, recorded on the request
+//!   path and by the agent's background tasks);
+//! - state, read when scraped ([`Readings`], gathered by the agent from the snapshot
+//!   store, the watcher, the certificate and the usage queue).
+//!
+//! [`Metrics::render`] writes both in the OpenMetrics text format.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// The content type of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// A label value shared with the snapshot (a model alias) without copying it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct Name(pub Arc<str>);
+
+impl EncodeLabelValue for Name {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(&self.0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: &'static str,
+    pub model: Name,
+    pub status: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: &'static str,
+    pub model: Name,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub model: Name,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub model: Name,
+    /// `input` or `output`.
+    pub direction: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct FailureLabels {
+    /// The direct model that was called.
+    pub model: Name,
+    /// See [`ProxyError::failure_kind`](crate::error::ProxyError::failure_kind).
+    pub kind: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct PolicyLabels {
+    /// `rate_limit`, `budget` or `guardrail`.
+    pub policy: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+/// Seconds: 1 ms .. 5 min, for whole requests and upstream calls.
+const DURATION_BUCKETS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Event metrics. Cheap to record: atomics behind a read-locked map per family.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// `aisix_requests_total{route, model, status}`: answered requests (streams count
+    /// when they end).
+    pub requests: Family<RequestLabels, Counter>,
+    /// `aisix_request_duration_seconds{route, model}`: from the request's arrival to the
+    /// last byte of its answer.
+    pub request_duration: Histograms<RouteLabels>,
+    /// `aisix_upstream_duration_seconds{model}`: from sending an upstream request to its
+    /// answer (headers for streams, the whole body otherwise) or failure, per attempt.
+    pub upstream_duration: Histograms<ModelLabels>,
+    /// `aisix_time_to_first_token_seconds{route, model}`: streams, from the request's
+    /// arrival to the first event sent.
+    pub time_to_first_token: Histograms<RouteLabels>,
+    /// `aisix_tokens_total{model, direction}`: tokens the upstreams reported.
+    pub tokens: Family<TokenLabels, Counter>,
+    /// `aisix_upstream_failures_total{model, kind}`: failed upstream attempts.
+    pub upstream_failures: Family<FailureLabels, Counter>,
+    /// `aisix_policy_rejections_total{policy}`: requests refused (or streams cut) by a
+    /// rate limit, a budget or a guardrail.
+    pub policy_rejections: Family<PolicyLabels, Counter>,
+    /// `aisix_heartbeats_total{outcome}`: `ok`, `failed`, `revoked`, `unknown_gateway`.
+    pub heartbeats: Family<OutcomeLabels, Counter>,
+    /// `aisix_budget_checks_total{outcome}`: `allowed`, `denied`, `failed`.
+    pub budget_checks: Family<OutcomeLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::default();
+        let request_duration = Histograms::new_with_constructor(duration_histogram as fn() -> _);
+        let upstream_duration = Histograms::new_with_constructor(duration_histogram as fn() -> _);
+        let time_to_first_token = Histograms::new_with_constructor(duration_histogram as fn() -> _);
+        let tokens = Family::default();
+        let upstream_failures = Family::default();
+        let policy_rejections = Family::default();
+        let heartbeats = Family::default();
+        let budget_checks = Family::default();
+        registry.register(
+            "aisix_requests",
+            "Requests answered, by route, model alias and status",
+            requests.clone(),
+        );
+        registry.register(
+            "aisix_request_duration_seconds",
+            "Time from a request's arrival to the last byte of its answer",
+            request_duration.clone(),
+        );
+        registry.register(
+            "aisix_upstream_duration_seconds",
+            "Time from sending an upstream request to its answer (headers of streams) or failure, per attempt",
+            upstream_duration.clone(),
+        );
+        registry.register(
+            "aisix_time_to_first_token_seconds",
+            "Streams: time from the request's arrival to the first event",
+            time_to_first_token.clone(),
+        );
+        registry.register(
+            "aisix_tokens",
+            "Tokens reported by upstreams, by model alias and direction",
+            tokens.clone(),
+        );
+        registry.register(
+            "aisix_upstream_failures",
+            "Failed upstream attempts, by direct model and kind",
+            upstream_failures.clone(),
+        );
+        registry.register(
+            "aisix_policy_rejections",
+            "Requests refused or streams cut by a rate limit, budget or guardrail",
+            policy_rejections.clone(),
+        );
+        registry.register(
+            "aisix_heartbeats",
+            "Heartbeats sent to the control plane, by outcome",
+            heartbeats.clone(),
+        );
+        registry.register(
+            "aisix_budget_checks",
+            "Budget decisions asked of the control plane, by outcome",
+            budget_checks.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            request_duration,
+            upstream_duration,
+            time_to_first_token,
+            tokens,
+            upstream_failures,
+            policy_rejections,
+            heartbeats,
+            budget_checks,
+        }
+    }
+}
+
+/// One answered request, as the access log sees it.
+pub struct RequestRecord<'a> {
+    pub route: &'static str,
+    pub model: Option<&'a Arc<str>>,
+    pub status: u16,
+    pub duration: Duration,
+    pub ttft: Option<Duration>,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// The error type of a refusal (`rate_limit_exceeded`, `content_filter`...).
+    pub error_type: Option<&'static str>,
+}
+
+impl Metrics {
+    pub fn record_request(&self, r: &RequestRecord<'_>) {
+        let model = Name(r.model.cloned().unwrap_or_else(|| Arc::from("")));
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: r.route,
+                model: model.clone(),
+                status: r.status,
+            })
+            .inc();
+        let route = RouteLabels {
+            route: r.route,
+            model: model.clone(),
+        };
+        self.request_duration
+            .get_or_create(&route)
+            .observe(r.duration.as_secs_f64());
+        if let Some(ttft) = r.ttft {
+            self.time_to_first_token
+                .get_or_create(&route)
+                .observe(ttft.as_secs_f64());
+        }
+        for (direction, n) in [("input", r.input_tokens), ("output", r.output_tokens)] {
+            if n > 0 {
+                self.tokens
+                    .get_or_create(&TokenLabels {
+                        model: model.clone(),
+                        direction,
+                    })
+                    .inc_by(n);
+            }
+        }
+        if let Some(policy) = r.error_type.and_then(policy_of) {
+            self.policy_rejections
+                .get_or_create(&PolicyLabels { policy })
+                .inc();
+        }
+    }
+
+    pub fn record_upstream(&self, model: &Arc<str>, took: Duration) {
+        self.upstream_duration
+            .get_or_create(&ModelLabels {
+                model: Name(model.clone()),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn record_upstream_failure(&self, model: &Arc<str>, kind: &'static str) {
+        self.upstream_failures
+            .get_or_create(&FailureLabels {
+                model: Name(model.clone()),
+                kind,
+            })
+            .inc();
+    }
+
+    pub fn record_heartbeat(&self, outcome: &'static str) {
+        self.heartbeats
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    pub fn record_budget_check(&self, outcome: &'static str) {
+        self.budget_checks
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// The whole exposition: event metrics, then `readings`, then `# EOF`.
+    pub fn render(&self, readings: Readings) -> String {
+        let mut state = Registry::default();
+        state.register_collector(Box::new(readings));
+        let mut out = String::with_capacity(16 * 1024);
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode_registry(&mut out, &self.registry);
+        let _ = prometheus_client::encoding::text::encode_registry(&mut out, &state);
+        let _ = prometheus_client::encoding::text::encode_eof(&mut out);
+        out
+    }
+}
+
+/// The policy behind a refusal's error type.
+fn policy_of(error_type: &str) -> Option<&'static str> {
+    match error_type {
+        "rate_limit_exceeded" => Some("rate_limit"),
+        "billing_error" | "budget_exceeded" | "budget_unavailable" => Some("budget"),
+        "content_filter" => Some("guardrail"),
+        _ => None,
+    }
+}
+
+/// State metrics, read at scrape time.
+#[derive(Debug, Clone, Default)]
+pub struct Readings {
+    /// `aisix_config_source_info{source}`: `file`, `etcd` or `control_plane`; `None`
+    /// before anything was applied.
+    pub source: Option<&'static str>,
+    /// `aisix_config_connected`: 1 while the configuration watch is established
+    /// (`None` in file mode, which has nothing to connect to).
+    pub connected: Option<bool>,
+    /// `aisix_snapshot_revision`.
+    pub revision: i64,
+    /// `aisix_snapshot_age_seconds`: since the last apply or watch progress.
+    pub age: Option<Duration>,
+    /// `aisix_snapshot_applies_total`: batches that changed the configuration.
+    pub applies: u64,
+    /// `aisix_snapshot_rejected_resources`.
+    pub rejected: u64,
+    /// `aisix_snapshot_resources{kind}`.
+    pub resources: Vec<(&'static str, u64)>,
+    /// `aisix_model_health{model}`: 0 healthy, 1 degraded, 2 down.
+    pub model_health: Vec<(Arc<str>, u8)>,
+    /// `aisix_certificate_remaining_days` (managed mode).
+    pub certificate_remaining_days: Option<f64>,
+    /// `aisix_usage_queue_events` and `aisix_usage_dropped_events_total` (managed mode).
+    pub usage_queue: Option<(u64, u64)>,
+}
+
+#[derive(EncodeLabelSet, Debug, Clone, PartialEq, Eq, Hash)]
+struct VersionLabels {
+    version: &'static str,
+}
+
+#[derive(EncodeLabelSet, Debug, Clone, PartialEq, Eq, Hash)]
+struct SourceLabels {
+    source: &'static str,
+}
+
+#[derive(EncodeLabelSet, Debug, Clone, PartialEq, Eq, Hash)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+fn gauge<V: prometheus_client::encoding::EncodeGaugeValue + std::fmt::Debug>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: V,
+) -> std::fmt::Result {
+    let metric = ConstGauge::new(value);
+    let e = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
+    metric.encode(e)
+}
+
+fn info(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    labels: &impl EncodeLabelSet,
+) -> std::fmt::Result {
+    let mut e = encoder.encode_descriptor(name, help, None, MetricType::Info)?;
+    e.encode_info(labels)
+}
+
+impl Collector for Readings {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let e = &mut encoder;
+        info(
+            e,
+            "aisix_build",
+            "The agent's version",
+            &VersionLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            },
+        )?;
+        if let Some(source) = self.source {
+            info(
+                e,
+                "aisix_config_source",
+                "Where the configuration comes from",
+                &SourceLabels { source },
+            )?;
+        }
+        if let Some(connected) = self.connected {
+            gauge(
+                e,
+                "aisix_config_connected",
+                "1 while the configuration watch is established",
+                i64::from(connected),
+            )?;
+        }
+        gauge(
+            e,
+            "aisix_snapshot_revision",
+            "Revision of the configuration snapshot in use",
+            self.revision,
+        )?;
+        if let Some(age) = self.age {
+            gauge(
+                e,
+                "aisix_snapshot_age_seconds",
+                "Time since the snapshot was last applied or confirmed by watch progress",
+                age.as_secs_f64(),
+            )?;
+        }
+        let applies = ConstCounter::new(self.applies);
+        applies.encode(e.encode_descriptor(
+            "aisix_snapshot_applies",
+            "Configuration batches that changed the snapshot",
+            None,
+            applies.metric_type(),
+        )?)?;
+        gauge(
+            e,
+            "aisix_snapshot_rejected_resources",
+            "Resources rejected by validation (the previous version, if any, keeps serving)",
+            self.rejected,
+        )?;
+        {
+            let mut family = e.encode_descriptor(
+                "aisix_snapshot_resources",
+                "Resources in the snapshot, by kind",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (kind, n) in &self.resources {
+                ConstGauge::new(*n).encode(family.encode_family(&KindLabels { kind })?)?;
+            }
+        }
+        {
+            let mut family = e.encode_descriptor(
+                "aisix_model_health",
+                "Model health: 0 healthy, 1 degraded (4-7 consecutive upstream failures), 2 down (8 or more)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (model, health) in &self.model_health {
+                let labels = ModelLabels {
+                    model: Name(model.clone()),
+                };
+                ConstGauge::new(i64::from(*health)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        if let Some(days) = self.certificate_remaining_days {
+            gauge(
+                e,
+                "aisix_certificate_remaining_days",
+                "Days until the gateway certificate expires",
+                days,
+            )?;
+        }
+        if let Some((pending, dropped)) = self.usage_queue {
+            gauge(
+                e,
+                "aisix_usage_queue_events",
+                "Usage events waiting to be sent to the control plane",
+                pending,
+            )?;
+            let dropped = ConstCounter::new(dropped);
+            dropped.encode(e.encode_descriptor(
+                "aisix_usage_dropped_events",
+                "Usage events dropped because the queue was full (kept across restarts)",
+                None,
+                MetricType::Counter,
+            )?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    #[test]
+    fn renders_events_and_readings_in_openmetrics() {
+        let m = Metrics::default();
+        let model: Arc<str> = Arc::from("gpt-4o");
+        m.record_request(&RequestRecord {
+            route: "/v1/chat/completions",
+            model: Some(&model),
+            status: 429,
+            duration: Duration::from_millis(3),
+            ttft: None,
+            input_tokens: 0,
+            output_tokens: 0,
+            error_type: Some("rate_limit_exceeded"),
+        });
+        m.record_request(&RequestRecord {
+            route: "/v1/chat/completions",
+            model: Some(&model),
+            status: 200,
+            duration: Duration::from_millis(30),
+            ttft: Some(Duration::from_millis(7)),
+            input_tokens: 10,
+            output_tokens: 3,
+            error_type: None,
+        });
+        m.record_upstream_failure(&model, "timeout");
+        let text = m.render(Readings {
+            source: Some("etcd"),
+            connected: Some(true),
+            revision: 42,
+            resources: vec![("models", 2)],
+            model_health: vec![(model.clone(), 1)],
+            usage_queue: Some((5, 1)),
+            ..Readings::default()
+        });
+        for line in [
+            "aisix_requests_total{route=\"/v1/chat/completions\",model=\"gpt-4o\",status=\"429\"} 1",
+            "aisix_tokens_total{model=\"gpt-4o\",direction=\"input\"} 10",
+            "aisix_policy_rejections_total{policy=\"rate_limit\"} 1",
+            "aisix_upstream_failures_total{model=\"gpt-4o\",kind=\"timeout\"} 1",
+            "aisix_time_to_first_token_seconds_count{route=\"/v1/chat/completions\",model=\"gpt-4o\"} 1",
+            "aisix_config_source_info{source=\"etcd\"} 1",
+            "aisix_config_connected 1",
+            "aisix_snapshot_revision 42",
+            "aisix_snapshot_applies_total 0",
+            "aisix_snapshot_resources{kind=\"models\"} 2",
+            "aisix_model_health{model=\"gpt-4o\"} 1",
+            "aisix_usage_queue_events 5",
+            "aisix_usage_dropped_events_total 1",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
+        assert_eq!(text.matches("# EOF").count(), 1);
+    }
+}

@@ -1,0 +1,67 @@
+//! Reading the agent's metrics: the exposition parsed by the Prometheus project's own
+//! OpenMetrics parser (`prometheus-client` from PyPI, installed by `scripts/test` into
+//! `target/sdk-venv`, found through `AISIX_SDK_PYTHON`).
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+/// Parses an exposition with `prometheus_client.openmetrics.parser` (strict: a format
+/// error fails the test). Returns the families as JSON.
+pub fn parse_openmetrics(text: &str) -> Vec<Value> {
+    let python = std::env::var("AISIX_SDK_PYTHON").unwrap_or_else(|_| {
+        panic!("AISIX_SDK_PYTHON is not set: run the suite with `bash scripts/test`, which installs the OpenMetrics parser into target/sdk-venv")
+    });
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk/openmetrics_parse.py");
+    let mut child = Command::new(python)
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the OpenMetrics parser refused the exposition: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The value of the sample `name` whose labels include `labels`.
+pub fn sample(families: &[Value], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    families
+        .iter()
+        .flat_map(|f| f["samples"].as_array().unwrap())
+        .find(|s| {
+            s["name"] == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s["labels"][*k].as_str() == Some(*v))
+        })
+        .and_then(|s| s["value"].as_f64())
+}
+
+pub fn family<'a>(families: &'a [Value], name: &str) -> &'a Value {
+    families
+        .iter()
+        .find(|f| f["name"] == name)
+        .unwrap_or_else(|| panic!("no family {name}"))
+}
+
+/// Fetches `url` (a metrics endpoint) and parses it; also returns the raw text.
+pub async fn scrape(url: &str) -> (Vec<Value>, String) {
+    let response = crate::http_client().get(url).send().await.unwrap();
+    assert_eq!(response.status(), 200, "{url}");
+    let text = response.text().await.unwrap();
+    (parse_openmetrics(&text), text)
+}

@@ -1,0 +1,462 @@
+//! What an operator sees: metrics (parsed by the Prometheus project's own OpenMetrics
+//! parser), `/status/config` and `/status/ready`, the JSON access log, and planted
+//! secrets that must never appear in any of them or in any response.
+//!
+//! `scripts/test` installs the parser (`prometheus-client` from PyPI) into
+//! `target/sdk-venv` and sets `AISIX_SDK_PYTHON`.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure should fail the test loudly"
+)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use cloud_mock::provider::{MockProvider, Script};
+use serde_json::{Value, json};
+use tests::metrics::{family, parse_openmetrics, sample};
+use tests::{Process, addr_in, http_client, key_hash, start_agent};
+
+const PROVIDER_SECRET: &str = "sk-planted-provider-secret-7f3a9c";
+const CALLER_SECRET: &str = "sk-planted-caller-secret-41d7e2";
+const WRONG_SECRET: &str = "sk-planted-wrong-secret-93b0aa";
+
+struct Agent {
+    process: Process,
+    proxy: String,
+    metrics: String,
+    mock: MockProvider,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> Agent {
+    let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    mock.set_script_for(
+        "up-broken",
+        Script {
+            status: 500,
+            error_body: Some(format!("upstream saw key {PROVIDER_SECRET}")),
+            ..Script::default()
+        },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let resources = format!(
+        r#"
+provider_keys:
+  - {{id: pk1, display_name: mock, provider: openai, api_base: "{base}", api_key: {PROVIDER_SECRET}}}
+models:
+  - {{id: m1, display_name: gpt, model_name: up-gpt, provider_key_id: pk1}}
+  - {{id: m2, display_name: limited, model_name: up-gpt, provider_key_id: pk1, rate_limit: {{rpm: 1}}}}
+  - {{id: m3, display_name: broken, model_name: up-broken, provider_key_id: pk1}}
+  - {{id: m4, display_name: orphan, model_name: up-gpt, provider_key_id: pk-missing}}
+api_keys:
+  - {{id: k1, key_hash: {caller}, allowed_models: ["*"]}}
+guardrails:
+  - {{id: g1, name: no-passwords, hook_point: input, patterns: [{{kind: literal, value: password}}]}}
+"#,
+        base = mock.url(),
+        caller = key_hash(CALLER_SECRET),
+    );
+    std::fs::write(dir.path().join("resources.yaml"), resources).unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "resources_file: {}\nproxy:\n  addr: 127.0.0.1:0\nobservability:\n  log_level: debug\n  log_format: json\n  metrics:\n    prometheus: {{path: /prom}}\nupstream: {{}}\nshutdown:\n  min_drain_secs: 0\n",
+            dir.path().join("resources.yaml").display()
+        ),
+    )
+    .unwrap();
+    let (mut process, proxy) = start_agent(&config).await;
+    let line = process
+        .wait_for_line("metrics listener ready", Duration::from_secs(10))
+        .await;
+    let metrics = format!("http://{}", addr_in(&line));
+    Agent {
+        process,
+        proxy,
+        metrics,
+        mock,
+        _dir: dir,
+    }
+}
+
+/// Everything a caller received: status, headers and body, for the secret scan.
+async fn call(agent: &Agent, key: &str, id: &str, body: Value, seen: &mut String) -> u16 {
+    let response = http_client()
+        .post(format!("{}/v1/chat/completions", agent.proxy))
+        .bearer_auth(key)
+        .header("x-aisix-request-id", id)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    seen.push_str(&format!("{:?}", response.headers()));
+    seen.push_str(&response.text().await.unwrap());
+    status
+}
+
+fn chat(model: &str, text: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": text}]})
+}
+
+/// The JSON access-log line of request `id`.
+fn access_line(output: &str, id: &str) -> Value {
+    output
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["target"] == "aisix::access" && l["fields"]["request_id"] == id)
+        .unwrap_or_else(|| panic!("no access-log line for {id} in\n{output}"))["fields"]
+        .clone()
+}
+
+#[tokio::test]
+async fn metrics_status_and_access_log_tell_what_happened_and_no_secret_leaks() {
+    let mut agent = start().await;
+    let mut seen = String::new();
+    let key = CALLER_SECRET;
+    assert_eq!(
+        call(&agent, key, "obs-ok", chat("gpt", "hi"), &mut seen).await,
+        200
+    );
+    let mut stream = chat("gpt", "hi");
+    stream["stream"] = json!(true);
+    stream["stream_options"] = json!({"include_usage": true});
+    assert_eq!(
+        call(&agent, key, "obs-stream", stream, &mut seen).await,
+        200
+    );
+    assert_eq!(
+        call(
+            &agent,
+            WRONG_SECRET,
+            "obs-badkey",
+            chat("gpt", "hi"),
+            &mut seen
+        )
+        .await,
+        401
+    );
+    assert_eq!(
+        call(
+            &agent,
+            key,
+            "obs-nomodel",
+            chat("no-such-model-xyz", "hi"),
+            &mut seen
+        )
+        .await,
+        404
+    );
+    assert_eq!(
+        call(&agent, key, "obs-lim1", chat("limited", "hi"), &mut seen).await,
+        200
+    );
+    assert_eq!(
+        call(&agent, key, "obs-lim2", chat("limited", "hi"), &mut seen).await,
+        429
+    );
+    assert_eq!(
+        call(
+            &agent,
+            key,
+            "obs-guard",
+            chat("gpt", "my password is x"),
+            &mut seen
+        )
+        .await,
+        422
+    );
+    assert_eq!(
+        call(&agent, key, "obs-broken", chat("broken", "hi"), &mut seen).await,
+        502
+    );
+
+    // Metrics: valid OpenMetrics, and they say what happened.
+    let http = http_client();
+    let response = http
+        .get(format!("{}/prom", agent.metrics))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let text = response.text().await.unwrap();
+    let families = parse_openmetrics(&text);
+    for f in &families {
+        let name = f["name"].as_str().unwrap();
+        assert!(
+            name.starts_with("aisix_") && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+            "{name}"
+        );
+    }
+    let chat_route = ("route", "/v1/chat/completions");
+    let requests = |model: &str, status: &str| {
+        sample(
+            &families,
+            "aisix_requests_total",
+            &[chat_route, ("model", model), ("status", status)],
+        )
+    };
+    assert_eq!(requests("gpt", "200"), Some(2.0));
+    assert_eq!(requests("", "401"), Some(1.0));
+    // A model name nobody configured is not a label value (labels stay bounded).
+    assert_eq!(requests("", "404"), Some(1.0));
+    assert!(!text.contains("no-such-model-xyz"), "{text}");
+    assert_eq!(requests("limited", "429"), Some(1.0));
+    assert_eq!(requests("gpt", "422"), Some(1.0));
+    assert_eq!(requests("broken", "502"), Some(1.0));
+    for (policy, n) in [("rate_limit", 1.0), ("guardrail", 1.0)] {
+        assert_eq!(
+            sample(
+                &families,
+                "aisix_policy_rejections_total",
+                &[("policy", policy)]
+            ),
+            Some(n)
+        );
+    }
+    let tokens = |direction| {
+        sample(
+            &families,
+            "aisix_tokens_total",
+            &[("model", "gpt"), ("direction", direction)],
+        )
+    };
+    assert_eq!((tokens("input"), tokens("output")), (Some(20.0), Some(6.0)));
+    assert_eq!(
+        sample(
+            &families,
+            "aisix_upstream_failures_total",
+            &[("model", "broken"), ("kind", "server_error")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        family(&families, "aisix_request_duration_seconds")["type"],
+        "histogram"
+    );
+    assert_eq!(
+        sample(
+            &families,
+            "aisix_request_duration_seconds_count",
+            &[chat_route, ("model", "gpt")]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(
+            &families,
+            "aisix_time_to_first_token_seconds_count",
+            &[chat_route, ("model", "gpt")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &families,
+            "aisix_upstream_duration_seconds_count",
+            &[("model", "gpt")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(family(&families, "aisix_config_source")["type"], "info");
+    assert_eq!(
+        sample(&families, "aisix_config_source_info", &[("source", "file")]),
+        Some(1.0)
+    );
+    assert_eq!(sample(&families, "aisix_snapshot_revision", &[]), Some(1.0));
+    assert_eq!(
+        sample(&families, "aisix_snapshot_applies_total", &[]),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&families, "aisix_snapshot_rejected_resources", &[]),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&families, "aisix_snapshot_resources", &[("kind", "models")]),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(&families, "aisix_model_health", &[("model", "broken")]),
+        Some(0.0)
+    );
+    assert!(sample(&families, "aisix_snapshot_age_seconds", &[]).is_some());
+    // File mode has no watch to be connected, and no certificate or usage queue.
+    for absent in [
+        "aisix_config_connected",
+        "aisix_certificate_remaining_days",
+        "aisix_usage_queue_events",
+    ] {
+        assert!(families.iter().all(|f| f["name"] != absent), "{absent}");
+    }
+    seen.push_str(&text);
+
+    // /status/config and /status/ready.
+    let status: Value = http
+        .get(format!("{}/status/config", agent.metrics))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["source"], "file");
+    assert_eq!(status["loaded_from"], "file");
+    assert_eq!(status["connected"], Value::Null);
+    assert_eq!(status["applied_revision"], 1);
+    assert_eq!(status["config_hash"].as_str().unwrap().len(), 64);
+    assert_eq!(
+        status["resources"],
+        json!({"provider_keys": 1, "models": 3, "api_keys": 1, "guardrails": 1})
+    );
+    let rejected = &status["rejected_resources"][0];
+    assert_eq!(rejected["key"], "/aisix/models/m4");
+    assert!(
+        rejected["error"].as_str().unwrap().contains("pk-missing"),
+        "{rejected}"
+    );
+    assert_eq!(status["ignored_config_sections"], json!(["upstream"]));
+    seen.push_str(&status.to_string());
+    let ready = http
+        .get(format!("{}/status/ready", agent.metrics))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    assert_eq!(
+        ready.json::<Value>().await.unwrap(),
+        json!({"ready": true, "config_loaded": true, "draining": false})
+    );
+
+    // One access-log line per request, with what happened.
+    let output = agent.process.output();
+    let ok = access_line(&output, "obs-ok");
+    assert_eq!(ok["status"], 200);
+    assert_eq!(ok["api_key_id"], "k1");
+    assert_eq!(ok["model"], "gpt");
+    assert_eq!(ok["served_by"], "gpt");
+    assert_eq!(
+        (ok["input_tokens"].as_u64(), ok["output_tokens"].as_u64()),
+        (Some(10), Some(3))
+    );
+    assert!(ok["latency_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(ok["error_type"], Value::Null);
+    let streamed = access_line(&output, "obs-stream");
+    assert_eq!(streamed["output_tokens"], 3);
+    assert!(streamed["ttft_ms"].as_f64().is_some(), "{streamed}");
+    let limited = access_line(&output, "obs-lim2");
+    assert_eq!(limited["status"], 429);
+    assert_eq!(limited["error_type"], "rate_limit_exceeded");
+    let bad = access_line(&output, "obs-badkey");
+    assert_eq!(bad["error_type"], "invalid_api_key");
+    assert_eq!(bad["api_key_id"], Value::Null);
+    assert_eq!(
+        access_line(&output, "obs-guard")["error_type"],
+        "content_filter"
+    );
+    assert_eq!(
+        access_line(&output, "obs-broken")["error_type"],
+        "upstream_error"
+    );
+    assert_eq!(
+        output.matches("\"target\":\"aisix::access\"").count(),
+        9,
+        "one line per request: start-up's /livez probe and the eight calls (scrapes are on another listener)"
+    );
+
+    // The planted secrets reached the upstream (that is their job) and nowhere else:
+    // not the log (at debug), not a response, not metrics or status.
+    assert!(
+        agent
+            .mock
+            .requests()
+            .iter()
+            .any(|r| r.headers.values().any(|v| v.contains(PROVIDER_SECRET))),
+        "the provider key is what the upstream receives"
+    );
+    agent.process.signal("TERM");
+    agent.process.wait_exit(Duration::from_secs(10)).await;
+    let output = agent.process.output();
+    assert!(output.contains("\"level\":\"DEBUG\""), "debug logs were on");
+    for secret in [PROVIDER_SECRET, CALLER_SECRET, WRONG_SECRET] {
+        assert!(!output.contains(secret), "{secret} in the log:\n{output}");
+        assert!(!seen.contains(secret), "{secret} in a response:\n{seen}");
+    }
+}
+
+/// Starts an agent with an empty resources file and `observability` settings.
+async fn start_plain(observability: &str, dir: &Path) -> (Process, String) {
+    std::fs::write(dir.join("r.yaml"), "models: []\n").unwrap();
+    let config = dir.join("c.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "resources_file: {}\nproxy:\n  addr: 127.0.0.1:0\nobservability:\n{observability}shutdown:\n  min_drain_secs: 3\n",
+            dir.join("r.yaml").display()
+        ),
+    )
+    .unwrap();
+    start_agent(&config).await
+}
+
+#[tokio::test]
+async fn status_ready_fails_while_draining() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut process, _) = start_plain("  log_level: info\n", dir.path()).await;
+    let line = process
+        .wait_for_line("metrics listener ready", Duration::from_secs(10))
+        .await;
+    let url = format!("http://{}/status/ready", addr_in(&line));
+    let http = http_client();
+    let get = || async {
+        let r = http.get(&url).send().await.unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    assert_eq!(get().await.0, 200);
+    process.signal("TERM");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    let answer = loop {
+        let answer = get().await;
+        if answer.0 == 503 || tokio::time::Instant::now() > deadline {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(
+        answer,
+        (
+            503,
+            json!({"ready": false, "config_loaded": true, "draining": true})
+        )
+    );
+    assert!(process.wait_exit(Duration::from_secs(15)).await.success());
+}
+
+#[tokio::test]
+async fn metrics_listener_can_be_disabled() {
+    let dir = tempfile::tempdir().unwrap();
+    let (process, proxy) =
+        start_plain("  metrics:\n    prometheus: {enabled: false}\n", dir.path()).await;
+    let ok = http_client()
+        .get(format!("{proxy}/livez"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let output = process.output();
+    assert!(output.contains("proxy listener ready"), "{output}");
+    assert!(!output.contains("metrics listener ready"), "{output}");
+}
