@@ -13,7 +13,8 @@ use tokio::signal::unix::{SignalKind, signal};
 #[command(
     name = "aisix-agent",
     version,
-    about = "The AISIX AI gateway edge agent"
+    about = "The AISIX AI gateway edge agent",
+    after_help = AFTER_HELP
 )]
 struct Cli {
     /// Path of the YAML config file.
@@ -43,6 +44,24 @@ enum Command {
         state_dir: PathBuf,
     },
 }
+
+const AFTER_HELP: &str = "\
+Without a command, serves: the proxy (proxy.addr), the status listener with metrics,
+/status/config and /status/ready (observability.metrics.prometheus.addr), and in
+self-hosted mode the admin listener (admin.addr).
+
+Configuration: the YAML file named by --config. AISIX_<SECTION>__<FIELD> environment
+variables override its keys (AISIX_PROXY__ADDR=127.0.0.1:8080,
+AISIX_OBSERVABILITY__METRICS__PROMETHEUS__ADDR=127.0.0.1:9091). RUST_LOG overrides
+observability.log_level.
+
+Signals: SIGHUP re-reads the resources file (file mode). SIGTERM or SIGINT drains
+(liveness fails, in-flight requests finish) and exits 0; a second one exits at once.
+
+Exit status: 0 after a clean shutdown or a valid config; 1 on a start-up or runtime
+failure, or a resource problem found by validate; 2 when the config file is invalid.
+
+Documentation: docs/configuration.md, docs/operations.md, docs/deployment.md.";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -384,6 +384,33 @@ async fn validate_reports_every_problem() {
         out.contains("ok (1 provider keys, 1 models, 1 api keys)"),
         "{out}"
     );
+
+    // An invalid config file is exit status 2; a bad environment override names itself.
+    let out = std::process::Command::new(binary("aisix-agent"))
+        .args(["validate", "--config", config.to_str().unwrap()])
+        .env("AISIX_PROXY__ADDR", "not-an-address")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("proxy.addr"), "{err}");
+
+    // --help says what the binary does without a command, how to override the config,
+    // the signals and the exit statuses.
+    let (ok, help) = run_to_exit(&["--help"]).await;
+    assert!(ok);
+    for needle in [
+        "validate",
+        "enroll",
+        "AISIX_<SECTION>__<FIELD>",
+        "RUST_LOG",
+        "SIGHUP",
+        "SIGTERM",
+        "Exit status",
+        "/status/config",
+    ] {
+        assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
+    }
 }
 
 #[tokio::test]
