@@ -217,6 +217,13 @@ pub fn key_hash(plaintext: &str) -> String {
     hex::encode(Sha256::digest(plaintext.as_bytes()))
 }
 
+/// `GET url`, expecting 200 and a JSON body.
+pub async fn get_json(url: &str) -> serde_json::Value {
+    let response = http_client().get(url).send().await.unwrap();
+    assert_eq!(response.status(), 200, "GET {url}");
+    response.json().await.unwrap()
+}
+
 /// An HTTP client for talking to the processes under test.
 pub fn http_client() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();

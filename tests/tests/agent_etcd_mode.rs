@@ -86,15 +86,7 @@ impl Agent {
 
     /// `GET /status/config`.
     async fn config_status(&self) -> Value {
-        let url = format!("{}/status/config", self.status);
-        self.http
-            .get(url)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        tests::get_json(&format!("{}/status/config", self.status)).await
     }
 
     async fn create(&self, kind: &str, body: Value) -> String {

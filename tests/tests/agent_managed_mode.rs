@@ -1153,14 +1153,7 @@ async fn metrics_and_status_show_the_control_plane_link_and_no_secret_leaks() {
     seen.push_str(&metrics_text);
 
     // /status/config agrees with what the heartbeats tell the control plane.
-    let status: Value = http_client()
-        .get(format!("{base}/status/config"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = tests::get_json(&format!("{base}/status/config")).await;
     assert_eq!(status["source"], "control_plane");
     assert_eq!(status["connected"], true);
     eventually(

@@ -305,14 +305,7 @@ async fn metrics_status_and_access_log_tell_what_happened_and_no_secret_leaks() 
     seen.push_str(&text);
 
     // /status/config and /status/ready.
-    let status: Value = http
-        .get(format!("{}/status/config", agent.metrics))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = tests::get_json(&format!("{}/status/config", agent.metrics)).await;
     assert_eq!(status["source"], "file");
     assert_eq!(status["loaded_from"], "file");
     assert_eq!(status["connected"], Value::Null);
