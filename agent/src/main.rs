@@ -139,9 +139,11 @@ fn serve(config: Config) -> anyhow::Result<ExitCode> {
             admin_listener,
             metrics_listener,
         };
+        // Handlers are installed before anything serves, so an early SIGTERM drains too.
+        let signals = Signals::install()?;
         tokio::select! {
             result = agent::run(prepared, controls.clone()) => result,
-            result = forward_signals(controls) => result,
+            result = signals.forward(controls) => result,
         }
     })?;
     Ok(ExitCode::SUCCESS)
@@ -165,18 +167,31 @@ fn enroll(cp: &str, token: &str, state_dir: &Path) -> anyhow::Result<()> {
 }
 
 /// SIGHUP reloads; the first SIGTERM/SIGINT drains; a second one exits at once.
-async fn forward_signals(controls: Controls) -> anyhow::Result<()> {
-    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
-    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    loop {
-        tokio::select! {
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading the resources file");
-                controls.reload.notify_one();
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        Ok(Self {
+            hup: signal(SignalKind::hangup()).context("cannot handle SIGHUP")?,
+            term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+        })
+    }
+
+    async fn forward(mut self, controls: Controls) -> anyhow::Result<()> {
+        loop {
+            tokio::select! {
+                _ = self.hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the resources file");
+                    controls.reload.notify_one();
+                }
+                _ = self.term.recv() => stop(&controls),
+                _ = self.int.recv() => stop(&controls),
             }
-            _ = term.recv() => stop(&controls),
-            _ = int.recv() => stop(&controls),
         }
     }
 }

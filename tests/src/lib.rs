@@ -57,8 +57,9 @@ impl Process {
                 "AISIX_OBSERVABILITY__METRICS__PROMETHEUS__ADDR",
                 "127.0.0.1:0",
             )
-            .envs(envs.iter().copied())
+            // The caller's RUST_LOG would change what the processes print.
             .env_remove("RUST_LOG")
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

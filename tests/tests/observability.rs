@@ -453,3 +453,47 @@ async fn metrics_listener_can_be_disabled() {
     assert!(output.contains("proxy listener ready"), "{output}");
     assert!(!output.contains("metrics listener ready"), "{output}");
 }
+
+#[tokio::test]
+async fn rust_log_overrides_the_configured_level() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("r.yaml"), "models: []\n").unwrap();
+    // A known port, so readiness can be polled without a log line.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.path().join("c.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "resources_file: {}\nproxy:\n  addr: 127.0.0.1:{port}\nobservability:\n  log_level: error\nshutdown:\n  min_drain_secs: 0\n",
+            dir.path().join("r.yaml").display()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let run = |envs: &'static [(&'static str, &'static str)]| async move {
+        let mut agent = Process::start(&tests::binary("aisix-agent"), &["--config", config], envs);
+        let url = format!("http://127.0.0.1:{port}/livez");
+        tests::eventually("the agent answers", Duration::from_secs(10), || async {
+            http_client()
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        agent.signal("TERM");
+        assert!(agent.wait_exit(Duration::from_secs(10)).await.success());
+        agent.output()
+    };
+    // The configured level: nothing below ERROR.
+    let output = run(&[]).await;
+    assert!(!output.contains("INFO"), "{output}");
+    // RUST_LOG wins: INFO lines, minus the access log it turned off.
+    let output = run(&[("RUST_LOG", "info,aisix::access=off")]).await;
+    assert!(output.contains("proxy listener ready"), "{output}");
+    assert!(!output.contains("aisix::access"), "{output}");
+}
