@@ -499,6 +499,18 @@ mod tests {
             output_tokens: 3,
             error_type: None,
         });
+        for error_type in ["billing_error", "content_filter", "invalid_api_key"] {
+            m.record_request(&RequestRecord {
+                route: "/v1/messages",
+                model: None,
+                status: 429,
+                duration: Duration::from_millis(1),
+                ttft: None,
+                input_tokens: 0,
+                output_tokens: 0,
+                error_type: Some(error_type),
+            });
+        }
         m.record_upstream_failure(&model, "timeout");
         let text = m.render(Readings {
             source: Some("etcd"),
@@ -513,6 +525,9 @@ mod tests {
             "aisix_requests_total{route=\"/v1/chat/completions\",model=\"gpt-4o\",status=\"429\"} 1",
             "aisix_tokens_total{model=\"gpt-4o\",direction=\"input\"} 10",
             "aisix_policy_rejections_total{policy=\"rate_limit\"} 1",
+            "aisix_policy_rejections_total{policy=\"budget\"} 1",
+            "aisix_policy_rejections_total{policy=\"guardrail\"} 1",
+            "aisix_requests_total{route=\"/v1/messages\",model=\"\",status=\"429\"} 3",
             "aisix_upstream_failures_total{model=\"gpt-4o\",kind=\"timeout\"} 1",
             "aisix_time_to_first_token_seconds_count{route=\"/v1/chat/completions\",model=\"gpt-4o\"} 1",
             "aisix_config_source_info{source=\"etcd\"} 1",
@@ -526,6 +541,7 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }
+        assert_eq!(text.matches("aisix_policy_rejections_total{").count(), 3);
         assert!(text.ends_with("# EOF\n"));
         assert_eq!(text.matches("# EOF").count(), 1);
     }

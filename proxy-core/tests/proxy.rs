@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use cloud_mock::provider::Script;
 use common::*;
 use futures_util::StreamExt;
-use proxy_core::http::ProxyOptions;
+use proxy_core::http::{Hooks, ProxyOptions};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -478,7 +478,12 @@ async fn input_guardrails_block_before_dispatch_without_echoing_the_match() {
 
 #[tokio::test]
 async fn output_guardrails_block_answers_and_end_streams_with_an_error_event() {
-    let h = harness(ProxyOptions::default()).await;
+    let metrics = std::sync::Arc::new(proxy_core::metrics::Metrics::default());
+    let hooks = Hooks {
+        metrics: metrics.clone(),
+        ..Hooks::default()
+    };
+    let h = harness_with(ProxyOptions::default(), hooks).await;
     // The mock answers "Hello from the mock provider.".
     let r = h.chat(Some(CALLER), says("guarded-out", "hi", false)).await;
     assert_eq!(
@@ -498,6 +503,12 @@ async fn output_guardrails_block_answers_and_end_streams_with_an_error_event() {
     assert!(
         !text.contains("[DONE]") && !text.contains("provider"),
         "{text}"
+    );
+    // Both count as guardrail rejections: the 422 and the stream cut after a 200.
+    let exposition = metrics.render(proxy_core::metrics::Readings::default());
+    assert!(
+        exposition.contains("aisix_policy_rejections_total{policy=\"guardrail\"} 2"),
+        "{exposition}"
     );
     // Monitor mode lets everything through.
     let r = h
