@@ -120,8 +120,10 @@ pub fn prepare_source(config: &Config) -> anyhow::Result<PreparedSource> {
         (Some(etcd), _) => {
             let client = Arc::new(etcd_client(etcd)?);
             let cache = match &etcd.cache_dir {
+                // The cache holds provider credentials: the directory is kept 0700.
                 Some(dir) => Some(
-                    SnapshotCache::open(dir, &config.prefix())
+                    managed::create_state_dir(dir)
+                        .and_then(|()| Ok(SnapshotCache::open(dir, &config.prefix())?))
                         .with_context(|| format!("etcd.cache_dir: {}", dir.display()))?,
                 ),
                 None => None,

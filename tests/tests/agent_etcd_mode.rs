@@ -558,7 +558,20 @@ async fn starts_from_the_cache_with_etcd_down_and_converges_when_it_returns() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
+    // A cache directory open to others is closed at start (it holds provider keys).
+    std::fs::create_dir(dir.path().join("state")).unwrap();
+    let mode = |path: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    };
+    std::fs::set_permissions(
+        dir.path().join("state"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let mut agent = Agent::start(dir.path(), &etcd.url()).await;
+    assert_eq!(mode(&dir.path().join("state")), 0o700);
+    assert!(agent.process.output().contains("setting it to 0700"));
     let pk = seed(&agent, &mock).await;
     agent.wait_models(&["gpt"]).await;
     let revision = agent.health().await["config"]["snapshot_revision"].clone();
