@@ -161,28 +161,61 @@ pub fn open_or_replace(dir: &Path, name: &str, what: &str) -> Result<sled::Db, C
     })?;
     match open_db(&path) {
         Ok(db) => Ok(db),
-        Err(message) => {
+        Err(Unopened::Locked(message)) => Err(CacheError::Open {
+            path,
+            message: format!(
+                "in use by another process ({message}); each agent needs its own state directory"
+            ),
+        }),
+        Err(Unopened::Damaged(message)) => {
             let aside = dir.join(format!("{name}.unreadable-{}", unix_now()));
             warn!(path = %path.display(), error = %message, moved_to = %aside.display(), "{what} unreadable; ignoring it and starting a new one");
             std::fs::rename(&path, &aside).map_err(|e| CacheError::Open {
                 path: path.clone(),
                 message: format!("{message}; and it cannot be moved aside: {e}"),
             })?;
-            open_db(&path).map_err(|message| CacheError::Open { path, message })
+            open_db(&path).map_err(|e| CacheError::Open {
+                path,
+                message: match e {
+                    Unopened::Locked(m) | Unopened::Damaged(m) => m,
+                },
+            })
         }
     }
 }
 
-fn open_db(path: &Path) -> Result<sled::Db, String> {
-    // sled reports most damage as errors, but a mangled file can also make it panic;
-    // either way the cache is unusable and must not take the agent down.
-    let attempt = std::panic::catch_unwind(|| sled::Config::new().path(path).open());
-    match attempt {
-        Ok(Ok(db)) => Ok(db),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("the database is damaged".to_owned()),
+/// Why a database did not open: held by someone else (never moved aside), or damaged.
+enum Unopened {
+    Locked(String),
+    Damaged(String),
+}
+
+/// Opens a sled database. A lock held elsewhere is waited for briefly (a database
+/// closed a moment ago in this process may still be releasing it), then reported.
+fn open_db(path: &Path) -> Result<sled::Db, Unopened> {
+    let mut waited = std::time::Duration::ZERO;
+    loop {
+        // sled reports most damage as errors, but a mangled file can also make it
+        // panic; either way the cache is unusable and must not take the agent down.
+        let attempt = std::panic::catch_unwind(|| sled::Config::new().path(path).open());
+        match attempt {
+            Ok(Ok(db)) => return Ok(db),
+            // sled says so only in its message (an `Other` I/O error).
+            Ok(Err(sled::Error::Io(e))) if e.to_string().contains("could not acquire lock") => {
+                if waited >= LOCK_WAIT {
+                    return Err(Unopened::Locked(e.to_string()));
+                }
+                std::thread::sleep(LOCK_RETRY);
+                waited += LOCK_RETRY;
+            }
+            Ok(Err(e)) => return Err(Unopened::Damaged(e.to_string())),
+            Err(_) => return Err(Unopened::Damaged("the database is damaged".to_owned())),
+        }
     }
 }
+
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Restores the cached snapshot into `store` (source `cache`). Returns whether one was
 /// applied.
@@ -288,6 +321,19 @@ mod tests {
 
         let other = SnapshotCache::open(dir.path(), "/other").unwrap();
         assert!(other.restore().is_none());
+    }
+
+    #[test]
+    fn a_database_in_use_is_reported_not_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = SnapshotCache::open(dir.path(), "/aisix").unwrap();
+        let e = SnapshotCache::open(dir.path(), "/aisix")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("in use by another process"), "{e}");
+        let entries: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(entries.len(), 1, "nothing was moved aside");
     }
 
     #[test]
