@@ -21,7 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use proxy_core::metrics::{CONTENT_TYPE, Readings};
-use proxy_core::snapshot::{RejectedResource, Source};
+use proxy_core::snapshot::{RejectedResource, Snapshot, Source};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -64,7 +64,6 @@ impl Status {
         let store = &self.shared.store;
         let snapshot = store.load();
         let freshness = store.freshness();
-        let (provider_keys, models, api_keys) = snapshot.counts();
         let now = time::OffsetDateTime::now_utc();
         Readings {
             source: freshness.source.map(Source::as_str),
@@ -73,12 +72,7 @@ impl Status {
             age: freshness.age,
             applies: store.applies(),
             rejected: snapshot.rejections().count() as u64,
-            resources: vec![
-                ("provider_keys", provider_keys as u64),
-                ("models", models as u64),
-                ("api_keys", api_keys as u64),
-                ("guardrails", snapshot.guardrails().count() as u64),
-            ],
+            resources: Resources::of(&snapshot).by_kind(),
             model_health: snapshot
                 .models()
                 .map(|m| (m.name.clone(), self.shared.health.of(&snapshot, m).as_u8()))
@@ -115,6 +109,7 @@ struct ConfigStatus {
     ignored_config_sections: Vec<String>,
 }
 
+/// Resources in the snapshot, by kind.
 #[derive(Serialize)]
 struct Resources {
     provider_keys: usize,
@@ -123,11 +118,34 @@ struct Resources {
     guardrails: usize,
 }
 
+impl Resources {
+    fn of(snapshot: &Snapshot) -> Self {
+        let (provider_keys, models, api_keys) = snapshot.counts();
+        Self {
+            provider_keys,
+            models,
+            api_keys,
+            guardrails: snapshot.guardrails().count(),
+        }
+    }
+
+    fn by_kind(&self) -> Vec<(&'static str, u64)> {
+        [
+            ("provider_keys", self.provider_keys),
+            ("models", self.models),
+            ("api_keys", self.api_keys),
+            ("guardrails", self.guardrails),
+        ]
+        .into_iter()
+        .map(|(kind, n)| (kind, n as u64))
+        .collect()
+    }
+}
+
 async fn config(State(status): State<Arc<Status>>) -> Json<ConfigStatus> {
     let store = &status.shared.store;
     let snapshot = store.load();
     let freshness = store.freshness();
-    let (provider_keys, models, api_keys) = snapshot.counts();
     Json(ConfigStatus {
         source: status.source,
         loaded_from: freshness.source,
@@ -135,12 +153,7 @@ async fn config(State(status): State<Arc<Status>>) -> Json<ConfigStatus> {
         applied_revision: freshness.revision,
         snapshot_age_seconds: freshness.age.map(|a| a.as_secs_f64()),
         config_hash: store.config_hash(),
-        resources: Resources {
-            provider_keys,
-            models,
-            api_keys,
-            guardrails: snapshot.guardrails().count(),
-        },
+        resources: Resources::of(&snapshot),
         rejected_resources: store.rejected(),
         ignored_config_sections: status.ignored.clone(),
     })

@@ -97,33 +97,32 @@ impl Tokens {
     }
 }
 
-/// A usage event waiting for the request to complete.
+/// The outcome of a call waiting for its tokens: the usage event (when a sink wants
+/// one), the rate-limit token charge, and the request's record.
 pub struct Pending {
-    sink: Option<Arc<dyn UsageSink>>,
+    /// The sink and the event for it; `None` without a sink (nothing is built).
+    report: Option<(Arc<dyn UsageSink>, UsageEvent)>,
     /// The request's facts for the access log and metrics: given the tokens too.
     record: Record,
     /// Rate-limit lease: charged the tokens, and its concurrency slots freed, at the end.
     lease: Option<Lease>,
-    event: UsageEvent,
     cost: Option<Cost>,
     started: Instant,
 }
 
 impl Pending {
-    /// `event` carries everything but tokens, cost, latency and `ttft_ms`.
+    /// The event carries everything but tokens, cost, latency and `ttft_ms`.
     pub fn new(
-        sink: Option<Arc<dyn UsageSink>>,
+        report: Option<(Arc<dyn UsageSink>, UsageEvent)>,
         lease: Option<Lease>,
         record: Record,
-        event: UsageEvent,
         cost: Option<Cost>,
         started: Instant,
     ) -> Self {
         Self {
-            sink,
+            report,
             record,
             lease,
-            event,
             cost,
             started,
         }
@@ -131,10 +130,9 @@ impl Pending {
 
     pub fn finish(self, tokens: Tokens, ttft: Option<Duration>) {
         let Pending {
-            sink,
+            report,
             record,
             lease,
-            mut event,
             cost,
             started,
         } = self;
@@ -145,7 +143,7 @@ impl Pending {
             );
         }
         record.usage(tokens, ttft);
-        let Some(sink) = sink else {
+        let Some((sink, mut event)) = report else {
             return;
         };
         event.prompt_tokens = tokens.prompt;
@@ -256,10 +254,9 @@ mod tests {
             output_per_1k: 2.0,
         };
         Pending::new(
-            Some(sink),
+            Some((sink, event)),
             None,
             Record::new("test".into()),
-            event,
             Some(cost),
             Instant::now(),
         )

@@ -598,10 +598,21 @@ async fn starts_from_the_cache_with_etcd_down_and_converges_when_it_returns() {
         agent.health().await["config"]["snapshot_revision"],
         revision
     );
+    // Status says where the snapshot came from and that etcd is not reached.
+    let status = agent.config_status().await;
+    assert_eq!(status["source"], "etcd");
+    assert_eq!(status["loaded_from"], "cache");
+    assert_eq!(status["connected"], false);
+    assert_eq!(status["applied_revision"], revision);
 
     etcd.restart().await;
     etcd.etcdctl(&["del", "/aisix/models/", "--prefix"]);
     agent.wait_models(&[]).await;
+    let status = agent.config_status().await;
+    assert_eq!(
+        (&status["loaded_from"], &status["connected"]),
+        (&json!("etcd"), &json!(true))
+    );
     drop(agent);
 
     // A damaged cache is reported and ignored: the agent starts and follows etcd.

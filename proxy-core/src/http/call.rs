@@ -136,26 +136,33 @@ async fn handle(
     let quota_headers = lease.as_ref().map(quota_headers).unwrap_or_default();
     // The usage event and the token charge of the outcome (built once, for the answer).
     let mut usage = |served_by: &Model, status: StatusCode| {
-        let sink = state.0.hooks.usage.clone();
-        let lease = lease.take();
-        let event = UsageEvent {
-            event_id: call.call_id.clone(),
-            request_id: request_id.to_owned(),
-            api_key_id: caller.id.to_string(),
-            model: model.name.to_string(),
-            provider: provider_of(&snapshot, served_by),
-            served_by: served_by.name.to_string(),
-            prompt_tokens: 0,
-            completion_tokens: 0,
-            cost_usd: 0.0,
-            status_code: status.as_u16(),
-            stream: request.stream,
-            latency_ms: 0,
-            ttft_ms: None,
-            timestamp_unix_ms: unix_now_ms(),
-        };
+        let report = state.0.hooks.usage.clone().map(|sink| {
+            let event = UsageEvent {
+                event_id: call.call_id.clone(),
+                request_id: request_id.to_owned(),
+                api_key_id: caller.id.to_string(),
+                model: model.name.to_string(),
+                provider: provider_of(&snapshot, served_by),
+                served_by: served_by.name.to_string(),
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                cost_usd: 0.0,
+                status_code: status.as_u16(),
+                stream: request.stream,
+                latency_ms: 0,
+                ttft_ms: None,
+                timestamp_unix_ms: unix_now_ms(),
+            };
+            (sink, event)
+        });
         let cost = served_by.cost.or(model.cost);
-        Pending::new(sink, lease, call.record.clone(), event, cost, call.started)
+        Pending::new(
+            report,
+            lease.take(),
+            call.record.clone(),
+            cost,
+            call.started,
+        )
     };
     let cache = match &state.0.cache {
         Some(cache) if endpoint.cacheable() && !request.stream && !refuses_cache(headers) => {
