@@ -257,6 +257,17 @@ pub struct AdminSection {
     pub addr: SocketAddr,
     /// Accepted as `Authorization: Bearer <key>` or `x-api-key: <key>`.
     pub admin_keys: Vec<Secret>,
+    /// Serve the admin API over HTTPS.
+    pub tls: Option<ListenerTlsSection>,
+}
+
+/// `proxy.tls` / `admin.tls`: the listener serves HTTPS with this certificate (chain,
+/// leaf first) and key, both PEM files; the key file must be private (0600).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTlsSection {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 fn default_admin_addr() -> SocketAddr {
@@ -276,6 +287,15 @@ pub struct ProxySection {
     /// The header trusted proxies put the client address in (a comma-separated list,
     /// nearest proxy last, like `x-forwarded-for`).
     pub client_ip_header: String,
+    /// Serve the proxy over HTTPS.
+    pub tls: Option<ListenerTlsSection>,
+    /// Open connections at most; past it new connections wait in the listen backlog.
+    pub max_connections: usize,
+    /// Time allowed for a TLS handshake and for each request's headers; idle
+    /// keep-alive connections are closed after it.
+    pub header_read_timeout_ms: u64,
+    /// Largest request head (request line and headers); larger ones get 431.
+    pub max_header_bytes: usize,
 }
 
 impl Default for ProxySection {
@@ -286,6 +306,10 @@ impl Default for ProxySection {
             request_id: RequestIdSection::default(),
             trusted_proxies: Vec::new(),
             client_ip_header: "x-forwarded-for".to_owned(),
+            tls: None,
+            max_connections: 10_000,
+            header_read_timeout_ms: 30_000,
+            max_header_bytes: 64 * 1024,
         }
     }
 }
@@ -471,6 +495,27 @@ impl Config {
                 if value == 0 {
                     return Err((field, "must be greater than 0".to_owned()));
                 }
+            }
+        }
+        for (field, value, least) in [
+            (
+                "proxy.max_connections",
+                self.proxy.max_connections as u64,
+                1,
+            ),
+            (
+                "proxy.header_read_timeout_ms",
+                self.proxy.header_read_timeout_ms,
+                1,
+            ),
+            (
+                "proxy.max_header_bytes",
+                self.proxy.max_header_bytes as u64,
+                1024,
+            ),
+        ] {
+            if value < least {
+                return Err((field, format!("must be at least {least}")));
             }
         }
         if http_header_name(&self.proxy.client_ip_header).is_none() {

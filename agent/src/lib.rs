@@ -15,13 +15,14 @@
 //! - `managed`: managed mode (bundle, mTLS client, heartbeats) over the same watcher.
 //! - `admin`: the self-hosted admin listener.
 //! - `status`: the metrics and status listener.
-//! - `logging`: tracing setup (text or JSON).
+//! - `logging`: tracing setup (text or JSON); `files`: permissions of secret files.
 
 pub mod admin;
 pub mod backoff;
 pub mod cache;
 pub mod config;
 pub mod etcd;
+pub mod files;
 pub mod logging;
 pub mod managed;
 pub mod resources_file;
@@ -34,7 +35,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use proxy_core::health::ModelHealth;
-use proxy_core::http::{Hooks, ProxyOptions, ProxyState, router, serve};
+use proxy_core::http::{Hooks, ListenerOptions, ProxyOptions, ProxyState, router, serve};
 use proxy_core::metrics::Metrics;
 use proxy_core::snapshot::{SnapshotStore, Source, SourceEvent};
 use proxy_core::upstream::Upstream;
@@ -46,7 +47,7 @@ use tracing::{error, info, warn};
 
 use crate::backoff::BackoffPolicy;
 use crate::cache::SnapshotCache;
-use crate::config::{Config, EtcdSection};
+use crate::config::{Config, EtcdSection, ListenerTlsSection};
 use crate::etcd::{EtcdClient, EtcdOptions};
 use crate::resources_file::ResourcesFile;
 use crate::watch::{WatchStatus, Watcher};
@@ -96,6 +97,39 @@ pub struct Prepared {
     pub admin_listener: Option<TcpListener>,
     /// The metrics and status listener, unless disabled.
     pub metrics_listener: Option<TcpListener>,
+    pub tls: ListenerTls,
+}
+
+/// HTTPS settings of the listeners that have them configured.
+#[derive(Default)]
+pub struct ListenerTls {
+    pub proxy: Option<Arc<rustls::ServerConfig>>,
+    pub admin: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl ListenerTls {
+    /// Reads `proxy.tls` and `admin.tls` (key files made private first).
+    pub fn prepare(config: &Config) -> anyhow::Result<Self> {
+        let load = |section: &Option<ListenerTlsSection>, name: &str| {
+            let Some(tls) = section else {
+                return Ok(None);
+            };
+            let cert = std::fs::read_to_string(&tls.cert_file).with_context(|| {
+                format!(
+                    "{name}.tls.cert_file: cannot read {}",
+                    tls.cert_file.display()
+                )
+            })?;
+            let key = files::read_private(&tls.key_file, &format!("{name}.tls.key_file"))?;
+            let config =
+                certs::tls::listener_config(&cert, &key).with_context(|| format!("{name}.tls"))?;
+            anyhow::Ok(Some(Arc::new(config)))
+        };
+        Ok(Self {
+            proxy: load(&config.proxy.tls, "proxy")?,
+            admin: load(&config.admin.as_ref().and_then(|a| a.tls.clone()), "admin")?,
+        })
+    }
 }
 
 /// What the proxy, the background tasks and the listeners share.
@@ -122,7 +156,7 @@ pub fn prepare_source(config: &Config) -> anyhow::Result<PreparedSource> {
             let cache = match &etcd.cache_dir {
                 // The cache holds provider credentials: the directory is kept 0700.
                 Some(dir) => Some(
-                    managed::create_state_dir(dir)
+                    files::private_dir(dir)
                         .and_then(|()| Ok(SnapshotCache::open(dir, &config.prefix())?))
                         .with_context(|| format!("etcd.cache_dir: {}", dir.display()))?,
                 ),
@@ -159,7 +193,10 @@ pub fn etcd_client(etcd: &EtcdSection) -> anyhow::Result<EtcdClient> {
                 ),
             };
             let client = match (&tls.cert_file, &tls.key_file) {
-                (Some(c), Some(k)) => Some((read("cert_file", c)?, read("key_file", k)?)),
+                (Some(c), Some(k)) => Some((
+                    read("cert_file", c)?,
+                    files::read_private(k, "etcd.tls.key_file")?,
+                )),
                 _ => None,
             };
             let config = certs::tls::plain_client_config(
@@ -193,6 +230,7 @@ pub async fn run(prepared: Prepared, controls: Controls) -> anyhow::Result<()> {
         proxy_listener,
         admin_listener,
         metrics_listener,
+        tls,
     } = prepared;
     for section in &config.ignored {
         warn!(
@@ -256,6 +294,7 @@ pub async fn run(prepared: Prepared, controls: Controls) -> anyhow::Result<()> {
             0 => None,
             n => Some(usize::try_from(n).unwrap_or(usize::MAX)),
         },
+        max_header_bytes: config.proxy.max_header_bytes,
         request_id_headers: config.request_id_headers(),
         trusted_proxies: config.proxy.trusted_proxies.clone(),
         client_ip_header: config.client_ip_header(),
@@ -272,13 +311,22 @@ pub async fn run(prepared: Prepared, controls: Controls) -> anyhow::Result<()> {
     );
     let servers = TaskTracker::new();
     let addr = proxy_listener.local_addr()?;
+    let proxy_options = ListenerOptions {
+        tls: tls.proxy,
+        header_read_timeout: Duration::from_millis(config.proxy.header_read_timeout_ms),
+        max_connections: config.proxy.max_connections,
+        // Heads up to twice the limit get the proxy's 431 envelope; hyper cuts larger.
+        max_head_bytes: config.proxy.max_header_bytes.saturating_mul(2),
+        ..ListenerOptions::plain("proxy")
+    };
+    let proxy_scheme = scheme(&proxy_options);
     servers.spawn(serve_logged(
-        "proxy",
         proxy_listener,
         router(state),
         stop.clone(),
+        proxy_options,
     ));
-    info!(addr = %addr, "proxy listener ready");
+    info!(addr = %addr, scheme = proxy_scheme, "proxy listener ready");
     if let (Some(listener), Some(client), Some(section)) = (admin_listener, etcd, &config.admin) {
         let admin = admin::Admin::new(
             store.clone(),
@@ -288,13 +336,18 @@ pub async fn run(prepared: Prepared, controls: Controls) -> anyhow::Result<()> {
             draining.clone(),
         );
         let addr = listener.local_addr()?;
+        let options = ListenerOptions {
+            tls: tls.admin,
+            ..ListenerOptions::plain("admin")
+        };
+        let scheme = scheme(&options);
         servers.spawn(serve_logged(
-            "admin",
             listener,
             admin::router(Arc::new(admin)),
             stop.clone(),
+            options,
         ));
-        info!(addr = %addr, "admin listener ready");
+        info!(addr = %addr, scheme, "admin listener ready");
     }
 
     if let Some(listener) = metrics_listener {
@@ -308,10 +361,10 @@ pub async fn run(prepared: Prepared, controls: Controls) -> anyhow::Result<()> {
         let path = &config.observability.metrics.prometheus.path;
         let addr = listener.local_addr()?;
         servers.spawn(serve_logged(
-            "metrics",
             listener,
             status::router(Arc::new(status), path),
             stop.clone(),
+            ListenerOptions::plain("metrics"),
         ));
         info!(addr = %addr, path, "metrics listener ready");
     }
@@ -363,13 +416,22 @@ pub async fn run(prepared: Prepared, controls: Controls) -> anyhow::Result<()> {
 }
 
 async fn serve_logged(
-    name: &'static str,
     listener: TcpListener,
     router: axum::Router,
     stop: CancellationToken,
+    options: ListenerOptions,
 ) {
-    if let Err(e) = serve(listener, router, stop).await {
+    let name = options.name;
+    if let Err(e) = serve(listener, router, stop, options).await {
         error!(listener = name, error = %e, "listener failed");
+    }
+}
+
+fn scheme(options: &ListenerOptions) -> &'static str {
+    if options.tls.is_some() {
+        "https"
+    } else {
+        "http"
     }
 }
 

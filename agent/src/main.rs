@@ -104,6 +104,7 @@ fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         let source = agent::prepare_source(&config)?;
+        let tls = agent::ListenerTls::prepare(&config)?;
         let addr = config.proxy.addr;
         let proxy_listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -138,6 +139,7 @@ fn serve(config: Config) -> anyhow::Result<ExitCode> {
             proxy_listener,
             admin_listener,
             metrics_listener,
+            tls,
         };
         // Handlers are installed before anything serves, so an early SIGTERM drains too.
         let signals = Signals::install()?;

@@ -134,6 +134,23 @@ pub fn server_config(
     finish_server_config(verifier, cert_pem, key_pem)
 }
 
+/// A server config for an HTTPS listener without client certificates (the proxy and
+/// admin listeners): `cert_pem` holds the chain to send, leaf first; TLS 1.2 minimum,
+/// HTTP/1.1 over ALPN.
+pub fn listener_config(cert_pem: &str, key_pem: &str) -> Result<ServerConfig, CertError> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)
+        .map_err(|e| CertError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(
+            pem_certs("certificate", cert_pem)?,
+            pem_key("key", key_pem)?,
+        )
+        .map_err(|e| CertError::Tls(format!("certificate and key: {e}")))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
 /// Decides, during the handshake, whether a gateway identity is refused (revoked).
 pub type Refuse = Arc<dyn Fn(&GatewayIdentity) -> bool + Send + Sync>;
 

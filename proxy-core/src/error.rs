@@ -28,6 +28,11 @@ pub enum ProxyError {
     },
     #[error("request body exceeds the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
+    #[error("request headers exceed the limit of {limit} bytes")]
+    HeadersTooLarge { limit: usize },
+    /// The body's declared type is not one the endpoint reads.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     /// An upstream 4xx, shown with its status; `error` holds the fields the caller sees.
     #[error("{}", .error.message)]
     UpstreamRejected {
@@ -121,6 +126,16 @@ impl ProxyError {
             }
             ProxyError::BodyTooLarge { .. } => (
                 StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                false,
+            ),
+            ProxyError::HeadersTooLarge { .. } => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "invalid_request_error",
+                false,
+            ),
+            ProxyError::UnsupportedMediaType(_) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "invalid_request_error",
                 false,
             ),
@@ -297,7 +312,7 @@ impl IntoResponse for ProxyError {
 /// Anthropic's error type for a status (the mapping its SDKs use).
 pub fn anthropic_error_type(status: StatusCode) -> &'static str {
     match status.as_u16() {
-        400 | 422 => "invalid_request_error",
+        400 | 415 | 422 | 431 => "invalid_request_error",
         401 => "authentication_error",
         403 => "permission_error",
         404 => "not_found_error",

@@ -65,6 +65,7 @@ impl BundleStore {
             return Ok(None);
         }
         let file = |name: &str| PemSource::File(active.join(name));
+        crate::files::keep_private(&active.join(KEY), "managed.state_dir");
         let bundle = Bundle::load(&file(CERT), &file(KEY), &file(CA), now).map_err(|e| {
             anyhow::anyhow!("the bundle kept in {} is not usable: {e}", active.display())
         })?;
@@ -155,6 +156,9 @@ fn configured(section: &ManagedSection, now: OffsetDateTime) -> anyhow::Result<O
         (None, Some(path)) => Some(PemSource::File(path.clone())),
         (None, None) => None,
     };
+    if let (None, Some(path)) = (&section.cp_key_pem, &section.cp_key_file) {
+        crate::files::keep_private(path, "managed.cp_key_file");
+    }
     let cert = item(&section.cp_cert_pem, &section.cp_cert_file);
     let key = item(&section.cp_key_pem, &section.cp_key_file);
     let ca = item(&section.cp_ca_pem, &section.cp_ca_file);

@@ -52,7 +52,7 @@ pub async fn enroll(cp_url: &str, token: &str, state_dir: &Path) -> anyhow::Resu
         anyhow::bail!("the control plane refused the enrollment ({status}): {reason}");
     }
     let bundle = super::bundle::signed(&body, csr.key_pem.expose(), &token.identity)?;
-    super::create_state_dir(state_dir)?;
+    crate::files::private_dir(state_dir)?;
     BundleStore::new(state_dir)
         .save(&BundlePems::from(&bundle))
         .with_context(|| {

@@ -26,7 +26,6 @@ pub mod heartbeat;
 pub mod rotation;
 pub mod usage;
 
-use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,7 +70,7 @@ pub struct Managed {
 /// client and opens the cache. Errors name what is wrong.
 pub fn prepare(section: &ManagedSection) -> anyhow::Result<Managed> {
     let dir = &section.state_dir;
-    create_state_dir(dir).context("managed.state_dir")?;
+    crate::files::private_dir(dir).context("managed.state_dir")?;
     let now = time::OffsetDateTime::now_utc();
     let bundle = bundle::resolve(section, now, true)?;
     let days_left = bundle.leaf.days_left(now);
@@ -110,25 +109,6 @@ pub fn prepare(section: &ManagedSection) -> anyhow::Result<Managed> {
         usage,
         prefix,
     })
-}
-
-/// Creates `dir` if needed and makes it 0700 (warning when it was open to others).
-pub fn create_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
-    let existed = dir.exists();
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
-    if mode != 0o700 {
-        if existed && mode & 0o077 != 0 {
-            warn!(
-                dir = %dir.display(),
-                mode = format!("{mode:o}"),
-                "the state directory was open to other users; setting it to 0700"
-            );
-        }
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("cannot set 0700 on {}", dir.display()))?;
-    }
-    Ok(())
 }
 
 impl Managed {

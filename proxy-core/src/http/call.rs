@@ -93,8 +93,10 @@ async fn handle(
     // A form (audio, images) is routed by its text fields and sent on as a form.
     let content_type = headers
         .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
-    let (form, fields) = if multipart::is_form(content_type) && !endpoint.has_messages() {
+        .map(|v| v.to_str().unwrap_or("(not text)"));
+    let forms = !endpoint.has_messages();
+    check_content_type(content_type, forms)?;
+    let (form, fields) = if forms && multipart::is_form(content_type) {
         let form = Form::parse(bytes.clone(), content_type.unwrap_or_default()).await?;
         let fields = Bytes::from(form.text_fields_json());
         (Some(form), fields)
@@ -552,6 +554,36 @@ fn build_response(
 
 /// Reads the whole body, refusing more than `limit` bytes (by Content-Length up front,
 /// and while reading for chunked bodies).
+/// JSON bodies (`application/json`, `*/*+json`, or no type at all) everywhere, forms
+/// where `forms`. `application/x-www-form-urlencoded` is read as JSON too: it is what
+/// `curl -d` declares when the caller does not say.
+fn check_content_type(content_type: Option<&str>, forms: bool) -> Result<(), ProxyError> {
+    let Some(declared) = content_type else {
+        return Ok(());
+    };
+    let essence = declared
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    let json = essence == "application/json"
+        || essence == "application/x-www-form-urlencoded"
+        || (essence.starts_with("application/") && essence.ends_with("+json"));
+    if json || (forms && essence == "multipart/form-data") {
+        return Ok(());
+    }
+    let expected = if forms {
+        "application/json or multipart/form-data"
+    } else {
+        "application/json"
+    };
+    Err(ProxyError::UnsupportedMediaType(format!(
+        "Content-Type '{}' is not supported here: send {expected}",
+        declared.chars().take(100).collect::<String>()
+    )))
+}
+
 pub(super) async fn read_body(
     body: Body,
     headers: &HeaderMap,

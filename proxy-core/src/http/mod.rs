@@ -12,6 +12,7 @@
 mod basic;
 mod call;
 mod endpoint;
+mod listener;
 mod passthrough;
 mod record;
 
@@ -28,11 +29,11 @@ use axum::response::Response;
 use axum::routing::{MethodRouter, any, get, post};
 use axum::{Extension, Router};
 use ipnet::IpNet;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::budget::BudgetGate;
 use crate::cache::{CacheOptions, ResponseCache};
+use crate::error::{Envelope, ProxyError};
 use crate::health::ModelHealth;
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
@@ -43,6 +44,7 @@ use crate::usage::UsageSink;
 use crate::upstream::Upstream;
 pub use basic::livez_response;
 use endpoint::Endpoint;
+pub use listener::{ListenerOptions, serve};
 pub use record::{ErrorType, Record, route_label};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-aisix-request-id");
@@ -55,6 +57,9 @@ pub const CACHE_STATUS: HeaderName = HeaderName::from_static("x-aisix-cache");
 pub struct ProxyOptions {
     /// Largest accepted request body; `None` means unlimited.
     pub body_limit: Option<usize>,
+    /// Largest accepted request head (request line and headers); larger ones are
+    /// refused with 431 in the route's envelope.
+    pub max_header_bytes: usize,
     /// Extra headers, besides `x-aisix-request-id`, whose value may be adopted as the
     /// request id (e.g. `x-request-id`), in order of preference.
     pub request_id_headers: Vec<HeaderName>,
@@ -82,6 +87,7 @@ impl Default for ProxyOptions {
     fn default() -> Self {
         Self {
             body_limit: None,
+            max_header_bytes: 64 * 1024,
             request_id_headers: Vec::new(),
             access_log: false,
             trusted_proxies: Vec::new(),
@@ -205,27 +211,6 @@ fn routed(endpoint: Endpoint) -> MethodRouter<ProxyState> {
     )
 }
 
-/// Serves `router` on `listener` until `stop` is cancelled, then stops accepting and
-/// waits for in-flight requests (streams included) to finish.
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    stop: CancellationToken,
-) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(stop.cancelled_owned())
-    .await
-}
-
 async fn request_context(
     State(state): State<ProxyState>,
     mut req: Request,
@@ -237,7 +222,16 @@ async fn request_context(
     let started = tokio::time::Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let mut response = next.run(req).await;
+    let limit = state.0.options.max_header_bytes;
+    let mut response = if head_size(&req) > limit {
+        let error = ProxyError::HeadersTooLarge { limit };
+        match path.starts_with("/v1/messages") {
+            true => error.into_response_in(Envelope::Anthropic),
+            false => error.into_response_in(Envelope::OpenAi),
+        }
+    } else {
+        next.run(req).await
+    };
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(REQUEST_ID, value);
     }
@@ -264,6 +258,19 @@ async fn request_context(
         started,
     };
     response.map(|body| Body::new(record::Logged::new(body, finish)))
+}
+
+/// The size of a request's head as sent: request line and header lines.
+fn head_size(req: &Request) -> usize {
+    let uri = req.uri();
+    let target = uri.path_and_query().map_or(0, |pq| pq.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len());
+    let line = req.method().as_str().len() + target + 12;
+    req.headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum::<usize>()
+        + line
 }
 
 /// The caller's own well-formed id, or a fresh UUID.

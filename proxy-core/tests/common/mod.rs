@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use cloud_mock::provider::{MockProvider, Script};
-use proxy_core::http::{Hooks, ProxyOptions, ProxyState, router, serve};
+use proxy_core::http::{Hooks, ListenerOptions, ProxyOptions, ProxyState, router, serve};
 use proxy_core::resources::KeyHash;
 use proxy_core::snapshot::{SnapshotStore, Source, SourceEvent};
 use proxy_core::upstream::Upstream;
@@ -257,7 +257,12 @@ pub async fn harness_with(options: ProxyOptions, hooks: Hooks) -> Harness {
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(serve(listener, router(state), stop.clone()));
+    tokio::spawn(serve(
+        listener,
+        router(state),
+        stop.clone(),
+        ListenerOptions::plain("proxy"),
+    ));
     Harness {
         url,
         mock,

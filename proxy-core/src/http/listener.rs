@@ -1,0 +1,208 @@
+//! Accepting connections: optional TLS, a header read timeout, a connection limit and
+//! graceful drain, for every listener of the agent (proxy, admin, status).
+//!
+//! One task per connection, tracked so `serve` returns only when the last one is done.
+//! At the connection limit the accept loop pauses: new connections wait in the
+//! kernel's listen backlog until an open one closes (idle ones close after the header
+//! read timeout, which also bounds the wait for a keep-alive connection's next
+//! request). A client that never finishes its headers, or its TLS handshake, is
+//! disconnected after the same timeout.
+
+use std::convert::Infallible;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_service::Service;
+use tracing::{debug, info, warn};
+
+/// How a listener accepts and reads connections.
+#[derive(Clone)]
+pub struct ListenerOptions {
+    /// `proxy`, `admin`, `metrics`: names the listener in logs.
+    pub name: &'static str,
+    /// Serve HTTPS with this configuration; plain HTTP without one.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// A connection must complete its TLS handshake, and each request its headers,
+    /// within this time; an idle keep-alive connection is closed after it.
+    pub header_read_timeout: Duration,
+    /// Open connections at most; past it new ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// Hyper's read buffer, the hard bound of a request head (at least 8 KiB). The
+    /// proxy refuses smaller oversized heads itself, in its error envelope.
+    pub max_head_bytes: usize,
+}
+
+impl ListenerOptions {
+    pub fn plain(name: &'static str) -> Self {
+        Self {
+            name,
+            tls: None,
+            header_read_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
+            max_head_bytes: 128 * 1024,
+        }
+    }
+}
+
+/// Serves `router` on `listener` until `stop` is cancelled, then stops accepting, asks
+/// open connections to close after their current request, and waits for them
+/// (streams included).
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    stop: CancellationToken,
+    options: ListenerOptions,
+) -> io::Result<()> {
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout)
+        .max_buf_size(options.max_head_bytes.max(8192))
+        .keep_alive(true);
+    let http = Arc::new(http);
+    let tls = options.tls.clone().map(TlsAcceptor::from);
+    let slots = Arc::new(Semaphore::new(options.max_connections.max(1)));
+    let connections = TaskTracker::new();
+    let mut accept_errors = Throttle::default();
+    let mut at_limit = Throttle::default();
+    loop {
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                if at_limit.ready() {
+                    warn!(
+                        listener = options.name,
+                        max_connections = options.max_connections,
+                        "connection limit reached; new connections wait until one closes"
+                    );
+                }
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    permit = slots.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break,
+                    },
+                }
+            }
+        };
+        let (tcp, peer) = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) if per_connection(&e) => continue,
+                Err(e) => {
+                    // Out of file descriptors or memory: back off instead of spinning.
+                    if accept_errors.ready() {
+                        warn!(listener = options.name, error = %e, "cannot accept connections; retrying");
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if let Err(e) = tcp.set_nodelay(true) {
+            debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let (router, http, tls, stop) = (router.clone(), http.clone(), tls.clone(), stop.clone());
+        let timeout = options.header_read_timeout;
+        let name = options.name;
+        connections.spawn(async move {
+            let _slot = permit;
+            let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                let mut router = router.clone();
+                async move { Ok::<_, Infallible>(router.call(req).await.unwrap_or_else(|e| match e {})) }
+            });
+            match tls {
+                None => drive(&http, tcp, service, &stop).await,
+                Some(acceptor) => match handshake(acceptor, tcp, timeout).await {
+                    Ok(stream) => drive(&http, stream, service, &stop).await,
+                    Err(e) => debug!(listener = name, %peer, error = %e, "TLS handshake failed"),
+                },
+            }
+        });
+    }
+    drop(listener);
+    info!(
+        listener = options.name,
+        open = connections.len(),
+        "listener closed; draining connections"
+    );
+    connections.close();
+    connections.wait().await;
+    Ok(())
+}
+
+async fn handshake(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    timeout: Duration,
+) -> io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
+    tokio::time::timeout(timeout, acceptor.accept(tcp))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))?
+}
+
+/// Serves one connection; at `stop`, finishes the request in flight and closes.
+async fn drive<I, S>(http: &http1::Builder, io: I, service: S, stop: &CancellationToken)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            http::Request<Incoming>,
+            Response = axum::response::Response,
+            Error = Infallible,
+        >,
+    S::Future: Send + 'static,
+{
+    let connection = http.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = stop.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = result {
+        debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// Errors that concern one connection only (it went away before being accepted).
+fn per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
+}
+
+/// At most one log line per interval for a repeating condition.
+#[derive(Default)]
+struct Throttle(Option<Instant>);
+
+impl Throttle {
+    fn ready(&mut self) -> bool {
+        let now = Instant::now();
+        let ready = self
+            .0
+            .is_none_or(|last| now.duration_since(last) >= Duration::from_secs(10));
+        if ready {
+            self.0 = Some(now);
+        }
+        ready
+    }
+}
