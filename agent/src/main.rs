@@ -210,6 +210,7 @@ fn validate(config_path: &Path, config: &Config) -> anyhow::Result<ExitCode> {
     for section in &config.ignored {
         println!("note: config section '{section}' is not implemented by this build; ignored");
     }
+    agent::ListenerTls::prepare(config)?;
     if let Some(managed) = config.managed() {
         let bundle =
             agent::managed::bundle::resolve(managed, time::OffsetDateTime::now_utc(), false)?;

@@ -1206,3 +1206,183 @@ async fn metrics_and_status_show_the_control_plane_link_and_no_secret_leaks() {
         assert!(!seen.contains(secret), "{secret} in an answer");
     }
 }
+
+/// Whether an agent's `/status/config` says it is connected to its source.
+async fn connected(status: &str) -> bool {
+    tests::get_json(&format!("{status}/status/config")).await["connected"] == true
+}
+
+#[tokio::test]
+async fn control_plane_faults_leave_the_last_good_snapshot_serving_and_lose_no_usage() {
+    let (dir, _mock, mut cp) = seeded().await;
+    let bundle = cp.bundle_files(dir.path(), "gw-1", json!({})).await;
+    let config = write_config_with(
+        dir.path(),
+        &cp.url(),
+        Some(&bundle),
+        "  usage: {flush_interval_ms: 100}\n",
+    );
+    let mut agent = Agent::start(&config).await;
+    agent.wait_model("gpt").await;
+    let line = agent
+        .process
+        .wait_for_line("metrics listener ready", WITHIN)
+        .await;
+    let status = format!("http://{}", tests::addr_in(&line));
+    let mut ids = vec![served(&agent, false).await];
+
+    // Every data-plane endpoint answering 5xx, then malformed JSON; then connections
+    // refused. Watches are cut so the agent has to come back through the fault.
+    let every = |fault: Value| {
+        let names = ["range", "watch", "heartbeat", "telemetry", "budget_check"];
+        json!({"endpoints": names.iter().map(|n| (n.to_string(), fault.clone())).collect::<serde_json::Map<_, _>>()})
+    };
+    let faults = [
+        ("5xx", every(json!({"status": 503})), true),
+        ("malformed", every(json!("malformed")), true),
+        ("refused", json!({"refuse_connections": true}), false),
+    ];
+    for (n, (name, fault, unreachable)) in faults.into_iter().enumerate() {
+        set_faults(&cp, fault).await;
+        cp.console
+            .ok("POST", "/console/v1/faults/cut-watches", None)
+            .await;
+        let added = format!("during-{name}");
+        cp.put("models", &format!("f{n}"), model(&added)).await;
+        for stream in [false, true, false] {
+            ids.push(served(&agent, stream).await);
+        }
+        if unreachable {
+            // The watch cannot be re-established: the agent says so, and the change
+            // made meanwhile has not arrived.
+            eventually(
+                &format!("{name}: the link is reported down"),
+                WITHIN,
+                || async { !connected(&status).await },
+            )
+            .await;
+            assert!(!agent.models().await.contains(&added), "{name}");
+            ids.push(served(&agent, false).await);
+        }
+        set_faults(&cp, json!({})).await;
+        agent.wait_model(&added).await;
+        assert!(connected(&status).await, "{name}");
+    }
+
+    // The control plane rotates its CA and restarts (dropping every connection): the
+    // agent cannot verify the new server certificate and keeps serving what it has.
+    let rotated = cp.console.ok("POST", "/console/v1/ca/rotate", None).await;
+    cp.restart().await;
+    cp.put("models", "f-ca", model("after-ca")).await;
+    eventually(
+        "the link is reported down after the CA rotation",
+        WITHIN,
+        || async { !connected(&status).await },
+    )
+    .await;
+    ids.push(served(&agent, true).await);
+    ids.push(served(&agent, false).await);
+    assert!(!agent.models().await.contains(&"after-ca".to_owned()));
+    // The operator adds the new CA and restarts the agent: it converges, and the
+    // usage queued meanwhile is delivered.
+    agent.stop().await;
+    let extra = dir.path().join("new-ca.pem");
+    std::fs::write(&extra, rotated["ca_pem"].as_str().unwrap()).unwrap();
+    let config = write_config_with(
+        dir.path(),
+        &cp.url(),
+        Some(&bundle),
+        &format!(
+            "  usage: {{flush_interval_ms: 100}}\n  cp_extra_ca_file: {}\n",
+            extra.display()
+        ),
+    );
+    let agent = Agent::start(&config).await;
+    agent.wait_model("after-ca").await;
+    ids.push(served(&agent, false).await);
+    eventually("every usage event arrives", WITHIN, || async {
+        received_usage(&cp).await.0.len() == ids.len()
+    })
+    .await;
+    let (events, duplicates) = received_usage(&cp).await;
+    assert_eq!(duplicates, 0);
+    let mut received: Vec<String> = events
+        .iter()
+        .map(|e| e["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    received.sort();
+    ids.sort();
+    assert_eq!(received, ids);
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn kill_9_during_cache_writes_and_usage_queueing_loses_nothing_served() {
+    let (dir, _mock, cp) = seeded().await;
+    let bundle = cp.bundle_files(dir.path(), "gw-1", json!({})).await;
+    let config = write_config_with(
+        dir.path(),
+        &cp.url(),
+        Some(&bundle),
+        "  usage: {flush_interval_ms: 100}\n",
+    );
+    let mut agent = Agent::start(&config).await;
+    agent.wait_model("gpt").await;
+    // Telemetry refused: every event stays in the durable queue.
+    set_faults(&cp, json!({"endpoints": {"telemetry": {"status": 503}}})).await;
+    let writes = {
+        let console = cp.console.clone();
+        tokio::spawn(async move {
+            for n in 0..40 {
+                console
+                    .ok(
+                        "PUT",
+                        &format!("/console/v1/environments/{ENV}/resources/models/w{n}"),
+                        Some(model(&format!("w{n}"))),
+                    )
+                    .await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let mut ids = Vec::new();
+    for n in 0..30 {
+        ids.push(served(&agent, n % 3 == 0).await);
+    }
+    // Killed while the console is still writing (the cache writer is busy) and a
+    // moment after the last answer (the group commit takes milliseconds).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!writes.is_finished(), "the writes ended before the kill");
+    agent.process.signal("KILL");
+    agent.process.wait_exit(WITHIN).await;
+    drop(agent);
+    writes.await.unwrap();
+
+    // Restarted with the control plane unreachable: the cache is intact and serves.
+    set_faults(&cp, json!({"refuse_connections": true})).await;
+    let agent = Agent::start(&config).await;
+    let (status, body) = agent.readyz().await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("source cache"), "{body}");
+    ids.push(served(&agent, false).await);
+    let output = agent.process.output();
+    assert!(!output.contains("moved aside"), "{output}");
+    // The control plane returns: every served call is accounted once, and the
+    // configuration converges to the last write.
+    set_faults(&cp, json!({})).await;
+    agent.wait_model("w39").await;
+    eventually("every usage event arrives", WITHIN, || async {
+        received_usage(&cp).await.0.len() == ids.len()
+    })
+    .await;
+    let (events, duplicates) = received_usage(&cp).await;
+    assert_eq!(duplicates, 0);
+    let mut received: Vec<String> = events
+        .iter()
+        .map(|e| e["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    received.sort();
+    ids.sort();
+    assert_eq!(received, ids);
+    agent.stop().await;
+}

@@ -171,6 +171,7 @@ impl Managed {
             backoff: BackoffPolicy::default(),
         };
         workers.spawn(sender.run(shutdown.clone()));
+        workers.spawn(usage.clone().run_flusher(shutdown.clone()));
         let status = ManagedStatus {
             certificate,
             usage: usage.status(),

@@ -2,11 +2,13 @@
 //! the sender that delivers it in batches to `POST /dp/telemetry`.
 //!
 //! The queue is a sled database, `state_dir/usage-queue`, keyed by a big-endian
-//! sequence number, so it keeps its order across restarts. sled writes in the
-//! background (every 500 ms) and the queue is flushed at shutdown and after every
-//! acknowledged batch, so a restart loses nothing and re-sends nothing that was
-//! acknowledged (a `kill -9` may lose the last half second of events, or re-send the
-//! last batch, which the control plane drops by `event_id`). Past
+//! sequence number, so it keeps its order across restarts. New events are flushed to
+//! disk by a group commit ([`UsageQueue::run_flusher`]: one flush at a time, covering
+//! every event queued before it began), and the queue is flushed after every
+//! acknowledged batch and at shutdown. So a restart loses nothing and re-sends nothing
+//! that was acknowledged; a `kill -9` loses at most the events of the flush in
+//! progress (milliseconds), or re-sends the last batch, which the control plane drops
+//! by `event_id`. Past
 //! `managed.usage.queue_max_events` the oldest events are dropped and counted; the
 //! count survives restarts and is reported in heartbeats.
 
@@ -57,6 +59,8 @@ pub struct UsageQueue {
     status: Arc<UsageQueueStatus>,
     /// Woken when a full batch is waiting.
     full: Notify,
+    /// Woken when events were queued since the last flush began.
+    dirty: Notify,
 }
 
 impl UsageQueue {
@@ -91,6 +95,7 @@ impl UsageQueue {
             batch_size,
             status,
             full: Notify::new(),
+            dirty: Notify::new(),
         })
     }
 
@@ -116,7 +121,19 @@ impl UsageQueue {
         if pending >= self.batch_size as u64 {
             self.full.notify_one();
         }
+        self.dirty.notify_one();
         Ok(())
+    }
+
+    /// Flushes newly queued events to disk until `shutdown`: one flush at a time, the
+    /// next one as soon as more events have arrived (many per flush under load).
+    pub async fn run_flusher(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = self.dirty.notified() => self.flush().await,
+            }
+        }
     }
 
     fn count_dropped(&self, n: u64) {
