@@ -16,11 +16,14 @@ use proxy_core::snapshot::{Documents, SnapshotStore};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 const CURRENT: &[u8] = b"snapshot/current";
 const PREVIOUS: &[u8] = b"snapshot/previous";
 const FORMAT: u32 = 1;
+const NAME: &str = "snapshot-cache";
+/// How soon a failed cache write is tried again when no new change comes first.
+const RETRY: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -53,7 +56,10 @@ pub struct Restored {
 }
 
 pub struct SnapshotCache {
-    db: sled::Db,
+    /// `None` after a failed write: sled refuses every later write once it has met an
+    /// I/O error (a full disk), so the next save opens the database again.
+    db: std::sync::Mutex<Option<sled::Db>>,
+    path: PathBuf,
     prefix: String,
 }
 
@@ -62,7 +68,8 @@ impl SnapshotCache {
     /// moved aside, reported, and replaced by an empty one.
     pub fn open(dir: &Path, prefix: &str) -> Result<Self, CacheError> {
         Ok(Self {
-            db: open_or_replace(dir, "snapshot-cache", "snapshot cache")?,
+            db: std::sync::Mutex::new(Some(open_or_replace(dir, NAME, "snapshot cache")?)),
+            path: dir.join(NAME),
             prefix: prefix.to_owned(),
         })
     }
@@ -94,8 +101,16 @@ impl SnapshotCache {
         None
     }
 
+    fn db(&self) -> std::sync::MutexGuard<'_, Option<sled::Db>> {
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn read(&self, key: &[u8]) -> Result<Option<Generation>, String> {
-        let Some(blob) = self.db.get(key).map_err(|e| e.to_string())? else {
+        let db = self.db();
+        let Some(db) = db.as_ref() else {
+            return Ok(None);
+        };
+        let Some(blob) = db.get(key).map_err(|e| e.to_string())? else {
             return Ok(None);
         };
         let (sum, body) = blob
@@ -134,19 +149,34 @@ impl SnapshotCache {
         let body = serde_json::to_vec(&generation)?;
         let mut blob = Sha256::digest(&body).to_vec();
         blob.extend_from_slice(&body);
-        let mut batch = sled::Batch::default();
-        if let Some(current) = self.db.get(CURRENT)? {
-            batch.insert(PREVIOUS, current);
+        let mut db = self.db();
+        let handle = match db.take() {
+            Some(handle) => handle,
+            None => open_again(&self.path)?,
+        };
+        let written = (|| {
+            let mut batch = sled::Batch::default();
+            if let Some(current) = handle.get(CURRENT)? {
+                batch.insert(PREVIOUS, current);
+            }
+            batch.insert(CURRENT, blob);
+            handle.apply_batch(batch)?;
+            handle.flush()?;
+            Ok::<_, CacheError>(())
+        })();
+        if written.is_ok() {
+            *db = Some(handle);
         }
-        batch.insert(CURRENT, blob);
-        self.db.apply_batch(batch)?;
-        self.db.flush()?;
-        Ok(())
+        written
     }
 
     #[cfg(test)]
     fn corrupt_current(&self) {
-        self.db.insert(CURRENT, b"garbage".to_vec()).unwrap();
+        self.db()
+            .as_ref()
+            .unwrap()
+            .insert(CURRENT, b"garbage".to_vec())
+            .unwrap();
     }
 }
 
@@ -182,6 +212,17 @@ pub fn open_or_replace(dir: &Path, name: &str, what: &str) -> Result<sled::Db, C
             })
         }
     }
+}
+
+/// Opens a database again after its handle failed (nothing is moved aside: the
+/// failure was the disk's, not the data's).
+pub fn open_again(path: &Path) -> Result<sled::Db, CacheError> {
+    open_db(path).map_err(|e| CacheError::Open {
+        path: path.to_owned(),
+        message: match e {
+            Unopened::Locked(m) | Unopened::Damaged(m) => m,
+        },
+    })
 }
 
 /// Why a database did not open: held by someone else (never moved aside), or damaged.
@@ -251,25 +292,36 @@ pub async fn run_writer(
 ) {
     let mut commits = store.subscribe();
     commits.mark_unchanged();
+    let mut failed = false;
     loop {
         let stopping = tokio::select! {
             () = shutdown.cancelled() => true,
             changed = commits.changed() => changed.is_err(),
+            () = tokio::time::sleep(RETRY), if failed => false,
         };
-        if stopping && !commits.has_changed().unwrap_or(false) {
+        if stopping && !failed && !commits.has_changed().unwrap_or(false) {
             return;
         }
         commits.mark_unchanged();
         let documents = store.documents();
         let revision = documents.revision;
         let cache = cache.clone();
-        match tokio::task::spawn_blocking(move || cache.save(&documents)).await {
+        let saved = tokio::task::spawn_blocking(move || cache.save(&documents)).await;
+        let ok = matches!(saved, Ok(Ok(())));
+        match saved {
+            Ok(Ok(())) if failed => {
+                info!(revision, "snapshot cache written again");
+            }
             Ok(Ok(())) => info!(revision, "snapshot cache written"),
+            Ok(Err(e)) if failed => {
+                debug!(error = %e, revision, "snapshot cache still not writable");
+            }
             Ok(Err(e)) => {
-                warn!(error = %e, revision, "cannot write the snapshot cache; serving is unaffected");
+                warn!(error = %e, revision, "cannot write the snapshot cache; serving is unaffected; retrying");
             }
             Err(e) => warn!(error = %e, "snapshot cache writer failed"),
         }
+        failed = !ok;
         if stopping {
             return;
         }

@@ -1386,3 +1386,126 @@ async fn kill_9_during_cache_writes_and_usage_queueing_loses_nothing_served() {
     assert_eq!(received, ids);
     agent.stop().await;
 }
+
+/// A small tmpfs, unmounted on drop.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(at: &Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(at).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .expect("mount(8) is available");
+        assert!(
+            status.success(),
+            "cannot mount a tmpfs at {} (this test needs root, as scripts/test runs in CI)",
+            at.display()
+        );
+        SmallDisk(at.to_owned())
+    }
+
+    /// Fills the disk with one file; returns its path.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let path = self.0.join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while file.write_all(&block).is_ok() {}
+        let _ = file.write_all(&[0u8; 1]);
+        let _ = file.sync_all();
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_state_disk_keeps_serving_and_recovers_when_space_returns() {
+    let (dir, _mock, cp) = seeded().await;
+    let disk = SmallDisk::mount(&dir.path().join("disk"), "32m");
+    let bundle = cp.bundle_files(dir.path(), "gw-1", json!({})).await;
+    let config = write_config_with(
+        dir.path(),
+        &cp.url(),
+        Some(&bundle),
+        "  usage: {flush_interval_ms: 100}\n",
+    );
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &format!("state_dir: {}", dir.path().join("agent-state").display()),
+        &format!("state_dir: {}", disk.0.join("state").display()),
+    );
+    std::fs::write(&config, text).unwrap();
+    let agent = Agent::start(&config).await;
+    agent.wait_model("gpt").await;
+    let mut ids = vec![served(&agent, false).await];
+    eventually("the first event arrives", WITHIN, || async {
+        received_usage(&cp).await.0.len() == 1
+    })
+    .await;
+
+    // The disk fills up: callers are still served, configuration changes still apply
+    // (in memory), and the agent says what it could not write (it is written to until
+    // the agent meets the full disk: sled writes into space it allocated earlier).
+    let filler = disk.fill();
+    let mut n = 0;
+    while !agent.process.output().contains("No space left on device") {
+        assert!(n < 400, "the agent never met the full disk");
+        cp.put("models", &format!("f{n}"), model(&format!("full-{n}")))
+            .await;
+        ids.push(served(&agent, n % 5 == 0).await);
+        n += 1;
+    }
+    for n in 0..5 {
+        ids.push(served(&agent, n == 2).await);
+    }
+    cp.put("models", "m-full", model("while-full")).await;
+    agent.wait_model("while-full").await;
+    ids.push(served(&agent, false).await);
+
+    // Space returns: everything served is accounted, and the agent keeps working.
+    std::fs::remove_file(filler).unwrap();
+    cp.put("models", "m-after", model("after-full")).await;
+    agent.wait_model("after-full").await;
+    ids.push(served(&agent, true).await);
+    eventually("the usage of every served call arrives", WITHIN, || async {
+        received_usage(&cp).await.0.len() == ids.len()
+    })
+    .await;
+    // The cache is written again (sled refuses writes after an I/O error: the agent
+    // opens it afresh), so a restart with the control plane away serves the latest.
+    eventually("the cache is written again", WITHIN, || async {
+        agent
+            .process
+            .output()
+            .contains("snapshot cache written again")
+    })
+    .await;
+    // Removals of acknowledged events that the failing disk did not keep may be sent
+    // again; the control plane counts each event id once.
+    let (events, _duplicates) = received_usage(&cp).await;
+    let mut received: Vec<String> = events
+        .iter()
+        .map(|e| e["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    received.sort();
+    ids.sort();
+    assert_eq!(received, ids);
+    agent.stop().await;
+    set_faults(&cp, json!({"refuse_connections": true})).await;
+    let agent = Agent::start(&config).await;
+    let (status, body) = agent.readyz().await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("source cache"), "{body}");
+    let models = agent.models().await;
+    assert!(models.contains(&"after-full".to_owned()), "{models:?}");
+    agent.stop().await;
+}

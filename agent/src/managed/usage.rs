@@ -12,9 +12,10 @@
 //! `managed.usage.queue_max_events` the oldest events are dropped and counted; the
 //! count survives restarts and is reported in heartbeats.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use proxy_core::usage::{UsageEvent, UsageSink};
@@ -26,9 +27,12 @@ use tracing::{debug, info, warn};
 
 use super::client::{CpClient, CpError};
 use crate::backoff::{Backoff, BackoffPolicy};
-use crate::cache::{CacheError, open_or_replace};
+use crate::cache::{CacheError, open_again, open_or_replace};
 
 const DROPPED: &[u8] = b"dropped";
+const NAME: &str = "usage-queue";
+/// How often a database that failed is tried again.
+const REOPEN_RETRY: Duration = Duration::from_secs(2);
 /// How long shutdown waits for the last batches to be delivered.
 const FINAL_SEND: Duration = Duration::from_secs(3);
 
@@ -50,34 +54,58 @@ impl UsageQueueStatus {
 }
 
 pub struct UsageQueue {
-    db: sled::Db,
-    events: sled::Tree,
-    meta: sled::Tree,
+    state: Mutex<State>,
+    path: PathBuf,
     next: AtomicU64,
     max_events: u64,
     batch_size: usize,
     status: Arc<UsageQueueStatus>,
     /// Woken when a full batch is waiting.
     full: Notify,
-    /// Woken when events were queued since the last flush began.
+    /// Woken when events were queued since the last flush began, or the database
+    /// must be opened again.
     dirty: Notify,
+}
+
+struct State {
+    /// `None` after an I/O error (a full disk): sled refuses every later write then,
+    /// so the flusher opens the database again.
+    store: Option<Store>,
+    /// Events not yet known to be on disk, in order; written again after a reopen.
+    unflushed: VecDeque<(u64, Vec<u8>)>,
+}
+
+#[derive(Clone)]
+struct Store {
+    db: sled::Db,
+    events: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl Store {
+    fn open(db: sled::Db) -> Result<Self, sled::Error> {
+        Ok(Self {
+            events: db.open_tree("events")?,
+            meta: db.open_tree("meta")?,
+            db,
+        })
+    }
 }
 
 impl UsageQueue {
     pub fn open(dir: &Path, max_events: u64, batch_size: usize) -> Result<Self, CacheError> {
-        let db = open_or_replace(dir, "usage-queue", "usage queue")?;
-        let events = db.open_tree("events")?;
-        let meta = db.open_tree("meta")?;
-        let next = match events.last()? {
+        let store = Store::open(open_or_replace(dir, NAME, "usage queue")?)?;
+        let next = match store.events.last()? {
             Some((key, _)) => sequence(&key).map_or(0, |n| n.saturating_add(1)),
             None => 0,
         };
-        let dropped = meta
+        let dropped = store
+            .meta
             .get(DROPPED)?
             .and_then(|v| v.as_ref().try_into().ok())
             .map_or(0, u64::from_be_bytes);
         let status = Arc::new(UsageQueueStatus {
-            pending: AtomicU64::new(events.len() as u64),
+            pending: AtomicU64::new(store.events.len() as u64),
             dropped: AtomicU64::new(dropped),
         });
         if status.pending() > 0 || dropped > 0 {
@@ -87,9 +115,11 @@ impl UsageQueue {
             );
         }
         Ok(Self {
-            db,
-            events,
-            meta,
+            state: Mutex::new(State {
+                store: Some(store),
+                unflushed: VecDeque::new(),
+            }),
+            path: dir.join(NAME),
             next: AtomicU64::new(next),
             max_events,
             batch_size,
@@ -103,21 +133,55 @@ impl UsageQueue {
         self.status.clone()
     }
 
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The open database, or an error while it waits to be opened again.
+    fn store(&self) -> Result<Store, sled::Error> {
+        self.state()
+            .store
+            .clone()
+            .ok_or_else(|| sled::Error::Unsupported("the usage queue is being reopened".into()))
+    }
+
+    /// Forgets the database handle after an I/O error; the flusher opens it again.
+    fn broken(&self, state: &mut State, error: &sled::Error) {
+        if state.store.take().is_some() {
+            warn!(error = %error, "usage queue: cannot write to disk; events are kept in memory until it can");
+        }
+        self.dirty.notify_one();
+    }
+
     fn push(&self, event: &UsageEvent) -> Result<(), String> {
         let bytes = serde_json::to_vec(event).map_err(|e| e.to_string())?;
-        let key = self.next.fetch_add(1, Ordering::Relaxed).to_be_bytes();
-        self.events.insert(key, bytes).map_err(|e| e.to_string())?;
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut state = self.state();
         let mut pending = self.status.pending.fetch_add(1, Ordering::Relaxed) + 1;
-        while pending > self.max_events {
-            match self.events.pop_min() {
-                Ok(Some(_)) => {
-                    pending = self.status.pending.fetch_sub(1, Ordering::Relaxed) - 1;
-                    self.count_dropped(1);
-                }
-                Ok(None) => break,
-                Err(e) => return Err(e.to_string()),
+        if let Some(store) = state.store.clone() {
+            if let Err(e) = store.events.insert(n.to_be_bytes(), bytes.clone()) {
+                self.broken(&mut state, &e);
             }
         }
+        state.unflushed.push_back((n, bytes));
+        while pending > self.max_events {
+            let popped = match &state.store {
+                Some(store) => store.events.pop_min().map(|p| p.is_some()),
+                None => Ok(state.unflushed.pop_front().is_some()),
+            };
+            match popped {
+                Ok(true) => {
+                    pending = self.status.pending.fetch_sub(1, Ordering::Relaxed) - 1;
+                    self.count_dropped_in(&state, 1);
+                }
+                Ok(false) => break,
+                Err(e) => {
+                    self.broken(&mut state, &e);
+                    break;
+                }
+            }
+        }
+        drop(state);
         if pending >= self.batch_size as u64 {
             self.full.notify_one();
         }
@@ -126,19 +190,55 @@ impl UsageQueue {
     }
 
     /// Flushes newly queued events to disk until `shutdown`: one flush at a time, the
-    /// next one as soon as more events have arrived (many per flush under load).
+    /// next one as soon as more events have arrived (many per flush under load). After
+    /// an I/O error the database is opened again (every 2 s until it opens) and the
+    /// events it may have lost are written again.
     pub async fn run_flusher(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
+            let reopening = self.state().store.is_none();
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                () = self.dirty.notified() => self.flush().await,
+                () = self.dirty.notified() => {}
+                () = tokio::time::sleep(REOPEN_RETRY), if reopening => {}
             }
+            if self.state().store.is_none() {
+                let queue = self.clone();
+                match tokio::task::spawn_blocking(move || queue.reopen()).await {
+                    Ok(Ok(())) => info!("usage queue: writing to disk again"),
+                    Ok(Err(e)) => debug!(error = %e, "usage queue: still cannot open the database"),
+                    Err(e) => warn!(error = %e, "usage queue: reopening failed"),
+                }
+            }
+            self.flush().await;
         }
     }
 
+    /// Opens the database again and writes the events it may have lost.
+    fn reopen(&self) -> Result<(), CacheError> {
+        let store = Store::open(open_again(&self.path)?)?;
+        let mut state = self.state();
+        for (n, bytes) in &state.unflushed {
+            store.events.insert(n.to_be_bytes(), bytes.clone())?;
+        }
+        // Events may already have been removed (acknowledged) from the lost handle's
+        // view; the pending count follows what the database holds now.
+        self.status
+            .pending
+            .store(store.events.len() as u64, Ordering::Relaxed);
+        state.store = Some(store);
+        Ok(())
+    }
+
     fn count_dropped(&self, n: u64) {
+        let state = self.state();
+        self.count_dropped_in(&state, n);
+    }
+
+    fn count_dropped_in(&self, state: &State, n: u64) {
         let total = self.status.dropped.fetch_add(n, Ordering::Relaxed) + n;
-        if let Err(e) = self.meta.insert(DROPPED, &total.to_be_bytes()) {
+        if let Some(store) = &state.store
+            && let Err(e) = store.meta.insert(DROPPED, &total.to_be_bytes())
+        {
             warn!(error = %e, "usage queue: cannot record the dropped count");
         }
         if total == n || total.is_power_of_two() {
@@ -153,8 +253,9 @@ impl UsageQueue {
     /// Up to `batch_size` events from the front, with their keys. Entries that do not
     /// parse are removed and counted as dropped.
     fn front(&self) -> Result<Vec<(sled::IVec, Value)>, sled::Error> {
+        let store = self.store()?;
         let mut batch = Vec::with_capacity(self.batch_size);
-        for item in self.events.iter() {
+        for item in store.events.iter() {
             let (key, bytes) = item?;
             match serde_json::from_slice::<Value>(&bytes) {
                 Ok(event) => batch.push((key, event)),
@@ -173,17 +274,37 @@ impl UsageQueue {
     }
 
     fn remove(&self, keys: &[sled::IVec]) -> Result<(), sled::Error> {
+        let store = self.store()?;
         for key in keys {
-            if self.events.remove(key)?.is_some() {
+            if store.events.remove(key)?.is_some() {
                 self.status.pending.fetch_sub(1, Ordering::Relaxed);
             }
         }
+        let mut state = self.state();
+        let acknowledged: Vec<u64> = keys.iter().filter_map(|k| sequence(k)).collect();
+        state.unflushed.retain(|(n, _)| !acknowledged.contains(n));
         Ok(())
     }
 
+    /// Writes what is queued to disk; events written before it began are then safe.
     async fn flush(&self) {
-        if let Err(e) = self.db.flush_async().await {
-            warn!(error = %e, "usage queue: flush failed");
+        let (store, written) = {
+            let state = self.state();
+            (state.store.clone(), state.unflushed.back().map(|(n, _)| *n))
+        };
+        let Some(store) = store else {
+            return;
+        };
+        match store.db.flush_async().await {
+            Ok(_) => {
+                if let Some(last) = written {
+                    self.state().unflushed.retain(|(n, _)| *n > last);
+                }
+            }
+            Err(e) => {
+                let mut state = self.state();
+                self.broken(&mut state, &e);
+            }
         }
     }
 }
@@ -395,6 +516,8 @@ mod tests {
         let queue = UsageQueue::open(dir.path(), 10, 10).unwrap();
         queue.record(event(0));
         queue
+            .store()
+            .unwrap()
             .events
             .insert(u64::MAX.to_be_bytes(), b"{not json".to_vec())
             .unwrap();
