@@ -14,6 +14,7 @@
 
 pub mod cloud;
 pub mod etcd;
+pub mod fuzz;
 pub mod metrics;
 
 use std::io::{BufRead, BufReader};

@@ -1,0 +1,100 @@
+//! The bodies of the fuzz targets in `fuzz/` (cargo-fuzz), kept here so the regression
+//! test (`tests/tests/fuzz_regressions.rs`) runs every committed seed and every input
+//! that once crashed through exactly the same code on stable Rust.
+//!
+//! Each takes arbitrary bytes and must return without panicking; what a parser
+//! rejects it rejects with an error. Where a result can be checked against itself
+//! (a translation must produce JSON; an accepted resource must re-serialise), it is.
+
+use std::sync::Arc;
+
+use proxy_core::resources::{Kind, Resource, ResourceKey};
+
+/// A fuzz target's body.
+pub type Target = fn(&[u8]);
+
+/// The fuzz targets, by name (as in `fuzz/fuzz_targets/<name>.rs`).
+pub const TARGETS: &[(&str, Target)] = &[
+    ("resource_json", resource_json),
+    ("chat_request", chat_request),
+    ("messages_request", messages_request),
+    ("sse_stream", sse_stream),
+    ("etcd_watch", etcd_watch),
+    ("pem_bundle", pem_bundle),
+];
+
+/// A resource document of each kind: parsed and validated.
+pub fn resource_json(data: &[u8]) {
+    for kind in [
+        Kind::ProviderKeys,
+        Kind::Models,
+        Kind::ApiKeys,
+        Kind::Guardrails,
+    ] {
+        let key = ResourceKey {
+            kind,
+            id: Arc::from("fuzz"),
+        };
+        let _ = Resource::parse(&key, data);
+    }
+}
+
+/// A chat-completions body: parsed as the proxy does, then translated to a messages
+/// body; an accepted translation is JSON.
+pub fn chat_request(data: &[u8]) {
+    let _ = proxy_core::openai::RequestBody::parse(data);
+    if let Ok(out) = proxy_core::translate::chat_to_messages(data, "upstream-model") {
+        assert!(
+            serde_json::from_slice::<serde_json::Value>(&out).is_ok(),
+            "chat_to_messages produced invalid JSON"
+        );
+    }
+}
+
+/// A messages body: parsed, then translated to a chat-completions body.
+pub fn messages_request(data: &[u8]) {
+    let _ = proxy_core::openai::RequestBody::parse(data);
+    if let Ok(out) = proxy_core::translate::messages_to_chat(data, "upstream-model") {
+        assert!(
+            serde_json::from_slice::<serde_json::Value>(&out).is_ok(),
+            "messages_to_chat produced invalid JSON"
+        );
+    }
+}
+
+/// An SSE byte stream, cut at an arbitrary point (the first byte chooses it): event
+/// splitting, data lines, the usage filter and both stream translators.
+pub fn sse_stream(data: &[u8]) {
+    let Some((&cut, run)) = data.split_first() else {
+        return;
+    };
+    let _ = proxy_core::sse::events(run).count();
+    let _ = proxy_core::sse::data_lines(run).count();
+    let _ = proxy_core::sse::without_usage_chunk(bytes::Bytes::copy_from_slice(run));
+    let at = usize::from(cut).min(run.len());
+    let (first, second) = run.split_at(at);
+    let mut to_openai = proxy_core::translate::AnthropicToOpenAi::new();
+    let _ = to_openai.translate(first);
+    let _ = to_openai.translate(second);
+    let mut to_anthropic = proxy_core::translate::OpenAiToAnthropic::new();
+    let _ = to_anthropic.translate(first);
+    let _ = to_anthropic.translate(second);
+}
+
+/// Lines of an etcd v3 JSON watch stream.
+pub fn etcd_watch(data: &[u8]) {
+    for line in data.split(|b| *b == b'\n') {
+        let _ = agent::etcd::decode_watch("fuzz", line);
+    }
+}
+
+/// A certificate bundle from PEM text: the input is split into certificate, key and
+/// CA at the first two NUL bytes.
+pub fn pem_bundle(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let mut parts = text.splitn(3, '\0');
+    let mut next = || certs::PemSource::Inline(parts.next().unwrap_or_default().to_owned());
+    let (cert, key, ca) = (next(), next(), next());
+    let _ = certs::Bundle::load(&cert, &key, &ca, time::OffsetDateTime::now_utc());
+    let _ = certs::inspect_pem("fuzz", &text);
+}
