@@ -1,0 +1,280 @@
+//! Soak test (not in the default suite; `bash scripts/soak [MINUTES]`): the agent in
+//! managed mode against `cloud-mock serve` (its control plane, console and mock
+//! provider) for MINUTES (default 10) at half of the measured saturation, with a
+//! console write every second and a control-plane flap (connections refused and
+//! watches cut for 10 s) every minute. Prints errors by cause and the agent's resident
+//! memory over time; fails when the gateway answered anything but 200 or its memory
+//! kept growing (the last third's peak more than 10 % + 2 MiB over the middle third's).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test tool: a failure should stop it loudly"
+)]
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tests::cloud::CloudMockProcess;
+use tests::{Process, addr_in, binary, key_hash};
+use tokio::sync::{Mutex, Semaphore};
+
+const CALLER: &str = "soak-caller-key";
+const ENV: &str = "demo";
+
+type Errors = Arc<Mutex<BTreeMap<String, u64>>>;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let minutes: u64 = std::env::args()
+        .nth(1)
+        .map_or(10, |m| m.parse().expect("MINUTES is a whole number"));
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = CloudMockProcess::start(&dir.path().join("cloud-mock"), None).await;
+    let resources = format!("/console/v1/environments/{ENV}/resources");
+    cloud
+        .console
+        .ok(
+            "PUT",
+            &format!("{resources}/provider_keys/pk"),
+            Some(json!({"display_name": "mock", "provider": "openai", "api_base": format!("{}/v1", cloud.provider_url), "api_key": "sk-soak"})),
+        )
+        .await;
+    cloud
+        .console
+        .ok(
+            "PUT",
+            &format!("{resources}/models/gpt"),
+            Some(json!({"display_name": "gpt", "model_name": "up-gpt", "provider_key_id": "pk"})),
+        )
+        .await;
+    cloud
+        .console
+        .ok(
+            "PUT",
+            &format!("{resources}/api_keys/k"),
+            Some(json!({"display_name": "soak", "key_hash": key_hash(CALLER), "allowed_models": ["*"]})),
+        )
+        .await;
+    let config = dir.path().join("agent.yaml");
+    let bundle = &cloud.bundle_dir;
+    std::fs::write(
+        &config,
+        format!(
+            "managed:\n  enabled: true\n  cp_base_url: {}\n  cp_cert_file: {}\n  cp_key_file: {}\n  cp_ca_file: {}\n  state_dir: {}\n  heartbeat_interval_secs: 5\n  connect_timeout_ms: 1000\nproxy:\n  addr: 127.0.0.1:0\nobservability:\n  access_log: false\nshutdown:\n  min_drain_secs: 0\n",
+            cloud.dp_url,
+            bundle.join("cert.pem").display(),
+            bundle.join("key.pem").display(),
+            bundle.join("ca.pem").display(),
+            dir.path().join("agent-state").display()
+        ),
+    )
+    .unwrap();
+    let mut agent = Process::start(
+        &binary("aisix-agent"),
+        &["--config", config.to_str().unwrap()],
+        &[],
+    );
+    let line = agent
+        .wait_for_line("proxy listener ready", Duration::from_secs(30))
+        .await;
+    let url = format!("http://{}/v1/chat/completions", addr_in(&line));
+    let http = tests::http_client();
+    let call = {
+        let (http, url) = (http.clone(), url.clone());
+        move || {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                match http
+                    .post(url)
+                    .bearer_auth(CALLER)
+                    .timeout(Duration::from_secs(30))
+                    .json(&json!({"model": "gpt", "messages": [{"role": "user", "content": "hi"}]}))
+                    .send()
+                    .await
+                {
+                    Ok(r) if r.status() == 200 => match r.bytes().await {
+                        Ok(_) => None,
+                        Err(e) => Some(format!("body: {e}")),
+                    },
+                    Ok(r) => Some(format!("status {}", r.status().as_u16())),
+                    Err(e) => Some(format!("transport: {e}")),
+                }
+            }
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while call().await.is_some() {
+        assert!(Instant::now() < deadline, "the agent never served gpt");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Saturation: 64 callers in a closed loop for 10 s.
+    let done = Arc::new(AtomicU64::new(0));
+    let until = Instant::now() + Duration::from_secs(10);
+    let workers: Vec<_> = (0..64)
+        .map(|_| {
+            let (call, done) = (call.clone(), done.clone());
+            tokio::spawn(async move {
+                while Instant::now() < until {
+                    if call().await.is_none() {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let saturation = done.load(Ordering::Relaxed) as f64 / 10.0;
+    let rate = (saturation / 2.0).max(1.0);
+    println!("saturation {saturation:.0} req/s; soaking {minutes} min at {rate:.0} req/s");
+
+    let errors: Errors = Arc::default();
+    let ok = Arc::new(AtomicU64::new(0));
+    let stop = Instant::now() + Duration::from_secs(minutes * 60);
+    // Config writes every second; a control-plane flap every minute.
+    let console = cloud.console.clone();
+    let churn = {
+        let errors = errors.clone();
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < stop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                n += 1;
+                let path = format!(
+                    "/console/v1/environments/{ENV}/resources/models/churn-{}",
+                    n % 50
+                );
+                let body = json!({"display_name": format!("churn-{}", n % 50), "model_name": format!("up-{n}"), "provider_key_id": "pk"});
+                if console.call("PUT", &path, Some(body)).await.0 != 200 {
+                    *errors
+                        .lock()
+                        .await
+                        .entry("console write (not the gateway)".into())
+                        .or_default() += 1;
+                }
+                if n % 60 == 30 {
+                    console
+                        .call(
+                            "PUT",
+                            "/console/v1/faults",
+                            Some(json!({"refuse_connections": true})),
+                        )
+                        .await;
+                    console
+                        .call("POST", "/console/v1/faults/cut-watches", None)
+                        .await;
+                } else if n % 60 == 40 {
+                    console
+                        .call("PUT", "/console/v1/faults", Some(json!({})))
+                        .await;
+                }
+            }
+        })
+    };
+    // Open-loop load at `rate`; at most 1024 in flight.
+    let load = {
+        let (errors, ok) = (errors.clone(), ok.clone());
+        tokio::spawn(async move {
+            let slots = Arc::new(Semaphore::new(1024));
+            let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            while Instant::now() < stop {
+                ticker.tick().await;
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    *errors
+                        .lock()
+                        .await
+                        .entry("load generator behind (not the gateway)".into())
+                        .or_default() += 1;
+                    continue;
+                };
+                let (call, errors, ok) = (call.clone(), errors.clone(), ok.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    match call().await {
+                        None => ok.fetch_add(1, Ordering::Relaxed),
+                        Some(cause) => {
+                            *errors
+                                .lock()
+                                .await
+                                .entry(format!("gateway: {cause}"))
+                                .or_default() += 1;
+                            0
+                        }
+                    };
+                });
+            }
+            let _ = slots.acquire_many(1024).await;
+        })
+    };
+    // Resident memory every 10 s.
+    let pid = agent.pid();
+    let mut rss = Vec::new();
+    let started = Instant::now();
+    println!(
+        "{:>6}  {:>9}  {:>10}  {:>7}",
+        "t (s)", "RSS (MiB)", "ok", "errors"
+    );
+    while Instant::now() < stop {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
+            .unwrap_or_else(|| panic!("the agent is gone:\n{}", agent.output()));
+        rss.push(kib);
+        let failed: u64 = errors.lock().await.values().sum();
+        println!(
+            "{:>6}  {:>9.1}  {:>10}  {:>7}",
+            started.elapsed().as_secs(),
+            kib as f64 / 1024.0,
+            ok.load(Ordering::Relaxed),
+            failed
+        );
+    }
+    load.await.unwrap();
+    churn.await.unwrap();
+    let errors = errors.lock().await.clone();
+    println!("\nerrors by cause:");
+    if errors.is_empty() {
+        println!("  none");
+    }
+    for (cause, n) in &errors {
+        println!("  {n:>8}  {cause}");
+    }
+    let gateway: u64 = errors
+        .iter()
+        .filter(|(c, _)| c.starts_with("gateway:"))
+        .map(|(_, n)| n)
+        .sum();
+    let third = rss.len() / 3;
+    let peak = |s: &[u64]| s.iter().copied().max().unwrap_or(0);
+    let (middle, last) = (peak(&rss[third..2 * third]), peak(&rss[2 * third..]));
+    let grows = last > middle + middle / 10 + 2048;
+    println!(
+        "\nserved {} at {rate:.0} req/s; gateway errors {gateway}; RSS peak middle third {:.1} MiB, last third {:.1} MiB{}",
+        ok.load(Ordering::Relaxed),
+        middle as f64 / 1024.0,
+        last as f64 / 1024.0,
+        if grows {
+            " (still growing)"
+        } else {
+            " (plateau)"
+        }
+    );
+    if gateway > 0 || grows {
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
