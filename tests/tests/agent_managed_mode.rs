@@ -1207,6 +1207,26 @@ async fn metrics_and_status_show_the_control_plane_link_and_no_secret_leaks() {
     }
 }
 
+/// Waits until the control plane holds one usage event per served call id, exactly
+/// those; returns how many events it received more than once.
+async fn every_call_accounted(cp: &Cp, ids: &mut [String]) -> u64 {
+    eventually(
+        "every served call's usage event arrives",
+        WITHIN,
+        || async { received_usage(cp).await.0.len() == ids.len() },
+    )
+    .await;
+    let (events, duplicates) = received_usage(cp).await;
+    let mut received: Vec<String> = events
+        .iter()
+        .map(|e| e["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    received.sort();
+    ids.sort();
+    assert_eq!(received, ids);
+    duplicates
+}
+
 /// Whether an agent's `/status/config` says it is connected to its source.
 async fn connected(status: &str) -> bool {
     tests::get_json(&format!("{status}/status/config")).await["connected"] == true
@@ -1300,19 +1320,7 @@ async fn control_plane_faults_leave_the_last_good_snapshot_serving_and_lose_no_u
     let agent = Agent::start(&config).await;
     agent.wait_model("after-ca").await;
     ids.push(served(&agent, false).await);
-    eventually("every usage event arrives", WITHIN, || async {
-        received_usage(&cp).await.0.len() == ids.len()
-    })
-    .await;
-    let (events, duplicates) = received_usage(&cp).await;
-    assert_eq!(duplicates, 0);
-    let mut received: Vec<String> = events
-        .iter()
-        .map(|e| e["event_id"].as_str().unwrap().to_owned())
-        .collect();
-    received.sort();
-    ids.sort();
-    assert_eq!(received, ids);
+    assert_eq!(every_call_accounted(&cp, &mut ids).await, 0);
     agent.stop().await;
 }
 
@@ -1371,19 +1379,7 @@ async fn kill_9_during_cache_writes_and_usage_queueing_loses_nothing_served() {
     // configuration converges to the last write.
     set_faults(&cp, json!({})).await;
     agent.wait_model("w39").await;
-    eventually("every usage event arrives", WITHIN, || async {
-        received_usage(&cp).await.0.len() == ids.len()
-    })
-    .await;
-    let (events, duplicates) = received_usage(&cp).await;
-    assert_eq!(duplicates, 0);
-    let mut received: Vec<String> = events
-        .iter()
-        .map(|e| e["event_id"].as_str().unwrap().to_owned())
-        .collect();
-    received.sort();
-    ids.sort();
-    assert_eq!(received, ids);
+    assert_eq!(every_call_accounted(&cp, &mut ids).await, 0);
     agent.stop().await;
 }
 
@@ -1476,10 +1472,9 @@ async fn a_full_state_disk_keeps_serving_and_recovers_when_space_returns() {
     cp.put("models", "m-after", model("after-full")).await;
     agent.wait_model("after-full").await;
     ids.push(served(&agent, true).await);
-    eventually("the usage of every served call arrives", WITHIN, || async {
-        received_usage(&cp).await.0.len() == ids.len()
-    })
-    .await;
+    // Removals of acknowledged events that the failing disk did not keep may be sent
+    // again; the control plane counts each event id once.
+    every_call_accounted(&cp, &mut ids).await;
     // The cache is written again (sled refuses writes after an I/O error: the agent
     // opens it afresh), so a restart with the control plane away serves the latest.
     eventually("the cache is written again", WITHIN, || async {
@@ -1489,16 +1484,6 @@ async fn a_full_state_disk_keeps_serving_and_recovers_when_space_returns() {
             .contains("snapshot cache written again")
     })
     .await;
-    // Removals of acknowledged events that the failing disk did not keep may be sent
-    // again; the control plane counts each event id once.
-    let (events, _duplicates) = received_usage(&cp).await;
-    let mut received: Vec<String> = events
-        .iter()
-        .map(|e| e["event_id"].as_str().unwrap().to_owned())
-        .collect();
-    received.sort();
-    ids.sort();
-    assert_eq!(received, ids);
     agent.stop().await;
     set_faults(&cp, json!({"refuse_connections": true})).await;
     let agent = Agent::start(&config).await;
