@@ -907,6 +907,22 @@ mod tests {
 
         let cases = [
             (
+                "etcd: {endpoints: [http://e:1]}\nproxy: {max_connections: 0}\n",
+                "proxy.max_connections: must be at least 1",
+            ),
+            (
+                "etcd: {endpoints: [http://e:1]}\nproxy: {header_read_timeout_ms: 0}\n",
+                "proxy.header_read_timeout_ms: must be at least 1",
+            ),
+            (
+                "etcd: {endpoints: [http://e:1]}\nproxy: {max_header_bytes: 100}\n",
+                "proxy.max_header_bytes: must be at least 1024",
+            ),
+            (
+                "etcd: {endpoints: [http://e:1]}\nproxy: {tls: {cert_file: c.pem}}\n",
+                "proxy.tls: missing field `key_file`",
+            ),
+            (
                 "etcd: {endpoints: []}\n",
                 "etcd.endpoints: at least one endpoint",
             ),

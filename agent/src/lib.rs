@@ -108,7 +108,8 @@ pub struct ListenerTls {
 }
 
 impl ListenerTls {
-    /// Reads `proxy.tls` and `admin.tls` (key files made private first).
+    /// Reads `proxy.tls`, and `admin.tls` in self-hosted mode (the only one with an
+    /// admin listener); key files are made private first.
     pub fn prepare(config: &Config) -> anyhow::Result<Self> {
         let load = |section: &Option<ListenerTlsSection>, name: &str| {
             let Some(tls) = section else {
@@ -127,7 +128,10 @@ impl ListenerTls {
         };
         Ok(Self {
             proxy: load(&config.proxy.tls, "proxy")?,
-            admin: load(&config.admin.as_ref().and_then(|a| a.tls.clone()), "admin")?,
+            admin: match (&config.etcd, &config.admin) {
+                (Some(_), Some(admin)) => load(&admin.tls, "admin")?,
+                _ => None,
+            },
         })
     }
 }

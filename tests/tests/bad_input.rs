@@ -212,6 +212,17 @@ async fn malformed_requests_get_their_envelope_and_reach_no_upstream() {
             Shape::OpenAi,
         ),
         (
+            "wrong content type, Anthropic route",
+            request(
+                "POST",
+                messages,
+                &format!("x-api-key: {CALLER}\r\nContent-Type: text/plain\r\n"),
+                valid,
+            ),
+            415,
+            Shape::Anthropic,
+        ),
+        (
             "a form where JSON is expected",
             request(
                 "POST",

@@ -72,7 +72,7 @@ struct State {
     /// so the flusher opens the database again.
     store: Option<Store>,
     /// Events not yet known to be on disk, in order; written again after a reopen.
-    unflushed: VecDeque<(u64, Vec<u8>)>,
+    unflushed: VecDeque<(u64, sled::IVec)>,
 }
 
 #[derive(Clone)]
@@ -154,14 +154,16 @@ impl UsageQueue {
     }
 
     fn push(&self, event: &UsageEvent) -> Result<(), String> {
-        let bytes = serde_json::to_vec(event).map_err(|e| e.to_string())?;
+        let bytes = sled::IVec::from(serde_json::to_vec(event).map_err(|e| e.to_string())?);
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let mut state = self.state();
         let mut pending = self.status.pending.fetch_add(1, Ordering::Relaxed) + 1;
-        if let Some(store) = state.store.clone() {
-            if let Err(e) = store.events.insert(n.to_be_bytes(), bytes.clone()) {
-                self.broken(&mut state, &e);
-            }
+        let inserted = state
+            .store
+            .as_ref()
+            .map(|store| store.events.insert(n.to_be_bytes(), bytes.clone()));
+        if let Some(Err(e)) = inserted {
+            self.broken(&mut state, &e);
         }
         state.unflushed.push_back((n, bytes));
         while pending > self.max_events {

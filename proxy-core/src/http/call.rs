@@ -89,13 +89,14 @@ async fn handle(
     let snapshot = state.0.store.load();
     let caller = authenticate(&snapshot, headers, endpoint.envelope())?;
     call.record.caller(&caller.id);
-    let bytes = read_body(body, headers, state.0.options.body_limit).await?;
-    // A form (audio, images) is routed by its text fields and sent on as a form.
+    // A form (audio, images) is routed by its text fields and sent on as a form. A
+    // body of a type the endpoint does not read is refused before it is read.
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .map(|v| v.to_str().unwrap_or("(not text)"));
     let forms = !endpoint.has_messages();
     check_content_type(content_type, forms)?;
+    let bytes = read_body(body, headers, state.0.options.body_limit).await?;
     let (form, fields) = if forms && multipart::is_form(content_type) {
         let form = Form::parse(bytes.clone(), content_type.unwrap_or_default()).await?;
         let fields = Bytes::from(form.text_fields_json());
@@ -552,8 +553,6 @@ fn build_response(
     response
 }
 
-/// Reads the whole body, refusing more than `limit` bytes (by Content-Length up front,
-/// and while reading for chunked bodies).
 /// JSON bodies (`application/json`, `*/*+json`, or no type at all) everywhere, forms
 /// where `forms`. `application/x-www-form-urlencoded` is read as JSON too: it is what
 /// `curl -d` declares when the caller does not say.
@@ -584,6 +583,8 @@ fn check_content_type(content_type: Option<&str>, forms: bool) -> Result<(), Pro
     )))
 }
 
+/// Reads the whole body, refusing more than `limit` bytes (by Content-Length up front,
+/// and while reading for chunked bodies).
 pub(super) async fn read_body(
     body: Body,
     headers: &HeaderMap,
