@@ -25,12 +25,13 @@ use std::time::{Duration, Instant};
 
 /// Path of a workspace binary in the same target directory as the running test.
 pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current test executable");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target directory");
+    let exe = std::env::current_exe().expect("current executable");
+    // A test runs from target/<profile>/deps/, a tool (soak, bench) from
+    // target/<profile>/: the binaries sit in target/<profile>/.
+    let mut dir = exe.parent().expect("target directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target directory");
+    }
     let path = dir.join(name);
     assert!(
         path.is_file(),

@@ -1,0 +1,560 @@
+//! aisix-bench: the performance harness (`bash scripts/bench`; docs/performance.md).
+//!
+//! Everything runs on this machine: the gateway (release build) and the nginx baseline
+//! pinned to one core, the load generator (wrk), the fast mock upstream, etcd and
+//! cloud-mock pinned to the other. The latency, throughput and streaming figures are
+//! medians of interleaved rounds (direct, nginx, gateway in a rotating order); the
+//! results go to `<out>/results.md` and `<out>/results.json`.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a benchmark tool: a failure should stop it loudly"
+)]
+
+mod load;
+mod nginx;
+mod procs;
+mod report;
+mod scale;
+mod streaming;
+mod upstream;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serde_json::{Value, json};
+
+use procs::{Pinned, cpu_time, free_port, rss_mib};
+use report::{Figures, Target};
+
+const CALLER: &str = "bench-caller-key";
+
+#[derive(Parser)]
+#[command(
+    name = "aisix-bench",
+    about = "Measures the gateway against direct calls and nginx"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Runs only the fast mock upstream.
+    Upstream(upstream::UpstreamArgs),
+    /// Measures configuration scale in this process and prints JSON.
+    Scale(scale::ScaleArgs),
+}
+
+#[derive(Debug, Clone, clap::Args, serde::Serialize)]
+pub struct RunArgs {
+    /// Interleaved rounds of the latency, throughput and streaming runs.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Length of each concurrency-1 run.
+    #[arg(long, default_value_t = 5)]
+    latency_secs: u64,
+    /// Length of each throughput run.
+    #[arg(long, default_value_t = 5)]
+    throughput_secs: u64,
+    /// Connections of the throughput and steady-load runs.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Streams per target per round.
+    #[arg(long, default_value_t = 10)]
+    streams: usize,
+    /// Content events per stream and the gap between events (µs).
+    #[arg(long, default_value_t = 50)]
+    sse_chunks: usize,
+    #[arg(long, default_value_t = 2000)]
+    sse_interval_us: u64,
+    /// Length of the steady-load run that watches memory.
+    #[arg(long, default_value_t = 600)]
+    steady_secs: u64,
+    /// How long after the load the idle memory is read.
+    #[arg(long, default_value_t = 60)]
+    after_secs: u64,
+    /// Configuration writes timed from etcd and from cloud-mock each.
+    #[arg(long, default_value_t = 100)]
+    writes: usize,
+    /// Cold starts timed.
+    #[arg(long, default_value_t = 10)]
+    cold_starts: usize,
+    /// Write access logs (the agent's default) to a file.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    access_log: bool,
+    #[arg(long, default_value_t = 0)]
+    gateway_core: usize,
+    #[arg(long, default_value_t = 1)]
+    load_core: usize,
+    /// Where results.md and results.json are written.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Upstream(args)) => match upstream::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("upstream: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Some(Command::Scale(args)) => {
+            scale::run(&args);
+            ExitCode::SUCCESS
+        }
+        None => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(bench(cli.run));
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// The places a benchmark run keeps its files and the processes it shares.
+struct Bench {
+    args: RunArgs,
+    dir: tempfile::TempDir,
+    agent: PathBuf,
+    http: reqwest::Client,
+    upstream: String,
+}
+
+async fn bench(args: RunArgs) {
+    let bench = Bench::prepare(args);
+    let args = &bench.args;
+    let mut figures = Figures::default();
+    let script = load::script(bench.dir.path(), "bench", CALLER);
+
+    // The file-mode gateway, the nginx baseline and the mock itself.
+    let mut gateway = bench.start_agent("gateway", &bench.file_mode_config());
+    let gateway_url = format!("http://{}/v1/chat/completions", gateway.1);
+    let nginx_port = free_port();
+    let nginx = nginx::start(
+        args.gateway_core,
+        bench.dir.path(),
+        nginx_port,
+        &bench.upstream,
+    );
+    let targets = [
+        Target::new(
+            "direct",
+            format!("http://{}/v1/chat/completions", bench.upstream),
+            None,
+        ),
+        Target::new(
+            "nginx",
+            format!("http://127.0.0.1:{nginx_port}/v1/chat/completions"),
+            Some(nginx.pid()),
+        ),
+        Target::new("gateway", gateway_url.clone(), Some(gateway.0.pid())),
+    ];
+    for t in &targets {
+        bench.chat_ok(&t.url).await;
+    }
+    let gateway_pid = gateway.0.pid();
+    figures.rss_idle_mib = rss_mib(gateway_pid);
+    println!("idle gateway: {:.1} MiB resident", figures.rss_idle_mib);
+    for t in &targets {
+        load::wrk(&t.url, args.connections, Duration::from_secs(2), &script);
+    }
+
+    for round in 0..args.rounds {
+        let order = rotated(&targets, round);
+        for t in &order {
+            let run = load::wrk(&t.url, 1, Duration::from_secs(args.latency_secs), &script);
+            figures.latency(t.name, run);
+        }
+        for t in &order {
+            let cpu_before = t.pid.map(cpu_time);
+            let run = load::wrk(
+                &t.url,
+                args.connections,
+                Duration::from_secs(args.throughput_secs),
+                &script,
+            );
+            let cpu = t
+                .pid
+                .zip(cpu_before)
+                .map(|(pid, before)| cpu_time(pid) - before);
+            figures.throughput(t.name, run, cpu);
+            if t.name == "gateway" {
+                figures.rss_rounds.push(rss_mib(gateway_pid));
+            }
+        }
+        println!(
+            "round {}/{} of latency and throughput done",
+            round + 1,
+            args.rounds
+        );
+    }
+
+    let streamer = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .build()
+        .expect("client");
+    let intervals = (args.sse_chunks + 2) as u32;
+    for round in 0..args.rounds {
+        for t in rotated(&targets, round) {
+            let mut runs = Vec::new();
+            for _ in 0..args.streams {
+                runs.push(streaming::one(&streamer, &t.url, CALLER).await);
+            }
+            figures.streaming(t.name, &runs, intervals);
+        }
+    }
+    println!("streaming rounds done");
+
+    // Steady load for a long while, memory read as it goes.
+    let steady = {
+        let (url, script, connections, secs) = (
+            gateway_url.clone(),
+            script.clone(),
+            args.connections,
+            args.steady_secs,
+        );
+        std::thread::spawn(move || load::wrk(&url, connections, Duration::from_secs(secs), &script))
+    };
+    let started = Instant::now();
+    let every = Duration::from_secs((args.steady_secs / 60).max(1));
+    while !steady.is_finished() {
+        figures
+            .rss_steady
+            .push((started.elapsed().as_secs(), rss_mib(gateway_pid)));
+        std::thread::sleep(every);
+    }
+    figures.steady = Some(steady.join().expect("steady load"));
+    let load_ended = Instant::now();
+    println!("steady load done");
+
+    // While the file-mode gateway sits idle: propagation, cold start and scale.
+    figures.propagation_etcd = bench.etcd_propagation().await;
+    let (cloud, cold) = bench.managed().await;
+    figures.propagation_cloud = cloud;
+    figures.cold_start = cold;
+    figures.scale = bench.scale();
+
+    let idle_until = load_ended + Duration::from_secs(args.after_secs);
+    std::thread::sleep(idle_until.saturating_duration_since(Instant::now()));
+    figures.rss_after_mib = rss_mib(gateway_pid);
+    gateway.0.stop();
+    drop(nginx);
+
+    let (markdown, json) = figures.report(args, &report::machine());
+    std::fs::create_dir_all(&args.out).expect("output directory");
+    std::fs::write(args.out.join("results.md"), &markdown).expect("write results.md");
+    std::fs::write(
+        args.out.join("results.json"),
+        serde_json::to_string_pretty(&json).expect("json"),
+    )
+    .expect("write results.json");
+    println!(
+        "\n{markdown}\nwritten to {}/results.{{md,json}}",
+        args.out.display()
+    );
+}
+
+fn rotated(targets: &[Target], round: usize) -> Vec<Target> {
+    let mut order = targets.to_vec();
+    order.rotate_left(round % targets.len());
+    order
+}
+
+impl Bench {
+    fn prepare(args: RunArgs) -> Bench {
+        for (tool, package) in [
+            ("wrk", "wrk"),
+            ("nginx", "nginx-light"),
+            ("taskset", "util-linux"),
+            ("etcd", "etcd-server"),
+        ] {
+            let found = std::process::Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .stdout(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(
+                found,
+                "{tool} is missing: install Debian's {package} package (scripts/bench does)"
+            );
+        }
+        let agent = tests::binary("aisix-agent");
+        assert!(
+            agent.parent().is_some_and(|d| d.ends_with("release")),
+            "{} is not a release build: run scripts/bench",
+            agent.display()
+        );
+        // The harness and everything it starts run on the load core, except what it
+        // pins to the gateway core on purpose.
+        procs::pin(std::process::id(), args.load_core);
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let port = free_port();
+        let exe = std::env::current_exe().expect("own path");
+        let mut upstream = Pinned::start(
+            args.load_core,
+            &exe,
+            &[
+                "upstream",
+                "--addr",
+                &format!("127.0.0.1:{port}"),
+                "--sse-chunks",
+                &args.sse_chunks.to_string(),
+                "--sse-interval-us",
+                &args.sse_interval_us.to_string(),
+            ],
+            &dir.path().join("upstream.log"),
+        );
+        upstream.wait_for_line("upstream listening on", Duration::from_secs(10));
+        // Kept running until the harness exits.
+        std::mem::forget(upstream);
+        Bench {
+            args,
+            dir,
+            agent,
+            http: tests::http_client(),
+            upstream: format!("127.0.0.1:{port}"),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A config file for the agent: `source` (YAML) plus the common settings.
+    fn config(&self, name: &str, source: &str, port: u16) -> PathBuf {
+        let text = format!(
+            "{source}proxy:\n  addr: 127.0.0.1:{port}\nobservability:\n  access_log: {}\n  metrics:\n    prometheus:\n      addr: 127.0.0.1:0\nshutdown:\n  min_drain_secs: 0\n  drain_timeout_secs: 5\n",
+            self.args.access_log
+        );
+        let path = self.path(&format!("{name}.yaml"));
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
+    fn provider_key(&self) -> Value {
+        json!({"display_name": "mock", "provider": "openai", "api_base": format!("http://{}/v1", self.upstream), "api_key": "sk-bench-provider"})
+    }
+
+    fn model(&self, alias: &str) -> Value {
+        json!({"display_name": alias, "model_name": "up-bench", "provider_key_id": "mock"})
+    }
+
+    fn caller(&self) -> Value {
+        json!({"display_name": "bench", "key_hash": tests::key_hash(CALLER), "allowed_models": ["*"]})
+    }
+
+    fn file_mode_config(&self) -> (String, u16) {
+        let with_id = |id: &str, mut v: Value| {
+            v["id"] = json!(id);
+            v
+        };
+        let resources = json!({
+            "provider_keys": [with_id("mock", self.provider_key())],
+            "models": [with_id("bench", self.model("bench"))],
+            "api_keys": [with_id("caller", self.caller())],
+        });
+        // JSON is YAML.
+        let file = self.path("resources.yaml");
+        std::fs::write(&file, resources.to_string()).expect("write resources");
+        (format!("resources_file: {}\n", file.display()), free_port())
+    }
+
+    /// Starts the agent on the gateway core and waits for its proxy listener.
+    fn start_agent(&self, name: &str, (source, port): &(String, u16)) -> (Pinned, String) {
+        let config = self.config(name, source, *port);
+        let mut agent = Pinned::start(
+            self.args.gateway_core,
+            &self.agent,
+            &["--config", config.to_str().expect("utf-8 path")],
+            &self.path(&format!("{name}.log")),
+        );
+        agent.wait_for_line("proxy listener ready", Duration::from_secs(30));
+        (agent, format!("127.0.0.1:{port}"))
+    }
+
+    async fn chat(&self, http: &reqwest::Client, url: &str) -> Option<u16> {
+        let response = http
+            .post(url)
+            .bearer_auth(CALLER)
+            .json(
+                &json!({"model": "bench", "messages": [{"role": "user", "content": "Say hello."}]}),
+            )
+            .send()
+            .await
+            .ok()?;
+        let status = response.status().as_u16();
+        let body = response.bytes().await.ok()?;
+        (status != 200 || body.windows(14).any(|w| w == b"chatcmpl-bench")).then_some(status)
+    }
+
+    async fn chat_ok(&self, url: &str) {
+        assert_eq!(
+            self.chat(&self.http, url).await,
+            Some(200),
+            "a chat completion through {url}"
+        );
+    }
+
+    /// Time from a write to the change being listed on `/v1/models`, per write.
+    async fn propagation<F, Fut>(&self, gateway: &str, label: &str, mut write: F) -> Vec<Duration>
+    where
+        F: FnMut(String) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let url = format!("http://{gateway}/v1/models");
+        let mut times = Vec::new();
+        for i in 0..self.args.writes {
+            let alias = format!("prop-{label}-{i}");
+            let needle = format!("\"{alias}\"");
+            let started = Instant::now();
+            write(alias).await;
+            loop {
+                let listed = self.http.get(&url).bearer_auth(CALLER).send().await;
+                if let Ok(r) = listed {
+                    if r.text().await.is_ok_and(|t| t.contains(&needle)) {
+                        break;
+                    }
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "{needle} never listed"
+                );
+                // A short blocking pause: tokio's timer would round it up to 1 ms.
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            times.push(started.elapsed());
+        }
+        times
+    }
+
+    async fn etcd_propagation(&self) -> Vec<Duration> {
+        let etcd = tests::etcd::Etcd::start().await;
+        etcd.put(
+            "/aisix/provider_keys/mock",
+            &self.provider_key().to_string(),
+        )
+        .await;
+        etcd.put("/aisix/api_keys/caller", &self.caller().to_string())
+            .await;
+        let source = format!("etcd:\n  endpoints: [{}]\n  prefix: /aisix\n", etcd.url());
+        let (mut agent, addr) = self.start_agent("etcd-agent", &(source, free_port()));
+        let times = self
+            .propagation(&addr, "etcd", |alias| {
+                let etcd = &etcd;
+                let doc = self.model(&alias).to_string();
+                async move {
+                    etcd.put(&format!("/aisix/models/{alias}"), &doc).await;
+                }
+            })
+            .await;
+        agent.stop();
+        println!("etcd propagation done");
+        times
+    }
+
+    /// Propagation from cloud-mock's console, then cold starts from the sled cache the
+    /// agent wrote, with the control plane gone.
+    async fn managed(&self) -> (Vec<Duration>, Vec<Duration>) {
+        let cloud = tests::cloud::CloudMockProcess::start(&self.path("cloud-mock"), None).await;
+        let resources = "/console/v1/environments/demo/resources";
+        for (path, body) in [
+            ("provider_keys/mock", self.provider_key()),
+            ("models/bench", self.model("bench")),
+            ("api_keys/caller", self.caller()),
+        ] {
+            cloud
+                .console
+                .ok("PUT", &format!("{resources}/{path}"), Some(body))
+                .await;
+        }
+        let bundle = &cloud.bundle_dir;
+        let source = format!(
+            "managed:\n  enabled: true\n  cp_base_url: {}\n  cp_cert_file: {}\n  cp_key_file: {}\n  cp_ca_file: {}\n  state_dir: {}\n  connect_timeout_ms: 1000\n",
+            cloud.dp_url,
+            bundle.join("cert.pem").display(),
+            bundle.join("key.pem").display(),
+            bundle.join("ca.pem").display(),
+            self.path("agent-state").display()
+        );
+        let port = free_port();
+        let (mut agent, addr) = self.start_agent("managed-agent", &(source.clone(), port));
+        let chat_url = format!("http://{addr}/v1/chat/completions");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.chat(&self.http, &chat_url).await != Some(200) {
+            assert!(Instant::now() < deadline, "the managed agent never served");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let propagation = self
+            .propagation(&addr, "cloud", |alias| {
+                let (cloud, doc) = (&cloud, self.model(&alias));
+                async move {
+                    cloud
+                        .console
+                        .ok("PUT", &format!("{resources}/models/{alias}"), Some(doc))
+                        .await;
+                }
+            })
+            .await;
+        agent.stop();
+        drop(cloud);
+        println!("cloud-mock propagation done");
+
+        let config = self.config("managed-agent", &source, port);
+        let fresh = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .expect("client");
+        let mut cold = Vec::new();
+        for run in 0..self.args.cold_starts {
+            let started = Instant::now();
+            let mut agent = Pinned::start(
+                self.args.gateway_core,
+                &self.agent,
+                &["--config", config.to_str().expect("utf-8 path")],
+                &self.path(&format!("cold-{run}.log")),
+            );
+            while self.chat(&fresh, &chat_url).await != Some(200) {
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "cold start {run} never served"
+                );
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            cold.push(started.elapsed());
+            agent.stop();
+        }
+        println!("cold starts done");
+        (propagation, cold)
+    }
+
+    /// Configuration scale in a process of its own on the gateway core.
+    fn scale(&self) -> Value {
+        let output = std::process::Command::new("taskset")
+            .args(["-c", &self.args.gateway_core.to_string()])
+            .arg(std::env::current_exe().expect("own path"))
+            .arg("scale")
+            .output()
+            .expect("scale run");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "scale run failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        println!("scale done");
+        serde_json::from_str(stdout.trim()).expect("scale prints JSON")
+    }
+}

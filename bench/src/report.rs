@@ -1,0 +1,446 @@
+//! The figures of one run, and the Markdown table and JSON made from them.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::RunArgs;
+use crate::load::Run;
+use crate::streaming::Timing;
+
+/// Something the load is sent to: the mock directly, nginx, or the gateway.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: &'static str,
+    pub url: String,
+    pub pid: Option<u32>,
+}
+
+impl Target {
+    pub fn new(name: &'static str, url: String, pid: Option<u32>) -> Self {
+        Self { name, url, pid }
+    }
+}
+
+/// Per target, one entry per round, in round order.
+#[derive(Default)]
+pub struct Figures {
+    latency: BTreeMap<&'static str, Vec<Run>>,
+    throughput: BTreeMap<&'static str, Vec<(Run, Option<Duration>)>>,
+    /// Median first-chunk time and median per-gap time of a round's streams.
+    streaming: BTreeMap<&'static str, Vec<(f64, f64)>>,
+    pub rss_idle_mib: f64,
+    pub rss_rounds: Vec<f64>,
+    /// (seconds into the steady run, MiB)
+    pub rss_steady: Vec<(u64, f64)>,
+    pub steady: Option<Run>,
+    pub rss_after_mib: f64,
+    pub propagation_etcd: Vec<Duration>,
+    pub propagation_cloud: Vec<Duration>,
+    pub cold_start: Vec<Duration>,
+    pub scale: Value,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Nearest-rank percentile of durations, in milliseconds.
+fn percentile_ms(v: &[Duration], p: f64) -> f64 {
+    let mut ms: Vec<f64> = v.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    ms.sort_by(f64::total_cmp);
+    if ms.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * ms.len() as f64).ceil().max(1.0) as usize;
+    ms[rank.min(ms.len()) - 1]
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+impl Figures {
+    pub fn latency(&mut self, target: &'static str, run: Run) {
+        self.latency.entry(target).or_default().push(run);
+    }
+
+    pub fn throughput(&mut self, target: &'static str, run: Run, cpu: Option<Duration>) {
+        self.throughput.entry(target).or_default().push((run, cpu));
+    }
+
+    pub fn streaming(&mut self, target: &'static str, runs: &[Timing], intervals: u32) {
+        let first = median(runs.iter().map(|t| us(t.first_chunk)).collect());
+        let gap = median(
+            runs.iter()
+                .map(|t| us(t.span) / f64::from(intervals))
+                .collect(),
+        );
+        self.streaming.entry(target).or_default().push((first, gap));
+    }
+
+    /// Median over rounds of `f(target's round) - f(direct's round)`.
+    fn added<T>(rounds: &BTreeMap<&str, Vec<T>>, target: &str, f: impl Fn(&T) -> f64) -> f64 {
+        let (Some(t), Some(d)) = (rounds.get(target), rounds.get("direct")) else {
+            return f64::NAN;
+        };
+        median(t.iter().zip(d).map(|(t, d)| f(t) - f(d)).collect())
+    }
+
+    fn rps(&self, target: &str) -> f64 {
+        median(
+            self.throughput
+                .get(target)
+                .into_iter()
+                .flatten()
+                .map(|(r, _)| r.rps)
+                .collect(),
+        )
+    }
+
+    fn errors(&self, target: &str) -> u64 {
+        self.throughput
+            .get(target)
+            .into_iter()
+            .flatten()
+            .map(|(r, _)| r.errors)
+            .sum::<u64>()
+            + self
+                .latency
+                .get(target)
+                .into_iter()
+                .flatten()
+                .map(|r| r.errors)
+                .sum::<u64>()
+    }
+
+    fn cpu_us(&self, target: &str) -> f64 {
+        median(
+            self.throughput
+                .get(target)
+                .into_iter()
+                .flatten()
+                .filter_map(|(r, cpu)| Some(us((*cpu)?) / r.requests.max(1) as f64))
+                .collect(),
+        )
+    }
+
+    /// Peak of the last third of the steady run minus the peak of its middle third.
+    fn rss_growth(&self) -> f64 {
+        let v: Vec<f64> = self.rss_steady.iter().map(|(_, m)| *m).collect();
+        let third = v.len() / 3;
+        if third == 0 {
+            return f64::NAN;
+        }
+        let peak = |s: &[f64]| s.iter().copied().fold(0.0, f64::max);
+        peak(&v[2 * third..]) - peak(&v[third..2 * third])
+    }
+
+    pub fn report(&self, args: &RunArgs, machine: &Value) -> (String, Value) {
+        let p50 = |t| Self::added(&self.latency, t, |r: &Run| r.p50_us);
+        let p99 = |t| Self::added(&self.latency, t, |r: &Run| r.p99_us);
+        let first = |t| Self::added(&self.streaming, t, |s: &(f64, f64)| s.0);
+        let gap = |t| Self::added(&self.streaming, t, |s: &(f64, f64)| s.1);
+        let ratio = self.rps("gateway") / self.rps("nginx");
+        let steady_peak = self
+            .rss_steady
+            .iter()
+            .map(|(_, m)| *m)
+            .chain(self.rss_rounds.iter().copied())
+            .fold(0.0, f64::max);
+        let ms = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+        let scale = &self.scale;
+        let change_max =
+            ms(&scale["model_change"]["max_ms"]).max(ms(&scale["key_change"]["max_ms"]));
+        let etcd = (
+            percentile_ms(&self.propagation_etcd, 50.0),
+            percentile_ms(&self.propagation_etcd, 99.0),
+        );
+        let cloud = (
+            percentile_ms(&self.propagation_cloud, 50.0),
+            percentile_ms(&self.propagation_cloud, 99.0),
+        );
+        let cold = (
+            percentile_ms(&self.cold_start, 50.0),
+            percentile_ms(&self.cold_start, 100.0),
+        );
+        let gateway_errors = self.errors("gateway") + self.steady.map_or(0, |r| r.errors);
+
+        // (figure, gateway, nginx or note, target, met)
+        let rows: Vec<(String, String, String, String, Option<bool>)> = vec![
+            (
+                "added latency p50, c=1".into(),
+                format!("{:.0} µs", p50("gateway")),
+                format!("{:.0} µs", p50("nginx")),
+                "≤ nginx + 30 µs".into(),
+                Some(p50("gateway") <= p50("nginx") + 30.0),
+            ),
+            (
+                "added latency p99, c=1".into(),
+                format!("{:.0} µs", p99("gateway")),
+                format!("{:.0} µs", p99("nginx")),
+                "≤ nginx + 60 µs".into(),
+                Some(p99("gateway") <= p99("nginx") + 60.0),
+            ),
+            (
+                format!("throughput, c={}", args.connections),
+                format!(
+                    "{:.0} req/s ({:.2} × nginx), {} errors",
+                    self.rps("gateway"),
+                    ratio,
+                    gateway_errors
+                ),
+                format!(
+                    "{:.0} req/s, {} errors",
+                    self.rps("nginx"),
+                    self.errors("nginx")
+                ),
+                "≥ 0.3 × nginx, 0 errors".into(),
+                Some(ratio >= 0.3 && gateway_errors == 0),
+            ),
+            (
+                "CPU per request".into(),
+                format!("{:.1} µs", self.cpu_us("gateway")),
+                format!("{:.1} µs", self.cpu_us("nginx")),
+                "≤ 40 µs".into(),
+                Some(self.cpu_us("gateway") <= 40.0),
+            ),
+            (
+                "resident memory, idle".into(),
+                format!("{:.1} MiB", self.rss_idle_mib),
+                String::new(),
+                "≤ 20 MB".into(),
+                Some(self.rss_idle_mib * 1.048_576 <= 20.0),
+            ),
+            (
+                "resident memory, under load (peak)".into(),
+                format!("{steady_peak:.1} MiB"),
+                String::new(),
+                "≤ 50 MB".into(),
+                Some(steady_peak * 1.048_576 <= 50.0),
+            ),
+            (
+                format!("memory growth over {} s of load", args.steady_secs),
+                format!("{:+.1} MiB", self.rss_growth()),
+                "last third's peak − middle third's".into(),
+                "≤ 2 MiB".into(),
+                Some(self.rss_growth() <= 2.0),
+            ),
+            (
+                format!("resident memory, {} s after load", args.after_secs),
+                format!("{:.1} MiB", self.rss_after_mib),
+                String::new(),
+                "(reported)".into(),
+                None,
+            ),
+            (
+                "cold start (cache, control plane down)".into(),
+                format!("p50 {:.1} ms, max {:.1} ms", cold.0, cold.1),
+                format!("{} starts", self.cold_start.len()),
+                "≤ 150 ms".into(),
+                Some(cold.1 <= 150.0),
+            ),
+            (
+                "propagation from etcd".into(),
+                format!("p50 {:.1} ms, p99 {:.1} ms", etcd.0, etcd.1),
+                format!("{} writes", self.propagation_etcd.len()),
+                "p99 ≤ 50 ms".into(),
+                Some(etcd.1 <= 50.0),
+            ),
+            (
+                "propagation from cloud-mock".into(),
+                format!("p50 {:.1} ms, p99 {:.1} ms", cloud.0, cloud.1),
+                format!("{} writes", self.propagation_cloud.len()),
+                "p99 ≤ 100 ms".into(),
+                Some(cloud.1 <= 100.0),
+            ),
+            (
+                "streaming: added time to first chunk".into(),
+                format!("{:.0} µs", first("gateway")),
+                format!("{:.0} µs", first("nginx")),
+                "≤ 500 µs".into(),
+                Some(first("gateway") <= 500.0),
+            ),
+            (
+                "streaming: added gap per chunk".into(),
+                format!("{:.1} µs", gap("gateway")),
+                format!("{:.1} µs", gap("nginx")),
+                "≤ 20 µs".into(),
+                Some(gap("gateway") <= 20.0),
+            ),
+            (
+                format!(
+                    "config scale: build {} models + {} keys",
+                    scale["models"], scale["keys"]
+                ),
+                format!("{:.0} ms", ms(&scale["build_ms"])),
+                format!("{:.0} MiB resident after", ms(&scale["rss_mib"])),
+                "(reported)".into(),
+                None,
+            ),
+            (
+                "config scale: one change".into(),
+                format!(
+                    "model p50 {:.2} ms, key p50 {:.2} ms, max {:.2} ms",
+                    ms(&scale["model_change"]["p50_ms"]),
+                    ms(&scale["key_change"]["p50_ms"]),
+                    change_max
+                ),
+                String::new(),
+                "≤ 5 ms".into(),
+                Some(change_max <= 5.0),
+            ),
+        ];
+
+        let mut md = String::new();
+        let _ = writeln!(md, "## aisix-bench results\n");
+        let _ = writeln!(
+            md,
+            "{} · {} · {} cores · Linux {} · commit {}\n",
+            machine["date"].as_str().unwrap_or("?"),
+            machine["cpu"].as_str().unwrap_or("?"),
+            machine["cores"].as_str().unwrap_or("?"),
+            machine["kernel"].as_str().unwrap_or("?"),
+            machine["commit"].as_str().unwrap_or("?"),
+        );
+        let _ = writeln!(
+            md,
+            "Gateway and nginx on core {}, wrk, mock upstream, etcd and cloud-mock on core {}; {} rounds of {} s (c=1) and {} s (c={}); access log {}.\n",
+            args.gateway_core,
+            args.load_core,
+            args.rounds,
+            args.latency_secs,
+            args.throughput_secs,
+            args.connections,
+            if args.access_log { "on" } else { "off" }
+        );
+        let _ = writeln!(md, "| figure | gateway | nginx / note | target | met |");
+        let _ = writeln!(md, "|---|---|---|---|---|");
+        for (figure, gateway, other, target, met) in &rows {
+            let met = match met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "",
+            };
+            let _ = writeln!(md, "| {figure} | {gateway} | {other} | {target} | {met} |");
+        }
+        let _ = writeln!(
+            md,
+            "\n| row | c=1 p50 | c=1 p99 | added p50 | added p99 | c={} req/s | errors | CPU/request | first chunk | gap per chunk |",
+            args.connections
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
+        for t in ["direct", "nginx", "gateway"] {
+            let lat = |f: fn(&Run) -> f64| {
+                median(self.latency.get(t).into_iter().flatten().map(f).collect())
+            };
+            let stream = |f: fn(&(f64, f64)) -> f64| {
+                median(self.streaming.get(t).into_iter().flatten().map(f).collect())
+            };
+            let added = |v: f64| {
+                if t == "direct" {
+                    "—".to_owned()
+                } else {
+                    format!("{v:.0} µs")
+                }
+            };
+            let cpu = self.cpu_us(t);
+            let _ = writeln!(
+                md,
+                "| {t} | {:.0} µs | {:.0} µs | {} | {} | {:.0} | {} | {} | {:.0} µs | {:.0} µs |",
+                lat(|r| r.p50_us),
+                lat(|r| r.p99_us),
+                added(p50(t)),
+                added(p99(t)),
+                self.rps(t),
+                self.errors(t),
+                if cpu.is_nan() {
+                    "—".to_owned()
+                } else {
+                    format!("{cpu:.1} µs")
+                },
+                stream(|s| s.0),
+                stream(|s| s.1),
+            );
+        }
+        let missed: Vec<&str> = rows
+            .iter()
+            .filter(|r| r.4 == Some(false))
+            .map(|r| r.0.as_str())
+            .collect();
+        let _ = writeln!(
+            md,
+            "\nTargets missed: {}",
+            if missed.is_empty() {
+                "none".to_owned()
+            } else {
+                missed.join("; ")
+            }
+        );
+
+        let ms_list = |v: &[Duration]| v.iter().map(|d| d.as_secs_f64() * 1e3).collect::<Vec<_>>();
+        let json = json!({
+            "machine": machine,
+            "settings": args,
+            "figures": rows.iter().map(|(figure, gateway, other, target, met)| json!({
+                "figure": figure, "gateway": gateway, "reference": other, "target": target, "met": met,
+            })).collect::<Vec<_>>(),
+            "rounds": {
+                "latency": self.latency,
+                "throughput": self.throughput.iter().map(|(t, v)| (*t, v.iter().map(|(r, cpu)| json!({
+                    "run": r, "cpu_us": cpu.map(us),
+                })).collect::<Vec<_>>())).collect::<BTreeMap<_, _>>(),
+                "streaming_first_chunk_and_gap_us": self.streaming,
+            },
+            "rss_mib": {
+                "idle": self.rss_idle_mib,
+                "rounds": self.rss_rounds,
+                "steady": self.rss_steady,
+                "after": self.rss_after_mib,
+            },
+            "steady_run": self.steady,
+            "propagation_ms": {"etcd": ms_list(&self.propagation_etcd), "cloud_mock": ms_list(&self.propagation_cloud)},
+            "cold_start_ms": ms_list(&self.cold_start),
+            "scale": self.scale,
+        });
+        (md, json)
+    }
+}
+
+/// Date, CPU, core count, kernel and commit, for the report's heading.
+pub fn machine() -> Value {
+    let run = |program: &str, args: &[&str]| {
+        std::process::Command::new(program)
+            .args(args)
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    json!({
+        "date": run("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        "cpu": cpu,
+        "cores": run("nproc", &["--all"]),
+        "kernel": run("uname", &["-r"]),
+        "commit": run("git", &["rev-parse", "--short", "HEAD"]),
+    })
+}
