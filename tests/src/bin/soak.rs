@@ -192,7 +192,7 @@ async fn main() -> ExitCode {
                     *errors
                         .lock()
                         .await
-                        .entry("load generator behind (not the gateway)".into())
+                        .entry("call not sent: 1024 already in flight (answers slower than 1024 / rate)".into())
                         .or_default() += 1;
                     continue;
                 };
