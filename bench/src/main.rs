@@ -131,6 +131,8 @@ struct Bench {
     agent: PathBuf,
     http: reqwest::Client,
     upstream: String,
+    /// The mock upstream process, stopped when the run ends.
+    _mock: Pinned,
 }
 
 async fn bench(args: RunArgs) {
@@ -318,14 +320,13 @@ impl Bench {
             &dir.path().join("upstream.log"),
         );
         upstream.wait_for_line("upstream listening on", Duration::from_secs(10));
-        // Kept running until the harness exits.
-        std::mem::forget(upstream);
         Bench {
             args,
             dir,
             agent,
             http: tests::http_client(),
             upstream: format!("127.0.0.1:{port}"),
+            _mock: upstream,
         }
     }
 
