@@ -238,7 +238,10 @@ fn open_db(path: &Path) -> Result<sled::Db, Unopened> {
     loop {
         // sled reports most damage as errors, but a mangled file can also make it
         // panic; either way the cache is unusable and must not take the agent down.
-        let attempt = std::panic::catch_unwind(|| sled::Config::new().path(path).open());
+        let attempt = std::panic::catch_unwind(|| sled::Config::new()
+                .path(path)
+                .cache_capacity(PAGE_CACHE_BYTES)
+                .open());
         match attempt {
             Ok(Ok(db)) => return Ok(db),
             // sled says so only in its message (an `Other` I/O error).
@@ -255,6 +258,11 @@ fn open_db(path: &Path) -> Result<sled::Db, Unopened> {
     }
 }
 
+/// sled's page cache per database. Its default (1 GiB) let the usage queue's
+/// resident memory grow by ≈ 50 MiB for every 85,000 events queued during an outage
+/// and keep it; both databases are written far more than they are read, so a small
+/// cache costs nothing measurable.
+const PAGE_CACHE_BYTES: u64 = 4 << 20;
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
 

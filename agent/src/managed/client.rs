@@ -74,11 +74,11 @@ impl CpClient {
     }
 
     /// Sends a JSON request to `path` and reads a JSON answer.
-    pub async fn call(
+    pub async fn call<B: serde::Serialize + ?Sized>(
         &self,
         method: Method,
         path: &str,
-        body: Option<&Value>,
+        body: Option<&B>,
     ) -> Result<Value, CpError> {
         let mut request = self.http.request(method, self.url(path)?);
         if let Some(body) = body {

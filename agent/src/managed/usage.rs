@@ -20,7 +20,9 @@ use std::time::Duration;
 
 use proxy_core::usage::{UsageEvent, UsageSink};
 use reqwest::Method;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -252,14 +254,15 @@ impl UsageQueue {
         }
     }
 
-    /// Up to `batch_size` events from the front, with their keys. Entries that do not
-    /// parse are removed and counted as dropped.
-    fn front(&self) -> Result<Vec<(sled::IVec, Value)>, sled::Error> {
+    /// Up to `batch_size` events from the front, with their keys, as stored (JSON,
+    /// checked but not parsed into values).
+    /// Entries that are not JSON are removed and counted as dropped.
+    fn front(&self) -> Result<Vec<(sled::IVec, Box<RawValue>)>, sled::Error> {
         let store = self.store()?;
         let mut batch = Vec::with_capacity(self.batch_size);
         for item in store.events.iter() {
             let (key, bytes) = item?;
-            match serde_json::from_slice::<Value>(&bytes) {
+            match serde_json::from_slice(&bytes) {
                 Ok(event) => batch.push((key, event)),
                 Err(e) => {
                     warn!(error = %e, "usage queue: unreadable event dropped");
@@ -397,7 +400,7 @@ impl UsageSender {
     /// Sends one batch and removes what the control plane acknowledged. A batch refused
     /// as invalid (400) is retried event by event so one bad event does not hold back
     /// the rest; the refused one is dropped and counted.
-    async fn deliver(&self, batch: Vec<(sled::IVec, Value)>) -> Result<u64, CpError> {
+    async fn deliver(&self, batch: Vec<(sled::IVec, Box<RawValue>)>) -> Result<u64, CpError> {
         let (keys, events): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
         match self.post(&events).await {
             Ok(()) => {
@@ -426,14 +429,15 @@ impl UsageSender {
         }
     }
 
-    async fn post(&self, events: &[Value]) -> Result<(), CpError> {
+    /// Posts events as they are stored: their JSON is copied into the body, not parsed.
+    async fn post(&self, events: &[Box<RawValue>]) -> Result<(), CpError> {
+        #[derive(Serialize)]
+        struct Telemetry<'a> {
+            events: &'a [Box<RawValue>],
+        }
         let answer = self
             .cp
-            .call(
-                Method::POST,
-                "/dp/telemetry",
-                Some(&json!({ "events": events })),
-            )
+            .call(Method::POST, "/dp/telemetry", Some(&Telemetry { events }))
             .await?;
         let duplicates = answer.get("duplicates").and_then(Value::as_u64);
         if duplicates.is_some_and(|d| d > 0) {
@@ -479,7 +483,10 @@ mod tests {
             .front()
             .unwrap()
             .into_iter()
-            .map(|(_, v)| v["event_id"].as_str().unwrap().to_owned())
+            .map(|(_, raw)| {
+                let event: Value = serde_json::from_str(raw.get()).unwrap();
+                event["event_id"].as_str().unwrap().to_owned()
+            })
             .collect()
     }
 
