@@ -238,10 +238,12 @@ fn open_db(path: &Path) -> Result<sled::Db, Unopened> {
     loop {
         // sled reports most damage as errors, but a mangled file can also make it
         // panic; either way the cache is unusable and must not take the agent down.
-        let attempt = std::panic::catch_unwind(|| sled::Config::new()
+        let attempt = std::panic::catch_unwind(|| {
+            sled::Config::new()
                 .path(path)
                 .cache_capacity(PAGE_CACHE_BYTES)
-                .open());
+                .open()
+        });
         match attempt {
             Ok(Ok(db)) => return Ok(db),
             // sled says so only in its message (an `Other` I/O error).

@@ -200,13 +200,30 @@ pub async fn telemetry(
         .enumerate()
         .map(|(i, e)| usage_fields(i, e))
         .collect::<Result<Vec<_>, _>>()?;
-    let total = batch.events.len();
+    // Recording syncs the usage log and saves the state file: blocking work, kept off
+    // the runtime so the mock provider beside it keeps answering meanwhile.
+    let events = checked.into_iter().zip(batch.events).collect();
+    let (accepted, duplicates) =
+        tokio::task::spawn_blocking(move || record_usage(&cp, &peer, events))
+            .await
+            .map_err(|e| internal(&e.into()))??;
+    Ok(axum::Json(json!({"accepted": accepted, "duplicates": duplicates})).into_response())
+}
+
+/// Stores the events not seen before and adds their cost to the keys' spend; returns
+/// how many were accepted and how many were duplicates.
+fn record_usage(
+    cp: &ControlPlane,
+    peer: &GatewayIdentity,
+    events: Vec<((String, String, f64), Value)>,
+) -> Result<(usize, usize), DpError> {
+    let total = events.len();
     let env = &peer.env_id;
     let mut usage = super::lock(&cp.usage);
     let mut in_batch = HashSet::new();
     let mut fresh = Vec::new();
     let mut spend: BTreeMap<String, f64> = BTreeMap::new();
-    for ((id, key, cost), event) in checked.into_iter().zip(batch.events) {
+    for ((id, key, cost), event) in events {
         if usage.seen(env, &id) || !in_batch.insert(id) {
             continue;
         }
@@ -236,7 +253,7 @@ pub async fn telemetry(
         }
     })
     .map_err(|e| internal(&e))?;
-    Ok(axum::Json(json!({"accepted": accepted, "duplicates": duplicates})).into_response())
+    Ok((accepted, duplicates))
 }
 
 #[derive(Deserialize)]
