@@ -6,8 +6,9 @@
 //!
 //! Each answer follows a [`Script`]: status, error body, `Retry-After`, delay before
 //! headers, number of stream chunks and the gap between them, usage numbers, and a drop
-//! mid-stream. A script can be set for one upstream model name or as the default. Every
-//! request received is recorded (method, path, headers, body). Out-of-process users
+//! mid-stream. A script can be set for one upstream model name or as the default. The
+//! last [`RECORDED_REQUESTS`] requests received are recorded (method, path, headers,
+//! body), so a long run under load keeps its memory bounded. Out-of-process users
 //! script it over HTTP: `PUT /_mock/script` (a Script, optionally `?model=NAME`),
 //! `GET /_mock/requests`, `DELETE /_mock/requests`.
 //!
@@ -17,7 +18,7 @@
 mod anthropic;
 mod openai;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -113,11 +114,27 @@ impl Recorded {
     }
 }
 
+/// How many requests are kept for `requests()` and `GET /_mock/requests`: the newest.
+pub const RECORDED_REQUESTS: usize = 10_000;
+
 #[derive(Default)]
 struct Shared {
     default_script: Script,
     by_model: HashMap<String, Script>,
-    requests: Vec<Recorded>,
+    requests: VecDeque<Recorded>,
+}
+
+impl Shared {
+    fn record(&mut self, request: Recorded) {
+        if self.requests.len() == RECORDED_REQUESTS {
+            self.requests.pop_front();
+        }
+        self.requests.push_back(request);
+    }
+
+    fn recorded(&self) -> Vec<Recorded> {
+        self.requests.iter().cloned().collect()
+    }
 }
 
 /// A running mock provider. Dropping it stops the server.
@@ -177,8 +194,9 @@ impl MockProvider {
             .insert(upstream_model.to_owned(), script);
     }
 
+    /// The requests received, oldest first (the last [`RECORDED_REQUESTS`]).
     pub fn requests(&self) -> Vec<Recorded> {
-        lock(&self.shared).requests.clone()
+        lock(&self.shared).recorded()
     }
 
     /// Stops accepting and waits for open responses to finish.
@@ -236,7 +254,7 @@ async fn set_script(
 }
 
 async fn list_requests(State(shared): State<SharedState>) -> axum::Json<Vec<Recorded>> {
-    axum::Json(lock(&shared).requests.clone())
+    axum::Json(lock(&shared).recorded())
 }
 
 async fn clear_requests(State(shared): State<SharedState>) -> StatusCode {
@@ -288,7 +306,7 @@ async fn receive(
         .unwrap_or(false);
     let script = {
         let mut s = lock(shared);
-        s.requests.push(Recorded {
+        s.record(Recorded {
             method: method.to_string(),
             path: uri.path().to_owned(),
             query: uri.query().map(str::to_owned),
@@ -392,4 +410,30 @@ fn unix_now() -> u64 {
 
 fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_newest_requests_are_kept() {
+        let mut shared = Shared::default();
+        for n in 0..RECORDED_REQUESTS + 5 {
+            shared.record(Recorded {
+                method: "POST".into(),
+                path: format!("/v1/{n}"),
+                query: None,
+                headers: HashMap::new(),
+                body: String::new(),
+            });
+        }
+        let kept = shared.recorded();
+        assert_eq!(kept.len(), RECORDED_REQUESTS);
+        assert_eq!(kept[0].path, "/v1/5", "the oldest went first");
+        assert_eq!(
+            kept[RECORDED_REQUESTS - 1].path,
+            format!("/v1/{}", RECORDED_REQUESTS + 4)
+        );
+    }
 }

@@ -2,8 +2,9 @@
 //! managed mode against `cloud-mock serve` (its control plane, console and mock
 //! provider) for MINUTES (default 10) at half of the measured saturation, with a
 //! console write every second and a control-plane flap (connections refused and
-//! watches cut for 10 s) every minute. Prints errors by cause and the agent's resident
-//! memory over time; fails when the gateway answered anything but 200 or its memory
+//! watches cut for 10 s) every minute. Prints errors by cause, the agent's resident
+//! memory over time and, per 10 s, the slowest call through the gateway and the slowest
+//! answer of the mock provider asked directly (so a pile-up can be placed); fails when the gateway answered anything but 200 or its memory
 //! kept growing (the last third's peak more than 10 % + 2 MiB over the middle third's).
 
 #![allow(
@@ -85,11 +86,16 @@ async fn main() -> ExitCode {
         .await;
     let url = format!("http://{}/v1/chat/completions", addr_in(&line));
     let http = tests::http_client();
+    // The slowest answer in each 10 s window, through the gateway and from the mock
+    // provider directly (probed 20 times a second): says who was slow when calls pile up.
+    let slowest = Arc::new(AtomicU64::new(0));
+    let provider_slowest = Arc::new(AtomicU64::new(0));
     let call = {
-        let (http, url) = (http.clone(), url.clone());
+        let (http, url, slowest) = (http.clone(), url.clone(), slowest.clone());
         move || {
-            let (http, url) = (http.clone(), url.clone());
+            let (http, url, slowest) = (http.clone(), url.clone(), slowest.clone());
             async move {
+                let _timer = Slowest::start(&slowest);
                 match http
                     .post(url)
                     .bearer_auth(CALLER)
@@ -104,6 +110,26 @@ async fn main() -> ExitCode {
                     },
                     Ok(r) => Some(format!("status {}", r.status().as_u16())),
                     Err(e) => Some(format!("transport: {e}")),
+                }
+            }
+        }
+    };
+    let probe = {
+        let (http, slowest) = (http.clone(), provider_slowest.clone());
+        let url = format!("{}/v1/chat/completions", cloud.provider_url);
+        move || {
+            let (http, url, slowest) = (http.clone(), url.clone(), slowest.clone());
+            async move {
+                let _timer = Slowest::start(&slowest);
+                let answer = http
+                    .post(url)
+                    .bearer_auth("sk-soak")
+                    .timeout(Duration::from_secs(30))
+                    .json(&json!({"model": "up-gpt", "messages": [{"role": "user", "content": "hi"}]}))
+                    .send()
+                    .await;
+                if let Ok(answer) = answer {
+                    let _ = answer.bytes().await;
                 }
             }
         }
@@ -136,6 +162,7 @@ async fn main() -> ExitCode {
     let rate = (saturation / 2.0).max(1.0);
     println!("saturation {saturation:.0} req/s; soaking {minutes} min at {rate:.0} req/s");
 
+    slowest.store(0, Ordering::Relaxed);
     let errors: Errors = Arc::default();
     let ok = Arc::new(AtomicU64::new(0));
     let stop = Instant::now() + Duration::from_secs(minutes * 60);
@@ -215,13 +242,20 @@ async fn main() -> ExitCode {
             let _ = slots.acquire_many(1024).await;
         })
     };
-    // Resident memory every 10 s.
+    let prober = tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(Duration::from_millis(50));
+        while Instant::now() < stop {
+            ticker.tick().await;
+            tokio::spawn(probe());
+        }
+    });
+    // Resident memory and the slowest answers every 10 s.
     let pid = agent.pid();
     let mut rss = Vec::new();
     let started = Instant::now();
     println!(
-        "{:>6}  {:>9}  {:>10}  {:>7}",
-        "t (s)", "RSS (MiB)", "ok", "errors"
+        "{:>6}  {:>9}  {:>10}  {:>7}  {:>17}  {:>18}",
+        "t (s)", "RSS (MiB)", "ok", "errors", "slowest call (ms)", "slowest mock (ms)"
     );
     while Instant::now() < stop {
         tokio::time::sleep(Duration::from_secs(10)).await;
@@ -236,14 +270,17 @@ async fn main() -> ExitCode {
         rss.push(kib);
         let failed: u64 = errors.lock().await.values().sum();
         println!(
-            "{:>6}  {:>9.1}  {:>10}  {:>7}",
+            "{:>6}  {:>9.1}  {:>10}  {:>7}  {:>17.1}  {:>18.1}",
             started.elapsed().as_secs(),
             kib as f64 / 1024.0,
             ok.load(Ordering::Relaxed),
-            failed
+            failed,
+            slowest.swap(0, Ordering::Relaxed) as f64 / 1000.0,
+            provider_slowest.swap(0, Ordering::Relaxed) as f64 / 1000.0,
         );
     }
     load.await.unwrap();
+    prober.await.unwrap();
     churn.await.unwrap();
     let errors = errors.lock().await.clone();
     println!("\nerrors by cause:");
@@ -277,4 +314,26 @@ async fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+/// Raises `slowest` (µs) to this call's duration when dropped.
+struct Slowest<'a> {
+    slowest: &'a AtomicU64,
+    started: Instant,
+}
+
+impl<'a> Slowest<'a> {
+    fn start(slowest: &'a AtomicU64) -> Self {
+        Self {
+            slowest,
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Drop for Slowest<'_> {
+    fn drop(&mut self) {
+        let micros = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.slowest.fetch_max(micros, Ordering::Relaxed);
+    }
 }
