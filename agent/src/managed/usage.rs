@@ -2,10 +2,12 @@
 //! the sender that delivers it in batches to `POST /dp/telemetry`.
 //!
 //! The queue is a sled database, `state_dir/usage-queue`, keyed by a big-endian
-//! sequence number, so it keeps its order across restarts. New events are flushed to
-//! disk by a group commit ([`UsageQueue::run_flusher`]: one flush at a time, covering
-//! every event queued before it began), and the queue is flushed after every
-//! acknowledged batch and at shutdown. So a restart loses nothing and re-sends nothing
+//! sequence number, so it keeps its order across restarts. The request path only
+//! appends the event to an in-memory inbox (no disk I/O, so a slow or failing disk
+//! never slows a call); a group commit ([`UsageQueue::run_flusher`]: one at a time,
+//! covering every event recorded before it began) writes the inbox to the database and
+//! flushes it, off the runtime. The queue is flushed after every acknowledged batch
+//! and at shutdown. So a restart loses nothing and re-sends nothing
 //! that was acknowledged; a `kill -9` loses at most the events of the flush in
 //! progress (milliseconds), or re-sends the last batch, which the control plane drops
 //! by `event_id`. Past
@@ -56,9 +58,10 @@ impl UsageQueueStatus {
 }
 
 pub struct UsageQueue {
+    /// Recorded, not yet written to the database: the only thing a call touches.
+    inbox: Mutex<Inbox>,
     state: Mutex<State>,
     path: PathBuf,
-    next: AtomicU64,
     max_events: u64,
     batch_size: usize,
     status: Arc<UsageQueueStatus>,
@@ -69,11 +72,18 @@ pub struct UsageQueue {
     dirty: Notify,
 }
 
+struct Inbox {
+    /// The sequence number of the next event (assigned here, so the inbox is in order).
+    next: u64,
+    events: Vec<(u64, sled::IVec)>,
+}
+
 struct State {
     /// `None` after an I/O error (a full disk): sled refuses every later write then,
     /// so the flusher opens the database again.
     store: Option<Store>,
-    /// Events not yet known to be on disk, in order; written again after a reopen.
+    /// Events written but not yet known to be on disk, in order; written again after
+    /// a reopen.
     unflushed: VecDeque<(u64, sled::IVec)>,
 }
 
@@ -117,12 +127,15 @@ impl UsageQueue {
             );
         }
         Ok(Self {
+            inbox: Mutex::new(Inbox {
+                next,
+                events: Vec::new(),
+            }),
             state: Mutex::new(State {
                 store: Some(store),
                 unflushed: VecDeque::new(),
             }),
             path: dir.join(NAME),
-            next: AtomicU64::new(next),
             max_events,
             batch_size,
             status,
@@ -137,6 +150,10 @@ impl UsageQueue {
 
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn inbox(&self) -> MutexGuard<'_, Inbox> {
+        self.inbox.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The open database, or an error while it waits to be opened again.
@@ -157,28 +174,56 @@ impl UsageQueue {
 
     fn push(&self, event: &UsageEvent) -> Result<(), String> {
         let bytes = sled::IVec::from(serde_json::to_vec(event).map_err(|e| e.to_string())?);
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut state = self.state();
-        let mut pending = self.status.pending.fetch_add(1, Ordering::Relaxed) + 1;
-        let inserted = state
-            .store
-            .as_ref()
-            .map(|store| store.events.insert(n.to_be_bytes(), bytes.clone()));
-        if let Some(Err(e)) = inserted {
-            self.broken(&mut state, &e);
+        {
+            let mut inbox = self.inbox();
+            let n = inbox.next;
+            inbox.next += 1;
+            inbox.events.push((n, bytes));
         }
-        state.unflushed.push_back((n, bytes));
+        self.status.pending.fetch_add(1, Ordering::Relaxed);
+        self.dirty.notify_one();
+        Ok(())
+    }
+
+    /// Writes the inbox to the database (blocking), then drops the oldest events past
+    /// `max_events`. Without a database (after an I/O error) the events wait in memory.
+    fn write_inbox(&self) {
+        let recorded = std::mem::take(&mut self.inbox().events);
+        let mut state = self.state();
+        if let Some(store) = state.store.clone()
+            && !recorded.is_empty()
+        {
+            let mut batch = sled::Batch::default();
+            for (n, bytes) in &recorded {
+                batch.insert(&n.to_be_bytes(), bytes.clone());
+            }
+            if let Err(e) = store.events.apply_batch(batch) {
+                self.broken(&mut state, &e);
+            }
+        }
+        state.unflushed.extend(recorded);
+        let mut pending = self.status.pending();
         while pending > self.max_events {
-            let popped = match &state.store {
-                Some(store) => store.events.pop_min().map(|p| p.is_some()),
-                None => Ok(state.unflushed.pop_front().is_some()),
+            let oldest = match &state.store {
+                Some(store) => store
+                    .events
+                    .pop_min()
+                    .map(|p| p.and_then(|(k, _)| sequence(&k))),
+                None => Ok(state.unflushed.front().map(|(n, _)| *n)),
             };
-            match popped {
-                Ok(true) => {
+            match oldest {
+                Ok(Some(n)) => {
+                    if state
+                        .unflushed
+                        .front()
+                        .is_some_and(|(first, _)| *first == n)
+                    {
+                        state.unflushed.pop_front();
+                    }
                     pending = self.status.pending.fetch_sub(1, Ordering::Relaxed) - 1;
                     self.count_dropped_in(&state, 1);
                 }
-                Ok(false) => break,
+                Ok(None) => break,
                 Err(e) => {
                     self.broken(&mut state, &e);
                     break;
@@ -189,14 +234,12 @@ impl UsageQueue {
         if pending >= self.batch_size as u64 {
             self.full.notify_one();
         }
-        self.dirty.notify_one();
-        Ok(())
     }
 
-    /// Flushes newly queued events to disk until `shutdown`: one flush at a time, the
-    /// next one as soon as more events have arrived (many per flush under load). After
-    /// an I/O error the database is opened again (every 2 s until it opens) and the
-    /// events it may have lost are written again.
+    /// Writes and flushes newly recorded events until `shutdown`: one flush at a time,
+    /// the next one as soon as more events have arrived (many per flush under load).
+    /// After an I/O error the database is opened again (every 2 s until it opens) and
+    /// the events it may have lost are written again.
     pub async fn run_flusher(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
             let reopening = self.state().store.is_none();
@@ -226,9 +269,10 @@ impl UsageQueue {
         }
         // Events may already have been removed (acknowledged) from the lost handle's
         // view; the pending count follows what the database holds now.
+        let recorded = self.inbox().events.len();
         self.status
             .pending
-            .store(store.events.len() as u64, Ordering::Relaxed);
+            .store((store.events.len() + recorded) as u64, Ordering::Relaxed);
         state.store = Some(store);
         Ok(())
     }
@@ -291,8 +335,12 @@ impl UsageQueue {
         Ok(())
     }
 
-    /// Writes what is queued to disk; events written before it began are then safe.
-    async fn flush(&self) {
+    /// Writes what is recorded to disk; events recorded before it began are then safe.
+    async fn flush(self: &Arc<Self>) {
+        let queue = self.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || queue.write_inbox()).await {
+            warn!(error = %e, "usage queue: writing recorded events failed");
+        }
         let (store, written) = {
             let state = self.state();
             (state.store.clone(), state.unflushed.back().map(|(n, _)| *n))
@@ -494,20 +542,23 @@ mod tests {
     async fn events_keep_their_order_across_reopening_and_the_oldest_go_first_when_full() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let queue = UsageQueue::open(dir.path(), 3, 10).unwrap();
+            let queue = Arc::new(UsageQueue::open(dir.path(), 3, 10).unwrap());
             for n in 0..5 {
                 queue.record(event(n));
             }
+            assert_eq!(queue.status.pending(), 5, "recorded, not yet written");
+            assert!(ids(&queue).is_empty());
+            queue.flush().await;
             assert_eq!(queue.status.pending(), 3);
             assert_eq!(queue.status.dropped(), 2);
             assert_eq!(ids(&queue), ["e2", "e3", "e4"]);
-            queue.flush().await;
         }
-        let queue = UsageQueue::open(dir.path(), 10, 2).unwrap();
+        let queue = Arc::new(UsageQueue::open(dir.path(), 10, 2).unwrap());
         assert_eq!(queue.status.pending(), 3);
         assert_eq!(queue.status.dropped(), 2, "the dropped count survives");
         assert_eq!(ids(&queue), ["e2", "e3"], "batches are bounded");
         queue.record(event(5));
+        queue.flush().await;
         let front = queue.front().unwrap();
         let keys: Vec<_> = front.into_iter().map(|(k, _)| k).collect();
         queue.remove(&keys).unwrap();
@@ -522,8 +573,9 @@ mod tests {
     #[tokio::test]
     async fn an_unreadable_event_is_dropped_and_counted() {
         let dir = tempfile::tempdir().unwrap();
-        let queue = UsageQueue::open(dir.path(), 10, 10).unwrap();
+        let queue = Arc::new(UsageQueue::open(dir.path(), 10, 10).unwrap());
         queue.record(event(0));
+        queue.flush().await;
         queue
             .store()
             .unwrap()
@@ -534,5 +586,27 @@ mod tests {
         assert_eq!(ids(&queue), ["e0"]);
         assert_eq!(queue.status.pending(), 1);
         assert_eq!(queue.status.dropped(), 1);
+    }
+
+    #[tokio::test]
+    async fn recording_never_waits_for_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Arc::new(UsageQueue::open(dir.path(), 10, 10).unwrap());
+        // A write in progress (a slow disk) holds the database side; a call records anyway.
+        let writing = queue.state();
+        let recorder = queue.clone();
+        let recorded = std::thread::spawn(move || recorder.record(event(0)));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !recorded.is_finished() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "record() waited for the database"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(writing);
+        assert_eq!(queue.status.pending(), 1);
+        queue.flush().await;
+        assert_eq!(ids(&queue), ["e0"]);
     }
 }
