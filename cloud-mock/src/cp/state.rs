@@ -7,7 +7,7 @@
 //! the usage events, which are appended to `usage.jsonl` and synced before they are
 //! acknowledged. The directory is 0700.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -205,9 +205,11 @@ pub struct StoredEvent {
 }
 
 /// Received usage events: every id seen (for idempotency) and the most recent events.
+/// The ids are a B-tree, which grows a node at a time: a hash set doubles, and moving
+/// millions of ids at once stalled the whole machine in the soak.
 #[derive(Default)]
 pub struct UsageLog {
-    seen: HashSet<(String, String)>,
+    seen: BTreeSet<(String, String)>,
     pub recent: VecDeque<StoredEvent>,
     /// Events received again (same `event_id`) per environment since the start.
     pub duplicates: HashMap<String, u64>,
