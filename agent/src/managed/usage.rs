@@ -6,8 +6,9 @@
 //! appends the event to an in-memory inbox (no disk I/O, so a slow or failing disk
 //! never slows a call); a group commit ([`UsageQueue::run_flusher`]: one at a time,
 //! covering every event recorded before it began) writes the inbox to the database and
-//! flushes it, off the runtime. The queue is flushed after every acknowledged batch
-//! and at shutdown. So a restart loses nothing and re-sends nothing
+//! flushes it. The queue is flushed after every acknowledged batch and at shutdown.
+//! Every database operation runs on a blocking thread, never on the runtime's threads
+//! that serve calls. So a restart loses nothing and re-sends nothing
 //! that was acknowledged; a `kill -9` loses at most the events of the flush in
 //! progress (milliseconds), or re-sends the last batch, which the control plane drops
 //! by `event_id`. Past
@@ -432,7 +433,7 @@ impl UsageSender {
     async fn send_all(&self) -> Result<u64, CpError> {
         let mut sent = 0;
         loop {
-            let batch = self.queue.front().map_err(store_error)?;
+            let batch = self.on_disk(UsageQueue::front).await?;
             if batch.is_empty() {
                 return Ok(sent);
             }
@@ -452,8 +453,9 @@ impl UsageSender {
         let (keys, events): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
         match self.post(&events).await {
             Ok(()) => {
-                self.queue.remove(&keys).map_err(store_error)?;
-                Ok(keys.len() as u64)
+                let sent = keys.len() as u64;
+                self.on_disk(move |queue| queue.remove(&keys)).await?;
+                Ok(sent)
             }
             Err(CpError::Status { status: 400, .. }) => {
                 let mut sent = 0;
@@ -469,12 +471,25 @@ impl UsageSender {
                         }
                         Err(e) => return Err(e),
                     }
-                    self.queue.remove(&[key]).map_err(store_error)?;
+                    self.on_disk(move |queue| queue.remove(&[key])).await?;
                 }
                 Ok(sent)
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Runs a database operation on a blocking thread: sled may wait for its writes, and
+    /// the runtime's threads serve calls.
+    async fn on_disk<T: Send + 'static>(
+        &self,
+        operation: impl FnOnce(&UsageQueue) -> Result<T, sled::Error> + Send + 'static,
+    ) -> Result<T, CpError> {
+        let queue = self.queue.clone();
+        tokio::task::spawn_blocking(move || operation(&queue))
+            .await
+            .map_err(|e| CpError::Transport(format!("usage queue: {e}")))?
+            .map_err(store_error)
     }
 
     /// Posts events as they are stored: their JSON is copied into the body, not parsed.
