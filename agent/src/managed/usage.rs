@@ -2,16 +2,16 @@
 //! the sender that delivers it in batches to `POST /dp/telemetry`.
 //!
 //! The queue is a sled database, `state_dir/usage-queue`, keyed by a big-endian
-//! sequence number, so it keeps its order across restarts. The request path only
-//! appends the event to an in-memory inbox (no disk I/O, so a slow or failing disk
-//! never slows a call); a group commit ([`UsageQueue::run_flusher`]: one at a time,
-//! covering every event recorded before it began) writes the inbox to the database and
-//! flushes it. The queue is flushed after every acknowledged batch and at shutdown.
-//! Every database operation runs on a blocking thread, never on the runtime's threads
-//! that serve calls. So a restart loses nothing and re-sends nothing
-//! that was acknowledged; a `kill -9` loses at most the events of the flush in
-//! progress (milliseconds), or re-sends the last batch, which the control plane drops
-//! by `event_id`. Past
+//! sequence number, so it keeps its order across restarts. A call only appends its
+//! event to an in-memory inbox; a group commit ([`UsageQueue::run_flusher`]: one at a
+//! time, covering every event recorded before it began) writes the inbox to the
+//! database and flushes it. The queue is also flushed after every acknowledged batch
+//! and at shutdown. Every database operation runs on a blocking thread, so a slow or
+//! failing disk never slows a call.
+//!
+//! So a restart loses nothing and re-sends nothing that was acknowledged; a `kill -9`
+//! loses at most the events of the flush in progress (milliseconds), or re-sends the
+//! last batch, which the control plane drops by `event_id`. Past
 //! `managed.usage.queue_max_events` the oldest events are dropped and counted; the
 //! count survives restarts and is reported in heartbeats.
 
@@ -300,8 +300,8 @@ impl UsageQueue {
     }
 
     /// Up to `batch_size` events from the front, with their keys, as stored (JSON,
-    /// checked but not parsed into values).
-    /// Entries that are not JSON are removed and counted as dropped.
+    /// checked but not parsed into values). Entries that are not JSON are removed and
+    /// counted as dropped.
     fn front(&self) -> Result<Vec<(sled::IVec, Box<RawValue>)>, sled::Error> {
         let store = self.store()?;
         let mut batch = Vec::with_capacity(self.batch_size);
