@@ -3,9 +3,10 @@
 //! provider) for MINUTES (default 10) at half of the measured saturation, with a
 //! console write every second and a control-plane flap (connections refused and
 //! watches cut for 10 s) every minute. Prints errors by cause, the agent's resident
-//! memory over time and, per 10 s, the slowest call through the gateway and the slowest
-//! answer of the mock provider asked directly (so a pile-up can be placed); fails when the gateway answered anything but 200 or its memory
-//! kept growing (the last third's peak more than 10 % + 2 MiB over the middle third's).
+//! memory over time and, per 10 s, the slowest call through the gateway and the
+//! slowest answer of the mock provider asked directly (so a pile-up can be placed);
+//! fails when the gateway answered anything but 200 or its memory kept growing (the
+//! last third's peak more than 10 % + 2 MiB over the middle third's).
 
 #![allow(
     clippy::unwrap_used,
@@ -114,13 +115,15 @@ async fn main() -> ExitCode {
             }
         }
     };
+    let errors: Errors = Arc::default();
     let probe = {
-        let (http, slowest) = (http.clone(), provider_slowest.clone());
+        let (http, slowest, errors) = (http.clone(), provider_slowest.clone(), errors.clone());
         let url = format!("{}/v1/chat/completions", cloud.provider_url);
         move || {
-            let (http, url, slowest) = (http.clone(), url.clone(), slowest.clone());
+            let (http, url, slowest, errors) =
+                (http.clone(), url.clone(), slowest.clone(), errors.clone());
             async move {
-                let _timer = Slowest::start(&slowest);
+                let timer = Slowest::start(&slowest);
                 let answer = http
                     .post(url)
                     .bearer_auth("sk-soak")
@@ -128,8 +131,17 @@ async fn main() -> ExitCode {
                     .json(&json!({"model": "up-gpt", "messages": [{"role": "user", "content": "hi"}]}))
                     .send()
                     .await;
-                if let Ok(answer) = answer {
-                    let _ = answer.bytes().await;
+                let ok = match answer {
+                    Ok(answer) if answer.status() == 200 => answer.bytes().await.is_ok(),
+                    _ => false,
+                };
+                drop(timer);
+                if !ok {
+                    *errors
+                        .lock()
+                        .await
+                        .entry("mock provider probe failed (not the gateway)".into())
+                        .or_default() += 1;
                 }
             }
         }
@@ -163,7 +175,6 @@ async fn main() -> ExitCode {
     println!("saturation {saturation:.0} req/s; soaking {minutes} min at {rate:.0} req/s");
 
     slowest.store(0, Ordering::Relaxed);
-    let errors: Errors = Arc::default();
     let ok = Arc::new(AtomicU64::new(0));
     let stop = Instant::now() + Duration::from_secs(minutes * 60);
     // Config writes every second; a control-plane flap every minute.
