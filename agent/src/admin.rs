@@ -21,7 +21,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use proxy_core::health::ModelHealth;
+use proxy_core::policy::health::ModelHealth;
 use proxy_core::resources::{Kind, ModelTarget, Resource, ResourceKey};
 use proxy_core::secret::Secret;
 use proxy_core::snapshot::SnapshotStore;

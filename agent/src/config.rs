@@ -165,11 +165,11 @@ impl Default for CacheSection {
 
 impl CacheSection {
     /// The proxy's cache options when the cache is on.
-    pub fn options(&self) -> Option<proxy_core::cache::CacheOptions> {
+    pub fn options(&self) -> Option<proxy_core::pipeline::cache::CacheOptions> {
         if !self.enabled {
             return None;
         }
-        Some(proxy_core::cache::CacheOptions {
+        Some(proxy_core::pipeline::cache::CacheOptions {
             ttl: std::time::Duration::from_secs(self.ttl_secs),
             max_entries: std::num::NonZeroUsize::new(self.max_entries)?,
             max_entry_bytes: self.max_entry_bytes,

@@ -34,11 +34,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use proxy_core::health::ModelHealth;
 use proxy_core::http::{Hooks, ListenerOptions, ProxyOptions, ProxyState, router, serve};
-use proxy_core::metrics::Metrics;
+use proxy_core::observe::metrics::Metrics;
+use proxy_core::policy::health::ModelHealth;
+use proxy_core::providers::client::Upstream;
 use proxy_core::snapshot::{SnapshotStore, Source, SourceEvent};
-use proxy_core::upstream::Upstream;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;

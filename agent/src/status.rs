@@ -1,6 +1,6 @@
 //! The metrics and status listener (`observability.metrics.prometheus`).
 //!
-//! - `GET <path>` (default `/metrics`): every metric of [`proxy_core::metrics`], in the
+//! - `GET <path>` (default `/metrics`): every metric of [`proxy_core::observe::metrics`], in the
 //!   OpenMetrics text format.
 //! - `GET /status/config`: where the configuration comes from, whether the source is
 //!   connected, the applied revision, the config hash, resource counts, rejected
@@ -20,7 +20,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use proxy_core::metrics::{CONTENT_TYPE, Readings};
+use proxy_core::observe::metrics::{CONTENT_TYPE, Readings};
 use proxy_core::snapshot::{RejectedResource, Snapshot, Source};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;

@@ -13,9 +13,9 @@ mod common;
 
 use cloud_mock::provider::{Script, ToolCall};
 use common::*;
+use proxy_core::formats::sse;
+use proxy_core::hooks::{UsageEvent, UsageSink};
 use proxy_core::http::{Hooks, ProxyOptions};
-use proxy_core::sse;
-use proxy_core::usage::{UsageEvent, UsageSink};
 use serde_json::{Value, json};
 
 const WEATHER_TOOL: &str = r#"{"city":"Paris","unit":"celsius"}"#;

@@ -478,7 +478,7 @@ async fn input_guardrails_block_before_dispatch_without_echoing_the_match() {
 
 #[tokio::test]
 async fn output_guardrails_block_answers_and_end_streams_with_an_error_event() {
-    let metrics = std::sync::Arc::new(proxy_core::metrics::Metrics::default());
+    let metrics = std::sync::Arc::new(proxy_core::observe::metrics::Metrics::default());
     let hooks = Hooks {
         metrics: metrics.clone(),
         ..Hooks::default()
@@ -505,7 +505,7 @@ async fn output_guardrails_block_answers_and_end_streams_with_an_error_event() {
         "{text}"
     );
     // Both count as guardrail rejections: the 422 and the stream cut after a 200.
-    let exposition = metrics.render(proxy_core::metrics::Readings::default());
+    let exposition = metrics.render(proxy_core::observe::metrics::Readings::default());
     assert!(
         exposition.contains("aisix_policy_rejections_total{policy=\"guardrail\"} 2"),
         "{exposition}"
@@ -524,7 +524,7 @@ async fn output_guardrails_block_answers_and_end_streams_with_an_error_event() {
 #[tokio::test]
 async fn the_response_cache_serves_repeats_per_caller_without_the_upstream_or_token_charges() {
     let h = harness(ProxyOptions {
-        cache: Some(proxy_core::cache::CacheOptions {
+        cache: Some(proxy_core::pipeline::cache::CacheOptions {
             ttl: Duration::from_secs(60),
             max_entries: std::num::NonZeroUsize::new(100).unwrap(),
             max_entry_bytes: 1 << 20,

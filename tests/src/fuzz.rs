@@ -42,8 +42,8 @@ pub fn resource_json(data: &[u8]) {
 /// A chat-completions body: parsed as the proxy does, then translated to a messages
 /// body; an accepted translation is JSON.
 pub fn chat_request(data: &[u8]) {
-    let _ = proxy_core::openai::RequestBody::parse(data);
-    if let Ok(out) = proxy_core::translate::chat_to_messages(data, "upstream-model") {
+    let _ = proxy_core::formats::body::RequestBody::parse(data);
+    if let Ok(out) = proxy_core::formats::translate::chat_to_messages(data, "upstream-model") {
         assert!(
             serde_json::from_slice::<serde_json::Value>(&out).is_ok(),
             "chat_to_messages produced invalid JSON"
@@ -53,8 +53,8 @@ pub fn chat_request(data: &[u8]) {
 
 /// A messages body: parsed, then translated to a chat-completions body.
 pub fn messages_request(data: &[u8]) {
-    let _ = proxy_core::openai::RequestBody::parse(data);
-    if let Ok(out) = proxy_core::translate::messages_to_chat(data, "upstream-model") {
+    let _ = proxy_core::formats::body::RequestBody::parse(data);
+    if let Ok(out) = proxy_core::formats::translate::messages_to_chat(data, "upstream-model") {
         assert!(
             serde_json::from_slice::<serde_json::Value>(&out).is_ok(),
             "messages_to_chat produced invalid JSON"
@@ -68,15 +68,15 @@ pub fn sse_stream(data: &[u8]) {
     let Some((&cut, run)) = data.split_first() else {
         return;
     };
-    let _ = proxy_core::sse::events(run).count();
-    let _ = proxy_core::sse::data_lines(run).count();
-    let _ = proxy_core::sse::without_usage_chunk(bytes::Bytes::copy_from_slice(run));
+    let _ = proxy_core::formats::sse::events(run).count();
+    let _ = proxy_core::formats::sse::data_lines(run).count();
+    let _ = proxy_core::formats::sse::without_usage_chunk(bytes::Bytes::copy_from_slice(run));
     let at = usize::from(cut).min(run.len());
     let (first, second) = run.split_at(at);
-    let mut to_openai = proxy_core::translate::AnthropicToOpenAi::new();
+    let mut to_openai = proxy_core::formats::translate::AnthropicToOpenAi::new();
     let _ = to_openai.translate(first);
     let _ = to_openai.translate(second);
-    let mut to_anthropic = proxy_core::translate::OpenAiToAnthropic::new();
+    let mut to_anthropic = proxy_core::formats::translate::OpenAiToAnthropic::new();
     let _ = to_anthropic.translate(first);
     let _ = to_anthropic.translate(second);
 }

@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use proxy_core::budget::{BudgetDenial, BudgetGate, Check, Verdict};
-use proxy_core::metrics::Metrics;
+use proxy_core::hooks::{BudgetDenial, BudgetGate, Check, Verdict};
+use proxy_core::observe::metrics::Metrics;
 use serde::Deserialize;
 use tokio::time::Instant;
 use tracing::{info, warn};

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use certs::{CertInfo, GatewayIdentity};
-use proxy_core::health::ModelHealth;
-use proxy_core::metrics::Metrics;
+use proxy_core::observe::metrics::Metrics;
+use proxy_core::policy::health::ModelHealth;
 use proxy_core::snapshot::SnapshotStore;
 use reqwest::Method;
 use serde_json::{Value, json};

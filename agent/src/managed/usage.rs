@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use proxy_core::usage::{UsageEvent, UsageSink};
+use proxy_core::hooks::{UsageEvent, UsageSink};
 use reqwest::Method;
 use serde::Serialize;
 use serde_json::Value;

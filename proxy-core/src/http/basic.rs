@@ -1,7 +1,6 @@
-//! Liveness, readiness, model discovery, caller authentication and the fallbacks.
+//! Liveness, readiness, model discovery and the fallbacks.
 
 use std::collections::HashMap;
-use std::time::SystemTime;
 
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
@@ -9,10 +8,10 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Serialize;
 
-use super::{ProxyState, Record};
-use crate::error::{Envelope, ProxyError};
-use crate::resources::{ApiKey, KeyHash, ModelTarget};
-use crate::snapshot::Snapshot;
+use crate::failure::{Envelope, ProxyError};
+use crate::observe::record::Record;
+use crate::pipeline::{ProxyState, authenticate};
+use crate::resources::ModelTarget;
 
 pub(super) async fn livez(
     State(state): State<ProxyState>,
@@ -129,53 +128,6 @@ pub(super) async fn list_models(
         data,
     })
     .into_response())
-}
-
-/// Finds the caller's key and checks it is usable. OpenAI-style routes read
-/// `Authorization: Bearer <key>`; Anthropic-style routes (and passthrough) also accept
-/// `x-api-key: <key>`, which wins when both are sent.
-pub(super) fn authenticate<'s>(
-    snapshot: &'s Snapshot,
-    headers: &HeaderMap,
-    envelope: Envelope,
-) -> Result<&'s ApiKey, ProxyError> {
-    let header_value = |name| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|k| !k.is_empty())
-    };
-    let bearer = header_value(header::AUTHORIZATION.as_str()).and_then(|v| {
-        v.strip_prefix("Bearer ")
-            .or_else(|| v.strip_prefix("bearer "))
-            .map(str::trim)
-    });
-    let presented = match envelope {
-        Envelope::Anthropic => header_value("x-api-key").or(bearer),
-        Envelope::OpenAi => bearer,
-    };
-    let Some(plaintext) = presented.filter(|k| !k.is_empty()) else {
-        return Err(ProxyError::InvalidApiKey(match envelope {
-            Envelope::OpenAi if headers.contains_key("x-api-key") => {
-                "this route reads the API key from 'Authorization: Bearer <key>', not x-api-key"
-            }
-            Envelope::OpenAi => "missing API key: send 'Authorization: Bearer <key>'",
-            Envelope::Anthropic => {
-                "missing API key: send 'x-api-key: <key>' or 'Authorization: Bearer <key>'"
-            }
-        }));
-    };
-    let key = snapshot
-        .api_key(&KeyHash::of_plaintext(plaintext))
-        .ok_or(ProxyError::InvalidApiKey("invalid API key"))?;
-    if key.disabled {
-        return Err(ProxyError::InvalidApiKey("this API key is disabled"));
-    }
-    if key.is_expired(SystemTime::now()) {
-        return Err(ProxyError::InvalidApiKey("this API key has expired"));
-    }
-    Ok(key)
 }
 
 pub(super) async fn unknown_route(method: Method, uri: Uri) -> ProxyError {

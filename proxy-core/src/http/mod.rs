@@ -1,182 +1,35 @@
 //! The proxy listener: routes, request ids, access log and graceful drain.
 //!
 //! Layout:
-//! - `mod.rs`: state, router, the request-context middleware and `serve`.
-//! - `basic.rs`: `/livez`, `/readyz`, `/v1/models`, caller authentication and
-//!   fallbacks.
-//! - `endpoint.rs`: the model-routed endpoints and what each adapter makes of them.
-//! - `call.rs`: one model-routed call (chat completions, messages, count_tokens,
-//!   completions, embeddings, responses, rerank, audio, images).
-//! - `passthrough.rs`: `ANY /passthrough/{provider}/{*rest}`.
+//! - `mod.rs`: the router and the request-context middleware (request id, head size,
+//!   drain, the access record).
+//! - `basic.rs`: `/livez`, `/readyz`, `/v1/models` and the fallbacks.
+//! - `listener.rs`: the accept loop (TLS, header timeout, connection limit) and drain.
 
 mod basic;
-mod call;
-mod endpoint;
 mod listener;
-mod passthrough;
-mod record;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, Path, Request, State};
 pub use axum::http::HeaderName;
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderValue, Method, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{MethodRouter, any, get, post};
 use axum::{Extension, Router};
-use ipnet::IpNet;
-use tokio_util::sync::CancellationToken;
 
-use crate::budget::BudgetGate;
-use crate::cache::{CacheOptions, ResponseCache};
-use crate::error::{Envelope, ProxyError};
-use crate::health::ModelHealth;
-use crate::metrics::Metrics;
-use crate::ratelimit::RateLimiter;
-use crate::routing::RoutingState;
-use crate::snapshot::SnapshotStore;
-use crate::usage::UsageSink;
+use crate::failure::{Envelope, ErrorType, ProxyError};
+use crate::formats::endpoint::{self, Endpoint};
+use crate::observe::record::{self, Record};
+use crate::pipeline::{self, REQUEST_ID, SERVED_BY};
 
-use crate::upstream::Upstream;
+pub use crate::observe::record::route_label;
+pub use crate::pipeline::{Hooks, ProxyOptions, ProxyState};
 pub use basic::livez_response;
-use endpoint::Endpoint;
 pub use listener::{ListenerOptions, serve};
-pub use record::{ErrorType, Record, route_label};
-
-pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-aisix-request-id");
-pub const CALL_ID: HeaderName = HeaderName::from_static("x-aisix-call-id");
-pub const SERVED_BY: HeaderName = HeaderName::from_static("x-aisix-served-by");
-pub const CACHE_STATUS: HeaderName = HeaderName::from_static("x-aisix-cache");
-
-/// Proxy listener settings (the `proxy` section of the config file).
-#[derive(Debug, Clone)]
-pub struct ProxyOptions {
-    /// Largest accepted request body; `None` means unlimited.
-    pub body_limit: Option<usize>,
-    /// Largest accepted request head (request line and headers); larger ones are
-    /// refused with 431 in the route's envelope.
-    pub max_header_bytes: usize,
-    /// Extra headers, besides `x-aisix-request-id`, whose value may be adopted as the
-    /// request id (e.g. `x-request-id`), in order of preference.
-    pub request_id_headers: Vec<HeaderName>,
-    /// Write one access-log line per request.
-    pub access_log: bool,
-    /// Peers whose `client_ip_header` is believed (reverse proxies).
-    pub trusted_proxies: Vec<IpNet>,
-    pub client_ip_header: HeaderName,
-    /// The response cache of non-streaming chat completions; `None`: off.
-    pub cache: Option<CacheOptions>,
-}
-
-/// What the proxy asks of its environment, when there is one to ask (managed mode).
-#[derive(Clone, Default)]
-pub struct Hooks {
-    /// Asked before dispatch; without one every request is allowed.
-    pub budget: Option<Arc<dyn BudgetGate>>,
-    /// Receives one event per dispatched request.
-    pub usage: Option<Arc<dyn UsageSink>>,
-    /// Where request metrics are counted (the agent serves them).
-    pub metrics: Arc<Metrics>,
-}
-
-impl Default for ProxyOptions {
-    fn default() -> Self {
-        Self {
-            body_limit: None,
-            max_header_bytes: 64 * 1024,
-            request_id_headers: Vec::new(),
-            access_log: false,
-            trusted_proxies: Vec::new(),
-            client_ip_header: HeaderName::from_static("x-forwarded-for"),
-            cache: None,
-        }
-    }
-}
-
-/// The client's address: the peer's, unless the peer is a trusted proxy; then the
-/// rightmost address in `client_ip_header` that is not itself a trusted proxy (what
-/// the nearest untrusted hop connected from). A missing or unparsable header means
-/// the peer.
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, options: &ProxyOptions) -> IpAddr {
-    let trusted = |ip: &IpAddr| options.trusted_proxies.iter().any(|net| net.contains(ip));
-    if !trusted(&peer) {
-        return peer;
-    }
-    let mut hops = Vec::new();
-    for value in headers.get_all(&options.client_ip_header) {
-        let Ok(text) = value.to_str() else {
-            return peer;
-        };
-        for hop in text.split(',') {
-            match hop.trim().parse::<IpAddr>() {
-                Ok(ip) => hops.push(ip),
-                Err(_) => return peer,
-            }
-        }
-    }
-    hops.iter()
-        .rev()
-        .find(|ip| !trusted(ip))
-        .or(hops.first())
-        .copied()
-        .unwrap_or(peer)
-}
-
-/// Everything a handler needs; cheap to clone.
-#[derive(Clone)]
-pub struct ProxyState(Arc<Inner>);
-
-struct Inner {
-    store: Arc<SnapshotStore>,
-    upstream: Upstream,
-    options: ProxyOptions,
-    draining: CancellationToken,
-    started_unix: u64,
-    health: Arc<ModelHealth>,
-    hooks: Hooks,
-    routing: RoutingState,
-    limiter: Arc<RateLimiter>,
-    cache: Option<ResponseCache>,
-}
-
-impl ProxyState {
-    /// `draining` is cancelled when shutdown begins: liveness then fails while
-    /// in-flight requests finish.
-    pub fn new(
-        store: Arc<SnapshotStore>,
-        upstream: Upstream,
-        options: ProxyOptions,
-        draining: CancellationToken,
-        health: Arc<ModelHealth>,
-        hooks: Hooks,
-    ) -> Self {
-        let started_unix = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let cache = options.cache.map(ResponseCache::new);
-        Self(Arc::new(Inner {
-            store,
-            upstream,
-            options,
-            draining,
-            started_unix,
-            health,
-            hooks,
-            routing: RoutingState::default(),
-            limiter: Arc::default(),
-            cache,
-        }))
-    }
-
-    /// Upstream failure streaks per model, recorded by the request handlers.
-    pub fn health(&self) -> Arc<ModelHealth> {
-        self.0.health.clone()
-    }
-}
 
 pub fn router(state: ProxyState) -> Router {
     let mut router = Router::new()
@@ -190,7 +43,7 @@ pub fn router(state: ProxyState) -> Router {
         router = router.route(path, routed(Endpoint::Forward(path)));
     }
     router
-        .route("/passthrough/{provider}/{*rest}", any(passthrough::handle))
+        .route("/passthrough/{provider}/{*rest}", any(passthrough))
         .fallback(basic::unknown_route)
         .method_not_allowed_fallback(basic::method_not_allowed)
         .layer(middleware::from_fn_with_state(
@@ -207,8 +60,21 @@ fn routed(endpoint: Endpoint) -> MethodRouter<ProxyState> {
               ConnectInfo(peer): ConnectInfo<SocketAddr>,
               Extension(record): Extension<Record>,
               headers: HeaderMap,
-              body: Body| call::run(endpoint, state, peer, record, headers, body),
+              body: Body| pipeline::call(endpoint, state, peer, record, headers, body),
     )
+}
+
+/// `ANY /passthrough/{provider}/{*rest}`.
+async fn passthrough(
+    State(state): State<ProxyState>,
+    Extension(record): Extension<Record>,
+    Path((provider, _)): Path<(String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    pipeline::passthrough::passthrough(state, record, provider, method, uri, headers, body).await
 }
 
 async fn request_context(
@@ -306,39 +172,5 @@ mod tests {
         assert_eq!(request_id(&h, &accepted), "ingress-1");
         assert_eq!(request_id(&HeaderMap::new(), &[]).len(), 36);
         assert!(!well_formed_id(&"x".repeat(129)));
-    }
-
-    #[test]
-    fn client_addresses_come_from_trusted_proxies_only() {
-        let options = ProxyOptions {
-            trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
-            ..ProxyOptions::default()
-        };
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        let with = |value: &str| {
-            let mut h = HeaderMap::new();
-            h.insert("x-forwarded-for", HeaderValue::from_str(value).unwrap());
-            h
-        };
-        let proxy = ip("10.0.0.5");
-        let stranger = ip("198.51.100.7");
-        // Not from a trusted proxy: the header is ignored.
-        assert_eq!(client_ip(stranger, &with("192.0.2.1"), &options), stranger);
-        // From one: the rightmost untrusted hop (a caller cannot prepend its way in).
-        assert_eq!(
-            client_ip(proxy, &with("192.0.2.1"), &options),
-            ip("192.0.2.1")
-        );
-        assert_eq!(
-            client_ip(proxy, &with("10.9.9.9, 192.0.2.1, 10.0.0.7"), &options),
-            ip("192.0.2.1")
-        );
-        // Only proxies: the first one; nothing usable: the peer.
-        assert_eq!(
-            client_ip(proxy, &with("10.1.1.1, 10.2.2.2"), &options),
-            ip("10.1.1.1")
-        );
-        assert_eq!(client_ip(proxy, &with("nonsense"), &options), proxy);
-        assert_eq!(client_ip(proxy, &HeaderMap::new(), &options), proxy);
     }
 }

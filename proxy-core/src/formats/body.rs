@@ -1,5 +1,5 @@
-//! Request bodies as the proxy reads them (the few fields it needs, `model` rewritten
-//! without re-serialising the rest) and OpenAI upstream errors.
+//! Request bodies as the proxy reads them: the few fields it needs, `model` rewritten
+//! without re-serialising the rest.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-use crate::error::{ProxyError, UpstreamErrorFields};
+use crate::failure::ProxyError;
 
 /// A JSON request body (chat completions, messages, embeddings...), top-level fields
 /// kept raw and in order.
@@ -211,43 +211,6 @@ impl<'de> Deserialize<'de> for Fields<'de> {
     }
 }
 
-/// Reads an upstream 4xx body: native OpenAI errors keep their fields; anything else
-/// becomes a generic `upstream_error` naming the status.
-pub fn upstream_error_fields(status: u16, body: &[u8]) -> UpstreamErrorFields {
-    #[derive(Deserialize)]
-    struct Envelope {
-        error: Inner,
-    }
-    #[derive(Deserialize)]
-    struct Inner {
-        message: Option<String>,
-        #[serde(rename = "type")]
-        kind: Option<String>,
-        param: Option<String>,
-        code: Option<serde_json::Value>,
-    }
-    match serde_json::from_slice::<Envelope>(body) {
-        Ok(Envelope { error }) => UpstreamErrorFields {
-            message: error
-                .message
-                .unwrap_or_else(|| format!("the upstream provider answered {status}")),
-            kind: error.kind.unwrap_or_else(|| "upstream_error".to_owned()),
-            param: error.param,
-            code: match error.code {
-                Some(serde_json::Value::String(s)) => Some(s),
-                Some(serde_json::Value::Number(n)) => Some(n.to_string()),
-                _ => None,
-            },
-        },
-        Err(_) => UpstreamErrorFields {
-            message: format!("the upstream provider answered {status}"),
-            kind: "upstream_error".to_owned(),
-            param: None,
-            code: None,
-        },
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -302,24 +265,5 @@ mod tests {
         assert_eq!(param(b"[1]"), None);
         assert_eq!(param(b"{\"model\":\"\xff\"}"), None);
         assert_eq!(param(b"{"), None);
-    }
-
-    #[test]
-    fn upstream_errors_keep_openai_fields() {
-        let f = upstream_error_fields(400, br#"{"error":{"message":"bad","type":"invalid_request_error","param":"x","code":null}}"#);
-        assert_eq!(
-            (
-                f.message.as_str(),
-                f.kind.as_str(),
-                f.param.as_deref(),
-                f.code
-            ),
-            ("bad", "invalid_request_error", Some("x"), None)
-        );
-        let f = upstream_error_fields(404, b"<html>");
-        assert_eq!(
-            (f.message.as_str(), f.kind.as_str()),
-            ("the upstream provider answered 404", "upstream_error")
-        );
     }
 }

@@ -1,94 +1,12 @@
-//! The one proxy error type, classified once into status, error type and envelope.
-//!
-//! `ProxyError::class` is an exhaustive match without a wildcard arm: a new variant
-//! does not compile until someone decides its status, type and log level.
-
-use std::sync::Arc;
+//! The error envelopes of the route families, rendered from a failure's [`Class`].
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use serde::Serialize;
 
-use crate::budget::BudgetDenial;
-
-/// Why a proxy request failed. Messages are shown to callers: they never carry
-/// secrets or upstream 5xx bodies.
-#[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
-    #[error("{0}")]
-    InvalidApiKey(&'static str),
-    #[error("{0}")]
-    PermissionDenied(String),
-    #[error("model '{0}' does not exist")]
-    ModelNotFound(String),
-    #[error("{message}")]
-    InvalidRequest {
-        message: String,
-        param: Option<&'static str>,
-    },
-    #[error("request body exceeds the limit of {limit} bytes")]
-    BodyTooLarge { limit: usize },
-    #[error("request headers exceed the limit of {limit} bytes")]
-    HeadersTooLarge { limit: usize },
-    /// The body's declared type is not one the endpoint reads.
-    #[error("{0}")]
-    UnsupportedMediaType(String),
-    /// An upstream 4xx, shown with its status; `error` holds the fields the caller sees.
-    #[error("{}", .error.message)]
-    UpstreamRejected {
-        status: StatusCode,
-        error: UpstreamErrorFields,
-        /// The upstream's `Retry-After`, in seconds, when it sent a parseable one.
-        retry_after: Option<u64>,
-    },
-    /// An upstream 5xx or a transport failure. `detail` is for logs only.
-    #[error("the upstream provider failed to answer")]
-    UpstreamFailed {
-        detail: String,
-        retry_after: Option<u64>,
-    },
-    /// The provider could not be reached at all (connection refused, DNS, TLS): the
-    /// adapter cannot complete the request. `detail` is for logs only.
-    #[error("the upstream provider of model '{model}' cannot be reached")]
-    ProviderUnreachable { model: String, detail: String },
-    /// Every routing candidate is cooling down and the model says `fail`.
-    #[error("every target of model '{model}' is cooling down after failures")]
-    AllCandidatesUnavailable { model: String, retry_after: u64 },
-    #[error("the upstream provider did not answer within {0} ms")]
-    Timeout(u128),
-    #[error("{0}")]
-    NotImplemented(String),
-    #[error("{0}")]
-    ProviderUnavailable(String),
-    /// A blocking guardrail matched; the matched text is never shown.
-    #[error("the {stage} was blocked by guardrail '{guardrail}'")]
-    ContentFiltered {
-        guardrail: String,
-        stage: &'static str,
-    },
-    /// A rate limit of the caller key or the model refused the request.
-    #[error("{message}")]
-    RateLimited { message: String, retry_after: u64 },
-    /// The budget gate refused the caller key.
-    #[error("{}", .0.message)]
-    BudgetDenied(Arc<BudgetDenial>),
-    #[error("unknown route: {0}")]
-    UnknownRoute(String),
-    /// Something other than a model that the request names does not exist.
-    #[error("{0}")]
-    NotFound(String),
-    #[error("method not allowed: {0}")]
-    MethodNotAllowed(String),
-}
-
-/// The OpenAI-style fields of an upstream 4xx error, as the caller will see them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpstreamErrorFields {
-    pub message: String,
-    pub kind: String,
-    pub param: Option<String>,
-    pub code: Option<String>,
-}
+use super::class::{Class, ProxyError};
+use crate::hooks::BudgetDenial;
 
 /// The error envelope of a route family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,124 +17,40 @@ pub enum Envelope {
     Anthropic,
 }
 
-/// How an error presents itself: one decision per variant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Class {
-    pub status: StatusCode,
-    pub kind: &'static str,
-    /// Gateway-side problems an operator may need to look at are logged at WARN.
-    pub operator_visible: bool,
-}
+/// The error type of an error response, set where errors are rendered (a response
+/// extension the access log and metrics read).
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorType(pub &'static str);
 
 impl ProxyError {
-    pub fn invalid_request(message: impl Into<String>, param: Option<&'static str>) -> Self {
-        Self::InvalidRequest {
-            message: message.into(),
-            param,
-        }
-    }
-
-    pub fn class(&self) -> Class {
-        let (status, kind, operator_visible) = match self {
-            ProxyError::InvalidApiKey(_) => (StatusCode::UNAUTHORIZED, "invalid_api_key", false),
-            ProxyError::PermissionDenied(_) => (StatusCode::FORBIDDEN, "permission_denied", false),
-            ProxyError::ModelNotFound(_) => (StatusCode::NOT_FOUND, "model_not_found", false),
-            ProxyError::InvalidRequest { .. } => {
-                (StatusCode::BAD_REQUEST, "invalid_request_error", false)
-            }
-            ProxyError::BodyTooLarge { .. } => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                false,
-            ),
-            ProxyError::HeadersTooLarge { .. } => (
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "invalid_request_error",
-                false,
-            ),
-            ProxyError::UnsupportedMediaType(_) => (
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "invalid_request_error",
-                false,
-            ),
-            ProxyError::UpstreamRejected { status, .. } => (*status, "upstream_error", false),
-            ProxyError::UpstreamFailed { .. } => (StatusCode::BAD_GATEWAY, "upstream_error", true),
-            ProxyError::ProviderUnreachable { .. } => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "provider_unavailable",
-                true,
-            ),
-            ProxyError::AllCandidatesUnavailable { .. } => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "all_candidates_unavailable",
-                true,
-            ),
-            ProxyError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout", true),
-            ProxyError::NotImplemented(_) => {
-                (StatusCode::NOT_IMPLEMENTED, "not_implemented", false)
-            }
-            ProxyError::ProviderUnavailable(_) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "provider_unavailable",
-                true,
-            ),
-            ProxyError::BudgetDenied(_) => (StatusCode::TOO_MANY_REQUESTS, "billing_error", false),
-            ProxyError::ContentFiltered { .. } => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "content_filter", false)
-            }
-            ProxyError::RateLimited { .. } => {
-                (StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", false)
-            }
-            ProxyError::UnknownRoute(_) | ProxyError::NotFound(_) => {
-                (StatusCode::NOT_FOUND, "invalid_request_error", false)
-            }
-            ProxyError::MethodNotAllowed(_) => (
-                StatusCode::METHOD_NOT_ALLOWED,
-                "invalid_request_error",
-                false,
-            ),
-        };
-        Class {
-            status,
-            kind,
-            operator_visible,
-        }
-    }
-
-    /// The kind of a failed upstream attempt, for `aisix_upstream_failures_total`.
-    pub fn failure_kind(&self) -> &'static str {
-        match self {
-            ProxyError::Timeout(_) => "timeout",
-            ProxyError::ProviderUnreachable { .. } => "unreachable",
-            // A 5xx answer or a connection broken mid-answer.
-            ProxyError::UpstreamFailed { .. } => "server_error",
-            ProxyError::UpstreamRejected { status, .. }
-                if *status == StatusCode::TOO_MANY_REQUESTS =>
-            {
-                "rate_limited"
-            }
-            ProxyError::UpstreamRejected { .. } => "rejected",
-            ProxyError::NotImplemented(_) => "unsupported",
-            _ => "other",
-        }
-    }
-
     /// Renders the error in `envelope`, with its `Retry-After`.
     pub fn into_response_in(self, envelope: Envelope) -> Response {
-        match envelope {
-            Envelope::OpenAi => self.into_openai_response(),
-            Envelope::Anthropic => self.into_anthropic_response(),
+        let class = self.class();
+        let body = match envelope {
+            Envelope::OpenAi => self.openai_body(&class),
+            Envelope::Anthropic => self.anthropic_body(&class),
+        };
+        let mut response = json_response(class.status, body);
+        response.extensions_mut().insert(ErrorType(class.kind));
+        if let Some(seconds) = class.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+
+    /// The message the caller is shown: an upstream 4xx keeps the upstream's.
+    fn message(&self) -> String {
+        match self {
+            ProxyError::UpstreamRejected { error, .. } => error.message.clone(),
+            _ => self.to_string(),
         }
     }
 
-    /// Renders the Anthropic envelope: `{"type":"error","error":{"type","message"}}`,
-    /// the type chosen by status as Anthropic's SDKs expect.
-    pub fn into_anthropic_response(self) -> Response {
-        let status = self.class().status;
-        let message = match &self {
-            ProxyError::UpstreamRejected { error, .. } => error.message.clone(),
-            _ => self.to_string(),
-        };
+    /// `{"type":"error","error":{"type","message"}}`, the type chosen by status as
+    /// Anthropic's SDKs expect.
+    fn anthropic_body(&self, class: &Class) -> Vec<u8> {
         #[derive(Serialize)]
         struct Envelope<'a> {
             #[serde(rename = "type")]
@@ -232,20 +66,17 @@ impl ProxyError {
         let body = Envelope {
             kind: "error",
             error: Error {
-                kind: anthropic_error_type(status),
-                message: &message,
+                kind: anthropic_error_type(class.status),
+                message: &self.message(),
             },
         };
-        let mut response = json_response(status, serde_json::to_vec(&body).unwrap_or_default());
-        self.annotate(&mut response);
-        response
+        serde_json::to_vec(&body).unwrap_or_default()
     }
 
-    /// Renders the OpenAI envelope: `{"error":{"message","type","param"?,"code"?}}`.
-    pub fn into_openai_response(self) -> Response {
-        let class = self.class();
+    /// `{"error":{"message","type","param"?,"code"?}}`.
+    fn openai_body(&self, class: &Class) -> Vec<u8> {
         let message = self.to_string();
-        let body = match &self {
+        match self {
             ProxyError::UpstreamRejected { error, .. } => OpenAiEnvelope::new(
                 &error.message,
                 &error.kind,
@@ -258,54 +89,31 @@ impl ProxyError {
             }
             ProxyError::BudgetDenied(denial) => budget_envelope(class.kind, denial),
             _ => OpenAiEnvelope::new(&message, class.kind, None, None).to_json(),
-        };
-        let mut response = json_response(class.status, body);
-        self.annotate(&mut response);
-        response
-    }
-
-    /// Adds `Retry-After` and the error type (for the access log and metrics).
-    fn annotate(&self, response: &mut Response) {
-        response
-            .extensions_mut()
-            .insert(crate::http::ErrorType(self.class().kind));
-        if let Some(seconds) = self.retry_after() {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
     }
+}
 
-    /// The upstream's own `Retry-After`, in seconds, whatever its status.
-    pub fn upstream_retry_after(&self) -> Option<u64> {
-        match self {
-            ProxyError::UpstreamRejected { retry_after, .. }
-            | ProxyError::UpstreamFailed { retry_after, .. } => *retry_after,
-            _ => None,
+/// The last event of a stream that a failure ends after it began, in the caller's
+/// format: OpenAI's `data: {"error":{...}}`, Anthropic's `event: error`.
+pub fn stream_error_event(error: &ProxyError, envelope: Envelope) -> Bytes {
+    let class = error.class();
+    match envelope {
+        Envelope::OpenAi => {
+            let message = error.message();
+            let event = OpenAiEnvelope::new(&message, class.kind, None, None);
+            let json = String::from_utf8(event.to_json()).unwrap_or_default();
+            Bytes::from(format!("data: {json}\n\n"))
         }
-    }
-
-    /// The retry hint sent as `Retry-After`, in seconds.
-    pub fn retry_after(&self) -> Option<u64> {
-        match self {
-            ProxyError::BudgetDenied(denial) => denial.retry_after_seconds,
-            ProxyError::AllCandidatesUnavailable { retry_after, .. }
-            | ProxyError::RateLimited { retry_after, .. } => Some(*retry_after),
-            // Passed through on upstream 429s only: a 5xx becomes our 502, whose retry
-            // hint is not the upstream's to give.
-            ProxyError::UpstreamRejected {
-                status,
-                retry_after,
-                ..
-            } if *status == StatusCode::TOO_MANY_REQUESTS => *retry_after,
-            _ => None,
+        Envelope::Anthropic => {
+            let json = String::from_utf8(error.anthropic_body(&class)).unwrap_or_default();
+            Bytes::from(format!("event: error\ndata: {json}\n\n"))
         }
     }
 }
 
 impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
-        self.into_openai_response()
+        self.into_response_in(Envelope::OpenAi)
     }
 }
 
@@ -410,7 +218,7 @@ impl<'a> OpenAiEnvelope<'a> {
     }
 }
 
-pub(crate) fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+pub fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
     let mut response = (status, body).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -421,11 +229,15 @@ pub(crate) fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::sync::Arc;
+
     use http_body_util::BodyExt;
 
+    use super::*;
+    use crate::failure::UpstreamErrorFields;
+
     async fn render(e: ProxyError) -> (u16, String) {
-        let r = e.into_openai_response();
+        let r = e.into_response_in(Envelope::OpenAi);
         let status = r.status().as_u16();
         assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
         let body = r.into_body().collect().await.unwrap().to_bytes();
@@ -629,10 +441,10 @@ mod tests {
             retry_after: 3,
         };
         assert_eq!(
-            limited.into_anthropic_response().headers()[header::RETRY_AFTER],
+            limited.into_response_in(Envelope::Anthropic).headers()[header::RETRY_AFTER],
             "3"
         );
-        let r = upstream(429, "busy").into_anthropic_response();
+        let r = upstream(429, "busy").into_response_in(Envelope::Anthropic);
         assert_eq!(r.headers()[header::RETRY_AFTER], "9");
     }
 
@@ -649,7 +461,8 @@ mod tests {
             period_resets_at: Some("2026-12-01T00:00:00Z".into()),
             retry_after_seconds: Some(3600),
         };
-        let response = ProxyError::BudgetDenied(Arc::new(denial)).into_openai_response();
+        let response =
+            ProxyError::BudgetDenied(Arc::new(denial)).into_response_in(Envelope::OpenAi);
         assert_eq!(response.headers()[header::RETRY_AFTER], "3600");
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(
@@ -658,7 +471,8 @@ mod tests {
         );
 
         let unavailable = BudgetDenial::new("no budget decision", "budget_unavailable");
-        let response = ProxyError::BudgetDenied(Arc::new(unavailable)).into_openai_response();
+        let response =
+            ProxyError::BudgetDenied(Arc::new(unavailable)).into_response_in(Envelope::OpenAi);
         assert_eq!(response.status(), 429);
         assert!(response.headers().get(header::RETRY_AFTER).is_none());
         let body = response.into_body().collect().await.unwrap().to_bytes();

@@ -11,51 +11,52 @@
 //! key's `display_name`. The caller key must be allowed at least one model served by
 //! that provider key: passthrough is raw access, so it is granted through models. When
 //! several keys match, the one behind the alphabetically first such model is used.
-//! Request rate limits and budgets of the caller key apply; guardrails, the cache and
-//! token accounting do not (the body is not interpreted).
+//! Admission is the pipeline's own (caller key, request rate limits and budget of the
+//! caller key, body size); guardrails, the cache and token accounting do not apply
+//! (the body is not interpreted). The upstream client is the one calls use.
 
 use std::sync::Arc;
 
-use axum::Extension;
 use axum::body::Body;
-use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, Method, Uri, header};
 use axum::response::Response;
 use futures_util::StreamExt;
-use tracing::{debug, warn};
+use tracing::debug;
 
-use super::basic::authenticate;
-use super::call::{admit, read_body};
-use super::{ProxyState, Record};
-use crate::budget::Verdict;
-use crate::error::{Envelope, ProxyError};
+use super::admit::{authenticate, limits_and_budget, read_body};
+use super::state::{Inner, ProxyState};
+use crate::failure::{Envelope, ProxyError};
+use crate::observe::record::Record;
+use crate::providers::{self, client::Relayed};
 use crate::resources::{Adapter, ApiKey, ModelTarget, ProviderKey};
 use crate::snapshot::Snapshot;
-use crate::upstream::{self, DEFAULT_TIMEOUT};
 
-pub(super) async fn handle(
-    State(state): State<ProxyState>,
-    Extension(record): Extension<Record>,
-    Path((provider, _)): Path<(String, String)>,
+/// One passthrough request to `provider`; refusals before the upstream answers use
+/// the envelope of the provider's family.
+pub async fn passthrough(
+    state: ProxyState,
+    record: Record,
+    provider: String,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let snapshot = state.0.store.load();
+    let state = state.inner();
+    let snapshot = state.store.load();
     // Errors before the upstream answers use the envelope of the provider's family.
     let envelope = match provider_keys_named(&snapshot, &provider).next() {
         Some(pk) if pk.adapter == Adapter::Anthropic => Envelope::Anthropic,
         _ => Envelope::OpenAi,
     };
     match forward(
-        &state, &snapshot, &record, &provider, method, &uri, &headers, body,
+        state, &snapshot, &record, &provider, method, &uri, &headers, body,
     )
     .await
     {
         Ok(response) => response,
         Err(error) => {
-            debug!(request_id = %record.request_id(), provider, error = %error, "passthrough refused");
+            error.log(record.request_id());
             error.into_response_in(envelope)
         }
     }
@@ -63,7 +64,7 @@ pub(super) async fn handle(
 
 #[allow(clippy::too_many_arguments, reason = "one request's parts")]
 async fn forward(
-    state: &ProxyState,
+    state: &Inner,
     snapshot: &Snapshot,
     record: &Record,
     provider: &str,
@@ -79,45 +80,27 @@ async fn forward(
     let rest = safe_rest(uri.path(), provider)?;
     // Request limits of the caller key (no model to limit); the lease (concurrency)
     // is held until the body has been relayed.
-    let lease = admit(state, caller, None)?;
-    if let Some(gate) = &state.0.hooks.budget
-        && let Verdict::Deny(denial) = gate.check(&caller.id).await
-    {
-        return Err(ProxyError::BudgetDenied(denial));
-    }
-    let bytes = read_body(body, headers, state.0.options.body_limit).await?;
+    let lease = limits_and_budget(state, caller, None).await?;
+    let bytes = read_body(body, headers, state.options.body_limit).await?;
     let mut url = format!("{}/{rest}", provider_key.api_base);
     if let Some(query) = uri.query() {
         url.push('?');
         url.push_str(query);
     }
+    let adapter = providers::for_passthrough(&provider_key.adapter);
     let mut outgoing = forwardable(headers);
-    if provider_key.adapter == Adapter::Anthropic && !outgoing.contains_key("anthropic-version") {
-        outgoing.insert(
-            HeaderName::from_static("anthropic-version"),
-            header::HeaderValue::from_static(upstream::ANTHROPIC_VERSION),
-        );
-    }
-    let request = state
-        .0
-        .upstream
-        .client()
-        .request(method, url)
-        .headers(outgoing)
-        .header("x-aisix-request-id", request_id)
-        .body(bytes);
-    let request = upstream::with_credential(request, provider_key);
+    adapter.passthrough_defaults(&mut outgoing);
+    let relayed = Relayed {
+        method,
+        url,
+        headers: outgoing,
+        body: bytes,
+    };
     debug!(request_id, provider, path = rest, "passthrough");
-    let response = tokio::time::timeout(DEFAULT_TIMEOUT, request.send())
-        .await
-        .map_err(|_| ProxyError::Timeout(DEFAULT_TIMEOUT.as_millis()))?
-        .map_err(|e| {
-            warn!(request_id, provider, error = %e, "passthrough upstream failed");
-            ProxyError::UpstreamFailed {
-                detail: format!("passthrough to {provider}: {e}"),
-                retry_after: None,
-            }
-        })?;
+    let response = state
+        .upstream
+        .forward(adapter, provider_key, relayed, request_id)
+        .await?;
     let mut relayed = Response::builder().status(response.status());
     if let Some(out) = relayed.headers_mut() {
         *out = forwardable_response(response.headers());

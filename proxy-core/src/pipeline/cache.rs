@@ -1,5 +1,8 @@
-//! The response cache for non-streaming chat completions: in memory, bounded by entry
-//! count (least recently used goes first) and entry size, with a TTL.
+//! Cache: the phase that serves a whole answer kept for the same request, and the
+//! response cache behind it: in memory, bounded by entry count (least recently used
+//! goes first) and entry size, with a TTL. Whole answers of chat completions and
+//! messages are kept; streams, and requests that say `Cache-Control: no-cache` or
+//! `no-store`, neither read nor fill it.
 //!
 //! The key is SHA-256 over the caller key id, the model alias and the request body
 //! normalised (parsed and written back with sorted keys and no insignificant
@@ -9,11 +12,72 @@ use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use bytes::Bytes;
-use http::{HeaderValue, StatusCode};
 use lru::LruCache;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
+
+use crate::formats::body::RequestBody;
+use crate::formats::endpoint::Endpoint;
+
+/// Where a call's whole answer is looked up and kept.
+pub(super) struct Slot<'a> {
+    cache: &'a ResponseCache,
+    key: CacheKey,
+}
+
+impl Slot<'_> {
+    pub fn get(&self) -> Option<Arc<Cached>> {
+        self.cache.get(&self.key)
+    }
+
+    /// Keeps a successful whole answer.
+    pub fn put(
+        self,
+        status: StatusCode,
+        content_type: Option<HeaderValue>,
+        served_by: &str,
+        body: Bytes,
+    ) {
+        self.cache
+            .put(self.key, status, content_type, served_by, body);
+    }
+}
+
+/// The cache slot of a call, when the cache is on and the call may use it.
+pub(super) fn slot<'a>(
+    cache: Option<&'a ResponseCache>,
+    endpoint: Endpoint,
+    api_key_id: &str,
+    model: &str,
+    request: &RequestBody<'_>,
+    body: &[u8],
+    headers: &HeaderMap,
+) -> Option<Slot<'a>> {
+    let cache = cache?;
+    if !endpoint.cacheable() || request.stream || refuses_cache(headers) {
+        return None;
+    }
+    let key = ResponseCache::key(endpoint.path(), api_key_id, model, body)?;
+    Some(Slot { cache, key })
+}
+
+/// `Cache-Control: no-cache` or `no-store` on the request: neither read nor fill the
+/// cache.
+fn refuses_cache(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|d| {
+            matches!(
+                d.trim().to_ascii_lowercase().as_str(),
+                "no-cache" | "no-store"
+            )
+        })
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct CacheOptions {

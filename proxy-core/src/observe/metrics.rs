@@ -70,7 +70,7 @@ pub struct TokenLabels {
 pub struct FailureLabels {
     /// The direct model that was called.
     pub model: Name,
-    /// See [`ProxyError::failure_kind`](crate::error::ProxyError::failure_kind).
+    /// See [`ProxyError::failure_kind`](crate::failure::ProxyError::failure_kind).
     pub kind: &'static str,
 }
 

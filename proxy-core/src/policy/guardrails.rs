@@ -13,11 +13,11 @@ use bytes::Bytes;
 use serde_json::Value;
 use tracing::warn;
 
-use crate::error::{Envelope, ProxyError};
-use crate::openai::RequestBody;
+use crate::failure::{Envelope, ProxyError, stream_error_event};
+use crate::formats::body::RequestBody;
+use crate::formats::sse::{Filtered, data_lines};
 use crate::resources::{Guardrail, GuardrailPattern, HookPoint};
 use crate::snapshot::Snapshot;
-use crate::sse::{Filtered, data_lines};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
@@ -266,27 +266,10 @@ impl StreamGuard {
                 Stage::Output,
                 &self.request_id,
             ) {
-                return Filtered::End(error_event(&e, self.envelope));
+                return Filtered::End(stream_error_event(&e, self.envelope));
             }
         }
         Filtered::Send(events)
-    }
-}
-
-/// The last event of a blocked stream, in the caller's format.
-fn error_event(e: &ProxyError, envelope: Envelope) -> Bytes {
-    let class = e.class();
-    match envelope {
-        Envelope::OpenAi => {
-            let event =
-                serde_json::json!({"error": {"message": e.to_string(), "type": class.kind}});
-            Bytes::from(format!("data: {event}\n\n"))
-        }
-        Envelope::Anthropic => {
-            let event = serde_json::json!({"type": "error", "error": {
-                "type": crate::error::anthropic_error_type(class.status), "message": e.to_string()}});
-            Bytes::from(format!("event: error\ndata: {event}\n\n"))
-        }
     }
 }
 

@@ -1,5 +1,5 @@
-//! The upstream HTTP client: credentials per adapter (OpenAI-compatible: bearer;
-//! Anthropic: `x-api-key` and `anthropic-version`), error reading per adapter.
+//! The upstream HTTP client every adapter and passthrough share; the adapter adds its
+//! credential and reads its error bodies.
 //!
 //! One pooled keep-alive client serves every upstream (TCP_NODELAY on). Non-streaming
 //! answers are read whole within the model's `timeout`; streams are relayed chunk by
@@ -16,19 +16,15 @@ use futures_util::{Stream, StreamExt, stream};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use tracing::warn;
 
-use crate::error::{ProxyError, UpstreamErrorFields};
-use crate::openai::upstream_error_fields;
-use crate::resources::{Adapter, Model, ProviderKey};
-use crate::translate::anthropic_error_fields;
+use super::provider::{Outgoing, Payload, Provider};
+use crate::failure::{ProxyError, UpstreamErrorFields};
+use crate::resources::{Model, ProviderKey};
 
 /// Used when a model sets no `timeout`: LLM answers can be slow, but not unbounded.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Upstream error bodies larger than this are not read (they are summarised instead).
 const MAX_ERROR_BODY: usize = 64 * 1024;
-
-/// The Anthropic API version sent when the caller did not choose one.
-pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 
 /// The upstream a request goes to: the direct model and its provider key.
 pub struct Target<'a> {
@@ -37,23 +33,12 @@ pub struct Target<'a> {
     pub provider_key: &'a Arc<ProviderKey>,
 }
 
-/// One request to an upstream.
-pub struct Outgoing {
-    /// The path under the provider key's `api_base`, e.g. `/v1/messages`.
-    pub path: &'static str,
-    pub payload: Payload,
-    /// The answer is relayed as a stream rather than read whole.
-    pub stream: bool,
-    /// Caller headers passed on (`anthropic-version`, `anthropic-beta` for a native
-    /// Anthropic upstream).
+/// A passthrough request: sent as the caller sent it, minus what stays behind.
+pub struct Relayed {
+    pub method: http::Method,
+    pub url: String,
     pub headers: HeaderMap,
-}
-
-/// An upstream request body.
-pub enum Payload {
-    Json(Bytes),
-    /// A form, built for this one attempt (reqwest streams it).
-    Form(reqwest::multipart::Form),
+    pub body: Bytes,
 }
 
 /// A successful upstream answer, ready to send back.
@@ -83,6 +68,7 @@ impl Upstream {
     /// Sends `outgoing` to the target's provider with the provider's credential.
     pub async fn send(
         &self,
+        provider: &dyn Provider,
         target: &Target<'_>,
         outgoing: Outgoing,
         request_id: &str,
@@ -100,7 +86,7 @@ impl Upstream {
                 .body(body),
             Payload::Form(form) => request.multipart(form),
         };
-        let request = with_credential(request, target.provider_key);
+        let request = provider.authorize(request, target.provider_key);
         let stream = outgoing.stream;
         let started = tokio::time::Instant::now();
         let response = tokio::time::timeout(timeout, request.send())
@@ -111,7 +97,7 @@ impl Upstream {
         let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
         if !status.is_success() {
             let remaining = timeout.saturating_sub(started.elapsed());
-            return Err(self.rejected(target, response, remaining).await);
+            return Err(rejected(provider, target, response, remaining).await);
         }
         let body = if stream {
             relay(
@@ -134,66 +120,72 @@ impl Upstream {
         })
     }
 
-    /// Maps a non-2xx upstream answer: 5xx become 502 without their body; 4xx keep
-    /// their status and, for native OpenAI errors, their fields.
-    async fn rejected(
+    /// Relays a passthrough request as it is: the provider's credential added, its
+    /// answer (errors included) returned unread. Bounded by [`DEFAULT_TIMEOUT`] until
+    /// the answer's head arrives.
+    pub async fn forward(
         &self,
-        target: &Target<'_>,
-        response: reqwest::Response,
-        within: Duration,
-    ) -> ProxyError {
-        let status = response.status();
-        let retry_after = retry_after(response.headers());
-        if status.is_server_error() || !status.is_client_error() {
-            return ProxyError::UpstreamFailed {
-                detail: format!("{} answered {status}", target.model.name),
-                retry_after,
-            };
-        }
-        if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
-            // About the gateway's provider credential, not the caller's key: say so, and
-            // never echo what the provider said about the credential.
-            return ProxyError::UpstreamRejected {
-                status,
-                error: UpstreamErrorFields {
-                    message: format!(
-                        "the upstream provider rejected the gateway's credential for model '{}'",
-                        target.model.name
-                    ),
-                    kind: "upstream_error".to_owned(),
-                    param: None,
-                    code: Some("upstream_authentication_failed".to_owned()),
-                },
-                retry_after,
-            };
-        }
-        let body = read_bounded(response, within).await;
-        let error = match target.provider_key.adapter {
-            Adapter::Anthropic => anthropic_error_fields(status.as_u16(), &body),
-            Adapter::OpenAi | Adapter::Other(_) => upstream_error_fields(status.as_u16(), &body),
-        };
-        ProxyError::UpstreamRejected {
-            status,
-            error,
-            retry_after,
-        }
-    }
-
-    /// The client, for routes that relay requests as they are (passthrough).
-    pub fn client(&self) -> &reqwest::Client {
-        &self.client
+        provider: &dyn Provider,
+        key: &ProviderKey,
+        relayed: Relayed,
+        request_id: &str,
+    ) -> Result<reqwest::Response, ProxyError> {
+        let request = self
+            .client
+            .request(relayed.method, relayed.url)
+            .headers(relayed.headers)
+            .header("x-aisix-request-id", request_id)
+            .body(relayed.body);
+        let request = provider.authorize(request, key);
+        tokio::time::timeout(DEFAULT_TIMEOUT, request.send())
+            .await
+            .map_err(|_| ProxyError::Timeout(DEFAULT_TIMEOUT.as_millis()))?
+            .map_err(|e| ProxyError::UpstreamFailed {
+                detail: format!("passthrough to {}: {e}", key.provider),
+                retry_after: None,
+            })
     }
 }
 
-/// Adds the provider key's credential the way its adapter expects it.
-pub fn with_credential(
-    request: reqwest::RequestBuilder,
-    provider_key: &ProviderKey,
-) -> reqwest::RequestBuilder {
-    let secret = provider_key.credential.expose();
-    match provider_key.adapter {
-        Adapter::Anthropic => request.header("x-api-key", secret),
-        Adapter::OpenAi | Adapter::Other(_) => request.bearer_auth(secret),
+/// Maps a non-2xx upstream answer: 5xx become 502 without their body; 4xx keep
+/// their status and, for native OpenAI errors, their fields.
+async fn rejected(
+    provider: &dyn Provider,
+    target: &Target<'_>,
+    response: reqwest::Response,
+    within: Duration,
+) -> ProxyError {
+    let status = response.status();
+    let retry_after = retry_after(response.headers());
+    if status.is_server_error() || !status.is_client_error() {
+        return ProxyError::UpstreamFailed {
+            detail: format!("{} answered {status}", target.model.name),
+            retry_after,
+        };
+    }
+    if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+        // About the gateway's provider credential, not the caller's key: say so, and
+        // never echo what the provider said about the credential.
+        return ProxyError::UpstreamRejected {
+            status,
+            error: UpstreamErrorFields {
+                message: format!(
+                    "the upstream provider rejected the gateway's credential for model '{}'",
+                    target.model.name
+                ),
+                kind: "upstream_error".to_owned(),
+                param: None,
+                code: Some("upstream_authentication_failed".to_owned()),
+            },
+            retry_after,
+        };
+    }
+    let body = read_bounded(response, within).await;
+    let error = provider.error_fields(status.as_u16(), &body);
+    ProxyError::UpstreamRejected {
+        status,
+        error,
+        retry_after,
     }
 }
 

@@ -2,8 +2,8 @@
 
 use serde_json::{Map, Value, json};
 
-use super::{DEFAULT_MAX_TOKENS, plain_text, tool_use_block};
-use crate::error::ProxyError;
+use super::shared::{DEFAULT_MAX_TOKENS, plain_text, tool_use_block};
+use crate::failure::ProxyError;
 
 type Result<T> = std::result::Result<T, ProxyError>;
 

@@ -3,8 +3,8 @@
 use bytes::Bytes;
 use serde_json::{Value, json};
 
-use super::{anthropic_input_tokens, finish_reason, stop_reason, tool_use_block, unix_now};
-use crate::error::ProxyError;
+use super::shared::{anthropic_input_tokens, finish_reason, stop_reason, tool_use_block, unix_now};
+use crate::failure::ProxyError;
 
 fn unreadable(what: &str) -> ProxyError {
     ProxyError::UpstreamFailed {

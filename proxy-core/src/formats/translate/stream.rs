@@ -8,8 +8,8 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::{Value, json};
 
-use super::{anthropic_input_tokens, finish_reason, stop_reason, unix_now};
-use crate::sse;
+use super::shared::{anthropic_input_tokens, finish_reason, stop_reason, unix_now};
+use crate::formats::sse;
 
 /// Anthropic message events -> OpenAI `chat.completion.chunk`s, ending with a usage
 /// chunk and `[DONE]`.

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::error::ProxyError;
+use crate::failure::{Class, ProxyError, Recovery};
 use crate::resources::{Model, ModelTarget, Strategy, WhenAllUnavailable};
 use crate::snapshot::Snapshot;
 
@@ -68,26 +68,20 @@ pub enum Next {
 }
 
 impl Plan<'_> {
-    /// The decision after attempt number `attempt` (1 = the first) failed with `error`.
-    pub fn next(&self, error: &ProxyError, attempt: u32) -> Next {
-        let (retryable, fallback) = match error {
-            ProxyError::UpstreamFailed { .. }
-            | ProxyError::ProviderUnreachable { .. }
-            | ProxyError::Timeout(_) => (true, false),
-            // This target cannot serve the request at all; another one may.
-            ProxyError::NotImplemented(_) | ProxyError::ProviderUnavailable(_) => (false, true),
-            ProxyError::UpstreamRejected { status, .. } => {
-                let code = status.as_u16();
-                (
-                    code == 429 && self.retry_on_429,
-                    self.fallback_on_statuses.contains(&code),
-                )
-            }
-            _ => (false, false),
+    /// The decision after attempt number `attempt` (1 = the first) failed with a
+    /// failure of class `class`: its recovery, combined with this plan's settings.
+    pub fn next(&self, class: &Class, attempt: u32) -> Next {
+        let listed = || self.fallback_on_statuses.contains(&class.status.as_u16());
+        let (retryable, fallback) = match class.recovery {
+            Recovery::Transient => (true, false),
+            Recovery::RateLimited => (self.retry_on_429, listed()),
+            Recovery::ByStatus => (false, listed()),
+            Recovery::NextTarget => (false, true),
+            Recovery::Final => (false, false),
         };
         if retryable {
             if attempt <= self.retries {
-                match error.upstream_retry_after().map(Duration::from_secs) {
+                match class.upstream_retry_after.map(Duration::from_secs) {
                     Some(wait) if wait > RETRY_AFTER_CAP => {}
                     Some(wait) => return Next::Retry(wait),
                     None => return Next::Retry(backoff(attempt)),
@@ -277,7 +271,7 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::error::UpstreamErrorFields;
+    use crate::failure::UpstreamErrorFields;
     use crate::snapshot::{SnapshotStore, Source, SourceEvent};
 
     /// A snapshot with direct models `a`, `b`, `c`, `d` (cooldown 30 s, at most 60 s;
@@ -449,29 +443,32 @@ mod tests {
             retry_on_429: false,
             fallback_on_statuses: &[404],
         };
-        assert!(matches!(plan.next(&failed(None), 1), Next::Retry(_)));
         assert!(matches!(
-            plan.next(&ProxyError::Timeout(1), 2),
+            plan.next(&failed(None).class(), 1),
+            Next::Retry(_)
+        ));
+        assert!(matches!(
+            plan.next(&ProxyError::Timeout(1).class(), 2),
             Next::Retry(_)
         ));
         assert_eq!(
-            plan.next(&failed(None), 3),
+            plan.next(&failed(None).class(), 3),
             Next::Fallback { cool_down: true },
             "two retries, then the next target"
         );
         assert_eq!(
-            plan.next(&failed(Some(2)), 1),
+            plan.next(&failed(Some(2)).class(), 1),
             Next::Retry(Duration::from_secs(2))
         );
         assert_eq!(
-            plan.next(&failed(Some(60)), 1),
+            plan.next(&failed(Some(60)).class(), 1),
             Next::Fallback { cool_down: true },
             "a wait over the cap moves on"
         );
-        assert_eq!(plan.next(&rejected(429, None), 1), Next::Answer);
-        assert_eq!(plan.next(&rejected(400, None), 1), Next::Answer);
+        assert_eq!(plan.next(&rejected(429, None).class(), 1), Next::Answer);
+        assert_eq!(plan.next(&rejected(400, None).class(), 1), Next::Answer);
         assert_eq!(
-            plan.next(&rejected(404, None), 1),
+            plan.next(&rejected(404, None).class(), 1),
             Next::Fallback { cool_down: false }
         );
         let retrying = Plan {
@@ -479,11 +476,11 @@ mod tests {
             ..plan
         };
         assert_eq!(
-            retrying.next(&rejected(429, Some(1)), 1),
+            retrying.next(&rejected(429, Some(1)).class(), 1),
             Next::Retry(Duration::from_secs(1))
         );
         assert_eq!(
-            retrying.next(&rejected(429, None), 3),
+            retrying.next(&rejected(429, None).class(), 3),
             Next::Fallback { cool_down: true }
         );
     }

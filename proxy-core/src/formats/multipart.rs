@@ -6,7 +6,7 @@ use bytes::Bytes;
 use futures_util::stream;
 use serde_json::{Map, Value};
 
-use crate::error::ProxyError;
+use crate::failure::ProxyError;
 
 /// The parts of a form, in order.
 #[derive(Debug, Clone, Default)]

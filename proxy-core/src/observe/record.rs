@@ -15,13 +15,9 @@ use http_body::{Frame, SizeHint};
 use tokio::time::Instant;
 use tracing::info;
 
-use super::endpoint::FORWARDED;
-use crate::metrics::{Metrics, RequestRecord};
-use crate::usage::Tokens;
-
-/// The error type of an error response, set where errors are rendered.
-#[derive(Debug, Clone, Copy)]
-pub struct ErrorType(pub &'static str);
+use crate::formats::endpoint::FORWARDED;
+use crate::formats::tokens::Tokens;
+use crate::observe::metrics::{Metrics, RequestRecord};
 
 #[derive(Debug, Default)]
 struct Facts {
@@ -104,7 +100,7 @@ pub fn route_label(path: &str) -> &'static str {
 
 /// Everything the access-log line and the metrics need, gathered when the response
 /// headers were sent; written once, when the body ends or is dropped.
-pub(super) struct Finish {
+pub(crate) struct Finish {
     pub metrics: Arc<Metrics>,
     pub access_log: bool,
     pub method: Method,
@@ -155,7 +151,7 @@ impl Finish {
 
 /// A response body that writes its [`Finish`] when it ends or is dropped (a caller
 /// that goes away mid-stream still gets its line).
-pub(super) struct Logged {
+pub(crate) struct Logged {
     inner: Option<Body>,
     finish: Option<Finish>,
 }

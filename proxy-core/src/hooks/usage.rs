@@ -1,0 +1,34 @@
+//! The usage hook: one [`UsageEvent`] per dispatched request, handed to a
+//! [`UsageSink`] when the request completes. Managed mode queues them durably for the
+//! control plane.
+
+use serde::{Deserialize, Serialize};
+
+pub trait UsageSink: Send + Sync {
+    /// Takes one event; must not block the caller (it runs on the request path).
+    fn record(&self, event: UsageEvent);
+}
+
+/// The control plane's `UsageEvent`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageEvent {
+    /// Unique per request, so replays are idempotent.
+    pub event_id: String,
+    pub request_id: String,
+    pub api_key_id: String,
+    /// The alias the caller asked for.
+    pub model: String,
+    /// The provider of the model that served (or last failed) the request.
+    pub provider: String,
+    /// The direct model that served (or last failed) the request.
+    pub served_by: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_usd: f64,
+    pub status_code: u16,
+    pub stream: bool,
+    pub latency_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttft_ms: Option<u64>,
+    pub timestamp_unix_ms: u64,
+}

@@ -1,0 +1,11 @@
+//! What the proxy tells about its requests: the request record (access log and request
+//! metrics when the answer ends), the metrics registry, and usage accounting.
+//!
+//! Layout:
+//! - `metrics`: every metric the agent serves, declared in one place.
+//! - `record`: the facts learned about one request, logged and counted at its end.
+//! - `usage`: tokens charged, recorded and reported when a call completes.
+
+pub mod metrics;
+pub mod record;
+pub mod usage;

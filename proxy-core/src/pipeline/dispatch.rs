@@ -1,0 +1,148 @@
+//! Dispatch: the routing plan's candidates are tried in turn (retries with backoff,
+//! failover, cooldowns, health) until one answers. Each attempt goes to one direct
+//! model through its provider's adapter. What follows a failed attempt is read from
+//! the failure's class; nothing here decides it again.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::admit::Admitted;
+use super::routing::Next;
+use super::state::{Call, Inner};
+use crate::failure::ProxyError;
+use crate::formats::translate::Conversion;
+use crate::providers::client::{Answer, Target};
+use crate::providers::{self, CallerRequest};
+use crate::resources::{Model, ModelTarget};
+use crate::snapshot::Snapshot;
+
+/// A successful answer: the upstream's, how to convert it, and the model that gave it.
+pub(super) struct Dispatched<'s> {
+    pub answer: Answer,
+    pub conversion: Conversion,
+    pub served_by: &'s Arc<Model>,
+}
+
+/// Why dispatch gave up: the failure to report, and the target it came from (`None`
+/// when no target was tried).
+pub(super) struct Undispatched<'s> {
+    pub error: ProxyError,
+    pub tried: Option<&'s Arc<Model>>,
+}
+
+pub(super) async fn dispatch<'s>(
+    state: &Inner,
+    snapshot: &'s Snapshot,
+    admitted: &Admitted<'s>,
+    call: &Call,
+    request: &CallerRequest<'_>,
+) -> Result<Dispatched<'s>, Undispatched<'s>> {
+    let plan = match state.routing.plan(snapshot, admitted.model) {
+        Ok(plan) => plan,
+        Err(error) => return Err(Undispatched { error, tried: None }),
+    };
+    let request_id: &str = &call.request_id;
+    let mut last_failure = None;
+    'candidates: for candidate in plan.candidates.iter().copied() {
+        let mut attempt_number = 0;
+        loop {
+            attempt_number += 1;
+            let error = match attempt(state, snapshot, candidate, call, request).await {
+                Ok((answer, conversion)) => {
+                    state.health.success(&candidate.name);
+                    state.routing.recovered(&candidate.name);
+                    return Ok(Dispatched {
+                        answer,
+                        conversion,
+                        served_by: candidate,
+                    });
+                }
+                Err(error) => error,
+            };
+            let class = error.class();
+            state
+                .hooks
+                .metrics
+                .record_upstream_failure(&candidate.name, class.metric_kind);
+            if class.counts_against_health {
+                state.health.failure(&candidate.name);
+            }
+            match plan.next(&class, attempt_number) {
+                Next::Retry(wait) => {
+                    warn!(request_id, model = %candidate.name, attempt = attempt_number, retry_in_ms = wait.as_millis() as u64, error = %error, detail = ?error, "upstream attempt failed; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                Next::Fallback { cool_down } => {
+                    warn!(request_id, model = %candidate.name, attempt = attempt_number, error = %error, detail = ?error, "upstream attempt failed; trying the next target");
+                    if cool_down {
+                        state
+                            .routing
+                            .cool_down(candidate, class.upstream_retry_after);
+                    }
+                    last_failure = Some((error, candidate));
+                    continue 'candidates;
+                }
+                Next::Answer => {
+                    last_failure = Some((error, candidate));
+                    break 'candidates;
+                }
+            }
+        }
+    }
+    Err(match last_failure {
+        Some((error, candidate)) => Undispatched {
+            error,
+            tried: Some(candidate),
+        },
+        None => Undispatched {
+            error: ProxyError::ProviderUnavailable(format!(
+                "model '{}' has no available target",
+                plan.model
+            )),
+            tried: None,
+        },
+    })
+}
+
+/// Sends the call to one direct model: the request as its adapter wants it.
+async fn attempt(
+    state: &Inner,
+    snapshot: &Snapshot,
+    model: &Arc<Model>,
+    call: &Call,
+    request: &CallerRequest<'_>,
+) -> Result<(Answer, Conversion), ProxyError> {
+    let unavailable = || {
+        ProxyError::ProviderUnavailable(format!(
+            "model '{}' has no usable provider key",
+            model.name
+        ))
+    };
+    let ModelTarget::Direct(direct) = &model.target else {
+        return Err(unavailable());
+    };
+    let provider_key = snapshot
+        .provider_key(&direct.provider_key_id)
+        .ok_or_else(unavailable)?;
+    let provider = providers::adapter(&provider_key.adapter)?;
+    let prepared = provider.prepare(request, &direct.model_name)?;
+    let target = Target {
+        model,
+        upstream_model: &direct.model_name,
+        provider_key,
+    };
+    let request_id: &str = &call.request_id;
+    debug!(request_id, model = %model.name, upstream_model = target.upstream_model, path = prepared.outgoing.path, "dispatching");
+    let sent_at = Instant::now();
+    let answer = state
+        .upstream
+        .send(provider, &target, prepared.outgoing, request_id)
+        .await;
+    state
+        .hooks
+        .metrics
+        .record_upstream(&model.name, sent_at.elapsed());
+    Ok((answer?, prepared.conversion))
+}

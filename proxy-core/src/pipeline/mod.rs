@@ -1,0 +1,119 @@
+//! The request pipeline: one model-routed call goes through four phases, each a
+//! module with one input and one output.
+//!
+//! ```text
+//! admit    caller key, body, alias, access, input guardrails, rate limits, budget
+//!   -> cache     a whole answer kept for the same request, if any
+//!   -> dispatch  routing plan, attempts, retries, failover, cooldown, health
+//!   -> respond   stream filters (translation, usage, guardrails), usage, headers
+//! ```
+//!
+//! Passthrough (`passthrough`) reuses admit's caller, limit and budget steps and the
+//! same upstream client. Failures of any phase are rendered once, in the envelope of
+//! the route ([`Endpoint::envelope`]).
+//!
+//! Layout:
+//! - `mod.rs`: the call, phase by phase.
+//! - `state.rs`: the shared state and options, the gateway's headers.
+//! - `admit.rs`, `cache.rs`, `dispatch.rs`, `respond.rs`: the phases.
+//! - `routing.rs`: candidate order, retries, failover and cooldowns (dispatch's plan).
+//! - `passthrough.rs`: `ANY /passthrough/{provider}/{*rest}`.
+
+mod admit;
+pub mod cache;
+mod dispatch;
+pub mod passthrough;
+mod respond;
+pub mod routing;
+mod state;
+
+use std::net::SocketAddr;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::Response;
+use tokio::time::Instant;
+
+use crate::failure::ProxyError;
+use crate::formats::endpoint::Endpoint;
+use crate::observe::record::Record;
+use crate::providers::CallerRequest;
+
+pub use admit::authenticate;
+pub use state::{
+    CACHE_STATUS, CALL_ID, Hooks, ProxyOptions, ProxyState, REQUEST_ID, SERVED_BY, client_ip,
+};
+use state::{Call, Inner};
+
+/// Runs one call of `endpoint` through the phases; failures are rendered in the
+/// endpoint's envelope.
+pub async fn call(
+    endpoint: Endpoint,
+    state: ProxyState,
+    peer: SocketAddr,
+    record: Record,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let call = Call {
+        endpoint,
+        request_id: record.request_id().clone(),
+        call_id: uuid::Uuid::new_v4().to_string(),
+        started: Instant::now(),
+        record,
+    };
+    let mut response = match phases(state.inner(), peer, &call, &headers, body).await {
+        Ok(response) => response,
+        Err(error) => {
+            error.log(&call.request_id);
+            error.into_response_in(endpoint.envelope())
+        }
+    };
+    // The seeds scope x-aisix-call-id to chat completions; the id still names the
+    // usage event of every call.
+    if endpoint == Endpoint::ChatCompletions
+        && let Ok(value) = HeaderValue::from_str(&call.call_id)
+    {
+        response.headers_mut().insert(CALL_ID, value);
+    }
+    response
+}
+
+async fn phases(
+    state: &Inner,
+    peer: SocketAddr,
+    call: &Call,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ProxyError> {
+    let snapshot = state.store.load();
+    let caller = authenticate(&snapshot, headers, call.endpoint.envelope())?;
+    call.record.caller(&caller.id);
+    let read = admit::read(state, call.endpoint, headers, body).await?;
+    let request = read.parse(call.endpoint)?;
+    let admitted = admit::admit(state, &snapshot, call, caller, peer, headers, &request).await?;
+    let cache = cache::slot(
+        state.cache.as_ref(),
+        call.endpoint,
+        &admitted.caller.id,
+        &admitted.model.name,
+        &request,
+        &read.bytes,
+        headers,
+    );
+    if let Some(hit) = cache.as_ref().and_then(cache::Slot::get) {
+        return respond::from_cache(&hit, admitted, &call.request_id);
+    }
+    let caller_request = CallerRequest {
+        endpoint: call.endpoint,
+        body: &request,
+        raw: &read.bytes,
+        form: read.form.as_ref(),
+        headers,
+    };
+    let dispatched = dispatch::dispatch(state, &snapshot, &admitted, call, &caller_request).await;
+    respond::respond(
+        state, &snapshot, call, admitted, &request, dispatched, cache,
+    )
+    .await
+}

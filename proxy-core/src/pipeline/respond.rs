@@ -1,0 +1,293 @@
+//! Respond: the answer on its way out. A stream goes through one event filter
+//! (translation to the caller's format, the usage tap, removal of the usage chunk the
+//! caller did not ask for, output guardrails); a whole answer is converted, gives its
+//! usage, is checked and is kept in the cache. Either way the usage event and the
+//! rate-limit token charge are settled once, and the gateway's headers are added.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::Response;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use tracing::warn;
+
+use super::admit::Admitted;
+use super::cache::{Cached, Slot};
+use super::dispatch::{Dispatched, Undispatched};
+use super::state::{CACHE_STATUS, Call, Inner, SERVED_BY};
+use crate::failure::{Envelope, ProxyError};
+use crate::formats::body::RequestBody;
+use crate::formats::sse::{self, Filtered};
+use crate::formats::tokens::Tokens;
+use crate::formats::translate::Conversion;
+use crate::hooks::UsageEvent;
+use crate::observe::record::Record;
+use crate::observe::usage::{Pending, unix_now_ms};
+use crate::policy::guardrails::{self, StreamGuard};
+use crate::resources::{Guardrail, Model, ModelTarget};
+use crate::snapshot::Snapshot;
+
+/// The response to a dispatched call, or the failure that ended dispatch (its usage
+/// recorded against the target last tried).
+pub(super) async fn respond(
+    state: &Inner,
+    snapshot: &Snapshot,
+    call: &Call,
+    mut admitted: Admitted<'_>,
+    request: &RequestBody<'_>,
+    dispatched: Result<Dispatched<'_>, Undispatched<'_>>,
+    cache: Option<Slot<'_>>,
+) -> Result<Response, ProxyError> {
+    let Dispatched {
+        answer,
+        conversion,
+        served_by,
+    } = match dispatched {
+        Ok(dispatched) => dispatched,
+        Err(Undispatched { error, tried }) => {
+            if let Some(tried) = tried {
+                let status = error.class().status;
+                pending(state, snapshot, call, &mut admitted, request, tried, status)
+                    .finish(Tokens::default(), None);
+            }
+            return Err(error);
+        }
+    };
+    let usage = pending(
+        state,
+        snapshot,
+        call,
+        &mut admitted,
+        request,
+        served_by,
+        answer.status,
+    );
+    let caching = cache.is_some();
+    let output = std::mem::take(&mut admitted.guards.output);
+    let mut response = if request.stream {
+        let strip_usage = call.endpoint.asks_stream_usage() && !request.include_usage();
+        let body = stream_body(answer.body, conversion, usage, output, strip_usage, call);
+        let content_type = answer
+            .content_type
+            .filter(|_| conversion == Conversion::None);
+        build(answer.status, content_type, body, &served_by.name, true)
+    } else {
+        let whole = Whole {
+            status: answer.status,
+            content_type: answer.content_type,
+            body: answer.body,
+            conversion,
+        };
+        whole_answer(whole, usage, &output, served_by, cache, call).await
+    };
+    response.headers_mut().extend(admitted.quota_headers);
+    if caching && response.status().is_success() {
+        response
+            .headers_mut()
+            .insert(CACHE_STATUS, HeaderValue::from_static("miss"));
+    }
+    Ok(response)
+}
+
+/// A whole upstream answer, before conversion.
+struct Whole {
+    status: StatusCode,
+    content_type: Option<HeaderValue>,
+    body: Body,
+    conversion: Conversion,
+}
+
+/// A whole answer in the caller's format: usage settled, output guardrails checked,
+/// kept in the cache; or the failure of one of those steps in the caller's envelope.
+async fn whole_answer(
+    whole: Whole,
+    usage: Pending,
+    output: &[Arc<Guardrail>],
+    served_by: &Model,
+    cache: Option<Slot<'_>>,
+    call: &Call,
+) -> Response {
+    let envelope = call.endpoint.envelope();
+    let request_id: &str = &call.request_id;
+    let bytes = match whole.body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            warn!(request_id, error = %e, "answer body unreadable");
+            Bytes::new()
+        }
+    };
+    let bytes = match whole.conversion.answer(bytes) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            e.log(request_id);
+            usage.finish(Tokens::default(), None);
+            return e.into_response_in(envelope);
+        }
+    };
+    usage.finish(Tokens::from_json(&bytes).unwrap_or_default(), None);
+    if let Err(e) = guardrails::check_answer(output, &bytes, request_id) {
+        return e.into_response_in(envelope);
+    }
+    let content_type = whole
+        .content_type
+        .filter(|_| whole.conversion == Conversion::None);
+    if let Some(slot) = cache {
+        slot.put(
+            whole.status,
+            content_type.clone(),
+            &served_by.name,
+            bytes.clone(),
+        );
+    }
+    build(
+        whole.status,
+        content_type,
+        Body::from(bytes),
+        &served_by.name,
+        false,
+    )
+}
+
+/// A kept answer: output guardrails still apply (they may have changed since); no
+/// upstream is called and no tokens are charged.
+pub(super) fn from_cache(
+    hit: &Cached,
+    admitted: Admitted<'_>,
+    request_id: &str,
+) -> Result<Response, ProxyError> {
+    guardrails::check_answer(&admitted.guards.output, &hit.body, request_id)?;
+    let mut response = build(
+        hit.status,
+        hit.content_type.clone(),
+        Body::from(hit.body.clone()),
+        &hit.served_by,
+        false,
+    );
+    let headers = response.headers_mut();
+    headers.insert(CACHE_STATUS, HeaderValue::from_static("hit"));
+    headers.extend(admitted.quota_headers);
+    Ok(response)
+}
+
+/// A stream's body: each run of complete events is translated, observed for usage,
+/// stripped of the usage chunk the caller did not ask for and checked by the output
+/// guardrails, which may end it with an error event in the caller's format.
+fn stream_body(
+    upstream: Body,
+    conversion: Conversion,
+    usage: Pending,
+    output_guardrails: Vec<Arc<Guardrail>>,
+    strip_usage: bool,
+    call: &Call,
+) -> Body {
+    let mut translator = conversion.stream();
+    let mut tap = usage.tap();
+    let envelope: Envelope = call.endpoint.envelope();
+    let mut guard = (!output_guardrails.is_empty())
+        .then(|| StreamGuard::new(output_guardrails, call.request_id.clone(), envelope));
+    let record: Record = call.record.clone();
+    sse::filter_events(upstream, move |events| {
+        let events = match &mut translator {
+            Some(translator) => translator.translate(&events),
+            None => events,
+        };
+        tap.observe(&events);
+        let events = if strip_usage {
+            sse::without_usage_chunk(events)
+        } else {
+            events
+        };
+        match &mut guard {
+            Some(guard) => {
+                let filtered = guard.check(events);
+                if matches!(filtered, Filtered::End(_)) {
+                    record.late_error("content_filter");
+                }
+                filtered
+            }
+            None => Filtered::Send(events),
+        }
+    })
+}
+
+/// The usage event and the token charge of the outcome, settled when it ends.
+fn pending(
+    state: &Inner,
+    snapshot: &Snapshot,
+    call: &Call,
+    admitted: &mut Admitted<'_>,
+    request: &RequestBody<'_>,
+    served_by: &Model,
+    status: StatusCode,
+) -> Pending {
+    let model = admitted.model;
+    let report = state.hooks.usage.clone().map(|sink| {
+        let event = UsageEvent {
+            event_id: call.call_id.clone(),
+            request_id: call.request_id.to_string(),
+            api_key_id: admitted.caller.id.to_string(),
+            model: model.name.to_string(),
+            provider: provider_of(snapshot, served_by),
+            served_by: served_by.name.to_string(),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cost_usd: 0.0,
+            status_code: status.as_u16(),
+            stream: request.stream,
+            latency_ms: 0,
+            ttft_ms: None,
+            timestamp_unix_ms: unix_now_ms(),
+        };
+        (sink, event)
+    });
+    let cost = served_by.cost.or(model.cost);
+    Pending::new(
+        report,
+        admitted.lease.take(),
+        call.record.clone(),
+        cost,
+        call.started,
+    )
+}
+
+/// The provider name of a direct model (what usage events report).
+fn provider_of(snapshot: &Snapshot, model: &Model) -> String {
+    match &model.target {
+        ModelTarget::Direct(direct) => snapshot
+            .provider_key(&direct.provider_key_id)
+            .map_or_else(String::new, |p| p.provider.clone()),
+        ModelTarget::Routing(_) => String::new(),
+    }
+}
+
+/// A successful answer's response: status, content type (the upstream's, or the
+/// default of its kind), `Cache-Control: no-cache` for streams, `x-aisix-served-by`.
+fn build(
+    status: StatusCode,
+    content_type: Option<HeaderValue>,
+    body: Body,
+    served_by: &str,
+    stream: bool,
+) -> Response {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    let default_type = if stream {
+        "text/event-stream"
+    } else {
+        "application/json"
+    };
+    headers.insert(
+        header::CONTENT_TYPE,
+        content_type.unwrap_or(HeaderValue::from_static(default_type)),
+    );
+    if stream {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    }
+    if let Ok(value) = HeaderValue::from_str(served_by) {
+        headers.insert(SERVED_BY, value);
+    }
+    response
+}

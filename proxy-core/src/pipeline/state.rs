@@ -1,0 +1,211 @@
+//! What every request of the pipeline shares: the state, the options, the hooks, the
+//! gateway's own headers, and the call being served.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::http::{HeaderMap, HeaderName};
+use ipnet::IpNet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::cache::{CacheOptions, ResponseCache};
+use super::routing::RoutingState;
+use crate::formats::endpoint::Endpoint;
+use crate::hooks::{BudgetGate, UsageSink};
+use crate::observe::metrics::Metrics;
+use crate::observe::record::Record;
+use crate::policy::health::ModelHealth;
+use crate::policy::ratelimit::RateLimiter;
+use crate::providers::client::Upstream;
+use crate::snapshot::SnapshotStore;
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-aisix-request-id");
+pub const CALL_ID: HeaderName = HeaderName::from_static("x-aisix-call-id");
+pub const SERVED_BY: HeaderName = HeaderName::from_static("x-aisix-served-by");
+pub const CACHE_STATUS: HeaderName = HeaderName::from_static("x-aisix-cache");
+
+/// Proxy listener settings (the `proxy` section of the config file).
+#[derive(Debug, Clone)]
+pub struct ProxyOptions {
+    /// Largest accepted request body; `None` means unlimited.
+    pub body_limit: Option<usize>,
+    /// Largest accepted request head (request line and headers); larger ones are
+    /// refused with 431 in the route's envelope.
+    pub max_header_bytes: usize,
+    /// Extra headers, besides `x-aisix-request-id`, whose value may be adopted as the
+    /// request id (e.g. `x-request-id`), in order of preference.
+    pub request_id_headers: Vec<HeaderName>,
+    /// Write one access-log line per request.
+    pub access_log: bool,
+    /// Peers whose `client_ip_header` is believed (reverse proxies).
+    pub trusted_proxies: Vec<IpNet>,
+    pub client_ip_header: HeaderName,
+    /// The response cache of non-streaming chat completions; `None`: off.
+    pub cache: Option<CacheOptions>,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        Self {
+            body_limit: None,
+            max_header_bytes: 64 * 1024,
+            request_id_headers: Vec::new(),
+            access_log: false,
+            trusted_proxies: Vec::new(),
+            client_ip_header: HeaderName::from_static("x-forwarded-for"),
+            cache: None,
+        }
+    }
+}
+
+/// What the proxy asks of its environment, when there is one to ask (managed mode).
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// Asked before dispatch; without one every request is allowed.
+    pub budget: Option<Arc<dyn BudgetGate>>,
+    /// Receives one event per dispatched request.
+    pub usage: Option<Arc<dyn UsageSink>>,
+    /// Where request metrics are counted (the agent serves them).
+    pub metrics: Arc<Metrics>,
+}
+
+/// Everything a request needs; cheap to clone.
+#[derive(Clone)]
+pub struct ProxyState(pub(crate) Arc<Inner>);
+
+pub(crate) struct Inner {
+    pub store: Arc<SnapshotStore>,
+    pub upstream: Upstream,
+    pub options: ProxyOptions,
+    pub draining: CancellationToken,
+    pub started_unix: u64,
+    pub health: Arc<ModelHealth>,
+    pub hooks: Hooks,
+    pub routing: RoutingState,
+    pub limiter: Arc<RateLimiter>,
+    pub cache: Option<ResponseCache>,
+}
+
+impl ProxyState {
+    /// `draining` is cancelled when shutdown begins: liveness then fails while
+    /// in-flight requests finish.
+    pub fn new(
+        store: Arc<SnapshotStore>,
+        upstream: Upstream,
+        options: ProxyOptions,
+        draining: CancellationToken,
+        health: Arc<ModelHealth>,
+        hooks: Hooks,
+    ) -> Self {
+        let started_unix = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let cache = options.cache.map(ResponseCache::new);
+        Self(Arc::new(Inner {
+            store,
+            upstream,
+            options,
+            draining,
+            started_unix,
+            health,
+            hooks,
+            routing: RoutingState::default(),
+            limiter: Arc::default(),
+            cache,
+        }))
+    }
+
+    /// Upstream failure streaks per model, recorded by the request handlers.
+    pub fn health(&self) -> Arc<ModelHealth> {
+        self.0.health.clone()
+    }
+
+    pub(crate) fn inner(&self) -> &Inner {
+        &self.0
+    }
+}
+
+/// One call: its endpoint, ids and when it began.
+pub(crate) struct Call {
+    pub endpoint: Endpoint,
+    pub request_id: Arc<str>,
+    /// `x-aisix-call-id`, also the usage event's id.
+    pub call_id: String,
+    pub started: Instant,
+    /// Facts for the access log and metrics.
+    pub record: Record,
+}
+
+/// The client's address: the peer's, unless the peer is a trusted proxy; then the
+/// rightmost address in `client_ip_header` that is not itself a trusted proxy (what
+/// the nearest untrusted hop connected from). A missing or unparsable header means
+/// the peer.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, options: &ProxyOptions) -> IpAddr {
+    let trusted = |ip: &IpAddr| options.trusted_proxies.iter().any(|net| net.contains(ip));
+    if !trusted(&peer) {
+        return peer;
+    }
+    let mut hops = Vec::new();
+    for value in headers.get_all(&options.client_ip_header) {
+        let Ok(text) = value.to_str() else {
+            return peer;
+        };
+        for hop in text.split(',') {
+            match hop.trim().parse::<IpAddr>() {
+                Ok(ip) => hops.push(ip),
+                Err(_) => return peer,
+            }
+        }
+    }
+    hops.iter()
+        .rev()
+        .find(|ip| !trusted(ip))
+        .or(hops.first())
+        .copied()
+        .unwrap_or(peer)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    #[test]
+    fn client_addresses_come_from_trusted_proxies_only() {
+        let options = ProxyOptions {
+            trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
+            ..ProxyOptions::default()
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let with = |value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                "x-forwarded-for",
+                axum::http::HeaderValue::from_str(value).unwrap(),
+            );
+            h
+        };
+        let proxy = ip("10.0.0.5");
+        let stranger = ip("198.51.100.7");
+        // Not from a trusted proxy: the header is ignored.
+        assert_eq!(client_ip(stranger, &with("192.0.2.1"), &options), stranger);
+        // From one: the rightmost untrusted hop (a caller cannot prepend its way in).
+        assert_eq!(
+            client_ip(proxy, &with("192.0.2.1"), &options),
+            ip("192.0.2.1")
+        );
+        assert_eq!(
+            client_ip(proxy, &with("10.9.9.9, 192.0.2.1, 10.0.0.7"), &options),
+            ip("192.0.2.1")
+        );
+        // Only proxies: the first one; nothing usable: the peer.
+        assert_eq!(
+            client_ip(proxy, &with("10.1.1.1, 10.2.2.2"), &options),
+            ip("10.1.1.1")
+        );
+        assert_eq!(client_ip(proxy, &with("nonsense"), &options), proxy);
+        assert_eq!(client_ip(proxy, &HeaderMap::new(), &options), proxy);
+    }
+}

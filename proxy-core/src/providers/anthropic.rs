@@ -1,0 +1,131 @@
+//! Anthropic's messages API: `x-api-key` and `anthropic-version`, Anthropic error
+//! bodies, messages and count_tokens natively, OpenAI chat callers translated.
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use bytes::Bytes;
+use serde_json::Value;
+
+use super::provider::{CallerRequest, Outgoing, Payload, Prepared, Provider};
+use crate::failure::{ProxyError, UpstreamErrorFields};
+use crate::formats::endpoint::{Endpoint, MESSAGES};
+use crate::formats::translate::{self, Conversion};
+use crate::resources::ProviderKey;
+
+/// The Anthropic API version sent when the caller did not choose one.
+pub const ANTHROPIC_VERSION: &str = "2023-06-01";
+
+const VERSION: HeaderName = HeaderName::from_static("anthropic-version");
+const BETA: HeaderName = HeaderName::from_static("anthropic-beta");
+
+pub struct Anthropic;
+
+impl Provider for Anthropic {
+    fn name(&self) -> &'static str {
+        "anthropic"
+    }
+
+    fn supports(&self, endpoint: Endpoint) -> bool {
+        matches!(
+            endpoint,
+            Endpoint::ChatCompletions | Endpoint::Messages | Endpoint::CountTokens
+        )
+    }
+
+    fn build(
+        &self,
+        request: &CallerRequest<'_>,
+        upstream_model: &str,
+    ) -> Result<Prepared, ProxyError> {
+        let json = |bytes: Vec<u8>| Payload::Json(Bytes::from(bytes));
+        let (path, payload, conversion, headers) = match request.endpoint {
+            Endpoint::ChatCompletions => (
+                MESSAGES,
+                json(translate::chat_to_messages(request.raw, upstream_model)?),
+                Conversion::AnthropicToOpenAi,
+                headers(None),
+            ),
+            endpoint @ (Endpoint::Messages | Endpoint::CountTokens) => (
+                endpoint.path(),
+                json(request.body.with_model(upstream_model)),
+                Conversion::None,
+                headers(Some(request.headers)),
+            ),
+            Endpoint::Forward(path) => {
+                return Err(ProxyError::NotImplemented(format!(
+                    "{path} is not an Anthropic endpoint"
+                )));
+            }
+        };
+        Ok(Prepared {
+            outgoing: Outgoing {
+                path,
+                payload,
+                stream: request.body.stream,
+                headers,
+            },
+            conversion,
+        })
+    }
+
+    fn authorize(
+        &self,
+        request: reqwest::RequestBuilder,
+        key: &ProviderKey,
+    ) -> reqwest::RequestBuilder {
+        request.header("x-api-key", key.credential.expose())
+    }
+
+    fn error_fields(&self, status: u16, body: &[u8]) -> UpstreamErrorFields {
+        anthropic_error_fields(status, body)
+    }
+
+    fn passthrough_defaults(&self, headers: &mut HeaderMap) {
+        if !headers.contains_key(VERSION) {
+            headers.insert(VERSION, HeaderValue::from_static(ANTHROPIC_VERSION));
+        }
+    }
+}
+
+/// `anthropic-version` (the caller's on native requests, else ours) and, on native
+/// requests, the caller's `anthropic-beta`.
+fn headers(caller: Option<&HeaderMap>) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    let theirs = |name: &HeaderName| caller.and_then(|h| h.get(name)).cloned();
+    headers.insert(
+        VERSION,
+        theirs(&VERSION).unwrap_or(HeaderValue::from_static(ANTHROPIC_VERSION)),
+    );
+    if let Some(beta) = theirs(&BETA) {
+        headers.insert(BETA, beta);
+    }
+    headers
+}
+
+/// An Anthropic upstream 4xx as OpenAI-style fields: `upstream_error` with a code
+/// saying what kind of refusal it was, and Anthropic's message.
+pub fn anthropic_error_fields(status: u16, body: &[u8]) -> UpstreamErrorFields {
+    let error: Value = serde_json::from_slice(body).unwrap_or_default();
+    let kind = error.pointer("/error/type").and_then(Value::as_str);
+    let code = match (kind, status) {
+        (Some("rate_limit_error"), _) | (None, 429) => "rate_limit_exceeded",
+        (Some("permission_error"), _) | (None, 403) => "permission_denied",
+        (Some("not_found_error"), _) | (None, 404) => "model_not_found",
+        (Some("request_too_large"), _) | (None, 413) => "request_too_large",
+        (Some("authentication_error"), _) | (None, 401) => "upstream_authentication_failed",
+        (Some("timeout_error"), _) | (None, 408) => "timeout",
+        _ => "invalid_request",
+    };
+    let message = error
+        .pointer("/error/message")
+        .and_then(Value::as_str)
+        .map_or_else(
+            || format!("the upstream provider answered {status}"),
+            str::to_owned,
+        );
+    UpstreamErrorFields {
+        message,
+        kind: "upstream_error".to_owned(),
+        param: None,
+        code: Some(code.to_owned()),
+    }
+}

@@ -1,0 +1,52 @@
+//! Provider adapters behind one trait, and the upstream HTTP client they share.
+//!
+//! A [`Provider`] knows one upstream protocol family: which endpoints it serves (the
+//! rest answer 501 `not_implemented`), how a caller's request becomes its request
+//! (path, body, headers) and how its answer comes back (a [`Conversion`] of whole
+//! answers and stream events), how its credential is sent, and how its error bodies
+//! read. A native pair (OpenAI caller to an OpenAI-compatible provider, Anthropic to
+//! Anthropic) is a byte-preserving fast path: only `model` is rewritten.
+//!
+//! | endpoint | OpenAI-compatible | Anthropic |
+//! |---|---|---|
+//! | `/v1/chat/completions` | native | translated to `/v1/messages` |
+//! | `/v1/messages` | translated to `/v1/chat/completions` | native |
+//! | `/v1/messages/count_tokens` | 501 | native |
+//! | completions, embeddings, responses, rerank, audio, images | native | 501 |
+//!
+//! Layout:
+//! - `mod.rs`: the registry: which adapter serves a provider key.
+//! - `provider.rs`: the trait, the request an adapter builds from, what it builds.
+//! - `openai.rs`: OpenAI and every OpenAI-compatible vendor.
+//! - `anthropic.rs`: Anthropic's messages API.
+//! - `client.rs`: the pooled upstream client: send, timeouts, stream relay, passthrough.
+
+pub mod anthropic;
+pub mod client;
+pub mod openai;
+mod provider;
+
+use crate::failure::ProxyError;
+use crate::resources::Adapter;
+
+pub use provider::{CallerRequest, Outgoing, Payload, Prepared, Provider};
+
+/// The adapter of a provider key, or 501 for a family this build does not speak.
+pub fn adapter(adapter: &Adapter) -> Result<&'static dyn Provider, ProxyError> {
+    match adapter {
+        Adapter::OpenAi => Ok(&openai::OpenAiCompatible),
+        Adapter::Anthropic => Ok(&anthropic::Anthropic),
+        Adapter::Other(name) => Err(ProxyError::NotImplemented(format!(
+            "provider adapter '{name}' is not available in this build"
+        ))),
+    }
+}
+
+/// The adapter whose credential and defaults passthrough uses: the key's own, and
+/// for a family this build does not speak, a bearer token (the common convention).
+pub fn for_passthrough(adapter: &Adapter) -> &'static dyn Provider {
+    match adapter {
+        Adapter::Anthropic => &anthropic::Anthropic,
+        Adapter::OpenAi | Adapter::Other(_) => &openai::OpenAiCompatible,
+    }
+}

@@ -1,0 +1,95 @@
+//! The provider seam: the trait every adapter implements, the caller's request it
+//! builds from and the upstream request it builds.
+
+use axum::http::HeaderMap;
+use bytes::Bytes;
+
+use crate::failure::{ProxyError, UpstreamErrorFields};
+use crate::formats::body::RequestBody;
+use crate::formats::endpoint::Endpoint;
+use crate::formats::multipart::Form;
+use crate::formats::translate::Conversion;
+use crate::resources::ProviderKey;
+
+/// What the caller sent, as read: what an adapter builds its request from.
+pub struct CallerRequest<'a> {
+    pub endpoint: Endpoint,
+    pub body: &'a RequestBody<'a>,
+    /// The body's bytes as sent.
+    pub raw: &'a [u8],
+    pub form: Option<&'a Form>,
+    pub headers: &'a HeaderMap,
+}
+
+/// The request as the upstream will receive it, and how its answer comes back.
+pub struct Prepared {
+    pub outgoing: Outgoing,
+    pub conversion: Conversion,
+}
+
+/// One request to an upstream.
+pub struct Outgoing {
+    /// The path under the provider key's `api_base`, e.g. `/v1/messages`.
+    pub path: &'static str,
+    pub payload: Payload,
+    /// The answer is relayed as a stream rather than read whole.
+    pub stream: bool,
+    /// Headers the adapter adds (`anthropic-version`, the caller's `anthropic-beta`).
+    pub headers: HeaderMap,
+}
+
+/// An upstream request body.
+pub enum Payload {
+    Json(Bytes),
+    /// A form, built for this one attempt (reqwest streams it).
+    Form(reqwest::multipart::Form),
+}
+
+/// One upstream protocol family.
+pub trait Provider: Send + Sync {
+    /// The adapter's name, as in a provider key's `adapter`.
+    fn name(&self) -> &'static str;
+
+    /// Whether the adapter serves `endpoint` (natively or translated).
+    fn supports(&self, endpoint: Endpoint) -> bool;
+
+    /// The upstream request for a target serving `upstream_model`. Called only for
+    /// supported endpoints; may still refuse a request it cannot express (400).
+    fn build(
+        &self,
+        request: &CallerRequest<'_>,
+        upstream_model: &str,
+    ) -> Result<Prepared, ProxyError>;
+
+    /// Adds the provider key's credential.
+    fn authorize(
+        &self,
+        request: reqwest::RequestBuilder,
+        key: &ProviderKey,
+    ) -> reqwest::RequestBuilder;
+
+    /// The fields the caller sees of an upstream 4xx body.
+    fn error_fields(&self, status: u16, body: &[u8]) -> UpstreamErrorFields;
+
+    /// Headers a passthrough request carries unless the caller sent them.
+    fn passthrough_defaults(&self, _headers: &mut HeaderMap) {}
+}
+
+impl dyn Provider {
+    /// The upstream request for `request`, or 501 when the adapter does not serve its
+    /// endpoint.
+    pub fn prepare(
+        &self,
+        request: &CallerRequest<'_>,
+        upstream_model: &str,
+    ) -> Result<Prepared, ProxyError> {
+        if !self.supports(request.endpoint) {
+            return Err(ProxyError::NotImplemented(format!(
+                "provider adapter '{}' does not implement {}",
+                self.name(),
+                request.endpoint.path()
+            )));
+        }
+        self.build(request, upstream_model)
+    }
+}
