@@ -15,6 +15,7 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use bytes::{Bytes, BytesMut};
+use contract::etcd::{self, RangeRequest, RangeResponse, WatchCreate, WatchRequest, WatchResponse};
 use proxy_core::secret::Secret;
 use proxy_core::snapshot::SourceEvent;
 use reqwest::{StatusCode, Url};
@@ -23,7 +24,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::{Value, json};
 
 /// How many keys one range page asks for.
-const PAGE: u32 = 1000;
+const PAGE: i64 = 1000;
 /// Largest single watch message accepted (one line of the stream).
 const MAX_MESSAGE: usize = 64 << 20;
 
@@ -151,26 +152,24 @@ impl EtcdClient {
 
     /// Every key under `prefix` at one revision, read page by page.
     pub async fn list(&self, prefix: &str) -> Result<Listing, EtcdError> {
-        let end = prefix_end(prefix);
+        let end = etcd::encode(etcd::prefix_end(prefix.as_bytes()));
         let mut start = prefix.as_bytes().to_vec();
         let mut revision = 0;
         let mut kvs = Vec::new();
         loop {
-            let mut body = json!({
-                "key": B64.encode(&start),
-                "range_end": B64.encode(&end),
-                "limit": PAGE,
-            });
-            if revision > 0 {
-                body["revision"] = json!(revision.to_string());
-            }
-            let page: RangeResponse = self.call("/v3/kv/range", &body).await?;
+            let body = RangeRequest {
+                key: etcd::encode(&start),
+                range_end: end.clone(),
+                revision,
+                limit: PAGE,
+            };
+            let page: RangeResponse = self.call("/v3/kv/range", &json(&body)).await?;
             if revision == 0 {
                 revision = page.header.revision;
             }
             let last = page.kvs.last().map(|kv| kv.key.clone());
             for kv in page.kvs {
-                kvs.push(kv.decode()?);
+                kvs.push(decode_kv(kv)?);
             }
             match last {
                 Some(last) if page.more => {
@@ -185,10 +184,12 @@ impl EtcdClient {
 
     /// One key, if it exists.
     pub async fn get(&self, key: &str) -> Result<Option<KeyValue>, EtcdError> {
-        let page: RangeResponse = self
-            .call("/v3/kv/range", &json!({ "key": B64.encode(key) }))
-            .await?;
-        page.kvs.into_iter().next().map(RawKv::decode).transpose()
+        let body = RangeRequest {
+            key: etcd::encode(key),
+            ..RangeRequest::default()
+        };
+        let page: RangeResponse = self.call("/v3/kv/range", &json(&body)).await?;
+        page.kvs.into_iter().next().map(decode_kv).transpose()
     }
 
     /// Writes `key`; returns the revision of the write.
@@ -207,13 +208,15 @@ impl EtcdClient {
 
     /// Opens a watch on `prefix` from `start_revision`, with progress notifications.
     pub async fn watch(&self, prefix: &str, start_revision: i64) -> Result<WatchStream, EtcdError> {
-        let body = json!({ "create_request": {
-            "key": B64.encode(prefix),
-            "range_end": B64.encode(prefix_end(prefix)),
-            "start_revision": start_revision.to_string(),
-            "progress_notify": true,
-        }});
-        let (endpoint, response) = self.send("/v3/watch", &body, None).await?;
+        let body = WatchRequest {
+            create_request: WatchCreate {
+                key: etcd::encode(prefix),
+                range_end: etcd::encode(etcd::prefix_end(prefix.as_bytes())),
+                start_revision,
+                progress_notify: true,
+            },
+        };
+        let (endpoint, response) = self.send("/v3/watch", &json(&body), None).await?;
         Ok(WatchStream {
             endpoint,
             response,
@@ -381,7 +384,7 @@ pub fn decode_watch(endpoint: &str, line: &[u8]) -> Result<WatchMessage, EtcdErr
         endpoint: endpoint.to_owned(),
         message,
     };
-    let envelope: WatchEnvelope =
+    let envelope: WatchResponse =
         serde_json::from_slice(line).map_err(|e| malformed(format!("watch message: {e}")))?;
     if let Some(error) = envelope.error {
         return Err(EtcdError::Status {
@@ -412,7 +415,7 @@ pub fn decode_watch(endpoint: &str, line: &[u8]) -> Result<WatchMessage, EtcdErr
     }
     let mut events = Vec::with_capacity(r.events.len());
     for e in r.events {
-        let kv = e.kv.decode().map_err(|e| malformed(e.to_string()))?;
+        let kv = decode_kv(e.kv).map_err(|e| malformed(e.to_string()))?;
         events.push(match e.kind.as_deref() {
             Some("DELETE") => SourceEvent::Delete {
                 key: kv.key,
@@ -427,18 +430,6 @@ pub fn decode_watch(endpoint: &str, line: &[u8]) -> Result<WatchMessage, EtcdErr
         });
     }
     Ok(WatchMessage::Events { revision, events })
-}
-
-/// The end of the key range that holds exactly the keys starting with `prefix`.
-pub fn prefix_end(prefix: &str) -> Vec<u8> {
-    let mut end = prefix.as_bytes().to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
 }
 
 fn join(base: &Url, path: &str) -> String {
@@ -485,7 +476,7 @@ async fn check_status(
         return Ok(response);
     }
     let body = response.bytes().await.unwrap_or_default();
-    let message = serde_json::from_slice::<GatewayError>(&body)
+    let message = serde_json::from_slice::<etcd::GatewayError>(&body)
         .map(|e| e.message)
         .unwrap_or_else(|_| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned());
     Err(EtcdError::Status {
@@ -513,25 +504,12 @@ fn int<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct Header {
-    #[serde(deserialize_with = "int")]
-    revision: i64,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct RangeResponse {
-    header: Header,
-    kvs: Vec<RawKv>,
-    more: bool,
-}
-
+/// `/v3/kv/put` and `/v3/kv/deleterange` (self-hosted writes; not in the control
+/// plane's subset).
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct WriteResponse {
-    header: Header,
+    header: etcd::Header,
     #[serde(deserialize_with = "int")]
     deleted: i64,
 }
@@ -541,67 +519,24 @@ struct AuthResponse {
     token: String,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct RawKv {
-    key: String,
-    value: String,
-    #[serde(deserialize_with = "int")]
-    mod_revision: i64,
+/// A key and value from the wire: base64 decoded, the key as UTF-8.
+fn decode_kv(kv: etcd::KeyValue) -> Result<KeyValue, EtcdError> {
+    let malformed = |message: String| EtcdError::Malformed {
+        endpoint: String::new(),
+        message,
+    };
+    let key = etcd::decode("key", &kv.key).map_err(malformed)?;
+    let key = String::from_utf8(key).map_err(|_| malformed("key is not UTF-8".to_owned()))?;
+    let value = etcd::decode(&format!("value of {key}"), &kv.value).map_err(malformed)?;
+    Ok(KeyValue {
+        key,
+        value: Bytes::from(value),
+        mod_revision: kv.mod_revision,
+    })
 }
 
-impl RawKv {
-    fn decode(self) -> Result<KeyValue, EtcdError> {
-        let malformed = |message: String| EtcdError::Malformed {
-            endpoint: String::new(),
-            message,
-        };
-        let key = B64
-            .decode(&self.key)
-            .map_err(|e| malformed(format!("key is not base64: {e}")))?;
-        let key = String::from_utf8(key).map_err(|_| malformed("key is not UTF-8".to_owned()))?;
-        let value = B64
-            .decode(&self.value)
-            .map_err(|e| malformed(format!("value of {key} is not base64: {e}")))?;
-        Ok(KeyValue {
-            key,
-            value: Bytes::from(value),
-            mod_revision: self.mod_revision,
-        })
-    }
-}
-
-#[derive(Debug, Deserialize)]
-struct WatchEnvelope {
-    result: Option<WatchResult>,
-    error: Option<GatewayError>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct WatchResult {
-    header: Header,
-    created: bool,
-    canceled: bool,
-    #[serde(deserialize_with = "int")]
-    compact_revision: i64,
-    cancel_reason: String,
-    events: Vec<RawEvent>,
-}
-
-#[derive(Debug, Deserialize)]
-struct RawEvent {
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    #[serde(default)]
-    kv: RawKv,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct GatewayError {
-    message: String,
-    http_code: Option<u16>,
+fn json(body: &impl serde::Serialize) -> Value {
+    serde_json::to_value(body).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -610,12 +545,6 @@ mod tests {
 
     fn b64(s: &str) -> String {
         B64.encode(s)
-    }
-
-    #[test]
-    fn prefix_ends() {
-        assert_eq!(prefix_end("/aisix/"), b"/aisix0");
-        assert_eq!(prefix_end("a"), b"b");
     }
 
     #[test]

@@ -15,9 +15,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use contract::budget::{BudgetAnswer, BudgetReason, FailMode};
 use proxy_core::hooks::{BudgetDenial, BudgetGate, Check, Verdict};
 use proxy_core::observe::metrics::Metrics;
-use serde::Deserialize;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -31,14 +31,6 @@ const DEFAULT_TTL: Duration = Duration::from_secs(5);
 /// The retry hint of a refusal made without budget state (closed, control plane away).
 const UNAVAILABLE_RETRY_SECONDS: u64 = 5;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FailMode {
-    Open,
-    Closed,
-    Sticky,
-}
-
 /// One answer of `/dp/budget_check`, as kept.
 #[derive(Debug, Clone)]
 struct Answer {
@@ -46,14 +38,6 @@ struct Answer {
     fail_mode: FailMode,
     ttl: Duration,
     at: Instant,
-}
-
-#[derive(Debug, Deserialize)]
-struct Wire {
-    allow: bool,
-    fail_mode: FailMode,
-    ttl_seconds: Option<u64>,
-    reason: Option<BudgetDenial>,
 }
 
 #[derive(Debug, Default)]
@@ -134,17 +118,17 @@ impl BudgetChecker {
             .cp
             .get("/dp/budget_check", &[("api_key_id", api_key_id)], timeout)
             .await?;
-        let wire: Wire =
+        let wire: BudgetAnswer =
             serde_json::from_value(value).map_err(|e| CpError::Malformed(e.to_string()))?;
         Ok(answer(wire, api_key_id, Instant::now()))
     }
 }
 
-fn answer(wire: Wire, api_key_id: &str, at: Instant) -> Answer {
+fn answer(wire: BudgetAnswer, api_key_id: &str, at: Instant) -> Answer {
     let verdict = if wire.allow {
         Verdict::Allow
     } else {
-        let denial = wire.reason.unwrap_or_else(|| BudgetDenial {
+        let denial = wire.reason.map(denial).unwrap_or_else(|| BudgetDenial {
             scope: Some("api_key".to_owned()),
             scope_ref: Some(api_key_id.to_owned()),
             ..BudgetDenial::new(
@@ -163,6 +147,21 @@ fn answer(wire: Wire, api_key_id: &str, at: Instant) -> Answer {
 }
 
 /// The decision when the control plane could not answer now.
+/// The proxy's denial from the control plane's reason: every field carried over.
+fn denial(reason: BudgetReason) -> BudgetDenial {
+    BudgetDenial {
+        message: reason.message,
+        code: reason.code,
+        scope: reason.scope,
+        scope_ref: reason.scope_ref,
+        limit_usd: reason.limit_usd,
+        spent_usd: reason.spent_usd,
+        period: reason.period,
+        period_resets_at: reason.period_resets_at,
+        retry_after_seconds: reason.retry_after_seconds,
+    }
+}
+
 fn fallback(options: &BudgetSection, last: Option<&Answer>, now: Instant) -> Verdict {
     let Some(last) = last else {
         return match options.default_fail_mode {
@@ -202,7 +201,7 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
 
-    fn wire(allow: bool, fail_mode: FailMode) -> Wire {
+    fn wire(allow: bool, fail_mode: FailMode) -> BudgetAnswer {
         serde_json::from_value(serde_json::json!({
             "allow": allow,
             "fail_mode": fail_mode,

@@ -13,6 +13,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use certs::{Bundle, PemSource};
+use contract::certificate::IssuedBundle;
 use time::OffsetDateTime;
 
 use crate::config::ManagedSection;
@@ -125,17 +126,13 @@ pub fn signed(
     key_pem: &str,
     expected: &certs::GatewayIdentity,
 ) -> anyhow::Result<Bundle> {
-    let field = |name: &str| {
-        answer
-            .get(name)
-            .and_then(serde_json::Value::as_str)
-            .map(|pem| PemSource::Inline(pem.to_owned()))
-            .ok_or_else(|| anyhow::anyhow!("the control plane's answer has no {name}"))
-    };
+    let issued: IssuedBundle = serde_json::from_value(answer.clone()).map_err(|e| {
+        anyhow::anyhow!("the control plane's answer is not a certificate bundle: {e}")
+    })?;
     let bundle = Bundle::load(
-        &field("certificate_pem")?,
+        &PemSource::Inline(issued.certificate_pem),
         &PemSource::Inline(key_pem.to_owned()),
-        &field("ca_pem")?,
+        &PemSource::Inline(issued.ca_pem),
         OffsetDateTime::now_utc(),
     )
     .map_err(|e| anyhow::anyhow!("the certificate the control plane signed: {e}"))?;

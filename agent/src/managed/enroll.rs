@@ -9,7 +9,8 @@ use std::time::Duration;
 use anyhow::Context;
 use certs::Bundle;
 use certs::enrollment::EnrollmentToken;
-use serde_json::{Value, json};
+use contract::certificate::RegisterRequest;
+use serde_json::Value;
 
 use super::bundle::{BundlePems, BundleStore};
 use super::client::error_chain;
@@ -33,7 +34,10 @@ pub async fn enroll(cp_url: &str, token: &str, state_dir: &Path) -> anyhow::Resu
     let endpoint = url.join("/dp/register")?;
     let response = http
         .post(endpoint)
-        .json(&json!({"token": token.expose(), "csr_pem": csr.csr_pem}))
+        .json(&RegisterRequest {
+            token: token.expose().to_owned(),
+            csr_pem: csr.csr_pem,
+        })
         .send()
         .await
         .map_err(|e| {

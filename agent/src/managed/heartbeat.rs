@@ -8,11 +8,15 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use certs::{CertInfo, GatewayIdentity};
+use contract::CONTRACT_VERSION;
+use contract::heartbeat::{
+    self as wire, CertificateStatus, ConfigStatus, HeartbeatAnswer, ModelStatus, RejectedResource,
+    UsageQueue,
+};
 use proxy_core::observe::metrics::Metrics;
 use proxy_core::policy::health::ModelHealth;
 use proxy_core::snapshot::SnapshotStore;
 use reqwest::Method;
-use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -21,8 +25,6 @@ use super::client::{CpClient, CpError};
 use super::usage::UsageQueueStatus;
 use crate::backoff::{Backoff, BackoffPolicy};
 use crate::watch::WatchStatus;
-
-pub const CONTRACT_VERSION: u32 = 1;
 
 pub struct Heartbeat {
     pub cp: Arc<CpClient>,
@@ -47,39 +49,58 @@ fn hostname() -> String {
 }
 
 impl Heartbeat {
-    fn body(&self, instance_id: &str, started: Instant) -> Value {
+    fn body(&self, instance_id: &str, started: Instant) -> wire::Heartbeat {
         let snapshot = self.store.load();
         let freshness = self.store.freshness();
-        let mut models: Vec<Value> = snapshot
+        let mut models: Vec<ModelStatus> = snapshot
             .models()
-            .map(|m| json!({"id": m.id, "name": m.name, "health": self.health.of(&snapshot, m).as_u8()}))
+            .map(|m| ModelStatus {
+                id: m.id.to_string(),
+                name: m.name.to_string(),
+                health: self.health.of(&snapshot, m).as_u8(),
+            })
             .collect();
-        models.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        models.sort_by(|a, b| a.name.cmp(&b.name));
         let cert = self.certificate.load();
         let now = time::OffsetDateTime::now_utc();
-        json!({
-            "dp_id": self.identity.dp_id,
-            "instance_id": instance_id,
-            "hostname": hostname(),
-            "version": env!("CARGO_PKG_VERSION"),
-            "contract_version": CONTRACT_VERSION,
-            "uptime_seconds": started.elapsed().as_secs(),
-            "config": {
-                "source": freshness.source.map_or("none", |s| s.as_str()),
-                "applied_revision": freshness.revision,
-                "config_hash": self.store.config_hash(),
-                "snapshot_age_seconds": freshness.age.map(|a| a.as_secs()),
-                "connected": self.watch.connected(),
+        let rejected_resources = self
+            .store
+            .rejected()
+            .into_iter()
+            .map(|r| RejectedResource {
+                key: r.key,
+                kind: r.kind.to_owned(),
+                error: r.error,
+                since_unix: r.since_unix,
+                serving_previous: r.serving_previous,
+            })
+            .collect();
+        wire::Heartbeat {
+            dp_id: self.identity.dp_id.clone(),
+            instance_id: instance_id.to_owned(),
+            hostname: hostname(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            contract_version: CONTRACT_VERSION,
+            uptime_seconds: started.elapsed().as_secs(),
+            config: ConfigStatus {
+                source: freshness.source.map_or("none", |s| s.as_str()).to_owned(),
+                applied_revision: freshness.revision,
+                config_hash: self.store.config_hash(),
+                snapshot_age_seconds: freshness.age.map(|a| a.as_secs()),
+                connected: self.watch.connected(),
             },
-            "rejected_resources": self.store.rejected(),
-            "certificate": {
-                "serial": cert.serial,
-                "not_after_unix": cert.not_after.unix_timestamp(),
-                "days_left": cert.days_left(now),
+            rejected_resources,
+            certificate: Some(CertificateStatus {
+                serial: cert.serial.clone(),
+                not_after_unix: cert.not_after.unix_timestamp(),
+                days_left: cert.days_left(now),
+            }),
+            models,
+            usage_queue: UsageQueue {
+                pending: self.usage.pending(),
+                dropped: self.usage.dropped(),
             },
-            "models": models,
-            "usage_queue": {"pending": self.usage.pending(), "dropped": self.usage.dropped()},
-        })
+        }
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
@@ -97,7 +118,10 @@ impl Heartbeat {
                 Ok(answer) => {
                     self.metrics.record_heartbeat("ok");
                     failures.reset();
-                    self.accept(&answer);
+                    match serde_json::from_value::<HeartbeatAnswer>(answer) {
+                        Ok(answer) => self.accept(&answer),
+                        Err(e) => warn!(error = %e, "heartbeat answer not understood; ignored"),
+                    }
                     jittered(self.interval)
                 }
                 Err(e) => {
@@ -127,13 +151,9 @@ impl Heartbeat {
         }
     }
 
-    fn accept(&mut self, answer: &Value) {
-        debug!(answer = %answer, "heartbeat acknowledged");
-        if let Some(secs) = answer
-            .get("heartbeat_interval_secs")
-            .and_then(Value::as_u64)
-            .filter(|s| *s > 0)
-        {
+    fn accept(&mut self, answer: &HeartbeatAnswer) {
+        debug!(?answer, "heartbeat acknowledged");
+        if let Some(secs) = answer.heartbeat_interval_secs.filter(|s| *s > 0) {
             let interval = Duration::from_secs(secs);
             if interval != self.interval {
                 info!(
@@ -143,7 +163,7 @@ impl Heartbeat {
                 self.interval = interval;
             }
         }
-        if answer.get("rotate_certificate").and_then(Value::as_bool) == Some(true) {
+        if answer.rotate_certificate {
             info!("the control plane asks for a certificate rotation");
             self.rotate.notify_one();
         }

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use certs::{CertInfo, GatewayIdentity};
+use contract::certificate::RotateRequest;
 use reqwest::Method;
-use serde_json::json;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -84,7 +84,9 @@ impl Rotation {
             .call(
                 Method::POST,
                 "/dp/rotate-cert",
-                Some(&json!({"csr_pem": csr.csr_pem})),
+                Some(&RotateRequest {
+                    csr_pem: csr.csr_pem,
+                }),
             )
             .await?;
         let bundle = super::bundle::signed(&answer, csr.key_pem.expose(), &self.identity)?;

@@ -21,10 +21,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use contract::telemetry::{TelemetryAnswer, TelemetryBatch};
 use proxy_core::hooks::{UsageEvent, UsageSink};
 use reqwest::Method;
-use serde::Serialize;
-use serde_json::Value;
 use serde_json::value::RawValue;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -173,7 +172,7 @@ impl UsageQueue {
         self.dirty.notify_one();
     }
 
-    fn push(&self, event: &UsageEvent) -> Result<(), String> {
+    fn push(&self, event: &contract::telemetry::UsageEvent) -> Result<(), String> {
         let bytes = sled::IVec::from(serde_json::to_vec(event).map_err(|e| e.to_string())?);
         {
             let mut inbox = self.inbox();
@@ -365,10 +364,31 @@ impl UsageQueue {
 
 impl UsageSink for UsageQueue {
     fn record(&self, event: UsageEvent) {
+        let event = wire_event(event);
         if let Err(e) = self.push(&event) {
             warn!(error = %e, request_id = %event.request_id, "usage event not queued");
             self.count_dropped(1);
         }
+    }
+}
+
+/// The proxy's usage event as the contract's.
+fn wire_event(e: UsageEvent) -> contract::telemetry::UsageEvent {
+    contract::telemetry::UsageEvent {
+        event_id: e.event_id,
+        request_id: e.request_id,
+        api_key_id: e.api_key_id,
+        model: e.model,
+        provider: e.provider,
+        served_by: e.served_by,
+        prompt_tokens: e.prompt_tokens,
+        completion_tokens: e.completion_tokens,
+        cost_usd: e.cost_usd,
+        status_code: e.status_code,
+        stream: e.stream,
+        latency_ms: e.latency_ms,
+        ttft_ms: e.ttft_ms,
+        timestamp_unix_ms: e.timestamp_unix_ms,
     }
 }
 
@@ -494,16 +514,17 @@ impl UsageSender {
 
     /// Posts events as they are stored: their JSON is copied into the body, not parsed.
     async fn post(&self, events: &[Box<RawValue>]) -> Result<(), CpError> {
-        #[derive(Serialize)]
-        struct Telemetry<'a> {
-            events: &'a [Box<RawValue>],
-        }
+        let batch = TelemetryBatch {
+            events: events.iter().map(AsRef::as_ref).collect::<Vec<&RawValue>>(),
+        };
         let answer = self
             .cp
-            .call(Method::POST, "/dp/telemetry", Some(&Telemetry { events }))
+            .call(Method::POST, "/dp/telemetry", Some(&batch))
             .await?;
-        let duplicates = answer.get("duplicates").and_then(Value::as_u64);
-        if duplicates.is_some_and(|d| d > 0) {
+        let answer: TelemetryAnswer =
+            serde_json::from_value(answer).map_err(|e| CpError::Malformed(e.to_string()))?;
+        let duplicates = answer.duplicates;
+        if duplicates > 0 {
             debug!(
                 duplicates,
                 "usage telemetry: the control plane had some events already"
@@ -547,7 +568,7 @@ mod tests {
             .unwrap()
             .into_iter()
             .map(|(_, raw)| {
-                let event: Value = serde_json::from_str(raw.get()).unwrap();
+                let event: serde_json::Value = serde_json::from_str(raw.get()).unwrap();
                 event["event_id"].as_str().unwrap().to_owned()
             })
             .collect()

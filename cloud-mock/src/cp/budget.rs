@@ -1,6 +1,6 @@
 //! Budget periods and the answers to `GET /dp/budget_check`.
 
-use serde_json::{Value, json};
+use contract::budget::{BudgetAnswer, BudgetReason, BudgetState};
 use time::{Duration as Span, OffsetDateTime, Time};
 
 use super::state::{Budget, FailMode, Period, Settings, Spend};
@@ -41,11 +41,11 @@ pub fn current(spend: Option<&Spend>, period: Period, now: OffsetDateTime) -> Sp
     }
 }
 
-fn mode(m: FailMode) -> &'static str {
+fn mode(m: FailMode) -> contract::budget::FailMode {
     match m {
-        FailMode::Open => "open",
-        FailMode::Closed => "closed",
-        FailMode::Sticky => "sticky",
+        FailMode::Open => contract::budget::FailMode::Open,
+        FailMode::Closed => contract::budget::FailMode::Closed,
+        FailMode::Sticky => contract::budget::FailMode::Sticky,
     }
 }
 
@@ -70,53 +70,52 @@ pub fn answer(
     spend: Option<&Spend>,
     settings: &Settings,
     now: OffsetDateTime,
-) -> Value {
+) -> BudgetAnswer {
     let Some(budget) = budget else {
-        return json!({
-            "allow": true,
-            "fail_mode": mode(settings.default_fail_mode),
-            "ttl_seconds": settings.budget_ttl_seconds,
-        });
+        return BudgetAnswer {
+            allow: true,
+            fail_mode: mode(settings.default_fail_mode),
+            ttl_seconds: Some(settings.budget_ttl_seconds),
+            reason: None,
+            budget: None,
+        };
     };
     let spent = current(spend, budget.period, now).spent_usd;
     let (_, end) = bounds(budget.period, now);
     let reset_seconds = end.map(|e| (e - now).whole_seconds().max(1));
     let allow = spent < budget.limit_usd;
-    let mut answer = json!({
-        "allow": allow,
-        "fail_mode": mode(budget.fail_mode),
-        "ttl_seconds": budget.ttl_seconds.unwrap_or(settings.budget_ttl_seconds),
-        "budget": {
-            "limit_usd": budget.limit_usd,
-            "spent_usd": round_micros(spent),
-            "remaining_usd": round_micros((budget.limit_usd - spent).max(0.0)),
-            "reset_seconds": reset_seconds,
-        },
-    });
-    if !allow {
-        let resets_at = end.and_then(|e| {
+    let reason = (!allow).then(|| BudgetReason {
+        kind: "billing_error".to_owned(),
+        code: "budget_exceeded".to_owned(),
+        message: format!(
+            "Budget exceeded for API key {api_key_id}: spent ${} of ${} ({} budget).",
+            round_micros(spent),
+            budget.limit_usd,
+            period_name(budget.period)
+        ),
+        scope: Some("api_key".to_owned()),
+        scope_ref: Some(api_key_id.to_owned()),
+        limit_usd: Some(budget.limit_usd),
+        spent_usd: Some(round_micros(spent)),
+        period: Some(period_name(budget.period).to_owned()),
+        period_resets_at: end.and_then(|e| {
             e.format(&time::format_description::well_known::Rfc3339)
                 .ok()
-        });
-        answer["reason"] = json!({
-            "type": "billing_error",
-            "code": "budget_exceeded",
-            "message": format!(
-                "Budget exceeded for API key {api_key_id}: spent ${} of ${} ({} budget).",
-                round_micros(spent),
-                budget.limit_usd,
-                period_name(budget.period)
-            ),
-            "scope": "api_key",
-            "scope_ref": api_key_id,
-            "limit_usd": budget.limit_usd,
-            "spent_usd": round_micros(spent),
-            "period": period_name(budget.period),
-            "period_resets_at": resets_at,
-            "retry_after_seconds": reset_seconds,
-        });
+        }),
+        retry_after_seconds: reset_seconds.and_then(|s| u64::try_from(s).ok()),
+    });
+    BudgetAnswer {
+        allow,
+        fail_mode: mode(budget.fail_mode),
+        ttl_seconds: Some(budget.ttl_seconds.unwrap_or(settings.budget_ttl_seconds)),
+        reason,
+        budget: Some(BudgetState {
+            limit_usd: budget.limit_usd,
+            spent_usd: round_micros(spent),
+            remaining_usd: round_micros((budget.limit_usd - spent).max(0.0)),
+            reset_seconds,
+        }),
     }
-    answer
 }
 
 #[cfg(test)]
@@ -186,7 +185,14 @@ mod tests {
             spent_usd: 1.25,
             ..spend
         };
-        let a = answer("k1", Some(&budget), Some(&spend), &Settings::default(), now);
+        let a = serde_json::to_value(answer(
+            "k1",
+            Some(&budget),
+            Some(&spend),
+            &Settings::default(),
+            now,
+        ))
+        .unwrap();
         assert_eq!(a["allow"], false);
         assert_eq!(a["fail_mode"], "closed");
         assert_eq!(a["ttl_seconds"], 5);
@@ -195,7 +201,8 @@ mod tests {
         assert_eq!(a["reason"]["retry_after_seconds"], 3600);
         assert_eq!(a["reason"]["period_resets_at"], "2026-11-22T00:00:00Z");
         assert_eq!(a["budget"]["remaining_usd"], 0.0);
-        let unbudgeted = answer("k2", None, None, &Settings::default(), now);
+        let unbudgeted =
+            serde_json::to_value(answer("k2", None, None, &Settings::default(), now)).unwrap();
         assert_eq!(unbudgeted["allow"], true);
         assert!(unbudgeted.get("reason").is_none());
     }

@@ -14,8 +14,11 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use certs::GatewayIdentity;
 use certs::enrollment::EnrollmentToken;
+use contract::certificate::{IssuedBundle, RegisterRequest, RotateRequest};
+use contract::heartbeat::{Heartbeat, HeartbeatAnswer};
+use contract::telemetry::{TelemetryAnswer, TelemetryBatch, UsageEvent};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::etcd_api::gateway_error;
 use super::state::{Period, StoredEvent, scoped};
@@ -68,16 +71,13 @@ pub async fn heartbeat(
     body: Bytes,
 ) -> Answer {
     injected!(cp, "heartbeat");
-    let beat: Value = parse("heartbeat", &body)?;
-    let instance = beat
-        .get("instance_id")
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| refuse(StatusCode::BAD_REQUEST, "instance_id: missing"))?
-        .to_owned();
-    if let Some(dp) = beat.get("dp_id").and_then(Value::as_str)
-        && dp != peer.dp_id
-    {
+    let beat: Heartbeat = parse("heartbeat", &body)?;
+    if beat.instance_id.is_empty() {
+        return Err(refuse(StatusCode::BAD_REQUEST, "instance_id: missing"));
+    }
+    let instance = beat.instance_id.clone();
+    let dp = &beat.dp_id;
+    if !dp.is_empty() && *dp != peer.dp_id {
         return Err(refuse(
             StatusCode::BAD_REQUEST,
             format!(
@@ -103,15 +103,12 @@ pub async fn heartbeat(
                     });
             entry.last_seen_unix_ms = unix_now_ms();
             entry.heartbeats += 1;
-            entry.last = beat;
-            let mut answer = json!({
-                "server_time_unix": unix_now(),
-                "rotate_certificate": gateway.rotate_requested,
-            });
-            if let Some(interval) = r.settings.heartbeat_interval_secs {
-                answer["heartbeat_interval_secs"] = json!(interval);
-            }
-            Some(answer)
+            entry.last = serde_json::to_value(&beat).unwrap_or_default();
+            Some(HeartbeatAnswer {
+                server_time_unix: unix_now(),
+                heartbeat_interval_secs: r.settings.heartbeat_interval_secs,
+                rotate_certificate: gateway.rotate_requested,
+            })
         })
         .ok_or_else(|| {
             refuse(
@@ -152,39 +149,25 @@ pub async fn budget_check(
     Ok(axum::Json(answer).into_response())
 }
 
-#[derive(Deserialize)]
-struct Telemetry {
-    events: Vec<Value>,
-}
-
-/// Checks one usage event; `(event_id, api_key_id, cost_usd)`.
+/// Checks one usage event against the contract; `(event_id, api_key_id, cost_usd)`.
 fn usage_fields(i: usize, event: &Value) -> Result<(String, String, f64), DpError> {
-    let text = |field: &str| {
-        event
+    let bad = |message: String| refuse(StatusCode::BAD_REQUEST, format!("events[{i}]{message}"));
+    // The two fields the control plane keys on are named when missing.
+    for field in ["event_id", "api_key_id"] {
+        if event
             .get(field)
             .and_then(Value::as_str)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .ok_or_else(|| {
-                refuse(
-                    StatusCode::BAD_REQUEST,
-                    format!("events[{i}].{field}: missing or not a string"),
-                )
-            })
-    };
-    let cost = match event.get("cost_usd") {
-        None | Some(Value::Null) => 0.0,
-        Some(v) => v
-            .as_f64()
-            .filter(|c| c.is_finite() && *c >= 0.0)
-            .ok_or_else(|| {
-                refuse(
-                    StatusCode::BAD_REQUEST,
-                    format!("events[{i}].cost_usd: not a non-negative number"),
-                )
-            })?,
-    };
-    Ok((text("event_id")?, text("api_key_id")?, cost))
+            .is_none_or(str::is_empty)
+        {
+            return Err(bad(format!(".{field}: missing or not a string")));
+        }
+    }
+    let event: UsageEvent =
+        serde_json::from_value(event.clone()).map_err(|e| bad(format!(": {e}")))?;
+    if !event.cost_usd.is_finite() || event.cost_usd < 0.0 {
+        return Err(bad(".cost_usd: not a non-negative number".to_owned()));
+    }
+    Ok((event.event_id, event.api_key_id, event.cost_usd))
 }
 
 pub async fn telemetry(
@@ -193,7 +176,7 @@ pub async fn telemetry(
     body: Bytes,
 ) -> Answer {
     injected!(cp, "telemetry");
-    let batch: Telemetry = parse("telemetry", &body)?;
+    let batch: TelemetryBatch<Value> = parse("telemetry", &body)?;
     let checked = batch
         .events
         .iter()
@@ -207,7 +190,11 @@ pub async fn telemetry(
         tokio::task::spawn_blocking(move || record_usage(&cp, &peer, events))
             .await
             .map_err(|e| internal(&e.into()))??;
-    Ok(axum::Json(json!({"accepted": accepted, "duplicates": duplicates})).into_response())
+    Ok(axum::Json(TelemetryAnswer {
+        accepted,
+        duplicates,
+    })
+    .into_response())
 }
 
 /// Stores the events not seen before and adds their cost to the keys' spend; returns
@@ -256,21 +243,16 @@ fn record_usage(
     Ok((accepted, duplicates))
 }
 
-#[derive(Deserialize)]
-struct CsrRequest {
-    csr_pem: String,
-}
-
 fn bundle_answer(cp: &ControlPlane, certificate_pem: String) -> Answer {
     let not_after = certs::inspect_pem("certificate", &certificate_pem)
         .ok()
         .and_then(|i| i.into_iter().next())
         .map(|i| i.not_after.unix_timestamp());
-    Ok(axum::Json(json!({
-        "certificate_pem": certificate_pem,
-        "ca_pem": cp.trusted_ca_pem(),
-        "not_after_unix": not_after,
-    }))
+    Ok(axum::Json(IssuedBundle {
+        certificate_pem,
+        ca_pem: cp.trusted_ca_pem(),
+        not_after_unix: not_after,
+    })
     .into_response())
 }
 
@@ -280,7 +262,7 @@ pub async fn rotate_cert(
     body: Bytes,
 ) -> Answer {
     injected!(cp, "rotate_cert");
-    let request: CsrRequest = parse("rotate-cert", &body)?;
+    let request: RotateRequest = parse("rotate-cert", &body)?;
     let validity = cp
         .registry()
         .gateways
@@ -296,12 +278,6 @@ pub async fn rotate_cert(
         )
         .map_err(|e| refuse(StatusCode::BAD_REQUEST, format!("csr_pem: {e}")))?;
     bundle_answer(&cp, certificate)
-}
-
-#[derive(Deserialize)]
-struct RegisterRequest {
-    token: String,
-    csr_pem: String,
 }
 
 fn token_refused(message: impl Into<String>) -> DpError {

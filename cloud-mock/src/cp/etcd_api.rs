@@ -12,11 +12,11 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as B64;
 use certs::GatewayIdentity;
-use serde::{Deserialize, Deserializer};
-use serde_json::{Value, json};
+use contract::etcd::{
+    self, Event, GatewayError, Header, KeyValue, RangeRequest, RangeResponse, WatchCreate,
+    WatchRequest, WatchResponse, WatchResult,
+};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
@@ -30,60 +30,12 @@ pub fn env_prefix(env: &str) -> String {
 
 /// The end of the key range holding exactly the keys that start with `prefix`.
 pub fn prefix_end(prefix: &str) -> String {
-    let mut bytes = prefix.as_bytes().to_vec();
-    while let Some(last) = bytes.pop() {
-        if last < 0x7f {
-            bytes.push(last + 1);
-            return String::from_utf8(bytes).unwrap_or_default();
-        }
-    }
-    String::new()
-}
-
-fn int<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Int {
-        N(i64),
-        S(String),
-    }
-    match Option::<Int>::deserialize(d)? {
-        None => Ok(0),
-        Some(Int::N(n)) => Ok(n),
-        Some(Int::S(s)) => s.parse().map_err(serde::de::Error::custom),
-    }
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct RangeRequest {
-    key: String,
-    range_end: String,
-    #[serde(deserialize_with = "int")]
-    revision: i64,
-    #[serde(deserialize_with = "int")]
-    limit: i64,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct WatchCreate {
-    key: String,
-    range_end: String,
-    #[serde(deserialize_with = "int")]
-    start_revision: i64,
-    progress_notify: bool,
-}
-
-#[derive(Debug, Deserialize)]
-struct WatchRequest {
-    create_request: WatchCreate,
+    String::from_utf8_lossy(&etcd::prefix_end(prefix.as_bytes())).into_owned()
 }
 
 /// An error in the gateway's JSON error shape.
 pub fn gateway_error(status: StatusCode, grpc_code: u16, message: &str) -> Response {
-    let body = json!({"error": message, "message": message, "code": grpc_code});
-    (status, axum::Json(body)).into_response()
+    (status, axum::Json(GatewayError::new(grpc_code, message))).into_response()
 }
 
 /// Why a request is refused before it reaches the store.
@@ -112,9 +64,7 @@ fn bad_request(message: &str) -> Response {
 }
 
 fn decode(field: &str, b64: &str) -> Result<String, Refusal> {
-    let bytes = B64
-        .decode(b64)
-        .map_err(|_| Refusal::BadRequest(format!("{field} is not base64")))?;
+    let bytes = etcd::decode(field, b64).map_err(Refusal::BadRequest)?;
     String::from_utf8(bytes).map_err(|_| Refusal::BadRequest(format!("{field} is not UTF-8")))
 }
 
@@ -140,18 +90,14 @@ fn confine(env: &str, key: &str, range_end: &str) -> Result<(String, Option<Stri
     }
 }
 
-fn kv_json(key: &str, e: &Entry) -> Value {
-    json!({
-        "key": B64.encode(key),
-        "value": B64.encode(&e.value),
-        "create_revision": e.create_revision.to_string(),
-        "mod_revision": e.mod_revision.to_string(),
-        "version": e.version.to_string(),
-    })
-}
-
-fn header(revision: i64) -> Value {
-    json!({"cluster_id": "1", "member_id": "1", "revision": revision.to_string(), "raft_term": "1"})
+fn key_value(key: &str, e: &Entry) -> KeyValue {
+    KeyValue {
+        key: etcd::encode(key),
+        value: etcd::encode(&e.value),
+        create_revision: e.create_revision,
+        mod_revision: e.mod_revision,
+        version: e.version,
+    }
 }
 
 fn kv_error(e: &KvError) -> Response {
@@ -180,28 +126,34 @@ pub async fn range(
             let count = entries.len();
             let limit = usize::try_from(request.limit).unwrap_or(0);
             let more = limit > 0 && count > limit;
-            let kvs: Vec<Value> = entries
+            let kvs = entries
                 .iter()
                 .take(if limit > 0 { limit } else { count })
-                .map(|(k, e)| kv_json(k, e))
+                .map(|(k, e)| key_value(k, e))
                 .collect();
-            let mut body = json!({"header": header(revision), "count": count.to_string()});
-            if !kvs.is_empty() {
-                body["kvs"] = Value::Array(kvs);
-            }
-            if more {
-                body["more"] = json!(true);
-            }
-            axum::Json(body).into_response()
+            axum::Json(RangeResponse {
+                header: Header::at(revision),
+                kvs,
+                more,
+                count: i64::try_from(count).unwrap_or(i64::MAX),
+            })
+            .into_response()
         }
         Err(e) => kv_error(&e),
     }
 }
 
-fn line(message: &Value) -> Bytes {
-    let mut text = message.to_string();
-    text.push('\n');
+fn line(message: &WatchResponse) -> Bytes {
+    let mut text = serde_json::to_vec(message).unwrap_or_default();
+    text.push(b'\n');
     Bytes::from(text)
+}
+
+fn result(result: WatchResult) -> WatchResponse {
+    WatchResponse {
+        result: Some(result),
+        error: None,
+    }
 }
 
 pub async fn watch(
@@ -247,7 +199,7 @@ async fn stream_watch(
         Some(end) => key >= start.as_str() && key < end.as_str(),
         None => key == start,
     };
-    let send = |message: Value| {
+    let send = |message: WatchResponse| {
         let tx = tx.clone();
         async move { tx.send(Ok(line(&message))).await.is_ok() }
     };
@@ -258,23 +210,35 @@ async fn stream_watch(
         Ok(w) => w.revision,
         Err(_) => cp.kv.revision(),
     };
-    if !send(json!({"result": {"header": header(start_revision), "created": true}})).await {
+    let created = WatchResult {
+        header: Header::at(start_revision),
+        created: true,
+        ..WatchResult::default()
+    };
+    if !send(result(created)).await {
         return;
     }
     let mut watch = match watch {
         Ok(w) => w,
         Err(KvError::Compacted { compact_revision }) => {
-            let message = json!({"result": {
-                "header": header(start_revision),
-                "canceled": true,
-                "compact_revision": compact_revision.to_string(),
-                "cancel_reason": "mvcc: required revision has been compacted",
-            }});
-            send(message).await;
+            send(result(WatchResult {
+                header: Header::at(start_revision),
+                canceled: true,
+                compact_revision,
+                cancel_reason: "mvcc: required revision has been compacted".to_owned(),
+                ..WatchResult::default()
+            }))
+            .await;
             return;
         }
         Err(e) => {
-            send(json!({"result": {"header": header(start_revision), "canceled": true, "cancel_reason": e.to_string()}})).await;
+            send(result(WatchResult {
+                header: Header::at(start_revision),
+                canceled: true,
+                cancel_reason: e.to_string(),
+                ..WatchResult::default()
+            }))
+            .await;
             return;
         }
     };
@@ -313,7 +277,11 @@ async fn stream_watch(
             },
             _ = ticker.tick() => {
                 if create.progress_notify && !sent_since_tick && !cp.faults.stalled()
-                    && !send(json!({"result": {"header": header(seen)}})).await
+                    && !send(result(WatchResult {
+                        header: Header::at(seen),
+                        ..WatchResult::default()
+                    }))
+                    .await
                 {
                     return;
                 }
@@ -323,18 +291,19 @@ async fn stream_watch(
     }
 }
 
-fn events_message(changes: &[Arc<Change>], revision: i64) -> Value {
-    let events: Vec<Value> = changes
+fn events_message(changes: &[Arc<Change>], revision: i64) -> WatchResponse {
+    let events = changes
         .iter()
         .map(|c| match &c.entry {
-            Some(e) => json!({"kv": kv_json(&c.key, e)}),
-            None => json!({"type": "DELETE", "kv": {
-                "key": B64.encode(&c.key),
-                "mod_revision": c.revision.to_string(),
-            }}),
+            Some(e) => Event::put(key_value(&c.key, e)),
+            None => Event::delete(c.key.as_bytes(), c.revision),
         })
         .collect();
-    json!({"result": {"header": header(revision), "events": events}})
+    result(WatchResult {
+        header: Header::at(revision),
+        events,
+        ..WatchResult::default()
+    })
 }
 
 /// How often progress notifications go out on a quiet watch.
@@ -346,7 +315,7 @@ mod tests {
 
     #[test]
     fn confinement() {
-        let b = |s: &str| B64.encode(s);
+        let b = |s: &str| etcd::encode(s);
         assert!(confine("e1", &b("/aisix/e1/"), &b("/aisix/e10")).is_ok());
         assert!(confine("e1", &b("/aisix/e1/models/x"), "").is_ok());
         assert!(confine("e1", &b("/aisix/e2/"), &b("/aisix/e20")).is_err());

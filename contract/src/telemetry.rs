@@ -1,0 +1,52 @@
+//! `POST /dp/telemetry`: usage events in batches, idempotent by `event_id`.
+
+use serde::{Deserialize, Serialize};
+
+/// One batch. The agent sends events as it stored them (`E` = raw JSON); the control
+/// plane reads each one as a [`UsageEvent`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TelemetryBatch<E> {
+    pub events: Vec<E>,
+}
+
+/// The usage of one request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageEvent {
+    /// Unique per request, so replays are idempotent.
+    pub event_id: String,
+    #[serde(default)]
+    pub request_id: String,
+    /// The caller key's resource id (never the key).
+    pub api_key_id: String,
+    /// The alias the caller asked for.
+    #[serde(default)]
+    pub model: String,
+    /// The provider of the model that served (or last failed) the request.
+    #[serde(default)]
+    pub provider: String,
+    /// The direct model that served (or last failed) the request.
+    #[serde(default)]
+    pub served_by: String,
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+    #[serde(default)]
+    pub cost_usd: f64,
+    #[serde(default)]
+    pub status_code: u16,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub latency_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttft_ms: Option<u64>,
+    #[serde(default)]
+    pub timestamp_unix_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TelemetryAnswer {
+    pub accepted: usize,
+    pub duplicates: usize,
+}
