@@ -70,7 +70,7 @@ pub struct TokenLabels {
 pub struct FailureLabels {
     /// The direct model that was called.
     pub model: Name,
-    /// See [`ProxyError::failure_kind`](crate::failure::ProxyError::failure_kind).
+    /// The kind comes from the failure's [`Class::metric_kind`](crate::failure::Class::metric_kind).
     pub kind: &'static str,
 }
 

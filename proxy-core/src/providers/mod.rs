@@ -2,7 +2,7 @@
 //!
 //! A [`Provider`] knows one upstream protocol family: which endpoints it serves (the
 //! rest answer 501 `not_implemented`), how a caller's request becomes its request
-//! (path, body, headers) and how its answer comes back (a [`Conversion`] of whole
+//! (path, body, headers) and how its answer comes back (a `Conversion` of whole
 //! answers and stream events), how its credential is sent, and how its error bodies
 //! read. A native pair (OpenAI caller to an OpenAI-compatible provider, Anthropic to
 //! Anthropic) is a byte-preserving fast path: only `model` is rewritten.
