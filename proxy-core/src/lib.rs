@@ -10,7 +10,8 @@
 //! - `secret`, `resources`, `snapshot`: the resource model and the immutable snapshot.
 //! - `hooks`: the two hooks a deployment plugs in (budget decisions, usage events).
 //! - `failure`: the one proxy error type, classified once, and its envelopes.
-//! - `formats`: endpoints, request bodies, SSE, forms, tokens, format translation.
+//! - `formats`: endpoints, request bodies, SSE, forms, tokens, the chat codecs and their
+//!   canonical form.
 //! - `policy`: guardrails, rate limits, model health.
 //! - `observe`: the request record, metrics and usage accounting.
 //! - `providers`: the provider adapters and the upstream client.

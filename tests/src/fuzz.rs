@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use proxy_core::formats::chat;
 use proxy_core::resources::{Kind, Resource, ResourceKey};
 
 /// A fuzz target's body.
@@ -43,7 +44,12 @@ pub fn resource_json(data: &[u8]) {
 /// body; an accepted translation is JSON.
 pub fn chat_request(data: &[u8]) {
     let _ = proxy_core::formats::body::RequestBody::parse(data);
-    if let Ok(out) = proxy_core::formats::translate::chat_to_messages(data, "upstream-model") {
+    if let Ok(out) = chat::translate_request(
+        data,
+        &chat::OpenAiChat,
+        &chat::AnthropicMessages,
+        "upstream-model",
+    ) {
         assert!(
             serde_json::from_slice::<serde_json::Value>(&out).is_ok(),
             "chat_to_messages produced invalid JSON"
@@ -54,7 +60,12 @@ pub fn chat_request(data: &[u8]) {
 /// A messages body: parsed, then translated to a chat-completions body.
 pub fn messages_request(data: &[u8]) {
     let _ = proxy_core::formats::body::RequestBody::parse(data);
-    if let Ok(out) = proxy_core::formats::translate::messages_to_chat(data, "upstream-model") {
+    if let Ok(out) = chat::translate_request(
+        data,
+        &chat::AnthropicMessages,
+        &chat::OpenAiChat,
+        "upstream-model",
+    ) {
         assert!(
             serde_json::from_slice::<serde_json::Value>(&out).is_ok(),
             "messages_to_chat produced invalid JSON"
@@ -73,10 +84,10 @@ pub fn sse_stream(data: &[u8]) {
     let _ = proxy_core::formats::sse::without_usage_chunk(bytes::Bytes::copy_from_slice(run));
     let at = usize::from(cut).min(run.len());
     let (first, second) = run.split_at(at);
-    let mut to_openai = proxy_core::formats::translate::AnthropicToOpenAi::new();
+    let mut to_openai = chat::StreamTranslator::new(&chat::AnthropicMessages, &chat::OpenAiChat);
     let _ = to_openai.translate(first);
     let _ = to_openai.translate(second);
-    let mut to_anthropic = proxy_core::formats::translate::OpenAiToAnthropic::new();
+    let mut to_anthropic = chat::StreamTranslator::new(&chat::OpenAiChat, &chat::AnthropicMessages);
     let _ = to_anthropic.translate(first);
     let _ = to_anthropic.translate(second);
 }

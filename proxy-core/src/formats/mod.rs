@@ -1,6 +1,6 @@
 //! What callers and providers speak: the model-routed endpoints, request bodies read
-//! without re-serialising them, server-sent events, forms, token counts, and the
-//! translation between the OpenAI and Anthropic formats.
+//! without re-serialising them, server-sent events, forms, token counts, and the chat
+//! formats with the translation between them.
 //!
 //! Layout:
 //! - `endpoint`: the model-routed endpoints, their paths and envelopes.
@@ -8,11 +8,12 @@
 //! - `sse`: server-sent events re-chunked on event boundaries for filters.
 //! - `multipart`: form bodies (audio, images) read and sent on with `model` replaced.
 //! - `tokens`: token counts read from answers and stream events.
-//! - `translate`: OpenAI chat completions <-> Anthropic messages, both ways.
+//! - `chat`: the chat formats (OpenAI chat completions, Anthropic messages) and the
+//!   translation between them through one canonical form.
 
 pub mod body;
+pub mod chat;
 pub mod endpoint;
 pub mod multipart;
 pub mod sse;
 pub mod tokens;
-pub mod translate;

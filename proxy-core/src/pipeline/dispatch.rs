@@ -12,7 +12,7 @@ use super::admit::Admitted;
 use super::routing::Next;
 use super::state::{Call, Inner};
 use crate::failure::ProxyError;
-use crate::formats::translate::Conversion;
+use crate::formats::chat::Conversion;
 use crate::providers::client::{Answer, Target};
 use crate::providers::{self, CallerRequest};
 use crate::resources::{Model, ModelTarget};

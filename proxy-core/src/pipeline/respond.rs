@@ -19,9 +19,9 @@ use super::dispatch::{Dispatched, Undispatched};
 use super::state::{CACHE_STATUS, Call, Inner, SERVED_BY};
 use crate::failure::{Envelope, ProxyError};
 use crate::formats::body::RequestBody;
+use crate::formats::chat::Conversion;
 use crate::formats::sse::{self, Filtered};
 use crate::formats::tokens::Tokens;
-use crate::formats::translate::Conversion;
 use crate::hooks::UsageEvent;
 use crate::observe::record::Record;
 use crate::observe::usage::{Pending, unix_now_ms};
@@ -69,9 +69,7 @@ pub(super) async fn respond(
     let mut response = if request.stream {
         let strip_usage = call.endpoint.asks_stream_usage() && !request.include_usage();
         let body = stream_body(answer.body, conversion, usage, output, strip_usage, call);
-        let content_type = answer
-            .content_type
-            .filter(|_| conversion == Conversion::None);
+        let content_type = answer.content_type.filter(|_| conversion.is_none());
         build(answer.status, content_type, body, &served_by.name, true)
     } else {
         let whole = Whole {
@@ -130,9 +128,7 @@ async fn whole_answer(
     if let Err(e) = guardrails::check_answer(output, &bytes, request_id) {
         return e.into_response_in(envelope);
     }
-    let content_type = whole
-        .content_type
-        .filter(|_| whole.conversion == Conversion::None);
+    let content_type = whole.content_type.filter(|_| whole.conversion.is_none());
     if let Some(slot) = cache {
         slot.put(
             whole.status,

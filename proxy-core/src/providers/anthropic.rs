@@ -7,8 +7,8 @@ use serde_json::Value;
 
 use super::provider::{CallerRequest, Outgoing, Payload, Prepared, Provider};
 use crate::failure::{ProxyError, UpstreamErrorFields};
+use crate::formats::chat::{self, AnthropicMessages, Conversion, OpenAiChat};
 use crate::formats::endpoint::{Endpoint, MESSAGES};
-use crate::formats::translate::{self, Conversion};
 use crate::resources::ProviderKey;
 
 /// The Anthropic API version sent when the caller did not choose one.
@@ -40,8 +40,16 @@ impl Provider for Anthropic {
         let (path, payload, conversion, headers) = match request.endpoint {
             Endpoint::ChatCompletions => (
                 MESSAGES,
-                json(translate::chat_to_messages(request.raw, upstream_model)?),
-                Conversion::AnthropicToOpenAi,
+                json(chat::translate_request(
+                    request.raw,
+                    &OpenAiChat,
+                    &AnthropicMessages,
+                    upstream_model,
+                )?),
+                Conversion::Translate {
+                    upstream: &AnthropicMessages,
+                    caller: &OpenAiChat,
+                },
                 headers(None),
             ),
             endpoint @ (Endpoint::Messages | Endpoint::CountTokens) => (

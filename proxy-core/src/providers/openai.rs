@@ -8,8 +8,8 @@ use serde::Deserialize;
 
 use super::provider::{CallerRequest, Outgoing, Payload, Prepared, Provider};
 use crate::failure::{ProxyError, UpstreamErrorFields};
+use crate::formats::chat::{self, AnthropicMessages, Conversion, OpenAiChat};
 use crate::formats::endpoint::{CHAT, Endpoint};
-use crate::formats::translate::{self, Conversion};
 use crate::resources::ProviderKey;
 
 pub struct OpenAiCompatible;
@@ -38,8 +38,16 @@ impl Provider for OpenAiCompatible {
             ),
             Endpoint::Messages => (
                 CHAT,
-                json(translate::messages_to_chat(request.raw, upstream_model)?),
-                Conversion::OpenAiToAnthropic,
+                json(chat::translate_request(
+                    request.raw,
+                    &AnthropicMessages,
+                    &OpenAiChat,
+                    upstream_model,
+                )?),
+                Conversion::Translate {
+                    upstream: &OpenAiChat,
+                    caller: &AnthropicMessages,
+                },
             ),
             Endpoint::Forward(path) => {
                 let payload = match request.form {

@@ -6,9 +6,9 @@ use bytes::Bytes;
 
 use crate::failure::{ProxyError, UpstreamErrorFields};
 use crate::formats::body::RequestBody;
+use crate::formats::chat::Conversion;
 use crate::formats::endpoint::Endpoint;
 use crate::formats::multipart::Form;
-use crate::formats::translate::Conversion;
 use crate::resources::ProviderKey;
 
 /// What the caller sent, as read: what an adapter builds its request from.

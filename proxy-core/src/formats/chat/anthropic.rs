@@ -1,0 +1,427 @@
+//! Anthropic messages <-> the canonical form: requests and whole answers (streams are
+//! in `anthropic_stream.rs`).
+
+use serde_json::{Map, Value, json};
+
+use super::canonical::{
+    Answer, Block, ImageSource, Request, Role, Stop, Text, Tool, ToolChoice, Turn, Usage,
+};
+use super::wire::{
+    Result, count, number, parse_object, plain_text, refuse, str_of, strings, take, to_bytes,
+    u64_of, unreadable,
+};
+use super::{CallerCodec, UpstreamCodec};
+
+/// Used for `max_tokens` when the caller set none: Anthropic requires one.
+pub const DEFAULT_MAX_TOKENS: u64 = 4096;
+
+pub struct AnthropicMessages;
+
+impl CallerCodec for AnthropicMessages {
+    fn read_request(&self, body: &[u8]) -> Result<Request> {
+        let mut body = parse_object(body)?;
+        let mut request = Request {
+            choices: 1,
+            system: read_system(take(&mut body, "system")),
+            max_tokens: count(take(&mut body, "max_tokens"), "max_tokens")?,
+            temperature: number(take(&mut body, "temperature"), "temperature")?,
+            top_p: number(take(&mut body, "top_p"), "top_p")?,
+            stream: body.get("stream").and_then(Value::as_bool) == Some(true),
+            user: body
+                .get("metadata")
+                .and_then(|m| m.get("user_id"))
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            ..Request::default()
+        };
+        if let Some(Value::Array(stop)) = body.remove("stop_sequences") {
+            request.stop = strings(&stop);
+        }
+        let Some(Value::Array(turns)) = body.remove("messages") else {
+            return Err(refuse("'messages' must be an array", "messages"));
+        };
+        request.turns = turns.iter().map(read_turn).collect::<Result<_>>()?;
+        if let Some(Value::Array(tools)) = body.remove("tools") {
+            request.tools = Some(tools.iter().map(read_tool).collect::<Result<_>>()?);
+        }
+        if let Some(choice) = body.remove("tool_choice").filter(Value::is_object) {
+            request.tool_choice = Some(match str_of(&choice, "type") {
+                "any" => ToolChoice::Any,
+                "none" => ToolChoice::None,
+                "tool" => ToolChoice::Named(str_of(&choice, "name").to_owned()),
+                _ => ToolChoice::Auto,
+            });
+            if choice
+                .get("disable_parallel_tool_use")
+                .and_then(Value::as_bool)
+                == Some(true)
+            {
+                request.parallel_tool_calls = Some(false);
+            }
+        }
+        Ok(request)
+    }
+
+    fn write_answer(&self, answer: &Answer) -> Vec<u8> {
+        let content: Vec<Value> = answer
+            .content
+            .iter()
+            .filter(|b| !matches!(b, Block::Text(t) if t.text.is_empty()))
+            .filter_map(write_block)
+            .collect();
+        to_bytes(&json!({
+            "id": answer.id,
+            "type": "message",
+            "role": "assistant",
+            "model": answer.model,
+            "content": content,
+            "stop_reason": stop_reason(answer.stop.unwrap_or(Stop::EndTurn)),
+            "stop_sequence": null,
+            "usage": write_usage(&answer.usage),
+        }))
+    }
+
+    fn stream_encoder(&self) -> Box<dyn super::StreamEncoder> {
+        Box::new(super::anthropic_stream::Encoder::default())
+    }
+}
+
+impl UpstreamCodec for AnthropicMessages {
+    fn write_request(&self, request: &Request, model: &str) -> Result<Vec<u8>> {
+        if request.choices > 1 {
+            return Err(refuse(
+                "'n' greater than 1 is not supported by this model's provider",
+                "n",
+            ));
+        }
+        let mut out = Map::new();
+        out.insert("model".into(), model.into());
+        if !request.system.is_empty() {
+            out.insert("system".into(), write_system(&request.system));
+        }
+        out.insert("messages".into(), Value::Array(write_turns(&request.turns)));
+        out.insert(
+            "max_tokens".into(),
+            request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS).into(),
+        );
+        if let Some(t) = &request.temperature {
+            out.insert("temperature".into(), t.clone().into());
+        }
+        if let Some(p) = &request.top_p {
+            out.insert("top_p".into(), p.clone().into());
+        }
+        if request.stream {
+            out.insert("stream".into(), true.into());
+        }
+        if !request.stop.is_empty() {
+            out.insert("stop_sequences".into(), request.stop.clone().into());
+        }
+        if let Some(tools) = &request.tools {
+            out.insert("tools".into(), tools.iter().map(write_tool).collect());
+        }
+        if let Some(choice) = write_tool_choice(request) {
+            out.insert("tool_choice".into(), choice);
+        }
+        if let Some(user) = &request.user {
+            out.insert("metadata".into(), json!({"user_id": user}));
+        }
+        Ok(to_bytes(&Value::Object(out)))
+    }
+
+    fn read_answer(&self, body: &[u8]) -> Result<Answer> {
+        let message: Value = serde_json::from_slice(body).map_err(|_| unreadable("Anthropic"))?;
+        let content = message
+            .get("content")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|block| match block.get("type").and_then(Value::as_str) {
+                Some("text") => Some(Block::Text(Text::plain(str_of(block, "text")))),
+                Some("tool_use") => Some(read_tool_use(block)),
+                _ => None,
+            })
+            .collect();
+        Ok(Answer {
+            id: str_of(&message, "id").to_owned(),
+            model: str_of(&message, "model").to_owned(),
+            content,
+            stop: message
+                .get("stop_reason")
+                .and_then(Value::as_str)
+                .map(stop_of),
+            usage: read_usage(message.get("usage").unwrap_or(&Value::Null)),
+        })
+    }
+
+    fn stream_decoder(&self) -> Box<dyn super::StreamDecoder> {
+        Box::new(super::anthropic_stream::Decoder::default())
+    }
+}
+
+/// `system` as a string or as text blocks (each keeps its cache marker).
+fn read_system(system: Option<Value>) -> Vec<Text> {
+    match system {
+        Some(Value::String(s)) => vec![Text::plain(s)],
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| {
+                Some(Text {
+                    text: p.get("text")?.as_str()?.to_owned(),
+                    cache_control: p.get("cache_control").cloned(),
+                })
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The system prompt as one string, or as blocks when a part carries a cache marker
+/// (the marker must stay on the part it was set on).
+fn write_system(system: &[Text]) -> Value {
+    if system.iter().all(|t| t.cache_control.is_none()) {
+        let texts: Vec<&str> = system.iter().map(|t| t.text.as_str()).collect();
+        return texts.join("\n\n").into();
+    }
+    system
+        .iter()
+        .map(|t| text_block(&t.text, t.cache_control.as_ref()))
+        .collect()
+}
+
+fn read_turn(turn: &Value) -> Result<Turn> {
+    let role = match turn.get("role").and_then(Value::as_str) {
+        Some("user") => Role::User,
+        Some("assistant") => Role::Assistant,
+        _ => {
+            return Err(refuse(
+                "each message needs a role of 'user' or 'assistant'",
+                "messages",
+            ));
+        }
+    };
+    let content = match turn.get("content") {
+        Some(Value::String(s)) => vec![Block::Text(Text::plain(s.as_str()))],
+        Some(Value::Array(blocks)) => {
+            let mut content = Vec::with_capacity(blocks.len());
+            for block in blocks {
+                content.extend(read_block(block)?);
+            }
+            content
+        }
+        _ => return Err(refuse("message 'content' is not valid", "messages")),
+    };
+    Ok(Turn { role, content })
+}
+
+/// One content block; reasoning of earlier turns is dropped (the other formats have
+/// no form for it and the answer stands without it).
+fn read_block(block: &Value) -> Result<Option<Block>> {
+    let cache_control = block.get("cache_control").cloned();
+    Ok(Some(match block.get("type").and_then(Value::as_str) {
+        Some("text") => Block::Text(Text {
+            text: str_of(block, "text").to_owned(),
+            cache_control,
+        }),
+        Some("image") => {
+            let source = block.get("source").unwrap_or(&Value::Null);
+            let source = match str_of(source, "type") {
+                "base64" => ImageSource::Base64 {
+                    media_type: str_of(source, "media_type").to_owned(),
+                    data: str_of(source, "data").to_owned(),
+                },
+                _ => ImageSource::Url(str_of(source, "url").to_owned()),
+            };
+            Block::Image {
+                source,
+                cache_control,
+            }
+        }
+        Some("tool_use") => read_tool_use(block),
+        Some("tool_result") => Block::ToolResult {
+            call_id: str_of(block, "tool_use_id").to_owned(),
+            content: block.get("content").map(plain_text).unwrap_or_default(),
+            cache_control,
+        },
+        Some("thinking" | "redacted_thinking") => return Ok(None),
+        other => {
+            return Err(refuse(
+                format!(
+                    "content block type '{}' is not supported by this model's provider",
+                    other.unwrap_or("")
+                ),
+                "messages",
+            ));
+        }
+    }))
+}
+
+fn read_tool_use(block: &Value) -> Block {
+    Block::ToolCall {
+        id: str_of(block, "id").to_owned(),
+        name: str_of(block, "name").to_owned(),
+        input: block.get("input").cloned().unwrap_or_else(|| json!({})),
+    }
+}
+
+fn read_tool(tool: &Value) -> Result<Tool> {
+    if let Some(kind) = tool.get("type").and_then(Value::as_str)
+        && kind != "custom"
+    {
+        return Err(refuse(
+            format!("tool type '{kind}' is not supported by this model's provider"),
+            "tools",
+        ));
+    }
+    Ok(Tool {
+        name: str_of(tool, "name").to_owned(),
+        description: tool
+            .get("description")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        schema: tool
+            .get("input_schema")
+            .cloned()
+            .unwrap_or_else(|| json!({"type": "object"})),
+        cache_control: tool.get("cache_control").cloned(),
+    })
+}
+
+/// Turns as Anthropic wants them: alternating roles (consecutive turns of one role
+/// merged), none empty.
+fn write_turns(turns: &[Turn]) -> Vec<Value> {
+    let mut out: Vec<Value> = Vec::new();
+    for turn in turns {
+        let blocks: Vec<Value> = turn.content.iter().filter_map(write_block).collect();
+        if blocks.is_empty() {
+            continue;
+        }
+        let role = match turn.role {
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        };
+        match out.last_mut() {
+            Some(last) if last["role"] == role => {
+                if let Some(existing) = last["content"].as_array_mut() {
+                    existing.extend(blocks);
+                }
+            }
+            _ => out.push(json!({"role": role, "content": blocks})),
+        }
+    }
+    out
+}
+
+fn text_block(text: &str, cache_control: Option<&Value>) -> Value {
+    let mut block = json!({"type": "text", "text": text});
+    if let Some(marker) = cache_control {
+        block["cache_control"] = marker.clone();
+    }
+    block
+}
+
+fn write_block(block: &Block) -> Option<Value> {
+    let (mut out, cache_control) = match block {
+        Block::Text(t) => return Some(text_block(&t.text, t.cache_control.as_ref())),
+        Block::Image {
+            source,
+            cache_control,
+        } => {
+            let source = match source {
+                ImageSource::Base64 { media_type, data } => {
+                    json!({"type": "base64", "media_type": media_type, "data": data})
+                }
+                ImageSource::Url(url) => json!({"type": "url", "url": url}),
+            };
+            (json!({"type": "image", "source": source}), cache_control)
+        }
+        Block::ToolCall { id, name, input } => {
+            return Some(json!({"type": "tool_use", "id": id, "name": name, "input": input}));
+        }
+        Block::ToolResult {
+            call_id,
+            content,
+            cache_control,
+        } => (
+            json!({"type": "tool_result", "tool_use_id": call_id, "content": content}),
+            cache_control,
+        ),
+    };
+    if let Some(marker) = cache_control {
+        out["cache_control"] = marker.clone();
+    }
+    Some(out)
+}
+
+fn write_tool(tool: &Tool) -> Value {
+    let mut out = json!({"name": tool.name, "input_schema": tool.schema});
+    if let Some(d) = &tool.description {
+        out["description"] = d.as_str().into();
+    }
+    if let Some(marker) = &tool.cache_control {
+        out["cache_control"] = marker.clone();
+    }
+    out
+}
+
+/// `tool_choice`, carrying "one tool call at most" (Anthropic has no separate field).
+fn write_tool_choice(request: &Request) -> Option<Value> {
+    let single = request.parallel_tool_calls == Some(false);
+    let mut choice = match &request.tool_choice {
+        Some(ToolChoice::None) => return Some(json!({"type": "none"})),
+        Some(ToolChoice::Any) => json!({"type": "any"}),
+        Some(ToolChoice::Auto) => json!({"type": "auto"}),
+        Some(ToolChoice::Named(name)) => json!({"type": "tool", "name": name}),
+        None if single && request.tools.is_some() => json!({"type": "auto"}),
+        None => return None,
+    };
+    if single {
+        choice["disable_parallel_tool_use"] = true.into();
+    }
+    Some(choice)
+}
+
+/// Anthropic usage: `input_tokens` excludes the tokens read from or written to the
+/// prompt cache, which come apart.
+pub(super) fn read_usage(usage: &Value) -> Usage {
+    let read = u64_of(usage, "cache_read_input_tokens").unwrap_or(0);
+    let write = u64_of(usage, "cache_creation_input_tokens").unwrap_or(0);
+    Usage {
+        prompt: u64_of(usage, "input_tokens").unwrap_or(0) + read + write,
+        completion: u64_of(usage, "output_tokens").unwrap_or(0),
+        cache_read: read,
+        cache_write: write,
+    }
+}
+
+pub(super) fn write_usage(usage: &Usage) -> Value {
+    let cached = usage.cache_read + usage.cache_write;
+    let mut out = json!({"input_tokens": usage.prompt.saturating_sub(cached),
+        "output_tokens": usage.completion});
+    if usage.cache_write > 0 {
+        out["cache_creation_input_tokens"] = usage.cache_write.into();
+    }
+    if usage.cache_read > 0 {
+        out["cache_read_input_tokens"] = usage.cache_read.into();
+    }
+    out
+}
+
+pub(super) fn stop_reason(stop: Stop) -> &'static str {
+    match stop {
+        Stop::EndTurn => "end_turn",
+        Stop::MaxTokens => "max_tokens",
+        Stop::StopSequence => "stop_sequence",
+        Stop::ToolUse => "tool_use",
+        Stop::ContentFilter => "refusal",
+    }
+}
+
+pub(super) fn stop_of(stop_reason: &str) -> Stop {
+    match stop_reason {
+        "max_tokens" | "model_context_window_exceeded" => Stop::MaxTokens,
+        "tool_use" => Stop::ToolUse,
+        "refusal" => Stop::ContentFilter,
+        "stop_sequence" => Stop::StopSequence,
+        _ => Stop::EndTurn,
+    }
+}

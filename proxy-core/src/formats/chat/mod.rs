@@ -1,0 +1,156 @@
+//! Chat formats and the translation between them, through one canonical form.
+//!
+//! A caller format (OpenAI chat completions, Anthropic messages) reads a request into
+//! the canonical `Request` and writes the canonical `Answer` and stream `Event`s back;
+//! an upstream format writes the request and reads the answer and its stream. A
+//! request whose caller and upstream speak different formats is read by one and
+//! written by the other, so each new format or provider adds one codec, not one
+//! converter per pair. A native pair never comes here: its body is sent on as the
+//! caller wrote it, `model` rewritten (`RequestBody::with_model`).
+//!
+//! System prompts, multi-turn conversations, images, tool definitions, tool calls and
+//! results, stop reasons, usage (cached tokens included) and prompt-cache markers carry
+//! over; parameters the other side has no equivalent for are dropped, and requests that
+//! cannot be expressed at all (several choices, server-side tools) are refused with a
+//! 400 naming the parameter. A stream that ends early upstream ends early for the
+//! caller too: the closing events (`[DONE]`, `message_stop`) are only written when the
+//! upstream sent its own.
+//!
+//! Layout:
+//! - `canonical.rs`: the canonical request, answer, usage and stream events.
+//! - `openai.rs`, `openai_stream.rs`: OpenAI chat completions.
+//! - `anthropic.rs`, `anthropic_stream.rs`: Anthropic messages.
+//! - `wire.rs`: what the codecs share (refusals, loose JSON, event writing).
+
+pub mod canonical;
+
+mod anthropic;
+mod anthropic_stream;
+mod openai;
+mod openai_stream;
+mod wire;
+
+use bytes::{Bytes, BytesMut};
+
+pub use anthropic::{AnthropicMessages, DEFAULT_MAX_TOKENS};
+pub use openai::OpenAiChat;
+
+use crate::failure::ProxyError;
+use crate::formats::sse;
+use canonical::{Answer, Event, Request};
+
+/// A format callers speak: requests in, answers and stream events out.
+pub trait CallerCodec: Sync {
+    /// Refuses (400) a body the format does not allow.
+    fn read_request(&self, body: &[u8]) -> Result<Request, ProxyError>;
+    fn write_answer(&self, answer: &Answer) -> Vec<u8>;
+    fn stream_encoder(&self) -> Box<dyn StreamEncoder>;
+}
+
+/// A format upstreams speak: requests out, answers and stream events in.
+pub trait UpstreamCodec: Sync {
+    /// Refuses (400) a request the format cannot express.
+    fn write_request(&self, request: &Request, model: &str) -> Result<Vec<u8>, ProxyError>;
+    /// An unreadable answer is an upstream failure.
+    fn read_answer(&self, body: &[u8]) -> Result<Answer, ProxyError>;
+    fn stream_decoder(&self) -> Box<dyn StreamDecoder>;
+}
+
+/// Reads one upstream event into canonical events, remembering what it must between
+/// events.
+pub trait StreamDecoder: Send {
+    fn decode(&mut self, event: &sse::Event, out: &mut Vec<Event>);
+}
+
+/// Writes canonical events in the caller's format.
+pub trait StreamEncoder: Send {
+    fn encode(&mut self, event: Event, out: &mut BytesMut);
+}
+
+/// A caller's request body in the upstream's format, for `model`.
+pub fn translate_request(
+    body: &[u8],
+    caller: &dyn CallerCodec,
+    upstream: &dyn UpstreamCodec,
+    model: &str,
+) -> Result<Vec<u8>, ProxyError> {
+    upstream.write_request(&caller.read_request(body)?, model)
+}
+
+/// How an answer is rewritten on its way to the caller.
+#[derive(Clone, Copy)]
+pub enum Conversion {
+    /// Same format both sides.
+    None,
+    Translate {
+        upstream: &'static dyn UpstreamCodec,
+        caller: &'static dyn CallerCodec,
+    },
+}
+
+impl std::fmt::Debug for Conversion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Conversion::None => "None",
+            Conversion::Translate { .. } => "Translate",
+        })
+    }
+}
+
+impl Conversion {
+    pub fn is_none(self) -> bool {
+        matches!(self, Conversion::None)
+    }
+
+    /// A whole answer in the caller's format.
+    pub fn answer(self, body: Bytes) -> Result<Bytes, ProxyError> {
+        match self {
+            Conversion::None => Ok(body),
+            Conversion::Translate { upstream, caller } => Ok(Bytes::from(
+                caller.write_answer(&upstream.read_answer(&body)?),
+            )),
+        }
+    }
+
+    /// The event translator for a stream, when one is needed.
+    pub fn stream(self) -> Option<StreamTranslator> {
+        match self {
+            Conversion::None => None,
+            Conversion::Translate { upstream, caller } => {
+                Some(StreamTranslator::new(upstream, caller))
+            }
+        }
+    }
+}
+
+/// Translates a stream: takes runs of complete upstream events (see
+/// `sse::filter_events`) and returns the caller's events for them.
+pub struct StreamTranslator {
+    decoder: Box<dyn StreamDecoder>,
+    encoder: Box<dyn StreamEncoder>,
+    events: Vec<Event>,
+}
+
+impl StreamTranslator {
+    pub fn new(upstream: &dyn UpstreamCodec, caller: &dyn CallerCodec) -> Self {
+        Self {
+            decoder: upstream.stream_decoder(),
+            encoder: caller.stream_encoder(),
+            events: Vec::new(),
+        }
+    }
+
+    pub fn translate(&mut self, run: &[u8]) -> Bytes {
+        let mut out = BytesMut::new();
+        for event in sse::events(run) {
+            self.decoder.decode(&event, &mut self.events);
+            for event in self.events.drain(..) {
+                self.encoder.encode(event, &mut out);
+            }
+        }
+        out.freeze()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,165 @@
+//! OpenAI `chat.completion.chunk` streams <-> canonical stream events.
+
+use bytes::{BufMut, BytesMut};
+use serde_json::{Value, json};
+
+use super::canonical::{Event, Usage};
+use super::openai::{finish_reason, read_usage, stop_of, write_usage};
+use super::wire::{data_event, str_of, unix_now};
+use super::{StreamDecoder, StreamEncoder};
+use crate::formats::sse;
+
+/// Reads an upstream's chunks. Tool calls keep OpenAI's own numbering.
+#[derive(Default)]
+pub struct Decoder {
+    started: bool,
+    calls: Vec<u64>,
+    usage: Usage,
+}
+
+impl StreamDecoder for Decoder {
+    fn decode(&mut self, event: &sse::Event, out: &mut Vec<Event>) {
+        if event.data.trim_ascii() == b"[DONE]" {
+            out.push(Event::End);
+            return;
+        }
+        let Ok(chunk) = serde_json::from_slice::<Value>(&event.data) else {
+            return;
+        };
+        if let Some(error) = chunk.get("error") {
+            let message = error["message"]
+                .as_str()
+                .unwrap_or("the upstream stream failed");
+            out.push(Event::Error(message.to_owned()));
+            return;
+        }
+        if !self.started {
+            self.started = true;
+            out.push(Event::Start {
+                id: str_of(&chunk, "id").to_owned(),
+                model: str_of(&chunk, "model").to_owned(),
+            });
+        }
+        if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
+            self.usage = read_usage(usage, self.usage);
+            out.push(Event::Usage(self.usage));
+        }
+        let Some(choice) = chunk.pointer("/choices/0") else {
+            return;
+        };
+        if let Some(text) = choice
+            .pointer("/delta/content")
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+        {
+            out.push(Event::Text(text.to_owned()));
+        }
+        for call in choice
+            .pointer("/delta/tool_calls")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            self.tool_call(call, out);
+        }
+        if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
+            out.push(Event::Stop(stop_of(reason)));
+        }
+    }
+}
+
+impl Decoder {
+    fn tool_call(&mut self, call: &Value, out: &mut Vec<Event>) {
+        let index = call["index"].as_u64().unwrap_or(0);
+        let number = usize::try_from(index).unwrap_or(usize::MAX);
+        if !self.calls.contains(&index) {
+            self.calls.push(index);
+            out.push(Event::ToolCall {
+                call: number,
+                id: str_of(call, "id").to_owned(),
+                name: call
+                    .pointer("/function/name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned(),
+            });
+        }
+        if let Some(arguments) = call
+            .pointer("/function/arguments")
+            .and_then(Value::as_str)
+            .filter(|a| !a.is_empty())
+        {
+            out.push(Event::ToolArguments {
+                call: number,
+                json: arguments.to_owned(),
+            });
+        }
+    }
+}
+
+/// Writes chunks for an OpenAI caller, ending with a usage chunk and `[DONE]` when
+/// the upstream ended its answer.
+pub struct Encoder {
+    id: String,
+    model: String,
+    created: u64,
+    usage: Usage,
+}
+
+impl Encoder {
+    pub fn new() -> Self {
+        Self {
+            id: String::new(),
+            model: String::new(),
+            created: unix_now(),
+            usage: Usage::default(),
+        }
+    }
+
+    fn base(&self) -> Value {
+        json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+            "model": self.model})
+    }
+
+    fn chunk(&self, out: &mut BytesMut, delta: Value, finish: Option<&str>) {
+        let mut chunk = self.base();
+        chunk["choices"] = json!([{"index": 0, "delta": delta, "finish_reason": finish}]);
+        data_event(out, &chunk);
+    }
+}
+
+impl StreamEncoder for Encoder {
+    fn encode(&mut self, event: Event, out: &mut BytesMut) {
+        match event {
+            Event::Start { id, model } => {
+                self.id = id;
+                self.model = model;
+                self.chunk(out, json!({"role": "assistant", "content": ""}), None);
+            }
+            Event::Text(text) => self.chunk(out, json!({"content": text}), None),
+            Event::ToolCall { call, id, name } => {
+                let delta = json!({"tool_calls": [{"index": call, "id": id, "type": "function",
+                    "function": {"name": name, "arguments": ""}}]});
+                self.chunk(out, delta, None);
+            }
+            Event::ToolArguments { call, json } => {
+                let delta = json!({"tool_calls": [{"index": call,
+                    "function": {"arguments": json}}]});
+                self.chunk(out, delta, None);
+            }
+            Event::Usage(usage) => self.usage = usage,
+            Event::Stop(stop) => self.chunk(out, json!({}), Some(finish_reason(stop))),
+            Event::End => {
+                let mut usage = self.base();
+                usage["choices"] = json!([]);
+                usage["usage"] = write_usage(&self.usage);
+                data_event(out, &usage);
+                out.put_slice(b"data: [DONE]\n\n");
+            }
+            Event::Error(message) => data_event(
+                out,
+                &json!({"error": {"message": message, "type": "upstream_error"}}),
+            ),
+        }
+    }
+}

@@ -1,0 +1,508 @@
+//! The codecs, pairwise through the canonical form: requests, whole answers and
+//! streams both ways, refusals, and what survives translation (cache markers, cached
+//! tokens).
+
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+
+use super::*;
+
+const OPENAI: &OpenAiChat = &OpenAiChat;
+const ANTHROPIC: &AnthropicMessages = &AnthropicMessages;
+
+fn chat_to_messages(body: &[u8], model: &str) -> Result<Vec<u8>, ProxyError> {
+    translate_request(body, OPENAI, ANTHROPIC, model)
+}
+
+fn messages_to_chat(body: &[u8], model: &str) -> Result<Vec<u8>, ProxyError> {
+    translate_request(body, ANTHROPIC, OPENAI, model)
+}
+
+fn message_to_completion(body: &[u8]) -> Result<Bytes, ProxyError> {
+    Conversion::Translate {
+        upstream: ANTHROPIC,
+        caller: OPENAI,
+    }
+    .answer(Bytes::copy_from_slice(body))
+}
+
+fn completion_to_message(body: &[u8]) -> Result<Bytes, ProxyError> {
+    Conversion::Translate {
+        upstream: OPENAI,
+        caller: ANTHROPIC,
+    }
+    .answer(Bytes::copy_from_slice(body))
+}
+
+fn anthropic_to_openai() -> StreamTranslator {
+    StreamTranslator::new(ANTHROPIC, OPENAI)
+}
+
+fn openai_to_anthropic() -> StreamTranslator {
+    StreamTranslator::new(OPENAI, ANTHROPIC)
+}
+
+// Requests
+
+fn to_messages(body: Value) -> Value {
+    serde_json::from_slice(&chat_to_messages(body.to_string().as_bytes(), "claude-up").unwrap())
+        .unwrap()
+}
+
+fn to_chat(body: Value) -> Value {
+    serde_json::from_slice(&messages_to_chat(body.to_string().as_bytes(), "gpt-up").unwrap())
+        .unwrap()
+}
+
+#[test]
+fn chat_becomes_messages() {
+    let out = to_messages(json!({
+        "model": "alias", "stream": true, "temperature": 0.2, "stop": "END", "user": "u1",
+        "frequency_penalty": 1,
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "weather?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+            {"role": "user", "content": "thanks"}
+        ],
+        "tools": [{"type": "function", "function": {"name": "get_weather", "description": "d",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+        "tool_choice": "required", "parallel_tool_calls": false
+    }));
+    assert_eq!(
+        out,
+        json!({
+            "model": "claude-up", "system": "be brief", "max_tokens": DEFAULT_MAX_TOKENS,
+            "temperature": 0.2, "stream": true, "stop_sequences": ["END"],
+            "metadata": {"user_id": "u1"},
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "weather?"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"},
+                    {"type": "text", "text": "thanks"}]}
+            ],
+            "tools": [{"name": "get_weather", "description": "d",
+                "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}],
+            "tool_choice": {"type": "any", "disable_parallel_tool_use": true}
+        })
+    );
+}
+
+#[test]
+fn messages_become_chat() {
+    let out = to_chat(json!({
+        "model": "alias", "max_tokens": 100, "stream": true, "top_k": 5,
+        "system": [{"type": "text", "text": "be brief"}],
+        "messages": [
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": [{"type": "text", "text": "Let me check."},
+                {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "sunny"}]},
+                {"type": "text", "text": "thanks"}]}
+        ],
+        "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}],
+        "tool_choice": {"type": "tool", "name": "get_weather"},
+        "stop_sequences": ["END"]
+    }));
+    assert_eq!(
+        out,
+        json!({
+            "model": "gpt-up", "max_tokens": 100, "stream": true,
+            "stream_options": {"include_usage": true}, "stop": ["END"],
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": "Let me check.", "tool_calls": [{"id": "toolu_1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+                {"role": "tool", "tool_call_id": "toolu_1", "content": "sunny"},
+                {"role": "user", "content": "thanks"}
+            ],
+            "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}
+        })
+    );
+}
+
+#[test]
+fn what_cannot_be_expressed_is_refused_with_its_parameter() {
+    let param = |r: Result<Vec<u8>, ProxyError>| match r {
+        Err(ProxyError::InvalidRequest { param, .. }) => param,
+        _ => panic!("expected a refusal"),
+    };
+    let n = json!({"model": "a", "n": 2, "messages": []}).to_string();
+    assert_eq!(param(chat_to_messages(n.as_bytes(), "x")), Some("n"));
+    let tool = json!({"model": "a", "max_tokens": 1, "messages": [],
+        "tools": [{"type": "web_search_20250305", "name": "web_search"}]})
+    .to_string();
+    assert_eq!(param(messages_to_chat(tool.as_bytes(), "x")), Some("tools"));
+    let audio =
+        json!({"model": "a", "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]})
+            .to_string();
+    assert_eq!(
+        param(chat_to_messages(audio.as_bytes(), "x")),
+        Some("messages")
+    );
+}
+
+// Whole answers
+
+fn json_of(b: Bytes) -> Value {
+    serde_json::from_slice(&b).unwrap()
+}
+
+#[test]
+fn anthropic_message_becomes_a_completion() {
+    let message = json!({"id": "msg_1", "type": "message", "role": "assistant", "model": "claude",
+        "content": [{"type": "text", "text": "Checking."},
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}],
+        "stop_reason": "tool_use", "usage": {"input_tokens": 10, "output_tokens": 3, "cache_read_input_tokens": 2}});
+    let mut out = json_of(message_to_completion(message.to_string().as_bytes()).unwrap());
+    out["created"] = json!(0);
+    assert_eq!(
+        out,
+        json!({"id": "msg_1", "object": "chat.completion", "created": 0, "model": "claude",
+            "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {"role": "assistant",
+                "content": "Checking.", "tool_calls": [{"id": "toolu_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]}}],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15,
+                "prompt_tokens_details": {"cached_tokens": 2}}})
+    );
+}
+
+#[test]
+fn openai_completion_becomes_a_message() {
+    let completion = json!({"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt",
+        "choices": [{"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": "Hi"}}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}});
+    let out = json_of(completion_to_message(completion.to_string().as_bytes()).unwrap());
+    assert_eq!(
+        out,
+        json!({"id": "chatcmpl-1", "type": "message", "role": "assistant", "model": "gpt",
+            "content": [{"type": "text", "text": "Hi"}], "stop_reason": "max_tokens",
+            "stop_sequence": null, "usage": {"input_tokens": 5, "output_tokens": 1}})
+    );
+    assert!(matches!(
+        completion_to_message(b"<html>"),
+        Err(ProxyError::UpstreamFailed { .. })
+    ));
+}
+
+// Streams
+
+/// The JSON payloads of a translated stream (`[DONE]` as a string).
+fn payloads(out: &[u8]) -> Vec<Value> {
+    sse::events(out)
+        .map(|e| serde_json::from_slice(&e.data).unwrap_or_else(|_| json!("[DONE]")))
+        .collect()
+}
+
+fn anthropic_stream() -> Vec<String> {
+    let ev = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
+    vec![
+        ev(
+            "message_start",
+            json!({"type": "message_start", "message": {"id": "msg_1", "model": "claude", "usage": {"input_tokens": 12, "output_tokens": 1}}}),
+        ),
+        ev(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
+        ev("ping", json!({"type": "ping"})),
+        ev(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Checking"}}),
+        ),
+        ev(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 0}),
+        ),
+        ev(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}}),
+        ),
+        ev(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{\"city\":"}}),
+        ),
+        ev(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "\"Paris\"}"}}),
+        ),
+        ev(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 1}),
+        ),
+        ev(
+            "message_delta",
+            json!({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 7}}),
+        ),
+        ev("message_stop", json!({"type": "message_stop"})),
+    ]
+}
+
+#[test]
+fn anthropic_events_become_openai_chunks_whatever_the_runs() {
+    let events = anthropic_stream();
+    // One run per event, and everything in one run, give the same chunks.
+    let mut one_by_one = anthropic_to_openai();
+    let split: Vec<u8> = events
+        .iter()
+        .flat_map(|e| one_by_one.translate(e.as_bytes()).to_vec())
+        .collect();
+    let whole = anthropic_to_openai().translate(events.concat().as_bytes());
+    let (mut a, mut b) = (payloads(&split), payloads(&whole));
+    for v in a.iter_mut().chain(b.iter_mut()) {
+        if v.is_object() {
+            v["created"] = json!(0);
+        }
+    }
+    assert_eq!(a, b);
+    let deltas: Vec<Value> = a
+        .iter()
+        .map(|c| c.pointer("/choices/0/delta").cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(deltas[0], json!({"role": "assistant", "content": ""}));
+    assert_eq!(deltas[1], json!({"content": "Checking"}));
+    assert_eq!(
+        deltas[2],
+        json!({"tool_calls": [{"index": 0, "id": "toolu_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]})
+    );
+    assert_eq!(
+        deltas[3]["tool_calls"][0]["function"]["arguments"],
+        "{\"city\":"
+    );
+    assert_eq!(
+        deltas[4]["tool_calls"][0]["function"]["arguments"],
+        "\"Paris\"}"
+    );
+    assert_eq!(a[5]["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(a[6]["choices"], json!([]));
+    assert_eq!(
+        a[6]["usage"],
+        json!({"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19})
+    );
+    assert_eq!(a[7], json!("[DONE]"));
+    assert_eq!(a.len(), 8);
+    assert!(
+        a[..7]
+            .iter()
+            .all(|c| c["id"] == "msg_1" && c["object"] == "chat.completion.chunk")
+    );
+}
+
+#[test]
+fn a_cut_anthropic_stream_gets_no_done() {
+    let events = anthropic_stream();
+    let out = anthropic_to_openai().translate(events[..5].concat().as_bytes());
+    assert!(!out.windows(6).any(|w| w == b"[DONE]"));
+}
+
+#[test]
+fn openai_chunks_become_anthropic_events() {
+    let chunk = |delta: Value, finish: Value| {
+        format!(
+            "data: {}\n\n",
+            json!({"id": "chatcmpl-1", "model": "gpt", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        )
+    };
+    let stream = [
+        chunk(json!({"role": "assistant", "content": ""}), Value::Null),
+        chunk(json!({"content": "Hel"}), Value::Null),
+        chunk(json!({"content": "lo"}), Value::Null),
+        chunk(
+            json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}]}),
+            Value::Null,
+        ),
+        chunk(
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"a\":1}"}}]}),
+            Value::Null,
+        ),
+        chunk(json!({}), json!("tool_calls")),
+        format!(
+            "data: {}\n\n",
+            json!({"id": "chatcmpl-1", "model": "gpt", "choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 2}})
+        ),
+        "data: [DONE]\n\n".to_owned(),
+    ];
+    let mut t = openai_to_anthropic();
+    let out: Vec<u8> = stream
+        .iter()
+        .flat_map(|c| t.translate(c.as_bytes()).to_vec())
+        .collect();
+    let names: Vec<String> = sse::events(&out)
+        .map(|e| e.name.unwrap_or_default())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "message_start",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_stop",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop"
+        ]
+    );
+    let p = payloads(&out);
+    assert_eq!(p[0]["message"]["id"], "chatcmpl-1");
+    assert_eq!(p[2]["delta"], json!({"type": "text_delta", "text": "Hel"}));
+    assert_eq!(
+        p[5]["content_block"],
+        json!({"type": "tool_use", "id": "call_1", "name": "f", "input": {}})
+    );
+    assert_eq!(p[6]["index"], 1);
+    assert_eq!(
+        p[6]["delta"],
+        json!({"type": "input_json_delta", "partial_json": "{\"a\":1}"})
+    );
+    assert_eq!(
+        p[8],
+        json!({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": null},
+            "usage": {"input_tokens": 4, "output_tokens": 2}})
+    );
+}
+
+// What survives translation
+
+#[test]
+fn cache_markers_stay_where_the_caller_put_them() {
+    let marker = json!({"type": "ephemeral"});
+    let out = to_messages(json!({"model": "a", "messages": [
+        {"role": "system", "content": [{"type": "text", "text": "long rules", "cache_control": marker}]},
+        {"role": "system", "content": "and more"},
+        {"role": "user", "content": [{"type": "text", "text": "the document", "cache_control": marker},
+            {"type": "text", "text": "question"}]},
+        {"role": "assistant", "content": null, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "r", "cache_control": marker}]}
+    ], "tools": [{"type": "function", "cache_control": marker, "function": {"name": "f"}}]}));
+    assert_eq!(
+        out["system"],
+        json!([{"type": "text", "text": "long rules", "cache_control": marker},
+            {"type": "text", "text": "and more"}])
+    );
+    assert_eq!(
+        out["messages"][0]["content"],
+        json!([{"type": "text", "text": "the document", "cache_control": marker},
+            {"type": "text", "text": "question"}])
+    );
+    assert_eq!(out["messages"][2]["content"][0]["cache_control"], marker);
+    assert_eq!(out["tools"][0]["cache_control"], marker);
+    // Without markers the system prompt stays one string.
+    let plain = to_messages(json!({"model": "a", "messages": [
+        {"role": "system", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "system", "content": "c"}, {"role": "user", "content": "hi"}]}));
+    assert_eq!(plain["system"], "a\nb\n\nc");
+}
+
+#[test]
+fn cached_tokens_come_back_in_each_formats_arithmetic() {
+    // OpenAI counts cached tokens inside prompt_tokens; Anthropic apart from input_tokens.
+    let completion = json!({"id": "c", "model": "gpt", "choices": [{"index": 0,
+        "finish_reason": "stop", "message": {"role": "assistant", "content": "Hi"}}],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 5,
+            "prompt_tokens_details": {"cached_tokens": 80}}});
+    let message = json_of(completion_to_message(completion.to_string().as_bytes()).unwrap());
+    assert_eq!(
+        message["usage"],
+        json!({"input_tokens": 20, "cache_read_input_tokens": 80, "output_tokens": 5})
+    );
+    let anthropic = json!({"id": "m", "model": "claude", "content": [], "stop_reason": "end_turn",
+        "usage": {"input_tokens": 20, "cache_read_input_tokens": 70, "cache_creation_input_tokens": 10,
+            "output_tokens": 5}});
+    let completion = json_of(message_to_completion(anthropic.to_string().as_bytes()).unwrap());
+    assert_eq!(
+        completion["usage"],
+        json!({"prompt_tokens": 100, "completion_tokens": 5, "total_tokens": 105,
+            "prompt_tokens_details": {"cached_tokens": 70}})
+    );
+    // Streams too: the usage chunk of a translated Anthropic stream.
+    let ev = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
+    let stream = [
+        ev(
+            "message_start",
+            json!({"type": "message_start", "message": {"id": "m", "model": "claude",
+            "usage": {"input_tokens": 20, "cache_read_input_tokens": 70, "output_tokens": 1}}}),
+        ),
+        ev(
+            "message_delta",
+            json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+            "usage": {"output_tokens": 5}}),
+        ),
+        ev("message_stop", json!({"type": "message_stop"})),
+    ]
+    .concat();
+    let chunks = payloads(&anthropic_to_openai().translate(stream.as_bytes()));
+    let usage = chunks.iter().find_map(|c| c.get("usage")).unwrap();
+    assert_eq!(
+        usage,
+        &json!({"prompt_tokens": 90, "completion_tokens": 5, "total_tokens": 95,
+            "prompt_tokens_details": {"cached_tokens": 70}})
+    );
+}
+
+#[test]
+fn a_parameter_of_the_wrong_type_is_refused_by_name() {
+    let param = |body: Value, from_openai: bool| {
+        let body = body.to_string();
+        let result = if from_openai {
+            chat_to_messages(body.as_bytes(), "x")
+        } else {
+            messages_to_chat(body.as_bytes(), "x")
+        };
+        match result {
+            Err(ProxyError::InvalidRequest { param, .. }) => param,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    };
+    assert_eq!(
+        param(json!({"messages": [], "temperature": "hot"}), true),
+        Some("temperature")
+    );
+    assert_eq!(
+        param(json!({"messages": [], "max_completion_tokens": -1}), true),
+        Some("max_completion_tokens")
+    );
+    assert_eq!(
+        param(json!({"messages": [], "max_tokens": "many"}), false),
+        Some("max_tokens")
+    );
+}
+
+#[test]
+fn a_request_read_and_written_in_its_own_format_keeps_its_meaning() {
+    // Both codecs read what they write: canonical -> format -> canonical is stable.
+    let chat = json!({"model": "a", "temperature": 0.3, "stop": ["x"], "user": "u",
+        "tool_choice": {"type": "function", "function": {"name": "f"}}, "parallel_tool_calls": false,
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "a", "tool_calls": [
+                {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{\"k\":1}"}}]},
+            {"role": "tool", "tool_call_id": "c", "content": "r"}]});
+    let request = OPENAI.read_request(chat.to_string().as_bytes()).unwrap();
+    let pairs: [(&dyn UpstreamCodec, &dyn CallerCodec); 2] =
+        [(OPENAI, OPENAI), (ANTHROPIC, ANTHROPIC)];
+    for (writer, reader) in pairs {
+        let again = reader
+            .read_request(&writer.write_request(&request, "m").unwrap())
+            .unwrap();
+        assert_eq!(again.turns, request.turns);
+        assert_eq!(again.tools, request.tools);
+        assert_eq!(again.tool_choice, request.tool_choice);
+        assert_eq!(again.parallel_tool_calls, Some(false));
+        assert_eq!(
+            (again.stop, again.user),
+            (request.stop.clone(), request.user.clone())
+        );
+    }
+}
