@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use agent::Controls;
 use agent::config::Config;
-use agent::{Controls, Prepared};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
@@ -103,48 +103,12 @@ fn serve(config: Config) -> anyhow::Result<ExitCode> {
     agent::logging::init(&config.observability);
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let source = agent::prepare_source(&config)?;
-        let tls = agent::ListenerTls::prepare(&config)?;
-        let addr = config.proxy.addr;
-        let proxy_listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("proxy.addr: cannot listen on {addr}"))?;
-        let admin_listener = match (&config.etcd, &config.admin) {
-            (Some(_), Some(admin)) => Some(
-                tokio::net::TcpListener::bind(admin.addr)
-                    .await
-                    .with_context(|| format!("admin.addr: cannot listen on {}", admin.addr))?,
-            ),
-            _ => None,
-        };
-        let prometheus = &config.observability.metrics.prometheus;
-        let metrics_listener = if prometheus.enabled {
-            Some(
-                tokio::net::TcpListener::bind(prometheus.addr)
-                    .await
-                    .with_context(|| {
-                        format!(
-                            "observability.metrics.prometheus.addr: cannot listen on {}",
-                            prometheus.addr
-                        )
-                    })?,
-            )
-        } else {
-            None
-        };
-        let controls = Controls::default();
-        let prepared = Prepared {
-            config,
-            source,
-            proxy_listener,
-            admin_listener,
-            metrics_listener,
-            tls,
-        };
+        let agent = agent::start(config).await?;
         // Handlers are installed before anything serves, so an early SIGTERM drains too.
         let signals = Signals::install()?;
+        let controls = Controls::default();
         tokio::select! {
-            result = agent::run(prepared, controls.clone()) => result,
+            result = agent.serve(controls.clone()) => result,
             result = signals.forward(controls) => result,
         }
     })?;
@@ -207,60 +171,21 @@ fn stop(controls: &Controls) {
 }
 
 fn validate(config_path: &Path, config: &Config) -> anyhow::Result<ExitCode> {
-    for section in &config.ignored {
-        println!("note: config section '{section}' is not implemented by this build; ignored");
+    let validation = agent::validate::validate(config)?;
+    for note in &validation.notes {
+        println!("note: {note}");
     }
-    agent::ListenerTls::prepare(config)?;
-    if let Some(managed) = config.managed() {
-        let bundle =
-            agent::managed::bundle::resolve(managed, time::OffsetDateTime::now_utc(), false)?;
-        println!(
-            "{}: ok (managed: gateway {} of environment {}, certificate valid until {}; resources come from {})",
-            config_path.display(),
-            bundle.identity.dp_id,
-            bundle.identity.env_id,
-            bundle.leaf.not_after,
-            managed.cp_base_url
-        );
+    if validation.ok() {
+        println!("{}: ok ({})", config_path.display(), validation.summary);
         return Ok(ExitCode::SUCCESS);
     }
-    if let Some(etcd) = &config.etcd {
-        agent::etcd_client(etcd)?;
-        println!(
-            "{}: ok (self-hosted: resources are watched under {} in etcd and checked as they arrive)",
-            config_path.display(),
-            config.prefix()
-        );
-        return Ok(ExitCode::SUCCESS);
+    for p in &validation.problems {
+        println!("problem: {p}");
     }
-    let file = agent::prepare_resources(config)?;
-    let store = proxy_core::snapshot::SnapshotStore::new(agent::PREFIX);
-    let report = store.apply(
-        proxy_core::snapshot::Source::File,
-        [proxy_core::snapshot::SourceEvent::Reset {
-            entries: file.entries,
-            revision: 1,
-        }],
+    println!(
+        "{}: {} problem(s)",
+        config_path.display(),
+        validation.problems.len()
     );
-    let mut problems = file.problems;
-    problems.extend(
-        report
-            .newly_rejected
-            .iter()
-            .map(|r| format!("{}: {}", r.key, r.error)),
-    );
-    if problems.is_empty() {
-        let (p, m, a) = store.load().counts();
-        println!(
-            "{}: ok ({p} provider keys, {m} models, {a} api keys)",
-            config_path.display()
-        );
-        Ok(ExitCode::SUCCESS)
-    } else {
-        for p in &problems {
-            println!("problem: {p}");
-        }
-        println!("{}: {} problem(s)", config_path.display(), problems.len());
-        Ok(ExitCode::FAILURE)
-    }
+    Ok(ExitCode::FAILURE)
 }

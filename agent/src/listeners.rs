@@ -1,0 +1,141 @@
+//! The listener set, computed once from the config: which listeners this mode has,
+//! their addresses and their TLS settings; bound before anything serves.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use proxy_core::http::{ListenerOptions, serve};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::error;
+
+use crate::config::{Config, ListenerTlsSection};
+use crate::files;
+
+/// What a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Proxy,
+    /// Self-hosted mode's admin API (only with an `etcd` and an `admin` section).
+    Admin,
+    /// Metrics and status, unless `observability.metrics.prometheus.enabled` is false.
+    Metrics,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Proxy => "proxy",
+            Role::Admin => "admin",
+            Role::Metrics => "metrics",
+        }
+    }
+}
+
+/// One listener of the set, before it is bound.
+pub struct Planned {
+    pub role: Role,
+    pub addr: SocketAddr,
+    /// The config field the address comes from, for error messages.
+    field: &'static str,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// The listeners `config` asks for, their TLS files read (key files made private
+/// first), so a broken certificate stops start-up before any port is bound.
+pub fn plan(config: &Config) -> anyhow::Result<Vec<Planned>> {
+    let mut set = vec![Planned {
+        role: Role::Proxy,
+        addr: config.proxy.addr,
+        field: "proxy.addr",
+        tls: tls(config.proxy.tls.as_ref(), "proxy")?,
+    }];
+    if let (Some(_), Some(admin)) = (&config.etcd, &config.admin) {
+        set.push(Planned {
+            role: Role::Admin,
+            addr: admin.addr,
+            field: "admin.addr",
+            tls: tls(admin.tls.as_ref(), "admin")?,
+        });
+    }
+    let prometheus = &config.observability.metrics.prometheus;
+    if prometheus.enabled {
+        set.push(Planned {
+            role: Role::Metrics,
+            addr: prometheus.addr,
+            field: "observability.metrics.prometheus.addr",
+            tls: None,
+        });
+    }
+    Ok(set)
+}
+
+fn tls(
+    section: Option<&ListenerTlsSection>,
+    name: &str,
+) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+    let Some(tls) = section else {
+        return Ok(None);
+    };
+    let cert = read(&tls.cert_file, &format!("{name}.tls.cert_file"))?;
+    let key = files::read_private(&tls.key_file, &format!("{name}.tls.key_file"))?;
+    let config = certs::tls::listener_config(&cert, &key).with_context(|| format!("{name}.tls"))?;
+    Ok(Some(Arc::new(config)))
+}
+
+fn read(path: &Path, field: &str) -> anyhow::Result<String> {
+    std::fs::read_to_string(path)
+        .with_context(|| format!("{field}: cannot read {}", path.display()))
+}
+
+/// A bound listener.
+pub struct Bound {
+    pub role: Role,
+    pub listener: TcpListener,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl Bound {
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// Binds the whole set; the first address that cannot be bound stops start-up.
+pub async fn bind(set: Vec<Planned>) -> anyhow::Result<Vec<Bound>> {
+    let mut bound = Vec::with_capacity(set.len());
+    for planned in set {
+        let listener = TcpListener::bind(planned.addr)
+            .await
+            .with_context(|| format!("{}: cannot listen on {}", planned.field, planned.addr))?;
+        bound.push(Bound {
+            role: planned.role,
+            listener,
+            tls: planned.tls,
+        });
+    }
+    Ok(bound)
+}
+
+/// Serves one listener until `stop`, logging a failure instead of returning it.
+pub async fn serve_logged(
+    listener: TcpListener,
+    router: axum::Router,
+    stop: CancellationToken,
+    options: ListenerOptions,
+) {
+    let name = options.name;
+    if let Err(e) = serve(listener, router, stop, options).await {
+        error!(listener = name, error = %e, "listener failed");
+    }
+}
+
+pub fn scheme(options: &ListenerOptions) -> &'static str {
+    if options.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    }
+}
