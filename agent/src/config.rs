@@ -451,6 +451,13 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), (&'static str, String)> {
+        self.validate_source()?;
+        self.validate_proxy()?;
+        self.validate_observability()
+    }
+
+    /// Exactly one configuration source, and its section.
+    fn validate_source(&self) -> Result<(), (&'static str, String)> {
         let sources = [
             self.resources_file.is_some(),
             self.etcd.is_some(),
@@ -487,6 +494,11 @@ impl Config {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// The proxy listener's limits and header names, and the response cache.
+    fn validate_proxy(&self) -> Result<(), (&'static str, String)> {
         if self.cache.enabled {
             for (field, value) in [
                 ("cache.ttl_secs", self.cache.ttl_secs),
@@ -535,6 +547,10 @@ impl Config {
                 ));
             }
         }
+        Ok(())
+    }
+
+    fn validate_observability(&self) -> Result<(), (&'static str, String)> {
         let metrics_path = &self.observability.metrics.prometheus.path;
         if !metrics_path.starts_with('/') || metrics_path.starts_with("/status/") {
             return Err((

@@ -172,8 +172,7 @@ impl Serving {
             etcd,
             managed,
         } = running;
-        let mut hooks = Some(hooks);
-        let mut managed = managed;
+        let (mut hooks, mut managed) = (Some(hooks), managed);
         for bound in listeners {
             let addr = bound.local_addr()?;
             let mut options = ListenerOptions {
@@ -182,21 +181,20 @@ impl Serving {
             };
             let router = match bound.role {
                 Role::Proxy => {
+                    // Heads up to twice the limit get the proxy's 431 envelope; hyper cuts
+                    // larger.
                     options.header_read_timeout =
                         Duration::from_millis(config.proxy.header_read_timeout_ms);
                     options.max_connections = config.proxy.max_connections;
-                    // Heads up to twice the limit get the proxy's 431 envelope; hyper cuts
-                    // larger.
                     options.max_head_bytes = config.proxy.max_header_bytes.saturating_mul(2);
-                    let state = ProxyState::new(
+                    router(ProxyState::new(
                         shared.store.clone(),
                         Upstream::new()?,
                         proxy_options(config),
                         serving.draining.clone(),
                         shared.health.clone(),
                         hooks.take().unwrap_or_default(),
-                    );
-                    router(state)
+                    ))
                 }
                 Role::Admin => {
                     let (Some(client), Some(section)) = (&etcd, &config.admin) else {
@@ -211,19 +209,16 @@ impl Serving {
                     );
                     admin::router(Arc::new(admin))
                 }
-                Role::Metrics => {
-                    let status = status::Status {
+                Role::Metrics => status::router(
+                    Arc::new(status::Status {
                         shared: shared.clone(),
                         source: kind,
                         managed: managed.take(),
                         draining: serving.draining.clone(),
                         ignored: config.ignored.clone(),
-                    };
-                    status::router(
-                        Arc::new(status),
-                        &config.observability.metrics.prometheus.path,
-                    )
-                }
+                    }),
+                    &config.observability.metrics.prometheus.path,
+                ),
             };
             let scheme = scheme(&options);
             serving.servers.spawn(serve_logged(

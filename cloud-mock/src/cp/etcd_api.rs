@@ -21,7 +21,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
 use super::ControlPlane;
-use super::kv::{Change, Entry, KvError};
+use super::kv::{Change, Entry, KvError, WatchStart};
 
 /// Keys a gateway of `env` may read.
 pub fn env_prefix(env: &str) -> String {
@@ -203,44 +203,10 @@ async fn stream_watch(
         let tx = tx.clone();
         async move { tx.send(Ok(line(&message))).await.is_ok() }
     };
-    let watch = cp.kv.watch(create.start_revision);
     let mut cut = cp.faults.cut_watches.subscribe();
     let mut revocations = cp.revocations.subscribe();
-    let start_revision = match &watch {
-        Ok(w) => w.revision,
-        Err(_) => cp.kv.revision(),
-    };
-    let created = WatchResult {
-        header: Header::at(start_revision),
-        created: true,
-        ..WatchResult::default()
-    };
-    if !send(result(created)).await {
+    let Some(mut watch) = open(&cp, &create, &tx).await else {
         return;
-    }
-    let mut watch = match watch {
-        Ok(w) => w,
-        Err(KvError::Compacted { compact_revision }) => {
-            send(result(WatchResult {
-                header: Header::at(start_revision),
-                canceled: true,
-                compact_revision,
-                cancel_reason: "mvcc: required revision has been compacted".to_owned(),
-                ..WatchResult::default()
-            }))
-            .await;
-            return;
-        }
-        Err(e) => {
-            send(result(WatchResult {
-                header: Header::at(start_revision),
-                canceled: true,
-                cancel_reason: e.to_string(),
-                ..WatchResult::default()
-            }))
-            .await;
-            return;
-        }
     };
     let mut seen = watch.revision;
     let replay: Vec<Arc<Change>> = watch.replay.drain(..).filter(|c| matches(&c.key)).collect();
@@ -289,6 +255,47 @@ async fn stream_watch(
             }
         }
     }
+}
+
+/// Starts the watch: the `created` answer, then the cancellation when it cannot start
+/// (a compacted revision, or another failure).
+async fn open(
+    cp: &ControlPlane,
+    create: &WatchCreate,
+    tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
+) -> Option<WatchStart> {
+    let watch = cp.kv.watch(create.start_revision);
+    let revision = match &watch {
+        Ok(w) => w.revision,
+        Err(_) => cp.kv.revision(),
+    };
+    let send =
+        |answer: WatchResult| async move { tx.send(Ok(line(&result(answer)))).await.is_ok() };
+    let created = WatchResult {
+        header: Header::at(revision),
+        created: true,
+        ..WatchResult::default()
+    };
+    if !send(created).await {
+        return None;
+    }
+    let (compact_revision, cancel_reason) = match watch {
+        Ok(w) => return Some(w),
+        Err(KvError::Compacted { compact_revision }) => (
+            compact_revision,
+            "mvcc: required revision has been compacted".to_owned(),
+        ),
+        Err(e) => (0, e.to_string()),
+    };
+    send(WatchResult {
+        header: Header::at(revision),
+        canceled: true,
+        compact_revision,
+        cancel_reason,
+        ..WatchResult::default()
+    })
+    .await;
+    None
 }
 
 fn events_message(changes: &[Arc<Change>], revision: i64) -> WatchResponse {

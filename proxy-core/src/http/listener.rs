@@ -20,7 +20,7 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -78,39 +78,12 @@ pub async fn serve(
     let mut accept_errors = Throttle::default();
     let mut at_limit = Throttle::default();
     loop {
-        let permit = match slots.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                if at_limit.ready() {
-                    warn!(
-                        listener = options.name,
-                        max_connections = options.max_connections,
-                        "connection limit reached; new connections wait until one closes"
-                    );
-                }
-                tokio::select! {
-                    () = stop.cancelled() => break,
-                    permit = slots.clone().acquire_owned() => match permit {
-                        Ok(permit) => permit,
-                        Err(_) => break,
-                    },
-                }
-            }
+        let Some(permit) = slot(&slots, &stop, &mut at_limit, &options).await else {
+            break;
         };
-        let (tcp, peer) = tokio::select! {
-            () = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) if per_connection(&e) => continue,
-                Err(e) => {
-                    // Out of file descriptors or memory: back off instead of spinning.
-                    if accept_errors.ready() {
-                        warn!(listener = options.name, error = %e, "cannot accept connections; retrying");
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((tcp, peer)) = accept(&listener, &stop, &mut accept_errors, options.name).await
+        else {
+            break;
         };
         if let Err(e) = tcp.set_nodelay(true) {
             debug!(error = %e, "cannot set TCP_NODELAY");
@@ -143,6 +116,55 @@ pub async fn serve(
     connections.close();
     connections.wait().await;
     Ok(())
+}
+
+/// A connection slot, waiting (and warning, throttled) while the listener is at
+/// `max_connections`; `None` once `stop` is cancelled.
+async fn slot(
+    slots: &Arc<Semaphore>,
+    stop: &CancellationToken,
+    at_limit: &mut Throttle,
+    options: &ListenerOptions,
+) -> Option<OwnedSemaphorePermit> {
+    if let Ok(permit) = slots.clone().try_acquire_owned() {
+        return Some(permit);
+    }
+    if at_limit.ready() {
+        warn!(
+            listener = options.name,
+            max_connections = options.max_connections,
+            "connection limit reached; new connections wait until one closes"
+        );
+    }
+    tokio::select! {
+        () = stop.cancelled() => None,
+        permit = slots.clone().acquire_owned() => permit.ok(),
+    }
+}
+
+/// The next connection; `None` once `stop` is cancelled. Errors of one connection are
+/// skipped; running out of file descriptors or memory backs off instead of spinning.
+async fn accept(
+    listener: &TcpListener,
+    stop: &CancellationToken,
+    errors: &mut Throttle,
+    name: &'static str,
+) -> Option<(TcpStream, std::net::SocketAddr)> {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => return Some(accepted),
+                Err(e) if per_connection(&e) => {}
+                Err(e) => {
+                    if errors.ready() {
+                        warn!(listener = name, error = %e, "cannot accept connections; retrying");
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
 }
 
 async fn handshake(

@@ -366,7 +366,15 @@ fn info(
 
 impl Collector for Readings {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        let e = &mut encoder;
+        self.encode_snapshot(&mut encoder)?;
+        self.encode_models(&mut encoder)?;
+        self.encode_managed(&mut encoder)
+    }
+}
+
+impl Readings {
+    /// The build, the configuration source and the snapshot.
+    fn encode_snapshot(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
         info(
             e,
             "aisix_build",
@@ -429,6 +437,10 @@ impl Collector for Readings {
                 ConstGauge::new(*n).encode(family.encode_family(&KindLabels { kind })?)?;
             }
         }
+        Ok(())
+    }
+
+    fn encode_models(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
         {
             let mut family = e.encode_descriptor(
                 "aisix_model_health",
@@ -443,6 +455,11 @@ impl Collector for Readings {
                 ConstGauge::new(i64::from(*health)).encode(family.encode_family(&labels)?)?;
             }
         }
+        Ok(())
+    }
+
+    /// Managed mode's certificate and usage queue.
+    fn encode_managed(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
         if let Some(days) = self.certificate_remaining_days {
             gauge(
                 e,

@@ -155,74 +155,10 @@ impl RateLimiter {
         now_ms: u64,
     ) -> Result<Lease, Refusal> {
         let mut all = self.scopes.lock().unwrap_or_else(PoisonError::into_inner);
-        for (scope, limits) in &scopes {
-            let counters = all.get(scope);
-            for (i, dimension) in DIMENSIONS.iter().enumerate() {
-                let Some(limit) = dimension.limit(limits) else {
-                    continue;
-                };
-                let used = counters.map_or(0, |c| c.windows[i].used_at(*dimension, now_ms));
-                let full = if dimension.tokens() {
-                    used >= limit
-                } else {
-                    used + 1 > limit
-                };
-                if full {
-                    return Err(Refusal {
-                        message: format!(
-                            "rate limit exceeded: {limit} {} for {}",
-                            dimension.unit(),
-                            scope.describe()
-                        ),
-                        retry_after_secs: ceil_secs(reset_ms(*dimension, now_ms)),
-                    });
-                }
-            }
-            if let Some(limit) = limits.concurrency
-                && counters.map_or(0, |c| c.in_flight) >= limit
-            {
-                return Err(Refusal {
-                    message: format!(
-                        "rate limit exceeded: {limit} concurrent requests for {}",
-                        scope.describe()
-                    ),
-                    retry_after_secs: 1,
-                });
-            }
+        if let Some(refusal) = refusal(&all, &scopes, now_ms) {
+            return Err(refusal);
         }
-        let mut requests = None;
-        let mut tokens = None;
-        for (scope, limits) in &scopes {
-            let counters = all.entry(scope.clone()).or_default();
-            for (i, dimension) in DIMENSIONS.iter().enumerate() {
-                let Some(limit) = dimension.limit(limits) else {
-                    continue;
-                };
-                if !dimension.tokens() {
-                    counters.windows[i].add(*dimension, now_ms, 1);
-                }
-                if matches!(scope, Scope::ApiKey(_)) {
-                    let quota = Quota {
-                        limit,
-                        remaining: limit
-                            .saturating_sub(counters.windows[i].used_at(*dimension, now_ms)),
-                        reset_ms: reset_ms(*dimension, now_ms),
-                    };
-                    let slot = if dimension.tokens() {
-                        &mut tokens
-                    } else {
-                        &mut requests
-                    };
-                    // The tightest limit speaks for the family.
-                    if slot.is_none_or(|q: Quota| quota.remaining < q.remaining) {
-                        *slot = Some(quota);
-                    }
-                }
-            }
-            if limits.concurrency.is_some() {
-                counters.in_flight += 1;
-            }
-        }
+        let (requests, tokens) = take(&mut all, &scopes, now_ms);
         Ok(Lease {
             limiter: self.clone(),
             scopes,
@@ -230,6 +166,93 @@ impl RateLimiter {
             tokens,
         })
     }
+}
+
+/// The first limit a new request would exceed, over every scope.
+fn refusal(
+    all: &HashMap<Scope, Counters>,
+    scopes: &[(Scope, RateLimit)],
+    now_ms: u64,
+) -> Option<Refusal> {
+    for (scope, limits) in scopes {
+        let counters = all.get(scope);
+        for (i, dimension) in DIMENSIONS.iter().enumerate() {
+            let Some(limit) = dimension.limit(limits) else {
+                continue;
+            };
+            let used = counters.map_or(0, |c| c.windows[i].used_at(*dimension, now_ms));
+            let full = if dimension.tokens() {
+                used >= limit
+            } else {
+                used + 1 > limit
+            };
+            if full {
+                return Some(Refusal {
+                    message: format!(
+                        "rate limit exceeded: {limit} {} for {}",
+                        dimension.unit(),
+                        scope.describe()
+                    ),
+                    retry_after_secs: ceil_secs(reset_ms(*dimension, now_ms)),
+                });
+            }
+        }
+        if let Some(limit) = limits.concurrency
+            && counters.map_or(0, |c| c.in_flight) >= limit
+        {
+            return Some(Refusal {
+                message: format!(
+                    "rate limit exceeded: {limit} concurrent requests for {}",
+                    scope.describe()
+                ),
+                retry_after_secs: 1,
+            });
+        }
+    }
+    None
+}
+
+/// Counts a request admitted in every scope; the caller key's tightest request and
+/// token quotas, for the `x-ratelimit-*` headers.
+fn take(
+    all: &mut HashMap<Scope, Counters>,
+    scopes: &[(Scope, RateLimit)],
+    now_ms: u64,
+) -> (Option<Quota>, Option<Quota>) {
+    let mut requests = None;
+    let mut tokens = None;
+    for (scope, limits) in scopes {
+        let counters = all.entry(scope.clone()).or_default();
+        for (i, dimension) in DIMENSIONS.iter().enumerate() {
+            let Some(limit) = dimension.limit(limits) else {
+                continue;
+            };
+            if !dimension.tokens() {
+                counters.windows[i].add(*dimension, now_ms, 1);
+            }
+            if matches!(scope, Scope::ApiKey(_)) {
+                let quota = Quota {
+                    limit,
+                    remaining: limit
+                        .saturating_sub(counters.windows[i].used_at(*dimension, now_ms)),
+                    reset_ms: reset_ms(*dimension, now_ms),
+                };
+                let slot = if dimension.tokens() {
+                    &mut tokens
+                } else {
+                    &mut requests
+                };
+                // The tightest limit speaks for the family.
+                if slot.is_none_or(|q: Quota| quota.remaining < q.remaining) {
+                    *slot = Some(quota);
+                }
+            }
+        }
+        if limits.concurrency.is_some() {
+            counters.in_flight += 1;
+        }
+    }
+    (requests, tokens)
 }
 
 impl Lease {

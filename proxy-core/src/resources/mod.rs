@@ -1,10 +1,12 @@
-//! The resource model: keys, kinds, wire specs (`spec`) and validated types (`validate`).
+//! The resource model: keys, kinds, wire specs (`spec`), validated types (`types`) and
+//! the conversions between them (`validate`).
 //!
 //! A resource is one JSON document stored at `<prefix>/<kind>/<id>`. Parsing a document
 //! checks it on its own (types, required fields, value ranges); references between
 //! resources are checked by the snapshot builder, which sees all of them.
 
 pub mod spec;
+pub mod types;
 pub mod validate;
 
 use std::fmt;
@@ -12,7 +14,7 @@ use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 
-pub use validate::{
+pub use types::{
     Adapter, ApiKey, Cost, DirectTarget, FieldError, Guardrail, GuardrailPattern, HookPoint,
     KeyHash, Model, ModelTarget, Problems, ProviderKey, RateLimit, Routing, Strategy, Target,
     WhenAllUnavailable,

@@ -14,9 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::{Rejection, Snapshot, unix_now};
-use crate::resources::{
-    KeyHash, Kind, Model, ModelTarget, Resource, ResourceKey, validate::Adapter,
-};
+use crate::resources::{KeyHash, Kind, Model, ModelTarget, Resource, ResourceKey, types::Adapter};
 
 #[derive(Default)]
 pub(super) struct Builder {

@@ -1,0 +1,265 @@
+//! The validated domain types: what the rest of the proxy reads. They are built only
+//! by the conversions in `validate.rs`, which check every field.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use ipnet::IpNet;
+use wildmatch::WildMatch;
+
+use crate::secret::Secret;
+
+/// One problem found in a resource document, with the path of the offending field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+/// Every problem found in one resource document.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Problems(pub Vec<FieldError>);
+
+impl Problems {
+    pub fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    pub(super) fn into_result<T>(self, value: T) -> Result<T, Problems> {
+        if self.0.is_empty() {
+            Ok(value)
+        } else {
+            Err(self)
+        }
+    }
+}
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{}: {}", e.path, e.message)?;
+        }
+        Ok(())
+    }
+}
+
+/// The wire protocol a provider key speaks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Adapter {
+    OpenAi,
+    Anthropic,
+    /// A protocol family this build does not implement: requests answer 501.
+    Other(String),
+}
+
+impl Adapter {
+    pub fn name(&self) -> &str {
+        match self {
+            Adapter::OpenAi => "openai",
+            Adapter::Anthropic => "anthropic",
+            Adapter::Other(name) => name,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct ProviderKey {
+    pub id: Arc<str>,
+    pub display_name: String,
+    pub provider: String,
+    pub adapter: Adapter,
+    /// Base URL without a trailing slash or `/v1`; routes append `/v1/...`.
+    pub api_base: String,
+    pub credential: Secret,
+    pub unknown_fields: usize,
+}
+
+#[derive(Debug)]
+pub struct Model {
+    pub id: Arc<str>,
+    pub name: Arc<str>,
+    pub target: ModelTarget,
+    /// Non-streaming end-to-end limit; for streams, the limit until response headers.
+    pub timeout: Option<Duration>,
+    /// Longest allowed gap between two stream chunks.
+    pub stream_timeout: Option<Duration>,
+    pub retries: u32,
+    pub allowed_cidrs: Vec<IpNet>,
+    pub rate_limit: RateLimit,
+    pub cost: Option<Cost>,
+    pub cooldown: Cooldown,
+    pub unknown_fields: usize,
+}
+
+#[derive(Debug)]
+pub enum ModelTarget {
+    Direct(DirectTarget),
+    Routing(Routing),
+}
+
+#[derive(Debug)]
+pub struct DirectTarget {
+    pub provider: Option<String>,
+    pub model_name: String,
+    pub provider_key_id: String,
+}
+
+#[derive(Debug)]
+pub struct Routing {
+    pub targets: Vec<Target>,
+    pub strategy: Strategy,
+    pub retries: u32,
+    pub max_fallbacks: Option<u32>,
+    pub retry_on_429: bool,
+    pub fallback_on_statuses: Vec<u16>,
+    pub when_all_unavailable: WhenAllUnavailable,
+}
+
+#[derive(Debug)]
+pub struct Target {
+    pub model: String,
+    pub weight: u32,
+    pub priority: i32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    Failover,
+    RoundRobin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenAllUnavailable {
+    Fail,
+    TryAnyway,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RateLimit {
+    pub rps: Option<u64>,
+    pub rpm: Option<u64>,
+    pub rph: Option<u64>,
+    pub rpd: Option<u64>,
+    pub tpm: Option<u64>,
+    pub tpd: Option<u64>,
+    pub concurrency: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Cost {
+    pub input_per_1k: f64,
+    pub output_per_1k: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cooldown {
+    pub enabled: bool,
+    pub default: Duration,
+    pub max: Duration,
+    pub honor_retry_after: bool,
+}
+
+impl Default for Cooldown {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            default: Duration::from_secs(30),
+            max: Duration::from_secs(600),
+            honor_retry_after: true,
+        }
+    }
+}
+
+/// SHA-256 of a caller's plaintext key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyHash(pub [u8; 32]);
+
+impl KeyHash {
+    pub fn of_plaintext(plaintext: &str) -> Self {
+        use sha2::{Digest, Sha256};
+        Self(Sha256::digest(plaintext.as_bytes()).into())
+    }
+}
+
+#[derive(Debug)]
+pub struct ApiKey {
+    pub id: Arc<str>,
+    pub key_hash: KeyHash,
+    pub allowed_models: Vec<ModelPattern>,
+    pub disabled: bool,
+    pub expires_at: Option<SystemTime>,
+    pub rate_limit: RateLimit,
+    pub display_name: Option<String>,
+    pub team_id: Option<String>,
+    pub user_id: Option<String>,
+    pub unknown_fields: usize,
+}
+
+impl ApiKey {
+    pub fn allows(&self, alias: &str) -> bool {
+        self.allowed_models.iter().any(|p| p.matches(alias))
+    }
+
+    pub fn is_expired(&self, now: SystemTime) -> bool {
+        self.expires_at.is_some_and(|t| now >= t)
+    }
+}
+
+/// An `allowed_models` entry: an exact alias, or a glob when it contains `*`.
+#[derive(Debug)]
+pub enum ModelPattern {
+    Exact(String),
+    Glob(WildMatch),
+}
+
+impl ModelPattern {
+    pub(super) fn new(p: &str) -> Self {
+        if p.contains('*') {
+            Self::Glob(WildMatch::new(p))
+        } else {
+            Self::Exact(p.to_owned())
+        }
+    }
+
+    pub fn matches(&self, alias: &str) -> bool {
+        match self {
+            Self::Exact(s) => s == alias,
+            Self::Glob(g) => g.matches(alias),
+        }
+    }
+}
+
+/// A keyword guardrail (enforced by the policy layer; validated and served here).
+#[derive(Debug)]
+pub struct Guardrail {
+    pub id: Arc<str>,
+    pub name: String,
+    pub patterns: Vec<GuardrailPattern>,
+    pub hook_point: HookPoint,
+    pub enabled: bool,
+    pub block: bool,
+    pub fail_open: bool,
+    pub models: Vec<ModelPattern>,
+    pub api_keys: Vec<String>,
+    pub unknown_fields: usize,
+}
+
+#[derive(Debug)]
+pub enum GuardrailPattern {
+    Literal(String),
+    Regex(regex::Regex),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookPoint {
+    Input,
+    Output,
+    Both,
+}
