@@ -6,11 +6,11 @@ use serde_json::{Map, Value, json};
 use super::canonical::{
     Answer, Block, ImageSource, Request, Role, Stop, Text, Tool, ToolChoice, Turn, Usage,
 };
+use super::codec::{CallerCodec, UpstreamCodec};
 use super::wire::{
     Result, count, number, parse_object, plain_text, refuse, str_of, strings, take, to_bytes,
     u64_of, unreadable,
 };
-use super::{CallerCodec, UpstreamCodec};
 
 /// Used for `max_tokens` when the caller set none: Anthropic requires one.
 pub const DEFAULT_MAX_TOKENS: u64 = 4096;
@@ -80,10 +80,6 @@ impl CallerCodec for AnthropicMessages {
             "usage": write_usage(&answer.usage),
         }))
     }
-
-    fn stream_encoder(&self) -> Box<dyn super::StreamEncoder> {
-        Box::new(super::anthropic_stream::Encoder::default())
-    }
 }
 
 impl UpstreamCodec for AnthropicMessages {
@@ -151,10 +147,6 @@ impl UpstreamCodec for AnthropicMessages {
                 .map(stop_of),
             usage: read_usage(message.get("usage").unwrap_or(&Value::Null)),
         })
-    }
-
-    fn stream_decoder(&self) -> Box<dyn super::StreamDecoder> {
-        Box::new(super::anthropic_stream::Decoder::default())
     }
 }
 

@@ -3,10 +3,10 @@
 use bytes::BytesMut;
 use serde_json::{Value, json};
 
-use super::anthropic::{read_usage, stop_of, stop_reason, write_usage};
+use super::anthropic::{AnthropicMessages, read_usage, stop_of, stop_reason, write_usage};
 use super::canonical::{Event, Stop, Usage};
+use super::codec::{CallerStream, StreamDecoder, StreamEncoder, UpstreamStream};
 use super::wire::{named_event, str_of, u64_of};
-use super::{StreamDecoder, StreamEncoder};
 use crate::formats::sse;
 
 /// Reads an upstream's events. Tool calls are numbered in the order their content
@@ -250,5 +250,17 @@ impl Encoder {
         );
         named_event(out, "message_stop", &json!({"type": "message_stop"}));
         self.started = false;
+    }
+}
+
+impl CallerStream for AnthropicMessages {
+    fn stream_encoder(&self) -> Box<dyn StreamEncoder> {
+        Box::new(Encoder::default())
+    }
+}
+
+impl UpstreamStream for AnthropicMessages {
+    fn stream_decoder(&self) -> Box<dyn StreamDecoder> {
+        Box::new(Decoder::default())
     }
 }

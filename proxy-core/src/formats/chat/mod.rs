@@ -18,6 +18,7 @@
 //!
 //! Layout:
 //! - `canonical.rs`: the canonical request, answer, usage and stream events.
+//! - `codec.rs`: what a caller format and an upstream format each implement.
 //! - `openai.rs`, `openai_stream.rs`: OpenAI chat completions.
 //! - `anthropic.rs`, `anthropic_stream.rs`: Anthropic messages.
 //! - `wire.rs`: what the codecs share (refusals, loose JSON, event writing).
@@ -26,6 +27,7 @@ pub mod canonical;
 
 mod anthropic;
 mod anthropic_stream;
+mod codec;
 mod openai;
 mod openai_stream;
 mod wire;
@@ -33,39 +35,14 @@ mod wire;
 use bytes::{Bytes, BytesMut};
 
 pub use anthropic::{AnthropicMessages, DEFAULT_MAX_TOKENS};
+pub use codec::{
+    CallerCodec, CallerStream, StreamDecoder, StreamEncoder, UpstreamCodec, UpstreamStream,
+};
 pub use openai::OpenAiChat;
 
 use crate::failure::ProxyError;
 use crate::formats::sse;
-use canonical::{Answer, Event, Request};
-
-/// A format callers speak: requests in, answers and stream events out.
-pub trait CallerCodec: Sync {
-    /// Refuses (400) a body the format does not allow.
-    fn read_request(&self, body: &[u8]) -> Result<Request, ProxyError>;
-    fn write_answer(&self, answer: &Answer) -> Vec<u8>;
-    fn stream_encoder(&self) -> Box<dyn StreamEncoder>;
-}
-
-/// A format upstreams speak: requests out, answers and stream events in.
-pub trait UpstreamCodec: Sync {
-    /// Refuses (400) a request the format cannot express.
-    fn write_request(&self, request: &Request, model: &str) -> Result<Vec<u8>, ProxyError>;
-    /// An unreadable answer is an upstream failure.
-    fn read_answer(&self, body: &[u8]) -> Result<Answer, ProxyError>;
-    fn stream_decoder(&self) -> Box<dyn StreamDecoder>;
-}
-
-/// Reads one upstream event into canonical events, remembering what it must between
-/// events.
-pub trait StreamDecoder: Send {
-    fn decode(&mut self, event: &sse::Event, out: &mut Vec<Event>);
-}
-
-/// Writes canonical events in the caller's format.
-pub trait StreamEncoder: Send {
-    fn encode(&mut self, event: Event, out: &mut BytesMut);
-}
+use canonical::Event;
 
 /// A caller's request body in the upstream's format, for `model`.
 pub fn translate_request(

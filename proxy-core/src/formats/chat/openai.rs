@@ -6,11 +6,11 @@ use serde_json::{Map, Value, json};
 use super::canonical::{
     Answer, Block, ImageSource, Request, Role, Stop, Text, Tool, ToolChoice, Turn, Usage,
 };
+use super::codec::{CallerCodec, UpstreamCodec};
 use super::wire::{
     Result, count, number, parse_object, plain_text, refuse, str_of, strings, take, to_bytes,
     u64_of, unix_now, unreadable,
 };
-use super::{CallerCodec, UpstreamCodec};
 
 pub struct OpenAiChat;
 
@@ -79,10 +79,6 @@ impl CallerCodec for OpenAiChat {
                 "finish_reason": answer.stop.map_or("stop", finish_reason)}],
             "usage": write_usage(&answer.usage),
         }))
-    }
-
-    fn stream_encoder(&self) -> Box<dyn super::StreamEncoder> {
-        Box::new(super::openai_stream::Encoder::new())
     }
 }
 
@@ -167,10 +163,6 @@ impl UpstreamCodec for OpenAiChat {
                 Usage::default(),
             ),
         })
-    }
-
-    fn stream_decoder(&self) -> Box<dyn super::StreamDecoder> {
-        Box::new(super::openai_stream::Decoder::default())
     }
 }
 

@@ -4,9 +4,9 @@ use bytes::{BufMut, BytesMut};
 use serde_json::{Value, json};
 
 use super::canonical::{Event, Usage};
-use super::openai::{finish_reason, read_usage, stop_of, write_usage};
+use super::codec::{CallerStream, StreamDecoder, StreamEncoder, UpstreamStream};
+use super::openai::{OpenAiChat, finish_reason, read_usage, stop_of, write_usage};
 use super::wire::{data_event, str_of, unix_now};
-use super::{StreamDecoder, StreamEncoder};
 use crate::formats::sse;
 
 /// Reads an upstream's chunks. Tool calls keep OpenAI's own numbering.
@@ -161,5 +161,17 @@ impl StreamEncoder for Encoder {
                 &json!({"error": {"message": message, "type": "upstream_error"}}),
             ),
         }
+    }
+}
+
+impl CallerStream for OpenAiChat {
+    fn stream_encoder(&self) -> Box<dyn StreamEncoder> {
+        Box::new(Encoder::new())
+    }
+}
+
+impl UpstreamStream for OpenAiChat {
+    fn stream_decoder(&self) -> Box<dyn StreamDecoder> {
+        Box::new(Decoder::default())
     }
 }
