@@ -1,0 +1,466 @@
+//! The config file's sections below the top level, their defaults and their checks.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use proxy_core::secret::Secret;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdSection {
+    /// `http://` or `https://` URLs; requests fail over between them in order.
+    pub endpoints: Vec<String>,
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// Connect timeout for each endpoint.
+    #[serde(default = "default_etcd_timeout")]
+    pub dial_timeout_ms: u64,
+    /// Timeout of each request other than the long-lived watch.
+    #[serde(default = "default_etcd_timeout")]
+    pub request_timeout_ms: u64,
+    /// etcd authentication (both or neither).
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// TLS to etcd: a CA to trust and optionally a client certificate.
+    pub tls: Option<EtcdTlsSection>,
+    /// Where the last good snapshot is kept (a sled database), so the agent starts and
+    /// serves while etcd is unreachable. Without it, start-up waits for etcd.
+    pub cache_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTlsSection {
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// The `managed` section: how to reach the control plane and where to keep state.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManagedSection {
+    /// Managed mode is on only when this is true.
+    #[serde(default)]
+    pub enabled: bool,
+    /// `https://host:port` of the control plane's data-plane listener.
+    #[serde(default)]
+    pub cp_base_url: String,
+    /// The certificate bundle: each item inline (`*_pem`) or as a file (`*_file`),
+    /// never both. May be omitted when `state_dir/mtls` already holds a bundle (from
+    /// an earlier start or `aisix-agent enroll`).
+    pub cp_cert_pem: Option<Secret>,
+    pub cp_cert_file: Option<PathBuf>,
+    pub cp_key_pem: Option<Secret>,
+    pub cp_key_file: Option<PathBuf>,
+    pub cp_ca_pem: Option<Secret>,
+    pub cp_ca_file: Option<PathBuf>,
+    /// An extra CA to trust for the control plane's server certificate.
+    pub cp_extra_ca_file: Option<PathBuf>,
+    /// Holds `mtls/` (the bundle in use) and the snapshot cache.
+    #[serde(default)]
+    pub state_dir: PathBuf,
+    #[serde(default = "default_heartbeat_interval")]
+    pub heartbeat_interval_secs: u64,
+    /// TCP + TLS connect timeout of every control-plane call.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    /// Timeout of every control-plane call but the long-lived watch.
+    #[serde(default = "default_cp_request_timeout")]
+    pub request_timeout_ms: u64,
+    #[serde(default)]
+    pub budget: BudgetSection,
+    #[serde(default)]
+    pub usage: UsageSection,
+}
+
+/// `cache`: the in-memory response cache (off unless enabled).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSection {
+    pub enabled: bool,
+    pub ttl_secs: u64,
+    pub max_entries: usize,
+    /// Answers larger than this are not kept.
+    pub max_entry_bytes: usize,
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            ttl_secs: 300,
+            max_entries: 10_000,
+            max_entry_bytes: 1 << 20,
+        }
+    }
+}
+
+impl CacheSection {
+    /// The proxy's cache options when the cache is on.
+    pub fn options(&self) -> Option<proxy_core::pipeline::cache::CacheOptions> {
+        if !self.enabled {
+            return None;
+        }
+        Some(proxy_core::pipeline::cache::CacheOptions {
+            ttl: std::time::Duration::from_secs(self.ttl_secs),
+            max_entries: std::num::NonZeroUsize::new(self.max_entries)?,
+            max_entry_bytes: self.max_entry_bytes,
+        })
+    }
+}
+
+/// `managed.budget`: how budget decisions are asked for and what happens without one.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BudgetSection {
+    /// What a key that was never checked gets while the control plane cannot answer.
+    pub default_fail_mode: DefaultFailMode,
+    /// How long a request waits for a budget decision.
+    pub timeout_ms: u64,
+    /// How long past its TTL a cached decision is still used while the control plane
+    /// fails; after it the decision's fail mode applies.
+    pub stale_window_secs: u64,
+}
+
+impl Default for BudgetSection {
+    fn default() -> Self {
+        Self {
+            default_fail_mode: DefaultFailMode::Open,
+            timeout_ms: 1000,
+            stale_window_secs: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultFailMode {
+    Open,
+    Closed,
+}
+
+/// `managed.usage`: the durable usage queue and its sender.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsageSection {
+    /// Events kept while the control plane is unreachable; past it the oldest are
+    /// dropped (and counted).
+    pub queue_max_events: u64,
+    /// Events per `POST /dp/telemetry`.
+    pub batch_size: usize,
+    /// How often queued events are sent.
+    pub flush_interval_ms: u64,
+}
+
+impl Default for UsageSection {
+    fn default() -> Self {
+        Self {
+            queue_max_events: 100_000,
+            batch_size: 200,
+            flush_interval_ms: 1000,
+        }
+    }
+}
+
+fn default_heartbeat_interval() -> u64 {
+    15
+}
+
+fn default_connect_timeout() -> u64 {
+    5000
+}
+
+fn default_cp_request_timeout() -> u64 {
+    10_000
+}
+
+fn default_prefix() -> String {
+    "/aisix".to_owned()
+}
+
+fn default_etcd_timeout() -> u64 {
+    5000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    #[serde(default = "default_admin_addr")]
+    pub addr: SocketAddr,
+    /// Accepted as `Authorization: Bearer <key>` or `x-api-key: <key>`.
+    pub admin_keys: Vec<Secret>,
+    /// Serve the admin API over HTTPS.
+    pub tls: Option<ListenerTlsSection>,
+}
+
+/// `proxy.tls` / `admin.tls`: the listener serves HTTPS with this certificate (chain,
+/// leaf first) and key, both PEM files; the key file must be private (0600).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTlsSection {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+fn default_admin_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 3001))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxySection {
+    pub addr: SocketAddr,
+    /// 0 means unlimited.
+    pub request_body_limit_bytes: u64,
+    pub request_id: RequestIdSection,
+    /// Reverse proxies (CIDRs) whose `client_ip_header` is believed; from any other
+    /// peer the header is ignored and the peer address is the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The header trusted proxies put the client address in (a comma-separated list,
+    /// nearest proxy last, like `x-forwarded-for`).
+    pub client_ip_header: String,
+    /// Serve the proxy over HTTPS.
+    pub tls: Option<ListenerTlsSection>,
+    /// Open connections at most; past it new connections wait in the listen backlog.
+    pub max_connections: usize,
+    /// Time allowed for a TLS handshake and for each request's headers; idle
+    /// keep-alive connections are closed after it.
+    pub header_read_timeout_ms: u64,
+    /// Largest request head (request line and headers); larger ones get 431.
+    pub max_header_bytes: usize,
+}
+
+impl Default for ProxySection {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([0, 0, 0, 0], 3000)),
+            request_body_limit_bytes: 0,
+            request_id: RequestIdSection::default(),
+            trusted_proxies: Vec::new(),
+            client_ip_header: "x-forwarded-for".to_owned(),
+            tls: None,
+            max_connections: 10_000,
+            header_read_timeout_ms: 30_000,
+            max_header_bytes: 64 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RequestIdSection {
+    /// Generic request-id headers (e.g. `x-request-id`) whose value may be adopted.
+    pub accept_headers: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObservabilitySection {
+    /// A tracing filter (`info`, `debug`, `aisix::access=off,info`); `RUST_LOG` wins.
+    pub log_level: String,
+    pub log_format: LogFormat,
+    pub access_log: bool,
+    pub metrics: MetricsSection,
+}
+
+impl Default for ObservabilitySection {
+    fn default() -> Self {
+        Self {
+            log_level: "info".to_owned(),
+            log_format: LogFormat::Text,
+            access_log: true,
+            metrics: MetricsSection::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    pub prometheus: PrometheusSection,
+}
+
+/// `observability.metrics.prometheus`: the metrics and status listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrometheusSection {
+    pub enabled: bool,
+    /// Where the metrics are served; `/status/config` and `/status/ready` are on the
+    /// same listener.
+    pub path: String,
+    pub addr: SocketAddr,
+}
+
+impl Default for PrometheusSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: "/metrics".to_owned(),
+            addr: SocketAddr::from(([0, 0, 0, 0], 9090)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownSection {
+    /// After SIGTERM, keep serving (with liveness failing) this long so load balancers
+    /// notice, before closing the listener.
+    pub min_drain_secs: u64,
+    /// Then wait at most this long for in-flight requests and streams to finish.
+    pub drain_timeout_secs: u64,
+}
+
+impl Default for ShutdownSection {
+    fn default() -> Self {
+        Self {
+            min_drain_secs: 5,
+            drain_timeout_secs: 30,
+        }
+    }
+}
+
+impl ManagedSection {
+    pub(super) fn validate(&self) -> Result<(), (&'static str, String)> {
+        let url = reqwest::Url::parse(&self.cp_base_url);
+        match url {
+            Ok(u) if u.scheme() == "https" && u.host().is_some() => {}
+            Ok(u) if u.scheme() == "http" => {
+                return Err((
+                    "managed.cp_base_url",
+                    format!(
+                        "'{}': the control plane is reached over mutual TLS only; use https://",
+                        self.cp_base_url
+                    ),
+                ));
+            }
+            _ => {
+                return Err((
+                    "managed.cp_base_url",
+                    format!("'{}' is not an https:// URL", self.cp_base_url),
+                ));
+            }
+        }
+        if self.state_dir.as_os_str().is_empty() {
+            return Err((
+                "managed.state_dir",
+                "required: the directory that keeps the bundle and the last good snapshot"
+                    .to_owned(),
+            ));
+        }
+        let items = [
+            (
+                "managed.cp_cert_pem",
+                self.cp_cert_pem.is_some(),
+                self.cp_cert_file.is_some(),
+            ),
+            (
+                "managed.cp_key_pem",
+                self.cp_key_pem.is_some(),
+                self.cp_key_file.is_some(),
+            ),
+            (
+                "managed.cp_ca_pem",
+                self.cp_ca_pem.is_some(),
+                self.cp_ca_file.is_some(),
+            ),
+        ];
+        for (field, inline, file) in items {
+            if inline && file {
+                return Err((
+                    field,
+                    format!(
+                        "set {field} or {}, not both",
+                        field.replace("_pem", "_file")
+                    ),
+                ));
+            }
+        }
+        for (field, value) in [
+            (
+                "managed.heartbeat_interval_secs",
+                self.heartbeat_interval_secs,
+            ),
+            ("managed.connect_timeout_ms", self.connect_timeout_ms),
+            ("managed.request_timeout_ms", self.request_timeout_ms),
+            ("managed.budget.timeout_ms", self.budget.timeout_ms),
+            (
+                "managed.usage.queue_max_events",
+                self.usage.queue_max_events,
+            ),
+            ("managed.usage.batch_size", self.usage.batch_size as u64),
+            (
+                "managed.usage.flush_interval_ms",
+                self.usage.flush_interval_ms,
+            ),
+        ] {
+            if value == 0 {
+                return Err((field, "must be greater than 0".to_owned()));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl EtcdSection {
+    pub(super) fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.endpoints.is_empty() {
+            return Err((
+                "etcd.endpoints",
+                "at least one endpoint is required".to_owned(),
+            ));
+        }
+        for e in &self.endpoints {
+            let ok = (e.starts_with("http://") || e.starts_with("https://"))
+                && reqwest::Url::parse(e).is_ok_and(|u| u.host().is_some());
+            if !ok {
+                return Err((
+                    "etcd.endpoints",
+                    format!("'{e}' is not an http:// or https:// URL"),
+                ));
+            }
+        }
+        if !self.prefix.starts_with('/') || self.prefix.trim_end_matches('/').is_empty() {
+            return Err((
+                "etcd.prefix",
+                format!(
+                    "'{}' must start with '/' and name a folder, e.g. /aisix",
+                    self.prefix
+                ),
+            ));
+        }
+        if self.dial_timeout_ms == 0 {
+            return Err(("etcd.dial_timeout_ms", "must be greater than 0".to_owned()));
+        }
+        if self.request_timeout_ms == 0 {
+            return Err((
+                "etcd.request_timeout_ms",
+                "must be greater than 0".to_owned(),
+            ));
+        }
+        if self.username.is_some() != self.password.is_some() {
+            return Err((
+                "etcd.username",
+                "username and password go together: set both or neither".to_owned(),
+            ));
+        }
+        if let Some(tls) = &self.tls {
+            if tls.cert_file.is_some() != tls.key_file.is_some() {
+                return Err((
+                    "etcd.tls.cert_file",
+                    "a client certificate needs both cert_file and key_file".to_owned(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
