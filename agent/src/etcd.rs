@@ -107,6 +107,7 @@ impl EtcdClient {
             .connect_timeout(options.dial_timeout)
             .tcp_keepalive(Duration::from_secs(30))
             .tcp_nodelay(true)
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("aisix-agent/", env!("CARGO_PKG_VERSION")));
         if let Some(tls) = options.tls {
             builder = builder.tls_backend_preconfigured(tls);

@@ -18,6 +18,7 @@ pub type Target = fn(&[u8]);
 pub const TARGETS: &[(&str, Target)] = &[
     ("resource_json", resource_json),
     ("chat_request", chat_request),
+    ("guardrail_scan", guardrail_scan),
     ("messages_request", messages_request),
     ("sse_stream", sse_stream),
     ("etcd_watch", etcd_watch),
@@ -108,4 +109,47 @@ pub fn pem_bundle(data: &[u8]) {
     let (cert, key, ca) = (next(), next(), next());
     let _ = certs::Bundle::load(&cert, &key, &ca, time::OffsetDateTime::now_utc());
     let _ = certs::inspect_pem("fuzz", &text);
+}
+
+/// The guardrail property: a forbidden word in a message's content is seen by the
+/// input scan whatever else the body carries, or the body is refused. The input picks
+/// the shape: the first byte a nesting depth, each following byte an array or an
+/// object level (its low bit) and where the word goes (its second bit: the message's
+/// content, a text part, a nested field).
+pub fn guardrail_scan(data: &[u8]) {
+    const WORD: &str = "forbidden-fuzz-word";
+    let Some((&depth, shape)) = data.split_first() else {
+        return;
+    };
+    let mut nested = String::new();
+    let levels: Vec<u8> = (0..usize::from(depth))
+        .map(|i| shape.get(i).copied().unwrap_or(0))
+        .collect();
+    for level in &levels {
+        nested.push_str(if level & 1 == 0 { "[" } else { "{\"k\":" });
+    }
+    nested.push('1');
+    for level in levels.iter().rev() {
+        nested.push(if level & 1 == 0 { ']' } else { '}' });
+    }
+    let content = match shape.first().map_or(0, |b| (b >> 1) & 3) {
+        0 => format!("\"{WORD}\""),
+        1 => format!("[{{\"type\":\"text\",\"text\":\"{WORD}\"}}]"),
+        _ => format!(
+            "[{{\"type\":\"text\",\"text\":\"x\",\"deep\":{nested}}},{{\"type\":\"text\",\"text\":\"{WORD}\"}}]"
+        ),
+    };
+    let body = format!(
+        "{{\"model\":\"m\",\"messages\":[{{\"role\":\"user\",\"content\":{content},\"extra\":{nested}}}]}}"
+    );
+    let Ok(request) = proxy_core::formats::body::RequestBody::parse(body.as_bytes()) else {
+        return;
+    };
+    for conversational in [true, false] {
+        let text = proxy_core::policy::guardrails::request_text(&request, conversational);
+        assert!(
+            text.contains(WORD),
+            "a body nested {depth} deep was accepted but its text was not scanned"
+        );
+    }
 }

@@ -49,6 +49,7 @@ impl CpClient {
             .connect_timeout(Duration::from_millis(section.connect_timeout_ms))
             .tcp_keepalive(Duration::from_secs(30))
             .tcp_nodelay(true)
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("aisix-agent/", env!("CARGO_PKG_VERSION")))
             .build()?;
         let base = Url::parse(section.cp_base_url.trim_end_matches('/'))?;

@@ -29,6 +29,7 @@ pub async fn enroll(cp_url: &str, token: &str, state_dir: &Path) -> anyhow::Resu
         .tls_backend_preconfigured(certs::tls::enrollment_client_config(&token.ca_sha256)?)
         .connect_timeout(Duration::from_secs(10))
         .timeout(Duration::from_secs(30))
+        .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("aisix-agent/", env!("CARGO_PKG_VERSION")))
         .build()?;
     let endpoint = url.join("/dp/register")?;

@@ -10,6 +10,43 @@ use serde_json::value::RawValue;
 
 use crate::failure::ProxyError;
 
+/// The deepest nesting of arrays and objects a JSON request body may have. Deeper
+/// bodies are refused before anything reads them: every reader after admission (the
+/// guardrail scan first) then sees the whole body, never a part cut off by a parser's
+/// recursion limit.
+pub const MAX_DEPTH: usize = 64;
+
+/// Whether the JSON text `bytes` nests arrays and objects deeper than `limit`. One pass,
+/// no recursion, whatever the depth; brackets inside strings do not count.
+pub fn nests_deeper(bytes: &[u8], limit: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in bytes {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 /// A JSON request body (chat completions, messages, embeddings...), top-level fields
 /// kept raw and in order.
 pub struct RequestBody<'a> {
@@ -20,6 +57,12 @@ pub struct RequestBody<'a> {
 
 impl<'a> RequestBody<'a> {
     pub fn parse(bytes: &'a [u8]) -> Result<Self, ProxyError> {
+        if nests_deeper(bytes, MAX_DEPTH) {
+            return Err(ProxyError::invalid_request(
+                format!("request body nests arrays and objects deeper than {MAX_DEPTH} levels"),
+                None,
+            ));
+        }
         let Fields(fields) = serde_json::from_slice(bytes).map_err(|e| {
             ProxyError::invalid_request(
                 format!("request body is not a valid JSON object: {e}"),
@@ -214,6 +257,35 @@ impl<'de> Deserialize<'de> for Fields<'de> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn nested(depth: usize) -> String {
+        format!("{}1{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    #[test]
+    fn bodies_nested_past_the_limit_are_refused_whole() {
+        // The review's bypass: a field 126 arrays deep beside the content the guardrail
+        // must see. Every depth up to the limit is read; past it, refused.
+        for depth in [0, 1, 61, 126, 127, 5_000, 100_000] {
+            let body = format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"x","deep":{}}}]}}"#,
+                nested(depth)
+            );
+            let accepted = RequestBody::parse(body.as_bytes()).is_ok();
+            // The message's object and the messages array add two levels.
+            assert_eq!(accepted, depth + 3 <= MAX_DEPTH, "depth {depth}");
+        }
+        // Brackets inside strings, escaped quotes included, are text, not nesting.
+        let text = format!(r#"{{"model":"m","s":"\"{}"}}"#, "[".repeat(500));
+        assert!(RequestBody::parse(text.as_bytes()).is_ok());
+        match RequestBody::parse(format!(r#"{{"model":"m","d":{}}}"#, nested(65)).as_bytes()) {
+            Err(ProxyError::InvalidRequest { message, param }) => {
+                assert_eq!(param, None);
+                assert!(message.contains("deeper than 64 levels"), "{message}");
+            }
+            _ => panic!("expected a refusal"),
+        }
+    }
 
     #[test]
     fn rewrites_only_the_model() {

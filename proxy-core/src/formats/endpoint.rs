@@ -54,6 +54,12 @@ impl Endpoint {
         !matches!(self, Endpoint::Forward(_))
     }
 
+    /// Answers of this route are JSON (or server-sent events when streamed); audio
+    /// routes answer audio or, by the caller's choice, plain text.
+    pub fn answers_json(self) -> bool {
+        !matches!(self, Endpoint::Forward(path) if path.starts_with("/v1/audio/"))
+    }
+
     /// Whole answers of this route are kept in the response cache (when it is on).
     pub fn cacheable(self) -> bool {
         matches!(self, Endpoint::ChatCompletions | Endpoint::Messages)

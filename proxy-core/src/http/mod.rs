@@ -15,7 +15,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Request, State};
 pub use axum::http::HeaderName;
-use axum::http::{HeaderMap, HeaderValue, Method, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{MethodRouter, any, get, post};
@@ -67,14 +67,15 @@ fn routed(endpoint: Endpoint) -> MethodRouter<ProxyState> {
 /// `ANY /passthrough/{provider}/{*rest}`.
 async fn passthrough(
     State(state): State<ProxyState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Extension(record): Extension<Record>,
     Path((provider, _)): Path<(String, String)>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Response {
-    pipeline::passthrough::passthrough(state, record, provider, method, uri, headers, body).await
+    let (parts, body) = request.into_parts();
+    let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
+    pipeline::passthrough::passthrough(state, record, peer, provider, method, uri, headers, body)
+        .await
 }
 
 async fn request_context(

@@ -11,10 +11,14 @@
 //! key's `display_name`. The caller key must be allowed at least one model served by
 //! that provider key: passthrough is raw access, so it is granted through models. When
 //! several keys match, the one behind the alphabetically first such model is used.
-//! Admission is the pipeline's own (caller key, request rate limits and budget of the
-//! caller key, body size); guardrails, the cache and token accounting do not apply
-//! (the body is not interpreted). The upstream client is the one calls use.
+//! Admission is the pipeline's own (caller key, the granting model's allow list and
+//! client-address rules, request rate limits and budget of the caller key, body size),
+//! and the granting model's input guardrails read every string of the body (or the
+//! body as text when it is not JSON). The cache, output guardrails and token accounting
+//! do not apply (the answer is not interpreted). The upstream client is the one calls
+//! use; an upstream redirect is relayed as it is, never followed.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -24,18 +28,21 @@ use futures_util::StreamExt;
 use tracing::debug;
 
 use super::admit::{authenticate, limits_and_budget, read_body};
-use super::state::{Inner, ProxyState};
+use super::state::{Inner, ProxyState, client_ip};
 use crate::failure::{Envelope, ProxyError};
 use crate::observe::record::Record;
+use crate::policy::guardrails::{self, Stage};
 use crate::providers::{self, client::Relayed};
-use crate::resources::{Adapter, ApiKey, ModelTarget, ProviderKey};
+use crate::resources::{Adapter, ApiKey, Model, ModelTarget, ProviderKey};
 use crate::snapshot::Snapshot;
 
 /// One passthrough request to `provider`; refusals before the upstream answers use
 /// the envelope of the provider's family.
+#[allow(clippy::too_many_arguments, reason = "one request's parts")]
 pub async fn passthrough(
     state: ProxyState,
     record: Record,
+    peer: SocketAddr,
     provider: String,
     method: Method,
     uri: Uri,
@@ -49,11 +56,14 @@ pub async fn passthrough(
         Some(pk) if pk.adapter == Adapter::Anthropic => Envelope::Anthropic,
         _ => Envelope::OpenAi,
     };
-    match forward(
-        state, &snapshot, &record, &provider, method, &uri, &headers, body,
-    )
-    .await
-    {
+    let request = Request {
+        peer,
+        method,
+        uri: &uri,
+        headers: &headers,
+        body,
+    };
+    match forward(state, &snapshot, &record, &provider, request).await {
         Ok(response) => response,
         Err(error) => {
             error.log(record.request_id());
@@ -62,26 +72,45 @@ pub async fn passthrough(
     }
 }
 
-#[allow(clippy::too_many_arguments, reason = "one request's parts")]
+/// What the caller sent.
+struct Request<'r> {
+    peer: SocketAddr,
+    method: Method,
+    uri: &'r Uri,
+    headers: &'r HeaderMap,
+    body: Body,
+}
+
 async fn forward(
     state: &Inner,
     snapshot: &Snapshot,
     record: &Record,
     provider: &str,
-    method: Method,
-    uri: &Uri,
-    headers: &HeaderMap,
-    body: Body,
+    request: Request<'_>,
 ) -> Result<Response, ProxyError> {
     let request_id: &str = record.request_id();
+    let Request {
+        peer,
+        method,
+        uri,
+        headers,
+        body,
+    } = request;
     let caller = authenticate(snapshot, headers, Envelope::Anthropic)?;
     record.caller(&caller.id);
-    let provider_key = resolve(snapshot, caller, provider)?;
+    let client = client_ip(peer.ip(), headers, &state.options);
+    let (model, provider_key) = resolve(snapshot, caller, provider, client)?;
     let rest = safe_rest(uri.path(), provider)?;
     // Request limits of the caller key (no model to limit); the lease (concurrency)
     // is held until the body has been relayed.
     let lease = limits_and_budget(state, caller, None).await?;
     let bytes = read_body(body, headers, state.options.body_limit).await?;
+    // The input guardrails of the model that grants the access read the whole body.
+    let guards = guardrails::applicable(snapshot, &model.name, &caller.id);
+    if !guards.input.is_empty() {
+        let text = guardrails::raw_body_text(&bytes)?;
+        guardrails::scan(&guards.input, &text, Stage::Input, request_id)?;
+    }
     let mut url = format!("{}/{rest}", provider_key.api_base);
     if let Some(query) = uri.query() {
         url.push('?');
@@ -132,15 +161,17 @@ fn named(pk: &ProviderKey, name: &str) -> bool {
     pk.provider == name || pk.display_name == name
 }
 
-/// The provider key behind the first model (by alias) the caller may use whose key
-/// is named `name`.
+/// The first model (by alias) the caller may use, from the client's address, whose
+/// provider key is named `name`, and that key: passthrough is granted through models,
+/// so their access rules hold here too.
 fn resolve<'s>(
     snapshot: &'s Snapshot,
     caller: &ApiKey,
     name: &str,
-) -> Result<&'s Arc<ProviderKey>, ProxyError> {
-    let mut any = false;
-    let mut allowed: Option<(&str, &Arc<ProviderKey>)> = None;
+    client: IpAddr,
+) -> Result<(&'s Model, &'s Arc<ProviderKey>), ProxyError> {
+    let (mut any, mut from_elsewhere) = (false, false);
+    let mut allowed: Option<(&Model, &Arc<ProviderKey>)> = None;
     for model in snapshot.models() {
         let ModelTarget::Direct(direct) = &model.target else {
             continue;
@@ -152,12 +183,22 @@ fn resolve<'s>(
             continue;
         };
         any = true;
-        if caller.allows(&model.name) && allowed.is_none_or(|(alias, _)| *model.name < *alias) {
-            allowed = Some((&model.name, pk));
+        if !caller.allows(&model.name) {
+            continue;
+        }
+        if !model.admits(client) {
+            from_elsewhere = true;
+            continue;
+        }
+        if allowed.is_none_or(|(first, _)| *model.name < *first.name) {
+            allowed = Some((model, pk));
         }
     }
     match allowed {
-        Some((_, pk)) => Ok(pk),
+        Some(grant) => Ok(grant),
+        None if from_elsewhere => Err(ProxyError::PermissionDenied(format!(
+            "client address {client} may not use any model of provider '{name}'"
+        ))),
         None if any => Err(ProxyError::PermissionDenied(format!(
             "this API key may not use any model of provider '{name}'"
         ))),

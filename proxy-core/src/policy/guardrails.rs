@@ -14,7 +14,7 @@ use serde_json::Value;
 use tracing::warn;
 
 use crate::failure::{Envelope, ProxyError, stream_error_event};
-use crate::formats::body::RequestBody;
+use crate::formats::body::{self, RequestBody};
 use crate::formats::sse::{Filtered, data_lines};
 use crate::resources::{Guardrail, GuardrailPattern, HookPoint};
 use crate::snapshot::Snapshot;
@@ -140,6 +140,27 @@ pub fn request_text(body: &RequestBody<'_>, conversational: bool) -> String {
         }
     }
     text
+}
+
+/// The text of a body the proxy does not interpret (passthrough): every string of a
+/// JSON body, or the body itself as text. A JSON body nested past
+/// [`body::MAX_DEPTH`] is refused rather than scanned in part.
+pub fn raw_body_text(bytes: &[u8]) -> Result<String, ProxyError> {
+    if body::nests_deeper(bytes, body::MAX_DEPTH) {
+        return Err(ProxyError::invalid_request(
+            format!(
+                "request body nests arrays and objects deeper than {} levels",
+                body::MAX_DEPTH
+            ),
+            None,
+        ));
+    }
+    let mut text = String::new();
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(value) => strings_of(&value, &mut text),
+        Err(_) => text.push_str(&String::from_utf8_lossy(bytes)),
+    }
+    Ok(text)
 }
 
 /// A string, or the `text` of parts (and the content of tool results), one per line.

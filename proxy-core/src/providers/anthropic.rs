@@ -69,6 +69,7 @@ impl Provider for Anthropic {
                 path,
                 payload,
                 stream: request.body.stream,
+                json_answer: request.endpoint.answers_json(),
                 headers,
             },
             conversion,

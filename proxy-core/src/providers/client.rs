@@ -61,6 +61,9 @@ impl Upstream {
             .connect_timeout(CONNECT_TIMEOUT)
             .pool_idle_timeout(Duration::from_secs(90))
             .no_proxy()
+            // An upstream's redirect is relayed (passthrough) or refused, never followed:
+            // an `api_base` must not be able to point the gateway elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(Self { client })
     }
@@ -87,7 +90,7 @@ impl Upstream {
             Payload::Form(form) => request.multipart(form),
         };
         let request = provider.authorize(request, target.provider_key);
-        let stream = outgoing.stream;
+        let (stream, json_answer) = (outgoing.stream, outgoing.json_answer);
         let started = tokio::time::Instant::now();
         let response = tokio::time::timeout(timeout, request.send())
             .await
@@ -98,6 +101,9 @@ impl Upstream {
         if !status.is_success() {
             let remaining = timeout.saturating_sub(started.elapsed());
             return Err(rejected(provider, target, response, remaining).await);
+        }
+        if json_answer && stream && !is_event_stream(content_type.as_ref()) {
+            return Err(misshapen(target, status, "server-sent events"));
         }
         let body = if stream {
             relay(
@@ -111,6 +117,9 @@ impl Upstream {
                 .await
                 .map_err(|_| ProxyError::Timeout(timeout.as_millis()))?
                 .map_err(|e| transport_failure(target, &e))?;
+            if json_answer && serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err() {
+                return Err(misshapen(target, status, "JSON"));
+            }
             Body::from(bytes)
         };
         Ok(Answer {
@@ -149,6 +158,26 @@ impl Upstream {
 
 /// Maps a non-2xx upstream answer: 5xx become 502 without their body; 4xx keep
 /// their status and, for native OpenAI errors, their fields.
+fn is_event_stream(content_type: Option<&HeaderValue>) -> bool {
+    content_type.and_then(|v| v.to_str().ok()).is_some_and(|v| {
+        v.trim_start()
+            .to_ascii_lowercase()
+            .starts_with("text/event-stream")
+    })
+}
+
+/// A 2xx answer that is not what the route promises (an HTML page, a cut body): a
+/// failed attempt like a 5xx, its body never shown.
+fn misshapen(target: &Target<'_>, status: StatusCode, expected: &str) -> ProxyError {
+    ProxyError::UpstreamFailed {
+        detail: format!(
+            "{} answered {status} with a body that is not {expected}",
+            target.model.name
+        ),
+        retry_after: None,
+    }
+}
+
 async fn rejected(
     provider: &dyn Provider,
     target: &Target<'_>,

@@ -70,6 +70,7 @@ impl Provider for OpenAiCompatible {
                 path,
                 payload,
                 stream: body.stream,
+                json_answer: request.endpoint.answers_json(),
                 headers: HeaderMap::new(),
             },
             conversion,

@@ -34,6 +34,9 @@ pub struct Outgoing {
     pub payload: Payload,
     /// The answer is relayed as a stream rather than read whole.
     pub stream: bool,
+    /// The answer must be JSON (server-sent events when streamed); anything else the
+    /// upstream sends with a 2xx is an upstream failure, its body not shown.
+    pub json_answer: bool,
     /// Headers the adapter adds (`anthropic-version`, the caller's `anthropic-beta`).
     pub headers: HeaderMap,
 }

@@ -219,6 +219,32 @@ pub async fn harness_with(options: ProxyOptions, hooks: Hooks) -> Harness {
             json!({"key_hash": hash("narrow-key"), "allowed_models": ["o*"]}),
         ),
     ];
+    mock.set_script_for(
+        "up-broken",
+        Script {
+            status: 500,
+            error_body: Some("internal secret detail".into()),
+            ..Script::default()
+        },
+    );
+
+    let (url, draining, stop) = start_proxy(docs, options, hooks).await;
+    Harness {
+        url,
+        mock,
+        client: reqwest::Client::new(),
+        draining,
+        stop,
+    }
+}
+
+/// A proxy on an ephemeral port serving exactly `docs` (`<kind>/<id>` and the
+/// document); every document must be accepted.
+pub async fn start_proxy(
+    docs: Vec<(&str, Value)>,
+    options: ProxyOptions,
+    hooks: Hooks,
+) -> (String, CancellationToken, CancellationToken) {
     let store = Arc::new(SnapshotStore::new("/aisix"));
     let entries = docs
         .into_iter()
@@ -236,15 +262,6 @@ pub async fn harness_with(options: ProxyOptions, hooks: Hooks) -> Harness {
         "{:?}",
         report.newly_rejected
     );
-    mock.set_script_for(
-        "up-broken",
-        Script {
-            status: 500,
-            error_body: Some("internal secret detail".into()),
-            ..Script::default()
-        },
-    );
-
     let draining = CancellationToken::new();
     let stop = CancellationToken::new();
     let state = ProxyState::new(
@@ -263,13 +280,7 @@ pub async fn harness_with(options: ProxyOptions, hooks: Hooks) -> Harness {
         stop.clone(),
         ListenerOptions::plain("proxy"),
     ));
-    Harness {
-        url,
-        mock,
-        client: reqwest::Client::new(),
-        draining,
-        stop,
-    }
+    (url, draining, stop)
 }
 
 impl Harness {
