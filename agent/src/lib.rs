@@ -261,6 +261,8 @@ fn proxy_options(config: &Config) -> ProxyOptions {
             0 => None,
             n => Some(usize::try_from(n).unwrap_or(usize::MAX)),
         },
+        body_read_timeout: Duration::from_millis(config.proxy.body_read_timeout_ms),
+        min_body_rate: config.proxy.min_body_rate_bytes_per_sec,
         max_header_bytes: config.proxy.max_header_bytes,
         request_id_headers: config.request_id_headers(),
         trusted_proxies: config.proxy.trusted_proxies.clone(),

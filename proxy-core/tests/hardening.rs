@@ -296,3 +296,53 @@ async fn a_forbidden_word_beside_a_deeply_nested_field_is_never_forwarded() {
     }
     assert!(mock.requests().is_empty(), "a request reached the upstream");
 }
+
+/// Sends a head that promises `length` body bytes, then nothing; returns what came
+/// back and when.
+async fn stalled_body(url: &str, path: &str, length: usize) -> (String, std::time::Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = url.trim_start_matches("http://");
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CALLER}\r\nx-api-key: {CALLER}\r\n\
+         content-type: application/json\r\ncontent-length: {length}\r\n\r\n{{\"model\""
+    );
+    let started = std::time::Instant::now();
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tcp.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(read.is_ok(), "the connection stayed open");
+    (
+        String::from_utf8_lossy(&answer).into_owned(),
+        started.elapsed(),
+    )
+}
+
+#[tokio::test]
+async fn a_body_that_never_arrives_is_cut_with_408_in_the_routes_envelope() {
+    let options = ProxyOptions {
+        body_read_timeout: std::time::Duration::from_millis(300),
+        min_body_rate: 1_000_000,
+        ..ProxyOptions::default()
+    };
+    let docs = vec![caller_key()];
+    let (url, _, _) = start_proxy(docs, options, Hooks::default()).await;
+    let (answer, took) = stalled_body(&url, "/v1/chat/completions", 1_000).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains(r#"{"error":{"message":"the request body did not arrive within 300 ms","type":"invalid_request_error"}}"#),
+        "{answer}"
+    );
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    let (answer, _) = stalled_body(&url, "/v1/messages", 1_000).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains(r#""type":"timeout_error""#), "{answer}");
+    // A large declared body gets its length's worth of time on top (2 MB at 1 MB/s).
+    let (answer, took) = stalled_body(&url, "/v1/chat/completions", 2_000_000).await;
+    assert!(answer.contains("within 2300 ms"), "{answer}");
+    assert!(took >= std::time::Duration::from_millis(2_300), "{took:?}");
+}

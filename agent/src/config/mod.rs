@@ -207,6 +207,16 @@ impl Config {
                 self.proxy.max_header_bytes as u64,
                 1024,
             ),
+            (
+                "proxy.body_read_timeout_ms",
+                self.proxy.body_read_timeout_ms,
+                1,
+            ),
+            (
+                "proxy.min_body_rate_bytes_per_sec",
+                self.proxy.min_body_rate_bytes_per_sec,
+                1,
+            ),
         ] {
             if value < least {
                 return Err((field, format!("must be at least {least}")));

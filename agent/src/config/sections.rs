@@ -230,6 +230,10 @@ pub struct ProxySection {
     pub header_read_timeout_ms: u64,
     /// Largest request head (request line and headers); larger ones get 431.
     pub max_header_bytes: usize,
+    /// Time allowed for a request body to arrive, plus its declared length at
+    /// `min_body_rate_bytes_per_sec`; a body still missing after it gets 408.
+    pub body_read_timeout_ms: u64,
+    pub min_body_rate_bytes_per_sec: u64,
 }
 
 impl Default for ProxySection {
@@ -244,6 +248,8 @@ impl Default for ProxySection {
             max_connections: 10_000,
             header_read_timeout_ms: 30_000,
             max_header_bytes: 64 * 1024,
+            body_read_timeout_ms: 30_000,
+            min_body_rate_bytes_per_sec: 64 * 1024,
         }
     }
 }

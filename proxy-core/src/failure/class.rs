@@ -26,6 +26,9 @@ pub enum ProxyError {
     BodyTooLarge { limit: usize },
     #[error("request headers exceed the limit of {limit} bytes")]
     HeadersTooLarge { limit: usize },
+    /// The caller did not send its whole body in time.
+    #[error("the request body did not arrive within {millis} ms")]
+    BodyReadTimeout { millis: u128 },
     /// The body's declared type is not one the endpoint reads.
     #[error("{0}")]
     UnsupportedMediaType(String),
@@ -191,6 +194,9 @@ impl ProxyError {
             }
             ProxyError::BodyTooLarge { .. } => {
                 caller(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error")
+            }
+            ProxyError::BodyReadTimeout { .. } => {
+                caller(StatusCode::REQUEST_TIMEOUT, "invalid_request_error")
             }
             ProxyError::HeadersTooLarge { .. } => caller(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,

@@ -274,6 +274,11 @@ mod tests {
                 r#"{"error":{"message":"request body exceeds the limit of 10 bytes","type":"invalid_request_error"}}"#,
             ),
             (
+                ProxyError::BodyReadTimeout { millis: 30000 },
+                408,
+                r#"{"error":{"message":"the request body did not arrive within 30000 ms","type":"invalid_request_error"}}"#,
+            ),
+            (
                 ProxyError::UpstreamFailed {
                     detail: "secret upstream body".into(),
                     retry_after: None,
@@ -396,6 +401,11 @@ mod tests {
                 ProxyError::BodyTooLarge { limit: 10 },
                 413,
                 r#"{"type":"error","error":{"type":"request_too_large","message":"request body exceeds the limit of 10 bytes"}}"#,
+            ),
+            (
+                ProxyError::BodyReadTimeout { millis: 500 },
+                408,
+                r#"{"type":"error","error":{"type":"timeout_error","message":"the request body did not arrive within 500 ms"}}"#,
             ),
             (
                 ProxyError::RateLimited {

@@ -5,14 +5,14 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
-use super::state::{Call, Inner, client_ip};
+use super::state::{Call, Inner, ProxyOptions, client_ip};
 use crate::failure::{Envelope, ProxyError};
 use crate::formats::body::RequestBody;
 use crate::formats::endpoint::Endpoint;
@@ -68,7 +68,7 @@ pub(super) async fn read(
         .map(|v| v.to_str().unwrap_or("(not text)"));
     let forms = !endpoint.has_messages();
     check_content_type(content_type, forms)?;
-    let bytes = read_body(body, headers, state.options.body_limit).await?;
+    let bytes = read_body(body, headers, &state.options).await?;
     if forms && multipart::is_form(content_type) {
         let form = Form::parse(bytes.clone(), content_type.unwrap_or_default()).await?;
         let fields = Bytes::from(form.text_fields_json());
@@ -274,30 +274,44 @@ fn check_content_type(content_type: Option<&str>, forms: bool) -> Result<(), Pro
 pub(super) async fn read_body(
     body: Body,
     headers: &HeaderMap,
-    limit: Option<usize>,
+    options: &ProxyOptions,
 ) -> Result<Bytes, ProxyError> {
-    let Some(limit) = limit else {
-        return body
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .map_err(|_| ProxyError::invalid_request("failed to read the request body", None));
-    };
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+    let limit = options.body_limit;
+    if let Some(limit) = limit
+        && declared.is_some_and(|n| n > limit as u64)
+    {
         return Err(ProxyError::BodyTooLarge { limit });
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(ProxyError::BodyTooLarge { limit })
+    let allowed = options.body_read_timeout
+        + Duration::from_secs(declared.unwrap_or(0) / options.min_body_rate.max(1));
+    let read = async {
+        match limit {
+            Some(limit) => Limited::new(body, limit)
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .map_err(|e| match e.downcast_ref::<LengthLimitError>() {
+                    Some(_) => ProxyError::BodyTooLarge { limit },
+                    None => unreadable_body(),
+                }),
+            None => body
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .map_err(|_| unreadable_body()),
         }
-        Err(_) => Err(ProxyError::invalid_request(
-            "failed to read the request body",
-            None,
-        )),
-    }
+    };
+    tokio::time::timeout(allowed, read)
+        .await
+        .map_err(|_| ProxyError::BodyReadTimeout {
+            millis: allowed.as_millis(),
+        })?
+}
+
+fn unreadable_body() -> ProxyError {
+    ProxyError::invalid_request("failed to read the request body", None)
 }

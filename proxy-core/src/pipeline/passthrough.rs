@@ -104,7 +104,7 @@ async fn forward(
     // Request limits of the caller key (no model to limit); the lease (concurrency)
     // is held until the body has been relayed.
     let lease = limits_and_budget(state, caller, None).await?;
-    let bytes = read_body(body, headers, state.options.body_limit).await?;
+    let bytes = read_body(body, headers, &state.options).await?;
     // The input guardrails of the model that grants the access read the whole body.
     let guards = guardrails::applicable(snapshot, &model.name, &caller.id);
     if !guards.input.is_empty() {

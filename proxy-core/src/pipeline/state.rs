@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use axum::http::{HeaderMap, HeaderName};
 use ipnet::IpNet;
@@ -31,6 +31,11 @@ pub const CACHE_STATUS: HeaderName = HeaderName::from_static("x-aisix-cache");
 pub struct ProxyOptions {
     /// Largest accepted request body; `None` means unlimited.
     pub body_limit: Option<usize>,
+    /// How long a request body may take to arrive, plus its declared length at
+    /// `min_body_rate` bytes per second: a slow upload of a large body is not cut, a
+    /// stalled one is (408).
+    pub body_read_timeout: Duration,
+    pub min_body_rate: u64,
     /// Largest accepted request head (request line and headers); larger ones are
     /// refused with 431 in the route's envelope.
     pub max_header_bytes: usize,
@@ -50,6 +55,8 @@ impl Default for ProxyOptions {
     fn default() -> Self {
         Self {
             body_limit: None,
+            body_read_timeout: Duration::from_secs(30),
+            min_body_rate: 64 * 1024,
             max_header_bytes: 64 * 1024,
             request_id_headers: Vec::new(),
             access_log: false,
