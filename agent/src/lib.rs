@@ -131,7 +131,11 @@ impl Agent {
         let workers = TaskTracker::new();
         let running = source.start(&config, &shared, &workers, &background);
         let serving = Serving::new(&config, &shared, running, listeners)?;
-        follow_controls(&config, &shared.store, &controls).await;
+        let failed = serving.failed.clone();
+        tokio::select! {
+            () = follow_controls(&config, &shared.store, &controls) => {}
+            () = failed.cancelled() => {}
+        }
         serving.drain(&config).await;
         background.cancel();
         workers.close();
@@ -140,6 +144,9 @@ impl Agent {
             .is_err()
         {
             warn!("shutdown: background tasks did not stop within 10 s");
+        }
+        if failed.is_cancelled() {
+            anyhow::bail!("a listener failed (see the log above); stopped");
         }
         Ok(())
     }
@@ -152,6 +159,8 @@ struct Serving {
     draining: CancellationToken,
     /// Cancelled when the listeners close.
     stop: CancellationToken,
+    /// Cancelled when a listener fails: the agent drains and exits non-zero.
+    failed: CancellationToken,
 }
 
 impl Serving {
@@ -165,6 +174,7 @@ impl Serving {
             servers: TaskTracker::new(),
             draining: CancellationToken::new(),
             stop: CancellationToken::new(),
+            failed: CancellationToken::new(),
         };
         let Running {
             kind,
@@ -226,6 +236,7 @@ impl Serving {
                 router,
                 serving.stop.clone(),
                 options,
+                serving.failed.clone(),
             ));
             info!(addr = %addr, scheme, "{} listener ready", bound.role.name());
         }

@@ -119,17 +119,24 @@ pub async fn bind(set: Vec<Planned>) -> anyhow::Result<Vec<Bound>> {
     Ok(bound)
 }
 
-/// Serves one listener until `stop`, logging a failure instead of returning it.
+/// Serves one listener until `stop`. A listener that fails (or whose task panics)
+/// cancels `failed`: the agent then stops serving and exits non-zero, rather than
+/// staying up and ready without it.
 pub async fn serve_logged(
     listener: TcpListener,
     router: axum::Router,
     stop: CancellationToken,
     options: ListenerOptions,
+    failed: CancellationToken,
 ) {
     let name = options.name;
-    if let Err(e) = serve(listener, router, stop, options).await {
-        error!(listener = name, error = %e, "listener failed");
-    }
+    let error = match tokio::spawn(serve(listener, router, stop, options)).await {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => format!("its task ended: {e}"),
+    };
+    error!(listener = name, error, "listener failed; the agent stops");
+    failed.cancel();
 }
 
 pub fn scheme(options: &ListenerOptions) -> &'static str {

@@ -137,3 +137,18 @@ async fn a_port_in_use_stops_start_up_naming_the_field() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn a_listener_that_dies_stops_the_agent_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), "http://127.0.0.1:9");
+    // Past what validation allows: the proxy listener's task panics on it. The agent
+    // must not stay up (and ready) without its proxy listener.
+    config.proxy.max_connections = usize::MAX;
+    let agent = agent::start(config).await.unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), agent.serve(Controls::default()))
+        .await
+        .expect("the agent stops on its own");
+    let error = format!("{:#}", outcome.unwrap_err());
+    assert!(error.contains("a listener failed"), "{error}");
+}

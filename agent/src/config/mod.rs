@@ -15,6 +15,7 @@ use serde_yaml_ng::{Mapping, Value};
 
 mod sections;
 
+use sections::at_most;
 pub use sections::*;
 
 /// Why a configuration could not be loaded. Each message names the file, variable or
@@ -222,6 +223,44 @@ impl Config {
                 return Err((field, format!("must be at least {least}")));
             }
         }
+        at_most(&[
+            (
+                "proxy.max_connections",
+                self.proxy.max_connections as u64,
+                1_000_000,
+            ),
+            (
+                "proxy.header_read_timeout_ms",
+                self.proxy.header_read_timeout_ms,
+                3_600_000,
+            ),
+            (
+                "proxy.max_header_bytes",
+                self.proxy.max_header_bytes as u64,
+                16 << 20,
+            ),
+            (
+                "proxy.body_read_timeout_ms",
+                self.proxy.body_read_timeout_ms,
+                3_600_000,
+            ),
+            ("cache.ttl_secs", self.cache.ttl_secs, 31_536_000),
+            (
+                "cache.max_entries",
+                self.cache.max_entries as u64,
+                10_000_000,
+            ),
+            (
+                "shutdown.min_drain_secs",
+                self.shutdown.min_drain_secs,
+                3_600,
+            ),
+            (
+                "shutdown.drain_timeout_secs",
+                self.shutdown.drain_timeout_secs,
+                86_400,
+            ),
+        ])?;
         if http_header_name(&self.proxy.client_ip_header).is_none() {
             return Err((
                 "proxy.client_ip_header",
@@ -459,6 +498,42 @@ mod tests {
         assert!(e.contains("a configuration source is required"), "{e}");
         let e = parse("resources_file: [\n").unwrap_err().to_string();
         assert!(e.contains("not valid YAML"), "{e}");
+    }
+
+    #[test]
+    fn numbers_past_what_the_runtime_can_take_are_refused_by_name() {
+        // The review's value: above tokio's semaphore limit, it crashed the listener.
+        for (yaml, expected) in [
+            (
+                "proxy: {max_connections: 2305843009213693952}",
+                "proxy.max_connections: must be at most 1000000",
+            ),
+            (
+                "proxy: {body_read_timeout_ms: 0}",
+                "proxy.body_read_timeout_ms: must be at least 1",
+            ),
+            (
+                "cache: {max_entries: 100000000000}",
+                "cache.max_entries: must be at most 10000000",
+            ),
+            (
+                "shutdown: {drain_timeout_secs: 18446744073709551615}",
+                "shutdown.drain_timeout_secs: must be at most 86400",
+            ),
+        ] {
+            let e = parse(&format!("resources_file: r.yaml\n{yaml}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(expected), "{yaml}: {e}");
+        }
+        let e =
+            parse("etcd: {endpoints: [http://127.0.0.1:2379], request_timeout_ms: 99999999999}\n")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            e.contains("etcd.request_timeout_ms: must be at most 600000"),
+            "{e}"
+        );
     }
 
     #[test]

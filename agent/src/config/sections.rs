@@ -413,7 +413,39 @@ impl ManagedSection {
                 return Err((field, "must be greater than 0".to_owned()));
             }
         }
-        Ok(())
+        at_most(&[
+            (
+                "managed.heartbeat_interval_secs",
+                self.heartbeat_interval_secs,
+                3_600,
+            ),
+            (
+                "managed.connect_timeout_ms",
+                self.connect_timeout_ms,
+                600_000,
+            ),
+            (
+                "managed.request_timeout_ms",
+                self.request_timeout_ms,
+                600_000,
+            ),
+            ("managed.budget.timeout_ms", self.budget.timeout_ms, 600_000),
+            (
+                "managed.usage.queue_max_events",
+                self.usage.queue_max_events,
+                100_000_000,
+            ),
+            (
+                "managed.usage.batch_size",
+                self.usage.batch_size as u64,
+                100_000,
+            ),
+            (
+                "managed.usage.flush_interval_ms",
+                self.usage.flush_interval_ms,
+                3_600_000,
+            ),
+        ])
     }
 }
 
@@ -453,6 +485,10 @@ impl EtcdSection {
                 "must be greater than 0".to_owned(),
             ));
         }
+        at_most(&[
+            ("etcd.dial_timeout_ms", self.dial_timeout_ms, 600_000),
+            ("etcd.request_timeout_ms", self.request_timeout_ms, 600_000),
+        ])?;
         if self.username.is_some() != self.password.is_some() {
             return Err((
                 "etcd.username",
@@ -469,4 +505,15 @@ impl EtcdSection {
         }
         Ok(())
     }
+}
+
+/// The first field above its bound, as an error. Bounds keep every figure within what
+/// the runtime can take (a semaphore's permits, a timer's range) and within reason.
+pub(super) fn at_most(checks: &[(&'static str, u64, u64)]) -> Result<(), (&'static str, String)> {
+    for &(field, value, most) in checks {
+        if value > most {
+            return Err((field, format!("must be at most {most}")));
+        }
+    }
+    Ok(())
 }
