@@ -8,8 +8,8 @@ use super::canonical::{
 };
 use super::codec::{CallerCodec, UpstreamCodec};
 use super::wire::{
-    Result, count, number, parse_object, plain_text, refuse, str_of, strings, take, to_bytes,
-    u64_of, unix_now, unreadable,
+    Result, count, number, parse_object, plain_text, refuse, str_at, str_of, strings, take,
+    to_bytes, u64_of, unix_now, unreadable,
 };
 
 pub struct OpenAiChat;
@@ -248,10 +248,7 @@ fn read_part(part: &Value) -> Result<Block> {
             cache_control,
         })),
         Some("image_url") => {
-            let url = part
-                .pointer("/image_url/url")
-                .and_then(Value::as_str)
-                .unwrap_or("");
+            let url = str_at(part, "/image_url/url");
             let source = match url
                 .strip_prefix("data:")
                 .and_then(|rest| rest.split_once(";base64,"))
@@ -280,21 +277,14 @@ fn read_part(part: &Value) -> Result<Block> {
 /// A tool call (`arguments` as JSON text) as a block whose input is an object (`{}`
 /// when unreadable).
 fn read_tool_call(call: &Value) -> Block {
-    let arguments = call
-        .pointer("/function/arguments")
-        .and_then(Value::as_str)
-        .unwrap_or("");
+    let arguments = str_at(call, "/function/arguments");
     let input = serde_json::from_str::<Value>(arguments)
         .ok()
         .filter(Value::is_object)
         .unwrap_or_else(|| json!({}));
     Block::ToolCall {
         id: str_of(call, "id").to_owned(),
-        name: call
-            .pointer("/function/name")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned(),
+        name: str_at(call, "/function/name").to_owned(),
         input,
     }
 }

@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use super::canonical::{Event, Usage};
 use super::codec::{CallerStream, StreamDecoder, StreamEncoder, UpstreamStream};
 use super::openai::{OpenAiChat, finish_reason, read_usage, stop_of, write_usage};
-use super::wire::{data_event, str_of, unix_now};
+use super::wire::{data_event, str_at, str_of, unix_now};
 use crate::formats::sse;
 
 /// Reads an upstream's chunks. Tool calls keep OpenAI's own numbering.
@@ -77,11 +77,7 @@ impl Decoder {
             out.push(Event::ToolCall {
                 call: number,
                 id: str_of(call, "id").to_owned(),
-                name: call
-                    .pointer("/function/name")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_owned(),
+                name: str_at(call, "/function/name").to_owned(),
             });
         }
         if let Some(arguments) = call
