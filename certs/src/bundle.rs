@@ -111,13 +111,21 @@ fn check_validity(what: &str, leaf: &CertInfo, now: OffsetDateTime) -> Result<()
     Ok(())
 }
 
+/// PEM text that does not parse. The parser's own message quotes the text around the
+/// fault, which may be private key material: it is never passed on.
+fn malformed(what: &str) -> CertError {
+    CertError::Parse {
+        what: what.to_owned(),
+        reason: "malformed PEM (a BEGIN/END section is broken, cut short or has its line \
+                 breaks folded into spaces)"
+            .to_owned(),
+    }
+}
+
 pub(crate) fn pem_certs(what: &str, pem: &str) -> Result<Vec<CertificateDer<'static>>, CertError> {
     let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_bytes())
         .collect::<Result<_, _>>()
-        .map_err(|e| CertError::Parse {
-            what: what.to_owned(),
-            reason: e.to_string(),
-        })?;
+        .map_err(|_| malformed(what))?;
     if certs.is_empty() {
         return Err(CertError::WrongPemType {
             what: what.to_owned(),
@@ -129,10 +137,7 @@ pub(crate) fn pem_certs(what: &str, pem: &str) -> Result<Vec<CertificateDer<'sta
 
 pub(crate) fn pem_key(what: &str, pem: &str) -> Result<PrivateKeyDer<'static>, CertError> {
     rustls_pemfile::private_key(&mut pem.as_bytes())
-        .map_err(|e| CertError::Parse {
-            what: what.to_owned(),
-            reason: e.to_string(),
-        })?
+        .map_err(|_| malformed(what))?
         .ok_or_else(|| CertError::WrongPemType {
             what: what.to_owned(),
             expected: "PRIVATE KEY",

@@ -3,7 +3,8 @@
 //! Unknown keys are errors that name their path. Sections of the AISIX config that this
 //! build does not implement yet are accepted and reported once as ignored, so existing
 //! config files keep working. `AISIX_<SECTION>__<FIELD>` environment variables override
-//! file values (double underscore between levels; values are read as YAML scalars).
+//! file values (double underscore between levels; values are read as YAML scalars, except
+//! multi-line values and `*_pem` fields, taken verbatim).
 //!
 //! Layout: this file has the top level, loading, overrides and the cross-section
 //! checks; `sections.rs` the sections below it, their defaults and their own checks.
@@ -385,8 +386,14 @@ fn apply_override(root: &mut Value, var: &str, raw: &str) -> Result<(), ConfigEr
     if path.iter().any(String::is_empty) {
         return Err(env_error("expected AISIX_<SECTION>__<FIELD>".to_owned()));
     }
-    let value: Value =
-        serde_yaml_ng::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_owned()));
+    // PEM and other multi-line text is taken verbatim: read as a YAML plain scalar, its
+    // line breaks would fold into spaces.
+    let verbatim = raw.contains('\n') || path.last().is_some_and(|k| k.ends_with("_pem"));
+    let value: Value = if verbatim {
+        Value::String(raw.to_owned())
+    } else {
+        serde_yaml_ng::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_owned()))
+    };
     let mut node = root;
     for (i, key) in path.iter().enumerate() {
         let Value::Mapping(map) = node else {
