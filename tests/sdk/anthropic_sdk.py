@@ -8,7 +8,7 @@ Exits non-zero on the first failed check.
 
 import anthropic
 
-from checks import EXPECTED, KEY, MESSAGES, NARROW, check, passed, raises
+from checks import EXPECTED, KEY, MESSAGES, NARROW, check, counting_http_client, passed, raises
 from checks import BASE_URL as BASE
 
 TOOLS = [{"name": "get_weather", "description": "Current weather",
@@ -80,5 +80,13 @@ e = expect_error(anthropic.InternalServerError, 502, "api_error",
 check("private upstream detail" not in e.response.text, "upstream 5xx body not exposed")
 expect_error(anthropic.APIStatusError, 501, "api_error",
              lambda: client.messages.count_tokens(model="gpt-4o-mini", messages=MESSAGES))
+
+# With the SDK's own retries on, a 501 is sent once (x-should-retry: false).
+http, sent = counting_http_client()
+retrying = anthropic.Anthropic(base_url=BASE, api_key=KEY, max_retries=2, http_client=http)
+e = raises(anthropic.APIStatusError, 501,
+           lambda: retrying.messages.count_tokens(model="gpt-4o-mini", messages=MESSAGES))
+check(e.response.headers.get("x-should-retry") == "false", "501: x-should-retry false")
+check(len(sent) == 1, f"501: sent {len(sent)} times by a retrying SDK")
 
 passed("anthropic-sdk")

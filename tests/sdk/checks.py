@@ -31,3 +31,12 @@ def raises(cls, status, call):
 
 def passed(sdk):
     print(f"{sdk}: {checks} checks passed")
+
+
+def counting_http_client():
+    """An httpx2 client (what these SDKs use) that counts the requests it sends (retries included)."""
+    import httpx2
+
+    sent = []
+    client = httpx2.Client(event_hooks={"request": [lambda request: sent.append(request.url.path)]})
+    return client, sent

@@ -9,7 +9,7 @@ import json
 
 import openai
 
-from checks import EXPECTED, KEY, MESSAGES, NARROW, BASE_URL, check, passed, raises
+from checks import EXPECTED, KEY, MESSAGES, NARROW, BASE_URL, check, counting_http_client, passed, raises
 
 BASE = BASE_URL + "/v1"
 
@@ -130,5 +130,23 @@ transcript = client.audio.transcriptions.create(model="gpt-4o-mini", file=("hell
 check(transcript.text == EXPECTED, f"audio transcription {transcript.text!r}")
 expect_error(openai.APIStatusError, 501, "not_implemented",
              lambda: client.embeddings.create(model="claude", input="a"))
+
+# With the SDK's own retries on: refusals that sending again cannot fix are sent once
+# (x-should-retry: false), a 5xx the SDK retries as it should.
+http, sent = counting_http_client()
+retrying = openai.OpenAI(base_url=BASE, api_key=KEY, max_retries=2, http_client=http)
+for what, call in [
+    ("501", lambda: retrying.embeddings.create(model="claude", input="a")),
+    ("403", lambda: openai.OpenAI(base_url=BASE, api_key=NARROW, max_retries=2, http_client=http)
+        .chat.completions.create(model="claude", messages=MESSAGES)),
+]:
+    sent.clear()
+    e = raises(openai.APIStatusError, int(what), call)
+    check(e.response.headers.get("x-should-retry") == "false", f"{what}: x-should-retry false")
+    check(len(sent) == 1, f"{what}: sent {len(sent)} times by a retrying SDK")
+sent.clear()
+raises(openai.InternalServerError, 502,
+       lambda: retrying.chat.completions.create(model="broken", messages=MESSAGES))
+check(len(sent) == 3, f"502: retried by the SDK ({len(sent)} requests)")
 
 passed("openai-sdk")

@@ -138,12 +138,22 @@ pub struct Class {
     pub counts_against_health: bool,
     /// The `kind` label of `aisix_upstream_failures_total` when an attempt fails so.
     pub metric_kind: &'static str,
-    /// The `Retry-After` the caller is sent, in seconds.
+    /// The `Retry-After` the caller is sent, in seconds (capped at
+    /// [`MAX_RETRY_AFTER_SECS`] on the wire; error bodies keep the true figure).
     pub retry_after: Option<u64>,
+    /// `x-should-retry`, the header the official OpenAI and Anthropic SDKs obey before
+    /// their own rule (retry 408, 409, 429 and 5xx): `Some(false)` on refusals that
+    /// sending again cannot fix, `None` where their rule is right.
+    pub should_retry: Option<bool>,
     /// The upstream's own `Retry-After`, in seconds (retry backoff and cooldown).
     pub upstream_retry_after: Option<u64>,
     pub log: LogLevel,
 }
+
+/// The longest `Retry-After` sent. SDKs sleep for what it says before retrying; a
+/// budget that resets in ten hours must not park a client for ten hours (budget
+/// denials also say `x-should-retry: false`, and their body has the reset time).
+pub const MAX_RETRY_AFTER_SECS: u64 = 60;
 
 impl ProxyError {
     pub fn invalid_request(message: impl Into<String>, param: Option<&'static str>) -> Self {
@@ -171,7 +181,8 @@ impl ProxyError {
         use LogLevel::{Debug, Warn};
         use Origin::{Caller, Gateway, Upstream};
         use Recovery::{ByStatus, Final, NextTarget, RateLimited, Transient};
-        /// A refusal of the caller's request: final, no health, no retry hint.
+        /// A refusal of the caller's request: final, no health, no retry hint, and
+        /// not worth sending again as it is.
         fn caller(status: StatusCode, kind: &'static str) -> Class {
             Class {
                 status,
@@ -181,6 +192,7 @@ impl ProxyError {
                 counts_against_health: false,
                 metric_kind: "other",
                 retry_after: None,
+                should_retry: Some(false),
                 upstream_retry_after: None,
                 log: Debug,
             }
@@ -195,9 +207,11 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => {
                 caller(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error")
             }
-            ProxyError::BodyReadTimeout { .. } => {
-                caller(StatusCode::REQUEST_TIMEOUT, "invalid_request_error")
-            }
+            // The body may well arrive on a second try.
+            ProxyError::BodyReadTimeout { .. } => Class {
+                should_retry: None,
+                ..caller(StatusCode::REQUEST_TIMEOUT, "invalid_request_error")
+            },
             ProxyError::HeadersTooLarge { .. } => caller(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "invalid_request_error",
@@ -216,10 +230,14 @@ impl ProxyError {
             }
             ProxyError::RateLimited { retry_after, .. } => Class {
                 retry_after: Some(*retry_after),
+                should_retry: None,
                 ..caller(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded")
             },
+            // Spent is spent until the period resets; without a decision (the control
+            // plane away) a later try may pass.
             ProxyError::BudgetDenied(denial) => Class {
                 retry_after: denial.retry_after_seconds,
+                should_retry: (denial.code != "budget_unavailable").then_some(false),
                 ..caller(StatusCode::TOO_MANY_REQUESTS, "billing_error")
             },
             ProxyError::UpstreamRejected {
@@ -242,6 +260,7 @@ impl ProxyError {
                     },
                     // Passed on for 429s only: the caller may wait and send again.
                     retry_after: retry_after.filter(|_| rate_limited),
+                    should_retry: None,
                     upstream_retry_after: *retry_after,
                     log: Debug,
                 }
@@ -255,6 +274,7 @@ impl ProxyError {
                 metric_kind: "server_error",
                 // Our 502's retry hint is not the upstream's to give.
                 retry_after: None,
+                should_retry: None,
                 upstream_retry_after: *retry_after,
                 log: Warn,
             },
@@ -266,6 +286,7 @@ impl ProxyError {
                 counts_against_health: true,
                 metric_kind: "unreachable",
                 retry_after: None,
+                should_retry: None,
                 upstream_retry_after: None,
                 log: Warn,
             },
@@ -277,6 +298,7 @@ impl ProxyError {
                 counts_against_health: true,
                 metric_kind: "timeout",
                 retry_after: None,
+                should_retry: None,
                 upstream_retry_after: None,
                 log: Warn,
             },
@@ -291,12 +313,14 @@ impl ProxyError {
             ProxyError::ProviderUnavailable(_) => Class {
                 origin: Gateway,
                 recovery: NextTarget,
+                should_retry: None,
                 log: Warn,
                 ..caller(StatusCode::SERVICE_UNAVAILABLE, "provider_unavailable")
             },
             ProxyError::AllCandidatesUnavailable { retry_after, .. } => Class {
                 origin: Gateway,
                 retry_after: Some(*retry_after),
+                should_retry: None,
                 log: Warn,
                 ..caller(
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -1,11 +1,11 @@
 //! The error envelopes of the route families, rendered from a failure's [`Class`].
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::Serialize;
 
-use super::class::{Class, ProxyError};
+use super::class::{Class, MAX_RETRY_AFTER_SECS, ProxyError};
 use crate::hooks::BudgetDenial;
 
 /// The error envelope of a route family.
@@ -16,6 +16,9 @@ pub enum Envelope {
     /// `{"type": "error", "error": {"type", "message"}}`, the type following the status.
     Anthropic,
 }
+
+/// Read by the official OpenAI and Anthropic SDKs before their own retry rule.
+pub const SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 
 /// The error type of an error response, set where errors are rendered (a response
 /// extension the access log and metrics read).
@@ -32,10 +35,14 @@ impl ProxyError {
         };
         let mut response = json_response(class.status, body);
         response.extensions_mut().insert(ErrorType(class.kind));
+        let headers = response.headers_mut();
         if let Some(seconds) = class.retry_after {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            let seconds = seconds.min(MAX_RETRY_AFTER_SECS);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if let Some(retry) = class.should_retry {
+            let value = HeaderValue::from_static(if retry { "true" } else { "false" });
+            headers.insert(SHOULD_RETRY, value);
         }
         response
     }
@@ -473,7 +480,9 @@ mod tests {
         };
         let response =
             ProxyError::BudgetDenied(Arc::new(denial)).into_response_in(Envelope::OpenAi);
-        assert_eq!(response.headers()[header::RETRY_AFTER], "3600");
+        // The header is capped and says not to retry; the body has the true reset.
+        assert_eq!(response.headers()[header::RETRY_AFTER], "60");
+        assert_eq!(response.headers()[SHOULD_RETRY], "false");
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(
             std::str::from_utf8(&body).unwrap(),
@@ -485,6 +494,8 @@ mod tests {
             ProxyError::BudgetDenied(Arc::new(unavailable)).into_response_in(Envelope::OpenAi);
         assert_eq!(response.status(), 429);
         assert!(response.headers().get(header::RETRY_AFTER).is_none());
+        // No decision yet (the control plane is away): a later try may pass.
+        assert!(response.headers().get(SHOULD_RETRY).is_none());
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(
             std::str::from_utf8(&body).unwrap(),

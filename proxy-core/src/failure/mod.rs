@@ -14,5 +14,9 @@
 mod class;
 mod envelope;
 
-pub use class::{Class, LogLevel, Origin, ProxyError, Recovery, UpstreamErrorFields};
-pub use envelope::{Envelope, ErrorType, anthropic_error_type, json_response, stream_error_event};
+pub use class::{
+    Class, LogLevel, MAX_RETRY_AFTER_SECS, Origin, ProxyError, Recovery, UpstreamErrorFields,
+};
+pub use envelope::{
+    Envelope, ErrorType, SHOULD_RETRY, anthropic_error_type, json_response, stream_error_event,
+};
