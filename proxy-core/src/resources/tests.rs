@@ -223,3 +223,34 @@ fn guardrails_validate_every_pattern() {
         ]
     );
 }
+
+#[test]
+fn control_characters_in_names_and_credentials_are_refused() {
+    let control = "must not contain control characters (line breaks, tabs...)";
+    let found = problems(
+        Kind::ProviderKeys,
+        r#"{"display_name": "a\nFAKE LOG LINE", "provider": "acme\r", "api_base": "http://x", "api_key": "sk-1\r\nx-injected: 1"}"#,
+    );
+    for path in ["display_name", "provider", "api_key"] {
+        assert!(
+            found.contains(&(path.to_owned(), control.to_owned())),
+            "{path}: {found:?}"
+        );
+    }
+    // The credential is never echoed in the problem.
+    assert!(!format!("{found:?}").contains("sk-1"));
+    let found = problems(
+        Kind::Models,
+        r#"{"display_name": "gpt\n", "model_name": "up\u001b[31m", "provider_key_id": "pk"}"#,
+    );
+    assert!(found.contains(&("display_name".to_owned(), control.to_owned())));
+    assert!(found.contains(&("model_name".to_owned(), control.to_owned())));
+    let found = problems(
+        Kind::ApiKeys,
+        &format!(
+            r#"{{"key_hash": "{}", "allowed_models": ["*"], "display_name": "me\nyou"}}"#,
+            "0".repeat(64)
+        ),
+    );
+    assert_eq!(found, [("display_name".to_owned(), control.to_owned())]);
+}

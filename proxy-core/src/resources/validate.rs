@@ -29,6 +29,12 @@ impl ProviderKey {
         let mut p = Problems::default();
         let display_name = required_name(&mut p, "display_name", spec.display_name);
         let provider = spec.provider.unwrap_or_default();
+        if has_control(&provider) {
+            p.push(
+                "provider",
+                "must not contain control characters (line breaks, tabs...)",
+            );
+        }
         let built_in = BUILT_IN_BASES.iter().find(|(name, _, _)| *name == provider);
         let adapter = match spec.adapter.as_deref() {
             Some("openai") => Adapter::OpenAi,
@@ -55,6 +61,14 @@ impl ProviderKey {
             }
         };
         let credential = match (spec.api_key, spec.secret) {
+            // The credential goes into a header: a line break would fail every request.
+            (Some(k), None) | (None, Some(k)) if has_control(k.expose()) => {
+                p.push(
+                    "api_key",
+                    "must not contain control characters (line breaks, tabs...)",
+                );
+                Secret::new("")
+            }
             (Some(k), None) | (None, Some(k)) if !k.is_empty() => k,
             (Some(_), Some(_)) => {
                 p.push("api_key", "set exactly one of api_key or secret, not both");
@@ -155,6 +169,18 @@ impl Routing {
 impl ApiKey {
     pub fn from_spec(id: &str, spec: ApiKeySpec) -> Result<Self, Problems> {
         let mut p = Problems::default();
+        for (path, value) in [
+            ("display_name", &spec.display_name),
+            ("team_id", &spec.team_id),
+            ("user_id", &spec.user_id),
+        ] {
+            if value.as_deref().is_some_and(has_control) {
+                p.push(
+                    path,
+                    "must not contain control characters (line breaks, tabs...)",
+                );
+            }
+        }
         let key_hash = match spec.key_hash.as_deref().map(parse_key_hash) {
             Some(Ok(h)) => h,
             Some(Err(msg)) => {
@@ -222,8 +248,21 @@ fn parse_key_hash(s: &str) -> Result<KeyHash, &'static str> {
     Ok(KeyHash(out))
 }
 
+/// Control characters (line breaks first) in a name would forge log lines and break
+/// headers; none is a reasonable part of a name, a path or a credential.
+fn has_control(s: &str) -> bool {
+    s.chars().any(char::is_control)
+}
+
 fn required_name(p: &mut Problems, path: &str, v: Option<String>) -> String {
     match v {
+        Some(s) if has_control(&s) => {
+            p.push(
+                path,
+                "must not contain control characters (line breaks, tabs...)",
+            );
+            String::new()
+        }
         Some(s) if !s.trim().is_empty() => s,
         Some(_) => {
             p.push(path, "must not be empty");
