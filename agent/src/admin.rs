@@ -479,13 +479,16 @@ fn id_of(key: &str) -> &str {
     key.rsplit('/').next().unwrap_or(key)
 }
 
-/// `{"id", "value"}` with provider credentials redacted; a stored document that is not
-/// a JSON object is shown as a string so operators can see and fix it.
+/// `{"id", "value"}` with provider credentials redacted. A stored document that is not
+/// a JSON object is reported by its id and what is wrong with it, never by its bytes: a
+/// broken provider key may still hold its credential in plain text.
 fn item(kind: Kind, id: &str, raw: &[u8]) -> Value {
-    match serde_json::from_slice::<Value>(raw) {
-        Ok(Value::Object(doc)) => item_value(kind, id, doc),
-        _ => json!({ "id": id, "value": String::from_utf8_lossy(raw), "invalid": true }),
-    }
+    let error = match serde_json::from_slice::<Value>(raw) {
+        Ok(Value::Object(doc)) => return item_value(kind, id, doc),
+        Ok(_) => "the document is JSON but not an object".to_owned(),
+        Err(e) => format!("the document is not valid JSON: {e}"),
+    };
+    json!({ "id": id, "invalid": true, "error": error })
 }
 
 fn item_value(kind: Kind, id: &str, mut doc: Map<String, Value>) -> Value {
@@ -502,6 +505,19 @@ fn item_value(kind: Kind, id: &str, mut doc: Map<String, Value>) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_broken_document_is_reported_without_its_bytes() {
+        for raw in [
+            &br#"{"display_name": "x", "api_key": "sk-plain-secret-1", oops"#[..],
+            br#""sk-plain-secret-1""#,
+        ] {
+            let shown = item(Kind::ProviderKeys, "pk1", raw).to_string();
+            assert!(!shown.contains("sk-plain-secret-1"), "{shown}");
+            assert!(shown.contains(r#""invalid":true"#), "{shown}");
+            assert!(shown.contains("the document is"), "{shown}");
+        }
+    }
 
     #[test]
     fn plaintext_keys_become_hashes_and_credentials_survive_redaction() {
