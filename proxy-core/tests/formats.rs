@@ -14,7 +14,6 @@ mod common;
 use cloud_mock::provider::{Script, ToolCall};
 use common::*;
 use proxy_core::formats::sse;
-use proxy_core::hooks::{UsageEvent, UsageSink};
 use proxy_core::http::{Hooks, ProxyOptions};
 use serde_json::{Value, json};
 
@@ -840,16 +839,6 @@ async fn forms_are_routed_by_their_model_field_and_sent_on_intact() {
     );
 }
 
-/// Collects usage events.
-#[derive(Default)]
-struct Recorder(std::sync::Mutex<Vec<UsageEvent>>);
-
-impl UsageSink for Recorder {
-    fn record(&self, event: UsageEvent) {
-        self.0.lock().unwrap().push(event);
-    }
-}
-
 #[tokio::test]
 async fn usage_is_counted_whatever_the_formats() {
     let recorder = std::sync::Arc::new(Recorder::default());
@@ -924,4 +913,48 @@ async fn rate_limit_headers_come_with_messages_too() {
     assert_eq!(r.headers()["x-ratelimit-limit-requests"], "2");
     assert_eq!(r.headers()["x-ratelimit-limit-tokens"], "100");
     assert!(r.headers().contains_key("x-ratelimit-remaining-requests"));
+}
+
+#[tokio::test]
+async fn passthrough_answers_are_charged_their_tokens() {
+    let recorder = std::sync::Arc::new(Recorder::default());
+    let hooks = Hooks {
+        usage: Some(recorder.clone()),
+        ..Hooks::default()
+    };
+    let h = harness_with(ProxyOptions::default(), hooks).await;
+    let send = |key: &'static str, body: Value| {
+        h.client
+            .post(format!("{}/passthrough/openai/v1/chat/completions", h.url))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+    };
+    let whole = json!({"model": "up-gpt", "messages": [{"role": "user", "content": "hi"}]});
+    let streamed = json!({"model": "up-gpt", "stream": true, "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "hi"}]});
+    for body in [whole.clone(), streamed] {
+        let r = send(CALLER, body).await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let events = recorder.0.lock().unwrap().clone();
+    assert_eq!(events.len(), 2, "{events:?}");
+    for (event, stream) in events.iter().zip([false, true]) {
+        assert_eq!(
+            (event.prompt_tokens, event.completion_tokens, event.stream),
+            (10, 3, stream),
+            "{event:?}"
+        );
+        // Charged to the model that grants the access (the alphabetically first).
+        assert_eq!(event.model, "broken");
+        assert_eq!(event.provider, "openai");
+    }
+    // The caller key's token limit (tpm 20) counts passthrough tokens: 13, then 26.
+    for expected in [200, 200, 429] {
+        let r = send("token-key", whole.clone()).await.unwrap();
+        assert_eq!(r.status(), expected);
+        r.bytes().await.unwrap();
+    }
 }

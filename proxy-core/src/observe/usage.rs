@@ -120,6 +120,58 @@ impl Drop for StreamTap {
     }
 }
 
+/// The most of a whole answer kept to read its usage from (passthrough); a larger
+/// answer is relayed in full and counted without tokens.
+pub const MAX_KEPT_ANSWER: usize = 1 << 20;
+
+/// Reads usage from a JSON answer relayed chunk by chunk (passthrough): the chunks are
+/// kept up to [`MAX_KEPT_ANSWER`] and read when the answer ends or the caller goes away.
+/// An answer of no known format is counted with no tokens.
+pub struct WholeTap {
+    pending: Option<Pending>,
+    /// `None` when the answer's usage cannot be read.
+    kept: Option<Vec<u8>>,
+}
+
+impl WholeTap {
+    pub fn json(pending: Pending) -> Self {
+        Self {
+            pending: Some(pending),
+            kept: Some(Vec::new()),
+        }
+    }
+
+    pub fn opaque(pending: Pending) -> Self {
+        Self {
+            pending: Some(pending),
+            kept: None,
+        }
+    }
+
+    pub fn observe(&mut self, chunk: &[u8]) {
+        if let Some(kept) = &mut self.kept {
+            if kept.len() + chunk.len() > MAX_KEPT_ANSWER {
+                self.kept = None;
+            } else {
+                kept.extend_from_slice(chunk);
+            }
+        }
+    }
+}
+
+impl Drop for WholeTap {
+    fn drop(&mut self) {
+        if let Some(pending) = self.pending.take() {
+            let tokens = self
+                .kept
+                .as_deref()
+                .and_then(Tokens::from_json)
+                .unwrap_or_default();
+            pending.finish(tokens, None);
+        }
+    }
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -14,15 +14,17 @@
 //! Admission is the pipeline's own (caller key, the granting model's allow list and
 //! client-address rules, request rate limits and budget of the caller key, body size),
 //! and the granting model's input guardrails read every string of the body (or the
-//! body as text when it is not JSON). The cache, output guardrails and token accounting
-//! do not apply (the answer is not interpreted). The upstream client is the one calls
-//! use; an upstream redirect is relayed as it is, never followed.
+//! body as text when it is not JSON). The answer is relayed as it comes; its usage is
+//! read where its format is known (events, JSON) and charged like a call's (token
+//! limits, the usage event). The cache and output guardrails do not apply. The upstream
+//! client is the one calls use; an upstream redirect is relayed as it is, never
+//! followed.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::http::{HeaderMap, HeaderName, Method, Uri, header};
+use axum::http::{HeaderMap, HeaderName, Method, StatusCode, Uri, header};
 use axum::response::Response;
 use futures_util::StreamExt;
 use tracing::debug;
@@ -30,7 +32,10 @@ use tracing::debug;
 use super::admit::{authenticate, limits_and_budget, read_body};
 use super::state::{Inner, ProxyState, client_ip};
 use crate::failure::{Envelope, ProxyError};
+use crate::formats::sse::{self, Filtered};
+use crate::hooks::UsageEvent;
 use crate::observe::record::Record;
+use crate::observe::usage::{Pending, WholeTap, unix_now_ms};
 use crate::policy::guardrails::{self, Stage};
 use crate::providers::{self, client::Relayed};
 use crate::resources::{Adapter, ApiKey, Model, ModelTarget, ProviderKey};
@@ -96,13 +101,14 @@ async fn forward(
         headers,
         body,
     } = request;
+    let started = tokio::time::Instant::now();
     let caller = authenticate(snapshot, headers, Envelope::Anthropic)?;
     record.caller(&caller.id);
     let client = client_ip(peer.ip(), headers, &state.options);
     let (model, provider_key) = resolve(snapshot, caller, provider, client)?;
     let rest = safe_rest(uri.path(), provider)?;
-    // Request limits of the caller key (no model to limit); the lease (concurrency)
-    // is held until the body has been relayed.
+    // Request and token limits of the caller key (no model to limit); the lease
+    // (concurrency) is held until the answer has been relayed, then charged its tokens.
     let lease = limits_and_budget(state, caller, None).await?;
     let bytes = read_body(body, headers, &state.options).await?;
     // The input guardrails of the model that grants the access read the whole body.
@@ -130,18 +136,92 @@ async fn forward(
         .upstream
         .forward(adapter, provider_key, relayed, request_id)
         .await?;
-    let mut relayed = Response::builder().status(response.status());
+    let status = response.status();
+    let mut relayed = Response::builder().status(status);
     if let Some(out) = relayed.headers_mut() {
         *out = forwardable_response(response.headers());
     }
-    let body = Body::from_stream(response.bytes_stream().map(move |chunk| {
-        let _held = &lease;
-        chunk.map_err(std::io::Error::other)
-    }));
+    let content_type = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let stream = content_type.starts_with("text/event-stream");
+    let usage = Pending::new(
+        state
+            .hooks
+            .usage
+            .clone()
+            .filter(|_| status.is_success())
+            .map(|sink| {
+                (
+                    sink,
+                    usage_event(record, caller, model, provider_key, status, stream),
+                )
+            }),
+        lease,
+        record.clone(),
+        model.cost,
+        started,
+    );
+    let upstream = Body::from_stream(
+        response
+            .bytes_stream()
+            .map(|c| c.map_err(std::io::Error::other)),
+    );
+    // Usage is read where the answer's format is known (server-sent events, JSON) and
+    // charged like a call's: token limits, the usage event, the budget behind it.
+    let body = if stream {
+        let mut tap = usage.tap();
+        sse::filter_events(upstream, move |events| {
+            tap.observe(&events);
+            Filtered::Send(events)
+        })
+    } else {
+        let mut tap = if content_type.starts_with("application/json") {
+            WholeTap::json(usage)
+        } else {
+            WholeTap::opaque(usage)
+        };
+        Body::from_stream(upstream.into_data_stream().map(move |chunk| {
+            if let Ok(chunk) = &chunk {
+                tap.observe(chunk);
+            }
+            chunk
+        }))
+    };
     relayed.body(body).map_err(|e| ProxyError::UpstreamFailed {
         detail: format!("passthrough response: {e}"),
         retry_after: None,
     })
+}
+
+/// The usage event of a passthrough answer, tokens to come.
+fn usage_event(
+    record: &Record,
+    caller: &ApiKey,
+    model: &Model,
+    provider_key: &ProviderKey,
+    status: StatusCode,
+    stream: bool,
+) -> UsageEvent {
+    UsageEvent {
+        event_id: uuid::Uuid::new_v4().to_string(),
+        request_id: record.request_id().to_string(),
+        api_key_id: caller.id.to_string(),
+        model: model.name.to_string(),
+        provider: provider_key.provider.clone(),
+        served_by: model.name.to_string(),
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        cost_usd: 0.0,
+        status_code: status.as_u16(),
+        stream,
+        latency_ms: 0,
+        ttft_ms: None,
+        timestamp_unix_ms: unix_now_ms(),
+    }
 }
 
 fn provider_keys_named<'s>(

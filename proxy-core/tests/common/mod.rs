@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use cloud_mock::provider::{MockProvider, Script};
+use proxy_core::hooks::{UsageEvent, UsageSink};
 use proxy_core::http::{Hooks, ListenerOptions, ProxyOptions, ProxyState, router, serve};
 use proxy_core::providers::client::Upstream;
 use proxy_core::resources::KeyHash;
@@ -315,4 +316,14 @@ pub fn stream_hello(model: &str) -> Value {
 
 pub async fn status_and_body(r: reqwest::Response) -> (u16, String) {
     (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// Collects usage events.
+#[derive(Default)]
+pub struct Recorder(pub std::sync::Mutex<Vec<UsageEvent>>);
+
+impl UsageSink for Recorder {
+    fn record(&self, event: UsageEvent) {
+        self.0.lock().unwrap().push(event);
+    }
 }
