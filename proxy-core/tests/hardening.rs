@@ -346,3 +346,60 @@ async fn a_body_that_never_arrives_is_cut_with_408_in_the_routes_envelope() {
     assert!(answer.contains("within 2300 ms"), "{answer}");
     assert!(took >= std::time::Duration::from_millis(2_300), "{took:?}");
 }
+
+#[tokio::test]
+async fn before_the_first_snapshot_callers_get_503_not_ready_not_401() {
+    use proxy_core::http::{ListenerOptions, ProxyState, router, serve};
+    use proxy_core::providers::client::Upstream;
+    use proxy_core::snapshot::SnapshotStore;
+    use tokio_util::sync::CancellationToken;
+
+    // A store no source has filled yet.
+    let store = Arc::new(SnapshotStore::new("/aisix"));
+    let state = ProxyState::new(
+        store,
+        Upstream::new().unwrap(),
+        ProxyOptions::default(),
+        CancellationToken::new(),
+        Default::default(),
+        Hooks::default(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(serve(
+        listener,
+        router(state),
+        CancellationToken::new(),
+        ListenerOptions::plain("proxy"),
+    ));
+    let hello =
+        json!({"model": "gpt", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]});
+    for (path, kind) in [
+        ("/v1/chat/completions", r#""type":"not_ready""#),
+        ("/v1/messages", r#""type":"overloaded_error""#),
+    ] {
+        let r = client()
+            .post(format!("{url}{path}"))
+            .bearer_auth(CALLER)
+            .json(&hello)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503, "{path}");
+        assert_eq!(r.headers()["retry-after"], "1");
+        assert!(r.headers().get("x-should-retry").is_none());
+        let body = r.text().await.unwrap();
+        assert!(body.contains(kind), "{path}: {body}");
+        assert!(
+            body.contains("has not loaded its configuration yet"),
+            "{body}"
+        );
+    }
+    let models = client()
+        .get(format!("{url}/v1/models"))
+        .bearer_auth(CALLER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(models.status(), 503);
+}

@@ -71,6 +71,9 @@ pub enum ProxyError {
     /// The budget gate refused the caller key.
     #[error("{}", .0.message)]
     BudgetDenied(Arc<BudgetDenial>),
+    /// No configuration has loaded yet (the source has not answered, no cache).
+    #[error("the gateway has not loaded its configuration yet; retry shortly")]
+    NotReady,
     #[error("unknown route: {0}")]
     UnknownRoute(String),
     /// Something other than a model that the request names does not exist.
@@ -316,6 +319,14 @@ impl ProxyError {
                 should_retry: None,
                 log: Warn,
                 ..caller(StatusCode::SERVICE_UNAVAILABLE, "provider_unavailable")
+            },
+            // Not the caller's key: nothing can be checked yet. Worth a retry soon.
+            ProxyError::NotReady => Class {
+                origin: Gateway,
+                retry_after: Some(1),
+                should_retry: None,
+                log: Warn,
+                ..caller(StatusCode::SERVICE_UNAVAILABLE, "not_ready")
             },
             ProxyError::AllCandidatesUnavailable { retry_after, .. } => Class {
                 origin: Gateway,

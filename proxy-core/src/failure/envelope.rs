@@ -309,6 +309,11 @@ mod tests {
                 r#"{"error":{"message":"y","type":"provider_unavailable"}}"#,
             ),
             (
+                ProxyError::NotReady,
+                503,
+                r#"{"error":{"message":"the gateway has not loaded its configuration yet; retry shortly","type":"not_ready"}}"#,
+            ),
+            (
                 ProxyError::ProviderUnreachable {
                     model: "gpt".into(),
                     detail: "connection refused to 10.0.0.1".into(),
