@@ -434,8 +434,8 @@ async fn without_a_cache_readyz_fails_until_the_control_plane_answers() {
     assert!(body.contains("no configuration loaded yet"), "{body}");
     assert_eq!(
         agent.chat("gpt").await,
-        401,
-        "no snapshot: no caller keys yet"
+        503,
+        "no snapshot: not ready (rather than a 401 for a key it cannot check)"
     );
 
     cp.restart().await;
