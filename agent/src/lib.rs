@@ -91,6 +91,9 @@ pub async fn start(config: Config) -> anyhow::Result<Agent> {
             "config section is not implemented by this build; ignored"
         );
     }
+    if config.etcd.is_some() && config.admin.is_none() {
+        info!("no admin section: the admin API is off (resources are written to etcd directly)");
+    }
     let source = PreparedSource::prepare(&config)?;
     let listeners = listeners::bind(listeners::plan(&config)?).await?;
     Ok(Agent {

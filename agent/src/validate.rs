@@ -50,8 +50,12 @@ pub fn validate(config: &Config) -> anyhow::Result<Validation> {
     }
     if let Some(etcd) = &config.etcd {
         source::etcd_client(etcd)?;
+        let admin = match &config.admin {
+            Some(admin) => format!("the admin API listens on {}", admin.addr),
+            None => "no admin section, so the admin API is off".to_owned(),
+        };
         return Ok(done(format!(
-            "self-hosted: resources are watched under {} in etcd and checked as they arrive",
+            "self-hosted: resources are watched under {} in etcd and checked as they arrive; {admin}",
             config.prefix()
         )));
     }

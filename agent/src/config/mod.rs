@@ -110,13 +110,26 @@ impl Config {
             .filter(|(k, _)| k.starts_with("AISIX_") && k.contains("__"))
             .collect();
         overrides.sort();
-        for (var, raw) in overrides {
-            apply_override(&mut value, &var, &raw)?;
+        for (var, raw) in &overrides {
+            apply_override(&mut value, var, raw)?;
         }
-        let field_error = |field: String, message: String| ConfigError::Field {
-            path: path.to_owned(),
-            field,
-            message,
+        // A field set by a variable is that variable's fault, not the file's.
+        let field_error = |field: String, message: String| {
+            let message = with_hint(&field, message);
+            match overrides
+                .iter()
+                .find(|(var, _)| override_path(var) == field)
+            {
+                Some((var, _)) => ConfigError::Env {
+                    var: var.clone(),
+                    message: format!("{field}: {message}"),
+                },
+                None => ConfigError::Field {
+                    path: path.to_owned(),
+                    field,
+                    message,
+                },
+            }
         };
         let mut config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
             let (field, message) = (e.path().to_string(), e.into_inner().to_string());
@@ -374,6 +387,25 @@ fn http_header_name(h: &str) -> Option<proxy_core::http::HeaderName> {
 }
 
 /// `AISIX_PROXY__ADDR=...` sets `proxy.addr`; levels are separated by `__`.
+/// The config path a variable overrides: `AISIX_PROXY__ADDR` -> `proxy.addr`.
+fn override_path(var: &str) -> String {
+    var.trim_start_matches("AISIX_")
+        .split("__")
+        .map(str::to_ascii_lowercase)
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// What to write instead, for the mistakes people make most.
+fn with_hint(field: &str, message: String) -> String {
+    if field.ends_with("addr") && message.contains("socket address") {
+        return format!(
+            "{message} (an IP address and a port, e.g. 127.0.0.1:3000 or 0.0.0.0:3000; host names such as localhost are not accepted)"
+        );
+    }
+    message
+}
+
 fn apply_override(root: &mut Value, var: &str, raw: &str) -> Result<(), ConfigError> {
     let env_error = |message: String| ConfigError::Env {
         var: var.to_owned(),
@@ -505,6 +537,31 @@ mod tests {
         assert!(e.contains("a configuration source is required"), "{e}");
         let e = parse("resources_file: [\n").unwrap_err().to_string();
         assert!(e.contains("not valid YAML"), "{e}");
+    }
+
+    #[test]
+    fn an_overridden_field_names_its_variable_and_addresses_get_a_hint() {
+        let env = [("AISIX_PROXY__ADDR".to_owned(), "localhost:3000".to_owned())];
+        let e = Config::parse(Path::new("c.yaml"), "resources_file: r.yaml\n", env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "environment variable AISIX_PROXY__ADDR: proxy.addr: invalid socket address"
+            ),
+            "{e}"
+        );
+        assert!(
+            e.contains("host names such as localhost are not accepted"),
+            "{e}"
+        );
+        assert!(!e.contains("c.yaml"), "{e}");
+        // The same mistake in the file blames the file.
+        let e = parse("resources_file: r.yaml\nproxy: {addr: localhost:3000}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("proxy.addr: invalid socket address"), "{e}");
+        assert!(e.contains("e.g. 127.0.0.1:3000"), "{e}");
     }
 
     #[test]
