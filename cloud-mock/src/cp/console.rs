@@ -373,11 +373,39 @@ async fn put_resource(
 ) -> Answer {
     known_env(&cp, &env)?;
     let key = resource_key(&env, &kind, &id)?;
-    // Stored as given: an invalid resource is a legitimate thing to serve in a test.
-    let value = String::from_utf8_lossy(&body).into_owned();
+    // Stored as given (an invalid resource is a legitimate thing to serve in a test),
+    // except that a caller key's plaintext is stored as its hash, as the admin API does.
+    let value = match kind.as_str() {
+        "api_keys" => hash_plaintext_key(&body)?,
+        _ => String::from_utf8_lossy(&body).into_owned(),
+    };
     let revision = cp.kv.put(&key, value);
     cp.persist().map_err(|e| internal(&e))?;
     ok(json!({"key": key, "revision": revision}))
+}
+
+/// A caller-key document with `key` (plaintext) stored with `key_hash` (its SHA-256,
+/// hex) instead; any other document as it is.
+fn hash_plaintext_key(body: &[u8]) -> Result<String, ConsoleError> {
+    let Ok(Value::Object(mut doc)) = serde_json::from_slice::<Value>(body) else {
+        return Ok(String::from_utf8_lossy(body).into_owned());
+    };
+    let Some(plaintext) = doc.remove("key") else {
+        return Ok(String::from_utf8_lossy(body).into_owned());
+    };
+    let bad = |message: &str| error(StatusCode::BAD_REQUEST, message.to_owned());
+    let Value::String(plaintext) = plaintext else {
+        return Err(bad("key: must be a string"));
+    };
+    if plaintext.is_empty() {
+        return Err(bad("key: must not be empty"));
+    }
+    if doc.contains_key("key_hash") {
+        return Err(bad("key: give either key or key_hash, not both"));
+    }
+    let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(plaintext.as_bytes()));
+    doc.insert("key_hash".to_owned(), Value::String(hash));
+    Ok(Value::Object(doc).to_string())
 }
 
 async fn delete_resource(
@@ -572,4 +600,27 @@ async fn set_faults(State(cp): Cp, body: Bytes) -> Answer {
 async fn cut_watches(State(cp): Cp) -> Answer {
     cp.faults.cut();
     ok(json!({"cut": true}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plaintext_caller_key_is_stored_as_its_hash() {
+        let stored = hash_plaintext_key(br#"{"key": "sk-caller", "allowed_models": ["*"]}"#)
+            .unwrap_or_default();
+        let doc: Value = serde_json::from_str(&stored).unwrap_or_default();
+        assert_eq!(
+            doc["key_hash"],
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"sk-caller"))
+        );
+        assert!(doc.get("key").is_none() && !stored.contains("sk-caller"));
+        // Anything else is stored as given, invalid documents included.
+        assert_eq!(
+            hash_plaintext_key(b"not json").unwrap_or_default(),
+            "not json"
+        );
+        assert!(hash_plaintext_key(br#"{"key": "a", "key_hash": "b"}"#).is_err());
+    }
 }
