@@ -131,6 +131,7 @@ impl PreparedSource {
                 }
             }
             Self::Managed(managed) => {
+                shared.metrics.expect_managed_mode();
                 let (hooks, status) = managed.start(shared, workers, stop, INITIAL_WATCH_IDLE);
                 Running {
                     kind: Source::ControlPlane,

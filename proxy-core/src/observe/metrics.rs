@@ -182,6 +182,10 @@ impl Default for Metrics {
             "Budget decisions asked of the control plane, by outcome",
             budget_checks.clone(),
         );
+        // Refusals by policy exist at 0 from the start, so alerts on them see data.
+        for policy in ["rate_limit", "budget", "guardrail"] {
+            drop(policy_rejections.get_or_create(&PolicyLabels { policy }));
+        }
         Self {
             registry,
             requests,
@@ -270,6 +274,17 @@ impl Metrics {
         self.heartbeats
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
+    }
+
+    /// Exports managed mode's counters at 0 for every outcome, so alerts on them see
+    /// data before the first event.
+    pub fn expect_managed_mode(&self) {
+        for outcome in ["ok", "failed", "revoked", "unknown_gateway"] {
+            drop(self.heartbeats.get_or_create(&OutcomeLabels { outcome }));
+        }
+        for outcome in ["allowed", "denied", "failed"] {
+            drop(self.budget_checks.get_or_create(&OutcomeLabels { outcome }));
+        }
     }
 
     pub fn record_budget_check(&self, outcome: &'static str) {
@@ -491,6 +506,27 @@ impl Readings {
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
+
+    #[test]
+    fn counters_alerts_read_exist_at_zero_before_their_first_event() {
+        let m = Metrics::default();
+        let text = m.render(Readings::default());
+        for policy in ["rate_limit", "budget", "guardrail"] {
+            let line = format!("aisix_policy_rejections_total{{policy=\"{policy}\"}} 0");
+            assert!(text.contains(&line), "{line} missing:\n{text}");
+        }
+        assert!(!text.contains("aisix_heartbeats_total{"), "{text}");
+        m.expect_managed_mode();
+        let text = m.render(Readings::default());
+        assert!(
+            text.contains("aisix_heartbeats_total{outcome=\"failed\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("aisix_budget_checks_total{outcome=\"denied\"} 0"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn renders_events_and_readings_in_openmetrics() {
