@@ -114,10 +114,15 @@ pub(crate) struct Finish {
 
 impl Finish {
     fn write(self) {
+        let route = route_label(&self.path);
+        // Probes are not traffic: a load balancer asking every second would drown the
+        // access log and the request metrics.
+        if matches!(route, "/livez" | "/readyz") {
+            return;
+        }
         let duration = self.started.elapsed();
         let facts = self.record.with(std::mem::take);
         let error_type = self.error_type.or(facts.late_error);
-        let route = route_label(&self.path);
         self.metrics.record_request(&RequestRecord {
             route,
             model: facts.model.as_ref(),
