@@ -265,7 +265,15 @@ impl ProxyError {
                     retry_after: retry_after.filter(|_| rate_limited),
                     should_retry: None,
                     upstream_retry_after: *retry_after,
-                    log: Debug,
+                    // The provider refusing the gateway's credential or throttling it is
+                    // the operator's business; a refused request is the caller's.
+                    log: if rate_limited
+                        || matches!(*status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
+                    {
+                        Warn
+                    } else {
+                        Debug
+                    },
                 }
             }
             ProxyError::UpstreamFailed { retry_after, .. } => Class {
@@ -423,5 +431,16 @@ mod tests {
             row(ProxyError::invalid_request("n", Some("n"))),
             (Caller, Final, false, "other", None, None)
         );
+        // The operator hears of a provider refusing or throttling the gateway; a
+        // provider refusing one request stays at debug.
+        for (status, level) in [
+            (401, LogLevel::Warn),
+            (403, LogLevel::Warn),
+            (429, LogLevel::Warn),
+            (400, LogLevel::Debug),
+            (404, LogLevel::Debug),
+        ] {
+            assert_eq!(upstream(status, None).class().log, level, "{status}");
+        }
     }
 }

@@ -45,7 +45,8 @@ pub(super) async fn dispatch<'s>(
     };
     let request_id: &str = &call.request_id;
     let mut last_failure = None;
-    'candidates: for candidate in plan.candidates.iter().copied() {
+    let targets = plan.candidates.len();
+    'candidates: for (index, candidate) in plan.candidates.iter().copied().enumerate() {
         let mut attempt_number = 0;
         loop {
             attempt_number += 1;
@@ -75,7 +76,12 @@ pub(super) async fn dispatch<'s>(
                     tokio::time::sleep(wait).await;
                 }
                 Next::Fallback { cool_down } => {
-                    warn!(request_id, model = %candidate.name, attempt = attempt_number, error = %error, detail = ?error, "upstream attempt failed; trying the next target");
+                    let then = if index + 1 < targets {
+                        "upstream attempt failed; trying the next target"
+                    } else {
+                        "upstream attempt failed; no target left"
+                    };
+                    warn!(request_id, model = %candidate.name, attempt = attempt_number, error = %error, detail = ?error, "{then}");
                     if cool_down {
                         state
                             .routing
