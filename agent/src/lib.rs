@@ -91,6 +91,13 @@ pub async fn start(config: Config) -> anyhow::Result<Agent> {
             "config section is not implemented by this build; ignored"
         );
     }
+    let status = &config.observability.metrics.prometheus;
+    if status.enabled && !status.addr.ip().is_loopback() {
+        warn!(
+            addr = %status.addr,
+            "the status listener (metrics, /status/*) has no authentication and listens beyond this host; keep the port private or set observability.metrics.prometheus.addr to 127.0.0.1"
+        );
+    }
     if config.etcd.is_some() && config.admin.is_none() {
         info!("no admin section: the admin API is off (resources are written to etcd directly)");
     }
