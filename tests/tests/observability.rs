@@ -497,3 +497,34 @@ async fn rust_log_overrides_the_configured_level() {
     assert!(output.contains("proxy listener ready"), "{output}");
     assert!(!output.contains("aisix::access"), "{output}");
 }
+
+#[tokio::test]
+async fn a_status_listener_beyond_loopback_is_warned_about_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("r.yaml"), "models: []\n").unwrap();
+    let config = dir.path().join("c.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "resources_file: {}\nproxy:\n  addr: 127.0.0.1:0\n",
+            dir.path().join("r.yaml").display()
+        ),
+    )
+    .unwrap();
+    for (addr, warned) in [("0.0.0.0:0", true), ("127.0.0.1:0", false)] {
+        let mut process = tests::Process::start(
+            &tests::binary("aisix-agent"),
+            &["--config", config.to_str().unwrap()],
+            &[("AISIX_OBSERVABILITY__METRICS__PROMETHEUS__ADDR", addr)],
+        );
+        process
+            .wait_for_line("metrics listener ready", Duration::from_secs(20))
+            .await;
+        let output = process.output();
+        assert_eq!(
+            output.contains("has no authentication and listens beyond this host"),
+            warned,
+            "{addr}: {output}"
+        );
+    }
+}
