@@ -152,3 +152,42 @@ async fn a_listener_that_dies_stops_the_agent_with_an_error() {
     let error = format!("{:#}", outcome.unwrap_err());
     assert!(error.contains("a listener failed"), "{error}");
 }
+
+#[tokio::test]
+async fn probes_on_the_status_listener_answer_when_the_proxy_is_at_its_connection_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), "http://127.0.0.1:9");
+    config.proxy.max_connections = 2;
+    let agent = agent::start(config).await.unwrap();
+    let (proxy, status) = (
+        agent.addr(Role::Proxy).unwrap(),
+        agent.addr(Role::Metrics).unwrap(),
+    );
+    let controls = Controls::default();
+    let serving = tokio::spawn(agent.serve(controls.clone()));
+    // Two connections that never send a request fill the proxy listener.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(tokio::net::TcpStream::connect(proxy).await.unwrap());
+    }
+    let client = http_client();
+    let full = tokio::time::timeout(
+        Duration::from_millis(500),
+        client.get(format!("http://{proxy}/livez")).send(),
+    )
+    .await;
+    assert!(full.is_err(), "the proxy listener should be full");
+    for path in ["/livez", "/status/ready"] {
+        let r = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.get(format!("http://{status}{path}")).send(),
+        )
+        .await
+        .expect("the status listener answers at once")
+        .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+    }
+    drop(held);
+    controls.shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), serving).await;
+}
