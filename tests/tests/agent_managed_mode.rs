@@ -1474,6 +1474,37 @@ async fn a_full_state_disk_keeps_serving_and_recovers_when_space_returns() {
     cp.put("models", "m-full", model("while-full")).await;
     agent.wait_model("while-full").await;
     ids.push(served(&agent, false).await);
+    // Usage keeps flowing to the control plane while the disk is full (from memory):
+    // budgets are decided on it. Calls served once the usage queue itself has met the
+    // full disk are delivered before any space returns.
+    let mut m = 0;
+    while !agent
+        .process
+        .output()
+        .contains("usage queue: cannot write to disk")
+    {
+        assert!(m < 200, "the usage queue never met the full disk");
+        ids.push(served(&agent, false).await);
+        m += 1;
+    }
+    let mut during = Vec::new();
+    for n in 0..3 {
+        during.push(served(&agent, n == 1).await);
+    }
+    ids.extend(during.iter().cloned());
+    eventually(
+        "usage of calls served on a full disk is delivered",
+        WITHIN,
+        || async {
+            let (events, _) = received_usage(&cp).await;
+            let received: Vec<&str> = events
+                .iter()
+                .filter_map(|e| e["event_id"].as_str())
+                .collect();
+            during.iter().all(|id| received.contains(&id.as_str()))
+        },
+    )
+    .await;
 
     // Space returns: everything served is accounted, and the agent keeps working.
     std::fs::remove_file(filler).unwrap();

@@ -7,7 +7,9 @@
 //! time, covering every event recorded before it began) writes the inbox to the
 //! database and flushes it. The queue is also flushed after every acknowledged batch
 //! and at shutdown. Every database operation runs on a blocking thread, so a slow or
-//! failing disk never slows a call.
+//! failing disk never slows a call. When the disk fails (full, I/O errors) delivery goes
+//! on from memory, so budgets keep their telemetry; what is undelivered is written to
+//! the database when it opens again.
 //!
 //! So a restart loses nothing and re-sends nothing that was acknowledged; a `kill -9`
 //! loses at most the events of the flush in progress (milliseconds), or re-sends the
@@ -157,13 +159,6 @@ impl UsageQueue {
     }
 
     /// The open database, or an error while it waits to be opened again.
-    fn store(&self) -> Result<Store, sled::Error> {
-        self.state()
-            .store
-            .clone()
-            .ok_or_else(|| sled::Error::Unsupported("the usage queue is being reopened".into()))
-    }
-
     /// Forgets the database handle after an I/O error; the flusher opens it again.
     fn broken(&self, state: &mut State, error: &sled::Error) {
         if state.store.take().is_some() {
@@ -302,7 +297,11 @@ impl UsageQueue {
     /// checked but not parsed into values). Entries that are not JSON are removed and
     /// counted as dropped.
     fn front(&self) -> Result<Vec<(sled::IVec, Box<RawValue>)>, sled::Error> {
-        let store = self.store()?;
+        // Bound apart: a guard in a `let ... else` would live through the `else`.
+        let store = self.state().store.clone();
+        let Some(store) = store else {
+            return Ok(self.front_in_memory());
+        };
         let mut batch = Vec::with_capacity(self.batch_size);
         for item in store.events.iter() {
             let (key, bytes) = item?;
@@ -322,15 +321,49 @@ impl UsageQueue {
         Ok(batch)
     }
 
+    /// Without a database (a full or failing disk) delivery goes on from memory: the
+    /// events written since it failed, in order. Budgets depend on this telemetry, so
+    /// the disk failing must not stop it.
+    fn front_in_memory(&self) -> Vec<(sled::IVec, Box<RawValue>)> {
+        let mut state = self.state();
+        let mut batch = Vec::with_capacity(self.batch_size);
+        let mut unreadable = Vec::new();
+        for (n, bytes) in &state.unflushed {
+            match serde_json::from_slice(bytes) {
+                Ok(event) => batch.push((sled::IVec::from(&n.to_be_bytes()), event)),
+                Err(_) => unreadable.push(*n),
+            }
+            if batch.len() == self.batch_size {
+                break;
+            }
+        }
+        if !unreadable.is_empty() {
+            state.unflushed.retain(|(n, _)| !unreadable.contains(n));
+            let count = unreadable.len() as u64;
+            self.status.pending.fetch_sub(count, Ordering::Relaxed);
+            self.count_dropped_in(&state, count);
+        }
+        batch
+    }
+
     fn remove(&self, keys: &[sled::IVec]) -> Result<(), sled::Error> {
-        let store = self.store()?;
+        let acknowledged: Vec<u64> = keys.iter().filter_map(|k| sequence(k)).collect();
+        let store = self.state().store.clone();
+        let Some(store) = store else {
+            // In memory only: the acknowledged events leave the memory queue.
+            let mut state = self.state();
+            let before = state.unflushed.len();
+            state.unflushed.retain(|(n, _)| !acknowledged.contains(n));
+            let removed = (before - state.unflushed.len()) as u64;
+            self.status.pending.fetch_sub(removed, Ordering::Relaxed);
+            return Ok(());
+        };
         for key in keys {
             if store.events.remove(key)?.is_some() {
                 self.status.pending.fetch_sub(1, Ordering::Relaxed);
             }
         }
         let mut state = self.state();
-        let acknowledged: Vec<u64> = keys.iter().filter_map(|k| sequence(k)).collect();
         state.unflushed.retain(|(n, _)| !acknowledged.contains(n));
         Ok(())
     }
@@ -534,8 +567,11 @@ impl UsageSender {
     }
 }
 
+/// A failure of the local queue, said as such (not as the control plane's).
 fn store_error(e: sled::Error) -> CpError {
-    CpError::Transport(format!("usage queue: {e}"))
+    CpError::Transport(format!(
+        "the local usage queue failed (not the control plane): {e}"
+    ))
 }
 
 #[cfg(test)]
@@ -613,7 +649,9 @@ mod tests {
         queue.record(event(0));
         queue.flush().await;
         queue
-            .store()
+            .state()
+            .store
+            .clone()
             .unwrap()
             .events
             .insert(u64::MAX.to_be_bytes(), b"{not json".to_vec())
@@ -622,6 +660,34 @@ mod tests {
         assert_eq!(ids(&queue), ["e0"]);
         assert_eq!(queue.status.pending(), 1);
         assert_eq!(queue.status.dropped(), 1);
+    }
+
+    #[tokio::test]
+    async fn without_the_database_events_are_delivered_from_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Arc::new(UsageQueue::open(dir.path(), 10, 2).unwrap());
+        // The disk fails (as on a full disk: sled refuses writes, the handle is dropped).
+        {
+            let mut state = queue.state();
+            let error = sled::Error::Unsupported("disk full".into());
+            queue.broken(&mut state, &error);
+        }
+        for n in 0..3 {
+            queue.record(event(n));
+        }
+        queue.flush().await;
+        assert_eq!(queue.status.pending(), 3);
+        // The sender reads and acknowledges in batches, in order, from memory.
+        let front = queue.front().unwrap();
+        assert_eq!(ids(&queue), ["e0", "e1"]);
+        let keys: Vec<_> = front.into_iter().map(|(k, _)| k).collect();
+        queue.remove(&keys).unwrap();
+        assert_eq!(ids(&queue), ["e2"]);
+        assert_eq!(queue.status.pending(), 1);
+        // When the disk is back, what was not delivered is written to it.
+        queue.reopen().unwrap();
+        assert_eq!(ids(&queue), ["e2"]);
+        assert_eq!(queue.status.pending(), 1);
     }
 
     #[tokio::test]
