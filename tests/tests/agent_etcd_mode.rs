@@ -687,30 +687,27 @@ async fn etcd_mode_start_up_problems_name_the_field() {
             "etcd.endpoints: at least one endpoint is required",
         ),
     ];
-    std::fs::write(
-        &config,
+    // `validate` of `text`: it must pass; its output.
+    let valid = |text: &str| {
+        std::fs::write(&config, text).unwrap();
+        let out = std::process::Command::new(binary("aisix-agent"))
+            .args(["validate", "--config", config.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{stdout}");
+        stdout
+    };
+    let stdout = valid(
         "etcd:\n  endpoints: [\"http://127.0.0.1:2379\"]\n  prefix: /gw\nadmin:\n  admin_keys: [k]\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(binary("aisix-agent"))
-        .args(["validate", "--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}");
+    );
     assert!(
         stdout.contains("ok (self-hosted: resources are watched under /gw"),
         "{stdout}"
     );
     assert!(stdout.contains("the admin API listens on"), "{stdout}");
     // Without an admin section validate says the admin API is off.
-    std::fs::write(&config, "etcd:\n  endpoints: [\"http://127.0.0.1:2379\"]\n").unwrap();
-    let out = std::process::Command::new(binary("aisix-agent"))
-        .args(["validate", "--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}");
+    let stdout = valid("etcd:\n  endpoints: [\"http://127.0.0.1:2379\"]\n");
     assert!(
         stdout.contains("no admin section, so the admin API is off"),
         "{stdout}"
