@@ -32,6 +32,7 @@ use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
 use crate::etcd::{EtcdClient, EtcdError};
+use crate::watch::WatchStatus;
 
 /// What GET shows instead of a provider credential; sending it back on PUT keeps the
 /// stored credential.
@@ -41,6 +42,8 @@ pub struct Admin {
     pub store: Arc<SnapshotStore>,
     pub health: Arc<ModelHealth>,
     pub etcd: Arc<EtcdClient>,
+    /// The configuration watch: whether etcd is reached.
+    pub watch: Arc<WatchStatus>,
     /// Digests of the admin keys.
     key_digests: Vec<[u8; 32]>,
     pub draining: CancellationToken,
@@ -51,6 +54,7 @@ impl Admin {
         store: Arc<SnapshotStore>,
         health: Arc<ModelHealth>,
         etcd: Arc<EtcdClient>,
+        watch: Arc<WatchStatus>,
         admin_keys: &[Secret],
         draining: CancellationToken,
     ) -> Self {
@@ -58,6 +62,7 @@ impl Admin {
             store,
             health,
             etcd,
+            watch,
             key_digests: admin_keys.iter().map(|k| digest(k.expose())).collect(),
             draining,
         }
@@ -168,7 +173,10 @@ async fn livez(
 /// `GET /admin/v1/health`, in the shape and field order of the health-check docs.
 #[derive(Serialize)]
 struct HealthBody<'a> {
+    /// `ok`, or `degraded` while etcd cannot be reached (the snapshot keeps serving).
     status: &'static str,
+    /// Whether the configuration watch on etcd is established.
+    source_connected: bool,
     models: Vec<ModelHealthEntry<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     config: Option<ConfigFreshness>,
@@ -200,8 +208,10 @@ async fn health(State(admin): State<Arc<Admin>>) -> Response {
         .collect();
     models.sort_by(|a, b| a.name.cmp(b.name));
     let freshness = admin.store.freshness();
+    let connected = admin.watch.connected();
     let body = HealthBody {
-        status: "ok",
+        status: if connected { "ok" } else { "degraded" },
+        source_connected: connected,
         models,
         config: Some(ConfigFreshness {
             snapshot_revision: freshness.revision,

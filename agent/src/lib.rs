@@ -224,6 +224,7 @@ impl Serving {
                         shared.store.clone(),
                         shared.health.clone(),
                         client.clone(),
+                        shared.watch.clone(),
                         &section.admin_keys,
                         serving.draining.clone(),
                     );

@@ -604,10 +604,23 @@ async fn starts_from_the_cache_with_etcd_down_and_converges_when_it_returns() {
     assert_eq!(status["loaded_from"], "cache");
     assert_eq!(status["connected"], false);
     assert_eq!(status["applied_revision"], revision);
+    // The admin API says so too, rather than "ok".
+    let health = agent.health().await;
+    assert_eq!(
+        (&health["status"], &health["source_connected"]),
+        (&json!("degraded"), &json!(false)),
+        "{health}"
+    );
 
     etcd.restart().await;
     etcd.etcdctl(&["del", "/aisix/models/", "--prefix"]);
     agent.wait_models(&[]).await;
+    let health = agent.health().await;
+    assert_eq!(
+        (&health["status"], &health["source_connected"]),
+        (&json!("ok"), &json!(true)),
+        "{health}"
+    );
     let status = agent.config_status().await;
     assert_eq!(
         (&status["loaded_from"], &status["connected"]),
