@@ -24,7 +24,7 @@ use axum::routing::get;
 use proxy_core::policy::health::ModelHealth;
 use proxy_core::resources::{Kind, ModelTarget, Resource, ResourceKey};
 use proxy_core::secret::Secret;
-use proxy_core::snapshot::SnapshotStore;
+use proxy_core::snapshot::{Snapshot, SnapshotStore};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
@@ -309,11 +309,53 @@ async fn remove(
     Path((kind_name, id)): Path<(String, String)>,
 ) -> Answer {
     let kind = kind_and_id(&kind_name, &id)?;
+    let dependents = dependents(&admin.store.load(), kind, &id);
+    if !dependents.is_empty() {
+        return Err(AdminError(
+            StatusCode::CONFLICT,
+            format!(
+                "{kind}/{id} is still used by {}: change or delete those first",
+                dependents.join(", ")
+            ),
+        ));
+    }
     if admin.etcd.delete(&admin.key(kind, &id)).await? {
         Ok(axum::Json(json!({ "id": id, "deleted": true })).into_response())
     } else {
         Err(not_found(kind, &id))
     }
+}
+
+/// What would silently stop serving if `kind/id` went: the models of a provider key,
+/// the routing models that name a model.
+fn dependents(snapshot: &Snapshot, kind: Kind, id: &str) -> Vec<String> {
+    let mut found: Vec<String> = match kind {
+        Kind::ProviderKeys => snapshot
+            .models()
+            .filter(|m| matches!(&m.target, ModelTarget::Direct(d) if d.provider_key_id == id))
+            .map(|m| format!("models/{} ({})", m.id, m.name))
+            .collect(),
+        Kind::Models => {
+            let Some(name) = snapshot
+                .models()
+                .find(|m| &*m.id == id)
+                .map(|m| m.name.clone())
+            else {
+                return Vec::new();
+            };
+            snapshot
+                .models()
+                .filter(|m| match &m.target {
+                    ModelTarget::Routing(r) => r.targets.iter().any(|t| *t.model == *name),
+                    ModelTarget::Direct(_) => false,
+                })
+                .map(|m| format!("models/{} ({})", m.id, m.name))
+                .collect()
+        }
+        Kind::ApiKeys | Kind::Guardrails => Vec::new(),
+    };
+    found.sort();
+    found
 }
 
 fn not_found(kind: Kind, id: &str) -> AdminError {

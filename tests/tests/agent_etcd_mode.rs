@@ -405,6 +405,52 @@ async fn admin_writes_reach_the_proxy_and_every_error_uses_the_admin_envelope() 
     );
     agent.wait_models(&["gpt"]).await;
 
+    // 409 when a delete would leave something silently unable to serve: a provider key
+    // still used by a model, a model still named by a routing model.
+    let routed = agent
+        .create(
+            "models",
+            json!({"display_name": "auto", "routing": {"targets": [{"model": "gpt"}]}}),
+        )
+        .await;
+    agent.wait_models(&["auto", "gpt"]).await;
+    let gpt = agent.health().await["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "gpt")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for (path, dependent) in [
+        (
+            format!("/admin/v1/provider_keys/{pk}"),
+            format!("models/{gpt} (gpt)"),
+        ),
+        (
+            format!("/admin/v1/models/{gpt}"),
+            format!("models/{routed} (auto)"),
+        ),
+    ] {
+        let (status, answer) = agent.admin(reqwest::Method::DELETE, &path, None).await;
+        assert_eq!(status, 409, "{path}: {answer}");
+        let message = answer["error_msg"].as_str().unwrap();
+        assert!(message.contains(&dependent), "{path}: {message}");
+    }
+    assert_eq!(
+        agent
+            .admin(
+                reqwest::Method::DELETE,
+                &format!("/admin/v1/models/{routed}"),
+                None
+            )
+            .await
+            .0,
+        200
+    );
+    agent.wait_models(&["gpt"]).await;
+
     // 500 while etcd is down; health still answers from memory and the proxy serves.
     let mut etcd = etcd;
     etcd.kill().await;
