@@ -283,6 +283,10 @@ pub fn restore_into(cache: &SnapshotCache, store: &SnapshotStore) -> bool {
             revision: restored.revision,
         }],
     );
+    // The data is as old as the cache: operators read `snapshot_age_seconds` that way.
+    store.backdate(std::time::Duration::from_secs(
+        unix_now().saturating_sub(restored.saved_unix),
+    ));
     info!(
         revision = restored.revision,
         keys,

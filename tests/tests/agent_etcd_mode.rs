@@ -632,6 +632,8 @@ async fn starts_from_the_cache_with_etcd_down_and_converges_when_it_returns() {
     agent.process.signal("KILL");
     agent.process.wait_exit(WITHIN).await;
     etcd.kill().await;
+    // The cached data ages while the agent is down.
+    tokio::time::sleep(Duration::from_secs(2)).await;
 
     let agent = Agent::start(dir.path(), &etcd.url()).await;
     assert_eq!(
@@ -650,8 +652,10 @@ async fn starts_from_the_cache_with_etcd_down_and_converges_when_it_returns() {
     assert_eq!(status["loaded_from"], "cache");
     assert_eq!(status["connected"], false);
     assert_eq!(status["applied_revision"], revision);
-    // The admin API says so too, rather than "ok".
+    // The admin API says so too, rather than "ok"; the snapshot is as old as the cache.
     let health = agent.health().await;
+    let age = health["config"]["snapshot_age_seconds"].as_u64().unwrap();
+    assert!(age >= 2, "the cached data is reported {age} s old: {health}");
     assert_eq!(
         (&health["status"], &health["source_connected"]),
         (&json!("degraded"), &json!(false)),

@@ -306,6 +306,15 @@ impl SnapshotStore {
         *self.commits.borrow()
     }
 
+    /// Dates the data being served back by `age`: a snapshot restored from a cache is
+    /// as old as the cache, not as the restore, until the live source applies.
+    pub fn backdate(&self, age: Duration) {
+        let mut freshness = lock(&self.freshness);
+        if let Some(at) = Instant::now().checked_sub(age) {
+            freshness.1 = Some(at);
+        }
+    }
+
     pub fn freshness(&self) -> Freshness {
         let (source, at) = *lock(&self.freshness);
         Freshness {
