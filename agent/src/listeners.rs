@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use proxy_core::http::{ListenerOptions, serve};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
@@ -103,12 +103,15 @@ impl Bound {
     }
 }
 
+/// Connections the kernel holds for a listener at its `max_connections` (the system's
+/// `net.core.somaxconn` may lower it).
+pub const BACKLOG: u32 = 1024;
+
 /// Binds the whole set; the first address that cannot be bound stops start-up.
 pub async fn bind(set: Vec<Planned>) -> anyhow::Result<Vec<Bound>> {
     let mut bound = Vec::with_capacity(set.len());
     for planned in set {
-        let listener = TcpListener::bind(planned.addr)
-            .await
+        let listener = listen(planned.addr)
             .with_context(|| format!("{}: cannot listen on {}", planned.field, planned.addr))?;
         bound.push(Bound {
             role: planned.role,
@@ -117,6 +120,19 @@ pub async fn bind(set: Vec<Planned>) -> anyhow::Result<Vec<Bound>> {
         });
     }
     Ok(bound)
+}
+
+/// A listening socket with a [`BACKLOG`]-deep queue (the standard library's bind
+/// gives 128).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 /// Serves one listener until `stop`. A listener that fails (or whose task panics)

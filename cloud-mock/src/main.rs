@@ -49,7 +49,8 @@ enum Command {
         #[arg(long, default_value = "demo-gw")]
         demo_dp: String,
     },
-    /// Run a mock OpenAI-shaped provider (script it with PUT /_mock/script).
+    /// Run a mock provider speaking both the OpenAI and the Anthropic API (script it
+    /// with PUT /_mock/script).
     Provider {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:4010")]

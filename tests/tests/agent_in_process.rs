@@ -191,3 +191,32 @@ async fn probes_on_the_status_listener_answer_when_the_proxy_is_at_its_connectio
     controls.shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), serving).await;
 }
+
+#[tokio::test]
+async fn the_listen_backlog_holds_hundreds_of_waiting_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), "http://127.0.0.1:9");
+    config.proxy.max_connections = 1;
+    let agent = agent::start(config).await.unwrap();
+    let proxy = agent.addr(Role::Proxy).unwrap();
+    let controls = Controls::default();
+    let serving = tokio::spawn(agent.serve(controls.clone()));
+    // Past `max_connections` connections wait in the kernel's queue: 300 of them (more
+    // than the standard library's 128) all connect at once.
+    let mut waiting = Vec::new();
+    for n in 0..300 {
+        let connected = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::TcpStream::connect(proxy),
+        )
+        .await;
+        assert!(
+            matches!(connected, Ok(Ok(_))),
+            "connection {n} was not queued"
+        );
+        waiting.push(connected);
+    }
+    drop(waiting);
+    controls.shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), serving).await;
+}
