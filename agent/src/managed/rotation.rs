@@ -45,6 +45,14 @@ pub fn due_in(cert: &CertInfo, now: time::OffsetDateTime) -> Duration {
     Duration::try_from(due - now).unwrap_or(Duration::ZERO)
 }
 
+/// When a certificate just received is next due: the same fraction of what is left of
+/// its lifetime, never sooner than [`MIN_GAP`]. Counting from `not_before` would make a
+/// short-lived certificate due again at once, since issuers backdate `not_before`.
+pub fn due_after_rotation(cert: &CertInfo, now: time::OffsetDateTime) -> Duration {
+    let left = Duration::try_from(cert.not_after - now).unwrap_or(Duration::ZERO);
+    left.mul_f64(ROTATE_AT_FRACTION).max(MIN_GAP)
+}
+
 impl Rotation {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut failures = Backoff::new(self.backoff);
@@ -60,7 +68,7 @@ impl Rotation {
             match self.rotate().await {
                 Ok(leaf) => {
                     failures.reset();
-                    retry = Some(due_in(&leaf, time::OffsetDateTime::now_utc()).max(MIN_GAP));
+                    retry = Some(due_after_rotation(&leaf, time::OffsetDateTime::now_utc()));
                     let days_left = leaf.days_left(time::OffsetDateTime::now_utc());
                     info!(serial = %leaf.serial, not_after = %leaf.not_after, days_left, "gateway certificate rotated");
                     if days_left < EXPIRY_WARNING_DAYS {
@@ -117,5 +125,25 @@ mod tests {
             "{due:?} vs {expected:?}"
         );
         assert_eq!(due_in(&info, info.not_after), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_short_lived_certificate_is_not_rotated_again_at_once() {
+        // Ten minutes of validity, `not_before` backdated: two thirds of the lifetime
+        // since `not_before` has passed on arrival; two thirds of what is left has not.
+        let ca = certs::CertificateAuthority::generate("t", Duration::from_secs(86_400)).unwrap();
+        let id = GatewayIdentity::new("e", "d").unwrap();
+        let issued = ca.issue_gateway(&id, Duration::from_secs(600)).unwrap();
+        let info = certs::inspect_pem("c", &issued.cert_pem).unwrap().remove(0);
+        let now = time::OffsetDateTime::now_utc();
+        let left = Duration::try_from(info.not_after - now).unwrap();
+        let next = due_after_rotation(&info, now);
+        assert!(
+            next.abs_diff(left.mul_f64(2.0 / 3.0)) < Duration::from_secs(2),
+            "{next:?} of {left:?} left"
+        );
+        assert!(next > Duration::from_secs(300), "{next:?}");
+        // Past its end it is still not rotated more often than the floor.
+        assert_eq!(due_after_rotation(&info, info.not_after), MIN_GAP);
     }
 }
