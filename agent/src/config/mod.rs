@@ -237,6 +237,29 @@ impl Config {
                 return Err((field, format!("must be at least {least}")));
             }
         }
+        self.validate_bounds()?;
+        if http_header_name(&self.proxy.client_ip_header).is_none() {
+            return Err((
+                "proxy.client_ip_header",
+                format!(
+                    "'{}' is not a valid header name",
+                    self.proxy.client_ip_header
+                ),
+            ));
+        }
+        for h in &self.proxy.request_id.accept_headers {
+            if http_header_name(h).is_none() {
+                return Err((
+                    "proxy.request_id.accept_headers",
+                    format!("'{h}' is not a valid header name"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The upper bounds of the proxy's, the cache's and the shutdown's figures.
+    fn validate_bounds(&self) -> Result<(), (&'static str, String)> {
         at_most(&[
             (
                 "proxy.max_connections",
@@ -274,25 +297,7 @@ impl Config {
                 self.shutdown.drain_timeout_secs,
                 86_400,
             ),
-        ])?;
-        if http_header_name(&self.proxy.client_ip_header).is_none() {
-            return Err((
-                "proxy.client_ip_header",
-                format!(
-                    "'{}' is not a valid header name",
-                    self.proxy.client_ip_header
-                ),
-            ));
-        }
-        for h in &self.proxy.request_id.accept_headers {
-            if http_header_name(h).is_none() {
-                return Err((
-                    "proxy.request_id.accept_headers",
-                    format!("'{h}' is not a valid header name"),
-                ));
-            }
-        }
-        Ok(())
+        ])
     }
 
     fn validate_observability(&self) -> Result<(), (&'static str, String)> {

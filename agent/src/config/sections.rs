@@ -391,6 +391,11 @@ impl ManagedSection {
                 ));
             }
         }
+        self.validate_figures()
+    }
+
+    /// Every figure above zero and within its bound.
+    fn validate_figures(&self) -> Result<(), (&'static str, String)> {
         for (field, value) in [
             (
                 "managed.heartbeat_interval_secs",

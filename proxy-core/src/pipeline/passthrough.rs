@@ -24,7 +24,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::http::{HeaderMap, HeaderName, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderName, Method, Uri, header};
 use axum::response::Response;
 use futures_util::StreamExt;
 use tracing::debug;
@@ -136,43 +136,39 @@ async fn forward(
         .upstream
         .forward(adapter, provider_key, relayed, request_id)
         .await?;
-    let status = response.status();
-    let mut relayed = Response::builder().status(status);
-    if let Some(out) = relayed.headers_mut() {
-        *out = forwardable_response(response.headers());
-    }
-    let content_type = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    let stream = content_type.starts_with("text/event-stream");
     let usage = Pending::new(
         state
             .hooks
             .usage
             .clone()
-            .filter(|_| status.is_success())
+            .filter(|_| response.status().is_success())
             .map(|sink| {
-                (
-                    sink,
-                    usage_event(record, caller, model, provider_key, status, stream),
-                )
+                let event = usage_event(record, caller, model, provider_key, &response);
+                (sink, event)
             }),
         lease,
         record.clone(),
         model.cost,
         started,
     );
+    relay(response, usage)
+}
+
+/// The upstream's answer as it comes, its usage read where its format is known
+/// (server-sent events, JSON) and charged like a call's: token limits, the usage
+/// event, the budget behind it.
+fn relay(response: reqwest::Response, usage: Pending) -> Result<Response, ProxyError> {
+    let mut relayed = Response::builder().status(response.status());
+    if let Some(out) = relayed.headers_mut() {
+        *out = forwardable_response(response.headers());
+    }
+    let content_type = content_type(&response);
     let upstream = Body::from_stream(
         response
             .bytes_stream()
             .map(|c| c.map_err(std::io::Error::other)),
     );
-    // Usage is read where the answer's format is known (server-sent events, JSON) and
-    // charged like a call's: token limits, the usage event, the budget behind it.
-    let body = if stream {
+    let body = if content_type.starts_with("text/event-stream") {
         let mut tap = usage.tap();
         sse::filter_events(upstream, move |events| {
             tap.observe(&events);
@@ -197,14 +193,22 @@ async fn forward(
     })
 }
 
+fn content_type(response: &reqwest::Response) -> String {
+    response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase()
+}
+
 /// The usage event of a passthrough answer, tokens to come.
 fn usage_event(
     record: &Record,
     caller: &ApiKey,
     model: &Model,
     provider_key: &ProviderKey,
-    status: StatusCode,
-    stream: bool,
+    response: &reqwest::Response,
 ) -> UsageEvent {
     UsageEvent {
         event_id: uuid::Uuid::new_v4().to_string(),
@@ -216,8 +220,8 @@ fn usage_event(
         prompt_tokens: 0,
         completion_tokens: 0,
         cost_usd: 0.0,
-        status_code: status.as_u16(),
-        stream,
+        status_code: response.status().as_u16(),
+        stream: content_type(response).starts_with("text/event-stream"),
         latency_ms: 0,
         ttft_ms: None,
         timestamp_unix_ms: unix_now_ms(),
