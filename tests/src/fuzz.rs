@@ -19,6 +19,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("resource_json", resource_json),
     ("chat_request", chat_request),
     ("guardrail_scan", guardrail_scan),
+    ("chat_answer", chat_answer),
     ("messages_request", messages_request),
     ("sse_stream", sse_stream),
     ("etcd_watch", etcd_watch),
@@ -71,6 +72,30 @@ pub fn messages_request(data: &[u8]) {
             serde_json::from_slice::<serde_json::Value>(&out).is_ok(),
             "messages_to_chat produced invalid JSON"
         );
+    }
+}
+
+/// A whole upstream answer, translated both ways (Anthropic message to chat completion
+/// and back): an accepted answer comes out as a JSON object.
+pub fn chat_answer(data: &[u8]) {
+    let (openai, anthropic): (&'static chat::OpenAiChat, &'static chat::AnthropicMessages) =
+        (&chat::OpenAiChat, &chat::AnthropicMessages);
+    for conversion in [
+        chat::Conversion::Translate {
+            upstream: anthropic,
+            caller: openai,
+        },
+        chat::Conversion::Translate {
+            upstream: openai,
+            caller: anthropic,
+        },
+    ] {
+        if let Ok(out) = conversion.answer(bytes::Bytes::copy_from_slice(data)) {
+            assert!(
+                serde_json::from_slice::<serde_json::Value>(&out).is_ok_and(|v| v.is_object()),
+                "a translated answer is not a JSON object"
+            );
+        }
     }
 }
 
