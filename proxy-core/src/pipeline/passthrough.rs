@@ -136,6 +136,8 @@ async fn forward(
         .upstream
         .forward(adapter, provider_key, relayed, request_id)
         .await?;
+    let content_type = content_type(&response);
+    let stream = content_type.starts_with("text/event-stream");
     let usage = Pending::new(
         state
             .hooks
@@ -143,7 +145,7 @@ async fn forward(
             .clone()
             .filter(|_| response.status().is_success())
             .map(|sink| {
-                let event = usage_event(record, caller, model, provider_key, &response);
+                let event = usage_event(record, caller, model, provider_key, &response, stream);
                 (sink, event)
             }),
         lease,
@@ -151,18 +153,21 @@ async fn forward(
         model.cost,
         started,
     );
-    relay(response, usage)
+    relay(response, &content_type, usage)
 }
 
 /// The upstream's answer as it comes, its usage read where its format is known
 /// (server-sent events, JSON) and charged like a call's: token limits, the usage
 /// event, the budget behind it.
-fn relay(response: reqwest::Response, usage: Pending) -> Result<Response, ProxyError> {
+fn relay(
+    response: reqwest::Response,
+    content_type: &str,
+    usage: Pending,
+) -> Result<Response, ProxyError> {
     let mut relayed = Response::builder().status(response.status());
     if let Some(out) = relayed.headers_mut() {
         *out = forwardable_response(response.headers());
     }
-    let content_type = content_type(&response);
     let upstream = Body::from_stream(
         response
             .bytes_stream()
@@ -209,6 +214,7 @@ fn usage_event(
     model: &Model,
     provider_key: &ProviderKey,
     response: &reqwest::Response,
+    stream: bool,
 ) -> UsageEvent {
     UsageEvent {
         event_id: uuid::Uuid::new_v4().to_string(),
@@ -221,7 +227,7 @@ fn usage_event(
         completion_tokens: 0,
         cost_usd: 0.0,
         status_code: response.status().as_u16(),
-        stream: content_type(response).starts_with("text/event-stream"),
+        stream,
         latency_ms: 0,
         ttft_ms: None,
         timestamp_unix_ms: unix_now_ms(),
