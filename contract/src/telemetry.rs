@@ -43,6 +43,10 @@ pub struct UsageEvent {
     pub ttft_ms: Option<u64>,
     #[serde(default)]
     pub timestamp_unix_ms: u64,
+    /// Set when a stream broke after it began: why (`stream_cut`, `stream_stalled`,
+    /// `stream_truncated`, `stream_unreadable`, `upstream_stream_error`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -60,16 +60,25 @@ fn messages_hello(model: &str, stream: bool) -> Value {
            "messages": [{"role": "user", "content": "Say hello."}]})
 }
 
-/// The events of an SSE body: (name, JSON payload or the raw text).
-async fn events(r: reqwest::Response) -> Vec<(String, Value)> {
-    let body = r.bytes().await.unwrap();
-    sse::events(&body)
+/// The events of an SSE body: (name, JSON payload or the raw text), and whether the
+/// response was aborted.
+async fn events_and_end(r: reqwest::Response) -> (Vec<(String, Value)>, bool) {
+    let (body, aborted) = read_stream(r).await;
+    let events = sse::events(body.as_bytes())
         .map(|e| {
             let data = serde_json::from_slice(&e.data)
                 .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&e.data).into()));
             (e.name.unwrap_or_default(), data)
         })
-        .collect()
+        .collect();
+    (events, aborted)
+}
+
+/// The events of a stream that ended well.
+async fn events(r: reqwest::Response) -> Vec<(String, Value)> {
+    let (events, aborted) = events_and_end(r).await;
+    assert!(!aborted, "the stream was aborted: {events:?}");
+    events
 }
 
 /// The text and the tool-call arguments of OpenAI chunks, concatenated.
@@ -548,7 +557,8 @@ async fn a_blocked_anthropic_stream_ends_with_an_anthropic_error_event() {
         )
         .await;
     assert_eq!(r.status(), 200);
-    let evs = events(r).await;
+    let (evs, aborted) = events_and_end(r).await;
+    assert!(aborted, "a blocked stream must not end cleanly");
     let (name, last) = evs.last().unwrap();
     assert_eq!(name, "error");
     assert_eq!(last["type"], "error");

@@ -25,6 +25,29 @@ def expect_error(cls, status, kind, call):
 
 client = anthropic.Anthropic(base_url=BASE, api_key=KEY, max_retries=0)
 
+# A stream cut after it began raises (native and translated), with the gateway's error
+# event; it never ends as if the answer were whole.
+for model in ["claude-cut", "cut"]:
+    got = []
+    try:
+        with client.messages.stream(model=model, max_tokens=64, messages=MESSAGES) as stream:
+            for text in stream.text_stream:
+                got.append(text)
+        check(False, f"{model}: a cut stream raised nothing after {''.join(got)!r}")
+    except anthropic.APIStatusError as e:
+        check(e.body["type"] == "error" and e.body["error"]["type"] == "api_error", f"{model}: error event {e.body}")
+        check("broke off" in e.body["error"]["message"], f"{model}: error message {e.body}")
+        check(0 < len("".join(got)) < len(EXPECTED), f"{model}: the text before the cut {got}")
+
+# A first event later than the target's stream_timeout fails over before the first
+# byte: the backup's stream arrives whole.
+for model in ["claude-first-byte", "first-byte"]:
+    with client.messages.stream(model=model, max_tokens=64, messages=MESSAGES) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    check(text == EXPECTED, f"{model}: the backup's stream {text!r}")
+    check(final.stop_reason == "end_turn", f"{model}: stop_reason {final.stop_reason}")
+
 for model in ["claude", "gpt-4o-mini"]:
     raw = client.messages.with_raw_response.create(model=model, max_tokens=64, system="Be brief.",
                                                    messages=MESSAGES)

@@ -23,7 +23,7 @@ def expect_error(cls, status, kind, call):
 client = openai.OpenAI(base_url=BASE, api_key=KEY, max_retries=0)
 
 ids = sorted(m.id for m in client.models.list())
-check("gpt-4o-mini" in ids and "claude" in ids and len(ids) == 8, f"models.list() == {ids}")
+check("gpt-4o-mini" in ids and "claude" in ids and len(ids) == 14, f"models.list() == {ids}")
 
 raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES)
 check(raw.headers.get("x-aisix-served-by") == "gpt-4o-mini", "x-aisix-served-by")
@@ -47,6 +47,27 @@ chunks = list(stream)
 text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 check(text == EXPECTED, f"claude streamed content {text!r}")
 check(chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 13, "claude stream usage")
+
+# A stream cut after it began raises: native and translated, the SDK never takes a
+# truncated answer for a whole one.
+for model in ["cut", "claude-cut"]:
+    got = []
+    try:
+        for c in client.chat.completions.create(model=model, messages=MESSAGES, stream=True):
+            got.append(c.choices[0].delta.content or "" if c.choices else "")
+        check(False, f"{model}: a cut stream raised nothing after {''.join(got)!r}")
+    except openai.APIError as e:
+        check(e.body.get("code") == "stream_cut", f"{model}: error event {e.body}")
+        check(e.body.get("type") == "stream_error", f"{model}: error type {e.body}")
+        check(0 < len("".join(got)) < len(EXPECTED), f"{model}: the text before the cut {got}")
+
+# A target whose first event is later than its stream_timeout is failed over before
+# anything reached the caller: the backup's stream arrives whole.
+for model, backup in [("first-byte", "gpt-4o-mini"), ("claude-first-byte", "claude")]:
+    raw = client.chat.completions.with_raw_response.create(model=model, messages=MESSAGES, stream=True)
+    check(raw.headers.get("x-aisix-served-by") == backup, f"{model}: served by {raw.headers.get('x-aisix-served-by')}")
+    text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+    check(text == EXPECTED, f"{model}: the backup's stream {text!r}")
 
 # Tool calls, native and translated, whole and streamed.
 TOOLS = [{"type": "function", "function": {

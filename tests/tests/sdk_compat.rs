@@ -36,6 +36,23 @@ fn script_mock(mock: &MockProvider) {
     mock.set_script_for("claude-tools-up", weather());
     mock.set_script_for("up-busy", busy());
     mock.set_script_for("claude-busy-up", busy());
+    // Streams cut after they began (the Anthropic stream's first three events carry no
+    // text), and streams whose first event comes after the target's stream_timeout.
+    for (model, after) in [("up-cut", 2), ("claude-cut-up", 4)] {
+        let cut = Script {
+            chunks: 5,
+            drop_after_chunks: Some(after),
+            ..Script::default()
+        };
+        mock.set_script_for(model, cut);
+    }
+    for model in ["up-late", "claude-late-up"] {
+        let late = Script {
+            chunk_interval_ms: 2_000,
+            ..Script::default()
+        };
+        mock.set_script_for(model, late);
+    }
     mock.set_script_for(
         "up-broken",
         Script {
@@ -71,6 +88,12 @@ models:
   - {{id: a1, display_name: claude, model_name: claude-up, provider_key_id: pk2}}
   - {{id: a2, display_name: claude-tools, model_name: claude-tools-up, provider_key_id: pk2}}
   - {{id: a3, display_name: claude-busy, model_name: claude-busy-up, provider_key_id: pk2}}
+  - {{id: c1, display_name: cut, model_name: up-cut, provider_key_id: pk1}}
+  - {{id: c2, display_name: claude-cut, model_name: claude-cut-up, provider_key_id: pk2}}
+  - {{id: l1, display_name: late, model_name: up-late, provider_key_id: pk1, stream_timeout: 300}}
+  - {{id: l2, display_name: claude-late, model_name: claude-late-up, provider_key_id: pk2, stream_timeout: 300}}
+  - {{id: f1, display_name: first-byte, routing: {{targets: [{{model: late}}, {{model: gpt-4o-mini}}]}}}}
+  - {{id: f2, display_name: claude-first-byte, routing: {{targets: [{{model: claude-late}}, {{model: claude}}]}}}}
 api_keys:
   - {{id: k1, key_hash: {wide}, allowed_models: ["*"]}}
   - {{id: k2, key_hash: {narrow}, allowed_models: ["gpt-4o-mini"]}}

@@ -422,6 +422,7 @@ fn wire_event(e: UsageEvent) -> contract::telemetry::UsageEvent {
         latency_ms: e.latency_ms,
         ttft_ms: e.ttft_ms,
         timestamp_unix_ms: e.timestamp_unix_ms,
+        finish_reason: e.finish_reason,
     }
 }
 
@@ -595,6 +596,7 @@ mod tests {
             latency_ms: 1,
             ttft_ms: None,
             timestamp_unix_ms: 1,
+            finish_reason: None,
         }
     }
 

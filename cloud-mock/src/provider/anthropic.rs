@@ -104,7 +104,11 @@ pub async fn messages(call: Call) -> Response {
                 "usage": {"output_tokens": output}}),
     ));
     events.push(event("message_stop", &json!({"type": "message_stop"})));
-    event_stream(events, &call.script)
+    let error = event(
+        "error",
+        &json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+    );
+    event_stream(events, &call.script, &error)
 }
 
 /// `{"input_tokens"}`: the script's prompt tokens, or about one token per four bytes

@@ -56,6 +56,15 @@ pub struct Script {
     pub usage: Option<Usage>,
     /// Close the connection abruptly after this many stream events.
     pub drop_after_chunks: Option<usize>,
+    /// With `drop_after_chunks`: send the first half of the next event before the drop.
+    pub drop_mid_event: bool,
+    /// Wait `pause_ms` once, after this many stream events (a stall mid-answer).
+    pub pause_after_chunks: Option<usize>,
+    pub pause_ms: u64,
+    /// End the stream cleanly after this many events, without its closing event.
+    pub end_after_chunks: Option<usize>,
+    /// After this many events, send the API's error event and end the stream.
+    pub error_after_chunks: Option<usize>,
     /// The answer text.
     pub content: String,
     /// Answer with this tool call instead of text (streams split its arguments).
@@ -85,6 +94,11 @@ impl Default for Script {
                 completion_tokens: 3,
             }),
             drop_after_chunks: None,
+            drop_mid_event: false,
+            pause_after_chunks: None,
+            pause_ms: 0,
+            end_after_chunks: None,
+            error_after_chunks: None,
             content: "Hello from the mock provider.".to_owned(),
             tool_call: None,
         }
@@ -371,20 +385,55 @@ impl Call {
     }
 }
 
+/// One step of a scripted stream.
+enum Step {
+    Wait(Duration),
+    Send(String),
+    /// Abort the connection mid-response (an error from the body stream makes hyper
+    /// abort it).
+    Drop,
+}
+
 /// An SSE response sending `events` (already framed) with the script's gap before each,
-/// aborting the connection after `drop_after_chunks` events when set.
-fn event_stream(events: Vec<String>, script: &Script) -> Response {
-    let drop_after = script.drop_after_chunks;
+/// cut short as the script says: a drop (optionally in the middle of an event), a
+/// pause, a clean end before the closing event, or `error_event` and an end.
+fn event_stream(events: Vec<String>, script: &Script, error_event: &str) -> Response {
     let gap = Duration::from_millis(script.chunk_interval_ms);
-    let items = events.into_iter().enumerate();
-    let body = stream::unfold(items, move |mut items| async move {
-        let (i, event) = items.next()?;
-        tokio::time::sleep(gap).await;
-        if drop_after.is_some_and(|n| i >= n) {
-            // An error from the body stream makes hyper abort the connection mid-response.
-            return Some((Err(std::io::Error::other("scripted drop")), items));
+    let mut steps = Vec::new();
+    for (i, event) in events.into_iter().enumerate() {
+        if script.pause_after_chunks == Some(i) {
+            steps.push(Step::Wait(Duration::from_millis(script.pause_ms)));
         }
-        Some((Ok::<_, std::io::Error>(Bytes::from(event)), items))
+        if script.error_after_chunks == Some(i) {
+            steps.push(Step::Send(error_event.to_owned()));
+            break;
+        }
+        if script.end_after_chunks == Some(i) {
+            break;
+        }
+        steps.push(Step::Wait(gap));
+        if script.drop_after_chunks.is_some_and(|n| i >= n) {
+            if script.drop_mid_event {
+                let half = event.len() / 2;
+                let cut = (0..=half)
+                    .rev()
+                    .find(|at| event.is_char_boundary(*at))
+                    .unwrap_or(0);
+                steps.push(Step::Send(event[..cut].to_owned()));
+            }
+            steps.push(Step::Drop);
+            break;
+        }
+        steps.push(Step::Send(event));
+    }
+    let body = stream::unfold(steps.into_iter(), |mut steps| async move {
+        loop {
+            match steps.next()? {
+                Step::Wait(wait) => tokio::time::sleep(wait).await,
+                Step::Send(event) => return Some((Ok(Bytes::from(event)), steps)),
+                Step::Drop => return Some((Err(std::io::Error::other("scripted drop")), steps)),
+            }
+        }
     });
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")

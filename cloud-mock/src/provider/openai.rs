@@ -25,6 +25,10 @@ fn usage_json(u: Usage) -> Value {
     json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.prompt_tokens + u.completion_tokens})
 }
 
+/// The error event OpenAI sends when a stream fails after it began.
+const STREAM_ERROR: &str =
+    "data: {\"error\":{\"message\":\"scripted stream error\",\"type\":\"server_error\"}}\n\n";
+
 fn data(value: &Value) -> String {
     format!("data: {value}\n\n")
 }
@@ -47,7 +51,7 @@ fn stream(call: &Call, chunk: impl Fn(usize, &str, bool) -> Value) -> Response {
         events.push(data(&last));
     }
     events.push("data: [DONE]\n\n".to_owned());
-    event_stream(events, &call.script)
+    event_stream(events, &call.script, STREAM_ERROR)
 }
 
 pub async fn chat(call: Call) -> Response {
@@ -199,7 +203,11 @@ pub async fn responses(call: Call) -> Response {
         "response.completed",
         json!({"type": "response.completed", "response": response("completed", &call.script.content)}),
     ));
-    event_stream(events, &call.script)
+    let error = event(
+        "error",
+        json!({"type": "error", "code": "server_error", "message": "scripted stream error"}),
+    );
+    event_stream(events, &call.script, &error)
 }
 
 /// `/v1/rerank` (the Cohere/Jina shape OpenAI-compatible servers use): documents scored

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use axum::http::StatusCode;
 use tracing::{debug, warn};
 
+use crate::formats::sse::StreamBreak;
 use crate::hooks::BudgetDenial;
 
 /// Why a proxy request failed. Messages are shown to callers: they never carry
@@ -55,6 +56,10 @@ pub enum ProxyError {
     AllCandidatesUnavailable { model: String, retry_after: u64 },
     #[error("the upstream provider did not answer within {0} ms")]
     Timeout(u128),
+    /// The upstream's stream failed after the caller's answer began: reported as the
+    /// stream's last event, never as a response.
+    #[error("{0}")]
+    StreamBroken(StreamBreak),
     #[error("{0}")]
     NotImplemented(String),
     #[error("{0}")]
@@ -308,6 +313,18 @@ impl ProxyError {
                 recovery: Transient,
                 counts_against_health: true,
                 metric_kind: "timeout",
+                retry_after: None,
+                should_retry: None,
+                upstream_retry_after: None,
+                log: Warn,
+            },
+            ProxyError::StreamBroken(_) => Class {
+                status: StatusCode::BAD_GATEWAY,
+                kind: "stream_error",
+                origin: Upstream,
+                recovery: Final,
+                counts_against_health: true,
+                metric_kind: "stream_break",
                 retry_after: None,
                 should_retry: None,
                 upstream_retry_after: None,

@@ -107,7 +107,11 @@ pub fn stream_error_event(error: &ProxyError, envelope: Envelope) -> Bytes {
     match envelope {
         Envelope::OpenAi => {
             let message = error.message();
-            let event = OpenAiEnvelope::new(&message, class.kind, None, None);
+            let code = match error {
+                ProxyError::StreamBroken(broke) => Some(broke.code()),
+                _ => None,
+            };
+            let event = OpenAiEnvelope::new(&message, class.kind, None, code);
             let json = String::from_utf8(event.to_json()).unwrap_or_default();
             Bytes::from(format!("data: {json}\n\n"))
         }

@@ -65,6 +65,21 @@ impl Endpoint {
         matches!(self, Endpoint::ChatCompletions | Endpoint::Messages)
     }
 
+    /// The names of the events that close a whole streamed answer on this route (what
+    /// a stream must have sent to have ended well); `None` where the route has none.
+    pub fn closing_events(self) -> Option<&'static [&'static [u8]]> {
+        match self {
+            Endpoint::ChatCompletions | Endpoint::Forward("/v1/completions") => Some(&[b"[DONE]"]),
+            Endpoint::Messages => Some(&[b"message_stop"]),
+            Endpoint::Forward("/v1/responses") => Some(&[
+                b"response.completed",
+                b"response.incomplete",
+                b"response.failed",
+            ]),
+            Endpoint::CountTokens | Endpoint::Forward(_) => None,
+        }
+    }
+
     /// Streams of this route ask the upstream for OpenAI's usage chunk
     /// (`stream_options.include_usage`), taken out again for callers that did not ask.
     pub fn asks_stream_usage(self) -> bool {

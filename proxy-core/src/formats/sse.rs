@@ -9,8 +9,80 @@ use futures_util::{StreamExt, stream};
 pub enum Filtered {
     /// Send this (possibly nothing) and go on.
     Send(Bytes),
-    /// Send this and end the stream.
+    /// Send this and end the stream: the answer ended as it should.
     End(Bytes),
+    /// Send this (an error event) and abort the response, so the caller's client sees
+    /// a broken stream: HTTP/1.1 gets no terminating chunk, HTTP/2 a reset.
+    Abort(Bytes),
+}
+
+/// Why a stream ended before its answer did.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StreamBreak {
+    #[error("the upstream provider's stream broke off before the answer ended")]
+    Cut,
+    #[error("the upstream provider's stream stalled: nothing arrived for {millis} ms")]
+    Stalled { millis: u128 },
+    #[error("the upstream provider ended its stream before the answer ended")]
+    Truncated,
+    #[error("the upstream provider sent a stream event that cannot be read")]
+    Unreadable,
+    #[error("the upstream provider reported an error mid-stream: {0}")]
+    Upstream(String),
+}
+
+impl StreamBreak {
+    /// The `code` of the caller's error event, the usage event's `finish_reason`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            StreamBreak::Cut => "stream_cut",
+            StreamBreak::Stalled { .. } => "stream_stalled",
+            StreamBreak::Truncated => "stream_truncated",
+            StreamBreak::Unreadable => "stream_unreadable",
+            StreamBreak::Upstream(_) => "upstream_stream_error",
+        }
+    }
+
+    /// The break an upstream body error stands for: the relay's own (inside however
+    /// many body wrappers), or a cut.
+    fn of(error: axum::Error) -> Self {
+        let mut inner = error.into_inner();
+        loop {
+            inner = match inner.downcast::<StreamBreak>() {
+                Ok(broke) => return *broke,
+                Err(other) => other,
+            };
+            inner = match inner.downcast::<axum::Error>() {
+                Ok(wrapped) => wrapped.into_inner(),
+                Err(_) => return StreamBreak::Cut,
+            };
+        }
+    }
+}
+
+/// Rewrites a stream run by run and says how it ends.
+pub trait EventFilter: Send + 'static {
+    /// A run of complete events.
+    fn events(&mut self, run: Bytes) -> Filtered;
+    /// The upstream is done: it ended its body (`None`) or broke. What is sent last
+    /// and whether the response ends or aborts; `Send` counts as `End`.
+    fn finish(&mut self, broke: Option<StreamBreak>) -> Filtered;
+}
+
+/// A filter of runs only: a clean end stays clean, a break aborts without an event.
+struct Runs<F>(F);
+
+impl<F: FnMut(Bytes) -> Filtered + Send + 'static> EventFilter for Runs<F> {
+    fn events(&mut self, run: Bytes) -> Filtered {
+        (self.0)(run)
+    }
+
+    fn finish(&mut self, broke: Option<StreamBreak>) -> Filtered {
+        match broke {
+            None => Filtered::End(Bytes::new()),
+            Some(_) => Filtered::Abort(Bytes::new()),
+        }
+    }
 }
 
 /// Passes `body` through `filter` one run of complete events at a time; an event left
@@ -19,40 +91,68 @@ pub fn filter_events<F>(body: Body, filter: F) -> Body
 where
     F: FnMut(Bytes) -> Filtered + Send + 'static,
 {
-    let state = (body.into_data_stream(), BytesMut::new(), filter, false);
+    filter_stream(body, Runs(filter))
+}
+
+/// How far a filtered stream has got.
+enum Stage {
+    Running,
+    /// Send nothing more; abort first when `true`.
+    Ending {
+        abort: bool,
+    },
+    Done,
+}
+
+/// The aborted response's error: what hyper sees instead of the stream's end.
+#[derive(Debug, thiserror::Error)]
+#[error("stream aborted")]
+struct Aborted;
+
+/// Like [`filter_events`], with a filter that also decides how the stream ends.
+pub fn filter_stream<F: EventFilter>(body: Body, filter: F) -> Body {
+    let state = (
+        body.into_data_stream(),
+        BytesMut::new(),
+        filter,
+        Stage::Running,
+    );
     let chunks = stream::unfold(
         state,
-        |(mut inner, mut partial, mut filter, done)| async move {
-            if done {
-                return None;
+        |(mut inner, mut partial, mut filter, stage)| async move {
+            match stage {
+                Stage::Running => {}
+                Stage::Ending { abort: true } => {
+                    return Some(aborted((inner, partial, filter)).await);
+                }
+                Stage::Ending { abort: false } | Stage::Done => return None,
             }
             loop {
-                match inner.next().await {
+                let filtered = match inner.next().await {
                     Some(Ok(chunk)) => {
                         partial.extend_from_slice(&chunk);
                         let Some(end) = last_event_end(&partial) else {
                             continue;
                         };
-                        match filter(partial.split_to(end).freeze()) {
-                            Filtered::Send(out) if out.is_empty() => {}
-                            Filtered::Send(out) => {
-                                return Some((Ok(out), (inner, partial, filter, false)));
-                            }
-                            Filtered::End(out) => {
-                                return Some((Ok(out), (inner, partial, filter, true)));
-                            }
-                        }
+                        filter.events(partial.split_to(end).freeze())
                     }
-                    Some(Err(e)) => return Some((Err(e), (inner, partial, filter, true))),
-                    None => {
-                        let rest = partial.split().freeze();
-                        if rest.is_empty() {
-                            return None;
-                        }
-                        let (Filtered::Send(out) | Filtered::End(out)) = filter(rest);
-                        return (!out.is_empty())
-                            .then_some((Ok(out), (inner, partial, filter, true)));
+                    Some(Err(e)) => last(&mut filter, &mut partial, Some(StreamBreak::of(e))),
+                    None => last(&mut filter, &mut partial, None),
+                };
+                let (out, stage) = match filtered {
+                    Filtered::Send(out) => (out, Stage::Running),
+                    Filtered::End(out) => (out, Stage::Ending { abort: false }),
+                    Filtered::Abort(out) => (out, Stage::Ending { abort: true }),
+                };
+                if !out.is_empty() {
+                    return Some((Ok(out), (inner, partial, filter, stage)));
+                }
+                match stage {
+                    Stage::Running => {}
+                    Stage::Ending { abort: true } => {
+                        return Some(aborted((inner, partial, filter)).await);
                     }
+                    Stage::Ending { abort: false } | Stage::Done => return None,
                 }
             }
         },
@@ -60,8 +160,48 @@ where
     Body::from_stream(chunks)
 }
 
+/// The upstream is done: an event left without its blank line goes through the filter
+/// first, then the filter says how the stream ends (a `Send` ends it).
+fn last(
+    filter: &mut impl EventFilter,
+    partial: &mut BytesMut,
+    broke: Option<StreamBreak>,
+) -> Filtered {
+    let rest = partial.split().freeze();
+    let mut out = BytesMut::new();
+    if !rest.is_empty() {
+        match filter.events(rest) {
+            Filtered::Send(sent) => out.extend_from_slice(&sent),
+            ended => return ended,
+        }
+    }
+    match filter.finish(broke) {
+        Filtered::Send(sent) | Filtered::End(sent) => {
+            out.extend_from_slice(&sent);
+            Filtered::End(out.freeze())
+        }
+        Filtered::Abort(sent) => {
+            out.extend_from_slice(&sent);
+            Filtered::Abort(out.freeze())
+        }
+    }
+}
+
+/// The abort, after letting the connection flush what was sent before it (an abort
+/// discards what is still buffered).
+async fn aborted<S, F>(
+    state: (S, BytesMut, F),
+) -> (Result<Bytes, axum::Error>, (S, BytesMut, F, Stage)) {
+    tokio::task::yield_now().await;
+    let (inner, partial, filter) = state;
+    (
+        Err(axum::Error::new(Aborted)),
+        (inner, partial, filter, Stage::Done),
+    )
+}
+
 /// The end of the last complete event (after its blank line).
-fn last_event_end(buffer: &[u8]) -> Option<usize> {
+pub fn last_event_end(buffer: &[u8]) -> Option<usize> {
     let lf = buffer.windows(2).rposition(|w| w == b"\n\n").map(|i| i + 2);
     let crlf = buffer
         .windows(4)
@@ -115,6 +255,25 @@ pub fn events(run: &[u8]) -> impl Iterator<Item = Event> + '_ {
         }
         data.map(|data| Event { name, data })
     })
+}
+
+/// The message of an error event: Anthropic's `event: error`, or a `data:` object
+/// with an `error` member (OpenAI and compatible providers).
+pub fn error_message(event: &Event) -> Option<String> {
+    let named = event.name.as_deref() == Some("error");
+    if !named && !mentions(&event.data, b"\"error\"") {
+        return None;
+    }
+    let data = serde_json::from_slice::<serde_json::Value>(&event.data).ok();
+    let error = data.as_ref().and_then(|d| d.get("error"));
+    if !named && !error.is_some_and(serde_json::Value::is_object) {
+        return None;
+    }
+    let message = error
+        .and_then(|e| e.get("message"))
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("no message");
+    Some(message.chars().take(500).collect())
 }
 
 /// Whether `needle` occurs in `haystack` (a cheap test before parsing JSON).

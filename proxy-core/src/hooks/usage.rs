@@ -31,4 +31,9 @@ pub struct UsageEvent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttft_ms: Option<u64>,
     pub timestamp_unix_ms: u64,
+    /// Set when a stream broke after it began: the break's code (`stream_cut`,
+    /// `stream_stalled`, `stream_truncated`, `stream_unreadable`,
+    /// `upstream_stream_error`); the tokens are what did stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
 }

@@ -26,6 +26,8 @@ pub struct Pending {
     lease: Option<Lease>,
     cost: Option<Cost>,
     started: Instant,
+    /// Why a stream broke, when it did (the usage event's `finish_reason`).
+    broke: Option<&'static str>,
 }
 
 impl Pending {
@@ -43,6 +45,7 @@ impl Pending {
             lease,
             cost,
             started,
+            broke: None,
         }
     }
 
@@ -53,6 +56,7 @@ impl Pending {
             lease,
             cost,
             started,
+            broke,
         } = self;
         if let Some(lease) = lease {
             lease.charge_tokens(
@@ -69,6 +73,7 @@ impl Pending {
         event.cost_usd = tokens.cost(cost.as_ref());
         event.latency_ms = millis(started.elapsed());
         event.ttft_ms = ttft.map(millis);
+        event.finish_reason = broke.map(str::to_owned);
         sink.record(event);
     }
 
@@ -79,6 +84,7 @@ impl Pending {
             pending: Some(self),
             tokens: Tokens::default(),
             first_event: None,
+            deltas: 0,
         }
     }
 }
@@ -89,6 +95,9 @@ pub struct StreamTap {
     pending: Option<Pending>,
     tokens: Tokens,
     first_event: Option<Duration>,
+    /// Content deltas seen: the completion tokens of a stream that broke before the
+    /// upstream counted them (providers stream about one token per delta).
+    deltas: u64,
 }
 
 impl StreamTap {
@@ -99,6 +108,9 @@ impl StreamTap {
             self.first_event = Some(p.started.elapsed());
         }
         for data in sse::data_lines(events) {
+            if sse::mentions(data, b"delta") {
+                self.deltas += 1;
+            }
             if !sse::mentions(data, b"\"usage\"") {
                 continue;
             }
@@ -108,6 +120,19 @@ impl StreamTap {
                 self.tokens.prompt = self.tokens.prompt.max(tokens.prompt);
                 self.tokens.completion = self.tokens.completion.max(tokens.completion);
             }
+        }
+    }
+}
+
+impl StreamTap {
+    /// The stream broke (`code`): the usage event says so, and completion tokens the
+    /// upstream never counted are estimated from the deltas that did stream.
+    pub fn broke(&mut self, code: &'static str) {
+        if let Some(pending) = &mut self.pending {
+            pending.broke = Some(code);
+        }
+        if self.tokens.completion == 0 {
+            self.tokens.completion = self.deltas;
         }
     }
 }
@@ -218,6 +243,7 @@ mod tests {
             latency_ms: 0,
             ttft_ms: None,
             timestamp_unix_ms: 1,
+            finish_reason: None,
         };
         let cost = Cost {
             input_per_1k: 1.0,

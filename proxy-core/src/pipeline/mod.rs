@@ -16,6 +16,7 @@
 //! - `mod.rs`: the call, phase by phase.
 //! - `state.rs`: the shared state and options, the gateway's headers.
 //! - `admit.rs`, `cache.rs`, `dispatch.rs`, `respond.rs`: the phases.
+//! - `stream.rs`: a streamed answer's filter, and how the stream ends (well or broken).
 //! - `routing.rs`: candidate order, retries, failover and cooldowns (dispatch's plan).
 //! - `passthrough.rs`: `ANY /passthrough/{provider}/{*rest}`.
 
@@ -26,6 +27,7 @@ pub mod passthrough;
 mod respond;
 pub mod routing;
 mod state;
+mod stream;
 
 use std::net::SocketAddr;
 

@@ -231,6 +231,7 @@ fn usage_event(
         latency_ms: 0,
         ttft_ms: None,
         timestamp_unix_ms: unix_now_ms(),
+        finish_reason: None,
     }
 }
 

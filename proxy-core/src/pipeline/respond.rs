@@ -1,6 +1,6 @@
 //! Respond: the answer on its way out. A stream goes through one event filter
-//! (translation to the caller's format, the usage tap, removal of the usage chunk the
-//! caller did not ask for, output guardrails); a whole answer is converted, gives its
+//! (`stream.rs`: translation to the caller's format, the usage tap, removal of the
+//! usage chunk the caller did not ask for, output guardrails, how it ends); a whole answer is converted, gives its
 //! usage, is checked and is kept in the cache. Either way the usage event and the
 //! rate-limit token charge are settled once, and the gateway's headers are added.
 
@@ -17,15 +17,15 @@ use super::admit::Admitted;
 use super::cache::{Cached, Slot};
 use super::dispatch::{Dispatched, Undispatched};
 use super::state::{CACHE_STATUS, Call, Inner, SERVED_BY};
-use crate::failure::{Envelope, ProxyError};
+use super::stream::AnswerStream;
+use crate::failure::ProxyError;
 use crate::formats::body::RequestBody;
 use crate::formats::chat::Conversion;
-use crate::formats::sse::{self, Filtered};
+use crate::formats::sse;
 use crate::formats::tokens::Tokens;
 use crate::hooks::UsageEvent;
-use crate::observe::record::Record;
 use crate::observe::usage::{Pending, unix_now_ms};
-use crate::policy::guardrails::{self, StreamGuard};
+use crate::policy::guardrails;
 use crate::resources::{Guardrail, Model, ModelTarget};
 use crate::snapshot::Snapshot;
 
@@ -68,7 +68,16 @@ pub(super) async fn respond(
     let output = std::mem::take(&mut admitted.guards.output);
     let mut response = if request.stream {
         let strip_usage = call.endpoint.asks_stream_usage() && !request.include_usage();
-        let body = stream_body(answer.body, conversion, usage, output, strip_usage, call);
+        let filter = AnswerStream::new(
+            call,
+            conversion,
+            usage,
+            output,
+            strip_usage,
+            served_by.name.clone(),
+            state.hooks.metrics.clone(),
+        );
+        let body = sse::filter_stream(answer.body, filter);
         let content_type = answer.content_type.filter(|_| conversion.is_none());
         build(answer.status, content_type, body, &served_by.name, true)
     } else {
@@ -167,47 +176,6 @@ pub(super) fn from_cache(
     Ok(response)
 }
 
-/// A stream's body: each run of complete events is translated, observed for usage,
-/// stripped of the usage chunk the caller did not ask for and checked by the output
-/// guardrails, which may end it with an error event in the caller's format.
-fn stream_body(
-    upstream: Body,
-    conversion: Conversion,
-    usage: Pending,
-    output_guardrails: Vec<Arc<Guardrail>>,
-    strip_usage: bool,
-    call: &Call,
-) -> Body {
-    let mut translator = conversion.stream();
-    let mut tap = usage.tap();
-    let envelope: Envelope = call.endpoint.envelope();
-    let mut guard = (!output_guardrails.is_empty())
-        .then(|| StreamGuard::new(output_guardrails, call.request_id.clone(), envelope));
-    let record: Record = call.record.clone();
-    sse::filter_events(upstream, move |events| {
-        let events = match &mut translator {
-            Some(translator) => translator.translate(&events),
-            None => events,
-        };
-        tap.observe(&events);
-        let events = if strip_usage {
-            sse::without_usage_chunk(events)
-        } else {
-            events
-        };
-        match &mut guard {
-            Some(guard) => {
-                let filtered = guard.check(events);
-                if matches!(filtered, Filtered::End(_)) {
-                    record.late_error("content_filter");
-                }
-                filtered
-            }
-            None => Filtered::Send(events),
-        }
-    })
-}
-
 /// The usage event and the token charge of the outcome, settled when it ends.
 fn pending(
     state: &Inner,
@@ -235,6 +203,7 @@ fn pending(
             latency_ms: 0,
             ttft_ms: None,
             timestamp_unix_ms: unix_now_ms(),
+            finish_reason: None,
         };
         (sink, event)
     });

@@ -256,7 +256,7 @@ fn push_line(text: &mut String, line: &str) {
 
 /// Output guardrails on a server-sent-event stream: each run of complete events is
 /// checked on the text accumulated so far. A block replaces the offending events with
-/// an OpenAI error event, which ends the stream.
+/// an error event in the caller's format, and the response is aborted after it.
 pub struct StreamGuard {
     guardrails: Vec<Arc<Guardrail>>,
     request_id: Arc<str>,
@@ -287,7 +287,7 @@ impl StreamGuard {
                 Stage::Output,
                 &self.request_id,
             ) {
-                return Filtered::End(stream_error_event(&e, self.envelope));
+                return Filtered::Abort(stream_error_event(&e, self.envelope));
             }
         }
         Filtered::Send(events)
@@ -388,7 +388,7 @@ mod tests {
             panic!("blocked too early")
         };
         assert!(!first.is_empty());
-        let Filtered::End(error) = guard.check(event(" provider.")) else {
+        let Filtered::Abort(error) = guard.check(event(" provider.")) else {
             panic!("not blocked")
         };
         let error = String::from_utf8(error.to_vec()).unwrap();

@@ -2,22 +2,24 @@
 //! credential and reads its error bodies.
 //!
 //! One pooled keep-alive client serves every upstream (TCP_NODELAY on). Non-streaming
-//! answers are read whole within the model's `timeout`; streams are relayed chunk by
-//! chunk, each gap bounded by `stream_timeout`, and end without `[DONE]` when the
-//! upstream drops or stalls.
+//! answers are read whole within the model's `timeout`. A stream is held until its
+//! first event (so what fails before it can be retried or failed over), then relayed
+//! chunk by chunk, each gap bounded by `stream_timeout`; a cut or a stall after that
+//! is a [`StreamBreak`] the caller's stream reports.
 
-use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt, stream};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use tracing::warn;
 
 use super::provider::{Outgoing, Payload, Provider};
 use crate::failure::{ProxyError, UpstreamErrorFields};
+use crate::formats::sse::{self, StreamBreak};
 use crate::resources::{Model, ProviderKey};
 
 /// Used when a model sets no `timeout`: LLM answers can be slow, but not unbounded.
@@ -25,6 +27,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Upstream error bodies larger than this are not read (they are summarised instead).
 const MAX_ERROR_BODY: usize = 64 * 1024;
+/// The most of a stream held while waiting for its first event.
+const MAX_HELD: usize = 1 << 20;
 
 /// The upstream a request goes to: the direct model and its provider key.
 pub struct Target<'a> {
@@ -106,11 +110,23 @@ impl Upstream {
             return Err(misshapen(target, status, "server-sent events"));
         }
         let body = if stream {
-            relay(
-                response.bytes_stream(),
-                target.model.stream_timeout,
-                target.model.name.clone(),
-            )
+            let mut chunks = Chunks {
+                inner: Box::pin(response.bytes_stream()),
+                gap: target.model.stream_timeout,
+                model: target.model.name.clone(),
+                request_id: Arc::from(request_id),
+            };
+            if json_answer {
+                let remaining = timeout.saturating_sub(started.elapsed());
+                let within = target
+                    .model
+                    .stream_timeout
+                    .map_or(remaining, |gap| gap.min(remaining));
+                let held = chunks.first_event(within).await?;
+                chunks.into_body(held)
+            } else {
+                chunks.into_body(Bytes::new())
+            }
         } else {
             let remaining = timeout.saturating_sub(started.elapsed());
             let bytes = tokio::time::timeout(remaining, response.bytes())
@@ -266,35 +282,95 @@ fn transport_failure(target: &Target<'_>, e: &reqwest::Error) -> ProxyError {
     }
 }
 
-/// Passes stream chunks through as they arrive. An upstream error or a gap longer than
-/// `gap` ends the stream cleanly (so the caller sees no `[DONE]`), and is logged.
-fn relay(
-    upstream: impl Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
+/// An upstream stream's chunks as they arrive, each gap bounded by `stream_timeout`.
+/// A transport error or a longer gap is a [`StreamBreak`] (logged here).
+struct Chunks {
+    inner: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
     gap: Option<Duration>,
     model: Arc<str>,
-) -> Body {
-    let chunks = stream::unfold(Box::pin(upstream), move |mut upstream| {
-        let model = model.clone();
-        async move {
-            let next = match gap {
-                Some(gap) => match tokio::time::timeout(gap, upstream.next()).await {
-                    Ok(next) => next,
-                    Err(_) => {
-                        warn!(model = %model, gap_ms = gap.as_millis(), "upstream stream stalled; ending it");
-                        return None;
-                    }
-                },
-                None => upstream.next().await,
-            };
-            match next {
-                Some(Ok(chunk)) => Some((Ok::<_, Infallible>(chunk), upstream)),
-                Some(Err(e)) => {
-                    warn!(model = %model, error = %e, "upstream stream broke; ending it");
-                    None
+    request_id: Arc<str>,
+}
+
+impl Chunks {
+    async fn next(&mut self) -> Option<Result<Bytes, StreamBreak>> {
+        let next = match self.gap {
+            Some(gap) => match tokio::time::timeout(gap, self.inner.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    let broke = StreamBreak::Stalled {
+                        millis: gap.as_millis(),
+                    };
+                    warn!(request_id = %self.request_id, model = %self.model, gap_ms = gap.as_millis(), "upstream stream stalled");
+                    return Some(Err(broke));
                 }
-                None => None,
+            },
+            None => self.inner.next().await,
+        };
+        match next? {
+            Ok(chunk) => Some(Ok(chunk)),
+            Err(e) => {
+                warn!(request_id = %self.request_id, model = %self.model, error = %e, "upstream stream broke");
+                Some(Err(StreamBreak::Cut))
             }
         }
-    });
-    Body::from_stream(chunks)
+    }
+
+    /// Holds the stream until its first event with data: a stream that fails before
+    /// it (breaks, ends, stalls past `within`, or begins with an error event) is a
+    /// failed attempt, retried or failed over as if no answer had begun.
+    async fn first_event(&mut self, within: Duration) -> Result<Bytes, ProxyError> {
+        let failed = |detail: String| ProxyError::UpstreamFailed {
+            detail,
+            retry_after: None,
+        };
+        let deadline = tokio::time::Instant::now() + within;
+        let mut held = BytesMut::new();
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.next())
+                .await
+                .map_err(|_| ProxyError::Timeout(within.as_millis()))?;
+            match next {
+                Some(Ok(chunk)) => held.extend_from_slice(&chunk),
+                Some(Err(StreamBreak::Stalled { .. })) => {
+                    return Err(ProxyError::Timeout(within.as_millis()));
+                }
+                Some(Err(broke)) => {
+                    return Err(failed(format!(
+                        "{}: {broke}, before its first event",
+                        self.model
+                    )));
+                }
+                None => {
+                    return Err(failed(format!(
+                        "{} ended its stream before its first event",
+                        self.model
+                    )));
+                }
+            }
+            if held.len() > MAX_HELD {
+                return Err(failed(format!(
+                    "{} sent {MAX_HELD} bytes without an event",
+                    self.model
+                )));
+            }
+            let first = sse::last_event_end(&held).and_then(|end| sse::events(&held[..end]).next());
+            if let Some(first) = first {
+                if let Some(message) = sse::error_message(&first) {
+                    return Err(failed(format!(
+                        "{} began its stream with an error: {message}",
+                        self.model
+                    )));
+                }
+                return Ok(held.freeze());
+            }
+        }
+    }
+
+    /// The rest of the stream after `held`, as a body whose errors are [`StreamBreak`]s.
+    fn into_body(self, held: Bytes) -> Body {
+        let rest = stream::unfold(self, |mut chunks| async move {
+            chunks.next().await.map(|next| (next, chunks))
+        });
+        Body::from_stream(stream::once(async { Ok(held) }).chain(rest))
+    }
 }

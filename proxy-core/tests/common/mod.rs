@@ -314,6 +314,21 @@ pub fn stream_hello(model: &str) -> Value {
     json!({"model": model, "stream": true, "messages": [{"role": "user", "content": "Say hello."}]})
 }
 
+/// A streamed body read to its end: the text, and whether the response was aborted
+/// (the connection closed without the terminating chunk).
+pub async fn read_stream(r: reqwest::Response) -> (String, bool) {
+    use futures_util::StreamExt;
+    let mut body = r.bytes_stream();
+    let mut text = Vec::new();
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(chunk) => text.extend_from_slice(&chunk),
+            Err(_) => return (String::from_utf8_lossy(&text).into_owned(), true),
+        }
+    }
+    (String::from_utf8_lossy(&text).into_owned(), false)
+}
+
 pub async fn status_and_body(r: reqwest::Response) -> (u16, String) {
     (r.status().as_u16(), r.text().await.unwrap())
 }

@@ -7,7 +7,7 @@ use super::anthropic::{AnthropicMessages, read_usage, stop_of, stop_reason, writ
 use super::canonical::{Event, Stop, Usage};
 use super::codec::{CallerStream, StreamDecoder, StreamEncoder, UpstreamStream};
 use super::wire::{named_event, str_of, u64_of};
-use crate::formats::sse;
+use crate::formats::sse::{self, StreamBreak};
 
 /// Reads an upstream's events. Tool calls are numbered in the order their content
 /// blocks start.
@@ -19,9 +19,12 @@ pub struct Decoder {
 }
 
 impl StreamDecoder for Decoder {
-    fn decode(&mut self, event: &sse::Event, out: &mut Vec<Event>) {
+    fn decode(&mut self, event: &sse::Event, out: &mut Vec<Event>) -> Result<(), StreamBreak> {
+        if let Some(message) = sse::error_message(event) {
+            return Err(StreamBreak::Upstream(message));
+        }
         let Ok(data) = serde_json::from_slice::<Value>(&event.data) else {
-            return;
+            return Err(StreamBreak::Unreadable);
         };
         let index = u64_of(&data, "index").unwrap_or(0);
         match str_of(&data, "type") {
@@ -78,15 +81,9 @@ impl StreamDecoder for Decoder {
                 }
             }
             "message_stop" => out.push(Event::End),
-            "error" => {
-                let message = data
-                    .pointer("/error/message")
-                    .and_then(Value::as_str)
-                    .unwrap_or("the upstream stream failed");
-                out.push(Event::Error(message.to_owned()));
-            }
             _ => {}
         }
+        Ok(())
     }
 }
 
@@ -167,11 +164,6 @@ impl StreamEncoder for Encoder {
             Event::Usage(usage) => self.usage = usage,
             Event::Stop(stop) => self.stop = Some(stop),
             Event::End => self.finish(out),
-            Event::Error(message) => named_event(
-                out,
-                "error",
-                &json!({"type": "error", "error": {"type": "api_error", "message": message}}),
-            ),
         }
     }
 }

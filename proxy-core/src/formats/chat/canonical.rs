@@ -162,6 +162,4 @@ pub enum Event {
     Stop(Stop),
     /// The upstream finished its answer.
     End,
-    /// The upstream reported a failure mid-stream.
-    Error(String),
 }

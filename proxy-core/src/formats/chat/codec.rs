@@ -5,7 +5,7 @@ use bytes::BytesMut;
 
 use super::canonical::{Answer, Event, Request};
 use crate::failure::ProxyError;
-use crate::formats::sse;
+use crate::formats::sse::{self, StreamBreak};
 
 /// A format callers speak: requests in, answers and stream events out.
 pub trait CallerCodec: CallerStream + Sync {
@@ -33,9 +33,10 @@ pub trait UpstreamStream {
 }
 
 /// Reads one upstream event into canonical events, remembering what it must between
-/// events.
+/// events. An event that cannot be read, or that reports an upstream failure, breaks
+/// the stream.
 pub trait StreamDecoder: Send {
-    fn decode(&mut self, event: &sse::Event, out: &mut Vec<Event>);
+    fn decode(&mut self, event: &sse::Event, out: &mut Vec<Event>) -> Result<(), StreamBreak>;
 }
 
 /// Writes canonical events in the caller's format.

@@ -12,9 +12,9 @@
 //! results, stop reasons, usage (cached tokens included) and prompt-cache markers carry
 //! over; parameters the other side has no equivalent for are dropped, and requests that
 //! cannot be expressed at all (several choices, server-side tools) are refused with a
-//! 400 naming the parameter. A stream that ends early upstream ends early for the
-//! caller too: the closing events (`[DONE]`, `message_stop`) are only written when the
-//! upstream sent its own.
+//! 400 naming the parameter. The closing events (`[DONE]`, `message_stop`) are only
+//! written when the upstream sent its own; an upstream error event or an unreadable
+//! event breaks the stream (see `pipeline::stream`).
 //!
 //! Layout:
 //! - `canonical.rs`: the canonical request, answer, usage and stream events.
@@ -41,7 +41,7 @@ pub use codec::{
 pub use openai::OpenAiChat;
 
 use crate::failure::ProxyError;
-use crate::formats::sse;
+use crate::formats::sse::{self, StreamBreak};
 use canonical::Event;
 
 /// A caller's request body in the upstream's format, for `model`.
@@ -117,15 +117,20 @@ impl StreamTranslator {
         }
     }
 
-    pub fn translate(&mut self, run: &[u8]) -> Bytes {
+    /// The caller's events for a run, and the break that stopped it early, if any
+    /// (what came before the break is translated).
+    pub fn translate(&mut self, run: &[u8]) -> (Bytes, Option<StreamBreak>) {
         let mut out = BytesMut::new();
-        for event in sse::events(run) {
-            self.decoder.decode(&event, &mut self.events);
+        for event in sse::events(run).filter(|e| !e.data.trim_ascii().is_empty()) {
+            let decoded = self.decoder.decode(&event, &mut self.events);
             for event in self.events.drain(..) {
                 self.encoder.encode(event, &mut out);
             }
+            if let Err(broke) = decoded {
+                return (out.freeze(), Some(broke));
+            }
         }
-        out.freeze()
+        (out.freeze(), None)
     }
 }
 

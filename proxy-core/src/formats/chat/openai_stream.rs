@@ -7,7 +7,7 @@ use super::canonical::{Event, Usage};
 use super::codec::{CallerStream, StreamDecoder, StreamEncoder, UpstreamStream};
 use super::openai::{OpenAiChat, finish_reason, read_usage, stop_of, write_usage};
 use super::wire::{data_event, str_at, str_of, unix_now};
-use crate::formats::sse;
+use crate::formats::sse::{self, StreamBreak};
 
 /// Reads an upstream's chunks. Tool calls keep OpenAI's own numbering.
 #[derive(Default)]
@@ -18,21 +18,17 @@ pub struct Decoder {
 }
 
 impl StreamDecoder for Decoder {
-    fn decode(&mut self, event: &sse::Event, out: &mut Vec<Event>) {
+    fn decode(&mut self, event: &sse::Event, out: &mut Vec<Event>) -> Result<(), StreamBreak> {
         if event.data.trim_ascii() == b"[DONE]" {
             out.push(Event::End);
-            return;
+            return Ok(());
+        }
+        if let Some(message) = sse::error_message(event) {
+            return Err(StreamBreak::Upstream(message));
         }
         let Ok(chunk) = serde_json::from_slice::<Value>(&event.data) else {
-            return;
+            return Err(StreamBreak::Unreadable);
         };
-        if let Some(error) = chunk.get("error") {
-            let message = error["message"]
-                .as_str()
-                .unwrap_or("the upstream stream failed");
-            out.push(Event::Error(message.to_owned()));
-            return;
-        }
         if !self.started {
             self.started = true;
             out.push(Event::Start {
@@ -45,7 +41,7 @@ impl StreamDecoder for Decoder {
             out.push(Event::Usage(self.usage));
         }
         let Some(choice) = chunk.pointer("/choices/0") else {
-            return;
+            return Ok(());
         };
         if let Some(text) = choice
             .pointer("/delta/content")
@@ -65,6 +61,7 @@ impl StreamDecoder for Decoder {
         if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
             out.push(Event::Stop(stop_of(reason)));
         }
+        Ok(())
     }
 }
 
@@ -152,10 +149,6 @@ impl StreamEncoder for Encoder {
                 data_event(out, &usage);
                 out.put_slice(b"data: [DONE]\n\n");
             }
-            Event::Error(message) => data_event(
-                out,
-                &json!({"error": {"message": message, "type": "upstream_error"}}),
-            ),
         }
     }
 }

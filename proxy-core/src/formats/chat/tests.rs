@@ -8,6 +8,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use super::*;
+use crate::formats::sse::StreamBreak;
 
 const OPENAI: &OpenAiChat = &OpenAiChat;
 const ANTHROPIC: &AnthropicMessages = &AnthropicMessages;
@@ -253,9 +254,9 @@ fn anthropic_events_become_openai_chunks_whatever_the_runs() {
     let mut one_by_one = anthropic_to_openai();
     let split: Vec<u8> = events
         .iter()
-        .flat_map(|e| one_by_one.translate(e.as_bytes()).to_vec())
+        .flat_map(|e| one_by_one.translate(e.as_bytes()).0.to_vec())
         .collect();
-    let whole = anthropic_to_openai().translate(events.concat().as_bytes());
+    let (whole, _) = anthropic_to_openai().translate(events.concat().as_bytes());
     let (mut a, mut b) = (payloads(&split), payloads(&whole));
     for v in a.iter_mut().chain(b.iter_mut()) {
         if v.is_object() {
@@ -299,8 +300,33 @@ fn anthropic_events_become_openai_chunks_whatever_the_runs() {
 #[test]
 fn a_cut_anthropic_stream_gets_no_done() {
     let events = anthropic_stream();
-    let out = anthropic_to_openai().translate(events[..5].concat().as_bytes());
+    let (out, broke) = anthropic_to_openai().translate(events[..5].concat().as_bytes());
     assert!(!out.windows(6).any(|w| w == b"[DONE]"));
+    assert_eq!(broke, None);
+}
+
+#[test]
+fn upstream_error_events_and_unreadable_events_break_a_translated_stream() {
+    let events = anthropic_stream();
+    let error = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
+    let run = format!("{}{error}{}", events[..3].concat(), events[3]);
+    let (out, broke) = anthropic_to_openai().translate(run.as_bytes());
+    assert_eq!(broke, Some(StreamBreak::Upstream("Overloaded".into())));
+    // What came before the error is translated; nothing after it is.
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.contains("\"role\":\"assistant\""), "{out}");
+    assert!(!out.contains("Checking"), "{out}");
+    assert!(!out.contains("[DONE]"));
+    let (_, broke) =
+        anthropic_to_openai().translate(b"event: content_block_delta\ndata: {not json\n\n");
+    assert_eq!(broke, Some(StreamBreak::Unreadable));
+    let openai_error = b"data: {\"error\":{\"message\":\"boom\",\"type\":\"server_error\"}}\n\n";
+    let (out, broke) = openai_to_anthropic().translate(openai_error);
+    assert_eq!(broke, Some(StreamBreak::Upstream("boom".into())));
+    assert!(out.is_empty());
+    // Empty data lines and comments are not events to read.
+    let (_, broke) = openai_to_anthropic().translate(b": keep-alive\n\ndata:\n\n");
+    assert_eq!(broke, None);
 }
 
 #[test]
@@ -333,7 +359,7 @@ fn openai_chunks_become_anthropic_events() {
     let mut t = openai_to_anthropic();
     let out: Vec<u8> = stream
         .iter()
-        .flat_map(|c| t.translate(c.as_bytes()).to_vec())
+        .flat_map(|c| t.translate(c.as_bytes()).0.to_vec())
         .collect();
     let names: Vec<String> = sse::events(&out)
         .map(|e| e.name.unwrap_or_default())
@@ -442,7 +468,7 @@ fn cached_tokens_come_back_in_each_formats_arithmetic() {
         ev("message_stop", json!({"type": "message_stop"})),
     ]
     .concat();
-    let chunks = payloads(&anthropic_to_openai().translate(stream.as_bytes()));
+    let chunks = payloads(&anthropic_to_openai().translate(stream.as_bytes()).0);
     let usage = chunks.iter().find_map(|c| c.get("usage")).unwrap();
     assert_eq!(
         usage,
