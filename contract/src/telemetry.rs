@@ -31,6 +31,12 @@ pub struct UsageEvent {
     pub prompt_tokens: u64,
     #[serde(default)]
     pub completion_tokens: u64,
+    /// The parts of `prompt_tokens` read from and written to the provider's prompt
+    /// cache.
+    #[serde(default)]
+    pub cache_read_tokens: u64,
+    #[serde(default)]
+    pub cache_write_tokens: u64,
     #[serde(default)]
     pub cost_usd: f64,
     #[serde(default)]

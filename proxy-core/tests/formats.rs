@@ -11,7 +11,7 @@
 
 mod common;
 
-use cloud_mock::provider::{Script, ToolCall};
+use cloud_mock::provider::{Script, ToolCall, Usage};
 use common::*;
 use proxy_core::formats::sse;
 use proxy_core::http::{Hooks, ProxyOptions};
@@ -967,4 +967,105 @@ async fn passthrough_answers_are_charged_their_tokens() {
         assert_eq!(r.status(), expected);
         r.bytes().await.unwrap();
     }
+}
+
+/// The mock's usage with a prompt-cache hit: 2006 input tokens, 1920 of them read from
+/// the cache and 64 written to it.
+fn cached_usage() -> Script {
+    Script {
+        usage: Some(Usage {
+            prompt_tokens: 2006,
+            completion_tokens: 300,
+            cache_read_tokens: 1920,
+            cache_write_tokens: 64,
+        }),
+        ..Script::default()
+    }
+}
+
+#[tokio::test]
+async fn prompt_cache_markers_reach_anthropic_and_cached_tokens_come_back_in_each_format() {
+    let recorder = std::sync::Arc::new(Recorder::default());
+    let hooks = Hooks {
+        usage: Some(recorder.clone()),
+        ..Hooks::default()
+    };
+    let h = harness_with(ProxyOptions::default(), hooks).await;
+    h.mock.set_script(cached_usage());
+    let marker = json!({"type": "ephemeral"});
+    let long = json!({"type": "ephemeral", "ttl": "1h"});
+    let body = json!({"model": "claude", "messages": [
+        {"role": "system", "content": [
+            {"type": "text", "text": "You are a careful assistant."},
+            {"type": "text", "text": "The long shared context.", "cache_control": long}]},
+        {"role": "user", "content": [
+            {"type": "text", "text": "The question.", "cache_control": marker}]}],
+        "tools": [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}},
+                   "cache_control": marker}]});
+    let r = h.chat(Some(CALLER), body.clone()).await;
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    // OpenAI's arithmetic: cached tokens are a part of prompt_tokens.
+    assert_eq!(answer["usage"]["prompt_tokens"], 2006);
+    assert_eq!(
+        answer["usage"]["prompt_tokens_details"]["cached_tokens"],
+        1920
+    );
+    assert_eq!(answer["usage"]["total_tokens"], 2306);
+    // The upstream got the markers where the caller put them; the system prompt stays
+    // in parts.
+    let sent = h.mock.requests().last().unwrap().json();
+    assert_eq!(
+        sent["system"],
+        json!([{"type": "text", "text": "You are a careful assistant."},
+               {"type": "text", "text": "The long shared context.", "cache_control": long}])
+    );
+    assert_eq!(sent["messages"][0]["content"][0]["cache_control"], marker);
+    assert_eq!(sent["tools"][0]["cache_control"], marker);
+
+    // Streamed, with the usage chunk asked for.
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let chunks = events(h.chat(Some(CALLER), streamed).await).await;
+    let usage = chunks
+        .iter()
+        .find_map(|(_, c)| c.get("usage").filter(|u| u.is_object()))
+        .unwrap();
+    assert_eq!(usage["prompt_tokens"], 2006);
+    assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], 1920);
+
+    // Anthropic's arithmetic, from an OpenAI upstream's cached tokens: input_tokens
+    // leaves the cached part out (OpenAI reports no cache writes).
+    let r = h
+        .anthropic("/v1/messages", Some(CALLER), messages_hello("gpt", false))
+        .await;
+    let message: Value = r.json().await.unwrap();
+    assert_eq!(message["usage"]["input_tokens"], 2006 - 1920);
+    assert_eq!(message["usage"]["cache_read_input_tokens"], 1920);
+    assert!(
+        message["usage"]
+            .get("cache_creation_input_tokens")
+            .is_none()
+    );
+    // Native Anthropic: the upstream's own numbers, and the body as the caller wrote it.
+    let mut native = messages_hello("claude", false);
+    native["system"] = json!([{"type": "text", "text": "Context.", "cache_control": marker}]);
+    let r = h.anthropic("/v1/messages", Some(CALLER), native).await;
+    let message: Value = r.json().await.unwrap();
+    assert_eq!(message["usage"]["input_tokens"], 2006 - 1920 - 64);
+    assert_eq!(message["usage"]["cache_read_input_tokens"], 1920);
+    assert_eq!(message["usage"]["cache_creation_input_tokens"], 64);
+    let sent = h.mock.requests().last().unwrap().json();
+    assert_eq!(sent["system"][0]["cache_control"], marker);
+
+    // Usage events: every input token in prompt_tokens, the cached parts apart.
+    let events = recorder.0.lock().unwrap().clone();
+    assert_eq!(events.len(), 4);
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e.prompt_tokens, 2006, "event {i}: {e:?}");
+        assert_eq!(e.cache_read_tokens, 1920, "event {i}: {e:?}");
+    }
+    let writes: Vec<u64> = events.iter().map(|e| e.cache_write_tokens).collect();
+    assert_eq!(writes, [64, 64, 0, 64]);
 }

@@ -25,6 +25,15 @@ def expect_error(cls, status, kind, call):
 
 client = anthropic.Anthropic(base_url=BASE, api_key=KEY, max_retries=0)
 
+# Cached prompt tokens, native and translated, whole and streamed: apart from input_tokens.
+for model in ["claude-cached", "gpt-cached"]:
+    usage = client.messages.create(model=model, max_tokens=64, messages=MESSAGES).usage
+    check(usage.input_tokens == 86 and usage.cache_read_input_tokens == 1920, f"{model}: cached tokens {usage}")
+    with client.messages.stream(model=model, max_tokens=64, messages=MESSAGES) as stream:
+        usage = stream.get_final_message().usage
+    check(usage.input_tokens == 86 and usage.cache_read_input_tokens == 1920,
+          f"{model}: streamed cached tokens {usage}")
+
 # A stream cut after it began raises (native and translated), with the gateway's error
 # event; it never ends as if the answer were whole.
 for model in ["claude-cut", "cut"]:

@@ -23,7 +23,7 @@ def expect_error(cls, status, kind, call):
 client = openai.OpenAI(base_url=BASE, api_key=KEY, max_retries=0)
 
 ids = sorted(m.id for m in client.models.list())
-check("gpt-4o-mini" in ids and "claude" in ids and len(ids) == 14, f"models.list() == {ids}")
+check("gpt-4o-mini" in ids and "claude" in ids and len(ids) == 16, f"models.list() == {ids}")
 
 raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES)
 check(raw.headers.get("x-aisix-served-by") == "gpt-4o-mini", "x-aisix-served-by")
@@ -47,6 +47,17 @@ chunks = list(stream)
 text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 check(text == EXPECTED, f"claude streamed content {text!r}")
 check(chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 13, "claude stream usage")
+
+# Cached prompt tokens, native and translated, whole and streamed: a part of prompt_tokens.
+for model in ["gpt-cached", "claude-cached"]:
+    usage = client.chat.completions.create(model=model, messages=MESSAGES).usage
+    check(usage.prompt_tokens == 2006 and usage.prompt_tokens_details.cached_tokens == 1920,
+          f"{model}: cached tokens {usage}")
+    chunks = list(client.chat.completions.create(model=model, messages=MESSAGES, stream=True,
+                                                 stream_options={"include_usage": True}))
+    usage = chunks[-1].usage
+    check(usage.prompt_tokens == 2006 and usage.prompt_tokens_details.cached_tokens == 1920,
+          f"{model}: streamed cached tokens {usage}")
 
 # A stream cut after it began raises: native and translated, the SDK never takes a
 # truncated answer for a whole one.

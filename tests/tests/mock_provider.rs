@@ -212,6 +212,7 @@ async fn anthropic_messages_follow_the_anthropic_shapes() {
         usage: Some(Usage {
             prompt_tokens: 21,
             completion_tokens: 4,
+            ..Usage::default()
         }),
         chunks: 2,
         ..Script::default()

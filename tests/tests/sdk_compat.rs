@@ -14,7 +14,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use cloud_mock::provider::{MockProvider, Script, ToolCall};
+use cloud_mock::provider::{MockProvider, Script, ToolCall, Usage};
 use tests::{Process, key_hash, start_agent};
 
 /// The models the SDK scripts use, by upstream model: what the mock answers.
@@ -45,6 +45,19 @@ fn script_mock(mock: &MockProvider) {
             ..Script::default()
         };
         mock.set_script_for(model, cut);
+    }
+    // Answers read partly from the provider's prompt cache.
+    for model in ["up-cached", "claude-cached-up"] {
+        let cached = Script {
+            usage: Some(Usage {
+                prompt_tokens: 2006,
+                completion_tokens: 300,
+                cache_read_tokens: 1920,
+                cache_write_tokens: 0,
+            }),
+            ..Script::default()
+        };
+        mock.set_script_for(model, cached);
     }
     for model in ["up-late", "claude-late-up"] {
         let late = Script {
@@ -92,6 +105,8 @@ models:
   - {{id: c2, display_name: claude-cut, model_name: claude-cut-up, provider_key_id: pk2}}
   - {{id: l1, display_name: late, model_name: up-late, provider_key_id: pk1, stream_timeout: 300}}
   - {{id: l2, display_name: claude-late, model_name: claude-late-up, provider_key_id: pk2, stream_timeout: 300}}
+  - {{id: p1, display_name: gpt-cached, model_name: up-cached, provider_key_id: pk1}}
+  - {{id: p2, display_name: claude-cached, model_name: claude-cached-up, provider_key_id: pk2}}
   - {{id: f1, display_name: first-byte, routing: {{targets: [{{model: late}}, {{model: gpt-4o-mini}}]}}}}
   - {{id: f2, display_name: claude-first-byte, routing: {{targets: [{{model: claude-late}}, {{model: claude}}]}}}}
 api_keys:

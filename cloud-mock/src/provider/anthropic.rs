@@ -36,11 +36,20 @@ pub async fn messages(call: Call) -> Response {
     if let Some(error) = call.error(error_body) {
         return error;
     }
-    let (input, output) = call
-        .script
-        .usage
-        .map_or((0, 0), |u| (u.prompt_tokens, u.completion_tokens));
+    let usage = call.script.usage.unwrap_or_default();
+    let output = usage.completion_tokens;
+    // Anthropic's input_tokens leave the cached parts out.
+    let cached = usage.cache_read_tokens + usage.cache_write_tokens;
+    let mut input_usage = json!({"input_tokens": usage.prompt_tokens.saturating_sub(cached)});
+    if usage.cache_read_tokens > 0 {
+        input_usage["cache_read_input_tokens"] = usage.cache_read_tokens.into();
+    }
+    if usage.cache_write_tokens > 0 {
+        input_usage["cache_creation_input_tokens"] = usage.cache_write_tokens.into();
+    }
     let message = |content: Value, stop: Value, output_tokens: u64| {
+        let mut usage = input_usage.clone();
+        usage["output_tokens"] = output_tokens.into();
         json!({
             "id": "msg_mock",
             "type": "message",
@@ -49,7 +58,7 @@ pub async fn messages(call: Call) -> Response {
             "content": content,
             "stop_reason": stop,
             "stop_sequence": null,
-            "usage": {"input_tokens": input, "output_tokens": output_tokens},
+            "usage": usage,
         })
     };
     let tool = call.script.tool_call.clone();

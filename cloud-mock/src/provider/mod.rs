@@ -92,6 +92,7 @@ impl Default for Script {
             usage: Some(Usage {
                 prompt_tokens: 10,
                 completion_tokens: 3,
+                ..Usage::default()
             }),
             drop_after_chunks: None,
             drop_mid_event: false,
@@ -105,10 +106,17 @@ impl Default for Script {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Token counts the mock reports. `prompt_tokens` is every input token; the cached
+/// parts are reported in each API's own arithmetic (OpenAI: `cached_tokens`, a part of
+/// `prompt_tokens`; Anthropic: `cache_read_input_tokens` and
+/// `cache_creation_input_tokens` beside `input_tokens`, which excludes them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    pub cache_read_tokens: u64,
+    pub cache_write_tokens: u64,
 }
 
 /// One request the mock received.

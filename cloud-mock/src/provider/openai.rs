@@ -22,7 +22,12 @@ fn error_body(status: StatusCode) -> Value {
 }
 
 fn usage_json(u: Usage) -> Value {
-    json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.prompt_tokens + u.completion_tokens})
+    let mut usage = json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens});
+    if u.cache_read_tokens > 0 {
+        usage["prompt_tokens_details"] = json!({"cached_tokens": u.cache_read_tokens});
+    }
+    usage
 }
 
 /// The error event OpenAI sends when a stream fails after it began.

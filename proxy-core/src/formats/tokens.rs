@@ -4,19 +4,25 @@ use serde::Deserialize;
 
 use crate::resources::Cost;
 
-/// Token counts as the upstream reported them.
+/// Token counts as the upstream reported them. `prompt` is every input token, the
+/// cached ones included; `cache_read` and `cache_write` are the parts of it read from
+/// and written to the provider's prompt cache.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Tokens {
     pub prompt: u64,
     pub completion: u64,
+    pub cache_read: u64,
+    pub cache_write: u64,
 }
 
 impl Tokens {
     /// Reads `usage` from a JSON document (a whole answer or one stream event): OpenAI's
     /// `prompt_tokens`/`completion_tokens` or Anthropic's and the Responses API's
     /// `input_tokens`/`output_tokens`, at the top or under `message` (Anthropic's
-    /// `message_start`) or `response` (`response.completed`). Anthropic's cached input
-    /// tokens count as input.
+    /// `message_start`) or `response` (`response.completed`). Cached input tokens:
+    /// OpenAI's `prompt_tokens_details.cached_tokens` and the Responses API's
+    /// `input_tokens_details.cached_tokens` (parts of the input count), Anthropic's
+    /// `cache_read_input_tokens` and `cache_creation_input_tokens` (added to it).
     pub fn from_json(document: &[u8]) -> Option<Tokens> {
         #[derive(Deserialize)]
         struct Document {
@@ -36,17 +42,29 @@ impl Tokens {
             completion_tokens: Option<u64>,
             cache_creation_input_tokens: Option<u64>,
             cache_read_input_tokens: Option<u64>,
+            #[serde(alias = "input_tokens_details")]
+            prompt_tokens_details: Option<Details>,
+        }
+        #[derive(Deserialize)]
+        struct Details {
+            cached_tokens: Option<u64>,
         }
         let document = serde_json::from_slice::<Document>(document).ok()?;
         let usage = document
             .usage
             .or_else(|| document.message?.usage)
             .or_else(|| document.response?.usage)?;
-        let cached = usage.cache_creation_input_tokens.unwrap_or(0)
-            + usage.cache_read_input_tokens.unwrap_or(0);
+        let written = usage.cache_creation_input_tokens.unwrap_or(0);
+        let read = usage.cache_read_input_tokens.unwrap_or(0);
+        let included = usage
+            .prompt_tokens_details
+            .and_then(|d| d.cached_tokens)
+            .unwrap_or(0);
         Some(Tokens {
-            prompt: usage.prompt_tokens.unwrap_or(0) + cached,
+            prompt: usage.prompt_tokens.unwrap_or(0) + written + read,
             completion: usage.completion_tokens.unwrap_or(0),
+            cache_read: read + included,
+            cache_write: written,
         })
     }
 
@@ -70,7 +88,8 @@ mod tests {
             Tokens::from_json(openai),
             Some(Tokens {
                 prompt: 12,
-                completion: 5
+                completion: 5,
+                ..Tokens::default()
             })
         );
         let anthropic = br#"{"usage":{"input_tokens":3,"output_tokens":4}}"#;
@@ -78,23 +97,38 @@ mod tests {
             Tokens::from_json(anthropic),
             Some(Tokens {
                 prompt: 3,
-                completion: 4
+                completion: 4,
+                ..Tokens::default()
             })
         );
-        let start = br#"{"type":"message_start","message":{"usage":{"input_tokens":3,"cache_read_input_tokens":2,"output_tokens":1}}}"#;
+        let start = br#"{"type":"message_start","message":{"usage":{"input_tokens":3,"cache_read_input_tokens":2,"cache_creation_input_tokens":4,"output_tokens":1}}}"#;
         assert_eq!(
             Tokens::from_json(start),
             Some(Tokens {
-                prompt: 5,
-                completion: 1
+                prompt: 9,
+                completion: 1,
+                cache_read: 2,
+                cache_write: 4,
             })
         );
-        let completed = br#"{"type":"response.completed","response":{"usage":{"input_tokens":7,"output_tokens":8}}}"#;
+        let cached = br#"{"usage":{"prompt_tokens":2006,"completion_tokens":300,"prompt_tokens_details":{"cached_tokens":1920}}}"#;
+        assert_eq!(
+            Tokens::from_json(cached),
+            Some(Tokens {
+                prompt: 2006,
+                completion: 300,
+                cache_read: 1920,
+                cache_write: 0,
+            })
+        );
+        let completed = br#"{"type":"response.completed","response":{"usage":{"input_tokens":7,"output_tokens":8,"input_tokens_details":{"cached_tokens":5}}}}"#;
         assert_eq!(
             Tokens::from_json(completed),
             Some(Tokens {
                 prompt: 7,
-                completion: 8
+                completion: 8,
+                cache_read: 5,
+                cache_write: 0,
             })
         );
         assert_eq!(Tokens::from_json(br#"{"usage":null}"#), None);
@@ -106,6 +140,7 @@ mod tests {
         let tokens = Tokens {
             prompt: 1000,
             completion: 500,
+            ..Tokens::default()
         };
         assert!((tokens.cost(Some(&cost)) - 2.0).abs() < 1e-9);
         assert!(tokens.cost(None).abs() < f64::EPSILON);

@@ -22,8 +22,15 @@ pub struct UsageEvent {
     pub provider: String,
     /// The direct model that served (or last failed) the request.
     pub served_by: String,
+    /// Every input token, the cached ones included.
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// The parts of `prompt_tokens` read from and written to the provider's prompt
+    /// cache.
+    #[serde(default)]
+    pub cache_read_tokens: u64,
+    #[serde(default)]
+    pub cache_write_tokens: u64,
     pub cost_usd: f64,
     pub status_code: u16,
     pub stream: bool,

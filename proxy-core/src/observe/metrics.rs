@@ -28,6 +28,8 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::formats::tokens::Tokens;
+
 /// The content type of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -112,7 +114,9 @@ pub struct Metrics {
     /// `aisix_time_to_first_token_seconds{route, model}`: streams, from the request's
     /// arrival to the first event sent.
     pub time_to_first_token: Histograms<RouteLabels>,
-    /// `aisix_tokens_total{model, direction}`: tokens the upstreams reported.
+    /// `aisix_tokens_total{model, direction}`: tokens the upstreams reported; `input`
+    /// and `output`, and the parts of `input` read from (`cache_read`) and written to
+    /// (`cache_write`) the provider's prompt cache.
     pub tokens: Family<TokenLabels, Counter>,
     /// `aisix_upstream_failures_total{model, kind}`: failed upstream attempts.
     pub upstream_failures: Family<FailureLabels, Counter>,
@@ -208,8 +212,7 @@ pub struct RequestRecord<'a> {
     pub status: u16,
     pub duration: Duration,
     pub ttft: Option<Duration>,
-    pub input_tokens: u64,
-    pub output_tokens: u64,
+    pub tokens: Tokens,
     /// The error type of a refusal (`rate_limit_exceeded`, `content_filter`...).
     pub error_type: Option<&'static str>,
 }
@@ -236,7 +239,14 @@ impl Metrics {
                 .get_or_create(&route)
                 .observe(ttft.as_secs_f64());
         }
-        for (direction, n) in [("input", r.input_tokens), ("output", r.output_tokens)] {
+        let t = r.tokens;
+        let counts = [
+            ("input", t.prompt),
+            ("output", t.completion),
+            ("cache_read", t.cache_read),
+            ("cache_write", t.cache_write),
+        ];
+        for (direction, n) in counts {
             if n > 0 {
                 self.tokens
                     .get_or_create(&TokenLabels {
@@ -538,8 +548,7 @@ mod tests {
             status: 429,
             duration: Duration::from_millis(3),
             ttft: None,
-            input_tokens: 0,
-            output_tokens: 0,
+            tokens: Tokens::default(),
             error_type: Some("rate_limit_exceeded"),
         });
         m.record_request(&RequestRecord {
@@ -548,8 +557,12 @@ mod tests {
             status: 200,
             duration: Duration::from_millis(30),
             ttft: Some(Duration::from_millis(7)),
-            input_tokens: 10,
-            output_tokens: 3,
+            tokens: Tokens {
+                prompt: 10,
+                completion: 3,
+                cache_read: 4,
+                cache_write: 0,
+            },
             error_type: None,
         });
         for error_type in ["billing_error", "content_filter", "invalid_api_key"] {
@@ -559,8 +572,7 @@ mod tests {
                 status: 429,
                 duration: Duration::from_millis(1),
                 ttft: None,
-                input_tokens: 0,
-                output_tokens: 0,
+                tokens: Tokens::default(),
                 error_type: Some(error_type),
             });
         }
@@ -577,6 +589,7 @@ mod tests {
         for line in [
             "aisix_requests_total{route=\"/v1/chat/completions\",model=\"gpt-4o\",status=\"429\"} 1",
             "aisix_tokens_total{model=\"gpt-4o\",direction=\"input\"} 10",
+            "aisix_tokens_total{model=\"gpt-4o\",direction=\"cache_read\"} 4",
             "aisix_policy_rejections_total{policy=\"rate_limit\"} 1",
             "aisix_policy_rejections_total{policy=\"budget\"} 1",
             "aisix_policy_rejections_total{policy=\"guardrail\"} 1",

@@ -129,8 +129,7 @@ impl Finish {
             status: self.status,
             duration,
             ttft: facts.first_token,
-            input_tokens: facts.tokens.prompt,
-            output_tokens: facts.tokens.completion,
+            tokens: facts.tokens,
             error_type,
         });
         if self.access_log {
@@ -148,6 +147,8 @@ impl Finish {
                 ttft_ms = facts.first_token.map(|d| d.as_secs_f64() * 1000.0),
                 input_tokens = facts.tokens.prompt,
                 output_tokens = facts.tokens.completion,
+                cache_read_tokens = facts.tokens.cache_read,
+                cache_write_tokens = facts.tokens.cache_write,
                 "request"
             );
         }

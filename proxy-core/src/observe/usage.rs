@@ -70,6 +70,8 @@ impl Pending {
         };
         event.prompt_tokens = tokens.prompt;
         event.completion_tokens = tokens.completion;
+        event.cache_read_tokens = tokens.cache_read;
+        event.cache_write_tokens = tokens.cache_write;
         event.cost_usd = tokens.cost(cost.as_ref());
         event.latency_ms = millis(started.elapsed());
         event.ttft_ms = ttft.map(millis);
@@ -119,6 +121,8 @@ impl StreamTap {
                 // tokens at the end: keep the largest of each.
                 self.tokens.prompt = self.tokens.prompt.max(tokens.prompt);
                 self.tokens.completion = self.tokens.completion.max(tokens.completion);
+                self.tokens.cache_read = self.tokens.cache_read.max(tokens.cache_read);
+                self.tokens.cache_write = self.tokens.cache_write.max(tokens.cache_write);
             }
         }
     }
@@ -237,6 +241,8 @@ mod tests {
             served_by: "direct".into(),
             prompt_tokens: 0,
             completion_tokens: 0,
+            cache_read_tokens: 0,
+            cache_write_tokens: 0,
             cost_usd: 0.0,
             status_code: 200,
             stream: true,

@@ -225,6 +225,8 @@ fn usage_event(
         served_by: model.name.to_string(),
         prompt_tokens: 0,
         completion_tokens: 0,
+        cache_read_tokens: 0,
+        cache_write_tokens: 0,
         cost_usd: 0.0,
         status_code: response.status().as_u16(),
         stream,

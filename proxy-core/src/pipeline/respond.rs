@@ -125,15 +125,15 @@ async fn whole_answer(
             Bytes::new()
         }
     };
+    // Usage is read in the upstream's format, which may say more (cache writes).
+    usage.finish(Tokens::from_json(&bytes).unwrap_or_default(), None);
     let bytes = match whole.conversion.answer(bytes) {
         Ok(bytes) => bytes,
         Err(e) => {
             e.log(request_id);
-            usage.finish(Tokens::default(), None);
             return e.into_response_in(envelope);
         }
     };
-    usage.finish(Tokens::from_json(&bytes).unwrap_or_default(), None);
     if let Err(e) = guardrails::check_answer(output, &bytes, request_id) {
         return e.into_response_in(envelope);
     }
@@ -197,6 +197,8 @@ fn pending(
             served_by: served_by.name.to_string(),
             prompt_tokens: 0,
             completion_tokens: 0,
+            cache_read_tokens: 0,
+            cache_write_tokens: 0,
             cost_usd: 0.0,
             status_code: status.as_u16(),
             stream: request.stream,

@@ -50,11 +50,12 @@ enum Last {
 
 impl EventFilter for AnswerStream {
     fn events(&mut self, run: Bytes) -> Filtered {
+        // Usage is read in the upstream's format, which may say more (cache writes).
+        self.tap.observe(&run);
         let (run, broke) = match &mut self.translator {
             Some(translator) => translator.translate(&run),
             None => (run, None),
         };
-        self.tap.observe(&run);
         let run = if self.strip_usage {
             sse::without_usage_chunk(run)
         } else {
