@@ -14,6 +14,8 @@ use super::wire::{
 
 /// Used for `max_tokens` when the caller set none: Anthropic requires one.
 pub const DEFAULT_MAX_TOKENS: u64 = 4096;
+/// The smallest `thinking.budget_tokens` Anthropic accepts.
+const MIN_THINKING: u64 = 1024;
 
 pub struct AnthropicMessages;
 
@@ -36,6 +38,13 @@ impl CallerCodec for AnthropicMessages {
         };
         if let Some(Value::Array(stop)) = body.remove("stop_sequences") {
             request.stop = strings(&stop);
+        }
+        if let Some(thinking) = body
+            .remove("thinking")
+            .filter(|t| str_of(t, "type") == "enabled")
+        {
+            request.thinking_budget =
+                Some(u64_of(&thinking, "budget_tokens").unwrap_or(MIN_THINKING));
         }
         let Some(Value::Array(turns)) = body.remove("messages") else {
             return Err(refuse("'messages' must be an array", "messages"));
@@ -67,7 +76,15 @@ impl CallerCodec for AnthropicMessages {
             .content
             .iter()
             .filter(|b| !matches!(b, Block::Text(t) if t.text.is_empty()))
-            .filter_map(write_block)
+            .filter_map(|block| match block {
+                // Reasoning an OpenAI-compatible upstream gave, shown to the caller;
+                // it has no signature to be sent back with.
+                Block::Thinking {
+                    text,
+                    signature: None,
+                } => Some(json!({"type": "thinking", "thinking": text, "signature": ""})),
+                block => write_block(block),
+            })
             .collect();
         to_bytes(&json!({
             "id": answer.id,
@@ -96,10 +113,19 @@ impl UpstreamCodec for AnthropicMessages {
             out.insert("system".into(), write_system(&request.system));
         }
         out.insert("messages".into(), Value::Array(write_turns(&request.turns)));
-        out.insert(
-            "max_tokens".into(),
-            request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS).into(),
-        );
+        let mut max_tokens = request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+        if let Some(budget) = request.thinking_budget {
+            // The budget is a part of max_tokens, which must leave room for the answer.
+            let budget = budget.max(MIN_THINKING);
+            if max_tokens <= budget {
+                max_tokens += budget;
+            }
+            out.insert(
+                "thinking".into(),
+                json!({"type": "enabled", "budget_tokens": budget}),
+            );
+        }
+        out.insert("max_tokens".into(), max_tokens.into());
         if let Some(t) = &request.temperature {
             out.insert("temperature".into(), t.clone().into());
         }
@@ -134,6 +160,7 @@ impl UpstreamCodec for AnthropicMessages {
             .filter_map(|block| match block.get("type").and_then(Value::as_str) {
                 Some("text") => Some(Block::Text(Text::plain(str_of(block, "text")))),
                 Some("tool_use") => Some(read_tool_use(block)),
+                Some("thinking" | "redacted_thinking") => read_thinking(block),
                 _ => None,
             })
             .collect();
@@ -205,8 +232,7 @@ fn read_turn(turn: &Value) -> Result<Turn> {
     Ok(Turn { role, content })
 }
 
-/// One content block; reasoning of earlier turns is dropped (the other formats have
-/// no form for it and the answer stands without it).
+/// One content block.
 fn read_block(block: &Value) -> Result<Option<Block>> {
     let cache_control = block.get("cache_control").cloned();
     Ok(Some(match block.get("type").and_then(Value::as_str) {
@@ -234,7 +260,7 @@ fn read_block(block: &Value) -> Result<Option<Block>> {
             content: block.get("content").map(plain_text).unwrap_or_default(),
             cache_control,
         },
-        Some("thinking" | "redacted_thinking") => return Ok(None),
+        Some("thinking" | "redacted_thinking") => return Ok(read_thinking(block)),
         other => {
             return Err(refuse(
                 format!(
@@ -245,6 +271,23 @@ fn read_block(block: &Value) -> Result<Option<Block>> {
             ));
         }
     }))
+}
+
+fn read_thinking(block: &Value) -> Option<Block> {
+    match str_of(block, "type") {
+        "thinking" => Some(Block::Thinking {
+            text: str_of(block, "thinking").to_owned(),
+            signature: block
+                .get("signature")
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned),
+        }),
+        "redacted_thinking" => Some(Block::RedactedThinking {
+            data: str_of(block, "data").to_owned(),
+        }),
+        _ => None,
+    }
 }
 
 fn read_tool_use(block: &Value) -> Block {
@@ -329,6 +372,19 @@ fn write_block(block: &Block) -> Option<Value> {
         Block::ToolCall { id, name, input } => {
             return Some(json!({"type": "tool_use", "id": id, "name": name, "input": input}));
         }
+        // Anthropic takes reasoning back only with its signature.
+        Block::Thinking {
+            text,
+            signature: Some(signature),
+        } => {
+            return Some(json!({"type": "thinking", "thinking": text, "signature": signature}));
+        }
+        Block::Thinking {
+            signature: None, ..
+        } => return None,
+        Block::RedactedThinking { data } => {
+            return Some(json!({"type": "redacted_thinking", "data": data}));
+        }
         Block::ToolResult {
             call_id,
             content,
@@ -382,6 +438,7 @@ pub(super) fn read_usage(usage: &Value) -> Usage {
         completion: u64_of(usage, "output_tokens").unwrap_or(0),
         cache_read: read,
         cache_write: write,
+        reasoning: 0,
     }
 }
 

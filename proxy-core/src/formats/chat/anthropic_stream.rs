@@ -53,6 +53,12 @@ impl StreamDecoder for Decoder {
                     "text" if !str_of(block, "text").is_empty() => {
                         out.push(Event::Text(str_of(block, "text").to_owned()));
                     }
+                    "thinking" if !str_of(block, "thinking").is_empty() => {
+                        out.push(Event::Thinking(str_of(block, "thinking").to_owned()));
+                    }
+                    "redacted_thinking" => {
+                        out.push(Event::RedactedThinking(str_of(block, "data").to_owned()));
+                    }
                     _ => {}
                 }
             }
@@ -60,6 +66,14 @@ impl StreamDecoder for Decoder {
                 let delta = data.get("delta").unwrap_or(&Value::Null);
                 match str_of(delta, "type") {
                     "text_delta" => out.push(Event::Text(str_of(delta, "text").to_owned())),
+                    "thinking_delta" => {
+                        out.push(Event::Thinking(str_of(delta, "thinking").to_owned()));
+                    }
+                    "signature_delta" => {
+                        out.push(Event::ThinkingSignature(
+                            str_of(delta, "signature").to_owned(),
+                        ));
+                    }
                     "input_json_delta" => {
                         if let Some(call) = self.tool_blocks.iter().position(|b| *b == index) {
                             out.push(Event::ToolArguments {
@@ -106,6 +120,7 @@ fn later_usage(was: Usage, usage: &Value) -> Usage {
             now.cache_write,
             was.cache_write,
         ),
+        reasoning: 0,
     }
 }
 
@@ -113,6 +128,7 @@ fn later_usage(was: Usage, usage: &Value) -> Usage {
 #[derive(Clone, Copy)]
 enum Open {
     Text { block: u64 },
+    Thinking { block: u64 },
     Tool { block: u64, call: usize },
 }
 
@@ -148,6 +164,23 @@ impl StreamEncoder for Encoder {
                 );
             }
             Event::Text(text) => self.text(out, &text),
+            Event::Thinking(text) => {
+                let block = self.thinking_block(out);
+                let delta = json!({"type": "thinking_delta", "thinking": text});
+                self.delta(out, block, delta);
+            }
+            Event::ThinkingSignature(signature) => {
+                let block = self.thinking_block(out);
+                let delta = json!({"type": "signature_delta", "signature": signature});
+                self.delta(out, block, delta);
+            }
+            Event::RedactedThinking(data) => {
+                self.close(out);
+                let block =
+                    self.start_block(out, json!({"type": "redacted_thinking", "data": data}));
+                self.open = Some(Open::Text { block });
+                self.close(out);
+            }
             Event::ToolCall { call, id, name } => {
                 self.calls.push((call, id, name));
                 self.tool_block(out, call);
@@ -169,6 +202,28 @@ impl StreamEncoder for Encoder {
 }
 
 impl Encoder {
+    /// The open thinking block, started when another block (or none) is open.
+    fn thinking_block(&mut self, out: &mut BytesMut) -> u64 {
+        if let Some(Open::Thinking { block }) = self.open {
+            return block;
+        }
+        self.close(out);
+        let block = self.start_block(
+            out,
+            json!({"type": "thinking", "thinking": "", "signature": ""}),
+        );
+        self.open = Some(Open::Thinking { block });
+        block
+    }
+
+    fn delta(&mut self, out: &mut BytesMut, block: u64, delta: Value) {
+        named_event(
+            out,
+            "content_block_delta",
+            &json!({"type": "content_block_delta", "index": block, "delta": delta}),
+        );
+    }
+
     fn text(&mut self, out: &mut BytesMut, text: &str) {
         let block = match self.open {
             Some(Open::Text { block }) => block,
@@ -218,7 +273,9 @@ impl Encoder {
     }
 
     fn close(&mut self, out: &mut BytesMut) {
-        if let Some(Open::Text { block } | Open::Tool { block, .. }) = self.open.take() {
+        if let Some(Open::Text { block } | Open::Thinking { block } | Open::Tool { block, .. }) =
+            self.open.take()
+        {
             named_event(
                 out,
                 "content_block_stop",

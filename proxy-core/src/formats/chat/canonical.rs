@@ -28,6 +28,9 @@ pub struct Request {
     pub parallel_tool_calls: Option<bool>,
     /// The end user the caller names, for the provider's abuse tracking.
     pub user: Option<String>,
+    /// Reasoning asked for, as a budget of tokens (Anthropic's `thinking.budget_tokens`;
+    /// OpenAI's `reasoning_effort` levels map to and from budgets).
+    pub thinking_budget: Option<u64>,
 }
 
 /// A piece of text and the prompt-cache marker set on it.
@@ -79,6 +82,17 @@ pub enum Block {
         content: String,
         cache_control: Option<Value>,
     },
+    /// The model's reasoning before its answer: Anthropic's `thinking` (its
+    /// `signature` lets it be sent back) or an OpenAI-compatible `reasoning_content`
+    /// (no signature).
+    Thinking {
+        text: String,
+        signature: Option<String>,
+    },
+    /// Reasoning the provider keeps encrypted (Anthropic's `redacted_thinking`).
+    RedactedThinking {
+        data: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -125,6 +139,9 @@ pub struct Usage {
     pub completion: u64,
     pub cache_read: u64,
     pub cache_write: u64,
+    /// The part of `completion` spent reasoning, where the upstream says (OpenAI's
+    /// `completion_tokens_details.reasoning_tokens`).
+    pub reasoning: u64,
 }
 
 /// A whole answer.
@@ -132,7 +149,7 @@ pub struct Usage {
 pub struct Answer {
     pub id: String,
     pub model: String,
-    /// Text and tool calls, in order.
+    /// Reasoning, text and tool calls, in order.
     pub content: Vec<Block>,
     /// `None` when the upstream said nothing; each format writes its default.
     pub stop: Option<Stop>,
@@ -148,6 +165,11 @@ pub enum Event {
         model: String,
     },
     Text(String),
+    /// A piece of reasoning text.
+    Thinking(String),
+    /// The signature of the reasoning so far (Anthropic's `signature_delta`).
+    ThinkingSignature(String),
+    RedactedThinking(String),
     ToolCall {
         call: usize,
         id: String,

@@ -34,6 +34,7 @@ impl CallerCodec for OpenAiChat {
             },
             parallel_tool_calls: chat.get("parallel_tool_calls").and_then(Value::as_bool),
             user: chat.get("user").and_then(Value::as_str).map(str::to_owned),
+            thinking_budget: read_effort(take(&mut chat, "reasoning_effort"))?,
             ..Request::default()
         };
         let Some(Value::Array(messages)) = chat.remove("messages") else {
@@ -67,6 +68,7 @@ impl CallerCodec for OpenAiChat {
             text.into()
         };
         let mut message = json!({"role": "assistant", "content": content});
+        write_reasoning(&answer.content, &mut message);
         if !calls.is_empty() {
             message["tool_calls"] = Value::Array(calls);
         }
@@ -127,6 +129,9 @@ impl UpstreamCodec for OpenAiChat {
         if let Some(user) = &request.user {
             out.insert("user".into(), user.as_str().into());
         }
+        if let Some(budget) = request.thinking_budget {
+            out.insert("reasoning_effort".into(), effort_of(budget).into());
+        }
         Ok(to_bytes(&Value::Object(out)))
     }
 
@@ -134,7 +139,7 @@ impl UpstreamCodec for OpenAiChat {
         let completion: Value = serde_json::from_slice(body).map_err(|_| unreadable("OpenAI"))?;
         let choice = completion.pointer("/choices/0").unwrap_or(&Value::Null);
         let reply = choice.get("message").unwrap_or(&Value::Null);
-        let mut content = Vec::new();
+        let mut content = read_reasoning(reply);
         if let Some(text) = reply
             .get("content")
             .and_then(Value::as_str)
@@ -177,7 +182,8 @@ fn read_message(message: &Value, request: &mut Request) -> Result<()> {
         }
         "user" => (Role::User, read_content(content)?),
         "assistant" => {
-            let mut blocks = read_content(content)?;
+            let mut blocks = read_reasoning(message);
+            blocks.extend(read_content(content)?);
             for call in message
                 .get("tool_calls")
                 .and_then(Value::as_array)
@@ -446,6 +452,10 @@ pub(super) fn read_usage(usage: &Value, was: Usage) -> Usage {
             .and_then(Value::as_u64)
             .unwrap_or(was.cache_read),
         cache_write: was.cache_write,
+        reasoning: usage
+            .pointer("/completion_tokens_details/reasoning_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(was.reasoning),
     }
 }
 
@@ -457,7 +467,111 @@ pub(super) fn write_usage(usage: &Usage) -> Value {
     if usage.cache_read > 0 {
         out["prompt_tokens_details"] = json!({"cached_tokens": usage.cache_read});
     }
+    if usage.reasoning > 0 {
+        out["completion_tokens_details"] = json!({"reasoning_tokens": usage.reasoning});
+    }
     out
+}
+
+/// Reasoning budgets for `reasoning_effort` levels, and back: `minimal` and `low`
+/// 1,024 tokens (Anthropic's least), `medium` 4,096, `high` 16,384.
+fn read_effort(effort: Option<Value>) -> Result<Option<u64>> {
+    let Some(effort) = effort else {
+        return Ok(None);
+    };
+    match effort.as_str() {
+        Some("none") => Ok(None),
+        Some("minimal" | "low") => Ok(Some(1024)),
+        Some("medium") => Ok(Some(4096)),
+        Some("high") => Ok(Some(16_384)),
+        _ => Err(refuse(
+            "'reasoning_effort' must be one of none, minimal, low, medium, high",
+            "reasoning_effort",
+        )),
+    }
+}
+
+pub(super) fn effort_of(budget: u64) -> &'static str {
+    match budget {
+        0..=2048 => "low",
+        2049..=8192 => "medium",
+        _ => "high",
+    }
+}
+
+/// An assistant message's reasoning: LiteLLM's `thinking_blocks` (signed Anthropic
+/// reasoning, so it can be sent back), else the `reasoning_content` (or OpenRouter's
+/// `reasoning`) text OpenAI-compatible providers answer with.
+fn read_reasoning(message: &Value) -> Vec<Block> {
+    if let Some(blocks) = message.get("thinking_blocks").and_then(Value::as_array) {
+        return blocks
+            .iter()
+            .filter_map(|b| match str_of(b, "type") {
+                "thinking" => Some(Block::Thinking {
+                    text: str_of(b, "thinking").to_owned(),
+                    signature: b
+                        .get("signature")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned),
+                }),
+                "redacted_thinking" => Some(Block::RedactedThinking {
+                    data: str_of(b, "data").to_owned(),
+                }),
+                _ => None,
+            })
+            .collect();
+    }
+    ["reasoning_content", "reasoning"]
+        .iter()
+        .find_map(|field| message.get(*field).and_then(Value::as_str))
+        .filter(|text| !text.is_empty())
+        .map(|text| Block::Thinking {
+            text: text.to_owned(),
+            signature: None,
+        })
+        .into_iter()
+        .collect()
+}
+
+/// An answer's reasoning on its message: the text as `reasoning_content`, and the
+/// blocks as `thinking_blocks` when they can be sent back (signed or redacted).
+fn write_reasoning(blocks: &[Block], message: &mut Value) {
+    let text: String = blocks
+        .iter()
+        .filter_map(|b| match b {
+            Block::Thinking { text, .. } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect();
+    if !text.is_empty() {
+        message["reasoning_content"] = text.into();
+    }
+    let returnable = blocks.iter().any(|b| {
+        matches!(
+            b,
+            Block::RedactedThinking { .. }
+                | Block::Thinking {
+                    signature: Some(_),
+                    ..
+                }
+        )
+    });
+    if !returnable {
+        return;
+    }
+    let thinking: Vec<Value> = blocks
+        .iter()
+        .filter_map(|b| match b {
+            Block::Thinking { text, signature } => {
+                Some(json!({"type": "thinking", "thinking": text, "signature": signature}))
+            }
+            Block::RedactedThinking { data } => {
+                Some(json!({"type": "redacted_thinking", "data": data}))
+            }
+            _ => None,
+        })
+        .collect();
+    message["thinking_blocks"] = Value::Array(thinking);
 }
 
 pub(super) fn finish_reason(stop: Stop) -> &'static str {

@@ -43,6 +43,16 @@ impl StreamDecoder for Decoder {
         let Some(choice) = chunk.pointer("/choices/0") else {
             return Ok(());
         };
+        for field in ["/delta/reasoning_content", "/delta/reasoning"] {
+            if let Some(text) = choice
+                .pointer(field)
+                .and_then(Value::as_str)
+                .filter(|t| !t.is_empty())
+            {
+                out.push(Event::Thinking(text.to_owned()));
+                break;
+            }
+        }
         if let Some(text) = choice
             .pointer("/delta/content")
             .and_then(Value::as_str)
@@ -130,6 +140,17 @@ impl StreamEncoder for Encoder {
                 self.chunk(out, json!({"role": "assistant", "content": ""}), None);
             }
             Event::Text(text) => self.chunk(out, json!({"content": text}), None),
+            Event::Thinking(text) => self.chunk(out, json!({"reasoning_content": text}), None),
+            // LiteLLM's convention: the signed and the redacted reasoning as
+            // `thinking_blocks`, so a caller can send them back to Anthropic.
+            Event::ThinkingSignature(signature) => {
+                let block = json!({"type": "thinking", "thinking": "", "signature": signature});
+                self.chunk(out, json!({"thinking_blocks": [block]}), None);
+            }
+            Event::RedactedThinking(data) => {
+                let block = json!({"type": "redacted_thinking", "data": data});
+                self.chunk(out, json!({"thinking_blocks": [block]}), None);
+            }
             Event::ToolCall { call, id, name } => {
                 let delta = json!({"tool_calls": [{"index": call, "id": id, "type": "function",
                     "function": {"name": name, "arguments": ""}}]});

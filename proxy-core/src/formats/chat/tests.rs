@@ -532,3 +532,210 @@ fn a_request_read_and_written_in_its_own_format_keeps_its_meaning() {
         );
     }
 }
+
+// Reasoning
+
+#[test]
+fn reasoning_effort_becomes_a_thinking_budget_and_back() {
+    let sent = to_messages(
+        json!({"model": "x", "reasoning_effort": "high", "max_tokens": 1000,
+        "messages": [{"role": "user", "content": "Think."}]}),
+    );
+    assert_eq!(
+        sent["thinking"],
+        json!({"type": "enabled", "budget_tokens": 16384})
+    );
+    // The budget is a part of max_tokens, which still leaves the caller's 1000.
+    assert_eq!(sent["max_tokens"], 17384);
+    let sent = to_messages(json!({"model": "x", "reasoning_effort": "low",
+        "messages": [{"role": "user", "content": "Think."}]}));
+    assert_eq!(sent["thinking"]["budget_tokens"], 1024);
+    assert_eq!(sent["max_tokens"], 4096);
+    let bad = json!({"model": "x", "reasoning_effort": "extreme", "messages": []});
+    match chat_to_messages(bad.to_string().as_bytes(), "c") {
+        Err(ProxyError::InvalidRequest { param, .. }) => {
+            assert_eq!(param, Some("reasoning_effort"))
+        }
+        other => panic!("{other:?}"),
+    }
+    let sent = to_chat(json!({"model": "x", "max_tokens": 8000,
+        "thinking": {"type": "enabled", "budget_tokens": 3000},
+        "messages": [{"role": "user", "content": "Think."}]}));
+    assert_eq!(sent["reasoning_effort"], "medium");
+    let sent = to_chat(
+        json!({"model": "x", "max_tokens": 8000, "thinking": {"type": "disabled"},
+        "messages": [{"role": "user", "content": "Think."}]}),
+    );
+    assert!(sent.get("reasoning_effort").is_none());
+}
+
+#[test]
+fn signed_reasoning_goes_back_to_anthropic_and_unsigned_reasoning_stays_behind() {
+    // An OpenAI caller returning Anthropic's signed reasoning (LiteLLM's thinking_blocks)
+    // in a tool-use loop: it reaches Anthropic first in the turn, as Anthropic requires.
+    let sent = to_messages(json!({"model": "x", "messages": [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": null,
+         "thinking_blocks": [{"type": "thinking", "thinking": "Use the tool.", "signature": "sig-1"},
+                             {"type": "redacted_thinking", "data": "opaque"}],
+         "tool_calls": [{"id": "t1", "type": "function", "function": {"name": "w", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "t1", "content": "sunny"}]}));
+    let assistant = &sent["messages"][1]["content"];
+    assert_eq!(
+        assistant[0],
+        json!({"type": "thinking", "thinking": "Use the tool.", "signature": "sig-1"})
+    );
+    assert_eq!(
+        assistant[1],
+        json!({"type": "redacted_thinking", "data": "opaque"})
+    );
+    assert_eq!(assistant[2]["type"], "tool_use");
+    // Unsigned reasoning (an OpenAI-compatible provider's reasoning_content) cannot be
+    // sent to Anthropic, and OpenAI-compatible providers refuse reasoning in input.
+    let sent = to_messages(json!({"model": "x", "messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello", "reasoning_content": "Greet back."},
+        {"role": "user", "content": "Bye"}]}));
+    assert_eq!(
+        sent["messages"][1]["content"],
+        json!([{"type": "text", "text": "Hello"}])
+    );
+    let sent = to_chat(json!({"model": "x", "max_tokens": 10, "messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "Greet back.", "signature": "sig"},
+            {"type": "text", "text": "Hello"}]},
+        {"role": "user", "content": "Bye"}]}));
+    assert_eq!(
+        sent["messages"][1],
+        json!({"role": "assistant", "content": "Hello"})
+    );
+}
+
+#[test]
+fn reasoning_in_whole_answers_is_carried_both_ways() {
+    let message = json!({"id": "msg_1", "type": "message", "role": "assistant", "model": "claude",
+        "content": [{"type": "thinking", "thinking": "Let me see.", "signature": "sig-1"},
+                    {"type": "redacted_thinking", "data": "opaque"},
+                    {"type": "text", "text": "42"}],
+        "stop_reason": "end_turn", "usage": {"input_tokens": 5, "output_tokens": 9}});
+    let completion: Value =
+        serde_json::from_slice(&message_to_completion(message.to_string().as_bytes()).unwrap())
+            .unwrap();
+    let reply = &completion["choices"][0]["message"];
+    assert_eq!(reply["content"], "42");
+    assert_eq!(reply["reasoning_content"], "Let me see.");
+    assert_eq!(
+        reply["thinking_blocks"],
+        json!([{"type": "thinking", "thinking": "Let me see.", "signature": "sig-1"},
+               {"type": "redacted_thinking", "data": "opaque"}])
+    );
+
+    let completion = json!({"id": "c1", "object": "chat.completion", "model": "deepseek-reasoner",
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": "42", "reasoning_content": "Let me see."}}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 9,
+                  "completion_tokens_details": {"reasoning_tokens": 6}}});
+    let message: Value =
+        serde_json::from_slice(&completion_to_message(completion.to_string().as_bytes()).unwrap())
+            .unwrap();
+    assert_eq!(
+        message["content"],
+        json!([{"type": "thinking", "thinking": "Let me see.", "signature": ""},
+               {"type": "text", "text": "42"}])
+    );
+    // Reasoning tokens are a part of output_tokens, which Anthropic does not split.
+    assert_eq!(message["usage"]["output_tokens"], 9);
+}
+
+#[test]
+fn reasoning_in_streams_is_carried_both_ways() {
+    let ev = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
+    let stream = [
+        ev(
+            "message_start",
+            json!({"type": "message_start", "message": {"id": "m", "model": "c", "usage": {"input_tokens": 3}}}),
+        ),
+        ev(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}}),
+        ),
+        ev(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "Hmm."}}),
+        ),
+        ev(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "sig-1"}}),
+        ),
+        ev(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 0}),
+        ),
+        ev(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}}),
+        ),
+        ev(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "42"}}),
+        ),
+    ]
+    .concat();
+    let (out, broke) = anthropic_to_openai().translate(stream.as_bytes());
+    assert_eq!(broke, None);
+    let deltas: Vec<Value> = payloads(&out)
+        .into_iter()
+        .map(|c| c["choices"][0]["delta"].clone())
+        .collect();
+    assert!(
+        deltas.contains(&json!({"reasoning_content": "Hmm."})),
+        "{deltas:?}"
+    );
+    assert!(
+        deltas.contains(&json!({"thinking_blocks": [{"type": "thinking", "thinking": "", "signature": "sig-1"}]})),
+        "{deltas:?}"
+    );
+    assert!(deltas.contains(&json!({"content": "42"})), "{deltas:?}");
+
+    let chunk = |delta: Value| {
+        format!(
+            "data: {}\n\n",
+            json!({"id": "c", "model": "r", "choices": [{"index": 0, "delta": delta}]})
+        )
+    };
+    let stream = [
+        chunk(json!({"role": "assistant", "reasoning_content": "Hmm."})),
+        chunk(json!({"reasoning_content": " Yes."})),
+        chunk(json!({"content": "42"})),
+    ]
+    .concat();
+    let (out, broke) = openai_to_anthropic().translate(stream.as_bytes());
+    assert_eq!(broke, None);
+    let events = payloads(&out);
+    let starts: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["type"] == "content_block_start")
+        .map(|e| &e["content_block"]["type"])
+        .collect();
+    assert_eq!(starts, [&json!("thinking"), &json!("text")]);
+    let thinking: String = events
+        .iter()
+        .filter_map(|e| e.pointer("/delta/thinking").and_then(Value::as_str))
+        .collect();
+    assert_eq!(thinking, "Hmm. Yes.");
+    // The thinking block is closed before the text block opens.
+    let order: Vec<(&str, u64)> = events
+        .iter()
+        .filter_map(|e| Some((e["type"].as_str()?, e["index"].as_u64()?)))
+        .filter(|(t, _)| t.ends_with("_start") || t.ends_with("_stop"))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            ("content_block_start", 0),
+            ("content_block_stop", 0),
+            ("content_block_start", 1)
+        ]
+    );
+}
