@@ -1069,3 +1069,83 @@ async fn prompt_cache_markers_reach_anthropic_and_cached_tokens_come_back_in_eac
     let writes: Vec<u64> = events.iter().map(|e| e.cache_write_tokens).collect();
     assert_eq!(writes, [64, 64, 0, 64]);
 }
+
+#[tokio::test]
+async fn automatic_prompt_cache_breakpoints_are_added_unless_the_caller_set_its_own() {
+    let recorder = std::sync::Arc::new(Recorder::default());
+    let hooks = Hooks {
+        usage: Some(recorder.clone()),
+        ..Hooks::default()
+    };
+    let h = harness_with(ProxyOptions::default(), hooks).await;
+    let marker = json!({"type": "ephemeral"});
+    let chat = json!({"model": "claude-auto-cache", "messages": [
+        {"role": "system", "content": "A long, shared system prompt."},
+        {"role": "user", "content": "The question."}]});
+    // Translated (an OpenAI caller), twice: the first call writes the cache, the second
+    // reads it, and the caller sees it in its own arithmetic.
+    let first: Value = h
+        .chat(Some(CALLER), chat.clone())
+        .await
+        .json()
+        .await
+        .unwrap();
+    let sent = h.mock.requests().last().unwrap().json();
+    assert_eq!(
+        sent["system"],
+        json!([{"type": "text", "text": "A long, shared system prompt.", "cache_control": marker}])
+    );
+    assert_eq!(
+        sent["messages"][0]["content"],
+        json!([{"type": "text", "text": "The question.", "cache_control": marker}])
+    );
+    assert!(
+        first["usage"].get("prompt_tokens_details").is_none(),
+        "{first}"
+    );
+    let second: Value = h.chat(Some(CALLER), chat).await.json().await.unwrap();
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(cached > 0, "{second}");
+    {
+        let events = recorder.0.lock().unwrap();
+        assert!(events[0].cache_write_tokens > 0, "{:?}", events[0]);
+        assert_eq!(events[0].cache_read_tokens, 0);
+        assert_eq!(events[1].cache_read_tokens, cached);
+        assert_eq!(events[1].cache_write_tokens, 0);
+    }
+
+    // Native (an Anthropic caller), streamed: the body gets the same breakpoints.
+    let r = h
+        .anthropic(
+            "/v1/messages",
+            Some(CALLER),
+            messages_hello("claude-auto-cache", true),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    events(r).await;
+    let sent = h.mock.requests().last().unwrap().json();
+    assert_eq!(sent["system"][0]["cache_control"], marker);
+    assert_eq!(sent["messages"][0]["content"][0]["cache_control"], marker);
+
+    // A caller that placed its own breakpoint keeps exactly its own.
+    let mut own = messages_hello("claude-auto-cache", false);
+    own["messages"] = json!([{"role": "user", "content": [
+        {"type": "text", "text": "Context.", "cache_control": marker},
+        {"type": "text", "text": "The question."}]}]);
+    h.anthropic("/v1/messages", Some(CALLER), own.clone()).await;
+    let sent = h.mock.requests().last().unwrap().json();
+    assert_eq!(sent["system"], "Be brief.");
+    assert_eq!(sent["messages"], own["messages"]);
+    // A model without the setting sends the body as it came.
+    h.anthropic(
+        "/v1/messages",
+        Some(CALLER),
+        messages_hello("claude", false),
+    )
+    .await;
+    let sent = h.mock.requests().last().unwrap().json();
+    assert_eq!(sent["system"], "Be brief.");
+}

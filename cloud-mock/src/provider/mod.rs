@@ -6,7 +6,10 @@
 //!
 //! Each answer follows a [`Script`]: status, error body, `Retry-After`, delay before
 //! headers, number of stream chunks and the gap between them, usage numbers, and a drop
-//! mid-stream. A script can be set for one upstream model name or as the default. The
+//! mid-stream. A script can be set for one upstream model name or as the default.
+//! Anthropic-shaped requests with `cache_control` markers are answered as Anthropic's
+//! prompt cache would (the marked prefix written on first sight, read after) unless
+//! the script sets cache numbers itself. The
 //! last [`RECORDED_REQUESTS`] requests received are recorded (method, path, headers,
 //! body), so a long run under load keeps its memory bounded. Out-of-process users
 //! script it over HTTP: `PUT /_mock/script` (a Script, optionally `?model=NAME`),
@@ -144,6 +147,8 @@ struct Shared {
     default_script: Script,
     by_model: HashMap<String, Script>,
     requests: VecDeque<Recorded>,
+    /// Prompt prefixes "cached" by Anthropic-shaped requests (hashes).
+    cached_prefixes: std::collections::HashSet<u64>,
 }
 
 impl Shared {
@@ -152,6 +157,36 @@ impl Shared {
             self.requests.pop_front();
         }
         self.requests.push_back(request);
+    }
+
+    /// Anthropic's prompt cache, imitated: the prefix of a request up to its last
+    /// `cache_control` marker (tools, then system, then messages) is written on first
+    /// sight and read after. Its size in tokens (about four bytes each) and whether it
+    /// was read; `None` without a marker.
+    fn prompt_cache(&mut self, request: &Value) -> Option<(u64, bool)> {
+        fn blocks(v: Option<&Value>) -> Vec<&Value> {
+            match v {
+                Some(Value::Array(items)) => items.iter().collect(),
+                Some(other) => vec![other],
+                None => Vec::new(),
+            }
+        }
+        let mut parts: Vec<&Value> = Vec::new();
+        parts.extend(blocks(request.get("tools")));
+        parts.extend(blocks(request.get("system")));
+        for message in blocks(request.get("messages")) {
+            parts.extend(blocks(message.get("content")));
+        }
+        let last = parts
+            .iter()
+            .rposition(|p| p.get("cache_control").is_some())?;
+        let prefix: String = parts[..=last].iter().map(|p| p.to_string()).collect();
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(&prefix, &mut hasher);
+        let read = !self
+            .cached_prefixes
+            .insert(std::hash::Hasher::finish(&hasher));
+        Some((prefix.len() as u64 / 4, read))
     }
 
     fn recorded(&self) -> Vec<Recorded> {
@@ -338,10 +373,28 @@ async fn receive(
                 .collect(),
             body: String::from_utf8_lossy(body).into_owned(),
         });
-        s.by_model
+        let mut script = s
+            .by_model
             .get(&model)
             .cloned()
-            .unwrap_or_else(|| s.default_script.clone())
+            .unwrap_or_else(|| s.default_script.clone());
+        // Unless the script says what was cached, Anthropic requests with markers are
+        // answered as Anthropic's prompt cache would.
+        if uri.path().ends_with("/messages")
+            && let Some(usage) = script
+                .usage
+                .as_mut()
+                .filter(|u| u.cache_read_tokens == 0 && u.cache_write_tokens == 0)
+            && let Some((tokens, read)) = s.prompt_cache(&request)
+        {
+            usage.prompt_tokens += tokens;
+            if read {
+                usage.cache_read_tokens = tokens;
+            } else {
+                usage.cache_write_tokens = tokens;
+            }
+        }
+        script
     };
     tokio::time::sleep(Duration::from_millis(script.headers_delay_ms)).await;
     Call {

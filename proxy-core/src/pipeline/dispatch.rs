@@ -14,7 +14,7 @@ use super::state::{Call, Inner};
 use crate::failure::ProxyError;
 use crate::formats::chat::Conversion;
 use crate::providers::client::{Answer, Target};
-use crate::providers::{self, CallerRequest};
+use crate::providers::{self, CallerRequest, TargetModel};
 use crate::resources::{Model, ModelTarget};
 use crate::snapshot::Snapshot;
 
@@ -133,7 +133,13 @@ async fn attempt(
         .provider_key(&direct.provider_key_id)
         .ok_or_else(unavailable)?;
     let provider = providers::adapter(&provider_key.adapter)?;
-    let prepared = provider.prepare(request, &direct.model_name)?;
+    let prepared = provider.prepare(
+        request,
+        &TargetModel {
+            upstream_model: &direct.model_name,
+            prompt_cache: model.prompt_cache,
+        },
+    )?;
     let target = Target {
         model,
         upstream_model: &direct.model_name,

@@ -5,7 +5,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 use serde_json::Value;
 
-use super::provider::{CallerRequest, Outgoing, Payload, Prepared, Provider};
+use super::provider::{CallerRequest, Outgoing, Payload, Prepared, Provider, TargetModel};
 use crate::failure::{ProxyError, UpstreamErrorFields};
 use crate::formats::chat::{self, AnthropicMessages, Conversion, OpenAiChat};
 use crate::formats::endpoint::{Endpoint, MESSAGES};
@@ -34,9 +34,18 @@ impl Provider for Anthropic {
     fn build(
         &self,
         request: &CallerRequest<'_>,
-        upstream_model: &str,
+        target: &TargetModel<'_>,
     ) -> Result<Prepared, ProxyError> {
-        let json = |bytes: Vec<u8>| Payload::Json(Bytes::from(bytes));
+        let upstream_model = target.upstream_model;
+        // With automatic prompt caching, a generation request without the caller's own
+        // markers gets breakpoints on its system prompt and its last message.
+        let json = |bytes: Vec<u8>| {
+            let cached = target
+                .prompt_cache
+                .filter(|_| request.endpoint != Endpoint::CountTokens)
+                .and_then(|ttl| chat::add_cache_breakpoints(&bytes, ttl));
+            Payload::Json(Bytes::from(cached.unwrap_or(bytes)))
+        };
         let (path, payload, conversion, headers) = match request.endpoint {
             Endpoint::ChatCompletions => (
                 MESSAGES,

@@ -29,7 +29,7 @@ mod provider;
 use crate::failure::ProxyError;
 use crate::resources::Adapter;
 
-pub use provider::{CallerRequest, Outgoing, Payload, Prepared, Provider};
+pub use provider::{CallerRequest, Outgoing, Payload, Prepared, Provider, TargetModel};
 
 /// The adapter of a provider key, or 501 for a family this build does not speak.
 pub fn adapter(adapter: &Adapter) -> Result<&'static dyn Provider, ProxyError> {

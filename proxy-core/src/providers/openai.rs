@@ -6,7 +6,7 @@ use axum::http::HeaderMap;
 use bytes::Bytes;
 use serde::Deserialize;
 
-use super::provider::{CallerRequest, Outgoing, Payload, Prepared, Provider};
+use super::provider::{CallerRequest, Outgoing, Payload, Prepared, Provider, TargetModel};
 use crate::failure::{ProxyError, UpstreamErrorFields};
 use crate::formats::chat::{self, AnthropicMessages, Conversion, OpenAiChat};
 use crate::formats::endpoint::{CHAT, Endpoint};
@@ -26,8 +26,9 @@ impl Provider for OpenAiCompatible {
     fn build(
         &self,
         request: &CallerRequest<'_>,
-        upstream_model: &str,
+        target: &TargetModel<'_>,
     ) -> Result<Prepared, ProxyError> {
+        let upstream_model = target.upstream_model;
         let body = request.body;
         let json = |bytes: Vec<u8>| Payload::Json(Bytes::from(bytes));
         let (path, payload, conversion) = match request.endpoint {

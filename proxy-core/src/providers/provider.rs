@@ -9,7 +9,7 @@ use crate::formats::body::RequestBody;
 use crate::formats::chat::Conversion;
 use crate::formats::endpoint::Endpoint;
 use crate::formats::multipart::Form;
-use crate::resources::ProviderKey;
+use crate::resources::{PromptCache, ProviderKey};
 
 /// What the caller sent, as read: what an adapter builds its request from.
 pub struct CallerRequest<'a> {
@@ -56,12 +56,12 @@ pub trait Provider: Send + Sync {
     /// Whether the adapter serves `endpoint` (natively or translated).
     fn supports(&self, endpoint: Endpoint) -> bool;
 
-    /// The upstream request for a target serving `upstream_model`. Called only for
-    /// supported endpoints; may still refuse a request it cannot express (400).
+    /// The upstream request for `target`. Called only for supported endpoints; may
+    /// still refuse a request it cannot express (400).
     fn build(
         &self,
         request: &CallerRequest<'_>,
-        upstream_model: &str,
+        target: &TargetModel<'_>,
     ) -> Result<Prepared, ProxyError>;
 
     /// Adds the provider key's credential.
@@ -78,13 +78,21 @@ pub trait Provider: Send + Sync {
     fn passthrough_defaults(&self, _headers: &mut HeaderMap) {}
 }
 
+/// What an adapter needs of the direct model it builds a request for.
+pub struct TargetModel<'a> {
+    /// The provider's name for the model.
+    pub upstream_model: &'a str,
+    /// Automatic prompt-cache breakpoints (Anthropic-family targets).
+    pub prompt_cache: Option<PromptCache>,
+}
+
 impl dyn Provider {
     /// The upstream request for `request`, or 501 when the adapter does not serve its
     /// endpoint.
     pub fn prepare(
         &self,
         request: &CallerRequest<'_>,
-        upstream_model: &str,
+        target: &TargetModel<'_>,
     ) -> Result<Prepared, ProxyError> {
         if !self.supports(request.endpoint) {
             return Err(ProxyError::NotImplemented(format!(
@@ -93,6 +101,6 @@ impl dyn Provider {
                 request.endpoint.path()
             )));
         }
-        self.build(request, upstream_model)
+        self.build(request, target)
     }
 }

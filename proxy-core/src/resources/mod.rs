@@ -16,8 +16,8 @@ use serde::de::DeserializeOwned;
 
 pub use types::{
     Adapter, ApiKey, Cost, DirectTarget, FieldError, Guardrail, GuardrailPattern, HookPoint,
-    KeyHash, Model, ModelTarget, Problems, ProviderKey, RateLimit, Routing, Strategy, Target,
-    WhenAllUnavailable,
+    KeyHash, Model, ModelTarget, Problems, PromptCache, ProviderKey, RateLimit, Routing, Strategy,
+    Target, WhenAllUnavailable,
 };
 
 /// The resource kinds this build understands, as they appear in keys.

@@ -40,6 +40,15 @@ pub struct ModelSpec {
     pub rate_limit: Option<RateLimitSpec>,
     pub cost: Option<CostSpec>,
     pub cooldown: Option<CooldownSpec>,
+    pub prompt_cache: Option<PromptCacheSpec>,
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PromptCacheSpec {
+    pub auto: Option<bool>,
+    pub ttl: Option<String>,
     #[serde(flatten)]
     pub unknown: BTreeMap<String, Value>,
 }

@@ -127,7 +127,7 @@ fn model_forms() {
         Kind::Models,
         r#"{"display_name":"m","routing":{"targets":[{"weight":0}],"strategy":"random","when_all_unavailable":"x","fallback_on_statuses":[200]},
             "allowed_cidrs":["10.0.0.0/8","nope"],"timeout":0,"rate_limit":{"rpm":0},"cost":{"input_per_1k":-1},
-            "cooldown":{"default_seconds":700}}"#,
+            "cooldown":{"default_seconds":700},"prompt_cache":{"auto":true,"ttl":"1d"}}"#,
     );
     let paths: Vec<&str> = got.iter().map(|(p, _)| p.as_str()).collect();
     assert_eq!(
@@ -143,6 +143,7 @@ fn model_forms() {
             "rate_limit.rpm",
             "cost.input_per_1k",
             "cooldown.default_seconds",
+            "prompt_cache.ttl",
         ]
     );
 }

@@ -95,7 +95,16 @@ pub struct Model {
     pub rate_limit: RateLimit,
     pub cost: Option<Cost>,
     pub cooldown: Cooldown,
+    /// Automatic prompt-cache breakpoints for Anthropic-family targets, when on.
+    pub prompt_cache: Option<PromptCache>,
     pub unknown_fields: usize,
+}
+
+/// `prompt_cache: {auto: true, ttl}`: the breakpoints' lifetime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromptCache {
+    FiveMinutes,
+    OneHour,
 }
 
 #[derive(Debug)]

@@ -8,13 +8,13 @@ use std::time::{Duration, SystemTime};
 use ipnet::IpNet;
 
 use super::spec::{
-    ApiKeySpec, CooldownSpec, CostSpec, GuardrailSpec, ModelSpec, ProviderKeySpec, RateLimitSpec,
-    RoutingSpec,
+    ApiKeySpec, CooldownSpec, CostSpec, GuardrailSpec, ModelSpec, PromptCacheSpec, ProviderKeySpec,
+    RateLimitSpec, RoutingSpec,
 };
 use super::types::{
     Adapter, ApiKey, Cooldown, Cost, DirectTarget, Guardrail, GuardrailPattern, HookPoint, KeyHash,
-    Model, ModelPattern, ModelTarget, Problems, ProviderKey, RateLimit, Routing, Strategy, Target,
-    WhenAllUnavailable,
+    Model, ModelPattern, ModelTarget, Problems, PromptCache, ProviderKey, RateLimit, Routing,
+    Strategy, Target, WhenAllUnavailable,
 };
 use crate::secret::Secret;
 
@@ -141,6 +141,7 @@ impl Model {
                 .cooldown
                 .map(|c| cooldown(&mut p, c))
                 .unwrap_or_default(),
+            prompt_cache: spec.prompt_cache.and_then(|c| prompt_cache(&mut p, c)),
             unknown_fields: spec.unknown.len(),
         };
         p.into_result(model)
@@ -347,6 +348,22 @@ fn cost(p: &mut Problems, spec: CostSpec) -> Cost {
         input_per_1k: check("input_per_1k", spec.input_per_1k),
         output_per_1k: check("output_per_1k", spec.output_per_1k),
     }
+}
+
+/// `None` unless `auto` is true.
+fn prompt_cache(p: &mut Problems, spec: PromptCacheSpec) -> Option<PromptCache> {
+    let ttl = match spec.ttl.as_deref() {
+        None | Some("5m") => PromptCache::FiveMinutes,
+        Some("1h") => PromptCache::OneHour,
+        Some(other) => {
+            p.push(
+                "prompt_cache.ttl",
+                format!("unknown value '{other}' (expected 5m or 1h)"),
+            );
+            PromptCache::FiveMinutes
+        }
+    };
+    (spec.auto == Some(true)).then_some(ttl)
 }
 
 fn cooldown(p: &mut Problems, spec: CooldownSpec) -> Cooldown {

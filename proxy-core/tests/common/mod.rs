@@ -105,6 +105,11 @@ pub async fn harness_with(options: ProxyOptions, hooks: Hooks) -> Harness {
             json!({"display_name": "claude", "model_name": "claude-x", "provider_key_id": "anth"}),
         ),
         (
+            "models/pc1",
+            json!({"display_name": "claude-auto-cache", "model_name": "claude-x", "provider_key_id": "anth",
+                   "prompt_cache": {"auto": true, "ttl": "5m"}}),
+        ),
+        (
             "models/m8",
             json!({"display_name": "odd", "model_name": "x", "provider_key_id": "odd"}),
         ),

@@ -11,6 +11,70 @@ use super::wire::{
     Result, count, number, parse_object, plain_text, refuse, str_of, strings, take, to_bytes,
     u64_of, unreadable,
 };
+use crate::resources::PromptCache;
+
+/// Adds prompt-cache breakpoints to an Anthropic request that has none: on the last
+/// system block and on the last block of the last message, so the tools, the system
+/// prompt and the conversation so far are read from the cache on the next turn. `None`
+/// (the body stays as it is) when the caller placed its own markers anywhere, or when
+/// there is nothing to mark.
+pub fn add_cache_breakpoints(body: &[u8], ttl: PromptCache) -> Option<Vec<u8>> {
+    let mut request: Value = serde_json::from_slice(body).ok()?;
+    if ["system", "messages", "tools"]
+        .iter()
+        .any(|f| request.get(*f).is_some_and(has_marker))
+    {
+        return None;
+    }
+    let marker = match ttl {
+        PromptCache::FiveMinutes => json!({"type": "ephemeral"}),
+        PromptCache::OneHour => json!({"type": "ephemeral", "ttl": "1h"}),
+    };
+    let mut added = false;
+    if let Some(system) = request.get_mut("system") {
+        added |= mark_last(system, &marker);
+    }
+    if let Some(last) = request
+        .get_mut("messages")
+        .and_then(Value::as_array_mut)
+        .and_then(|m| m.last_mut())
+        .and_then(|m| m.get_mut("content"))
+    {
+        added |= mark_last(last, &marker);
+    }
+    added.then(|| to_bytes(&request))
+}
+
+/// Whether a `cache_control` marker is set anywhere in `value` (bodies are at most
+/// `formats::body::MAX_DEPTH` deep by now).
+fn has_marker(value: &Value) -> bool {
+    match value {
+        Value::Object(map) => map.contains_key("cache_control") || map.values().any(has_marker),
+        Value::Array(items) => items.iter().any(has_marker),
+        _ => false,
+    }
+}
+
+/// Marks the last markable block of `content` (a string becomes one text block).
+fn mark_last(content: &mut Value, marker: &Value) -> bool {
+    if let Value::String(text) = content {
+        if text.is_empty() {
+            return false;
+        }
+        *content = json!([{"type": "text", "text": text, "cache_control": marker}]);
+        return true;
+    }
+    let Some(block) = content.as_array_mut().and_then(|blocks| {
+        blocks
+            .iter_mut()
+            .rev()
+            .find(|b| !matches!(str_of(b, "type"), "thinking" | "redacted_thinking"))
+    }) else {
+        return false;
+    };
+    block["cache_control"] = marker.clone();
+    true
+}
 
 /// Used for `max_tokens` when the caller set none: Anthropic requires one.
 pub const DEFAULT_MAX_TOKENS: u64 = 4096;

@@ -34,7 +34,7 @@ mod wire;
 
 use bytes::{Bytes, BytesMut};
 
-pub use anthropic::{AnthropicMessages, DEFAULT_MAX_TOKENS};
+pub use anthropic::{AnthropicMessages, DEFAULT_MAX_TOKENS, add_cache_breakpoints};
 pub use codec::{
     CallerCodec, CallerStream, StreamDecoder, StreamEncoder, UpstreamCodec, UpstreamStream,
 };

@@ -739,3 +739,51 @@ fn reasoning_in_streams_is_carried_both_ways() {
         ]
     );
 }
+
+// Automatic prompt-cache breakpoints
+
+#[test]
+fn breakpoints_go_on_the_system_prompt_and_the_last_message() {
+    use crate::resources::PromptCache;
+    let add = |body: Value, ttl| {
+        add_cache_breakpoints(body.to_string().as_bytes(), ttl)
+            .map(|b| serde_json::from_slice::<Value>(&b).unwrap())
+    };
+    let body = json!({"model": "c", "system": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+        "messages": [{"role": "user", "content": "q1"},
+                     {"role": "assistant", "content": [{"type": "thinking", "thinking": "t", "signature": "s"},
+                                                       {"type": "text", "text": "a1"},
+                                                       {"type": "thinking", "thinking": "t2", "signature": "s2"}]}]});
+    let out = add(body, PromptCache::OneHour).unwrap();
+    let hour = json!({"type": "ephemeral", "ttl": "1h"});
+    assert!(out["system"][0].get("cache_control").is_none());
+    assert_eq!(out["system"][1]["cache_control"], hour);
+    // Reasoning blocks are not markable: the last other block is.
+    assert_eq!(out["messages"][1]["content"][1]["cache_control"], hour);
+    assert!(
+        out["messages"][1]["content"][2]
+            .get("cache_control")
+            .is_none()
+    );
+    assert_eq!(out["messages"][0]["content"], "q1");
+    // Without a system prompt, only the last message.
+    let out = add(
+        json!({"model": "c", "messages": [{"role": "user", "content": "q"}]}),
+        PromptCache::FiveMinutes,
+    )
+    .unwrap();
+    assert!(out.get("system").is_none());
+    assert_eq!(
+        out["messages"][0]["content"],
+        json!([{"type": "text", "text": "q", "cache_control": {"type": "ephemeral"}}])
+    );
+    // A marker anywhere (here on a tool) and the gateway stands down; so does an
+    // unreadable body.
+    let marked = json!({"model": "c", "tools": [{"name": "t", "input_schema": {}, "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": "q"}]});
+    assert_eq!(add(marked, PromptCache::FiveMinutes), None);
+    assert_eq!(
+        add_cache_breakpoints(b"{not json", PromptCache::FiveMinutes),
+        None
+    );
+}
