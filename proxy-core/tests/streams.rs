@@ -49,7 +49,8 @@ struct Setup {
 }
 
 /// A proxy with, per upstream format, a direct model `<p>-first` (stream timeout
-/// 300 ms), a backup `<p>-backup`, and a routing model `<p>-failover` over the two.
+/// 300 ms), a backup `<p>-backup`, a routing model `<p>-failover` over the two, and
+/// resumable routing models from each first target to each backup.
 async fn setup() -> Setup {
     let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
         .await
@@ -83,6 +84,19 @@ async fn setup() -> Setup {
             leak(format!("models/{p}-failover")),
             json!({"display_name": format!("{p}-failover"),
                    "routing": {"targets": [{"model": format!("{p}-first")}, {"model": format!("{p}-backup")}]}}),
+        ));
+    }
+    // Resumable: each format to itself, and across formats.
+    for (name, first, backup) in [
+        ("o-resume", "o-first", "o-backup"),
+        ("a-resume", "a-first", "a-backup"),
+        ("oa-resume", "o-first", "a-backup"),
+        ("ao-resume", "a-first", "o-backup"),
+    ] {
+        docs.push((
+            leak(format!("models/{name}")),
+            json!({"display_name": name, "routing": {"resume_streams": true,
+                   "targets": [{"model": first}, {"model": backup}]}}),
         ));
     }
     let usage = Arc::new(Recorder::default());
@@ -417,4 +431,122 @@ async fn a_whole_stream_ends_cleanly_with_its_closing_event() {
             assert_eq!(usage[0].finish_reason, None, "{case}");
         }
     }
+}
+
+/// A script cutting the first target after two pieces of text ("Hello", " from"): the
+/// Anthropic stream has three events before its first text.
+fn cut_after_two_pieces(upstream: Upstream) -> Script {
+    let preamble = match upstream {
+        Upstream::OpenAi => 0,
+        Upstream::Anthropic => 3,
+    };
+    Script {
+        chunks: 6,
+        drop_after_chunks: Some(preamble + 2),
+        ..Script::default()
+    }
+}
+
+#[tokio::test]
+async fn a_resumable_stream_cut_mid_answer_reaches_the_caller_whole_from_the_next_target() {
+    let routes = [
+        ("o-resume", Upstream::OpenAi, Upstream::OpenAi),
+        ("a-resume", Upstream::Anthropic, Upstream::Anthropic),
+        ("oa-resume", Upstream::OpenAi, Upstream::Anthropic),
+        ("ao-resume", Upstream::Anthropic, Upstream::OpenAi),
+    ];
+    for (model, first, backup) in routes {
+        for caller in CALLERS {
+            let case = format!("{model}, {caller:?} caller");
+            let s = setup().await;
+            s.mock.set_script_for(
+                &format!("{}-up-first", first.prefix()),
+                cut_after_two_pieces(first),
+            );
+            let r = s.stream(caller, model).await;
+            assert_eq!(r.status(), 200, "{case}");
+            let (body, aborted) = read_stream(r).await;
+            assert!(!aborted, "{case}: {body}");
+            let evs = events(&body);
+            assert_eq!(
+                text_of(caller, &evs),
+                "Hello from the mock provider.",
+                "{case}: {body}"
+            );
+            assert!(body.contains(closing(caller)), "{case}: {body}");
+            assert!(!body.contains("error"), "{case}: {body}");
+            // One answer: one id, one start.
+            match caller {
+                Caller::Chat => {
+                    let ids: std::collections::BTreeSet<&str> =
+                        evs.iter().filter_map(|(_, c)| c["id"].as_str()).collect();
+                    assert_eq!(ids.len(), 1, "{case}: {body}");
+                    let roles = evs
+                        .iter()
+                        .filter(|(_, c)| c.pointer("/choices/0/delta/role").is_some())
+                        .count();
+                    assert_eq!(roles, 1, "{case}: {body}");
+                }
+                Caller::Messages => {
+                    let starts = evs.iter().filter(|(n, _)| n == "message_start").count();
+                    assert_eq!(starts, 1, "{case}: {body}");
+                    let blocks = evs
+                        .iter()
+                        .filter(|(n, _)| n == "content_block_start")
+                        .count();
+                    assert_eq!(blocks, 1, "{case}: the text stays in one block: {body}");
+                }
+            }
+            // The backup was asked to continue the text the caller already had.
+            let requests = s.mock.requests();
+            assert_eq!(requests.len(), 2, "{case}");
+            let sent = requests[1].json();
+            let last = sent["messages"].as_array().unwrap().last().unwrap().clone();
+            assert_eq!(last["role"], "assistant", "{case}: {sent}");
+            let prefix = match &last["content"] {
+                Value::String(t) => t.clone(),
+                blocks => blocks[0]["text"].as_str().unwrap().to_owned(),
+            };
+            assert_eq!(prefix, "Hello from", "{case}");
+            assert_eq!(
+                sent["model"],
+                format!("{}-up-backup", backup.prefix()),
+                "{case}"
+            );
+            // One usage event: both upstreams' tokens, the break named.
+            let usage = s.usage.0.lock().unwrap().clone();
+            assert_eq!(usage.len(), 1, "{case}");
+            assert_eq!(
+                usage[0].finish_reason.as_deref(),
+                Some("stream_cut_resumed"),
+                "{case}"
+            );
+            // Two streamed deltas before the cut, three reported by the backup.
+            assert_eq!(usage[0].completion_tokens, 5, "{case}: {:?}", usage[0]);
+            assert!(usage[0].prompt_tokens >= 10, "{case}: {:?}", usage[0]);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_resumable_stream_with_no_target_left_ends_broken() {
+    let s = setup().await;
+    for model in ["o-up-first", "o-up-backup"] {
+        s.mock
+            .set_script_for(model, cut_after_two_pieces(Upstream::OpenAi));
+    }
+    let r = s.stream(Caller::Chat, "o-resume").await;
+    let (body, aborted) = read_stream(r).await;
+    assert!(aborted, "{body}");
+    let evs = events(&body);
+    let (_, last) = evs.last().unwrap();
+    assert_eq!(last["error"]["code"], "stream_cut", "{body}");
+    // What both targets said reached the caller, as one answer.
+    assert!(
+        text_of(Caller::Chat, &evs).starts_with("Hello from"),
+        "{body}"
+    );
+    assert_eq!(s.tried(), ["o-up-first", "o-up-backup"]);
+    let usage = s.usage.0.lock().unwrap().clone();
+    assert_eq!(usage[0].finish_reason.as_deref(), Some("stream_cut"));
 }

@@ -48,6 +48,14 @@ for model in ["claude-cut", "cut"]:
         check("broke off" in e.body["error"]["message"], f"{model}: error message {e.body}")
         check(0 < len("".join(got)) < len(EXPECTED), f"{model}: the text before the cut {got}")
 
+# A resumable routing model continues a cut stream on its next target: one whole message.
+for model in ["claude-resumable", "resumable"]:
+    with client.messages.stream(model=model, max_tokens=64, messages=MESSAGES) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    check(text == EXPECTED, f"{model}: the resumed stream {text!r}")
+    check(final.stop_reason == "end_turn" and len(final.content) == 1, f"{model}: one message {final}")
+
 # A first event later than the target's stream_timeout fails over before the first
 # byte: the backup's stream arrives whole.
 for model in ["claude-first-byte", "first-byte"]:

@@ -23,7 +23,7 @@ def expect_error(cls, status, kind, call):
 client = openai.OpenAI(base_url=BASE, api_key=KEY, max_retries=0)
 
 ids = sorted(m.id for m in client.models.list())
-check("gpt-4o-mini" in ids and "claude" in ids and len(ids) == 16, f"models.list() == {ids}")
+check("gpt-4o-mini" in ids and "claude" in ids and len(ids) == 18, f"models.list() == {ids}")
 
 raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES)
 check(raw.headers.get("x-aisix-served-by") == "gpt-4o-mini", "x-aisix-served-by")
@@ -71,6 +71,15 @@ for model in ["cut", "claude-cut"]:
         check(e.body.get("code") == "stream_cut", f"{model}: error event {e.body}")
         check(e.body.get("type") == "stream_error", f"{model}: error type {e.body}")
         check(0 < len("".join(got)) < len(EXPECTED), f"{model}: the text before the cut {got}")
+
+# A resumable routing model continues a cut stream on its next target: the SDK sees one
+# whole answer (native and translated).
+for model in ["resumable", "claude-resumable"]:
+    chunks = list(client.chat.completions.create(model=model, messages=MESSAGES, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    check(text == EXPECTED, f"{model}: the resumed stream {text!r}")
+    check(len({c.id for c in chunks}) == 1, f"{model}: one answer id")
+    check(chunks[-1].choices[0].finish_reason == "stop", f"{model}: finish_reason")
 
 # A target whose first event is later than its stream_timeout is failed over before
 # anything reached the caller: the backup's stream arrives whole.

@@ -107,6 +107,8 @@ models:
   - {{id: l2, display_name: claude-late, model_name: claude-late-up, provider_key_id: pk2, stream_timeout: 300}}
   - {{id: p1, display_name: gpt-cached, model_name: up-cached, provider_key_id: pk1}}
   - {{id: p2, display_name: claude-cached, model_name: claude-cached-up, provider_key_id: pk2}}
+  - {{id: r1, display_name: resumable, routing: {{resume_streams: true, targets: [{{model: cut}}, {{model: gpt-4o-mini}}]}}}}
+  - {{id: r2, display_name: claude-resumable, routing: {{resume_streams: true, targets: [{{model: claude-cut}}, {{model: claude}}]}}}}
   - {{id: f1, display_name: first-byte, routing: {{targets: [{{model: late}}, {{model: gpt-4o-mini}}]}}}}
   - {{id: f2, display_name: claude-first-byte, routing: {{targets: [{{model: claude-late}}, {{model: claude}}]}}}}
 api_keys:

@@ -73,7 +73,7 @@ pub async fn messages(call: Call) -> Response {
                 let input: Value = serde_json::from_str(&t.arguments).unwrap_or_else(|_| json!({}));
                 json!([{"type": "tool_use", "id": t.id, "name": t.name, "input": input}])
             }
-            None => json!([{"type": "text", "text": call.script.content}]),
+            None => json!([{"type": "text", "text": call.content()}]),
         };
         return axum::Json(message(content, json!(stop), output)).into_response();
     }

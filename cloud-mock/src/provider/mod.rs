@@ -435,12 +435,35 @@ impl Call {
         Some(response)
     }
 
+    /// The answer text. A conversation ending in an assistant message that begins the
+    /// script's text (a prefilled answer) gets the rest of it, as a model continuing
+    /// its own words would.
+    fn content(&self) -> &str {
+        let content = self.script.content.as_str();
+        let Some(last) = self.request["messages"]
+            .as_array()
+            .and_then(|m| m.last())
+            .filter(|m| m["role"] == "assistant")
+        else {
+            return content;
+        };
+        let prefix: String = match &last["content"] {
+            Value::String(text) => text.clone(),
+            Value::Array(blocks) => blocks.iter().filter_map(|b| b["text"].as_str()).collect(),
+            _ => String::new(),
+        };
+        if prefix.is_empty() {
+            return content;
+        }
+        content.strip_prefix(prefix.as_str()).unwrap_or(content)
+    }
+
     /// The answer text (or the tool call's arguments) in `chunks` pieces (at least
     /// one).
     fn pieces(&self) -> Vec<String> {
         let text = match &self.script.tool_call {
             Some(call) => &call.arguments,
-            None => &self.script.content,
+            None => self.content(),
         };
         split(text, self.script.chunks.max(1))
     }

@@ -88,7 +88,7 @@ pub async fn chat(call: Call) -> Response {
     let message = match &tool {
         Some(t) => json!({"role": "assistant", "content": null, "tool_calls": [
             {"id": t.id, "type": "function", "function": {"name": t.name, "arguments": t.arguments}}]}),
-        None => json!({"role": "assistant", "content": call.script.content}),
+        None => json!({"role": "assistant", "content": call.content()}),
     };
     axum::Json(json!({
         "id": "chatcmpl-mock",

@@ -3,6 +3,7 @@
 
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, stream};
 
 /// What a filter makes of a run of complete events.
@@ -14,6 +15,8 @@ pub enum Filtered {
     /// Send this (an error event) and abort the response, so the caller's client sees
     /// a broken stream: HTTP/1.1 gets no terminating chunk, HTTP/2 a reset.
     Abort(Bytes),
+    /// Send this, then go on with the body [`EventFilter::resume`] finds.
+    Resume(Bytes),
 }
 
 /// Why a stream ended before its answer did.
@@ -43,6 +46,18 @@ impl StreamBreak {
         }
     }
 
+    /// The usage event's `finish_reason` of an answer that was continued elsewhere
+    /// after this break.
+    pub fn resumed_code(&self) -> &'static str {
+        match self {
+            StreamBreak::Cut => "stream_cut_resumed",
+            StreamBreak::Stalled { .. } => "stream_stalled_resumed",
+            StreamBreak::Truncated => "stream_truncated_resumed",
+            StreamBreak::Unreadable => "stream_unreadable_resumed",
+            StreamBreak::Upstream(_) => "upstream_stream_error_resumed",
+        }
+    }
+
     /// The break an upstream body error stands for: the relay's own (inside however
     /// many body wrappers), or a cut.
     fn of(error: axum::Error) -> Self {
@@ -62,17 +77,35 @@ impl StreamBreak {
 
 /// Rewrites a stream run by run and says how it ends.
 pub trait EventFilter: Send + 'static {
+    /// What a resume hands back to the filter (see [`EventFilter::resumed`]).
+    type Resumed: Send + 'static;
+
     /// A run of complete events.
     fn events(&mut self, run: Bytes) -> Filtered;
+
     /// The upstream is done: it ended its body (`None`) or broke. What is sent last
     /// and whether the response ends or aborts; `Send` counts as `End`.
     fn finish(&mut self, broke: Option<StreamBreak>) -> Filtered;
+
+    /// After [`Filtered::Resume`]: another upstream body to go on with, if one can be
+    /// had.
+    fn resume(&mut self) -> BoxFuture<'static, Option<(Body, Self::Resumed)>> {
+        Box::pin(async { None })
+    }
+
+    /// The resume found a body (`Some`) or not: what to send now (without a body, the
+    /// stream ends: `Abort` with an error event).
+    fn resumed(&mut self, _resumed: Option<Self::Resumed>) -> Filtered {
+        Filtered::Abort(Bytes::new())
+    }
 }
 
 /// A filter of runs only: a clean end stays clean, a break aborts without an event.
 struct Runs<F>(F);
 
 impl<F: FnMut(Bytes) -> Filtered + Send + 'static> EventFilter for Runs<F> {
+    type Resumed = ();
+
     fn events(&mut self, run: Bytes) -> Filtered {
         (self.0)(run)
     }
@@ -94,9 +127,27 @@ where
     filter_stream(body, Runs(filter))
 }
 
+/// Like [`filter_events`], with a filter that also decides how the stream ends and
+/// may continue it on another upstream body.
+pub fn filter_stream<F: EventFilter>(body: Body, filter: F) -> Body {
+    let filtering = Filtering {
+        inner: body.into_data_stream(),
+        partial: BytesMut::new(),
+        filter,
+        stage: Stage::Running,
+    };
+    Body::from_stream(stream::unfold(filtering, |mut f| async move {
+        let item = f.next().await?;
+        Some((item, f))
+    }))
+}
+
 /// How far a filtered stream has got.
+#[derive(Clone, Copy)]
 enum Stage {
     Running,
+    /// Waiting for the body that continues the stream.
+    Resuming,
     /// Send nothing more; abort first when `true`.
     Ending {
         abort: bool,
@@ -109,95 +160,96 @@ enum Stage {
 #[error("stream aborted")]
 struct Aborted;
 
-/// Like [`filter_events`], with a filter that also decides how the stream ends.
-pub fn filter_stream<F: EventFilter>(body: Body, filter: F) -> Body {
-    let state = (
-        body.into_data_stream(),
-        BytesMut::new(),
-        filter,
-        Stage::Running,
-    );
-    let chunks = stream::unfold(
-        state,
-        |(mut inner, mut partial, mut filter, stage)| async move {
-            match stage {
-                Stage::Running => {}
+struct Filtering<F> {
+    inner: axum::body::BodyDataStream,
+    partial: BytesMut,
+    filter: F,
+    stage: Stage,
+}
+
+impl<F: EventFilter> Filtering<F> {
+    /// The next chunk for the caller, the abort, or the end.
+    async fn next(&mut self) -> Option<Result<Bytes, axum::Error>> {
+        loop {
+            let filtered = match self.stage {
+                Stage::Running => self.step().await,
+                Stage::Resuming => {
+                    let resumed = self.filter.resume().await;
+                    let resumed = resumed.map(|(body, resumed)| {
+                        self.inner = body.into_data_stream();
+                        self.partial.clear();
+                        resumed
+                    });
+                    self.filter.resumed(resumed)
+                }
                 Stage::Ending { abort: true } => {
-                    return Some(aborted((inner, partial, filter)).await);
+                    self.stage = Stage::Done;
+                    // Let the connection flush what was sent before the abort, which
+                    // discards what is still buffered.
+                    tokio::task::yield_now().await;
+                    return Some(Err(axum::Error::new(Aborted)));
                 }
                 Stage::Ending { abort: false } | Stage::Done => return None,
-            }
-            loop {
-                let filtered = match inner.next().await {
-                    Some(Ok(chunk)) => {
-                        partial.extend_from_slice(&chunk);
-                        let Some(end) = last_event_end(&partial) else {
-                            continue;
-                        };
-                        filter.events(partial.split_to(end).freeze())
-                    }
-                    Some(Err(e)) => last(&mut filter, &mut partial, Some(StreamBreak::of(e))),
-                    None => last(&mut filter, &mut partial, None),
-                };
-                let (out, stage) = match filtered {
-                    Filtered::Send(out) => (out, Stage::Running),
-                    Filtered::End(out) => (out, Stage::Ending { abort: false }),
-                    Filtered::Abort(out) => (out, Stage::Ending { abort: true }),
-                };
-                if !out.is_empty() {
-                    return Some((Ok(out), (inner, partial, filter, stage)));
+            };
+            let out = match filtered {
+                Filtered::Send(out) => {
+                    self.stage = Stage::Running;
+                    out
                 }
-                match stage {
-                    Stage::Running => {}
-                    Stage::Ending { abort: true } => {
-                        return Some(aborted((inner, partial, filter)).await);
-                    }
-                    Stage::Ending { abort: false } | Stage::Done => return None,
+                Filtered::End(out) => {
+                    self.stage = Stage::Ending { abort: false };
+                    out
                 }
+                Filtered::Abort(out) => {
+                    self.stage = Stage::Ending { abort: true };
+                    out
+                }
+                Filtered::Resume(out) => {
+                    self.stage = Stage::Resuming;
+                    out
+                }
+            };
+            if !out.is_empty() {
+                return Some(Ok(out));
             }
-        },
-    );
-    Body::from_stream(chunks)
-}
-
-/// The upstream is done: an event left without its blank line goes through the filter
-/// first, then the filter says how the stream ends (a `Send` ends it).
-fn last(
-    filter: &mut impl EventFilter,
-    partial: &mut BytesMut,
-    broke: Option<StreamBreak>,
-) -> Filtered {
-    let rest = partial.split().freeze();
-    let mut out = BytesMut::new();
-    if !rest.is_empty() {
-        match filter.events(rest) {
-            Filtered::Send(sent) => out.extend_from_slice(&sent),
-            ended => return ended,
         }
     }
-    match filter.finish(broke) {
-        Filtered::Send(sent) | Filtered::End(sent) => {
-            out.extend_from_slice(&sent);
-            Filtered::End(out.freeze())
-        }
-        Filtered::Abort(sent) => {
-            out.extend_from_slice(&sent);
-            Filtered::Abort(out.freeze())
+
+    /// Reads the upstream until the filter has something to say.
+    async fn step(&mut self) -> Filtered {
+        loop {
+            match self.inner.next().await {
+                Some(Ok(chunk)) => {
+                    self.partial.extend_from_slice(&chunk);
+                    if let Some(end) = last_event_end(&self.partial) {
+                        return self.filter.events(self.partial.split_to(end).freeze());
+                    }
+                }
+                Some(Err(e)) => return self.last(Some(StreamBreak::of(e))),
+                None => return self.last(None),
+            }
         }
     }
-}
 
-/// The abort, after letting the connection flush what was sent before it (an abort
-/// discards what is still buffered).
-async fn aborted<S, F>(
-    state: (S, BytesMut, F),
-) -> (Result<Bytes, axum::Error>, (S, BytesMut, F, Stage)) {
-    tokio::task::yield_now().await;
-    let (inner, partial, filter) = state;
-    (
-        Err(axum::Error::new(Aborted)),
-        (inner, partial, filter, Stage::Done),
-    )
+    /// The upstream is done: an event left without its blank line goes through the
+    /// filter first, then the filter says how the stream ends (a `Send` ends it).
+    fn last(&mut self, broke: Option<StreamBreak>) -> Filtered {
+        let rest = self.partial.split().freeze();
+        let mut out = BytesMut::new();
+        if !rest.is_empty() {
+            match self.filter.events(rest) {
+                Filtered::Send(sent) => out.extend_from_slice(&sent),
+                ended => return ended,
+            }
+        }
+        let (sent, end): (Bytes, fn(Bytes) -> Filtered) = match self.filter.finish(broke) {
+            Filtered::Send(sent) | Filtered::End(sent) => (sent, Filtered::End),
+            Filtered::Abort(sent) => (sent, Filtered::Abort),
+            Filtered::Resume(sent) => (sent, Filtered::Resume),
+        };
+        out.extend_from_slice(&sent);
+        end(out.freeze())
+    }
 }
 
 /// The end of the last complete event (after its blank line).

@@ -15,6 +15,19 @@ pub struct Tokens {
     pub cache_write: u64,
 }
 
+impl std::ops::Add for Tokens {
+    type Output = Tokens;
+
+    fn add(self, other: Tokens) -> Tokens {
+        Tokens {
+            prompt: self.prompt + other.prompt,
+            completion: self.completion + other.completion,
+            cache_read: self.cache_read + other.cache_read,
+            cache_write: self.cache_write + other.cache_write,
+        }
+    }
+}
+
 impl Tokens {
     /// Reads `usage` from a JSON document (a whole answer or one stream event): OpenAI's
     /// `prompt_tokens`/`completion_tokens` or Anthropic's and the Responses API's

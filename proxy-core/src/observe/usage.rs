@@ -84,6 +84,7 @@ impl Pending {
     pub fn tap(self) -> StreamTap {
         StreamTap {
             pending: Some(self),
+            before: Tokens::default(),
             tokens: Tokens::default(),
             first_event: None,
             deltas: 0,
@@ -95,6 +96,8 @@ impl Pending {
 /// [`crate::formats::sse::filter_events`] hands them over.
 pub struct StreamTap {
     pending: Option<Pending>,
+    /// The tokens of the upstreams before the current one (a resumed stream).
+    before: Tokens,
     tokens: Tokens,
     first_event: Option<Duration>,
     /// Content deltas seen: the completion tokens of a stream that broke before the
@@ -130,13 +133,29 @@ impl StreamTap {
 
 impl StreamTap {
     /// The stream broke (`code`): the usage event says so, and completion tokens the
-    /// upstream never counted are estimated from the deltas that did stream.
+    /// upstream had not counted yet are estimated from the deltas that did stream
+    /// (Anthropic's first count is a placeholder of 1).
     pub fn broke(&mut self, code: &'static str) {
         if let Some(pending) = &mut self.pending {
             pending.broke = Some(code);
         }
-        if self.tokens.completion == 0 {
-            self.tokens.completion = self.deltas;
+        self.tokens.completion = self.tokens.completion.max(self.deltas);
+    }
+
+    /// The answer goes on on another upstream after a break: this upstream's tokens
+    /// (estimated as in `broke`) are added up, and the next
+    /// upstream's are read afresh.
+    pub fn next_segment(&mut self) {
+        self.tokens.completion = self.tokens.completion.max(self.deltas);
+        self.before = self.before + std::mem::take(&mut self.tokens);
+        self.deltas = 0;
+    }
+
+    /// The answer was continued elsewhere after a break (`code`): the usage event says
+    /// so.
+    pub fn resumed(&mut self, code: &'static str) {
+        if let Some(pending) = &mut self.pending {
+            pending.broke = Some(code);
         }
     }
 }
@@ -144,7 +163,7 @@ impl StreamTap {
 impl Drop for StreamTap {
     fn drop(&mut self) {
         if let Some(pending) = self.pending.take() {
-            pending.finish(self.tokens, self.first_event);
+            pending.finish(self.before + self.tokens, self.first_event);
         }
     }
 }

@@ -5,12 +5,14 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::admit::Admitted;
+use super::resume::Resume;
 use super::routing::Next;
-use super::state::{Call, Inner};
+use super::state::{Call, Inner, ProxyState};
 use crate::failure::ProxyError;
 use crate::formats::chat::Conversion;
 use crate::providers::client::{Answer, Target};
@@ -18,11 +20,13 @@ use crate::providers::{self, CallerRequest, TargetModel};
 use crate::resources::{Model, ModelTarget};
 use crate::snapshot::Snapshot;
 
-/// A successful answer: the upstream's, how to convert it, and the model that gave it.
+/// A successful answer: the upstream's, how to convert it, the model that gave it,
+/// and how to continue its stream on another target (resumable streams).
 pub(super) struct Dispatched<'s> {
     pub answer: Answer,
     pub conversion: Conversion,
     pub served_by: &'s Arc<Model>,
+    pub resume: Option<Resume>,
 }
 
 /// Why dispatch gave up: the failure to report, and the target it came from (`None`
@@ -33,12 +37,13 @@ pub(super) struct Undispatched<'s> {
 }
 
 pub(super) async fn dispatch<'s>(
-    state: &Inner,
+    shared: &ProxyState,
     snapshot: &'s Snapshot,
     admitted: &Admitted<'s>,
     call: &Call,
     request: &CallerRequest<'_>,
 ) -> Result<Dispatched<'s>, Undispatched<'s>> {
+    let state = shared.inner();
     let plan = match state.routing.plan(snapshot, admitted.model) {
         Ok(plan) => plan,
         Err(error) => return Err(Undispatched { error, tried: None }),
@@ -50,14 +55,24 @@ pub(super) async fn dispatch<'s>(
         let mut attempt_number = 0;
         loop {
             attempt_number += 1;
-            let error = match attempt(state, snapshot, candidate, call, request).await {
+            let error = match attempt(state, snapshot, candidate, request_id, request).await {
                 Ok((answer, conversion)) => {
                     state.health.success(&candidate.name);
                     state.routing.recovered(&candidate.name);
+                    let resume = plan.resume_streams.then(|| Resume {
+                        state: shared.clone(),
+                        endpoint: call.endpoint,
+                        headers: request.headers.clone(),
+                        raw: Bytes::copy_from_slice(request.raw),
+                        alias: admitted.model.name.clone(),
+                        request_id: call.request_id.clone(),
+                        tried: vec![candidate.name.clone()],
+                    });
                     return Ok(Dispatched {
                         answer,
                         conversion,
                         served_by: candidate,
+                        resume: resume.filter(|_| request.body.stream),
                     });
                 }
                 Err(error) => error,
@@ -113,11 +128,11 @@ pub(super) async fn dispatch<'s>(
 }
 
 /// Sends the call to one direct model: the request as its adapter wants it.
-async fn attempt(
+pub(super) async fn attempt(
     state: &Inner,
     snapshot: &Snapshot,
     model: &Arc<Model>,
-    call: &Call,
+    request_id: &str,
     request: &CallerRequest<'_>,
 ) -> Result<(Answer, Conversion), ProxyError> {
     let unavailable = || {
@@ -145,7 +160,6 @@ async fn attempt(
         upstream_model: &direct.model_name,
         provider_key,
     };
-    let request_id: &str = &call.request_id;
     debug!(request_id, model = %model.name, upstream_model = target.upstream_model, path = prepared.outgoing.path, "dispatching");
     let sent_at = Instant::now();
     let answer = state

@@ -17,6 +17,7 @@
 //! - `state.rs`: the shared state and options, the gateway's headers.
 //! - `admit.rs`, `cache.rs`, `dispatch.rs`, `respond.rs`: the phases.
 //! - `stream.rs`: a streamed answer's filter, and how the stream ends (well or broken).
+//! - `resume.rs`: a broken stream continued on the next target (`resume_streams`).
 //! - `routing.rs`: candidate order, retries, failover and cooldowns (dispatch's plan).
 //! - `passthrough.rs`: `ANY /passthrough/{provider}/{*rest}`.
 
@@ -25,6 +26,7 @@ pub mod cache;
 mod dispatch;
 pub mod passthrough;
 mod respond;
+mod resume;
 pub mod routing;
 mod state;
 mod stream;
@@ -42,10 +44,10 @@ use crate::observe::record::Record;
 use crate::providers::CallerRequest;
 
 pub use admit::authenticate;
+use state::Call;
 pub use state::{
     CACHE_STATUS, CALL_ID, Hooks, ProxyOptions, ProxyState, REQUEST_ID, SERVED_BY, client_ip,
 };
-use state::{Call, Inner};
 
 /// Runs one call of `endpoint` through the phases; failures are rendered in the
 /// endpoint's envelope.
@@ -64,7 +66,7 @@ pub async fn call(
         started: Instant::now(),
         record,
     };
-    let mut response = match phases(state.inner(), peer, &call, &headers, body).await {
+    let mut response = match phases(&state, peer, &call, &headers, body).await {
         Ok(response) => response,
         Err(error) => {
             error.log(&call.request_id);
@@ -82,12 +84,13 @@ pub async fn call(
 }
 
 async fn phases(
-    state: &Inner,
+    shared: &ProxyState,
     peer: SocketAddr,
     call: &Call,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ProxyError> {
+    let state = shared.inner();
     let snapshot = state.store.load();
     let caller = authenticate(&snapshot, headers, call.endpoint.envelope())?;
     call.record.caller(&caller.id);
@@ -113,7 +116,7 @@ async fn phases(
         form: read.form.as_ref(),
         headers,
     };
-    let dispatched = dispatch::dispatch(state, &snapshot, &admitted, call, &caller_request).await;
+    let dispatched = dispatch::dispatch(shared, &snapshot, &admitted, call, &caller_request).await;
     respond::respond(
         state, &snapshot, call, admitted, &request, dispatched, cache,
     )

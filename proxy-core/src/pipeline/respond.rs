@@ -44,6 +44,7 @@ pub(super) async fn respond(
         answer,
         conversion,
         served_by,
+        resume,
     } = match dispatched {
         Ok(dispatched) => dispatched,
         Err(Undispatched { error, tried }) => {
@@ -77,6 +78,10 @@ pub(super) async fn respond(
             served_by.name.clone(),
             state.hooks.metrics.clone(),
         );
+        let filter = match resume {
+            Some(resume) => filter.resumable(resume),
+            None => filter,
+        };
         let body = sse::filter_stream(answer.body, filter);
         let content_type = answer.content_type.filter(|_| conversion.is_none());
         build(answer.status, content_type, body, &served_by.name, true)

@@ -54,6 +54,8 @@ pub struct Plan<'s> {
     pub retries: u32,
     pub retry_on_429: bool,
     pub fallback_on_statuses: &'s [u16],
+    /// A chat stream that breaks after its first byte continues on the next target.
+    pub resume_streams: bool,
 }
 
 /// What to do after a failed attempt.
@@ -121,6 +123,7 @@ impl RoutingState {
                     retries: model.retries,
                     retry_on_429: false,
                     fallback_on_statuses: &[],
+                    resume_streams: false,
                 });
             }
             ModelTarget::Routing(routing) => routing,
@@ -185,6 +188,7 @@ impl RoutingState {
             retries: routing.retries,
             retry_on_429: routing.retry_on_429,
             fallback_on_statuses: &routing.fallback_on_statuses,
+            resume_streams: routing.resume_streams,
         })
     }
 
@@ -442,6 +446,7 @@ mod tests {
             retries: 2,
             retry_on_429: false,
             fallback_on_statuses: &[404],
+            resume_streams: false,
         };
         assert!(matches!(
             plan.next(&failed(None).class(), 1),

@@ -8,14 +8,20 @@
 //! an upstream error event) ends it with an error event in the caller's format and
 //! aborts the response, so the caller's SDK raises instead of taking a truncated answer
 //! for a whole one. The gateway never writes a closing event the upstream did not send.
+//! A routing model with `resume_streams` continues a broken text answer on its next
+//! target instead (`resume.rs`).
 
 use std::sync::Arc;
 
+use axum::body::Body;
 use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
+use tracing::warn;
 
+use super::resume::{Continuation, Resume};
 use super::state::Call;
 use crate::failure::{Envelope, ProxyError, stream_error_event};
-use crate::formats::chat::{Conversion, StreamTranslator};
+use crate::formats::chat::{self, Conversion, StreamTranslator};
 use crate::formats::endpoint::Endpoint;
 use crate::formats::sse::{self, EventFilter, Filtered, StreamBreak};
 use crate::observe::metrics::Metrics;
@@ -36,6 +42,11 @@ pub(super) struct AnswerStream {
     served_by: Arc<str>,
     /// What the last run sent ended with.
     last: Last,
+    /// How to continue the answer elsewhere when it breaks (resumable streams).
+    resume: Option<Resume>,
+    /// The break being resumed from.
+    resuming: Option<StreamBreak>,
+    conversion: Conversion,
 }
 
 /// The last event sent to the caller, as far as the end of the stream cares.
@@ -49,6 +60,8 @@ enum Last {
 }
 
 impl EventFilter for AnswerStream {
+    type Resumed = Continuation;
+
     fn events(&mut self, run: Bytes) -> Filtered {
         // Usage is read in the upstream's format, which may say more (cache writes).
         self.tap.observe(&run);
@@ -86,10 +99,36 @@ impl EventFilter for AnswerStream {
                 Filtered::End(Bytes::new())
             }
             (Last::Other, broke) => {
-                let broke = broke.unwrap_or(StreamBreak::Truncated);
-                Filtered::Abort(self.error_event(broke))
+                self.broken(Bytes::new(), broke.unwrap_or(StreamBreak::Truncated))
             }
         }
+    }
+
+    fn resume(&mut self) -> BoxFuture<'static, Option<(Body, Continuation)>> {
+        let text = self
+            .translator
+            .as_ref()
+            .and_then(StreamTranslator::continuable);
+        match (&self.resume, text) {
+            (Some(resume), Some(text)) => resume.find(text),
+            _ => Box::pin(async { None }),
+        }
+    }
+
+    fn resumed(&mut self, continuation: Option<Continuation>) -> Filtered {
+        let broke = self.resuming.take().unwrap_or(StreamBreak::Cut);
+        let (Some(continuation), Some(translator), Some(resume)) =
+            (continuation, &mut self.translator, &mut self.resume)
+        else {
+            return Filtered::Abort(self.error_event(broke));
+        };
+        warn!(request_id = %resume.request_id, from = %self.served_by, to = %continuation.served_by, reason = broke.code(), "stream broke; continued on the next target");
+        translator.continue_with(continuation.upstream, continuation.sent);
+        resume.tried.push(continuation.served_by.clone());
+        self.served_by = continuation.served_by;
+        self.tap.resumed(broke.resumed_code());
+        self.last = Last::Other;
+        Filtered::Send(Bytes::new())
     }
 }
 
@@ -118,20 +157,56 @@ impl AnswerStream {
             metrics,
             served_by,
             last: Last::Other,
+            resume: None,
+            resuming: None,
+            conversion,
         }
     }
 
-    /// What goes out of a run: `run`, then the error event of a break found in it.
+    /// Makes the stream resumable. It then goes through the canonical form even
+    /// between like formats, so another upstream's continuation can be spliced in.
+    pub(super) fn resumable(mut self, resume: Resume) -> Self {
+        let codecs = match self.conversion {
+            Conversion::Translate { upstream, caller } => Some((caller, upstream)),
+            Conversion::None => chat::native(self.endpoint),
+        };
+        if let Some((caller, upstream)) = codecs {
+            self.translator = Some(StreamTranslator::following(upstream, caller));
+            self.resume = Some(resume);
+        }
+        self
+    }
+
+    /// What goes out of a run: `run`, then what a break found in it makes of the rest.
     fn sent(&mut self, run: Bytes, broke: Option<StreamBreak>) -> Filtered {
         if let Some(broke) = broke {
-            let mut out = BytesMut::from(run);
-            out.extend_from_slice(&self.error_event(broke));
-            return Filtered::Abort(out.freeze());
+            return self.broken(run, broke);
         }
         if !run.is_empty() {
             self.last = self.last_of(&run);
         }
         Filtered::Send(run)
+    }
+
+    /// After `run`, the stream broke: it goes on elsewhere when it can (the break is
+    /// recorded in the metrics and the next segment's usage begins), else it ends with
+    /// the error event.
+    fn broken(&mut self, run: Bytes, broke: StreamBreak) -> Filtered {
+        let continuable = self
+            .translator
+            .as_ref()
+            .and_then(StreamTranslator::continuable)
+            .is_some();
+        if self.resume.is_some() && continuable {
+            self.metrics
+                .record_upstream_failure(&self.served_by, "stream_break");
+            self.tap.next_segment();
+            self.resuming = Some(broke);
+            return Filtered::Resume(run);
+        }
+        let mut out = BytesMut::from(run);
+        out.extend_from_slice(&self.error_event(broke));
+        Filtered::Abort(out.freeze())
     }
 
     /// The error event of a break, once it is recorded.

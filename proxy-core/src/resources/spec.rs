@@ -63,6 +63,7 @@ pub struct RoutingSpec {
     pub retry_on_429: Option<bool>,
     pub fallback_on_statuses: Option<Vec<u16>>,
     pub when_all_unavailable: Option<String>,
+    pub resume_streams: Option<bool>,
     #[serde(flatten)]
     pub unknown: BTreeMap<String, Value>,
 }

@@ -129,6 +129,8 @@ pub struct Routing {
     pub retry_on_429: bool,
     pub fallback_on_statuses: Vec<u16>,
     pub when_all_unavailable: WhenAllUnavailable,
+    /// A chat stream that breaks after its first byte continues on the next target.
+    pub resume_streams: bool,
 }
 
 #[derive(Debug)]

@@ -163,6 +163,7 @@ impl Routing {
             retry_on_429: false,
             fallback_on_statuses: Vec::new(),
             when_all_unavailable: WhenAllUnavailable::Fail,
+            resume_streams: false,
         }
     }
 }
@@ -442,6 +443,7 @@ fn routing(p: &mut Problems, spec: RoutingSpec) -> Routing {
         retry_on_429: spec.retry_on_429.unwrap_or(false),
         fallback_on_statuses: statuses,
         when_all_unavailable,
+        resume_streams: spec.resume_streams.unwrap_or(false),
     }
 }
 

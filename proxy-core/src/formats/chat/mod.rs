@@ -41,8 +41,20 @@ pub use codec::{
 pub use openai::OpenAiChat;
 
 use crate::failure::ProxyError;
+use crate::formats::endpoint::Endpoint;
 use crate::formats::sse::{self, StreamBreak};
-use canonical::Event;
+use canonical::{Event, Usage};
+
+/// The chat format an endpoint's callers speak, as a caller and as an upstream format.
+pub fn native(
+    endpoint: Endpoint,
+) -> Option<(&'static dyn CallerCodec, &'static dyn UpstreamCodec)> {
+    match endpoint {
+        Endpoint::ChatCompletions => Some((&OpenAiChat, &OpenAiChat)),
+        Endpoint::Messages => Some((&AnthropicMessages, &AnthropicMessages)),
+        Endpoint::CountTokens | Endpoint::Forward(_) => None,
+    }
+}
 
 /// A caller's request body in the upstream's format, for `model`.
 pub fn translate_request(
@@ -101,11 +113,28 @@ impl Conversion {
 }
 
 /// Translates a stream: takes runs of complete upstream events (see
-/// `sse::filter_events`) and returns the caller's events for them.
+/// `sse::filter_events`) and returns the caller's events for them. A followed stream
+/// also keeps what the caller has received, so another upstream can continue it
+/// (`continue_with`) into the same caller stream: one id, one message, usage summed.
 pub struct StreamTranslator {
     decoder: Box<dyn StreamDecoder>,
     encoder: Box<dyn StreamEncoder>,
     events: Vec<Event>,
+    follow: Option<Followed>,
+}
+
+/// What a followed stream has told the caller.
+#[derive(Default)]
+struct Followed {
+    text: String,
+    /// A tool call or reasoning was under way: the answer cannot go on as text.
+    stuck: bool,
+    /// Usage of the upstreams before the current one, and the current one's.
+    before: Usage,
+    current: Usage,
+    /// Whitespace at the end of the text that the continuing upstream was not sent
+    /// (Anthropic refuses it), dropped from the start of its continuation.
+    unsent: usize,
 }
 
 impl StreamTranslator {
@@ -114,6 +143,35 @@ impl StreamTranslator {
             decoder: upstream.stream_decoder(),
             encoder: caller.stream_encoder(),
             events: Vec::new(),
+            follow: None,
+        }
+    }
+
+    /// A translator that keeps what the caller received, for `continue_with`.
+    pub fn following(upstream: &dyn UpstreamCodec, caller: &dyn CallerCodec) -> Self {
+        Self {
+            follow: Some(Followed::default()),
+            ..Self::new(upstream, caller)
+        }
+    }
+
+    /// The answer text the caller has received, when the answer can be continued from
+    /// it (a followed stream, only text so far).
+    pub fn continuable(&self) -> Option<&str> {
+        self.follow
+            .as_ref()
+            .filter(|f| !f.stuck && !f.text.is_empty())
+            .map(|f| f.text.as_str())
+    }
+
+    /// Goes on with another upstream's stream, in `upstream`'s format, whose request
+    /// carried the text so far as an assistant prefix of `sent` bytes.
+    pub fn continue_with(&mut self, upstream: &dyn UpstreamCodec, sent: usize) {
+        self.decoder = upstream.stream_decoder();
+        if let Some(follow) = &mut self.follow {
+            follow.before = follow.before + follow.current;
+            follow.current = Usage::default();
+            follow.unsent = follow.text.len().saturating_sub(sent);
         }
     }
 
@@ -124,6 +182,13 @@ impl StreamTranslator {
         for event in sse::events(run).filter(|e| !e.data.trim_ascii().is_empty()) {
             let decoded = self.decoder.decode(&event, &mut self.events);
             for event in self.events.drain(..) {
+                let event = match &mut self.follow {
+                    Some(follow) => match follow.note(event) {
+                        Some(event) => event,
+                        None => continue,
+                    },
+                    None => event,
+                };
                 self.encoder.encode(event, &mut out);
             }
             if let Err(broke) = decoded {
@@ -131,6 +196,51 @@ impl StreamTranslator {
             }
         }
         (out.freeze(), None)
+    }
+}
+
+impl Followed {
+    /// Notes what `event` tells the caller; the event as the caller should get it
+    /// (usage summed over upstreams, a continuation's leading whitespace dropped).
+    fn note(&mut self, event: Event) -> Option<Event> {
+        match event {
+            Event::Text(mut text) => {
+                if self.unsent > 0 {
+                    let mut dropped = 0;
+                    for c in text.chars().take_while(|c| c.is_whitespace()) {
+                        if dropped + c.len_utf8() > self.unsent {
+                            break;
+                        }
+                        dropped += c.len_utf8();
+                    }
+                    let rest_is_blank = text[dropped..].trim_start().is_empty();
+                    text.drain(..dropped);
+                    self.unsent = if rest_is_blank && text.is_empty() {
+                        self.unsent - dropped
+                    } else {
+                        0
+                    };
+                    if text.is_empty() {
+                        return None;
+                    }
+                }
+                self.text.push_str(&text);
+                Some(Event::Text(text))
+            }
+            Event::Usage(usage) => {
+                self.current = usage;
+                Some(Event::Usage(self.before + usage))
+            }
+            Event::ToolCall { .. }
+            | Event::ToolArguments { .. }
+            | Event::Thinking(_)
+            | Event::ThinkingSignature(_)
+            | Event::RedactedThinking(_) => {
+                self.stuck = true;
+                Some(event)
+            }
+            Event::Start { .. } | Event::Stop(_) | Event::End => Some(event),
+        }
     }
 }
 

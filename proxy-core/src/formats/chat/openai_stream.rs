@@ -103,6 +103,7 @@ impl Decoder {
 /// Writes chunks for an OpenAI caller, ending with a usage chunk and `[DONE]` when
 /// the upstream ended its answer.
 pub struct Encoder {
+    started: bool,
     id: String,
     model: String,
     created: u64,
@@ -112,6 +113,7 @@ pub struct Encoder {
 impl Encoder {
     pub fn new() -> Self {
         Self {
+            started: false,
             id: String::new(),
             model: String::new(),
             created: unix_now(),
@@ -134,7 +136,10 @@ impl Encoder {
 impl StreamEncoder for Encoder {
     fn encode(&mut self, event: Event, out: &mut BytesMut) {
         match event {
+            // A stream continued on another upstream keeps its first id and role chunk.
+            Event::Start { .. } if self.started => {}
             Event::Start { id, model } => {
+                self.started = true;
                 self.id = id;
                 self.model = model;
                 self.chunk(out, json!({"role": "assistant", "content": ""}), None);
