@@ -528,3 +528,76 @@ async fn a_status_listener_beyond_loopback_is_warned_about_at_start() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_stream_broken_mid_answer_is_in_the_access_log_and_the_metrics() {
+    let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    mock.set_script(Script {
+        chunks: 5,
+        drop_after_chunks: Some(2),
+        ..Script::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let resources = format!(
+        "provider_keys:\n  - {{id: pk1, display_name: mock, provider: openai, api_base: \"{}\", api_key: {PROVIDER_SECRET}}}\nmodels:\n  - {{id: m1, display_name: gpt, model_name: up-gpt, provider_key_id: pk1}}\napi_keys:\n  - {{id: k1, key_hash: {}, allowed_models: [\"*\"]}}\n",
+        mock.url(),
+        key_hash(CALLER_SECRET)
+    );
+    std::fs::write(dir.path().join("r.yaml"), resources).unwrap();
+    let config = dir.path().join("c.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "resources_file: {}\nproxy:\n  addr: 127.0.0.1:0\nobservability:\n  log_format: json\n  metrics:\n    prometheus: {{path: /prom}}\nshutdown:\n  min_drain_secs: 0\n",
+            dir.path().join("r.yaml").display()
+        ),
+    )
+    .unwrap();
+    let (mut process, proxy) = start_agent(&config).await;
+    let line = process
+        .wait_for_line("metrics listener ready", Duration::from_secs(10))
+        .await;
+    let metrics = format!("http://{}/prom", addr_in(&line));
+    let response = http_client()
+        .post(format!("{proxy}/v1/chat/completions"))
+        .bearer_auth(CALLER_SECRET)
+        .header("x-aisix-request-id", "obs-cut")
+        .json(&json!({"model": "gpt", "stream": true, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // The body ends in an abort, after the gateway's error event.
+    let body = response.bytes().await;
+    assert!(body.is_err(), "the broken stream ended cleanly: {body:?}");
+
+    let text = http_client()
+        .get(&metrics)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let families = parse_openmetrics(&text);
+    assert_eq!(
+        sample(
+            &families,
+            "aisix_upstream_failures_total",
+            &[("model", "gpt"), ("kind", "stream_break")]
+        ),
+        Some(1.0)
+    );
+    process.signal("TERM");
+    process.wait_exit(Duration::from_secs(10)).await;
+    let output = process.output();
+    let access = access_line(&output, "obs-cut");
+    assert_eq!(access["status"], 200);
+    assert_eq!(access["error_type"], "stream_error");
+    // Two content deltas streamed before the cut.
+    assert_eq!(access["output_tokens"], 2);
+    assert!(output.contains("upstream stream broke"), "{output}");
+    assert!(!output.contains(PROVIDER_SECRET) && !output.contains(CALLER_SECRET));
+}
