@@ -61,6 +61,34 @@ fn provider_key_defaults_and_normalisation() {
 }
 
 #[test]
+fn built_in_vendors_need_no_api_base() {
+    for (vendor, base, adapter) in validate::BUILT_IN_BASES {
+        let json = format!(r#"{{"display_name":"v","provider":"{vendor}","api_key":"k"}}"#);
+        let Resource::ProviderKey(pk) = parse(Kind::ProviderKeys, &json).unwrap() else {
+            panic!()
+        };
+        assert_eq!(pk.api_base, *base, "{vendor}");
+        assert_eq!(&pk.adapter, adapter, "{vendor}");
+        // The table is in the form an api_base normalises to.
+        let json = format!(
+            r#"{{"display_name":"v","provider":"{vendor}","api_base":"{base}/v1/","api_key":"k"}}"#
+        );
+        let Resource::ProviderKey(pk) = parse(Kind::ProviderKeys, &json).unwrap() else {
+            panic!()
+        };
+        assert_eq!(pk.api_base, *base, "{vendor}");
+    }
+    let Resource::ProviderKey(groq) = parse(
+        Kind::ProviderKeys,
+        r#"{"display_name":"g","provider":"groq","api_key":"gsk"}"#,
+    )
+    .unwrap() else {
+        panic!()
+    };
+    assert_eq!(groq.api_base, "https://api.groq.com/openai");
+}
+
+#[test]
 fn provider_key_collects_every_problem() {
     let got = problems(
         Kind::ProviderKeys,

@@ -18,10 +18,27 @@ use super::types::{
 };
 use crate::secret::Secret;
 
-const BUILT_IN_BASES: &[(&str, &str, Adapter)] = &[
+/// Vendors whose keys need no `api_base`: their public endpoint, without the `/v1`
+/// the routes add, and their protocol family. `vllm` and `ollama` default to their
+/// servers' local ports.
+pub const BUILT_IN_BASES: &[(&str, &str, Adapter)] = &[
     ("openai", "https://api.openai.com", Adapter::OpenAi),
-    ("deepseek", "https://api.deepseek.com", Adapter::OpenAi),
     ("anthropic", "https://api.anthropic.com", Adapter::Anthropic),
+    ("deepseek", "https://api.deepseek.com", Adapter::OpenAi),
+    ("groq", "https://api.groq.com/openai", Adapter::OpenAi),
+    ("mistral", "https://api.mistral.ai", Adapter::OpenAi),
+    ("together", "https://api.together.xyz", Adapter::OpenAi),
+    (
+        "fireworks",
+        "https://api.fireworks.ai/inference",
+        Adapter::OpenAi,
+    ),
+    ("openrouter", "https://openrouter.ai/api", Adapter::OpenAi),
+    ("xai", "https://api.x.ai", Adapter::OpenAi),
+    ("cerebras", "https://api.cerebras.ai", Adapter::OpenAi),
+    ("moonshot", "https://api.moonshot.ai", Adapter::OpenAi),
+    ("vllm", "http://127.0.0.1:8000", Adapter::OpenAi),
+    ("ollama", "http://127.0.0.1:11434", Adapter::OpenAi),
 ];
 
 impl ProviderKey {
