@@ -7,7 +7,7 @@ use serde::{Deserialize, Deserializer};
 /// Holds a secret value. `Debug` and `Display` print `[redacted]`, and it is deliberately
 /// not `Serialize`, so it cannot leak through logs, health output or error messages by
 /// accident. Read it with [`Secret::expose`] at the one place that sends it upstream.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Secret(String);
 
 impl Secret {

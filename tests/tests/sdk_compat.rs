@@ -166,3 +166,38 @@ async fn official_openai_sdk_works_against_the_agent() {
 async fn official_anthropic_sdk_works_against_the_agent() {
     run_sdk_script("anthropic_sdk.py").await;
 }
+
+/// The official OpenAI SDK's `AzureOpenAI` client against cloud-mock's Azure mock: the
+/// mock answers the URLs, versions and credentials the SDK builds, so it cannot simply
+/// agree with our own adapter's mistakes.
+#[tokio::test]
+async fn the_azure_mock_answers_the_official_azure_openai_client() {
+    let python = std::env::var("AISIX_SDK_PYTHON").unwrap_or_else(|_| {
+        panic!("AISIX_SDK_PYTHON is not set: run the suite with `bash scripts/test`, which installs the official OpenAI SDK into target/sdk-venv")
+    });
+    let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk/azure_mock.py");
+    let mut sdk = Process::start(
+        Path::new(&python),
+        &[script.to_str().unwrap()],
+        &[
+            ("AISIX_BASE_URL", &mock.url()),
+            ("AISIX_API_KEY", "unused"),
+            ("AISIX_NARROW_KEY", "unused"),
+        ],
+    );
+    let status = sdk.wait_exit(Duration::from_secs(60)).await;
+    let output = sdk.output();
+    assert!(status.success(), "azure_mock.py failed:\n{output}");
+    assert!(output.contains("checks passed"), "{output}");
+    let requests = mock.requests();
+    let chat = requests
+        .iter()
+        .find(|r| r.path == "/openai/deployments/sdk-deployment/chat/completions")
+        .unwrap_or_else(|| panic!("the SDK called other paths: {requests:?}"));
+    assert_eq!(chat.query.as_deref(), Some("api-version=2024-10-21"));
+    assert_eq!(chat.headers["api-key"], "azure-sdk-key");
+    assert_eq!(mock.entra_tokens_minted(), 1);
+}

@@ -19,6 +19,7 @@
 //! the two API shapes.
 
 mod anthropic;
+pub mod azure;
 mod openai;
 
 use std::collections::{HashMap, VecDeque};
@@ -149,6 +150,7 @@ struct Shared {
     requests: VecDeque<Recorded>,
     /// Prompt prefixes "cached" by Anthropic-shaped requests (hashes).
     cached_prefixes: std::collections::HashSet<u64>,
+    entra: azure::Entra,
 }
 
 impl Shared {
@@ -256,6 +258,16 @@ impl MockProvider {
         lock(&self.shared).recorded()
     }
 
+    /// Entra ID tokens minted so far.
+    pub fn entra_tokens_minted(&self) -> usize {
+        lock(&self.shared).entra.minted
+    }
+
+    /// How long the Entra ID tokens minted from now on live.
+    pub fn set_entra_token_life(&self, seconds: u64) {
+        lock(&self.shared).entra.expires_in = seconds;
+    }
+
     /// Stops accepting and waits for open responses to finish.
     pub async fn shutdown(self) {
         self.stop.cancel();
@@ -287,6 +299,13 @@ fn router(shared: SharedState) -> Router {
         .route("/v1/models", get(openai::models))
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
+        .route(
+            "/openai/deployments/{deployment}/{*route}",
+            post(azure::deployment),
+        )
+        .route("/openai/responses", post(azure::responses))
+        .route("/{tenant}/oauth2/v2.0/token", post(azure::token))
+        .route("/_mock/entra", put(set_entra).get(get_entra))
         .with_state(shared)
 }
 
@@ -308,6 +327,31 @@ async fn set_script(
         None => s.default_script = script,
     }
     StatusCode::NO_CONTENT
+}
+
+/// How long the Entra mock's tokens live, and how many it minted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntraState {
+    pub expires_in: u64,
+    pub minted: usize,
+}
+
+async fn set_entra(
+    State(shared): State<SharedState>,
+    axum::Json(state): axum::Json<EntraState>,
+) -> StatusCode {
+    let mut s = lock(&shared);
+    s.entra.expires_in = state.expires_in;
+    s.entra.minted = state.minted;
+    StatusCode::NO_CONTENT
+}
+
+async fn get_entra(State(shared): State<SharedState>) -> axum::Json<EntraState> {
+    let s = lock(&shared);
+    axum::Json(EntraState {
+        expires_in: s.entra.expires_in,
+        minted: s.entra.minted,
+    })
 }
 
 async fn list_requests(State(shared): State<SharedState>) -> axum::Json<Vec<Recorded>> {
@@ -340,7 +384,15 @@ impl axum::extract::FromRequest<SharedState> for Call {
         let body = axum::body::to_bytes(body, usize::MAX)
             .await
             .unwrap_or_default();
-        Ok(receive(shared, &parts.method, &parts.uri, &parts.headers, &body).await)
+        Ok(receive(
+            shared,
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            &body,
+            None,
+        )
+        .await)
     }
 }
 
@@ -350,13 +402,16 @@ async fn receive(
     uri: &Uri,
     headers: &HeaderMap,
     body: &Bytes,
+    model: Option<String>,
 ) -> Call {
     let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-    let model = request
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or("mock-model")
-        .to_owned();
+    let model = model.unwrap_or_else(|| {
+        request
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or("mock-model")
+            .to_owned()
+    });
     let stream = request
         .get("stream")
         .and_then(Value::as_bool)

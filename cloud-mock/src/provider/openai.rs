@@ -288,7 +288,7 @@ pub async fn models(
     uri: Uri,
     headers: HeaderMap,
 ) -> axum::Json<Value> {
-    receive(&shared, &method, &uri, &headers, &Bytes::new()).await;
+    receive(&shared, &method, &uri, &headers, &Bytes::new(), None).await;
     let mut names: Vec<String> = lock(&shared).by_model.keys().cloned().collect();
     names.push("mock-model".to_owned());
     names.sort();

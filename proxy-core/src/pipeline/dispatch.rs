@@ -153,6 +153,7 @@ pub(super) async fn attempt(
         &TargetModel {
             upstream_model: &direct.model_name,
             prompt_cache: model.prompt_cache,
+            api_version: provider_key.api_version.as_deref(),
         },
     )?;
     let target = Target {
@@ -160,7 +161,7 @@ pub(super) async fn attempt(
         upstream_model: &direct.model_name,
         provider_key,
     };
-    debug!(request_id, model = %model.name, upstream_model = target.upstream_model, path = prepared.outgoing.path, "dispatching");
+    debug!(request_id, model = %model.name, upstream_model = target.upstream_model, path = &*prepared.outgoing.path, "dispatching");
     let sent_at = Instant::now();
     let answer = state
         .upstream

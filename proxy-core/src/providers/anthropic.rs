@@ -75,7 +75,7 @@ impl Provider for Anthropic {
         };
         Ok(Prepared {
             outgoing: Outgoing {
-                path,
+                path: path.into(),
                 payload,
                 stream: request.body.stream,
                 json_answer: request.endpoint.answers_json(),

@@ -17,6 +17,7 @@ use futures_util::{Stream, StreamExt, stream};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use tracing::warn;
 
+use super::azure::EntraTokens;
 use super::provider::{Outgoing, Payload, Provider};
 use crate::failure::{ProxyError, UpstreamErrorFields};
 use crate::formats::sse::{self, StreamBreak};
@@ -55,6 +56,8 @@ pub struct Answer {
 #[derive(Clone)]
 pub struct Upstream {
     client: reqwest::Client,
+    /// Tokens of provider keys with Entra ID client credentials (Azure OpenAI).
+    entra: Arc<EntraTokens>,
 }
 
 impl Upstream {
@@ -69,7 +72,10 @@ impl Upstream {
             // an `api_base` must not be able to point the gateway elsewhere.
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
-        Ok(Self { client })
+        Ok(Self {
+            client,
+            entra: Arc::default(),
+        })
     }
 
     /// Sends `outgoing` to the target's provider with the provider's credential.
@@ -93,7 +99,13 @@ impl Upstream {
                 .body(body),
             Payload::Form(form) => request.multipart(form),
         };
-        let request = provider.authorize(request, target.provider_key);
+        let request = self
+            .authorize(provider, target.provider_key, request)
+            .await
+            .map_err(|detail| ProxyError::ProviderUnreachable {
+                model: target.model.name.to_string(),
+                detail,
+            })?;
         let (stream, json_answer) = (outgoing.stream, outgoing.json_answer);
         let started = tokio::time::Instant::now();
         let response = tokio::time::timeout(timeout, request.send())
@@ -145,6 +157,24 @@ impl Upstream {
         })
     }
 
+    /// Adds the key's credential: the adapter's header, or the bearer token of the
+    /// key's Entra ID client credentials. Why a token could not be had, when not.
+    async fn authorize(
+        &self,
+        provider: &dyn Provider,
+        key: &ProviderKey,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::RequestBuilder, String> {
+        let request = provider.authorize(request, key);
+        match &key.entra {
+            Some(entra) => {
+                let token = self.entra.token(&self.client, entra).await?;
+                Ok(request.bearer_auth(token.expose()))
+            }
+            None => Ok(request),
+        }
+    }
+
     /// Relays a passthrough request as it is: the provider's credential added, its
     /// answer (errors included) returned unread. Bounded by [`DEFAULT_TIMEOUT`] until
     /// the answer's head arrives.
@@ -161,7 +191,13 @@ impl Upstream {
             .headers(relayed.headers)
             .header("x-aisix-request-id", request_id)
             .body(relayed.body);
-        let request = provider.authorize(request, key);
+        let request = self
+            .authorize(provider, key, request)
+            .await
+            .map_err(|detail| ProxyError::UpstreamFailed {
+                detail: format!("passthrough to {}: {detail}", key.provider),
+                retry_after: None,
+            })?;
         tokio::time::timeout(DEFAULT_TIMEOUT, request.send())
             .await
             .map_err(|_| ProxyError::Timeout(DEFAULT_TIMEOUT.as_millis()))?
@@ -234,9 +270,14 @@ async fn rejected(
     }
 }
 
-/// `Retry-After` as seconds: a number of seconds or an HTTP date (rounded up).
+/// `Retry-After` as seconds: a number of seconds or an HTTP date (rounded up); else
+/// Azure's `retry-after-ms` (rounded up).
 pub fn retry_after(headers: &http::HeaderMap) -> Option<u64> {
-    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let Some(value) = headers.get(header::RETRY_AFTER) else {
+        let millis = headers.get("retry-after-ms")?.to_str().ok()?.trim();
+        return millis.parse::<u64>().ok().map(|ms| ms.div_ceil(1000));
+    };
+    let value = value.to_str().ok()?.trim();
     if let Ok(seconds) = value.parse::<u64>() {
         return Some(seconds);
     }

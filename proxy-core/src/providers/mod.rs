@@ -14,14 +14,19 @@
 //! | `/v1/messages/count_tokens` | 501 | native |
 //! | completions, embeddings, responses, rerank, audio, images | native | 501 |
 //!
+//! Azure OpenAI (`azure.rs`) serves what OpenAI does under its deployment URLs, except
+//! rerank and image edits and variations.
+//!
 //! Layout:
 //! - `mod.rs`: the registry: which adapter serves a provider key.
 //! - `provider.rs`: the trait, the request an adapter builds from, what it builds.
 //! - `openai.rs`: OpenAI and every OpenAI-compatible vendor.
 //! - `anthropic.rs`: Anthropic's messages API.
+//! - `azure.rs`: Azure OpenAI, and the Entra ID tokens its keys may use.
 //! - `client.rs`: the pooled upstream client: send, timeouts, stream relay, passthrough.
 
 pub mod anthropic;
+pub mod azure;
 pub mod client;
 pub mod openai;
 mod provider;
@@ -36,6 +41,7 @@ pub fn adapter(adapter: &Adapter) -> Result<&'static dyn Provider, ProxyError> {
     match adapter {
         Adapter::OpenAi => Ok(&openai::OpenAiCompatible),
         Adapter::Anthropic => Ok(&anthropic::Anthropic),
+        Adapter::AzureOpenAi => Ok(&azure::AzureOpenAi),
         Adapter::Other(name) => Err(ProxyError::NotImplemented(format!(
             "provider adapter '{name}' is not available in this build"
         ))),
@@ -47,6 +53,7 @@ pub fn adapter(adapter: &Adapter) -> Result<&'static dyn Provider, ProxyError> {
 pub fn for_passthrough(adapter: &Adapter) -> &'static dyn Provider {
     match adapter {
         Adapter::Anthropic => &anthropic::Anthropic,
+        Adapter::AzureOpenAi => &azure::AzureOpenAi,
         Adapter::OpenAi | Adapter::Other(_) => &openai::OpenAiCompatible,
     }
 }

@@ -68,7 +68,7 @@ impl Provider for OpenAiCompatible {
         };
         Ok(Prepared {
             outgoing: Outgoing {
-                path,
+                path: path.into(),
                 payload,
                 stream: body.stream,
                 json_answer: request.endpoint.answers_json(),

@@ -1,6 +1,8 @@
 //! The provider seam: the trait every adapter implements, the caller's request it
 //! builds from and the upstream request it builds.
 
+use std::borrow::Cow;
+
 use axum::http::HeaderMap;
 use bytes::Bytes;
 
@@ -29,8 +31,8 @@ pub struct Prepared {
 
 /// One request to an upstream.
 pub struct Outgoing {
-    /// The path under the provider key's `api_base`, e.g. `/v1/messages`.
-    pub path: &'static str,
+    /// The path (and query) under the provider key's `api_base`, e.g. `/v1/messages`.
+    pub path: Cow<'static, str>,
     pub payload: Payload,
     /// The answer is relayed as a stream rather than read whole.
     pub stream: bool,
@@ -84,6 +86,8 @@ pub struct TargetModel<'a> {
     pub upstream_model: &'a str,
     /// Automatic prompt-cache breakpoints (Anthropic-family targets).
     pub prompt_cache: Option<PromptCache>,
+    /// The provider key's API version (Azure OpenAI).
+    pub api_version: Option<&'a str>,
 }
 
 impl dyn Provider {

@@ -19,6 +19,8 @@ pub struct ProviderKeySpec {
     pub api_base: Option<String>,
     pub api_key: Option<Secret>,
     pub secret: Option<Secret>,
+    /// Azure OpenAI's `api-version`.
+    pub api_version: Option<String>,
     #[serde(flatten)]
     pub unknown: BTreeMap<String, Value>,
 }

@@ -89,6 +89,56 @@ fn built_in_vendors_need_no_api_base() {
 }
 
 #[test]
+fn azure_keys_take_a_key_or_entra_client_credentials() {
+    let parse_key = |json: &str| match parse(Kind::ProviderKeys, json) {
+        Ok(Resource::ProviderKey(pk)) => pk,
+        other => panic!("{other:?}"),
+    };
+    let plain = parse_key(
+        r#"{"display_name":"a","provider":"azure","api_base":"https://r.openai.azure.com","api_key":"k","api_version":"2025-01-01-preview"}"#,
+    );
+    assert_eq!(plain.adapter, Adapter::AzureOpenAi);
+    assert_eq!(plain.entra, None);
+    assert_eq!(plain.api_version.as_deref(), Some("2025-01-01-preview"));
+    let entra = parse_key(
+        r#"{"display_name":"a","adapter":"azure-openai","api_base":"https://r.openai.azure.com",
+            "api_key":"{\"tenant_id\":\"t\",\"client_id\":\"c\",\"client_secret\":\"planted-s3cret\"}"}"#,
+    );
+    let credential = entra.entra.clone().unwrap();
+    assert_eq!(
+        (credential.tenant_id.as_str(), credential.client_id.as_str()),
+        ("t", "c")
+    );
+    assert_eq!(
+        credential.authority_host,
+        "https://login.microsoftonline.com"
+    );
+    // Problems name the fields, never the secret.
+    let got = problems(
+        Kind::ProviderKeys,
+        r#"{"display_name":"a","provider":"azure","api_version":"2024 10",
+            "api_key":"{\"tenant_id\":\"t\",\"client_secret\":\"planted-s3cret\",\"authority_host\":\"ftp://x\"}"}"#,
+    );
+    let paths: Vec<&str> = got.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "api_base",
+            "api_key.client_id",
+            "api_key.authority_host",
+            "api_version"
+        ]
+    );
+    assert!(!format!("{got:?}").contains("planted-s3cret"));
+    let got = problems(
+        Kind::ProviderKeys,
+        r#"{"display_name":"a","provider":"azure","api_base":"https://r","api_key":"{not json planted-s3cret"}"#,
+    );
+    assert_eq!(got[0].0, "api_key");
+    assert!(!format!("{got:?}").contains("planted-s3cret"));
+}
+
+#[test]
 fn provider_key_collects_every_problem() {
     let got = problems(
         Kind::ProviderKeys,

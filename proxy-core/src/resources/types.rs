@@ -55,6 +55,8 @@ impl fmt::Display for Problems {
 pub enum Adapter {
     OpenAi,
     Anthropic,
+    /// Azure OpenAI: deployments, `api-version`, `api-key` or Entra ID tokens.
+    AzureOpenAi,
     /// A protocol family this build does not implement: requests answer 501.
     Other(String),
 }
@@ -64,6 +66,7 @@ impl Adapter {
         match self {
             Adapter::OpenAi => "openai",
             Adapter::Anthropic => "anthropic",
+            Adapter::AzureOpenAi => "azure-openai",
             Adapter::Other(name) => name,
         }
     }
@@ -78,7 +81,23 @@ pub struct ProviderKey {
     /// Base URL without a trailing slash or `/v1`; routes append `/v1/...`.
     pub api_base: String,
     pub credential: Secret,
+    /// Azure OpenAI: the `api-version` sent (the adapter's default when unset).
+    pub api_version: Option<String>,
+    /// Azure OpenAI: Entra ID client credentials, when the credential is their JSON
+    /// rather than a key.
+    pub entra: Option<EntraCredential>,
     pub unknown_fields: usize,
+}
+
+/// Entra ID client credentials: a token is minted at
+/// `{authority_host}/{tenant_id}/oauth2/v2.0/token` and sent as a bearer token.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EntraCredential {
+    pub tenant_id: String,
+    pub client_id: String,
+    pub client_secret: Secret,
+    /// `https://login.microsoftonline.com` unless the credential names another.
+    pub authority_host: String,
 }
 
 #[derive(Debug)]

@@ -12,9 +12,9 @@ use super::spec::{
     RateLimitSpec, RoutingSpec,
 };
 use super::types::{
-    Adapter, ApiKey, Cooldown, Cost, DirectTarget, Guardrail, GuardrailPattern, HookPoint, KeyHash,
-    Model, ModelPattern, ModelTarget, Problems, PromptCache, ProviderKey, RateLimit, Routing,
-    Strategy, Target, WhenAllUnavailable,
+    Adapter, ApiKey, Cooldown, Cost, DirectTarget, EntraCredential, Guardrail, GuardrailPattern,
+    HookPoint, KeyHash, Model, ModelPattern, ModelTarget, Problems, PromptCache, ProviderKey,
+    RateLimit, Routing, Strategy, Target, WhenAllUnavailable,
 };
 use crate::secret::Secret;
 
@@ -56,11 +56,13 @@ impl ProviderKey {
         let adapter = match spec.adapter.as_deref() {
             Some("openai") => Adapter::OpenAi,
             Some("anthropic") => Adapter::Anthropic,
+            Some("azure" | "azure-openai") => Adapter::AzureOpenAi,
             Some("") => {
                 p.push("adapter", "must not be empty");
                 Adapter::OpenAi
             }
             Some(other) => Adapter::Other(other.to_owned()),
+            None if matches!(provider.as_str(), "azure" | "azure-openai") => Adapter::AzureOpenAi,
             None => built_in.map_or(Adapter::OpenAi, |(_, _, a)| a.clone()),
         };
         if provider.is_empty() && spec.adapter.is_none() {
@@ -100,6 +102,19 @@ impl ProviderKey {
                 Secret::new("")
             }
         };
+        let azure = adapter == Adapter::AzureOpenAi;
+        let entra = azure
+            .then(|| entra_credential(&mut p, &credential))
+            .flatten();
+        let api_version = spec.api_version.filter(|v| {
+            let ok = !v.is_empty()
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+            if !ok {
+                p.push("api_version", "must be an API version such as 2024-10-21");
+            }
+            ok
+        });
         let key = ProviderKey {
             id: id.into(),
             display_name,
@@ -111,6 +126,8 @@ impl ProviderKey {
             adapter,
             api_base,
             credential,
+            api_version,
+            entra,
             unknown_fields: spec.unknown.len(),
         };
         p.into_result(key)
@@ -292,6 +309,59 @@ fn required_name(p: &mut Problems, path: &str, v: Option<String>) -> String {
             String::new()
         }
     }
+}
+
+/// An Azure key's credential as Entra ID client credentials, when it is their JSON
+/// (`{tenant_id, client_id, client_secret, authority_host?}`); `None` for a plain key.
+/// Problems name the field, never the value.
+fn entra_credential(p: &mut Problems, credential: &Secret) -> Option<EntraCredential> {
+    let text = credential.expose().trim_start();
+    if !text.starts_with('{') {
+        return None;
+    }
+    let Ok(serde_json::Value::Object(fields)) = serde_json::from_str::<serde_json::Value>(text)
+    else {
+        p.push(
+            "api_key",
+            "looks like JSON client credentials but is not valid JSON",
+        );
+        return None;
+    };
+    let mut field = |name: &str| match fields.get(name).and_then(serde_json::Value::as_str) {
+        Some(v) if !v.is_empty() && !has_control(v) => Some(v.to_owned()),
+        _ => {
+            p.push(format!("api_key.{name}"), "required (a non-empty string)");
+            None
+        }
+    };
+    let (tenant_id, client_id, client_secret) = (
+        field("tenant_id"),
+        field("client_id"),
+        field("client_secret"),
+    );
+    let authority_host = match fields
+        .get("authority_host")
+        .and_then(serde_json::Value::as_str)
+    {
+        Some(host) => normalize_url(p, "api_key.authority_host", host),
+        None => "https://login.microsoftonline.com".to_owned(),
+    };
+    Some(EntraCredential {
+        tenant_id: tenant_id?,
+        client_id: client_id?,
+        client_secret: Secret::new(client_secret?),
+        authority_host,
+    })
+}
+
+fn normalize_url(p: &mut Problems, path: &str, raw: &str) -> String {
+    let base = raw.trim().trim_end_matches('/');
+    match base.parse::<http::Uri>() {
+        Ok(uri)
+            if matches!(uri.scheme_str(), Some("http" | "https")) && uri.authority().is_some() => {}
+        _ => p.push(path, format!("'{raw}' is not an http(s) URL with a host")),
+    }
+    base.to_owned()
 }
 
 fn normalize_api_base(p: &mut Problems, raw: &str) -> String {

@@ -1,0 +1,258 @@
+//! Azure OpenAI: the OpenAI wire format under deployment URLs,
+//! `{api_base}/openai/deployments/{deployment}/{route}?api-version={v}` (the model's
+//! `model_name` is the deployment), authenticated by an `api-key` header or by an Entra
+//! ID bearer token minted with the key's client credentials ([`EntraTokens`]).
+//! Anthropic callers are translated to chat completions; content-filter refusals come
+//! back as `content_filter` errors.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use axum::http::HeaderMap;
+use bytes::Bytes;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use super::openai::upstream_error_fields;
+use super::provider::{CallerRequest, Outgoing, Payload, Prepared, Provider, TargetModel};
+use crate::failure::{ProxyError, UpstreamErrorFields};
+use crate::formats::chat::{self, AnthropicMessages, Conversion, OpenAiChat};
+use crate::formats::endpoint::Endpoint;
+use crate::resources::{EntraCredential, ProviderKey};
+use crate::secret::Secret;
+
+/// The `api-version` sent unless the provider key names one: the current GA version.
+pub const DEFAULT_API_VERSION: &str = "2024-10-21";
+/// The Responses API is in preview on Azure: its default version.
+pub const RESPONSES_API_VERSION: &str = "2025-04-01-preview";
+/// What Entra tokens are asked for.
+const SCOPE: &str = "https://cognitiveservices.azure.com/.default";
+
+/// Deployment names go into the path: everything but unreserved characters is encoded.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+pub struct AzureOpenAi;
+
+impl Provider for AzureOpenAi {
+    fn name(&self) -> &'static str {
+        "azure-openai"
+    }
+
+    fn supports(&self, endpoint: Endpoint) -> bool {
+        matches!(
+            endpoint,
+            Endpoint::ChatCompletions
+                | Endpoint::Messages
+                | Endpoint::Forward(
+                    "/v1/completions"
+                        | "/v1/embeddings"
+                        | "/v1/responses"
+                        | "/v1/images/generations"
+                        | "/v1/audio/speech"
+                        | "/v1/audio/transcriptions"
+                        | "/v1/audio/translations"
+                )
+        )
+    }
+
+    fn build(
+        &self,
+        request: &CallerRequest<'_>,
+        target: &TargetModel<'_>,
+    ) -> Result<Prepared, ProxyError> {
+        let deployment = target.upstream_model;
+        let body = request.body;
+        let json = |bytes: Vec<u8>| Payload::Json(Bytes::from(bytes));
+        let version = target.api_version;
+        let (route, payload, conversion) = match request.endpoint {
+            Endpoint::ChatCompletions => (
+                "chat/completions",
+                json(body.upstream_body(deployment)),
+                Conversion::None,
+            ),
+            Endpoint::Messages => (
+                "chat/completions",
+                json(chat::translate_request(
+                    request.raw,
+                    &AnthropicMessages,
+                    &OpenAiChat,
+                    deployment,
+                )?),
+                Conversion::Translate {
+                    upstream: &OpenAiChat,
+                    caller: &AnthropicMessages,
+                },
+            ),
+            // Azure's Responses API names the deployment in the body, not the path.
+            Endpoint::Forward("/v1/responses") => {
+                let version = version.unwrap_or(RESPONSES_API_VERSION);
+                let path = format!("/openai/responses?api-version={version}");
+                return Ok(prepared(
+                    path,
+                    json(body.with_model(deployment)),
+                    request,
+                    Conversion::None,
+                ));
+            }
+            Endpoint::Forward(path) => {
+                let route = path.trim_start_matches("/v1/");
+                let payload = match request.form {
+                    Some(form) => Payload::Form(form.with_model(deployment)?),
+                    None if request.endpoint.asks_stream_usage() => {
+                        json(body.upstream_body(deployment))
+                    }
+                    None => json(body.with_model(deployment)),
+                };
+                (route, payload, Conversion::None)
+            }
+            Endpoint::CountTokens => {
+                return Err(ProxyError::NotImplemented(
+                    "count_tokens is not an Azure OpenAI endpoint".into(),
+                ));
+            }
+        };
+        let path = format!(
+            "/openai/deployments/{}/{route}?api-version={}",
+            utf8_percent_encode(deployment, SEGMENT),
+            version.unwrap_or(DEFAULT_API_VERSION)
+        );
+        Ok(prepared(path, payload, request, conversion))
+    }
+
+    /// An `api-key` header; keys with Entra client credentials get their bearer token
+    /// from the upstream client instead (`EntraTokens`).
+    fn authorize(
+        &self,
+        request: reqwest::RequestBuilder,
+        key: &ProviderKey,
+    ) -> reqwest::RequestBuilder {
+        if key.entra.is_some() {
+            return request;
+        }
+        request.header("api-key", key.credential.expose())
+    }
+
+    fn error_fields(&self, status: u16, body: &[u8]) -> UpstreamErrorFields {
+        let mut fields = upstream_error_fields(status, body);
+        // Azure's content filter refuses with a 400 whose code says so.
+        if fields.code.as_deref() == Some("content_filter") {
+            fields.kind = "content_filter".to_owned();
+        }
+        fields
+    }
+}
+
+fn prepared(
+    path: String,
+    payload: Payload,
+    request: &CallerRequest<'_>,
+    conversion: Conversion,
+) -> Prepared {
+    Prepared {
+        outgoing: Outgoing {
+            path: Cow::Owned(path),
+            payload,
+            stream: request.body.stream,
+            json_answer: request.endpoint.answers_json(),
+            headers: HeaderMap::new(),
+        },
+        conversion,
+    }
+}
+
+/// Entra ID access tokens, minted with client credentials and kept until a minute
+/// before they expire (a tenth of their life for short ones). Requests that need a
+/// token for one credential while it is being minted wait for that one mint.
+#[derive(Default)]
+pub struct EntraTokens {
+    slots: Mutex<HashMap<EntraCredential, Arc<tokio::sync::Mutex<Option<Token>>>>>,
+}
+
+struct Token {
+    value: Secret,
+    refresh_at: Instant,
+}
+
+impl EntraTokens {
+    /// The credential's token, or why none could be had (for logs: it never holds the
+    /// secret).
+    pub async fn token(
+        &self,
+        client: &reqwest::Client,
+        credential: &EntraCredential,
+    ) -> Result<Secret, String> {
+        let slot = self
+            .slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(credential.clone())
+            .or_default()
+            .clone();
+        let mut token = slot.lock().await;
+        if let Some(t) = token.as_ref().filter(|t| Instant::now() < t.refresh_at) {
+            return Ok(t.value.clone());
+        }
+        let minted = mint(client, credential).await?;
+        let value = minted.value.clone();
+        *token = Some(minted);
+        Ok(value)
+    }
+}
+
+/// One token from the credential's tenant. Failures never show the secret or what the
+/// token endpoint said about it.
+async fn mint(client: &reqwest::Client, credential: &EntraCredential) -> Result<Token, String> {
+    #[derive(Deserialize)]
+    struct Answer {
+        access_token: Secret,
+        expires_in: u64,
+    }
+    let failed = |detail: String| {
+        format!(
+            "Entra ID token for client {}: {detail}",
+            credential.client_id
+        )
+    };
+    let url = format!(
+        "{}/{}/oauth2/v2.0/token",
+        credential.authority_host, credential.tenant_id
+    );
+    let form = [
+        ("grant_type", "client_credentials"),
+        ("client_id", credential.client_id.as_str()),
+        ("client_secret", credential.client_secret.expose()),
+        ("scope", SCOPE),
+    ];
+    let asked = Instant::now();
+    let response =
+        tokio::time::timeout(Duration::from_secs(10), client.post(url).form(&form).send())
+            .await
+            .map_err(|_| failed("the token endpoint did not answer within 10 s".into()))?
+            .map_err(|e| {
+                failed(format!(
+                    "the token endpoint cannot be reached: {}",
+                    e.without_url()
+                ))
+            })?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(failed(format!("the token endpoint answered {status}")));
+    }
+    let answer: Answer = response
+        .json()
+        .await
+        .map_err(|_| failed("the token endpoint's answer is not a token".into()))?;
+    let life = Duration::from_secs(answer.expires_in);
+    let early = Duration::from_secs(60).min(life / 10);
+    Ok(Token {
+        value: answer.access_token,
+        refresh_at: asked + life - early,
+    })
+}

@@ -1,0 +1,312 @@
+//! Cloud provider adapters against their mocks in cloud-mock: Azure OpenAI (deployment
+//! URLs, `api-version`, `api-key` and Entra ID tokens, content filter, failover).
+
+#![allow(clippy::unwrap_used, clippy::panic, reason = "tests")]
+
+mod common;
+
+use cloud_mock::provider::azure::REFUSED_CLIENT_SECRET;
+use cloud_mock::provider::{MockProvider, Script};
+use common::{CALLER, hash, read_stream, start_proxy};
+use proxy_core::http::{Hooks, ProxyOptions};
+use serde_json::{Value, json};
+
+const AZURE_KEY: &str = "azure-key-0123456789";
+const ENTRA_SECRET: &str = "entra-client-secret-9876";
+
+struct Setup {
+    url: String,
+    mock: MockProvider,
+}
+
+async fn setup() -> Setup {
+    let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let entra = |secret: &str| {
+        json!({"tenant_id": "tenant-1", "client_id": "client-1", "client_secret": secret,
+               "authority_host": mock.url()})
+        .to_string()
+    };
+    let docs = vec![
+        (
+            "provider_keys/az",
+            json!({"display_name": "az", "provider": "azure", "api_base": mock.url(), "api_key": AZURE_KEY}),
+        ),
+        (
+            "provider_keys/az-v",
+            json!({"display_name": "az-v", "provider": "azure-openai", "api_base": mock.url(),
+                   "api_key": AZURE_KEY, "api_version": "2025-01-01-preview"}),
+        ),
+        (
+            "provider_keys/az-entra",
+            json!({"display_name": "az-entra", "provider": "azure", "api_base": mock.url(), "api_key": entra(ENTRA_SECRET)}),
+        ),
+        (
+            "provider_keys/az-refused",
+            json!({"display_name": "az-refused", "provider": "azure", "api_base": mock.url(), "api_key": entra(REFUSED_CLIENT_SECRET)}),
+        ),
+        (
+            "provider_keys/oa",
+            json!({"display_name": "oa", "provider": "openai", "api_base": mock.url(), "api_key": "sk-oa"}),
+        ),
+        (
+            "models/az-gpt",
+            json!({"display_name": "az-gpt", "model_name": "gpt-4o deploy", "provider_key_id": "az"}),
+        ),
+        (
+            "models/az-versioned",
+            json!({"display_name": "az-versioned", "model_name": "dep-v", "provider_key_id": "az-v"}),
+        ),
+        (
+            "models/az-entra",
+            json!({"display_name": "az-entra", "model_name": "dep-entra", "provider_key_id": "az-entra"}),
+        ),
+        (
+            "models/az-refused",
+            json!({"display_name": "az-refused", "model_name": "dep-refused", "provider_key_id": "az-refused"}),
+        ),
+        (
+            "models/az-broken",
+            json!({"display_name": "az-broken", "model_name": "dep-broken", "provider_key_id": "az"}),
+        ),
+        (
+            "models/oa-gpt",
+            json!({"display_name": "oa-gpt", "model_name": "up-gpt", "provider_key_id": "oa"}),
+        ),
+        (
+            "models/az-failover",
+            json!({"display_name": "az-failover", "routing": {"targets": [{"model": "az-broken"}, {"model": "oa-gpt"}]}}),
+        ),
+        (
+            "api_keys/k1",
+            json!({"key_hash": hash(CALLER), "allowed_models": ["*"]}),
+        ),
+    ];
+    mock.set_script_for(
+        "dep-broken",
+        Script {
+            status: 500,
+            ..Script::default()
+        },
+    );
+    let (url, ..) = start_proxy(docs, ProxyOptions::default(), Hooks::default()).await;
+    Setup { url, mock }
+}
+
+impl Setup {
+    async fn post(&self, path: &str, body: Value) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(CALLER)
+            .header("x-api-key", CALLER)
+            .header("anthropic-version", "2023-06-01")
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    fn last(&self) -> cloud_mock::provider::Recorded {
+        self.mock.requests().last().unwrap().clone()
+    }
+}
+
+fn chat(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "Say hello."}]})
+}
+
+#[tokio::test]
+async fn azure_chat_goes_to_the_deployment_with_api_version_and_api_key() {
+    let s = setup().await;
+    let r = s.post("/v1/chat/completions", chat("az-gpt")).await;
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(
+        answer["choices"][0]["message"]["content"],
+        "Hello from the mock provider."
+    );
+    let sent = s.last();
+    // The deployment name is one path segment, encoded.
+    assert_eq!(
+        sent.path,
+        "/openai/deployments/gpt-4o%20deploy/chat/completions"
+    );
+    assert_eq!(sent.query.as_deref(), Some("api-version=2024-10-21"));
+    assert_eq!(sent.headers["api-key"], AZURE_KEY);
+    assert!(!sent.headers.contains_key("authorization"));
+
+    // Streamed, and from an Anthropic caller (translated).
+    let mut streamed = chat("az-gpt");
+    streamed["stream"] = json!(true);
+    let (body, aborted) = read_stream(s.post("/v1/chat/completions", streamed).await).await;
+    assert!(!aborted && body.ends_with("data: [DONE]\n\n"), "{body}");
+    let r = s
+        .post(
+            "/v1/messages",
+            json!({"model": "az-gpt", "max_tokens": 64, "messages": [{"role": "user", "content": "Hi"}]}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let message: Value = r.json().await.unwrap();
+    assert_eq!(
+        message["content"][0]["text"],
+        "Hello from the mock provider."
+    );
+    assert!(s.last().path.ends_with("/chat/completions"));
+
+    // The key's own api-version.
+    s.post("/v1/chat/completions", chat("az-versioned")).await;
+    assert_eq!(
+        s.last().query.as_deref(),
+        Some("api-version=2025-01-01-preview")
+    );
+}
+
+#[tokio::test]
+async fn azure_serves_the_openai_routes_it_has_and_refuses_the_rest() {
+    let s = setup().await;
+    let r = s
+        .post("/v1/embeddings", json!({"model": "az-gpt", "input": "x"}))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        s.last().path,
+        "/openai/deployments/gpt-4o%20deploy/embeddings"
+    );
+    // Responses: the deployment in the body, a preview api-version.
+    let r = s
+        .post("/v1/responses", json!({"model": "az-gpt", "input": "Hi"}))
+        .await;
+    assert_eq!(r.status(), 200);
+    let sent = s.last();
+    assert_eq!(sent.path, "/openai/responses");
+    assert_eq!(
+        sent.query.as_deref(),
+        Some("api-version=2025-04-01-preview")
+    );
+    assert_eq!(sent.json()["model"], "gpt-4o deploy");
+    for (path, body) in [
+        (
+            "/v1/rerank",
+            json!({"model": "az-gpt", "query": "q", "documents": ["a"]}),
+        ),
+        (
+            "/v1/messages/count_tokens",
+            json!({"model": "az-gpt", "messages": [{"role": "user", "content": "Hi"}]}),
+        ),
+    ] {
+        let r = s.post(path, body).await;
+        assert_eq!(r.status(), 501, "{path}");
+        let text = r.text().await.unwrap();
+        assert!(text.contains("azure-openai"), "{path}: {text}");
+    }
+}
+
+#[tokio::test]
+async fn entra_tokens_are_minted_once_shared_and_refreshed_before_expiry() {
+    let s = setup().await;
+    s.mock.set_entra_token_life(2);
+    let calls = (0..20).map(|_| s.post("/v1/chat/completions", chat("az-entra")));
+    for r in futures_util::future::join_all(calls).await {
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(
+        s.mock.entra_tokens_minted(),
+        1,
+        "one mint for 20 concurrent calls"
+    );
+    let sent = s.last();
+    assert_eq!(sent.headers["authorization"], "Bearer mock-entra-token-1");
+    assert!(!sent.headers.contains_key("api-key"));
+    // Past the token's life (less the margin), a new one is minted.
+    tokio::time::sleep(std::time::Duration::from_millis(2_000)).await;
+    assert_eq!(
+        s.post("/v1/chat/completions", chat("az-entra"))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(s.mock.entra_tokens_minted(), 2);
+    assert_eq!(
+        s.last().headers["authorization"],
+        "Bearer mock-entra-token-2"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_entra_credential_is_a_503_that_shows_no_secret() {
+    let s = setup().await;
+    let r = s.post("/v1/chat/completions", chat("az-refused")).await;
+    assert_eq!(r.status(), 503);
+    let text = r.text().await.unwrap();
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["error"]["type"], "provider_unavailable");
+    assert!(!text.contains(REFUSED_CLIENT_SECRET), "{text}");
+    // The deployment was never called without a token.
+    assert!(
+        s.mock
+            .requests()
+            .iter()
+            .all(|r| !r.path.contains("dep-refused"))
+    );
+}
+
+#[tokio::test]
+async fn azure_content_filter_refusals_are_content_filter_errors() {
+    let s = setup().await;
+    s.mock.set_script_for(
+        "gpt-4o deploy",
+        Script {
+            status: 400,
+            error_body: Some(
+                json!({"error": {"message": "The response was filtered due to the prompt triggering Azure OpenAI's content management policy.",
+                    "type": null, "param": "prompt", "code": "content_filter", "status": 400}})
+                .to_string(),
+            ),
+            ..Script::default()
+        },
+    );
+    let r = s.post("/v1/chat/completions", chat("az-gpt")).await;
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "content_filter");
+    assert_eq!(body["error"]["code"], "content_filter");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("content management policy")
+    );
+}
+
+#[tokio::test]
+async fn a_routing_model_fails_over_from_azure_to_another_provider() {
+    let s = setup().await;
+    let r = s.post("/v1/chat/completions", chat("az-failover")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-aisix-served-by"], "oa-gpt");
+    let paths: Vec<String> = s.mock.requests().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/openai/deployments/dep-broken/chat/completions",
+            "/v1/chat/completions"
+        ]
+    );
+}
+
+#[test]
+fn azure_retry_after_ms_is_read_as_seconds() {
+    let mut headers = http::HeaderMap::new();
+    headers.insert("retry-after-ms", http::HeaderValue::from_static("1500"));
+    assert_eq!(
+        proxy_core::providers::client::retry_after(&headers),
+        Some(2)
+    );
+    headers.insert("retry-after", http::HeaderValue::from_static("7"));
+    assert_eq!(
+        proxy_core::providers::client::retry_after(&headers),
+        Some(7)
+    );
+}
