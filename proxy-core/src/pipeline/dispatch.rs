@@ -13,7 +13,7 @@ use super::admit::Admitted;
 use super::resume::Resume;
 use super::routing::Next;
 use super::state::{Call, Inner, ProxyState};
-use crate::failure::ProxyError;
+use crate::failure::{Class, ProxyError};
 use crate::formats::chat::Conversion;
 use crate::providers::client::{Answer, Target};
 use crate::providers::{self, CallerRequest, TargetModel};
@@ -77,14 +77,7 @@ pub(super) async fn dispatch<'s>(
                 }
                 Err(error) => error,
             };
-            let class = error.class();
-            state
-                .hooks
-                .metrics
-                .record_upstream_failure(&candidate.name, class.metric_kind);
-            if class.counts_against_health {
-                state.health.failure(&candidate.name);
-            }
+            let class = failed(state, candidate, &error);
             match plan.next(&class, attempt_number) {
                 Next::Retry(wait) => {
                     warn!(request_id, model = %candidate.name, attempt = attempt_number, retry_in_ms = wait.as_millis() as u64, error = %error, detail = ?error, "upstream attempt failed; retrying");
@@ -125,6 +118,20 @@ pub(super) async fn dispatch<'s>(
             tried: None,
         },
     })
+}
+
+/// A failed attempt in the metrics and, when its class says so, the target's health;
+/// its class.
+pub(super) fn failed(state: &Inner, model: &Model, error: &ProxyError) -> Class {
+    let class = error.class();
+    state
+        .hooks
+        .metrics
+        .record_upstream_failure(&model.name, class.metric_kind);
+    if class.counts_against_health {
+        state.health.failure(&model.name);
+    }
+    class
 }
 
 /// Sends the call to one direct model: the request as its adapter wants it.

@@ -88,14 +88,7 @@ impl Resume {
                         return Some((answer.body, continuation));
                     }
                     Err(error) => {
-                        let class = error.class();
-                        inner
-                            .hooks
-                            .metrics
-                            .record_upstream_failure(&candidate.name, class.metric_kind);
-                        if class.counts_against_health {
-                            inner.health.failure(&candidate.name);
-                        }
+                        dispatch::failed(inner, candidate, &error);
                         warn!(request_id = %request_id, model = %candidate.name, error = %error, detail = ?error, "resuming the stream failed; trying the next target");
                     }
                 }

@@ -101,17 +101,11 @@ impl Provider for AzureOpenAi {
                     Conversion::None,
                 ));
             }
-            Endpoint::Forward(path) => {
-                let route = path.trim_start_matches("/v1/");
-                let payload = match request.form {
-                    Some(form) => Payload::Form(form.with_model(deployment)?),
-                    None if request.endpoint.asks_stream_usage() => {
-                        json(body.upstream_body(deployment))
-                    }
-                    None => json(body.with_model(deployment)),
-                };
-                (route, payload, Conversion::None)
-            }
+            Endpoint::Forward(path) => (
+                path.trim_start_matches("/v1/"),
+                request.forwarded(deployment)?,
+                Conversion::None,
+            ),
             Endpoint::CountTokens => {
                 return Err(ProxyError::NotImplemented(
                     "count_tokens is not an Azure OpenAI endpoint".into(),

@@ -50,16 +50,7 @@ impl Provider for OpenAiCompatible {
                     caller: &AnthropicMessages,
                 },
             ),
-            Endpoint::Forward(path) => {
-                let payload = match request.form {
-                    Some(form) => Payload::Form(form.with_model(upstream_model)?),
-                    None if request.endpoint.asks_stream_usage() => {
-                        json(body.upstream_body(upstream_model))
-                    }
-                    None => json(body.with_model(upstream_model)),
-                };
-                (path, payload, Conversion::None)
-            }
+            Endpoint::Forward(path) => (path, request.forwarded(upstream_model)?, Conversion::None),
             Endpoint::CountTokens => {
                 return Err(ProxyError::NotImplemented(
                     "count_tokens is not an OpenAI endpoint".into(),

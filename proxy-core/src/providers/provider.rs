@@ -50,6 +50,21 @@ pub enum Payload {
     Form(reqwest::multipart::Form),
 }
 
+impl CallerRequest<'_> {
+    /// The body of a route forwarded as it is (an OpenAI-style route), for `model`: a
+    /// form with its `model` field replaced, or the JSON body with `model` rewritten
+    /// (and the usage chunk asked for on streamed routes that have one).
+    pub fn forwarded(&self, model: &str) -> Result<Payload, ProxyError> {
+        Ok(match self.form {
+            Some(form) => Payload::Form(form.with_model(model)?),
+            None if self.endpoint.asks_stream_usage() => {
+                Payload::Json(Bytes::from(self.body.upstream_body(model)))
+            }
+            None => Payload::Json(Bytes::from(self.body.with_model(model))),
+        })
+    }
+}
+
 /// One upstream protocol family.
 pub trait Provider: Send + Sync {
     /// The adapter's name, as in a provider key's `adapter`.
