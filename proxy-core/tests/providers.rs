@@ -1,5 +1,6 @@
 //! Cloud provider adapters against their mocks in cloud-mock: Azure OpenAI (deployment
-//! URLs, `api-version`, `api-key` and Entra ID tokens, content filter, failover).
+//! URLs, `api-version`, `api-key` and Entra ID tokens, content filter, failover) and
+//! Gemini (generateContent both ways, streams, tools, safety stops, cached tokens).
 
 #![allow(clippy::unwrap_used, clippy::panic, reason = "tests")]
 
@@ -79,17 +80,35 @@ async fn setup() -> Setup {
             json!({"display_name": "az-failover", "routing": {"targets": [{"model": "az-broken"}, {"model": "oa-gpt"}]}}),
         ),
         (
+            "provider_keys/gm",
+            json!({"display_name": "gm", "provider": "gemini", "api_base": format!("{}/v1beta", mock.url()), "api_key": "gm-key"}),
+        ),
+        (
+            "models/gm-flash",
+            json!({"display_name": "gm-flash", "model_name": "gemini-2.0-flash", "provider_key_id": "gm"}),
+        ),
+        (
+            "models/gm-broken",
+            json!({"display_name": "gm-broken", "model_name": "gemini-broken", "provider_key_id": "gm"}),
+        ),
+        (
+            "models/gm-failover",
+            json!({"display_name": "gm-failover", "routing": {"targets": [{"model": "gm-broken"}, {"model": "oa-gpt"}]}}),
+        ),
+        (
             "api_keys/k1",
             json!({"key_hash": hash(CALLER), "allowed_models": ["*"]}),
         ),
     ];
-    mock.set_script_for(
-        "dep-broken",
-        Script {
-            status: 500,
-            ..Script::default()
-        },
-    );
+    for broken in ["dep-broken", "gemini-broken"] {
+        mock.set_script_for(
+            broken,
+            Script {
+                status: 503,
+                ..Script::default()
+            },
+        );
+    }
     let (url, ..) = start_proxy(docs, ProxyOptions::default(), Hooks::default()).await;
     Setup { url, mock }
 }
@@ -309,4 +328,217 @@ fn azure_retry_after_ms_is_read_as_seconds() {
         proxy_core::providers::client::retry_after(&headers),
         Some(7)
     );
+}
+
+fn messages(model: &str, stream: bool) -> Value {
+    json!({"model": model, "max_tokens": 64, "stream": stream, "system": "Be brief.",
+           "messages": [{"role": "user", "content": "Say hello."}]})
+}
+
+#[tokio::test]
+async fn gemini_answers_chat_and_messages_whole_and_streamed() {
+    let s = setup().await;
+    let mut body = chat("gm-flash");
+    body["messages"] = json!([{"role": "system", "content": "Be brief."},
+                              {"role": "user", "content": "Say hello."}]);
+    body["max_tokens"] = json!(64);
+    let r = s.post("/v1/chat/completions", body.clone()).await;
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(
+        answer["choices"][0]["message"]["content"],
+        "Hello from the mock provider."
+    );
+    assert_eq!(answer["choices"][0]["finish_reason"], "stop");
+    assert_eq!(answer["usage"]["prompt_tokens"], 10);
+    assert_eq!(answer["usage"]["completion_tokens"], 3);
+    let sent = s.last();
+    assert_eq!(sent.path, "/v1beta/models/gemini-2.0-flash:generateContent");
+    assert_eq!(sent.headers["x-goog-api-key"], "gm-key");
+    let request = sent.json();
+    assert_eq!(
+        request["contents"],
+        json!([{"role": "user", "parts": [{"text": "Say hello."}]}])
+    );
+    assert_eq!(
+        request["systemInstruction"],
+        json!({"parts": [{"text": "Be brief."}]})
+    );
+    assert_eq!(request["generationConfig"]["maxOutputTokens"], 64);
+
+    // Streamed (Google's CRLF events) to both caller formats.
+    body["stream"] = json!(true);
+    let (text, aborted) = read_stream(s.post("/v1/chat/completions", body).await).await;
+    assert!(!aborted, "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    let streamed: String = proxy_core::formats::sse::events(text.as_bytes())
+        .filter_map(|e| serde_json::from_slice::<Value>(&e.data).ok())
+        .filter_map(|c| {
+            c.pointer("/choices/0/delta/content")?
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(streamed, "Hello from the mock provider.");
+    let sent = s.last();
+    assert_eq!(
+        sent.path,
+        "/v1beta/models/gemini-2.0-flash:streamGenerateContent"
+    );
+    assert_eq!(sent.query.as_deref(), Some("alt=sse"));
+
+    let r = s.post("/v1/messages", messages("gm-flash", false)).await;
+    let message: Value = r.json().await.unwrap();
+    assert_eq!(
+        message["content"][0]["text"],
+        "Hello from the mock provider."
+    );
+    assert_eq!(message["stop_reason"], "end_turn");
+    let (text, aborted) =
+        read_stream(s.post("/v1/messages", messages("gm-flash", true)).await).await;
+    assert!(!aborted && text.contains("event: message_stop"), "{text}");
+}
+
+#[tokio::test]
+async fn gemini_tools_go_both_ways() {
+    let s = setup().await;
+    s.mock.set_script_for(
+        "gemini-2.0-flash",
+        Script {
+            tool_call: Some(cloud_mock::provider::ToolCall {
+                id: "unused".into(),
+                name: "get_weather".into(),
+                arguments: r#"{"city":"Paris"}"#.into(),
+            }),
+            ..Script::default()
+        },
+    );
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather",
+        "parameters": {"type": "object", "additionalProperties": false,
+                       "properties": {"city": {"type": "string"}, "strict": {"type": "boolean"}}}}}]);
+    let mut body = chat("gm-flash");
+    body["tools"] = tools.clone();
+    let answer: Value = s
+        .post("/v1/chat/completions", body.clone())
+        .await
+        .json()
+        .await
+        .unwrap();
+    let choice = &answer["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "get_weather");
+    assert_eq!(
+        serde_json::from_str::<Value>(call["function"]["arguments"].as_str().unwrap()).unwrap(),
+        json!({"city": "Paris"})
+    );
+    let declaration = &s.last().json()["tools"][0]["functionDeclarations"][0];
+    assert_eq!(declaration["name"], "get_weather");
+    // Keywords Gemini refuses are gone; a property that happens to share a name stays.
+    assert!(
+        declaration["parameters"]
+            .get("additionalProperties")
+            .is_none()
+    );
+    assert_eq!(
+        declaration["parameters"]["properties"]["strict"]["type"],
+        "boolean"
+    );
+
+    // The tool-result turn: the call and its result, under the call's name.
+    let id = call["id"].as_str().unwrap();
+    body["messages"] = json!([
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": id, "content": "{\"temp_c\": 21}"}]);
+    s.mock.set_script_for("gemini-2.0-flash", Script::default());
+    let r = s.post("/v1/chat/completions", body).await;
+    assert_eq!(r.status(), 200);
+    let contents = &s.last().json()["contents"];
+    assert_eq!(
+        contents[1],
+        json!({"role": "model", "parts": [{"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}]})
+    );
+    assert_eq!(
+        contents[2],
+        json!({"role": "user", "parts": [{"functionResponse": {"name": "get_weather", "response": {"temp_c": 21}}}]})
+    );
+    // Streamed tool calls, and an Anthropic caller.
+    s.mock.set_script_for(
+        "gemini-2.0-flash",
+        Script {
+            tool_call: Some(cloud_mock::provider::ToolCall {
+                id: "unused".into(),
+                name: "get_weather".into(),
+                arguments: r#"{"city":"Paris"}"#.into(),
+            }),
+            ..Script::default()
+        },
+    );
+    let mut anthropic = messages("gm-flash", true);
+    anthropic["tools"] = json!([{"name": "get_weather", "input_schema": {"type": "object"}}]);
+    let (text, aborted) = read_stream(s.post("/v1/messages", anthropic).await).await;
+    assert!(!aborted, "{text}");
+    assert!(
+        text.contains("\"tool_use\"") && text.contains("\"stop_reason\":\"tool_use\""),
+        "{text}"
+    );
+    assert!(text.contains("Paris"), "{text}");
+}
+
+#[tokio::test]
+async fn gemini_safety_stops_cached_tokens_and_throttling_read_as_the_gateways() {
+    let s = setup().await;
+    s.mock.set_script_for(
+        "gemini-2.0-flash",
+        Script {
+            finish_reason: Some("SAFETY".into()),
+            usage: Some(cloud_mock::provider::Usage {
+                prompt_tokens: 2006,
+                completion_tokens: 300,
+                cache_read_tokens: 1920,
+                cache_write_tokens: 0,
+            }),
+            ..Script::default()
+        },
+    );
+    let answer: Value = s
+        .post("/v1/chat/completions", chat("gm-flash"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["choices"][0]["finish_reason"], "content_filter");
+    assert_eq!(answer["usage"]["prompt_tokens"], 2006);
+    assert_eq!(
+        answer["usage"]["prompt_tokens_details"]["cached_tokens"],
+        1920
+    );
+    let message: Value = s
+        .post("/v1/messages", messages("gm-flash", false))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(message["stop_reason"], "refusal");
+    assert_eq!(message["usage"]["cache_read_input_tokens"], 1920);
+    assert_eq!(message["usage"]["input_tokens"], 2006 - 1920);
+
+    s.mock.set_script_for(
+        "gemini-2.0-flash",
+        Script {
+            status: 429,
+            retry_after: Some("3".into()),
+            ..Script::default()
+        },
+    );
+    let r = s.post("/v1/chat/completions", chat("gm-flash")).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "3");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+
+    let r = s.post("/v1/chat/completions", chat("gm-failover")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-aisix-served-by"], "oa-gpt");
 }

@@ -20,6 +20,7 @@
 
 mod anthropic;
 pub mod azure;
+mod gemini;
 mod openai;
 
 use std::collections::{HashMap, VecDeque};
@@ -73,6 +74,9 @@ pub struct Script {
     pub content: String,
     /// Answer with this tool call instead of text (streams split its arguments).
     pub tool_call: Option<ToolCall>,
+    /// The finish reason the answer reports, where the API takes one from the script
+    /// (Gemini: `STOP` by default, `SAFETY`, `MAX_TOKENS`...).
+    pub finish_reason: Option<String>,
 }
 
 /// A function call the mock makes in its answer.
@@ -106,6 +110,7 @@ impl Default for Script {
             error_after_chunks: None,
             content: "Hello from the mock provider.".to_owned(),
             tool_call: None,
+            finish_reason: None,
         }
     }
 }
@@ -304,6 +309,7 @@ fn router(shared: SharedState) -> Router {
             post(azure::deployment),
         )
         .route("/openai/responses", post(azure::responses))
+        .route("/v1beta/models/{action}", post(gemini::generate))
         .route("/{tenant}/oauth2/v2.0/token", post(azure::token))
         .route("/_mock/entra", put(set_entra).get(get_entra))
         .with_state(shared)

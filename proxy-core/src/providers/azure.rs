@@ -32,7 +32,7 @@ pub const RESPONSES_API_VERSION: &str = "2025-04-01-preview";
 const SCOPE: &str = "https://cognitiveservices.azure.com/.default";
 
 /// Deployment names go into the path: everything but unreserved characters is encoded.
-const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+pub(super) const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')
     .remove(b'.')
     .remove(b'_')

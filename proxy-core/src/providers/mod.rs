@@ -15,7 +15,8 @@
 //! | completions, embeddings, responses, rerank, audio, images | native | 501 |
 //!
 //! Azure OpenAI (`azure.rs`) serves what OpenAI does under its deployment URLs, except
-//! rerank and image edits and variations.
+//! rerank and image edits and variations. Gemini (`gemini.rs`) serves chat completions
+//! and messages, translated to `generateContent`.
 //!
 //! Layout:
 //! - `mod.rs`: the registry: which adapter serves a provider key.
@@ -23,11 +24,13 @@
 //! - `openai.rs`: OpenAI and every OpenAI-compatible vendor.
 //! - `anthropic.rs`: Anthropic's messages API.
 //! - `azure.rs`: Azure OpenAI, and the Entra ID tokens its keys may use.
+//! - `gemini.rs`: Google's Gemini API (chat completions and messages, translated).
 //! - `client.rs`: the pooled upstream client: send, timeouts, stream relay, passthrough.
 
 pub mod anthropic;
 pub mod azure;
 pub mod client;
+pub mod gemini;
 pub mod openai;
 mod provider;
 
@@ -42,6 +45,7 @@ pub fn adapter(adapter: &Adapter) -> Result<&'static dyn Provider, ProxyError> {
         Adapter::OpenAi => Ok(&openai::OpenAiCompatible),
         Adapter::Anthropic => Ok(&anthropic::Anthropic),
         Adapter::AzureOpenAi => Ok(&azure::AzureOpenAi),
+        Adapter::Gemini => Ok(&gemini::Gemini),
         Adapter::Other(name) => Err(ProxyError::NotImplemented(format!(
             "provider adapter '{name}' is not available in this build"
         ))),
@@ -54,6 +58,7 @@ pub fn for_passthrough(adapter: &Adapter) -> &'static dyn Provider {
     match adapter {
         Adapter::Anthropic => &anthropic::Anthropic,
         Adapter::AzureOpenAi => &azure::AzureOpenAi,
+        Adapter::Gemini => &gemini::Gemini,
         Adapter::OpenAi | Adapter::Other(_) => &openai::OpenAiCompatible,
     }
 }

@@ -57,6 +57,8 @@ pub enum Adapter {
     Anthropic,
     /// Azure OpenAI: deployments, `api-version`, `api-key` or Entra ID tokens.
     AzureOpenAi,
+    /// Google's Gemini API (`generateContent`, `x-goog-api-key`).
+    Gemini,
     /// A protocol family this build does not implement: requests answer 501.
     Other(String),
 }
@@ -67,6 +69,7 @@ impl Adapter {
             Adapter::OpenAi => "openai",
             Adapter::Anthropic => "anthropic",
             Adapter::AzureOpenAi => "azure-openai",
+            Adapter::Gemini => "gemini",
             Adapter::Other(name) => name,
         }
     }

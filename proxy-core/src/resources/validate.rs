@@ -24,6 +24,11 @@ use crate::secret::Secret;
 pub const BUILT_IN_BASES: &[(&str, &str, Adapter)] = &[
     ("openai", "https://api.openai.com", Adapter::OpenAi),
     ("anthropic", "https://api.anthropic.com", Adapter::Anthropic),
+    (
+        "gemini",
+        "https://generativelanguage.googleapis.com",
+        Adapter::Gemini,
+    ),
     ("deepseek", "https://api.deepseek.com", Adapter::OpenAi),
     ("groq", "https://api.groq.com/openai", Adapter::OpenAi),
     ("mistral", "https://api.mistral.ai", Adapter::OpenAi),
@@ -57,6 +62,7 @@ impl ProviderKey {
             Some("openai") => Adapter::OpenAi,
             Some("anthropic") => Adapter::Anthropic,
             Some("azure" | "azure-openai") => Adapter::AzureOpenAi,
+            Some("gemini") => Adapter::Gemini,
             Some("") => {
                 p.push("adapter", "must not be empty");
                 Adapter::OpenAi
@@ -366,7 +372,10 @@ fn normalize_url(p: &mut Problems, path: &str, raw: &str) -> String {
 
 fn normalize_api_base(p: &mut Problems, raw: &str) -> String {
     let trimmed = raw.trim().trim_end_matches('/');
-    let base = trimmed.strip_suffix("/v1").unwrap_or(trimmed);
+    let base = trimmed
+        .strip_suffix("/v1")
+        .or_else(|| trimmed.strip_suffix("/v1beta"))
+        .unwrap_or(trimmed);
     match base.parse::<http::Uri>() {
         Ok(uri)
             if matches!(uri.scheme_str(), Some("http" | "https"))

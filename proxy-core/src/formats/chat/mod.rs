@@ -21,6 +21,7 @@
 //! - `codec.rs`: what a caller format and an upstream format each implement.
 //! - `openai.rs`, `openai_stream.rs`: OpenAI chat completions.
 //! - `anthropic.rs`, `anthropic_stream.rs`: Anthropic messages.
+//! - `gemini.rs`: Google's generateContent (Gemini API, Vertex AI), upstream only.
 //! - `wire.rs`: what the codecs share (refusals, loose JSON, event writing).
 
 pub mod canonical;
@@ -28,6 +29,7 @@ pub mod canonical;
 mod anthropic;
 mod anthropic_stream;
 mod codec;
+mod gemini;
 mod openai;
 mod openai_stream;
 mod wire;
@@ -38,6 +40,7 @@ pub use anthropic::{AnthropicMessages, DEFAULT_MAX_TOKENS, add_cache_breakpoints
 pub use codec::{
     CallerCodec, CallerStream, StreamDecoder, StreamEncoder, UpstreamCodec, UpstreamStream,
 };
+pub use gemini::GeminiContent;
 pub use openai::OpenAiChat;
 
 use crate::failure::ProxyError;

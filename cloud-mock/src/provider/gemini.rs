@@ -1,0 +1,150 @@
+//! Google's Gemini API shape: `POST /v1beta/models/{model}:generateContent` and
+//! `:streamGenerateContent?alt=sse` (server-sent events with CRLF line endings, as
+//! Google sends them), `x-goog-api-key` required, Google's error envelope
+//! (`{"error": {code, message, status}}`), function calls as `functionCall` parts.
+
+use axum::extract::{Path, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::{SharedState, Usage, event_stream, receive};
+
+/// Google's status name for an HTTP status.
+fn google_status(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "INVALID_ARGUMENT",
+        401 => "UNAUTHENTICATED",
+        403 => "PERMISSION_DENIED",
+        404 => "NOT_FOUND",
+        429 => "RESOURCE_EXHAUSTED",
+        503 => "UNAVAILABLE",
+        504 => "DEADLINE_EXCEEDED",
+        _ => "INTERNAL",
+    }
+}
+
+fn error_body(status: StatusCode) -> Value {
+    json!({"error": {"code": status.as_u16(), "message": format!("mock error {}", status.as_u16()),
+                     "status": google_status(status)}})
+}
+
+fn usage_metadata(u: Usage) -> Value {
+    let mut usage = json!({"promptTokenCount": u.prompt_tokens, "candidatesTokenCount": u.completion_tokens,
+                           "totalTokenCount": u.prompt_tokens + u.completion_tokens});
+    if u.cache_read_tokens > 0 {
+        usage["cachedContentTokenCount"] = u.cache_read_tokens.into();
+    }
+    usage
+}
+
+/// `POST /v1beta/models/{model}:{method}`.
+pub(super) async fn generate(
+    State(shared): State<SharedState>,
+    Path(action): Path<String>,
+    request: Request,
+) -> Response {
+    let Some((model, method)) = action.rsplit_once(':') else {
+        return (
+            StatusCode::NOT_FOUND,
+            axum::Json(error_body(StatusCode::NOT_FOUND)),
+        )
+            .into_response();
+    };
+    let (parts, body) = request.into_parts();
+    let key = parts
+        .headers
+        .get("x-goog-api-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if key.is_empty() {
+        let body = json!({"error": {"code": 403, "status": "PERMISSION_DENIED",
+            "message": "Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API."}});
+        return (StatusCode::FORBIDDEN, axum::Json(body)).into_response();
+    }
+    let stream = match method {
+        "generateContent" => false,
+        "streamGenerateContent" => true,
+        _ => {
+            return (
+                StatusCode::NOT_FOUND,
+                axum::Json(error_body(StatusCode::NOT_FOUND)),
+            )
+                .into_response();
+        }
+    };
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    let call = receive(
+        &shared,
+        &parts.method,
+        &parts.uri,
+        &parts.headers,
+        &body,
+        Some(model.to_owned()),
+    )
+    .await;
+    if let Some(error) = call.error(error_body) {
+        return error;
+    }
+    let usage = call.script.usage.map(usage_metadata);
+    let finish = call
+        .script
+        .finish_reason
+        .clone()
+        .unwrap_or_else(|| "STOP".to_owned());
+    let candidate = |parts: Value, finish: Option<&str>| {
+        let mut c = json!({"content": {"role": "model", "parts": parts}, "index": 0});
+        if let Some(finish) = finish {
+            c["finishReason"] = finish.into();
+        }
+        c
+    };
+    let answer = |candidate: Value, usage: Option<&Value>| {
+        let mut a = json!({"candidates": [candidate], "modelVersion": model, "responseId": "mock-response"});
+        if let Some(usage) = usage {
+            a["usageMetadata"] = usage.clone();
+        }
+        a
+    };
+    let call_part = call.script.tool_call.as_ref().map(|t| {
+        let args: Value = serde_json::from_str(&t.arguments).unwrap_or_else(|_| json!({}));
+        json!({"functionCall": {"name": t.name, "args": args}})
+    });
+    if !stream {
+        let parts = match &call_part {
+            Some(part) => json!([part]),
+            None => json!([{"text": call.content()}]),
+        };
+        return axum::Json(answer(candidate(parts, Some(&finish)), usage.as_ref())).into_response();
+    }
+    // Text in pieces, the last with the finish reason and the usage; a function call
+    // comes whole in one chunk.
+    let pieces = match &call_part {
+        Some(part) => vec![json!([part])],
+        None => call
+            .pieces()
+            .into_iter()
+            .map(|p| json!([{"text": p}]))
+            .collect(),
+    };
+    let last = pieces.len().saturating_sub(1);
+    let events: Vec<String> = pieces
+        .into_iter()
+        .enumerate()
+        .map(|(i, parts)| {
+            let chunk = if i == last {
+                answer(candidate(parts, Some(&finish)), usage.as_ref())
+            } else {
+                answer(candidate(parts, None), None)
+            };
+            format!("data: {chunk}\r\n\r\n")
+        })
+        .collect();
+    let error = format!(
+        "data: {}\r\n\r\n",
+        error_body(StatusCode::SERVICE_UNAVAILABLE)
+    );
+    event_stream(events, &call.script, &error)
+}
