@@ -167,21 +167,65 @@ async fn official_anthropic_sdk_works_against_the_agent() {
     run_sdk_script("anthropic_sdk.py").await;
 }
 
-/// The official OpenAI SDK's `AzureOpenAI` client against cloud-mock's Azure mock: the
-/// mock answers the URLs, versions and credentials the SDK builds, so it cannot simply
-/// agree with our own adapter's mistakes.
+/// Google's Gen AI SDK against cloud-mock's Gemini mock: paths, the key header, answers,
+/// the event stream, function calls, safety stops and throttling as Google's own
+/// library reads them.
 #[tokio::test]
-async fn the_azure_mock_answers_the_official_azure_openai_client() {
-    let python = std::env::var("AISIX_SDK_PYTHON").unwrap_or_else(|_| {
-        panic!("AISIX_SDK_PYTHON is not set: run the suite with `bash scripts/test`, which installs the official OpenAI SDK into target/sdk-venv")
-    });
+async fn the_gemini_mock_answers_googles_own_sdk() {
     let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
         .await
         .unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk/azure_mock.py");
+    mock.set_script_for(
+        "gemini-sdk-tools",
+        Script {
+            tool_call: Some(ToolCall {
+                id: "unused".into(),
+                name: "get_weather".into(),
+                arguments: r#"{"city":"Paris"}"#.into(),
+            }),
+            ..Script::default()
+        },
+    );
+    mock.set_script_for(
+        "gemini-sdk-safety",
+        Script {
+            finish_reason: Some("SAFETY".into()),
+            ..Script::default()
+        },
+    );
+    mock.set_script_for(
+        "gemini-sdk-busy",
+        Script {
+            status: 429,
+            ..Script::default()
+        },
+    );
+    run_against_mock("gemini_mock.py", &mock).await;
+    let requests = mock.requests();
+    let first = &requests[0];
+    assert_eq!(first.path, "/v1beta/models/gemini-sdk:generateContent");
+    assert_eq!(first.headers["x-goog-api-key"], "gemini-sdk-key");
+    assert!(
+        requests.iter().any(
+            |r| r.path == "/v1beta/models/gemini-sdk:streamGenerateContent"
+                && r.query.as_deref() == Some("alt=sse")
+        ),
+        "{requests:?}"
+    );
+}
+
+/// Runs `script` (in `tests/sdk/`) against `mock` alone; it must exit 0 and say its
+/// checks passed.
+async fn run_against_mock(script: &str, mock: &MockProvider) {
+    let python = std::env::var("AISIX_SDK_PYTHON").unwrap_or_else(|_| {
+        panic!("AISIX_SDK_PYTHON is not set: run the suite with `bash scripts/test`, which installs the providers' SDKs into target/sdk-venv")
+    });
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("sdk")
+        .join(script);
     let mut sdk = Process::start(
         Path::new(&python),
-        &[script.to_str().unwrap()],
+        &[path.to_str().unwrap()],
         &[
             ("AISIX_BASE_URL", &mock.url()),
             ("AISIX_API_KEY", "unused"),
@@ -190,8 +234,19 @@ async fn the_azure_mock_answers_the_official_azure_openai_client() {
     );
     let status = sdk.wait_exit(Duration::from_secs(60)).await;
     let output = sdk.output();
-    assert!(status.success(), "azure_mock.py failed:\n{output}");
+    assert!(status.success(), "{script} failed:\n{output}");
     assert!(output.contains("checks passed"), "{output}");
+}
+
+/// The official OpenAI SDK's `AzureOpenAI` client against cloud-mock's Azure mock: the
+/// mock answers the URLs, versions and credentials the SDK builds, so it cannot simply
+/// agree with our own adapter's mistakes.
+#[tokio::test]
+async fn the_azure_mock_answers_the_official_azure_openai_client() {
+    let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    run_against_mock("azure_mock.py", &mock).await;
     let requests = mock.requests();
     let chat = requests
         .iter()
