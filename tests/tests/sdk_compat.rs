@@ -256,3 +256,125 @@ async fn the_azure_mock_answers_the_official_azure_openai_client() {
     assert_eq!(chat.headers["api-key"], "azure-sdk-key");
     assert_eq!(mock.entra_tokens_minted(), 1);
 }
+
+/// Vertex AI through the agent: a service account's RS256 JWT, exchanged at the
+/// account's token endpoint (verified with Google's own google-auth, not by us), a
+/// token reused across calls, and a key whose access token is sent as it is.
+#[tokio::test]
+async fn vertex_ai_models_are_reached_with_a_service_account_or_an_access_token() {
+    let python = std::env::var("AISIX_SDK_PYTHON").unwrap_or_else(|_| {
+        panic!("AISIX_SDK_PYTHON is not set: run the suite with `bash scripts/test`, which installs google-auth into target/sdk-venv")
+    });
+    let helper = Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk/vertex_jwt.py");
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().to_str().unwrap().to_owned();
+    let mut keygen = Process::start(
+        Path::new(&python),
+        &[helper.to_str().unwrap(), "keygen", &keys],
+        &[],
+    );
+    assert!(
+        keygen.wait_exit(Duration::from_secs(60)).await.success(),
+        "{}",
+        keygen.output()
+    );
+    let private_key = std::fs::read_to_string(dir.path().join("key.pem")).unwrap();
+
+    let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let token_uri = format!("{}/token", mock.url());
+    let email = "gateway@proj-1.iam.gserviceaccount.com";
+    let account = serde_json::json!({"project": "proj-1", "region": "us-central1",
+        "service_account_json": {"type": "service_account", "client_email": email,
+            "private_key": private_key, "private_key_id": "kid-1", "token_uri": token_uri}});
+    let access = serde_json::json!({"project": "proj-2", "region": "global",
+        "access_token": "ya29.static-token"});
+    // JSON is YAML: the resources file carries the credentials as JSON strings.
+    let resources = serde_json::json!({
+        "provider_keys": [
+            {"id": "vx", "display_name": "vx", "provider": "vertex", "api_base": mock.url(), "api_key": account.to_string()},
+            {"id": "vt", "display_name": "vt", "provider": "vertex", "api_base": mock.url(), "api_key": access.to_string()}],
+        "models": [
+            {"id": "m1", "display_name": "vx-flash", "model_name": "gemini-2.0-flash", "provider_key_id": "vx"},
+            {"id": "m2", "display_name": "vt-flash", "model_name": "gemini-2.0-flash", "provider_key_id": "vt"}],
+        "api_keys": [{"id": "k1", "key_hash": key_hash("vertex-caller"), "allowed_models": ["*"]}]});
+    std::fs::write(dir.path().join("resources.yaml"), resources.to_string()).unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "resources_file: {}\nproxy:\n  addr: 127.0.0.1:0\nshutdown:\n  min_drain_secs: 0\n",
+            dir.path().join("resources.yaml").display()
+        ),
+    )
+    .unwrap();
+    let (mut agent, url) = start_agent(&config).await;
+    let client = reqwest::Client::new();
+    let chat = |model: &str, stream: bool| {
+        client
+            .post(format!("{url}/v1/chat/completions"))
+            .bearer_auth("vertex-caller")
+            .json(&serde_json::json!({"model": model, "stream": stream,
+                "messages": [{"role": "user", "content": "Say hello."}]}))
+            .send()
+    };
+    for stream in [false, true] {
+        let r = chat("vx-flash", stream).await.unwrap();
+        assert_eq!(r.status(), 200);
+        let text = r.text().await.unwrap();
+        assert!(text.contains("Hello from"), "{text}");
+    }
+    let requests = mock.requests();
+    let calls: Vec<_> = requests
+        .iter()
+        .filter(|r| r.path.contains("/publishers/"))
+        .collect();
+    assert_eq!(
+        calls[0].path,
+        "/v1/projects/proj-1/locations/us-central1/publishers/google/models/gemini-2.0-flash:generateContent"
+    );
+    assert_eq!(calls[0].headers["authorization"], "Bearer ya29.mock-1");
+    assert_eq!(
+        calls[1].headers["authorization"], "Bearer ya29.mock-1",
+        "the token is reused"
+    );
+    let assertions = mock.google_assertions();
+    assert_eq!(assertions.len(), 1);
+    let mut verify = Process::start(
+        Path::new(&python),
+        &[
+            helper.to_str().unwrap(),
+            "verify",
+            dir.path().join("pub.pem").to_str().unwrap(),
+            &token_uri,
+            email,
+            "kid-1",
+            &assertions[0],
+        ],
+        &[],
+    );
+    assert!(
+        verify.wait_exit(Duration::from_secs(60)).await.success(),
+        "{}",
+        verify.output()
+    );
+    assert!(verify.output().contains("jwt ok"));
+
+    let r = chat("vt-flash", false).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let last = mock.requests().last().unwrap().clone();
+    assert_eq!(
+        last.path,
+        "/v1/projects/proj-2/locations/global/publishers/google/models/gemini-2.0-flash:generateContent"
+    );
+    assert_eq!(last.headers["authorization"], "Bearer ya29.static-token");
+    // The private key is nowhere in the agent's output.
+    agent.signal("TERM");
+    agent.wait_exit(Duration::from_secs(10)).await;
+    let output = agent.output();
+    assert!(
+        !output.contains("PRIVATE KEY") && !output.contains("ya29."),
+        "{output}"
+    );
+}

@@ -1,4 +1,5 @@
-//! Google's Gemini API shape: `POST /v1beta/models/{model}:generateContent` and
+//! Google's Gemini shapes (the Gemini API, and Vertex AI with its OAuth2 token endpoint):
+//! `POST /v1beta/models/{model}:generateContent` and
 //! `:streamGenerateContent?alt=sse` (server-sent events with CRLF line endings, as
 //! Google sends them), `x-goog-api-key` required, Google's error envelope
 //! (`{"error": {code, message, status}}`), function calls as `functionCall` parts.
@@ -38,22 +39,14 @@ fn usage_metadata(u: Usage) -> Value {
     usage
 }
 
-/// `POST /v1beta/models/{model}:{method}`.
+/// `POST /v1beta/models/{model}:{method}` (the Gemini API, `x-goog-api-key`).
 pub(super) async fn generate(
     State(shared): State<SharedState>,
     Path(action): Path<String>,
     request: Request,
 ) -> Response {
-    let Some((model, method)) = action.rsplit_once(':') else {
-        return (
-            StatusCode::NOT_FOUND,
-            axum::Json(error_body(StatusCode::NOT_FOUND)),
-        )
-            .into_response();
-    };
-    let (parts, body) = request.into_parts();
-    let key = parts
-        .headers
+    let key = request
+        .headers()
         .get("x-goog-api-key")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
@@ -62,6 +55,61 @@ pub(super) async fn generate(
             "message": "Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API."}});
         return (StatusCode::FORBIDDEN, axum::Json(body)).into_response();
     }
+    answer(&shared, &action, request).await
+}
+
+/// `POST /v1/projects/{project}/locations/{region}/publishers/google/models/
+/// {model}:{method}` (Vertex AI): a `ya29.` bearer token, as the mock's token endpoint
+/// mints them.
+pub(super) async fn vertex(
+    State(shared): State<SharedState>,
+    Path((_project, _region, action)): Path<(String, String, String)>,
+    request: Request,
+) -> Response {
+    let token = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !token.starts_with("ya29.") {
+        let body = json!({"error": {"code": 401, "status": "UNAUTHENTICATED",
+            "message": "Request had invalid authentication credentials. Expected OAuth 2 access token."}});
+        return (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response();
+    }
+    answer(&shared, &action, request).await
+}
+
+/// `POST /token`: Google's OAuth2 token endpoint for service accounts (RFC 7523): the
+/// assertion is kept (for tests to verify) and a `ya29.` token minted.
+pub(super) async fn token(
+    State(shared): State<SharedState>,
+    axum::Form(form): axum::Form<std::collections::HashMap<String, String>>,
+) -> Response {
+    let assertion = form.get("assertion").cloned().unwrap_or_default();
+    let grant = form.get("grant_type").map(String::as_str);
+    if grant != Some("urn:ietf:params:oauth:grant-type:jwt-bearer")
+        || assertion.split('.').count() != 3
+    {
+        let body = json!({"error": "invalid_grant", "error_description": "Invalid JWT Signature."});
+        return (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
+    }
+    let mut s = super::lock(&shared);
+    s.google_assertions.push(assertion);
+    let token = format!("ya29.mock-{}", s.google_assertions.len());
+    axum::Json(json!({"access_token": token, "expires_in": 3599, "token_type": "Bearer"}))
+        .into_response()
+}
+
+async fn answer(shared: &SharedState, action: &str, request: Request) -> Response {
+    let Some((model, method)) = action.rsplit_once(':') else {
+        return (
+            StatusCode::NOT_FOUND,
+            axum::Json(error_body(StatusCode::NOT_FOUND)),
+        )
+            .into_response();
+    };
+    let (parts, body) = request.into_parts();
     let stream = match method {
         "generateContent" => false,
         "streamGenerateContent" => true,
@@ -77,7 +125,7 @@ pub(super) async fn generate(
         .await
         .unwrap_or_default();
     let call = receive(
-        &shared,
+        shared,
         &parts.method,
         &parts.uri,
         &parts.headers,

@@ -156,6 +156,8 @@ struct Shared {
     /// Prompt prefixes "cached" by Anthropic-shaped requests (hashes).
     cached_prefixes: std::collections::HashSet<u64>,
     entra: azure::Entra,
+    /// The JWT assertions Google's token endpoint received.
+    google_assertions: Vec<String>,
 }
 
 impl Shared {
@@ -273,6 +275,11 @@ impl MockProvider {
         lock(&self.shared).entra.expires_in = seconds;
     }
 
+    /// The service-account JWTs the Google token endpoint received, in order.
+    pub fn google_assertions(&self) -> Vec<String> {
+        lock(&self.shared).google_assertions.clone()
+    }
+
     /// Stops accepting and waits for open responses to finish.
     pub async fn shutdown(self) {
         self.stop.cancel();
@@ -310,6 +317,11 @@ fn router(shared: SharedState) -> Router {
         )
         .route("/openai/responses", post(azure::responses))
         .route("/v1beta/models/{action}", post(gemini::generate))
+        .route(
+            "/v1/projects/{project}/locations/{region}/publishers/google/models/{action}",
+            post(gemini::vertex),
+        )
+        .route("/token", post(gemini::token))
         .route("/{tenant}/oauth2/v2.0/token", post(azure::token))
         .route("/_mock/entra", put(set_entra).get(get_entra))
         .with_state(shared)

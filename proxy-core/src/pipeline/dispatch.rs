@@ -160,7 +160,7 @@ pub(super) async fn attempt(
         &TargetModel {
             upstream_model: &direct.model_name,
             prompt_cache: model.prompt_cache,
-            api_version: provider_key.api_version.as_deref(),
+            key: provider_key,
         },
     )?;
     let target = Target {

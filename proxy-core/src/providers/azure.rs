@@ -1,28 +1,23 @@
 //! Azure OpenAI: the OpenAI wire format under deployment URLs,
 //! `{api_base}/openai/deployments/{deployment}/{route}?api-version={v}` (the model's
 //! `model_name` is the deployment), authenticated by an `api-key` header or by an Entra
-//! ID bearer token minted with the key's client credentials ([`EntraTokens`]).
+//! ID bearer token minted with the key's client credentials (`tokens.rs`).
 //! Anthropic callers are translated to chat completions; content-filter refusals come
 //! back as `content_filter` errors.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
 
 use axum::http::HeaderMap;
 use bytes::Bytes;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
-use serde::Deserialize;
-use tokio::time::Instant;
 
 use super::openai::upstream_error_fields;
 use super::provider::{CallerRequest, Outgoing, Payload, Prepared, Provider, TargetModel};
+use super::tokens::{self, Minted};
 use crate::failure::{ProxyError, UpstreamErrorFields};
 use crate::formats::chat::{self, AnthropicMessages, Conversion, OpenAiChat};
 use crate::formats::endpoint::Endpoint;
 use crate::resources::{EntraCredential, ProviderKey};
-use crate::secret::Secret;
 
 /// The `api-version` sent unless the provider key names one: the current GA version.
 pub const DEFAULT_API_VERSION: &str = "2024-10-21";
@@ -70,7 +65,7 @@ impl Provider for AzureOpenAi {
         let deployment = target.upstream_model;
         let body = request.body;
         let json = |bytes: Vec<u8>| Payload::Json(Bytes::from(bytes));
-        let version = target.api_version;
+        let version = target.key.api_version.as_deref();
         let (route, payload, conversion) = match request.endpoint {
             Endpoint::ChatCompletions => (
                 "chat/completions",
@@ -121,7 +116,7 @@ impl Provider for AzureOpenAi {
     }
 
     /// An `api-key` header; keys with Entra client credentials get their bearer token
-    /// from the upstream client instead (`EntraTokens`).
+    /// from the upstream client instead (`tokens.rs`).
     fn authorize(
         &self,
         request: reqwest::RequestBuilder,
@@ -161,53 +156,12 @@ fn prepared(
     }
 }
 
-/// Entra ID access tokens, minted with client credentials and kept until a minute
-/// before they expire (a tenth of their life for short ones). Requests that need a
-/// token for one credential while it is being minted wait for that one mint.
-#[derive(Default)]
-pub struct EntraTokens {
-    slots: Mutex<HashMap<EntraCredential, Arc<tokio::sync::Mutex<Option<Token>>>>>,
-}
-
-struct Token {
-    value: Secret,
-    refresh_at: Instant,
-}
-
-impl EntraTokens {
-    /// The credential's token, or why none could be had (for logs: it never holds the
-    /// secret).
-    pub async fn token(
-        &self,
-        client: &reqwest::Client,
-        credential: &EntraCredential,
-    ) -> Result<Secret, String> {
-        let slot = self
-            .slots
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(credential.clone())
-            .or_default()
-            .clone();
-        let mut token = slot.lock().await;
-        if let Some(t) = token.as_ref().filter(|t| Instant::now() < t.refresh_at) {
-            return Ok(t.value.clone());
-        }
-        let minted = mint(client, credential).await?;
-        let value = minted.value.clone();
-        *token = Some(minted);
-        Ok(value)
-    }
-}
-
 /// One token from the credential's tenant. Failures never show the secret or what the
 /// token endpoint said about it.
-async fn mint(client: &reqwest::Client, credential: &EntraCredential) -> Result<Token, String> {
-    #[derive(Deserialize)]
-    struct Answer {
-        access_token: Secret,
-        expires_in: u64,
-    }
+pub(super) async fn mint(
+    client: &reqwest::Client,
+    credential: &EntraCredential,
+) -> Result<Minted, String> {
     let failed = |detail: String| {
         format!(
             "Entra ID token for client {}: {detail}",
@@ -224,29 +178,7 @@ async fn mint(client: &reqwest::Client, credential: &EntraCredential) -> Result<
         ("client_secret", credential.client_secret.expose()),
         ("scope", SCOPE),
     ];
-    let asked = Instant::now();
-    let response =
-        tokio::time::timeout(Duration::from_secs(10), client.post(url).form(&form).send())
-            .await
-            .map_err(|_| failed("the token endpoint did not answer within 10 s".into()))?
-            .map_err(|e| {
-                failed(format!(
-                    "the token endpoint cannot be reached: {}",
-                    e.without_url()
-                ))
-            })?;
-    let status = response.status();
-    if !status.is_success() {
-        return Err(failed(format!("the token endpoint answered {status}")));
-    }
-    let answer: Answer = response
-        .json()
+    tokens::exchange(client.post(url).form(&form))
         .await
-        .map_err(|_| failed("the token endpoint's answer is not a token".into()))?;
-    let life = Duration::from_secs(answer.expires_in);
-    let early = Duration::from_secs(60).min(life / 10);
-    Ok(Token {
-        value: answer.access_token,
-        refresh_at: asked + life - early,
-    })
+        .map_err(failed)
 }

@@ -17,11 +17,11 @@ use futures_util::{Stream, StreamExt, stream};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use tracing::warn;
 
-use super::azure::EntraTokens;
 use super::provider::{Outgoing, Payload, Provider};
+use super::tokens::{TokenSource, Tokens};
 use crate::failure::{ProxyError, UpstreamErrorFields};
 use crate::formats::sse::{self, StreamBreak};
-use crate::resources::{Model, ProviderKey};
+use crate::resources::{GoogleAuth, Model, ProviderKey};
 
 /// Used when a model sets no `timeout`: LLM answers can be slow, but not unbounded.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -56,8 +56,8 @@ pub struct Answer {
 #[derive(Clone)]
 pub struct Upstream {
     client: reqwest::Client,
-    /// Tokens of provider keys with Entra ID client credentials (Azure OpenAI).
-    entra: Arc<EntraTokens>,
+    /// Tokens minted from provider keys' credentials (Entra ID, service accounts).
+    tokens: Arc<Tokens>,
 }
 
 impl Upstream {
@@ -74,7 +74,7 @@ impl Upstream {
             .build()?;
         Ok(Self {
             client,
-            entra: Arc::default(),
+            tokens: Arc::default(),
         })
     }
 
@@ -157,8 +157,9 @@ impl Upstream {
         })
     }
 
-    /// Adds the key's credential: the adapter's header, or the bearer token of the
-    /// key's Entra ID client credentials. Why a token could not be had, when not.
+    /// Adds the key's credential: the adapter's header, or a bearer token (the key's
+    /// own, or one minted from its Entra ID client credentials or service account).
+    /// Why a token could not be had, when not.
     async fn authorize(
         &self,
         provider: &dyn Provider,
@@ -166,13 +167,18 @@ impl Upstream {
         request: reqwest::RequestBuilder,
     ) -> Result<reqwest::RequestBuilder, String> {
         let request = provider.authorize(request, key);
-        match &key.entra {
-            Some(entra) => {
-                let token = self.entra.token(&self.client, entra).await?;
-                Ok(request.bearer_auth(token.expose()))
+        let source = match (&key.entra, key.vertex.as_ref().map(|v| &v.auth)) {
+            (Some(entra), _) => TokenSource::Entra(entra.clone()),
+            (None, Some(GoogleAuth::ServiceAccount(account))) => {
+                TokenSource::Google(account.clone())
             }
-            None => Ok(request),
-        }
+            (None, Some(GoogleAuth::AccessToken(token))) => {
+                return Ok(request.bearer_auth(token.expose()));
+            }
+            (None, None) => return Ok(request),
+        };
+        let token = self.tokens.token(&self.client, &source).await?;
+        Ok(request.bearer_auth(token.expose()))
     }
 
     /// Relays a passthrough request as it is: the provider's credential added, its

@@ -1,22 +1,30 @@
-//! Google's Gemini API: `{api_base}/v1beta/models/{model}:generateContent`, and
-//! `:streamGenerateContent?alt=sse` for streams, authenticated by `x-goog-api-key`.
+//! Google's Gemini models: the Gemini API (`{api_base}/v1beta/models/{model}:...`,
+//! `x-goog-api-key`) and Vertex AI (`{api_base}/v1/projects/{project}/locations/
+//! {region}/publishers/google/models/{model}:...`, an OAuth2 bearer token: the key's
+//! access token, or one a service account's signed JWT is exchanged for, see
+//! [`mint`]). Both `generateContent`, and `streamGenerateContent?alt=sse` for streams.
 //! Chat completions and messages are translated (`formats::chat::GeminiContent`);
 //! Google's error statuses (`RESOURCE_EXHAUSTED`, `PERMISSION_DENIED`...) read as the
 //! gateway's codes.
 
 use axum::http::HeaderMap;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use percent_encoding::utf8_percent_encode;
-use serde_json::Value;
+use ring::rand::SystemRandom;
+use ring::signature::{self, RsaKeyPair};
+use serde_json::{Value, json};
 
 use super::azure::SEGMENT;
 use super::provider::{CallerRequest, Outgoing, Payload, Prepared, Provider, TargetModel};
+use super::tokens::{self, Minted};
 use crate::failure::{ProxyError, UpstreamErrorFields};
 use crate::formats::chat::{
     self, AnthropicMessages, CallerCodec, Conversion, GeminiContent, OpenAiChat,
 };
 use crate::formats::endpoint::Endpoint;
-use crate::resources::ProviderKey;
+use crate::resources::{ProviderKey, ServiceAccount};
 
 pub struct Gemini;
 
@@ -34,41 +42,7 @@ impl Provider for Gemini {
         request: &CallerRequest<'_>,
         target: &TargetModel<'_>,
     ) -> Result<Prepared, ProxyError> {
-        let caller: &'static dyn CallerCodec = match request.endpoint {
-            Endpoint::ChatCompletions => &OpenAiChat,
-            Endpoint::Messages => &AnthropicMessages,
-            other => {
-                return Err(ProxyError::NotImplemented(format!(
-                    "{} is not a Gemini endpoint",
-                    other.path()
-                )));
-            }
-        };
-        let body =
-            chat::translate_request(request.raw, caller, &GeminiContent, target.upstream_model)?;
-        let model = target.upstream_model.trim_start_matches("models/");
-        let action = if request.body.stream {
-            "streamGenerateContent?alt=sse"
-        } else {
-            "generateContent"
-        };
-        let path = format!(
-            "/v1beta/models/{}:{action}",
-            utf8_percent_encode(model, SEGMENT)
-        );
-        Ok(Prepared {
-            outgoing: Outgoing {
-                path: path.into(),
-                payload: Payload::Json(Bytes::from(body)),
-                stream: request.body.stream,
-                json_answer: true,
-                headers: HeaderMap::new(),
-            },
-            conversion: Conversion::Translate {
-                upstream: &GeminiContent,
-                caller,
-            },
-        })
+        build(request, target, "/v1beta/models")
     }
 
     fn authorize(
@@ -82,6 +56,153 @@ impl Provider for Gemini {
     fn error_fields(&self, status: u16, body: &[u8]) -> UpstreamErrorFields {
         google_error_fields(status, body)
     }
+}
+
+pub struct VertexAi;
+
+impl Provider for VertexAi {
+    fn name(&self) -> &'static str {
+        "vertex"
+    }
+
+    fn supports(&self, endpoint: Endpoint) -> bool {
+        matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Messages)
+    }
+
+    fn build(
+        &self,
+        request: &CallerRequest<'_>,
+        target: &TargetModel<'_>,
+    ) -> Result<Prepared, ProxyError> {
+        let Some(vertex) = &target.key.vertex else {
+            return Err(ProxyError::ProviderUnavailable(format!(
+                "provider key '{}' has no Vertex AI project",
+                target.key.display_name
+            )));
+        };
+        let prefix = format!(
+            "/v1/projects/{}/locations/{}/publishers/google/models",
+            utf8_percent_encode(&vertex.project, SEGMENT),
+            vertex.region
+        );
+        build(request, target, &prefix)
+    }
+
+    /// The bearer token is added by the upstream client (`tokens.rs`).
+    fn authorize(
+        &self,
+        request: reqwest::RequestBuilder,
+        _key: &ProviderKey,
+    ) -> reqwest::RequestBuilder {
+        request
+    }
+
+    fn error_fields(&self, status: u16, body: &[u8]) -> UpstreamErrorFields {
+        google_error_fields(status, body)
+    }
+}
+
+/// The `generateContent` request of a chat or messages call, under `prefix`.
+fn build(
+    request: &CallerRequest<'_>,
+    target: &TargetModel<'_>,
+    prefix: &str,
+) -> Result<Prepared, ProxyError> {
+    let caller: &'static dyn CallerCodec = match request.endpoint {
+        Endpoint::ChatCompletions => &OpenAiChat,
+        Endpoint::Messages => &AnthropicMessages,
+        other => {
+            return Err(ProxyError::NotImplemented(format!(
+                "{} is not a Gemini endpoint",
+                other.path()
+            )));
+        }
+    };
+    let body = chat::translate_request(request.raw, caller, &GeminiContent, target.upstream_model)?;
+    let model = target.upstream_model.trim_start_matches("models/");
+    let action = if request.body.stream {
+        "streamGenerateContent?alt=sse"
+    } else {
+        "generateContent"
+    };
+    let path = format!("{prefix}/{}:{action}", utf8_percent_encode(model, SEGMENT));
+    Ok(Prepared {
+        outgoing: Outgoing {
+            path: path.into(),
+            payload: Payload::Json(Bytes::from(body)),
+            stream: request.body.stream,
+            json_answer: true,
+            headers: HeaderMap::new(),
+        },
+        conversion: Conversion::Translate {
+            upstream: &GeminiContent,
+            caller,
+        },
+    })
+}
+
+/// What Vertex AI tokens are asked for.
+const SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
+
+/// Whether `pem` is an RSA private key in PKCS#8 PEM that can sign.
+pub fn is_rsa_pkcs8(pem: &str) -> bool {
+    pkcs8_der(pem).is_some_and(|der| RsaKeyPair::from_pkcs8(&der).is_ok())
+}
+
+fn pkcs8_der(pem: &str) -> Option<Vec<u8>> {
+    match rustls_pemfile::private_key(&mut pem.as_bytes()) {
+        Ok(Some(rustls::pki_types::PrivateKeyDer::Pkcs8(der))) => {
+            Some(der.secret_pkcs8_der().to_vec())
+        }
+        _ => None,
+    }
+}
+
+/// A token for a service account: a JWT (RS256, the key's id as `kid`) asserting the
+/// account for the cloud-platform scope, exchanged at the account's `token_uri`
+/// (RFC 7523). Failures never show the key.
+pub(super) async fn mint(
+    client: &reqwest::Client,
+    account: &ServiceAccount,
+) -> Result<Minted, String> {
+    let failed = |detail: &str| format!("Vertex AI token for {}: {detail}", account.client_email);
+    let assertion =
+        signed_assertion(account).ok_or_else(|| failed("the private key cannot sign"))?;
+    let form = [
+        ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+        ("assertion", assertion.as_str()),
+    ];
+    tokens::exchange(client.post(&account.token_uri).form(&form))
+        .await
+        .map_err(|e| failed(&e))
+}
+
+fn signed_assertion(account: &ServiceAccount) -> Option<String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    let mut header = json!({"alg": "RS256", "typ": "JWT"});
+    if let Some(kid) = &account.private_key_id {
+        header["kid"] = kid.as_str().into();
+    }
+    let claims = json!({"iss": account.client_email, "scope": SCOPE, "aud": account.token_uri,
+                        "iat": now, "exp": now + 3600});
+    let encode = |v: &Value| URL_SAFE_NO_PAD.encode(v.to_string());
+    let signing_input = format!("{}.{}", encode(&header), encode(&claims));
+    let key = RsaKeyPair::from_pkcs8(&pkcs8_der(account.private_key.expose())?).ok()?;
+    let mut signature = vec![0; key.public().modulus_len()];
+    key.sign(
+        &signature::RSA_PKCS1_SHA256,
+        &SystemRandom::new(),
+        signing_input.as_bytes(),
+        &mut signature,
+    )
+    .ok()?;
+    Some(format!(
+        "{signing_input}.{}",
+        URL_SAFE_NO_PAD.encode(signature)
+    ))
 }
 
 /// A Google API error (`{"error": {code, message, status}}`) as the caller's fields:

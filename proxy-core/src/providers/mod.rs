@@ -24,7 +24,9 @@
 //! - `openai.rs`: OpenAI and every OpenAI-compatible vendor.
 //! - `anthropic.rs`: Anthropic's messages API.
 //! - `azure.rs`: Azure OpenAI, and the Entra ID tokens its keys may use.
-//! - `gemini.rs`: Google's Gemini API (chat completions and messages, translated).
+//! - `gemini.rs`: Google's Gemini API and Vertex AI (chat completions and messages,
+//!   translated), and Vertex's service-account tokens.
+//! - `tokens.rs`: bearer tokens minted from credentials (Entra ID, service accounts).
 //! - `client.rs`: the pooled upstream client: send, timeouts, stream relay, passthrough.
 
 pub mod anthropic;
@@ -33,6 +35,7 @@ pub mod client;
 pub mod gemini;
 pub mod openai;
 mod provider;
+mod tokens;
 
 use crate::failure::ProxyError;
 use crate::resources::Adapter;
@@ -46,6 +49,7 @@ pub fn adapter(adapter: &Adapter) -> Result<&'static dyn Provider, ProxyError> {
         Adapter::Anthropic => Ok(&anthropic::Anthropic),
         Adapter::AzureOpenAi => Ok(&azure::AzureOpenAi),
         Adapter::Gemini => Ok(&gemini::Gemini),
+        Adapter::Vertex => Ok(&gemini::VertexAi),
         Adapter::Other(name) => Err(ProxyError::NotImplemented(format!(
             "provider adapter '{name}' is not available in this build"
         ))),
@@ -59,6 +63,7 @@ pub fn for_passthrough(adapter: &Adapter) -> &'static dyn Provider {
         Adapter::Anthropic => &anthropic::Anthropic,
         Adapter::AzureOpenAi => &azure::AzureOpenAi,
         Adapter::Gemini => &gemini::Gemini,
+        Adapter::Vertex => &gemini::VertexAi,
         Adapter::OpenAi | Adapter::Other(_) => &openai::OpenAiCompatible,
     }
 }

@@ -101,8 +101,8 @@ pub struct TargetModel<'a> {
     pub upstream_model: &'a str,
     /// Automatic prompt-cache breakpoints (Anthropic-family targets).
     pub prompt_cache: Option<PromptCache>,
-    /// The provider key's API version (Azure OpenAI).
-    pub api_version: Option<&'a str>,
+    /// The provider key the target uses.
+    pub key: &'a ProviderKey,
 }
 
 impl dyn Provider {

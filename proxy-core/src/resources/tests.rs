@@ -139,6 +139,49 @@ fn azure_keys_take_a_key_or_entra_client_credentials() {
 }
 
 #[test]
+fn vertex_keys_name_a_project_and_a_token_or_a_service_account() {
+    let Resource::ProviderKey(pk) = parse(
+        Kind::ProviderKeys,
+        r#"{"display_name":"v","provider":"vertex","api_key":"{\"project\":\"p\",\"region\":\"europe-west4\",\"access_token\":\"ya29.t\"}"}"#,
+    )
+    .unwrap() else {
+        panic!()
+    };
+    assert_eq!(pk.adapter, Adapter::Vertex);
+    assert_eq!(
+        pk.api_base,
+        "https://europe-west4-aiplatform.googleapis.com"
+    );
+    let vertex = pk.vertex.clone().unwrap();
+    assert_eq!(
+        (vertex.project.as_str(), vertex.region.as_str()),
+        ("p", "europe-west4")
+    );
+    assert!(matches!(vertex.auth, GoogleAuth::AccessToken(_)));
+    // A service account whose key is not an RSA PKCS#8 key, and a missing project:
+    // named fields, never the key.
+    let got = problems(
+        Kind::ProviderKeys,
+        r#"{"display_name":"v","provider":"vertex","api_key":"{\"region\":\"global\",\"service_account_json\":{\"client_email\":\"a@b\",\"private_key\":\"-----BEGIN PRIVATE KEY-----\\nplanted-s3cret\\n-----END PRIVATE KEY-----\\n\"}}"}"#,
+    );
+    let paths: Vec<&str> = got.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "api_key.project",
+            "api_key.service_account_json.private_key"
+        ]
+    );
+    assert!(!format!("{got:?}").contains("planted-s3cret"));
+    let got = problems(
+        Kind::ProviderKeys,
+        r#"{"display_name":"v","provider":"vertex","api_key":"ya29.not-json"}"#,
+    );
+    assert_eq!(got[0].0, "api_key");
+    assert!(!format!("{got:?}").contains("ya29.not-json"));
+}
+
+#[test]
 fn provider_key_collects_every_problem() {
     let got = problems(
         Kind::ProviderKeys,

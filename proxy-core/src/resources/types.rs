@@ -59,6 +59,8 @@ pub enum Adapter {
     AzureOpenAi,
     /// Google's Gemini API (`generateContent`, `x-goog-api-key`).
     Gemini,
+    /// Vertex AI: Gemini models of a Google Cloud project, OAuth2 bearer tokens.
+    Vertex,
     /// A protocol family this build does not implement: requests answer 501.
     Other(String),
 }
@@ -70,6 +72,7 @@ impl Adapter {
             Adapter::Anthropic => "anthropic",
             Adapter::AzureOpenAi => "azure-openai",
             Adapter::Gemini => "gemini",
+            Adapter::Vertex => "vertex",
             Adapter::Other(name) => name,
         }
     }
@@ -89,7 +92,34 @@ pub struct ProviderKey {
     /// Azure OpenAI: Entra ID client credentials, when the credential is their JSON
     /// rather than a key.
     pub entra: Option<EntraCredential>,
+    /// Vertex AI: the project and region, and how tokens are had.
+    pub vertex: Option<VertexProject>,
     pub unknown_fields: usize,
+}
+
+/// A Vertex AI key's project, region and authentication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VertexProject {
+    pub project: String,
+    pub region: String,
+    pub auth: GoogleAuth,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum GoogleAuth {
+    /// An OAuth2 access token, sent as it is.
+    AccessToken(Secret),
+    /// A service account: a signed JWT is exchanged at `token_uri` for tokens.
+    ServiceAccount(ServiceAccount),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ServiceAccount {
+    pub client_email: String,
+    /// The RSA private key, PKCS#8 PEM (checked when the key loads).
+    pub private_key: Secret,
+    pub private_key_id: Option<String>,
+    pub token_uri: String,
 }
 
 /// Entra ID client credentials: a token is minted at

@@ -12,9 +12,10 @@ use super::spec::{
     RateLimitSpec, RoutingSpec,
 };
 use super::types::{
-    Adapter, ApiKey, Cooldown, Cost, DirectTarget, EntraCredential, Guardrail, GuardrailPattern,
-    HookPoint, KeyHash, Model, ModelPattern, ModelTarget, Problems, PromptCache, ProviderKey,
-    RateLimit, Routing, Strategy, Target, WhenAllUnavailable,
+    Adapter, ApiKey, Cooldown, Cost, DirectTarget, EntraCredential, GoogleAuth, Guardrail,
+    GuardrailPattern, HookPoint, KeyHash, Model, ModelPattern, ModelTarget, Problems, PromptCache,
+    ProviderKey, RateLimit, Routing, ServiceAccount, Strategy, Target, VertexProject,
+    WhenAllUnavailable,
 };
 use crate::secret::Secret;
 
@@ -63,21 +64,40 @@ impl ProviderKey {
             Some("anthropic") => Adapter::Anthropic,
             Some("azure" | "azure-openai") => Adapter::AzureOpenAi,
             Some("gemini") => Adapter::Gemini,
+            Some("vertex") => Adapter::Vertex,
             Some("") => {
                 p.push("adapter", "must not be empty");
                 Adapter::OpenAi
             }
             Some(other) => Adapter::Other(other.to_owned()),
             None if matches!(provider.as_str(), "azure" | "azure-openai") => Adapter::AzureOpenAi,
+            None if provider == "vertex" => Adapter::Vertex,
             None => built_in.map_or(Adapter::OpenAi, |(_, _, a)| a.clone()),
         };
         if provider.is_empty() && spec.adapter.is_none() {
             p.push("provider", "required (or set adapter)");
         }
-        let api_base = match (spec.api_base, built_in) {
-            (Some(base), _) => normalize_api_base(&mut p, &base),
-            (None, Some((_, base, _))) => (*base).to_owned(),
-            (None, None) => {
+        // The credential's problems are reported after the base's, in field order,
+        // though a Vertex key's base follows from its credential.
+        let mut later = Problems::default();
+        let json_ok = matches!(adapter, Adapter::AzureOpenAi | Adapter::Vertex);
+        let credential = credential(&mut later, spec.api_key, spec.secret, json_ok);
+        let entra = (adapter == Adapter::AzureOpenAi)
+            .then(|| entra_credential(&mut later, &credential))
+            .flatten();
+        let vertex = (adapter == Adapter::Vertex)
+            .then(|| vertex_project(&mut later, &credential))
+            .flatten();
+        let api_base = match (spec.api_base, built_in, &vertex) {
+            (Some(base), _, _) => normalize_api_base(&mut p, &base),
+            (None, Some((_, base, _)), _) => (*base).to_owned(),
+            (None, None, Some(v)) if v.region == "global" => {
+                "https://aiplatform.googleapis.com".to_owned()
+            }
+            (None, None, Some(v)) => format!("https://{}-aiplatform.googleapis.com", v.region),
+            // A Vertex key's base follows from its credential, whose problem is said.
+            (None, None, None) if adapter == Adapter::Vertex => String::new(),
+            (None, None, None) => {
                 p.push(
                     "api_base",
                     format!("required for provider '{provider}' (it is not built in)"),
@@ -85,33 +105,7 @@ impl ProviderKey {
                 String::new()
             }
         };
-        let credential = match (spec.api_key, spec.secret) {
-            // The credential goes into a header: a line break would fail every request.
-            (Some(k), None) | (None, Some(k)) if has_control(k.expose()) => {
-                p.push(
-                    "api_key",
-                    "must not contain control characters (line breaks, tabs...)",
-                );
-                Secret::new("")
-            }
-            (Some(k), None) | (None, Some(k)) if !k.is_empty() => k,
-            (Some(_), Some(_)) => {
-                p.push("api_key", "set exactly one of api_key or secret, not both");
-                Secret::new("")
-            }
-            (None, None) => {
-                p.push("api_key", "required (api_key or secret)");
-                Secret::new("")
-            }
-            _ => {
-                p.push("api_key", "must not be empty");
-                Secret::new("")
-            }
-        };
-        let azure = adapter == Adapter::AzureOpenAi;
-        let entra = azure
-            .then(|| entra_credential(&mut p, &credential))
-            .flatten();
+        p.0.extend(later.0);
         let api_version = spec.api_version.filter(|v| {
             let ok = !v.is_empty()
                 && v.bytes()
@@ -134,9 +128,49 @@ impl ProviderKey {
             credential,
             api_version,
             entra,
+            vertex,
             unknown_fields: spec.unknown.len(),
         };
         p.into_result(key)
+    }
+}
+
+/// The credential of `api_key` or `secret` (exactly one, non-empty, header-safe).
+fn credential(
+    p: &mut Problems,
+    api_key: Option<Secret>,
+    secret: Option<Secret>,
+    json_ok: bool,
+) -> Secret {
+    match (api_key, secret) {
+        // JSON credentials (client credentials, service accounts) never go into a
+        // header as they are; they may span lines.
+        (Some(k), None) | (None, Some(k))
+            if json_ok && k.expose().trim_start().starts_with('{') =>
+        {
+            k
+        }
+        // The credential goes into a header: a line break would fail every request.
+        (Some(k), None) | (None, Some(k)) if has_control(k.expose()) => {
+            p.push(
+                "api_key",
+                "must not contain control characters (line breaks, tabs...)",
+            );
+            Secret::new("")
+        }
+        (Some(k), None) | (None, Some(k)) if !k.is_empty() => k,
+        (Some(_), Some(_)) => {
+            p.push("api_key", "set exactly one of api_key or secret, not both");
+            Secret::new("")
+        }
+        (None, None) => {
+            p.push("api_key", "required (api_key or secret)");
+            Secret::new("")
+        }
+        _ => {
+            p.push("api_key", "must not be empty");
+            Secret::new("")
+        }
     }
 }
 
@@ -357,6 +391,114 @@ fn entra_credential(p: &mut Problems, credential: &Secret) -> Option<EntraCreden
         client_id: client_id?,
         client_secret: Secret::new(client_secret?),
         authority_host,
+    })
+}
+
+/// A Vertex AI key's credential: JSON `{project, region, access_token}` or
+/// `{project, region, service_account_json}` (the service account's JSON key, as an
+/// object or as its text). Problems name the field, never the value.
+fn vertex_project(p: &mut Problems, credential: &Secret) -> Option<VertexProject> {
+    let Ok(serde_json::Value::Object(fields)) =
+        serde_json::from_str::<serde_json::Value>(credential.expose())
+    else {
+        p.push(
+            "api_key",
+            "a Vertex AI credential is JSON: {project, region, access_token} or {project, region, service_account_json}",
+        );
+        return None;
+    };
+    let text = |p: &mut Problems,
+                fields: &serde_json::Map<String, serde_json::Value>,
+                path: &str,
+                name: &str| {
+        match fields.get(name).and_then(serde_json::Value::as_str) {
+            Some(v) if !v.is_empty() && (name == "private_key" || !has_control(v)) => {
+                Some(v.to_owned())
+            }
+            _ => {
+                p.push(format!("{path}{name}"), "required (a non-empty string)");
+                None
+            }
+        }
+    };
+    let project = text(p, &fields, "api_key.", "project");
+    let region = text(p, &fields, "api_key.", "region");
+    if let Some(r) = &region
+        && !r.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        p.push(
+            "api_key.region",
+            "must be a region name such as us-central1 or global",
+        );
+    }
+    let auth = match (
+        fields.get("access_token"),
+        fields.get("service_account_json"),
+    ) {
+        (Some(_), None) => text(p, &fields, "api_key.", "access_token")
+            .map(|t| GoogleAuth::AccessToken(Secret::new(t))),
+        (None, Some(account)) => service_account(p, account).map(GoogleAuth::ServiceAccount),
+        _ => {
+            p.push(
+                "api_key",
+                "set exactly one of access_token or service_account_json",
+            );
+            None
+        }
+    };
+    Some(VertexProject {
+        project: project?,
+        region: region?,
+        auth: auth?,
+    })
+}
+
+fn service_account(p: &mut Problems, account: &serde_json::Value) -> Option<ServiceAccount> {
+    const PATH: &str = "api_key.service_account_json.";
+    let parsed;
+    let account = match account {
+        serde_json::Value::String(text) => {
+            parsed = serde_json::from_str::<serde_json::Value>(text).ok();
+            parsed.as_ref()
+        }
+        other => Some(other),
+    };
+    let Some(serde_json::Value::Object(fields)) = account else {
+        p.push(
+            "api_key.service_account_json",
+            "must be a service account's JSON key",
+        );
+        return None;
+    };
+    let mut text = |name: &str| match fields.get(name).and_then(serde_json::Value::as_str) {
+        Some(v) if !v.is_empty() => Some(v.to_owned()),
+        _ => {
+            p.push(format!("{PATH}{name}"), "required (a non-empty string)");
+            None
+        }
+    };
+    let client_email = text("client_email");
+    let private_key = text("private_key").map(Secret::new);
+    if let Some(key) = &private_key
+        && !crate::providers::gemini::is_rsa_pkcs8(key.expose())
+    {
+        p.push(
+            format!("{PATH}private_key"),
+            "is not an RSA private key in PKCS#8 PEM (-----BEGIN PRIVATE KEY-----)",
+        );
+    }
+    let token_uri = match fields.get("token_uri").and_then(serde_json::Value::as_str) {
+        Some(uri) => normalize_url(p, &format!("{PATH}token_uri"), uri),
+        None => "https://oauth2.googleapis.com/token".to_owned(),
+    };
+    Some(ServiceAccount {
+        client_email: client_email?,
+        private_key: private_key?,
+        private_key_id: fields
+            .get("private_key_id")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned),
+        token_uri,
     })
 }
 
