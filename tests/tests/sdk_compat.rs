@@ -259,7 +259,8 @@ async fn the_azure_mock_answers_the_official_azure_openai_client() {
 
 /// Vertex AI through the agent: a service account's RS256 JWT, exchanged at the
 /// account's token endpoint (verified with Google's own google-auth, not by us), a
-/// token reused across calls, and a key whose access token is sent as it is.
+/// token reused across calls, a key whose access token is sent as it is, and Claude
+/// on Vertex from both caller formats.
 #[tokio::test]
 async fn vertex_ai_models_are_reached_with_a_service_account_or_an_access_token() {
     let python = std::env::var("AISIX_SDK_PYTHON").unwrap_or_else(|_| {
@@ -297,7 +298,8 @@ async fn vertex_ai_models_are_reached_with_a_service_account_or_an_access_token(
             {"id": "vt", "display_name": "vt", "provider": "vertex", "api_base": mock.url(), "api_key": access.to_string()}],
         "models": [
             {"id": "m1", "display_name": "vx-flash", "model_name": "gemini-2.0-flash", "provider_key_id": "vx"},
-            {"id": "m2", "display_name": "vt-flash", "model_name": "gemini-2.0-flash", "provider_key_id": "vt"}],
+            {"id": "m2", "display_name": "vt-flash", "model_name": "gemini-2.0-flash", "provider_key_id": "vt"},
+            {"id": "m3", "display_name": "vt-claude", "model_name": "claude-sonnet-4-5", "provider_key_id": "vt"}],
         "api_keys": [{"id": "k1", "key_hash": key_hash("vertex-caller"), "allowed_models": ["*"]}]});
     std::fs::write(dir.path().join("resources.yaml"), resources.to_string()).unwrap();
     let config = dir.path().join("config.yaml");
@@ -369,6 +371,51 @@ async fn vertex_ai_models_are_reached_with_a_service_account_or_an_access_token(
         "/v1/projects/proj-2/locations/global/publishers/google/models/gemini-2.0-flash:generateContent"
     );
     assert_eq!(last.headers["authorization"], "Bearer ya29.static-token");
+
+    // Claude on Vertex AI: Anthropic's messages at rawPredict, native and translated.
+    let messages = |stream: bool| {
+        client
+            .post(format!("{url}/v1/messages"))
+            .header("x-api-key", "vertex-caller")
+            .header("anthropic-version", "2023-06-01")
+            .json(
+                &serde_json::json!({"model": "vt-claude", "max_tokens": 64, "stream": stream,
+                "messages": [{"role": "user", "content": "Say hello."}]}),
+            )
+            .send()
+    };
+    let r = messages(false).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let message: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        message["content"][0]["text"],
+        "Hello from the mock provider."
+    );
+    let last = mock.requests().last().unwrap().clone();
+    assert_eq!(
+        last.path,
+        "/v1/projects/proj-2/locations/global/publishers/anthropic/models/claude-sonnet-4-5:rawPredict"
+    );
+    let sent = last.json();
+    assert_eq!(sent["anthropic_version"], "vertex-2023-10-16");
+    assert!(sent.get("model").is_none(), "{sent}");
+    let r = messages(true).await.unwrap();
+    let text = r.text().await.unwrap();
+    assert!(text.contains("event: message_stop"), "{text}");
+    assert!(
+        mock.requests()
+            .last()
+            .unwrap()
+            .path
+            .ends_with(":streamRawPredict")
+    );
+    let r = chat("vt-claude", false).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let answer: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        answer["choices"][0]["message"]["content"],
+        "Hello from the mock provider."
+    );
     // The private key is nowhere in the agent's output.
     agent.signal("TERM");
     agent.wait_exit(Duration::from_secs(10)).await;

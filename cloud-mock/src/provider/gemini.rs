@@ -66,18 +66,66 @@ pub(super) async fn vertex(
     Path((_project, _region, action)): Path<(String, String, String)>,
     request: Request,
 ) -> Response {
+    if let Some(refused) = unauthenticated(&request) {
+        return refused;
+    }
+    answer(&shared, &action, request).await
+}
+
+/// `POST /v1/projects/{project}/locations/{region}/publishers/anthropic/models/
+/// {model}:rawPredict` (or `:streamRawPredict`): Claude on Vertex AI, Anthropic's
+/// messages with `anthropic_version: vertex-2023-10-16` in the body and no `model`.
+pub(super) async fn claude(
+    State(shared): State<SharedState>,
+    Path((_project, _region, action)): Path<(String, String, String)>,
+    request: Request,
+) -> Response {
+    if let Some(refused) = unauthenticated(&request) {
+        return refused;
+    }
+    let Some((model, "rawPredict" | "streamRawPredict")) = action.rsplit_once(':') else {
+        return (
+            StatusCode::NOT_FOUND,
+            axum::Json(error_body(StatusCode::NOT_FOUND)),
+        )
+            .into_response();
+    };
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    let request: Value = serde_json::from_slice(&body).unwrap_or_default();
+    if request["anthropic_version"] != "vertex-2023-10-16" || request.get("model").is_some() {
+        let body = json!({"type": "error", "error": {"type": "invalid_request_error",
+            "message": "anthropic_version: vertex-2023-10-16 is required and model must not be set"}});
+        return (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
+    }
+    let call = receive(
+        &shared,
+        &parts.method,
+        &parts.uri,
+        &parts.headers,
+        &body,
+        Some(model.to_owned()),
+    )
+    .await;
+    super::anthropic::messages(call).await
+}
+
+/// Vertex AI's refusal of a request without a `ya29.` bearer token.
+fn unauthenticated(request: &Request) -> Option<Response> {
     let token = request
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if !token.starts_with("ya29.") {
-        let body = json!({"error": {"code": 401, "status": "UNAUTHENTICATED",
-            "message": "Request had invalid authentication credentials. Expected OAuth 2 access token."}});
-        return (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response();
+    if token.starts_with("ya29.") {
+        return None;
     }
-    answer(&shared, &action, request).await
+    let body = json!({"error": {"code": 401, "status": "UNAUTHENTICATED",
+        "message": "Request had invalid authentication credentials. Expected OAuth 2 access token."}});
+    Some((StatusCode::UNAUTHORIZED, axum::Json(body)).into_response())
 }
 
 /// `POST /token`: Google's OAuth2 token endpoint for service accounts (RFC 7523): the

@@ -321,6 +321,10 @@ fn router(shared: SharedState) -> Router {
             "/v1/projects/{project}/locations/{region}/publishers/google/models/{action}",
             post(gemini::vertex),
         )
+        .route(
+            "/v1/projects/{project}/locations/{region}/publishers/anthropic/models/{action}",
+            post(gemini::claude),
+        )
         .route("/token", post(gemini::token))
         .route("/{tenant}/oauth2/v2.0/token", post(azure::token))
         .route("/_mock/entra", put(set_entra).get(get_entra))

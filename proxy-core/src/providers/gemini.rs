@@ -3,6 +3,8 @@
 //! {region}/publishers/google/models/{model}:...`, an OAuth2 bearer token: the key's
 //! access token, or one a service account's signed JWT is exchanged for, see
 //! [`mint`]). Both `generateContent`, and `streamGenerateContent?alt=sse` for streams.
+//! Claude models on Vertex AI (`model_name` starting with `claude`) are Anthropic's
+//! messages at `publishers/anthropic/models/{model}:rawPredict`.
 //! Chat completions and messages are translated (`formats::chat::GeminiContent`);
 //! Google's error statuses (`RESOURCE_EXHAUSTED`, `PERMISSION_DENIED`...) read as the
 //! gateway's codes.
@@ -16,6 +18,7 @@ use ring::rand::SystemRandom;
 use ring::signature::{self, RsaKeyPair};
 use serde_json::{Value, json};
 
+use super::anthropic::anthropic_error_fields;
 use super::azure::SEGMENT;
 use super::provider::{CallerRequest, Outgoing, Payload, Prepared, Provider, TargetModel};
 use super::tokens::{self, Minted};
@@ -24,6 +27,7 @@ use crate::formats::chat::{
     self, AnthropicMessages, CallerCodec, Conversion, GeminiContent, OpenAiChat,
 };
 use crate::formats::endpoint::Endpoint;
+use crate::formats::sse;
 use crate::resources::{ProviderKey, ServiceAccount};
 
 pub struct Gemini;
@@ -80,12 +84,15 @@ impl Provider for VertexAi {
                 target.key.display_name
             )));
         };
-        let prefix = format!(
-            "/v1/projects/{}/locations/{}/publishers/google/models",
+        let project = format!(
+            "/v1/projects/{}/locations/{}/publishers",
             utf8_percent_encode(&vertex.project, SEGMENT),
             vertex.region
         );
-        build(request, target, &prefix)
+        if target.upstream_model.starts_with("claude") {
+            return claude(request, target, &format!("{project}/anthropic/models"));
+        }
+        build(request, target, &format!("{project}/google/models"))
     }
 
     /// The bearer token is added by the upstream client (`tokens.rs`).
@@ -97,9 +104,75 @@ impl Provider for VertexAi {
         request
     }
 
+    /// Claude's errors are Anthropic's; the platform's own are Google's.
     fn error_fields(&self, status: u16, body: &[u8]) -> UpstreamErrorFields {
+        if sse::mentions(body, b"\"type\":\"error\"") {
+            return anthropic_error_fields(status, body);
+        }
         google_error_fields(status, body)
     }
+}
+
+/// The Anthropic API version Claude on Vertex AI takes, in the body.
+const VERTEX_ANTHROPIC_VERSION: &str = "vertex-2023-10-16";
+
+/// Claude on Vertex AI: Anthropic's messages, the model in the URL (`:rawPredict`, or
+/// `:streamRawPredict` for streams) and `anthropic_version` in the body instead of
+/// `model`. Messages callers are native; chat callers translated.
+fn claude(
+    request: &CallerRequest<'_>,
+    target: &TargetModel<'_>,
+    prefix: &str,
+) -> Result<Prepared, ProxyError> {
+    let (body, conversion) = match request.endpoint {
+        Endpoint::Messages => (request.raw.to_vec(), Conversion::None),
+        Endpoint::ChatCompletions => (
+            chat::translate_request(
+                request.raw,
+                &OpenAiChat,
+                &AnthropicMessages,
+                target.upstream_model,
+            )?,
+            Conversion::Translate {
+                upstream: &AnthropicMessages,
+                caller: &OpenAiChat,
+            },
+        ),
+        other => {
+            return Err(ProxyError::NotImplemented(format!(
+                "{} is not served by Claude on Vertex AI",
+                other.path()
+            )));
+        }
+    };
+    let mut body: Value = serde_json::from_slice(&body).map_err(|_| {
+        ProxyError::invalid_request("request body is not a valid JSON object", None)
+    })?;
+    if let Some(fields) = body.as_object_mut() {
+        fields.remove("model");
+        fields.insert("anthropic_version".into(), VERTEX_ANTHROPIC_VERSION.into());
+    }
+    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+    let bytes = target
+        .prompt_cache
+        .and_then(|ttl| chat::add_cache_breakpoints(&bytes, ttl))
+        .unwrap_or(bytes);
+    let model = target.upstream_model;
+    let action = if request.body.stream {
+        "streamRawPredict"
+    } else {
+        "rawPredict"
+    };
+    Ok(Prepared {
+        outgoing: Outgoing {
+            path: format!("{prefix}/{}:{action}", utf8_percent_encode(model, SEGMENT)).into(),
+            payload: Payload::Json(Bytes::from(bytes)),
+            stream: request.body.stream,
+            json_answer: true,
+            headers: HeaderMap::new(),
+        },
+        conversion,
+    })
 }
 
 /// The `generateContent` request of a chat or messages call, under `prefix`.
