@@ -8,7 +8,7 @@ mod common;
 
 use cloud_mock::provider::azure::REFUSED_CLIENT_SECRET;
 use cloud_mock::provider::{MockProvider, Script};
-use common::{CALLER, hash, read_stream, start_proxy};
+use common::{CALLER, Recorder, hash, read_stream, start_proxy};
 use proxy_core::http::{Hooks, ProxyOptions};
 use serde_json::{Value, json};
 
@@ -21,6 +21,10 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with(Hooks::default()).await
+}
+
+async fn setup_with(hooks: Hooks) -> Setup {
     let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
         .await
         .unwrap();
@@ -109,7 +113,7 @@ async fn setup() -> Setup {
             },
         );
     }
-    let (url, ..) = start_proxy(docs, ProxyOptions::default(), Hooks::default()).await;
+    let (url, ..) = start_proxy(docs, ProxyOptions::default(), hooks).await;
     Setup { url, mock }
 }
 
@@ -541,4 +545,52 @@ async fn gemini_safety_stops_cached_tokens_and_throttling_read_as_the_gateways()
     let r = s.post("/v1/chat/completions", chat("gm-failover")).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-aisix-served-by"], "oa-gpt");
+}
+
+#[tokio::test]
+async fn usage_events_and_metrics_count_cloud_providers_as_any_other() {
+    let usage = std::sync::Arc::new(Recorder::default());
+    let hooks = Hooks {
+        usage: Some(usage.clone()),
+        ..Hooks::default()
+    };
+    let metrics = hooks.metrics.clone();
+    let s = setup_with(hooks).await;
+    for model in ["az-gpt", "gm-flash"] {
+        assert_eq!(
+            s.post("/v1/chat/completions", chat(model)).await.status(),
+            200
+        );
+        let mut streamed = chat(model);
+        streamed["stream"] = json!(true);
+        let (_, aborted) = read_stream(s.post("/v1/chat/completions", streamed).await).await;
+        assert!(!aborted);
+    }
+    let events = usage.0.lock().unwrap().clone();
+    let seen: Vec<(&str, &str, u64, u64, bool)> = events
+        .iter()
+        .map(|e| {
+            (
+                e.provider.as_str(),
+                e.served_by.as_str(),
+                e.prompt_tokens,
+                e.completion_tokens,
+                e.stream,
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("azure", "az-gpt", 10, 3, false),
+            ("azure", "az-gpt", 10, 3, true),
+            ("gemini", "gm-flash", 10, 3, false),
+            ("gemini", "gm-flash", 10, 3, true),
+        ]
+    );
+    let exposition = metrics.render(proxy_core::observe::metrics::Readings::default());
+    for model in ["az-gpt", "gm-flash"] {
+        let line = format!("aisix_tokens_total{{model=\"{model}\",direction=\"input\"}} 20");
+        assert!(exposition.contains(&line), "{line} in\n{exposition}");
+    }
 }

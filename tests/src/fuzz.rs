@@ -89,6 +89,14 @@ pub fn chat_answer(data: &[u8]) {
             upstream: openai,
             caller: anthropic,
         },
+        chat::Conversion::Translate {
+            upstream: &chat::GeminiContent,
+            caller: openai,
+        },
+        chat::Conversion::Translate {
+            upstream: &chat::GeminiContent,
+            caller: anthropic,
+        },
     ] {
         if let Ok(out) = conversion.answer(bytes::Bytes::copy_from_slice(data)) {
             assert!(
@@ -100,7 +108,8 @@ pub fn chat_answer(data: &[u8]) {
 }
 
 /// An SSE byte stream, cut at an arbitrary point (the first byte chooses it): event
-/// splitting, data lines, the usage filter and both stream translators.
+/// splitting, data lines, the usage filter and the stream translators (a Gemini one
+/// continued on another upstream at the cut, as a resumed stream is).
 pub fn sse_stream(data: &[u8]) {
     let Some((&cut, run)) = data.split_first() else {
         return;
@@ -116,6 +125,11 @@ pub fn sse_stream(data: &[u8]) {
     let mut to_anthropic = chat::StreamTranslator::new(&chat::OpenAiChat, &chat::AnthropicMessages);
     let _ = to_anthropic.translate(first);
     let _ = to_anthropic.translate(second);
+    let mut from_gemini =
+        chat::StreamTranslator::following(&chat::GeminiContent, &chat::OpenAiChat);
+    let _ = from_gemini.translate(first);
+    from_gemini.continue_with(&chat::OpenAiChat, first.len());
+    let _ = from_gemini.translate(second);
 }
 
 /// Lines of an etcd v3 JSON watch stream.

@@ -36,12 +36,24 @@ impl Tokens {
     /// OpenAI's `prompt_tokens_details.cached_tokens` and the Responses API's
     /// `input_tokens_details.cached_tokens` (parts of the input count), Anthropic's
     /// `cache_read_input_tokens` and `cache_creation_input_tokens` (added to it).
+    /// Gemini's `usageMetadata`: `promptTokenCount` (cached part
+    /// `cachedContentTokenCount`), output `candidatesTokenCount` + `thoughtsTokenCount`.
     pub fn from_json(document: &[u8]) -> Option<Tokens> {
         #[derive(Deserialize)]
         struct Document {
             usage: Option<Usage>,
             message: Option<Nested>,
             response: Option<Nested>,
+            #[serde(rename = "usageMetadata")]
+            usage_metadata: Option<Google>,
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Google {
+            prompt_token_count: Option<u64>,
+            candidates_token_count: Option<u64>,
+            thoughts_token_count: Option<u64>,
+            cached_content_token_count: Option<u64>,
         }
         #[derive(Deserialize)]
         struct Nested {
@@ -63,6 +75,15 @@ impl Tokens {
             cached_tokens: Option<u64>,
         }
         let document = serde_json::from_slice::<Document>(document).ok()?;
+        if let Some(google) = document.usage_metadata {
+            return Some(Tokens {
+                prompt: google.prompt_token_count.unwrap_or(0),
+                completion: google.candidates_token_count.unwrap_or(0)
+                    + google.thoughts_token_count.unwrap_or(0),
+                cache_read: google.cached_content_token_count.unwrap_or(0),
+                cache_write: 0,
+            });
+        }
         let usage = document
             .usage
             .or_else(|| document.message?.usage)
@@ -127,6 +148,16 @@ mod tests {
         let cached = br#"{"usage":{"prompt_tokens":2006,"completion_tokens":300,"prompt_tokens_details":{"cached_tokens":1920}}}"#;
         assert_eq!(
             Tokens::from_json(cached),
+            Some(Tokens {
+                prompt: 2006,
+                completion: 300,
+                cache_read: 1920,
+                cache_write: 0,
+            })
+        );
+        let gemini = br#"{"candidates":[],"usageMetadata":{"promptTokenCount":2006,"candidatesTokenCount":250,"thoughtsTokenCount":50,"cachedContentTokenCount":1920}}"#;
+        assert_eq!(
+            Tokens::from_json(gemini),
             Some(Tokens {
                 prompt: 2006,
                 completion: 300,

@@ -116,7 +116,8 @@ impl StreamTap {
             if sse::mentions(data, b"delta") {
                 self.deltas += 1;
             }
-            if !sse::mentions(data, b"\"usage\"") {
+            // `"usage"`, and Gemini's `"usageMetadata"`.
+            if !sse::mentions(data, b"\"usage") {
                 continue;
             }
             if let Some(tokens) = Tokens::from_json(data) {
