@@ -594,3 +594,53 @@ async fn usage_events_and_metrics_count_cloud_providers_as_any_other() {
         assert!(exposition.contains(&line), "{line} in\n{exposition}");
     }
 }
+
+#[tokio::test]
+async fn azure_images_and_audio_forms_go_to_the_deployment() {
+    let s = setup().await;
+    let r = s
+        .post(
+            "/v1/images/generations",
+            json!({"model": "az-gpt", "prompt": "a cat", "n": 1}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        s.last().path,
+        "/openai/deployments/gpt-4o%20deploy/images/generations"
+    );
+    let form = reqwest::multipart::Form::new()
+        .text("model", "az-gpt")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(b"RIFF-fake-wave".to_vec())
+                .file_name("hello.wav")
+                .mime_str("audio/wav")
+                .unwrap(),
+        );
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/audio/transcriptions", s.url))
+        .bearer_auth(CALLER)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"text": "Hello from the mock provider."})
+    );
+    let sent = s.last();
+    assert_eq!(
+        sent.path,
+        "/openai/deployments/gpt-4o%20deploy/audio/transcriptions"
+    );
+    assert_eq!(sent.query.as_deref(), Some("api-version=2024-10-21"));
+    // The form's model field names the deployment.
+    assert!(
+        sent.body
+            .contains("name=\"model\"\r\n\r\ngpt-4o deploy\r\n"),
+        "{}",
+        sent.body
+    );
+}
