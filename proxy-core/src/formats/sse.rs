@@ -1,5 +1,7 @@
 //! Server-sent events on their way to the caller: re-chunked on event boundaries so
-//! filters see whole events (a partial event waits for the rest of it).
+//! filters see whole events (a partial event waits for the rest of it), and ended the
+//! way the filter says: cleanly, aborted after an error event (`StreamBreak` names why
+//! an upstream stream broke), or continued on another upstream body.
 
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
