@@ -28,9 +28,17 @@ pub struct CertInfo {
 }
 
 impl CertInfo {
-    /// Whole days until `not_after` (negative once expired).
+    /// Days until `not_after`, a started day counting as one: a certificate issued for
+    /// 90 days has 90 left right after issue, one with an hour left has 1. Zero or
+    /// negative (whole days past) once expired.
     pub fn days_left(&self, now: OffsetDateTime) -> i64 {
-        (self.not_after - now).whole_days()
+        let left = self.not_after - now;
+        let days = left.whole_days();
+        if left.is_positive() && left > time::Duration::days(days) {
+            days + 1
+        } else {
+            days
+        }
     }
 }
 
@@ -117,7 +125,12 @@ mod tests {
         assert_eq!(info.issuer, "CN=Test CA");
         assert!(!info.is_ca);
         let now = OffsetDateTime::now_utc();
-        assert_eq!(info.days_left(now), 29);
+        assert_eq!(info.days_left(now), 30);
+        assert_eq!(info.days_left(info.not_after - time::Duration::hours(1)), 1);
+        assert_eq!(
+            info.days_left(info.not_after + time::Duration::hours(25)),
+            -1
+        );
         // Backdated for clock skew.
         assert!(info.not_before <= now - time::Duration::minutes(4));
         assert_eq!(info.sha256_fingerprint.len(), 32 * 3 - 1);

@@ -36,7 +36,7 @@ fn csr_is_signed_only_for_the_expected_identity() {
         .unwrap();
     let info = &inspect_pem("c", &cert).unwrap()[0];
     assert_eq!(info.identity, Some(id("env-1", "dp-1")));
-    assert_eq!(info.days_left(OffsetDateTime::now_utc()), 9);
+    assert_eq!(info.days_left(OffsetDateTime::now_utc()), 10);
     // The key stayed with the requester and matches the signed certificate.
     let bundle = load(&cert, csr.key_pem.expose(), ca.cert_pem()).unwrap();
     assert_eq!(bundle.identity, id("env-1", "dp-1"));

@@ -83,7 +83,7 @@ fn init_issue_inspect() {
         out.contains("uris:             x-aisix://env/prod, x-aisix://dp/edge-1"),
         "{out}"
     );
-    assert!(out.contains("days left:        29"), "{out}");
+    assert!(out.contains("days left:        30"), "{out}");
 
     let (code, out) = certs(&["inspect", "--json", path(&gw_dir.join("gateway.pem"))]);
     assert_eq!(code, 0, "{out}");
@@ -92,7 +92,10 @@ fn init_issue_inspect() {
         json[0]["identity"],
         serde_json::json!({"env_id": "prod", "dp_id": "edge-1"})
     );
-    assert_eq!(json[0]["days_left"], 29);
+    assert_eq!(
+        json[0]["days_left"], 30,
+        "--days 30 shows 30 days left right after issue"
+    );
     assert_eq!(json[0]["is_ca"], false);
     assert_eq!(json[0]["sha256_fingerprint"].as_str().unwrap().len(), 95);
 
@@ -200,7 +203,7 @@ fn csr_then_sign_csr_checks_the_identity() {
     ]);
     assert_eq!(code, 0, "{out}");
     assert!(
-        out.contains("valid, issued by CN=AISIX CA, 6 days left"),
+        out.contains("valid, issued by CN=AISIX CA, 7 days left"),
         "{out}"
     );
 }
