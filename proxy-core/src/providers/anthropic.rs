@@ -5,7 +5,9 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 use serde_json::Value;
 
-use super::provider::{CallerRequest, Outgoing, Payload, Prepared, Provider, TargetModel};
+use super::provider::{
+    CallerRequest, Outgoing, Payload, Prepared, Provider, TargetModel, coded_error,
+};
 use crate::failure::{ProxyError, UpstreamErrorFields};
 use crate::formats::chat::{self, AnthropicMessages, Conversion, OpenAiChat};
 use crate::formats::endpoint::{Endpoint, MESSAGES};
@@ -122,7 +124,10 @@ fn headers(caller: Option<&HeaderMap>) -> HeaderMap {
 /// An Anthropic upstream 4xx as OpenAI-style fields: `upstream_error` with a code
 /// saying what kind of refusal it was, and Anthropic's message.
 pub fn anthropic_error_fields(status: u16, body: &[u8]) -> UpstreamErrorFields {
-    let error: Value = serde_json::from_slice(body).unwrap_or_default();
+    anthropic_error(status, &serde_json::from_slice(body).unwrap_or_default())
+}
+
+pub(super) fn anthropic_error(status: u16, error: &Value) -> UpstreamErrorFields {
     let kind = error.pointer("/error/type").and_then(Value::as_str);
     let code = match (kind, status) {
         (Some("rate_limit_error"), _) | (None, 429) => "rate_limit_exceeded",
@@ -133,17 +138,5 @@ pub fn anthropic_error_fields(status: u16, body: &[u8]) -> UpstreamErrorFields {
         (Some("timeout_error"), _) | (None, 408) => "timeout",
         _ => "invalid_request",
     };
-    let message = error
-        .pointer("/error/message")
-        .and_then(Value::as_str)
-        .map_or_else(
-            || format!("the upstream provider answered {status}"),
-            str::to_owned,
-        );
-    UpstreamErrorFields {
-        message,
-        kind: "upstream_error".to_owned(),
-        param: None,
-        code: Some(code.to_owned()),
-    }
+    coded_error(status, error, code)
 }

@@ -9,10 +9,9 @@ use std::borrow::Cow;
 
 use axum::http::HeaderMap;
 use bytes::Bytes;
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
 use super::openai::upstream_error_fields;
-use super::provider::{CallerRequest, Outgoing, Payload, Prepared, Provider, TargetModel};
+use super::provider::{CallerRequest, Outgoing, Payload, Prepared, Provider, TargetModel, segment};
 use super::tokens::{self, Minted};
 use crate::failure::{ProxyError, UpstreamErrorFields};
 use crate::formats::chat::{self, AnthropicMessages, Conversion, OpenAiChat};
@@ -25,13 +24,6 @@ pub const DEFAULT_API_VERSION: &str = "2024-10-21";
 pub const RESPONSES_API_VERSION: &str = "2025-04-01-preview";
 /// What Entra tokens are asked for.
 const SCOPE: &str = "https://cognitiveservices.azure.com/.default";
-
-/// Deployment names go into the path: everything but unreserved characters is encoded.
-pub(super) const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
 
 pub struct AzureOpenAi;
 
@@ -109,7 +101,7 @@ impl Provider for AzureOpenAi {
         };
         let path = format!(
             "/openai/deployments/{}/{route}?api-version={}",
-            utf8_percent_encode(deployment, SEGMENT),
+            segment(deployment),
             version.unwrap_or(DEFAULT_API_VERSION)
         );
         Ok(prepared(path, payload, request, conversion))

@@ -13,21 +13,20 @@ use axum::http::HeaderMap;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
-use percent_encoding::utf8_percent_encode;
 use ring::rand::SystemRandom;
 use ring::signature::{self, RsaKeyPair};
 use serde_json::{Value, json};
 
-use super::anthropic::anthropic_error_fields;
-use super::azure::SEGMENT;
-use super::provider::{CallerRequest, Outgoing, Payload, Prepared, Provider, TargetModel};
+use super::anthropic::anthropic_error;
+use super::provider::{
+    CallerRequest, Outgoing, Payload, Prepared, Provider, TargetModel, coded_error, segment,
+};
 use super::tokens::{self, Minted};
 use crate::failure::{ProxyError, UpstreamErrorFields};
 use crate::formats::chat::{
     self, AnthropicMessages, CallerCodec, Conversion, GeminiContent, OpenAiChat,
 };
 use crate::formats::endpoint::Endpoint;
-use crate::formats::sse;
 use crate::resources::{ProviderKey, ServiceAccount};
 
 pub struct Gemini;
@@ -38,7 +37,7 @@ impl Provider for Gemini {
     }
 
     fn supports(&self, endpoint: Endpoint) -> bool {
-        matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Messages)
+        serves(endpoint)
     }
 
     fn build(
@@ -70,7 +69,7 @@ impl Provider for VertexAi {
     }
 
     fn supports(&self, endpoint: Endpoint) -> bool {
-        matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Messages)
+        serves(endpoint)
     }
 
     fn build(
@@ -86,7 +85,7 @@ impl Provider for VertexAi {
         };
         let project = format!(
             "/v1/projects/{}/locations/{}/publishers",
-            utf8_percent_encode(&vertex.project, SEGMENT),
+            segment(&vertex.project),
             vertex.region
         );
         if target.upstream_model.starts_with("claude") {
@@ -104,12 +103,14 @@ impl Provider for VertexAi {
         request
     }
 
-    /// Claude's errors are Anthropic's; the platform's own are Google's.
+    /// Claude's errors are Anthropic's (`{"type": "error", ...}`); the platform's own
+    /// are Google's.
     fn error_fields(&self, status: u16, body: &[u8]) -> UpstreamErrorFields {
-        if sse::mentions(body, b"\"type\":\"error\"") {
-            return anthropic_error_fields(status, body);
+        let error: Value = serde_json::from_slice(body).unwrap_or_default();
+        if error["type"] == "error" {
+            return anthropic_error(status, &error);
         }
-        google_error_fields(status, body)
+        google_error(status, &error)
     }
 }
 
@@ -165,7 +166,7 @@ fn claude(
     };
     Ok(Prepared {
         outgoing: Outgoing {
-            path: format!("{prefix}/{}:{action}", utf8_percent_encode(model, SEGMENT)).into(),
+            path: format!("{prefix}/{}:{action}", segment(model)).into(),
             payload: Payload::Json(Bytes::from(bytes)),
             stream: request.body.stream,
             json_answer: true,
@@ -173,6 +174,11 @@ fn claude(
         },
         conversion,
     })
+}
+
+/// What both Google adapters serve: the chat formats, translated.
+fn serves(endpoint: Endpoint) -> bool {
+    matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Messages)
 }
 
 /// The `generateContent` request of a chat or messages call, under `prefix`.
@@ -198,7 +204,7 @@ fn build(
     } else {
         "generateContent"
     };
-    let path = format!("{prefix}/{}:{action}", utf8_percent_encode(model, SEGMENT));
+    let path = format!("{prefix}/{}:{action}", segment(model));
     Ok(Prepared {
         outgoing: Outgoing {
             path: path.into(),
@@ -281,7 +287,10 @@ fn signed_assertion(account: &ServiceAccount) -> Option<String> {
 /// A Google API error (`{"error": {code, message, status}}`) as the caller's fields:
 /// `upstream_error` with a code saying what kind of refusal it was.
 pub fn google_error_fields(status: u16, body: &[u8]) -> UpstreamErrorFields {
-    let error: Value = serde_json::from_slice(body).unwrap_or_default();
+    google_error(status, &serde_json::from_slice(body).unwrap_or_default())
+}
+
+fn google_error(status: u16, error: &Value) -> UpstreamErrorFields {
     let code = match (
         error.pointer("/error/status").and_then(Value::as_str),
         status,
@@ -293,17 +302,5 @@ pub fn google_error_fields(status: u16, body: &[u8]) -> UpstreamErrorFields {
         (Some("DEADLINE_EXCEEDED"), _) => "timeout",
         _ => "invalid_request",
     };
-    let message = error
-        .pointer("/error/message")
-        .and_then(Value::as_str)
-        .map_or_else(
-            || format!("the upstream provider answered {status}"),
-            str::to_owned,
-        );
-    UpstreamErrorFields {
-        message,
-        kind: "upstream_error".to_owned(),
-        param: None,
-        code: Some(code.to_owned()),
-    }
+    coded_error(status, error, code)
 }

@@ -5,6 +5,7 @@ use std::borrow::Cow;
 
 use axum::http::HeaderMap;
 use bytes::Bytes;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, PercentEncode, utf8_percent_encode};
 
 use crate::failure::{ProxyError, UpstreamErrorFields};
 use crate::formats::body::RequestBody;
@@ -62,6 +63,40 @@ impl CallerRequest<'_> {
             }
             None => Payload::Json(Bytes::from(self.body.with_model(model))),
         })
+    }
+}
+
+/// Everything but unreserved characters is encoded in a path segment.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// `text` as one URL path segment (a deployment, a project, a model name).
+pub(super) fn segment(text: &str) -> PercentEncode<'_> {
+    utf8_percent_encode(text, SEGMENT)
+}
+
+/// The caller's fields of an upstream 4xx whose kind the adapter read as `code`:
+/// `upstream_error`, the upstream's `error.message` (or one naming the status).
+pub(super) fn coded_error(
+    status: u16,
+    error: &serde_json::Value,
+    code: &str,
+) -> UpstreamErrorFields {
+    let message = error
+        .pointer("/error/message")
+        .and_then(serde_json::Value::as_str)
+        .map_or_else(
+            || format!("the upstream provider answered {status}"),
+            str::to_owned,
+        );
+    UpstreamErrorFields {
+        message,
+        kind: "upstream_error".to_owned(),
+        param: None,
+        code: Some(code.to_owned()),
     }
 }
 

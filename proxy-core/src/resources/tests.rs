@@ -158,6 +158,14 @@ fn vertex_keys_name_a_project_and_a_token_or_a_service_account() {
         ("p", "europe-west4")
     );
     assert!(matches!(vertex.auth, GoogleAuth::AccessToken(_)));
+    let Resource::ProviderKey(global) = parse(
+        Kind::ProviderKeys,
+        r#"{"display_name":"v","provider":"vertex","api_key":"{\"project\":\"p\",\"region\":\"global\",\"access_token\":\"ya29.t\"}"}"#,
+    )
+    .unwrap() else {
+        panic!()
+    };
+    assert_eq!(global.api_base, "https://aiplatform.googleapis.com");
     // A service account whose key is not an RSA PKCS#8 key, and a missing project:
     // named fields, never the key.
     let got = problems(

@@ -20,6 +20,13 @@ pub struct GeminiContent;
 
 impl UpstreamCodec for GeminiContent {
     fn write_request(&self, request: &Request, _model: &str) -> Result<Vec<u8>> {
+        // Answers are read from the first candidate: more would be dropped silently.
+        if request.choices > 1 {
+            return Err(refuse(
+                "'n' greater than 1 is not supported by this model's provider",
+                "n",
+            ));
+        }
         let mut out = Map::new();
         out.insert("contents".into(), Value::Array(write_turns(request)?));
         if !request.system.is_empty() {
@@ -42,9 +49,6 @@ impl UpstreamCodec for GeminiContent {
         }
         if !request.stop.is_empty() {
             config.insert("stopSequences".into(), request.stop.clone().into());
-        }
-        if request.choices > 1 {
-            config.insert("candidateCount".into(), request.choices.into());
         }
         if let Some(budget) = request.thinking_budget {
             config.insert(

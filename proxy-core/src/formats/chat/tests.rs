@@ -787,3 +787,52 @@ fn breakpoints_go_on_the_system_prompt_and_the_last_message() {
         None
     );
 }
+
+// Gemini
+
+#[test]
+fn gemini_refuses_what_it_cannot_express() {
+    let gemini: &GeminiContent = &GeminiContent;
+    let param =
+        |body: Value| match translate_request(body.to_string().as_bytes(), OPENAI, gemini, "g") {
+            Err(ProxyError::InvalidRequest { param, .. }) => param,
+            other => panic!("{other:?}"),
+        };
+    let user = json!([{"role": "user", "content": "Hi"}]);
+    assert_eq!(
+        param(json!({"model": "x", "n": 2, "messages": user})),
+        Some("n")
+    );
+    assert_eq!(
+        param(
+            json!({"model": "x", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]})
+        ),
+        Some("messages")
+    );
+    assert_eq!(
+        param(
+            json!({"model": "x", "messages": [{"role": "user", "content": "Hi"},
+            {"role": "tool", "tool_call_id": "nowhere", "content": "42"}]})
+        ),
+        Some("messages")
+    );
+    // A base64 image is sent inline.
+    let sent: Value = serde_json::from_slice(
+        &translate_request(
+            json!({"model": "x", "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0K"}}]}]})
+            .to_string()
+            .as_bytes(),
+            OPENAI,
+            gemini,
+            "g",
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        sent["contents"][0]["parts"][0],
+        json!({"inlineData": {"mimeType": "image/png", "data": "iVBORw0K"}})
+    );
+}
