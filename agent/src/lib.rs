@@ -15,14 +15,14 @@
 //! - `listeners`: the listener set of a config, bound before anything serves.
 //! - `resources_file`: file mode's YAML resources document (SIGHUP reloads it).
 //! - `etcd`: the etcd v3 JSON client; `watch`: the list-then-watch configuration
-//!   watcher; `backoff`: retry pacing; `cache`: the sled last-good snapshot.
+//!   watcher; `cache`: the sled last-good snapshot.
 //! - `managed`: managed mode (bundle, mTLS client, heartbeats) over the same watcher.
 //! - `admin`: the self-hosted admin listener.
 //! - `status`: the metrics and status listener.
 //! - `logging`: tracing setup (text or JSON); `files`: permissions of secret files.
 
 pub mod admin;
-pub mod backoff;
+pub use proxy_core::backoff;
 pub mod cache;
 pub mod config;
 pub mod etcd;
@@ -193,6 +193,9 @@ impl Serving {
             managed,
         } = running;
         let (mut hooks, mut managed) = (Some(hooks), managed);
+        let proxy = proxy_options(config)?;
+        let redis = proxy.redis();
+        let mut proxy = Some(proxy);
         for bound in listeners {
             let addr = bound.local_addr()?;
             let mut options = ListenerOptions {
@@ -210,7 +213,7 @@ impl Serving {
                     router(ProxyState::new(
                         shared.store.clone(),
                         Upstream::new()?,
-                        proxy_options(config),
+                        proxy.take().unwrap_or_default(),
                         serving.draining.clone(),
                         shared.health.clone(),
                         hooks.take().unwrap_or_default(),
@@ -237,6 +240,7 @@ impl Serving {
                         managed: managed.take(),
                         draining: serving.draining.clone(),
                         ignored: config.ignored.clone(),
+                        redis: redis.clone(),
                     }),
                     &config.observability.metrics.prometheus.path,
                 ),
@@ -277,8 +281,9 @@ impl Serving {
     }
 }
 
-fn proxy_options(config: &Config) -> ProxyOptions {
-    ProxyOptions {
+fn proxy_options(config: &Config) -> anyhow::Result<ProxyOptions> {
+    let field = |(field, message): (String, String)| anyhow::anyhow!("{field}: {message}");
+    Ok(ProxyOptions {
         body_limit: match config.proxy.request_body_limit_bytes {
             0 => None,
             n => Some(usize::try_from(n).unwrap_or(usize::MAX)),
@@ -289,9 +294,10 @@ fn proxy_options(config: &Config) -> ProxyOptions {
         request_id_headers: config.request_id_headers(),
         trusted_proxies: config.proxy.trusted_proxies.clone(),
         client_ip_header: config.client_ip_header(),
-        cache: config.cache.options(),
+        cache: config.cache.options().map_err(field)?,
+        shared_limits: config.ratelimit.options().map_err(field)?,
         access_log: config.observability.access_log,
-    }
+    })
 }
 
 /// Reloads the resources file when asked, until shutdown.

@@ -4,7 +4,8 @@
 //!   OpenMetrics text format.
 //! - `GET /status/config`: where the configuration comes from, whether the source is
 //!   connected, the applied revision, the config hash, resource counts, rejected
-//!   resources with their reasons, and ignored config sections. JSON.
+//!   resources with their reasons, ignored config sections, and the Redis connections
+//!   of the shared rate limits and cache (connected, failures, last error). JSON.
 //! - `GET /status/ready`: 200 when a configuration is loaded and the process is not
 //!   draining, else 503; JSON saying which.
 //! - `GET /livez`: as on the proxy listener.
@@ -21,6 +22,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use proxy_core::observe::metrics::{CONTENT_TYPE, Readings};
+use proxy_core::shared::redis::{Redis, RedisStatus};
 use proxy_core::snapshot::{RejectedResource, Snapshot, Source};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -36,6 +38,8 @@ pub struct Status {
     pub draining: CancellationToken,
     /// Config sections accepted but not implemented by this build.
     pub ignored: Vec<String>,
+    /// The Redis connections of the shared rate limits and cache.
+    pub redis: Vec<Redis>,
 }
 
 pub fn router(status: Arc<Status>, metrics_path: &str) -> Router {
@@ -85,6 +89,7 @@ impl Status {
                 .managed
                 .as_ref()
                 .map(|m| (m.usage.pending(), m.usage.dropped())),
+            redis: self.redis.iter().map(Redis::status).collect(),
         }
     }
 }
@@ -107,6 +112,10 @@ struct ConfigStatus {
     resources: Resources,
     rejected_resources: Vec<RejectedResource>,
     ignored_config_sections: Vec<String>,
+    /// The shared rate limits' and cache's Redis connections; absent when neither
+    /// uses Redis.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    redis: Vec<RedisStatus>,
 }
 
 /// Resources in the snapshot, by kind.
@@ -156,6 +165,7 @@ async fn config(State(status): State<Arc<Status>>) -> Json<ConfigStatus> {
         resources: Resources::of(&snapshot),
         rejected_resources: store.rejected(),
         ignored_config_sections: status.ignored.clone(),
+        redis: status.redis.iter().map(Redis::status).collect(),
     })
 }
 

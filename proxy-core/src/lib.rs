@@ -12,12 +12,15 @@
 //! - `failure`: the one proxy error type, classified once, and its envelopes.
 //! - `formats`: endpoints, request bodies, SSE, forms, tokens, the chat codecs and their
 //!   canonical form.
+//! - `backoff`, `shared`: retry pacing; the Redis connection replicas share limits and
+//!   cached answers through.
 //! - `policy`: guardrails, rate limits, model health.
 //! - `observe`: the request record, metrics and usage accounting.
 //! - `providers`: the provider adapters and the upstream client.
 //! - `pipeline`: one request's phases (admit, cache, dispatch, respond), passthrough.
 //! - `http`: the proxy listener (router, request context, drain).
 
+pub mod backoff;
 pub mod failure;
 pub mod formats;
 pub mod hooks;
@@ -28,6 +31,7 @@ pub mod policy;
 pub mod providers;
 pub mod resources;
 pub mod secret;
+pub mod shared;
 pub mod snapshot;
 
 /// Installs ring as the process-wide rustls crypto provider: the one provider used

@@ -529,6 +529,7 @@ async fn the_response_cache_serves_repeats_per_caller_without_the_upstream_or_to
             ttl: Duration::from_secs(60),
             max_entries: std::num::NonZeroUsize::new(100).unwrap(),
             max_entry_bytes: 1 << 20,
+            redis: None,
         }),
         ..ProxyOptions::default()
     })

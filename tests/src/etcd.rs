@@ -4,7 +4,6 @@
 //! The `etcd` binary comes from `AISIX_ETCD_BIN` or the PATH (Debian's `etcd-server`
 //! package, which `scripts/test` installs); a missing binary fails the test loudly.
 
-use std::net::TcpListener as StdListener;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
@@ -17,32 +16,17 @@ use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Process, eventually, http_client};
+use crate::{Process, eventually, free_port, http_client};
 
 /// How often etcd sends watch progress notifications in the tests.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 
 fn find(name: &str, env: &str) -> PathBuf {
-    if let Ok(path) = std::env::var(env) {
-        return PathBuf::from(path);
-    }
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join(name))
-                .find(|p| p.is_file())
-        })
-        .unwrap_or_else(|| {
-            panic!("{name} not found on PATH (set {env}, or install Debian's etcd-server and etcd-client packages; scripts/test does)")
-        })
-}
-
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    crate::find_program(
+        name,
+        env,
+        "install Debian's etcd-server and etcd-client packages; scripts/test does",
+    )
 }
 
 /// TLS files for an etcd that requires client certificates.

@@ -16,6 +16,7 @@ pub mod cloud;
 pub mod etcd;
 pub mod fuzz;
 pub mod metrics;
+pub mod redis;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -39,6 +40,29 @@ pub fn binary(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// A program from `env` or the PATH; a missing one fails the test with `install`.
+pub fn find_program(name: &str, env: &str, install: &str) -> PathBuf {
+    if let Ok(path) = std::env::var(env) {
+        return PathBuf::from(path);
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(name))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| panic!("{name} not found on PATH (set {env}, or {install})"))
+}
+
+/// A TCP port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A child process whose stdout and stderr lines are collected. Killed on drop.

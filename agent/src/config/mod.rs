@@ -44,7 +44,7 @@ pub enum ConfigError {
 }
 
 /// Sections that exist in the AISIX gateway config but that this build does not use.
-const IGNORED_SECTIONS: &[&str] = &["ratelimit", "upstream", "downstream", "deployment"];
+const IGNORED_SECTIONS: &[&str] = &["upstream", "downstream", "deployment"];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -66,9 +66,10 @@ pub struct Config {
     /// The response cache of non-streaming chat completions.
     #[serde(default)]
     pub cache: CacheSection,
-    // Accepted and reported as ignored (see IGNORED_SECTIONS).
+    /// Where rate-limit counters live (this process, or Redis for every replica).
     #[serde(default)]
-    ratelimit: Option<Value>,
+    pub ratelimit: RateLimitSection,
+    // Accepted and reported as ignored (see IGNORED_SECTIONS).
     #[serde(default)]
     upstream: Option<Value>,
     #[serde(default)]
@@ -135,9 +136,7 @@ impl Config {
             let (field, message) = (e.path().to_string(), e.into_inner().to_string());
             field_error(parent_of_unknown(field, &message), message)
         })?;
-        config
-            .validate()
-            .map_err(|(f, m)| field_error(f.to_owned(), m))?;
+        config.validate().map_err(|(f, m)| field_error(f, m))?;
         config.ignored = config.ignored_sections();
         Ok(config)
     }
@@ -147,10 +146,16 @@ impl Config {
         self.managed.as_ref().filter(|m| m.enabled)
     }
 
-    fn validate(&self) -> Result<(), (&'static str, String)> {
-        self.validate_source()?;
-        self.validate_proxy()?;
-        self.validate_observability()
+    fn validate(&self) -> Result<(), (String, String)> {
+        let named = |(f, m): (&'static str, String)| (f.to_owned(), m);
+        self.validate_source().map_err(named)?;
+        self.validate_proxy().map_err(named)?;
+        self.validate_observability().map_err(named)?;
+        self.ratelimit.validate()?;
+        if self.cache.enabled {
+            validate_redis("cache", self.cache.redis.as_ref())?;
+        }
+        Ok(())
     }
 
     /// Exactly one configuration source, and its section.
@@ -329,12 +334,7 @@ impl Config {
     }
 
     fn ignored_sections(&self) -> Vec<String> {
-        let present = [
-            &self.ratelimit,
-            &self.upstream,
-            &self.downstream,
-            &self.deployment,
-        ];
+        let present = [&self.upstream, &self.downstream, &self.deployment];
         let mut out: Vec<String> = IGNORED_SECTIONS
             .iter()
             .zip(present)
@@ -463,12 +463,78 @@ mod tests {
     }
 
     #[test]
+    fn redis_sections_are_read_as_aisix_spells_them_and_checked_by_field() {
+        let c = parse("resources_file: r.yaml\n").unwrap();
+        assert_eq!(c.ratelimit.backend, RateLimitBackend::Local);
+        assert!(c.ratelimit.options().unwrap().is_none(), "local by default");
+        let c = parse(
+            "resources_file: r.yaml
+ratelimit:
+  backend: redis
+  concurrency_ttl_secs: 30
+  fail_mode: fail_closed
+  redis: {mode: sentinel, sentinels: ['10.0.0.1:26379', '10.0.0.2:26379'], master_name: mymaster, username: u, password: hunter2, database: 2, tls: true, timeout_ms: 3}
+cache:
+  enabled: true
+  backend: redis
+  redis: {mode: cluster, nodes: ['10.0.0.1:7000'], tls: {ca_file: /dev/null}}
+",
+        )
+        .unwrap();
+        assert_eq!(c.ratelimit.fail_mode, LimitFailMode::Closed);
+        assert_eq!(c.ratelimit.concurrency_ttl_secs, 30);
+        let redis = c.ratelimit.redis.as_ref().unwrap();
+        assert_eq!(redis.master_name.as_deref(), Some("mymaster"));
+        assert_eq!((redis.database, redis.timeout_ms), (2, 3));
+        assert!(
+            !format!("{c:?}").contains("hunter2"),
+            "the password is redacted"
+        );
+        for (text, field) in [
+            (
+                "ratelimit: {backend: redis, redis: {url: 'http://x'}}",
+                "ratelimit.redis.url",
+            ),
+            (
+                "ratelimit: {backend: redis, redis: {mode: sentinel, sentinels: ['a:1']}}",
+                "ratelimit.redis.master_name",
+            ),
+            (
+                "ratelimit: {concurrency_ttl_secs: 0}",
+                "ratelimit.concurrency_ttl_secs",
+            ),
+            ("ratelimit: {backend: memcached}", "ratelimit.backend"),
+            ("ratelimit: {redis: {host: x}}", "ratelimit.redis"),
+            (
+                "cache: {enabled: true, backend: redis, redis: {mode: cluster}}",
+                "cache.redis.nodes",
+            ),
+            (
+                "cache: {enabled: true, redis: {tls: {ca_file: /nonexistent/ca.pem}}}",
+                "cache.redis.tls.ca_file",
+            ),
+        ] {
+            let e = parse(&format!("resources_file: r.yaml\n{text}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("{field}:")), "{text}: {e}");
+        }
+        let e = parse("resources_file: r.yaml\nratelimit: {redis: {url: 'redis://:hunter2@[x'}}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("ratelimit.redis.url") && !e.contains("hunter2"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn defaults_and_ignored_sections() {
         let c = parse("resources_file: r.yaml\nratelimit: {}\nobservability:\n  metrics: {prometheus: {enabled: true}}\n").unwrap();
         assert_eq!(c.proxy.addr.to_string(), "0.0.0.0:3000");
         assert_eq!(c.proxy.request_body_limit_bytes, 0);
         assert_eq!(c.shutdown.min_drain_secs, 5);
-        assert_eq!(c.ignored, ["ratelimit"]);
+        assert!(c.ignored.is_empty(), "{:?}", c.ignored);
         let prometheus = &c.observability.metrics.prometheus;
         assert!(prometheus.enabled);
         assert_eq!(
@@ -494,10 +560,14 @@ mod tests {
             e.contains("observability.metrics: unknown field `statsd`"),
             "{e}"
         );
-        assert!(c.cache.options().is_none(), "the cache is off by default");
+        assert!(
+            c.cache.options().unwrap().is_none(),
+            "the cache is off by default"
+        );
         let c = parse("resources_file: r.yaml\ncache: {enabled: true, ttl_secs: 30}\n").unwrap();
-        let cache = c.cache.options().unwrap();
+        let cache = c.cache.options().unwrap().unwrap();
         assert_eq!((cache.ttl.as_secs(), cache.max_entries.get()), (30, 10_000));
+        assert!(cache.redis.is_none(), "in memory by default");
         let e = parse("resources_file: r.yaml\ncache: {enabled: true, max_entries: 0}\n")
             .unwrap_err()
             .to_string();
@@ -505,10 +575,10 @@ mod tests {
             e.contains("cache.max_entries: must be greater than 0"),
             "{e}"
         );
-        let e = parse("resources_file: r.yaml\ncache: {enabled: true, backend: redis}\n")
+        let e = parse("resources_file: r.yaml\ncache: {enabled: true, persist: true}\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("cache: unknown field `backend`"), "{e}");
+        assert!(e.contains("cache: unknown field `persist`"), "{e}");
     }
 
     #[test]

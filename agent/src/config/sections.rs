@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use proxy_core::secret::Secret;
+use proxy_core::shared::redis::RedisOptions;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -75,21 +76,35 @@ pub struct ManagedSection {
     pub usage: UsageSection,
 }
 
-/// `cache`: the in-memory response cache (off unless enabled).
+/// `cache`: the response cache (off unless enabled), in memory or in Redis.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheSection {
     pub enabled: bool,
+    pub backend: CacheBackend,
+    /// The connection when `backend` is `redis` (default `redis://127.0.0.1:6379`).
+    pub redis: Option<RedisOptions>,
     pub ttl_secs: u64,
+    /// The memory cache's bound (Redis evicts by its own policy).
     pub max_entries: usize,
     /// Answers larger than this are not kept.
     pub max_entry_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheBackend {
+    #[default]
+    Memory,
+    Redis,
 }
 
 impl Default for CacheSection {
     fn default() -> Self {
         Self {
             enabled: false,
+            backend: CacheBackend::Memory,
+            redis: None,
             ttl_secs: 300,
             max_entries: 10_000,
             max_entry_bytes: 1 << 20,
@@ -98,17 +113,118 @@ impl Default for CacheSection {
 }
 
 impl CacheSection {
-    /// The proxy's cache options when the cache is on.
-    pub fn options(&self) -> Option<proxy_core::pipeline::cache::CacheOptions> {
+    /// The proxy's cache options when the cache is on; connects to Redis in the
+    /// background when the cache is there.
+    pub fn options(
+        &self,
+    ) -> Result<Option<proxy_core::pipeline::cache::CacheOptions>, (String, String)> {
+        let Some(max_entries) = std::num::NonZeroUsize::new(self.max_entries) else {
+            return Ok(None);
+        };
         if !self.enabled {
-            return None;
+            return Ok(None);
         }
-        Some(proxy_core::pipeline::cache::CacheOptions {
+        let redis = match self.backend {
+            CacheBackend::Memory => None,
+            CacheBackend::Redis => Some(start_redis("cache", self.redis.as_ref())?),
+        };
+        Ok(Some(proxy_core::pipeline::cache::CacheOptions {
             ttl: std::time::Duration::from_secs(self.ttl_secs),
-            max_entries: std::num::NonZeroUsize::new(self.max_entries)?,
+            max_entries,
             max_entry_bytes: self.max_entry_bytes,
-        })
+            redis,
+        }))
     }
+}
+
+/// `ratelimit`: where the rate-limit counters live.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitSection {
+    pub backend: RateLimitBackend,
+    /// The connection when `backend` is `redis` (default `redis://127.0.0.1:6379`).
+    pub redis: Option<RedisOptions>,
+    /// How long a concurrency slot outlives a replica that stopped renewing it.
+    pub concurrency_ttl_secs: u64,
+    /// While Redis cannot answer: `open` counts in this replica, `closed` refuses.
+    pub fail_mode: LimitFailMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RateLimitBackend {
+    #[default]
+    Local,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitFailMode {
+    #[default]
+    #[serde(alias = "fail_open")]
+    Open,
+    #[serde(alias = "fail_closed")]
+    Closed,
+}
+
+impl Default for RateLimitSection {
+    fn default() -> Self {
+        Self {
+            backend: RateLimitBackend::Local,
+            redis: None,
+            concurrency_ttl_secs: 60,
+            fail_mode: LimitFailMode::Open,
+        }
+    }
+}
+
+impl RateLimitSection {
+    /// The shared counters when `backend` is `redis`; connects in the background.
+    pub fn options(
+        &self,
+    ) -> Result<Option<proxy_core::policy::ratelimit::SharedOptions>, (String, String)> {
+        if self.backend == RateLimitBackend::Local {
+            return Ok(None);
+        }
+        Ok(Some(proxy_core::policy::ratelimit::SharedOptions {
+            redis: start_redis("ratelimit", self.redis.as_ref())?,
+            lease_ttl: std::time::Duration::from_secs(self.concurrency_ttl_secs),
+            fail_closed: self.fail_mode == LimitFailMode::Closed,
+        }))
+    }
+
+    pub(super) fn validate(&self) -> Result<(), (String, String)> {
+        if self.concurrency_ttl_secs == 0 {
+            return Err((
+                "ratelimit.concurrency_ttl_secs".to_owned(),
+                "must be at least 1".to_owned(),
+            ));
+        }
+        validate_redis("ratelimit", self.redis.as_ref())
+    }
+}
+
+/// Checks a `<section>.redis` section; the field is named in full.
+pub(super) fn validate_redis(
+    section: &str,
+    redis: Option<&RedisOptions>,
+) -> Result<(), (String, String)> {
+    match redis {
+        Some(options) => options
+            .validate()
+            .map_err(|(field, message)| (format!("{section}.redis.{field}"), message)),
+        None => Ok(()),
+    }
+}
+
+fn start_redis(
+    component: &'static str,
+    redis: Option<&RedisOptions>,
+) -> Result<proxy_core::shared::redis::Redis, (String, String)> {
+    let default = RedisOptions::default();
+    proxy_core::shared::redis::Redis::start(component, redis.unwrap_or(&default))
+        .map_err(|(field, message)| (format!("{component}.redis.{field}"), message))
 }
 
 /// `managed.budget`: how budget decisions are asked for and what happens without one.

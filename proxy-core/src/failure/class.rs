@@ -73,6 +73,11 @@ pub enum ProxyError {
     /// A rate limit of the caller key or the model refused the request.
     #[error("{message}")]
     RateLimited { message: String, retry_after: u64 },
+    /// The shared rate-limit counters cannot answer and the policy is `fail_closed`.
+    #[error(
+        "rate limits cannot be checked: the shared counter store (Redis) is not answering; retry shortly"
+    )]
+    RateLimiterUnavailable,
     /// The budget gate refused the caller key.
     #[error("{}", .0.message)]
     BudgetDenied(Arc<BudgetDenial>),
@@ -346,6 +351,13 @@ impl ProxyError {
                 ..caller(StatusCode::SERVICE_UNAVAILABLE, "provider_unavailable")
             },
             // Not the caller's key: nothing can be checked yet. Worth a retry soon.
+            ProxyError::RateLimiterUnavailable => Class {
+                origin: Gateway,
+                retry_after: Some(1),
+                should_retry: None,
+                log: Warn,
+                ..caller(StatusCode::SERVICE_UNAVAILABLE, "rate_limiter_unavailable")
+            },
             ProxyError::NotReady => Class {
                 origin: Gateway,
                 retry_after: Some(1),

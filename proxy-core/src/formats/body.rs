@@ -53,6 +53,8 @@ pub struct RequestBody<'a> {
     fields: Vec<(Cow<'a, str>, &'a RawValue)>,
     pub model: String,
     pub stream: bool,
+    /// Bytes of the body as it arrived.
+    pub size: usize,
 }
 
 impl<'a> RequestBody<'a> {
@@ -105,6 +107,7 @@ impl<'a> RequestBody<'a> {
             fields,
             model,
             stream,
+            size: bytes.len(),
         })
     }
 
@@ -181,6 +184,7 @@ impl<'a> RequestBody<'a> {
                 .collect(),
             model: self.model.clone(),
             stream: self.stream,
+            size: self.size,
         }
     }
 

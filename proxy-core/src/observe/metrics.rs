@@ -29,6 +29,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::formats::tokens::Tokens;
+use crate::shared::redis::RedisStatus;
 
 /// The content type of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -351,6 +352,9 @@ pub struct Readings {
     pub certificate_remaining_days: Option<f64>,
     /// `aisix_usage_queue_events` and `aisix_usage_dropped_events_total` (managed mode).
     pub usage_queue: Option<(u64, u64)>,
+    /// `aisix_redis_connected{component}` and `aisix_redis_failures_total{component,
+    /// kind}`: the shared rate limits' and cache's Redis connections, when configured.
+    pub redis: Vec<RedisStatus>,
 }
 
 #[derive(EncodeLabelSet, Debug, Clone, PartialEq, Eq, Hash)]
@@ -365,6 +369,17 @@ struct SourceLabels {
 
 #[derive(EncodeLabelSet, Debug, Clone, PartialEq, Eq, Hash)]
 struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(EncodeLabelSet, Debug, Clone, PartialEq, Eq, Hash)]
+struct ComponentLabels {
+    component: &'static str,
+}
+
+#[derive(EncodeLabelSet, Debug, Clone, PartialEq, Eq, Hash)]
+struct RedisFailureLabels {
+    component: &'static str,
     kind: &'static str,
 }
 
@@ -393,7 +408,8 @@ impl Collector for Readings {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         self.encode_snapshot(&mut encoder)?;
         self.encode_models(&mut encoder)?;
-        self.encode_managed(&mut encoder)
+        self.encode_managed(&mut encoder)?;
+        self.encode_redis(&mut encoder)
     }
 }
 
@@ -478,6 +494,44 @@ impl Readings {
                     model: Name(model.clone()),
                 };
                 ConstGauge::new(i64::from(*health)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The Redis connections of the shared rate limits and cache.
+    fn encode_redis(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        if self.redis.is_empty() {
+            return Ok(());
+        }
+        {
+            let mut family = e.encode_descriptor(
+                "aisix_redis_connected",
+                "1 while the Redis connection of a component (ratelimit, cache) is up",
+                None,
+                MetricType::Gauge,
+            )?;
+            for status in &self.redis {
+                let labels = ComponentLabels {
+                    component: status.component,
+                };
+                ConstGauge::new(i64::from(status.connected))
+                    .encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = e.encode_descriptor(
+            "aisix_redis_failures",
+            "Requests that went on without Redis (local counters, no cache), by component and kind",
+            None,
+            MetricType::Counter,
+        )?;
+        for status in &self.redis {
+            for (kind, n) in &status.failures {
+                let labels = RedisFailureLabels {
+                    component: status.component,
+                    kind,
+                };
+                ConstCounter::new(*n).encode(family.encode_family(&labels)?)?;
             }
         }
         Ok(())
@@ -584,6 +638,13 @@ mod tests {
             resources: vec![("models", 2)],
             model_health: vec![(model.clone(), 1)],
             usage_queue: Some((5, 1)),
+            redis: vec![RedisStatus {
+                component: "ratelimit",
+                mode: crate::shared::redis::RedisMode::Sentinel,
+                connected: false,
+                failures: [("unavailable", 7), ("timeout", 2), ("error", 0)].into(),
+                last_error: None,
+            }],
             ..Readings::default()
         });
         for line in [
@@ -604,6 +665,9 @@ mod tests {
             "aisix_model_health{model=\"gpt-4o\"} 1",
             "aisix_usage_queue_events 5",
             "aisix_usage_dropped_events_total 1",
+            "aisix_redis_connected{component=\"ratelimit\"} 0",
+            "aisix_redis_failures_total{component=\"ratelimit\",kind=\"unavailable\"} 7",
+            "aisix_redis_failures_total{component=\"ratelimit\",kind=\"timeout\"} 2",
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }

@@ -19,7 +19,7 @@ use crate::formats::endpoint::Endpoint;
 use crate::formats::multipart::{self, Form};
 use crate::hooks::Verdict;
 use crate::policy::guardrails::{self, Applicable, Stage};
-use crate::policy::ratelimit::{self, Lease, Scope};
+use crate::policy::ratelimit::{self, Denied, Lease, Scope};
 use crate::resources::{ApiKey, KeyHash, Model, RateLimit};
 use crate::snapshot::Snapshot;
 
@@ -118,7 +118,8 @@ pub(super) async fn admit<'s>(
         let text = guardrails::request_text(request, call.endpoint.has_messages());
         guardrails::scan(&guards.input, &text, Stage::Input, &call.request_id)?;
     }
-    let lease = limits_and_budget(state, caller, Some(model)).await?;
+    let reserve = token_estimate(request);
+    let lease = limits_and_budget(state, caller, Some(model), reserve).await?;
     let quota_headers = lease.as_ref().map(quota_headers).unwrap_or_default();
     Ok(Admitted {
         caller,
@@ -135,8 +136,9 @@ pub(super) async fn limits_and_budget(
     state: &Inner,
     caller: &ApiKey,
     model: Option<&Model>,
+    reserve: u64,
 ) -> Result<Option<Lease>, ProxyError> {
-    let lease = rate_limits(state, caller, model)?;
+    let lease = rate_limits(state, caller, model, reserve).await?;
     if let Some(gate) = &state.hooks.budget
         && let Verdict::Deny(denial) = gate.check(&caller.id).await
     {
@@ -145,10 +147,26 @@ pub(super) async fn limits_and_budget(
     Ok(lease)
 }
 
-fn rate_limits(
+/// What a request may cost in tokens before its answer says: about a token per four
+/// bytes of body, plus the most output it asks for. Shared token windows hold it while
+/// the request is in flight, so replicas see each other's requests at once.
+pub(super) fn token_estimate(request: &RequestBody<'_>) -> u64 {
+    let output = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+        .iter()
+        .find_map(|name| {
+            request
+                .field(name)
+                .and_then(|v| serde_json::from_str::<u64>(v.get()).ok())
+        })
+        .unwrap_or(0);
+    (request.size as u64).div_ceil(4).saturating_add(output)
+}
+
+async fn rate_limits(
     state: &Inner,
     caller: &ApiKey,
     model: Option<&Model>,
+    reserve: u64,
 ) -> Result<Option<Lease>, ProxyError> {
     let unlimited = RateLimit::default();
     let mut scopes = Vec::new();
@@ -161,14 +179,14 @@ fn rate_limits(
     if scopes.is_empty() {
         return Ok(None);
     }
-    state
-        .limiter
-        .admit(scopes, ratelimit::unix_ms())
-        .map(Some)
-        .map_err(|refusal| ProxyError::RateLimited {
+    match state.limiter.admit(scopes, reserve).await {
+        Ok(lease) => Ok(Some(lease)),
+        Err(Denied::Limited(refusal)) => Err(ProxyError::RateLimited {
             message: refusal.message,
             retry_after: refusal.retry_after_secs,
-        })
+        }),
+        Err(Denied::Unavailable) => Err(ProxyError::RateLimiterUnavailable),
+    }
 }
 
 /// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` for the caller key's limits.

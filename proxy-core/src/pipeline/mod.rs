@@ -106,7 +106,11 @@ async fn phases(
         &read.bytes,
         headers,
     );
-    if let Some(hit) = cache.as_ref().and_then(cache::Slot::get) {
+    let hit = match &cache {
+        Some(slot) => slot.get().await,
+        None => None,
+    };
+    if let Some(hit) = hit {
         return respond::from_cache(&hit, admitted, &call.request_id);
     }
     let caller_request = CallerRequest {

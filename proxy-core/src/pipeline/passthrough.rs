@@ -109,7 +109,12 @@ async fn forward(
     let rest = safe_rest(uri.path(), provider)?;
     // Request and token limits of the caller key (no model to limit); the lease
     // (concurrency) is held until the answer has been relayed, then charged its tokens.
-    let lease = limits_and_budget(state, caller, None).await?;
+    // Before the body is read, its declared length is the token estimate's base.
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    let lease = limits_and_budget(state, caller, None, declared.div_ceil(4)).await?;
     let bytes = read_body(body, headers, &state.options).await?;
     // The input guardrails of the model that grants the access read the whole body.
     let guards = guardrails::applicable(snapshot, &model.name, &caller.id);

@@ -17,8 +17,9 @@ use crate::hooks::{BudgetGate, UsageSink};
 use crate::observe::metrics::Metrics;
 use crate::observe::record::Record;
 use crate::policy::health::ModelHealth;
-use crate::policy::ratelimit::RateLimiter;
+use crate::policy::ratelimit::{RateLimiter, SharedOptions};
 use crate::providers::client::Upstream;
+use crate::shared::redis::Redis;
 use crate::snapshot::SnapshotStore;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-aisix-request-id");
@@ -49,6 +50,17 @@ pub struct ProxyOptions {
     pub client_ip_header: HeaderName,
     /// The response cache of non-streaming chat completions; `None`: off.
     pub cache: Option<CacheOptions>,
+    /// Rate-limit counters shared by replicas in Redis; `None`: this process's only.
+    pub shared_limits: Option<SharedOptions>,
+}
+
+impl ProxyOptions {
+    /// The Redis connections these options use (shared limits, shared cache).
+    pub fn redis(&self) -> Vec<Redis> {
+        let limits = self.shared_limits.as_ref().map(|s| s.redis.clone());
+        let cache = self.cache.as_ref().and_then(|c| c.redis.clone());
+        limits.into_iter().chain(cache).collect()
+    }
 }
 
 impl Default for ProxyOptions {
@@ -63,6 +75,7 @@ impl Default for ProxyOptions {
             trusted_proxies: Vec::new(),
             client_ip_header: HeaderName::from_static("x-forwarded-for"),
             cache: None,
+            shared_limits: None,
         }
     }
 }
@@ -109,7 +122,8 @@ impl ProxyState {
         let started_unix = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let cache = options.cache.map(ResponseCache::new);
+        let cache = options.cache.clone().map(ResponseCache::new);
+        let limiter = Arc::new(RateLimiter::new(options.shared_limits.clone()));
         Self(Arc::new(Inner {
             store,
             upstream,
@@ -119,7 +133,7 @@ impl ProxyState {
             health,
             hooks,
             routing: RoutingState::default(),
-            limiter: Arc::default(),
+            limiter,
             cache,
         }))
     }

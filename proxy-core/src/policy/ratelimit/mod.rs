@@ -1,18 +1,26 @@
 //! Rate limits of caller keys and models: requests per second, minute, hour and day,
-//! tokens per minute and day, and concurrent requests. Counters live in this process
-//! (replica-local).
+//! tokens per minute and day, and concurrent requests.
 //!
-//! Windows are fixed and aligned to the Unix clock (a minute window resets on the
-//! minute), so `x-ratelimit-reset-*` is exact. Request limits are checked and counted
-//! before dispatch; token limits refuse a request once the window's tokens reach the
-//! limit and are charged when the answer's usage is known. A concurrency slot is held
-//! by the [`Lease`] until the response body ends (also when the caller goes away).
+//! Counters live in this process (`ratelimit.backend: local`, the default) or in Redis,
+//! shared by every replica (`redis`, see `shared.rs`). When Redis cannot answer, the
+//! local counters decide (or, with `fail_closed`, the request is refused).
+//!
+//! Local windows are fixed and aligned to the Unix clock (a minute window resets on
+//! the minute), so `x-ratelimit-reset-*` is exact. Request limits are checked and
+//! counted before dispatch; token limits refuse a request once the window's tokens
+//! reach the limit and are charged when the answer's usage is known. A concurrency
+//! slot is held by the [`Lease`] until the response body ends (also when the caller
+//! goes away).
+
+mod shared;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use crate::resources::RateLimit;
+use crate::shared::redis::Redis;
+use shared::{Decision, SharedLease, SharedLimits};
 
 /// Whose limit it is.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -74,6 +82,18 @@ impl Dimension {
         matches!(self, Dimension::Tpm | Dimension::Tpd)
     }
 
+    /// The dimension's name in the config and in Redis keys.
+    fn name(self) -> &'static str {
+        match self {
+            Dimension::Rps => "rps",
+            Dimension::Rpm => "rpm",
+            Dimension::Rph => "rph",
+            Dimension::Rpd => "rpd",
+            Dimension::Tpm => "tpm",
+            Dimension::Tpd => "tpd",
+        }
+    }
+
     fn unit(self) -> &'static str {
         match self {
             Dimension::Rps => "requests per second",
@@ -132,36 +152,102 @@ pub struct Quota {
     pub reset_ms: u64,
 }
 
-#[derive(Debug, Default)]
+/// Why a request was not admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denied {
+    Limited(Refusal),
+    /// The shared counters cannot answer and the policy is `fail_closed`.
+    Unavailable,
+}
+
+/// Where the counters are kept beyond this process.
+#[derive(Debug, Clone)]
+pub struct SharedOptions {
+    pub redis: Redis,
+    /// How long a concurrency slot outlives a replica that stopped renewing it.
+    pub lease_ttl: std::time::Duration,
+    /// Refuse requests while Redis cannot answer, instead of counting locally.
+    pub fail_closed: bool,
+}
+
+#[derive(Default)]
 pub struct RateLimiter {
-    scopes: Mutex<HashMap<Scope, Counters>>,
+    local: Mutex<HashMap<Scope, Counters>>,
+    shared: Option<(Arc<SharedLimits>, bool)>,
 }
 
 /// An admitted request: holds its concurrency slots and charges tokens.
 pub struct Lease {
-    limiter: Arc<RateLimiter>,
-    scopes: Vec<(Scope, RateLimit)>,
+    held: Held,
     /// The caller key's request and token quotas after this request was counted.
     pub requests: Option<Quota>,
     pub tokens: Option<Quota>,
 }
 
+enum Held {
+    Local {
+        limiter: Arc<RateLimiter>,
+        scopes: Vec<(Scope, RateLimit)>,
+    },
+    Shared(SharedLease),
+}
+
 impl RateLimiter {
+    /// Counters in this process only. With `shared`, in Redis first; must then be
+    /// called inside a Tokio runtime.
+    pub fn new(shared: Option<SharedOptions>) -> Self {
+        Self {
+            local: Mutex::default(),
+            shared: shared.map(|s| (SharedLimits::new(s.redis, s.lease_ttl), s.fail_closed)),
+        }
+    }
+
     /// Checks every limit of `scopes`; when all admit the request, counts it and
-    /// returns the lease. Nothing is counted on a refusal.
-    pub fn admit(
+    /// returns the lease. Nothing is counted on a refusal. `reserve` is the request's
+    /// token estimate, held in shared token windows until the answer's count is known.
+    pub async fn admit(
+        self: &Arc<Self>,
+        scopes: Vec<(Scope, RateLimit)>,
+        reserve: u64,
+    ) -> Result<Lease, Denied> {
+        if let Some((shared, fail_closed)) = &self.shared {
+            match shared.admit(&scopes, reserve).await {
+                Ok(Decision::Admitted {
+                    lease,
+                    requests,
+                    tokens,
+                }) => {
+                    return Ok(Lease {
+                        held: Held::Shared(lease),
+                        requests,
+                        tokens,
+                    });
+                }
+                Ok(Decision::Refused(refusal)) => return Err(Denied::Limited(refusal)),
+                Err(_) if *fail_closed => return Err(Denied::Unavailable),
+                // Counted by the connection; this replica's counters decide meanwhile.
+                Err(_) => {}
+            }
+        }
+        self.admit_local(scopes, unix_ms()).map_err(Denied::Limited)
+    }
+
+    /// [`admit`](Self::admit) on this process's counters, at `now_ms`.
+    pub fn admit_local(
         self: &Arc<Self>,
         scopes: Vec<(Scope, RateLimit)>,
         now_ms: u64,
     ) -> Result<Lease, Refusal> {
-        let mut all = self.scopes.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut all = self.local.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(refusal) = refusal(&all, &scopes, now_ms) {
             return Err(refusal);
         }
         let (requests, tokens) = take(&mut all, &scopes, now_ms);
         Ok(Lease {
-            limiter: self.clone(),
-            scopes,
+            held: Held::Local {
+                limiter: self.clone(),
+                scopes,
+            },
             requests,
             tokens,
         })
@@ -258,15 +344,20 @@ fn take(
 impl Lease {
     /// Charges `n` tokens (when the answer's usage is known) to every token limit.
     pub fn charge_tokens(&self, n: u64, now_ms: u64) {
+        let (limiter, scopes) = match &self.held {
+            Held::Shared(lease) => {
+                lease
+                    .used
+                    .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+            Held::Local { limiter, scopes } => (limiter, scopes),
+        };
         if n == 0 {
             return;
         }
-        let mut all = self
-            .limiter
-            .scopes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        for (scope, limits) in &self.scopes {
+        let mut all = limiter.local.lock().unwrap_or_else(PoisonError::into_inner);
+        for (scope, limits) in scopes {
             let counters = all.entry(scope.clone()).or_default();
             for (i, dimension) in DIMENSIONS.iter().enumerate() {
                 if dimension.tokens() && dimension.limit(limits).is_some() {
@@ -279,12 +370,12 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let mut all = self
-            .limiter
-            .scopes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        for (scope, limits) in &self.scopes {
+        // A shared lease settles and releases itself.
+        let Held::Local { limiter, scopes } = &self.held else {
+            return;
+        };
+        let mut all = limiter.local.lock().unwrap_or_else(PoisonError::into_inner);
+        for (scope, limits) in scopes {
             if limits.concurrency.is_some()
                 && let Some(counters) = all.get_mut(scope)
             {
@@ -339,16 +430,20 @@ mod tests {
             rps: Some(5),
             ..RateLimit::default()
         };
-        let first = limiter.admit(key(limits.clone()), T0 + 10_000).unwrap();
+        let first = limiter
+            .admit_local(key(limits.clone()), T0 + 10_000)
+            .unwrap();
         let q = first.requests.unwrap();
         assert_eq!(
             (q.limit, q.remaining, q.reset_ms),
             (2, 1, 50_000),
             "rpm is tightest"
         );
-        limiter.admit(key(limits.clone()), T0 + 20_000).unwrap();
+        limiter
+            .admit_local(key(limits.clone()), T0 + 20_000)
+            .unwrap();
         let refused = limiter
-            .admit(key(limits.clone()), T0 + 30_500)
+            .admit_local(key(limits.clone()), T0 + 30_500)
             .err()
             .unwrap();
         assert_eq!(refused.retry_after_secs, 30);
@@ -357,7 +452,7 @@ mod tests {
             "rate limit exceeded: 2 requests per minute for this API key"
         );
         // A refusal is not counted; the next minute starts afresh.
-        let again = limiter.admit(key(limits), T0 + 60_000).unwrap();
+        let again = limiter.admit_local(key(limits), T0 + 60_000).unwrap();
         assert_eq!(again.requests.unwrap().remaining, 1);
     }
 
@@ -387,13 +482,13 @@ mod tests {
             ),
         ] {
             let limiter = Arc::new(RateLimiter::default());
-            limiter.admit(key(limits.clone()), T0).unwrap();
+            limiter.admit_local(key(limits.clone()), T0).unwrap();
             assert!(
                 limiter
-                    .admit(key(limits.clone()), T0 + window_ms - 1)
+                    .admit_local(key(limits.clone()), T0 + window_ms - 1)
                     .is_err()
             );
-            assert!(limiter.admit(key(limits), T0 + window_ms).is_ok());
+            assert!(limiter.admit_local(key(limits), T0 + window_ms).is_ok());
         }
     }
 
@@ -405,20 +500,23 @@ mod tests {
             tpd: Some(1000),
             ..RateLimit::default()
         };
-        let lease = limiter.admit(key(limits.clone()), T0).unwrap();
+        let lease = limiter.admit_local(key(limits.clone()), T0).unwrap();
         assert_eq!(lease.tokens.unwrap().remaining, 100);
         lease.charge_tokens(60, T0 + 1);
-        let lease = limiter.admit(key(limits.clone()), T0 + 2).unwrap();
+        let lease = limiter.admit_local(key(limits.clone()), T0 + 2).unwrap();
         assert_eq!(lease.tokens.unwrap().remaining, 40);
         lease.charge_tokens(60, T0 + 3);
-        let refused = limiter.admit(key(limits.clone()), T0 + 4).err().unwrap();
+        let refused = limiter
+            .admit_local(key(limits.clone()), T0 + 4)
+            .err()
+            .unwrap();
         assert!(
             refused.message.contains("100 tokens per minute"),
             "{}",
             refused.message
         );
         assert!(
-            limiter.admit(key(limits), T0 + 60_000).is_ok(),
+            limiter.admit_local(key(limits), T0 + 60_000).is_ok(),
             "the daily limit has room"
         );
     }
@@ -431,14 +529,14 @@ mod tests {
             ..RateLimit::default()
         };
         let model = |l: &RateLimit| vec![(Scope::Model("m".into()), l.clone())];
-        let held = limiter.admit(model(&limits), T0).unwrap();
-        let refused = limiter.admit(model(&limits), T0).err().unwrap();
+        let held = limiter.admit_local(model(&limits), T0).unwrap();
+        let refused = limiter.admit_local(model(&limits), T0).err().unwrap();
         assert_eq!(
             refused.message,
             "rate limit exceeded: 1 concurrent requests for model 'm'"
         );
         drop(held);
-        assert!(limiter.admit(model(&limits), T0).is_ok());
+        assert!(limiter.admit_local(model(&limits), T0).is_ok());
     }
 
     #[test]
@@ -462,9 +560,9 @@ mod tests {
                 ),
             ]
         };
-        limiter.admit(both(1), T0).unwrap();
-        assert!(limiter.admit(both(1), T0).is_err());
-        let lease = limiter.admit(both(5), T0).unwrap();
+        limiter.admit_local(both(1), T0).unwrap();
+        assert!(limiter.admit_local(both(1), T0).is_err());
+        let lease = limiter.admit_local(both(5), T0).unwrap();
         assert_eq!(
             lease.requests.unwrap().remaining,
             8,
