@@ -18,8 +18,16 @@ fn program(name: &str) -> PathBuf {
 
 /// `redis-cli -p PORT ARGS...`: what it printed.
 pub fn cli(port: u16, args: &[&str]) -> String {
-    let output = Command::new(program("redis-cli"))
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+    cli_as(port, None, args)
+}
+
+fn cli_as(port: u16, password: Option<&str>, args: &[&str]) -> String {
+    let mut command = Command::new(program("redis-cli"));
+    command.args(["-h", "127.0.0.1", "-p", &port.to_string()]);
+    if let Some(password) = password {
+        command.args(["--no-auth-warning", "-a", password]);
+    }
+    let output = command
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("cannot run redis-cli: {e}"));
@@ -30,24 +38,31 @@ pub struct RedisServer {
     process: Option<Process>,
     pub port: u16,
     replica_of: Option<u16>,
+    password: Option<String>,
     dir: tempfile::TempDir,
 }
 
 impl RedisServer {
     pub async fn start() -> RedisServer {
-        Self::launch_new(None).await
+        Self::launch_new(None, None).await
+    }
+
+    /// A server that requires `password` (`requirepass`).
+    pub async fn with_password(password: &str) -> RedisServer {
+        Self::launch_new(None, Some(password.to_owned())).await
     }
 
     /// A replica of the server on `primary`.
     pub async fn replica_of(primary: u16) -> RedisServer {
-        Self::launch_new(Some(primary)).await
+        Self::launch_new(Some(primary), None).await
     }
 
-    async fn launch_new(replica_of: Option<u16>) -> RedisServer {
+    async fn launch_new(replica_of: Option<u16>, password: Option<String>) -> RedisServer {
         let mut server = RedisServer {
             process: None,
             port: free_port(),
             replica_of,
+            password,
             dir: tempfile::tempdir().unwrap(),
         };
         server.launch().await;
@@ -77,13 +92,16 @@ impl RedisServer {
         if let Some(primary) = &primary {
             args.extend(["--replicaof", "127.0.0.1", primary]);
         }
+        if let Some(password) = &self.password {
+            args.extend(["--requirepass", password]);
+        }
         self.process = Some(Process::start(&program("redis-server"), &args, &[]));
         let port = self.port;
-        eventually(
-            "redis answers PING",
-            Duration::from_secs(20),
-            || async move { cli(port, &["PING"]) == "PONG" },
-        )
+        let password = self.password.clone();
+        eventually("redis answers PING", Duration::from_secs(20), || {
+            let password = password.clone();
+            async move { cli_as(port, password.as_deref(), &["PING"]) == "PONG" }
+        })
         .await;
     }
 
@@ -102,7 +120,7 @@ impl RedisServer {
     }
 
     pub fn cli(&self, args: &[&str]) -> String {
-        cli(self.port, args)
+        cli_as(self.port, self.password.as_deref(), args)
     }
 }
 
