@@ -32,6 +32,8 @@ use procs::{Pinned, cpu_time, free_port, rss_mib};
 use report::{Figures, Target};
 
 const CALLER: &str = "bench-caller-key";
+/// A caller with rate limits (high enough never to refuse): what the limiter costs.
+const LIMITED: &str = "bench-limited-key";
 
 #[derive(Parser)]
 #[command(
@@ -204,6 +206,10 @@ async fn bench(args: RunArgs) {
         );
     }
 
+    bench
+        .limiter_rounds(&mut figures, &gateway_url, gateway_pid)
+        .await;
+
     let streamer = reqwest::Client::builder()
         .tcp_nodelay(true)
         .build()
@@ -282,6 +288,8 @@ impl Bench {
             ("nginx", "nginx-light"),
             ("taskset", "util-linux"),
             ("etcd", "etcd-server"),
+            ("redis-server", "redis-server"),
+            ("redis-cli", "redis-tools"),
         ] {
             let found = std::process::Command::new("sh")
                 .args(["-c", &format!("command -v {tool}")])
@@ -362,15 +370,106 @@ impl Bench {
             v["id"] = json!(id);
             v
         };
+        let limits = json!({"rpm": 1_000_000_000u64, "rpd": 1_000_000_000_000u64, "tpm": 1_000_000_000_000u64, "concurrency": 100_000});
+        let limited = json!({"id": "limited", "display_name": "bench-limited", "key_hash": tests::key_hash(LIMITED), "allowed_models": ["*"], "rate_limit": limits});
         let resources = json!({
             "provider_keys": [with_id("mock", self.provider_key())],
             "models": [with_id("bench", self.model("bench"))],
-            "api_keys": [with_id("caller", self.caller())],
+            "api_keys": [with_id("caller", self.caller()), limited],
         });
         // JSON is YAML.
         let file = self.path("resources.yaml");
         std::fs::write(&file, resources.to_string()).expect("write resources");
         (format!("resources_file: {}\n", file.display()), free_port())
+    }
+
+    /// Rounds of c=1 latency and throughput for a rate-limited caller: on the
+    /// file-mode gateway (local counters) and on a second one that counts in Redis
+    /// (Debian's redis-server on the load core).
+    async fn limiter_rounds(&self, figures: &mut Figures, local_url: &str, local_pid: u32) {
+        let args = &self.args;
+        let redis_port = free_port();
+        let redis_server = Pinned::start(
+            args.load_core,
+            std::path::Path::new("redis-server"),
+            &[
+                "--port",
+                &redis_port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            &self.path("redis.log"),
+        );
+        let redis_mode = (
+            format!(
+                "resources_file: {}\nratelimit:\n  backend: redis\n  redis: {{url: \"redis://127.0.0.1:{redis_port}\"}}\n",
+                self.path("resources.yaml").display()
+            ),
+            free_port(),
+        );
+        let mut shared = self.start_agent("gateway-redis", &redis_mode);
+        let shared_url = format!("http://{}/v1/chat/completions", shared.1);
+        let script = load::script(self.dir.path(), "bench", LIMITED);
+        // Until the connection is up the local counters decide: wait for Redis to
+        // have counted a request.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let status = self.chat_as(&shared_url, LIMITED).await;
+            let counted = std::process::Command::new("redis-cli")
+                .args([
+                    "-p",
+                    &redis_port.to_string(),
+                    "EXISTS",
+                    "aisix:{rl}:k:limited:rpd",
+                ])
+                .output()
+                .is_ok_and(|o| o.stdout.starts_with(b"1"));
+            if status == Some(200) && counted {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the Redis limiter never counted");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let targets = [
+            Target::new("limit-local", local_url.to_owned(), Some(local_pid)),
+            Target::new("limit-redis", shared_url, Some(shared.0.pid())),
+        ];
+        for round in 0..args.rounds {
+            for t in rotated(&targets, round) {
+                let run = load::wrk(&t.url, 1, Duration::from_secs(args.latency_secs), &script);
+                figures.latency(t.name, run);
+                let before = t.pid.map(cpu_time);
+                let run = load::wrk(
+                    &t.url,
+                    args.connections,
+                    Duration::from_secs(args.throughput_secs),
+                    &script,
+                );
+                let cpu = t.pid.zip(before).map(|(pid, b)| cpu_time(pid) - b);
+                figures.throughput(t.name, run, cpu);
+            }
+        }
+        println!("rate-limiter rounds done");
+        shared.0.stop();
+        drop(redis_server);
+    }
+
+    async fn chat_as(&self, url: &str, key: &str) -> Option<u16> {
+        let response = self
+            .http
+            .post(url)
+            .bearer_auth(key)
+            .json(
+                &json!({"model": "bench", "messages": [{"role": "user", "content": "Say hello."}]}),
+            )
+            .send()
+            .await
+            .ok()?;
+        Some(response.status().as_u16())
     }
 
     /// Starts the agent on the gateway core and waits for its proxy listener.

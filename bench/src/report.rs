@@ -98,6 +98,14 @@ impl Figures {
         median(t.iter().zip(d).map(|(t, d)| f(t) - f(d)).collect())
     }
 
+    /// Median over rounds of `f(a's round) - f(b's round)`.
+    fn over<T>(rounds: &BTreeMap<&str, Vec<T>>, a: &str, b: &str, f: impl Fn(&T) -> f64) -> f64 {
+        let (Some(a), Some(b)) = (rounds.get(a), rounds.get(b)) else {
+            return f64::NAN;
+        };
+        median(a.iter().zip(b).map(|(a, b)| f(a) - f(b)).collect())
+    }
+
     fn rps(&self, target: &str) -> f64 {
         median(
             self.throughput
@@ -215,6 +223,39 @@ impl Figures {
                 format!("{:.1} µs", self.cpu_us("nginx")),
                 "≤ 40 µs".into(),
                 Some(self.cpu_us("gateway") <= 40.0),
+            ),
+            (
+                "rate limits on Redis: added latency over local, c=1".into(),
+                format!(
+                    "p50 {:+.0} µs, p99 {:+.0} µs",
+                    Self::over(&self.latency, "limit-redis", "limit-local", |r: &Run| r
+                        .p50_us),
+                    Self::over(&self.latency, "limit-redis", "limit-local", |r: &Run| r
+                        .p99_us),
+                ),
+                "Redis on the load core".into(),
+                "p50 ≤ +100 µs".into(),
+                Some(
+                    Self::over(&self.latency, "limit-redis", "limit-local", |r: &Run| {
+                        r.p50_us
+                    }) <= 100.0,
+                ),
+            ),
+            (
+                "rate limits: CPU per request, local / Redis".into(),
+                format!(
+                    "{:.1} µs / {:.1} µs",
+                    self.cpu_us("limit-local"),
+                    self.cpu_us("limit-redis")
+                ),
+                format!(
+                    "{:.0} / {:.0} req/s, {} errors",
+                    self.rps("limit-local"),
+                    self.rps("limit-redis"),
+                    self.errors("limit-local") + self.errors("limit-redis")
+                ),
+                "(reported)".into(),
+                None,
             ),
             (
                 "resident memory, idle".into(),
