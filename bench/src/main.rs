@@ -424,7 +424,7 @@ impl Bench {
                     "-p",
                     &redis_port.to_string(),
                     "EXISTS",
-                    "aisix:{rl}:k:limited:rpd",
+                    "aisix:{rl}:k:limited",
                 ])
                 .output()
                 .is_ok_and(|o| o.stdout.starts_with(b"1"));

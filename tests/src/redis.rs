@@ -18,67 +18,125 @@ fn program(name: &str) -> PathBuf {
 
 /// `redis-cli -p PORT ARGS...`: what it printed.
 pub fn cli(port: u16, args: &[&str]) -> String {
-    cli_as(port, None, args)
+    cli_with(port, &[], args)
 }
 
-fn cli_as(port: u16, password: Option<&str>, args: &[&str]) -> String {
-    let mut command = Command::new(program("redis-cli"));
-    command.args(["-h", "127.0.0.1", "-p", &port.to_string()]);
-    if let Some(password) = password {
-        command.args(["--no-auth-warning", "-a", password]);
-    }
-    let output = command
+/// `client` are connection arguments (`-a`, `--tls`...).
+fn cli_with(port: u16, client: &[String], args: &[&str]) -> String {
+    let output = Command::new(program("redis-cli"))
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(client)
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("cannot run redis-cli: {e}"));
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
+/// Files for a Redis that speaks only TLS and asks clients for certificates.
+pub struct RedisTlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// A client certificate for redis-cli.
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
 pub struct RedisServer {
     process: Option<Process>,
     pub port: u16,
-    replica_of: Option<u16>,
-    password: Option<String>,
+    /// `redis-server` arguments beyond the port and the no-persistence defaults.
+    server: Vec<String>,
+    /// redis-cli's connection arguments.
+    client: Vec<String>,
     dir: tempfile::TempDir,
+}
+
+fn owned(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| (*a).to_owned()).collect()
 }
 
 impl RedisServer {
     pub async fn start() -> RedisServer {
-        Self::launch_new(None, None).await
+        Self::launch_new(Vec::new(), Vec::new()).await
     }
 
     /// A server that requires `password` (`requirepass`).
     pub async fn with_password(password: &str) -> RedisServer {
-        Self::launch_new(None, Some(password.to_owned())).await
+        Self::launch_new(
+            owned(&["--requirepass", password]),
+            owned(&["--no-auth-warning", "-a", password]),
+        )
+        .await
     }
 
     /// A replica of the server on `primary`.
     pub async fn replica_of(primary: u16) -> RedisServer {
-        Self::launch_new(Some(primary), None).await
+        Self::launch_new(
+            owned(&["--replicaof", "127.0.0.1", &primary.to_string()]),
+            Vec::new(),
+        )
+        .await
     }
 
-    async fn launch_new(replica_of: Option<u16>, password: Option<String>) -> RedisServer {
-        let mut server = RedisServer {
+    /// TLS only (no plain port), client certificates required.
+    pub async fn with_tls(files: &RedisTlsFiles) -> RedisServer {
+        let path = |p: &PathBuf| p.to_str().unwrap().to_owned();
+        Self::launch_new(
+            vec![
+                "--tls-cert-file".into(),
+                path(&files.cert),
+                "--tls-key-file".into(),
+                path(&files.key),
+                "--tls-ca-cert-file".into(),
+                path(&files.ca),
+                "--tls-auth-clients".into(),
+                "yes".into(),
+            ],
+            vec![
+                "--tls".into(),
+                "--cacert".into(),
+                path(&files.ca),
+                "--cert".into(),
+                path(&files.client_cert),
+                "--key".into(),
+                path(&files.client_key),
+            ],
+        )
+        .await
+    }
+
+    async fn launch_new(server: Vec<String>, client: Vec<String>) -> RedisServer {
+        let mut redis = RedisServer {
             process: None,
             port: free_port(),
-            replica_of,
-            password,
+            server,
+            client,
             dir: tempfile::tempdir().unwrap(),
         };
-        server.launch().await;
-        server
+        redis.launch().await;
+        redis
+    }
+
+    fn tls(&self) -> bool {
+        self.server.iter().any(|a| a == "--tls-cert-file")
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls() { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     async fn launch(&mut self) {
         let port = self.port.to_string();
         let dir = self.dir.path().to_str().unwrap().to_owned();
-        let mut args = vec![
-            "--port",
-            &port,
+        let listen: [&str; 4] = if self.tls() {
+            ["--port", "0", "--tls-port", &port]
+        } else {
+            ["--port", &port, "--tls-port", "0"]
+        };
+        let mut args = listen.to_vec();
+        args.extend([
             "--bind",
             "127.0.0.1",
             "--save",
@@ -87,20 +145,13 @@ impl RedisServer {
             "no",
             "--dir",
             &dir,
-        ];
-        let primary = self.replica_of.map(|p| p.to_string());
-        if let Some(primary) = &primary {
-            args.extend(["--replicaof", "127.0.0.1", primary]);
-        }
-        if let Some(password) = &self.password {
-            args.extend(["--requirepass", password]);
-        }
+        ]);
+        args.extend(self.server.iter().map(String::as_str));
         self.process = Some(Process::start(&program("redis-server"), &args, &[]));
-        let port = self.port;
-        let password = self.password.clone();
+        let (port, client) = (self.port, self.client.clone());
         eventually("redis answers PING", Duration::from_secs(20), || {
-            let password = password.clone();
-            async move { cli_as(port, password.as_deref(), &["PING"]) == "PONG" }
+            let client = client.clone();
+            async move { cli_with(port, &client, &["PING"]) == "PONG" }
         })
         .await;
     }
@@ -113,6 +164,15 @@ impl RedisServer {
         }
     }
 
+    /// SIGSTOP: connections stay open, nothing answers (a slow Redis).
+    pub fn pause(&self) {
+        self.process.as_ref().unwrap().signal("STOP");
+    }
+
+    pub fn resume(&self) {
+        self.process.as_ref().unwrap().signal("CONT");
+    }
+
     /// Starts again on the same port, empty.
     pub async fn restart(&mut self) {
         self.kill().await;
@@ -120,7 +180,73 @@ impl RedisServer {
     }
 
     pub fn cli(&self, args: &[&str]) -> String {
-        cli_as(self.port, self.password.as_deref(), args)
+        cli_with(self.port, &self.client, args)
+    }
+}
+
+/// A Redis cluster of three primaries (no replicas), every slot assigned.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub async fn start() -> RedisCluster {
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let mut node = RedisServer {
+                process: None,
+                port: free_port(),
+                server: owned(&["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]),
+                client: Vec::new(),
+                dir: tempfile::tempdir().unwrap(),
+            };
+            let config = node.dir.path().join("nodes.conf");
+            node.server.extend([
+                "--cluster-config-file".to_owned(),
+                config.display().to_string(),
+            ]);
+            node.launch().await;
+            nodes.push(node);
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let output = Command::new(program("redis-cli"))
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run redis-cli --cluster create: {e}"));
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        for node in &nodes {
+            let port = node.port;
+            eventually(
+                "the cluster is up",
+                Duration::from_secs(20),
+                || async move { cli(port, &["CLUSTER", "INFO"]).contains("cluster_state:ok") },
+            )
+            .await;
+        }
+        RedisCluster { nodes }
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect()
+    }
+
+    /// `redis-cli -c` (following redirections) on the first node.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let mut all = vec!["-c"];
+        all.extend_from_slice(args);
+        cli(self.nodes[0].port, &all)
     }
 }
 

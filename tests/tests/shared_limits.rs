@@ -85,7 +85,7 @@ async fn two_limiters_on_one_redis_share_a_limit_and_say_when_it_frees() {
     );
     // Other keys are not affected.
     assert!(a.admit(key("other", limits), 0).await.is_ok());
-    let counted = server.cli(&["HVALS", "aisix:{rl}:k:shared:rpm"]);
+    let counted = server.cli(&["HVALS", "aisix:{rl}:k:shared"]);
     assert_eq!(counted, "4", "refusals are not counted");
 }
 
@@ -151,7 +151,7 @@ async fn token_windows_hold_reservations_and_settle_the_real_count() {
     eventually(
         "the reservation is settled",
         Duration::from_secs(5),
-        || async { server.cli(&["HVALS", "aisix:{rl}:k:t:tpd"]) == "30" },
+        || async { server.cli(&["HVALS", "aisix:{rl}:k:t"]) == "30" },
     )
     .await;
     let second = limiter.admit(key("t", limits), 0).await.unwrap();

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use cloud_mock::provider::{MockProvider, Script, Usage};
 use serde_json::{Value, json};
-use tests::redis::{MASTER_NAME, RedisServer, Sentinel};
+use tests::redis::{MASTER_NAME, RedisCluster, RedisServer, Sentinel};
 use tests::{Process, addr_in, eventually, get_json, http_client, key_hash, start_agent};
 
 const LIMITED: &str = "shared-limited-key";
@@ -208,7 +208,7 @@ async fn token_limits_count_every_replicas_answers_and_reservations() {
         let redis = &redis;
         async move {
             eventually("the tokens are settled", Duration::from_secs(5), || async {
-                redis.cli(&["HVALS", "aisix:{rl}:k:tokens:tpd"]) == want
+                redis.cli(&["HVALS", "aisix:{rl}:k:tokens"]) == want
             })
             .await;
         }
@@ -255,7 +255,7 @@ async fn token_limits_count_every_replicas_answers_and_reservations() {
     eventually(
         "the reservation is settled",
         Duration::from_secs(5),
-        || async { redis.cli(&["HVALS", "aisix:{rl}:k:reserving:tpd"]) == "13" },
+        || async { redis.cli(&["HVALS", "aisix:{rl}:k:reserving"]) == "13" },
     )
     .await;
     let after = chat(&b.url, RESERVING, "fast", "after").await;
@@ -389,7 +389,7 @@ async fn redis_trouble_never_takes_the_gateway_down_and_recovery_is_automatic() 
         chat(&open.url, LIMITED, "fast", "before").await.status(),
         200
     );
-    assert_eq!(redis.cli(&["HVALS", "aisix:{rl}:k:limited:rpd"]), "1");
+    assert_eq!(redis.cli(&["HVALS", "aisix:{rl}:k:limited"]), "1");
 
     redis.kill().await;
     let started = Instant::now();
@@ -467,7 +467,7 @@ async fn redis_trouble_never_takes_the_gateway_down_and_recovery_is_automatic() 
         200
     );
     assert_eq!(
-        redis.cli(&["HVALS", "aisix:{rl}:k:limited:rpd"]),
+        redis.cli(&["HVALS", "aisix:{rl}:k:limited"]),
         "1",
         "counted in the new Redis"
     );
@@ -511,7 +511,7 @@ async fn a_sentinel_failover_is_followed_to_the_new_primary() {
     );
     let agent = replicas(dir.path(), 1, &config).await.pop().unwrap();
     assert_eq!(chat(&agent.url, LIMITED, "fast", "one").await.status(), 200);
-    assert_eq!(primary.cli(&["HVALS", "aisix:{rl}:k:limited:rpd"]), "1");
+    assert_eq!(primary.cli(&["HVALS", "aisix:{rl}:k:limited"]), "1");
 
     primary.kill().await;
     eventually(
@@ -526,13 +526,13 @@ async fn a_sentinel_failover_is_followed_to_the_new_primary() {
         Duration::from_secs(15),
         || async {
             let before: u64 = replica
-                .cli(&["HVALS", "aisix:{rl}:k:limited:rpd"])
+                .cli(&["HVALS", "aisix:{rl}:k:limited"])
                 .parse()
                 .unwrap_or(0);
             let status = chat(&agent.url, LIMITED, "fast", "after").await.status();
             assert!(status == 200 || status == 429, "{status}");
             let after: u64 = replica
-                .cli(&["HVALS", "aisix:{rl}:k:limited:rpd"])
+                .cli(&["HVALS", "aisix:{rl}:k:limited"])
                 .parse()
                 .unwrap_or(0);
             after == before + 1
@@ -542,4 +542,179 @@ async fn a_sentinel_failover_is_followed_to_the_new_primary() {
     let states = redis_states(&agent).await;
     assert_eq!(states[0]["connected"], true, "{states:?}");
     assert_eq!(states[0]["mode"], "sentinel");
+}
+
+#[tokio::test]
+async fn a_redis_cluster_holds_the_shared_limits_and_cache() {
+    let cluster = RedisCluster::start().await;
+    let mock = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("resources.yaml"), resources(&mock.url())).unwrap();
+    let nodes = cluster
+        .addrs()
+        .iter()
+        .map(|a| format!("\"{a}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let section = format!(
+        "ratelimit:\n  backend: redis\n  redis: {{mode: cluster, nodes: [{nodes}], timeout_ms: 1000}}\ncache:\n  enabled: true\n  backend: redis\n  redis: {{mode: cluster, nodes: [{nodes}], timeout_ms: 1000}}\n"
+    );
+    let replicas = replicas(dir.path(), 2, &section).await;
+    let mut passed = 0;
+    for i in 0..14 {
+        let url = &replicas[i % 2].url;
+        match chat(url, LIMITED, "fast", &format!("cluster {i}"))
+            .await
+            .status()
+            .as_u16()
+        {
+            200 => passed += 1,
+            429 => {}
+            other => panic!("status {other}"),
+        }
+    }
+    assert_eq!(passed, 10, "one limit across the replicas");
+    assert_eq!(cluster.cli(&["HVALS", "aisix:{rl}:k:limited"]), "10");
+    // The cache spreads over the nodes; a hit on the other replica.
+    let first = chat(&replicas[0].url, FREE, "fast", "cluster cache").await;
+    assert_eq!(header(&first, "x-aisix-cache").as_deref(), Some("miss"));
+    eventually("the other replica hits", Duration::from_secs(5), || async {
+        let r = chat(&replicas[1].url, FREE, "fast", "cluster cache").await;
+        header(&r, "x-aisix-cache").as_deref() == Some("hit")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_slow_redis_costs_a_request_its_timeout_not_more() {
+    let redis = RedisServer::start().await;
+    let mock = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("resources.yaml"), resources(&mock.url())).unwrap();
+    let url = redis.url();
+    let section = format!(
+        "ratelimit:\n  backend: redis\n  redis: {{url: \"{url}\", timeout_ms: 50}}\ncache:\n  enabled: true\n  backend: redis\n  redis: {{url: \"{url}\", timeout_ms: 50}}\n"
+    );
+    let agent = replicas(dir.path(), 1, &section).await.pop().unwrap();
+    assert_eq!(
+        chat(&agent.url, LIMITED, "fast", "warm").await.status(),
+        200
+    );
+    redis.pause();
+    for i in 0..3 {
+        let started = Instant::now();
+        let r = chat(&agent.url, LIMITED, "fast", &format!("slow {i}")).await;
+        assert_eq!(r.status(), 200);
+        // The limiter's and the cache's waits, plus the call: far below a second.
+        assert!(
+            started.elapsed() < Duration::from_millis(800),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    let states = redis_states(&agent).await;
+    for state in &states {
+        assert!(
+            state["failures"]["timeout"].as_u64().unwrap() >= 3,
+            "{state}"
+        );
+        assert_eq!(
+            state["connected"], true,
+            "a slow answer is not a lost connection"
+        );
+    }
+    redis.resume();
+    eventually(
+        "answers come from Redis again",
+        Duration::from_secs(10),
+        || async {
+            chat(&agent.url, LIMITED, "fast", "resumed").await.status() == 200
+                && redis
+                    .cli(&["HVALS", "aisix:{rl}:k:limited"])
+                    .parse::<u64>()
+                    .unwrap_or(0)
+                    >= 2
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn redis_over_mutual_tls_with_a_private_ca() {
+    const DAY: Duration = Duration::from_secs(86_400);
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let ca = certs::CertificateAuthority::generate("redis test CA", DAY).unwrap();
+    let server = ca
+        .issue_server_and_client(&[], &["127.0.0.1".parse().unwrap()], DAY)
+        .unwrap();
+    let client = ca
+        .issue_gateway(&certs::GatewayIdentity::new("env", "dp").unwrap(), DAY)
+        .unwrap();
+    let files = tests::redis::RedisTlsFiles {
+        ca: write("ca.pem", ca.cert_pem()),
+        cert: write("server.pem", &server.cert_pem),
+        key: write("server-key.pem", server.key_pem.expose()),
+        client_cert: write("client.pem", &client.cert_pem),
+        client_key: write("client-key.pem", client.key_pem.expose()),
+    };
+    let redis = RedisServer::with_tls(&files).await;
+    assert!(redis.url().starts_with("rediss://"));
+    let mock = mock().await;
+    std::fs::write(dir.path().join("resources.yaml"), resources(&mock.url())).unwrap();
+    let tls = format!(
+        "{{ca_file: {}, client_cert_file: {}, client_key_file: {}}}",
+        files.ca.display(),
+        files.client_cert.display(),
+        files.client_key.display()
+    );
+    let section = format!(
+        "ratelimit:\n  backend: redis\n  redis: {{url: \"{}\", tls: {tls}, timeout_ms: 1000}}\n",
+        redis.url()
+    );
+    let agent = replicas(dir.path(), 1, &section).await.pop().unwrap();
+    assert_eq!(
+        chat(&agent.url, LIMITED, "fast", "over tls").await.status(),
+        200
+    );
+    assert_eq!(redis.cli(&["HVALS", "aisix:{rl}:k:limited"]), "1");
+
+    // Without the private CA the server is not trusted: not connected, still serving.
+    let untrusted = format!(
+        "ratelimit:\n  backend: redis\n  redis: {{url: \"{}\", tls: true, timeout_ms: 1000}}\n",
+        redis.url()
+    );
+    let path = dir.path().join("untrusted.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "resources_file: {}\nproxy:\n  addr: 127.0.0.1:0\nshutdown:\n  min_drain_secs: 0\n{untrusted}",
+            dir.path().join("resources.yaml").display()
+        ),
+    )
+    .unwrap();
+    let (mut process, url) = start_agent(&path).await;
+    let line = process
+        .wait_for_line("metrics listener ready", Duration::from_secs(10))
+        .await;
+    let other = Replica {
+        process,
+        url,
+        status: format!("http://{}", addr_in(&line)),
+    };
+    eventually(
+        "the refusal is reported",
+        Duration::from_secs(10),
+        || async { redis_states(&other).await[0]["last_error"].is_string() },
+    )
+    .await;
+    assert_eq!(redis_states(&other).await[0]["connected"], false);
+    assert_eq!(
+        chat(&other.url, LIMITED, "fast", "local").await.status(),
+        200
+    );
 }

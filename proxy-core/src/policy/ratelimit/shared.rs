@@ -12,8 +12,11 @@
 //! while held, so the slots of a replica that died expire. The end of a request (settle
 //! and release) is sent in the background, off the request path.
 //!
-//! Keys: `aisix:{rl}:<scope>:<dimension>`; the one hash tag keeps every counter a
-//! script touches in one cluster slot.
+//! Keys: per scope (`k:<api key id>`, `m:<model>`) a hash of its windows,
+//! `aisix:{rl}:<scope>` (fields `<dimension>:<window index>`, so one read and one
+//! write cover every window of the scope), and a sorted set of its concurrency leases,
+//! `aisix:{rl}:<scope>:concurrency`; the one hash tag keeps every key a script
+//! touches in one cluster slot.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,94 +30,134 @@ use crate::resources::RateLimit;
 use crate::shared::redis::{Op, Redis, Trouble};
 
 const ADMIT: &str = r"
--- KEYS[i]: entry i's counter. ARGV: lease member, lease ttl (ms), then four values
--- per entry: kind ('r' requests, 't' tokens, 'c' concurrency), window (ms), limit,
--- cost (1 for requests, the tokens reserved for tokens).
+-- KEYS: two per scope: its windows (a hash, field '<dimension>:<window index>') and
+-- its concurrency leases (a sorted set, scored by expiry). ARGV: lease member, lease
+-- ttl (ms), then per scope: the number of windows, four values per window (name,
+-- length in ms, limit, cost: 1 for requests, the tokens reserved for tokens), and the
+-- concurrency limit (0: none). Limits are numbered in that order for the answer.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local member, ttl = ARGV[1], tonumber(ARGV[2])
-local seen = {}
-for i = 1, #KEYS do
-  local key, at = KEYS[i], 2 + (i - 1) * 4
-  local kind, w, limit = ARGV[at + 1], tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
-  if limit < 1 then return {0, i, w} end
-  if kind == 'c' then
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-    local held = redis.call('ZCARD', key)
-    if held >= limit then return {0, i, 1000} end
-    seen[i] = {held}
-  else
+local at, n, scopes = 3, 0, {}
+for s = 1, #KEYS / 2 do
+  local scope = {hash = KEYS[2 * s - 1], zset = KEYS[2 * s], windows = {}}
+  local fields = {}
+  for d = 1, tonumber(ARGV[at]) do
+    local i = at + 4 * (d - 1)
+    local w = tonumber(ARGV[i + 2])
     local idx = math.floor(now / w)
-    local counts = redis.call('HMGET', key, idx, idx - 1)
-    local cur, prev = tonumber(counts[1]) or 0, tonumber(counts[2]) or 0
-    local into = now - idx * w
-    if cur + prev * (w - into) / w + 1 > limit then
-      -- How long until the estimate is down to limit - 1.
-      local room, wait = limit - 1, 0
-      if cur <= room then
-        wait = (w - into) - math.floor((room - cur) * w / prev)
-      else
-        wait = (w - into) + (w - math.floor(room * w / cur))
-      end
-      return {0, i, math.max(wait, 1)}
-    end
-    seen[i] = {idx, cur, prev, into}
+    scope.windows[d] = {name = ARGV[i + 1], w = w, limit = tonumber(ARGV[i + 3]),
+      cost = tonumber(ARGV[i + 4]), idx = idx, into = now - idx * w}
+    fields[2 * d - 1] = ARGV[i + 1] .. ':' .. idx
+    fields[2 * d] = ARGV[i + 1] .. ':' .. (idx - 1)
   end
+  at = at + 1 + 4 * #scope.windows
+  scope.concurrency = tonumber(ARGV[at])
+  at = at + 1
+  if #fields > 0 then
+    local counts = redis.call('HMGET', scope.hash, unpack(fields))
+    for d, win in ipairs(scope.windows) do
+      n = n + 1
+      local cur, prev, w, into = tonumber(counts[2 * d - 1]) or 0, tonumber(counts[2 * d]) or 0, win.w, win.into
+      if win.limit < 1 then return {0, n, w} end
+      if cur + prev * (w - into) / w + 1 > win.limit then
+        -- How long until the estimate is down to limit - 1.
+        local room, wait = win.limit - 1, 0
+        if cur <= room then
+          wait = (w - into) - math.floor((room - cur) * w / prev)
+        else
+          wait = (w - into) + (w - math.floor(room * w / cur))
+        end
+        return {0, n, math.max(wait, 1)}
+      end
+      win.cur, win.prev = cur, prev
+    end
+  end
+  if scope.concurrency > 0 then
+    n = n + 1
+    local held = redis.call('ZCARD', scope.zset)
+    -- Leases a dead replica stopped renewing are only looked for when they matter.
+    if held >= scope.concurrency then
+      redis.call('ZREMRANGEBYSCORE', scope.zset, '-inf', now)
+      held = redis.call('ZCARD', scope.zset)
+    end
+    if held >= scope.concurrency then return {0, n, 1000} end
+    scope.held = held
+  end
+  scopes[s] = scope
 end
 local out = {1, now}
-for i = 1, #KEYS do
-  local key, at, s = KEYS[i], 2 + (i - 1) * 4, seen[i]
-  local kind, w, limit, cost = ARGV[at + 1], tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3]), tonumber(ARGV[at + 4])
-  if kind == 'c' then
-    redis.call('ZADD', key, now + ttl, member)
-    redis.call('PEXPIRE', key, ttl * 2)
-    out[#out + 1] = limit - s[1] - 1
-    out[#out + 1] = 0
-  else
-    local idx, cur, prev, into = s[1], s[2], s[3], s[4]
-    if cost > 0 then
-      redis.call('HINCRBY', key, idx, cost)
-      cur = cur + cost
+for _, scope in ipairs(scopes) do
+  local set, fresh, longest = {}, false, 0
+  for _, win in ipairs(scope.windows) do
+    local cur = win.cur + win.cost
+    if win.cost > 0 then
+      set[#set + 1] = win.name .. ':' .. win.idx
+      set[#set + 1] = cur
     end
-    -- Only the two windows the estimate reads are kept.
-    if redis.call('HLEN', key) > 2 then
-      for _, f in ipairs(redis.call('HKEYS', key)) do
-        if tonumber(f) < idx - 1 then redis.call('HDEL', key, f) end
+    if win.cur == 0 then fresh = true end
+    if win.w > longest then longest = win.w end
+    local w, into = win.w, win.into
+    local reset = 0
+    if cur > 0 then reset = 2 * w - into elseif win.prev > 0 then reset = w - into end
+    out[#out + 1] = math.max(win.limit - math.ceil(cur + win.prev * (w - into) / w), 0)
+    out[#out + 1] = reset
+  end
+  if #set > 0 then redis.call('HSET', scope.hash, unpack(set)) end
+  if fresh then
+    -- A window's first count: windows no estimate reads any more go, and the hash
+    -- lives to the end of the next window of its longest dimension.
+    if redis.call('HLEN', scope.hash) > 2 * #scope.windows then
+      local keep = {}
+      for _, win in ipairs(scope.windows) do
+        keep[win.name .. ':' .. win.idx] = true
+        keep[win.name .. ':' .. (win.idx - 1)] = true
+      end
+      for _, f in ipairs(redis.call('HKEYS', scope.hash)) do
+        if not keep[f] then redis.call('HDEL', scope.hash, f) end
       end
     end
-    redis.call('PEXPIRE', key, 2 * w)
-    local used = cur + prev * (w - into) / w
-    local reset = 0
-    if cur > 0 then reset = 2 * w - into elseif prev > 0 then reset = w - into end
-    out[#out + 1] = math.max(limit - math.ceil(used), 0)
-    out[#out + 1] = reset
+    redis.call('PEXPIRE', scope.hash, 2 * longest)
+  end
+  if scope.concurrency > 0 then
+    redis.call('ZADD', scope.zset, now + ttl, member)
+    -- A new set gets a TTL; the holders' renewals keep a live one.
+    if scope.held == 0 then redis.call('PEXPIRE', scope.zset, ttl * 2) end
+    out[#out + 1] = scope.concurrency - scope.held - 1
+    out[#out + 1] = 0
   end
 end
 return out
 ";
 
 const FINISH: &str = r"
--- KEYS[i]: entry i's counter. ARGV: lease member, admission time (ms), then three
--- values per entry: kind ('t' or 'c'), window (ms), tokens reserved; then the tokens
--- the answer used.
+-- KEYS: two per scope, as for admission. ARGV: lease member, admission time (ms),
+-- the tokens the answer used, then per scope: the number of token windows, three
+-- values per window (name, length in ms, tokens reserved), and 1 when it holds a
+-- concurrency lease (else 0).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local member, admitted, used = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[#ARGV])
-for i = 1, #KEYS do
-  local key, at = KEYS[i], 2 + (i - 1) * 3
-  local kind, w, reserved = ARGV[at + 1], tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
-  if kind == 'c' then
-    redis.call('ZREM', key, member)
-  else
+local member, admitted, used = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local at = 4
+for s = 1, #KEYS / 2 do
+  local hash, zset = KEYS[2 * s - 1], KEYS[2 * s]
+  local windows = tonumber(ARGV[at])
+  for d = 1, windows do
+    local i = at + 3 * (d - 1)
+    local name, w, reserved = ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
     local was, idx = math.floor(admitted / w), math.floor(now / w)
-    if reserved > 0 and was >= idx - 1 then
-      if redis.call('HINCRBY', key, was, -reserved) <= 0 then redis.call('HDEL', key, was) end
-    end
-    if used > 0 then
-      redis.call('HINCRBY', key, idx, used)
-      redis.call('PEXPIRE', key, 2 * w)
+    if was == idx then
+      if used ~= reserved then redis.call('HINCRBY', hash, name .. ':' .. idx, used - reserved) end
+    else
+      if reserved > 0 and was == idx - 1 then
+        redis.call('HINCRBY', hash, name .. ':' .. was, -reserved)
+      end
+      if used > 0 then redis.call('HINCRBY', hash, name .. ':' .. idx, used) end
     end
   end
+  at = at + 1 + 3 * windows
+  if ARGV[at] == '1' then redis.call('ZREM', zset, member) end
+  at = at + 1
 end
 return 1
 ";
@@ -138,25 +181,28 @@ enum Kind {
     Concurrency,
 }
 
-impl Kind {
-    fn code(self) -> &'static str {
-        match self {
-            Kind::Requests => "r",
-            Kind::Tokens => "t",
-            Kind::Concurrency => "c",
-        }
-    }
-}
-
-/// One limit of one scope, as the scripts see it.
+/// One limit of one scope, numbered as the admission script numbers them.
 struct Entry {
-    key: String,
     kind: Kind,
+    /// The dimension's name (`rpm`, `tpd`...), the window's field prefix.
+    name: &'static str,
     window_ms: u64,
     limit: u64,
     /// Whose limit, and what the refusal says of it.
     scope: usize,
     unit: &'static str,
+}
+
+/// A scope's two keys: its windows and its concurrency leases.
+fn keys(scope: &Scope) -> [String; 2] {
+    let name = match scope {
+        Scope::ApiKey(id) => format!("k:{id}"),
+        Scope::Model(model) => format!("m:{model}"),
+    };
+    [
+        format!("aisix:{{rl}}:{name}"),
+        format!("aisix:{{rl}}:{name}:concurrency"),
+    ]
 }
 
 /// The shared counters and this replica's live concurrency leases.
@@ -183,8 +229,9 @@ pub(super) struct SharedLease {
     member: String,
     admitted_ms: u64,
     reserved: u64,
-    /// Token and concurrency entries: (key, kind, window).
-    finish: Vec<(String, Kind, u64)>,
+    /// What the end settles, per scope: its keys, its token windows (name, length),
+    /// and whether it holds a concurrency lease. Empty: nothing to settle.
+    finish: Vec<([String; 2], Vec<(&'static str, u64)>, bool)>,
     pub used: AtomicU64,
 }
 
@@ -232,17 +279,28 @@ impl SharedLimits {
         let ttl_ms = u64::try_from(self.lease_ttl.as_millis()).unwrap_or(u64::MAX);
         let mut invocation = self.scripts.admit.prepare_invoke();
         invocation.arg(&member).arg(ttl_ms);
-        for entry in &entries {
-            let cost = match entry.kind {
-                Kind::Requests | Kind::Concurrency => 1,
-                Kind::Tokens => reserve,
-            };
-            invocation
-                .key(&entry.key)
-                .arg(entry.kind.code())
-                .arg(entry.window_ms)
-                .arg(entry.limit)
-                .arg(cost);
+        for (i, (scope, limits)) in scopes.iter().enumerate() {
+            let [windows, leases] = keys(scope);
+            invocation.key(windows).key(leases);
+            let of_scope = entries.iter().filter(|e| e.scope == i);
+            let windows: Vec<&Entry> = of_scope
+                .clone()
+                .filter(|e| e.kind != Kind::Concurrency)
+                .collect();
+            invocation.arg(windows.len());
+            for entry in windows {
+                let cost = if entry.kind == Kind::Tokens {
+                    reserve
+                } else {
+                    1
+                };
+                invocation
+                    .arg(entry.name)
+                    .arg(entry.window_ms)
+                    .arg(entry.limit)
+                    .arg(cost);
+            }
+            invocation.arg(limits.concurrency.unwrap_or(0));
         }
         let answer: Vec<i64> = self.redis.run(Op::Script(invocation)).await?;
         let number = |i: usize| {
@@ -290,15 +348,23 @@ impl SharedLimits {
                 *slot = Some(quota);
             }
         }
-        let finish: Vec<(String, Kind, u64)> = entries
-            .into_iter()
-            .filter(|e| e.kind != Kind::Requests)
-            .map(|e| (e.key, e.kind, e.window_ms))
+        let finish: Vec<_> = scopes
+            .iter()
+            .enumerate()
+            .map(|(i, (scope, limits))| {
+                let tokens: Vec<(&'static str, u64)> = entries
+                    .iter()
+                    .filter(|e| e.scope == i && e.kind == Kind::Tokens)
+                    .map(|e| (e.name, e.window_ms))
+                    .collect();
+                (keys(scope), tokens, limits.concurrency.is_some())
+            })
+            .filter(|(_, tokens, leased)| !tokens.is_empty() || *leased)
             .collect();
         let held: Vec<String> = finish
             .iter()
-            .filter(|(_, kind, _)| *kind == Kind::Concurrency)
-            .map(|(key, _, _)| key.clone())
+            .filter(|(_, _, leased)| *leased)
+            .map(|([_, leases], _, _)| leases.clone())
             .collect();
         if !held.is_empty() {
             self.live
@@ -340,23 +406,20 @@ impl SharedLimits {
     }
 }
 
-/// Every limit of `scopes`, in order.
+/// Every limit of `scopes`, in the admission script's order: per scope its windows,
+/// then its concurrency.
 fn entries(scopes: &[(Scope, RateLimit)]) -> Vec<Entry> {
     let mut entries = Vec::new();
-    for (i, (scope, limits)) in scopes.iter().enumerate() {
-        let name = match scope {
-            Scope::ApiKey(id) => format!("k:{id}"),
-            Scope::Model(model) => format!("m:{model}"),
-        };
+    for (i, (_, limits)) in scopes.iter().enumerate() {
         for dimension in DIMENSIONS {
             if let Some(limit) = dimension.limit(limits) {
                 entries.push(Entry {
-                    key: format!("aisix:{{rl}}:{name}:{}", dimension.name()),
                     kind: if dimension.tokens() {
                         Kind::Tokens
                     } else {
                         Kind::Requests
                     },
+                    name: dimension.name(),
                     window_ms: dimension.window_ms(),
                     limit,
                     scope: i,
@@ -366,8 +429,8 @@ fn entries(scopes: &[(Scope, RateLimit)]) -> Vec<Entry> {
         }
         if let Some(limit) = limits.concurrency {
             entries.push(Entry {
-                key: format!("aisix:{{rl}}:{name}:concurrency"),
                 kind: Kind::Concurrency,
+                name: "concurrency",
                 window_ms: 0,
                 limit,
                 scope: i,
@@ -399,15 +462,14 @@ impl Drop for SharedLease {
         let used = self.used.load(Ordering::Relaxed);
         runtime.spawn(async move {
             let mut invocation = limits.scripts.finish.prepare_invoke();
-            invocation.arg(&member).arg(admitted_ms);
-            for (key, kind, window) in &finish {
-                invocation
-                    .key(key)
-                    .arg(kind.code())
-                    .arg(window)
-                    .arg(if *kind == Kind::Tokens { reserved } else { 0 });
+            invocation.arg(&member).arg(admitted_ms).arg(used);
+            for ([windows, leases], tokens, leased) in &finish {
+                invocation.key(windows).key(leases).arg(tokens.len());
+                for (name, window) in tokens {
+                    invocation.arg(*name).arg(*window).arg(reserved);
+                }
+                invocation.arg(u8::from(*leased));
             }
-            invocation.arg(used);
             // Lost on failure: the reservation stays counted until its window ends,
             // the lease until its TTL.
             let _: Result<i64, _> = limits.redis.run(Op::Script(invocation)).await;
