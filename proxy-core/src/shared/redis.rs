@@ -18,6 +18,7 @@ use arc_swap::ArcSwapOption;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
+use redis::io::tcp::TcpSettings;
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{
     AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ConnectionInfo, FromRedisValue,
@@ -213,7 +214,10 @@ impl RedisOptions {
             },
             other => other,
         };
-        Ok(info.set_redis_settings(settings).set_addr(addr))
+        Ok(info
+            .set_redis_settings(settings)
+            .set_addr(addr)
+            .set_tcp_settings(tcp()))
     }
 
     fn timeout(&self) -> Duration {
@@ -223,6 +227,11 @@ impl RedisOptions {
     fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
     }
+}
+
+/// Requests are small and waited for: never held back by Nagle's algorithm.
+fn tcp() -> TcpSettings {
+    TcpSettings::default().set_nodelay(true)
 }
 
 /// `host:port` or a `redis://` / `rediss://` URL.
@@ -362,6 +371,7 @@ impl Redis {
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|m| ("nodes", m))?;
                 let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
+                    .tcp_settings(tcp())
                     .connection_timeout(options.connect_timeout())
                     .response_timeout(options.timeout())
                     .retries(0);
@@ -381,7 +391,9 @@ impl Redis {
                 let mut builder =
                     SentinelClientBuilder::new(sentinels, master, SentinelServerType::Master)
                         .map_err(|e| ("sentinels", e.to_string()))?
-                        .set_client_to_redis_db(options.database);
+                        .set_client_to_redis_db(options.database)
+                        .set_client_to_redis_tcp_settings(tcp())
+                        .set_client_to_sentinel_tcp_settings(tcp());
                 if let Some(user) = &options.username {
                     builder = builder.set_client_to_redis_username(user);
                 }

@@ -229,10 +229,18 @@ pub(super) struct SharedLease {
     member: String,
     admitted_ms: u64,
     reserved: u64,
-    /// What the end settles, per scope: its keys, its token windows (name, length),
-    /// and whether it holds a concurrency lease. Empty: nothing to settle.
-    finish: Vec<([String; 2], Vec<(&'static str, u64)>, bool)>,
+    /// What the end settles, per scope. Empty: nothing to settle.
+    finish: Vec<Settle>,
     pub used: AtomicU64,
+}
+
+/// A scope's part of a request's end.
+struct Settle {
+    keys: [String; 2],
+    /// Token windows: (name, length in ms).
+    tokens: Vec<(&'static str, u64)>,
+    /// It holds a concurrency lease.
+    leased: bool,
 }
 
 /// What Redis decided.
@@ -357,14 +365,18 @@ impl SharedLimits {
                     .filter(|e| e.scope == i && e.kind == Kind::Tokens)
                     .map(|e| (e.name, e.window_ms))
                     .collect();
-                (keys(scope), tokens, limits.concurrency.is_some())
+                Settle {
+                    keys: keys(scope),
+                    tokens,
+                    leased: limits.concurrency.is_some(),
+                }
             })
-            .filter(|(_, tokens, leased)| !tokens.is_empty() || *leased)
+            .filter(|settle| !settle.tokens.is_empty() || settle.leased)
             .collect();
         let held: Vec<String> = finish
             .iter()
-            .filter(|(_, _, leased)| *leased)
-            .map(|([_, leases], _, _)| leases.clone())
+            .filter(|settle| settle.leased)
+            .map(|settle| settle.keys[1].clone())
             .collect();
         if !held.is_empty() {
             self.live
@@ -463,12 +475,13 @@ impl Drop for SharedLease {
         runtime.spawn(async move {
             let mut invocation = limits.scripts.finish.prepare_invoke();
             invocation.arg(&member).arg(admitted_ms).arg(used);
-            for ([windows, leases], tokens, leased) in &finish {
-                invocation.key(windows).key(leases).arg(tokens.len());
-                for (name, window) in tokens {
+            for settle in &finish {
+                let [windows, leases] = &settle.keys;
+                invocation.key(windows).key(leases).arg(settle.tokens.len());
+                for (name, window) in &settle.tokens {
                     invocation.arg(*name).arg(*window).arg(reserved);
                 }
-                invocation.arg(u8::from(*leased));
+                invocation.arg(u8::from(settle.leased));
             }
             // Lost on failure: the reservation stays counted until its window ends,
             // the lease until its TTL.
