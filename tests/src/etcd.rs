@@ -30,16 +30,7 @@ fn find(name: &str, env: &str) -> PathBuf {
 }
 
 /// TLS files for an etcd that requires client certificates.
-#[derive(Debug, Clone)]
-pub struct EtcdTls {
-    pub ca: PathBuf,
-    /// Server certificate (with clientAuth too: etcd's gateway dials itself with it).
-    pub server_cert: PathBuf,
-    pub server_key: PathBuf,
-    /// A client certificate for etcdctl.
-    pub client_cert: PathBuf,
-    pub client_key: PathBuf,
-}
+pub use crate::TlsFiles as EtcdTls;
 
 pub struct Etcd {
     process: Option<Process>,

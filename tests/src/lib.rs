@@ -42,6 +42,44 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// PEM files of a private CA, a server certificate for 127.0.0.1 (with clientAuth
+/// too: etcd's gateway dials itself with it) and a client certificate, for servers
+/// under test that speak TLS and ask for client certificates.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl TlsFiles {
+    /// Issues a day's certificates from a new CA named `ca_name`, written into `dir`.
+    pub fn generate(dir: &Path, ca_name: &str) -> TlsFiles {
+        const DAY: Duration = Duration::from_secs(86_400);
+        let write = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let ca = certs::CertificateAuthority::generate(ca_name, DAY).unwrap();
+        let server = ca
+            .issue_server_and_client(&[], &["127.0.0.1".parse().unwrap()], DAY)
+            .unwrap();
+        let client = ca
+            .issue_gateway(&certs::GatewayIdentity::new("env", "dp").unwrap(), DAY)
+            .unwrap();
+        TlsFiles {
+            ca: write("ca.pem", ca.cert_pem()),
+            server_cert: write("server.pem", &server.cert_pem),
+            server_key: write("server-key.pem", server.key_pem.expose()),
+            client_cert: write("client.pem", &client.cert_pem),
+            client_key: write("client-key.pem", client.key_pem.expose()),
+        }
+    }
+}
+
 /// A program from `env` or the PATH; a missing one fails the test with `install`.
 pub fn find_program(name: &str, env: &str, install: &str) -> PathBuf {
     if let Ok(path) = std::env::var(env) {

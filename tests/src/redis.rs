@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::{Process, eventually, find_program, free_port};
+use crate::{Process, TlsFiles, eventually, find_program, free_port};
 
 const INSTALL: &str =
     "install Debian's redis-server and redis-sentinel packages; scripts/test does";
@@ -30,16 +30,6 @@ fn cli_with(port: u16, client: &[String], args: &[&str]) -> String {
         .output()
         .unwrap_or_else(|e| panic!("cannot run redis-cli: {e}"));
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
-}
-
-/// Files for a Redis that speaks only TLS and asks clients for certificates.
-pub struct RedisTlsFiles {
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    /// A client certificate for redis-cli.
-    pub client_cert: PathBuf,
-    pub client_key: PathBuf,
 }
 
 pub struct RedisServer {
@@ -80,14 +70,14 @@ impl RedisServer {
     }
 
     /// TLS only (no plain port), client certificates required.
-    pub async fn with_tls(files: &RedisTlsFiles) -> RedisServer {
+    pub async fn with_tls(files: &TlsFiles) -> RedisServer {
         let path = |p: &PathBuf| p.to_str().unwrap().to_owned();
         Self::launch_new(
             vec![
                 "--tls-cert-file".into(),
-                path(&files.cert),
+                path(&files.server_cert),
                 "--tls-key-file".into(),
-                path(&files.key),
+                path(&files.server_key),
                 "--tls-ca-cert-file".into(),
                 path(&files.ca),
                 "--tls-auth-clients".into(),

@@ -812,27 +812,8 @@ fn seed_with_etcdctl(etcd: &Etcd, mock: &MockProvider) {
 
 #[tokio::test]
 async fn tls_with_client_certificates_and_endpoint_failover() {
-    const DAY: Duration = Duration::from_secs(86_400);
     let dir = tempfile::tempdir().unwrap();
-    let write = |name: &str, text: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    };
-    let ca = certs::CertificateAuthority::generate("etcd test CA", DAY).unwrap();
-    let server = ca
-        .issue_server_and_client(&[], &["127.0.0.1".parse().unwrap()], DAY)
-        .unwrap();
-    let client = ca
-        .issue_gateway(&certs::GatewayIdentity::new("env", "dp").unwrap(), DAY)
-        .unwrap();
-    let tls = tests::etcd::EtcdTls {
-        ca: write("ca.pem", ca.cert_pem()),
-        server_cert: write("server.pem", &server.cert_pem),
-        server_key: write("server-key.pem", server.key_pem.expose()),
-        client_cert: write("client.pem", &client.cert_pem),
-        client_key: write("client-key.pem", client.key_pem.expose()),
-    };
+    let tls = tests::TlsFiles::generate(dir.path(), "etcd test CA");
     let etcd = Etcd::start_with(Some(tls.clone()), &[]).await;
     let mock = MockProvider::start("127.0.0.1:0".parse().unwrap())
         .await

@@ -360,7 +360,7 @@ async fn validate_reports_every_problem() {
         resources("http://127.0.0.1:9", bad),
     )
     .unwrap();
-    let config = write_config(dir.path(), "ratelimit: {enabled: true}\n");
+    let config = write_config(dir.path(), "downstream: {idle_timeout_secs: 60}\n");
     let (ok, out) = run_to_exit(&["validate", "--config", config.to_str().unwrap()]).await;
     assert!(!ok);
     assert!(
@@ -369,7 +369,7 @@ async fn validate_reports_every_problem() {
     );
     assert!(out.contains("problem: models/m3: model_name: required; provider_key_id: required; timeout: must be at least 1"), "{out}");
     assert!(
-        out.contains("config section 'ratelimit' is not implemented"),
+        out.contains("config section 'downstream' is not implemented"),
         "{out}"
     );
 

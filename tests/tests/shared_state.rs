@@ -641,27 +641,8 @@ async fn a_slow_redis_costs_a_request_its_timeout_not_more() {
 
 #[tokio::test]
 async fn redis_over_mutual_tls_with_a_private_ca() {
-    const DAY: Duration = Duration::from_secs(86_400);
     let dir = tempfile::tempdir().unwrap();
-    let write = |name: &str, text: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    };
-    let ca = certs::CertificateAuthority::generate("redis test CA", DAY).unwrap();
-    let server = ca
-        .issue_server_and_client(&[], &["127.0.0.1".parse().unwrap()], DAY)
-        .unwrap();
-    let client = ca
-        .issue_gateway(&certs::GatewayIdentity::new("env", "dp").unwrap(), DAY)
-        .unwrap();
-    let files = tests::redis::RedisTlsFiles {
-        ca: write("ca.pem", ca.cert_pem()),
-        cert: write("server.pem", &server.cert_pem),
-        key: write("server-key.pem", server.key_pem.expose()),
-        client_cert: write("client.pem", &client.cert_pem),
-        client_key: write("client-key.pem", client.key_pem.expose()),
-    };
+    let files = tests::TlsFiles::generate(dir.path(), "redis test CA");
     let redis = RedisServer::with_tls(&files).await;
     assert!(redis.url().starts_with("rediss://"));
     let mock = mock().await;
