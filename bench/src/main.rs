@@ -13,6 +13,7 @@
     reason = "a benchmark tool: a failure should stop it loudly"
 )]
 
+mod limiter;
 mod load;
 mod nginx;
 mod procs;
@@ -53,6 +54,8 @@ enum Command {
     Upstream(upstream::UpstreamArgs),
     /// Measures configuration scale in this process and prints JSON.
     Scale(scale::ScaleArgs),
+    /// Times the shared rate limiter's admissions against a Redis, in this process.
+    Limiter(limiter::LimiterArgs),
 }
 
 #[derive(Debug, Clone, clap::Args, serde::Serialize)]
@@ -113,6 +116,14 @@ fn main() -> ExitCode {
         },
         Some(Command::Scale(args)) => {
             scale::run(&args);
+            ExitCode::SUCCESS
+        }
+        Some(Command::Limiter(args)) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(limiter::run(&args));
             ExitCode::SUCCESS
         }
         None => {
