@@ -9,8 +9,9 @@
 //!
 //! Token limits reserve the request's estimate at admission and settle it with the
 //! real count when the answer ends. Concurrency slots are leases with a TTL, renewed
-//! while held, so the slots of a replica that died expire. The end of a request (settle
-//! and release) is sent in the background, off the request path.
+//! while held, so the slots of a replica that died expire. The ends of requests
+//! (settle and release) are sent in the background, batched a couple of milliseconds
+//! after the first, off the next request's path.
 //!
 //! Keys: per scope (`k:<api key id>`, `m:<model>`) a hash of its windows,
 //! `aisix:{rl}:<scope>` (fields `<dimension>:<window index>`, so one read and one
@@ -24,6 +25,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use redis::Script;
+use tokio::sync::Notify;
 
 use super::{DIMENSIONS, Quota, Refusal, Scope};
 use crate::resources::RateLimit;
@@ -131,35 +133,41 @@ return out
 ";
 
 const FINISH: &str = r"
--- KEYS: two per scope, as for admission. ARGV: lease member, admission time (ms),
--- the tokens the answer used, then per scope: the number of token windows, three
--- values per window (name, length in ms, tokens reserved), and 1 when it holds a
--- concurrency lease (else 0).
+-- The ends of requests, several at once. KEYS: two per scope of each request, as for
+-- admission. ARGV: per request its lease member, admission time (ms), the tokens its
+-- answer used and its number of scopes, then per scope: the number of token windows,
+-- three values per window (name, length in ms, tokens reserved), and 1 when it holds
+-- a concurrency lease (else 0).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local member, admitted, used = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local at = 4
-for s = 1, #KEYS / 2 do
-  local hash, zset = KEYS[2 * s - 1], KEYS[2 * s]
-  local windows = tonumber(ARGV[at])
-  for d = 1, windows do
-    local i = at + 3 * (d - 1)
-    local name, w, reserved = ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
-    local was, idx = math.floor(admitted / w), math.floor(now / w)
-    if was == idx then
-      if used ~= reserved then redis.call('HINCRBY', hash, name .. ':' .. idx, used - reserved) end
-    else
-      if reserved > 0 and was == idx - 1 then
-        redis.call('HINCRBY', hash, name .. ':' .. was, -reserved)
+local at, k = 1, 0
+while at <= #ARGV do
+  local member, admitted, used = ARGV[at], tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
+  local scopes = tonumber(ARGV[at + 3])
+  at = at + 4
+  for _ = 1, scopes do
+    local hash, zset = KEYS[k + 1], KEYS[k + 2]
+    k = k + 2
+    local windows = tonumber(ARGV[at])
+    for d = 1, windows do
+      local i = at + 3 * (d - 1)
+      local name, w, reserved = ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+      local was, idx = math.floor(admitted / w), math.floor(now / w)
+      if was == idx then
+        if used ~= reserved then redis.call('HINCRBY', hash, name .. ':' .. idx, used - reserved) end
+      else
+        if reserved > 0 and was == idx - 1 then
+          redis.call('HINCRBY', hash, name .. ':' .. was, -reserved)
+        end
+        if used > 0 then redis.call('HINCRBY', hash, name .. ':' .. idx, used) end
       end
-      if used > 0 then redis.call('HINCRBY', hash, name .. ':' .. idx, used) end
     end
+    at = at + 1 + 3 * windows
+    if ARGV[at] == '1' then redis.call('ZREM', zset, member) end
+    at = at + 1
   end
-  at = at + 1 + 3 * windows
-  if ARGV[at] == '1' then redis.call('ZREM', zset, member) end
-  at = at + 1
 end
-return 1
+return k
 ";
 
 const RENEW: &str = r"
@@ -215,7 +223,24 @@ pub(super) struct SharedLimits {
     next_lease: AtomicU64,
     /// Leases held now, renewed in the background: member -> concurrency keys.
     live: Mutex<HashMap<String, Vec<String>>>,
+    /// Ends of requests waiting to be sent together (see [`settle_ends`]).
+    ended: Mutex<Vec<Ended>>,
+    ending: Notify,
 }
+
+/// A request's end, queued.
+struct Ended {
+    member: String,
+    admitted_ms: u64,
+    reserved: u64,
+    used: u64,
+    finish: Vec<Settle>,
+}
+
+/// How long the end of a request waits to be sent with others: off the next request's
+/// path (a gateway's next request usually arrives sooner), and a bound on how late a
+/// concurrency slot frees and a token count is settled.
+const END_DELAY: Duration = Duration::from_millis(2);
 
 struct Scripts {
     admit: Script,
@@ -266,8 +291,11 @@ impl SharedLimits {
             replica: uuid::Uuid::new_v4().simple().to_string(),
             next_lease: AtomicU64::new(0),
             live: Mutex::new(HashMap::new()),
+            ended: Mutex::new(Vec::new()),
+            ending: Notify::new(),
         });
         tokio::spawn(renew_leases(Arc::downgrade(&limits)));
+        tokio::spawn(settle_ends(Arc::downgrade(&limits)));
         limits
     }
 
@@ -458,35 +486,67 @@ impl Drop for SharedLease {
         if self.finish.is_empty() {
             return;
         }
-        self.limits
+        let limits = &self.limits;
+        limits
             .live
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&self.member);
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            // No runtime (shutting down): the leases expire by their TTL.
+        limits
+            .ended
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Ended {
+                member: std::mem::take(&mut self.member),
+                admitted_ms: self.admitted_ms,
+                reserved: self.reserved,
+                used: self.used.load(Ordering::Relaxed),
+                finish: std::mem::take(&mut self.finish),
+            });
+        limits.ending.notify_one();
+    }
+}
+
+/// Sends queued request ends, [`END_DELAY`] after the first of a batch, in one script
+/// run, until the limiter is dropped. A failed send is lost: reservations stay counted
+/// until their window ends, leases until their TTL.
+async fn settle_ends(limits: Weak<SharedLimits>) {
+    loop {
+        {
+            let Some(limits) = limits.upgrade() else {
+                return;
+            };
+            tokio::select! {
+                () = limits.ending.notified() => {}
+                () = tokio::time::sleep(Duration::from_secs(5)) => continue,
+            }
+        }
+        tokio::time::sleep(END_DELAY).await;
+        let Some(limits) = limits.upgrade() else {
             return;
         };
-        let limits = self.limits.clone();
-        let member = std::mem::take(&mut self.member);
-        let finish = std::mem::take(&mut self.finish);
-        let (admitted_ms, reserved) = (self.admitted_ms, self.reserved);
-        let used = self.used.load(Ordering::Relaxed);
-        runtime.spawn(async move {
-            let mut invocation = limits.scripts.finish.prepare_invoke();
-            invocation.arg(&member).arg(admitted_ms).arg(used);
-            for settle in &finish {
+        let ended =
+            std::mem::take(&mut *limits.ended.lock().unwrap_or_else(PoisonError::into_inner));
+        if ended.is_empty() {
+            continue;
+        }
+        let mut invocation = limits.scripts.finish.prepare_invoke();
+        for end in &ended {
+            invocation
+                .arg(&end.member)
+                .arg(end.admitted_ms)
+                .arg(end.used)
+                .arg(end.finish.len());
+            for settle in &end.finish {
                 let [windows, leases] = &settle.keys;
                 invocation.key(windows).key(leases).arg(settle.tokens.len());
                 for (name, window) in &settle.tokens {
-                    invocation.arg(*name).arg(*window).arg(reserved);
+                    invocation.arg(*name).arg(*window).arg(end.reserved);
                 }
                 invocation.arg(u8::from(settle.leased));
             }
-            // Lost on failure: the reservation stays counted until its window ends,
-            // the lease until its TTL.
-            let _: Result<i64, _> = limits.redis.run(Op::Script(invocation)).await;
-        });
+        }
+        let _: Result<i64, _> = limits.redis.run(Op::Script(invocation)).await;
     }
 }
 
