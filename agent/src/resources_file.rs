@@ -14,15 +14,16 @@ use serde_yaml_ng::{Mapping, Value};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
-    #[error("cannot read resources file {path}: {source}")]
+    #[error("cannot read resources file {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        /// Shown in the message, not as a separate cause (printed once).
+        error: std::io::Error,
     },
-    #[error("resources file {path} is not valid YAML: {source}")]
+    #[error("resources file {path} is not valid YAML: {error}")]
     Syntax {
         path: PathBuf,
-        source: serde_yaml_ng::Error,
+        error: serde_yaml_ng::Error,
     },
     #[error("resources file {path}: {message}")]
     Shape { path: PathBuf, message: String },
@@ -38,9 +39,9 @@ pub struct ResourcesFile {
 
 impl ResourcesFile {
     pub fn load(path: &Path, prefix: &str) -> Result<Self, FileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| FileError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| FileError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         Self::parse(path, &text, prefix)
     }
@@ -50,9 +51,9 @@ impl ResourcesFile {
             path: path.to_owned(),
             message,
         };
-        let root: Value = serde_yaml_ng::from_str(text).map_err(|source| FileError::Syntax {
+        let root: Value = serde_yaml_ng::from_str(text).map_err(|error| FileError::Syntax {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         let root = match root {
             Value::Null => Mapping::new(),

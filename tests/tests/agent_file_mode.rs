@@ -349,6 +349,14 @@ async fn bad_start_up_input_stops_with_a_message_naming_the_problem() {
         run_to_exit(&["--config", dir.path().join("absent.yaml").to_str().unwrap()]).await;
     assert!(!ok);
     assert!(out.contains("cannot read config file"), "{out}");
+    // The OS error is said once, not once per layer of the error.
+    assert_eq!(out.matches("No such file or directory").count(), 1, "{out}");
+
+    std::fs::remove_file(dir.path().join("resources.yaml")).unwrap();
+    let (ok, out) = run_to_exit(&["validate", "--config", config.to_str().unwrap()]).await;
+    assert!(!ok);
+    assert!(out.contains("cannot read resources file"), "{out}");
+    assert_eq!(out.matches("No such file or directory").count(), 1, "{out}");
 }
 
 #[tokio::test]

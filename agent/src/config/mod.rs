@@ -23,15 +23,16 @@ pub use sections::*;
 /// field at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        /// Shown in the message, not as a separate cause (printed once).
+        error: std::io::Error,
     },
-    #[error("config file {path} is not valid YAML: {source}")]
+    #[error("config file {path} is not valid YAML: {error}")]
     Syntax {
         path: PathBuf,
-        source: serde_yaml_ng::Error,
+        error: serde_yaml_ng::Error,
     },
     #[error("config file {path}: {field}: {message}")]
     Field {
@@ -86,9 +87,9 @@ impl Config {
         path: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         Self::parse(path, &text, env)
     }
@@ -99,9 +100,9 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
         let mut value: Value =
-            serde_yaml_ng::from_str(text).map_err(|source| ConfigError::Syntax {
+            serde_yaml_ng::from_str(text).map_err(|error| ConfigError::Syntax {
                 path: path.to_owned(),
-                source,
+                error,
             })?;
         if value.is_null() {
             value = Value::Mapping(Mapping::new());

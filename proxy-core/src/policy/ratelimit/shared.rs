@@ -237,7 +237,6 @@ struct Ended {
     finish: Vec<Settle>,
 }
 
-
 struct Scripts {
     admit: Script,
     finish: Script,
