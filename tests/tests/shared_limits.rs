@@ -87,6 +87,14 @@ async fn two_limiters_on_one_redis_share_a_limit_and_say_when_it_frees() {
     assert!(a.admit(key("other", limits), 0).await.is_ok());
     let counted = server.cli(&["HVALS", "aisix:{rl}:k:shared"]);
     assert_eq!(counted, "4", "refusals are not counted");
+    // A limit past what Lua counts exactly is still decided in Redis.
+    let huge = RateLimit {
+        rpd: Some(u64::MAX),
+        ..RateLimit::default()
+    };
+    let lease = a.admit(key("huge", huge), 0).await.unwrap();
+    assert!(lease.requests.unwrap().remaining > 1 << 52);
+    assert_eq!(server.cli(&["HVALS", "aisix:{rl}:k:huge"]), "1");
 }
 
 #[tokio::test]

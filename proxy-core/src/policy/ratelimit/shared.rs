@@ -182,6 +182,10 @@ end
 return #KEYS
 ";
 
+/// Lua counts in doubles: integers up to 2^53 are exact; larger limits are that
+/// (a limit nobody reaches either way).
+const LUA_EXACT: u64 = 1 << 53;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Requests,
@@ -328,10 +332,10 @@ impl SharedLimits {
                 invocation
                     .arg(entry.name)
                     .arg(entry.window_ms)
-                    .arg(entry.limit)
-                    .arg(cost);
+                    .arg(entry.limit.min(LUA_EXACT))
+                    .arg(cost.min(LUA_EXACT));
             }
-            invocation.arg(limits.concurrency.unwrap_or(0));
+            invocation.arg(limits.concurrency.unwrap_or(0).min(LUA_EXACT));
         }
         let answer: Vec<i64> = self.redis.run(Op::Script(invocation)).await?;
         let number = |i: usize| {
