@@ -429,7 +429,7 @@ impl Bench {
         // have counted a request.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let status = self.chat_as(&shared_url, LIMITED).await;
+            let status = self.chat_as(&self.http, &shared_url, LIMITED).await;
             let counted = std::process::Command::new("redis-cli")
                 .args([
                     "-p",
@@ -469,20 +469,6 @@ impl Bench {
         drop(redis_server);
     }
 
-    async fn chat_as(&self, url: &str, key: &str) -> Option<u16> {
-        let response = self
-            .http
-            .post(url)
-            .bearer_auth(key)
-            .json(
-                &json!({"model": "bench", "messages": [{"role": "user", "content": "Say hello."}]}),
-            )
-            .send()
-            .await
-            .ok()?;
-        Some(response.status().as_u16())
-    }
-
     /// Starts the agent on the gateway core and waits for its proxy listener.
     fn start_agent(&self, name: &str, (source, port): &(String, u16)) -> (Pinned, String) {
         let config = self.config(name, source, *port);
@@ -497,9 +483,15 @@ impl Bench {
     }
 
     async fn chat(&self, http: &reqwest::Client, url: &str) -> Option<u16> {
+        self.chat_as(http, url, CALLER).await
+    }
+
+    /// The status of a chat completion as `key`; `None` when it failed or a 200 is
+    /// not the mock's answer.
+    async fn chat_as(&self, http: &reqwest::Client, url: &str, key: &str) -> Option<u16> {
         let response = http
             .post(url)
-            .bearer_auth(CALLER)
+            .bearer_auth(key)
             .json(
                 &json!({"model": "bench", "messages": [{"role": "user", "content": "Say hello."}]}),
             )
