@@ -82,30 +82,10 @@ struct Replica {
 /// Replicas of one config (each binds its own ports); returns once every replica has
 /// its Redis connections up.
 async fn replicas(dir: &std::path::Path, n: usize, config: &str) -> Vec<Replica> {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let path = dir.join(format!(
-        "config-{}.yaml",
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::write(
-        &path,
-        format!(
-            "resources_file: {}\nproxy:\n  addr: 127.0.0.1:0\nshutdown:\n  min_drain_secs: 0\n{config}",
-            dir.join("resources.yaml").display()
-        ),
-    )
-    .unwrap();
+    let path = write_config(dir, config);
     let mut out = Vec::new();
     for _ in 0..n {
-        let (mut process, url) = start_agent(&path).await;
-        let line = process
-            .wait_for_line("metrics listener ready", Duration::from_secs(10))
-            .await;
-        out.push(Replica {
-            process,
-            url,
-            status: format!("http://{}", addr_in(&line)),
-        });
+        out.push(start_replica(&path).await);
     }
     for replica in &out {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -122,6 +102,37 @@ async fn replicas(dir: &std::path::Path, n: usize, config: &str) -> Vec<Replica>
         }
     }
     out
+}
+
+/// A config file in `dir` for the resources there, plus `config`.
+fn write_config(dir: &std::path::Path, config: &str) -> std::path::PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let path = dir.join(format!(
+        "config-{}.yaml",
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(
+        &path,
+        format!(
+            "resources_file: {}\nproxy:\n  addr: 127.0.0.1:0\nshutdown:\n  min_drain_secs: 0\n{config}",
+            dir.join("resources.yaml").display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// One agent on `config`, serving (its Redis connections may still be down).
+async fn start_replica(config: &std::path::Path) -> Replica {
+    let (mut process, url) = start_agent(config).await;
+    let line = process
+        .wait_for_line("metrics listener ready", Duration::from_secs(10))
+        .await;
+    Replica {
+        process,
+        url,
+        status: format!("http://{}", addr_in(&line)),
+    }
 }
 
 async fn redis_states(replica: &Replica) -> Vec<Value> {
@@ -170,9 +181,10 @@ async fn three_replicas_share_one_request_limit_exactly() {
             let response = chat(&url, LIMITED, "fast", &format!("question {i}")).await;
             let status = response.status().as_u16();
             let remaining = header(&response, "x-ratelimit-remaining-requests");
+            let reset = header(&response, "x-ratelimit-reset-requests");
             let retry_after = header(&response, "retry-after");
             let body: Value = response.json().await.unwrap();
-            (status, remaining, retry_after, body)
+            (status, remaining, retry_after, body, reset)
         })
     });
     let mut answers = Vec::new();
@@ -189,7 +201,17 @@ async fn three_replicas_share_one_request_limit_exactly() {
         .collect();
     remaining.sort_unstable();
     assert_eq!(remaining, (0..10).collect::<Vec<_>>());
-    for (_, _, retry_after, body) in &refused {
+    // Sliding windows: what was counted today has slid out within two days.
+    for (.., reset) in &passed {
+        let secs: f64 = reset
+            .as_deref()
+            .unwrap()
+            .trim_end_matches('s')
+            .parse()
+            .unwrap();
+        assert!((86_400.0..=172_800.0).contains(&secs), "reset {secs}");
+    }
+    for (_, _, retry_after, body, _) in &refused {
         assert_eq!(
             body["error"]["message"],
             "rate limit exceeded: 10 requests per day for this API key"
@@ -408,6 +430,25 @@ async fn redis_trouble_never_takes_the_gateway_down_and_recovery_is_automatic() 
     assert_eq!(header(&refused, "retry-after").as_deref(), Some("1"));
     let body: Value = refused.json().await.unwrap();
     assert_eq!(body["error"]["type"], "rate_limiter_unavailable");
+    let anthropic = http_client()
+        .post(format!("{}/v1/messages", closed.url))
+        .header("x-api-key", LIMITED)
+        .json(&json!({"model": "fast", "max_tokens": 16, "messages": [{"role": "user", "content": "down"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anthropic.status(), 503);
+    assert_eq!(header(&anthropic, "retry-after").as_deref(), Some("1"));
+    let body: Value = anthropic.json().await.unwrap();
+    assert_eq!(body["type"], "error");
+    assert_eq!(body["error"]["type"], "overloaded_error");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("rate limits cannot be checked"),
+        "{body}"
+    );
     // Shown where an operator looks.
     let states = redis_states(&open).await;
     assert_eq!(states.len(), 2, "{states:?}");
@@ -669,24 +710,7 @@ async fn redis_over_mutual_tls_with_a_private_ca() {
         "ratelimit:\n  backend: redis\n  redis: {{url: \"{}\", tls: true, timeout_ms: 1000}}\n",
         redis.url()
     );
-    let path = dir.path().join("untrusted.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "resources_file: {}\nproxy:\n  addr: 127.0.0.1:0\nshutdown:\n  min_drain_secs: 0\n{untrusted}",
-            dir.path().join("resources.yaml").display()
-        ),
-    )
-    .unwrap();
-    let (mut process, url) = start_agent(&path).await;
-    let line = process
-        .wait_for_line("metrics listener ready", Duration::from_secs(10))
-        .await;
-    let other = Replica {
-        process,
-        url,
-        status: format!("http://{}", addr_in(&line)),
-    };
+    let other = start_replica(&write_config(dir.path(), &untrusted)).await;
     eventually(
         "the refusal is reported",
         Duration::from_secs(10),

@@ -118,12 +118,12 @@ impl CacheSection {
     pub fn options(
         &self,
     ) -> Result<Option<proxy_core::pipeline::cache::CacheOptions>, (String, String)> {
-        let Some(max_entries) = std::num::NonZeroUsize::new(self.max_entries) else {
+        // validate_proxy refuses `max_entries: 0` when the cache is on.
+        let Some(max_entries) =
+            std::num::NonZeroUsize::new(self.max_entries).filter(|_| self.enabled)
+        else {
             return Ok(None);
         };
-        if !self.enabled {
-            return Ok(None);
-        }
         let redis = match self.backend {
             CacheBackend::Memory => None,
             CacheBackend::Redis => Some(start_redis("cache", self.redis.as_ref())?),

@@ -313,6 +313,11 @@ mod tests {
                 r#"{"error":{"message":"y","type":"provider_unavailable"}}"#,
             ),
             (
+                ProxyError::RateLimiterUnavailable,
+                503,
+                r#"{"error":{"message":"rate limits cannot be checked: the shared counter store (Redis) is not answering; retry shortly","type":"rate_limiter_unavailable"}}"#,
+            ),
+            (
                 ProxyError::NotReady,
                 503,
                 r#"{"error":{"message":"the gateway has not loaded its configuration yet; retry shortly","type":"not_ready"}}"#,

@@ -118,7 +118,13 @@ pub(super) async fn admit<'s>(
         let text = guardrails::request_text(request, call.endpoint.has_messages());
         guardrails::scan(&guards.input, &text, Stage::Input, &call.request_id)?;
     }
-    let reserve = token_estimate(request);
+    // Only a token window holds the estimate: no scan of the body otherwise.
+    let counts_tokens = |l: &RateLimit| l.tpm.is_some() || l.tpd.is_some();
+    let reserve = if counts_tokens(&caller.rate_limit) || counts_tokens(&model.rate_limit) {
+        token_estimate(request)
+    } else {
+        0
+    };
     let lease = limits_and_budget(state, caller, Some(model), reserve).await?;
     let quota_headers = lease.as_ref().map(quota_headers).unwrap_or_default();
     Ok(Admitted {
