@@ -199,6 +199,51 @@ async fn concurrency_leases_are_renewed_while_held_and_released_at_the_end() {
 }
 
 #[tokio::test]
+async fn a_request_end_rides_along_with_the_next_admission_or_goes_alone() {
+    let server = RedisServer::start().await;
+    let a = limiter(&server, false, Duration::from_secs(30)).await;
+    let limits = RateLimit {
+        concurrency: Some(1),
+        tpm: Some(1_000),
+        ..RateLimit::default()
+    };
+    // The next admission, made at once, carries the previous request's end first:
+    // the one slot is free for it and the tokens are settled to the real count.
+    for round in 0..20 {
+        let lease = a
+            .admit(key("r", limits.clone()), 100)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("round {round}: the end before was carried along, yet {e:?}")
+            });
+        lease.charge_tokens(10, 0);
+        drop(lease);
+    }
+    // The last end goes alone, within moments: the slot is free on Redis and the
+    // minute's window holds 20 requests of 10 tokens, no reservation left.
+    let b = limiter(&server, false, Duration::from_secs(30)).await;
+    eventually(
+        "the last end was sent alone",
+        Duration::from_secs(1),
+        || async {
+            let held = server.cli(&["ZCARD", "aisix:{rl}:k:r:concurrency"]);
+            held.trim() == "0"
+        },
+    )
+    .await;
+    // (Two windows when the minute turned meanwhile: the sum is the same.)
+    let fields = server.cli(&["HGETALL", "aisix:{rl}:k:r"]);
+    let tokens: i64 = fields
+        .lines()
+        .skip(1)
+        .step_by(2)
+        .map(|v| v.trim().parse::<i64>().expect("a count"))
+        .sum();
+    assert_eq!(tokens, 200, "20 x 10 tokens settled: {fields}");
+    assert!(b.admit(key("r", limits.clone()), 100).await.is_ok());
+}
+
+#[tokio::test]
 async fn without_redis_the_local_counters_decide_or_the_policy_refuses() {
     let mut server = RedisServer::start().await;
     let open = limiter(&server, false, Duration::from_secs(30)).await;

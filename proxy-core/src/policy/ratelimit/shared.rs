@@ -1,17 +1,23 @@
 //! Rate limits shared by replicas, counted in Redis (`ratelimit.backend: redis`).
 //!
-//! Each admission is one script run (one round trip) that reads Redis's clock, checks
-//! every limit of every scope and, only when all admit, counts the request: so two
-//! replicas never both take the last slot, and a refusal by one scope counts nothing
-//! in another. Windows slide: the estimate is the current fixed window's count plus
-//! the previous window's, weighted by the share of it still inside the sliding
-//! window, so there is no burst of twice the limit at a window edge.
+//! Each admission is one script run (one round trip) that checks every limit of every
+//! scope and, only when all admit, counts the request: so two replicas never both
+//! take the last slot, and a refusal by one scope counts nothing in another. Windows
+//! slide: the estimate is the current fixed window's count plus the previous window's,
+//! weighted by the share of it still inside the sliding window, so there is no burst
+//! of twice the limit at a window edge.
+//!
+//! The script only reads, decides and writes; the replica works out the window
+//! fields, weights, quotas and waits from its own clock (replicas' clocks differ by
+//! milliseconds, windows are seconds to days long). Lua is slow enough that this
+//! halves Redis's time per admission, which bounds what one Redis serves.
 //!
 //! Token limits reserve the request's estimate at admission and settle it with the
 //! real count when the answer ends. Concurrency slots are leases with a TTL, renewed
 //! while held, so the slots of a replica that died expire. The ends of requests
-//! (settle and release) are sent in the background by one task, many in one script
-//! run under load.
+//! (settle and release) ride along with the next admission, so a busy replica makes
+//! one round trip per request; ends no admission takes within a millisecond are sent
+//! by a background task, many in one script run.
 //!
 //! Keys: per scope (`k:<api key id>`, `m:<model>`) a hash of its windows,
 //! `aisix:{rl}:<scope>` (fields `<dimension>:<window index>`, so one read and one
@@ -24,150 +30,113 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
-use redis::Script;
+use redis::{Script, ScriptInvocation};
 use tokio::sync::Notify;
 
-use super::{DIMENSIONS, Quota, Refusal, Scope};
+use super::{DIMENSIONS, Quota, Refusal, Scope, unix_ms};
 use crate::resources::RateLimit;
 use crate::shared::redis::{Op, Redis, Trouble};
 
 const ADMIT: &str = r"
--- KEYS: two per scope: its windows (a hash, field '<dimension>:<window index>') and
--- its concurrency leases (a sorted set, scored by expiry). ARGV: lease member, lease
--- ttl (ms), then per scope: the number of windows, four values per window (name,
--- length in ms, limit, cost: 1 for requests, the tokens reserved for tokens), and the
--- concurrency limit (0: none). Limits are numbered in that order for the answer.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local member, ttl = ARGV[1], tonumber(ARGV[2])
-local at, n, scopes = 3, 0, {}
-for s = 1, #KEYS / 2 do
-  local scope = {hash = KEYS[2 * s - 1], zset = KEYS[2 * s], windows = {}}
-  local fields = {}
-  for d = 1, tonumber(ARGV[at]) do
-    local i = at + 4 * (d - 1)
-    local w = tonumber(ARGV[i + 2])
-    local idx = math.floor(now / w)
-    scope.windows[d] = {name = ARGV[i + 1], w = w, limit = tonumber(ARGV[i + 3]),
-      cost = tonumber(ARGV[i + 4]), idx = idx, into = now - idx * w}
-    fields[2 * d - 1] = ARGV[i + 1] .. ':' .. idx
-    fields[2 * d] = ARGV[i + 1] .. ':' .. (idx - 1)
-  end
-  at = at + 1 + 4 * #scope.windows
-  scope.concurrency = tonumber(ARGV[at])
-  at = at + 1
-  if #fields > 0 then
-    local counts = redis.call('HMGET', scope.hash, unpack(fields))
-    for d, win in ipairs(scope.windows) do
-      n = n + 1
-      local cur, prev, w, into = tonumber(counts[2 * d - 1]) or 0, tonumber(counts[2 * d]) or 0, win.w, win.into
-      if win.limit < 1 then return {0, n, w} end
-      if cur + prev * (w - into) / w + 1 > win.limit then
-        -- How long until the estimate is down to limit - 1.
-        local room, wait = win.limit - 1, 0
-        if cur <= room then
-          wait = (w - into) - math.floor((room - cur) * w / prev)
-        else
-          wait = (w - into) + (w - math.floor(room * w / cur))
-        end
-        return {0, n, math.max(wait, 1)}
-      end
-      win.cur, win.prev = cur, prev
-    end
-  end
-  if scope.concurrency > 0 then
-    n = n + 1
-    local held = redis.call('ZCARD', scope.zset)
-    -- Leases a dead replica stopped renewing are only looked for when they matter.
-    if held >= scope.concurrency then
-      redis.call('ZREMRANGEBYSCORE', scope.zset, '-inf', now)
-      held = redis.call('ZCARD', scope.zset)
-    end
-    if held >= scope.concurrency then return {0, n, 1000} end
-    scope.held = held
-  end
-  scopes[s] = scope
-end
-local out = {1, now}
-for _, scope in ipairs(scopes) do
-  local set, fresh, longest = {}, false, 0
-  for _, win in ipairs(scope.windows) do
-    local cur = win.cur + win.cost
-    if win.cost > 0 then
-      set[#set + 1] = win.name .. ':' .. win.idx
-      set[#set + 1] = cur
-    end
-    if win.cur == 0 then fresh = true end
-    if win.w > longest then longest = win.w end
-    local w, into = win.w, win.into
-    local reset = 0
-    if cur > 0 then reset = 2 * w - into elseif win.prev > 0 then reset = w - into end
-    out[#out + 1] = math.max(win.limit - math.ceil(cur + win.prev * (w - into) / w), 0)
-    out[#out + 1] = reset
-  end
-  if #set > 0 then redis.call('HSET', scope.hash, unpack(set)) end
-  if fresh then
-    -- A window's first count: windows no estimate reads any more go, and the hash
-    -- lives to the end of the next window of its longest dimension.
-    if redis.call('HLEN', scope.hash) > 2 * #scope.windows then
-      local keep = {}
-      for _, win in ipairs(scope.windows) do
-        keep[win.name .. ':' .. win.idx] = true
-        keep[win.name .. ':' .. (win.idx - 1)] = true
-      end
-      for _, f in ipairs(redis.call('HKEYS', scope.hash)) do
-        if not keep[f] then redis.call('HDEL', scope.hash, f) end
-      end
-    end
-    redis.call('PEXPIRE', scope.hash, 2 * longest)
-  end
-  if scope.concurrency > 0 then
-    redis.call('ZADD', scope.zset, now + ttl, member)
-    -- A new set gets a TTL; the holders' renewals keep a live one.
-    if scope.held == 0 then redis.call('PEXPIRE', scope.zset, ttl * 2) end
-    out[#out + 1] = scope.concurrency - scope.held - 1
-    out[#out + 1] = 0
-  end
-end
-return out
-";
-
-const FINISH: &str = r"
--- The ends of requests, several at once. KEYS: two per scope of each request, as for
--- admission. ARGV: per request its lease member, admission time (ms), the tokens its
--- answer used and its number of scopes, then per scope: the number of token windows,
--- three values per window (name, length in ms, tokens reserved), and 1 when it holds
--- a concurrency lease (else 0).
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local at, k = 1, 0
-while at <= #ARGV do
-  local member, admitted, used = ARGV[at], tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
-  local scopes = tonumber(ARGV[at + 3])
-  at = at + 4
+-- Ends of earlier requests, then (when ARGV goes on) one admission. The ends go first
+-- so what they free counts for the admission.
+-- KEYS: two per scope: its windows (a hash) and its concurrency leases (a sorted set,
+-- scored by expiry); first those of each end's scopes, then those of the scopes to
+-- admit.
+-- ARGV[1]: the number of ends. Per end: its lease member and number of scopes; per
+-- scope: the number of counts to change, that many (field, amount) pairs, and 1 when
+-- it holds a lease (else 0).
+-- Then the admission: lease member, now (ms), lease ttl (ms); per scope: the number of
+-- windows, five values per window (current field, previous field, limit, cost, the
+-- weight of the previous window), the hash's ttl (ms) and the concurrency limit (0:
+-- none).
+-- Answer: 1, then two numbers per limit, in order: the current and the previous
+-- window's counts before this request, or for concurrency the leases held and 0. A
+-- refusal: 0, the refusing limit's number and its two numbers.
+local at, k = 2, 0
+for _ = 1, tonumber(ARGV[1]) do
+  local member, scopes = ARGV[at], tonumber(ARGV[at + 1])
+  at = at + 2
   for _ = 1, scopes do
     local hash, zset = KEYS[k + 1], KEYS[k + 2]
     k = k + 2
-    local windows = tonumber(ARGV[at])
-    for d = 1, windows do
-      local i = at + 3 * (d - 1)
-      local name, w, reserved = ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
-      local was, idx = math.floor(admitted / w), math.floor(now / w)
-      if was == idx then
-        if used ~= reserved then redis.call('HINCRBY', hash, name .. ':' .. idx, used - reserved) end
-      else
-        if reserved > 0 and was == idx - 1 then
-          redis.call('HINCRBY', hash, name .. ':' .. was, -reserved)
-        end
-        if used > 0 then redis.call('HINCRBY', hash, name .. ':' .. idx, used) end
-      end
+    for _ = 1, tonumber(ARGV[at]) do
+      redis.call('HINCRBY', hash, ARGV[at + 1], ARGV[at + 2])
+      at = at + 2
     end
-    at = at + 1 + 3 * windows
-    if ARGV[at] == '1' then redis.call('ZREM', zset, member) end
-    at = at + 1
+    if ARGV[at + 1] == '1' then redis.call('ZREM', zset, member) end
+    at = at + 2
   end
 end
-return k
+if at > #ARGV then return {1} end
+local member, now, ttl = ARGV[at], tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
+at = at + 3
+local out, n, writes = {1}, 0, {}
+for s = 1, (#KEYS - k) / 2 do
+  local write = {hash = KEYS[k + 2 * s - 1], zset = KEYS[k + 2 * s], set = {}, fields = {}}
+  local windows, first = tonumber(ARGV[at]), at + 1
+  at = first + 5 * windows
+  write.ttl, write.concurrency = ARGV[at], tonumber(ARGV[at + 1])
+  at = at + 2
+  if windows > 0 then
+    for d = 0, windows - 1 do
+      write.fields[2 * d + 1] = ARGV[first + 5 * d]
+      write.fields[2 * d + 2] = ARGV[first + 5 * d + 1]
+    end
+    local counts = redis.call('HMGET', write.hash, unpack(write.fields))
+    for d = 0, windows - 1 do
+      n = n + 1
+      local i = first + 5 * d
+      local cur, prev = tonumber(counts[2 * d + 1]) or 0, tonumber(counts[2 * d + 2]) or 0
+      if cur + prev * tonumber(ARGV[i + 4]) + 1 > tonumber(ARGV[i + 2]) then
+        return {0, n, cur, prev}
+      end
+      out[#out + 1] = cur
+      out[#out + 1] = prev
+      local cost = tonumber(ARGV[i + 3])
+      if cost > 0 then
+        write.set[#write.set + 1] = ARGV[i]
+        write.set[#write.set + 1] = cur + cost
+      end
+      if cur == 0 then write.fresh = true end
+    end
+  end
+  if write.concurrency > 0 then
+    n = n + 1
+    local held = redis.call('ZCARD', write.zset)
+    -- Leases a dead replica stopped renewing are only looked for when they matter.
+    if held >= write.concurrency then
+      redis.call('ZREMRANGEBYSCORE', write.zset, '-inf', now)
+      held = redis.call('ZCARD', write.zset)
+    end
+    if held >= write.concurrency then return {0, n, held, 0} end
+    write.held = held
+    out[#out + 1] = held
+    out[#out + 1] = 0
+  end
+  writes[s] = write
+end
+for _, write in ipairs(writes) do
+  if #write.set > 0 then redis.call('HSET', write.hash, unpack(write.set)) end
+  if write.fresh then
+    -- A window's first count: fields no estimate reads any more go, and the hash
+    -- lives to the end of the next window of its longest dimension.
+    if redis.call('HLEN', write.hash) > #write.fields then
+      local keep = {}
+      for _, f in ipairs(write.fields) do keep[f] = true end
+      for _, f in ipairs(redis.call('HKEYS', write.hash)) do
+        if not keep[f] then redis.call('HDEL', write.hash, f) end
+      end
+    end
+    redis.call('PEXPIRE', write.hash, write.ttl)
+  end
+  if write.concurrency > 0 then
+    redis.call('ZADD', write.zset, now + ttl, member)
+    -- A new set gets a TTL; the holders' renewals keep a live one.
+    if write.held == 0 then redis.call('PEXPIRE', write.zset, ttl * 2) end
+  end
+end
+return out
 ";
 
 const RENEW: &str = r"
@@ -182,6 +151,13 @@ end
 return #KEYS
 ";
 
+/// How long a request's end waits for the next admission to carry it before it is
+/// sent alone. Held longer, a slot freed here is seen by other replicas later.
+const END_HOLD: Duration = Duration::from_millis(1);
+
+/// At most this many ends ride along with one admission, so it stays quick.
+const ENDS_PER_ADMISSION: usize = 16;
+
 /// Lua counts in doubles: integers up to 2^53 are exact; larger limits are that
 /// (a limit nobody reaches either way).
 const LUA_EXACT: u64 = 1 << 53;
@@ -193,16 +169,92 @@ enum Kind {
     Concurrency,
 }
 
-/// One limit of one scope, numbered as the admission script numbers them.
+/// One limit of one scope at one instant, numbered as the admission script numbers
+/// them.
 struct Entry {
     kind: Kind,
     /// The dimension's name (`rpm`, `tpd`...), the window's field prefix.
     name: &'static str,
     window_ms: u64,
     limit: u64,
+    /// What admission adds: 1 request, or the tokens reserved.
+    cost: u64,
+    /// The current window and how far into it (ms).
+    index: u64,
+    into: u64,
     /// Whose limit, and what the refusal says of it.
     scope: usize,
     unit: &'static str,
+}
+
+impl Entry {
+    fn field(&self, index: u64) -> String {
+        format!("{}:{index}", self.name)
+    }
+
+    /// The share of the previous window still inside the sliding window.
+    fn weight(&self) -> f64 {
+        (self.window_ms - self.into) as f64 / self.window_ms as f64
+    }
+
+    /// The sliding estimate of `cur` and `prev`, rounded up.
+    fn estimate(&self, cur: u64, prev: u64) -> u64 {
+        (cur as f64 + prev as f64 * self.weight()).ceil() as u64
+    }
+
+    /// What is left after admission, from the counts Redis held before it.
+    fn quota(&self, cur: u64, prev: u64) -> Quota {
+        if self.kind == Kind::Concurrency {
+            return Quota {
+                limit: self.limit,
+                remaining: self.limit.saturating_sub(cur + 1),
+                reset_ms: 0,
+            };
+        }
+        let cur = cur.saturating_add(self.cost);
+        let (w, into) = (self.window_ms, self.into);
+        Quota {
+            limit: self.limit,
+            remaining: self.limit.saturating_sub(self.estimate(cur, prev)),
+            reset_ms: if cur > 0 {
+                2 * w - into
+            } else if prev > 0 {
+                w - into
+            } else {
+                0
+            },
+        }
+    }
+
+    /// How long (ms) until a refused request would fit: until the estimate is down to
+    /// `limit - 1`, the previous window's share shrinking as the window slides.
+    fn wait(&self, cur: u64, prev: u64) -> u64 {
+        if self.kind == Kind::Concurrency {
+            return 1000;
+        }
+        let (w, into, room) = (self.window_ms, self.into, self.limit.saturating_sub(1));
+        let (w, left) = (u128::from(w), u128::from(w - into));
+        let wait = if cur <= room && prev > 0 {
+            left.saturating_sub(u128::from(room - cur) * w / u128::from(prev))
+        } else {
+            left + w - u128::from(room) * w / u128::from(cur.max(1))
+        };
+        u64::try_from(wait).unwrap_or(u64::MAX).max(1)
+    }
+}
+
+/// The refusal of `entry`, free again in `wait_ms`.
+fn refusal(scopes: &[(Scope, RateLimit)], entry: &Entry, wait_ms: u64) -> Refusal {
+    let (scope, _) = &scopes[entry.scope];
+    Refusal {
+        message: format!(
+            "rate limit exceeded: {} {} for {}",
+            entry.limit,
+            entry.unit,
+            scope.describe()
+        ),
+        retry_after_secs: wait_ms.div_ceil(1000).max(1),
+    }
 }
 
 /// A scope's two keys: its windows and its concurrency leases.
@@ -243,7 +295,6 @@ struct Ended {
 
 struct Scripts {
     admit: Script,
-    finish: Script,
     renew: Script,
 }
 
@@ -284,7 +335,6 @@ impl SharedLimits {
             lease_ttl,
             scripts: Scripts {
                 admit: Script::new(ADMIT),
-                finish: Script::new(FINISH),
                 renew: Script::new(RENEW),
             },
             replica: uuid::Uuid::new_v4().simple().to_string(),
@@ -305,37 +355,54 @@ impl SharedLimits {
         scopes: &[(Scope, RateLimit)],
         reserve: u64,
     ) -> Result<Decision, Trouble> {
-        let entries = entries(scopes);
+        let now = unix_ms();
+        let entries = entries(scopes, reserve, now);
+        // A zero limit refuses whatever Redis holds.
+        if let Some(entry) = entries.iter().find(|e| e.limit == 0) {
+            let wait = if entry.kind == Kind::Concurrency {
+                1000
+            } else {
+                entry.window_ms
+            };
+            return Ok(Decision::Refused(refusal(scopes, entry, wait)));
+        }
         let member = format!(
             "{}:{}",
             self.replica,
             self.next_lease.fetch_add(1, Ordering::Relaxed)
         );
-        let ttl_ms = u64::try_from(self.lease_ttl.as_millis()).unwrap_or(u64::MAX);
         let mut invocation = self.scripts.admit.prepare_invoke();
-        invocation.arg(&member).arg(ttl_ms);
+        // Ends waiting to be sent ride along: one round trip for both.
+        let ended = {
+            let mut queue = self.ended.lock().unwrap_or_else(PoisonError::into_inner);
+            let take = queue.len().min(ENDS_PER_ADMISSION);
+            queue.drain(..take).collect::<Vec<_>>()
+        };
+        push_ends(&mut invocation, &ended, now);
+        invocation
+            .arg(&member)
+            .arg(now)
+            .arg(u64::try_from(self.lease_ttl.as_millis()).unwrap_or(u64::MAX));
         for (i, (scope, limits)) in scopes.iter().enumerate() {
             let [windows, leases] = keys(scope);
             invocation.key(windows).key(leases);
-            let of_scope = entries.iter().filter(|e| e.scope == i);
-            let windows: Vec<&Entry> = of_scope
-                .clone()
-                .filter(|e| e.kind != Kind::Concurrency)
+            let windows: Vec<&Entry> = entries
+                .iter()
+                .filter(|e| e.scope == i && e.kind != Kind::Concurrency)
                 .collect();
             invocation.arg(windows.len());
-            for entry in windows {
-                let cost = if entry.kind == Kind::Tokens {
-                    reserve
-                } else {
-                    1
-                };
+            for entry in &windows {
                 invocation
-                    .arg(entry.name)
-                    .arg(entry.window_ms)
+                    .arg(entry.field(entry.index))
+                    .arg(entry.field(entry.index.wrapping_sub(1)))
                     .arg(entry.limit.min(LUA_EXACT))
-                    .arg(cost.min(LUA_EXACT));
+                    .arg(entry.cost.min(LUA_EXACT))
+                    .arg(entry.weight().to_string());
             }
-            invocation.arg(limits.concurrency.unwrap_or(0).min(LUA_EXACT));
+            let longest = windows.iter().map(|e| e.window_ms).max().unwrap_or(0);
+            invocation
+                .arg(2 * longest)
+                .arg(limits.concurrency.unwrap_or(0).min(LUA_EXACT));
         }
         let answer: Vec<i64> = self.redis.run(Op::Script(invocation)).await?;
         let number = |i: usize| {
@@ -350,29 +417,16 @@ impl SharedLimits {
                 .and_then(|i| i.checked_sub(1))
                 .and_then(|i| entries.get(i))
                 .ok_or(Trouble::Error)?;
-            let (scope, _) = &scopes[entry.scope];
-            return Ok(Decision::Refused(Refusal {
-                message: format!(
-                    "rate limit exceeded: {} {} for {}",
-                    entry.limit,
-                    entry.unit,
-                    scope.describe()
-                ),
-                retry_after_secs: number(2)?.div_ceil(1000).max(1),
-            }));
+            let wait = entry.wait(number(2)?, number(3)?);
+            return Ok(Decision::Refused(refusal(scopes, entry, wait)));
         }
-        let admitted_ms = number(1)?;
         let (mut requests, mut tokens) = (None, None);
         for (i, entry) in entries.iter().enumerate() {
             if entry.kind == Kind::Concurrency || !matches!(scopes[entry.scope].0, Scope::ApiKey(_))
             {
                 continue;
             }
-            let quota = Quota {
-                limit: entry.limit,
-                remaining: number(2 + 2 * i)?,
-                reset_ms: number(3 + 2 * i)?,
-            };
+            let quota = entry.quota(number(1 + 2 * i)?, number(2 + 2 * i)?);
             let slot = if entry.kind == Kind::Tokens {
                 &mut tokens
             } else {
@@ -415,7 +469,7 @@ impl SharedLimits {
             lease: SharedLease {
                 limits: self.clone(),
                 member,
-                admitted_ms,
+                admitted_ms: now,
                 reserved: reserve,
                 finish,
                 used: AtomicU64::new(0),
@@ -445,22 +499,27 @@ impl SharedLimits {
     }
 }
 
-/// Every limit of `scopes`, in the admission script's order: per scope its windows,
-/// then its concurrency.
-fn entries(scopes: &[(Scope, RateLimit)]) -> Vec<Entry> {
+/// Every limit of `scopes` at `now` (ms), in the admission script's order: per scope
+/// its windows, then its concurrency.
+fn entries(scopes: &[(Scope, RateLimit)], reserve: u64, now: u64) -> Vec<Entry> {
     let mut entries = Vec::new();
     for (i, (_, limits)) in scopes.iter().enumerate() {
         for dimension in DIMENSIONS {
             if let Some(limit) = dimension.limit(limits) {
+                let window_ms = dimension.window_ms();
+                let (kind, cost) = if dimension.tokens() {
+                    (Kind::Tokens, reserve)
+                } else {
+                    (Kind::Requests, 1)
+                };
                 entries.push(Entry {
-                    kind: if dimension.tokens() {
-                        Kind::Tokens
-                    } else {
-                        Kind::Requests
-                    },
+                    kind,
                     name: dimension.name(),
-                    window_ms: dimension.window_ms(),
+                    window_ms,
                     limit,
+                    cost,
+                    index: now / window_ms,
+                    into: now % window_ms,
                     scope: i,
                     unit: dimension.unit(),
                 });
@@ -472,6 +531,9 @@ fn entries(scopes: &[(Scope, RateLimit)]) -> Vec<Entry> {
                 name: "concurrency",
                 window_ms: 0,
                 limit,
+                cost: 1,
+                index: 0,
+                into: 0,
                 scope: i,
                 unit: "concurrent requests",
             });
@@ -506,12 +568,10 @@ impl Drop for SharedLease {
     }
 }
 
-/// Sends queued request ends, until the limiter is dropped: one task, one script run
-/// at a time, so the ends that come while one is in flight go together in the next
-/// (under load, many per round trip). A failed send is lost: reservations stay counted
-/// until their window ends, leases until their TTL. (Holding ends back a few
-/// milliseconds to batch more made the next admissions slower, not faster: measured
-/// with `aisix-bench limiter`.)
+/// Sends the request ends no admission took along (see [`SharedLimits::admit`]),
+/// until the limiter is dropped: an end waits [`END_HOLD`] for the next admission,
+/// then goes with every end queued by then in one script run. A failed send is lost:
+/// reservations stay counted until their window ends, leases until their TTL.
 async fn settle_ends(limits: Weak<SharedLimits>) {
     loop {
         {
@@ -523,6 +583,7 @@ async fn settle_ends(limits: Weak<SharedLimits>) {
                 () = tokio::time::sleep(Duration::from_secs(5)) => continue,
             }
         }
+        tokio::time::sleep(END_HOLD).await;
         let Some(limits) = limits.upgrade() else {
             return;
         };
@@ -531,23 +592,43 @@ async fn settle_ends(limits: Weak<SharedLimits>) {
         if ended.is_empty() {
             continue;
         }
-        let mut invocation = limits.scripts.finish.prepare_invoke();
-        for end in &ended {
-            invocation
-                .arg(&end.member)
-                .arg(end.admitted_ms)
-                .arg(end.used)
-                .arg(end.finish.len());
-            for settle in &end.finish {
-                let [windows, leases] = &settle.keys;
-                invocation.key(windows).key(leases).arg(settle.tokens.len());
-                for (name, window) in &settle.tokens {
-                    invocation.arg(*name).arg(*window).arg(end.reserved);
+        let mut invocation = limits.scripts.admit.prepare_invoke();
+        push_ends(&mut invocation, &ended, unix_ms());
+        let _: Result<Vec<i64>, _> = limits.redis.run(Op::Script(invocation)).await;
+    }
+}
+
+/// The admission script's leading part: `ended`, settled at `now` (ms). A token
+/// window still the one of admission gets the difference between used and reserved;
+/// one that turned since gets the used tokens, and the reservation leaves the
+/// previous window (older windows are no longer read).
+fn push_ends(invocation: &mut ScriptInvocation, ended: &[Ended], now: u64) {
+    invocation.arg(ended.len());
+    for end in ended {
+        invocation.arg(&end.member).arg(end.finish.len());
+        for settle in &end.finish {
+            let [windows, leases] = &settle.keys;
+            invocation.key(windows).key(leases);
+            let mut changes: Vec<(String, i128)> = Vec::new();
+            for (name, window) in &settle.tokens {
+                let (was, index) = (end.admitted_ms / window, now / window);
+                let (used, reserved) = (i128::from(end.used), i128::from(end.reserved));
+                if was == index {
+                    changes.push((format!("{name}:{index}"), used - reserved));
+                } else {
+                    if was + 1 == index {
+                        changes.push((format!("{name}:{was}"), -reserved));
+                    }
+                    changes.push((format!("{name}:{index}"), used));
                 }
-                invocation.arg(u8::from(settle.leased));
             }
+            changes.retain(|(_, amount)| *amount != 0);
+            invocation.arg(changes.len());
+            for (field, amount) in changes {
+                invocation.arg(field).arg(amount.to_string());
+            }
+            invocation.arg(u8::from(settle.leased));
         }
-        let _: Result<i64, _> = limits.redis.run(Op::Script(invocation)).await;
     }
 }
 
@@ -562,5 +643,43 @@ async fn renew_leases(limits: Weak<SharedLimits>) {
             return;
         };
         limits.renew().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rpm(limit: u64, into: u64) -> Entry {
+        let limits = RateLimit {
+            rpm: Some(limit),
+            ..RateLimit::default()
+        };
+        let scopes = [(Scope::ApiKey("k".into()), limits)];
+        entries(&scopes, 0, 7 * 60_000 + into).remove(0)
+    }
+
+    #[test]
+    fn a_refusal_waits_until_the_sliding_estimate_has_room() {
+        // Half-way into the window, 20 in the previous one count as 10: full. At 33 s
+        // they count as 9, room for one.
+        let entry = rpm(10, 30_000);
+        assert_eq!(entry.field(entry.index), "rpm:7");
+        assert_eq!(entry.wait(0, 20), 3_000);
+        // The current window is full by itself: its end, then until the share of
+        // it counted from the next window is down to 9 of 12.
+        assert_eq!(entry.wait(12, 0), 30_000 + 15_000);
+        // Never less than a millisecond.
+        assert_eq!(rpm(10, 59_999).wait(9, 1), 1);
+    }
+
+    #[test]
+    fn the_quota_counts_this_request_and_the_previous_windows_share() {
+        let entry = rpm(100, 15_000);
+        let quota = entry.quota(9, 40);
+        // 9 + 1 + 40 x 0.75 = 40.
+        assert_eq!(quota.remaining, 60);
+        assert_eq!(quota.reset_ms, 2 * 60_000 - 15_000);
+        assert_eq!(rpm(5, 0).quota(10, 10).remaining, 0);
     }
 }
