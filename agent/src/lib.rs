@@ -42,6 +42,7 @@ use std::time::Duration;
 
 use proxy_core::http::{ListenerOptions, ProxyOptions, ProxyState, router};
 use proxy_core::observe::metrics::Metrics;
+use proxy_core::observe::trace::Tracing;
 use proxy_core::policy::health::ModelHealth;
 use proxy_core::providers::client::Upstream;
 use proxy_core::snapshot::SnapshotStore;
@@ -142,11 +143,18 @@ impl Agent {
         let running = source.start(&config, &shared, &workers, &background);
         let serving = Serving::new(&config, &shared, running, listeners)?;
         let failed = serving.failed.clone();
+        let tracing = serving.tracing.clone();
         tokio::select! {
             () = follow_controls(&config, &shared.store, &controls) => {}
             () = failed.cancelled() => {}
         }
         serving.drain(&config).await;
+        if let Some(tracing) = tracing {
+            // The last spans go out; the export runs on this runtime, so wait apart.
+            let flushed =
+                tokio::task::spawn_blocking(move || tracing.shutdown(Duration::from_secs(5)));
+            let _ = flushed.await;
+        }
         background.cancel();
         workers.close();
         if tokio::time::timeout(Duration::from_secs(10), workers.wait())
@@ -171,6 +179,8 @@ struct Serving {
     stop: CancellationToken,
     /// Cancelled when a listener fails: the agent drains and exits non-zero.
     failed: CancellationToken,
+    /// The span exporter, flushed when the drain is over.
+    tracing: Option<Tracing>,
 }
 
 impl Serving {
@@ -180,11 +190,13 @@ impl Serving {
         running: Running,
         listeners: Vec<Bound>,
     ) -> anyhow::Result<Self> {
+        let proxy = proxy_options(config)?;
         let serving = Serving {
             servers: TaskTracker::new(),
             draining: CancellationToken::new(),
             stop: CancellationToken::new(),
             failed: CancellationToken::new(),
+            tracing: proxy.tracing.clone(),
         };
         let Running {
             kind,
@@ -193,7 +205,6 @@ impl Serving {
             managed,
         } = running;
         let (mut hooks, mut managed) = (Some(hooks), managed);
-        let proxy = proxy_options(config)?;
         let redis = proxy.redis();
         let mut proxy = Some(proxy);
         for bound in listeners {
@@ -241,6 +252,7 @@ impl Serving {
                         draining: serving.draining.clone(),
                         ignored: config.ignored.clone(),
                         redis: redis.clone(),
+                        tracing: serving.tracing.clone(),
                     }),
                     &config.observability.metrics.prometheus.path,
                 ),
@@ -297,6 +309,10 @@ fn proxy_options(config: &Config) -> anyhow::Result<ProxyOptions> {
         cache: config.cache.options().map_err(field)?,
         shared_limits: config.ratelimit.options().map_err(field)?,
         access_log: config.observability.access_log,
+        tracing: match config.trace_options().map_err(field)? {
+            Some(options) => Some(Tracing::start(&options).map_err(|e| anyhow::anyhow!(e))?),
+            None => None,
+        },
     })
 }
 

@@ -21,10 +21,12 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use proxy_core::observe::metrics::{CONTENT_TYPE, Readings};
+use proxy_core::observe::metrics::{CONTENT_TYPE, OtlpReading, Readings};
+use proxy_core::observe::trace::Tracing;
 use proxy_core::shared::redis::{Redis, RedisStatus};
 use proxy_core::snapshot::{RejectedResource, Snapshot, Source};
 use serde::Serialize;
+use std::sync::atomic::Ordering;
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
@@ -40,6 +42,8 @@ pub struct Status {
     pub ignored: Vec<String>,
     /// The Redis connections of the shared rate limits and cache.
     pub redis: Vec<Redis>,
+    /// The span exporter, when tracing is on.
+    pub tracing: Option<Tracing>,
 }
 
 pub fn router(status: Arc<Status>, metrics_path: &str) -> Router {
@@ -90,6 +94,14 @@ impl Status {
                 .as_ref()
                 .map(|m| (m.usage.pending(), m.usage.dropped())),
             redis: self.redis.iter().map(Redis::status).collect(),
+            otlp: self.tracing.as_ref().map(|t| {
+                let stats = t.stats();
+                OtlpReading {
+                    exported: stats.exported.load(Ordering::Relaxed),
+                    queue_full: stats.dropped_queue_full.load(Ordering::Relaxed),
+                    export_failed: stats.dropped_export_failed.load(Ordering::Relaxed),
+                }
+            }),
         }
     }
 }
@@ -116,6 +128,18 @@ struct ConfigStatus {
     /// uses Redis.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     redis: Vec<RedisStatus>,
+    /// The span exporter; absent when tracing is off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tracing: Option<TracingStatus>,
+}
+
+#[derive(Serialize)]
+struct TracingStatus {
+    endpoint: String,
+    spans_exported: u64,
+    spans_dropped_queue_full: u64,
+    spans_dropped_export_failed: u64,
+    last_error: Option<String>,
 }
 
 /// Resources in the snapshot, by kind.
@@ -166,6 +190,16 @@ async fn config(State(status): State<Arc<Status>>) -> Json<ConfigStatus> {
         rejected_resources: store.rejected(),
         ignored_config_sections: status.ignored.clone(),
         redis: status.redis.iter().map(Redis::status).collect(),
+        tracing: status.tracing.as_ref().map(|t| {
+            let stats = t.stats();
+            TracingStatus {
+                endpoint: t.endpoint().to_owned(),
+                spans_exported: stats.exported.load(Ordering::Relaxed),
+                spans_dropped_queue_full: stats.dropped_queue_full.load(Ordering::Relaxed),
+                spans_dropped_export_failed: stats.dropped_export_failed.load(Ordering::Relaxed),
+                last_error: stats.last_error(),
+            }
+        }),
     })
 }
 

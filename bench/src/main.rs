@@ -22,7 +22,7 @@ mod scale;
 mod streaming;
 mod upstream;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -220,6 +220,9 @@ async fn bench(args: RunArgs) {
     bench
         .limiter_rounds(&mut figures, &gateway_url, gateway_pid)
         .await;
+    bench
+        .traced_rounds(&mut figures, &gateway_url, gateway_pid)
+        .await;
 
     let streamer = reqwest::Client::builder()
         .tcp_nodelay(true)
@@ -354,9 +357,14 @@ impl Bench {
     }
 
     /// A config file for the agent: `source` (YAML) plus the common settings.
+    /// The agent's config file; `source` may end with an `observability:` block's
+    /// extra lines after a `#observability` marker line (see [`Self::traced_rounds`]).
     fn config(&self, name: &str, source: &str, port: u16) -> PathBuf {
+        let (source, observability) = source
+            .split_once("#observability\n")
+            .unwrap_or((source, ""));
         let text = format!(
-            "{source}proxy:\n  addr: 127.0.0.1:{port}\nobservability:\n  access_log: {}\n  metrics:\n    prometheus:\n      addr: 127.0.0.1:0\nshutdown:\n  min_drain_secs: 0\n  drain_timeout_secs: 5\n",
+            "{source}proxy:\n  addr: 127.0.0.1:{port}\nobservability:\n  access_log: {}\n{observability}  metrics:\n    prometheus:\n      addr: 127.0.0.1:0\nshutdown:\n  min_drain_secs: 0\n  drain_timeout_secs: 5\n",
             self.args.access_log
         );
         let path = self.path(&format!("{name}.yaml"));
@@ -449,24 +457,55 @@ impl Bench {
             Target::new("limit-local", local_url.to_owned(), Some(local_pid)),
             Target::new("limit-redis", shared_url, Some(shared.0.pid())),
         ];
+        self.paired_rounds(figures, &targets, &script);
+        println!("rate-limiter rounds done");
+        shared.0.stop();
+        drop(redis_server);
+    }
+
+    /// Rounds of c=1 latency and throughput on the file-mode gateway and on a second one
+    /// that exports every request's spans (sample ratio 1.0) to the mock upstream's
+    /// OTLP receiver.
+    async fn traced_rounds(&self, figures: &mut Figures, plain_url: &str, plain_pid: u32) {
+        let traced_mode = (
+            format!(
+                "resources_file: {}\n#observability\n  tracing:\n    otlp: {{enabled: true, endpoint: \"http://{}\", sample_ratio: 1.0}}\n",
+                self.path("resources.yaml").display(),
+                self.upstream
+            ),
+            free_port(),
+        );
+        let mut traced = self.start_agent("gateway-traced", &traced_mode);
+        let traced_url = format!("http://{}/v1/chat/completions", traced.1);
+        assert_eq!(self.chat(&self.http, &traced_url).await, Some(200));
+        let script = load::script(self.dir.path(), "bench", CALLER);
+        let targets = [
+            Target::new("untraced", plain_url.to_owned(), Some(plain_pid)),
+            Target::new("traced", traced_url, Some(traced.0.pid())),
+        ];
+        self.paired_rounds(figures, &targets, &script);
+        println!("tracing rounds done");
+        traced.0.stop();
+    }
+
+    /// Interleaved rounds of c=1 latency and of throughput with CPU, per target.
+    fn paired_rounds(&self, figures: &mut Figures, targets: &[Target], script: &Path) {
+        let args = &self.args;
         for round in 0..args.rounds {
-            for t in rotated(&targets, round) {
-                let run = load::wrk(&t.url, 1, Duration::from_secs(args.latency_secs), &script);
+            for t in rotated(targets, round) {
+                let run = load::wrk(&t.url, 1, Duration::from_secs(args.latency_secs), script);
                 figures.latency(t.name, run);
                 let before = t.pid.map(cpu_time);
                 let run = load::wrk(
                     &t.url,
                     args.connections,
                     Duration::from_secs(args.throughput_secs),
-                    &script,
+                    script,
                 );
                 let cpu = t.pid.zip(before).map(|(pid, b)| cpu_time(pid) - b);
                 figures.throughput(t.name, run, cpu);
             }
         }
-        println!("rate-limiter rounds done");
-        shared.0.stop();
-        drop(redis_server);
     }
 
     /// Starts the agent on the gateway core and waits for its proxy listener.

@@ -258,6 +258,24 @@ impl Figures {
                 None,
             ),
             (
+                "tracing on (OTLP, ratio 1.0): CPU per request over off".into(),
+                format!(
+                    "{:+.1} % ({:.1} / {:.1} µs)",
+                    (self.cpu_us("traced") / self.cpu_us("untraced") - 1.0) * 100.0,
+                    self.cpu_us("traced"),
+                    self.cpu_us("untraced")
+                ),
+                format!(
+                    "c=1 p50 {:+.0} µs; {:.0} / {:.0} req/s, {} errors",
+                    Self::over(&self.latency, "traced", "untraced", |r: &Run| r.p50_us),
+                    self.rps("traced"),
+                    self.rps("untraced"),
+                    self.errors("traced") + self.errors("untraced")
+                ),
+                "≤ +15 %".into(),
+                Some(self.cpu_us("traced") <= self.cpu_us("untraced") * 1.15),
+            ),
+            (
                 "resident memory, idle".into(),
                 format!("{:.1} MiB", self.rss_idle_mib),
                 String::new(),

@@ -4,7 +4,8 @@
 //! Bodies are built once at start; connections are kept alive with TCP_NODELAY; one
 //! thread serves everything (the harness pins it beside the load generator). A request
 //! whose body asks for `"stream":true` gets `--sse-chunks` content events, one every
-//! `--sse-interval-us`, then a finish event, a usage event and `[DONE]`.
+//! `--sse-interval-us`, then a finish event, a usage event and `[DONE]`. `POST
+//! /v1/traces` is an OTLP/HTTP receiver that accepts and drops every export.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -105,10 +106,18 @@ impl Bodies {
 }
 
 async fn answer(req: Request<Incoming>, bodies: Arc<Bodies>) -> Result<Response<Body>, Infallible> {
+    // Also the collector of the traced gateway: exports are taken and dropped.
+    let otlp = req.uri().path() == "/v1/traces";
     let body = match req.into_body().collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(_) => Bytes::new(),
     };
+    if otlp {
+        return Ok(Response::builder()
+            .header("content-type", "application/x-protobuf")
+            .body(Full::new(Bytes::new()).boxed())
+            .unwrap_or_default());
+    }
     if !bodies.delay.is_zero() {
         tokio::time::sleep(bodies.delay).await;
     }

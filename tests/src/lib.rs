@@ -16,6 +16,7 @@ pub mod cloud;
 pub mod etcd;
 pub mod fuzz;
 pub mod metrics;
+pub mod otlp;
 pub mod redis;
 
 use std::io::{BufRead, BufReader};

@@ -9,6 +9,7 @@
 //! Layout: this file has the top level, loading, overrides and the cross-section
 //! checks; `sections.rs` the sections below it, their defaults and their own checks.
 
+use proxy_core::observe::trace::TraceOptions;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -316,6 +317,28 @@ impl Config {
                 ),
             ));
         }
+        let otlp = &self.observability.tracing.otlp;
+        if otlp.enabled {
+            sections::otlp_url(&otlp.endpoint, "traces")
+                .map_err(|e| ("observability.tracing.otlp.endpoint", e))?;
+            if !(0.0..=1.0).contains(&otlp.sample_ratio) {
+                return Err((
+                    "observability.tracing.otlp.sample_ratio",
+                    format!("{} must be between 0 and 1", otlp.sample_ratio),
+                ));
+            }
+        }
+        let otlp = &self.observability.metrics.otlp;
+        if otlp.enabled {
+            sections::otlp_url(&otlp.endpoint, "metrics")
+                .map_err(|e| ("observability.metrics.otlp.endpoint", e))?;
+            if otlp.interval_secs == 0 {
+                return Err((
+                    "observability.metrics.otlp.interval_secs",
+                    "must be at least 1".to_owned(),
+                ));
+            }
+        }
         tracing_subscriber::EnvFilter::try_new(&self.observability.log_level).map_err(|e| {
             (
                 "observability.log_level",
@@ -326,6 +349,22 @@ impl Config {
             )
         })?;
         Ok(())
+    }
+
+    /// `observability.tracing.otlp`, when enabled.
+    pub fn trace_options(&self) -> Result<Option<TraceOptions>, (String, String)> {
+        let otlp = &self.observability.tracing.otlp;
+        if !otlp.enabled {
+            return Ok(None);
+        }
+        let endpoint = sections::otlp_url(&otlp.endpoint, "traces")
+            .map_err(|e| ("observability.tracing.otlp.endpoint".to_owned(), e))?;
+        Ok(Some(TraceOptions {
+            endpoint,
+            sample_ratio: otlp.sample_ratio,
+            service_name: self.observability.service_name.clone(),
+            timeout: std::time::Duration::from_millis(otlp.timeout_ms.max(1)),
+        }))
     }
 
     /// The storage prefix resources live under, without a trailing slash.
@@ -461,6 +500,50 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("c.yaml"), text, Vec::new())
+    }
+
+    #[test]
+    fn otlp_tracing_takes_a_base_url_or_the_traces_url() {
+        let with = |otlp: &str| {
+            parse(&format!(
+                "resources_file: r.yaml\nobservability:\n  service_name: edge-1\n  tracing:\n    otlp: {otlp}\n"
+            ))
+        };
+        let c = with("{enabled: true, endpoint: \"http://collector:4318\", sample_ratio: 0.25}")
+            .unwrap();
+        let options = c.trace_options().unwrap().unwrap();
+        assert_eq!(options.endpoint, "http://collector:4318/v1/traces");
+        assert_eq!(
+            (options.sample_ratio, options.service_name.as_str()),
+            (0.25, "edge-1")
+        );
+        let c = with("{enabled: true, endpoint: \"https://otel.example/custom/traces\"}").unwrap();
+        assert_eq!(
+            c.trace_options().unwrap().unwrap().endpoint,
+            "https://otel.example/custom/traces"
+        );
+        // Off: nothing is started, whatever the endpoint says.
+        assert!(
+            with("{enabled: false, endpoint: \"nonsense\"}")
+                .unwrap()
+                .trace_options()
+                .unwrap()
+                .is_none()
+        );
+        let error = with("{enabled: true, endpoint: \"collector:4317\"}")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("observability.tracing.otlp.endpoint"),
+            "{error}"
+        );
+        let error = with("{enabled: true, sample_ratio: -0.1}")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("observability.tracing.otlp.sample_ratio"),
+            "{error}"
+        );
     }
 
     #[test]

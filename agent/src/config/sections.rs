@@ -391,7 +391,10 @@ pub struct ObservabilitySection {
     pub log_level: String,
     pub log_format: LogFormat,
     pub access_log: bool,
+    /// `service.name` on exported traces and metrics.
+    pub service_name: String,
     pub metrics: MetricsSection,
+    pub tracing: TracingSection,
 }
 
 impl Default for ObservabilitySection {
@@ -400,7 +403,9 @@ impl Default for ObservabilitySection {
             log_level: "info".to_owned(),
             log_format: LogFormat::Text,
             access_log: true,
+            service_name: "aisix-agent".to_owned(),
             metrics: MetricsSection::default(),
+            tracing: TracingSection::default(),
         }
     }
 }
@@ -409,6 +414,76 @@ impl Default for ObservabilitySection {
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsSection {
     pub prometheus: PrometheusSection,
+    pub otlp: OtlpMetricsSection,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingSection {
+    pub otlp: OtlpTracesSection,
+}
+
+/// `observability.tracing.otlp`: spans to an OpenTelemetry collector, OTLP/HTTP
+/// protobuf.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtlpTracesSection {
+    pub enabled: bool,
+    /// The collector: a base URL (`http://collector:4318`, `/v1/traces` is added) or
+    /// the full traces URL.
+    pub endpoint: String,
+    /// Share of new traces recorded, 0 to 1; a caller's `traceparent` decision wins.
+    pub sample_ratio: f64,
+    /// Per export request, retries included.
+    pub timeout_ms: u64,
+}
+
+impl Default for OtlpTracesSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            endpoint: "http://127.0.0.1:4318".to_owned(),
+            sample_ratio: 1.0,
+            timeout_ms: 5_000,
+        }
+    }
+}
+
+/// `observability.metrics.otlp`: the metrics pushed to an OpenTelemetry collector.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtlpMetricsSection {
+    pub enabled: bool,
+    /// A base URL (`/v1/metrics` is added) or the full metrics URL.
+    pub endpoint: String,
+    pub interval_secs: u64,
+    pub timeout_ms: u64,
+}
+
+impl Default for OtlpMetricsSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            endpoint: "http://127.0.0.1:4318".to_owned(),
+            interval_secs: 60,
+            timeout_ms: 5_000,
+        }
+    }
+}
+
+/// The OTLP/HTTP URL of a signal: `endpoint` as given when it has a path, else with
+/// `/v1/<signal>` added. Only `http` and `https` (OTLP over gRPC is not spoken).
+pub fn otlp_url(endpoint: &str, signal: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(endpoint).map_err(|e| format!("'{endpoint}': {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(format!(
+            "'{endpoint}': an http:// or https:// URL of an OTLP/HTTP receiver is required (port 4318 by convention; gRPC is not supported)"
+        ));
+    }
+    if url.path() == "/" {
+        return Ok(format!("{}/v1/{signal}", endpoint.trim_end_matches('/')));
+    }
+    Ok(endpoint.to_owned())
 }
 
 /// `observability.metrics.prometheus`: the metrics and status listener.

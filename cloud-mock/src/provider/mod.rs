@@ -15,6 +15,9 @@
 //! script it over HTTP: `PUT /_mock/script` (a Script, optionally `?model=NAME`),
 //! `GET /_mock/requests`, `DELETE /_mock/requests`.
 //!
+//! The same server is an OTLP/HTTP receiver (`/v1/traces`, `/v1/metrics`, see `otlp`),
+//! so exporters can be tested against it.
+//!
 //! Layout: this file holds the server, scripts and recording; `openai` and `anthropic`
 //! the two API shapes.
 
@@ -22,6 +25,7 @@ mod anthropic;
 pub mod azure;
 mod gemini;
 mod openai;
+pub mod otlp;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -158,6 +162,8 @@ struct Shared {
     entra: azure::Entra,
     /// The JWT assertions Google's token endpoint received.
     google_assertions: Vec<String>,
+    /// The OTLP receiver.
+    otlp: otlp::Sink,
 }
 
 impl Shared {
@@ -280,6 +286,11 @@ impl MockProvider {
         lock(&self.shared).google_assertions.clone()
     }
 
+    /// How the OTLP receiver answers from now on.
+    pub fn set_otlp_script(&self, script: otlp::OtlpScript) {
+        lock(&self.shared).otlp.script = script;
+    }
+
     /// Stops accepting and waits for open responses to finish.
     pub async fn shutdown(self) {
         self.stop.cancel();
@@ -328,6 +339,12 @@ fn router(shared: SharedState) -> Router {
         .route("/token", post(gemini::token))
         .route("/{tenant}/oauth2/v2.0/token", post(azure::token))
         .route("/_mock/entra", put(set_entra).get(get_entra))
+        .route("/v1/traces", post(otlp::traces))
+        .route("/v1/metrics", post(otlp::metrics))
+        .route(
+            "/_mock/otlp",
+            put(otlp::set_script).get(otlp::list).delete(otlp::clear),
+        )
         .with_state(shared)
 }
 

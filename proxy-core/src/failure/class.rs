@@ -190,6 +190,14 @@ impl ProxyError {
         }
     }
 
+    /// The upstream's HTTP status, when it answered with a refusal.
+    pub fn upstream_status(&self) -> Option<u16> {
+        match self {
+            ProxyError::UpstreamRejected { status, .. } => Some(status.as_u16()),
+            _ => None,
+        }
+    }
+
     pub fn class(&self) -> Class {
         use LogLevel::{Debug, Warn};
         use Origin::{Caller, Gateway, Upstream};

@@ -110,9 +110,123 @@ impl Tokens {
     }
 }
 
+/// What an answer (or one stream event) says of itself: the model that wrote it and
+/// why each choice stopped, in the upstream's own words: OpenAI's
+/// `choices[].finish_reason`, Anthropic's `stop_reason` (also in a `message_delta`'s
+/// `delta`), Gemini's `candidates[].finishReason`, the Responses API's `status`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Answered {
+    pub model: Option<String>,
+    pub finish_reasons: Vec<String>,
+}
+
+impl Answered {
+    pub fn from_json(document: &[u8]) -> Answered {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Document {
+            model: Option<String>,
+            model_version: Option<String>,
+            #[serde(default)]
+            choices: Vec<Choice>,
+            #[serde(default)]
+            candidates: Vec<Candidate>,
+            #[serde(rename = "stop_reason")]
+            stop_reason: Option<String>,
+            delta: Option<Delta>,
+            message: Option<Nested>,
+            response: Option<Nested>,
+        }
+        #[derive(Deserialize)]
+        struct Choice {
+            finish_reason: Option<String>,
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Candidate {
+            finish_reason: Option<String>,
+        }
+        #[derive(Deserialize)]
+        struct Delta {
+            stop_reason: Option<String>,
+        }
+        #[derive(Deserialize)]
+        struct Nested {
+            model: Option<String>,
+            stop_reason: Option<String>,
+            status: Option<String>,
+        }
+        let Ok(document) = serde_json::from_slice::<Document>(document) else {
+            return Answered::default();
+        };
+        let nested = document.message.or(document.response);
+        let mut finish_reasons: Vec<String> = document
+            .choices
+            .into_iter()
+            .filter_map(|c| c.finish_reason)
+            .chain(
+                document
+                    .candidates
+                    .into_iter()
+                    .filter_map(|c| c.finish_reason),
+            )
+            .collect();
+        finish_reasons.extend(document.stop_reason);
+        finish_reasons.extend(document.delta.and_then(|d| d.stop_reason));
+        let (nested_model, nested_reason) = match nested {
+            Some(n) => (n.model, n.stop_reason.or(n.status)),
+            None => (None, None),
+        };
+        finish_reasons.extend(nested_reason);
+        Answered {
+            model: document.model.or(document.model_version).or(nested_model),
+            finish_reasons,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_say_their_model_and_finish_reasons_in_every_format() {
+        let read = |doc: &str| Answered::from_json(doc.as_bytes());
+        let openai = read(
+            r#"{"model":"gpt-4o","choices":[{"finish_reason":"stop"},{"finish_reason":"length"}]}"#,
+        );
+        assert_eq!(openai.model.as_deref(), Some("gpt-4o"));
+        assert_eq!(openai.finish_reasons, ["stop", "length"]);
+        // A stream's chunk before the last says nothing of a reason.
+        assert!(
+            read(r#"{"model":"m","choices":[{"delta":{},"finish_reason":null}]}"#)
+                .finish_reasons
+                .is_empty()
+        );
+        let anthropic = read(r#"{"type":"message","model":"claude","stop_reason":"end_turn"}"#);
+        assert_eq!(anthropic.finish_reasons, ["end_turn"]);
+        assert_eq!(
+            read(r#"{"type":"message_start","message":{"model":"claude","stop_reason":null}}"#)
+                .model
+                .as_deref(),
+            Some("claude")
+        );
+        assert_eq!(
+            read(r#"{"type":"message_delta","delta":{"stop_reason":"tool_use"}}"#).finish_reasons,
+            ["tool_use"]
+        );
+        let gemini =
+            read(r#"{"modelVersion":"gemini-2.0","candidates":[{"finishReason":"SAFETY"}]}"#);
+        assert_eq!(gemini.model.as_deref(), Some("gemini-2.0"));
+        assert_eq!(gemini.finish_reasons, ["SAFETY"]);
+        let responses =
+            read(r#"{"type":"response.completed","response":{"model":"o3","status":"completed"}}"#);
+        assert_eq!(
+            (responses.model.as_deref(), responses.finish_reasons),
+            (Some("o3"), vec!["completed".to_owned()])
+        );
+        assert_eq!(read("not json"), Answered::default());
+    }
 
     #[test]
     fn whole_answers_yield_their_usage() {

@@ -84,11 +84,17 @@ async fn request_context(
     next: Next,
 ) -> Response {
     let id: Arc<str> = request_id(req.headers(), &state.0.options.request_id_headers).into();
-    let record = Record::new(id.clone());
-    req.extensions_mut().insert(record.clone());
     let started = tokio::time::Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    let trace = state.0.options.tracing.as_ref().and_then(|tracing| {
+        let route = record::route_label(&path);
+        // Probes are not traffic (see `Finish`).
+        (!matches!(route, "/livez" | "/readyz"))
+            .then(|| tracing.server(req.headers(), method.as_str(), route))
+    });
+    let record = Record::new(id.clone(), trace);
+    req.extensions_mut().insert(record.clone());
     let limit = state.0.options.max_header_bytes;
     let mut response = if head_size(&req) > limit {
         let error = ProxyError::HeadersTooLarge { limit };

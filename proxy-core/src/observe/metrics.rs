@@ -355,6 +355,24 @@ pub struct Readings {
     /// `aisix_redis_connected{component}` and `aisix_redis_failures_total{component,
     /// kind}`: the shared rate limits' and cache's Redis connections, when configured.
     pub redis: Vec<RedisStatus>,
+    /// `aisix_otlp_spans_exported_total` and `aisix_otlp_spans_dropped_total{reason}`,
+    /// when traces are exported.
+    pub otlp: Option<OtlpReading>,
+}
+
+/// The span exporter's counts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OtlpReading {
+    pub exported: u64,
+    /// Dropped because the export queue was full.
+    pub queue_full: u64,
+    /// In batches the collector did not take.
+    pub export_failed: u64,
+}
+
+#[derive(EncodeLabelSet, Debug, Clone, PartialEq, Eq, Hash)]
+struct ReasonLabels {
+    reason: &'static str,
 }
 
 #[derive(EncodeLabelSet, Debug, Clone, PartialEq, Eq, Hash)]
@@ -409,7 +427,8 @@ impl Collector for Readings {
         self.encode_snapshot(&mut encoder)?;
         self.encode_models(&mut encoder)?;
         self.encode_managed(&mut encoder)?;
-        self.encode_redis(&mut encoder)
+        self.encode_redis(&mut encoder)?;
+        self.encode_otlp(&mut encoder)
     }
 }
 
@@ -495,6 +514,35 @@ impl Readings {
                 };
                 ConstGauge::new(i64::from(*health)).encode(family.encode_family(&labels)?)?;
             }
+        }
+        Ok(())
+    }
+
+    /// The span exporter.
+    fn encode_otlp(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        let Some(otlp) = self.otlp else {
+            return Ok(());
+        };
+        {
+            let family = e.encode_descriptor(
+                "aisix_otlp_spans_exported",
+                "Spans the OTLP collector accepted",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(otlp.exported).encode(family)?;
+        }
+        let mut family = e.encode_descriptor(
+            "aisix_otlp_spans_dropped",
+            "Spans not exported: queue_full (collector too slow or away), export_failed (refused or unreachable)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, n) in [
+            ("queue_full", otlp.queue_full),
+            ("export_failed", otlp.export_failed),
+        ] {
+            ConstCounter::new(n).encode(family.encode_family(&ReasonLabels { reason })?)?;
         }
         Ok(())
     }

@@ -5,7 +5,9 @@
 //! - `metrics`: every metric the agent serves, declared in one place.
 //! - `record`: the facts learned about one request, logged and counted at its end.
 //! - `usage`: tokens charged, recorded and reported when a call completes.
+//! - `trace`: OpenTelemetry spans of requests and their upstream attempts, over OTLP.
 
 pub mod metrics;
 pub mod record;
+pub mod trace;
 pub mod usage;

@@ -18,6 +18,7 @@ use tracing::info;
 use crate::formats::endpoint::FORWARDED;
 use crate::formats::tokens::Tokens;
 use crate::observe::metrics::{Metrics, RequestRecord};
+use crate::observe::trace::{Ending, RequestTrace};
 
 #[derive(Debug, Default)]
 struct Facts {
@@ -27,6 +28,9 @@ struct Facts {
     first_token: Option<Duration>,
     /// A refusal that happened after the response began (a guardrail cutting a stream).
     late_error: Option<&'static str>,
+    /// What the answer said of itself (traced requests only).
+    response_model: Option<String>,
+    finish_reasons: Vec<String>,
 }
 
 /// The current request's id and the facts learned about it, shared between the
@@ -38,14 +42,55 @@ pub struct Record(Arc<Shared>);
 struct Shared {
     request_id: Arc<str>,
     facts: Mutex<Facts>,
+    trace: Option<RequestTrace>,
 }
 
 impl Record {
-    pub fn new(request_id: Arc<str>) -> Self {
+    pub fn new(request_id: Arc<str>, trace: Option<RequestTrace>) -> Self {
         Self(Arc::new(Shared {
             request_id,
             facts: Mutex::default(),
+            trace,
         }))
+    }
+
+    /// The request's spans, when it is traced.
+    pub fn trace(&self) -> Option<&RequestTrace> {
+        self.0.trace.as_ref()
+    }
+
+    /// When a step begins, for its span (`None` when the request is not traced).
+    pub fn clock(&self) -> Option<std::time::SystemTime> {
+        self.0.trace.as_ref().map(|_| std::time::SystemTime::now())
+    }
+
+    /// A step that began at `started` (see [`clock`](Self::clock)) ended with `outcome`.
+    pub fn step(
+        &self,
+        name: &'static str,
+        started: Option<std::time::SystemTime>,
+        outcome: &'static str,
+    ) {
+        if let (Some(trace), Some(started)) = (&self.0.trace, started) {
+            trace.step(
+                name,
+                started,
+                vec![
+                    opentelemetry::KeyValue::new("aisix.outcome", outcome),
+                    opentelemetry::KeyValue::new("aisix.request_id", self.0.request_id.to_string()),
+                ],
+            );
+        }
+    }
+
+    /// The answer's own model name and finish reasons (kept for traced requests).
+    pub fn answer(&self, model: Option<String>, finish_reasons: Vec<String>) {
+        self.with(|f| {
+            if model.is_some() {
+                f.response_model = model;
+            }
+            f.finish_reasons.extend(finish_reasons);
+        });
     }
 
     /// `x-aisix-request-id`: the caller's well-formed id or a fresh UUID.
@@ -123,6 +168,22 @@ impl Finish {
         let duration = self.started.elapsed();
         let facts = self.record.with(std::mem::take);
         let error_type = self.error_type.or(facts.late_error);
+        if let Some(trace) = self.record.trace() {
+            trace.end(&Ending {
+                status: self.status,
+                request_id: self.record.request_id(),
+                key_id: facts.key_id.as_deref(),
+                model: facts.model.as_deref(),
+                error_type,
+                input_tokens: facts.tokens.prompt,
+                output_tokens: facts.tokens.completion,
+                cache_read_tokens: facts.tokens.cache_read,
+                cache_write_tokens: facts.tokens.cache_write,
+                first_token: facts.first_token,
+                response_model: facts.response_model.as_deref(),
+                finish_reasons: &facts.finish_reasons,
+            });
+        }
         self.metrics.record_request(&RequestRecord {
             route,
             model: facts.model.as_ref(),

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use crate::formats::sse;
-use crate::formats::tokens::Tokens;
+use crate::formats::tokens::{Answered, Tokens};
 use crate::hooks::{UsageEvent, UsageSink};
 use crate::observe::record::Record;
 use crate::policy::ratelimit::Lease;
@@ -46,6 +46,15 @@ impl Pending {
             cost,
             started,
             broke: None,
+        }
+    }
+
+    /// Notes what `document` (the answer, or one of a stream's events) says of the
+    /// model and the finish reasons, for a traced request's span.
+    pub fn answered(&self, document: &[u8]) {
+        if self.record.trace().is_some() {
+            let answered = Answered::from_json(document);
+            self.record.answer(answered.model, answered.finish_reasons);
         }
     }
 
@@ -112,9 +121,19 @@ impl StreamTap {
         {
             self.first_event = Some(p.started.elapsed());
         }
+        let traced = self
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.record.trace().is_some());
         for data in sse::data_lines(events) {
             if sse::mentions(data, b"delta") {
                 self.deltas += 1;
+            }
+            if traced
+                && let Some(pending) = &self.pending
+                && (sse::mentions(data, b"eason") || sse::mentions(data, b"\"model"))
+            {
+                pending.answered(data);
             }
             // `"usage"`, and Gemini's `"usageMetadata"`.
             if !sse::mentions(data, b"\"usage") {
@@ -211,11 +230,11 @@ impl WholeTap {
 impl Drop for WholeTap {
     fn drop(&mut self) {
         if let Some(pending) = self.pending.take() {
-            let tokens = self
-                .kept
-                .as_deref()
-                .and_then(Tokens::from_json)
-                .unwrap_or_default();
+            let kept = self.kept.as_deref();
+            if let Some(kept) = kept {
+                pending.answered(kept);
+            }
+            let tokens = kept.and_then(Tokens::from_json).unwrap_or_default();
             pending.finish(tokens, None);
         }
     }
@@ -278,7 +297,7 @@ mod tests {
         Pending::new(
             Some((sink, event)),
             None,
-            Record::new("test".into()),
+            Record::new("test".into(), None),
             Some(cost),
             Instant::now(),
         )

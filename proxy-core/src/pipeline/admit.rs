@@ -18,6 +18,7 @@ use crate::formats::body::RequestBody;
 use crate::formats::endpoint::Endpoint;
 use crate::formats::multipart::{self, Form};
 use crate::hooks::Verdict;
+use crate::observe::record::Record;
 use crate::policy::guardrails::{self, Applicable, Stage};
 use crate::policy::ratelimit::{self, Denied, Lease, Scope};
 use crate::resources::{ApiKey, KeyHash, Model, RateLimit};
@@ -115,8 +116,12 @@ pub(super) async fn admit<'s>(
     }
     let guards = guardrails::applicable(snapshot, &model.name, &caller.id);
     if !guards.input.is_empty() {
+        let started = call.record.clock();
         let text = guardrails::request_text(request, call.endpoint.has_messages());
-        guardrails::scan(&guards.input, &text, Stage::Input, &call.request_id)?;
+        let scanned = guardrails::scan(&guards.input, &text, Stage::Input, &call.request_id);
+        let outcome = if scanned.is_ok() { "passed" } else { "blocked" };
+        call.record.step("aisix.guardrails.input", started, outcome);
+        scanned?;
     }
     // Only a token window holds the estimate: no scan of the body otherwise.
     let counts_tokens = |l: &RateLimit| l.tpm.is_some() || l.tpd.is_some();
@@ -125,7 +130,7 @@ pub(super) async fn admit<'s>(
     } else {
         0
     };
-    let lease = limits_and_budget(state, caller, Some(model), reserve).await?;
+    let lease = limits_and_budget(state, &call.record, caller, Some(model), reserve).await?;
     let quota_headers = lease.as_ref().map(quota_headers).unwrap_or_default();
     Ok(Admitted {
         caller,
@@ -140,15 +145,34 @@ pub(super) async fn admit<'s>(
 /// asks the budget gate. The lease is held until the answer ends.
 pub(super) async fn limits_and_budget(
     state: &Inner,
+    record: &Record,
     caller: &ApiKey,
     model: Option<&Model>,
     reserve: u64,
 ) -> Result<Option<Lease>, ProxyError> {
-    let lease = rate_limits(state, caller, model, reserve).await?;
-    if let Some(gate) = &state.hooks.budget
-        && let Verdict::Deny(denial) = gate.check(&caller.id).await
-    {
-        return Err(ProxyError::BudgetDenied(denial));
+    let started = record.clock();
+    let lease = rate_limits(state, caller, model, reserve).await;
+    match &lease {
+        Ok(None) => {}
+        Ok(Some(_)) => record.step("aisix.rate_limit", started, "admitted"),
+        Err(ProxyError::RateLimiterUnavailable) => {
+            record.step("aisix.rate_limit", started, "unavailable");
+        }
+        Err(_) => record.step("aisix.rate_limit", started, "limited"),
+    }
+    let lease = lease?;
+    if let Some(gate) = &state.hooks.budget {
+        let started = record.clock();
+        let verdict = gate.check(&caller.id).await;
+        let denied = matches!(verdict, Verdict::Deny(_));
+        record.step(
+            "aisix.budget",
+            started,
+            if denied { "denied" } else { "allowed" },
+        );
+        if let Verdict::Deny(denial) = verdict {
+            return Err(ProxyError::BudgetDenied(denial));
+        }
     }
     Ok(lease)
 }

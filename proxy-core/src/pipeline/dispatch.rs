@@ -15,6 +15,9 @@ use super::routing::Next;
 use super::state::{Call, Inner, ProxyState};
 use crate::failure::{Class, ProxyError};
 use crate::formats::chat::Conversion;
+use crate::formats::endpoint::Endpoint;
+use crate::observe::record::Record;
+use crate::observe::trace::{self, Attempt};
 use crate::providers::client::{Answer, Target};
 use crate::providers::{self, CallerRequest, TargetModel};
 use crate::resources::{Model, ModelTarget};
@@ -55,8 +58,21 @@ pub(super) async fn dispatch<'s>(
         let mut attempt_number = 0;
         loop {
             attempt_number += 1;
-            let error = match attempt(state, snapshot, candidate, request_id, request).await {
+            let sent = attempt(
+                state,
+                snapshot,
+                candidate,
+                (call.endpoint, &call.record),
+                attempt_number,
+                request,
+            )
+            .await;
+            let (result, span) = (sent.result, sent.span);
+            let error = match result {
                 Ok((answer, conversion)) => {
+                    if let (Some(span), Some(trace)) = (span, call.record.trace()) {
+                        span.answered(trace, answer.status.as_u16());
+                    }
                     state.health.success(&candidate.name);
                     state.routing.recovered(&candidate.name);
                     let resume = plan.resume_streams.then(|| Resume {
@@ -65,7 +81,7 @@ pub(super) async fn dispatch<'s>(
                         headers: request.headers.clone(),
                         raw: Bytes::copy_from_slice(request.raw),
                         alias: admitted.model.name.clone(),
-                        request_id: call.request_id.clone(),
+                        record: call.record.clone(),
                         tried: vec![candidate.name.clone()],
                     });
                     return Ok(Dispatched {
@@ -78,7 +94,16 @@ pub(super) async fn dispatch<'s>(
                 Err(error) => error,
             };
             let class = failed(state, candidate, &error);
-            match plan.next(&class, attempt_number) {
+            let next = plan.next(&class, attempt_number);
+            if let Some(span) = span {
+                let then = match next {
+                    Next::Retry(_) => "retry",
+                    Next::Fallback { .. } if index + 1 < targets => "failover",
+                    Next::Fallback { .. } | Next::Answer => "answer",
+                };
+                span.failed(error.upstream_status(), class.metric_kind, then);
+            }
+            match next {
                 Next::Retry(wait) => {
                     warn!(request_id, model = %candidate.name, attempt = attempt_number, retry_in_ms = wait.as_millis() as u64, error = %error, detail = ?error, "upstream attempt failed; retrying");
                     tokio::time::sleep(wait).await;
@@ -134,14 +159,38 @@ pub(super) fn failed(state: &Inner, model: &Model, error: &ProxyError) -> Class 
     class
 }
 
-/// Sends the call to one direct model: the request as its adapter wants it.
+/// One attempt's outcome, and its span when the request is traced and the attempt got
+/// as far as sending.
+pub(super) struct Sent {
+    pub result: Result<(Answer, Conversion), ProxyError>,
+    pub span: Option<Attempt>,
+}
+
+/// Sends the call to one direct model (attempt `number` of it): the request as its
+/// adapter wants it.
 pub(super) async fn attempt(
     state: &Inner,
     snapshot: &Snapshot,
     model: &Arc<Model>,
-    request_id: &str,
+    call: (Endpoint, &Record),
+    number: u32,
     request: &CallerRequest<'_>,
+) -> Sent {
+    let mut span = None;
+    let result = send(state, snapshot, model, call, number, request, &mut span).await;
+    Sent { result, span }
+}
+
+async fn send(
+    state: &Inner,
+    snapshot: &Snapshot,
+    model: &Arc<Model>,
+    (endpoint, record): (Endpoint, &Record),
+    number: u32,
+    request: &CallerRequest<'_>,
+    span: &mut Option<Attempt>,
 ) -> Result<(Answer, Conversion), ProxyError> {
+    let request_id: &str = record.request_id();
     let unavailable = || {
         ProxyError::ProviderUnavailable(format!(
             "model '{}' has no usable provider key",
@@ -155,7 +204,7 @@ pub(super) async fn attempt(
         .provider_key(&direct.provider_key_id)
         .ok_or_else(unavailable)?;
     let provider = providers::adapter(&provider_key.adapter)?;
-    let prepared = provider.prepare(
+    let mut prepared = provider.prepare(
         request,
         &TargetModel {
             upstream_model: &direct.model_name,
@@ -169,6 +218,27 @@ pub(super) async fn attempt(
         provider_key,
     };
     debug!(request_id, model = %model.name, upstream_model = target.upstream_model, path = &*prepared.outgoing.path, "dispatching");
+    let headers = &mut prepared.outgoing.headers;
+    match record.trace() {
+        Some(trace) => {
+            let attempt = trace.attempt(
+                trace::attempt_attributes(&trace::AttemptFacts {
+                    endpoint,
+                    provider: &provider_key.provider,
+                    api_base: &provider_key.api_base,
+                    upstream_model: &direct.model_name,
+                    target: &model.name,
+                    number,
+                    request_id,
+                    body: request.body,
+                }),
+                format!("{} {}", trace::operation(endpoint), direct.model_name),
+            );
+            attempt.inject(headers);
+            *span = Some(attempt);
+        }
+        None => trace::forward_caller_context(request.headers, headers),
+    }
     let sent_at = Instant::now();
     let answer = state
         .upstream

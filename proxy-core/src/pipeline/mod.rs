@@ -107,7 +107,13 @@ async fn phases(
         headers,
     );
     let hit = match &cache {
-        Some(slot) => slot.get().await,
+        Some(slot) => {
+            let started = call.record.clock();
+            let hit = slot.get().await;
+            let outcome = if hit.is_some() { "hit" } else { "miss" };
+            call.record.step("aisix.cache", started, outcome);
+            hit
+        }
         None => None,
     };
     if let Some(hit) = hit {

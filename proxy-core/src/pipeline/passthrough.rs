@@ -114,7 +114,7 @@ async fn forward(
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .unwrap_or(0);
-    let lease = limits_and_budget(state, caller, None, declared.div_ceil(4)).await?;
+    let lease = limits_and_budget(state, record, caller, None, declared.div_ceil(4)).await?;
     let bytes = read_body(body, headers, &state.options).await?;
     // The input guardrails of the model that grants the access read the whole body.
     let guards = guardrails::applicable(snapshot, &model.name, &caller.id);
@@ -130,6 +130,9 @@ async fn forward(
     let adapter = providers::for_passthrough(&provider_key.adapter);
     let mut outgoing = forwardable(headers);
     adapter.passthrough_defaults(&mut outgoing);
+    if let Some(trace) = record.trace() {
+        trace.inject(&mut outgoing);
+    }
     let relayed = Relayed {
         method,
         url,

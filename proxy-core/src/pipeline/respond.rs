@@ -131,6 +131,7 @@ async fn whole_answer(
         }
     };
     // Usage is read in the upstream's format, which may say more (cache writes).
+    usage.answered(&bytes);
     usage.finish(Tokens::from_json(&bytes).unwrap_or_default(), None);
     let bytes = match whole.conversion.answer(bytes) {
         Ok(bytes) => bytes,

@@ -22,6 +22,7 @@ use super::state::ProxyState;
 use crate::formats::body::RequestBody;
 use crate::formats::chat::{self, Conversion, UpstreamCodec};
 use crate::formats::endpoint::Endpoint;
+use crate::observe::record::Record;
 use crate::providers::CallerRequest;
 
 /// What a resume needs of the call, owned (the stream outlives the handler).
@@ -33,7 +34,8 @@ pub(super) struct Resume {
     pub raw: Bytes,
     /// The routing model the caller asked for.
     pub alias: Arc<str>,
-    pub request_id: Arc<str>,
+    /// The request's id and spans.
+    pub record: Record,
     /// The targets that served this answer so far.
     pub tried: Vec<Arc<str>>,
 }
@@ -56,11 +58,7 @@ impl Resume {
         let body = with_prefix(&self.raw, &prefix);
         let state = self.state.clone();
         let (endpoint, headers) = (self.endpoint, self.headers.clone());
-        let (alias, request_id, tried) = (
-            self.alias.clone(),
-            self.request_id.clone(),
-            self.tried.clone(),
-        );
+        let (alias, record, tried) = (self.alias.clone(), self.record.clone(), self.tried.clone());
         Box::pin(async move {
             let body = body?;
             let inner = state.inner();
@@ -76,9 +74,22 @@ impl Resume {
                 headers: &headers,
             };
             let left = plan.candidates.iter().filter(|c| !tried.contains(&c.name));
+            let request_id = record.request_id();
             for candidate in left {
-                match dispatch::attempt(inner, &snapshot, candidate, &request_id, &request).await {
+                let sent = dispatch::attempt(
+                    inner,
+                    &snapshot,
+                    candidate,
+                    (endpoint, &record),
+                    1,
+                    &request,
+                )
+                .await;
+                match sent.result {
                     Ok((answer, conversion)) => {
+                        if let (Some(span), Some(trace)) = (sent.span, record.trace()) {
+                            span.answered(trace, answer.status.as_u16());
+                        }
                         inner.health.success(&candidate.name);
                         let continuation = Continuation {
                             upstream: upstream_of(conversion, endpoint)?,
@@ -88,7 +99,10 @@ impl Resume {
                         return Some((answer.body, continuation));
                     }
                     Err(error) => {
-                        dispatch::failed(inner, candidate, &error);
+                        let class = dispatch::failed(inner, candidate, &error);
+                        if let Some(span) = sent.span {
+                            span.failed(error.upstream_status(), class.metric_kind, "failover");
+                        }
                         warn!(request_id = %request_id, model = %candidate.name, error = %error, detail = ?error, "resuming the stream failed; trying the next target");
                     }
                 }

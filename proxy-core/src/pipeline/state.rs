@@ -1,6 +1,7 @@
 //! What every request of the pipeline shares: the state, the options, the hooks, the
 //! gateway's own headers, and the call being served.
 
+use crate::observe::trace::Tracing;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -52,6 +53,8 @@ pub struct ProxyOptions {
     pub cache: Option<CacheOptions>,
     /// Rate-limit counters shared by replicas in Redis; `None`: this process's only.
     pub shared_limits: Option<SharedOptions>,
+    /// OpenTelemetry spans exported over OTLP; `None`: none recorded.
+    pub tracing: Option<Tracing>,
 }
 
 impl ProxyOptions {
@@ -76,6 +79,7 @@ impl Default for ProxyOptions {
             client_ip_header: HeaderName::from_static("x-forwarded-for"),
             cache: None,
             shared_limits: None,
+            tracing: None,
         }
     }
 }

@@ -122,7 +122,7 @@ impl EventFilter for AnswerStream {
         else {
             return Filtered::Abort(self.error_event(broke));
         };
-        warn!(request_id = %resume.request_id, from = %self.served_by, to = %continuation.served_by, reason = broke.code(), "stream broke; continued on the next target");
+        warn!(request_id = %resume.record.request_id(), from = %self.served_by, to = %continuation.served_by, reason = broke.code(), "stream broke; continued on the next target");
         translator.continue_with(continuation.upstream, continuation.sent);
         resume.tried.push(continuation.served_by.clone());
         self.served_by = continuation.served_by;
