@@ -42,6 +42,7 @@ use std::time::Duration;
 
 use proxy_core::http::{ListenerOptions, ProxyOptions, ProxyState, router};
 use proxy_core::observe::metrics::Metrics;
+use proxy_core::observe::otlp_metrics::push_every;
 use proxy_core::observe::trace::Tracing;
 use proxy_core::policy::health::ModelHealth;
 use proxy_core::providers::client::Upstream;
@@ -204,8 +205,29 @@ impl Serving {
             etcd,
             managed,
         } = running;
-        let (mut hooks, mut managed) = (Some(hooks), managed);
-        let redis = proxy.redis();
+        let mut hooks = Some(hooks);
+        let push = config
+            .metrics_push_options()
+            .map_err(|(f, m)| anyhow::anyhow!("{f}: {m}"))?;
+        let status = Arc::new(status::Status {
+            shared: shared.clone(),
+            source: kind,
+            managed,
+            draining: serving.draining.clone(),
+            ignored: config.ignored.clone(),
+            redis: proxy.redis(),
+            tracing: serving.tracing.clone(),
+            metrics_push: push.as_ref().map(|_| Arc::default()),
+        });
+        if let (Some(options), Some(stats)) = (push, status.metrics_push.clone()) {
+            let status = status.clone();
+            serving.servers.spawn(push_every(
+                options,
+                move || status.render(),
+                stats,
+                serving.stop.clone(),
+            ));
+        }
         let mut proxy = Some(proxy);
         for bound in listeners {
             let addr = bound.local_addr()?;
@@ -245,15 +267,7 @@ impl Serving {
                     admin::router(Arc::new(admin))
                 }
                 Role::Metrics => status::router(
-                    Arc::new(status::Status {
-                        shared: shared.clone(),
-                        source: kind,
-                        managed: managed.take(),
-                        draining: serving.draining.clone(),
-                        ignored: config.ignored.clone(),
-                        redis: redis.clone(),
-                        tracing: serving.tracing.clone(),
-                    }),
+                    status.clone(),
                     &config.observability.metrics.prometheus.path,
                 ),
             };

@@ -22,6 +22,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use proxy_core::observe::metrics::{CONTENT_TYPE, OtlpReading, Readings};
+use proxy_core::observe::otlp_metrics::PushStats;
 use proxy_core::observe::trace::Tracing;
 use proxy_core::shared::redis::{Redis, RedisStatus};
 use proxy_core::snapshot::{RejectedResource, Snapshot, Source};
@@ -44,6 +45,8 @@ pub struct Status {
     pub redis: Vec<Redis>,
     /// The span exporter, when tracing is on.
     pub tracing: Option<Tracing>,
+    /// The OTLP metrics pushes, when on.
+    pub metrics_push: Option<Arc<PushStats>>,
 }
 
 pub fn router(status: Arc<Status>, metrics_path: &str) -> Router {
@@ -66,6 +69,11 @@ impl Status {
     /// The watch state; `None` in file mode, which has nothing to connect to.
     fn connected(&self) -> Option<bool> {
         (self.source != Source::File).then(|| self.shared.watch.connected())
+    }
+
+    /// The metrics exposition, as served and as pushed over OTLP.
+    pub fn render(&self) -> String {
+        self.shared.metrics.render(self.readings())
     }
 
     fn readings(&self) -> Readings {
@@ -102,12 +110,18 @@ impl Status {
                     export_failed: stats.dropped_export_failed.load(Ordering::Relaxed),
                 }
             }),
+            metric_pushes: self.metrics_push.as_ref().map(|p| {
+                (
+                    p.pushed.load(Ordering::Relaxed),
+                    p.failed.load(Ordering::Relaxed),
+                )
+            }),
         }
     }
 }
 
 async fn metrics(State(status): State<Arc<Status>>) -> Response {
-    let text = status.shared.metrics.render(status.readings());
+    let text = status.render();
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
 }
 

@@ -479,3 +479,167 @@ async fn a_bad_tracing_setting_stops_start_up_naming_the_field() {
         assert!(process.output().contains(field), "{}", process.output());
     }
 }
+
+/// A number of an OTLP data point as `MessageToDict` writes it (64-bit integers are
+/// strings in protobuf's JSON mapping).
+fn as_f64(v: &Value) -> Option<f64> {
+    v.as_f64().or_else(|| v.as_str()?.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_are_pushed_over_otlp_as_the_families_prometheus_serves() {
+    let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let resources = format!(
+        r#"
+provider_keys:
+  - {{id: pk1, display_name: mock, provider: openai, api_base: "{base}", api_key: {PROVIDER_SECRET}}}
+models:
+  - {{id: m1, display_name: backup, model_name: up-gpt, provider_key_id: pk1}}
+api_keys:
+  - {{id: k1, key_hash: {caller}, allowed_models: ["*"]}}
+"#,
+        base = mock.url(),
+        caller = key_hash(CALLER),
+    );
+    std::fs::write(dir.path().join("resources.yaml"), resources).unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "resources_file: {}\nproxy:\n  addr: 127.0.0.1:0\nobservability:\n  service_name: orders-gateway\n  metrics:\n    prometheus: {{addr: \"127.0.0.1:0\"}}\n    otlp: {{enabled: true, endpoint: \"{}\", interval_secs: 1}}\nshutdown:\n  min_drain_secs: 0\n",
+            dir.path().join("resources.yaml").display(),
+            mock.url()
+        ),
+    )
+    .unwrap();
+    let (mut process, proxy) = start_agent(&config).await;
+    let line = process
+        .wait_for_line("metrics listener ready", Duration::from_secs(10))
+        .await;
+    let metrics_url = format!("http://{}/metrics", addr_in(&line));
+    let agent = Agent {
+        process,
+        proxy,
+        metrics: String::new(),
+        _dir: dir,
+    };
+    for _ in 0..3 {
+        let response = chat(
+            &agent,
+            json!({"model": "backup", "messages": [{"role": "user", "content": "hi"}]}),
+            &[],
+        )
+        .await;
+        assert_eq!(response.status(), 200);
+        let _ = response.bytes().await.unwrap();
+    }
+    let served = parse_openmetrics(
+        &http_client()
+            .get(&metrics_url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+    let requests = sample(
+        &served,
+        "aisix_requests_total",
+        &[("route", "/v1/chat/completions"), ("status", "200")],
+    )
+    .unwrap();
+    assert_eq!(requests, 3.0);
+    // The newest push, once it counts the three requests.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let pushed = loop {
+        let exports: Value = reqwest::get(format!("{}/_mock/otlp?signal=metrics", mock.url()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let newest = match exports.as_array().unwrap().last() {
+            Some(last) => tests::otlp::decode(&json!([last]), "metrics"),
+            None => Vec::new(),
+        };
+        let counted = newest
+            .iter()
+            .filter(|m| m["name"] == "aisix_requests")
+            .flat_map(|m| m["points"].as_array().unwrap().clone())
+            .any(|p| {
+                p["attributes"]["route"] == "/v1/chat/completions"
+                    && p["attributes"]["status"] == "200"
+                    && as_f64(&p["as_int"]) == Some(requests)
+            });
+        if counted {
+            break newest;
+        }
+        assert!(Instant::now() < deadline, "no push counted the requests");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(pushed[0]["resource"]["service.name"], "orders-gateway");
+    let requests = pushed
+        .iter()
+        .find(|m| m["name"] == "aisix_requests")
+        .unwrap();
+    assert_eq!(requests["kind"], "sum");
+    assert_eq!(requests["monotonic"], true);
+    // 2 = AGGREGATION_TEMPORALITY_CUMULATIVE.
+    assert_eq!(requests["temporality"], 2);
+    // Every family Prometheus serves is pushed, by the same name (an info family
+    // with its `_info` sample name).
+    let names: std::collections::BTreeSet<String> = pushed
+        .iter()
+        .map(|m| m["name"].as_str().unwrap().to_owned())
+        .collect();
+    for family in &served {
+        let name = family["name"].as_str().unwrap();
+        let expected = if family["type"] == "info" {
+            format!("{name}_info")
+        } else {
+            name.to_owned()
+        };
+        assert!(
+            names.contains(&expected),
+            "{expected} not pushed: {names:?}"
+        );
+    }
+    // Histograms keep their buckets.
+    let duration = pushed
+        .iter()
+        .find(|m| m["name"] == "aisix_request_duration_seconds")
+        .unwrap();
+    assert_eq!(duration["kind"], "histogram");
+    let point = &duration["points"][0];
+    let bounds: Vec<f64> = point["explicit_bounds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_f64().unwrap())
+        .collect();
+    let mut served_bounds: Vec<f64> = served
+        .iter()
+        .find(|f| f["name"] == "aisix_request_duration_seconds")
+        .unwrap()["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["labels"]["le"].as_str())
+        .filter(|le| *le != "+Inf")
+        .map(|le| le.parse::<f64>().unwrap())
+        .collect();
+    served_bounds.sort_by(f64::total_cmp);
+    served_bounds.dedup();
+    assert_eq!(bounds, served_bounds);
+    let counts: f64 = point["bucket_counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(as_f64)
+        .sum();
+    assert_eq!(Some(counts), as_f64(&point["count"]));
+}

@@ -9,6 +9,7 @@
 //! Layout: this file has the top level, loading, overrides and the cross-section
 //! checks; `sections.rs` the sections below it, their defaults and their own checks.
 
+use proxy_core::observe::otlp_metrics::MetricsPushOptions;
 use proxy_core::observe::trace::TraceOptions;
 use std::path::{Path, PathBuf};
 
@@ -364,6 +365,22 @@ impl Config {
             sample_ratio: otlp.sample_ratio,
             service_name: self.observability.service_name.clone(),
             timeout: std::time::Duration::from_millis(otlp.timeout_ms.max(1)),
+        }))
+    }
+
+    /// `observability.metrics.otlp`, when enabled.
+    pub fn metrics_push_options(&self) -> Result<Option<MetricsPushOptions>, (String, String)> {
+        let otlp = &self.observability.metrics.otlp;
+        if !otlp.enabled {
+            return Ok(None);
+        }
+        let endpoint = sections::otlp_url(&otlp.endpoint, "metrics")
+            .map_err(|e| ("observability.metrics.otlp.endpoint".to_owned(), e))?;
+        Ok(Some(MetricsPushOptions {
+            endpoint,
+            interval: std::time::Duration::from_secs(otlp.interval_secs.max(1)),
+            timeout: std::time::Duration::from_millis(otlp.timeout_ms.max(1)),
+            service_name: self.observability.service_name.clone(),
         }))
     }
 

@@ -358,6 +358,8 @@ pub struct Readings {
     /// `aisix_otlp_spans_exported_total` and `aisix_otlp_spans_dropped_total{reason}`,
     /// when traces are exported.
     pub otlp: Option<OtlpReading>,
+    /// `aisix_otlp_metric_pushes_total{outcome}`: OTLP metrics pushes (ok, failed).
+    pub metric_pushes: Option<(u64, u64)>,
 }
 
 /// The span exporter's counts.
@@ -518,8 +520,19 @@ impl Readings {
         Ok(())
     }
 
-    /// The span exporter.
+    /// The span exporter and the metrics pushes.
     fn encode_otlp(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        if let Some((pushed, failed)) = self.metric_pushes {
+            let mut family = e.encode_descriptor(
+                "aisix_otlp_metric_pushes",
+                "OTLP metrics pushes, by outcome (ok, failed)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (outcome, n) in [("ok", pushed), ("failed", failed)] {
+                ConstCounter::new(n).encode(family.encode_family(&OutcomeLabels { outcome })?)?;
+            }
+        }
         let Some(otlp) = self.otlp else {
             return Ok(());
         };
