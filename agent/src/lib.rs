@@ -151,10 +151,8 @@ impl Agent {
         }
         serving.drain(&config).await;
         if let Some(tracing) = tracing {
-            // The last spans go out; the export runs on this runtime, so wait apart.
-            let flushed =
-                tokio::task::spawn_blocking(move || tracing.shutdown(Duration::from_secs(5)));
-            let _ = flushed.await;
+            // The last spans go out.
+            tracing.flush(Duration::from_secs(5)).await;
         }
         background.cancel();
         workers.close();

@@ -99,6 +99,44 @@ async fn caller_request_ids_are_honoured_only_where_configured() {
 }
 
 #[tokio::test]
+async fn one_request_id_from_the_caller_to_every_attempt_and_the_usage_event() {
+    let recorder = std::sync::Arc::new(Recorder::default());
+    let hooks = Hooks {
+        usage: Some(recorder.clone()),
+        ..Hooks::default()
+    };
+    let h = harness_with(ProxyOptions::default(), hooks).await;
+    // `persistent`: two retries of a broken target, then a working one.
+    let r = h
+        .client
+        .post(format!("{}/v1/chat/completions", h.url))
+        .bearer_auth(CALLER)
+        .header("x-aisix-request-id", "req_abc123-orders-svc")
+        .json(&hello("persistent"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-aisix-request-id"], "req_abc123-orders-svc");
+    r.bytes().await.unwrap();
+    let attempts = h.mock.requests();
+    assert!(attempts.len() >= 3, "{attempts:?}");
+    for attempt in &attempts {
+        assert_eq!(
+            attempt.headers["x-aisix-request-id"],
+            "req_abc123-orders-svc"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while recorder.0.lock().unwrap().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let events = recorder.0.lock().unwrap().clone();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].request_id, "req_abc123-orders-svc");
+}
+
+#[tokio::test]
 async fn authentication_errors_are_401_invalid_api_key() {
     let h = harness(ProxyOptions::default()).await;
     let cases = [

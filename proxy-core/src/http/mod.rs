@@ -91,7 +91,8 @@ async fn request_context(
         let route = record::route_label(&path);
         // Probes are not traffic (see `Finish`).
         (!matches!(route, "/livez" | "/readyz"))
-            .then(|| tracing.server(req.headers(), method.as_str(), route))
+            .then(|| tracing.server(req.headers(), &method, route))
+            .flatten()
     });
     let record = Record::new(id.clone(), trace);
     req.extensions_mut().insert(record.clone());

@@ -77,7 +77,7 @@ impl Record {
                 started,
                 vec![
                     opentelemetry::KeyValue::new("aisix.outcome", outcome),
-                    opentelemetry::KeyValue::new("aisix.request_id", self.0.request_id.to_string()),
+                    opentelemetry::KeyValue::new("aisix.request_id", self.0.request_id.clone()),
                 ],
             );
         }

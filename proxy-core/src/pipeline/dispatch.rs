@@ -229,7 +229,7 @@ async fn send(
                     upstream_model: &direct.model_name,
                     target: &model.name,
                     number,
-                    request_id,
+                    request_id: record.request_id(),
                     body: request.body,
                 }),
                 format!("{} {}", trace::operation(endpoint), direct.model_name),
