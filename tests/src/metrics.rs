@@ -11,30 +11,42 @@ use serde_json::Value;
 /// Parses an exposition with `prometheus_client.openmetrics.parser` (strict: a format
 /// error fails the test). Returns the families as JSON.
 pub fn parse_openmetrics(text: &str) -> Vec<Value> {
+    let out = sdk_python(
+        "openmetrics_parse.py",
+        &[],
+        text.as_bytes(),
+        "the OpenMetrics parser",
+    );
+    serde_json::from_slice(&out).unwrap()
+}
+
+/// Runs `tests/sdk/SCRIPT ARGS` with the suite's Python (`AISIX_SDK_PYTHON`, the venv
+/// `scripts/test` installs the official packages into), `input` on its stdin; its
+/// stdout. A failure fails the test, naming `what` refused and why.
+pub fn sdk_python(script: &str, args: &[&str], input: &[u8], what: &str) -> Vec<u8> {
     let python = std::env::var("AISIX_SDK_PYTHON").unwrap_or_else(|_| {
-        panic!("AISIX_SDK_PYTHON is not set: run the suite with `bash scripts/test`, which installs the OpenMetrics parser into target/sdk-venv")
+        panic!("AISIX_SDK_PYTHON is not set: run the suite with `bash scripts/test`, which installs the Python packages into target/sdk-venv")
     });
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk/openmetrics_parse.py");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("sdk")
+        .join(script);
     let mut child = Command::new(python)
         .arg(script)
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
-        "the OpenMetrics parser refused the exposition: {}\n{text}",
-        String::from_utf8_lossy(&out.stderr)
+        "{what} refused its input: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(input)
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    out.stdout
 }
 
 /// The value of the sample `name` whose labels include `labels`.

@@ -123,6 +123,19 @@ async fn trace_of(mock: &MockProvider, request_id: &str, spans_at_least: usize) 
     }
 }
 
+/// The agent's metrics at `base` (its metrics listener), parsed.
+async fn scrape(base: &str) -> Vec<Value> {
+    let text = http_client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    parse_openmetrics(&text)
+}
+
 fn named<'a>(spans: &'a [Value], name: &str) -> Vec<&'a Value> {
     spans.iter().filter(|s| s["name"] == name).collect()
 }
@@ -292,16 +305,7 @@ async fn a_failed_over_call_is_one_trace_continued_from_the_caller_with_genai_at
     assert!(!spans.iter().any(|s| s["kind"] == "SPAN_KIND_CLIENT"));
 
     // The exporter's own counts.
-    let families = parse_openmetrics(
-        &http_client()
-            .get(format!("{}/metrics", agent.metrics))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    );
+    let families = scrape(&agent.metrics).await;
     assert!(sample(&families, "aisix_otlp_spans_exported_total", &[]).unwrap() >= 10.0);
     assert_eq!(
         sample(
@@ -401,16 +405,7 @@ async fn a_dead_or_slow_collector_costs_callers_nothing_and_is_counted() {
         },
     )
     .await;
-    let families = parse_openmetrics(
-        &http_client()
-            .get(format!("{}/metrics", agent.metrics))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    );
+    let families = scrape(&agent.metrics).await;
     assert!(
         sample(
             &families,
@@ -519,7 +514,7 @@ api_keys:
     let line = process
         .wait_for_line("metrics listener ready", Duration::from_secs(10))
         .await;
-    let metrics_url = format!("http://{}/metrics", addr_in(&line));
+    let metrics_base = format!("http://{}", addr_in(&line));
     let agent = Agent {
         process,
         proxy,
@@ -536,16 +531,7 @@ api_keys:
         assert_eq!(response.status(), 200);
         let _ = response.bytes().await.unwrap();
     }
-    let served = parse_openmetrics(
-        &http_client()
-            .get(&metrics_url)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    );
+    let served = scrape(&metrics_base).await;
     let requests = sample(
         &served,
         "aisix_requests_total",
