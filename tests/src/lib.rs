@@ -277,6 +277,30 @@ pub async fn start_agent(config: &Path) -> (Process, String) {
     (process, url)
 }
 
+/// A file-mode agent: `resources` written to `dir/resources.yaml`, the config file
+/// `resources_file: <it>` followed by `config` (YAML with a metrics listener). Returns
+/// the process, the proxy's base URL and the metrics listener's.
+pub async fn start_file_agent(
+    dir: &Path,
+    resources: &str,
+    config: &str,
+) -> (Process, String, String) {
+    let file = dir.join("resources.yaml");
+    std::fs::write(&file, resources).unwrap();
+    let path = dir.join("config.yaml");
+    std::fs::write(
+        &path,
+        format!("resources_file: {}\n{config}", file.display()),
+    )
+    .unwrap();
+    let (mut process, proxy) = start_agent(&path).await;
+    let line = process
+        .wait_for_line("metrics listener ready", Duration::from_secs(10))
+        .await;
+    let metrics = format!("http://{}", addr_in(&line));
+    (process, proxy, metrics)
+}
+
 /// SHA-256 hex of a caller key, as `api_keys[].key_hash` stores it.
 pub fn key_hash(plaintext: &str) -> String {
     use sha2::{Digest, Sha256};

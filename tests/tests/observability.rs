@@ -18,7 +18,7 @@ use std::time::Duration;
 use cloud_mock::provider::{MockProvider, Script};
 use serde_json::{Value, json};
 use tests::metrics::{family, parse_openmetrics, sample};
-use tests::{Process, addr_in, http_client, key_hash, start_agent};
+use tests::{Process, addr_in, http_client, key_hash, start_agent, start_file_agent};
 
 const PROVIDER_SECRET: &str = "sk-planted-provider-secret-7f3a9c";
 const CALLER_SECRET: &str = "sk-planted-caller-secret-41d7e2";
@@ -62,21 +62,12 @@ guardrails:
         base = mock.url(),
         caller = key_hash(CALLER_SECRET),
     );
-    std::fs::write(dir.path().join("resources.yaml"), resources).unwrap();
-    let config = dir.path().join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "resources_file: {}\nproxy:\n  addr: 127.0.0.1:0\nobservability:\n  log_level: debug\n  log_format: json\n  metrics:\n    prometheus: {{path: /prom}}\nupstream: {{}}\nshutdown:\n  min_drain_secs: 0\n",
-            dir.path().join("resources.yaml").display()
-        ),
+    let (process, proxy, metrics) = start_file_agent(
+        dir.path(),
+        &resources,
+        "proxy:\n  addr: 127.0.0.1:0\nobservability:\n  log_level: debug\n  log_format: json\n  metrics:\n    prometheus: {path: /prom}\nupstream: {}\nshutdown:\n  min_drain_secs: 0\n",
     )
-    .unwrap();
-    let (mut process, proxy) = start_agent(&config).await;
-    let line = process
-        .wait_for_line("metrics listener ready", Duration::from_secs(10))
-        .await;
-    let metrics = format!("http://{}", addr_in(&line));
+    .await;
     Agent {
         process,
         proxy,

@@ -19,9 +19,7 @@ use cloud_mock::provider::otlp::OtlpScript;
 use cloud_mock::provider::{MockProvider, Script};
 use serde_json::{Value, json};
 use tests::metrics::{parse_openmetrics, sample};
-use tests::{
-    Process, addr_in, eventually, free_port, get_json, http_client, key_hash, start_agent,
-};
+use tests::{Process, eventually, free_port, get_json, http_client, key_hash, start_file_agent};
 
 const CALLER: &str = "sk-otlp-caller-5c1e";
 const PROVIDER_SECRET: &str = "sk-otlp-provider-secret-9a7f";
@@ -62,21 +60,14 @@ guardrails:
         base = mock.url(),
         caller = key_hash(CALLER),
     );
-    std::fs::write(dir.path().join("resources.yaml"), resources).unwrap();
-    let config = dir.path().join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "resources_file: {}\nproxy:\n  addr: 127.0.0.1:0\nobservability:\n  log_format: json\n  service_name: orders-gateway\n  metrics:\n    prometheus: {{addr: \"127.0.0.1:0\"}}\n  tracing:\n    otlp: {tracing}\nshutdown:\n  min_drain_secs: 0\n",
-            dir.path().join("resources.yaml").display()
+    let (process, proxy, metrics) = start_file_agent(
+        dir.path(),
+        &resources,
+        &format!(
+            "proxy:\n  addr: 127.0.0.1:0\nobservability:\n  log_format: json\n  service_name: orders-gateway\n  metrics:\n    prometheus: {{addr: \"127.0.0.1:0\"}}\n  tracing:\n    otlp: {tracing}\nshutdown:\n  min_drain_secs: 0\n"
         ),
     )
-    .unwrap();
-    let (mut process, proxy) = start_agent(&config).await;
-    let line = process
-        .wait_for_line("metrics listener ready", Duration::from_secs(10))
-        .await;
-    let metrics = format!("http://{}", addr_in(&line));
+    .await;
     Agent {
         process,
         proxy,
@@ -499,26 +490,19 @@ api_keys:
         base = mock.url(),
         caller = key_hash(CALLER),
     );
-    std::fs::write(dir.path().join("resources.yaml"), resources).unwrap();
-    let config = dir.path().join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "resources_file: {}\nproxy:\n  addr: 127.0.0.1:0\nobservability:\n  service_name: orders-gateway\n  metrics:\n    prometheus: {{addr: \"127.0.0.1:0\"}}\n    otlp: {{enabled: true, endpoint: \"{}\", interval_secs: 1}}\nshutdown:\n  min_drain_secs: 0\n",
-            dir.path().join("resources.yaml").display(),
+    let (process, proxy, metrics) = start_file_agent(
+        dir.path(),
+        &resources,
+        &format!(
+            "proxy:\n  addr: 127.0.0.1:0\nobservability:\n  service_name: orders-gateway\n  metrics:\n    prometheus: {{addr: \"127.0.0.1:0\"}}\n    otlp: {{enabled: true, endpoint: \"{}\", interval_secs: 1}}\nshutdown:\n  min_drain_secs: 0\n",
             mock.url()
         ),
     )
-    .unwrap();
-    let (mut process, proxy) = start_agent(&config).await;
-    let line = process
-        .wait_for_line("metrics listener ready", Duration::from_secs(10))
-        .await;
-    let metrics_base = format!("http://{}", addr_in(&line));
+    .await;
     let agent = Agent {
         process,
         proxy,
-        metrics: String::new(),
+        metrics,
         _dir: dir,
     };
     for _ in 0..3 {
@@ -531,7 +515,7 @@ api_keys:
         assert_eq!(response.status(), 200);
         let _ = response.bytes().await.unwrap();
     }
-    let served = scrape(&metrics_base).await;
+    let served = scrape(&agent.metrics).await;
     let requests = sample(
         &served,
         "aisix_requests_total",
