@@ -41,7 +41,7 @@ enum Command {
         days: u32,
     },
     /// Issue a gateway client certificate with a new key:
-    /// OUT/gateway.pem, OUT/gateway-key.pem (0600) and OUT/ca.pem.
+    /// OUT/cert.pem, OUT/key.pem (0600) and OUT/ca.pem.
     IssueGateway {
         /// Folder holding ca.pem and ca-key.pem.
         #[arg(long)]
@@ -54,7 +54,7 @@ enum Command {
         out: PathBuf,
     },
     /// Issue a control-plane server certificate with a new key:
-    /// OUT/server.pem, OUT/server-key.pem (0600) and OUT/ca.pem.
+    /// OUT/cert.pem, OUT/key.pem (0600) and OUT/ca.pem.
     IssueServer {
         #[arg(long)]
         ca_dir: PathBuf,
@@ -74,7 +74,7 @@ enum Command {
         out: PathBuf,
     },
     /// Generate a key here and a CSR for a gateway identity:
-    /// OUT/gateway.csr and OUT/gateway-key.pem (0600). The key never leaves this host.
+    /// OUT/csr.pem and OUT/key.pem (0600). The key never leaves this host.
     Csr {
         #[command(flatten)]
         identity: IdentityArgs,
@@ -167,7 +167,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             let ca = CertificateAuthority::load(&ca_dir)?;
             let identity = identity.identity()?;
             let issued = ca.issue_gateway(&identity, DAY * days)?;
-            write_bundle(&out, "gateway", &issued, ca.cert_pem())?;
+            write_bundle(&out, &issued, ca.cert_pem())?;
         }
         Command::IssueServer {
             ca_dir,
@@ -187,14 +187,14 @@ fn run(command: Command) -> anyhow::Result<()> {
             } else {
                 ca.issue_server(&dns_names, &ips, DAY * days)?
             };
-            write_bundle(&out, "server", &issued, ca.cert_pem())?;
+            write_bundle(&out, &issued, ca.cert_pem())?;
         }
         Command::Csr { identity, out } => {
             let csr = generate_csr(&identity.identity()?)?;
             std::fs::create_dir_all(&out)
                 .with_context(|| format!("cannot create {}", out.display()))?;
-            write(&out.join("gateway-key.pem"), csr.key_pem.expose(), 0o600)?;
-            write(&out.join("gateway.csr"), &csr.csr_pem, 0o644)?;
+            write(&out.join("key.pem"), csr.key_pem.expose(), 0o600)?;
+            write(&out.join("csr.pem"), &csr.csr_pem, 0o644)?;
         }
         Command::SignCsr {
             ca_dir,
@@ -263,14 +263,12 @@ fn write(path: &Path, contents: &str, mode: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_bundle(out: &Path, name: &str, issued: &Issued, ca_pem: &str) -> anyhow::Result<()> {
+/// A bundle as the agent keeps its own (`state_dir/mtls/active/`): `cert.pem`,
+/// `key.pem` (0600) and `ca.pem`, so one set of names works everywhere.
+fn write_bundle(out: &Path, issued: &Issued, ca_pem: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    write(
-        &out.join(format!("{name}-key.pem")),
-        issued.key_pem.expose(),
-        0o600,
-    )?;
-    write(&out.join(format!("{name}.pem")), &issued.cert_pem, 0o644)?;
+    write(&out.join("key.pem"), issued.key_pem.expose(), 0o600)?;
+    write(&out.join("cert.pem"), &issued.cert_pem, 0o644)?;
     write(&out.join("ca.pem"), ca_pem, 0o644)
 }
 

@@ -71,8 +71,8 @@ fn init_issue_inspect() {
     ];
     let (code, out) = certs(&args);
     assert_eq!(code, 0, "{out}");
-    assert_eq!(mode(&gw_dir.join("gateway-key.pem")), 0o600);
-    let (code, out) = certs(&["inspect", path(&gw_dir.join("gateway.pem"))]);
+    assert_eq!(mode(&gw_dir.join("key.pem")), 0o600);
+    let (code, out) = certs(&["inspect", path(&gw_dir.join("cert.pem"))]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("issuer:           CN=Test Root"), "{out}");
     assert!(
@@ -85,7 +85,7 @@ fn init_issue_inspect() {
     );
     assert!(out.contains("days left:        30"), "{out}");
 
-    let (code, out) = certs(&["inspect", "--json", path(&gw_dir.join("gateway.pem"))]);
+    let (code, out) = certs(&["inspect", "--json", path(&gw_dir.join("cert.pem"))]);
     assert_eq!(code, 0, "{out}");
     let json: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
@@ -111,13 +111,13 @@ fn init_issue_inspect() {
         path(&srv_dir),
     ]);
     assert_eq!(code, 0, "{out}");
-    let (_, out) = certs(&["inspect", path(&srv_dir.join("server.pem"))]);
+    let (_, out) = certs(&["inspect", path(&srv_dir.join("cert.pem"))]);
     assert!(
         out.contains("dns names:        localhost") && out.contains("ip addresses:     127.0.0.1"),
         "{out}"
     );
 
-    let (code, out) = certs(&["inspect", path(&gw_dir.join("gateway-key.pem"))]);
+    let (code, out) = certs(&["inspect", path(&gw_dir.join("key.pem"))]);
     assert!(
         code != 0 && out.contains("no PEM block of type CERTIFICATE found"),
         "{out}"
@@ -155,8 +155,8 @@ fn csr_then_sign_csr_checks_the_identity() {
         path(&req),
     ]);
     assert_eq!(code, 0, "{out}");
-    assert_eq!(mode(&req.join("gateway-key.pem")), 0o600);
-    let csr = path(&req.join("gateway.csr")).to_owned();
+    assert_eq!(mode(&req.join("key.pem")), 0o600);
+    let csr = path(&req.join("csr.pem")).to_owned();
 
     let wrong = dir.path().join("wrong.pem");
     let (code, out) = certs(&[
