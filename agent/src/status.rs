@@ -21,7 +21,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use proxy_core::observe::metrics::{CONTENT_TYPE, OtlpReading, Readings};
+use proxy_core::observe::metrics::{CONTENT_TYPE, Readings};
 use proxy_core::observe::otlp_metrics::PushStats;
 use proxy_core::observe::trace::Tracing;
 use proxy_core::shared::redis::{Redis, RedisStatus};
@@ -102,14 +102,7 @@ impl Status {
                 .as_ref()
                 .map(|m| (m.usage.pending(), m.usage.dropped())),
             redis: self.redis.iter().map(Redis::status).collect(),
-            otlp: self.tracing.as_ref().map(|t| {
-                let stats = t.stats();
-                OtlpReading {
-                    exported: stats.exported.load(Ordering::Relaxed),
-                    queue_full: stats.dropped_queue_full.load(Ordering::Relaxed),
-                    export_failed: stats.dropped_export_failed.load(Ordering::Relaxed),
-                }
-            }),
+            otlp: self.tracing.as_ref().map(|t| t.stats().reading()),
             metric_pushes: self.metrics_push.as_ref().map(|p| {
                 (
                     p.pushed.load(Ordering::Relaxed),
@@ -205,13 +198,13 @@ async fn config(State(status): State<Arc<Status>>) -> Json<ConfigStatus> {
         ignored_config_sections: status.ignored.clone(),
         redis: status.redis.iter().map(Redis::status).collect(),
         tracing: status.tracing.as_ref().map(|t| {
-            let stats = t.stats();
+            let counts = t.stats().reading();
             TracingStatus {
                 endpoint: t.endpoint().to_owned(),
-                spans_exported: stats.exported.load(Ordering::Relaxed),
-                spans_dropped_queue_full: stats.dropped_queue_full.load(Ordering::Relaxed),
-                spans_dropped_export_failed: stats.dropped_export_failed.load(Ordering::Relaxed),
-                last_error: stats.last_error(),
+                spans_exported: counts.exported,
+                spans_dropped_queue_full: counts.queue_full,
+                spans_dropped_export_failed: counts.export_failed,
+                last_error: t.stats().last_error(),
             }
         }),
     })

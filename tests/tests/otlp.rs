@@ -551,6 +551,16 @@ api_keys:
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
     assert_eq!(pushed[0]["resource"]["service.name"], "orders-gateway");
+    let pushes = scrape(&agent.metrics).await;
+    assert!(
+        sample(
+            &pushes,
+            "aisix_otlp_metric_pushes_total",
+            &[("outcome", "ok")]
+        )
+        .unwrap()
+            >= 1.0
+    );
     let requests = pushed
         .iter()
         .find(|m| m["name"] == "aisix_requests")

@@ -87,13 +87,11 @@ async fn request_context(
     let started = tokio::time::Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let trace = state.0.options.tracing.as_ref().and_then(|tracing| {
-        let route = record::route_label(&path);
-        // Probes are not traffic (see `Finish`).
-        (!matches!(route, "/livez" | "/readyz"))
-            .then(|| tracing.server(req.headers(), &method, route))
-            .flatten()
-    });
+    let route = record::route_label(&path);
+    // Probes are not traffic (see `Finish`).
+    let trace = (state.0.options.tracing.as_ref())
+        .filter(|_| !matches!(route, "/livez" | "/readyz"))
+        .and_then(|tracing| tracing.server(req.headers(), &method, route));
     let record = Record::new(id.clone(), trace);
     req.extensions_mut().insert(record.clone());
     let limit = state.0.options.max_header_bytes;

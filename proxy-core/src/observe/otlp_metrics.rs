@@ -50,13 +50,7 @@ pub async fn push_every(
     stats: Arc<PushStats>,
     stop: CancellationToken,
 ) {
-    crate::install_crypto_provider();
-    let client = match reqwest::Client::builder()
-        .timeout(options.timeout)
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
-        .build()
-    {
+    let client = match super::trace::otlp_client(options.timeout) {
         Ok(client) => client,
         Err(e) => {
             warn!(error = %e, "OTLP metrics: no HTTP client; nothing is pushed");

@@ -6,11 +6,11 @@
 //! guardrails). The caller's W3C `traceparent`/`tracestate` are continued, and each
 //! attempt's context is sent upstream. Prompts and answers are never exported.
 //!
-//! Export never costs a request anything: ending a span is a bounded-queue send; the
-//! OpenTelemetry SDK's batch processor exports from its own thread, its HTTP calls run
-//! on the agent's runtime. A full queue drops the span and counts it, as does a batch
-//! the collector did not take; [`Tracing::stats`] feeds the `aisix_otlp_*` metrics and
-//! a warning at most once per interval.
+//! Export never costs a request anything: ending a span pushes it to a bounded queue,
+//! which a task on the agent's runtime exports (every second, or at a full batch). A
+//! full queue drops the span and counts it, as does a batch the collector did not
+//! take; [`Tracing::stats`] feeds the `aisix_otlp_*` metrics and a warning at most once
+//! per interval.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -34,6 +34,7 @@ use tracing::warn;
 
 use crate::formats::body::RequestBody;
 use crate::formats::endpoint::Endpoint;
+use crate::observe::metrics::OtlpReading;
 
 /// Spans waiting for export at most; more are dropped (and counted).
 const MAX_QUEUE: usize = 4096;
@@ -75,6 +76,15 @@ impl ExportStats {
             .clone()
     }
 
+    /// The counts, for the metrics and `/status/config`.
+    pub fn reading(&self) -> OtlpReading {
+        OtlpReading {
+            exported: self.exported.load(Ordering::Relaxed),
+            queue_full: self.dropped_queue_full.load(Ordering::Relaxed),
+            export_failed: self.dropped_export_failed.load(Ordering::Relaxed),
+        }
+    }
+
     fn dropped(&self) -> u64 {
         self.dropped_queue_full.load(Ordering::Relaxed)
             + self.dropped_export_failed.load(Ordering::Relaxed)
@@ -86,10 +96,8 @@ impl ExportStats {
 pub struct Tracing(Arc<Inner>);
 
 struct Inner {
+    /// Holds its provider, and so the span processor.
     tracer: SdkTracer,
-    /// Kept so the tracer keeps its processor.
-    #[allow(dead_code, reason = "owns the span processor")]
-    provider: SdkTracerProvider,
     queue: Arc<Queue>,
     stats: Arc<ExportStats>,
     endpoint: String,
@@ -104,25 +112,14 @@ impl std::fmt::Debug for Tracing {
 }
 
 impl Tracing {
-    /// Starts the exporter; must be called inside a Tokio runtime (its HTTP calls run
-    /// there).
+    /// Starts the exporter; must be called inside a Tokio runtime (it exports there).
     pub fn start(options: &TraceOptions) -> Result<Tracing, String> {
-        crate::install_crypto_provider();
-        let client = reqwest::Client::builder()
-            .timeout(options.timeout)
-            .connect_timeout(options.timeout.min(Duration::from_secs(2)))
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .build()
-            .map_err(|e| format!("the OTLP client: {e}"))?;
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
+        let client = otlp_client(options.timeout).map_err(|e| format!("the OTLP client: {e}"))?;
+        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .with_endpoint(options.endpoint.clone())
             .with_timeout(options.timeout)
-            .with_http_client(OnRuntime {
-                client,
-                runtime: tokio::runtime::Handle::current(),
-            })
+            .with_http_client(Client(client))
             .build()
             .map_err(|e| format!("observability.tracing.otlp.endpoint: {e}"))?;
         let stats = Arc::new(ExportStats::default());
@@ -130,7 +127,6 @@ impl Tracing {
             .with_service_name(options.service_name.clone())
             .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
             .build();
-        let mut exporter = exporter;
         exporter.set_resource(&resource);
         let queue = Arc::new(Queue {
             spans: Mutex::new(Vec::new()),
@@ -150,7 +146,6 @@ impl Tracing {
         let tracer = provider.tracer("aisix-agent");
         let tracing = Tracing(Arc::new(Inner {
             tracer,
-            provider,
             queue,
             stats,
             endpoint: options.endpoint.clone(),
@@ -620,42 +615,38 @@ async fn export_batches(queue: std::sync::Weak<Queue>) {
     }
 }
 
-/// The exporter's HTTP calls, made on the agent's runtime (the batch processor's
-/// thread only waits for them).
-#[derive(Debug)]
-struct OnRuntime {
-    client: reqwest::Client,
-    runtime: tokio::runtime::Handle,
+/// The HTTP client of OTLP exports (traces and metrics): bounded by `timeout`, never
+/// following a redirect, never through a proxy from the environment.
+pub(super) fn otlp_client(timeout: Duration) -> reqwest::Result<reqwest::Client> {
+    crate::install_crypto_provider();
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(2)))
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
 }
 
+/// The exporter's HTTP calls over the workspace's reqwest (they are made from tasks on
+/// the agent's runtime).
+#[derive(Debug)]
+struct Client(reqwest::Client);
+
 #[async_trait::async_trait]
-impl HttpClient for OnRuntime {
+impl HttpClient for Client {
     async fn send_bytes(
         &self,
         request: http::Request<Bytes>,
     ) -> Result<http::Response<Bytes>, HttpError> {
-        let client = self.client.clone();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.runtime.spawn(async move {
-            let _ = tx.send(post(client, request).await);
-        });
-        rx.await
-            .map_err(|_| HttpError::from("the runtime stopped"))?
+        let request = reqwest::Request::try_from(request.map(reqwest::Body::from))?;
+        let response = self.0.execute(request).await?;
+        let mut answer = http::Response::builder().status(response.status());
+        if let Some(headers) = answer.headers_mut() {
+            *headers = response.headers().clone();
+        }
+        let body = response.bytes().await?;
+        Ok(answer.body(body)?)
     }
-}
-
-async fn post(
-    client: reqwest::Client,
-    request: http::Request<Bytes>,
-) -> Result<http::Response<Bytes>, HttpError> {
-    let request = reqwest::Request::try_from(request.map(reqwest::Body::from))?;
-    let response = client.execute(request).await?;
-    let mut answer = http::Response::builder().status(response.status());
-    if let Some(headers) = answer.headers_mut() {
-        *headers = response.headers().clone();
-    }
-    let body = response.bytes().await?;
-    Ok(answer.body(body)?)
 }
 
 /// Logs dropped spans at most once per [`REPORT_EVERY`], until the tracer is gone.
@@ -682,6 +673,45 @@ async fn report_drops(inner: std::sync::Weak<Inner>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_full_queue_drops_spans_and_counts_them() {
+        // Nothing listens on port 9; the export task does not run before the loop
+        // ends (one thread), so the queue fills.
+        let tracing = Tracing::start(&TraceOptions {
+            endpoint: "http://127.0.0.1:9/v1/traces".to_owned(),
+            sample_ratio: 1.0,
+            service_name: "test".to_owned(),
+            timeout: Duration::from_millis(100),
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        let request_id: Arc<str> = "r1".into();
+        for _ in 0..MAX_QUEUE + 10 {
+            let trace = tracing
+                .server(
+                    &HeaderMap::new(),
+                    &http::Method::POST,
+                    "/v1/chat/completions",
+                )
+                .unwrap_or_else(|| panic!("sampled at ratio 1"));
+            trace.end(&Ending {
+                status: 200,
+                request_id: &request_id,
+                key_id: None,
+                model: None,
+                error_type: None,
+                input_tokens: 0,
+                output_tokens: 0,
+                cache_read_tokens: 0,
+                cache_write_tokens: 0,
+                first_token: None,
+                response_model: None,
+                finish_reasons: &[],
+            });
+        }
+        let counts = tracing.stats().reading();
+        assert_eq!((counts.queue_full, counts.exported), (10, 0));
+    }
 
     #[test]
     fn server_address_is_the_host_of_the_base_url() {

@@ -121,16 +121,12 @@ impl StreamTap {
         {
             self.first_event = Some(p.started.elapsed());
         }
-        let traced = self
-            .pending
-            .as_ref()
-            .is_some_and(|p| p.record.trace().is_some());
+        let traced = self.pending.as_ref().filter(|p| p.record.trace().is_some());
         for data in sse::data_lines(events) {
             if sse::mentions(data, b"delta") {
                 self.deltas += 1;
             }
-            if traced
-                && let Some(pending) = &self.pending
+            if let Some(pending) = traced
                 && (sse::mentions(data, b"eason") || sse::mentions(data, b"\"model"))
             {
                 pending.answered(data);

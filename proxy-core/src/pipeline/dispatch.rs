@@ -58,7 +58,7 @@ pub(super) async fn dispatch<'s>(
         let mut attempt_number = 0;
         loop {
             attempt_number += 1;
-            let sent = attempt(
+            let Sent { result, span } = attempt(
                 state,
                 snapshot,
                 candidate,
@@ -67,7 +67,6 @@ pub(super) async fn dispatch<'s>(
                 request,
             )
             .await;
-            let (result, span) = (sent.result, sent.span);
             let error = match result {
                 Ok((answer, conversion)) => {
                     if let (Some(span), Some(trace)) = (span, call.record.trace()) {

@@ -140,12 +140,11 @@ return out
 ";
 
 const RENEW: &str = r"
--- KEYS[i]: a concurrency counter; ARGV[1]: lease ttl (ms); ARGV[i + 1]: a lease in it.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[1])
+-- KEYS[i]: a concurrency counter; ARGV[1]: the new expiry (ms, the replica's clock, as
+-- at admission); ARGV[2]: lease ttl (ms); ARGV[i + 2]: a lease in it.
+local expiry, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
 for i = 1, #KEYS do
-  redis.call('ZADD', KEYS[i], 'XX', now + ttl, ARGV[i + 1])
+  redis.call('ZADD', KEYS[i], 'XX', expiry, ARGV[i + 2])
   redis.call('PEXPIRE', KEYS[i], ttl * 2)
 end
 return #KEYS
@@ -489,8 +488,9 @@ impl SharedLimits {
         if pairs.is_empty() {
             return;
         }
+        let ttl = u64::try_from(self.lease_ttl.as_millis()).unwrap_or(u64::MAX);
         let mut invocation = self.scripts.renew.prepare_invoke();
-        invocation.arg(u64::try_from(self.lease_ttl.as_millis()).unwrap_or(u64::MAX));
+        invocation.arg(unix_ms().saturating_add(ttl)).arg(ttl);
         for (key, member) in &pairs {
             invocation.key(key).arg(member);
         }
