@@ -1,12 +1,15 @@
 //! Cloud provider adapters against their mocks in cloud-mock: Azure OpenAI (deployment
 //! URLs, `api-version`, `api-key` and Entra ID tokens, content filter, failover) and
-//! Gemini (generateContent both ways, streams, tools, safety stops, cached tokens).
+//! Gemini (generateContent both ways, streams, tools, safety stops, cached tokens) and
+//! Bedrock (Converse signed with Signature V4, event-stream streams, tools, stops,
+//! cached tokens, throttling).
 
 #![allow(clippy::unwrap_used, clippy::panic, reason = "tests")]
 
 mod common;
 
 use cloud_mock::provider::azure::REFUSED_CLIENT_SECRET;
+use cloud_mock::provider::bedrock::{ACCESS_KEY_ID, SECRET_ACCESS_KEY};
 use cloud_mock::provider::{MockProvider, Script};
 use common::{CALLER, Recorder, hash, read_stream, start_proxy};
 use proxy_core::http::{Hooks, ProxyOptions};
@@ -14,6 +17,18 @@ use serde_json::{Value, json};
 
 const AZURE_KEY: &str = "azure-key-0123456789";
 const ENTRA_SECRET: &str = "entra-client-secret-9876";
+const BEDROCK_CLAUDE: &str = "anthropic.claude-3-5-sonnet-20240620-v1:0";
+const WRONG_SECRET: &str = "planted-wrong-aws-secret-0000000000000000";
+
+/// A Bedrock key's credential for the mock's access key.
+fn aws(secret: &str, session_token: Option<&str>) -> String {
+    let mut credential = json!({"access_key_id": ACCESS_KEY_ID, "secret_access_key": secret,
+                                "region": "us-east-1"});
+    if let Some(token) = session_token {
+        credential["session_token"] = token.into();
+    }
+    credential.to_string()
+}
 
 struct Setup {
     url: String,
@@ -100,11 +115,46 @@ async fn setup_with(hooks: Hooks) -> Setup {
             json!({"display_name": "gm-failover", "routing": {"targets": [{"model": "gm-broken"}, {"model": "oa-gpt"}]}}),
         ),
         (
+            "provider_keys/br",
+            json!({"display_name": "br", "provider": "bedrock", "api_base": mock.url(),
+                   "api_key": aws(SECRET_ACCESS_KEY, None)}),
+        ),
+        (
+            "provider_keys/br-temp",
+            json!({"display_name": "br-temp", "provider": "bedrock", "api_base": mock.url(),
+                   "api_key": aws(SECRET_ACCESS_KEY, Some("session-token-1"))}),
+        ),
+        (
+            "provider_keys/br-wrong",
+            json!({"display_name": "br-wrong", "provider": "bedrock", "api_base": mock.url(),
+                   "api_key": aws(WRONG_SECRET, None)}),
+        ),
+        (
+            "models/br-claude",
+            json!({"display_name": "br-claude", "model_name": BEDROCK_CLAUDE, "provider_key_id": "br"}),
+        ),
+        (
+            "models/br-temp",
+            json!({"display_name": "br-temp", "model_name": "amazon.nova-lite-v1:0", "provider_key_id": "br-temp"}),
+        ),
+        (
+            "models/br-wrong",
+            json!({"display_name": "br-wrong", "model_name": "amazon.nova-lite-v1:0", "provider_key_id": "br-wrong"}),
+        ),
+        (
+            "models/br-broken",
+            json!({"display_name": "br-broken", "model_name": "bedrock-broken", "provider_key_id": "br"}),
+        ),
+        (
+            "models/br-failover",
+            json!({"display_name": "br-failover", "routing": {"targets": [{"model": "br-broken"}, {"model": "gm-flash"}]}}),
+        ),
+        (
             "api_keys/k1",
             json!({"key_hash": hash(CALLER), "allowed_models": ["*"]}),
         ),
     ];
-    for broken in ["dep-broken", "gemini-broken"] {
+    for broken in ["dep-broken", "gemini-broken", "bedrock-broken"] {
         mock.set_script_for(
             broken,
             Script {
@@ -556,7 +606,7 @@ async fn usage_events_and_metrics_count_cloud_providers_as_any_other() {
     };
     let metrics = hooks.metrics.clone();
     let s = setup_with(hooks).await;
-    for model in ["az-gpt", "gm-flash"] {
+    for model in ["az-gpt", "gm-flash", "br-claude"] {
         assert_eq!(
             s.post("/v1/chat/completions", chat(model)).await.status(),
             200
@@ -586,10 +636,12 @@ async fn usage_events_and_metrics_count_cloud_providers_as_any_other() {
             ("azure", "az-gpt", 10, 3, true),
             ("gemini", "gm-flash", 10, 3, false),
             ("gemini", "gm-flash", 10, 3, true),
+            ("bedrock", "br-claude", 10, 3, false),
+            ("bedrock", "br-claude", 10, 3, true),
         ]
     );
     let exposition = metrics.render(proxy_core::observe::metrics::Readings::default());
-    for model in ["az-gpt", "gm-flash"] {
+    for model in ["az-gpt", "gm-flash", "br-claude"] {
         let line = format!("aisix_tokens_total{{model=\"{model}\",direction=\"input\"}} 20");
         assert!(exposition.contains(&line), "{line} in\n{exposition}");
     }
@@ -642,5 +694,255 @@ async fn azure_images_and_audio_forms_go_to_the_deployment() {
             .contains("name=\"model\"\r\n\r\ngpt-4o deploy\r\n"),
         "{}",
         sent.body
+    );
+}
+
+// Bedrock
+
+fn streamed_text(text: &str) -> String {
+    proxy_core::formats::sse::events(text.as_bytes())
+        .filter_map(|e| serde_json::from_slice::<Value>(&e.data).ok())
+        .filter_map(|c| {
+            c.pointer("/choices/0/delta/content")
+                .or_else(|| c.pointer("/delta/text"))?
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn bedrock_answers_chat_and_messages_whole_and_streamed_signed_with_sigv4() {
+    let s = setup().await;
+    let mut body = chat("br-claude");
+    body["messages"] = json!([{"role": "system", "content": "Be brief."},
+                              {"role": "user", "content": "Say hello."}]);
+    body["max_tokens"] = json!(64);
+    let r = s.post("/v1/chat/completions", body.clone()).await;
+    assert_eq!(r.status(), 200, "the mock checked the signature");
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(
+        answer["choices"][0]["message"]["content"],
+        "Hello from the mock provider."
+    );
+    assert_eq!(answer["choices"][0]["finish_reason"], "stop");
+    assert_eq!(answer["usage"]["prompt_tokens"], 10);
+    assert_eq!(answer["usage"]["completion_tokens"], 3);
+    let sent = s.last();
+    assert_eq!(
+        sent.path,
+        "/model/anthropic.claude-3-5-sonnet-20240620-v1%3A0/converse"
+    );
+    let authorization = &sent.headers["authorization"];
+    assert!(
+        authorization.starts_with(&format!("AWS4-HMAC-SHA256 Credential={ACCESS_KEY_ID}/"))
+            && authorization.contains("/us-east-1/bedrock/aws4_request"),
+        "{authorization}"
+    );
+    assert!(!authorization.contains(SECRET_ACCESS_KEY));
+    let request = sent.json();
+    assert_eq!(
+        request["messages"],
+        json!([{"role": "user", "content": [{"text": "Say hello."}]}])
+    );
+    assert_eq!(request["system"], json!([{"text": "Be brief."}]));
+    assert_eq!(request["inferenceConfig"]["maxTokens"], 64);
+
+    // Streamed: the event stream becomes each caller's server-sent events.
+    body["stream"] = json!(true);
+    let r = s.post("/v1/chat/completions", body).await;
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let (text, aborted) = read_stream(r).await;
+    assert!(!aborted, "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert_eq!(streamed_text(&text), "Hello from the mock provider.");
+    assert!(s.last().path.ends_with("/converse-stream"));
+
+    let r = s.post("/v1/messages", messages("br-claude", false)).await;
+    assert_eq!(r.status(), 200);
+    let message: Value = r.json().await.unwrap();
+    assert_eq!(
+        message["content"][0]["text"],
+        "Hello from the mock provider."
+    );
+    assert_eq!(message["stop_reason"], "end_turn");
+    let (text, aborted) =
+        read_stream(s.post("/v1/messages", messages("br-claude", true)).await).await;
+    assert!(!aborted && text.contains("event: message_stop"), "{text}");
+    assert_eq!(streamed_text(&text), "Hello from the mock provider.");
+
+    // Temporary credentials send and sign their session token.
+    let r = s.post("/v1/chat/completions", chat("br-temp")).await;
+    assert_eq!(r.status(), 200);
+    let sent = s.last();
+    assert_eq!(sent.headers["x-amz-security-token"], "session-token-1");
+    assert!(sent.headers["authorization"].contains("x-amz-security-token"));
+}
+
+#[tokio::test]
+async fn bedrock_tools_go_both_ways_whole_and_streamed() {
+    let s = setup().await;
+    let tool_call = Script {
+        tool_call: Some(cloud_mock::provider::ToolCall {
+            id: "tooluse_abc".into(),
+            name: "get_weather".into(),
+            arguments: r#"{"city":"Paris"}"#.into(),
+        }),
+        ..Script::default()
+    };
+    s.mock.set_script_for(BEDROCK_CLAUDE, tool_call.clone());
+    let mut body = chat("br-claude");
+    body["tools"] = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+    let answer: Value = s
+        .post("/v1/chat/completions", body.clone())
+        .await
+        .json()
+        .await
+        .unwrap();
+    let choice = &answer["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["id"], "tooluse_abc");
+    assert_eq!(call["function"]["name"], "get_weather");
+    assert_eq!(call["function"]["arguments"], r#"{"city":"Paris"}"#);
+    assert_eq!(
+        s.last().json()["toolConfig"]["tools"][0]["toolSpec"]["name"],
+        "get_weather"
+    );
+
+    // The tool-result turn.
+    s.mock.set_script_for(BEDROCK_CLAUDE, Script::default());
+    body["messages"] = json!([
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "tooluse_abc", "content": "21C"}]);
+    assert_eq!(
+        s.post("/v1/chat/completions", body.clone()).await.status(),
+        200
+    );
+    let messages_sent = &s.last().json()["messages"];
+    assert_eq!(
+        messages_sent[1],
+        json!({"role": "assistant", "content": [{"toolUse": {"toolUseId": "tooluse_abc",
+            "name": "get_weather", "input": {"city": "Paris"}}}]})
+    );
+    assert_eq!(
+        messages_sent[2],
+        json!({"role": "user", "content": [{"toolResult": {"toolUseId": "tooluse_abc",
+            "content": [{"text": "21C"}]}}]})
+    );
+
+    // Streamed tool calls to both callers: arguments arrive in pieces.
+    s.mock.set_script_for(BEDROCK_CLAUDE, tool_call);
+    body["messages"] = json!([{"role": "user", "content": "Weather in Paris?"}]);
+    body["stream"] = json!(true);
+    let (text, aborted) = read_stream(s.post("/v1/chat/completions", body).await).await;
+    assert!(!aborted, "{text}");
+    let arguments: String = proxy_core::formats::sse::events(text.as_bytes())
+        .filter_map(|e| serde_json::from_slice::<Value>(&e.data).ok())
+        .filter_map(|c| {
+            c.pointer("/choices/0/delta/tool_calls/0/function/arguments")?
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(arguments, r#"{"city":"Paris"}"#);
+    assert!(text.contains(r#""finish_reason":"tool_calls""#), "{text}");
+    let mut anthropic = messages("br-claude", true);
+    anthropic["tools"] = json!([{"name": "get_weather", "input_schema": {"type": "object"}}]);
+    let (text, aborted) = read_stream(s.post("/v1/messages", anthropic).await).await;
+    assert!(!aborted, "{text}");
+    assert!(
+        text.contains("\"tooluse_abc\"") && text.contains("\"stop_reason\":\"tool_use\""),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn bedrock_stops_cached_tokens_throttling_and_failover_read_as_the_gateways() {
+    let s = setup().await;
+    s.mock.set_script_for(
+        BEDROCK_CLAUDE,
+        Script {
+            finish_reason: Some("guardrail_intervened".into()),
+            usage: Some(cloud_mock::provider::Usage {
+                prompt_tokens: 2006,
+                completion_tokens: 300,
+                cache_read_tokens: 1920,
+                cache_write_tokens: 50,
+            }),
+            ..Script::default()
+        },
+    );
+    let answer: Value = s
+        .post("/v1/chat/completions", chat("br-claude"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["choices"][0]["finish_reason"], "content_filter");
+    assert_eq!(answer["usage"]["prompt_tokens"], 2006);
+    assert_eq!(
+        answer["usage"]["prompt_tokens_details"]["cached_tokens"],
+        1920
+    );
+    let message: Value = s
+        .post("/v1/messages", messages("br-claude", false))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(message["usage"]["cache_read_input_tokens"], 1920);
+    assert_eq!(message["usage"]["cache_creation_input_tokens"], 50);
+    assert_eq!(message["usage"]["input_tokens"], 2006 - 1920 - 50);
+
+    // ThrottlingException: a 429 with a retry hint, though Bedrock sends none.
+    s.mock.set_script_for(
+        BEDROCK_CLAUDE,
+        Script {
+            status: 429,
+            ..Script::default()
+        },
+    );
+    let r = s.post("/v1/chat/completions", chat("br-claude")).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(body["error"]["message"], "mock error 429");
+
+    // A 503 from Bedrock fails over to Gemini.
+    let r = s.post("/v1/chat/completions", chat("br-failover")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-aisix-served-by"], "gm-flash");
+
+    // An exception after the first event breaks the caller's stream.
+    s.mock.set_script_for(
+        BEDROCK_CLAUDE,
+        Script {
+            error_after_chunks: Some(2),
+            ..Script::default()
+        },
+    );
+    let mut streamed = chat("br-claude");
+    streamed["stream"] = json!(true);
+    let (text, aborted) = read_stream(s.post("/v1/chat/completions", streamed).await).await;
+    assert!(aborted, "{text}");
+    assert!(text.contains("upstream_stream_error"), "{text}");
+    assert!(!text.contains("[DONE]"), "{text}");
+}
+
+#[tokio::test]
+async fn a_bad_bedrock_signature_is_the_gateways_credential_problem_and_shows_no_secret() {
+    let s = setup().await;
+    let r = s.post("/v1/chat/completions", chat("br-wrong")).await;
+    let status = r.status();
+    let body = r.text().await.unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("upstream_authentication_failed"), "{body}");
+    assert!(
+        !body.contains(WRONG_SECRET) && !body.contains("signature we calculated"),
+        "{body}"
     );
 }

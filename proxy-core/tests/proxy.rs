@@ -341,7 +341,7 @@ async fn unsupported_adapters_answer_501() {
         status_and_body(r).await,
         (
             501,
-            r#"{"error":{"message":"provider adapter 'bedrock' is not available in this build","type":"not_implemented"}}"#.into()
+            r#"{"error":{"message":"provider adapter 'sagemaker' is not available in this build","type":"not_implemented"}}"#.into()
         )
     );
     assert!(h.mock.requests().is_empty());
@@ -848,7 +848,7 @@ async fn models_lists_only_allowed_aliases() {
             data[0]["object"].as_str(),
             data[0]["owned_by"].as_str()
         ),
-        (Some("odd"), Some("model"), Some("bedrock"))
+        (Some("odd"), Some("model"), Some("sagemaker"))
     );
     assert_eq!(data[1]["id"], "other");
     assert!(data[1]["created"].is_u64());

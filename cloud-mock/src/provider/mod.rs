@@ -18,11 +18,12 @@
 //! The same server is an OTLP/HTTP receiver (`/v1/traces`, `/v1/metrics`, see `otlp`),
 //! so exporters can be tested against it.
 //!
-//! Layout: this file holds the server, scripts and recording; `openai` and `anthropic`
-//! the two API shapes.
+//! Layout: this file holds the server, scripts and recording; `openai`, `anthropic`,
+//! `azure`, `gemini` (Gemini API and Vertex AI) and `bedrock` the API shapes.
 
 mod anthropic;
 pub mod azure;
+pub mod bedrock;
 mod gemini;
 mod openai;
 pub mod otlp;
@@ -336,6 +337,7 @@ fn router(shared: SharedState) -> Router {
             "/v1/projects/{project}/locations/{region}/publishers/anthropic/models/{action}",
             post(gemini::claude),
         )
+        .route("/model/{model}/{action}", post(bedrock::converse))
         .route("/token", post(gemini::token))
         .route("/{tenant}/oauth2/v2.0/token", post(azure::token))
         .route("/_mock/entra", put(set_entra).get(get_entra))
@@ -566,16 +568,34 @@ impl Call {
 /// One step of a scripted stream.
 enum Step {
     Wait(Duration),
-    Send(String),
+    Send(Bytes),
     /// Abort the connection mid-response (an error from the body stream makes hyper
     /// abort it).
     Drop,
 }
 
 /// An SSE response sending `events` (already framed) with the script's gap before each,
-/// cut short as the script says: a drop (optionally in the middle of an event), a
-/// pause, a clean end before the closing event, or `error_event` and an end.
+/// cut short as the script says (see [`framed_stream`]).
 fn event_stream(events: Vec<String>, script: &Script, error_event: &str) -> Response {
+    let events = events.into_iter().map(Bytes::from).collect();
+    framed_stream(
+        events,
+        script,
+        Bytes::copy_from_slice(error_event.as_bytes()),
+        "text/event-stream",
+    )
+}
+
+/// A streamed response of `events` (already framed: server-sent events, AWS
+/// event-stream messages) with the script's gap before each, cut short as the script
+/// says: a drop (optionally in the middle of an event), a pause, a clean end before the
+/// closing event, or `error_event` and an end.
+fn framed_stream(
+    events: Vec<Bytes>,
+    script: &Script,
+    error_event: Bytes,
+    content_type: &'static str,
+) -> Response {
     let gap = Duration::from_millis(script.chunk_interval_ms);
     let mut steps = Vec::new();
     for (i, event) in events.into_iter().enumerate() {
@@ -583,7 +603,7 @@ fn event_stream(events: Vec<String>, script: &Script, error_event: &str) -> Resp
             steps.push(Step::Wait(Duration::from_millis(script.pause_ms)));
         }
         if script.error_after_chunks == Some(i) {
-            steps.push(Step::Send(error_event.to_owned()));
+            steps.push(Step::Send(error_event));
             break;
         }
         if script.end_after_chunks == Some(i) {
@@ -593,11 +613,15 @@ fn event_stream(events: Vec<String>, script: &Script, error_event: &str) -> Resp
         if script.drop_after_chunks.is_some_and(|n| i >= n) {
             if script.drop_mid_event {
                 let half = event.len() / 2;
-                let cut = (0..=half)
-                    .rev()
-                    .find(|at| event.is_char_boundary(*at))
-                    .unwrap_or(0);
-                steps.push(Step::Send(event[..cut].to_owned()));
+                // Text is cut on a character boundary.
+                let cut = match std::str::from_utf8(&event) {
+                    Ok(text) => (0..=half)
+                        .rev()
+                        .find(|at| text.is_char_boundary(*at))
+                        .unwrap_or(0),
+                    Err(_) => half,
+                };
+                steps.push(Step::Send(event.slice(..cut)));
             }
             steps.push(Step::Drop);
             break;
@@ -608,13 +632,13 @@ fn event_stream(events: Vec<String>, script: &Script, error_event: &str) -> Resp
         loop {
             match steps.next()? {
                 Step::Wait(wait) => tokio::time::sleep(wait).await,
-                Step::Send(event) => return Some((Ok(Bytes::from(event)), steps)),
+                Step::Send(event) => return Some((Ok(event), steps)),
                 Step::Drop => return Some((Err(std::io::Error::other("scripted drop")), steps)),
             }
         }
     });
     Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CONTENT_TYPE, content_type)
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(body))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())

@@ -6,6 +6,7 @@
 //! - `endpoint`: the model-routed endpoints, their paths and envelopes.
 //! - `body`: JSON request bodies (the few fields the proxy reads, `model` rewritten).
 //! - `sse`: server-sent events re-chunked on event boundaries for filters.
+//! - `eventstream`: AWS event-stream messages (Bedrock streams) as server-sent events.
 //! - `multipart`: form bodies (audio, images) read and sent on with `model` replaced.
 //! - `tokens`: token counts read from answers and stream events.
 //! - `chat`: the chat formats (OpenAI chat completions, Anthropic messages) and the
@@ -14,6 +15,7 @@
 pub mod body;
 pub mod chat;
 pub mod endpoint;
+pub mod eventstream;
 pub mod multipart;
 pub mod sse;
 pub mod tokens;

@@ -38,6 +38,9 @@ impl Tokens {
     /// `cache_read_input_tokens` and `cache_creation_input_tokens` (added to it).
     /// Gemini's `usageMetadata`: `promptTokenCount` (cached part
     /// `cachedContentTokenCount`), output `candidatesTokenCount` + `thoughtsTokenCount`.
+    /// Bedrock's `usage` (also in a stream's `metadata` event): `inputTokens`,
+    /// `outputTokens`, `cacheReadInputTokens` and `cacheWriteInputTokens`, in
+    /// Anthropic's arithmetic.
     pub fn from_json(document: &[u8]) -> Option<Tokens> {
         #[derive(Deserialize)]
         struct Document {
@@ -61,11 +64,13 @@ impl Tokens {
         }
         #[derive(Deserialize)]
         struct Usage {
-            #[serde(alias = "input_tokens")]
+            #[serde(alias = "input_tokens", alias = "inputTokens")]
             prompt_tokens: Option<u64>,
-            #[serde(alias = "output_tokens")]
+            #[serde(alias = "output_tokens", alias = "outputTokens")]
             completion_tokens: Option<u64>,
+            #[serde(alias = "cacheWriteInputTokens")]
             cache_creation_input_tokens: Option<u64>,
+            #[serde(alias = "cacheReadInputTokens")]
             cache_read_input_tokens: Option<u64>,
             #[serde(alias = "input_tokens_details")]
             prompt_tokens_details: Option<Details>,
@@ -113,7 +118,8 @@ impl Tokens {
 /// What an answer (or one stream event) says of itself: the model that wrote it and
 /// why each choice stopped, in the upstream's own words: OpenAI's
 /// `choices[].finish_reason`, Anthropic's `stop_reason` (also in a `message_delta`'s
-/// `delta`), Gemini's `candidates[].finishReason`, the Responses API's `status`.
+/// `delta`), Gemini's `candidates[].finishReason`, Bedrock's `stopReason` (also in a
+/// stream's `messageStop`), the Responses API's `status`.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Answered {
     pub model: Option<String>,
@@ -131,7 +137,7 @@ impl Answered {
             choices: Vec<Choice>,
             #[serde(default)]
             candidates: Vec<Candidate>,
-            #[serde(rename = "stop_reason")]
+            #[serde(rename = "stop_reason", alias = "stopReason")]
             stop_reason: Option<String>,
             delta: Option<Delta>,
             message: Option<Nested>,
@@ -215,6 +221,8 @@ mod tests {
             read(r#"{"type":"message_delta","delta":{"stop_reason":"tool_use"}}"#).finish_reasons,
             ["tool_use"]
         );
+        let bedrock = read(r#"{"output":{},"stopReason":"tool_use"}"#);
+        assert_eq!(bedrock.finish_reasons, ["tool_use"]);
         let gemini =
             read(r#"{"modelVersion":"gemini-2.0","candidates":[{"finishReason":"SAFETY"}]}"#);
         assert_eq!(gemini.model.as_deref(), Some("gemini-2.0"));
@@ -267,6 +275,16 @@ mod tests {
                 completion: 300,
                 cache_read: 1920,
                 cache_write: 0,
+            })
+        );
+        let bedrock = br#"{"usage":{"inputTokens":5,"outputTokens":7,"cacheReadInputTokens":60,"cacheWriteInputTokens":40}}"#;
+        assert_eq!(
+            Tokens::from_json(bedrock),
+            Some(Tokens {
+                prompt: 105,
+                completion: 7,
+                cache_read: 60,
+                cache_write: 40
             })
         );
         let gemini = br#"{"candidates":[],"usageMetadata":{"promptTokenCount":2006,"candidatesTokenCount":250,"thoughtsTokenCount":50,"cachedContentTokenCount":1920}}"#;

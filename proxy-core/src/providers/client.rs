@@ -20,6 +20,7 @@ use tracing::warn;
 use super::provider::{Outgoing, Payload, Provider};
 use super::tokens::{TokenSource, Tokens};
 use crate::failure::{ProxyError, UpstreamErrorFields};
+use crate::formats::eventstream::EventStreamToSse;
 use crate::formats::sse::{self, StreamBreak};
 use crate::resources::{GoogleAuth, Model, ProviderKey};
 
@@ -108,7 +109,7 @@ impl Upstream {
             })?;
         let (stream, json_answer) = (outgoing.stream, outgoing.json_answer);
         let started = tokio::time::Instant::now();
-        let response = tokio::time::timeout(timeout, request.send())
+        let response = tokio::time::timeout(timeout, self.client.execute(request))
             .await
             .map_err(|_| ProxyError::Timeout(timeout.as_millis()))?
             .map_err(|e| transport_failure(target, &e))?;
@@ -118,12 +119,19 @@ impl Upstream {
             let remaining = timeout.saturating_sub(started.elapsed());
             return Err(rejected(provider, target, response, remaining).await);
         }
-        if json_answer && stream && !is_event_stream(content_type.as_ref()) {
-            return Err(misshapen(target, status, "server-sent events"));
+        let framed = provider.aws_event_stream();
+        if json_answer && stream && !is_stream_type(content_type.as_ref(), framed) {
+            let expected = if framed {
+                "an AWS event stream"
+            } else {
+                "server-sent events"
+            };
+            return Err(misshapen(target, status, expected));
         }
         let body = if stream {
             let mut chunks = Chunks {
                 inner: Box::pin(response.bytes_stream()),
+                frames: framed.then(EventStreamToSse::default),
                 gap: target.model.stream_timeout,
                 model: target.model.name.clone(),
                 request_id: Arc::from(request_id),
@@ -150,6 +158,11 @@ impl Upstream {
             }
             Body::from(bytes)
         };
+        // A converted event stream is server-sent events from here on.
+        let content_type = match (stream && framed, content_type) {
+            (true, _) => Some(HeaderValue::from_static("text/event-stream")),
+            (false, content_type) => content_type,
+        };
         Ok(Answer {
             status,
             content_type,
@@ -161,6 +174,21 @@ impl Upstream {
     /// own, or one minted from its Entra ID client credentials or service account).
     /// Why a token could not be had, when not.
     async fn authorize(
+        &self,
+        provider: &dyn Provider,
+        key: &ProviderKey,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Request, String> {
+        let request = self.credential(provider, key, request).await?;
+        let mut request = request
+            .build()
+            .map_err(|e| format!("the request cannot be built: {e}"))?;
+        provider.sign(&mut request, key)?;
+        Ok(request)
+    }
+
+    /// The credential a request carries in a header, before it is built.
+    async fn credential(
         &self,
         provider: &dyn Provider,
         key: &ProviderKey,
@@ -204,7 +232,7 @@ impl Upstream {
                 detail: format!("passthrough to {}: {detail}", key.provider),
                 retry_after: None,
             })?;
-        tokio::time::timeout(DEFAULT_TIMEOUT, request.send())
+        tokio::time::timeout(DEFAULT_TIMEOUT, self.client.execute(request))
             .await
             .map_err(|_| ProxyError::Timeout(DEFAULT_TIMEOUT.as_millis()))?
             .map_err(|e| ProxyError::UpstreamFailed {
@@ -214,14 +242,16 @@ impl Upstream {
     }
 }
 
-/// Maps a non-2xx upstream answer: 5xx become 502 without their body; 4xx keep
-/// their status and, for native OpenAI errors, their fields.
-fn is_event_stream(content_type: Option<&HeaderValue>) -> bool {
-    content_type.and_then(|v| v.to_str().ok()).is_some_and(|v| {
-        v.trim_start()
-            .to_ascii_lowercase()
-            .starts_with("text/event-stream")
-    })
+/// Whether a stream's content type is the one its framing promises.
+fn is_stream_type(content_type: Option<&HeaderValue>, aws_event_stream: bool) -> bool {
+    let expected = if aws_event_stream {
+        "application/vnd.amazon.eventstream"
+    } else {
+        "text/event-stream"
+    };
+    content_type
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with(expected))
 }
 
 /// A 2xx answer that is not what the route promises (an HTML page, a cut body): a
@@ -236,6 +266,8 @@ fn misshapen(target: &Target<'_>, status: StatusCode, expected: &str) -> ProxyEr
     }
 }
 
+/// Maps a non-2xx upstream answer: 5xx become 502 without their body; 4xx keep
+/// their status and, for native OpenAI errors, their fields.
 async fn rejected(
     provider: &dyn Provider,
     target: &Target<'_>,
@@ -243,7 +275,8 @@ async fn rejected(
     within: Duration,
 ) -> ProxyError {
     let status = response.status();
-    let retry_after = retry_after(response.headers());
+    let retry_after = retry_after(response.headers())
+        .or_else(|| provider.throttle_hint().filter(|_| status.as_u16() == 429));
     if status.is_server_error() || !status.is_client_error() {
         return ProxyError::UpstreamFailed {
             detail: format!("{} answered {status}", target.model.name),
@@ -333,13 +366,37 @@ fn transport_failure(target: &Target<'_>, e: &reqwest::Error) -> ProxyError {
 /// A transport error or a longer gap is a [`StreamBreak`] (logged here).
 struct Chunks {
     inner: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    /// Turns an AWS event stream into server-sent events as it arrives.
+    frames: Option<EventStreamToSse>,
     gap: Option<Duration>,
     model: Arc<str>,
     request_id: Arc<str>,
 }
 
 impl Chunks {
+    /// The next chunk as server-sent events (a converted event stream's partial
+    /// message waits for the rest of it).
     async fn next(&mut self) -> Option<Result<Bytes, StreamBreak>> {
+        loop {
+            let chunk = match self.next_raw().await? {
+                Ok(chunk) => chunk,
+                Err(broke) => return Some(Err(broke)),
+            };
+            let Some(frames) = &mut self.frames else {
+                return Some(Ok(chunk));
+            };
+            match frames.push(&chunk) {
+                Ok(events) if events.is_empty() => {}
+                Ok(events) => return Some(Ok(events)),
+                Err(broke) => {
+                    warn!(request_id = %self.request_id, model = %self.model, "upstream event stream unreadable");
+                    return Some(Err(broke));
+                }
+            }
+        }
+    }
+
+    async fn next_raw(&mut self) -> Option<Result<Bytes, StreamBreak>> {
         let next = match self.gap {
             Some(gap) => match tokio::time::timeout(gap, self.inner.next()).await {
                 Ok(next) => next,

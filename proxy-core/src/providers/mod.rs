@@ -16,7 +16,8 @@
 //!
 //! Azure OpenAI (`azure.rs`) serves what OpenAI does under its deployment URLs, except
 //! rerank and image edits and variations. Gemini (`gemini.rs`) serves chat completions
-//! and messages, translated to `generateContent`.
+//! and messages, translated to `generateContent`; Bedrock (`bedrock.rs`) the same,
+//! translated to Converse and signed with AWS Signature V4.
 //!
 //! Layout:
 //! - `mod.rs`: the registry: which adapter serves a provider key.
@@ -26,11 +27,13 @@
 //! - `azure.rs`: Azure OpenAI, and the Entra ID tokens its keys may use.
 //! - `gemini.rs`: Google's Gemini API and Vertex AI (chat completions and messages,
 //!   translated), and Vertex's service-account tokens.
+//! - `bedrock.rs`: AWS Bedrock's Converse API and Signature V4.
 //! - `tokens.rs`: bearer tokens minted from credentials (Entra ID, service accounts).
 //! - `client.rs`: the pooled upstream client: send, timeouts, stream relay, passthrough.
 
 pub mod anthropic;
 pub mod azure;
+pub mod bedrock;
 pub mod client;
 pub mod gemini;
 pub mod openai;
@@ -50,6 +53,7 @@ pub fn adapter(adapter: &Adapter) -> Result<&'static dyn Provider, ProxyError> {
         Adapter::AzureOpenAi => Ok(&azure::AzureOpenAi),
         Adapter::Gemini => Ok(&gemini::Gemini),
         Adapter::Vertex => Ok(&gemini::VertexAi),
+        Adapter::Bedrock => Ok(&bedrock::Bedrock),
         Adapter::Other(name) => Err(ProxyError::NotImplemented(format!(
             "provider adapter '{name}' is not available in this build"
         ))),
@@ -64,6 +68,7 @@ pub fn for_passthrough(adapter: &Adapter) -> &'static dyn Provider {
         Adapter::AzureOpenAi => &azure::AzureOpenAi,
         Adapter::Gemini => &gemini::Gemini,
         Adapter::Vertex => &gemini::VertexAi,
+        Adapter::Bedrock => &bedrock::Bedrock,
         Adapter::OpenAi | Adapter::Other(_) => &openai::OpenAiCompatible,
     }
 }

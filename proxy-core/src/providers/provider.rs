@@ -123,6 +123,24 @@ pub trait Provider: Send + Sync {
         key: &ProviderKey,
     ) -> reqwest::RequestBuilder;
 
+    /// Signs the built request, where the credential is a signature over it (AWS
+    /// Signature V4). Why it could not be signed, when not.
+    fn sign(&self, _request: &mut reqwest::Request, _key: &ProviderKey) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Streams answer in AWS's binary event-stream framing rather than server-sent
+    /// events (they are turned into events on arrival).
+    fn aws_event_stream(&self) -> bool {
+        false
+    }
+
+    /// The seconds a caller is told to wait when the provider throttles (429) without
+    /// saying how long.
+    fn throttle_hint(&self) -> Option<u64> {
+        None
+    }
+
     /// The fields the caller sees of an upstream 4xx body.
     fn error_fields(&self, status: u16, body: &[u8]) -> UpstreamErrorFields;
 

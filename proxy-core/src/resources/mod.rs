@@ -15,9 +15,10 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 
 pub use types::{
-    Adapter, ApiKey, Cost, DirectTarget, EntraCredential, FieldError, GoogleAuth, Guardrail,
-    GuardrailPattern, HookPoint, KeyHash, Model, ModelTarget, Problems, PromptCache, ProviderKey,
-    RateLimit, Routing, ServiceAccount, Strategy, Target, VertexProject, WhenAllUnavailable,
+    Adapter, ApiKey, AwsCredential, Cost, DirectTarget, EntraCredential, FieldError, GoogleAuth,
+    Guardrail, GuardrailPattern, HookPoint, KeyHash, Model, ModelTarget, Problems, PromptCache,
+    ProviderKey, RateLimit, Routing, ServiceAccount, Strategy, Target, VertexProject,
+    WhenAllUnavailable,
 };
 
 /// The resource kinds this build understands, as they appear in keys.

@@ -190,6 +190,58 @@ fn vertex_keys_name_a_project_and_a_token_or_a_service_account() {
 }
 
 #[test]
+fn bedrock_keys_carry_aws_credentials_and_their_region() {
+    let Resource::ProviderKey(pk) = parse(
+        Kind::ProviderKeys,
+        r#"{"display_name":"b","provider":"bedrock","api_key":"{\"access_key_id\":\"AKIA1\",\"secret_access_key\":\"s\",\"region\":\"eu-west-1\",\"session_token\":\"t\"}"}"#,
+    )
+    .unwrap() else {
+        panic!()
+    };
+    assert_eq!(pk.adapter, Adapter::Bedrock);
+    assert_eq!(
+        pk.api_base,
+        "https://bedrock-runtime.eu-west-1.amazonaws.com"
+    );
+    let aws = pk.aws.clone().unwrap();
+    assert_eq!(
+        (aws.access_key_id.as_str(), aws.region.as_str()),
+        ("AKIA1", "eu-west-1")
+    );
+    assert_eq!(aws.session_token.unwrap().expose(), "t");
+    // An api_base replaces the regional endpoint; problems name fields, never values.
+    let Resource::ProviderKey(pk) = parse(
+        Kind::ProviderKeys,
+        r#"{"display_name":"b","adapter":"bedrock","provider":"aws","api_base":"http://127.0.0.1:9","api_key":"{\"access_key_id\":\"AKIA1\",\"secret_access_key\":\"s\",\"region\":\"us-east-1\"}"}"#,
+    )
+    .unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        (&pk.adapter, pk.api_base.as_str()),
+        (&Adapter::Bedrock, "http://127.0.0.1:9")
+    );
+    let got = problems(
+        Kind::ProviderKeys,
+        r#"{"display_name":"b","provider":"bedrock","api_key":"{\"access_key_id\":\"AKIA1\",\"secret_access_key\":\"planted-s3cret\",\"region\":\"Mars 1\"}"}"#,
+    );
+    assert_eq!(got[0].0, "api_key.region");
+    let got = problems(
+        Kind::ProviderKeys,
+        r#"{"display_name":"b","provider":"bedrock","api_key":"{\"secret_access_key\":\"planted-s3cret\"}"}"#,
+    );
+    let paths: Vec<&str> = got.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(paths, ["api_key.access_key_id", "api_key.region"]);
+    assert!(!format!("{got:?}").contains("planted-s3cret"));
+    let got = problems(
+        Kind::ProviderKeys,
+        r#"{"display_name":"b","provider":"bedrock","api_key":"planted-s3cret"}"#,
+    );
+    assert_eq!(got[0].0, "api_key");
+    assert!(!format!("{got:?}").contains("planted-s3cret"));
+}
+
+#[test]
 fn provider_key_collects_every_problem() {
     let got = problems(
         Kind::ProviderKeys,

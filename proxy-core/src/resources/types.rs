@@ -61,6 +61,8 @@ pub enum Adapter {
     Gemini,
     /// Vertex AI: Gemini models of a Google Cloud project, OAuth2 bearer tokens.
     Vertex,
+    /// AWS Bedrock's Converse API, requests signed with Signature V4.
+    Bedrock,
     /// A protocol family this build does not implement: requests answer 501.
     Other(String),
 }
@@ -73,6 +75,7 @@ impl Adapter {
             Adapter::AzureOpenAi => "azure-openai",
             Adapter::Gemini => "gemini",
             Adapter::Vertex => "vertex",
+            Adapter::Bedrock => "bedrock",
             Adapter::Other(name) => name,
         }
     }
@@ -94,7 +97,19 @@ pub struct ProviderKey {
     pub entra: Option<EntraCredential>,
     /// Vertex AI: the project and region, and how tokens are had.
     pub vertex: Option<VertexProject>,
+    /// Bedrock: the AWS credentials requests are signed with, and their region.
+    pub aws: Option<AwsCredential>,
     pub unknown_fields: usize,
+}
+
+/// AWS credentials for Signature V4: an access key (and session token, for temporary
+/// credentials) and the region requests are signed for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AwsCredential {
+    pub access_key_id: String,
+    pub secret_access_key: Secret,
+    pub session_token: Option<Secret>,
+    pub region: String,
 }
 
 /// A Vertex AI key's project, region and authentication.

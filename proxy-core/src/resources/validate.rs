@@ -12,9 +12,9 @@ use super::spec::{
     RateLimitSpec, RoutingSpec,
 };
 use super::types::{
-    Adapter, ApiKey, Cooldown, Cost, DirectTarget, EntraCredential, GoogleAuth, Guardrail,
-    GuardrailPattern, HookPoint, KeyHash, Model, ModelPattern, ModelTarget, Problems, PromptCache,
-    ProviderKey, RateLimit, Routing, ServiceAccount, Strategy, Target, VertexProject,
+    Adapter, ApiKey, AwsCredential, Cooldown, Cost, DirectTarget, EntraCredential, GoogleAuth,
+    Guardrail, GuardrailPattern, HookPoint, KeyHash, Model, ModelPattern, ModelTarget, Problems,
+    PromptCache, ProviderKey, RateLimit, Routing, ServiceAccount, Strategy, Target, VertexProject,
     WhenAllUnavailable,
 };
 use crate::secret::Secret;
@@ -65,6 +65,7 @@ impl ProviderKey {
             Some("azure" | "azure-openai") => Adapter::AzureOpenAi,
             Some("gemini") => Adapter::Gemini,
             Some("vertex") => Adapter::Vertex,
+            Some("bedrock") => Adapter::Bedrock,
             Some("") => {
                 p.push("adapter", "must not be empty");
                 Adapter::OpenAi
@@ -72,6 +73,7 @@ impl ProviderKey {
             Some(other) => Adapter::Other(other.to_owned()),
             None if matches!(provider.as_str(), "azure" | "azure-openai") => Adapter::AzureOpenAi,
             None if provider == "vertex" => Adapter::Vertex,
+            None if provider == "bedrock" => Adapter::Bedrock,
             None => built_in.map_or(Adapter::OpenAi, |(_, _, a)| a.clone()),
         };
         if provider.is_empty() && spec.adapter.is_none() {
@@ -80,7 +82,10 @@ impl ProviderKey {
         // The credential's problems are reported after the base's, in field order,
         // though a Vertex key's base follows from its credential.
         let mut later = Problems::default();
-        let json_ok = matches!(adapter, Adapter::AzureOpenAi | Adapter::Vertex);
+        let json_ok = matches!(
+            adapter,
+            Adapter::AzureOpenAi | Adapter::Vertex | Adapter::Bedrock
+        );
         let credential = credential(&mut later, spec.api_key, spec.secret, json_ok);
         let entra = (adapter == Adapter::AzureOpenAi)
             .then(|| entra_credential(&mut later, &credential))
@@ -88,16 +93,25 @@ impl ProviderKey {
         let vertex = (adapter == Adapter::Vertex)
             .then(|| vertex_project(&mut later, &credential))
             .flatten();
-        let api_base = match (spec.api_base, built_in, &vertex) {
-            (Some(base), _, _) => normalize_api_base(&mut p, &base),
-            (None, Some((_, base, _)), _) => (*base).to_owned(),
-            (None, None, Some(v)) if v.region == "global" => {
+        let aws = (adapter == Adapter::Bedrock)
+            .then(|| aws_credential(&mut later, &credential))
+            .flatten();
+        let api_base = match (spec.api_base, built_in, &vertex, &aws) {
+            (Some(base), _, _, _) => normalize_api_base(&mut p, &base),
+            (None, Some((_, base, _)), _, _) => (*base).to_owned(),
+            (None, None, Some(v), _) if v.region == "global" => {
                 "https://aiplatform.googleapis.com".to_owned()
             }
-            (None, None, Some(v)) => format!("https://{}-aiplatform.googleapis.com", v.region),
-            // A Vertex key's base follows from its credential, whose problem is said.
-            (None, None, None) if adapter == Adapter::Vertex => String::new(),
-            (None, None, None) => {
+            (None, None, Some(v), _) => format!("https://{}-aiplatform.googleapis.com", v.region),
+            (None, None, None, Some(aws)) => {
+                format!("https://bedrock-runtime.{}.amazonaws.com", aws.region)
+            }
+            // A Vertex or Bedrock key's base follows from its credential, whose problem
+            // is said.
+            (None, None, None, None) if matches!(adapter, Adapter::Vertex | Adapter::Bedrock) => {
+                String::new()
+            }
+            (None, None, None, None) => {
                 p.push(
                     "api_base",
                     format!("required for provider '{provider}' (it is not built in)"),
@@ -129,6 +143,7 @@ impl ProviderKey {
             api_version,
             entra,
             vertex,
+            aws,
             unknown_fields: spec.unknown.len(),
         };
         p.into_result(key)
@@ -450,6 +465,48 @@ fn vertex_project(p: &mut Problems, credential: &Secret) -> Option<VertexProject
         project: project?,
         region: region?,
         auth: auth?,
+    })
+}
+
+/// A Bedrock key's credential: JSON `{access_key_id, secret_access_key, region,
+/// session_token?}`. Problems name the field, never the value.
+fn aws_credential(p: &mut Problems, credential: &Secret) -> Option<AwsCredential> {
+    let Ok(serde_json::Value::Object(fields)) =
+        serde_json::from_str::<serde_json::Value>(credential.expose())
+    else {
+        p.push(
+            "api_key",
+            "a Bedrock credential is JSON: {access_key_id, secret_access_key, region, session_token?}",
+        );
+        return None;
+    };
+    let mut field = |name: &str, required: bool| match fields.get(name) {
+        None | Some(serde_json::Value::Null) if !required => None,
+        Some(serde_json::Value::String(v)) if !v.is_empty() && !has_control(v) => {
+            Some(v.to_owned())
+        }
+        _ => {
+            p.push(format!("api_key.{name}"), "required (a non-empty string)");
+            None
+        }
+    };
+    let access_key_id = field("access_key_id", true);
+    let secret_access_key = field("secret_access_key", true);
+    let region = field("region", true);
+    let session_token = field("session_token", false);
+    if let Some(r) = &region
+        && !r
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        p.push("api_key.region", "must be an AWS region such as us-east-1");
+        return None;
+    }
+    Some(AwsCredential {
+        access_key_id: access_key_id?,
+        secret_access_key: Secret::new(secret_access_key?),
+        session_token: session_token.map(Secret::new),
+        region: region?,
     })
 }
 

@@ -74,7 +74,7 @@ pub async fn harness_with(options: ProxyOptions, hooks: Hooks) -> Harness {
         ),
         (
             "provider_keys/odd",
-            json!({"display_name": "odd", "provider": "bedrock", "adapter": "bedrock", "api_base": "http://127.0.0.1:9", "api_key": "x"}),
+            json!({"display_name": "odd", "provider": "sagemaker", "adapter": "sagemaker", "api_base": "http://127.0.0.1:9", "api_key": "x"}),
         ),
         (
             "models/m1",

@@ -22,12 +22,14 @@
 //! - `openai.rs`, `openai_stream.rs`: OpenAI chat completions.
 //! - `anthropic.rs`, `anthropic_stream.rs`: Anthropic messages.
 //! - `gemini.rs`: Google's generateContent (Gemini API, Vertex AI), upstream only.
+//! - `bedrock.rs`: AWS Bedrock's Converse, upstream only.
 //! - `wire.rs`: what the codecs share (refusals, loose JSON, event writing).
 
 pub mod canonical;
 
 mod anthropic;
 mod anthropic_stream;
+mod bedrock;
 mod codec;
 mod gemini;
 mod openai;
@@ -37,6 +39,7 @@ mod wire;
 use bytes::{Bytes, BytesMut};
 
 pub use anthropic::{AnthropicMessages, DEFAULT_MAX_TOKENS, add_cache_breakpoints};
+pub use bedrock::BedrockConverse;
 pub use codec::{
     CallerCodec, CallerStream, StreamDecoder, StreamEncoder, UpstreamCodec, UpstreamStream,
 };

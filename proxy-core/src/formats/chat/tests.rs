@@ -836,3 +836,244 @@ fn gemini_refuses_what_it_cannot_express() {
         json!({"inlineData": {"mimeType": "image/png", "data": "iVBORw0K"}})
     );
 }
+
+// Bedrock
+
+const BEDROCK: &BedrockConverse = &BedrockConverse;
+
+fn to_converse(body: Value, caller: &dyn CallerCodec) -> Value {
+    serde_json::from_slice(
+        &translate_request(body.to_string().as_bytes(), caller, BEDROCK, "b").unwrap(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn messages_become_a_converse_request_with_cache_points_tools_and_images() {
+    let sent = to_converse(
+        json!({"model": "x", "max_tokens": 100, "temperature": 0.5, "stop_sequences": ["END"],
+            "system": [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+            "tools": [{"name": "get_weather", "description": "Weather", "input_schema": {"type": "object"}}],
+            "tool_choice": {"type": "tool", "name": "get_weather"},
+            "messages": [
+                {"role": "user", "content": [
+                    {"type": "text", "text": "Look", "cache_control": {"type": "ephemeral"}},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": "/9j/4A"}}]},
+                {"role": "assistant", "content": [
+                    {"type": "tool_use", "id": "tu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "tu_1", "content": "18C"}]}]}),
+        ANTHROPIC,
+    );
+    assert_eq!(
+        sent["system"],
+        json!([{"text": "Be brief."}, {"cachePoint": {"type": "default"}}])
+    );
+    assert_eq!(
+        sent["inferenceConfig"],
+        json!({"maxTokens": 100, "temperature": 0.5, "stopSequences": ["END"]})
+    );
+    assert_eq!(
+        sent["toolConfig"],
+        json!({"tools": [{"toolSpec": {"name": "get_weather", "description": "Weather",
+                                       "inputSchema": {"json": {"type": "object"}}}}],
+               "toolChoice": {"tool": {"name": "get_weather"}}})
+    );
+    assert_eq!(
+        sent["messages"],
+        json!([
+            {"role": "user", "content": [{"text": "Look"}, {"cachePoint": {"type": "default"}},
+                {"image": {"format": "jpeg", "source": {"bytes": "/9j/4A"}}}]},
+            {"role": "assistant", "content": [
+                {"toolUse": {"toolUseId": "tu_1", "name": "get_weather", "input": {"city": "Paris"}}}]},
+            {"role": "user", "content": [
+                {"toolResult": {"toolUseId": "tu_1", "content": [{"text": "18C"}]}}]}])
+    );
+    assert!(sent.get("model").is_none(), "the model is in the URL");
+}
+
+#[test]
+fn chat_becomes_converse_and_what_it_cannot_say_is_refused() {
+    let sent = to_converse(
+        json!({"model": "x", "messages": [
+            {"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
+            {"role": "user", "content": "again"}],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+            "tool_choice": "none"}),
+        OPENAI,
+    );
+    assert_eq!(sent["system"], json!([{"text": "S"}]));
+    assert_eq!(
+        sent["messages"],
+        json!([{"role": "user", "content": [{"text": "Hi"}, {"text": "again"}]}]),
+        "turns of one role are merged: Converse wants them alternating"
+    );
+    assert!(
+        sent.get("toolConfig").is_none(),
+        "tool_choice none leaves the tools out"
+    );
+    let param =
+        |body: Value| match translate_request(body.to_string().as_bytes(), OPENAI, BEDROCK, "b") {
+            Err(ProxyError::InvalidRequest { param, .. }) => param,
+            other => panic!("{other:?}"),
+        };
+    assert_eq!(
+        param(json!({"model": "x", "n": 2, "messages": [{"role": "user", "content": "Hi"}]})),
+        Some("n")
+    );
+    assert_eq!(
+        param(
+            json!({"model": "x", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]})
+        ),
+        Some("messages")
+    );
+}
+
+#[test]
+fn a_converse_answer_becomes_each_callers_answer_with_its_cache_arithmetic() {
+    let answer = json!({"output": {"message": {"role": "assistant", "content": [
+            {"text": "Calling."},
+            {"toolUse": {"toolUseId": "tu_9", "name": "get_weather", "input": {"city": "Paris"}}}]}},
+        "stopReason": "tool_use",
+        "usage": {"inputTokens": 5, "outputTokens": 7, "totalTokens": 112,
+                  "cacheReadInputTokens": 60, "cacheWriteInputTokens": 40}});
+    let chat = json_of(
+        Conversion::Translate {
+            upstream: BEDROCK,
+            caller: OPENAI,
+        }
+        .answer(Bytes::from(answer.to_string()))
+        .unwrap(),
+    );
+    assert_eq!(chat["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(chat["choices"][0]["message"]["content"], "Calling.");
+    let call = &chat["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(call["id"], "tu_9");
+    assert_eq!(call["function"]["arguments"], r#"{"city":"Paris"}"#);
+    assert_eq!(chat["usage"]["prompt_tokens"], 105);
+    assert_eq!(chat["usage"]["prompt_tokens_details"]["cached_tokens"], 60);
+    assert!(chat["id"].as_str().unwrap().starts_with("bedrock-"));
+    let message = json_of(
+        Conversion::Translate {
+            upstream: BEDROCK,
+            caller: ANTHROPIC,
+        }
+        .answer(Bytes::from(answer.to_string()))
+        .unwrap(),
+    );
+    assert_eq!(message["stop_reason"], "tool_use");
+    assert_eq!(message["usage"]["input_tokens"], 5);
+    assert_eq!(message["usage"]["cache_read_input_tokens"], 60);
+    assert_eq!(message["usage"]["cache_creation_input_tokens"], 40);
+    let filtered = json!({"output": {"message": {"role": "assistant", "content": []}},
+                          "stopReason": "guardrail_intervened", "usage": {}});
+    let chat = json_of(
+        Conversion::Translate {
+            upstream: BEDROCK,
+            caller: OPENAI,
+        }
+        .answer(Bytes::from(filtered.to_string()))
+        .unwrap(),
+    );
+    assert_eq!(chat["choices"][0]["finish_reason"], "content_filter");
+}
+
+/// Converse stream events as the event-stream converter writes them.
+fn converse_events(events: &[(&str, Value)]) -> Vec<u8> {
+    let mut converter = crate::formats::eventstream::EventStreamToSse::default();
+    let mut out = Vec::new();
+    for (name, payload) in events {
+        let frame = cloud_mock::provider::bedrock::event_message(name, payload);
+        out.extend_from_slice(&converter.push(&frame).unwrap());
+    }
+    out
+}
+
+#[test]
+fn a_converse_stream_becomes_each_callers_stream() {
+    let run = converse_events(&[
+        ("messageStart", json!({"role": "assistant"})),
+        (
+            "contentBlockDelta",
+            json!({"contentBlockIndex": 0, "delta": {"text": "Hel"}}),
+        ),
+        (
+            "contentBlockDelta",
+            json!({"contentBlockIndex": 0, "delta": {"text": "lo"}}),
+        ),
+        ("contentBlockStop", json!({"contentBlockIndex": 0})),
+        (
+            "contentBlockStart",
+            json!({"contentBlockIndex": 1,
+            "start": {"toolUse": {"toolUseId": "tu_1", "name": "get_weather"}}}),
+        ),
+        (
+            "contentBlockDelta",
+            json!({"contentBlockIndex": 1, "delta": {"toolUse": {"input": "{\"city\":"}}}),
+        ),
+        (
+            "contentBlockDelta",
+            json!({"contentBlockIndex": 1, "delta": {"toolUse": {"input": "\"Paris\"}"}}}),
+        ),
+        ("contentBlockStop", json!({"contentBlockIndex": 1})),
+        ("messageStop", json!({"stopReason": "tool_use"})),
+        (
+            "metadata",
+            json!({"usage": {"inputTokens": 10, "outputTokens": 3, "totalTokens": 13},
+                            "metrics": {"latencyMs": 5}}),
+        ),
+    ]);
+    let (out, broke) = StreamTranslator::new(BEDROCK, OPENAI).translate(&run);
+    assert_eq!(broke, None);
+    let chunks = payloads(&out);
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "Hello");
+    let arguments: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"].as_str())
+        .collect();
+    assert_eq!(arguments, r#"{"city":"Paris"}"#);
+    assert!(
+        chunks
+            .iter()
+            .any(|c| c["choices"][0]["finish_reason"] == "tool_calls")
+    );
+    assert!(chunks.iter().any(|c| c["usage"]["completion_tokens"] == 3));
+    assert!(out.ends_with(b"data: [DONE]\n\n"));
+
+    let (out, broke) = StreamTranslator::new(BEDROCK, ANTHROPIC).translate(&run);
+    assert_eq!(broke, None);
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.contains(r#""stop_reason":"tool_use""#), "{text}");
+    assert!(text.contains(r#""name":"get_weather""#), "{text}");
+    assert!(
+        text.ends_with("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_converse_exception_breaks_the_stream() {
+    let mut converter = crate::formats::eventstream::EventStreamToSse::default();
+    let mut run = converter
+        .push(&cloud_mock::provider::bedrock::event_message(
+            "messageStart",
+            &json!({"role": "assistant"}),
+        ))
+        .unwrap()
+        .to_vec();
+    run.extend_from_slice(
+        &converter
+            .push(&cloud_mock::provider::bedrock::exception_message(
+                "modelStreamErrorException",
+                "the model broke",
+            ))
+            .unwrap(),
+    );
+    let (_, broke) = StreamTranslator::new(BEDROCK, OPENAI).translate(&run);
+    assert_eq!(broke, Some(StreamBreak::Upstream("the model broke".into())));
+}
