@@ -214,24 +214,141 @@ async fn the_gemini_mock_answers_googles_own_sdk() {
     );
 }
 
+/// The Bedrock mock's scripts for the botocore checks and the SDK callers.
+fn script_bedrock(mock: &MockProvider) {
+    let weather = Script {
+        tool_call: Some(ToolCall {
+            id: "tooluse_sdk".into(),
+            name: "get_weather".into(),
+            arguments: r#"{"city":"Paris"}"#.into(),
+        }),
+        ..Script::default()
+    };
+    mock.set_script_for("bedrock-sdk-tools", weather);
+    mock.set_script_for(
+        "bedrock-sdk-busy",
+        Script {
+            status: 429,
+            ..Script::default()
+        },
+    );
+    mock.set_script_for(
+        "bedrock-sdk-broken",
+        Script {
+            error_after_chunks: Some(2),
+            ..Script::default()
+        },
+    );
+}
+
+/// AWS's botocore against cloud-mock's Bedrock mock (paths, Signature V4 verification,
+/// answers, the binary event stream, tool use, throttling and stream exceptions as
+/// AWS's own library reads them); then the official OpenAI and Anthropic SDKs call
+/// Bedrock models through the agent, and botocore recomputes every signature the agent
+/// sent.
+#[tokio::test]
+async fn bedrock_is_checked_by_botocore_and_reached_from_both_sdks() {
+    use cloud_mock::provider::bedrock::{ACCESS_KEY_ID, SECRET_ACCESS_KEY};
+    let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    script_bedrock(&mock);
+    let aws = [
+        ("AISIX_AWS_ACCESS_KEY_ID", ACCESS_KEY_ID),
+        ("AISIX_AWS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY),
+    ];
+    run_against_mock_with("bedrock_mock.py", &mock, &aws).await;
+    let requests = mock.requests();
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.path == "/model/anthropic.claude-sdk-v1%3A0/converse-stream"),
+        "{requests:?}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let credential = |token: &str| {
+        serde_json::json!({"access_key_id": ACCESS_KEY_ID, "secret_access_key": SECRET_ACCESS_KEY,
+                           "region": "us-east-1", "session_token": token})
+        .to_string()
+    };
+    let resources = format!(
+        r#"
+provider_keys:
+  - {{id: br, display_name: bedrock, provider: bedrock, api_base: "{base}", api_key: '{plain}'}}
+models:
+  - {{id: b1, display_name: bedrock-claude, model_name: "anthropic.claude-3-5-haiku-20241022-v1:0", provider_key_id: br}}
+  - {{id: b2, display_name: bedrock-tools, model_name: bedrock-sdk-tools, provider_key_id: br}}
+  - {{id: b3, display_name: bedrock-busy, model_name: bedrock-sdk-busy, provider_key_id: br}}
+api_keys:
+  - {{id: k1, key_hash: {wide}, allowed_models: ["*"]}}
+"#,
+        base = mock.url(),
+        plain = credential("caller-session-token"),
+        wide = key_hash("sdk-wide-key"),
+    );
+    std::fs::write(dir.path().join("resources.yaml"), resources).unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "resources_file: {}\nproxy:\n  addr: 127.0.0.1:0\nshutdown:\n  min_drain_secs: 0\n",
+            dir.path().join("resources.yaml").display()
+        ),
+    )
+    .unwrap();
+    let (_agent, url) = start_agent(&config).await;
+    let before = mock.requests().len();
+    run_sdk_against(
+        "bedrock_callers.py",
+        &url,
+        &[
+            ("AISIX_API_KEY", "sdk-wide-key"),
+            ("AISIX_NARROW_KEY", "unused"),
+        ],
+    )
+    .await;
+    let sent: Vec<_> = mock.requests().into_iter().skip(before).collect();
+    assert!(sent.len() >= 10, "{sent:?}");
+    assert!(
+        sent.iter()
+            .all(|r| r.headers["x-amz-security-token"] == "caller-session-token")
+    );
+    let checked = tests::metrics::sdk_python(
+        "bedrock_signature.py",
+        &[SECRET_ACCESS_KEY],
+        &serde_json::to_vec(&sent).unwrap(),
+        "botocore's SigV4",
+    );
+    let checked = String::from_utf8_lossy(&checked);
+    assert_eq!(checked.trim(), format!("{} signatures checked", sent.len()));
+}
+
 /// Runs `script` (in `tests/sdk/`) against `mock` alone; it must exit 0 and say its
 /// checks passed.
 async fn run_against_mock(script: &str, mock: &MockProvider) {
+    run_against_mock_with(script, mock, &[]).await;
+}
+
+async fn run_against_mock_with(script: &str, mock: &MockProvider, env: &[(&str, &str)]) {
+    let url = mock.url();
+    let mut all = vec![("AISIX_API_KEY", "unused"), ("AISIX_NARROW_KEY", "unused")];
+    all.extend_from_slice(env);
+    run_sdk_against(script, &url, &all).await;
+}
+
+/// Runs `script` (in `tests/sdk/`) with `AISIX_BASE_URL=url` and `env`; it must exit 0
+/// and say its checks passed.
+async fn run_sdk_against(script: &str, url: &str, env: &[(&str, &str)]) {
     let python = std::env::var("AISIX_SDK_PYTHON").unwrap_or_else(|_| {
         panic!("AISIX_SDK_PYTHON is not set: run the suite with `bash scripts/test`, which installs the providers' SDKs into target/sdk-venv")
     });
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("sdk")
         .join(script);
-    let mut sdk = Process::start(
-        Path::new(&python),
-        &[path.to_str().unwrap()],
-        &[
-            ("AISIX_BASE_URL", &mock.url()),
-            ("AISIX_API_KEY", "unused"),
-            ("AISIX_NARROW_KEY", "unused"),
-        ],
-    );
+    let mut all = vec![("AISIX_BASE_URL", url)];
+    all.extend_from_slice(env);
+    let mut sdk = Process::start(Path::new(&python), &[path.to_str().unwrap()], &all);
     let status = sdk.wait_exit(Duration::from_secs(60)).await;
     let output = sdk.output();
     assert!(status.success(), "{script} failed:\n{output}");

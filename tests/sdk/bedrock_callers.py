@@ -1,0 +1,69 @@
+"""The official OpenAI and Anthropic SDKs as callers of Bedrock models through the agent:
+chat completions and messages, whole and streamed, tool calls and the tool-result turn.
+"""
+
+import json
+
+import anthropic
+import openai
+
+from checks import BASE_URL, EXPECTED, KEY, MESSAGES, check, passed
+
+oa = openai.OpenAI(base_url=f"{BASE_URL}/v1", api_key=KEY, max_retries=0)
+an = anthropic.Anthropic(base_url=BASE_URL, api_key=KEY, max_retries=0)
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+
+answer = oa.chat.completions.create(model="bedrock-claude", messages=MESSAGES)
+check(answer.choices[0].message.content == EXPECTED, f"chat text {answer}")
+check(answer.choices[0].finish_reason == "stop", "chat finish reason")
+check(answer.usage.prompt_tokens == 10 and answer.usage.completion_tokens == 3, f"chat usage {answer.usage}")
+stream = oa.chat.completions.create(model="bedrock-claude", messages=MESSAGES, stream=True,
+                                    stream_options={"include_usage": True})
+chunks = list(stream)
+text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+check(text == EXPECTED, f"streamed chat text {text!r}")
+check(chunks[-1].usage and chunks[-1].usage.completion_tokens == 3, f"streamed usage {chunks[-1]}")
+
+answer = oa.chat.completions.create(model="bedrock-tools", messages=MESSAGES, tools=[TOOL])
+call = answer.choices[0].message.tool_calls[0]
+check(call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}, f"tool call {call}")
+check(answer.choices[0].finish_reason == "tool_calls", "tool finish reason")
+turn = MESSAGES + [answer.choices[0].message.model_dump(exclude_none=True),
+                   {"role": "tool", "tool_call_id": call.id, "content": "21C"}]
+answer = oa.chat.completions.create(model="bedrock-claude", messages=turn, tools=[TOOL])
+check(answer.choices[0].message.content == EXPECTED, "tool-result turn")
+stream = oa.chat.completions.create(model="bedrock-tools", messages=MESSAGES, tools=[TOOL], stream=True)
+arguments = "".join(c.choices[0].delta.tool_calls[0].function.arguments or ""
+                    for c in stream if c.choices and c.choices[0].delta.tool_calls)
+check(json.loads(arguments) == {"city": "Paris"}, f"streamed tool arguments {arguments!r}")
+
+message = an.messages.create(model="bedrock-claude", max_tokens=64, messages=MESSAGES)
+check(message.content[0].text == EXPECTED, f"message text {message}")
+check(message.stop_reason == "end_turn", "message stop reason")
+with an.messages.stream(model="bedrock-claude", max_tokens=64, messages=MESSAGES) as stream:
+    text = "".join(stream.text_stream)
+    final = stream.get_final_message()
+check(text == EXPECTED, f"streamed message text {text!r}")
+check(final.usage.output_tokens == 3, f"streamed message usage {final.usage}")
+tools = [{"name": "get_weather", "input_schema": {"type": "object"}}]
+message = an.messages.create(model="bedrock-tools", max_tokens=64, messages=MESSAGES, tools=tools)
+use = next(b for b in message.content if b.type == "tool_use")
+check(use.name == "get_weather" and use.input == {"city": "Paris"}, f"tool use {use}")
+check(message.stop_reason == "tool_use", "tool_use stop reason")
+turn = MESSAGES + [{"role": "assistant", "content": [use.model_dump()]},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "21C"}]}]
+message = an.messages.create(model="bedrock-claude", max_tokens=64, messages=turn, tools=tools)
+check(message.content[0].text == EXPECTED, "messages tool-result turn")
+with an.messages.stream(model="bedrock-tools", max_tokens=64, messages=MESSAGES, tools=tools) as stream:
+    final = stream.get_final_message()
+use = next(b for b in final.content if b.type == "tool_use")
+check(use.input == {"city": "Paris"}, f"streamed tool use {use}")
+
+try:
+    oa.chat.completions.create(model="bedrock-busy", messages=MESSAGES)
+    check(False, "a throttled call raised nothing")
+except openai.RateLimitError as e:
+    check(e.response.headers.get("retry-after") == "1", f"retry hint {e.response.headers}")
+
+passed("bedrock-callers")
