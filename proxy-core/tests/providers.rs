@@ -728,6 +728,7 @@ async fn bedrock_answers_chat_and_messages_whole_and_streamed_signed_with_sigv4(
     assert_eq!(answer["choices"][0]["finish_reason"], "stop");
     assert_eq!(answer["usage"]["prompt_tokens"], 10);
     assert_eq!(answer["usage"]["completion_tokens"], 3);
+    assert_eq!(answer["model"], "br-claude", "Bedrock names no model");
     let sent = s.last();
     assert_eq!(
         sent.path,
@@ -769,6 +770,7 @@ async fn bedrock_answers_chat_and_messages_whole_and_streamed_signed_with_sigv4(
     let (text, aborted) =
         read_stream(s.post("/v1/messages", messages("br-claude", true)).await).await;
     assert!(!aborted && text.contains("event: message_stop"), "{text}");
+    assert!(text.contains(r#""model":"br-claude""#), "{text}");
     assert_eq!(streamed_text(&text), "Hello from the mock provider.");
 
     // Temporary credentials send and sign their session token.

@@ -24,6 +24,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("sse_stream", sse_stream),
     ("etcd_watch", etcd_watch),
     ("pem_bundle", pem_bundle),
+    ("aws_event_stream", aws_event_stream),
 ];
 
 /// A resource document of each kind: parsed and validated.
@@ -97,8 +98,16 @@ pub fn chat_answer(data: &[u8]) {
             upstream: &chat::GeminiContent,
             caller: anthropic,
         },
+        chat::Conversion::Translate {
+            upstream: &chat::BedrockConverse,
+            caller: openai,
+        },
+        chat::Conversion::Translate {
+            upstream: &chat::BedrockConverse,
+            caller: anthropic,
+        },
     ] {
-        if let Ok(out) = conversion.answer(bytes::Bytes::copy_from_slice(data)) {
+        if let Ok(out) = conversion.answer(bytes::Bytes::copy_from_slice(data), "m") {
             assert!(
                 serde_json::from_slice::<serde_json::Value>(&out).is_ok_and(|v| v.is_object()),
                 "a translated answer is not a JSON object"
@@ -190,5 +199,26 @@ pub fn guardrail_scan(data: &[u8]) {
             text.contains(WORD),
             "a body nested {depth} deep was accepted but its text was not scanned"
         );
+    }
+}
+
+/// An AWS event stream (Bedrock's `converse-stream`), cut at an arbitrary point (the
+/// first byte chooses it): framed into server-sent events as it arrives and translated
+/// to both caller formats. A frame that does not decode stops the conversion.
+pub fn aws_event_stream(data: &[u8]) {
+    let Some((&cut, stream)) = data.split_first() else {
+        return;
+    };
+    let at = usize::from(cut).min(stream.len());
+    let mut frames = proxy_core::formats::eventstream::EventStreamToSse::default();
+    let mut to_openai = chat::StreamTranslator::new(&chat::BedrockConverse, &chat::OpenAiChat);
+    let mut to_anthropic =
+        chat::StreamTranslator::new(&chat::BedrockConverse, &chat::AnthropicMessages);
+    for part in [&stream[..at], &stream[at..]] {
+        let Ok(events) = frames.push(part) else {
+            return;
+        };
+        let _ = to_openai.translate(&events);
+        let _ = to_anthropic.translate(&events);
     }
 }

@@ -148,7 +148,7 @@ impl AnswerStream {
         let guard = (!output.is_empty())
             .then(|| StreamGuard::new(output, call.request_id.clone(), call.endpoint.envelope()));
         Self {
-            translator: conversion.stream(),
+            translator: conversion.stream(&served_by),
             tap: usage.tap(),
             strip_usage,
             guard,
@@ -171,7 +171,8 @@ impl AnswerStream {
             Conversion::None => chat::native(self.endpoint),
         };
         if let Some((caller, upstream)) = codecs {
-            self.translator = Some(StreamTranslator::following(upstream, caller));
+            self.translator =
+                Some(StreamTranslator::following(upstream, caller).naming(&self.served_by));
             self.resume = Some(resume);
         }
         self

@@ -97,22 +97,28 @@ impl Conversion {
         matches!(self, Conversion::None)
     }
 
-    /// A whole answer in the caller's format.
-    pub fn answer(self, body: Bytes) -> Result<Bytes, ProxyError> {
+    /// A whole answer in the caller's format; one whose upstream names no model
+    /// (Bedrock) is said to be from `unnamed`.
+    pub fn answer(self, body: Bytes, unnamed: &str) -> Result<Bytes, ProxyError> {
         match self {
             Conversion::None => Ok(body),
-            Conversion::Translate { upstream, caller } => Ok(Bytes::from(
-                caller.write_answer(&upstream.read_answer(&body)?),
-            )),
+            Conversion::Translate { upstream, caller } => {
+                let mut answer = upstream.read_answer(&body)?;
+                if answer.model.is_empty() {
+                    answer.model = unnamed.to_owned();
+                }
+                Ok(Bytes::from(caller.write_answer(&answer)))
+            }
         }
     }
 
-    /// The event translator for a stream, when one is needed.
-    pub fn stream(self) -> Option<StreamTranslator> {
+    /// The event translator for a stream, when one is needed (see
+    /// [`StreamTranslator::naming`] for `unnamed`).
+    pub fn stream(self, unnamed: &str) -> Option<StreamTranslator> {
         match self {
             Conversion::None => None,
             Conversion::Translate { upstream, caller } => {
-                Some(StreamTranslator::new(upstream, caller))
+                Some(StreamTranslator::new(upstream, caller).naming(unnamed))
             }
         }
     }
@@ -127,6 +133,8 @@ pub struct StreamTranslator {
     encoder: Box<dyn StreamEncoder>,
     events: Vec<Event>,
     follow: Option<Followed>,
+    /// The model a stream whose upstream names none is said to be from.
+    unnamed: String,
 }
 
 /// What a followed stream has told the caller.
@@ -150,7 +158,14 @@ impl StreamTranslator {
             encoder: caller.stream_encoder(),
             events: Vec::new(),
             follow: None,
+            unnamed: String::new(),
         }
+    }
+
+    /// Says the stream is from `model` when the upstream names no model (Bedrock).
+    pub fn naming(mut self, model: &str) -> Self {
+        model.clone_into(&mut self.unnamed);
+        self
     }
 
     /// A translator that keeps what the caller received, for `continue_with`.
@@ -187,7 +202,12 @@ impl StreamTranslator {
         let mut out = BytesMut::new();
         for event in sse::events(run).filter(|e| !e.data.trim_ascii().is_empty()) {
             let decoded = self.decoder.decode(&event, &mut self.events);
-            for event in self.events.drain(..) {
+            for mut event in self.events.drain(..) {
+                if let Event::Start { model, .. } = &mut event
+                    && model.is_empty()
+                {
+                    model.clone_from(&self.unnamed);
+                }
                 let event = match &mut self.follow {
                     Some(follow) => match follow.note(event) {
                         Some(event) => event,

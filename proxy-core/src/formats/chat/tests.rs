@@ -26,7 +26,7 @@ fn message_to_completion(body: &[u8]) -> Result<Bytes, ProxyError> {
         upstream: ANTHROPIC,
         caller: OPENAI,
     }
-    .answer(Bytes::copy_from_slice(body))
+    .answer(Bytes::copy_from_slice(body), "")
 }
 
 fn completion_to_message(body: &[u8]) -> Result<Bytes, ProxyError> {
@@ -34,7 +34,7 @@ fn completion_to_message(body: &[u8]) -> Result<Bytes, ProxyError> {
         upstream: OPENAI,
         caller: ANTHROPIC,
     }
-    .answer(Bytes::copy_from_slice(body))
+    .answer(Bytes::copy_from_slice(body), "")
 }
 
 fn anthropic_to_openai() -> StreamTranslator {
@@ -943,7 +943,7 @@ fn a_converse_answer_becomes_each_callers_answer_with_its_cache_arithmetic() {
             upstream: BEDROCK,
             caller: OPENAI,
         }
-        .answer(Bytes::from(answer.to_string()))
+        .answer(Bytes::from(answer.to_string()), "br-claude")
         .unwrap(),
     );
     assert_eq!(chat["choices"][0]["finish_reason"], "tool_calls");
@@ -954,12 +954,16 @@ fn a_converse_answer_becomes_each_callers_answer_with_its_cache_arithmetic() {
     assert_eq!(chat["usage"]["prompt_tokens"], 105);
     assert_eq!(chat["usage"]["prompt_tokens_details"]["cached_tokens"], 60);
     assert!(chat["id"].as_str().unwrap().starts_with("bedrock-"));
+    assert_eq!(
+        chat["model"], "br-claude",
+        "Bedrock names no model: the gateway's name"
+    );
     let message = json_of(
         Conversion::Translate {
             upstream: BEDROCK,
             caller: ANTHROPIC,
         }
-        .answer(Bytes::from(answer.to_string()))
+        .answer(Bytes::from(answer.to_string()), "br-claude")
         .unwrap(),
     );
     assert_eq!(message["stop_reason"], "tool_use");
@@ -973,7 +977,7 @@ fn a_converse_answer_becomes_each_callers_answer_with_its_cache_arithmetic() {
             upstream: BEDROCK,
             caller: OPENAI,
         }
-        .answer(Bytes::from(filtered.to_string()))
+        .answer(Bytes::from(filtered.to_string()), "")
         .unwrap(),
     );
     assert_eq!(chat["choices"][0]["finish_reason"], "content_filter");
