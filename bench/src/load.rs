@@ -39,7 +39,7 @@ done = function(summary, latency, requests)
 end
 "#
     );
-    let path = dir.join(format!("chat-{caller_key}.lua"));
+    let path = dir.join(format!("chat-{model}-{caller_key}.lua"));
     std::fs::write(&path, lua).expect("write the wrk script");
     path
 }

@@ -223,6 +223,7 @@ async fn bench(args: RunArgs) {
     bench
         .traced_rounds(&mut figures, &gateway_url, gateway_pid)
         .await;
+    bench.translated_rounds(&mut figures, &gateway_url, gateway_pid);
 
     let streamer = reqwest::Client::builder()
         .tcp_nodelay(true)
@@ -391,9 +392,20 @@ impl Bench {
         };
         let limits = json!({"rpm": 1_000_000_000u64, "rpd": 1_000_000_000_000u64, "tpm": 1_000_000_000_000u64, "concurrency": 100_000});
         let limited = json!({"id": "limited", "display_name": "bench-limited", "key_hash": tests::key_hash(LIMITED), "allowed_models": ["*"], "rate_limit": limits});
+        // Bedrock and Gemini keys whose translated calls the mock upstream also answers.
+        let aws = json!({"access_key_id": "AKIABENCH", "secret_access_key": "bench-secret", "region": "us-east-1"});
+        let bedrock = json!({"id": "bedrock", "display_name": "bedrock", "provider": "bedrock",
+            "api_base": format!("http://{}", self.upstream), "api_key": aws.to_string()});
+        let gemini = json!({"id": "gemini", "display_name": "gemini", "provider": "gemini",
+            "api_base": format!("http://{}", self.upstream), "api_key": "bench-gemini-key"});
+        let translated = |alias: &str, model: &str, key: &str| json!({"id": alias, "display_name": alias, "model_name": model, "provider_key_id": key});
         let resources = json!({
-            "provider_keys": [with_id("mock", self.provider_key())],
-            "models": [with_id("bench", self.model("bench"))],
+            "provider_keys": [with_id("mock", self.provider_key()), bedrock, gemini],
+            "models": [
+                with_id("bench", self.model("bench")),
+                translated("bench-bedrock", "anthropic.claude-bench-v1:0", "bedrock"),
+                translated("bench-gemini", "gemini-bench", "gemini"),
+            ],
             "api_keys": [with_id("caller", self.caller()), limited],
         });
         // JSON is YAML.
@@ -488,11 +500,36 @@ impl Bench {
         traced.0.stop();
     }
 
+    /// Rounds of c=1 latency and throughput on the file-mode gateway for one model of
+    /// each kind: native (OpenAI to OpenAI-compatible), translated to Bedrock's Converse
+    /// (signed with Signature V4) and to Gemini's generateContent, all answered by the
+    /// mock upstream.
+    fn translated_rounds(&self, figures: &mut Figures, url: &str, pid: u32) {
+        let dir = self.dir.path();
+        let targets = [
+            Target::new("native", url.to_owned(), Some(pid))
+                .with_script(load::script(dir, "bench", CALLER)),
+            Target::new("bedrock", url.to_owned(), Some(pid)).with_script(load::script(
+                dir,
+                "bench-bedrock",
+                CALLER,
+            )),
+            Target::new("gemini", url.to_owned(), Some(pid)).with_script(load::script(
+                dir,
+                "bench-gemini",
+                CALLER,
+            )),
+        ];
+        self.paired_rounds(figures, &targets, &load::script(dir, "bench", CALLER));
+        println!("translation rounds done");
+    }
+
     /// Interleaved rounds of c=1 latency and of throughput with CPU, per target.
     fn paired_rounds(&self, figures: &mut Figures, targets: &[Target], script: &Path) {
         let args = &self.args;
         for round in 0..args.rounds {
             for t in rotated(targets, round) {
+                let script = t.script.as_deref().unwrap_or(script);
                 let run = load::wrk(&t.url, 1, Duration::from_secs(args.latency_secs), script);
                 figures.latency(t.name, run);
                 let before = t.pid.map(cpu_time);

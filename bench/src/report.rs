@@ -16,11 +16,23 @@ pub struct Target {
     pub name: &'static str,
     pub url: String,
     pub pid: Option<u32>,
+    /// The wrk script of this target, when it is not the run's (another model).
+    pub script: Option<std::path::PathBuf>,
 }
 
 impl Target {
     pub fn new(name: &'static str, url: String, pid: Option<u32>) -> Self {
-        Self { name, url, pid }
+        Self {
+            name,
+            url,
+            pid,
+            script: None,
+        }
+    }
+
+    pub fn with_script(mut self, script: std::path::PathBuf) -> Self {
+        self.script = Some(script);
+        self
     }
 }
 
@@ -274,6 +286,28 @@ impl Figures {
                 ),
                 "≤ +15 %".into(),
                 Some(self.cpu_us("traced") <= self.cpu_us("untraced") * 1.15),
+            ),
+            (
+                "translated call (Bedrock Converse / Gemini): CPU per request over native".into(),
+                format!(
+                    "{:.2}x / {:.2}x ({:.1} / {:.1} / {:.1} µs)",
+                    self.cpu_us("bedrock") / self.cpu_us("native"),
+                    self.cpu_us("gemini") / self.cpu_us("native"),
+                    self.cpu_us("bedrock"),
+                    self.cpu_us("gemini"),
+                    self.cpu_us("native")
+                ),
+                format!(
+                    "c=1 p50 {:+.0} / {:+.0} µs; {} errors",
+                    Self::over(&self.latency, "bedrock", "native", |r: &Run| r.p50_us),
+                    Self::over(&self.latency, "gemini", "native", |r: &Run| r.p50_us),
+                    self.errors("bedrock") + self.errors("gemini") + self.errors("native")
+                ),
+                "≤ 2x".into(),
+                Some(
+                    self.cpu_us("bedrock") <= self.cpu_us("native") * 2.0
+                        && self.cpu_us("gemini") <= self.cpu_us("native") * 2.0,
+                ),
             ),
             (
                 "resident memory, idle".into(),

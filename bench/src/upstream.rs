@@ -5,7 +5,9 @@
 //! thread serves everything (the harness pins it beside the load generator). A request
 //! whose body asks for `"stream":true` gets `--sse-chunks` content events, one every
 //! `--sse-interval-us`, then a finish event, a usage event and `[DONE]`. `POST
-//! /v1/traces` is an OTLP/HTTP receiver that accepts and drops every export.
+//! /v1/traces` is an OTLP/HTTP receiver that accepts and drops every export. Bedrock's
+//! `/model/{id}/converse` and Gemini's `...:generateContent` get a whole answer of
+//! their own shape (signatures and keys are not checked), for the translated rows.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -39,6 +41,9 @@ pub struct UpstreamArgs {
 
 struct Bodies {
     json: Bytes,
+    /// Bedrock's Converse and Gemini's generateContent answers, for translated calls.
+    converse: Bytes,
+    gemini: Bytes,
     events: Vec<Bytes>,
     delay: Duration,
     interval: Duration,
@@ -98,6 +103,12 @@ impl Bodies {
             json: Bytes::from_static(
                 br#"{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"up-bench","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":9,"total_tokens":18}}"#,
             ),
+            converse: Bytes::from_static(
+                br#"{"output":{"message":{"role":"assistant","content":[{"text":"Hello! How can I help you today?"}]}},"stopReason":"end_turn","usage":{"inputTokens":9,"outputTokens":9,"totalTokens":18},"metrics":{"latencyMs":1}}"#,
+            ),
+            gemini: Bytes::from_static(
+                br#"{"candidates":[{"content":{"role":"model","parts":[{"text":"Hello! How can I help you today?"}]},"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":9,"candidatesTokenCount":9,"totalTokenCount":18},"modelVersion":"gemini-bench","responseId":"bench"}"#,
+            ),
             events,
             delay: Duration::from_micros(args.delay_us),
             interval: Duration::from_micros(args.sse_interval_us),
@@ -108,6 +119,11 @@ impl Bodies {
 async fn answer(req: Request<Incoming>, bodies: Arc<Bodies>) -> Result<Response<Body>, Infallible> {
     // Also the collector of the traced gateway: exports are taken and dropped.
     let otlp = req.uri().path() == "/v1/traces";
+    let translated = match req.uri().path() {
+        p if p.ends_with("/converse") => Some(bodies.converse.clone()),
+        p if p.ends_with(":generateContent") => Some(bodies.gemini.clone()),
+        _ => None,
+    };
     let body = match req.into_body().collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(_) => Bytes::new(),
@@ -120,6 +136,12 @@ async fn answer(req: Request<Incoming>, bodies: Arc<Bodies>) -> Result<Response<
     }
     if !bodies.delay.is_zero() {
         tokio::time::sleep(bodies.delay).await;
+    }
+    if let Some(answer) = translated {
+        return Ok(Response::builder()
+            .header("content-type", "application/json")
+            .body(Full::new(answer).boxed())
+            .unwrap_or_default());
     }
     let streamed = [&b"\"stream\":true"[..], b"\"stream\": true"]
         .iter()
