@@ -150,6 +150,18 @@ async fn setup_with(hooks: Hooks) -> Setup {
             json!({"display_name": "br-failover", "routing": {"targets": [{"model": "br-broken"}, {"model": "gm-flash"}]}}),
         ),
         (
+            "models/gm-embed",
+            json!({"display_name": "gm-embed", "model_name": "text-embedding-004", "provider_key_id": "gm"}),
+        ),
+        (
+            "models/br-titan",
+            json!({"display_name": "br-titan", "model_name": "amazon.titan-embed-text-v2:0", "provider_key_id": "br"}),
+        ),
+        (
+            "models/br-cohere",
+            json!({"display_name": "br-cohere", "model_name": "cohere.embed-english-v3", "provider_key_id": "br"}),
+        ),
+        (
             "api_keys/k1",
             json!({"key_hash": hash(CALLER), "allowed_models": ["*"]}),
         ),
@@ -947,4 +959,143 @@ async fn a_bad_bedrock_signature_is_the_gateways_credential_problem_and_shows_no
         !body.contains(WRONG_SECRET) && !body.contains("signature we calculated"),
         "{body}"
     );
+}
+
+// The Responses API, bridged for providers that have none
+
+#[tokio::test]
+async fn responses_are_bridged_to_bedrock_and_gemini_whole_and_streamed() {
+    let s = setup().await;
+    for model in ["br-claude", "gm-flash"] {
+        let r = s
+            .post(
+                "/v1/responses",
+                json!({"model": model, "input": "Say hello.", "instructions": "Be brief."}),
+            )
+            .await;
+        assert_eq!(r.status(), 200, "{model}");
+        let response: Value = r.json().await.unwrap();
+        assert_eq!(response["object"], "response", "{model}");
+        assert_eq!(response["status"], "completed");
+        assert_eq!(
+            response["output"][0]["content"][0]["text"],
+            "Hello from the mock provider."
+        );
+        assert_eq!(response["usage"]["input_tokens"], 10);
+        let r = s
+            .post(
+                "/v1/responses",
+                json!({"model": model, "input": "Say hello.", "stream": true}),
+            )
+            .await;
+        let (text, aborted) = read_stream(r).await;
+        assert!(!aborted, "{text}");
+        assert!(text.contains("event: response.created"), "{text}");
+        assert!(
+            text.trim_end().ends_with('}') && text.contains("event: response.completed"),
+            "{text}"
+        );
+        let deltas: String = proxy_core::formats::sse::events(text.as_bytes())
+            .filter(|e| e.name.as_deref() == Some("response.output_text.delta"))
+            .filter_map(|e| serde_json::from_slice::<Value>(&e.data).ok())
+            .filter_map(|d| d["delta"].as_str().map(str::to_owned))
+            .collect();
+        assert_eq!(deltas, "Hello from the mock provider.", "{model}");
+    }
+    // The provider was asked in its own format.
+    assert!(s.last().path.ends_with(":streamGenerateContent"));
+    // A stateless bridge refuses what needs stored responses.
+    let r = s
+        .post(
+            "/v1/responses",
+            json!({"model": "br-claude", "input": "Hi", "previous_response_id": "resp_1"}),
+        )
+        .await;
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["param"], "previous_response_id");
+}
+
+// Embeddings on providers without an OpenAI-shaped embeddings API
+
+#[tokio::test]
+async fn embeddings_go_to_gemini_and_bedrock_in_their_shapes() {
+    use base64::Engine as _;
+    let s = setup().await;
+    let vectors = |body: &Value| -> Vec<Value> { body["data"].as_array().unwrap().clone() };
+    let r = s
+        .post(
+            "/v1/embeddings",
+            json!({"model": "gm-embed", "input": ["a", "b"], "dimensions": 8}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    let data = vectors(&body);
+    assert_eq!(data.len(), 2);
+    assert_eq!(data[1]["index"], 1);
+    let dimensions = data[0]["embedding"].as_array().unwrap().len();
+    assert!(dimensions > 0);
+    assert_eq!(body["model"], "gm-embed");
+    let sent = s.last();
+    assert_eq!(
+        sent.path,
+        "/v1beta/models/text-embedding-004:batchEmbedContents"
+    );
+    assert_eq!(sent.json()["requests"][0]["outputDimensionality"], 8);
+
+    // base64, as the official Python SDK asks by default: little-endian f32s.
+    let r = s
+        .post(
+            "/v1/embeddings",
+            json!({"model": "gm-embed", "input": "a", "encoding_format": "base64"}),
+        )
+        .await;
+    let body: Value = r.json().await.unwrap();
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(body["data"][0]["embedding"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(raw.len(), dimensions * 4);
+    let first = f32::from_le_bytes(raw[..4].try_into().unwrap());
+    assert!((f64::from(first) - data[0]["embedding"][0].as_f64().unwrap()).abs() < 1e-6);
+
+    // Titan embeds one input per call, signed like every Bedrock request.
+    let r = s
+        .post("/v1/embeddings", json!({"model": "br-titan", "input": "a"}))
+        .await;
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(vectors(&body).len(), 1);
+    assert_eq!(body["usage"]["prompt_tokens"], 10);
+    let sent = s.last();
+    assert_eq!(sent.path, "/model/amazon.titan-embed-text-v2%3A0/invoke");
+    assert_eq!(sent.json(), json!({"inputText": "a"}));
+    let r = s
+        .post(
+            "/v1/embeddings",
+            json!({"model": "br-titan", "input": ["a", "b"]}),
+        )
+        .await;
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["param"], "input");
+    let r = s
+        .post(
+            "/v1/embeddings",
+            json!({"model": "br-cohere", "input": ["a", "b"]}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(vectors(&r.json().await.unwrap()).len(), 2);
+    assert_eq!(s.last().json()["texts"], json!(["a", "b"]));
+    // A chat model on Bedrock has no embeddings: 501 naming why.
+    let r = s
+        .post(
+            "/v1/embeddings",
+            json!({"model": "br-claude", "input": "a"}),
+        )
+        .await;
+    assert_eq!(r.status(), 501);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("Titan or Cohere"), "{body}");
 }

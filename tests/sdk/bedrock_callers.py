@@ -1,5 +1,6 @@
 """The official OpenAI and Anthropic SDKs as callers of Bedrock models through the agent:
-chat completions and messages, whole and streamed, tool calls and the tool-result turn.
+chat completions, messages and the Responses API (bridged), whole and streamed, tool
+calls and the tool-result turn.
 """
 
 import json
@@ -59,6 +60,42 @@ with an.messages.stream(model="bedrock-tools", max_tokens=64, messages=MESSAGES,
     final = stream.get_final_message()
 use = next(b for b in final.content if b.type == "tool_use")
 check(use.input == {"city": "Paris"}, f"streamed tool use {use}")
+
+# The Responses API, bridged to Converse: whole, streamed, tools and the tool result.
+response = oa.responses.create(model="bedrock-claude", input="Say hello.", instructions="Be brief.")
+check(response.output_text == EXPECTED, f"responses text {response}")
+check(response.status == "completed" and response.usage.output_tokens == 3, f"responses status {response}")
+with oa.responses.stream(model="bedrock-claude", input="Say hello.") as stream:
+    deltas = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
+    final = stream.get_final_response()
+check(deltas == EXPECTED and final.output_text == EXPECTED, f"streamed responses {deltas!r} {final}")
+response = oa.responses.create(model="bedrock-tools", input="Weather in Paris?",
+                               tools=[{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}])
+call = next(item for item in response.output if item.type == "function_call")
+check(call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}, f"responses call {call}")
+response = oa.responses.create(model="bedrock-claude", input=[
+    {"role": "user", "content": "Weather in Paris?"},
+    {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+    {"type": "function_call_output", "call_id": call.call_id, "output": "21C"}])
+check(response.output_text == EXPECTED, "responses tool-result turn")
+with oa.responses.stream(model="bedrock-tools", input="Weather in Paris?",
+                         tools=[{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]) as stream:
+    arguments = "".join(e.delta for e in stream if e.type == "response.function_call_arguments.delta")
+    final = stream.get_final_response()
+check(json.loads(arguments) == {"city": "Paris"}, f"streamed responses arguments {arguments!r}")
+check(final.output[0].type == "function_call" and final.output[0].arguments == arguments, f"final {final}")
+try:
+    oa.responses.create(model="bedrock-claude", input="Hi", previous_response_id="resp_1")
+    check(False, "previous_response_id was accepted")
+except openai.BadRequestError as e:
+    check(e.body["param"] == "previous_response_id", f"stateless refusal {e.body}")
+
+# Embeddings on Titan: the SDK asks for base64 and decodes it itself.
+embedding = oa.embeddings.create(model="bedrock-titan", input="Say hello.")
+vector = embedding.data[0].embedding
+check(len(vector) > 0 and all(-0.5 <= x <= 0.5 for x in vector), f"embedding {vector[:4]}")
+floats = oa.embeddings.create(model="bedrock-titan", input="Say hello.", encoding_format="float").data[0].embedding
+check(len(floats) == len(vector) and all(abs(a - b) < 1e-6 for a, b in zip(floats, vector)), "base64 == float")
 
 try:
     oa.chat.completions.create(model="bedrock-busy", messages=MESSAGES)

@@ -280,6 +280,7 @@ models:
   - {{id: b1, display_name: bedrock-claude, model_name: "anthropic.claude-3-5-haiku-20241022-v1:0", provider_key_id: br}}
   - {{id: b2, display_name: bedrock-tools, model_name: bedrock-sdk-tools, provider_key_id: br}}
   - {{id: b3, display_name: bedrock-busy, model_name: bedrock-sdk-busy, provider_key_id: br}}
+  - {{id: b4, display_name: bedrock-titan, model_name: "amazon.titan-embed-text-v2:0", provider_key_id: br}}
 api_keys:
   - {{id: k1, key_hash: {wide}, allowed_models: ["*"]}}
 "#,

@@ -1,6 +1,7 @@
 //! AWS Bedrock's Converse shape: `POST /model/{model_id}/converse` and
 //! `/model/{model_id}/converse-stream` (answered in the AWS event-stream binary
-//! framing), every request's Signature V4 checked for the mock's credentials
+//! framing), `/model/{model_id}/invoke` on Titan and Cohere embedding models, every
+//! request's Signature V4 checked for the mock's credentials
 //! ([`ACCESS_KEY_ID`], [`SECRET_ACCESS_KEY`], service `bedrock`, any region, any
 //! session token), Bedrock's error envelope (`{"message"}` with `x-amzn-ErrorType`),
 //! tool calls as `toolUse` blocks, usage with cache reads and writes.
@@ -61,6 +62,7 @@ pub(super) async fn converse(
     let stream = match action.as_str() {
         "converse" => false,
         "converse-stream" => true,
+        "invoke" => return invoke(shared, model, request).await,
         _ => {
             return refusal(
                 StatusCode::NOT_FOUND,
@@ -163,6 +165,58 @@ pub(super) async fn converse(
         &call.script,
         error,
         "application/vnd.amazon.eventstream",
+    )
+}
+
+/// `POST /model/{model_id}/invoke` on an embedding model: Amazon Titan's
+/// `{"inputText"}` -> `{"embedding", "inputTextTokenCount"}`, Cohere's `{"texts"}` ->
+/// `{"embeddings": [[...]]}`.
+async fn invoke(shared: SharedState, model: String, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    if let Err((status, kind, message)) = verify(&parts.method, &parts.uri, &parts.headers, &body) {
+        return refusal(status, kind, message);
+    }
+    let call = receive(
+        &shared,
+        &parts.method,
+        &parts.uri,
+        &parts.headers,
+        &body,
+        Some(model),
+    )
+    .await;
+    let status = call.status();
+    if !status.is_success() {
+        return refusal(
+            status,
+            error_type(status),
+            &format!("mock error {}", status.as_u16()),
+        );
+    }
+    if let Some(text) = call.request["inputText"].as_str() {
+        let tokens = call.script.usage.map_or(0, |u| u.prompt_tokens);
+        return axum::Json(json!({"embedding": super::openai::embed(text),
+                                 "inputTextTokenCount": tokens}))
+        .into_response();
+    }
+    if let Some(texts) = call.request["texts"].as_array() {
+        let embeddings: Vec<Value> = texts
+            .iter()
+            .map(|t| json!(super::openai::embed(t.as_str().unwrap_or(""))))
+            .collect();
+        return axum::Json(
+            json!({"id": "mock-embed", "embeddings": embeddings, "texts": texts,
+                                 "response_type": "embeddings_floats"}),
+        )
+        .into_response();
+    }
+    refusal(
+        StatusCode::BAD_REQUEST,
+        "ValidationException",
+        "Malformed input request: expected inputText or texts",
     )
 }
 

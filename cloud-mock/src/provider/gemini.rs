@@ -1,7 +1,8 @@
 //! Google's Gemini shapes (the Gemini API, and Vertex AI with its OAuth2 token endpoint):
 //! `POST /v1beta/models/{model}:generateContent` and
 //! `:streamGenerateContent?alt=sse` (server-sent events with CRLF line endings, as
-//! Google sends them), `x-goog-api-key` required, Google's error envelope
+//! Google sends them), `:batchEmbedContents` (and Vertex AI's `:predict`) for
+//! embeddings, `x-goog-api-key` required, Google's error envelope
 //! (`{"error": {code, message, status}}`), function calls as `functionCall` parts.
 
 use axum::extract::{Path, Request, State};
@@ -161,6 +162,21 @@ async fn answer(shared: &SharedState, action: &str, request: Request) -> Respons
     let stream = match method {
         "generateContent" => false,
         "streamGenerateContent" => true,
+        "batchEmbedContents" | "predict" => {
+            let body = axum::body::to_bytes(body, usize::MAX)
+                .await
+                .unwrap_or_default();
+            let call = receive(
+                shared,
+                &parts.method,
+                &parts.uri,
+                &parts.headers,
+                &body,
+                Some(model.to_owned()),
+            )
+            .await;
+            return embeddings(&call, method == "predict");
+        }
         _ => {
             return (
                 StatusCode::NOT_FOUND,
@@ -243,4 +259,55 @@ async fn answer(shared: &SharedState, action: &str, request: Request) -> Respons
         error_body(StatusCode::SERVICE_UNAVAILABLE)
     );
     event_stream(events, &call.script, &error)
+}
+
+/// `:batchEmbedContents` (Gemini API: `requests[].content.parts[].text`) and `:predict`
+/// (Vertex AI: `instances[].content`, token counts in each prediction's statistics).
+fn embeddings(call: &super::Call, vertex: bool) -> Response {
+    if let Some(error) = call.error(error_body) {
+        return error;
+    }
+    let texts: Vec<&str> = if vertex {
+        call.request["instances"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|i| i["content"].as_str().unwrap_or(""))
+            .collect()
+    } else {
+        call.request["requests"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                r.pointer("/content/parts/0/text")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+            })
+            .collect()
+    };
+    if texts.is_empty() {
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::Json(error_body(StatusCode::BAD_REQUEST)),
+        )
+            .into_response();
+    }
+    let body = if vertex {
+        let predictions: Vec<Value> = texts
+            .iter()
+            .map(|t| {
+                json!({"embeddings": {"values": super::openai::embed(t),
+                "statistics": {"token_count": t.split_whitespace().count(), "truncated": false}}})
+            })
+            .collect();
+        json!({ "predictions": predictions })
+    } else {
+        let embeddings: Vec<Value> = texts
+            .iter()
+            .map(|t| json!({ "values": super::openai::embed(t) }))
+            .collect();
+        json!({ "embeddings": embeddings })
+    };
+    axum::Json(body).into_response()
 }

@@ -129,7 +129,7 @@ pub async fn completions(call: Call) -> Response {
 const DIMENSIONS: usize = 8;
 
 /// A deterministic unit-ish vector for `text`.
-fn embed(text: &str) -> Vec<f64> {
+pub(super) fn embed(text: &str) -> Vec<f64> {
     let mut state: u64 = 0xcbf2_9ce4_8422_2325;
     for b in text.bytes() {
         state = (state ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);

@@ -7,6 +7,8 @@ use crate::failure::Envelope;
 pub const CHAT: &str = "/v1/chat/completions";
 pub const MESSAGES: &str = "/v1/messages";
 pub const COUNT_TOKENS: &str = "/v1/messages/count_tokens";
+pub const RESPONSES: &str = "/v1/responses";
+pub const EMBEDDINGS: &str = "/v1/embeddings";
 
 /// A proxy route that resolves a model alias and calls an upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,11 +9,13 @@
 //! - `eventstream`: AWS event-stream messages (Bedrock streams) as server-sent events.
 //! - `multipart`: form bodies (audio, images) read and sent on with `model` replaced.
 //! - `tokens`: token counts read from answers and stream events.
+//! - `embeddings`: OpenAI embeddings <-> Gemini, Vertex AI and Bedrock embedding APIs.
 //! - `chat`: the chat formats (OpenAI chat completions, Anthropic messages) and the
 //!   translation between them through one canonical form.
 
 pub mod body;
 pub mod chat;
+pub mod embeddings;
 pub mod endpoint;
 pub mod eventstream;
 pub mod multipart;

@@ -117,6 +117,7 @@ fn upstream_of(conversion: Conversion, endpoint: Endpoint) -> Option<&'static dy
     match conversion {
         Conversion::Translate { upstream, .. } => Some(upstream),
         Conversion::None => chat::native(endpoint).map(|(_, upstream)| upstream),
+        Conversion::Embeddings { .. } => None,
     }
 }
 

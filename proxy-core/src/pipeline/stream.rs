@@ -169,6 +169,7 @@ impl AnswerStream {
         let codecs = match self.conversion {
             Conversion::Translate { upstream, caller } => Some((caller, upstream)),
             Conversion::None => chat::native(self.endpoint),
+            Conversion::Embeddings { .. } => None,
         };
         if let Some((caller, upstream)) = codecs {
             self.translator =

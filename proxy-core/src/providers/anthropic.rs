@@ -1,5 +1,6 @@
 //! Anthropic's messages API: `x-api-key` and `anthropic-version`, Anthropic error
-//! bodies, messages and count_tokens natively, OpenAI chat callers translated.
+//! bodies, messages and count_tokens natively, OpenAI chat and Responses callers
+//! translated.
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
@@ -10,7 +11,7 @@ use super::provider::{
 };
 use crate::failure::{ProxyError, UpstreamErrorFields};
 use crate::formats::chat::{self, AnthropicMessages, Conversion, OpenAiChat};
-use crate::formats::endpoint::{Endpoint, MESSAGES};
+use crate::formats::endpoint::{Endpoint, MESSAGES, RESPONSES};
 use crate::resources::ProviderKey;
 
 /// The Anthropic API version sent when the caller did not choose one.
@@ -29,7 +30,10 @@ impl Provider for Anthropic {
     fn supports(&self, endpoint: Endpoint) -> bool {
         matches!(
             endpoint,
-            Endpoint::ChatCompletions | Endpoint::Messages | Endpoint::CountTokens
+            Endpoint::ChatCompletions
+                | Endpoint::Messages
+                | Endpoint::CountTokens
+                | Endpoint::Forward(RESPONSES)
         )
     }
 
@@ -49,20 +53,23 @@ impl Provider for Anthropic {
             Payload::Json(Bytes::from(cached.unwrap_or(bytes)))
         };
         let (path, payload, conversion, headers) = match request.endpoint {
-            Endpoint::ChatCompletions => (
-                MESSAGES,
-                json(chat::translate_request(
-                    request.raw,
-                    &OpenAiChat,
-                    &AnthropicMessages,
-                    upstream_model,
-                )?),
-                Conversion::Translate {
-                    upstream: &AnthropicMessages,
-                    caller: &OpenAiChat,
-                },
-                headers(None),
-            ),
+            endpoint @ (Endpoint::ChatCompletions | Endpoint::Forward(RESPONSES)) => {
+                let caller = chat::caller_format(endpoint).unwrap_or(&OpenAiChat);
+                (
+                    MESSAGES,
+                    json(chat::translate_request(
+                        request.raw,
+                        caller,
+                        &AnthropicMessages,
+                        upstream_model,
+                    )?),
+                    Conversion::Translate {
+                        upstream: &AnthropicMessages,
+                        caller,
+                    },
+                    headers(None),
+                )
+            }
             endpoint @ (Endpoint::Messages | Endpoint::CountTokens) => (
                 endpoint.path(),
                 json(request.body.with_model(upstream_model)),

@@ -1,8 +1,10 @@
 //! AWS Bedrock: the Converse API (`{api_base}/model/{model_id}/converse`, and
 //! `/converse-stream`, whose answer is an AWS event stream), every request signed with
 //! Signature V4 (service `bedrock`) by `aws-sigv4` from the key's credentials. Chat
-//! completions and messages are translated (`formats::chat::BedrockConverse`), so
-//! Anthropic's models on Bedrock are reachable from `/v1/messages` too.
+//! completions, messages and the Responses API are translated
+//! (`formats::chat::BedrockConverse`), so Anthropic's models on Bedrock are reachable
+//! from `/v1/messages` too. Embeddings go to `/model/{model_id}/invoke` on Titan and
+//! Cohere embedding models (`formats::embeddings`).
 //!
 //! Bedrock's errors are `{"message": ...}` with the kind in a header; the status says
 //! enough: 429 is throttling (retried and failed over like any provider's, with a
@@ -22,7 +24,8 @@ use super::provider::{
 };
 use crate::failure::{ProxyError, UpstreamErrorFields};
 use crate::formats::chat::{self, BedrockConverse, Conversion};
-use crate::formats::endpoint::Endpoint;
+use crate::formats::embeddings::{EmbeddingsRequest, Shape};
+use crate::formats::endpoint::{EMBEDDINGS, Endpoint};
 use crate::resources::{AwsCredential, ProviderKey};
 
 pub struct Bedrock;
@@ -33,7 +36,7 @@ impl Provider for Bedrock {
     }
 
     fn supports(&self, endpoint: Endpoint) -> bool {
-        matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Messages)
+        chat::caller_format(endpoint).is_some() || endpoint == Endpoint::Forward(EMBEDDINGS)
     }
 
     fn build(
@@ -41,7 +44,10 @@ impl Provider for Bedrock {
         request: &CallerRequest<'_>,
         target: &TargetModel<'_>,
     ) -> Result<Prepared, ProxyError> {
-        let Some((caller, _)) = chat::native(request.endpoint) else {
+        if request.endpoint == Endpoint::Forward(EMBEDDINGS) {
+            return embed(request, target);
+        }
+        let Some(caller) = chat::caller_format(request.endpoint) else {
             return Err(ProxyError::NotImplemented(format!(
                 "{} is not a Bedrock endpoint",
                 request.endpoint.path()
@@ -114,6 +120,35 @@ impl Provider for Bedrock {
         };
         coded_error(status, &message, code)
     }
+}
+
+/// An embeddings call as `invoke` on an Amazon Titan or a Cohere embedding model, the
+/// only embedding families Bedrock serves.
+fn embed(request: &CallerRequest<'_>, target: &TargetModel<'_>) -> Result<Prepared, ProxyError> {
+    let model = target.upstream_model;
+    let shape = if model.contains("titan-embed") {
+        Shape::Titan
+    } else if model.contains("cohere.embed") {
+        Shape::Cohere
+    } else {
+        return Err(ProxyError::NotImplemented(format!(
+            "/v1/embeddings on Bedrock needs an Amazon Titan or Cohere embedding model, not '{model}'"
+        )));
+    };
+    let embeddings = EmbeddingsRequest::read(request.raw)?;
+    Ok(Prepared {
+        outgoing: Outgoing {
+            path: format!("/model/{}/invoke", segment(model)).into(),
+            payload: Payload::Json(Bytes::from(embeddings.write(shape, model)?)),
+            stream: false,
+            json_answer: true,
+            headers: HeaderMap::new(),
+        },
+        conversion: Conversion::Embeddings {
+            shape,
+            base64: embeddings.base64,
+        },
+    })
 }
 
 /// Signs `request` (method, URL, headers and body) for `service` with AWS Signature

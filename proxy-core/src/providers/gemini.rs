@@ -5,7 +5,9 @@
 //! [`mint`]). Both `generateContent`, and `streamGenerateContent?alt=sse` for streams.
 //! Claude models on Vertex AI (`model_name` starting with `claude`) are Anthropic's
 //! messages at `publishers/anthropic/models/{model}:rawPredict`.
-//! Chat completions and messages are translated (`formats::chat::GeminiContent`);
+//! Chat completions, messages and the Responses API are translated
+//! (`formats::chat::GeminiContent`), embeddings too (`batchEmbedContents`, Vertex AI's
+//! `predict`, see `formats::embeddings`);
 //! Google's error statuses (`RESOURCE_EXHAUSTED`, `PERMISSION_DENIED`...) read as the
 //! gateway's codes.
 
@@ -23,10 +25,9 @@ use super::provider::{
 };
 use super::tokens::{self, Minted};
 use crate::failure::{ProxyError, UpstreamErrorFields};
-use crate::formats::chat::{
-    self, AnthropicMessages, CallerCodec, Conversion, GeminiContent, OpenAiChat,
-};
-use crate::formats::endpoint::Endpoint;
+use crate::formats::chat::{self, AnthropicMessages, Conversion, GeminiContent, OpenAiChat};
+use crate::formats::embeddings::{EmbeddingsRequest, Shape};
+use crate::formats::endpoint::{EMBEDDINGS, Endpoint, RESPONSES};
 use crate::resources::{ProviderKey, ServiceAccount};
 
 pub struct Gemini;
@@ -45,6 +46,9 @@ impl Provider for Gemini {
         request: &CallerRequest<'_>,
         target: &TargetModel<'_>,
     ) -> Result<Prepared, ProxyError> {
+        if request.endpoint == Endpoint::Forward(EMBEDDINGS) {
+            return embed(request, target, "/v1beta/models", Shape::Gemini);
+        }
         build(request, target, "/v1beta/models")
     }
 
@@ -91,7 +95,11 @@ impl Provider for VertexAi {
         if target.upstream_model.starts_with("claude") {
             return claude(request, target, &format!("{project}/anthropic/models"));
         }
-        build(request, target, &format!("{project}/google/models"))
+        let prefix = format!("{project}/google/models");
+        if request.endpoint == Endpoint::Forward(EMBEDDINGS) {
+            return embed(request, target, &prefix, Shape::Vertex);
+        }
+        build(request, target, &prefix)
     }
 
     /// The bearer token is added by the upstream client (`tokens.rs`).
@@ -127,18 +135,21 @@ fn claude(
 ) -> Result<Prepared, ProxyError> {
     let (body, conversion) = match request.endpoint {
         Endpoint::Messages => (request.raw.to_vec(), Conversion::None),
-        Endpoint::ChatCompletions => (
-            chat::translate_request(
-                request.raw,
-                &OpenAiChat,
-                &AnthropicMessages,
-                target.upstream_model,
-            )?,
-            Conversion::Translate {
-                upstream: &AnthropicMessages,
-                caller: &OpenAiChat,
-            },
-        ),
+        endpoint @ (Endpoint::ChatCompletions | Endpoint::Forward(RESPONSES)) => {
+            let caller = chat::caller_format(endpoint).unwrap_or(&OpenAiChat);
+            (
+                chat::translate_request(
+                    request.raw,
+                    caller,
+                    &AnthropicMessages,
+                    target.upstream_model,
+                )?,
+                Conversion::Translate {
+                    upstream: &AnthropicMessages,
+                    caller,
+                },
+            )
+        }
         other => {
             return Err(ProxyError::NotImplemented(format!(
                 "{} is not served by Claude on Vertex AI",
@@ -176,9 +187,38 @@ fn claude(
     })
 }
 
-/// What both Google adapters serve: the chat formats, translated.
+/// What both Google adapters serve: the chat formats, the Responses API and
+/// embeddings, translated.
 fn serves(endpoint: Endpoint) -> bool {
-    matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Messages)
+    chat::caller_format(endpoint).is_some() || endpoint == Endpoint::Forward(EMBEDDINGS)
+}
+
+/// An embeddings call as `batchEmbedContents` (Gemini API) or `predict` (Vertex AI).
+fn embed(
+    request: &CallerRequest<'_>,
+    target: &TargetModel<'_>,
+    prefix: &str,
+    shape: Shape,
+) -> Result<Prepared, ProxyError> {
+    let embeddings = EmbeddingsRequest::read(request.raw)?;
+    let model = target.upstream_model.trim_start_matches("models/");
+    let action = match shape {
+        Shape::Vertex => "predict",
+        _ => "batchEmbedContents",
+    };
+    Ok(Prepared {
+        outgoing: Outgoing {
+            path: format!("{prefix}/{}:{action}", segment(model)).into(),
+            payload: Payload::Json(Bytes::from(embeddings.write(shape, model)?)),
+            stream: false,
+            json_answer: true,
+            headers: HeaderMap::new(),
+        },
+        conversion: Conversion::Embeddings {
+            shape,
+            base64: embeddings.base64,
+        },
+    })
 }
 
 /// The `generateContent` request of a chat or messages call, under `prefix`.
@@ -187,15 +227,11 @@ fn build(
     target: &TargetModel<'_>,
     prefix: &str,
 ) -> Result<Prepared, ProxyError> {
-    let caller: &'static dyn CallerCodec = match request.endpoint {
-        Endpoint::ChatCompletions => &OpenAiChat,
-        Endpoint::Messages => &AnthropicMessages,
-        other => {
-            return Err(ProxyError::NotImplemented(format!(
-                "{} is not a Gemini endpoint",
-                other.path()
-            )));
-        }
+    let Some(caller) = chat::caller_format(request.endpoint) else {
+        return Err(ProxyError::NotImplemented(format!(
+            "{} is not a Gemini endpoint",
+            request.endpoint.path()
+        )));
     };
     let body = chat::translate_request(request.raw, caller, &GeminiContent, target.upstream_model)?;
     let model = target.upstream_model.trim_start_matches("models/");

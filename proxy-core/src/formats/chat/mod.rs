@@ -23,6 +23,8 @@
 //! - `anthropic.rs`, `anthropic_stream.rs`: Anthropic messages.
 //! - `gemini.rs`: Google's generateContent (Gemini API, Vertex AI), upstream only.
 //! - `bedrock.rs`: AWS Bedrock's Converse, upstream only.
+//! - `responses.rs`: OpenAI's Responses API, caller only (bridged to providers without
+//!   one).
 //! - `wire.rs`: what the codecs share (refusals, loose JSON, event writing).
 
 pub mod canonical;
@@ -34,6 +36,7 @@ mod codec;
 mod gemini;
 mod openai;
 mod openai_stream;
+mod responses;
 mod wire;
 
 use bytes::{Bytes, BytesMut};
@@ -45,8 +48,10 @@ pub use codec::{
 };
 pub use gemini::GeminiContent;
 pub use openai::OpenAiChat;
+pub use responses::OpenAiResponses;
 
 use crate::failure::ProxyError;
+use crate::formats::embeddings::{self, Shape};
 use crate::formats::endpoint::Endpoint;
 use crate::formats::sse::{self, StreamBreak};
 use canonical::{Event, Usage};
@@ -58,6 +63,17 @@ pub fn native(
     match endpoint {
         Endpoint::ChatCompletions => Some((&OpenAiChat, &OpenAiChat)),
         Endpoint::Messages => Some((&AnthropicMessages, &AnthropicMessages)),
+        Endpoint::CountTokens | Endpoint::Forward(_) => None,
+    }
+}
+
+/// The caller format of a chat-like endpoint, for providers that translate it: chat
+/// completions, messages, and the Responses API (bridged).
+pub fn caller_format(endpoint: Endpoint) -> Option<&'static dyn CallerCodec> {
+    match endpoint {
+        Endpoint::ChatCompletions => Some(&OpenAiChat),
+        Endpoint::Messages => Some(&AnthropicMessages),
+        Endpoint::Forward(crate::formats::endpoint::RESPONSES) => Some(&OpenAiResponses),
         Endpoint::CountTokens | Endpoint::Forward(_) => None,
     }
 }
@@ -81,6 +97,8 @@ pub enum Conversion {
         upstream: &'static dyn UpstreamCodec,
         caller: &'static dyn CallerCodec,
     },
+    /// A provider's embeddings answer as OpenAI's list (never streamed).
+    Embeddings { shape: Shape, base64: bool },
 }
 
 impl std::fmt::Debug for Conversion {
@@ -88,6 +106,7 @@ impl std::fmt::Debug for Conversion {
         f.write_str(match self {
             Conversion::None => "None",
             Conversion::Translate { .. } => "Translate",
+            Conversion::Embeddings { .. } => "Embeddings",
         })
     }
 }
@@ -109,6 +128,9 @@ impl Conversion {
                 }
                 Ok(Bytes::from(caller.write_answer(&answer)))
             }
+            Conversion::Embeddings { shape, base64 } => {
+                embeddings::answer(shape, base64, &body, unnamed)
+            }
         }
     }
 
@@ -116,7 +138,7 @@ impl Conversion {
     /// [`StreamTranslator::naming`] for `unnamed`).
     pub fn stream(self, unnamed: &str) -> Option<StreamTranslator> {
         match self {
-            Conversion::None => None,
+            Conversion::None | Conversion::Embeddings { .. } => None,
             Conversion::Translate { upstream, caller } => {
                 Some(StreamTranslator::new(upstream, caller).naming(unnamed))
             }

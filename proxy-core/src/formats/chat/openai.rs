@@ -34,7 +34,7 @@ impl CallerCodec for OpenAiChat {
             },
             parallel_tool_calls: chat.get("parallel_tool_calls").and_then(Value::as_bool),
             user: chat.get("user").and_then(Value::as_str).map(str::to_owned),
-            thinking_budget: read_effort(take(&mut chat, "reasoning_effort"))?,
+            thinking_budget: read_effort(take(&mut chat, "reasoning_effort"), "reasoning_effort")?,
             ..Request::default()
         };
         let Some(Value::Array(messages)) = chat.remove("messages") else {
@@ -475,7 +475,9 @@ pub(super) fn write_usage(usage: &Usage) -> Value {
 
 /// Reasoning budgets for `reasoning_effort` levels, and back: `minimal` and `low`
 /// 1,024 tokens (Anthropic's least), `medium` 4,096, `high` 16,384.
-fn read_effort(effort: Option<Value>) -> Result<Option<u64>> {
+/// A reasoning effort (`none` to `high`) as a thinking budget; `param` names the field
+/// in a refusal.
+pub(super) fn read_effort(effort: Option<Value>, param: &'static str) -> Result<Option<u64>> {
     let Some(effort) = effort else {
         return Ok(None);
     };
@@ -485,8 +487,8 @@ fn read_effort(effort: Option<Value>) -> Result<Option<u64>> {
         Some("medium") => Ok(Some(4096)),
         Some("high") => Ok(Some(16_384)),
         _ => Err(refuse(
-            "'reasoning_effort' must be one of none, minimal, low, medium, high",
-            "reasoning_effort",
+            format!("'{param}' must name an effort: none, minimal, low, medium or high"),
+            param,
         )),
     }
 }

@@ -1081,3 +1081,156 @@ fn a_converse_exception_breaks_the_stream() {
     let (_, broke) = StreamTranslator::new(BEDROCK, OPENAI).translate(&run);
     assert_eq!(broke, Some(StreamBreak::Upstream("the model broke".into())));
 }
+
+// The Responses API, bridged
+
+const RESPONSES: &OpenAiResponses = &OpenAiResponses;
+
+#[test]
+fn a_responses_request_becomes_messages_with_its_items() {
+    let sent: Value = serde_json::from_slice(
+        &translate_request(
+            json!({"model": "x", "instructions": "Be brief.", "max_output_tokens": 50,
+                "reasoning": {"effort": "low"},
+                "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}],
+                "tool_choice": {"type": "function", "name": "get_weather"},
+                "input": [
+                    {"role": "user", "content": [{"type": "input_text", "text": "Weather?"},
+                        {"type": "input_image", "image_url": "data:image/png;base64,iVBO"}]},
+                    {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{\"city\":\"Paris\"}"},
+                    {"type": "function_call_output", "call_id": "c1", "output": "21C"},
+                    {"type": "reasoning", "id": "rs_1", "summary": []}]})
+            .to_string()
+            .as_bytes(),
+            RESPONSES,
+            ANTHROPIC,
+            "claude-up",
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(sent["system"], "Be brief.");
+    assert_eq!(sent["thinking"]["budget_tokens"], 1024);
+    assert_eq!(
+        sent["max_tokens"],
+        50 + 1024,
+        "room for the answer beside the reasoning"
+    );
+    assert_eq!(sent["tools"][0]["name"], "get_weather");
+    assert_eq!(
+        sent["tool_choice"],
+        json!({"type": "tool", "name": "get_weather"})
+    );
+    let messages = sent["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 3, "{messages:?}");
+    assert_eq!(
+        messages[0]["content"][1]["source"]["media_type"],
+        "image/png"
+    );
+    assert_eq!(messages[1]["content"][0]["type"], "tool_use");
+    assert_eq!(messages[1]["content"][0]["input"], json!({"city": "Paris"}));
+    assert_eq!(messages[2]["content"][0]["tool_use_id"], "c1");
+
+    // What a stateless bridge cannot do is refused by name.
+    let param = |body: Value| match translate_request(
+        body.to_string().as_bytes(),
+        RESPONSES,
+        ANTHROPIC,
+        "c",
+    ) {
+        Err(ProxyError::InvalidRequest { param, .. }) => param,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        param(json!({"model": "x", "input": "Hi", "previous_response_id": "resp_1"})),
+        Some("previous_response_id")
+    );
+    assert_eq!(
+        param(json!({"model": "x", "input": "Hi", "tools": [{"type": "web_search"}]})),
+        Some("tools")
+    );
+    assert_eq!(param(json!({"model": "x"})), Some("input"));
+}
+
+#[test]
+fn an_answer_becomes_a_response_object() {
+    let message = json!({"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-up",
+        "content": [{"type": "text", "text": "Checking."},
+                    {"type": "tool_use", "id": "tu_1", "name": "get_weather", "input": {"city": "Paris"}}],
+        "stop_reason": "tool_use",
+        "usage": {"input_tokens": 5, "output_tokens": 7, "cache_read_input_tokens": 100}});
+    let response = json_of(
+        Conversion::Translate {
+            upstream: ANTHROPIC,
+            caller: RESPONSES,
+        }
+        .answer(Bytes::from(message.to_string()), "")
+        .unwrap(),
+    );
+    assert_eq!(response["object"], "response");
+    assert_eq!(response["status"], "completed");
+    assert_eq!(response["id"], "resp_msg_1");
+    assert_eq!(response["output"][0]["content"][0]["text"], "Checking.");
+    assert_eq!(response["output"][1]["type"], "function_call");
+    assert_eq!(response["output"][1]["call_id"], "tu_1");
+    assert_eq!(response["output"][1]["arguments"], r#"{"city":"Paris"}"#);
+    assert_eq!(response["usage"]["input_tokens"], 105);
+    assert_eq!(
+        response["usage"]["input_tokens_details"]["cached_tokens"],
+        100
+    );
+    let cut = json!({"id": "msg_2", "type": "message", "role": "assistant", "model": "m",
+        "content": [{"type": "text", "text": "Lo"}], "stop_reason": "max_tokens",
+        "usage": {"input_tokens": 1, "output_tokens": 1}});
+    let response = json_of(
+        Conversion::Translate {
+            upstream: ANTHROPIC,
+            caller: RESPONSES,
+        }
+        .answer(Bytes::from(cut.to_string()), "")
+        .unwrap(),
+    );
+    assert_eq!(response["status"], "incomplete");
+    assert_eq!(
+        response["incomplete_details"]["reason"],
+        "max_output_tokens"
+    );
+}
+
+#[test]
+fn a_stream_becomes_responses_events_in_order() {
+    let run = anthropic_stream().join("");
+    let (out, broke) = StreamTranslator::new(ANTHROPIC, RESPONSES).translate(run.as_bytes());
+    assert_eq!(broke, None);
+    let events: Vec<(String, Value)> = crate::formats::sse::events(&out)
+        .map(|e| {
+            (
+                e.name.unwrap_or_default(),
+                serde_json::from_slice(&e.data).unwrap(),
+            )
+        })
+        .collect();
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names[..4],
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added"
+        ]
+    );
+    assert_eq!(*names.last().unwrap(), "response.completed");
+    for (i, (name, data)) in events.iter().enumerate() {
+        assert_eq!(data["type"], name.as_str());
+        assert_eq!(data["sequence_number"], i);
+    }
+    let text: String = events
+        .iter()
+        .filter(|(n, _)| n == "response.output_text.delta")
+        .map(|(_, d)| d["delta"].as_str().unwrap().to_owned())
+        .collect();
+    let done = &events.last().unwrap().1["response"];
+    assert_eq!(done["output"][0]["content"][0]["text"], text.as_str());
+    assert!(done["usage"]["output_tokens"].as_u64().unwrap() > 0);
+}
