@@ -214,8 +214,9 @@ async fn the_gemini_mock_answers_googles_own_sdk() {
     );
 }
 
-/// The Bedrock mock's scripts for the botocore checks and the SDK callers.
-fn script_bedrock(mock: &MockProvider) {
+/// Scripts for every provider's `-tools` and `-busy` upstream models: a get_weather
+/// call, and a 429; and a Bedrock stream that breaks.
+fn script_providers(mock: &MockProvider) {
     let weather = Script {
         tool_call: Some(ToolCall {
             id: "tooluse_sdk".into(),
@@ -224,14 +225,14 @@ fn script_bedrock(mock: &MockProvider) {
         }),
         ..Script::default()
     };
-    mock.set_script_for("bedrock-sdk-tools", weather);
-    mock.set_script_for(
-        "bedrock-sdk-busy",
-        Script {
-            status: 429,
-            ..Script::default()
-        },
-    );
+    let busy = Script {
+        status: 429,
+        ..Script::default()
+    };
+    for provider in ["bedrock", "gemini", "vertex", "claude-vertex", "claude"] {
+        mock.set_script_for(&format!("{provider}-sdk-tools"), weather.clone());
+        mock.set_script_for(&format!("{provider}-sdk-busy"), busy.clone());
+    }
     mock.set_script_for(
         "bedrock-sdk-broken",
         Script {
@@ -239,20 +240,106 @@ fn script_bedrock(mock: &MockProvider) {
             ..Script::default()
         },
     );
+    mock.set_script_for(
+        "vertex-sdk-down",
+        Script {
+            status: 503,
+            ..Script::default()
+        },
+    );
+}
+
+/// An agent in front of `mock` with models of every translated provider, named as
+/// `provider_callers.py` expects: `{provider}-chat`, `-tools`, `-busy`, `-embed`.
+async fn provider_agent(mock: &MockProvider, dir: &Path) -> (Process, String) {
+    use cloud_mock::provider::bedrock::{ACCESS_KEY_ID, SECRET_ACCESS_KEY};
+    let aws = serde_json::json!({"access_key_id": ACCESS_KEY_ID, "secret_access_key": SECRET_ACCESS_KEY,
+                                 "region": "us-east-1", "session_token": "caller-session-token"});
+    let vertex = serde_json::json!({"project": "sdk-project", "region": "us-central1",
+                                    "access_token": "ya29.sdk-token"});
+    let mut models = String::new();
+    for (provider, key, chat, embed) in [
+        (
+            "bedrock",
+            "br",
+            "anthropic.claude-3-5-haiku-20241022-v1:0",
+            Some("amazon.titan-embed-text-v2:0"),
+        ),
+        (
+            "gemini",
+            "gm",
+            "gemini-2.0-flash",
+            Some("text-embedding-004"),
+        ),
+        (
+            "vertex",
+            "vx",
+            "gemini-2.0-flash",
+            Some("text-embedding-005"),
+        ),
+        ("vclaude", "vx", "claude-sonnet-4-5", None),
+        ("anthropic", "an", "claude-up", None),
+    ] {
+        let upstream = match provider {
+            "vclaude" => "claude-vertex",
+            "anthropic" => "claude",
+            other => other,
+        };
+        models.push_str(&format!(
+            "  - {{id: {provider}-chat, display_name: {provider}-chat, model_name: \"{chat}\", provider_key_id: {key}}}\n\
+             \x20 - {{id: {provider}-tools, display_name: {provider}-tools, model_name: {upstream}-sdk-tools, provider_key_id: {key}}}\n\
+             \x20 - {{id: {provider}-busy, display_name: {provider}-busy, model_name: {upstream}-sdk-busy, provider_key_id: {key}}}\n"
+        ));
+        if let Some(embed) = embed {
+            models.push_str(&format!(
+                "  - {{id: {provider}-embed, display_name: {provider}-embed, model_name: \"{embed}\", provider_key_id: {key}}}\n"
+            ));
+        }
+    }
+    // A Vertex AI model that is down, and a routing model failing over from it to
+    // Bedrock.
+    models.push_str(
+        "  - {id: vertex-down, display_name: vertex-down, model_name: vertex-sdk-down, provider_key_id: vx}\n\
+         \x20 - {id: vertex-failover, display_name: vertex-failover, routing: {targets: [{model: vertex-down}, {model: bedrock-chat}]}}\n",
+    );
+    let resources = format!(
+        r#"
+provider_keys:
+  - {{id: br, display_name: bedrock, provider: bedrock, api_base: "{base}", api_key: '{aws}'}}
+  - {{id: gm, display_name: gemini, provider: gemini, api_base: "{base}", api_key: gm-sdk-key}}
+  - {{id: vx, display_name: vertex, provider: vertex, api_base: "{base}", api_key: '{vertex}'}}
+  - {{id: an, display_name: anthropic, provider: anthropic, api_base: "{base}", api_key: sk-ant-sdk}}
+models:
+{models}api_keys:
+  - {{id: k1, key_hash: {wide}, allowed_models: ["*"]}}
+"#,
+        base = mock.url(),
+        wide = key_hash("sdk-wide-key"),
+    );
+    std::fs::write(dir.join("resources.yaml"), resources).unwrap();
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "resources_file: {}\nproxy:\n  addr: 127.0.0.1:0\nshutdown:\n  min_drain_secs: 0\n",
+            dir.join("resources.yaml").display()
+        ),
+    )
+    .unwrap();
+    start_agent(&config).await
 }
 
 /// AWS's botocore against cloud-mock's Bedrock mock (paths, Signature V4 verification,
 /// answers, the binary event stream, tool use, throttling and stream exceptions as
-/// AWS's own library reads them); then the official OpenAI and Anthropic SDKs call
-/// Bedrock models through the agent, and botocore recomputes every signature the agent
-/// sent.
+/// AWS's own library reads them); then the official SDKs call Bedrock models through
+/// the agent and botocore recomputes every signature the agent sent.
 #[tokio::test]
-async fn bedrock_is_checked_by_botocore_and_reached_from_both_sdks() {
+async fn bedrock_is_checked_by_botocore_and_its_signatures_by_botocore_too() {
     use cloud_mock::provider::bedrock::{ACCESS_KEY_ID, SECRET_ACCESS_KEY};
     let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
         .await
         .unwrap();
-    script_bedrock(&mock);
+    script_providers(&mock);
     let aws = [
         ("AISIX_AWS_ACCESS_KEY_ID", ACCESS_KEY_ID),
         ("AISIX_AWS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY),
@@ -267,48 +354,9 @@ async fn bedrock_is_checked_by_botocore_and_reached_from_both_sdks() {
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let credential = |token: &str| {
-        serde_json::json!({"access_key_id": ACCESS_KEY_ID, "secret_access_key": SECRET_ACCESS_KEY,
-                           "region": "us-east-1", "session_token": token})
-        .to_string()
-    };
-    let resources = format!(
-        r#"
-provider_keys:
-  - {{id: br, display_name: bedrock, provider: bedrock, api_base: "{base}", api_key: '{plain}'}}
-models:
-  - {{id: b1, display_name: bedrock-claude, model_name: "anthropic.claude-3-5-haiku-20241022-v1:0", provider_key_id: br}}
-  - {{id: b2, display_name: bedrock-tools, model_name: bedrock-sdk-tools, provider_key_id: br}}
-  - {{id: b3, display_name: bedrock-busy, model_name: bedrock-sdk-busy, provider_key_id: br}}
-  - {{id: b4, display_name: bedrock-titan, model_name: "amazon.titan-embed-text-v2:0", provider_key_id: br}}
-api_keys:
-  - {{id: k1, key_hash: {wide}, allowed_models: ["*"]}}
-"#,
-        base = mock.url(),
-        plain = credential("caller-session-token"),
-        wide = key_hash("sdk-wide-key"),
-    );
-    std::fs::write(dir.path().join("resources.yaml"), resources).unwrap();
-    let config = dir.path().join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "resources_file: {}\nproxy:\n  addr: 127.0.0.1:0\nshutdown:\n  min_drain_secs: 0\n",
-            dir.path().join("resources.yaml").display()
-        ),
-    )
-    .unwrap();
-    let (_agent, url) = start_agent(&config).await;
+    let (_agent, url) = provider_agent(&mock, dir.path()).await;
     let before = mock.requests().len();
-    run_sdk_against(
-        "bedrock_callers.py",
-        &url,
-        &[
-            ("AISIX_API_KEY", "sdk-wide-key"),
-            ("AISIX_NARROW_KEY", "unused"),
-        ],
-    )
-    .await;
+    run_callers(&url, "bedrock", "1", true).await;
     let sent: Vec<_> = mock.requests().into_iter().skip(before).collect();
     assert!(sent.len() >= 10, "{sent:?}");
     assert!(
@@ -323,6 +371,68 @@ api_keys:
     );
     let checked = String::from_utf8_lossy(&checked);
     assert_eq!(checked.trim(), format!("{} signatures checked", sent.len()));
+}
+
+/// The official OpenAI and Anthropic SDKs as callers of every translated provider
+/// (Gemini, Vertex AI, Claude on Vertex AI, Anthropic; Bedrock above): chat
+/// completions, messages and the Responses API, whole and streamed, with tools and the
+/// tool-result turn, throttling, and embeddings where the provider has them; and a
+/// routing model failing over from one provider to another.
+#[tokio::test]
+async fn every_translated_provider_is_reached_from_both_sdks() {
+    let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    script_providers(&mock);
+    let dir = tempfile::tempdir().unwrap();
+    let (_agent, url) = provider_agent(&mock, dir.path()).await;
+    for (provider, embeddings) in [
+        ("gemini", true),
+        ("vertex", true),
+        ("vclaude", false),
+        ("anthropic", false),
+    ] {
+        run_callers(&url, provider, "", embeddings).await;
+    }
+    // Failover across providers: Vertex AI down, Bedrock answers.
+    let r = tests::http_client()
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth("sdk-wide-key")
+        .json(&serde_json::json!({"model": "vertex-failover",
+                                  "messages": [{"role": "user", "content": "Say hello."}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-aisix-served-by"], "bedrock-chat");
+    let paths: Vec<String> = mock.requests().into_iter().map(|r| r.path).collect();
+    for expected in [
+        "/v1beta/models/gemini-sdk-tools:streamGenerateContent",
+        "/v1/projects/sdk-project/locations/us-central1/publishers/google/models/text-embedding-005:predict",
+        "/v1/projects/sdk-project/locations/us-central1/publishers/anthropic/models/claude-vertex-sdk-tools:streamRawPredict",
+        "/v1/messages",
+    ] {
+        assert!(
+            paths.iter().any(|p| p == expected),
+            "{expected} not in {paths:?}"
+        );
+    }
+}
+
+/// Runs `provider_callers.py` for `provider`'s models through the agent at `url`.
+async fn run_callers(url: &str, provider: &str, retry_hint: &str, embeddings: bool) {
+    run_sdk_against(
+        "provider_callers.py",
+        url,
+        &[
+            ("AISIX_API_KEY", "sdk-wide-key"),
+            ("AISIX_NARROW_KEY", "unused"),
+            ("AISIX_PROVIDER", provider),
+            ("AISIX_RETRY_HINT", retry_hint),
+            ("AISIX_EMBEDDINGS", if embeddings { "1" } else { "0" }),
+        ],
+    )
+    .await;
 }
 
 /// Runs `script` (in `tests/sdk/`) against `mock` alone; it must exit 0 and say its
