@@ -71,22 +71,10 @@ pub(super) async fn converse(
             );
         }
     };
-    let (parts, body) = request.into_parts();
-    let body = axum::body::to_bytes(body, usize::MAX)
-        .await
-        .unwrap_or_default();
-    if let Err((status, kind, message)) = verify(&parts.method, &parts.uri, &parts.headers, &body) {
-        return refusal(status, kind, message);
-    }
-    let call = receive(
-        &shared,
-        &parts.method,
-        &parts.uri,
-        &parts.headers,
-        &body,
-        Some(model),
-    )
-    .await;
+    let call = match signed_call(&shared, model, request).await {
+        Ok(call) => call,
+        Err(refused) => return refused,
+    };
     let status = call.status();
     if !status.is_success() {
         let mut refused = match &call.script.error_body {
@@ -172,22 +160,10 @@ pub(super) async fn converse(
 /// `{"inputText"}` -> `{"embedding", "inputTextTokenCount"}`, Cohere's `{"texts"}` ->
 /// `{"embeddings": [[...]]}`.
 async fn invoke(shared: SharedState, model: String, request: Request) -> Response {
-    let (parts, body) = request.into_parts();
-    let body = axum::body::to_bytes(body, usize::MAX)
-        .await
-        .unwrap_or_default();
-    if let Err((status, kind, message)) = verify(&parts.method, &parts.uri, &parts.headers, &body) {
-        return refusal(status, kind, message);
-    }
-    let call = receive(
-        &shared,
-        &parts.method,
-        &parts.uri,
-        &parts.headers,
-        &body,
-        Some(model),
-    )
-    .await;
+    let call = match signed_call(&shared, model, request).await {
+        Ok(call) => call,
+        Err(refused) => return refused,
+    };
     let status = call.status();
     if !status.is_success() {
         return refusal(
@@ -218,6 +194,29 @@ async fn invoke(shared: SharedState, model: String, request: Request) -> Respons
         "ValidationException",
         "Malformed input request: expected inputText or texts",
     )
+}
+
+/// A request whose signature holds, recorded with its script; or the refusal.
+async fn signed_call(
+    shared: &SharedState,
+    model: String,
+    request: Request,
+) -> Result<super::Call, Response> {
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    verify(&parts.method, &parts.uri, &parts.headers, &body)
+        .map_err(|(status, kind, message)| refusal(status, kind, message))?;
+    Ok(receive(
+        shared,
+        &parts.method,
+        &parts.uri,
+        &parts.headers,
+        &body,
+        Some(model),
+    )
+    .await)
 }
 
 /// Bedrock's usage: `inputTokens` without the cached parts reported beside it.

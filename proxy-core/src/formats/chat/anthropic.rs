@@ -8,8 +8,8 @@ use super::canonical::{
 };
 use super::codec::{CallerCodec, UpstreamCodec};
 use super::wire::{
-    Result, count, number, parse_object, plain_text, refuse, str_of, strings, take, to_bytes,
-    u64_of, unreadable,
+    Result, count, number, parse_object, plain_text, push_turn, refuse, str_of, strings, take,
+    to_bytes, u64_of, unreadable,
 };
 use crate::resources::PromptCache;
 
@@ -391,21 +391,11 @@ fn write_turns(turns: &[Turn]) -> Vec<Value> {
     let mut out: Vec<Value> = Vec::new();
     for turn in turns {
         let blocks: Vec<Value> = turn.content.iter().filter_map(write_block).collect();
-        if blocks.is_empty() {
-            continue;
-        }
         let role = match turn.role {
             Role::User => "user",
             Role::Assistant => "assistant",
         };
-        match out.last_mut() {
-            Some(last) if last["role"] == role => {
-                if let Some(existing) = last["content"].as_array_mut() {
-                    existing.extend(blocks);
-                }
-            }
-            _ => out.push(json!({"role": role, "content": blocks})),
-        }
+        push_turn(&mut out, role, "content", blocks);
     }
     out
 }

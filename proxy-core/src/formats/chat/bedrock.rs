@@ -15,7 +15,7 @@ use super::canonical::{
     Answer, Block, Event, ImageSource, Request, Role, Stop, Text, ToolChoice, Usage,
 };
 use super::codec::{StreamDecoder, UpstreamCodec, UpstreamStream};
-use super::wire::{Result, refuse, str_at, str_of, to_bytes, u64_of, unreadable};
+use super::wire::{Result, push_turn, refuse, str_at, str_of, to_bytes, u64_of, unreadable};
 use crate::formats::sse::{self, StreamBreak};
 
 pub struct BedrockConverse;
@@ -182,21 +182,11 @@ fn write_turns(request: &Request) -> Result<Vec<Value>> {
                 content.push(cache_point());
             }
         }
-        if content.is_empty() {
-            continue;
-        }
         let role = match turn.role {
             Role::User => "user",
             Role::Assistant => "assistant",
         };
-        match out.last_mut() {
-            Some(last) if last["role"] == role => {
-                if let Some(existing) = last["content"].as_array_mut() {
-                    existing.extend(content);
-                }
-            }
-            _ => out.push(json!({"role": role, "content": content})),
-        }
+        push_turn(&mut out, role, "content", content);
     }
     Ok(out)
 }

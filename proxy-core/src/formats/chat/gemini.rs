@@ -13,7 +13,7 @@ use super::canonical::{
     Answer, Block, Event, ImageSource, Request, Role, Stop, Text, ToolChoice, Usage,
 };
 use super::codec::{StreamDecoder, UpstreamCodec, UpstreamStream};
-use super::wire::{Result, refuse, str_of, to_bytes, u64_of, unreadable};
+use super::wire::{Result, push_turn, refuse, str_of, to_bytes, u64_of, unreadable};
 use crate::formats::sse::{self, StreamBreak};
 
 pub struct GeminiContent;
@@ -289,21 +289,11 @@ fn write_turns(request: &Request) -> Result<Vec<Value>> {
                 }
             }
         }
-        if parts.is_empty() {
-            continue;
-        }
         let role = match turn.role {
             Role::User => "user",
             Role::Assistant => "model",
         };
-        match out.last_mut() {
-            Some(last) if last["role"] == role => {
-                if let Some(existing) = last["parts"].as_array_mut() {
-                    existing.extend(parts);
-                }
-            }
-            _ => out.push(json!({"role": role, "parts": parts})),
-        }
+        push_turn(&mut out, role, "parts", parts);
     }
     Ok(out)
 }

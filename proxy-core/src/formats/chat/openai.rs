@@ -8,8 +8,8 @@ use super::canonical::{
 };
 use super::codec::{CallerCodec, UpstreamCodec};
 use super::wire::{
-    Result, count, number, parse_object, plain_text, refuse, str_at, str_of, strings, take,
-    to_bytes, u64_of, unix_now, unreadable,
+    Result, count, image_source, number, parse_object, plain_text, refuse, str_at, str_of, strings,
+    take, to_bytes, u64_of, unix_now, unreadable,
 };
 
 pub struct OpenAiChat;
@@ -253,23 +253,10 @@ fn read_part(part: &Value) -> Result<Block> {
             text: str_of(part, "text").to_owned(),
             cache_control,
         })),
-        Some("image_url") => {
-            let url = str_at(part, "/image_url/url");
-            let source = match url
-                .strip_prefix("data:")
-                .and_then(|rest| rest.split_once(";base64,"))
-            {
-                Some((media_type, data)) => ImageSource::Base64 {
-                    media_type: media_type.to_owned(),
-                    data: data.to_owned(),
-                },
-                None => ImageSource::Url(url.to_owned()),
-            };
-            Ok(Block::Image {
-                source,
-                cache_control,
-            })
-        }
+        Some("image_url") => Ok(Block::Image {
+            source: image_source(str_at(part, "/image_url/url")),
+            cache_control,
+        }),
         other => Err(refuse(
             format!(
                 "content part type '{}' is not supported by this model's provider",

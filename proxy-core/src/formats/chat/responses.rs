@@ -17,12 +17,13 @@ use bytes::BytesMut;
 use serde_json::{Value, json};
 
 use super::canonical::{
-    Answer, Block, Event, ImageSource, Request, Role, Stop, Text, Tool, ToolChoice, Turn, Usage,
+    Answer, Block, Event, Request, Role, Stop, Text, Tool, ToolChoice, Turn, Usage,
 };
 use super::codec::{CallerCodec, CallerStream, StreamEncoder};
 use super::openai::read_effort;
 use super::wire::{
-    Result, count, named_event, number, parse_object, refuse, str_of, take, to_bytes, unix_now,
+    Result, count, image_source, named_event, number, parse_object, plain_text, refuse, str_of,
+    take, to_bytes, unix_now,
 };
 
 pub struct OpenAiResponses;
@@ -139,15 +140,7 @@ fn read_item(item: &Value, request: &mut Request) -> Result<()> {
             Ok(())
         }
         Some("function_call_output") => {
-            let output = match item.get("output") {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Array(parts)) => parts
-                    .iter()
-                    .filter_map(|p| p.get("text").and_then(Value::as_str))
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-                _ => String::new(),
-            };
+            let output = plain_text(item.get("output").unwrap_or(&Value::Null));
             push(
                 request,
                 Role::User,
@@ -183,15 +176,7 @@ fn read_message(item: &Value, request: &mut Request) -> Result<()> {
         "user" => Role::User,
         "assistant" => Role::Assistant,
         "system" | "developer" => {
-            let text = match item.get("content") {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Array(parts)) => parts
-                    .iter()
-                    .filter_map(|p| p.get("text").and_then(Value::as_str))
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-                _ => String::new(),
-            };
+            let text = plain_text(item.get("content").unwrap_or(&Value::Null));
             request.system.push(Text::plain(text));
             return Ok(());
         }
@@ -231,18 +216,8 @@ fn read_part(part: &Value) -> Result<Block> {
                         "input",
                     )
                 })?;
-            let source = match url
-                .strip_prefix("data:")
-                .and_then(|rest| rest.split_once(";base64,"))
-            {
-                Some((media_type, data)) => ImageSource::Base64 {
-                    media_type: media_type.to_owned(),
-                    data: data.to_owned(),
-                },
-                None => ImageSource::Url(url.to_owned()),
-            };
             Ok(Block::Image {
-                source,
+                source: image_source(url),
                 cache_control: None,
             })
         }

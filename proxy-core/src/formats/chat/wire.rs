@@ -3,6 +3,7 @@
 use bytes::{BufMut, BytesMut};
 use serde_json::{Map, Number, Value};
 
+use super::canonical::ImageSource;
 use crate::failure::ProxyError;
 
 pub(super) type Result<T> = std::result::Result<T, ProxyError>;
@@ -97,6 +98,43 @@ pub(super) fn unix_now() -> u64 {
 
 pub(super) fn to_bytes(value: &Value) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// Appends a turn's items (`content` blocks or `parts`, as `field` names them) to the
+/// conversation as a message of `role`, into the last message when it has the same
+/// role (the formats that want turns alternating).
+pub(super) fn push_turn(out: &mut Vec<Value>, role: &str, field: &str, items: Vec<Value>) {
+    if items.is_empty() {
+        return;
+    }
+    match out.last_mut() {
+        Some(last) if last["role"] == role => {
+            if let Some(existing) = last[field].as_array_mut() {
+                existing.extend(items);
+            }
+        }
+        _ => {
+            let mut message = Map::new();
+            message.insert("role".into(), role.into());
+            message.insert(field.into(), Value::Array(items));
+            out.push(Value::Object(message));
+        }
+    }
+}
+
+/// An image part's URL: a `data:<type>;base64,` URL as inline data, anything else as
+/// a URL.
+pub(super) fn image_source(url: &str) -> ImageSource {
+    match url
+        .strip_prefix("data:")
+        .and_then(|rest| rest.split_once(";base64,"))
+    {
+        Some((media_type, data)) => ImageSource::Base64 {
+            media_type: media_type.to_owned(),
+            data: data.to_owned(),
+        },
+        None => ImageSource::Url(url.to_owned()),
+    }
 }
 
 /// `data: <json>` and the blank line that ends the event.
