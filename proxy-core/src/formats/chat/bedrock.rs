@@ -15,7 +15,9 @@ use super::canonical::{
     Answer, Block, Event, ImageSource, Request, Role, Stop, Text, ToolChoice, Usage,
 };
 use super::codec::{StreamDecoder, UpstreamCodec, UpstreamStream};
-use super::wire::{Result, push_turn, refuse, str_at, str_of, to_bytes, u64_of, unreadable};
+use super::wire::{
+    Result, push_turn, refuse, sampling, str_at, str_of, to_bytes, u64_of, unreadable,
+};
 use crate::formats::sse::{self, StreamBreak};
 
 pub struct BedrockConverse;
@@ -45,19 +47,7 @@ impl UpstreamCodec for BedrockConverse {
             }
             out.insert("system".into(), Value::Array(system));
         }
-        let mut config = Map::new();
-        if let Some(max) = request.max_tokens {
-            config.insert("maxTokens".into(), max.into());
-        }
-        if let Some(t) = &request.temperature {
-            config.insert("temperature".into(), t.clone().into());
-        }
-        if let Some(p) = &request.top_p {
-            config.insert("topP".into(), p.clone().into());
-        }
-        if !request.stop.is_empty() {
-            config.insert("stopSequences".into(), request.stop.clone().into());
-        }
+        let config = sampling(request, "maxTokens");
         if !config.is_empty() {
             out.insert("inferenceConfig".into(), Value::Object(config));
         }

@@ -13,7 +13,7 @@ use super::canonical::{
     Answer, Block, Event, ImageSource, Request, Role, Stop, Text, ToolChoice, Usage,
 };
 use super::codec::{StreamDecoder, UpstreamCodec, UpstreamStream};
-use super::wire::{Result, push_turn, refuse, str_of, to_bytes, u64_of, unreadable};
+use super::wire::{Result, push_turn, refuse, sampling, str_of, to_bytes, u64_of, unreadable};
 use crate::formats::sse::{self, StreamBreak};
 
 pub struct GeminiContent;
@@ -37,19 +37,7 @@ impl UpstreamCodec for GeminiContent {
                 .collect();
             out.insert("systemInstruction".into(), json!({"parts": parts}));
         }
-        let mut config = Map::new();
-        if let Some(max) = request.max_tokens {
-            config.insert("maxOutputTokens".into(), max.into());
-        }
-        if let Some(t) = &request.temperature {
-            config.insert("temperature".into(), t.clone().into());
-        }
-        if let Some(p) = &request.top_p {
-            config.insert("topP".into(), p.clone().into());
-        }
-        if !request.stop.is_empty() {
-            config.insert("stopSequences".into(), request.stop.clone().into());
-        }
+        let mut config = sampling(request, "maxOutputTokens");
         if let Some(budget) = request.thinking_budget {
             config.insert(
                 "thinkingConfig".into(),

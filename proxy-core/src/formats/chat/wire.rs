@@ -3,7 +3,7 @@
 use bytes::{BufMut, BytesMut};
 use serde_json::{Map, Number, Value};
 
-use super::canonical::ImageSource;
+use super::canonical::{ImageSource, Request};
 use crate::failure::ProxyError;
 
 pub(super) type Result<T> = std::result::Result<T, ProxyError>;
@@ -98,6 +98,25 @@ pub(super) fn unix_now() -> u64 {
 
 pub(super) fn to_bytes(value: &Value) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// The sampling parameters in the camel-case spelling Google's and AWS's APIs share
+/// (`temperature`, `topP`, `stopSequences`), the token limit under `max_key`.
+pub(super) fn sampling(request: &Request, max_key: &str) -> Map<String, Value> {
+    let mut config = Map::new();
+    if let Some(max) = request.max_tokens {
+        config.insert(max_key.into(), max.into());
+    }
+    if let Some(t) = &request.temperature {
+        config.insert("temperature".into(), t.clone().into());
+    }
+    if let Some(p) = &request.top_p {
+        config.insert("topP".into(), p.clone().into());
+    }
+    if !request.stop.is_empty() {
+        config.insert("stopSequences".into(), request.stop.clone().into());
+    }
+    config
 }
 
 /// Appends a turn's items (`content` blocks or `parts`, as `field` names them) to the
