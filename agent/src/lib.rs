@@ -87,11 +87,8 @@ pub struct Agent {
 /// Prepares the source and binds the listeners; any failure stops start-up with a
 /// message naming the config field.
 pub async fn start(config: Config) -> anyhow::Result<Agent> {
-    for section in &config.ignored {
-        warn!(
-            section,
-            "config section is not implemented by this build; ignored"
-        );
+    for key in &config.ignored {
+        warn!(key, "config key accepted but not acted on by this build");
     }
     let status = &config.observability.metrics.prometheus;
     if status.enabled && !status.addr.ip().is_loopback() {
@@ -100,8 +97,10 @@ pub async fn start(config: Config) -> anyhow::Result<Agent> {
             "the status listener (metrics, /status/*) has no authentication and listens beyond this host; keep the port private or set observability.metrics.prometheus.addr to 127.0.0.1"
         );
     }
-    if config.etcd.is_some() && config.admin.is_none() {
-        info!("no admin section: the admin API is off (resources are written to etcd directly)");
+    if config.etcd.is_some() && config.admin().is_none() {
+        info!(
+            "no admin section or admin.enabled is false: the admin API is off (resources are written to etcd directly)"
+        );
     }
     let source = PreparedSource::prepare(&config)?;
     let listeners = listeners::bind(listeners::plan(&config)?).await?;
@@ -243,7 +242,7 @@ impl Serving {
                     options.max_head_bytes = config.proxy.max_header_bytes.saturating_mul(2);
                     router(ProxyState::new(
                         shared.store.clone(),
-                        Upstream::new()?,
+                        Upstream::with_options(&config.upstream_options())?,
                         proxy.take().unwrap_or_default(),
                         serving.draining.clone(),
                         shared.health.clone(),
@@ -251,7 +250,7 @@ impl Serving {
                     ))
                 }
                 Role::Admin => {
-                    let (Some(client), Some(section)) = (&etcd, &config.admin) else {
+                    let (Some(client), Some(section)) = (&etcd, config.admin()) else {
                         continue;
                     };
                     let admin = admin::Admin::new(
@@ -316,8 +315,9 @@ fn proxy_options(config: &Config) -> anyhow::Result<ProxyOptions> {
         min_body_rate: config.proxy.min_body_rate_bytes_per_sec,
         max_header_bytes: config.proxy.max_header_bytes,
         request_id_headers: config.request_id_headers(),
-        trusted_proxies: config.proxy.trusted_proxies.clone(),
+        trusted_proxies: config.real_ip().0,
         client_ip_header: config.client_ip_header(),
+        real_ip_recursive: config.real_ip().2,
         cache: config.cache.options().map_err(field)?,
         shared_limits: config.ratelimit.options().map_err(field)?,
         access_log: config.observability.access_log,

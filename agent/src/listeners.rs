@@ -52,7 +52,7 @@ pub fn plan(config: &Config) -> anyhow::Result<Vec<Planned>> {
         field: "proxy.addr",
         tls: tls(config.proxy.tls.as_ref(), "proxy")?,
     }];
-    if let (Some(_), Some(admin)) = (&config.etcd, &config.admin) {
+    if let (Some(_), Some(admin)) = (&config.etcd, config.admin()) {
         set.push(Planned {
             role: Role::Admin,
             addr: admin.addr,

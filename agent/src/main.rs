@@ -101,7 +101,12 @@ fn main() -> ExitCode {
 
 fn serve(config: Config) -> anyhow::Result<ExitCode> {
     agent::logging::init(&config.observability);
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(workers) = config.proxy.workers {
+        runtime.worker_threads(workers);
+    }
+    let runtime = runtime.build().context("cannot start the async runtime")?;
     runtime.block_on(async {
         let agent = agent::start(config).await?;
         // Handlers are installed before anything serves, so an early SIGTERM drains too.

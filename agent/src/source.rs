@@ -60,12 +60,17 @@ impl PreparedSource {
             return Ok(Self::File(load_resources(config)?));
         };
         let client = Arc::new(etcd_client(etcd)?);
-        let cache = match &etcd.cache_dir {
+        let cache = match &config.etcd_cache_dir() {
             // The cache holds provider credentials: the directory is kept 0700.
             Some(dir) => Some(
                 files::private_dir(dir)
                     .and_then(|()| Ok(SnapshotCache::open(dir, &config.prefix())?))
-                    .with_context(|| format!("etcd.cache_dir: {}", dir.display()))?,
+                    .with_context(|| {
+                        format!(
+                            "etcd.cache_dir / managed.snapshot_cache_path: {}",
+                            dir.display()
+                        )
+                    })?,
             ),
             None => None,
         };
@@ -175,9 +180,10 @@ pub fn etcd_client(etcd: &EtcdSection) -> anyhow::Result<EtcdClient> {
                 )),
                 _ => None,
             };
-            let config = certs::tls::plain_client_config(
+            let config = certs::tls::plain_client_config_for(
                 &ca,
                 client.as_ref().map(|(c, k)| (c.as_str(), k.as_str())),
+                tls.domain_name.as_deref(),
             )
             .context("etcd.tls")?;
             Some(config)

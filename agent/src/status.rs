@@ -130,7 +130,8 @@ struct ConfigStatus {
     config_hash: String,
     resources: Resources,
     rejected_resources: Vec<RejectedResource>,
-    ignored_config_sections: Vec<String>,
+    /// Config keys accepted but not acted on by this build, each with why.
+    ignored: Vec<String>,
     /// The shared rate limits' and cache's Redis connections; absent when neither
     /// uses Redis.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -195,7 +196,7 @@ async fn config(State(status): State<Arc<Status>>) -> Json<ConfigStatus> {
         config_hash: store.config_hash(),
         resources: Resources::of(&snapshot),
         rejected_resources: store.rejected(),
-        ignored_config_sections: status.ignored.clone(),
+        ignored: status.ignored.clone(),
         redis: status.redis.iter().map(Redis::status).collect(),
         tracing: status.tracing.as_ref().map(|t| {
             let counts = t.stats().reading();

@@ -28,9 +28,7 @@ pub fn validate(config: &Config) -> anyhow::Result<Validation> {
     let notes = config
         .ignored
         .iter()
-        .map(|section| {
-            format!("config section '{section}' is not implemented by this build; ignored")
-        })
+        .map(|key| format!("config '{key}' is accepted but not acted on by this build"))
         .collect();
     listeners::plan(config)?;
     let done = |summary: String| Validation {
@@ -50,9 +48,11 @@ pub fn validate(config: &Config) -> anyhow::Result<Validation> {
     }
     if let Some(etcd) = &config.etcd {
         source::etcd_client(etcd)?;
-        let admin = match &config.admin {
+        let admin = match config.admin() {
             Some(admin) => format!("the admin API listens on {}", admin.addr),
-            None => "no admin section, so the admin API is off".to_owned(),
+            None => {
+                "no admin section (or admin.enabled is false), so the admin API is off".to_owned()
+            }
         };
         return Ok(done(format!(
             "self-hosted: resources are watched under {} in etcd and checked as they arrive; {admin}",

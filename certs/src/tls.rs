@@ -108,10 +108,35 @@ pub fn plain_client_config(
     ca_pem: &str,
     client: Option<(&str, &str)>,
 ) -> Result<ClientConfig, CertError> {
+    plain_client_config_for(ca_pem, client, None)
+}
+
+/// Like [`plain_client_config`]; with `server_name`, the server's certificate must be
+/// valid for that name whatever host was connected to (etcd reached by IP address or
+/// through a load balancer, AISIX's `etcd.tls.domain_name`).
+pub fn plain_client_config_for(
+    ca_pem: &str,
+    client: Option<(&str, &str)>,
+    server_name: Option<&str>,
+) -> Result<ClientConfig, CertError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
-        .map_err(|e| CertError::Tls(e.to_string()))?
-        .with_root_certificates(roots("CA", ca_pem)?);
+        .map_err(|e| CertError::Tls(e.to_string()))?;
+    let roots = Arc::new(roots("CA", ca_pem)?);
+    let builder = match server_name {
+        None => builder.with_root_certificates(roots),
+        Some(name) => {
+            let name = rustls::pki_types::ServerName::try_from(name.to_owned())
+                .map_err(|_| CertError::Tls(format!("'{name}' is not a server name")))?;
+            let inner =
+                rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
+                    .build()
+                    .map_err(|e| CertError::Tls(e.to_string()))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NamedServer { inner, name }))
+        }
+    };
     match client {
         None => Ok(builder.with_no_client_auth()),
         Some((cert_pem, key_pem)) => builder
@@ -120,6 +145,50 @@ pub fn plain_client_config(
                 pem_key("client key", key_pem)?,
             )
             .map_err(|e| CertError::Tls(format!("client certificate and key: {e}"))),
+    }
+}
+
+/// Verifies a server's certificate as webpki does, for a fixed name rather than the
+/// one connected to.
+#[derive(Debug)]
+struct NamedServer {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    name: rustls::pki_types::ServerName<'static>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for NamedServer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _connected_to: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &self.name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 

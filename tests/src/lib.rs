@@ -58,6 +58,11 @@ pub struct TlsFiles {
 impl TlsFiles {
     /// Issues a day's certificates from a new CA named `ca_name`, written into `dir`.
     pub fn generate(dir: &Path, ca_name: &str) -> TlsFiles {
+        Self::generate_for(dir, ca_name, &[])
+    }
+
+    /// Like [`TlsFiles::generate`], the server certificate also valid for `names`.
+    pub fn generate_for(dir: &Path, ca_name: &str, names: &[&str]) -> TlsFiles {
         const DAY: Duration = Duration::from_secs(86_400);
         let write = |name: &str, text: &str| {
             let path = dir.join(name);
@@ -66,7 +71,11 @@ impl TlsFiles {
         };
         let ca = certs::CertificateAuthority::generate(ca_name, DAY).unwrap();
         let server = ca
-            .issue_server_and_client(&[], &["127.0.0.1".parse().unwrap()], DAY)
+            .issue_server_and_client(
+                &names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>(),
+                &["127.0.0.1".parse().unwrap()],
+                DAY,
+            )
             .unwrap();
         let client = ca
             .issue_gateway(&certs::GatewayIdentity::new("env", "dp").unwrap(), DAY)
@@ -260,9 +269,14 @@ where
 /// Starts `aisix-agent --config CONFIG` and waits until its proxy answers `/livez`.
 /// Returns the process and the proxy's base URL.
 pub async fn start_agent(config: &Path) -> (Process, String) {
+    start_agent_with(config, &[]).await
+}
+
+/// [`start_agent`] with `envs` in the agent's environment.
+pub async fn start_agent_with(config: &Path, envs: &[(&str, &str)]) -> (Process, String) {
     let within = Duration::from_secs(20);
     let config = config.to_str().expect("UTF-8 config path");
-    let mut process = Process::start(&binary("aisix-agent"), &["--config", config], &[]);
+    let mut process = Process::start(&binary("aisix-agent"), &["--config", config], envs);
     let line = process.wait_for_line("proxy listener ready", within).await;
     let url = format!("http://{}", addr_in(&line));
     let client = http_client();

@@ -932,3 +932,198 @@ async fn request_timeout_bounds_every_etcd_call() {
     );
     assert_eq!(health["config"]["snapshot_revision"], 0);
 }
+
+/// An AISIX operator's config file, in AISIX's spellings, against a real etcd with TLS
+/// (checked for `domain_name`, not the IP address dialled) and the environment's folder
+/// (`env_id`); then `user` and `password_env` against an etcd with password auth (etcd
+/// refuses password auth over its HTTP gateway beside client certificates).
+#[tokio::test]
+async fn an_aisix_config_file_runs_unchanged_against_etcd() {
+    const PASSWORD: &str = "aisix-etcd-password";
+    let dir = tempfile::tempdir().unwrap();
+    let tls = tests::TlsFiles::generate_for(dir.path(), "aisix etcd CA", &["etcd.internal"]);
+    let etcd = Etcd::start_with(Some(tls.clone()), &[]).await;
+    let mock = MockProvider::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    // Resources of the `prod` environment, and one of another environment.
+    let put = |key: &str, value: Value| etcd.etcdctl(&["put", key, &value.to_string()]);
+    put(
+        "/aisix/prod/provider_keys/pk1",
+        provider_key(&mock.url(), "mock"),
+    );
+    put(
+        "/aisix/prod/models/m1",
+        json!({"display_name": "gpt", "model_name": "up-gpt", "provider_key_id": "pk1",
+               "allowed_cidrs": ["192.0.2.0/24"]}),
+    );
+    put(
+        "/aisix/prod/api_keys/k1",
+        json!({"key_hash": key_hash(CALLER), "allowed_models": ["*"]}),
+    );
+    put("/aisix/staging/models/m2", model("staging-only", "pk1"));
+    let config = |domain: &str| {
+        format!(
+            r#"etcd:
+  endpoints: ["{endpoint}"]
+  prefix: /aisix
+  env_id: prod
+  dial_timeout_ms: 500
+  request_timeout_ms: 2000
+  tls:
+    ca_cert_file: {ca}
+    client_cert_file: {cert}
+    client_key_file: {key}
+    domain_name: {domain}
+proxy:
+  addr: 127.0.0.1:0
+  real_ip: {{trusted_proxies: ["127.0.0.1/32"], recursive: false, header: x-real-ip}}
+  request_id: {{accept_headers: ["x-request-id"]}}
+  thread_per_core: false
+  workers: 2
+admin: {{enabled: true, addr: "127.0.0.1:0", admin_keys: ["{ADMIN_KEY}"]}}
+observability:
+  service_name: aisix-gateway
+  access_log: true
+  metrics:
+    client_type_rules: [{{pattern: "^OpenAI/Python", client: openai-python}}]
+upstream: {{timeout_ms: 30000, connect_timeout_ms: 2000, pool_idle_timeout_secs: 30, retries: 1}}
+downstream: {{idle_timeout_secs: 120, sse_keepalive_interval_secs: 15}}
+shutdown: {{min_drain_secs: 0}}
+managed: {{snapshot_cache_path: {snapshot}}}
+"#,
+            endpoint = etcd.url(),
+            ca = tls.ca.display(),
+            cert = tls.client_cert.display(),
+            key = tls.client_key.display(),
+            snapshot = dir.path().join("snapshot").display(),
+        )
+    };
+    let path = dir.path().join("aisix.yaml");
+    std::fs::write(&path, config("etcd.internal")).unwrap();
+    let (mut process, proxy) = tests::start_agent(&path).await;
+    let line = process
+        .wait_for_line("metrics listener ready", WITHIN)
+        .await;
+    let status = format!("http://{}", addr_in(&line));
+    process.wait_for_line("admin listener ready", WITHIN).await;
+    let http = http_client();
+    let chat = |ip: Option<&'static str>| {
+        let mut request = http
+            .post(format!("{proxy}/v1/chat/completions"))
+            .bearer_auth(CALLER)
+            .json(&json!({"model": "gpt", "messages": [{"role": "user", "content": "Hi"}]}));
+        if let Some(ip) = ip {
+            request = request.header("x-real-ip", ip);
+        }
+        request.send()
+    };
+    tests::eventually("the prod environment is served", WITHIN, || async {
+        chat(Some("192.0.2.9"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    // The client address comes from the trusted proxy's header: the model's
+    // allowed_cidrs admit 192.0.2.0/24 only.
+    assert_eq!(chat(None).await.unwrap().status(), 403);
+    assert_eq!(chat(Some("198.51.100.1")).await.unwrap().status(), 403);
+    let models: Value = http
+        .get(format!("{proxy}/v1/models"))
+        .bearer_auth(CALLER)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert_eq!(names, ["gpt"], "another environment's models stay out");
+    // What this build does not act on is reported, by key.
+    let config_status: Value = http
+        .get(format!("{status}/status/config"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ignored = config_status["ignored"].to_string();
+    for key in [
+        "downstream",
+        "proxy.thread_per_core",
+        "observability.metrics.client_type_rules",
+        "upstream.retries",
+    ] {
+        assert!(ignored.contains(key), "{key} not in {ignored}");
+    }
+    process.signal("TERM");
+    assert!(process.wait_exit(WITHIN).await.success());
+    let output = process.output();
+    assert!(output.contains("client_ip=192.0.2.9"), "{output}");
+    assert!(
+        dir.path().join("snapshot").is_dir(),
+        "the last good snapshot is kept at managed.snapshot_cache_path"
+    );
+
+    // etcd's certificate is checked for domain_name: another name is refused.
+    let wrong = dir.path().join("wrong.yaml");
+    std::fs::write(
+        &wrong,
+        config("other.internal").replace("/snapshot", "/snapshot-2"),
+    )
+    .unwrap();
+    let (mut process, _proxy) = tests::start_agent(&wrong).await;
+    process
+        .wait_for_line("configuration watch interrupted", WITHIN)
+        .await;
+    drop(process);
+
+    // `user` and the password from the variable `password_env` names.
+    let mut etcd = Etcd::start().await;
+    etcd.etcdctl(&["user", "add", &format!("root:{PASSWORD}")]);
+    etcd.etcdctl(&["auth", "enable"]);
+    etcd.user = Some(format!("root:{PASSWORD}"));
+    etcd.etcdctl(&[
+        "put",
+        "/aisix/provider_keys/pk1",
+        &provider_key(&mock.url(), "mock").to_string(),
+    ]);
+    etcd.etcdctl(&["put", "/aisix/models/m1", &model("gpt", "pk1").to_string()]);
+    let auth = dir.path().join("auth.yaml");
+    std::fs::write(
+        &auth,
+        format!(
+            "etcd: {{endpoints: [\"{}\"], user: root, password_env: ETCD_PASSWORD}}\nproxy: {{addr: \"127.0.0.1:0\"}}\nshutdown: {{min_drain_secs: 0}}\n",
+            etcd.url()
+        ),
+    )
+    .unwrap();
+    let (mut process, _proxy) =
+        tests::start_agent_with(&auth, &[("ETCD_PASSWORD", PASSWORD)]).await;
+    let listed = process.wait_for_line("configuration listed", WITHIN).await;
+    assert!(listed.contains("keys=2"), "{listed}");
+    process.signal("TERM");
+    assert!(process.wait_exit(WITHIN).await.success());
+    let output = process.output();
+    assert!(!output.contains(PASSWORD), "{output}");
+    assert!(!output.contains("watch interrupted"), "{output}");
+    // Without the variable the agent does not start, and says which variable.
+    let mut unset = Process::start(
+        &binary("aisix-agent"),
+        &["--config", auth.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(unset.wait_exit(WITHIN).await.code(), Some(2));
+    assert!(
+        unset.output().contains("etcd.password_env"),
+        "{}",
+        unset.output()
+    );
+    assert!(unset.output().contains("ETCD_PASSWORD"));
+}

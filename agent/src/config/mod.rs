@@ -47,7 +47,64 @@ pub enum ConfigError {
 }
 
 /// Sections that exist in the AISIX gateway config but that this build does not use.
-const IGNORED_SECTIONS: &[&str] = &["upstream", "downstream", "deployment"];
+const IGNORED_SECTIONS: &[&str] = &["downstream", "deployment"];
+
+/// Keys of the AISIX gateway's config that this build accepts without acting on them,
+/// and why: each present one is reported once at start (log and `/status/config`
+/// `ignored`), so an AISIX config file loads unchanged.
+const NOT_IMPLEMENTED: &[(&str, &str)] = &[
+    (
+        "proxy.thread_per_core",
+        "one multi-threaded runtime serves every connection; proxy.workers sets its threads",
+    ),
+    ("proxy.url_rewrites", "paths are routed as sent"),
+    (
+        "observability.metrics.client_type_rules",
+        "metrics carry no client_type label",
+    ),
+    (
+        "observability.metrics.buckets",
+        "histograms use the built-in buckets",
+    ),
+    (
+        "upstream.retries",
+        "retries are set per routing model (routing.retries)",
+    ),
+    (
+        "upstream.tls",
+        "upstream TLS trusts the public web roots and sends no client certificate",
+    ),
+    (
+        "managed.cp_etcd_endpoint",
+        "the control plane's configuration comes over its HTTPS API",
+    ),
+    (
+        "managed.mtls_dir",
+        "the bundle is kept in managed.state_dir/mtls",
+    ),
+    (
+        "managed.dp_id_file",
+        "the data-plane id is the bundle certificate's",
+    ),
+];
+
+/// Removes the present [`NOT_IMPLEMENTED`] keys from `value`, saying each.
+fn take_not_implemented(value: &mut Value) -> Vec<String> {
+    let mut taken = Vec::new();
+    for (path, why) in NOT_IMPLEMENTED {
+        let (parents, leaf) = path.rsplit_once('.').unwrap_or(("", path));
+        let mut node = Some(&mut *value);
+        for part in parents.split('.').filter(|p| !p.is_empty()) {
+            node = node.and_then(|n| n.get_mut(part));
+        }
+        if let Some(Value::Mapping(map)) = node
+            && map.remove(leaf).is_some()
+        {
+            taken.push(format!("{path} ({why})"));
+        }
+    }
+    taken
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -72,9 +129,10 @@ pub struct Config {
     /// Where rate-limit counters live (this process, or Redis for every replica).
     #[serde(default)]
     pub ratelimit: RateLimitSection,
-    // Accepted and reported as ignored (see IGNORED_SECTIONS).
+    /// Defaults for every provider call and the upstream connection pool.
     #[serde(default)]
-    upstream: Option<Value>,
+    pub upstream: UpstreamSection,
+    // Accepted and reported as ignored (see IGNORED_SECTIONS).
     #[serde(default)]
     downstream: Option<Value>,
     #[serde(default)]
@@ -101,6 +159,7 @@ impl Config {
         text: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = env.into_iter().collect();
         let mut value: Value =
             serde_yaml_ng::from_str(text).map_err(|error| ConfigError::Syntax {
                 path: path.to_owned(),
@@ -110,8 +169,9 @@ impl Config {
             value = Value::Mapping(Mapping::new());
         }
         let mut overrides: Vec<(String, String)> = env
-            .into_iter()
+            .iter()
             .filter(|(k, _)| k.starts_with("AISIX_") && k.contains("__"))
+            .cloned()
             .collect();
         overrides.sort();
         for (var, raw) in &overrides {
@@ -135,18 +195,85 @@ impl Config {
                 },
             }
         };
+        let not_implemented = take_not_implemented(&mut value);
         let mut config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
             let (field, message) = (e.path().to_string(), e.into_inner().to_string());
             field_error(parent_of_unknown(field, &message), message)
         })?;
+        config
+            .read_password_env(&env)
+            .map_err(|(f, m)| field_error(f.to_owned(), m))?;
         config.validate().map_err(|(f, m)| field_error(f, m))?;
         config.ignored = config.ignored_sections();
+        config.ignored.extend(not_implemented);
         Ok(config)
     }
 
     /// The managed section when managed mode is enabled.
     pub fn managed(&self) -> Option<&ManagedSection> {
         self.managed.as_ref().filter(|m| m.enabled)
+    }
+
+    /// The admin section when the admin listener is enabled.
+    pub fn admin(&self) -> Option<&AdminSection> {
+        self.admin.as_ref().filter(|a| a.enabled)
+    }
+
+    /// `etcd.password_env`: the password read from the variable it names.
+    fn read_password_env(
+        &mut self,
+        env: &[(String, String)],
+    ) -> Result<(), (&'static str, String)> {
+        let Some(etcd) = &mut self.etcd else {
+            return Ok(());
+        };
+        let Some(var) = &etcd.password_env else {
+            return Ok(());
+        };
+        if etcd.password.is_some() {
+            return Err((
+                "etcd.password_env",
+                "set password or password_env, not both".to_owned(),
+            ));
+        }
+        match env.iter().find(|(k, _)| k == var) {
+            Some((_, password)) if !password.is_empty() => {
+                etcd.password = Some(proxy_core::secret::Secret::new(password.clone()));
+                Ok(())
+            }
+            _ => Err((
+                "etcd.password_env",
+                format!("the environment variable {var} is not set (it holds etcd's password)"),
+            )),
+        }
+    }
+
+    /// Where self-hosted mode keeps its last good snapshot: `etcd.cache_dir`, or
+    /// AISIX's `managed.snapshot_cache_path` (`""`: none).
+    pub fn etcd_cache_dir(&self) -> Option<PathBuf> {
+        let aisix = self
+            .managed
+            .as_ref()
+            .filter(|m| !m.enabled)
+            .and_then(|m| m.snapshot_cache_path.clone());
+        match aisix {
+            Some(path) if path.as_os_str().is_empty() => None,
+            Some(path) => Some(path),
+            None => self.etcd.as_ref().and_then(|e| e.cache_dir.clone()),
+        }
+    }
+
+    /// The reverse proxies whose client-address header is believed, the header, and
+    /// whether the address is the header's last untrusted one (recursive) or its last.
+    pub fn real_ip(&self) -> (Vec<ipnet::IpNet>, &str, bool) {
+        match &self.proxy.real_ip {
+            Some(r) => (r.trusted_proxies.clone(), &r.header, r.recursive),
+            None => (
+                self.proxy.trusted_proxies.clone(),
+                &self.proxy.client_ip_header,
+                true,
+            ),
+        }
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
@@ -190,7 +317,7 @@ impl Config {
         if let Some(managed) = self.managed() {
             managed.validate()?;
         }
-        if let Some(admin) = &self.admin {
+        if let Some(admin) = self.admin() {
             if admin.admin_keys.is_empty() || admin.admin_keys.iter().any(|k| k.expose().is_empty())
             {
                 return Err((
@@ -246,14 +373,48 @@ impl Config {
             }
         }
         self.validate_bounds()?;
-        if http_header_name(&self.proxy.client_ip_header).is_none() {
+        let u = &self.upstream;
+        for (field, value) in [
+            ("upstream.timeout_ms", u.timeout_ms),
+            ("upstream.connect_timeout_ms", u.connect_timeout_ms),
+            (
+                "upstream.stream_timeout_ms",
+                u.stream_timeout_ms.unwrap_or(1),
+            ),
+        ] {
+            if value == 0 {
+                return Err((field, "must be at least 1".to_owned()));
+            }
+        }
+        at_most(&[
+            ("upstream.timeout_ms", u.timeout_ms, 86_400_000),
+            ("upstream.connect_timeout_ms", u.connect_timeout_ms, 600_000),
+            (
+                "upstream.stream_timeout_ms",
+                u.stream_timeout_ms.unwrap_or(0),
+                86_400_000,
+            ),
+            (
+                "upstream.pool_idle_timeout_secs",
+                u.pool_idle_timeout_secs,
+                86_400,
+            ),
+        ])?;
+        let (field, header) = match &self.proxy.real_ip {
+            Some(r) => ("proxy.real_ip.header", &r.header),
+            None => ("proxy.client_ip_header", &self.proxy.client_ip_header),
+        };
+        if http_header_name(header).is_none() {
+            return Err((field, format!("'{header}' is not a valid header name")));
+        }
+        if self.proxy.real_ip.is_some() && !self.proxy.trusted_proxies.is_empty() {
             return Err((
-                "proxy.client_ip_header",
-                format!(
-                    "'{}' is not a valid header name",
-                    self.proxy.client_ip_header
-                ),
+                "proxy.real_ip",
+                "set proxy.real_ip.trusted_proxies or proxy.trusted_proxies, not both".to_owned(),
             ));
+        }
+        if self.proxy.workers == Some(0) {
+            return Err(("proxy.workers", "must be at least 1".to_owned()));
         }
         for h in &self.proxy.request_id.accept_headers {
             if http_header_name(h).is_none() {
@@ -384,32 +545,69 @@ impl Config {
         }))
     }
 
-    /// The storage prefix resources live under, without a trailing slash.
+    /// The upstream client's defaults (`upstream`).
+    pub fn upstream_options(&self) -> proxy_core::providers::client::UpstreamOptions {
+        use std::time::Duration;
+        let u = &self.upstream;
+        proxy_core::providers::client::UpstreamOptions {
+            timeout: Duration::from_millis(u.timeout_ms),
+            stream_timeout: u.stream_timeout_ms.map(Duration::from_millis),
+            connect_timeout: Duration::from_millis(u.connect_timeout_ms),
+            pool_idle_timeout: Duration::from_secs(u.pool_idle_timeout_secs),
+            pool_max_idle_per_host: u.pool_max_idle_per_host,
+            tcp_keepalive: u.tcp_keepalive_secs.map(Duration::from_secs),
+            tcp_keepalive_interval: u.tcp_keepalive_interval_secs.map(Duration::from_secs),
+            tcp_keepalive_retries: u.tcp_keepalive_retries,
+        }
+    }
+
+    /// The storage prefix resources live under, without a trailing slash: `etcd.prefix`
+    /// and, when set, `etcd.env_id` below it.
     pub fn prefix(&self) -> String {
         let prefix = self.etcd.as_ref().map_or("/aisix", |e| e.prefix.as_str());
-        prefix.trim_end_matches('/').to_owned()
+        let prefix = prefix.trim_end_matches('/');
+        match self.etcd.as_ref().map(|e| e.env_id.as_str()) {
+            Some(env) if !env.is_empty() => format!("{prefix}/{env}"),
+            _ => prefix.to_owned(),
+        }
     }
 
     fn ignored_sections(&self) -> Vec<String> {
-        let present = [&self.upstream, &self.downstream, &self.deployment];
+        let present = [&self.downstream, &self.deployment];
         let mut out: Vec<String> = IGNORED_SECTIONS
             .iter()
             .zip(present)
             .filter(|(_, v)| v.is_some())
             .map(|(name, _)| (*name).to_owned())
             .collect();
-        if self.admin.is_some() && self.etcd.is_none() {
+        if self.admin().is_some() && self.etcd.is_none() {
             out.push("admin (the admin listener runs in self-hosted etcd mode only)".to_owned());
         }
-        if self.managed.as_ref().is_some_and(|m| !m.enabled) {
+        // A disabled managed section may only carry where self-hosted mode keeps its
+        // snapshot.
+        let only_cache = self.etcd.is_some()
+            && self
+                .managed
+                .as_ref()
+                .is_some_and(|m| m.snapshot_cache_path.is_some() && m.cp_base_url.is_empty());
+        if self.managed.as_ref().is_some_and(|m| !m.enabled) && !only_cache {
             out.push("managed (enabled is false)".to_owned());
+        }
+        if self
+            .managed()
+            .is_some_and(|m| m.snapshot_cache_path.is_some())
+        {
+            out.push(
+                "managed.snapshot_cache_path (managed mode keeps its snapshot in managed.state_dir)"
+                    .to_owned(),
+            );
         }
         out
     }
 
     /// The client-address header as a validated header name.
     pub fn client_ip_header(&self) -> proxy_core::http::HeaderName {
-        http_header_name(&self.proxy.client_ip_header)
+        http_header_name(self.real_ip().1)
             .unwrap_or(proxy_core::http::HeaderName::from_static("x-forwarded-for"))
     }
 
@@ -517,6 +715,178 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("c.yaml"), text, Vec::new())
+    }
+
+    /// An AISIX gateway's config file, every section present, as its operator wrote it.
+    const AISIX: &str = r#"
+etcd:
+  endpoints: ["https://10.0.0.5:2379"]
+  prefix: /aisix
+  env_id: prod
+  user: root
+  password_env: ETCD_PASSWORD
+  dial_timeout_ms: 3000
+  request_timeout_ms: 5000
+  tls:
+    ca_cert_file: /etc/aisix/etcd-ca.pem
+    client_cert_file: /etc/aisix/etcd.pem
+    client_key_file: /etc/aisix/etcd-key.pem
+    domain_name: etcd.internal
+proxy:
+  addr: 0.0.0.0:3000
+  request_body_limit_bytes: 10485760
+  real_ip: {trusted_proxies: ["10.0.0.0/8"], recursive: true, header: x-real-ip}
+  request_id: {accept_headers: ["x-request-id"]}
+  thread_per_core: false
+  workers: 2
+  url_rewrites: [{name: strip, match: "^/openai/(.*)$", rewrite: "/$1"}]
+admin: {enabled: true, addr: 127.0.0.1:3001, admin_keys: ["admin-key-1"]}
+observability:
+  service_name: aisix-gateway
+  log_level: info
+  access_log: true
+  metrics:
+    prometheus: {enabled: true, path: /metrics, addr: 127.0.0.1:9090}
+    otlp: {enabled: false, endpoint: "http://otel:4318"}
+    client_type_rules: [{pattern: "^OpenAI/Python", client: openai-python}]
+    buckets: {request_ttft: [0.1, 0.5, 1, 2]}
+  tracing:
+    otlp: {enabled: false, endpoint: "http://otel:4318", sample_ratio: 0.1}
+cache: {backend: memory}
+ratelimit: {backend: local, concurrency_ttl_secs: 60}
+upstream:
+  timeout_ms: 120000
+  stream_timeout_ms: 30000
+  connect_timeout_ms: 5000
+  tcp_keepalive_secs: 60
+  tcp_keepalive_interval_secs: 10
+  tcp_keepalive_retries: 3
+  pool_idle_timeout_secs: 30
+  pool_max_idle_per_host: 32
+  retries: 1
+  tls: {verify: true}
+downstream: {idle_timeout_secs: 120, sse_keepalive_interval_secs: 15}
+shutdown: {min_drain_secs: 5}
+managed: {snapshot_cache_path: /var/lib/aisix/snapshot}
+"#;
+
+    #[test]
+    fn an_aisix_config_file_loads_unchanged() {
+        let env = vec![("ETCD_PASSWORD".to_owned(), "etcd-s3cret".to_owned())];
+        let c = Config::parse(Path::new("aisix.yaml"), AISIX, env).unwrap();
+        let etcd = c.etcd.as_ref().unwrap();
+        assert_eq!(c.prefix(), "/aisix/prod");
+        assert_eq!(etcd.username.as_deref(), Some("root"));
+        assert_eq!(etcd.password.as_ref().unwrap().expose(), "etcd-s3cret");
+        let tls = etcd.tls.as_ref().unwrap();
+        assert_eq!(
+            tls.ca_file.as_deref(),
+            Some(Path::new("/etc/aisix/etcd-ca.pem"))
+        );
+        assert_eq!(
+            tls.key_file.as_deref(),
+            Some(Path::new("/etc/aisix/etcd-key.pem"))
+        );
+        assert_eq!(tls.domain_name.as_deref(), Some("etcd.internal"));
+        assert_eq!(c.admin().unwrap().addr.to_string(), "127.0.0.1:3001");
+        let (trusted, header, recursive) = c.real_ip();
+        assert_eq!((trusted.len(), header, recursive), (1, "x-real-ip", true));
+        assert_eq!(c.client_ip_header().as_str(), "x-real-ip");
+        assert_eq!(c.proxy.workers, Some(2));
+        let upstream = c.upstream_options();
+        assert_eq!(upstream.timeout.as_millis(), 120_000);
+        assert_eq!(upstream.stream_timeout.unwrap().as_millis(), 30_000);
+        assert_eq!(upstream.tcp_keepalive_retries, Some(3));
+        assert_eq!(upstream.pool_max_idle_per_host, Some(32));
+        assert_eq!(
+            c.etcd_cache_dir().as_deref(),
+            Some(Path::new("/var/lib/aisix/snapshot"))
+        );
+        // What this build does not act on is said, by key; the rest is implemented.
+        let said: Vec<&str> = c
+            .ignored
+            .iter()
+            .map(|k| k.split(' ').next().unwrap())
+            .collect();
+        assert_eq!(
+            said,
+            [
+                "downstream",
+                "proxy.thread_per_core",
+                "proxy.url_rewrites",
+                "observability.metrics.client_type_rules",
+                "observability.metrics.buckets",
+                "upstream.retries",
+                "upstream.tls",
+            ]
+        );
+        // A key in neither AISIX's config nor ours is still an error naming its path.
+        let typo = AISIX.replace("recursive: true", "recursve: true");
+        let err = Config::parse(
+            Path::new("aisix.yaml"),
+            &typo,
+            vec![("ETCD_PASSWORD".to_owned(), "x".to_owned())],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("proxy.real_ip") && err.contains("recursve"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn aisix_spellings_have_their_own_checks() {
+        // password_env names a variable that must be set; its value never shows.
+        let err = parse(AISIX).unwrap_err().to_string();
+        assert!(
+            err.contains("etcd.password_env") && err.contains("ETCD_PASSWORD"),
+            "{err}"
+        );
+        let env = || vec![("ETCD_PASSWORD".to_owned(), "etcd-s3cret".to_owned())];
+        let load = |text: &str| Config::parse(Path::new("aisix.yaml"), text, env());
+        // admin.enabled: false binds nothing and needs no keys.
+        let off = AISIX.replace(
+            "admin: {enabled: true, addr: 127.0.0.1:3001, admin_keys: [\"admin-key-1\"]}",
+            "admin: {enabled: false}",
+        );
+        assert!(load(&off).unwrap().admin().is_none());
+        // An empty snapshot_cache_path keeps no cache.
+        let none = AISIX.replace("/var/lib/aisix/snapshot", "\"\"");
+        assert_eq!(load(&none).unwrap().etcd_cache_dir(), None);
+        // Without env_id resources sit right under the prefix; one with a '/' is refused.
+        assert_eq!(
+            load(&AISIX.replace("  env_id: prod\n", ""))
+                .unwrap()
+                .prefix(),
+            "/aisix"
+        );
+        let err = load(&AISIX.replace("env_id: prod", "env_id: a/b"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("etcd.env_id"), "{err}");
+        let err = load(&AISIX.replace("domain_name: etcd.internal", "domain_name: \"not a name\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("etcd.tls.domain_name"), "{err}");
+        // Both spellings of the trusted proxies at once are refused.
+        let both = AISIX.replace(
+            "  workers: 2\n",
+            "  workers: 2\n  trusted_proxies: [\"10.0.0.0/8\"]\n",
+        );
+        assert!(
+            load(&both)
+                .unwrap_err()
+                .to_string()
+                .contains("proxy.real_ip")
+        );
+        let zero = AISIX.replace("workers: 2", "workers: 0");
+        assert!(
+            load(&zero)
+                .unwrap_err()
+                .to_string()
+                .contains("proxy.workers")
+        );
     }
 
     #[test]

@@ -14,15 +14,22 @@ pub struct EtcdSection {
     pub endpoints: Vec<String>,
     #[serde(default = "default_prefix")]
     pub prefix: String,
+    /// The environment's folder under the prefix (AISIX's key root
+    /// `<prefix>/<env_id>/<kind>/<id>`); empty: resources sit right under the prefix.
+    #[serde(default)]
+    pub env_id: String,
     /// Connect timeout for each endpoint.
     #[serde(default = "default_etcd_timeout")]
     pub dial_timeout_ms: u64,
     /// Timeout of each request other than the long-lived watch.
     #[serde(default = "default_etcd_timeout")]
     pub request_timeout_ms: u64,
-    /// etcd authentication (both or neither).
+    /// etcd authentication (both or neither); `user` is AISIX's spelling.
+    #[serde(alias = "user")]
     pub username: Option<String>,
     pub password: Option<Secret>,
+    /// The environment variable holding the password (AISIX's way: never in the file).
+    pub password_env: Option<String>,
     /// TLS to etcd: a CA to trust and optionally a client certificate.
     pub tls: Option<EtcdTlsSection>,
     /// Where the last good snapshot is kept (a sled database), so the agent starts and
@@ -33,9 +40,15 @@ pub struct EtcdSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EtcdTlsSection {
+    #[serde(alias = "ca_cert_file")]
     pub ca_file: Option<PathBuf>,
+    #[serde(alias = "client_cert_file")]
     pub cert_file: Option<PathBuf>,
+    #[serde(alias = "client_key_file")]
     pub key_file: Option<PathBuf>,
+    /// The name etcd's certificate is checked for, when it differs from the endpoints'
+    /// host (an IP address, a load balancer).
+    pub domain_name: Option<String>,
 }
 
 /// The `managed` section: how to reach the control plane and where to keep state.
@@ -56,12 +69,16 @@ pub struct ManagedSection {
     pub cp_key_pem: Option<Secret>,
     pub cp_key_file: Option<PathBuf>,
     pub cp_ca_pem: Option<Secret>,
+    #[serde(alias = "cp_ca_cert_file")]
     pub cp_ca_file: Option<PathBuf>,
     /// An extra CA to trust for the control plane's server certificate.
     pub cp_extra_ca_file: Option<PathBuf>,
     /// Holds `mtls/` (the bundle in use) and the snapshot cache.
     #[serde(default)]
     pub state_dir: PathBuf,
+    /// Where the last good snapshot is kept in self-hosted mode (AISIX's spelling of
+    /// `etcd.cache_dir`); `""` keeps none.
+    pub snapshot_cache_path: Option<PathBuf>,
     #[serde(default = "default_heartbeat_interval")]
     pub heartbeat_interval_secs: u64,
     /// TCP + TLS connect timeout of every control-plane call.
@@ -303,9 +320,13 @@ fn default_etcd_timeout() -> u64 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminSection {
+    /// `false` binds no admin listener.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
     #[serde(default = "default_admin_addr")]
     pub addr: SocketAddr,
     /// Accepted as `Authorization: Bearer <key>` or `x-api-key: <key>`.
+    #[serde(default)]
     pub admin_keys: Vec<Secret>,
     /// Serve the admin API over HTTPS.
     pub tls: Option<ListenerTlsSection>,
@@ -318,6 +339,10 @@ pub struct AdminSection {
 pub struct ListenerTlsSection {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_admin_addr() -> SocketAddr {
@@ -337,6 +362,12 @@ pub struct ProxySection {
     /// The header trusted proxies put the client address in (a comma-separated list,
     /// nearest proxy last, like `x-forwarded-for`).
     pub client_ip_header: String,
+    /// AISIX's spelling of `trusted_proxies` and `client_ip_header`, like nginx's
+    /// `set_real_ip_from` and `real_ip_recursive`.
+    pub real_ip: Option<RealIpSection>,
+    /// Threads serving requests; by default one per core the process may run on
+    /// (taskset and cgroup limits included).
+    pub workers: Option<usize>,
     /// Serve the proxy over HTTPS.
     pub tls: Option<ListenerTlsSection>,
     /// Open connections at most; past it new connections wait in the listen backlog.
@@ -360,12 +391,70 @@ impl Default for ProxySection {
             request_id: RequestIdSection::default(),
             trusted_proxies: Vec::new(),
             client_ip_header: "x-forwarded-for".to_owned(),
+            real_ip: None,
+            workers: None,
             tls: None,
             max_connections: 10_000,
             header_read_timeout_ms: 30_000,
             max_header_bytes: 64 * 1024,
             body_read_timeout_ms: 30_000,
             min_body_rate_bytes_per_sec: 64 * 1024,
+        }
+    }
+}
+
+/// `proxy.real_ip`: when the TCP peer is one of `trusted_proxies`, the client address
+/// comes from `header`: its last address, or with `recursive` the last one that is not
+/// itself a trusted proxy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RealIpSection {
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub recursive: bool,
+    pub header: String,
+}
+
+impl Default for RealIpSection {
+    fn default() -> Self {
+        Self {
+            trusted_proxies: Vec::new(),
+            recursive: false,
+            header: "x-forwarded-for".to_owned(),
+        }
+    }
+}
+
+/// `upstream`: defaults for every provider call (a model's own `timeout` and
+/// `stream_timeout` win) and the upstream connection pool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamSection {
+    /// A whole answer, or a stream's first event, within this.
+    pub timeout_ms: u64,
+    /// The longest gap between stream events; unset: only `timeout_ms` bounds a stream.
+    pub stream_timeout_ms: Option<u64>,
+    pub connect_timeout_ms: u64,
+    /// TCP keep-alive probes on upstream connections: idle time, interval, count.
+    pub tcp_keepalive_secs: Option<u64>,
+    pub tcp_keepalive_interval_secs: Option<u64>,
+    pub tcp_keepalive_retries: Option<u32>,
+    /// Idle pooled connections are closed after this.
+    pub pool_idle_timeout_secs: u64,
+    /// Idle connections kept per upstream host; unset: no limit.
+    pub pool_max_idle_per_host: Option<usize>,
+}
+
+impl Default for UpstreamSection {
+    fn default() -> Self {
+        Self {
+            timeout_ms: 600_000,
+            stream_timeout_ms: None,
+            connect_timeout_ms: 10_000,
+            tcp_keepalive_secs: None,
+            tcp_keepalive_interval_secs: None,
+            tcp_keepalive_retries: None,
+            pool_idle_timeout_secs: 90,
+            pool_max_idle_per_host: None,
         }
     }
 }
@@ -672,6 +761,12 @@ impl EtcdSection {
                 ),
             ));
         }
+        if self.env_id.contains('/') || self.env_id.chars().any(char::is_control) {
+            return Err((
+                "etcd.env_id",
+                format!("'{}' must be one folder name, without '/'", self.env_id),
+            ));
+        }
         if self.dial_timeout_ms == 0 {
             return Err(("etcd.dial_timeout_ms", "must be greater than 0".to_owned()));
         }
@@ -692,6 +787,14 @@ impl EtcdSection {
             ));
         }
         if let Some(tls) = &self.tls {
+            if let Some(name) = &tls.domain_name
+                && rustls::pki_types::ServerName::try_from(name.as_str()).is_err()
+            {
+                return Err((
+                    "etcd.tls.domain_name",
+                    format!("'{name}' is not a DNS name or an IP address"),
+                ));
+            }
             if tls.cert_file.is_some() != tls.key_file.is_some() {
                 return Err((
                     "etcd.tls.cert_file",

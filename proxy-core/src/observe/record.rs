@@ -24,6 +24,8 @@ use crate::observe::trace::{Ending, RequestTrace};
 struct Facts {
     key_id: Option<Arc<str>>,
     model: Option<Arc<str>>,
+    /// The client's address (`proxy.real_ip`: from a trusted proxy's header).
+    client: Option<std::net::IpAddr>,
     tokens: Tokens,
     first_token: Option<Duration>,
     /// A refusal that happened after the response began (a guardrail cutting a stream).
@@ -105,6 +107,11 @@ impl Record {
     /// The caller key's id (its resource id, never the key).
     pub fn caller(&self, key_id: &Arc<str>) {
         self.with(|f| f.key_id = Some(key_id.clone()));
+    }
+
+    /// The client's address, as the client-address rules see it.
+    pub fn client(&self, ip: std::net::IpAddr) {
+        self.with(|f| f.client = Some(ip));
     }
 
     /// The configured model alias the request named.
@@ -201,6 +208,7 @@ impl Finish {
                 path = self.path,
                 status = self.status,
                 api_key_id = facts.key_id.as_deref(),
+                client_ip = facts.client.map(tracing::field::display),
                 model = facts.model.as_deref(),
                 served_by = self.served_by,
                 error_type,

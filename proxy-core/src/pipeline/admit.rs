@@ -108,6 +108,7 @@ pub(super) async fn admit<'s>(
         )));
     }
     let client = client_ip(peer.ip(), headers, &state.options);
+    call.record.client(client);
     if !model.admits(client) {
         return Err(ProxyError::PermissionDenied(format!(
             "client address {client} may not use model '{}'",

@@ -49,6 +49,9 @@ pub struct ProxyOptions {
     /// Peers whose `client_ip_header` is believed (reverse proxies).
     pub trusted_proxies: Vec<IpNet>,
     pub client_ip_header: HeaderName,
+    /// The client is the header's last address that is not a trusted proxy (nginx's
+    /// `real_ip_recursive on`); else its last address.
+    pub real_ip_recursive: bool,
     /// The response cache of non-streaming chat completions; `None`: off.
     pub cache: Option<CacheOptions>,
     /// Rate-limit counters shared by replicas in Redis; `None`: this process's only.
@@ -77,6 +80,7 @@ impl Default for ProxyOptions {
             access_log: false,
             trusted_proxies: Vec::new(),
             client_ip_header: HeaderName::from_static("x-forwarded-for"),
+            real_ip_recursive: true,
             cache: None,
             shared_limits: None,
             tracing: None,
@@ -165,8 +169,8 @@ pub(crate) struct Call {
 
 /// The client's address: the peer's, unless the peer is a trusted proxy; then the
 /// rightmost address in `client_ip_header` that is not itself a trusted proxy (what
-/// the nearest untrusted hop connected from). A missing or unparsable header means
-/// the peer.
+/// the nearest untrusted hop connected from), or without `real_ip_recursive` simply
+/// the rightmost. A missing or unparsable header means the peer.
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, options: &ProxyOptions) -> IpAddr {
     let trusted = |ip: &IpAddr| options.trusted_proxies.iter().any(|net| net.contains(ip));
     if !trusted(&peer) {
@@ -183,6 +187,9 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, options: &ProxyOptions) -> I
                 Err(_) => return peer,
             }
         }
+    }
+    if !options.real_ip_recursive {
+        return hops.last().copied().unwrap_or(peer);
     }
     hops.iter()
         .rev()
@@ -231,6 +238,15 @@ mod tests {
             ip("10.1.1.1")
         );
         assert_eq!(client_ip(proxy, &with("nonsense"), &options), proxy);
+        // Not recursive (nginx's default): the last address, trusted or not.
+        let last = ProxyOptions {
+            real_ip_recursive: false,
+            ..options.clone()
+        };
+        assert_eq!(
+            client_ip(proxy, &with("192.0.2.1, 10.0.0.7"), &last),
+            ip("10.0.0.7")
+        );
         assert_eq!(client_ip(proxy, &HeaderMap::new(), &options), proxy);
     }
 }

@@ -59,23 +59,73 @@ pub struct Upstream {
     client: reqwest::Client,
     /// Tokens minted from provider keys' credentials (Entra ID, service accounts).
     tokens: Arc<Tokens>,
+    /// Bounds of calls to models that set none of their own.
+    timeout: Duration,
+    stream_timeout: Option<Duration>,
+}
+
+/// The upstream client's defaults (the config's `upstream` section).
+#[derive(Debug, Clone)]
+pub struct UpstreamOptions {
+    /// A whole answer, or a stream's first event, within this (a model's `timeout`
+    /// wins).
+    pub timeout: Duration,
+    /// The longest gap between stream events (a model's `stream_timeout` wins).
+    pub stream_timeout: Option<Duration>,
+    pub connect_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: Option<usize>,
+    /// TCP keep-alive on upstream connections: idle time, probe interval, probes.
+    pub tcp_keepalive: Option<Duration>,
+    pub tcp_keepalive_interval: Option<Duration>,
+    pub tcp_keepalive_retries: Option<u32>,
+}
+
+impl Default for UpstreamOptions {
+    fn default() -> Self {
+        Self {
+            timeout: DEFAULT_TIMEOUT,
+            stream_timeout: None,
+            connect_timeout: CONNECT_TIMEOUT,
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle_per_host: None,
+            tcp_keepalive: None,
+            tcp_keepalive_interval: None,
+            tcp_keepalive_retries: None,
+        }
+    }
 }
 
 impl Upstream {
     pub fn new() -> Result<Self, reqwest::Error> {
+        Self::with_options(&UpstreamOptions::default())
+    }
+
+    pub fn with_options(options: &UpstreamOptions) -> Result<Self, reqwest::Error> {
         crate::install_crypto_provider();
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .tcp_nodelay(true)
-            .connect_timeout(CONNECT_TIMEOUT)
-            .pool_idle_timeout(Duration::from_secs(90))
+            .connect_timeout(options.connect_timeout)
+            .pool_idle_timeout(options.pool_idle_timeout)
+            .tcp_keepalive(options.tcp_keepalive)
             .no_proxy()
             // An upstream's redirect is relayed (passthrough) or refused, never followed:
             // an `api_base` must not be able to point the gateway elsewhere.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()?;
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(most) = options.pool_max_idle_per_host {
+            builder = builder.pool_max_idle_per_host(most);
+        }
+        if let Some(interval) = options.tcp_keepalive_interval {
+            builder = builder.tcp_keepalive_interval(interval);
+        }
+        if let Some(retries) = options.tcp_keepalive_retries {
+            builder = builder.tcp_keepalive_retries(retries);
+        }
         Ok(Self {
-            client,
+            client: builder.build()?,
             tokens: Arc::default(),
+            timeout: options.timeout,
+            stream_timeout: options.stream_timeout,
         })
     }
 
@@ -87,7 +137,8 @@ impl Upstream {
         outgoing: Outgoing,
         request_id: &str,
     ) -> Result<Answer, ProxyError> {
-        let timeout = target.model.timeout.unwrap_or(DEFAULT_TIMEOUT);
+        let timeout = target.model.timeout.unwrap_or(self.timeout);
+        let gap = target.model.stream_timeout.or(self.stream_timeout);
         let url = format!("{}{}", target.provider_key.api_base, outgoing.path);
         let request = self
             .client
@@ -132,16 +183,13 @@ impl Upstream {
             let mut chunks = Chunks {
                 inner: Box::pin(response.bytes_stream()),
                 frames: framed.then(EventStreamToSse::default),
-                gap: target.model.stream_timeout,
+                gap,
                 model: target.model.name.clone(),
                 request_id: Arc::from(request_id),
             };
             if json_answer {
                 let remaining = timeout.saturating_sub(started.elapsed());
-                let within = target
-                    .model
-                    .stream_timeout
-                    .map_or(remaining, |gap| gap.min(remaining));
+                let within = gap.map_or(remaining, |gap| gap.min(remaining));
                 let held = chunks.first_event(within).await?;
                 chunks.into_body(held)
             } else {
