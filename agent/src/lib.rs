@@ -321,6 +321,7 @@ fn proxy_options(config: &Config) -> anyhow::Result<ProxyOptions> {
         cache: config.cache.options().map_err(field)?,
         shared_limits: config.ratelimit.options().map_err(field)?,
         access_log: config.observability.access_log,
+        url_rewrites: config.url_rewrites().into(),
         tracing: match config.trace_options().map_err(field)? {
             Some(options) => Some(Tracing::start(&options).map_err(|e| anyhow::anyhow!(e))?),
             None => None,

@@ -924,3 +924,50 @@ async fn unknown_routes_and_methods_use_the_envelope() {
         .unwrap();
     assert_eq!(status_and_body(r).await, (405, r#"{"error":{"message":"method not allowed: GET /v1/chat/completions","type":"invalid_request_error"}}"#.into()));
 }
+
+#[tokio::test]
+async fn url_rewrites_route_the_rewritten_path_once() {
+    let rule = |name: &str, pattern: &str, replacement: &str| proxy_core::http::UrlRewrite {
+        name: name.into(),
+        pattern: regex::Regex::new(pattern).unwrap(),
+        replacement: replacement.into(),
+    };
+    let h = harness(ProxyOptions {
+        url_rewrites: vec![
+            rule("strip", "^/openai/(.*)$", "/$1"),
+            // Never reached for /openai/...: only the first matching rule applies, once.
+            rule("loop", "^/v1/(.*)$", "/nowhere/$1"),
+        ]
+        .into(),
+        ..ProxyOptions::default()
+    })
+    .await;
+    let r = h
+        .client
+        .post(format!("{}/openai/v1/chat/completions", h.url))
+        .bearer_auth(CALLER)
+        .json(&hello("gpt"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(h.mock.requests().last().unwrap().path, "/v1/chat/completions");
+    // The query stays; the second rule rewrites a path the first does not match.
+    let r = h
+        .client
+        .get(format!("{}/openai/v1/models?limit=1", h.url))
+        .bearer_auth(CALLER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = h
+        .client
+        .post(format!("{}/v1/chat/completions", h.url))
+        .bearer_auth(CALLER)
+        .json(&hello("gpt"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "rewritten to /nowhere/chat/completions");
+}

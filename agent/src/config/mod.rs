@@ -57,7 +57,6 @@ const NOT_IMPLEMENTED: &[(&str, &str)] = &[
         "proxy.thread_per_core",
         "one multi-threaded runtime serves every connection; proxy.workers sets its threads",
     ),
-    ("proxy.url_rewrites", "paths are routed as sent"),
     (
         "observability.metrics.client_type_rules",
         "metrics carry no client_type label",
@@ -413,6 +412,20 @@ impl Config {
                 "set proxy.real_ip.trusted_proxies or proxy.trusted_proxies, not both".to_owned(),
             ));
         }
+        for rule in &self.proxy.url_rewrites {
+            if let Err(e) = regex::Regex::new(&rule.pattern) {
+                return Err((
+                    "proxy.url_rewrites.match",
+                    format!("'{}' is not a valid regular expression: {e}", rule.pattern),
+                ));
+            }
+            if !rule.replacement.starts_with('/') {
+                return Err((
+                    "proxy.url_rewrites.rewrite",
+                    format!("'{}' must be a path, starting with '/'", rule.replacement),
+                ));
+            }
+        }
         if self.proxy.workers == Some(0) {
             return Err(("proxy.workers", "must be at least 1".to_owned()));
         }
@@ -543,6 +556,21 @@ impl Config {
             timeout: std::time::Duration::from_millis(otlp.timeout_ms.max(1)),
             service_name: self.observability.service_name.clone(),
         }))
+    }
+
+    /// `proxy.url_rewrites`, compiled (checked when the config loaded).
+    pub fn url_rewrites(&self) -> Vec<proxy_core::http::UrlRewrite> {
+        self.proxy
+            .url_rewrites
+            .iter()
+            .filter_map(|rule| {
+                Some(proxy_core::http::UrlRewrite {
+                    name: rule.name.clone(),
+                    pattern: regex::Regex::new(&rule.pattern).ok()?,
+                    replacement: rule.replacement.clone(),
+                })
+            })
+            .collect()
     }
 
     /// The upstream client's defaults (`upstream`).
@@ -793,6 +821,9 @@ managed: {snapshot_cache_path: /var/lib/aisix/snapshot}
         assert_eq!((trusted.len(), header, recursive), (1, "x-real-ip", true));
         assert_eq!(c.client_ip_header().as_str(), "x-real-ip");
         assert_eq!(c.proxy.workers, Some(2));
+        let rewrites = c.url_rewrites();
+        assert_eq!(rewrites[0].name, "strip");
+        assert_eq!(rewrites[0].replacement, "/$1");
         let upstream = c.upstream_options();
         assert_eq!(upstream.timeout.as_millis(), 120_000);
         assert_eq!(upstream.stream_timeout.unwrap().as_millis(), 30_000);
@@ -813,7 +844,6 @@ managed: {snapshot_cache_path: /var/lib/aisix/snapshot}
             [
                 "downstream",
                 "proxy.thread_per_core",
-                "proxy.url_rewrites",
                 "observability.metrics.client_type_rules",
                 "observability.metrics.buckets",
                 "upstream.retries",
@@ -880,6 +910,9 @@ managed: {snapshot_cache_path: /var/lib/aisix/snapshot}
                 .to_string()
                 .contains("proxy.real_ip")
         );
+        let bad = AISIX.replace("\"^/openai/(.*)$\"", "\"(unclosed\"");
+        let err = load(&bad).unwrap_err().to_string();
+        assert!(err.contains("proxy.url_rewrites.match"), "{err}");
         let zero = AISIX.replace("workers: 2", "workers: 0");
         assert!(
             load(&zero)

@@ -368,6 +368,9 @@ pub struct ProxySection {
     /// Threads serving requests; by default one per core the process may run on
     /// (taskset and cgroup limits included).
     pub workers: Option<usize>,
+    /// Path rewrites before routing: the first rule whose pattern matches rewrites the
+    /// path, once.
+    pub url_rewrites: Vec<UrlRewriteSection>,
     /// Serve the proxy over HTTPS.
     pub tls: Option<ListenerTlsSection>,
     /// Open connections at most; past it new connections wait in the listen backlog.
@@ -393,6 +396,7 @@ impl Default for ProxySection {
             client_ip_header: "x-forwarded-for".to_owned(),
             real_ip: None,
             workers: None,
+            url_rewrites: Vec::new(),
             tls: None,
             max_connections: 10_000,
             header_read_timeout_ms: 30_000,
@@ -422,6 +426,19 @@ impl Default for RealIpSection {
             header: "x-forwarded-for".to_owned(),
         }
     }
+}
+
+/// One `proxy.url_rewrites` rule: a regex over the path and its replacement (`$1`,
+/// `${name}`), in AISIX's spellings (`match`/`rewrite`) or `pattern`/`replacement`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UrlRewriteSection {
+    #[serde(default)]
+    pub name: String,
+    #[serde(rename = "match", alias = "pattern")]
+    pub pattern: String,
+    #[serde(rename = "rewrite", alias = "replacement")]
+    pub replacement: String,
 }
 
 /// `upstream`: defaults for every provider call (a model's own `timeout` and

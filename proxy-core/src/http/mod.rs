@@ -27,11 +27,48 @@ use crate::observe::record::{self, Record};
 use crate::pipeline::{self, REQUEST_ID, SERVED_BY};
 
 pub use crate::observe::record::route_label;
-pub use crate::pipeline::{Hooks, ProxyOptions, ProxyState};
+pub use crate::pipeline::{Hooks, ProxyOptions, ProxyState, UrlRewrite};
 pub use basic::livez_response;
 pub use listener::{ListenerOptions, serve};
 
 pub fn router(state: ProxyState) -> Router {
+    let rewrites = state.0.options.url_rewrites.clone();
+    let routed = routes(state);
+    if rewrites.is_empty() {
+        return routed;
+    }
+    // Rewritten before routing, so the new path is routed (and logged) as sent.
+    Router::new()
+        .fallback_service(routed)
+        .layer(middleware::map_request(move |request: Request| {
+            let rewrites = rewrites.clone();
+            async move { rewrite(&rewrites, request) }
+        }))
+}
+
+/// The request with its path rewritten by the first matching rule; the query stays.
+fn rewrite(rules: &[UrlRewrite], mut request: Request) -> Request {
+    let path = request.uri().path();
+    let Some(rule) = rules.iter().find(|r| r.pattern.is_match(path)) else {
+        return request;
+    };
+    let mut rewritten = rule.pattern.replace(path, rule.replacement.as_str()).into_owned();
+    if let Some(query) = request.uri().query() {
+        rewritten.push('?');
+        rewritten.push_str(query);
+    }
+    // A replacement that makes no valid path leaves the request as it was.
+    if let Ok(path_and_query) = rewritten.parse::<http::uri::PathAndQuery>() {
+        let mut parts = request.uri().clone().into_parts();
+        parts.path_and_query = Some(path_and_query);
+        if let Ok(uri) = http::Uri::from_parts(parts) {
+            *request.uri_mut() = uri;
+        }
+    }
+    request
+}
+
+fn routes(state: ProxyState) -> Router {
     let mut router = Router::new()
         .route("/livez", get(basic::livez))
         .route("/readyz", get(basic::readyz))

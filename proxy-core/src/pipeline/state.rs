@@ -58,6 +58,17 @@ pub struct ProxyOptions {
     pub shared_limits: Option<SharedOptions>,
     /// OpenTelemetry spans exported over OTLP; `None`: none recorded.
     pub tracing: Option<Tracing>,
+    /// Path rewrites applied before routing: the first whose pattern matches, once.
+    pub url_rewrites: Arc<[UrlRewrite]>,
+}
+
+/// A path rewrite (AISIX's `proxy.url_rewrites`): a request whose path matches
+/// `pattern` is routed as `pattern` replaced by `replacement` (`$1`... name groups).
+#[derive(Debug, Clone)]
+pub struct UrlRewrite {
+    pub name: String,
+    pub pattern: regex::Regex,
+    pub replacement: String,
 }
 
 impl ProxyOptions {
@@ -84,6 +95,7 @@ impl Default for ProxyOptions {
             cache: None,
             shared_limits: None,
             tracing: None,
+            url_rewrites: Arc::from([]),
         }
     }
 }
