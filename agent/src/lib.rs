@@ -322,6 +322,11 @@ fn proxy_options(config: &Config) -> anyhow::Result<ProxyOptions> {
         shared_limits: config.ratelimit.options().map_err(field)?,
         access_log: config.observability.access_log,
         url_rewrites: config.url_rewrites().into(),
+        sse_keepalive: config
+            .downstream
+            .sse_keepalive_interval_secs
+            .filter(|s| *s > 0)
+            .map(Duration::from_secs),
         tracing: match config.trace_options().map_err(field)? {
             Some(options) => Some(Tracing::start(&options).map_err(|e| anyhow::anyhow!(e))?),
             None => None,

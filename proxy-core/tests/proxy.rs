@@ -951,7 +951,10 @@ async fn url_rewrites_route_the_rewritten_path_once() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(h.mock.requests().last().unwrap().path, "/v1/chat/completions");
+    assert_eq!(
+        h.mock.requests().last().unwrap().path,
+        "/v1/chat/completions"
+    );
     // The query stays; the second rule rewrites a path the first does not match.
     let r = h
         .client

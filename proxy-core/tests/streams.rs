@@ -13,7 +13,7 @@ mod common;
 use std::sync::Arc;
 
 use cloud_mock::provider::{MockProvider, Script};
-use common::{CALLER, Recorder, hash, read_stream, start_proxy};
+use common::{CALLER, Recorder, harness, hash, read_stream, start_proxy, stream_hello};
 use proxy_core::formats::sse;
 use proxy_core::http::{Hooks, ProxyOptions};
 use serde_json::{Value, json};
@@ -549,4 +549,34 @@ async fn a_resumable_stream_with_no_target_left_ends_broken() {
     assert_eq!(s.tried(), ["o-up-first", "o-up-backup"]);
     let usage = s.usage.0.lock().unwrap().clone();
     assert_eq!(usage[0].finish_reason.as_deref(), Some("stream_cut"));
+}
+
+#[tokio::test]
+async fn a_quiet_stream_gets_keep_alive_comments_that_readers_skip() {
+    let h = harness(ProxyOptions {
+        sse_keepalive: Some(std::time::Duration::from_millis(100)),
+        ..ProxyOptions::default()
+    })
+    .await;
+    h.mock.set_script_for(
+        "up-gpt",
+        Script {
+            chunks: 2,
+            chunk_interval_ms: 350,
+            ..Script::default()
+        },
+    );
+    let (text, aborted) = read_stream(h.chat(Some(CALLER), stream_hello("gpt")).await).await;
+    assert!(!aborted, "{text}");
+    assert!(text.matches(": keep-alive\n\n").count() >= 4, "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    let content: String = proxy_core::formats::sse::events(text.as_bytes())
+        .filter_map(|e| serde_json::from_slice::<Value>(&e.data).ok())
+        .filter_map(|c| {
+            c.pointer("/choices/0/delta/content")?
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(content, "Hello from the mock provider.");
 }

@@ -780,7 +780,7 @@ async fn etcd_mode_start_up_problems_name_the_field() {
     // Without an admin section validate says the admin API is off.
     let stdout = valid("etcd:\n  endpoints: [\"http://127.0.0.1:2379\"]\n");
     assert!(
-        stdout.contains("no admin section, so the admin API is off"),
+        stdout.contains("no admin section (or admin.enabled is false), so the admin API is off"),
         "{stdout}"
     );
     for (text, expected) in cases {
@@ -1055,7 +1055,7 @@ managed: {{snapshot_cache_path: {snapshot}}}
         .unwrap();
     let ignored = config_status["ignored"].to_string();
     for key in [
-        "downstream",
+        "downstream.idle_timeout_secs",
         "proxy.thread_per_core",
         "observability.metrics.client_type_rules",
         "upstream.retries",

@@ -377,7 +377,7 @@ async fn validate_reports_every_problem() {
     );
     assert!(out.contains("problem: models/m3: model_name: required; provider_key_id: required; timeout: must be at least 1"), "{out}");
     assert!(
-        out.contains("config section 'downstream' is not implemented"),
+        out.contains("config 'downstream.idle_timeout_secs (idle keep-alive connections close after proxy.header_read_timeout_ms)' is accepted but not acted on"),
         "{out}"
     );
 

@@ -65,7 +65,7 @@ guardrails:
     let (process, proxy, metrics) = start_file_agent(
         dir.path(),
         &resources,
-        "proxy:\n  addr: 127.0.0.1:0\nobservability:\n  log_level: debug\n  log_format: json\n  metrics:\n    prometheus: {path: /prom}\ndownstream: {}\nshutdown:\n  min_drain_secs: 0\n",
+        "proxy:\n  addr: 127.0.0.1:0\nobservability:\n  log_level: debug\n  log_format: json\n  metrics:\n    prometheus: {path: /prom}\ndownstream: {idle_timeout_secs: 60}\nshutdown:\n  min_drain_secs: 0\n",
     )
     .await;
     Agent {
@@ -312,7 +312,12 @@ async fn metrics_status_and_access_log_tell_what_happened_and_no_secret_leaks() 
         rejected["error"].as_str().unwrap().contains("pk-missing"),
         "{rejected}"
     );
-    assert_eq!(status["ignored"], json!(["downstream"]));
+    assert_eq!(
+        status["ignored"],
+        json!([
+            "downstream.idle_timeout_secs (idle keep-alive connections close after proxy.header_read_timeout_ms)"
+        ])
+    );
     seen.push_str(&status.to_string());
     let ready = http
         .get(format!("{}/status/ready", agent.metrics))

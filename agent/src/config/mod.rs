@@ -47,7 +47,7 @@ pub enum ConfigError {
 }
 
 /// Sections that exist in the AISIX gateway config but that this build does not use.
-const IGNORED_SECTIONS: &[&str] = &["downstream", "deployment"];
+const IGNORED_SECTIONS: &[&str] = &["deployment"];
 
 /// Keys of the AISIX gateway's config that this build accepts without acting on them,
 /// and why: each present one is reported once at start (log and `/status/config`
@@ -64,6 +64,10 @@ const NOT_IMPLEMENTED: &[(&str, &str)] = &[
     (
         "observability.metrics.buckets",
         "histograms use the built-in buckets",
+    ),
+    (
+        "downstream.idle_timeout_secs",
+        "idle keep-alive connections close after proxy.header_read_timeout_ms",
     ),
     (
         "upstream.retries",
@@ -131,9 +135,10 @@ pub struct Config {
     /// Defaults for every provider call and the upstream connection pool.
     #[serde(default)]
     pub upstream: UpstreamSection,
-    // Accepted and reported as ignored (see IGNORED_SECTIONS).
+    /// The caller side of answer streams.
     #[serde(default)]
-    downstream: Option<Value>,
+    pub downstream: DownstreamSection,
+    // Accepted and reported as ignored (see IGNORED_SECTIONS).
     #[serde(default)]
     deployment: Option<Value>,
     #[serde(skip)]
@@ -601,7 +606,7 @@ impl Config {
     }
 
     fn ignored_sections(&self) -> Vec<String> {
-        let present = [&self.downstream, &self.deployment];
+        let present = [&self.deployment];
         let mut out: Vec<String> = IGNORED_SECTIONS
             .iter()
             .zip(present)
@@ -821,6 +826,7 @@ managed: {snapshot_cache_path: /var/lib/aisix/snapshot}
         assert_eq!((trusted.len(), header, recursive), (1, "x-real-ip", true));
         assert_eq!(c.client_ip_header().as_str(), "x-real-ip");
         assert_eq!(c.proxy.workers, Some(2));
+        assert_eq!(c.downstream.sse_keepalive_interval_secs, Some(15));
         let rewrites = c.url_rewrites();
         assert_eq!(rewrites[0].name, "strip");
         assert_eq!(rewrites[0].replacement, "/$1");
@@ -842,10 +848,10 @@ managed: {snapshot_cache_path: /var/lib/aisix/snapshot}
         assert_eq!(
             said,
             [
-                "downstream",
                 "proxy.thread_per_core",
                 "observability.metrics.client_type_rules",
                 "observability.metrics.buckets",
+                "downstream.idle_timeout_secs",
                 "upstream.retries",
                 "upstream.tls",
             ]

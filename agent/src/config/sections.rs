@@ -441,6 +441,15 @@ pub struct UrlRewriteSection {
     pub replacement: String,
 }
 
+/// `downstream`: the caller side of answer streams.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DownstreamSection {
+    /// A stream quiet this long gets an SSE comment (`: keep-alive`), so proxies
+    /// between the gateway and the caller keep it open; unset or 0: none.
+    pub sse_keepalive_interval_secs: Option<u64>,
+}
+
 /// `upstream`: defaults for every provider call (a model's own `timeout` and
 /// `stream_timeout` win) and the upstream connection pool.
 #[derive(Debug, Clone, Deserialize)]

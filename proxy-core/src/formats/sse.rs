@@ -132,11 +132,26 @@ where
 /// Like [`filter_events`], with a filter that also decides how the stream ends and
 /// may continue it on another upstream body.
 pub fn filter_stream<F: EventFilter>(body: Body, filter: F) -> Body {
+    filter_stream_kept_alive(body, filter, None)
+}
+
+/// What a quiet stream sends every `keepalive`: a comment, which event readers skip,
+/// so proxies and load balancers between the gateway and the caller keep the
+/// connection (AISIX's `downstream.sse_keepalive_interval_secs`).
+pub const KEEPALIVE: &[u8] = b": keep-alive\n\n";
+
+/// [`filter_stream`], sending [`KEEPALIVE`] whenever nothing came for `keepalive`.
+pub fn filter_stream_kept_alive<F: EventFilter>(
+    body: Body,
+    filter: F,
+    keepalive: Option<std::time::Duration>,
+) -> Body {
     let filtering = Filtering {
         inner: body.into_data_stream(),
         partial: BytesMut::new(),
         filter,
         stage: Stage::Running,
+        keepalive,
     };
     Body::from_stream(stream::unfold(filtering, |mut f| async move {
         let item = f.next().await?;
@@ -167,6 +182,7 @@ struct Filtering<F> {
     partial: BytesMut,
     filter: F,
     stage: Stage,
+    keepalive: Option<std::time::Duration>,
 }
 
 impl<F: EventFilter> Filtering<F> {
@@ -217,10 +233,18 @@ impl<F: EventFilter> Filtering<F> {
         }
     }
 
-    /// Reads the upstream until the filter has something to say.
+    /// Reads the upstream until the filter has something to say (or, quiet for the
+    /// keep-alive interval, sends a comment).
     async fn step(&mut self) -> Filtered {
         loop {
-            match self.inner.next().await {
+            let next = match self.keepalive {
+                Some(every) => match tokio::time::timeout(every, self.inner.next()).await {
+                    Ok(next) => next,
+                    Err(_) => return Filtered::Send(Bytes::from_static(KEEPALIVE)),
+                },
+                None => self.inner.next().await,
+            };
+            match next {
                 Some(Ok(chunk)) => {
                     self.partial.extend_from_slice(&chunk);
                     if let Some(end) = last_event_end(&self.partial) {

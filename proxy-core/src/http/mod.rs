@@ -52,7 +52,10 @@ fn rewrite(rules: &[UrlRewrite], mut request: Request) -> Request {
     let Some(rule) = rules.iter().find(|r| r.pattern.is_match(path)) else {
         return request;
     };
-    let mut rewritten = rule.pattern.replace(path, rule.replacement.as_str()).into_owned();
+    let mut rewritten = rule
+        .pattern
+        .replace(path, rule.replacement.as_str())
+        .into_owned();
     if let Some(query) = request.uri().query() {
         rewritten.push('?');
         rewritten.push_str(query);

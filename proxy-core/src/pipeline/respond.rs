@@ -82,7 +82,7 @@ pub(super) async fn respond(
             Some(resume) => filter.resumable(resume),
             None => filter,
         };
-        let body = sse::filter_stream(answer.body, filter);
+        let body = sse::filter_stream_kept_alive(answer.body, filter, state.options.sse_keepalive);
         let content_type = answer.content_type.filter(|_| conversion.is_none());
         build(answer.status, content_type, body, &served_by.name, true)
     } else {

@@ -60,6 +60,8 @@ pub struct ProxyOptions {
     pub tracing: Option<Tracing>,
     /// Path rewrites applied before routing: the first whose pattern matches, once.
     pub url_rewrites: Arc<[UrlRewrite]>,
+    /// A quiet answer stream gets a comment this often; `None`: never.
+    pub sse_keepalive: Option<Duration>,
 }
 
 /// A path rewrite (AISIX's `proxy.url_rewrites`): a request whose path matches
@@ -96,6 +98,7 @@ impl Default for ProxyOptions {
             shared_limits: None,
             tracing: None,
             url_rewrites: Arc::from([]),
+            sse_keepalive: None,
         }
     }
 }
