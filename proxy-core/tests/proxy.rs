@@ -139,18 +139,50 @@ async fn one_request_id_from_the_caller_to_every_attempt_and_the_usage_event() {
 #[tokio::test]
 async fn authentication_errors_are_401_invalid_api_key() {
     let h = harness(ProxyOptions::default()).await;
+    // An unknown key has no code; a known one that may not be used says why.
     let cases = [
-        (None, "missing API key: send 'Authorization: Bearer <key>'"),
-        (Some("wrong"), "invalid API key"),
-        (Some("disabled-key"), "this API key is disabled"),
-        (Some("expired-key"), "this API key has expired"),
+        (
+            None,
+            "missing API key: send 'Authorization: Bearer <key>'",
+            "",
+        ),
+        (Some("wrong"), "invalid API key", ""),
+        (
+            Some("disabled-key"),
+            "this API key is disabled",
+            r#","code":"api_key_disabled""#,
+        ),
+        (
+            Some("expired-key"),
+            "this API key has expired",
+            r#","code":"api_key_expired""#,
+        ),
     ];
-    for (key, message) in cases {
+    for (key, message, code) in cases {
         let r = h.chat(key, hello("gpt")).await;
         assert!(r.headers().contains_key("x-aisix-request-id"));
         assert!(r.headers().contains_key("x-aisix-call-id"));
-        let expected = format!(r#"{{"error":{{"message":"{message}","type":"invalid_api_key"}}}}"#);
+        let expected =
+            format!(r#"{{"error":{{"message":"{message}","type":"invalid_api_key"{code}}}}}"#);
         assert_eq!(status_and_body(r).await, (401, expected));
+    }
+    // The same codes in Anthropic's envelope.
+    for (key, code) in [
+        ("disabled-key", "api_key_disabled"),
+        ("expired-key", "api_key_expired"),
+    ] {
+        let r = h
+            .client
+            .post(format!("{}/v1/messages", h.url))
+            .header("x-api-key", key)
+            .json(&json!({"model": "gpt", "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["type"], "authentication_error");
+        assert_eq!(body["error"]["code"], code);
     }
     let r = h
         .client
@@ -973,4 +1005,46 @@ async fn url_rewrites_route_the_rewritten_path_once() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404, "rewritten to /nowhere/chat/completions");
+}
+
+#[tokio::test]
+async fn a_key_expires_at_its_deadline_without_a_config_change() {
+    let mock = cloud_mock::provider::MockProvider::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let deadline = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
+    let expires_at = deadline
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let docs = vec![
+        (
+            "provider_keys/pk1",
+            json!({"display_name": "mock", "provider": "openai", "api_base": mock.url(), "api_key": "sk-up"}),
+        ),
+        (
+            "models/m1",
+            json!({"display_name": "gpt", "model_name": "up-gpt", "provider_key_id": "pk1"}),
+        ),
+        (
+            "api_keys/k1",
+            json!({"key_hash": hash(CALLER), "allowed_models": ["*"], "expires_at": expires_at}),
+        ),
+    ];
+    let (url, _draining, _stop) =
+        start_proxy(docs, ProxyOptions::default(), Hooks::default()).await;
+    let chat = || {
+        reqwest::Client::new()
+            .post(format!("{url}/v1/chat/completions"))
+            .bearer_auth(CALLER)
+            .json(&hello("gpt"))
+            .send()
+    };
+    assert_eq!(chat().await.unwrap().status(), 200);
+    while time::OffsetDateTime::now_utc() < deadline + time::Duration::milliseconds(100) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = chat().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "api_key_expired");
 }

@@ -14,6 +14,13 @@ use crate::hooks::BudgetDenial;
 pub enum ProxyError {
     #[error("{0}")]
     InvalidApiKey(&'static str),
+    /// A known caller key that may not be used (now): `code` says why
+    /// (`api_key_disabled`, `api_key_expired`).
+    #[error("{message}")]
+    InactiveApiKey {
+        message: &'static str,
+        code: &'static str,
+    },
     #[error("{0}")]
     PermissionDenied(String),
     #[error("model '{0}' does not exist")]
@@ -219,7 +226,9 @@ impl ProxyError {
             }
         }
         match self {
-            ProxyError::InvalidApiKey(_) => caller(StatusCode::UNAUTHORIZED, "invalid_api_key"),
+            ProxyError::InvalidApiKey(_) | ProxyError::InactiveApiKey { .. } => {
+                caller(StatusCode::UNAUTHORIZED, "invalid_api_key")
+            }
             ProxyError::PermissionDenied(_) => caller(StatusCode::FORBIDDEN, "permission_denied"),
             ProxyError::ModelNotFound(_) => caller(StatusCode::NOT_FOUND, "model_not_found"),
             ProxyError::InvalidRequest { .. } => {

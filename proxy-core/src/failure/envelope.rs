@@ -69,12 +69,18 @@ impl ProxyError {
             #[serde(rename = "type")]
             kind: &'static str,
             message: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            code: Option<&'static str>,
         }
         let body = Envelope {
             kind: "error",
             error: Error {
                 kind: anthropic_error_type(class.status),
                 message: &self.message(),
+                code: match self {
+                    ProxyError::InactiveApiKey { code, .. } => Some(code),
+                    _ => None,
+                },
             },
         };
         serde_json::to_vec(&body).unwrap_or_default()
@@ -95,6 +101,9 @@ impl ProxyError {
                 OpenAiEnvelope::new(&message, class.kind, *param, None).to_json()
             }
             ProxyError::BudgetDenied(denial) => budget_envelope(class.kind, denial),
+            ProxyError::InactiveApiKey { code, .. } => {
+                OpenAiEnvelope::new(&message, class.kind, None, Some(code)).to_json()
+            }
             _ => OpenAiEnvelope::new(&message, class.kind, None, None).to_json(),
         }
     }
@@ -265,6 +274,14 @@ mod tests {
                 r#"{"error":{"message":"invalid API key","type":"invalid_api_key"}}"#,
             ),
             (
+                ProxyError::InactiveApiKey {
+                    message: "this API key is disabled",
+                    code: "api_key_disabled",
+                },
+                401,
+                r#"{"error":{"message":"this API key is disabled","type":"invalid_api_key","code":"api_key_disabled"}}"#,
+            ),
+            (
                 ProxyError::PermissionDenied("this API key may not use model 'gpt'".into()),
                 403,
                 r#"{"error":{"message":"this API key may not use model 'gpt'","type":"permission_denied"}}"#,
@@ -402,6 +419,14 @@ mod tests {
                 ProxyError::InvalidApiKey("invalid API key"),
                 401,
                 r#"{"type":"error","error":{"type":"authentication_error","message":"invalid API key"}}"#,
+            ),
+            (
+                ProxyError::InactiveApiKey {
+                    message: "this API key has expired",
+                    code: "api_key_expired",
+                },
+                401,
+                r#"{"type":"error","error":{"type":"authentication_error","message":"this API key has expired","code":"api_key_expired"}}"#,
             ),
             (
                 ProxyError::PermissionDenied("no".into()),

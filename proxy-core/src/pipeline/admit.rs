@@ -284,10 +284,16 @@ pub fn authenticate<'s>(
         .api_key(&KeyHash::of_plaintext(plaintext))
         .ok_or(ProxyError::InvalidApiKey("invalid API key"))?;
     if key.disabled {
-        return Err(ProxyError::InvalidApiKey("this API key is disabled"));
+        return Err(ProxyError::InactiveApiKey {
+            message: "this API key is disabled",
+            code: "api_key_disabled",
+        });
     }
     if key.is_expired(SystemTime::now()) {
-        return Err(ProxyError::InvalidApiKey("this API key has expired"));
+        return Err(ProxyError::InactiveApiKey {
+            message: "this API key has expired",
+            code: "api_key_expired",
+        });
     }
     Ok(key)
 }
