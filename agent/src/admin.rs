@@ -21,7 +21,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use proxy_core::policy::health::ModelHealth;
+use proxy_core::policy::health::{Health, ModelHealth};
 use proxy_core::resources::{Kind, ModelTarget, Resource, ResourceKey};
 use proxy_core::secret::Secret;
 use proxy_core::snapshot::{Snapshot, SnapshotStore};
@@ -135,6 +135,7 @@ type Answer = Result<Response, AdminError>;
 pub fn router(admin: Arc<Admin>) -> Router {
     Router::new()
         .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
         .route("/admin/v1/health", get(health))
         .route("/admin/v1/{kind}", get(list).post(create))
         .route(
@@ -152,8 +153,11 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .with_state(admin)
 }
 
+/// Probes and paths outside the admin API (404) need no key.
 async fn authenticate(State(admin): State<Arc<Admin>>, req: Request, next: Next) -> Response {
-    if req.uri().path() == "/livez" || admin.authorized(req.headers()) {
+    let path = req.uri().path();
+    let open = matches!(path, "/livez" | "/readyz") || !path.starts_with("/admin/");
+    if open || admin.authorized(req.headers()) {
         return next.run(req).await;
     }
     AdminError(
@@ -170,10 +174,23 @@ async fn livez(
     proxy_core::http::livez_response(admin.draining.is_cancelled(), &q)
 }
 
+async fn readyz(
+    State(admin): State<Arc<Admin>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    proxy_core::http::readyz_response(
+        admin.store.freshness().source,
+        admin.draining.is_cancelled(),
+        &q,
+    )
+}
+
 /// `GET /admin/v1/health`, in the shape and field order of the health-check docs.
 #[derive(Serialize)]
 struct HealthBody<'a> {
-    /// `ok`, or `degraded` while etcd cannot be reached (the snapshot keeps serving).
+    /// `unhealthy` when a model is down; `degraded` when one is degraded or the
+    /// configuration is stale (etcd cannot be reached, the snapshot keeps serving);
+    /// else `ok`. A fresh start is never `unhealthy` (no model has failed yet).
     status: &'static str,
     /// Whether the configuration watch on etcd is established.
     source_connected: bool,
@@ -198,19 +215,28 @@ struct ConfigFreshness {
 
 async fn health(State(admin): State<Arc<Admin>>) -> Response {
     let snapshot = admin.store.load();
+    let mut worst = Health::Healthy;
     let mut models: Vec<ModelHealthEntry<'_>> = snapshot
         .models()
-        .map(|m| ModelHealthEntry {
-            id: &m.id,
-            name: &m.name,
-            health: admin.health.of(&snapshot, m).as_u8(),
+        .map(|m| {
+            let health = admin.health.of(&snapshot, m);
+            worst = worst.max(health);
+            ModelHealthEntry {
+                id: &m.id,
+                name: &m.name,
+                health: health.as_u8(),
+            }
         })
         .collect();
     models.sort_by(|a, b| a.name.cmp(b.name));
     let freshness = admin.store.freshness();
     let connected = admin.watch.connected();
     let body = HealthBody {
-        status: if connected { "ok" } else { "degraded" },
+        status: match (worst, connected) {
+            (Health::Down, _) => "unhealthy",
+            (Health::Degraded, _) | (_, false) => "degraded",
+            (Health::Healthy, true) => "ok",
+        },
         source_connected: connected,
         models,
         config: Some(ConfigFreshness {

@@ -204,6 +204,20 @@ async fn admin_writes_reach_the_proxy_and_every_error_uses_the_admin_envelope() 
         .unwrap();
     assert_eq!(livez.status(), 200);
     assert_eq!(livez.text().await.unwrap(), "ok");
+    // Readiness too, like the proxy's; paths outside the admin API are 404 without a key.
+    let readyz = http
+        .get(format!("{}/readyz", agent.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(readyz.status(), 200);
+    assert_eq!(readyz.text().await.unwrap(), "ok");
+    let unknown = http
+        .get(format!("{}/health", agent.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
     for request in [
         http.get(format!("{}/admin/v1/health", agent.admin)),
         http.get(format!("{}/admin/v1/models", agent.admin))
@@ -719,11 +733,13 @@ async fn model_health_follows_consecutive_upstream_failures() {
     seed(&agent, &mock).await;
     agent.wait_models(&["gpt"]).await;
     let level = || async {
-        agent.health().await["models"][0]["health"]
-            .as_u64()
-            .unwrap()
+        let health = agent.health().await;
+        (
+            health["models"][0]["health"].as_u64().unwrap(),
+            health["status"].as_str().unwrap().to_owned(),
+        )
     };
-    assert_eq!(level().await, 0);
+    assert_eq!(level().await, (0, "ok".to_owned()));
 
     mock.set_script(Script {
         status: 500,
@@ -734,10 +750,27 @@ async fn model_health_follows_consecutive_upstream_failures() {
         assert_eq!(agent.chat("gpt").await, 502);
         seen.push(level().await);
     }
-    assert_eq!(seen, [0, 0, 0, 1, 1, 1, 1, 2, 2]);
+    let levels: Vec<u64> = seen.iter().map(|(l, _)| *l).collect();
+    assert_eq!(levels, [0, 0, 0, 1, 1, 1, 1, 2, 2]);
+    // The top-level status follows the worst model: degraded, then unhealthy.
+    let statuses: Vec<&str> = seen.iter().map(|(_, s)| s.as_str()).collect();
+    assert_eq!(
+        statuses,
+        [
+            "ok",
+            "ok",
+            "ok",
+            "degraded",
+            "degraded",
+            "degraded",
+            "degraded",
+            "unhealthy",
+            "unhealthy"
+        ]
+    );
     mock.set_script(Script::default());
     assert_eq!(agent.chat("gpt").await, 200);
-    assert_eq!(level().await, 0);
+    assert_eq!(level().await, (0, "ok".to_owned()));
 }
 
 #[tokio::test]

@@ -26,8 +26,20 @@ pub(super) async fn readyz(
     State(state): State<ProxyState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    let loaded = state.0.store.freshness().source;
-    let draining = state.0.draining.is_cancelled();
+    readyz_response(
+        state.0.store.freshness().source,
+        state.0.draining.is_cancelled(),
+        &q,
+    )
+}
+
+/// The `/readyz` answer of the proxy and admin listeners: `ok` once a configuration is
+/// loaded, else (and while draining) 503; `?verbose=1` says which check failed.
+pub fn readyz_response(
+    loaded: Option<crate::snapshot::Source>,
+    draining: bool,
+    q: &HashMap<String, String>,
+) -> Response {
     let verbose = q
         .get("verbose")
         .is_some_and(|v| !matches!(v.as_str(), "0" | "false"));

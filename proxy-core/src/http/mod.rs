@@ -28,7 +28,7 @@ use crate::pipeline::{self, REQUEST_ID, SERVED_BY};
 
 pub use crate::observe::record::route_label;
 pub use crate::pipeline::{Hooks, ProxyOptions, ProxyState, UrlRewrite};
-pub use basic::livez_response;
+pub use basic::{livez_response, readyz_response};
 pub use listener::{ListenerOptions, serve};
 
 pub fn router(state: ProxyState) -> Router {
