@@ -163,6 +163,7 @@ impl EtcdClient {
                 range_end: end.clone(),
                 revision,
                 limit: PAGE,
+                ..RangeRequest::default()
             };
             let page: RangeResponse = self.call("/v3/kv/range", &json(&body)).await?;
             if revision == 0 {
@@ -181,6 +182,41 @@ impl EtcdClient {
             }
         }
         Ok(Listing { revision, kvs })
+    }
+
+    /// How many keys are under `prefix` at `revision` (0: the newest), and the store's
+    /// revision when etcd answered.
+    pub async fn count(&self, prefix: &str, revision: i64) -> Result<(i64, i64), EtcdError> {
+        let body = RangeRequest {
+            key: etcd::encode(prefix),
+            range_end: etcd::encode(etcd::prefix_end(prefix.as_bytes())),
+            revision,
+            count_only: true,
+            ..RangeRequest::default()
+        };
+        let page: RangeResponse = self.call("/v3/kv/range", &json(&body)).await?;
+        Ok((page.count, page.header.revision))
+    }
+
+    /// Whether a key under `prefix`, as of `revision`, was modified at `since` or later
+    /// (etcd filters by modification before it limits; its count would not).
+    pub async fn modified_since(
+        &self,
+        prefix: &str,
+        revision: i64,
+        since: i64,
+    ) -> Result<bool, EtcdError> {
+        let body = RangeRequest {
+            key: etcd::encode(prefix),
+            range_end: etcd::encode(etcd::prefix_end(prefix.as_bytes())),
+            revision,
+            limit: 1,
+            keys_only: true,
+            min_mod_revision: since,
+            ..RangeRequest::default()
+        };
+        let page: RangeResponse = self.call("/v3/kv/range", &json(&body)).await?;
+        Ok(!page.kvs.is_empty())
     }
 
     /// One key, if it exists.

@@ -9,6 +9,12 @@
 //!   kept for later streams.
 //! - Every failure waits out an exponential backoff with full jitter, capped, while the
 //!   last good snapshot keeps serving; a successful watch start resets the backoff.
+//! - On etcd, a watch quiet for [`FRESHNESS_CHECK`] confirms the snapshot is current
+//!   with three cheap counts (nothing under the prefix changed since the applied
+//!   revision: as many keys then as now, none modified since), and then counts as
+//!   progress up to etcd's revision; so freshness needs no etcd flag (its progress
+//!   notifications come every ten minutes by default), while a watch that missed a
+//!   change still ages.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,6 +51,9 @@ pub struct Watcher {
     pub idle_timeout: Duration,
     pub status: Arc<WatchStatus>,
 }
+
+/// How long a watch may be quiet before the snapshot is confirmed current by counts.
+pub const FRESHNESS_CHECK: Duration = Duration::from_secs(3);
 
 enum Ended {
     Compacted,
@@ -115,16 +124,29 @@ impl Watcher {
         };
         let mut stream = self.client.watch(&dir, start).await?;
         idle.new_stream();
+        let mut heard = Instant::now();
+        let mut check = Instant::now() + FRESHNESS_CHECK;
         loop {
-            let message = tokio::time::timeout(idle.timeout(), stream.next())
-                .await
-                .map_err(|_| EtcdError::Transport {
-                    endpoint: String::new(),
-                    message: format!(
-                        "watch idle for {} ms without events or progress",
-                        idle.timeout().as_millis()
-                    ),
-                })??;
+            let deadline = heard + idle.timeout();
+            let message = tokio::select! {
+                message = tokio::time::timeout_at(deadline, stream.next()) => message,
+                () = tokio::time::sleep_until(check), if self.source == Source::Etcd => {
+                    if self.status.connected() {
+                        self.confirm_current(&dir).await;
+                    }
+                    check = Instant::now() + FRESHNESS_CHECK;
+                    continue;
+                }
+            };
+            let message = message.map_err(|_| EtcdError::Transport {
+                endpoint: String::new(),
+                message: format!(
+                    "watch idle for {} ms without events or progress",
+                    idle.timeout().as_millis()
+                ),
+            })??;
+            heard = Instant::now();
+            check = heard + FRESHNESS_CHECK;
             let Some(message) = message else {
                 return Ok(Ended::Closed);
             };
@@ -160,6 +182,28 @@ impl Watcher {
                     });
                 }
             }
+        }
+    }
+}
+
+impl Watcher {
+    /// Counts as progress up to etcd's revision when nothing under the prefix changed
+    /// since the applied revision; any doubt (a failed call, a compacted revision, a
+    /// difference) leaves freshness alone.
+    async fn confirm_current(&self, dir: &str) {
+        let applied = self.store.load().revision;
+        let Ok((now, head)) = self.client.count(dir, 0).await else {
+            return;
+        };
+        let current = head <= applied || {
+            let then = self.client.count(dir, applied).await;
+            let newer = self.client.modified_since(dir, head, applied + 1).await;
+            matches!((then, newer), (Ok((then, _)), Ok(false)) if then == now)
+        };
+        if current {
+            let revision = head.max(applied);
+            self.store
+                .apply(self.source, [SourceEvent::Progress { revision }]);
         }
     }
 }

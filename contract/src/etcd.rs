@@ -24,6 +24,16 @@ pub struct RangeRequest {
     /// At most this many keys; 0: all.
     #[serde(with = "int", skip_serializing_if = "is_zero")]
     pub limit: i64,
+    /// Answer with the `count` of keys only, no keys (the count ignores
+    /// `min_mod_revision`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub count_only: bool,
+    /// Answer with keys only, no values.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub keys_only: bool,
+    /// Only keys last modified at this revision or later; 0: any.
+    #[serde(with = "int", skip_serializing_if = "is_zero")]
+    pub min_mod_revision: i64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

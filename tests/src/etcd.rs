@@ -42,6 +42,8 @@ pub struct Etcd {
     /// `user:password` for etcdctl once auth is enabled.
     pub user: Option<String>,
     extra: Vec<String>,
+    /// Started with [`PROGRESS_INTERVAL`] (else etcd's default, ten minutes).
+    fast_progress: bool,
 }
 
 impl Etcd {
@@ -61,6 +63,24 @@ impl Etcd {
             tls,
             user: None,
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            fast_progress: true,
+        };
+        etcd.launch().await;
+        etcd
+    }
+
+    /// An etcd with its default flags: progress notifications every ten minutes.
+    pub async fn start_with_defaults() -> Etcd {
+        let mut etcd = Etcd {
+            process: None,
+            dir: tempfile::tempdir().unwrap(),
+            client_port: free_port(),
+            peer_port: free_port(),
+            http: http_client(),
+            tls: None,
+            user: None,
+            extra: Vec::new(),
+            fast_progress: false,
         };
         etcd.launch().await;
         etcd
@@ -110,10 +130,16 @@ impl Etcd {
                 &peer,
                 "--initial-cluster",
                 &format!("test={peer}"),
-                "--experimental-watch-progress-notify-interval",
-                &interval,
             ]
             .into_iter()
+            .chain(
+                [
+                    "--experimental-watch-progress-notify-interval",
+                    interval.as_str(),
+                ]
+                .into_iter()
+                .filter(|_| self.fast_progress),
+            )
             .chain(tls_args.iter().map(String::as_str))
             .collect::<Vec<_>>(),
             &[],

@@ -1160,3 +1160,54 @@ managed: {{snapshot_cache_path: {snapshot}}}
     );
     assert!(unset.output().contains("ETCD_PASSWORD"));
 }
+
+/// With etcd's default flags (progress notifications every ten minutes), a healthy
+/// quiet watch keeps `snapshot_age_seconds` at a few seconds; writes elsewhere in etcd
+/// do not change that; a cut watch ages.
+#[tokio::test]
+async fn a_quiet_watch_stays_fresh_without_etcd_flags_and_a_cut_one_ages() {
+    let etcd = Etcd::start_with_defaults().await;
+    let gate = Gate::start(etcd.port()).await;
+    let mock = MockProvider::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    seed_with_etcdctl(&etcd, &mock);
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), &gate.url()).await;
+    agent.wait_models(&["gpt"]).await;
+    let age = || async {
+        agent.health().await["config"]["snapshot_age_seconds"]
+            .as_u64()
+            .unwrap()
+    };
+    // Quiet for longer than the check interval, twice over, with writes outside the
+    // prefix moving etcd's revision on.
+    let mut ages = Vec::new();
+    for i in 0..8 {
+        if i % 2 == 0 {
+            etcd.put(&format!("/elsewhere/{i}"), "x").await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        ages.push(age().await);
+    }
+    assert!(ages.iter().all(|a| *a <= 4), "ages {ages:?}");
+    let health = agent.health().await;
+    assert_eq!(health["status"], "ok", "{health}");
+    // A change under the prefix still arrives through the watch.
+    etcd.etcdctl(&[
+        "put",
+        "/aisix/models/m2",
+        &model("second", "pk1").to_string(),
+    ]);
+    agent.wait_models(&["gpt", "second"]).await;
+
+    // Cut: nothing confirms the snapshot any more; it ages and health says so.
+    gate.cut();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let health = agent.health().await;
+    assert!(
+        health["config"]["snapshot_age_seconds"].as_u64().unwrap() >= 6,
+        "{health}"
+    );
+    assert_eq!(health["status"], "degraded", "{health}");
+}
