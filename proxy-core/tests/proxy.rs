@@ -1048,3 +1048,73 @@ async fn a_key_expires_at_its_deadline_without_a_config_change() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "api_key_expired");
 }
+
+#[tokio::test]
+async fn a_large_over_limit_body_gets_a_readable_413() {
+    let h = harness(ProxyOptions {
+        body_limit: Some(1 << 20),
+        ..ProxyOptions::default()
+    })
+    .await;
+    // 8 MiB, declared and chunked: the caller is still sending when the limit is hit.
+    let big =
+        json!({"model": "gpt", "messages": [{"role": "user", "content": "x".repeat(8 << 20)}]})
+            .to_string();
+    let r = h
+        .client
+        .post(format!("{}/v1/chat/completions", h.url))
+        .bearer_auth(CALLER)
+        .header("content-type", "application/json")
+        .body(big.clone())
+        .send()
+        .await
+        .expect("the 413 is readable, not a reset");
+    assert_eq!(r.status(), 413);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    let chunks = futures_util::stream::iter(
+        big.into_bytes()
+            .chunks(64 * 1024)
+            .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
+            .collect::<Vec<_>>(),
+    );
+    let r = h
+        .client
+        .post(format!("{}/v1/messages", h.url))
+        .header("x-api-key", CALLER)
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .expect("the 413 is readable, not a reset");
+    assert_eq!(r.status(), 413);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        body["type"], "error",
+        "Anthropic's envelope on /v1/messages"
+    );
+    assert!(h.mock.requests().is_empty());
+}
+
+#[tokio::test]
+async fn an_empty_conversation_is_refused_before_any_upstream_call() {
+    let h = harness(ProxyOptions::default()).await;
+    let r = h
+        .chat(Some(CALLER), json!({"model": "gpt", "messages": []}))
+        .await;
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    assert_eq!(body["error"]["param"], "messages");
+    let r = h
+        .client
+        .post(format!("{}/v1/messages", h.url))
+        .header("x-api-key", CALLER)
+        .json(&json!({"model": "gpt", "max_tokens": 8, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    assert!(h.mock.requests().is_empty());
+}

@@ -129,6 +129,25 @@ impl<'a> RequestBody<'a> {
         }
     }
 
+    /// Refuses the body unless `name` is a non-empty array (a conversation needs a
+    /// message: no provider answers an empty one).
+    pub fn require_nonempty_array(&self, name: &'static str) -> Result<(), ProxyError> {
+        self.require_array(name)?;
+        let empty = self.field(name).is_some_and(|v| {
+            v.get()
+                .trim_start()
+                .strip_prefix('[')
+                .is_some_and(|rest| rest.trim_start().starts_with(']'))
+        });
+        if empty {
+            return Err(ProxyError::invalid_request(
+                format!("'{name}' must contain at least one message"),
+                Some(name),
+            ));
+        }
+        Ok(())
+    }
+
     /// The top-level fields as sent, in order.
     pub fn fields(&self) -> impl Iterator<Item = (&str, &'a RawValue)> {
         self.fields.iter().map(|(k, v)| (k.as_ref(), *v))

@@ -49,7 +49,7 @@ impl Read {
     pub fn parse(&self, endpoint: Endpoint) -> Result<RequestBody<'_>, ProxyError> {
         let request = RequestBody::parse(&self.fields)?;
         if endpoint.has_messages() {
-            request.require_array("messages")?;
+            request.require_nonempty_array("messages")?;
         }
         Ok(request)
     }
