@@ -148,7 +148,7 @@ impl Agent {
             () = follow_controls(&config, &shared.store, &controls) => {}
             () = failed.cancelled() => {}
         }
-        serving.drain(&config).await;
+        serving.drain(&config, &shared.metrics).await;
         if let Some(tracing) = tracing {
             // The last spans go out.
             tracing.flush(Duration::from_secs(5)).await;
@@ -281,23 +281,40 @@ impl Serving {
         Ok(serving)
     }
 
-    /// Fails liveness for `min_drain_secs`, closes the listeners, then waits up to
-    /// `drain_timeout_secs` for the requests in flight.
-    async fn drain(self, config: &Config) {
+    /// Fails liveness at once and keeps the listeners accepting until `min_drain_secs`
+    /// has passed and no answer is in flight (a stream until its last byte), so a load
+    /// balancer slower than the window never meets a refused connection while streams
+    /// run; then closes them and waits for the connections. `drain_timeout_secs` bounds
+    /// the whole.
+    async fn drain(self, config: &Config, metrics: &proxy_core::observe::metrics::Metrics) {
         self.draining.cancel();
         let min_drain = Duration::from_secs(config.shutdown.min_drain_secs);
+        let grace = Duration::from_secs(config.shutdown.drain_timeout_secs);
+        let deadline = tokio::time::Instant::now() + grace.max(min_drain);
         info!(
             min_drain_secs = min_drain.as_secs(),
-            "shutdown: liveness now fails; draining"
+            drain_timeout_secs = grace.as_secs(),
+            in_flight = metrics.in_flight.get(),
+            "shutdown: drain started; liveness now fails, the listeners keep accepting"
         );
         tokio::time::sleep(min_drain).await;
+        while metrics.in_flight.get() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        info!(
+            in_flight = metrics.in_flight.get(),
+            "shutdown: listeners closed"
+        );
         self.stop.cancel();
         self.servers.close();
-        let grace = Duration::from_secs(config.shutdown.drain_timeout_secs);
-        match tokio::time::timeout(grace, self.servers.wait()).await {
-            Ok(()) => info!("shutdown: all requests finished"),
+        match tokio::time::timeout_at(deadline, self.servers.wait()).await {
+            Ok(()) => info!(
+                in_flight = metrics.in_flight.get(),
+                "shutdown: drain complete"
+            ),
             Err(_) => warn!(
                 drain_timeout_secs = grace.as_secs(),
+                in_flight = metrics.in_flight.get(),
                 "shutdown: drain timeout reached; closing remaining connections"
             ),
         }

@@ -514,7 +514,7 @@ async fn a_second_signal_exits_without_waiting_for_the_drain() {
     agent.process.signal("TERM");
     agent
         .process
-        .wait_for_line("draining", Duration::from_secs(5))
+        .wait_for_line("drain started", Duration::from_secs(5))
         .await;
     let started = Instant::now();
     agent.process.signal("INT");
@@ -546,4 +546,56 @@ async fn the_cache_section_turns_the_response_cache_on() {
     };
     assert_eq!(statuses, ["miss", "hit"]);
     assert_eq!(mock.requests().len(), 1);
+}
+
+/// After SIGTERM the proxy keeps accepting past min_drain_secs while a stream is in
+/// flight, closes its listener once the stream's last byte is out, and says so.
+#[tokio::test]
+async fn the_drain_keeps_accepting_until_streams_end() {
+    let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    mock.set_script(Script {
+        chunks: 6,
+        chunk_interval_ms: 500,
+        ..Script::default()
+    });
+    let mut agent = start_with_shutdown(
+        &mock,
+        "shutdown:\n  min_drain_secs: 1\n  drain_timeout_secs: 20\n",
+    )
+    .await;
+    let client = http_client();
+    let r = post_chat(&client, &agent.url, CALLER, &chat("gpt-4o-mini", true)).await;
+    assert_eq!(r.status(), 200);
+    let stream = tokio::spawn(r.text());
+    let started = Instant::now();
+    agent.process.signal("TERM");
+    // Past the window, with the stream still running: a new connection is served.
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    let late = reqwest::Client::new()
+        .get(format!("{}/v1/models", agent.url))
+        .bearer_auth(CALLER)
+        .send()
+        .await
+        .expect("the listener still accepts while a stream is in flight");
+    assert_eq!(late.status(), 200);
+    assert_eq!(late.headers()["connection"], "close");
+    let text = stream.await.unwrap().unwrap();
+    assert!(
+        text.ends_with("data: [DONE]\n\n"),
+        "the stream ended whole: {text}"
+    );
+    let status = agent.process.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "{status}");
+    assert!(started.elapsed() >= Duration::from_millis(2_500));
+    let output = agent.process.output();
+    for line in [
+        "shutdown: drain started",
+        "shutdown: listeners closed",
+        "shutdown: drain complete",
+    ] {
+        assert!(output.contains(line), "{line} in {output}");
+    }
+    assert!(output.contains("in_flight=0"), "{output}");
 }

@@ -134,6 +134,8 @@ async fn request_context(
         .and_then(|tracing| tracing.server(req.headers(), &method, route));
     let record = Record::new(id.clone(), trace);
     req.extensions_mut().insert(record.clone());
+    let in_flight = (!matches!(route, "/livez" | "/readyz"))
+        .then(|| record::InFlight::new(state.0.hooks.metrics.clone()));
     let limit = state.0.options.max_header_bytes;
     let mut response = if head_size(&req) > limit {
         let error = ProxyError::HeadersTooLarge { limit };
@@ -155,6 +157,7 @@ async fn request_context(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     let finish = record::Finish {
+        _in_flight: in_flight,
         metrics: state.0.hooks.metrics.clone(),
         access_log: state.0.options.access_log,
         method,

@@ -128,6 +128,9 @@ pub struct Metrics {
     pub heartbeats: Family<OutcomeLabels, Counter>,
     /// `aisix_budget_checks_total{outcome}`: `allowed`, `denied`, `failed`.
     pub budget_checks: Family<OutcomeLabels, Counter>,
+    /// `aisix_proxy_in_flight_requests`: requests (probes aside) whose answer has not
+    /// ended, streams until their last byte; the drain waits for it to reach 0.
+    pub in_flight: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Default for Metrics {
@@ -142,6 +145,12 @@ impl Default for Metrics {
         let policy_rejections = Family::default();
         let heartbeats = Family::default();
         let budget_checks = Family::default();
+        let in_flight = prometheus_client::metrics::gauge::Gauge::default();
+        registry.register(
+            "aisix_proxy_in_flight_requests",
+            "Requests whose answer has not ended (streams until their last byte)",
+            in_flight.clone(),
+        );
         registry.register(
             "aisix_requests",
             "Requests answered, by route, model alias and status",
@@ -202,6 +211,7 @@ impl Default for Metrics {
             policy_rejections,
             heartbeats,
             budget_checks,
+            in_flight,
         }
     }
 }

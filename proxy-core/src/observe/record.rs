@@ -153,6 +153,8 @@ pub fn route_label(path: &str) -> &'static str {
 /// Everything the access-log line and the metrics need, gathered when the response
 /// headers were sent; written once, when the body ends or is dropped.
 pub(crate) struct Finish {
+    /// Counted in flight until this is written (dropped); `None` for probes.
+    pub _in_flight: Option<InFlight>,
     pub metrics: Arc<Metrics>,
     pub access_log: bool,
     pub method: Method,
@@ -162,6 +164,23 @@ pub(crate) struct Finish {
     pub error_type: Option<&'static str>,
     pub record: Record,
     pub started: Instant,
+}
+
+/// One request in flight in `aisix_proxy_in_flight_requests`, until dropped.
+#[derive(Debug)]
+pub(crate) struct InFlight(Arc<Metrics>);
+
+impl InFlight {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        metrics.in_flight.inc();
+        Self(metrics)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.dec();
+    }
 }
 
 impl Finish {
