@@ -4,6 +4,9 @@
 //! resource document plus its `id`. A file that cannot be read or parsed is rejected
 //! whole (the last good snapshot keeps serving); a bad entry is reported and skipped,
 //! and a bad resource is rejected alone by the snapshot builder.
+//!
+//! A document with `_format_version: "1"` is in the AISIX gateway's format instead
+//! (`aisix.rs`): entries without ids, references by name, `key_env`, `${VAR}`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -11,6 +14,8 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use proxy_core::resources::Kind;
 use serde_yaml_ng::{Mapping, Value};
+
+mod aisix;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
@@ -43,10 +48,20 @@ impl ResourcesFile {
             path: path.to_owned(),
             error,
         })?;
-        Self::parse(path, &text, prefix)
+        Self::parse_with(path, &text, prefix, &|name| std::env::var(name).ok())
     }
 
     pub fn parse(path: &Path, text: &str, prefix: &str) -> Result<Self, FileError> {
+        Self::parse_with(path, text, prefix, &|_| None)
+    }
+
+    /// Reads `text`; `env` looks up the variables of an AISIX-format file.
+    pub fn parse_with(
+        path: &Path,
+        text: &str,
+        prefix: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, FileError> {
         let shape = |message: String| FileError::Shape {
             path: path.to_owned(),
             message,
@@ -65,6 +80,9 @@ impl ResourcesFile {
                 ));
             }
         };
+        if root.contains_key("_format_version") {
+            return aisix::read(root, prefix, env).map_err(shape);
+        }
         let mut out = ResourcesFile::default();
         for (name, list) in root {
             let Some(name) = name.as_str() else {

@@ -599,3 +599,74 @@ async fn the_drain_keeps_accepting_until_streams_end() {
     }
     assert!(output.contains("in_flight=0"), "{output}");
 }
+
+/// An AISIX-format resources file: no ids, references by name, the caller key from
+/// `key_env` and the provider key from `${VAR}`; problems named by kind, entry and field.
+#[tokio::test]
+async fn an_aisix_format_resources_file_serves_unchanged() {
+    let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = format!(
+        r#"_format_version: "1"
+provider_keys:
+  - display_name: mock
+    provider: openai
+    api_base: "{base}"
+    api_key: "${{UPSTREAM_KEY}}"
+models:
+  - display_name: gpt-4o-mini
+    model_name: up-gpt
+    provider_key: mock
+api_keys:
+  - display_name: team-a
+    key_env: TEAM_A_KEY
+    allowed_models: ["*"]
+"#,
+        base = mock.url()
+    );
+    std::fs::write(dir.path().join("resources.yaml"), &file).unwrap();
+    let config = write_config(dir.path(), "");
+    let envs = [
+        ("UPSTREAM_KEY", "sk-upstream-from-env"),
+        ("TEAM_A_KEY", "team-a-caller-key"),
+    ];
+    let (mut process, url) = tests::start_agent_with(&config, &envs).await;
+    let client = http_client();
+    let r = post_chat(
+        &client,
+        &url,
+        "team-a-caller-key",
+        &chat("gpt-4o-mini", false),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let sent = mock.requests();
+    assert_eq!(
+        sent.last().unwrap().headers["authorization"],
+        "Bearer sk-upstream-from-env"
+    );
+    process.signal("TERM");
+    assert!(process.wait_exit(Duration::from_secs(10)).await.success());
+    assert!(!process.output().contains("team-a-caller-key"));
+
+    // A reference to a provider key that does not exist names the ones that do.
+    std::fs::write(
+        dir.path().join("resources.yaml"),
+        file.replace("provider_key: mock", "provider_key: mock-eu"),
+    )
+    .unwrap();
+    let mut validate = Process::start(
+        &binary("aisix-agent"),
+        &["validate", "--config", config.to_str().unwrap()],
+        &envs,
+    );
+    let status = validate.wait_exit(Duration::from_secs(10)).await;
+    assert!(!status.success());
+    let out = validate.output();
+    assert!(
+        out.contains("models[0] ('gpt-4o-mini').provider_key: no provider key named 'mock-eu' (there are: mock)"),
+        "{out}"
+    );
+}
