@@ -192,11 +192,11 @@ async fn metrics_status_and_access_log_tell_what_happened_and_no_secret_leaks() 
             "{name}"
         );
     }
-    let chat_route = ("route", "/v1/chat/completions");
+    let chat_route = ("endpoint", "/v1/chat/completions");
     let requests = |model: &str, status: &str| {
         sample(
             &families,
-            "aisix_requests_total",
+            "aisix_proxy_requests_total",
             &[chat_route, ("model", model), ("status", status)],
         )
     };
@@ -235,16 +235,16 @@ async fn metrics_status_and_access_log_tell_what_happened_and_no_secret_leaks() 
         Some(1.0)
     );
     assert_eq!(
-        family(&families, "aisix_request_duration_seconds")["type"],
+        family(&families, "aisix_proxy_request_duration_seconds")["type"],
         "histogram"
     );
     assert_eq!(
         sample(
             &families,
-            "aisix_request_duration_seconds_count",
-            &[chat_route, ("model", "gpt")]
+            "aisix_proxy_request_duration_seconds_count",
+            &[chat_route, ("model", "gpt"), ("status", "200")]
         ),
-        Some(3.0)
+        Some(2.0)
     );
     assert_eq!(
         sample(

@@ -517,8 +517,8 @@ api_keys:
     let served = scrape(&agent.metrics).await;
     let requests = sample(
         &served,
-        "aisix_requests_total",
-        &[("route", "/v1/chat/completions"), ("status", "200")],
+        "aisix_proxy_requests_total",
+        &[("endpoint", "/v1/chat/completions"), ("status", "200")],
     )
     .unwrap();
     assert_eq!(requests, 3.0);
@@ -537,10 +537,10 @@ api_keys:
         };
         let counted = newest
             .iter()
-            .filter(|m| m["name"] == "aisix_requests")
+            .filter(|m| m["name"] == "aisix_proxy_requests")
             .flat_map(|m| m["points"].as_array().unwrap().clone())
             .any(|p| {
-                p["attributes"]["route"] == "/v1/chat/completions"
+                p["attributes"]["endpoint"] == "/v1/chat/completions"
                     && p["attributes"]["status"] == "200"
                     && as_f64(&p["as_int"]) == Some(requests)
             });
@@ -563,7 +563,7 @@ api_keys:
     );
     let requests = pushed
         .iter()
-        .find(|m| m["name"] == "aisix_requests")
+        .find(|m| m["name"] == "aisix_proxy_requests")
         .unwrap();
     assert_eq!(requests["kind"], "sum");
     assert_eq!(requests["monotonic"], true);
@@ -590,7 +590,7 @@ api_keys:
     // Histograms keep their buckets.
     let duration = pushed
         .iter()
-        .find(|m| m["name"] == "aisix_request_duration_seconds")
+        .find(|m| m["name"] == "aisix_proxy_request_duration_seconds")
         .unwrap();
     assert_eq!(duration["kind"], "histogram");
     let point = &duration["points"][0];
@@ -602,7 +602,7 @@ api_keys:
         .collect();
     let mut served_bounds: Vec<f64> = served
         .iter()
-        .find(|f| f["name"] == "aisix_request_duration_seconds")
+        .find(|f| f["name"] == "aisix_proxy_request_duration_seconds")
         .unwrap()["samples"]
         .as_array()
         .unwrap()

@@ -46,14 +46,15 @@ impl EncodeLabelValue for Name {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub route: &'static str,
+    /// The route template (AISIX's `endpoint`).
+    pub endpoint: &'static str,
     pub model: Name,
     pub status: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RouteLabels {
-    pub route: &'static str,
+    pub endpoint: &'static str,
     pub model: Name,
 }
 
@@ -103,16 +104,16 @@ type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    /// `aisix_requests_total{route, model, status}`: answered requests (streams count
-    /// when they end).
+    /// `aisix_proxy_requests_total{endpoint, model, status}`: answered requests
+    /// (streams count when they end); AISIX's name and labels.
     pub requests: Family<RequestLabels, Counter>,
-    /// `aisix_request_duration_seconds{route, model}`: from the request's arrival to the
-    /// last byte of its answer.
-    pub request_duration: Histograms<RouteLabels>,
+    /// `aisix_proxy_request_duration_seconds{endpoint, model, status}`: from the
+    /// request's arrival to the last byte of its answer.
+    pub request_duration: Histograms<RequestLabels>,
     /// `aisix_upstream_duration_seconds{model}`: from sending an upstream request to its
     /// answer (headers for streams, the whole body otherwise) or failure, per attempt.
     pub upstream_duration: Histograms<ModelLabels>,
-    /// `aisix_time_to_first_token_seconds{route, model}`: streams, from the request's
+    /// `aisix_time_to_first_token_seconds{endpoint, model}`: streams, from the request's
     /// arrival to the first event sent.
     pub time_to_first_token: Histograms<RouteLabels>,
     /// `aisix_tokens_total{model, direction}`: tokens the upstreams reported; `input`
@@ -152,12 +153,12 @@ impl Default for Metrics {
             in_flight.clone(),
         );
         registry.register(
-            "aisix_requests",
-            "Requests answered, by route, model alias and status",
+            "aisix_proxy_requests",
+            "Requests answered, by endpoint, model alias and status",
             requests.clone(),
         );
         registry.register(
-            "aisix_request_duration_seconds",
+            "aisix_proxy_request_duration_seconds",
             "Time from a request's arrival to the last byte of its answer",
             request_duration.clone(),
         );
@@ -231,20 +232,19 @@ pub struct RequestRecord<'a> {
 impl Metrics {
     pub fn record_request(&self, r: &RequestRecord<'_>) {
         let model = Name(r.model.cloned().unwrap_or_else(|| Arc::from("")));
-        self.requests
-            .get_or_create(&RequestLabels {
-                route: r.route,
-                model: model.clone(),
-                status: r.status,
-            })
-            .inc();
+        let labels = RequestLabels {
+            endpoint: r.route,
+            model: model.clone(),
+            status: r.status,
+        };
+        self.requests.get_or_create(&labels).inc();
+        self.request_duration
+            .get_or_create(&labels)
+            .observe(r.duration.as_secs_f64());
         let route = RouteLabels {
-            route: r.route,
+            endpoint: r.route,
             model: model.clone(),
         };
-        self.request_duration
-            .get_or_create(&route)
-            .observe(r.duration.as_secs_f64());
         if let Some(ttft) = r.ttft {
             self.time_to_first_token
                 .get_or_create(&route)
@@ -719,15 +719,15 @@ mod tests {
             ..Readings::default()
         });
         for line in [
-            "aisix_requests_total{route=\"/v1/chat/completions\",model=\"gpt-4o\",status=\"429\"} 1",
+            "aisix_proxy_requests_total{endpoint=\"/v1/chat/completions\",model=\"gpt-4o\",status=\"429\"} 1",
             "aisix_tokens_total{model=\"gpt-4o\",direction=\"input\"} 10",
             "aisix_tokens_total{model=\"gpt-4o\",direction=\"cache_read\"} 4",
             "aisix_policy_rejections_total{policy=\"rate_limit\"} 1",
             "aisix_policy_rejections_total{policy=\"budget\"} 1",
             "aisix_policy_rejections_total{policy=\"guardrail\"} 1",
-            "aisix_requests_total{route=\"/v1/messages\",model=\"\",status=\"429\"} 3",
+            "aisix_proxy_requests_total{endpoint=\"/v1/messages\",model=\"\",status=\"429\"} 3",
             "aisix_upstream_failures_total{model=\"gpt-4o\",kind=\"timeout\"} 1",
-            "aisix_time_to_first_token_seconds_count{route=\"/v1/chat/completions\",model=\"gpt-4o\"} 1",
+            "aisix_time_to_first_token_seconds_count{endpoint=\"/v1/chat/completions\",model=\"gpt-4o\"} 1",
             "aisix_config_source_info{source=\"etcd\"} 1",
             "aisix_config_connected 1",
             "aisix_snapshot_revision 42",
