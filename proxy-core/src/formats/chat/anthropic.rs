@@ -8,8 +8,8 @@ use super::canonical::{
 };
 use super::codec::{CallerCodec, UpstreamCodec};
 use super::wire::{
-    Result, count, number, parse_object, plain_text, push_turn, refuse, str_of, strings, take,
-    to_bytes, u64_of, unreadable,
+    Result, count, number, one_choice, parse_object, plain_text, push_turn, refuse, str_of,
+    strings, take, to_bytes, u64_of, unreadable,
 };
 use crate::resources::PromptCache;
 
@@ -165,12 +165,7 @@ impl CallerCodec for AnthropicMessages {
 
 impl UpstreamCodec for AnthropicMessages {
     fn write_request(&self, request: &Request, model: &str) -> Result<Vec<u8>> {
-        if request.choices > 1 {
-            return Err(refuse(
-                "'n' greater than 1 is not supported by this model's provider",
-                "n",
-            ));
-        }
+        one_choice(request)?;
         let mut out = Map::new();
         out.insert("model".into(), model.into());
         if !request.system.is_empty() {

@@ -16,7 +16,7 @@ use super::canonical::{
 };
 use super::codec::{StreamDecoder, UpstreamCodec, UpstreamStream};
 use super::wire::{
-    Result, push_turn, refuse, sampling, str_at, str_of, to_bytes, u64_of, unreadable,
+    Result, one_choice, push_turn, refuse, sampling, str_at, str_of, to_bytes, u64_of, unreadable,
 };
 use crate::formats::sse::{self, StreamBreak};
 
@@ -29,12 +29,7 @@ fn cache_point() -> Value {
 
 impl UpstreamCodec for BedrockConverse {
     fn write_request(&self, request: &Request, _model: &str) -> Result<Vec<u8>> {
-        if request.choices > 1 {
-            return Err(refuse(
-                "'n' greater than 1 is not supported by this model's provider",
-                "n",
-            ));
-        }
+        one_choice(request)?;
         let mut out = Map::new();
         out.insert("messages".into(), Value::Array(write_turns(request)?));
         if !request.system.is_empty() {

@@ -13,20 +13,16 @@ use super::canonical::{
     Answer, Block, Event, ImageSource, Request, Role, Stop, Text, ToolChoice, Usage,
 };
 use super::codec::{StreamDecoder, UpstreamCodec, UpstreamStream};
-use super::wire::{Result, push_turn, refuse, sampling, str_of, to_bytes, u64_of, unreadable};
+use super::wire::{
+    Result, one_choice, push_turn, refuse, sampling, str_of, to_bytes, u64_of, unreadable,
+};
 use crate::formats::sse::{self, StreamBreak};
 
 pub struct GeminiContent;
 
 impl UpstreamCodec for GeminiContent {
     fn write_request(&self, request: &Request, _model: &str) -> Result<Vec<u8>> {
-        // Answers are read from the first candidate: more would be dropped silently.
-        if request.choices > 1 {
-            return Err(refuse(
-                "'n' greater than 1 is not supported by this model's provider",
-                "n",
-            ));
-        }
+        one_choice(request)?;
         let mut out = Map::new();
         out.insert("contents".into(), Value::Array(write_turns(request)?));
         if !request.system.is_empty() {

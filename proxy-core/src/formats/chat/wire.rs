@@ -13,6 +13,18 @@ pub(super) fn refuse(message: impl Into<String>, param: &'static str) -> ProxyEr
     ProxyError::invalid_request(message, Some(param))
 }
 
+/// Refuses (400 naming `n`) a request for several answers: the formats without
+/// choices would drop all but one silently.
+pub(super) fn one_choice(request: &Request) -> Result<()> {
+    if request.choices > 1 {
+        return Err(refuse(
+            "'n' greater than 1 is not supported by this model's provider",
+            "n",
+        ));
+    }
+    Ok(())
+}
+
 /// An upstream answer that is not what its format promises.
 pub(super) fn unreadable(format: &str) -> ProxyError {
     ProxyError::UpstreamFailed {
