@@ -1099,3 +1099,65 @@ async fn embeddings_go_to_gemini_and_bedrock_in_their_shapes() {
     let body = r.text().await.unwrap();
     assert!(body.contains("Titan or Cohere"), "{body}");
 }
+
+// Generic provider keys (AISIX's: no provider, no adapter)
+
+#[tokio::test]
+async fn a_generic_key_serves_each_model_in_its_providers_protocol() {
+    let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let docs = vec![
+        (
+            "provider_keys/shared",
+            json!({"display_name": "shared", "api_base": mock.url(), "api_key": "sk-shared"}),
+        ),
+        (
+            "models/claude",
+            json!({"display_name": "claude", "provider": "anthropic", "model_name": "claude-up", "provider_key_id": "shared"}),
+        ),
+        (
+            "models/gpt",
+            json!({"display_name": "gpt", "provider": "openai", "model_name": "up-gpt", "provider_key_id": "shared"}),
+        ),
+        (
+            "models/flash",
+            json!({"display_name": "flash", "provider": "gemini", "model_name": "gemini-2.0-flash", "provider_key_id": "shared"}),
+        ),
+        (
+            "api_keys/k1",
+            json!({"key_hash": hash(CALLER), "allowed_models": ["*"]}),
+        ),
+    ];
+    let usage = std::sync::Arc::new(Recorder::default());
+    let hooks = Hooks {
+        usage: Some(usage.clone()),
+        ..Hooks::default()
+    };
+    let (url, ..) = start_proxy(docs, ProxyOptions::default(), hooks).await;
+    let s = Setup { url, mock };
+    let r = s.post("/v1/chat/completions", chat("claude")).await;
+    assert_eq!(r.status(), 200);
+    let sent = s.last();
+    assert_eq!(sent.path, "/v1/messages", "Anthropic's protocol");
+    assert_eq!(sent.headers["x-api-key"], "sk-shared");
+    let r = s.post("/v1/chat/completions", chat("gpt")).await;
+    assert_eq!(r.status(), 200);
+    let sent = s.last();
+    assert_eq!(sent.path, "/v1/chat/completions");
+    assert_eq!(sent.headers["authorization"], "Bearer sk-shared");
+    let r = s.post("/v1/messages", messages("flash", false)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        s.last().path,
+        "/v1beta/models/gemini-2.0-flash:generateContent"
+    );
+    let providers: Vec<String> = usage
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|e| e.provider.clone())
+        .collect();
+    assert_eq!(providers, ["anthropic", "openai", "gemini"]);
+}

@@ -202,6 +202,15 @@ async fn send(
     let provider_key = snapshot
         .provider_key(&direct.provider_key_id)
         .ok_or_else(unavailable)?;
+    // A generic key takes the model's provider (checked when the model loaded).
+    let derived;
+    let provider_key = match (provider_key.generic, direct.provider.as_deref()) {
+        (true, Some(name)) => {
+            derived = Arc::new(provider_key.for_provider(name).ok_or_else(unavailable)?);
+            &derived
+        }
+        _ => provider_key,
+    };
     let provider = providers::adapter(&provider_key.adapter)?;
     let mut prepared = provider.prepare(
         request,

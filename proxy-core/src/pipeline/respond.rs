@@ -228,9 +228,14 @@ fn pending(
 /// The provider name of a direct model (what usage events report).
 fn provider_of(snapshot: &Snapshot, model: &Model) -> String {
     match &model.target {
-        ModelTarget::Direct(direct) => snapshot
-            .provider_key(&direct.provider_key_id)
-            .map_or_else(String::new, |p| p.provider.clone()),
+        ModelTarget::Direct(direct) => {
+            snapshot
+                .provider_key(&direct.provider_key_id)
+                .map_or_else(String::new, |p| match (p.generic, &direct.provider) {
+                    (true, Some(provider)) => provider.clone(),
+                    _ => p.provider.clone(),
+                })
+        }
         ModelTarget::Routing(_) => String::new(),
     }
 }

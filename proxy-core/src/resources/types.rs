@@ -81,7 +81,7 @@ impl Adapter {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ProviderKey {
     pub id: Arc<str>,
     pub display_name: String,
@@ -99,6 +99,10 @@ pub struct ProviderKey {
     pub vertex: Option<VertexProject>,
     /// Bedrock: the AWS credentials requests are signed with, and their region.
     pub aws: Option<AwsCredential>,
+    /// Neither `provider` nor `adapter` set (AISIX's generic keys): each model's own
+    /// `provider` chooses the protocol, and without `api_base` its public endpoint
+    /// (see [`ProviderKey::for_provider`]).
+    pub generic: bool,
     pub unknown_fields: usize,
 }
 

@@ -76,9 +76,8 @@ impl ProviderKey {
             None if provider == "bedrock" => Adapter::Bedrock,
             None => built_in.map_or(Adapter::OpenAi, |(_, _, a)| a.clone()),
         };
-        if provider.is_empty() && spec.adapter.is_none() {
-            p.push("provider", "required (or set adapter)");
-        }
+        // Neither: a generic key, whose models name their provider.
+        let generic = provider.is_empty() && spec.adapter.is_none();
         // The credential's problems are reported after the base's, in field order,
         // though a Vertex key's base follows from its credential.
         let mut later = Problems::default();
@@ -107,8 +106,10 @@ impl ProviderKey {
                 format!("https://bedrock-runtime.{}.amazonaws.com", aws.region)
             }
             // A Vertex or Bedrock key's base follows from its credential, whose problem
-            // is said.
-            (None, None, None, None) if matches!(adapter, Adapter::Vertex | Adapter::Bedrock) => {
+            // is said; a generic key's from each model's provider.
+            (None, None, None, None)
+                if generic || matches!(adapter, Adapter::Vertex | Adapter::Bedrock) =>
+            {
                 String::new()
             }
             (None, None, None, None) => {
@@ -144,9 +145,37 @@ impl ProviderKey {
             entra,
             vertex,
             aws,
+            generic,
             unknown_fields: spec.unknown.len(),
         };
         p.into_result(key)
+    }
+}
+
+impl ProviderKey {
+    /// This generic key as a key of `provider` (a model's): its protocol, and without
+    /// an `api_base` of its own the vendor's public endpoint. `None` when `provider`
+    /// has no public endpoint to default to.
+    pub fn for_provider(&self, provider: &str) -> Option<ProviderKey> {
+        let built_in = BUILT_IN_BASES.iter().find(|(name, _, _)| *name == provider);
+        let adapter = match provider {
+            "azure" | "azure-openai" => Adapter::AzureOpenAi,
+            "vertex" => Adapter::Vertex,
+            "bedrock" => Adapter::Bedrock,
+            _ => built_in.map_or(Adapter::OpenAi, |(_, _, a)| a.clone()),
+        };
+        let api_base = match (self.api_base.is_empty(), built_in) {
+            (false, _) => self.api_base.clone(),
+            (true, Some((_, base, _))) => (*base).to_owned(),
+            (true, None) => return None,
+        };
+        Some(ProviderKey {
+            provider: provider.to_owned(),
+            adapter,
+            api_base,
+            generic: false,
+            ..self.clone()
+        })
     }
 }
 

@@ -334,6 +334,17 @@ impl Builder {
                         )
                     })?;
                 match &d.provider {
+                    None if pk.generic => Err(format!(
+                        "provider: required: provider key '{}' names no provider, so the model's chooses the protocol",
+                        d.provider_key_id
+                    )),
+                    Some(p) if pk.generic => match pk.for_provider(p) {
+                        Some(_) => Ok(()),
+                        None => Err(format!(
+                            "provider: '{p}' has no public endpoint and provider key '{}' no api_base",
+                            d.provider_key_id
+                        )),
+                    },
                     Some(p) if p != &pk.provider && !matches!(pk.adapter, Adapter::Other(_)) => {
                         Err(format!(
                             "provider: '{p}' does not match provider key '{}' (provider '{}')",

@@ -340,3 +340,43 @@ fn documents_keep_the_last_good_value_and_commits_are_signalled() {
     store.apply(Source::Etcd, [del("models/m1", 10)]);
     assert_eq!(store.documents().entries.len(), 1);
 }
+
+#[test]
+fn a_generic_key_serves_models_that_name_their_provider_only() {
+    let store = SnapshotStore::new(P);
+    let model = |id: &str, body: &str| (format!("{P}/models/{id}"), Bytes::from(body.to_owned()));
+    store.apply(
+        Source::File,
+        [SourceEvent::Reset {
+            entries: vec![
+                (
+                    format!("{P}/provider_keys/shared"),
+                    Bytes::from_static(br#"{"display_name":"shared","api_key":"sk-shared"}"#),
+                ),
+                model(
+                    "m1",
+                    r#"{"display_name":"claude","provider":"anthropic","model_name":"c","provider_key_id":"shared"}"#,
+                ),
+                model(
+                    "m2",
+                    r#"{"display_name":"orphan","model_name":"x","provider_key_id":"shared"}"#,
+                ),
+                model(
+                    "m3",
+                    r#"{"display_name":"acme","provider":"acme-llm","model_name":"x","provider_key_id":"shared"}"#,
+                ),
+            ],
+            revision: 1,
+        }],
+    );
+    let s = store.load();
+    assert_eq!(model_names(&s), ["claude"]);
+    let key = s.provider_key("shared").unwrap();
+    assert!(key.generic);
+    let as_anthropic = key.for_provider("anthropic").unwrap();
+    assert_eq!(as_anthropic.adapter, crate::resources::Adapter::Anthropic);
+    assert_eq!(as_anthropic.api_base, "https://api.anthropic.com");
+    let errors: Vec<String> = s.rejections().map(|r| r.error.clone()).collect();
+    assert!(errors[0].contains("provider: required"), "{errors:?}");
+    assert!(errors[1].contains("no public endpoint"), "{errors:?}");
+}
