@@ -317,6 +317,16 @@ impl Config {
         }
         if let Some(etcd) = &self.etcd {
             etcd.validate()?;
+            let aisix_cache = self
+                .managed
+                .as_ref()
+                .is_some_and(|m| !m.enabled && m.snapshot_cache_path.is_some());
+            if etcd.cache_dir.is_some() && aisix_cache {
+                return Err((
+                    "managed.snapshot_cache_path",
+                    "set etcd.cache_dir or managed.snapshot_cache_path, not both".to_owned(),
+                ));
+            }
         }
         if let Some(managed) = self.managed() {
             managed.validate()?;
@@ -887,6 +897,17 @@ managed: {snapshot_cache_path: /var/lib/aisix/snapshot}
             "admin: {enabled: false}",
         );
         assert!(load(&off).unwrap().admin().is_none());
+        // Both spellings of the snapshot cache at once are refused.
+        let both = AISIX.replace(
+            "  env_id: prod\n",
+            "  env_id: prod\n  cache_dir: /var/lib/x\n",
+        );
+        assert!(
+            load(&both)
+                .unwrap_err()
+                .to_string()
+                .contains("managed.snapshot_cache_path")
+        );
         // An empty snapshot_cache_path keeps no cache.
         let none = AISIX.replace("/var/lib/aisix/snapshot", "\"\"");
         assert_eq!(load(&none).unwrap().etcd_cache_dir(), None);
