@@ -653,9 +653,17 @@ async fn usage_events_and_metrics_count_cloud_providers_as_any_other() {
         ]
     );
     let exposition = metrics.render(proxy_core::observe::metrics::Readings::default());
-    for model in ["az-gpt", "gm-flash", "br-claude"] {
-        let line = format!("aisix_tokens_total{{model=\"{model}\",direction=\"input\"}} 20");
-        assert!(exposition.contains(&line), "{line} in\n{exposition}");
+    for (model, provider) in [
+        ("az-gpt", "azure"),
+        ("gm-flash", "gemini"),
+        ("br-claude", "bedrock"),
+    ] {
+        for (family, n) in [("input", 20), ("output", 6), ("total", 26)] {
+            let line = format!(
+                "aisix_llm_{family}_tokens_total{{model=\"{model}\",provider=\"{provider}\"}} {n}"
+            );
+            assert!(exposition.contains(&line), "{line} in\n{exposition}");
+        }
     }
 }
 

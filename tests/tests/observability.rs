@@ -218,14 +218,17 @@ async fn metrics_status_and_access_log_tell_what_happened_and_no_secret_leaks() 
             Some(n)
         );
     }
-    let tokens = |direction| {
+    let tokens = |family: &str| {
         sample(
             &families,
-            "aisix_tokens_total",
-            &[("model", "gpt"), ("direction", direction)],
+            &format!("aisix_llm_{family}_tokens_total"),
+            &[("model", "gpt"), ("provider", "openai")],
         )
     };
-    assert_eq!((tokens("input"), tokens("output")), (Some(20.0), Some(6.0)));
+    assert_eq!(
+        (tokens("input"), tokens("output"), tokens("total")),
+        (Some(20.0), Some(6.0), Some(26.0))
+    );
     assert_eq!(
         sample(
             &families,

@@ -66,8 +66,8 @@ pub struct ModelLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct TokenLabels {
     pub model: Name,
-    /// `input` or `output`.
-    pub direction: &'static str,
+    /// The provider that answered (`openai`, `anthropic`, `bedrock`...).
+    pub provider: Name,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -116,10 +116,11 @@ pub struct Metrics {
     /// `aisix_time_to_first_token_seconds{endpoint, model}`: streams, from the request's
     /// arrival to the first event sent.
     pub time_to_first_token: Histograms<RouteLabels>,
-    /// `aisix_tokens_total{model, direction}`: tokens the upstreams reported; `input`
-    /// and `output`, and the parts of `input` read from (`cache_read`) and written to
-    /// (`cache_write`) the provider's prompt cache.
-    pub tokens: Family<TokenLabels, Counter>,
+    /// `aisix_llm_{input,output,total}_tokens_total{model, provider}`: tokens the
+    /// upstreams reported (AISIX's names), streamed answers included; and
+    /// `aisix_llm_cache_{read,write}_tokens_total`, the parts of the input read from and
+    /// written to the provider's prompt cache.
+    pub tokens: [Family<TokenLabels, Counter>; 5],
     /// `aisix_upstream_failures_total{model, kind}`: failed upstream attempts.
     pub upstream_failures: Family<FailureLabels, Counter>,
     /// `aisix_policy_rejections_total{policy}`: requests refused (or streams cut) by a
@@ -141,7 +142,7 @@ impl Default for Metrics {
         let request_duration = Histograms::new_with_constructor(duration_histogram as fn() -> _);
         let upstream_duration = Histograms::new_with_constructor(duration_histogram as fn() -> _);
         let time_to_first_token = Histograms::new_with_constructor(duration_histogram as fn() -> _);
-        let tokens = Family::default();
+        let tokens: [Family<TokenLabels, Counter>; 5] = Default::default();
         let upstream_failures = Family::default();
         let policy_rejections = Family::default();
         let heartbeats = Family::default();
@@ -172,11 +173,9 @@ impl Default for Metrics {
             "Streams: time from the request's arrival to the first event",
             time_to_first_token.clone(),
         );
-        registry.register(
-            "aisix_tokens",
-            "Tokens reported by upstreams, by model alias and direction",
-            tokens.clone(),
-        );
+        for (family, (name, help)) in tokens.iter().zip(TOKEN_FAMILIES) {
+            registry.register(name, help, family.clone());
+        }
         registry.register(
             "aisix_upstream_failures",
             "Failed upstream attempts, by direct model and kind",
@@ -224,10 +223,36 @@ pub struct RequestRecord<'a> {
     pub status: u16,
     pub duration: Duration,
     pub ttft: Option<Duration>,
+    /// The provider that answered, when one did.
+    pub provider: Option<&'a str>,
     pub tokens: Tokens,
     /// The error type of a refusal (`rate_limit_exceeded`, `content_filter`...).
     pub error_type: Option<&'static str>,
 }
+
+/// The token families, in the order of [`Metrics::tokens`].
+const TOKEN_FAMILIES: [(&str, &str); 5] = [
+    (
+        "aisix_llm_input_tokens",
+        "Input tokens the upstreams reported, cached ones included, by model alias and provider",
+    ),
+    (
+        "aisix_llm_output_tokens",
+        "Output tokens the upstreams reported, by model alias and provider",
+    ),
+    (
+        "aisix_llm_total_tokens",
+        "Input and output tokens the upstreams reported, by model alias and provider",
+    ),
+    (
+        "aisix_llm_cache_read_tokens",
+        "Input tokens read from the provider's prompt cache",
+    ),
+    (
+        "aisix_llm_cache_write_tokens",
+        "Input tokens written to the provider's prompt cache",
+    ),
+];
 
 impl Metrics {
     pub fn record_request(&self, r: &RequestRecord<'_>) {
@@ -252,19 +277,19 @@ impl Metrics {
         }
         let t = r.tokens;
         let counts = [
-            ("input", t.prompt),
-            ("output", t.completion),
-            ("cache_read", t.cache_read),
-            ("cache_write", t.cache_write),
+            t.prompt,
+            t.completion,
+            t.prompt + t.completion,
+            t.cache_read,
+            t.cache_write,
         ];
-        for (direction, n) in counts {
+        let labels = TokenLabels {
+            model: model.clone(),
+            provider: Name(Arc::from(r.provider.unwrap_or(""))),
+        };
+        for (family, n) in self.tokens.iter().zip(counts) {
             if n > 0 {
-                self.tokens
-                    .get_or_create(&TokenLabels {
-                        model: model.clone(),
-                        direction,
-                    })
-                    .inc_by(n);
+                family.get_or_create(&labels).inc_by(n);
             }
         }
         if let Some(policy) = r.error_type.and_then(policy_of) {
@@ -673,6 +698,7 @@ mod tests {
             status: 429,
             duration: Duration::from_millis(3),
             ttft: None,
+            provider: None,
             tokens: Tokens::default(),
             error_type: Some("rate_limit_exceeded"),
         });
@@ -682,6 +708,7 @@ mod tests {
             status: 200,
             duration: Duration::from_millis(30),
             ttft: Some(Duration::from_millis(7)),
+            provider: Some("openai"),
             tokens: Tokens {
                 prompt: 10,
                 completion: 3,
@@ -697,6 +724,7 @@ mod tests {
                 status: 429,
                 duration: Duration::from_millis(1),
                 ttft: None,
+                provider: None,
                 tokens: Tokens::default(),
                 error_type: Some(error_type),
             });
@@ -720,8 +748,9 @@ mod tests {
         });
         for line in [
             "aisix_proxy_requests_total{endpoint=\"/v1/chat/completions\",model=\"gpt-4o\",status=\"429\"} 1",
-            "aisix_tokens_total{model=\"gpt-4o\",direction=\"input\"} 10",
-            "aisix_tokens_total{model=\"gpt-4o\",direction=\"cache_read\"} 4",
+            "aisix_llm_input_tokens_total{model=\"gpt-4o\",provider=\"openai\"} 10",
+            "aisix_llm_total_tokens_total{model=\"gpt-4o\",provider=\"openai\"} 13",
+            "aisix_llm_cache_read_tokens_total{model=\"gpt-4o\",provider=\"openai\"} 4",
             "aisix_policy_rejections_total{policy=\"rate_limit\"} 1",
             "aisix_policy_rejections_total{policy=\"budget\"} 1",
             "aisix_policy_rejections_total{policy=\"guardrail\"} 1",

@@ -26,6 +26,8 @@ struct Facts {
     model: Option<Arc<str>>,
     /// The client's address (`proxy.real_ip`: from a trusted proxy's header).
     client: Option<std::net::IpAddr>,
+    /// The provider that answered (its name, as usage events say it).
+    provider: Option<String>,
     tokens: Tokens,
     first_token: Option<Duration>,
     /// A refusal that happened after the response began (a guardrail cutting a stream).
@@ -107,6 +109,11 @@ impl Record {
     /// The caller key's id (its resource id, never the key).
     pub fn caller(&self, key_id: &Arc<str>) {
         self.with(|f| f.key_id = Some(key_id.clone()));
+    }
+
+    /// The provider of the model that answered.
+    pub fn provider(&self, name: String) {
+        self.with(|f| f.provider = Some(name));
     }
 
     /// The client's address, as the client-address rules see it.
@@ -212,6 +219,7 @@ impl Finish {
         }
         self.metrics.record_request(&RequestRecord {
             route,
+            provider: facts.provider.as_deref(),
             model: facts.model.as_ref(),
             status: self.status,
             duration,

@@ -193,6 +193,7 @@ fn pending(
     status: StatusCode,
 ) -> Pending {
     let model = admitted.model;
+    call.record.provider(provider_of(snapshot, served_by));
     let report = state.hooks.usage.clone().map(|sink| {
         let event = UsageEvent {
             event_id: call.call_id.clone(),
