@@ -257,13 +257,27 @@ async fn metrics_status_and_access_log_tell_what_happened_and_no_secret_leaks() 
         ),
         Some(1.0)
     );
+    let gpt_attempts = [("model", "gpt"), ("provider", "openai"), ("status", "200")];
     assert_eq!(
         sample(
             &families,
-            "aisix_upstream_duration_seconds_count",
-            &[("model", "gpt")]
+            "aisix_llm_request_duration_seconds_count",
+            &gpt_attempts
         ),
         Some(2.0)
+    );
+    assert_eq!(
+        sample(&families, "aisix_llm_requests_total", &gpt_attempts),
+        Some(2.0)
+    );
+    // A failed attempt counts under the status it came to.
+    assert_eq!(
+        sample(
+            &families,
+            "aisix_llm_requests_total",
+            &[("model", "broken"), ("status", "502")]
+        ),
+        Some(1.0)
     );
     assert_eq!(family(&families, "aisix_config_source")["type"], "info");
     assert_eq!(

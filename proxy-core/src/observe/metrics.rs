@@ -58,6 +58,14 @@ pub struct RouteLabels {
     pub model: Name,
 }
 
+/// One upstream attempt's labels (AISIX's LLM-call families).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct AttemptLabels {
+    pub model: Name,
+    pub provider: Name,
+    pub status: u16,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ModelLabels {
     pub model: Name,
@@ -110,9 +118,13 @@ pub struct Metrics {
     /// `aisix_proxy_request_duration_seconds{endpoint, model, status}`: from the
     /// request's arrival to the last byte of its answer.
     pub request_duration: Histograms<RequestLabels>,
-    /// `aisix_upstream_duration_seconds{model}`: from sending an upstream request to its
+    /// `aisix_llm_requests_total{model, provider, status}`: upstream attempts (AISIX's
+    /// LLM calls), by the status they came to (a failure's: the status it maps to).
+    pub llm_requests: Family<AttemptLabels, Counter>,
+    /// `aisix_llm_request_duration_seconds{model, provider, status}`: from sending an
+    /// upstream request to its
     /// answer (headers for streams, the whole body otherwise) or failure, per attempt.
-    pub upstream_duration: Histograms<ModelLabels>,
+    pub upstream_duration: Histograms<AttemptLabels>,
     /// `aisix_time_to_first_token_seconds{endpoint, model}`: streams, from the request's
     /// arrival to the first event sent.
     pub time_to_first_token: Histograms<RouteLabels>,
@@ -141,6 +153,12 @@ impl Default for Metrics {
         let requests = Family::default();
         let request_duration = Histograms::new_with_constructor(duration_histogram as fn() -> _);
         let upstream_duration = Histograms::new_with_constructor(duration_histogram as fn() -> _);
+        let llm_requests = Family::default();
+        registry.register(
+            "aisix_llm_requests",
+            "Upstream attempts, by direct model, provider and status",
+            llm_requests.clone(),
+        );
         let time_to_first_token = Histograms::new_with_constructor(duration_histogram as fn() -> _);
         let tokens: [Family<TokenLabels, Counter>; 5] = Default::default();
         let upstream_failures = Family::default();
@@ -164,7 +182,7 @@ impl Default for Metrics {
             request_duration.clone(),
         );
         registry.register(
-            "aisix_upstream_duration_seconds",
+            "aisix_llm_request_duration_seconds",
             "Time from sending an upstream request to its answer (headers of streams) or failure, per attempt",
             upstream_duration.clone(),
         );
@@ -205,6 +223,7 @@ impl Default for Metrics {
             requests,
             request_duration,
             upstream_duration,
+            llm_requests,
             time_to_first_token,
             tokens,
             upstream_failures,
@@ -299,11 +318,16 @@ impl Metrics {
         }
     }
 
-    pub fn record_upstream(&self, model: &Arc<str>, took: Duration) {
+    /// One upstream attempt of `model` at `provider`, come to `status`, taking `took`.
+    pub fn record_upstream(&self, model: &Arc<str>, provider: &str, status: u16, took: Duration) {
+        let labels = AttemptLabels {
+            model: Name(model.clone()),
+            provider: Name(Arc::from(provider)),
+            status,
+        };
+        self.llm_requests.get_or_create(&labels).inc();
         self.upstream_duration
-            .get_or_create(&ModelLabels {
-                model: Name(model.clone()),
-            })
+            .get_or_create(&labels)
             .observe(took.as_secs_f64());
     }
 

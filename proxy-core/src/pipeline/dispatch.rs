@@ -252,9 +252,15 @@ async fn send(
         .upstream
         .send(provider, &target, prepared.outgoing, request_id)
         .await;
-    state
-        .hooks
-        .metrics
-        .record_upstream(&model.name, sent_at.elapsed());
+    let status = match &answer {
+        Ok(answer) => answer.status.as_u16(),
+        Err(error) => error.class().status.as_u16(),
+    };
+    state.hooks.metrics.record_upstream(
+        &model.name,
+        &provider_key.provider,
+        status,
+        sent_at.elapsed(),
+    );
     Ok((answer?, prepared.conversion))
 }
