@@ -323,6 +323,7 @@ impl Serving {
 
 fn proxy_options(config: &Config) -> anyhow::Result<ProxyOptions> {
     let field = |(field, message): (String, String)| anyhow::anyhow!("{field}: {message}");
+    let (trusted_proxies, _, real_ip_recursive) = config.real_ip();
     Ok(ProxyOptions {
         body_limit: match config.proxy.request_body_limit_bytes {
             0 => None,
@@ -332,9 +333,9 @@ fn proxy_options(config: &Config) -> anyhow::Result<ProxyOptions> {
         min_body_rate: config.proxy.min_body_rate_bytes_per_sec,
         max_header_bytes: config.proxy.max_header_bytes,
         request_id_headers: config.request_id_headers(),
-        trusted_proxies: config.real_ip().0,
+        trusted_proxies,
         client_ip_header: config.client_ip_header(),
-        real_ip_recursive: config.real_ip().2,
+        real_ip_recursive,
         cache: config.cache.options().map_err(field)?,
         shared_limits: config.ratelimit.options().map_err(field)?,
         access_log: config.observability.access_log,

@@ -1169,3 +1169,32 @@ async fn a_generic_key_serves_each_model_in_its_providers_protocol() {
         .collect();
     assert_eq!(providers, ["anthropic", "openai", "gemini"]);
 }
+
+#[tokio::test]
+async fn bedrock_passthrough_is_signed_like_any_bedrock_call() {
+    let s = setup().await;
+    let r = reqwest::Client::new()
+        .post(format!(
+            "{}/passthrough/br/model/amazon.nova-lite-v1:0/converse",
+            s.url
+        ))
+        .bearer_auth(CALLER)
+        .header("content-type", "application/json")
+        .body(r#"{"messages":[{"role":"user","content":[{"text":"Say hello."}]}]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the mock checked the signature");
+    let sent = s.last();
+    assert!(
+        sent.headers["authorization"]
+            .starts_with(&format!("AWS4-HMAC-SHA256 Credential={ACCESS_KEY_ID}/")),
+        "{sent:?}"
+    );
+    assert!(!sent.headers.values().any(|v| v.contains(CALLER)));
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(
+        answer["output"]["message"]["content"][0]["text"],
+        "Hello from the mock provider."
+    );
+}

@@ -670,3 +670,49 @@ api_keys:
         "{out}"
     );
 }
+
+/// The `upstream` section's defaults bound calls to models that set none of their own:
+/// `timeout_ms` a whole answer, `stream_timeout_ms` the gap between stream events; a
+/// model's own `timeout` wins.
+#[tokio::test]
+async fn upstream_defaults_bound_calls_of_models_without_their_own() {
+    let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let own = "  - {id: m2, display_name: patient, model_name: mock-gpt, provider_key_id: pk1, timeout: 5000}\n";
+    let agent = start_agent(
+        &resources(&mock.url(), own),
+        "upstream: {timeout_ms: 300, stream_timeout_ms: 200}\n",
+    )
+    .await;
+    let client = http_client();
+    mock.set_script(Script {
+        headers_delay_ms: 1_000,
+        ..Script::default()
+    });
+    let started = Instant::now();
+    let r = post_chat(&client, &agent.url, CALLER, &chat("gpt-4o-mini", false)).await;
+    assert_eq!(r.status(), 504);
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    let r = post_chat(&client, &agent.url, CALLER, &chat("patient", false)).await;
+    assert_eq!(r.status(), 200, "the model's own timeout wins");
+    // A stream that stalls past stream_timeout_ms after its first event breaks.
+    mock.set_script(Script {
+        chunks: 3,
+        pause_after_chunks: Some(1),
+        pause_ms: 1_000,
+        ..Script::default()
+    });
+    let r = post_chat(&client, &agent.url, CALLER, &chat("gpt-4o-mini", true)).await;
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    let mut text = String::new();
+    while let Some(Ok(chunk)) = body.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(text.contains("stream_stalled"), "{text}");
+}

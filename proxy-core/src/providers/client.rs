@@ -258,8 +258,8 @@ impl Upstream {
     }
 
     /// Relays a passthrough request as it is: the provider's credential added, its
-    /// answer (errors included) returned unread. Bounded by [`DEFAULT_TIMEOUT`] until
-    /// the answer's head arrives.
+    /// answer (errors included) returned unread. Bounded by the upstream timeout
+    /// (`upstream.timeout_ms`) until the answer's head arrives.
     pub async fn forward(
         &self,
         provider: &dyn Provider,
@@ -280,9 +280,9 @@ impl Upstream {
                 detail: format!("passthrough to {}: {detail}", key.provider),
                 retry_after: None,
             })?;
-        tokio::time::timeout(DEFAULT_TIMEOUT, self.client.execute(request))
+        tokio::time::timeout(self.timeout, self.client.execute(request))
             .await
-            .map_err(|_| ProxyError::Timeout(DEFAULT_TIMEOUT.as_millis()))?
+            .map_err(|_| ProxyError::Timeout(self.timeout.as_millis()))?
             .map_err(|e| ProxyError::UpstreamFailed {
                 detail: format!("passthrough to {}: {e}", key.provider),
                 retry_after: None,
