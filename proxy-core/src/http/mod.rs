@@ -129,13 +129,13 @@ async fn request_context(
     let path = req.uri().path().to_owned();
     let route = record::route_label(&path);
     // Probes are not traffic (see `Finish`).
+    let traffic = !record::is_probe(route);
     let trace = (state.0.options.tracing.as_ref())
-        .filter(|_| !matches!(route, "/livez" | "/readyz"))
+        .filter(|_| traffic)
         .and_then(|tracing| tracing.server(req.headers(), &method, route));
     let record = Record::new(id.clone(), trace);
     req.extensions_mut().insert(record.clone());
-    let in_flight = (!matches!(route, "/livez" | "/readyz"))
-        .then(|| record::InFlight::new(state.0.hooks.metrics.clone()));
+    let in_flight = traffic.then(|| record::InFlight::new(state.0.hooks.metrics.clone()));
     let limit = state.0.options.max_header_bytes;
     let mut response = if head_size(&req) > limit {
         let error = ProxyError::HeadersTooLarge { limit };

@@ -173,6 +173,11 @@ pub(crate) struct Finish {
     pub started: Instant,
 }
 
+/// Whether `route` is a probe: not traffic, so neither logged, counted nor traced.
+pub(crate) fn is_probe(route: &str) -> bool {
+    matches!(route, "/livez" | "/readyz")
+}
+
 /// One request in flight in `aisix_proxy_in_flight_requests`, until dropped.
 #[derive(Debug)]
 pub(crate) struct InFlight(Arc<Metrics>);
@@ -195,7 +200,7 @@ impl Finish {
         let route = route_label(&self.path);
         // Probes are not traffic: a load balancer asking every second would drown the
         // access log and the request metrics.
-        if matches!(route, "/livez" | "/readyz") {
+        if is_probe(route) {
             return;
         }
         let duration = self.started.elapsed();

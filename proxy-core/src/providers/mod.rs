@@ -12,12 +12,15 @@
 //! | `/v1/chat/completions` | native | translated to `/v1/messages` |
 //! | `/v1/messages` | translated to `/v1/chat/completions` | native |
 //! | `/v1/messages/count_tokens` | 501 | native |
-//! | completions, embeddings, responses, rerank, audio, images | native | 501 |
+//! | `/v1/responses` | native | bridged: translated to `/v1/messages` |
+//! | completions, embeddings, rerank, audio, images | native | 501 |
 //!
 //! Azure OpenAI (`azure.rs`) serves what OpenAI does under its deployment URLs, except
-//! rerank and image edits and variations. Gemini (`gemini.rs`) serves chat completions
-//! and messages, translated to `generateContent`; Bedrock (`bedrock.rs`) the same,
-//! translated to Converse and signed with AWS Signature V4.
+//! rerank and image edits and variations. Gemini (`gemini.rs`) serves chat completions,
+//! messages and responses translated to `generateContent`, and embeddings; Bedrock
+//! (`bedrock.rs`) the same translated to Converse (embeddings on Titan and Cohere
+//! models), every request signed with AWS Signature V4. The full table is in
+//! docs/behaviour.md.
 //!
 //! Layout:
 //! - `mod.rs`: the registry: which adapter serves a provider key.

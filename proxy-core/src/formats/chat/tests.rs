@@ -1234,3 +1234,30 @@ fn a_stream_becomes_responses_events_in_order() {
     assert_eq!(done["output"][0]["content"][0]["text"], text.as_str());
     assert!(done["usage"]["output_tokens"].as_u64().unwrap() > 0);
 }
+
+#[test]
+fn a_stream_cut_by_the_token_limit_ends_as_response_incomplete() {
+    let run = converse_events(&[
+        ("messageStart", json!({"role": "assistant"})),
+        (
+            "contentBlockDelta",
+            json!({"contentBlockIndex": 0, "delta": {"text": "Lo"}}),
+        ),
+        ("messageStop", json!({"stopReason": "max_tokens"})),
+        (
+            "metadata",
+            json!({"usage": {"inputTokens": 3, "outputTokens": 1}}),
+        ),
+    ]);
+    let (out, broke) = StreamTranslator::new(BEDROCK, RESPONSES).translate(&run);
+    assert_eq!(broke, None);
+    let last = crate::formats::sse::events(&out).last().unwrap();
+    assert_eq!(last.name.as_deref(), Some("response.incomplete"));
+    let data: Value = serde_json::from_slice(&last.data).unwrap();
+    assert_eq!(data["response"]["status"], "incomplete");
+    assert_eq!(
+        data["response"]["incomplete_details"]["reason"],
+        "max_output_tokens"
+    );
+    assert_eq!(data["response"]["output"][0]["content"][0]["text"], "Lo");
+}
