@@ -403,3 +403,62 @@ async fn before_the_first_snapshot_callers_get_503_not_ready_not_401() {
         .unwrap();
     assert_eq!(models.status(), 503);
 }
+
+#[tokio::test]
+async fn a_large_body_reaches_every_attempt_whole_with_its_length_declared() {
+    // The caller's prompt is not copied into each upstream body but referred to; each
+    // attempt still sends all of it, as one body with a Content-Length.
+    let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    mock.set_script_for(
+        "first",
+        cloud_mock::provider::Script {
+            status: 500,
+            ..Default::default()
+        },
+    );
+    let key = json!({"display_name": "mock", "provider": "openai", "api_base": format!("{}/v1", mock.url()), "api_key": "sk-m"});
+    let docs = vec![
+        ("provider_keys/mock", key),
+        (
+            "models/first",
+            json!({"display_name": "first", "model_name": "first", "provider_key_id": "mock"}),
+        ),
+        (
+            "models/second",
+            json!({"display_name": "second", "model_name": "second", "provider_key_id": "mock"}),
+        ),
+        (
+            "models/both",
+            json!({"display_name": "both", "routing": {"targets": [{"model": "first"}, {"model": "second"}]}}),
+        ),
+        caller_key(),
+    ];
+    let (url, _, _) = start_proxy(docs, ProxyOptions::default(), Hooks::default()).await;
+    let prompt = "p".repeat(3 * 1024 * 1024);
+    let (status, body) = chat(
+        &url,
+        json!({"model": "both", "messages": [{"role": "user", "content": prompt}], "temperature": 0.5}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let seen = mock.requests();
+    assert_eq!(seen.len(), 2);
+    for (request, model) in seen.iter().zip(["first", "second"]) {
+        let sent = request.json();
+        assert_eq!(sent["model"], model);
+        assert_eq!(
+            sent["messages"][0]["content"].as_str(),
+            Some(prompt.as_str())
+        );
+        assert_eq!(sent["temperature"], 0.5);
+        assert_eq!(
+            request.headers.get("content-length"),
+            Some(&request.body.len().to_string()),
+            "{:?}",
+            request.headers
+        );
+        assert!(!request.headers.contains_key("transfer-encoding"));
+    }
+}

@@ -1063,7 +1063,7 @@ cache:
     fn defaults_and_ignored_sections() {
         let c = parse("resources_file: r.yaml\nratelimit: {}\nobservability:\n  metrics: {prometheus: {enabled: true}}\n").unwrap();
         assert_eq!(c.proxy.addr.to_string(), "0.0.0.0:3000");
-        assert_eq!(c.proxy.request_body_limit_bytes, 0);
+        assert_eq!(c.proxy.request_body_limit_bytes, 64 * 1024 * 1024);
         assert_eq!(c.shutdown.min_drain_secs, 5);
         assert!(c.ignored.is_empty(), "{:?}", c.ignored);
         let prometheus = &c.observability.metrics.prometheus;

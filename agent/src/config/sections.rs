@@ -349,11 +349,16 @@ fn default_admin_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 3001))
 }
 
+/// `proxy.request_body_limit_bytes` when the config does not say: 64 MiB.
+pub const DEFAULT_BODY_LIMIT: u64 = 64 * 1024 * 1024;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxySection {
     pub addr: SocketAddr,
-    /// 0 means unlimited.
+    /// Largest request body; larger ones get 413. 0 means unlimited. The default, 64 MiB,
+    /// is above what the providers themselves accept (Anthropic 32 MB, OpenAI's
+    /// 50 MB of images per request); a body in flight is held in memory once.
     pub request_body_limit_bytes: u64,
     pub request_id: RequestIdSection,
     /// Reverse proxies (CIDRs) whose `client_ip_header` is believed; from any other
@@ -390,7 +395,7 @@ impl Default for ProxySection {
     fn default() -> Self {
         Self {
             addr: SocketAddr::from(([0, 0, 0, 0], 3000)),
-            request_body_limit_bytes: 0,
+            request_body_limit_bytes: DEFAULT_BODY_LIMIT,
             request_id: RequestIdSection::default(),
             trusted_proxies: Vec::new(),
             client_ip_header: "x-forwarded-for".to_owned(),

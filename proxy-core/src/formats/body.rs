@@ -4,6 +4,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
+use bytes::Bytes;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
@@ -55,9 +56,20 @@ pub struct RequestBody<'a> {
     pub stream: bool,
     /// Bytes of the body as it arrived.
     pub size: usize,
+    /// The buffer the fields borrow from, when it is shared: upstream bodies then
+    /// refer to its large fields instead of copying them.
+    source: Option<Bytes>,
 }
 
 impl<'a> RequestBody<'a> {
+    /// Parses a body kept in a shared buffer: the upstream bodies made from it share
+    /// that buffer's large fields (a 100 MB prompt is held once, not once per copy).
+    pub fn shared(bytes: &'a Bytes) -> Result<Self, ProxyError> {
+        let mut body = Self::parse(bytes)?;
+        body.source = Some(bytes.clone());
+        Ok(body)
+    }
+
     pub fn parse(bytes: &'a [u8]) -> Result<Self, ProxyError> {
         if nests_deeper(bytes, MAX_DEPTH) {
             return Err(ProxyError::invalid_request(
@@ -108,6 +120,7 @@ impl<'a> RequestBody<'a> {
             model,
             stream,
             size: bytes.len(),
+            source: None,
         })
     }
 
@@ -175,7 +188,7 @@ impl<'a> RequestBody<'a> {
     /// caller did not ask for usage, `stream_options.include_usage` set (the gateway
     /// needs the numbers; the caller does not get the extra chunk). Every other field
     /// is copied byte for byte.
-    pub fn upstream_body(&self, upstream_model: &str) -> Vec<u8> {
+    pub fn upstream_body(&self, upstream_model: &str) -> JsonBody {
         if !self.stream || self.include_usage() {
             return self.with_model(upstream_model);
         }
@@ -185,67 +198,179 @@ impl<'a> RequestBody<'a> {
             .filter(serde_json::Value::is_object)
             .unwrap_or_else(|| serde_json::json!({}));
         options["include_usage"] = serde_json::Value::Bool(true);
-        let mut body = self.without("stream_options").with_model(upstream_model);
-        body.pop(); // the closing brace
-        body.extend_from_slice(b",\"stream_options\":");
-        body.extend_from_slice(options.to_string().as_bytes());
-        body.push(b'}');
-        body
-    }
-
-    fn without(&self, name: &str) -> RequestBody<'a> {
-        RequestBody {
-            fields: self
-                .fields
-                .iter()
-                .filter(|(k, _)| k != name)
-                .cloned()
-                .collect(),
-            model: self.model.clone(),
-            stream: self.stream,
-            size: self.size,
-        }
+        self.assemble(upstream_model, Some(&options.to_string()))
     }
 
     /// The body with `model` replaced by the upstream id; every other field is copied
     /// byte for byte.
-    pub fn with_model(&self, upstream_model: &str) -> Vec<u8> {
-        let size: usize = self
-            .fields
-            .iter()
-            .map(|(k, v)| k.len() + v.get().len() + 4)
-            .sum();
-        let mut out = Vec::with_capacity(size + upstream_model.len() + 16);
-        out.push(b'{');
+    pub fn with_model(&self, upstream_model: &str) -> JsonBody {
+        self.assemble(upstream_model, None)
+    }
+
+    /// The fields in order, `model` (once) as `upstream_model`, and with
+    /// `stream_options` replaced by `stream_options` when given, as the last field.
+    fn assemble(&self, upstream_model: &str, stream_options: Option<&str>) -> JsonBody {
+        let mut out = Pieces::new(self.source.as_ref());
+        out.copy(b"{");
         let mut first = true;
-        let mut write = |out: &mut Vec<u8>, key: &str, raw: &str| {
+        let mut field = |out: &mut Pieces, key: &str, raw: &str| {
             if !first {
-                out.push(b',');
+                out.copy(b",");
             }
             first = false;
-            write_json_string(out, key);
-            out.push(b':');
-            out.extend_from_slice(raw.as_bytes());
+            out.string(key);
+            out.copy(b":");
+            out.raw(raw);
         };
         let mut model_written = false;
         for (key, value) in &self.fields {
-            if key == "model" {
-                if !model_written {
+            match key.as_ref() {
+                "model" if model_written => {}
+                "model" => {
                     let mut quoted = Vec::new();
                     write_json_string(&mut quoted, upstream_model);
-                    write(
+                    field(
                         &mut out,
                         "model",
                         std::str::from_utf8(&quoted).unwrap_or("\"\""),
                     );
                     model_written = true;
                 }
-            } else {
-                write(&mut out, key, value.get());
+                "stream_options" if stream_options.is_some() => {}
+                _ => field(&mut out, key, value.get()),
             }
         }
-        out.push(b'}');
-        out
+        if let Some(options) = stream_options {
+            field(&mut out, "stream_options", options);
+        }
+        out.copy(b"}");
+        out.finish()
+    }
+}
+
+/// A field at least this long is not copied into an upstream body built from a shared
+/// buffer; the body refers to it where it is.
+const SHARE_AT: usize = 4096;
+
+/// An upstream body being written: small pieces copied, large fields of the caller's
+/// shared buffer referred to.
+struct Pieces<'s> {
+    source: Option<&'s Bytes>,
+    done: Vec<Bytes>,
+    open: Vec<u8>,
+}
+
+impl<'s> Pieces<'s> {
+    fn new(source: Option<&'s Bytes>) -> Self {
+        Self {
+            source,
+            done: Vec::new(),
+            open: Vec::new(),
+        }
+    }
+
+    fn copy(&mut self, bytes: &[u8]) {
+        self.open.extend_from_slice(bytes);
+    }
+
+    fn string(&mut self, s: &str) {
+        write_json_string(&mut self.open, s);
+    }
+
+    /// A field's raw JSON: referred to when it is large and lies in the shared buffer.
+    fn raw(&mut self, raw: &str) {
+        match self.source.filter(|_| raw.len() >= SHARE_AT) {
+            Some(source) => match within(source, raw.as_bytes()) {
+                Some(slice) => {
+                    if !self.open.is_empty() {
+                        self.done.push(Bytes::from(std::mem::take(&mut self.open)));
+                    }
+                    self.done.push(slice);
+                }
+                None => self.copy(raw.as_bytes()),
+            },
+            None => self.copy(raw.as_bytes()),
+        }
+    }
+
+    fn finish(mut self) -> JsonBody {
+        if !self.open.is_empty() || self.done.is_empty() {
+            self.done.push(Bytes::from(self.open));
+        }
+        JsonBody(self.done)
+    }
+}
+
+/// `part` as a slice of `source` (sharing its buffer), if it lies inside it.
+fn within(source: &Bytes, part: &[u8]) -> Option<Bytes> {
+    let start = (part.as_ptr() as usize).checked_sub(source.as_ptr() as usize)?;
+    (start + part.len() <= source.len()).then(|| source.slice(start..start + part.len()))
+}
+
+/// A JSON body for an upstream, in pieces: the parts the gateway wrote and, between
+/// them, large fields of the caller's body where they already are in memory.
+#[derive(Clone, Debug)]
+pub struct JsonBody(Vec<Bytes>);
+
+impl JsonBody {
+    pub fn len(&self) -> usize {
+        self.0.iter().map(Bytes::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The body in one buffer (copied only when it is in pieces).
+    pub fn contiguous(&self) -> Bytes {
+        match self.0.as_slice() {
+            [one] => one.clone(),
+            pieces => Bytes::from(pieces.concat()),
+        }
+    }
+
+    /// The body as reqwest sends it: one buffer, or the pieces in turn with their
+    /// total length declared (`Content-Length`, not chunked).
+    pub fn into_reqwest(self) -> reqwest::Body {
+        match <[Bytes; 1]>::try_from(self.0) {
+            Ok([one]) => reqwest::Body::from(one),
+            Err(pieces) => reqwest::Body::wrap(InPieces(pieces.into())),
+        }
+    }
+}
+
+impl From<Vec<u8>> for JsonBody {
+    fn from(bytes: Vec<u8>) -> Self {
+        Self(vec![Bytes::from(bytes)])
+    }
+}
+
+impl From<Bytes> for JsonBody {
+    fn from(bytes: Bytes) -> Self {
+        Self(vec![bytes])
+    }
+}
+
+/// An HTTP body of pieces sent one after the other, its exact length known.
+struct InPieces(std::collections::VecDeque<Bytes>);
+
+impl http_body::Body for InPieces {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(|b| Ok(http_body::Frame::data(b))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.0.iter().map(|b| b.len() as u64).sum())
     }
 }
 
@@ -316,7 +441,7 @@ mod tests {
         let parsed = RequestBody::parse(body).unwrap();
         assert_eq!(parsed.model, "alias");
         assert!(parsed.stream);
-        let out = parsed.with_model("gpt-\"4o\"");
+        let out = parsed.with_model("gpt-\"4o\"").contiguous();
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
             r#"{"model":"gpt-\"4o\"","messages":[{"role":"user","content":"h\u00e9 \"x\""}],"stream":true,"n":1}"#
@@ -326,18 +451,66 @@ mod tests {
     #[test]
     fn streams_ask_for_usage_on_the_callers_behalf() {
         let body = br#"{"model":"a","messages":[],"stream":true,"stream_options":{"x":1}}"#;
-        let out = RequestBody::parse(body).unwrap().upstream_body("up");
+        let out = RequestBody::parse(body)
+            .unwrap()
+            .upstream_body("up")
+            .contiguous();
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
             r#"{"model":"up","messages":[],"stream":true,"stream_options":{"include_usage":true,"x":1}}"#
         );
         let asked =
             br#"{"model":"a","messages":[],"stream":true,"stream_options":{"include_usage":true}}"#;
-        let out = RequestBody::parse(asked).unwrap().upstream_body("up");
+        let out = RequestBody::parse(asked)
+            .unwrap()
+            .upstream_body("up")
+            .contiguous();
         assert!(out.ends_with(br#""stream_options":{"include_usage":true}}"#));
         let whole = br#"{"model":"a","messages":[]}"#;
-        let out = RequestBody::parse(whole).unwrap().upstream_body("up");
-        assert_eq!(out, br#"{"model":"up","messages":[]}"#);
+        let out = RequestBody::parse(whole)
+            .unwrap()
+            .upstream_body("up")
+            .contiguous();
+        assert_eq!(out, &br#"{"model":"up","messages":[]}"#[..]);
+    }
+
+    #[test]
+    fn a_large_field_of_a_shared_body_is_referred_to_not_copied() {
+        let prompt = "p".repeat(100_000);
+        let sent = Bytes::from(format!(
+            r#"{{ "model": "alias", "messages": [{{"role":"user","content":"{prompt}"}}], "stream": true }}"#
+        ));
+        let shared = RequestBody::shared(&sent).unwrap();
+        let copied = RequestBody::parse(&sent).unwrap();
+        for (from_shared, from_copy) in [
+            (shared.with_model("up"), copied.with_model("up")),
+            (shared.upstream_body("up"), copied.upstream_body("up")),
+        ] {
+            // The same bytes either way, whitespace between fields dropped.
+            assert_eq!(from_shared.contiguous(), from_copy.contiguous());
+            assert_eq!(from_shared.len(), from_copy.len());
+            // The copy is one buffer; the shared body's messages point into `sent`.
+            assert_eq!(from_copy.0.len(), 1);
+            let inside = |b: &Bytes| {
+                let at = b.as_ptr() as usize;
+                at >= sent.as_ptr() as usize && at + b.len() <= sent.as_ptr() as usize + sent.len()
+            };
+            let big: Vec<&Bytes> = from_shared.0.iter().filter(|b| b.len() > 100_000).collect();
+            assert_eq!(big.len(), 1);
+            assert!(inside(big[0]));
+            assert!(
+                from_shared
+                    .0
+                    .iter()
+                    .filter(|b| !inside(b))
+                    .all(|b| b.len() < 200)
+            );
+        }
+        assert!(
+            std::str::from_utf8(&shared.upstream_body("up").contiguous())
+                .unwrap()
+                .ends_with(r#""stream":true,"stream_options":{"include_usage":true}}"#)
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use super::state::{Call, Inner, ProxyOptions, client_ip};
@@ -47,7 +47,7 @@ pub(super) struct Read {
 impl Read {
     /// The request's routing fields; a conversation must carry `messages`.
     pub fn parse(&self, endpoint: Endpoint) -> Result<RequestBody<'_>, ProxyError> {
-        let request = RequestBody::parse(&self.fields)?;
+        let request = RequestBody::shared(&self.fields)?;
         if endpoint.has_messages() {
             request.require_nonempty_array("messages")?;
         }
@@ -347,22 +347,22 @@ pub(super) async fn read_body(
     }
     let allowed = options.body_read_timeout
         + Duration::from_secs(declared.unwrap_or(0) / options.min_body_rate.max(1));
-    let read = async {
-        match limit {
-            Some(limit) => Limited::new(body, limit)
-                .collect()
-                .await
-                .map(|c| c.to_bytes())
-                .map_err(|e| match e.downcast_ref::<LengthLimitError>() {
-                    Some(_) => ProxyError::BodyTooLarge { limit },
-                    None => unreadable_body(),
-                }),
-            None => body
-                .collect()
-                .await
-                .map(|c| c.to_bytes())
-                .map_err(|_| unreadable_body()),
+    // Into one buffer of the declared size: the body is held once, never as frames
+    // and their concatenation side by side.
+    let mut body = Limited::new(body, limit.unwrap_or(usize::MAX));
+    let read = async move {
+        let expected = declared.unwrap_or(0).min(PRESIZE_AT_MOST as u64) as usize;
+        let mut bytes = BytesMut::with_capacity(expected);
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| match (e.downcast_ref::<LengthLimitError>(), limit) {
+                (Some(_), Some(limit)) => ProxyError::BodyTooLarge { limit },
+                _ => unreadable_body(),
+            })?;
+            if let Ok(data) = frame.into_data() {
+                bytes.extend_from_slice(&data);
+            }
         }
+        Ok(bytes.freeze())
     };
     tokio::time::timeout(allowed, read)
         .await
@@ -370,6 +370,10 @@ pub(super) async fn read_body(
             millis: allowed.as_millis(),
         })?
 }
+
+/// The most room reserved up front for a body from its `Content-Length` (a larger one
+/// grows the buffer as it arrives, so a false length reserves no more than this).
+const PRESIZE_AT_MOST: usize = 64 * 1024 * 1024;
 
 fn unreadable_body() -> ProxyError {
     ProxyError::invalid_request("failed to read the request body", None)

@@ -3,13 +3,13 @@
 //! translated.
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
-use bytes::Bytes;
 use serde_json::Value;
 
 use super::provider::{
     CallerRequest, Outgoing, Payload, Prepared, Provider, TargetModel, coded_error,
 };
 use crate::failure::{ProxyError, UpstreamErrorFields};
+use crate::formats::body::JsonBody;
 use crate::formats::chat::{self, AnthropicMessages, Conversion, OpenAiChat};
 use crate::formats::endpoint::{Endpoint, MESSAGES, RESPONSES};
 use crate::resources::ProviderKey;
@@ -45,24 +45,30 @@ impl Provider for Anthropic {
         let upstream_model = target.upstream_model;
         // With automatic prompt caching, a generation request without the caller's own
         // markers gets breakpoints on its system prompt and its last message.
-        let json = |bytes: Vec<u8>| {
+        let json = |body: JsonBody| {
             let cached = target
                 .prompt_cache
                 .filter(|_| request.endpoint != Endpoint::CountTokens)
-                .and_then(|ttl| chat::add_cache_breakpoints(&bytes, ttl));
-            Payload::Json(Bytes::from(cached.unwrap_or(bytes)))
+                .and_then(|ttl| chat::add_cache_breakpoints(&body.contiguous(), ttl));
+            match cached {
+                Some(bytes) => Payload::json(bytes),
+                None => Payload::Json(body),
+            }
         };
         let (path, payload, conversion, headers) = match request.endpoint {
             endpoint @ (Endpoint::ChatCompletions | Endpoint::Forward(RESPONSES)) => {
                 let caller = chat::caller_format(endpoint).unwrap_or(&OpenAiChat);
                 (
                     MESSAGES,
-                    json(chat::translate_request(
-                        request.raw,
-                        caller,
-                        &AnthropicMessages,
-                        upstream_model,
-                    )?),
+                    json(
+                        chat::translate_request(
+                            request.raw,
+                            caller,
+                            &AnthropicMessages,
+                            upstream_model,
+                        )?
+                        .into(),
+                    ),
                     Conversion::Translate {
                         upstream: &AnthropicMessages,
                         caller,

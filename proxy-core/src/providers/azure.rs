@@ -8,7 +8,6 @@
 use std::borrow::Cow;
 
 use axum::http::HeaderMap;
-use bytes::Bytes;
 
 use super::openai::upstream_error_fields;
 use super::provider::{CallerRequest, Outgoing, Payload, Prepared, Provider, TargetModel, segment};
@@ -56,17 +55,16 @@ impl Provider for AzureOpenAi {
     ) -> Result<Prepared, ProxyError> {
         let deployment = target.upstream_model;
         let body = request.body;
-        let json = |bytes: Vec<u8>| Payload::Json(Bytes::from(bytes));
         let version = target.key.api_version.as_deref();
         let (route, payload, conversion) = match request.endpoint {
             Endpoint::ChatCompletions => (
                 "chat/completions",
-                json(body.upstream_body(deployment)),
+                Payload::json(body.upstream_body(deployment)),
                 Conversion::None,
             ),
             Endpoint::Messages => (
                 "chat/completions",
-                json(chat::translate_request(
+                Payload::json(chat::translate_request(
                     request.raw,
                     &AnthropicMessages,
                     &OpenAiChat,
@@ -83,7 +81,7 @@ impl Provider for AzureOpenAi {
                 let path = format!("/openai/responses?api-version={version}");
                 return Ok(prepared(
                     path,
-                    json(body.with_model(deployment)),
+                    Payload::json(body.with_model(deployment)),
                     request,
                     Conversion::None,
                 ));

@@ -16,7 +16,6 @@ use aws_credential_types::Credentials;
 use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
 use aws_sigv4::sign::v4;
 use axum::http::HeaderMap;
-use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 
 use super::provider::{
@@ -63,7 +62,7 @@ impl Provider for Bedrock {
         Ok(Prepared {
             outgoing: Outgoing {
                 path: format!("/model/{}/{action}", segment(target.upstream_model)).into(),
-                payload: Payload::Json(Bytes::from(body)),
+                payload: Payload::json(body),
                 stream: request.body.stream,
                 json_answer: true,
                 headers: HeaderMap::new(),
@@ -139,7 +138,7 @@ fn embed(request: &CallerRequest<'_>, target: &TargetModel<'_>) -> Result<Prepar
     Ok(Prepared {
         outgoing: Outgoing {
             path: format!("/model/{}/invoke", segment(model)).into(),
-            payload: Payload::Json(Bytes::from(embeddings.write(shape, model)?)),
+            payload: Payload::json(embeddings.write(shape, model)?),
             stream: false,
             json_answer: true,
             headers: HeaderMap::new(),

@@ -148,7 +148,7 @@ impl Upstream {
         let request = match outgoing.payload {
             Payload::Json(body) => request
                 .header(header::CONTENT_TYPE, "application/json")
-                .body(body),
+                .body(body.into_reqwest()),
             Payload::Form(form) => request.multipart(form),
         };
         let request = self

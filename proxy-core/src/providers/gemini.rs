@@ -14,7 +14,6 @@
 use axum::http::HeaderMap;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use bytes::Bytes;
 use ring::rand::SystemRandom;
 use ring::signature::{self, RsaKeyPair};
 use serde_json::{Value, json};
@@ -178,7 +177,7 @@ fn claude(
     Ok(Prepared {
         outgoing: Outgoing {
             path: format!("{prefix}/{}:{action}", segment(model)).into(),
-            payload: Payload::Json(Bytes::from(bytes)),
+            payload: Payload::json(bytes),
             stream: request.body.stream,
             json_answer: true,
             headers: HeaderMap::new(),
@@ -209,7 +208,7 @@ fn embed(
     Ok(Prepared {
         outgoing: Outgoing {
             path: format!("{prefix}/{}:{action}", segment(model)).into(),
-            payload: Payload::Json(Bytes::from(embeddings.write(shape, model)?)),
+            payload: Payload::json(embeddings.write(shape, model)?),
             stream: false,
             json_answer: true,
             headers: HeaderMap::new(),
@@ -244,7 +243,7 @@ fn build(
     Ok(Prepared {
         outgoing: Outgoing {
             path: path.into(),
-            payload: Payload::Json(Bytes::from(body)),
+            payload: Payload::json(body),
             stream: request.body.stream,
             json_answer: true,
             headers: HeaderMap::new(),

@@ -3,7 +3,6 @@
 //! completions.
 
 use axum::http::HeaderMap;
-use bytes::Bytes;
 use serde::Deserialize;
 
 use super::provider::{CallerRequest, Outgoing, Payload, Prepared, Provider, TargetModel};
@@ -30,16 +29,15 @@ impl Provider for OpenAiCompatible {
     ) -> Result<Prepared, ProxyError> {
         let upstream_model = target.upstream_model;
         let body = request.body;
-        let json = |bytes: Vec<u8>| Payload::Json(Bytes::from(bytes));
         let (path, payload, conversion) = match request.endpoint {
             Endpoint::ChatCompletions => (
                 CHAT,
-                json(body.upstream_body(upstream_model)),
+                Payload::json(body.upstream_body(upstream_model)),
                 Conversion::None,
             ),
             Endpoint::Messages => (
                 CHAT,
-                json(chat::translate_request(
+                Payload::json(chat::translate_request(
                     request.raw,
                     &AnthropicMessages,
                     &OpenAiChat,

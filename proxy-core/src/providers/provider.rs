@@ -4,11 +4,10 @@
 use std::borrow::Cow;
 
 use axum::http::HeaderMap;
-use bytes::Bytes;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, PercentEncode, utf8_percent_encode};
 
 use crate::failure::{ProxyError, UpstreamErrorFields};
-use crate::formats::body::RequestBody;
+use crate::formats::body::{JsonBody, RequestBody};
 use crate::formats::chat::Conversion;
 use crate::formats::endpoint::Endpoint;
 use crate::formats::multipart::Form;
@@ -46,9 +45,15 @@ pub struct Outgoing {
 
 /// An upstream request body.
 pub enum Payload {
-    Json(Bytes),
+    Json(JsonBody),
     /// A form, built for this one attempt (reqwest streams it).
     Form(reqwest::multipart::Form),
+}
+
+impl Payload {
+    pub fn json(body: impl Into<JsonBody>) -> Self {
+        Self::Json(body.into())
+    }
 }
 
 impl CallerRequest<'_> {
@@ -59,9 +64,9 @@ impl CallerRequest<'_> {
         Ok(match self.form {
             Some(form) => Payload::Form(form.with_model(model)?),
             None if self.endpoint.asks_stream_usage() => {
-                Payload::Json(Bytes::from(self.body.upstream_body(model)))
+                Payload::json(self.body.upstream_body(model))
             }
-            None => Payload::Json(Bytes::from(self.body.with_model(model))),
+            None => Payload::json(self.body.with_model(model)),
         })
     }
 }
