@@ -234,12 +234,13 @@ impl Serving {
             };
             let router = match bound.role {
                 Role::Proxy => {
-                    // Heads up to twice the limit get the proxy's 431 envelope; hyper cuts
-                    // larger.
+                    // Heads up to twice the limits (bytes, header lines) get the proxy's
+                    // 431 envelope; hyper cuts larger.
                     options.header_read_timeout =
                         Duration::from_millis(config.proxy.header_read_timeout_ms);
                     options.max_connections = config.proxy.max_connections;
                     options.max_head_bytes = config.proxy.max_header_bytes.saturating_mul(2);
+                    options.max_headers = Some(2 * proxy_core::http::MAX_HEADER_LINES);
                     router(ProxyState::new(
                         shared.store.clone(),
                         Upstream::with_options(&config.upstream_options())?,

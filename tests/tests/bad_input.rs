@@ -141,6 +141,7 @@ async fn malformed_requests_get_their_envelope_and_reach_no_upstream() {
     let big_header = format!("{}X-Padding: {}\r\n", bearer(), "a".repeat(12_000));
     let huge_header = format!("{}X-Padding: {}\r\n", bearer(), "a".repeat(300_000));
     let anthropic = format!("x-api-key: {CALLER}\r\nContent-Type: application/json\r\n");
+    let lines = |n: usize| (0..n).fold(bearer(), |head, i| head + &format!("X-Line-{i}: v\r\n"));
     let chunked_big = {
         let mut out = format!(
             "POST {chat} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n{}Transfer-Encoding: chunked\r\n\r\n",
@@ -257,6 +258,25 @@ async fn malformed_requests_get_their_envelope_and_reach_no_upstream() {
         (
             "headers past the hard bound",
             request("POST", chat, &huge_header, valid),
+            431,
+            Shape::Bare,
+        ),
+        // 250 lines: past the proxy's 200 (its envelope); 450: past hyper's bound of 400.
+        (
+            "too many header lines",
+            request("POST", chat, &lines(250), valid),
+            431,
+            Shape::OpenAi,
+        ),
+        (
+            "too many header lines, Anthropic route",
+            request("POST", messages, &(anthropic.clone() + &lines(250)), valid),
+            431,
+            Shape::Anthropic,
+        ),
+        (
+            "header lines past the hard bound",
+            request("POST", chat, &lines(450), valid),
             431,
             Shape::Bare,
         ),

@@ -34,6 +34,8 @@ pub enum ProxyError {
     BodyTooLarge { limit: usize },
     #[error("request headers exceed the limit of {limit} bytes")]
     HeadersTooLarge { limit: usize },
+    #[error("request has more than {limit} header lines")]
+    TooManyHeaders { limit: usize },
     /// The caller did not send its whole body in time.
     #[error("the request body did not arrive within {millis} ms")]
     BodyReadTimeout { millis: u128 },
@@ -242,7 +244,7 @@ impl ProxyError {
                 should_retry: None,
                 ..caller(StatusCode::REQUEST_TIMEOUT, "invalid_request_error")
             },
-            ProxyError::HeadersTooLarge { .. } => caller(
+            ProxyError::HeadersTooLarge { .. } | ProxyError::TooManyHeaders { .. } => caller(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "invalid_request_error",
             ),

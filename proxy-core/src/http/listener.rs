@@ -43,6 +43,9 @@ pub struct ListenerOptions {
     /// Hyper's read buffer, the hard bound of a request head (at least 8 KiB). The
     /// proxy refuses smaller oversized heads itself, in its error envelope.
     pub max_head_bytes: usize,
+    /// The hard bound of header lines in a request head (hyper's own, 100, when
+    /// unset); the proxy refuses fewer past its own limit, in its error envelope.
+    pub max_headers: Option<usize>,
 }
 
 impl ListenerOptions {
@@ -53,6 +56,7 @@ impl ListenerOptions {
             header_read_timeout: Duration::from_secs(30),
             max_connections: 10_000,
             max_head_bytes: 128 * 1024,
+            max_headers: None,
         }
     }
 }
@@ -71,6 +75,9 @@ pub async fn serve(
         .header_read_timeout(options.header_read_timeout)
         .max_buf_size(options.max_head_bytes.max(8192))
         .keep_alive(true);
+    if let Some(lines) = options.max_headers {
+        http.max_headers(lines);
+    }
     let http = Arc::new(http);
     let tls = options.tls.clone().map(TlsAcceptor::from);
     let slots = Arc::new(Semaphore::new(options.max_connections.max(1)));

@@ -137,8 +137,16 @@ async fn request_context(
     req.extensions_mut().insert(record.clone());
     let in_flight = traffic.then(|| record::InFlight::new(state.0.hooks.metrics.clone()));
     let limit = state.0.options.max_header_bytes;
-    let mut response = if head_size(&req) > limit {
-        let error = ProxyError::HeadersTooLarge { limit };
+    let too_large = if head_size(&req) > limit {
+        Some(ProxyError::HeadersTooLarge { limit })
+    } else if req.headers().len() > MAX_HEADER_LINES {
+        Some(ProxyError::TooManyHeaders {
+            limit: MAX_HEADER_LINES,
+        })
+    } else {
+        None
+    };
+    let mut response = if let Some(error) = too_large {
         match path.starts_with("/v1/messages") {
             true => error.into_response_in(Envelope::Anthropic),
             false => error.into_response_in(Envelope::OpenAi),
@@ -176,6 +184,10 @@ async fn request_context(
 }
 
 /// The size of a request's head as sent: request line and header lines.
+/// The most header lines a request may have; more get 431 in the route's envelope.
+/// The proxy listener's hard bound (`ListenerOptions::max_headers`) is twice this.
+pub const MAX_HEADER_LINES: usize = 200;
+
 fn head_size(req: &Request) -> usize {
     let uri = req.uri();
     let target = uri.path_and_query().map_or(0, |pq| pq.as_str().len())
