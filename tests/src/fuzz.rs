@@ -25,6 +25,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("etcd_watch", etcd_watch),
     ("pem_bundle", pem_bundle),
     ("aws_event_stream", aws_event_stream),
+    ("upstream_answer", upstream_answer),
 ];
 
 /// A resource document of each kind: parsed and validated.
@@ -220,5 +221,258 @@ pub fn aws_event_stream(data: &[u8]) {
         };
         let _ = to_openai.translate(&events);
         let _ = to_anthropic.translate(&events);
+    }
+}
+
+/// The raw HTTP answer of an upstream (everything after the first byte, which says
+/// whether the caller streams; `$HERE` stands for the upstream's own address), sent to
+/// a real proxy over real sockets. Whatever it is, the proxy never follows a redirect
+/// (no request for any other path reaches the upstream), never relays a redirect on a
+/// call, answers a whole 200 only with JSON and a streamed 200 only with server-sent
+/// events, and when it refuses a 2xx or 3xx answer shows nothing of it (`SECRET`, the
+/// `Location`).
+pub fn upstream_answer(data: &[u8]) {
+    let Some((&first, answer)) = data.split_first() else {
+        return;
+    };
+    let rig = answer_rig::rig();
+    let answer = String::from_utf8_lossy(answer).replace("$HERE", &rig.upstream);
+    let upstream_status = answer
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse::<u16>().ok());
+    let stream = first & 1 == 1;
+    let (status, content_type, body) = rig.call(answer.into_bytes(), stream);
+    for path in rig.paths() {
+        assert_eq!(
+            path, "/v1/chat/completions",
+            "the proxy followed a redirect"
+        );
+    }
+    assert!(
+        !(300..400).contains(&status),
+        "a redirect was relayed on a call: {status}"
+    );
+    if status == 200 && !stream {
+        assert!(
+            serde_json::from_slice::<serde_json::Value>(&body).is_ok(),
+            "a whole 200 that is not JSON was relayed"
+        );
+    }
+    if status == 200 && stream {
+        assert!(
+            content_type.starts_with("text/event-stream"),
+            "a streamed 200 that is not server-sent events: {content_type}"
+        );
+    }
+    let refused_success = upstream_status.is_some_and(|s| (200..400).contains(&s));
+    if status != 200 && refused_success {
+        let shown = String::from_utf8_lossy(&body);
+        assert!(
+            !shown.contains("SECRET"),
+            "the refused answer was shown: {shown}"
+        );
+        assert!(
+            !shown.contains("/internal"),
+            "the redirect was shown: {shown}"
+        );
+    }
+}
+
+/// A proxy in front of an upstream that answers every request with the bytes it is
+/// given, started once per process.
+mod answer_rig {
+    use std::sync::{Arc, Mutex, OnceLock};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use proxy_core::http::{Hooks, ListenerOptions, ProxyOptions, ProxyState, router, serve};
+    use proxy_core::providers::client::{Upstream, UpstreamOptions};
+    use proxy_core::resources::KeyHash;
+    use proxy_core::snapshot::{SnapshotStore, Source, SourceEvent};
+    use serde_json::json;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_util::sync::CancellationToken;
+
+    const CALLER: &str = "fuzz-caller-key";
+
+    pub struct Rig {
+        runtime: tokio::runtime::Runtime,
+        pub upstream: String,
+        proxy: String,
+        client: reqwest::Client,
+        answer: Arc<Mutex<Vec<u8>>>,
+        paths: Arc<Mutex<Vec<String>>>,
+    }
+
+    pub fn rig() -> &'static Rig {
+        static RIG: OnceLock<Rig> = OnceLock::new();
+        RIG.get_or_init(start)
+    }
+
+    fn start() -> Rig {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let answer = Arc::new(Mutex::new(Vec::new()));
+        let paths = Arc::new(Mutex::new(Vec::new()));
+        let (upstream, proxy) = runtime.block_on(async {
+            let raw = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let upstream = raw.local_addr().expect("addr").to_string();
+            let (answer, paths) = (answer.clone(), paths.clone());
+            tokio::spawn(async move {
+                while let Ok((socket, _)) = raw.accept().await {
+                    tokio::spawn(answer_once(socket, answer.clone(), paths.clone()));
+                }
+            });
+            (upstream.clone(), start_proxy(&upstream).await)
+        });
+        Rig {
+            runtime,
+            upstream,
+            proxy,
+            client: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .timeout(Duration::from_secs(10))
+                .build()
+                .expect("a client"),
+            answer,
+            paths,
+        }
+    }
+
+    async fn start_proxy(upstream: &str) -> String {
+        let store = Arc::new(SnapshotStore::new("/aisix"));
+        let docs = [
+            (
+                "provider_keys/raw",
+                json!({"display_name": "raw", "provider": "openai", "api_base": format!("http://{upstream}/v1"), "api_key": "sk-raw"}),
+            ),
+            (
+                "models/m",
+                json!({"display_name": "m", "model_name": "m", "provider_key_id": "raw"}),
+            ),
+            (
+                "api_keys/k",
+                json!({"key_hash": hex::encode(KeyHash::of_plaintext(CALLER).0), "allowed_models": ["*"]}),
+            ),
+        ];
+        let entries = docs
+            .into_iter()
+            .map(|(k, v)| (format!("/aisix/{k}"), Bytes::from(v.to_string())))
+            .collect();
+        store.apply(
+            Source::File,
+            [SourceEvent::Reset {
+                entries,
+                revision: 1,
+            }],
+        );
+        let options = UpstreamOptions {
+            timeout: Duration::from_secs(2),
+            ..UpstreamOptions::default()
+        };
+        let state = ProxyState::new(
+            store,
+            Upstream::with_options(&options).expect("a client"),
+            ProxyOptions::default(),
+            CancellationToken::new(),
+            Default::default(),
+            Hooks::default(),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(serve(
+            listener,
+            router(state),
+            CancellationToken::new(),
+            ListenerOptions::plain("proxy"),
+        ));
+        url
+    }
+
+    /// Reads one request (its head, and a body of the declared length), notes its
+    /// path, writes the answer and closes.
+    async fn answer_once(
+        mut socket: TcpStream,
+        answer: Arc<Mutex<Vec<u8>>>,
+        paths: Arc<Mutex<Vec<String>>>,
+    ) {
+        let mut read = Vec::new();
+        let mut buf = [0u8; 8192];
+        let head_end = loop {
+            if let Some(at) = read.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            match socket.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => read.extend_from_slice(&buf[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&read[..head_end]).to_ascii_lowercase();
+        let length = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        while read.len() < head_end + length {
+            match socket.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => read.extend_from_slice(&buf[..n]),
+            }
+        }
+        let path = head
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_owned();
+        lock(&paths).push(path);
+        let bytes = lock(&answer).clone();
+        let _ = socket.write_all(&bytes).await;
+        let _ = socket.shutdown().await;
+    }
+
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    impl Rig {
+        /// One chat call answered by `answer`: the caller's status, content type and
+        /// body (what arrived of it).
+        pub fn call(&self, answer: Vec<u8>, stream: bool) -> (u16, String, Vec<u8>) {
+            *lock(&self.answer) = answer;
+            lock(&self.paths).clear();
+            self.runtime.block_on(async {
+                let response = self
+                    .client
+                    .post(format!("{}/v1/chat/completions", self.proxy))
+                    .bearer_auth(CALLER)
+                    .json(&json!({"model": "m", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}))
+                    .send()
+                    .await
+                    .expect("the proxy answers");
+                let status = response.status().as_u16();
+                let content_type = response
+                    .headers()
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                let mut body = Vec::new();
+                let mut response = response;
+                while let Ok(Some(chunk)) = response.chunk().await {
+                    body.extend_from_slice(&chunk);
+                }
+                (status, content_type, body)
+            })
+        }
+
+        /// The paths of the requests the upstream received during the last call.
+        pub fn paths(&self) -> Vec<String> {
+            lock(&self.paths).clone()
+        }
     }
 }
