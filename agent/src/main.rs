@@ -82,7 +82,9 @@ fn main() -> ExitCode {
     let config = match Config::load(&cli.config, std::env::vars()) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("aisix-agent: {e}");
+            for problem in e.to_string().lines() {
+                eprintln!("aisix-agent: {problem}");
+            }
             return ExitCode::from(2);
         }
     };

@@ -44,7 +44,23 @@ pub enum ConfigError {
     },
     #[error("environment variable {var}: {message}")]
     Env { var: String, message: String },
+    /// Several problems, each on its own line.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Several(Vec<ConfigError>),
 }
+
+impl ConfigError {
+    /// One error as it is, several as [`ConfigError::Several`].
+    fn of(mut errors: Vec<ConfigError>) -> Self {
+        match errors.len() {
+            1 => errors.remove(0),
+            _ => ConfigError::Several(errors),
+        }
+    }
+}
+
+/// At most this many problems are reported from one config file.
+const MAX_PROBLEMS: usize = 50;
 
 /// Sections that exist in the AISIX gateway config but that this build does not use.
 const IGNORED_SECTIONS: &[&str] = &["deployment"];
@@ -200,14 +216,34 @@ impl Config {
             }
         };
         let not_implemented = take_not_implemented(&mut value);
-        let mut config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
-            let (field, message) = (e.path().to_string(), e.into_inner().to_string());
-            field_error(parent_of_unknown(field, &message), message)
-        })?;
-        config
-            .read_password_env(&env)
-            .map_err(|(f, m)| field_error(f.to_owned(), m))?;
-        config.validate().map_err(|(f, m)| field_error(f, m))?;
+        // Every field the parser refuses is reported, not only the first: each one is
+        // taken out and the rest parsed again.
+        let mut errors = Vec::new();
+        let mut config: Config = loop {
+            match serde_path_to_error::deserialize::<_, Config>(value.clone()) {
+                Ok(config) => break config,
+                Err(e) => {
+                    let removed = remove_at(&mut value, e.path());
+                    let (field, message) = (e.path().to_string(), e.into_inner().to_string());
+                    errors.push(field_error(parent_of_unknown(field, &message), message));
+                    if !removed || errors.len() >= MAX_PROBLEMS {
+                        return Err(ConfigError::of(errors));
+                    }
+                }
+            }
+        };
+        if let Err((f, m)) = config.read_password_env(&env) {
+            errors.push(field_error(f.to_owned(), m));
+        }
+        errors.extend(
+            config
+                .validate()
+                .into_iter()
+                .map(|(f, m)| field_error(f, m)),
+        );
+        if !errors.is_empty() {
+            return Err(ConfigError::of(errors));
+        }
         config.ignored = config.ignored_sections();
         config.ignored.extend(not_implemented);
         Ok(config)
@@ -280,16 +316,24 @@ impl Config {
         }
     }
 
-    fn validate(&self) -> Result<(), (String, String)> {
+    /// The problems of the parsed config: the first of each group of checks (source,
+    /// proxy and upstream limits, observability, rate limits, cache).
+    fn validate(&self) -> Vec<(String, String)> {
         let named = |(f, m): (&'static str, String)| (f.to_owned(), m);
-        self.validate_source().map_err(named)?;
-        self.validate_proxy().map_err(named)?;
-        self.validate_observability().map_err(named)?;
-        self.ratelimit.validate()?;
-        if self.cache.enabled {
-            validate_redis("cache", self.cache.redis.as_ref())?;
-        }
-        Ok(())
+        let cache = match self.cache.enabled {
+            true => validate_redis("cache", self.cache.redis.as_ref()),
+            false => Ok(()),
+        };
+        [
+            self.validate_source().map_err(named),
+            self.validate_proxy().map_err(named),
+            self.validate_observability().map_err(named),
+            self.ratelimit.validate(),
+            cache,
+        ]
+        .into_iter()
+        .filter_map(Result::err)
+        .collect()
     }
 
     /// Exactly one configuration source, and its section.
@@ -667,6 +711,36 @@ impl Config {
 
 /// Names the section holding an unknown key (the key itself is in the message),
 /// whichever way the deserializer reported its path.
+/// Takes the node at `path` out of `value`; false when there is none (the error is
+/// about the document itself, or a field that is missing).
+fn remove_at(value: &mut Value, path: &serde_path_to_error::Path) -> bool {
+    use serde_path_to_error::Segment;
+    let segments: Vec<&Segment> = path.iter().collect();
+    let Some((last, parents)) = segments.split_last() else {
+        return false;
+    };
+    let mut node = value;
+    for segment in parents {
+        let next = match (segment, node) {
+            (Segment::Map { key }, Value::Mapping(map)) => map.get_mut(key.as_str()),
+            (Segment::Seq { index }, Value::Sequence(items)) => items.get_mut(*index),
+            _ => None,
+        };
+        match next {
+            Some(next) => node = next,
+            None => return false,
+        }
+    }
+    match (last, node) {
+        (Segment::Map { key }, Value::Mapping(map)) => map.remove(key.as_str()).is_some(),
+        (Segment::Seq { index }, Value::Sequence(items)) if *index < items.len() => {
+            items.remove(*index);
+            true
+        }
+        _ => false,
+    }
+}
+
 fn parent_of_unknown(field: String, message: &str) -> String {
     let unknown = message
         .strip_prefix("unknown field `")
@@ -1168,6 +1242,37 @@ cache:
             .to_string();
         assert!(e.contains("proxy.addr: invalid socket address"), "{e}");
         assert!(e.contains("e.g. 127.0.0.1:3000"), "{e}");
+    }
+
+    #[test]
+    fn every_problem_of_a_config_file_is_reported_at_once() {
+        // Two typos, a value of the wrong type, one in a list, an environment variable
+        // and a range check: each named, in one report.
+        let text = "resources_file: r.yaml\nproxy:\n  adr: 127.0.0.1:1\n  max_connections: many\n  trusted_proxies: [10.0.0.0/8, nonsense]\nobservabilty: {}\nshutdown: {drain_timeout_secs: 18446744073709551615}\n";
+        let env = vec![(
+            "AISIX_PROXY__HEADER_READ_TIMEOUT_MS".to_owned(),
+            "soon".to_owned(),
+        )];
+        let e = Config::parse(Path::new("c.yaml"), text, env).unwrap_err();
+        let ConfigError::Several(errors) = &e else {
+            panic!("expected several problems: {e}");
+        };
+        let shown = e.to_string();
+        for expected in [
+            "config file c.yaml: proxy: unknown field `adr`",
+            "config file c.yaml: proxy.max_connections: invalid type",
+            "config file c.yaml: proxy.trusted_proxies[1]:",
+            "config file c.yaml: (top level): unknown field `observabilty`",
+            "environment variable AISIX_PROXY__HEADER_READ_TIMEOUT_MS: proxy.header_read_timeout_ms:",
+            "config file c.yaml: shutdown.drain_timeout_secs: must be at most 86400",
+        ] {
+            assert!(shown.contains(expected), "{expected}: {shown}");
+        }
+        assert_eq!(errors.len(), 6, "{shown}");
+        assert_eq!(shown.lines().count(), 6, "{shown}");
+        // One problem stays one error, as before.
+        let one = parse("resources_file: r.yaml\nproxy: {adr: x}\n").unwrap_err();
+        assert!(matches!(one, ConfigError::Field { .. }), "{one}");
     }
 
     #[test]
