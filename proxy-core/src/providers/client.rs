@@ -398,16 +398,55 @@ async fn read_bounded(response: reqwest::Response, within: Duration) -> Bytes {
 }
 
 fn transport_failure(target: &Target<'_>, e: &reqwest::Error) -> ProxyError {
+    let cause = transport_cause(e);
     if e.is_connect() {
         return ProxyError::ProviderUnreachable {
             model: target.model.name.to_string(),
-            detail: format!("connect error: {e}"),
+            detail: format!("cannot connect: {cause} ({e})"),
         };
     }
     ProxyError::UpstreamFailed {
-        detail: format!("{} transport error: {e}", target.model.name),
+        detail: format!("{} transport error: {cause} ({e})", target.model.name),
         retry_after: None,
     }
+}
+
+/// What went wrong under a transport error, in an operator's words: refused, a DNS
+/// failure, TLS, a timeout, a reset, or the innermost error's own text.
+fn transport_cause(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        return "timed out".to_owned();
+    }
+    let mut innermost = None;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(error) = source {
+        source = error.source();
+        if let Some(tls) = error.downcast_ref::<rustls::Error>() {
+            return format!("TLS handshake failed: {tls}");
+        }
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            match io.kind() {
+                ConnectionRefused => return "connection refused".to_owned(),
+                ConnectionReset | ConnectionAborted | BrokenPipe => {
+                    return "connection reset by the upstream".to_owned();
+                }
+                TimedOut => return "timed out".to_owned(),
+                _ => {}
+            }
+            // An I/O error's `source` skips the error it wraps (rustls's, another
+            // I/O error): go through it instead.
+            if let Some(inner) = io.get_ref() {
+                source = Some(inner);
+            }
+        }
+        let text = error.to_string();
+        if text.contains("dns error") || text.contains("failed to lookup address") {
+            return format!("DNS lookup failed: {text}");
+        }
+        innermost = Some(text);
+    }
+    innermost.unwrap_or_else(|| e.to_string())
 }
 
 /// An upstream stream's chunks as they arrive, each gap bounded by `stream_timeout`.
@@ -524,5 +563,51 @@ impl Chunks {
             chunks.next().await.map(|next| (next, chunks))
         });
         Body::from_stream(stream::once(async { Ok(held) }).chain(rest))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn failure(url: &str) -> String {
+        crate::install_crypto_provider();
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(300))
+            .build()
+            .unwrap();
+        transport_cause(&client.get(url).send().await.unwrap_err())
+    }
+
+    #[tokio::test]
+    async fn a_transport_failure_says_what_failed() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        assert_eq!(
+            failure(&format!("http://127.0.0.1:{port}/")).await,
+            "connection refused"
+        );
+        // A plain-HTTP server asked for TLS: the handshake fails.
+        let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = plain.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = plain.accept().await {
+                use tokio::io::AsyncWriteExt;
+                let _ = socket.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+            }
+        });
+        let tls = failure(&format!("https://{addr}/")).await;
+        assert!(tls.starts_with("TLS handshake failed"), "{tls}");
+        // A peer that accepts and never answers the handshake: the connect timeout.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = silent.accept().await {
+                held.push(socket);
+            }
+        });
+        assert_eq!(failure(&format!("https://{addr}/")).await, "timed out");
     }
 }
