@@ -24,6 +24,7 @@ use axum::{Json, Router};
 use proxy_core::observe::metrics::{CONTENT_TYPE, Readings};
 use proxy_core::observe::otlp_metrics::PushStats;
 use proxy_core::observe::trace::Tracing;
+use proxy_core::resources::ModelTarget;
 use proxy_core::shared::redis::{Redis, RedisStatus};
 use proxy_core::snapshot::{RejectedResource, Snapshot, Source};
 use serde::Serialize;
@@ -79,6 +80,12 @@ impl Status {
     fn readings(&self) -> Readings {
         let store = &self.shared.store;
         let snapshot = store.load();
+        self.shared.metrics.expect_models(
+            snapshot
+                .models()
+                .filter(|m| matches!(m.target, ModelTarget::Direct(_)))
+                .map(|m| &m.name),
+        );
         let freshness = store.freshness();
         let now = time::OffsetDateTime::now_utc();
         Readings {

@@ -421,6 +421,8 @@ mod tests {
     fn upstream_failures_are_classified_once() {
         let row = |e: ProxyError| {
             let c = e.class();
+            // Every kind is exported at 0 for each model before it fires.
+            assert!(crate::observe::metrics::FAILURE_KINDS.contains(&c.metric_kind));
             (
                 c.origin,
                 c.recovery,

@@ -17,6 +17,23 @@ pub enum Envelope {
     Anthropic,
 }
 
+/// Error types of the OpenAI and Anthropic APIs, as an upstream's refusal may carry
+/// them.
+const KNOWN_UPSTREAM_TYPES: &[&str] = &[
+    "invalid_request_error",
+    "authentication_error",
+    "permission_error",
+    "not_found_error",
+    "request_too_large",
+    "rate_limit_error",
+    "insufficient_quota",
+    "tokens",
+    "requests",
+    "api_error",
+    "server_error",
+    "overloaded_error",
+];
+
 /// Read by the official OpenAI and Anthropic SDKs before their own retry rule.
 pub const SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 
@@ -34,7 +51,9 @@ impl ProxyError {
             Envelope::Anthropic => self.anthropic_body(&class),
         };
         let mut response = json_response(class.status, body);
-        response.extensions_mut().insert(ErrorType(class.kind));
+        response
+            .extensions_mut()
+            .insert(ErrorType(self.shown_type(&class)));
         let headers = response.headers_mut();
         if let Some(seconds) = class.retry_after {
             let seconds = seconds.min(MAX_RETRY_AFTER_SECS);
@@ -45,6 +64,20 @@ impl ProxyError {
             headers.insert(SHOULD_RETRY, value);
         }
         response
+    }
+
+    /// The error type the OpenAI envelope shows, for logs and metrics: an upstream's
+    /// refusal keeps the upstream's type when it is one of the APIs' own (the body says
+    /// it); any other text is `upstream_error`, so a provider cannot mint label values.
+    fn shown_type(&self, class: &Class) -> &'static str {
+        match self {
+            ProxyError::UpstreamRejected { error, .. } => KNOWN_UPSTREAM_TYPES
+                .iter()
+                .find(|known| **known == error.kind)
+                .copied()
+                .unwrap_or(class.kind),
+            _ => class.kind,
+        }
     }
 
     /// The message the caller is shown: an upstream 4xx keeps the upstream's.
@@ -386,6 +419,38 @@ mod tests {
         for (error, status, body) in cases {
             assert_eq!(render(error).await, (status, body.to_owned()));
         }
+    }
+
+    #[test]
+    fn the_logged_error_type_is_the_bodys_for_known_upstream_types_only() {
+        let refused = |kind: &str| ProxyError::UpstreamRejected {
+            status: StatusCode::BAD_REQUEST,
+            error: UpstreamErrorFields {
+                message: "no".into(),
+                kind: kind.into(),
+                param: None,
+                code: None,
+            },
+            retry_after: None,
+        };
+        let logged = |error: ProxyError| {
+            let response = error.into_response_in(Envelope::OpenAi);
+            response.extensions().get::<ErrorType>().map(|e| e.0)
+        };
+        assert_eq!(
+            logged(refused("invalid_request_error")),
+            Some("invalid_request_error")
+        );
+        assert_eq!(
+            logged(refused("overloaded_error")),
+            Some("overloaded_error")
+        );
+        // A provider's own words never become a log field or a label value.
+        assert_eq!(logged(refused("my\ncustom-type")), Some("upstream_error"));
+        assert_eq!(
+            logged(ProxyError::ModelNotFound("m".into())),
+            Some("model_not_found")
+        );
     }
 
     /// Golden Anthropic envelopes: every row of the status table.

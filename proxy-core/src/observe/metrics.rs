@@ -78,6 +78,18 @@ pub struct TokenLabels {
     pub provider: Name,
 }
 
+/// Every `kind` of `aisix_upstream_failures_total` (each failure class's `metric_kind`).
+pub const FAILURE_KINDS: [&str; 8] = [
+    "timeout",
+    "unreachable",
+    "server_error",
+    "rate_limited",
+    "rejected",
+    "unsupported",
+    "stream_break",
+    "other",
+];
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct FailureLabels {
     /// The direct model that was called.
@@ -329,6 +341,20 @@ impl Metrics {
         self.upstream_duration
             .get_or_create(&labels)
             .observe(took.as_secs_f64());
+    }
+
+    /// Exports `aisix_upstream_failures_total` at 0 for every kind of failure of each
+    /// of `models` (the direct ones of a snapshot), so alerts on a model's failures
+    /// see data before its first failure.
+    pub fn expect_models<'a>(&self, models: impl Iterator<Item = &'a Arc<str>>) {
+        for model in models {
+            for kind in FAILURE_KINDS {
+                drop(self.upstream_failures.get_or_create(&FailureLabels {
+                    model: Name(model.clone()),
+                    kind,
+                }));
+            }
+        }
     }
 
     pub fn record_upstream_failure(&self, model: &Arc<str>, kind: &'static str) {
@@ -710,6 +736,14 @@ mod tests {
             text.contains("aisix_budget_checks_total{outcome=\"denied\"} 0"),
             "{text}"
         );
+        assert!(!text.contains("aisix_upstream_failures_total{"), "{text}");
+        m.expect_models([Arc::from("gpt-4o")].iter());
+        let text = m.render(Readings::default());
+        for kind in FAILURE_KINDS {
+            let line =
+                format!("aisix_upstream_failures_total{{model=\"gpt-4o\",kind=\"{kind}\"}} 0");
+            assert!(text.contains(&line), "{line} missing:\n{text}");
+        }
     }
 
     #[test]
