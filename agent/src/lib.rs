@@ -37,8 +37,8 @@ pub mod validate;
 pub mod watch;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use proxy_core::http::{ListenerOptions, ProxyOptions, ProxyState, router};
 use proxy_core::observe::metrics::Metrics;
@@ -75,6 +75,18 @@ pub struct Shared {
     /// The configuration watch's state (unused in file mode).
     pub watch: Arc<WatchStatus>,
     pub metrics: Arc<Metrics>,
+    /// File mode: how the last SIGHUP reload went.
+    pub last_reload: Arc<Mutex<Option<Reload>>>,
+}
+
+/// A reload of the resources file, as `/status/config` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Reload {
+    pub at_unix: u64,
+    pub ok: bool,
+    /// Why the file was not applied (the last good snapshot kept serving).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// An agent ready to serve: its source prepared and its listeners bound.
@@ -137,6 +149,7 @@ impl Agent {
             health: Arc::default(),
             watch: Arc::default(),
             metrics: Arc::default(),
+            last_reload: Arc::default(),
         };
         let background = CancellationToken::new();
         let workers = TaskTracker::new();
@@ -145,7 +158,7 @@ impl Agent {
         let failed = serving.failed.clone();
         let tracing = serving.tracing.clone();
         tokio::select! {
-            () = follow_controls(&config, &shared.store, &controls) => {}
+            () = follow_controls(&config, &shared, &controls) => {}
             () = failed.cancelled() => {}
         }
         serving.drain(&config, &shared.metrics).await;
@@ -354,7 +367,7 @@ fn proxy_options(config: &Config) -> anyhow::Result<ProxyOptions> {
 }
 
 /// Reloads the resources file when asked, until shutdown.
-async fn follow_controls(config: &Config, store: &SnapshotStore, controls: &Controls) {
+async fn follow_controls(config: &Config, shared: &Shared, controls: &Controls) {
     let path = resources_path(config);
     let mut generation = 1;
     loop {
@@ -365,10 +378,24 @@ async fn follow_controls(config: &Config, store: &SnapshotStore, controls: &Cont
                     continue;
                 }
                 generation += 1;
-                match ResourcesFile::load(&path, PREFIX) {
-                    Ok(file) => apply_file(store, file, generation),
-                    Err(e) => error!(error = %e, "resources file not reloaded; the last good snapshot keeps serving"),
-                }
+                let error = match ResourcesFile::load(&path, PREFIX) {
+                    Ok(file) => {
+                        apply_file(&shared.store, file, generation);
+                        None
+                    }
+                    Err(e) => {
+                        error!(error = %e, "resources file not reloaded; the last good snapshot keeps serving");
+                        Some(format!("{e:#}"))
+                    }
+                };
+                let at_unix = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                *shared.last_reload.lock().unwrap_or_else(PoisonError::into_inner) = Some(Reload {
+                    at_unix,
+                    ok: error.is_none(),
+                    error,
+                });
             }
             () = controls.shutdown.cancelled() => break,
         }

@@ -146,6 +146,9 @@ struct ConfigStatus {
     /// The span exporter; absent when tracing is off.
     #[serde(skip_serializing_if = "Option::is_none")]
     tracing: Option<TracingStatus>,
+    /// File mode: the last SIGHUP reload (absent before the first).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_reload: Option<crate::Reload>,
 }
 
 #[derive(Serialize)]
@@ -215,6 +218,9 @@ async fn config(State(status): State<Arc<Status>>) -> Json<ConfigStatus> {
                 last_error: t.stats().last_error(),
             }
         }),
+        last_reload: (status.shared.last_reload.lock())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone(),
     })
 }
 

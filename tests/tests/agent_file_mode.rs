@@ -197,6 +197,24 @@ async fn sighup_reloads_and_a_broken_file_keeps_the_last_good_snapshot() {
     )
     .await;
 
+    let line = agent
+        .process
+        .wait_for_line("metrics listener ready", Duration::from_secs(10))
+        .await;
+    let status = format!("http://{}/status/config", tests::addr_in(&line));
+    let last_reload = || async {
+        let body: Value = client
+            .get(&status)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["last_reload"].clone()
+    };
+    assert_eq!(last_reload().await["ok"], true);
+
     std::fs::write(&file, "models: [\n  broken").unwrap();
     agent.process.signal("HUP");
     agent
@@ -206,6 +224,16 @@ async fn sighup_reloads_and_a_broken_file_keeps_the_last_good_snapshot() {
     assert_eq!(
         model_ids(&client, &agent.url).await,
         ["added-model", "gpt-4o-mini"]
+    );
+    // /status/config says the last reload failed, and why.
+    let failed = last_reload().await;
+    assert_eq!(failed["ok"], false, "{failed}");
+    let why = failed["error"].as_str().unwrap_or_default();
+    assert!(why.contains("resources.yaml"), "{failed}");
+    assert!(
+        failed["at_unix"]
+            .as_u64()
+            .is_some_and(|t| t > 1_700_000_000)
     );
 
     // A bad resource is rejected alone, and named.
