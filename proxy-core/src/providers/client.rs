@@ -206,8 +206,9 @@ impl Upstream {
             }
             Body::from(bytes)
         };
-        // A converted event stream is server-sent events from here on.
-        let content_type = match (stream && framed, content_type) {
+        // A checked stream (or a converted event stream) is server-sent events from here
+        // on, named as SDKs look for it (an upstream may spell it `Text/Event-Stream`).
+        let content_type = match (stream && (framed || json_answer), content_type) {
             (true, _) => Some(HeaderValue::from_static("text/event-stream")),
             (false, content_type) => content_type,
         };
