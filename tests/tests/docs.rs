@@ -285,15 +285,9 @@ async fn stack() -> Stack {
         json!({"key": CALLER_KEY, "allowed_models": ["*"]}),
     )
     .await;
+    // A fresh control plane: the pages create what they use (nothing is prepared here
+    // that a page does not show).
     let cloud = CloudMockProcess::start(&dir.path().join("cloud-mock"), None).await;
-    cloud
-        .console
-        .ok(
-            "POST",
-            "/console/v1/environments",
-            Some(json!({"id": "prod"})),
-        )
-        .await;
     let bin_dir = binary("aisix-agent").parent().unwrap().to_owned();
     let path = format!(
         "{}:{}",
