@@ -573,6 +573,22 @@ async fn direct_etcd_writes_converge_in_any_order_and_survive_an_etcd_restart() 
         "snapshot_age_seconds {age} after a quiet spell: {health}"
     );
     assert!(health["config"]["snapshot_revision"].as_i64() >= before.as_i64());
+
+    // A provider key deleted in etcd directly (the admin API would refuse with 409):
+    // the model that used it is rejected and reported by name, never silently gone.
+    etcd.etcdctl(&["del", "/aisix/provider_keys/pk1"]);
+    agent.wait_models(&[]).await;
+    let status = agent.config_status().await;
+    let rejected = status["rejected_resources"].as_array().unwrap();
+    let model = rejected
+        .iter()
+        .find(|r| r["key"] == "/aisix/models/m2")
+        .unwrap_or_else(|| panic!("the orphaned model is not reported: {status}"));
+    let reason = model["error"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("provider key 'pk1' does not exist"),
+        "{model}"
+    );
 }
 
 #[tokio::test]
