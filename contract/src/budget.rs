@@ -62,4 +62,8 @@ pub struct BudgetState {
     pub remaining_usd: f64,
     /// Seconds until the period resets; `null` for a budget without periods.
     pub reset_seconds: Option<i64>,
+    /// `daily`, `weekly`, `monthly` or `total` (what a refusal made by the gateway
+    /// from these figures names).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period: Option<String>,
 }

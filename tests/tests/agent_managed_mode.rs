@@ -767,15 +767,17 @@ async fn spending_past_the_budget_is_a_429_billing_error_with_the_budget_fields(
                "cost": {"input_per_1k": 1.0, "output_per_1k": 2.0}}),
     )
     .await;
+    // The control plane's answers hold for a minute: the gateway counts the spend it
+    // serves in between itself.
     cp.budget(
         "k1",
-        json!({"limit_usd": 0.05, "period": "daily", "ttl_seconds": 1}),
+        json!({"limit_usd": 0.05, "period": "daily", "ttl_seconds": 60}),
     )
     .await;
     let agent = gateway(dir.path(), &cp, "  usage: {flush_interval_ms: 100}\n").await;
 
-    // Spend is reported as usage, reaches the control plane's budget, and the next
-    // decision refuses the key.
+    // The answers served are counted against the budget as they are served, and the
+    // first request past it is refused, though the control plane's answer still allows.
     let mut allowed = 0;
     let denied = loop {
         let response = agent.chat_as(CALLER, "gpt", allowed % 2 == 1).await;
@@ -788,8 +790,10 @@ async fn spending_past_the_budget_is_a_429_billing_error_with_the_budget_fields(
         assert!(allowed < 200, "never refused");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert!(
-        allowed >= 4,
+    // $0.05 at $0.016 a request: the fourth crosses it, the fifth is refused (the
+    // overshoot is one request's cost for a sequential client).
+    assert_eq!(
+        allowed, 4,
         "refused after {allowed} requests costing $0.016"
     );
     let retry_after: u64 = denied.headers()["retry-after"]
@@ -841,6 +845,44 @@ async fn spending_past_the_budget_is_a_429_billing_error_with_the_budget_fields(
             .any(|e| e["stream"] == true && e["ttft_ms"].is_u64()),
         "a streamed request is reported with its time to first token"
     );
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_fail_closed_key_stays_closed_across_a_restart_while_budget_checks_fail() {
+    let (dir, _mock, cp) = seeded().await;
+    cp.budget(
+        "k1",
+        json!({"limit_usd": 100.0, "period": "monthly", "fail_mode": "closed", "ttl_seconds": 1}),
+    )
+    .await;
+    let extra = "  budget: {default_fail_mode: open, stale_window_secs: 1, timeout_ms: 300}\n";
+    let agent = gateway(dir.path(), &cp, extra).await;
+    assert_eq!(agent.chat("gpt").await, 200);
+    agent.stop().await;
+
+    // Restarted while the control plane cannot answer budget checks: the key keeps its
+    // last answer's fail mode (closed), not the default for keys never answered (open).
+    set_faults(&cp, json!({"endpoints": {"budget_check": {"status": 503}}})).await;
+    let agent = gateway(dir.path(), &cp, extra).await;
+    eventually("the key's own fail mode refuses", WITHIN, || async {
+        agent.chat("gpt").await == 429
+    })
+    .await;
+    assert!(
+        agent
+            .process
+            .output()
+            .contains("budget decisions restored from the state directory")
+    );
+    let refused = agent.chat_as(CALLER, "gpt", false).await;
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "budget_unavailable", "{body}");
+    set_faults(&cp, json!({})).await;
+    eventually("budget checks recover", WITHIN, || async {
+        agent.chat("gpt").await == 200
+    })
+    .await;
     agent.stop().await;
 }
 

@@ -176,13 +176,18 @@ impl Managed {
             certificate,
             usage: usage.status(),
         };
+        let budget = Arc::new(BudgetChecker::new(
+            self.cp,
+            self.section.budget.clone(),
+            shared.metrics.clone(),
+            usage.clone(),
+        ));
         let hooks = Hooks {
-            budget: Some(Arc::new(BudgetChecker::new(
-                self.cp,
-                self.section.budget.clone(),
-                shared.metrics.clone(),
-            ))),
-            usage: Some(usage),
+            budget: Some(budget.clone()),
+            usage: Some(Arc::new(budget::Charged {
+                budget,
+                queue: usage,
+            })),
             metrics: shared.metrics.clone(),
         };
         (hooks, status)

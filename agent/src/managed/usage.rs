@@ -94,6 +94,9 @@ struct Store {
     db: sled::Db,
     events: sled::Tree,
     meta: sled::Tree,
+    /// The last budget decision per caller key (what a fail-closed key needs after a
+    /// restart with the control plane away).
+    decisions: sled::Tree,
 }
 
 impl Store {
@@ -101,6 +104,7 @@ impl Store {
         Ok(Self {
             events: db.open_tree("events")?,
             meta: db.open_tree("meta")?,
+            decisions: db.open_tree("budget_decisions")?,
             db,
         })
     }
@@ -152,6 +156,31 @@ impl UsageQueue {
 
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps the last budget decision for `api_key_id` beside the events (best effort:
+    /// without a working disk it is simply not kept; budget checks never wait for it).
+    pub fn keep_decision(&self, api_key_id: &str, decision: &[u8]) {
+        let state = self.state();
+        if let Some(store) = &state.store
+            && let Err(e) = store.decisions.insert(api_key_id, decision)
+        {
+            debug!(error = %e, "usage queue: cannot keep a budget decision");
+        }
+    }
+
+    /// The budget decisions kept by earlier runs, by caller key.
+    pub fn kept_decisions(&self) -> Vec<(String, sled::IVec)> {
+        let state = self.state();
+        let Some(store) = &state.store else {
+            return Vec::new();
+        };
+        store
+            .decisions
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(k, v)| Some((String::from_utf8(k.to_vec()).ok()?, v)))
+            .collect()
     }
 
     fn inbox(&self) -> MutexGuard<'_, Inbox> {

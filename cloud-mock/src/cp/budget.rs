@@ -114,6 +114,7 @@ pub fn answer(
             spent_usd: round_micros(spent),
             remaining_usd: round_micros((budget.limit_usd - spent).max(0.0)),
             reset_seconds,
+            period: Some(period_name(budget.period).to_owned()),
         }),
     }
 }
