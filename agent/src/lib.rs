@@ -385,6 +385,7 @@ async fn follow_controls(config: &Config, shared: &Shared, controls: &Controls) 
                     }
                     Err(e) => {
                         error!(error = %e, "resources file not reloaded; the last good snapshot keeps serving");
+                        shared.metrics.record_reload_failure();
                         Some(format!("{e:#}"))
                     }
                 };

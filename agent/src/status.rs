@@ -77,6 +77,30 @@ impl Status {
         self.shared.metrics.render(self.readings())
     }
 
+    /// Each (model, target) pair: a direct model is its own target.
+    fn deployments(&self, snapshot: &Snapshot) -> Vec<(Arc<str>, Arc<str>, u8)> {
+        let health = &self.shared.health;
+        let mut out = Vec::new();
+        for model in snapshot.models() {
+            match &model.target {
+                ModelTarget::Direct(_) => out.push((
+                    model.name.clone(),
+                    model.name.clone(),
+                    health.direct(&model.name).as_u8(),
+                )),
+                ModelTarget::Routing(routing) => {
+                    for target in &routing.targets {
+                        if let Some(direct) = snapshot.model(&target.model) {
+                            let state = health.direct(&direct.name).as_u8();
+                            out.push((model.name.clone(), direct.name.clone(), state));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
     fn readings(&self) -> Readings {
         let store = &self.shared.store;
         let snapshot = store.load();
@@ -100,6 +124,7 @@ impl Status {
                 .models()
                 .map(|m| (m.name.clone(), self.shared.health.of(&snapshot, m).as_u8()))
                 .collect(),
+            deployment_state: self.deployments(&snapshot),
             certificate_remaining_days: self.managed.as_ref().map(|m| {
                 let remaining = m.certificate.load().not_after - now;
                 remaining.as_seconds_f64() / 86_400.0
@@ -107,7 +132,7 @@ impl Status {
             usage_queue: self
                 .managed
                 .as_ref()
-                .map(|m| (m.usage.pending(), m.usage.dropped())),
+                .map(|m| (m.usage.pending(), m.usage.dropped(), m.usage.emitted())),
             redis: self.redis.iter().map(Redis::status).collect(),
             otlp: self.tracing.as_ref().map(|t| t.stats().reading()),
             metric_pushes: self.metrics_push.as_ref().map(|p| {

@@ -407,7 +407,12 @@ fn header<'r>(r: &'r reqwest::Response, name: &str) -> &'r str {
 
 #[tokio::test]
 async fn request_limits_refuse_with_429_and_report_their_state_in_headers() {
-    let h = harness(ProxyOptions::default()).await;
+    let metrics = std::sync::Arc::new(proxy_core::observe::metrics::Metrics::default());
+    let hooks = Hooks {
+        metrics: metrics.clone(),
+        ..Hooks::default()
+    };
+    let h = harness_with(ProxyOptions::default(), hooks).await;
     well_inside_a_minute().await;
     let r = h.chat(Some("limited-key"), hello("gpt")).await;
     assert_eq!(r.status(), 200);
@@ -441,6 +446,14 @@ async fn request_limits_refuse_with_429_and_report_their_state_in_headers() {
     // Keys without limits carry no x-ratelimit headers.
     let r = h.chat(Some(CALLER), hello("gpt")).await;
     assert!(!r.headers().contains_key("x-ratelimit-limit-requests"));
+    // AISIX's family names the scope that refused.
+    let text = metrics.render(proxy_core::observe::metrics::Readings::default());
+    for line in [
+        r#"aisix_ratelimit_rejections_total{scope="api_key"} 1"#,
+        r#"aisix_ratelimit_rejections_total{scope="model"} 0"#,
+    ] {
+        assert!(text.contains(line), "{line} missing:\n{text}");
+    }
 }
 
 #[tokio::test]
@@ -679,7 +692,12 @@ async fn round_robin_spreads_by_weight() {
 
 #[tokio::test]
 async fn retries_then_failover_and_cooldown_skips_the_failed_target() {
-    let h = harness(ProxyOptions::default()).await;
+    let metrics = std::sync::Arc::new(proxy_core::observe::metrics::Metrics::default());
+    let hooks = Hooks {
+        metrics: metrics.clone(),
+        ..Hooks::default()
+    };
+    let h = harness_with(ProxyOptions::default(), hooks).await;
     let r = h.chat(Some(CALLER), hello("persistent")).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-aisix-served-by"], "gpt");
@@ -692,6 +710,59 @@ async fn retries_then_failover_and_cooldown_skips_the_failed_target() {
     let r = h.chat(Some(CALLER), hello("persistent")).await;
     assert_eq!(r.status(), 200);
     assert_eq!(h.tried()[4..], ["up-gpt"]);
+    // AISIX's deployment families count every attempt under the routing model; the
+    // first request moved to `gpt`, which answered; the second started there.
+    let text = metrics.render(proxy_core::observe::metrics::Readings::default());
+    for line in [
+        r#"aisix_deployment_requests_total{model="persistent",deployment="broken"} 3"#,
+        r#"aisix_deployment_failure_responses_total{model="persistent",deployment="broken"} 3"#,
+        r#"aisix_deployment_cooled_down_total{model="persistent",deployment="broken"} 1"#,
+        r#"aisix_deployment_success_responses_total{model="persistent",deployment="gpt"} 2"#,
+        r#"aisix_routing_successful_fallbacks_total{model="persistent"} 1"#,
+    ] {
+        assert!(text.contains(line), "{line} missing:\n{text}");
+    }
+    assert!(
+        !text.contains("aisix_routing_failed_fallbacks_total{"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_caller_gone_before_the_answer_began_is_counted_as_cancelled() {
+    let metrics = std::sync::Arc::new(proxy_core::observe::metrics::Metrics::default());
+    let hooks = Hooks {
+        metrics: metrics.clone(),
+        ..Hooks::default()
+    };
+    let h = harness_with(ProxyOptions::default(), hooks).await;
+    h.mock.set_script_for(
+        "up-gpt",
+        Script {
+            headers_delay_ms: 2_000,
+            ..Script::default()
+        },
+    );
+    let gone = tokio::time::timeout(
+        Duration::from_millis(300),
+        h.chat(Some(CALLER), hello("gpt")),
+    );
+    assert!(gone.await.is_err(), "the caller gives up first");
+    let line = r#"aisix_proxy_client_cancelled_requests_total{endpoint="/v1/chat/completions",model="gpt"} 1"#;
+    let mut text = String::new();
+    for _ in 0..50 {
+        text = metrics.render(proxy_core::observe::metrics::Readings::default());
+        if text.contains(line) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(text.contains(line), "{line} missing:\n{text}");
+    // An answered request is not.
+    h.mock.set_script_for("up-gpt", Script::default());
+    assert_eq!(h.chat(Some(CALLER), hello("gpt")).await.status(), 200);
+    let text = metrics.render(proxy_core::observe::metrics::Readings::default());
+    assert!(text.contains(line), "{text}");
 }
 
 #[tokio::test]
@@ -1051,10 +1122,18 @@ async fn a_key_expires_at_its_deadline_without_a_config_change() {
 
 #[tokio::test]
 async fn a_large_over_limit_body_gets_a_readable_413() {
-    let h = harness(ProxyOptions {
-        body_limit: Some(1 << 20),
-        ..ProxyOptions::default()
-    })
+    let metrics = std::sync::Arc::new(proxy_core::observe::metrics::Metrics::default());
+    let hooks = Hooks {
+        metrics: metrics.clone(),
+        ..Hooks::default()
+    };
+    let h = harness_with(
+        ProxyOptions {
+            body_limit: Some(1 << 20),
+            ..ProxyOptions::default()
+        },
+        hooks,
+    )
     .await;
     // 8 MiB, declared and chunked: the caller is still sending when the limit is hit.
     let big =
@@ -1093,6 +1172,13 @@ async fn a_large_over_limit_body_gets_a_readable_413() {
         "Anthropic's envelope on /v1/messages"
     );
     assert!(h.mock.requests().is_empty());
+    let text = metrics.render(proxy_core::observe::metrics::Readings::default());
+    for endpoint in ["/v1/chat/completions", "/v1/messages"] {
+        let line = format!(
+            "aisix_proxy_request_body_limit_rejections_total{{endpoint=\"{endpoint}\",outcome=\"rejected\"}} 1"
+        );
+        assert!(text.contains(&line), "{line} missing:\n{text}");
+    }
 }
 
 #[tokio::test]

@@ -553,7 +553,7 @@ async fn direct_etcd_writes_converge_in_any_order_and_survive_an_etcd_restart() 
     .await;
     let (families, _) = tests::metrics::scrape(&format!("{}/metrics", agent.status)).await;
     assert_eq!(
-        tests::metrics::sample(&families, "aisix_config_connected", &[]),
+        tests::metrics::sample(&families, "aisix_config_source_connected", &[]),
         Some(0.0)
     );
     etcd.restart().await;

@@ -1176,7 +1176,10 @@ async fn metrics_and_status_show_the_control_plane_link_and_no_secret_leaks() {
     })
     .await;
     let (families, metrics_text) = scrape().await;
-    assert_eq!(sample(&families, "aisix_config_connected", &[]), Some(1.0));
+    assert_eq!(
+        sample(&families, "aisix_config_source_connected", &[]),
+        Some(1.0)
+    );
     assert_eq!(
         sample(
             &families,
@@ -1189,8 +1192,13 @@ async fn metrics_and_status_show_the_control_plane_link_and_no_secret_leaks() {
     assert!((29.0..=31.0).contains(&days), "{days}");
     assert!(sample(&families, "aisix_usage_queue_events", &[]).is_some());
     assert_eq!(
-        sample(&families, "aisix_usage_dropped_events_total", &[]),
+        sample(&families, "aisix_usage_event_drops_total", &[]),
         Some(0.0)
+    );
+    // The calls above each emitted one usage event.
+    assert!(
+        sample(&families, "aisix_usage_events_emitted_total", &[]).is_some_and(|n| n >= 2.0),
+        "{metrics_text}"
     );
     assert!(
         sample(
@@ -1206,6 +1214,15 @@ async fn metrics_and_status_show_the_control_plane_link_and_no_secret_leaks() {
     let status = tests::get_json(&format!("{base}/status/config")).await;
     assert_eq!(status["source"], "control_plane");
     assert_eq!(status["connected"], true);
+    // A quiet watch stays fresh: the control plane's progress notifications (every
+    // 500 ms here) count, so the age stays near that interval, never growing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let quiet = tests::get_json(&format!("{base}/status/config")).await;
+    let age = quiet["snapshot_age_seconds"].as_f64().unwrap();
+    assert!(
+        age < 1.5,
+        "snapshot_age_seconds {age} after 3 quiet seconds"
+    );
     eventually(
         "the heartbeat carries the same config hash",
         WITHIN,

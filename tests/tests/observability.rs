@@ -252,10 +252,47 @@ async fn metrics_status_and_access_log_tell_what_happened_and_no_secret_leaks() 
     assert_eq!(
         sample(
             &families,
-            "aisix_time_to_first_token_seconds_count",
-            &[chat_route, ("model", "gpt")]
+            "aisix_llm_time_to_first_token_seconds_count",
+            &[("model", "gpt"), ("provider", "openai"), ("status", "200")]
         ),
         Some(1.0)
+    );
+    // AISIX's failure and deployment families: the broken model's one failed call.
+    assert_eq!(
+        sample(
+            &families,
+            "aisix_proxy_failed_requests_total",
+            &[chat_route, ("model", "broken")]
+        ),
+        Some(1.0)
+    );
+    let broken = [("model", "broken"), ("deployment", "broken")];
+    for (name, expected) in [
+        ("aisix_deployment_requests_total", 1.0),
+        ("aisix_deployment_failure_responses_total", 1.0),
+        ("aisix_deployment_state", 0.0),
+    ] {
+        assert_eq!(sample(&families, name, &broken), Some(expected), "{name}");
+    }
+    assert_eq!(
+        sample(
+            &families,
+            "aisix_deployment_success_responses_total",
+            &[("model", "gpt"), ("deployment", "gpt")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(
+            &families,
+            "aisix_ratelimit_rejections_total",
+            &[("scope", "api_key")]
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&families, "aisix_config_reload_failures_total", &[]),
+        Some(0.0)
     );
     let gpt_attempts = [("model", "gpt"), ("provider", "openai"), ("status", "200")];
     assert_eq!(
@@ -284,13 +321,16 @@ async fn metrics_status_and_access_log_tell_what_happened_and_no_secret_leaks() 
         sample(&families, "aisix_config_source_info", &[("source", "file")]),
         Some(1.0)
     );
-    assert_eq!(sample(&families, "aisix_snapshot_revision", &[]), Some(1.0));
     assert_eq!(
-        sample(&families, "aisix_snapshot_applies_total", &[]),
+        sample(&families, "aisix_config_applied_revision", &[]),
         Some(1.0)
     );
     assert_eq!(
-        sample(&families, "aisix_snapshot_rejected_resources", &[]),
+        sample(&families, "aisix_config_reloads_total", &[]),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&families, "aisix_config_rejected_resources", &[]),
         Some(1.0)
     );
     assert_eq!(
@@ -304,7 +344,7 @@ async fn metrics_status_and_access_log_tell_what_happened_and_no_secret_leaks() 
     assert!(sample(&families, "aisix_snapshot_age_seconds", &[]).is_some());
     // File mode has no watch to be connected, and no certificate or usage queue.
     for absent in [
-        "aisix_config_connected",
+        "aisix_config_source_connected",
         "aisix_certificate_remaining_days",
         "aisix_usage_queue_events",
     ] {

@@ -47,11 +47,17 @@ const FINAL_SEND: Duration = Duration::from_secs(3);
 pub struct UsageQueueStatus {
     pending: AtomicU64,
     dropped: AtomicU64,
+    /// Events recorded since start.
+    emitted: AtomicU64,
 }
 
 impl UsageQueueStatus {
     pub fn pending(&self) -> u64 {
         self.pending.load(Ordering::Relaxed)
+    }
+
+    pub fn emitted(&self) -> u64 {
+        self.emitted.load(Ordering::Relaxed)
     }
 
     pub fn dropped(&self) -> u64 {
@@ -125,6 +131,7 @@ impl UsageQueue {
         let status = Arc::new(UsageQueueStatus {
             pending: AtomicU64::new(store.events.len() as u64),
             dropped: AtomicU64::new(dropped),
+            emitted: AtomicU64::new(0),
         });
         if status.pending() > 0 || dropped > 0 {
             info!(
@@ -205,6 +212,7 @@ impl UsageQueue {
             inbox.events.push((n, bytes));
         }
         self.status.pending.fetch_add(1, Ordering::Relaxed);
+        self.status.emitted.fetch_add(1, Ordering::Relaxed);
         self.dirty.notify_one();
         Ok(())
     }

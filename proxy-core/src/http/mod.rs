@@ -136,6 +136,8 @@ async fn request_context(
     let record = Record::new(id.clone(), trace);
     req.extensions_mut().insert(record.clone());
     let in_flight = traffic.then(|| record::InFlight::new(state.0.hooks.metrics.clone()));
+    let unanswered = traffic
+        .then(|| record::Unanswered::new(state.0.hooks.metrics.clone(), route, record.clone()));
     let limit = state.0.options.max_header_bytes;
     let too_large = if head_size(&req) > limit {
         Some(ProxyError::HeadersTooLarge { limit })
@@ -154,6 +156,9 @@ async fn request_context(
     } else {
         next.run(req).await
     };
+    if let Some(unanswered) = unanswered {
+        unanswered.answered();
+    }
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(REQUEST_ID, value);
     }

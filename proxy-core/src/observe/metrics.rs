@@ -71,6 +71,25 @@ pub struct ModelLabels {
     pub model: Name,
 }
 
+/// AISIX's deployment families: the model the caller named and the direct model (the
+/// target) an attempt went to; the same name twice for a direct model.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DeploymentLabels {
+    pub model: Name,
+    pub deployment: Name,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ScopeLabels {
+    pub scope: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct BodyLimitLabels {
+    pub endpoint: &'static str,
+    pub outcome: &'static str,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct TokenLabels {
     pub model: Name,
@@ -137,9 +156,29 @@ pub struct Metrics {
     /// upstream request to its
     /// answer (headers for streams, the whole body otherwise) or failure, per attempt.
     pub upstream_duration: Histograms<AttemptLabels>,
-    /// `aisix_time_to_first_token_seconds{endpoint, model}`: streams, from the request's
-    /// arrival to the first event sent.
-    pub time_to_first_token: Histograms<RouteLabels>,
+    /// `aisix_llm_time_to_first_token_seconds{model, provider, status}`: streams, from
+    /// the request's arrival to the first event sent (AISIX's name).
+    pub time_to_first_token: Histograms<AttemptLabels>,
+    /// `aisix_proxy_failed_requests_total{endpoint, model}`: requests answered with an
+    /// error (4xx, 5xx) or whose stream an error ended.
+    pub failed_requests: Family<RouteLabels, Counter>,
+    /// `aisix_proxy_client_cancelled_requests_total{endpoint, model}`: callers gone
+    /// before the response head.
+    pub cancelled: Family<RouteLabels, Counter>,
+    /// `aisix_proxy_request_body_limit_rejections_total{endpoint, outcome}`: 413s
+    /// (`outcome`: `rejected`).
+    pub body_limit_rejections: Family<BodyLimitLabels, Counter>,
+    /// `aisix_deployment_{requests,success_responses,failure_responses,cooled_down}_total
+    /// {model, deployment}`: upstream attempts, by outcome, and cooldowns begun.
+    pub deployments: [Family<DeploymentLabels, Counter>; 4],
+    /// `aisix_routing_{successful,failed}_fallbacks_total{model}`: attempts on a target
+    /// other than the first, by whether that target answered.
+    pub fallbacks: [Family<ModelLabels, Counter>; 2],
+    /// `aisix_ratelimit_rejections_total{scope}`: requests a rate limit refused, by the
+    /// scope that refused (`api_key`, `model`).
+    pub ratelimit_rejections: Family<ScopeLabels, Counter>,
+    /// `aisix_config_reload_failures_total`: file-mode reloads (SIGHUP) that failed.
+    pub reload_failures: Counter,
     /// `aisix_llm_{input,output,total}_tokens_total{model, provider}`: tokens the
     /// upstreams reported (AISIX's names), streamed answers included; and
     /// `aisix_llm_cache_{read,write}_tokens_total`, the parts of the input read from and
@@ -199,9 +238,47 @@ impl Default for Metrics {
             upstream_duration.clone(),
         );
         registry.register(
-            "aisix_time_to_first_token_seconds",
-            "Streams: time from the request's arrival to the first event",
+            "aisix_llm_time_to_first_token_seconds",
+            "Streams: time from the request's arrival to the first event, by model alias, provider and status",
             time_to_first_token.clone(),
+        );
+        let failed_requests = Family::default();
+        registry.register(
+            "aisix_proxy_failed_requests",
+            "Requests answered with an error (4xx, 5xx) or whose stream an error ended",
+            failed_requests.clone(),
+        );
+        let cancelled = Family::default();
+        registry.register(
+            "aisix_proxy_client_cancelled_requests",
+            "Requests whose caller went away before the response head",
+            cancelled.clone(),
+        );
+        let body_limit_rejections = Family::default();
+        registry.register(
+            "aisix_proxy_request_body_limit_rejections",
+            "Requests refused with 413 for a body over proxy.request_body_limit_bytes",
+            body_limit_rejections.clone(),
+        );
+        let deployments: [Family<DeploymentLabels, Counter>; 4] = Default::default();
+        for (family, (name, help)) in deployments.iter().zip(DEPLOYMENT_FAMILIES) {
+            registry.register(name, help, family.clone());
+        }
+        let fallbacks: [Family<ModelLabels, Counter>; 2] = Default::default();
+        for (family, (name, help)) in fallbacks.iter().zip(FALLBACK_FAMILIES) {
+            registry.register(name, help, family.clone());
+        }
+        let ratelimit_rejections = Family::default();
+        registry.register(
+            "aisix_ratelimit_rejections",
+            "Requests refused by a rate limit, by the scope that refused",
+            ratelimit_rejections.clone(),
+        );
+        let reload_failures = Counter::default();
+        registry.register(
+            "aisix_config_reload_failures",
+            "Resources-file reloads (SIGHUP) that failed; the last good snapshot kept serving",
+            reload_failures.clone(),
         );
         for (family, (name, help)) in tokens.iter().zip(TOKEN_FAMILIES) {
             registry.register(name, help, family.clone());
@@ -230,6 +307,9 @@ impl Default for Metrics {
         for policy in ["rate_limit", "budget", "guardrail"] {
             drop(policy_rejections.get_or_create(&PolicyLabels { policy }));
         }
+        for scope in ["api_key", "model"] {
+            drop(ratelimit_rejections.get_or_create(&ScopeLabels { scope }));
+        }
         Self {
             registry,
             requests,
@@ -237,6 +317,13 @@ impl Default for Metrics {
             upstream_duration,
             llm_requests,
             time_to_first_token,
+            failed_requests,
+            cancelled,
+            body_limit_rejections,
+            deployments,
+            fallbacks,
+            ratelimit_rejections,
+            reload_failures,
             tokens,
             upstream_failures,
             policy_rejections,
@@ -260,6 +347,38 @@ pub struct RequestRecord<'a> {
     /// The error type of a refusal (`rate_limit_exceeded`, `content_filter`...).
     pub error_type: Option<&'static str>,
 }
+
+/// The deployment families, in the order of [`Metrics::deployments`].
+const DEPLOYMENT_FAMILIES: [(&str, &str); 4] = [
+    (
+        "aisix_deployment_requests",
+        "Upstream attempts, by the model named and the target (deployment) tried",
+    ),
+    (
+        "aisix_deployment_success_responses",
+        "Upstream attempts that answered, by model and deployment",
+    ),
+    (
+        "aisix_deployment_failure_responses",
+        "Upstream attempts that failed, by model and deployment",
+    ),
+    (
+        "aisix_deployment_cooled_down",
+        "Cooldowns begun for a deployment after failures, by model and deployment",
+    ),
+];
+
+/// The fallback families, in the order of [`Metrics::fallbacks`].
+const FALLBACK_FAMILIES: [(&str, &str); 2] = [
+    (
+        "aisix_routing_successful_fallbacks",
+        "Requests moved to another target that then answered, by routing model",
+    ),
+    (
+        "aisix_routing_failed_fallbacks",
+        "Requests moved to another target that failed too, by routing model",
+    ),
+];
 
 /// The token families, in the order of [`Metrics::tokens`].
 const TOKEN_FAMILIES: [(&str, &str); 5] = [
@@ -297,14 +416,30 @@ impl Metrics {
         self.request_duration
             .get_or_create(&labels)
             .observe(r.duration.as_secs_f64());
-        let route = RouteLabels {
-            endpoint: r.route,
-            model: model.clone(),
-        };
+        let provider = Name(Arc::from(r.provider.unwrap_or("")));
         if let Some(ttft) = r.ttft {
+            let labels = AttemptLabels {
+                model: model.clone(),
+                provider: provider.clone(),
+                status: r.status,
+            };
             self.time_to_first_token
-                .get_or_create(&route)
+                .get_or_create(&labels)
                 .observe(ttft.as_secs_f64());
+        }
+        if r.status >= 400 || r.error_type.is_some() {
+            let route = RouteLabels {
+                endpoint: r.route,
+                model: model.clone(),
+            };
+            self.failed_requests.get_or_create(&route).inc();
+        }
+        if r.status == 413 {
+            let labels = BodyLimitLabels {
+                endpoint: r.route,
+                outcome: "rejected",
+            };
+            self.body_limit_rejections.get_or_create(&labels).inc();
         }
         let t = r.tokens;
         let counts = [
@@ -316,7 +451,7 @@ impl Metrics {
         ];
         let labels = TokenLabels {
             model: model.clone(),
-            provider: Name(Arc::from(r.provider.unwrap_or(""))),
+            provider,
         };
         for (family, n) in self.tokens.iter().zip(counts) {
             if n > 0 {
@@ -355,6 +490,58 @@ impl Metrics {
                 }));
             }
         }
+    }
+
+    /// A request whose caller went away before its response head.
+    pub fn record_cancelled(&self, route: &'static str, model: Option<&Arc<str>>) {
+        let labels = RouteLabels {
+            endpoint: route,
+            model: Name(model.cloned().unwrap_or_else(|| Arc::from(""))),
+        };
+        self.cancelled.get_or_create(&labels).inc();
+    }
+
+    /// An attempt of `model` (the alias named) on `deployment` (the target), answered
+    /// or failed.
+    pub fn record_deployment(&self, model: &Arc<str>, deployment: &Arc<str>, answered: bool) {
+        let labels = DeploymentLabels {
+            model: Name(model.clone()),
+            deployment: Name(deployment.clone()),
+        };
+        self.deployments[0].get_or_create(&labels).inc();
+        self.deployments[if answered { 1 } else { 2 }]
+            .get_or_create(&labels)
+            .inc();
+    }
+
+    /// A cooldown of `deployment` begun while serving `model`.
+    pub fn record_cooldown(&self, model: &Arc<str>, deployment: &Arc<str>) {
+        let labels = DeploymentLabels {
+            model: Name(model.clone()),
+            deployment: Name(deployment.clone()),
+        };
+        self.deployments[3].get_or_create(&labels).inc();
+    }
+
+    /// A request of routing model `model` moved to another target, which answered or not.
+    pub fn record_fallback(&self, model: &Arc<str>, answered: bool) {
+        let labels = ModelLabels {
+            model: Name(model.clone()),
+        };
+        self.fallbacks[if answered { 0 } else { 1 }]
+            .get_or_create(&labels)
+            .inc();
+    }
+
+    pub fn record_ratelimit_rejection(&self, scope: &'static str) {
+        self.ratelimit_rejections
+            .get_or_create(&ScopeLabels { scope })
+            .inc();
+    }
+
+    /// A resources-file reload that failed.
+    pub fn record_reload_failure(&self) {
+        self.reload_failures.inc();
     }
 
     pub fn record_upstream_failure(&self, model: &Arc<str>, kind: &'static str) {
@@ -418,25 +605,30 @@ pub struct Readings {
     /// `aisix_config_source_info{source}`: `file`, `etcd` or `control_plane`; `None`
     /// before anything was applied.
     pub source: Option<&'static str>,
-    /// `aisix_config_connected`: 1 while the configuration watch is established
+    /// `aisix_config_source_connected`: 1 while the configuration watch is established
     /// (`None` in file mode, which has nothing to connect to).
     pub connected: Option<bool>,
-    /// `aisix_snapshot_revision`.
+    /// `aisix_config_applied_revision`.
     pub revision: i64,
     /// `aisix_snapshot_age_seconds`: since the last apply or watch progress.
     pub age: Option<Duration>,
-    /// `aisix_snapshot_applies_total`: batches that changed the configuration.
+    /// `aisix_config_reloads_total`: batches that changed the configuration.
     pub applies: u64,
-    /// `aisix_snapshot_rejected_resources`.
+    /// `aisix_config_rejected_resources`.
     pub rejected: u64,
     /// `aisix_snapshot_resources{kind}`.
     pub resources: Vec<(&'static str, u64)>,
     /// `aisix_model_health{model}`: 0 healthy, 1 degraded, 2 down.
     pub model_health: Vec<(Arc<str>, u8)>,
+    /// `aisix_deployment_state{model, deployment}`: each target's health, as
+    /// `model_health` says it, under each model that routes to it (a direct model is
+    /// its own deployment).
+    pub deployment_state: Vec<(Arc<str>, Arc<str>, u8)>,
     /// `aisix_certificate_remaining_days` (managed mode).
     pub certificate_remaining_days: Option<f64>,
-    /// `aisix_usage_queue_events` and `aisix_usage_dropped_events_total` (managed mode).
-    pub usage_queue: Option<(u64, u64)>,
+    /// `aisix_usage_queue_events`, `aisix_usage_event_drops_total` and
+    /// `aisix_usage_events_emitted_total` (managed mode): pending, dropped, emitted.
+    pub usage_queue: Option<(u64, u64, u64)>,
     /// `aisix_redis_connected{component}` and `aisix_redis_failures_total{component,
     /// kind}`: the shared rate limits' and cache's Redis connections, when configured.
     pub redis: Vec<RedisStatus>,
@@ -541,14 +733,14 @@ impl Readings {
         if let Some(connected) = self.connected {
             gauge(
                 e,
-                "aisix_config_connected",
+                "aisix_config_source_connected",
                 "1 while the configuration watch is established",
                 i64::from(connected),
             )?;
         }
         gauge(
             e,
-            "aisix_snapshot_revision",
+            "aisix_config_applied_revision",
             "Revision of the configuration snapshot in use",
             self.revision,
         )?;
@@ -562,14 +754,14 @@ impl Readings {
         }
         let applies = ConstCounter::new(self.applies);
         applies.encode(e.encode_descriptor(
-            "aisix_snapshot_applies",
+            "aisix_config_reloads",
             "Configuration batches that changed the snapshot",
             None,
             applies.metric_type(),
         )?)?;
         gauge(
             e,
-            "aisix_snapshot_rejected_resources",
+            "aisix_config_rejected_resources",
             "Resources rejected by validation (the previous version, if any, keeps serving)",
             self.rejected,
         )?;
@@ -601,6 +793,19 @@ impl Readings {
                 };
                 ConstGauge::new(i64::from(*health)).encode(family.encode_family(&labels)?)?;
             }
+        }
+        let mut family = e.encode_descriptor(
+            "aisix_deployment_state",
+            "Each target's health under the model that routes to it: 0 healthy, 1 degraded, 2 down",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (model, deployment, health) in &self.deployment_state {
+            let labels = DeploymentLabels {
+                model: Name(model.clone()),
+                deployment: Name(deployment.clone()),
+            };
+            ConstGauge::new(i64::from(*health)).encode(family.encode_family(&labels)?)?;
         }
         Ok(())
     }
@@ -693,20 +898,28 @@ impl Readings {
                 days,
             )?;
         }
-        if let Some((pending, dropped)) = self.usage_queue {
+        if let Some((pending, dropped, emitted)) = self.usage_queue {
             gauge(
                 e,
                 "aisix_usage_queue_events",
                 "Usage events waiting to be sent to the control plane",
                 pending,
             )?;
-            let dropped = ConstCounter::new(dropped);
-            dropped.encode(e.encode_descriptor(
-                "aisix_usage_dropped_events",
-                "Usage events dropped because the queue was full (kept across restarts)",
-                None,
-                MetricType::Counter,
-            )?)?;
+            for (name, help, n) in [
+                (
+                    "aisix_usage_event_drops",
+                    "Usage events dropped because the queue was full (kept across restarts)",
+                    dropped,
+                ),
+                (
+                    "aisix_usage_events_emitted",
+                    "Usage events recorded for the control plane since start",
+                    emitted,
+                ),
+            ] {
+                let counter = ConstCounter::new(n);
+                counter.encode(e.encode_descriptor(name, help, None, MetricType::Counter)?)?;
+            }
         }
         Ok(())
     }
@@ -788,13 +1001,25 @@ mod tests {
             });
         }
         m.record_upstream_failure(&model, "timeout");
+        let auto: Arc<str> = Arc::from("auto");
+        m.record_deployment(&auto, &model, false);
+        m.record_cooldown(&auto, &model);
+        m.record_deployment(&auto, &model, true);
+        m.record_fallback(&auto, true);
+        drop(m.fallbacks[1].get_or_create(&ModelLabels {
+            model: Name(auto.clone()),
+        }));
+        m.record_ratelimit_rejection("model");
+        m.record_cancelled("/v1/messages", None);
+        m.record_reload_failure();
         let text = m.render(Readings {
             source: Some("etcd"),
             connected: Some(true),
             revision: 42,
             resources: vec![("models", 2)],
             model_health: vec![(model.clone(), 1)],
-            usage_queue: Some((5, 1)),
+            deployment_state: vec![(auto.clone(), model.clone(), 1)],
+            usage_queue: Some((5, 1, 9)),
             redis: vec![RedisStatus {
                 component: "ratelimit",
                 mode: crate::shared::redis::RedisMode::Sentinel,
@@ -814,15 +1039,29 @@ mod tests {
             "aisix_policy_rejections_total{policy=\"guardrail\"} 1",
             "aisix_proxy_requests_total{endpoint=\"/v1/messages\",model=\"\",status=\"429\"} 3",
             "aisix_upstream_failures_total{model=\"gpt-4o\",kind=\"timeout\"} 1",
-            "aisix_time_to_first_token_seconds_count{endpoint=\"/v1/chat/completions\",model=\"gpt-4o\"} 1",
+            "aisix_llm_time_to_first_token_seconds_count{model=\"gpt-4o\",provider=\"openai\",status=\"200\"} 1",
+            "aisix_proxy_failed_requests_total{endpoint=\"/v1/chat/completions\",model=\"gpt-4o\"} 1",
+            "aisix_proxy_failed_requests_total{endpoint=\"/v1/messages\",model=\"\"} 3",
+            "aisix_ratelimit_rejections_total{scope=\"api_key\"} 0",
+            "aisix_ratelimit_rejections_total{scope=\"model\"} 1",
+            "aisix_deployment_requests_total{model=\"auto\",deployment=\"gpt-4o\"} 2",
+            "aisix_deployment_success_responses_total{model=\"auto\",deployment=\"gpt-4o\"} 1",
+            "aisix_deployment_failure_responses_total{model=\"auto\",deployment=\"gpt-4o\"} 1",
+            "aisix_deployment_cooled_down_total{model=\"auto\",deployment=\"gpt-4o\"} 1",
+            "aisix_routing_successful_fallbacks_total{model=\"auto\"} 1",
+            "aisix_routing_failed_fallbacks_total{model=\"auto\"} 0",
+            "aisix_deployment_state{model=\"auto\",deployment=\"gpt-4o\"} 1",
+            "aisix_proxy_client_cancelled_requests_total{endpoint=\"/v1/messages\",model=\"\"} 1",
+            "aisix_config_reload_failures_total 1",
+            "aisix_usage_events_emitted_total 9",
             "aisix_config_source_info{source=\"etcd\"} 1",
-            "aisix_config_connected 1",
-            "aisix_snapshot_revision 42",
-            "aisix_snapshot_applies_total 0",
+            "aisix_config_source_connected 1",
+            "aisix_config_applied_revision 42",
+            "aisix_config_reloads_total 0",
             "aisix_snapshot_resources{kind=\"models\"} 2",
             "aisix_model_health{model=\"gpt-4o\"} 1",
             "aisix_usage_queue_events 5",
-            "aisix_usage_dropped_events_total 1",
+            "aisix_usage_event_drops_total 1",
             "aisix_redis_connected{component=\"ratelimit\"} 0",
             "aisix_redis_failures_total{component=\"ratelimit\",kind=\"unavailable\"} 7",
             "aisix_redis_failures_total{component=\"ratelimit\",kind=\"timeout\"} 2",

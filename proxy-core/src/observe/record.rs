@@ -37,6 +37,41 @@ struct Facts {
     finish_reasons: Vec<String>,
 }
 
+/// Counts a request whose caller went away before its response head (the server drops
+/// the handler then): armed when the request arrives, disarmed by [`Unanswered::answered`].
+pub struct Unanswered {
+    metrics: Arc<Metrics>,
+    route: &'static str,
+    record: Record,
+    armed: bool,
+}
+
+impl Unanswered {
+    pub fn new(metrics: Arc<Metrics>, route: &'static str, record: Record) -> Self {
+        Self {
+            metrics,
+            route,
+            record,
+            armed: true,
+        }
+    }
+
+    /// The response head is ready: the request was not cancelled.
+    pub fn answered(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if self.armed {
+            let model = self.record.with(|f| f.model.clone());
+            self.metrics.record_cancelled(self.route, model.as_ref());
+            tracing::debug!(request_id = %self.record.request_id(), route = self.route, "the caller went away before the answer began");
+        }
+    }
+}
+
 /// The current request's id and the facts learned about it, shared between the
 /// handler and the request-context middleware (a request extension). Cheap to clone.
 #[derive(Debug, Clone)]

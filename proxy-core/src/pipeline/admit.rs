@@ -212,10 +212,16 @@ async fn rate_limits(
     }
     match state.limiter.admit(scopes, reserve).await {
         Ok(lease) => Ok(Some(lease)),
-        Err(Denied::Limited(refusal)) => Err(ProxyError::RateLimited {
-            message: refusal.message,
-            retry_after: refusal.retry_after_secs,
-        }),
+        Err(Denied::Limited(refusal)) => {
+            state
+                .hooks
+                .metrics
+                .record_ratelimit_rejection(refusal.scope);
+            Err(ProxyError::RateLimited {
+                message: refusal.message,
+                retry_after: refusal.retry_after_secs,
+            })
+        }
         Err(Denied::Unavailable) => Err(ProxyError::RateLimiterUnavailable),
     }
 }

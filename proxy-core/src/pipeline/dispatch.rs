@@ -52,6 +52,8 @@ pub(super) async fn dispatch<'s>(
         Err(error) => return Err(Undispatched { error, tried: None }),
     };
     let request_id: &str = &call.request_id;
+    let metrics = &state.hooks.metrics;
+    let alias = &admitted.model.name;
     let mut last_failure = None;
     let targets = plan.candidates.len();
     'candidates: for (index, candidate) in plan.candidates.iter().copied().enumerate() {
@@ -71,6 +73,10 @@ pub(super) async fn dispatch<'s>(
                 Ok((answer, conversion)) => {
                     if let (Some(span), Some(trace)) = (span, call.record.trace()) {
                         span.answered(trace, answer.status.as_u16());
+                    }
+                    metrics.record_deployment(alias, &candidate.name, true);
+                    if index > 0 {
+                        metrics.record_fallback(alias, true);
                     }
                     state.health.success(&candidate.name);
                     state.routing.recovered(&candidate.name);
@@ -93,7 +99,11 @@ pub(super) async fn dispatch<'s>(
                 Err(error) => error,
             };
             let class = failed(state, candidate, &error);
+            metrics.record_deployment(alias, &candidate.name, false);
             let next = plan.next(&class, attempt_number);
+            if index > 0 && !matches!(next, Next::Retry(_)) {
+                metrics.record_fallback(alias, false);
+            }
             if let Some(span) = span {
                 let then = match next {
                     Next::Retry(_) => "retry",
@@ -115,6 +125,7 @@ pub(super) async fn dispatch<'s>(
                     };
                     warn!(request_id, model = %candidate.name, attempt = attempt_number, error = %error, detail = ?error, "{then}");
                     if cool_down {
+                        metrics.record_cooldown(alias, &candidate.name);
                         state
                             .routing
                             .cool_down(candidate, class.upstream_retry_after);

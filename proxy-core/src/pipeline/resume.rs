@@ -91,6 +91,11 @@ impl Resume {
                             span.answered(trace, answer.status.as_u16());
                         }
                         inner.health.success(&candidate.name);
+                        inner
+                            .hooks
+                            .metrics
+                            .record_deployment(&alias, &candidate.name, true);
+                        inner.hooks.metrics.record_fallback(&alias, true);
                         let continuation = Continuation {
                             upstream: upstream_of(conversion, endpoint)?,
                             served_by: candidate.name.clone(),
@@ -100,6 +105,11 @@ impl Resume {
                     }
                     Err(error) => {
                         let class = dispatch::failed(inner, candidate, &error);
+                        inner
+                            .hooks
+                            .metrics
+                            .record_deployment(&alias, &candidate.name, false);
+                        inner.hooks.metrics.record_fallback(&alias, false);
                         if let Some(span) = sent.span {
                             span.failed(error.upstream_status(), class.metric_kind, "failover");
                         }

@@ -30,6 +30,14 @@ pub enum Scope {
 }
 
 impl Scope {
+    /// `aisix_ratelimit_rejections_total`'s `scope`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Scope::ApiKey(_) => "api_key",
+            Scope::Model(_) => "model",
+        }
+    }
+
     fn describe(&self) -> String {
         match self {
             Scope::ApiKey(_) => "this API key".to_owned(),
@@ -142,6 +150,8 @@ struct Counters {
 pub struct Refusal {
     pub message: String,
     pub retry_after_secs: u64,
+    /// Which scope refused (`api_key`, `model`).
+    pub scope: &'static str,
 }
 
 /// One `x-ratelimit-*` family (requests or tokens) for the caller key.
@@ -280,6 +290,7 @@ fn refusal(
                         scope.describe()
                     ),
                     retry_after_secs: ceil_secs(reset_ms(*dimension, now_ms)),
+                    scope: scope.label(),
                 });
             }
         }
@@ -292,6 +303,7 @@ fn refusal(
                     scope.describe()
                 ),
                 retry_after_secs: 1,
+                scope: scope.label(),
             });
         }
     }

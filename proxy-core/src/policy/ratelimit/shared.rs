@@ -253,6 +253,7 @@ fn refusal(scopes: &[(Scope, RateLimit)], entry: &Entry, wait_ms: u64) -> Refusa
             scope.describe()
         ),
         retry_after_secs: wait_ms.div_ceil(1000).max(1),
+        scope: scope.label(),
     }
 }
 
