@@ -102,6 +102,11 @@ pub async fn start(config: Config) -> anyhow::Result<Agent> {
     for key in &config.ignored {
         warn!(key, "config key accepted but not acted on by this build");
     }
+    if !config.upstream.tls.verify {
+        warn!(
+            "upstream.tls.verify is false: provider certificates are not checked, so anyone on the path can read and answer provider calls"
+        );
+    }
     let status = &config.observability.metrics.prometheus;
     if status.enabled && !status.addr.ip().is_loopback() {
         warn!(
@@ -249,14 +254,17 @@ impl Serving {
                 Role::Proxy => {
                     // Heads up to twice the limits (bytes, header lines) get the proxy's
                     // 431 envelope; hyper cuts larger.
-                    options.header_read_timeout =
-                        Duration::from_millis(config.proxy.header_read_timeout_ms);
+                    options.header_read_timeout = config.head_wait();
                     options.max_connections = config.proxy.max_connections;
                     options.max_head_bytes = config.proxy.max_header_bytes.saturating_mul(2);
                     options.max_headers = Some(2 * proxy_core::http::MAX_HEADER_LINES);
                     router(ProxyState::new(
                         shared.store.clone(),
-                        Upstream::with_options(&config.upstream_options())?,
+                        Upstream::with_options(
+                            &config
+                                .upstream_options()
+                                .map_err(|(f, m)| anyhow::anyhow!("{f}: {m}"))?,
+                        )?,
                         proxy.take().unwrap_or_default(),
                         serving.draining.clone(),
                         shared.health.clone(),
@@ -354,6 +362,7 @@ fn proxy_options(config: &Config) -> anyhow::Result<ProxyOptions> {
         shared_limits: config.ratelimit.options().map_err(field)?,
         access_log: config.observability.access_log,
         url_rewrites: config.url_rewrites().into(),
+        client_types: config.client_types().into(),
         sse_keepalive: config
             .downstream
             .sse_keepalive_interval_secs

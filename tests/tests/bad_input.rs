@@ -517,3 +517,29 @@ async fn slow_clients_and_idle_floods_are_cut_off_and_served_again() {
     assert!(fds() <= 64, "descriptors left after the flood: {}", fds());
     healthy(&agent).await;
 }
+
+#[tokio::test]
+async fn downstream_idle_timeout_closes_kept_alive_connections() {
+    // AISIX's caller-side idle timeout, far below proxy.header_read_timeout_ms.
+    let agent =
+        start("  header_read_timeout_ms: 30000\ndownstream:\n  idle_timeout_secs: 1\n").await;
+    let mut conn = TcpStream::connect(&agent.addr).await.unwrap();
+    conn.write_all(b"GET /livez HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = conn.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+    // Kept alive, then idle: closed after about a second, not thirty.
+    let began = Instant::now();
+    let read = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "an idle connection stayed open: {read:?}"
+    );
+    let waited = began.elapsed();
+    assert!(
+        (Duration::from_millis(800)..Duration::from_secs(5)).contains(&waited),
+        "closed after {waited:?}"
+    );
+}

@@ -65,7 +65,7 @@ guardrails:
     let (process, proxy, metrics) = start_file_agent(
         dir.path(),
         &resources,
-        "proxy:\n  addr: 127.0.0.1:0\nobservability:\n  log_level: debug\n  log_format: json\n  metrics:\n    prometheus: {path: /prom}\ndownstream: {idle_timeout_secs: 60}\nshutdown:\n  min_drain_secs: 0\n",
+        "proxy:\n  addr: 127.0.0.1:0\nobservability:\n  log_level: debug\n  log_format: json\n  metrics:\n    prometheus: {path: /prom}\n    client_type_rules: [{pattern: \"^OpenAI/Python\", client: openai-python}]\n    buckets: {request_ttft: [0.1, 1]}\ndownstream: {idle_timeout_secs: 60}\nshutdown:\n  min_drain_secs: 0\n",
     )
     .await;
     Agent {
@@ -193,11 +193,17 @@ async fn metrics_status_and_access_log_tell_what_happened_and_no_secret_leaks() 
         );
     }
     let chat_route = ("endpoint", "/v1/chat/completions");
+    // Callers without a matching User-Agent are `other` (client_type_rules are set).
     let requests = |model: &str, status: &str| {
         sample(
             &families,
             "aisix_proxy_requests_total",
-            &[chat_route, ("model", model), ("status", status)],
+            &[
+                chat_route,
+                ("model", model),
+                ("status", status),
+                ("client_type", "other"),
+            ],
         )
     };
     assert_eq!(requests("gpt", "200"), Some(2.0));
@@ -352,6 +358,37 @@ async fn metrics_status_and_access_log_tell_what_happened_and_no_secret_leaks() 
     }
     seen.push_str(&text);
 
+    // A caller whose User-Agent matches a rule is counted under that rule's client.
+    let r = http
+        .post(format!("{}/v1/chat/completions", agent.proxy))
+        .bearer_auth(CALLER_SECRET)
+        .header("user-agent", "OpenAI/Python 1.52.0")
+        .json(&chat("gpt", "hi"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    let text = http
+        .get(format!("{}/prom", agent.metrics))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let labels = [
+        chat_route,
+        ("model", "gpt"),
+        ("status", "200"),
+        ("client_type", "openai-python"),
+    ];
+    let families = parse_openmetrics(&text);
+    assert_eq!(
+        sample(&families, "aisix_proxy_requests_total", &labels),
+        Some(1.0)
+    );
+
     // /status/config and /status/ready.
     let status = tests::get_json(&format!("{}/status/config", agent.metrics)).await;
     assert_eq!(status["source"], "file");
@@ -371,9 +408,7 @@ async fn metrics_status_and_access_log_tell_what_happened_and_no_secret_leaks() 
     );
     assert_eq!(
         status["ignored"],
-        json!([
-            "downstream.idle_timeout_secs (idle keep-alive connections close after proxy.header_read_timeout_ms)"
-        ])
+        json!(["observability.metrics.buckets (histograms use the built-in buckets)"])
     );
     seen.push_str(&status.to_string());
     let ready = http
@@ -419,8 +454,8 @@ async fn metrics_status_and_access_log_tell_what_happened_and_no_secret_leaks() 
     );
     assert_eq!(
         output.matches("\"target\":\"aisix::access\"").count(),
-        8,
-        "one line per request: the eight calls (start-up's /livez probe is not logged, scrapes are on another listener)"
+        9,
+        "one line per request: the eight calls and the one with a client's User-Agent (start-up's /livez probe is not logged, scrapes are on another listener)"
     );
 
     // The planted secrets reached the upstream (that is their job) and nowhere else:

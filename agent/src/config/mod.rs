@@ -74,24 +74,8 @@ const NOT_IMPLEMENTED: &[(&str, &str)] = &[
         "one multi-threaded runtime serves every connection; proxy.workers sets its threads",
     ),
     (
-        "observability.metrics.client_type_rules",
-        "metrics carry no client_type label",
-    ),
-    (
         "observability.metrics.buckets",
         "histograms use the built-in buckets",
-    ),
-    (
-        "downstream.idle_timeout_secs",
-        "idle keep-alive connections close after proxy.header_read_timeout_ms",
-    ),
-    (
-        "upstream.retries",
-        "retries are set per routing model (routing.retries)",
-    ),
-    (
-        "upstream.tls",
-        "upstream TLS trusts the public web roots and sends no client certificate",
     ),
     (
         "managed.cp_etcd_endpoint",
@@ -327,6 +311,7 @@ impl Config {
         [
             self.validate_source().map_err(named),
             self.validate_proxy().map_err(named),
+            self.upstream.tls.load().map(drop).map_err(named),
             self.validate_observability().map_err(named),
             self.ratelimit.validate(),
             cache,
@@ -457,6 +442,11 @@ impl Config {
                 u.pool_idle_timeout_secs,
                 86_400,
             ),
+            (
+                "downstream.idle_timeout_secs",
+                self.downstream.idle_timeout_secs.unwrap_or(0),
+                3_600,
+            ),
         ])?;
         let (field, header) = match &self.proxy.real_ip {
             Some(r) => ("proxy.real_ip.header", &r.header),
@@ -538,10 +528,34 @@ impl Config {
                 self.shutdown.drain_timeout_secs,
                 86_400,
             ),
+            ("upstream.retries", u64::from(self.upstream.retries), 10),
         ])
     }
 
     fn validate_observability(&self) -> Result<(), (&'static str, String)> {
+        for rule in &self.observability.metrics.client_type_rules {
+            if let Err(e) = regex::Regex::new(&rule.pattern) {
+                return Err((
+                    "observability.metrics.client_type_rules.pattern",
+                    format!("'{}' is not a valid regular expression: {e}", rule.pattern),
+                ));
+            }
+            let bounded = !rule.client.is_empty()
+                && rule.client.len() <= 64
+                && rule
+                    .client
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            if !bounded {
+                return Err((
+                    "observability.metrics.client_type_rules.client",
+                    format!(
+                        "'{}' must be 1 to 64 letters, digits, '-', '_' or '.' (it becomes a label value)",
+                        rule.client.chars().take(80).collect::<String>()
+                    ),
+                ));
+            }
+        }
         let metrics_path = &self.observability.metrics.prometheus.path;
         if !metrics_path.starts_with('/') || metrics_path.starts_with("/status/") {
             return Err((
@@ -617,6 +631,19 @@ impl Config {
         }))
     }
 
+    /// `observability.metrics.client_type_rules`, compiled (checked when the config
+    /// loaded).
+    pub fn client_types(&self) -> Vec<proxy_core::http::ClientTypeRule> {
+        (self.observability.metrics.client_type_rules.iter())
+            .filter_map(|rule| {
+                Some(proxy_core::http::ClientTypeRule {
+                    pattern: regex::Regex::new(&rule.pattern).ok()?,
+                    client: rule.client.as_str().into(),
+                })
+            })
+            .collect()
+    }
+
     /// `proxy.url_rewrites`, compiled (checked when the config loaded).
     pub fn url_rewrites(&self) -> Vec<proxy_core::http::UrlRewrite> {
         self.proxy
@@ -633,10 +660,14 @@ impl Config {
     }
 
     /// The upstream client's defaults (`upstream`).
-    pub fn upstream_options(&self) -> proxy_core::providers::client::UpstreamOptions {
+    /// The upstream client's settings, with `upstream.tls`'s files read; a file that
+    /// cannot be used is the field's error.
+    pub fn upstream_options(
+        &self,
+    ) -> Result<proxy_core::providers::client::UpstreamOptions, (&'static str, String)> {
         use std::time::Duration;
         let u = &self.upstream;
-        proxy_core::providers::client::UpstreamOptions {
+        Ok(proxy_core::providers::client::UpstreamOptions {
             timeout: Duration::from_millis(u.timeout_ms),
             stream_timeout: u.stream_timeout_ms.map(Duration::from_millis),
             connect_timeout: Duration::from_millis(u.connect_timeout_ms),
@@ -645,6 +676,18 @@ impl Config {
             tcp_keepalive: u.tcp_keepalive_secs.map(Duration::from_secs),
             tcp_keepalive_interval: u.tcp_keepalive_interval_secs.map(Duration::from_secs),
             tcp_keepalive_retries: u.tcp_keepalive_retries,
+            retries: u.retries,
+            tls: u.tls.load()?,
+        })
+    }
+
+    /// How long the proxy listener waits for a request head, idle keep-alive time
+    /// included (hyper measures both with one timer): `downstream.idle_timeout_secs`
+    /// (AISIX's key) when set, else `proxy.header_read_timeout_ms`.
+    pub fn head_wait(&self) -> std::time::Duration {
+        match self.downstream.idle_timeout_secs {
+            Some(secs) if secs > 0 => std::time::Duration::from_secs(secs),
+            _ => std::time::Duration::from_millis(self.proxy.header_read_timeout_ms),
         }
     }
 
@@ -911,10 +954,16 @@ managed: {snapshot_cache_path: /var/lib/aisix/snapshot}
         assert_eq!(c.client_ip_header().as_str(), "x-real-ip");
         assert_eq!(c.proxy.workers, Some(2));
         assert_eq!(c.downstream.sse_keepalive_interval_secs, Some(15));
+        assert_eq!(
+            c.head_wait().as_secs(),
+            c.downstream.idle_timeout_secs.unwrap()
+        );
         let rewrites = c.url_rewrites();
         assert_eq!(rewrites[0].name, "strip");
         assert_eq!(rewrites[0].replacement, "/$1");
-        let upstream = c.upstream_options();
+        let upstream = c.upstream_options().unwrap();
+        assert_eq!(upstream.retries, 1);
+        assert!(upstream.tls.verify);
         assert_eq!(upstream.timeout.as_millis(), 120_000);
         assert_eq!(upstream.stream_timeout.unwrap().as_millis(), 30_000);
         assert_eq!(upstream.tcp_keepalive_retries, Some(3));
@@ -931,14 +980,7 @@ managed: {snapshot_cache_path: /var/lib/aisix/snapshot}
             .collect();
         assert_eq!(
             said,
-            [
-                "proxy.thread_per_core",
-                "observability.metrics.client_type_rules",
-                "observability.metrics.buckets",
-                "downstream.idle_timeout_secs",
-                "upstream.retries",
-                "upstream.tls",
-            ]
+            ["proxy.thread_per_core", "observability.metrics.buckets",]
         );
         // A key in neither AISIX's config nor ours is still an error naming its path.
         let typo = AISIX.replace("recursive: true", "recursve: true");

@@ -1,7 +1,7 @@
 //! The config file's sections below the top level, their defaults and their checks.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use proxy_core::secret::Secret;
 use proxy_core::shared::redis::RedisOptions;
@@ -453,6 +453,9 @@ pub struct DownstreamSection {
     /// A stream quiet this long gets an SSE comment (`: keep-alive`), so proxies
     /// between the gateway and the caller keep it open; unset or 0: none.
     pub sse_keepalive_interval_secs: Option<u64>,
+    /// AISIX's caller-side idle timeout: the wait for each request head on a
+    /// connection, idle keep-alive time included; unset or 0: `proxy.header_read_timeout_ms`.
+    pub idle_timeout_secs: Option<u64>,
 }
 
 /// `upstream`: defaults for every provider call (a model's own `timeout` and
@@ -473,6 +476,93 @@ pub struct UpstreamSection {
     pub pool_idle_timeout_secs: u64,
     /// Idle connections kept per upstream host; unset: no limit.
     pub pool_max_idle_per_host: Option<usize>,
+    /// Retries of a model (or routing model) that sets none of its own.
+    pub retries: u32,
+    pub tls: UpstreamTlsSection,
+}
+
+/// `upstream.tls`: provider calls' TLS beyond the system's roots.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamTlsSection {
+    /// PEM CA certificates trusted besides the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate (PEM) and its key, for providers that ask for one.
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+    /// `false` accepts any upstream certificate: for a test bench only.
+    pub verify: bool,
+}
+
+impl Default for UpstreamTlsSection {
+    fn default() -> Self {
+        Self {
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+            verify: true,
+        }
+    }
+}
+
+impl UpstreamTlsSection {
+    /// The files read and checked; errors name the field, never a key's bytes.
+    pub(super) fn load(
+        &self,
+    ) -> Result<proxy_core::providers::client::UpstreamTls, (&'static str, String)> {
+        let read = |field: &'static str, path: &Path| {
+            std::fs::read(path).map_err(|e| (field, format!("cannot read {}: {e}", path.display())))
+        };
+        let extra_roots = match &self.ca_file {
+            None => Vec::new(),
+            Some(path) => {
+                let pem = read("upstream.tls.ca_file", path)?;
+                reqwest::Certificate::from_pem_bundle(&pem)
+                    .ok()
+                    .filter(|roots| !roots.is_empty())
+                    .ok_or((
+                        "upstream.tls.ca_file",
+                        format!("{}: no PEM certificate in it", path.display()),
+                    ))?
+            }
+        };
+        let identity = match (&self.client_cert_file, &self.client_key_file) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                let mut pem = read("upstream.tls.client_cert_file", cert)?;
+                pem.push(b'\n');
+                pem.extend(read("upstream.tls.client_key_file", key)?);
+                let identity = reqwest::Identity::from_pem(&pem).map_err(|_| {
+                    (
+                        "upstream.tls.client_key_file",
+                        format!(
+                            "{} and {} are not a PEM certificate and its private key",
+                            cert.display(),
+                            key.display()
+                        ),
+                    )
+                })?;
+                Some(identity)
+            }
+            (Some(_), None) => {
+                return Err((
+                    "upstream.tls.client_key_file",
+                    "required with client_cert_file".to_owned(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err((
+                    "upstream.tls.client_cert_file",
+                    "required with client_key_file".to_owned(),
+                ));
+            }
+        };
+        Ok(proxy_core::providers::client::UpstreamTls {
+            extra_roots,
+            identity,
+            verify: self.verify,
+        })
+    }
 }
 
 impl Default for UpstreamSection {
@@ -486,6 +576,8 @@ impl Default for UpstreamSection {
             tcp_keepalive_retries: None,
             pool_idle_timeout_secs: 90,
             pool_max_idle_per_host: None,
+            retries: 0,
+            tls: UpstreamTlsSection::default(),
         }
     }
 }
@@ -535,6 +627,16 @@ impl Default for ObservabilitySection {
 pub struct MetricsSection {
     pub prometheus: PrometheusSection,
     pub otlp: OtlpMetricsSection,
+    /// AISIX's `client_type` label: the first rule whose `pattern` matches a request's
+    /// `User-Agent` names its `client`; `other` when none does.
+    pub client_type_rules: Vec<ClientTypeRuleSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTypeRuleSection {
+    pub pattern: String,
+    pub client: String,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -27,7 +27,7 @@ use crate::observe::record::{self, Record};
 use crate::pipeline::{self, REQUEST_ID, SERVED_BY};
 
 pub use crate::observe::record::route_label;
-pub use crate::pipeline::{Hooks, ProxyOptions, ProxyState, UrlRewrite};
+pub use crate::pipeline::{ClientTypeRule, Hooks, ProxyOptions, ProxyState, UrlRewrite};
 pub use basic::{livez_response, readyz_response};
 pub use listener::{ListenerOptions, serve};
 
@@ -138,6 +138,7 @@ async fn request_context(
     let in_flight = traffic.then(|| record::InFlight::new(state.0.hooks.metrics.clone()));
     let unanswered = traffic
         .then(|| record::Unanswered::new(state.0.hooks.metrics.clone(), route, record.clone()));
+    let client_type = state.0.options.client_type(req.headers());
     let limit = state.0.options.max_header_bytes;
     let too_large = if head_size(&req) > limit {
         Some(ProxyError::HeadersTooLarge { limit })
@@ -182,6 +183,7 @@ async fn request_context(
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned),
         error_type: response.extensions().get::<ErrorType>().map(|e| e.0),
+        client_type,
         record,
         started,
     };

@@ -50,6 +50,15 @@ pub struct RequestLabels {
     pub endpoint: &'static str,
     pub model: Name,
     pub status: u16,
+    /// From `observability.metrics.client_type_rules`; empty (no label, to Prometheus)
+    /// without rules.
+    pub client_type: Name,
+}
+
+/// An empty label value, shared (an absent label to Prometheus).
+fn empty() -> Name {
+    static EMPTY: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
+    Name(EMPTY.clone())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -346,6 +355,8 @@ pub struct RequestRecord<'a> {
     pub tokens: Tokens,
     /// The error type of a refusal (`rate_limit_exceeded`, `content_filter`...).
     pub error_type: Option<&'static str>,
+    /// The request's `client_type`, when rules are configured.
+    pub client_type: Option<&'a Arc<str>>,
 }
 
 /// The deployment families, in the order of [`Metrics::deployments`].
@@ -406,11 +417,12 @@ const TOKEN_FAMILIES: [(&str, &str); 5] = [
 
 impl Metrics {
     pub fn record_request(&self, r: &RequestRecord<'_>) {
-        let model = Name(r.model.cloned().unwrap_or_else(|| Arc::from("")));
+        let model = r.model.map_or_else(empty, |m| Name(m.clone()));
         let labels = RequestLabels {
             endpoint: r.route,
             model: model.clone(),
             status: r.status,
+            client_type: r.client_type.map_or_else(empty, |c| Name(c.clone())),
         };
         self.requests.get_or_create(&labels).inc();
         self.request_duration
@@ -972,6 +984,7 @@ mod tests {
             provider: None,
             tokens: Tokens::default(),
             error_type: Some("rate_limit_exceeded"),
+            client_type: None,
         });
         m.record_request(&RequestRecord {
             route: "/v1/chat/completions",
@@ -987,6 +1000,7 @@ mod tests {
                 cache_write: 0,
             },
             error_type: None,
+            client_type: Some(&Arc::from("sdk")),
         });
         for error_type in ["billing_error", "content_filter", "invalid_api_key"] {
             m.record_request(&RequestRecord {
@@ -998,6 +1012,7 @@ mod tests {
                 provider: None,
                 tokens: Tokens::default(),
                 error_type: Some(error_type),
+                client_type: None,
             });
         }
         m.record_upstream_failure(&model, "timeout");
@@ -1030,14 +1045,15 @@ mod tests {
             ..Readings::default()
         });
         for line in [
-            "aisix_proxy_requests_total{endpoint=\"/v1/chat/completions\",model=\"gpt-4o\",status=\"429\"} 1",
+            "aisix_proxy_requests_total{endpoint=\"/v1/chat/completions\",model=\"gpt-4o\",status=\"429\",client_type=\"\"} 1",
+            "aisix_proxy_requests_total{endpoint=\"/v1/chat/completions\",model=\"gpt-4o\",status=\"200\",client_type=\"sdk\"} 1",
             "aisix_llm_input_tokens_total{model=\"gpt-4o\",provider=\"openai\"} 10",
             "aisix_llm_total_tokens_total{model=\"gpt-4o\",provider=\"openai\"} 13",
             "aisix_llm_cache_read_tokens_total{model=\"gpt-4o\",provider=\"openai\"} 4",
             "aisix_policy_rejections_total{policy=\"rate_limit\"} 1",
             "aisix_policy_rejections_total{policy=\"budget\"} 1",
             "aisix_policy_rejections_total{policy=\"guardrail\"} 1",
-            "aisix_proxy_requests_total{endpoint=\"/v1/messages\",model=\"\",status=\"429\"} 3",
+            "aisix_proxy_requests_total{endpoint=\"/v1/messages\",model=\"\",status=\"429\",client_type=\"\"} 3",
             "aisix_upstream_failures_total{model=\"gpt-4o\",kind=\"timeout\"} 1",
             "aisix_llm_time_to_first_token_seconds_count{model=\"gpt-4o\",provider=\"openai\",status=\"200\"} 1",
             "aisix_proxy_failed_requests_total{endpoint=\"/v1/chat/completions\",model=\"gpt-4o\"} 1",

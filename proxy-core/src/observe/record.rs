@@ -204,6 +204,7 @@ pub(crate) struct Finish {
     pub status: u16,
     pub served_by: Option<String>,
     pub error_type: Option<&'static str>,
+    pub client_type: Option<Arc<str>>,
     pub record: Record,
     pub started: Instant,
 }
@@ -266,6 +267,7 @@ impl Finish {
             ttft: facts.first_token,
             tokens: facts.tokens,
             error_type,
+            client_type: self.client_type.as_ref(),
         });
         if self.access_log {
             info!(

@@ -46,8 +46,8 @@ use crate::providers::CallerRequest;
 pub use admit::authenticate;
 use state::Call;
 pub use state::{
-    CACHE_STATUS, CALL_ID, Hooks, ProxyOptions, ProxyState, REQUEST_ID, SERVED_BY, UrlRewrite,
-    client_ip,
+    CACHE_STATUS, CALL_ID, ClientTypeRule, Hooks, ProxyOptions, ProxyState, REQUEST_ID, SERVED_BY,
+    UrlRewrite, client_ip,
 };
 
 /// Runs one call of `endpoint` through the phases; failures are rendered in the

@@ -44,6 +44,8 @@ pub struct RoutingState {
     credits: Mutex<HashMap<Tier, Vec<i64>>>,
     /// Direct model name -> end of its cooldown.
     cooldowns: RwLock<HashMap<Arc<str>, Instant>>,
+    /// Retries of a model that sets none (`upstream.retries`).
+    default_retries: u32,
 }
 
 /// What one request will try.
@@ -109,6 +111,13 @@ pub fn backoff(retry: u32) -> Duration {
 }
 
 impl RoutingState {
+    pub fn with_default_retries(default_retries: u32) -> Self {
+        Self {
+            default_retries,
+            ..Self::default()
+        }
+    }
+
     /// The candidates for `model`, or 503 `all_candidates_unavailable`.
     pub fn plan<'s>(
         &self,
@@ -120,7 +129,7 @@ impl RoutingState {
                 return Ok(Plan {
                     model: &model.name,
                     candidates: vec![model],
-                    retries: model.retries,
+                    retries: model.retries.unwrap_or(self.default_retries),
                     retry_on_429: false,
                     fallback_on_statuses: &[],
                     resume_streams: false,
@@ -185,7 +194,7 @@ impl RoutingState {
         Ok(Plan {
             model: &model.name,
             candidates,
-            retries: routing.retries,
+            retries: routing.retries.unwrap_or(self.default_retries),
             retry_on_429: routing.retry_on_429,
             fallback_on_statuses: &routing.fallback_on_statuses,
             resume_streams: routing.resume_streams,
@@ -319,6 +328,30 @@ mod tests {
     fn order(state: &RoutingState, snapshot: &Snapshot) -> Vec<String> {
         let model = snapshot.model("r").unwrap();
         names(&state.plan(snapshot, model).unwrap())
+    }
+
+    #[test]
+    fn a_model_without_retries_of_its_own_gets_the_gateway_default() {
+        let unset = snapshot(json!({"targets": [{"model": "a"}]}));
+        let own = snapshot(json!({"targets": [{"model": "a"}], "retries": 0}));
+        let state = RoutingState::with_default_retries(2);
+        let retries =
+            |s: &Snapshot, alias: &str| state.plan(s, s.model(alias).unwrap()).unwrap().retries;
+        assert_eq!(retries(&unset, "r"), 2);
+        assert_eq!(retries(&unset, "a"), 2, "a direct model too");
+        assert_eq!(
+            retries(&own, "r"),
+            0,
+            "the model's own setting wins, 0 included"
+        );
+        assert_eq!(retries(&unset, "r"), 2);
+        assert_eq!(
+            RoutingState::default()
+                .plan(&unset, unset.model("r").unwrap())
+                .unwrap()
+                .retries,
+            0
+        );
     }
 
     #[test]

@@ -60,6 +60,9 @@ pub struct ProxyOptions {
     pub tracing: Option<Tracing>,
     /// Path rewrites applied before routing: the first whose pattern matches, once.
     pub url_rewrites: Arc<[UrlRewrite]>,
+    /// The request metrics' `client_type` by `User-Agent`: the first rule that matches;
+    /// none: the label is empty.
+    pub client_types: Arc<[ClientTypeRule]>,
     /// A quiet answer stream gets a comment this often; `None`: never.
     pub sse_keepalive: Option<Duration>,
 }
@@ -73,7 +76,28 @@ pub struct UrlRewrite {
     pub replacement: String,
 }
 
+/// One `client_type` rule (AISIX's `observability.metrics.client_type_rules`).
+#[derive(Debug, Clone)]
+pub struct ClientTypeRule {
+    pub pattern: regex::Regex,
+    pub client: Arc<str>,
+}
+
 impl ProxyOptions {
+    /// The `client_type` of a request with these headers: the first rule matching its
+    /// `User-Agent`, `other` when none does, empty when there are no rules.
+    pub fn client_type(&self, headers: &axum::http::HeaderMap) -> Option<Arc<str>> {
+        if self.client_types.is_empty() {
+            return None;
+        }
+        let agent = headers
+            .get(axum::http::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let rule = self.client_types.iter().find(|r| r.pattern.is_match(agent));
+        Some(rule.map_or_else(|| Arc::from("other"), |r| r.client.clone()))
+    }
+
     /// The Redis connections these options use (shared limits, shared cache).
     pub fn redis(&self) -> Vec<Redis> {
         let limits = self.shared_limits.as_ref().map(|s| s.redis.clone());
@@ -98,6 +122,7 @@ impl Default for ProxyOptions {
             shared_limits: None,
             tracing: None,
             url_rewrites: Arc::from([]),
+            client_types: Arc::from([]),
             sse_keepalive: None,
         }
     }
@@ -147,6 +172,7 @@ impl ProxyState {
             .map_or(0, |d| d.as_secs());
         let cache = options.cache.clone().map(ResponseCache::new);
         let limiter = Arc::new(RateLimiter::new(options.shared_limits.clone()));
+        let routing = RoutingState::with_default_retries(upstream.default_retries());
         Self(Arc::new(Inner {
             store,
             upstream,
@@ -155,7 +181,7 @@ impl ProxyState {
             started_unix,
             health,
             hooks,
-            routing: RoutingState::default(),
+            routing,
             limiter,
             cache,
         }))

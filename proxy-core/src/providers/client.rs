@@ -62,6 +62,7 @@ pub struct Upstream {
     /// Bounds of calls to models that set none of their own.
     timeout: Duration,
     stream_timeout: Option<Duration>,
+    default_retries: u32,
 }
 
 /// The upstream client's defaults (the config's `upstream` section).
@@ -79,6 +80,30 @@ pub struct UpstreamOptions {
     pub tcp_keepalive: Option<Duration>,
     pub tcp_keepalive_interval: Option<Duration>,
     pub tcp_keepalive_retries: Option<u32>,
+    /// Retries of a model that sets none of its own.
+    pub retries: u32,
+    pub tls: UpstreamTls,
+}
+
+/// TLS of provider calls beyond the system's roots.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    /// Trusted besides the system's roots (a private CA, a corporate egress proxy's).
+    pub extra_roots: Vec<reqwest::Certificate>,
+    /// Presented to providers that ask for a client certificate.
+    pub identity: Option<reqwest::Identity>,
+    /// `false` accepts any certificate (never in production; the agent warns).
+    pub verify: bool,
+}
+
+impl Default for UpstreamTls {
+    fn default() -> Self {
+        Self {
+            extra_roots: Vec::new(),
+            identity: None,
+            verify: true,
+        }
+    }
 }
 
 impl Default for UpstreamOptions {
@@ -92,6 +117,8 @@ impl Default for UpstreamOptions {
             tcp_keepalive: None,
             tcp_keepalive_interval: None,
             tcp_keepalive_retries: None,
+            retries: 0,
+            tls: UpstreamTls::default(),
         }
     }
 }
@@ -121,12 +148,26 @@ impl Upstream {
         if let Some(retries) = options.tcp_keepalive_retries {
             builder = builder.tcp_keepalive_retries(retries);
         }
+        let tls = &options.tls;
+        builder = builder.tls_certs_merge(tls.extra_roots.iter().cloned());
+        if let Some(identity) = &tls.identity {
+            builder = builder.identity(identity.clone());
+        }
+        if !tls.verify {
+            builder = builder.tls_danger_accept_invalid_certs(true);
+        }
         Ok(Self {
             client: builder.build()?,
             tokens: Arc::default(),
             timeout: options.timeout,
             stream_timeout: options.stream_timeout,
+            default_retries: options.retries,
         })
+    }
+
+    /// Retries of a model that sets none of its own.
+    pub fn default_retries(&self) -> u32 {
+        self.default_retries
     }
 
     /// Sends `outgoing` to the target's provider with the provider's credential.

@@ -161,7 +161,9 @@ pub struct Model {
     pub timeout: Option<Duration>,
     /// Longest allowed gap between two stream chunks.
     pub stream_timeout: Option<Duration>,
-    pub retries: u32,
+    /// More attempts after a retryable failure; unset: the gateway's default
+    /// (`upstream.retries`).
+    pub retries: Option<u32>,
     pub allowed_cidrs: Vec<IpNet>,
     pub rate_limit: RateLimit,
     pub cost: Option<Cost>,
@@ -195,7 +197,8 @@ pub struct DirectTarget {
 pub struct Routing {
     pub targets: Vec<Target>,
     pub strategy: Strategy,
-    pub retries: u32,
+    /// More attempts per target after a retryable failure; unset: the gateway's default.
+    pub retries: Option<u32>,
     pub max_fallbacks: Option<u32>,
     pub retry_on_429: bool,
     pub fallback_on_statuses: Vec<u16>,

@@ -251,7 +251,7 @@ impl Model {
             target: target.unwrap_or(ModelTarget::Routing(Routing::empty())),
             timeout: millis(&mut p, "timeout", spec.timeout),
             stream_timeout: millis(&mut p, "stream_timeout", spec.stream_timeout),
-            retries: spec.retries.unwrap_or(0),
+            retries: spec.retries,
             allowed_cidrs,
             rate_limit: rate_limit(&mut p, "rate_limit", spec.rate_limit),
             cost: spec.cost.map(|c| cost(&mut p, c)),
@@ -276,7 +276,7 @@ impl Routing {
         Self {
             targets: Vec::new(),
             strategy: Strategy::Failover,
-            retries: 0,
+            retries: None,
             max_fallbacks: None,
             retry_on_429: false,
             fallback_on_statuses: Vec::new(),
@@ -762,7 +762,7 @@ fn routing(p: &mut Problems, spec: RoutingSpec) -> Routing {
     Routing {
         targets,
         strategy,
-        retries: spec.retries.unwrap_or(0),
+        retries: spec.retries,
         max_fallbacks: spec.max_fallbacks,
         retry_on_429: spec.retry_on_429.unwrap_or(false),
         fallback_on_statuses: statuses,
