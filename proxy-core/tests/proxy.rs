@@ -1204,3 +1204,60 @@ async fn an_empty_conversation_is_refused_before_any_upstream_call() {
     assert_eq!(body["error"]["type"], "invalid_request_error");
     assert!(h.mock.requests().is_empty());
 }
+
+#[tokio::test]
+async fn requests_in_flight_are_counted_by_endpoint_and_model_until_they_end() {
+    let metrics = std::sync::Arc::new(proxy_core::observe::metrics::Metrics::default());
+    let hooks = Hooks {
+        metrics: metrics.clone(),
+        ..Hooks::default()
+    };
+    let h = harness_with(ProxyOptions::default(), hooks).await;
+    h.mock.set_script_for(
+        "up-gpt",
+        Script {
+            headers_delay_ms: 500,
+            ..Script::default()
+        },
+    );
+    let render = || metrics.render(proxy_core::observe::metrics::Readings::default());
+    let busy = r#"aisix_proxy_in_flight_requests{endpoint="/v1/chat/completions",model="gpt"} 1"#;
+    let call = tokio::spawn({
+        let (client, url) = (h.client.clone(), h.url.clone());
+        async move {
+            client
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(CALLER)
+                .json(&hello("gpt"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    let mut text = String::new();
+    for _ in 0..40 {
+        text = render();
+        if text.contains(busy) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(text.contains(busy), "{busy} missing:\n{text}");
+    assert_eq!(call.await.unwrap(), 200);
+    let text = render();
+    assert!(
+        text.contains(
+            r#"aisix_proxy_in_flight_requests{endpoint="/v1/chat/completions",model="gpt"} 0"#
+        ),
+        "{text}"
+    );
+    // Before its model was known it counted under an empty model; nothing is left there.
+    assert!(
+        text.contains(
+            r#"aisix_proxy_in_flight_requests{endpoint="/v1/chat/completions",model=""} 0"#
+        ),
+        "{text}"
+    );
+    assert_eq!(metrics.in_flight.get(), 0);
+}

@@ -396,7 +396,10 @@ async fn validate_reports_every_problem() {
         resources("http://127.0.0.1:9", bad),
     )
     .unwrap();
-    let config = write_config(dir.path(), "downstream: {idle_timeout_secs: 60}\n");
+    let config = write_config(
+        dir.path(),
+        "observability:\n  metrics:\n    buckets: {request_ttft: [0.5]}\n",
+    );
     let (ok, out) = run_to_exit(&["validate", "--config", config.to_str().unwrap()]).await;
     assert!(!ok);
     assert!(
@@ -405,8 +408,36 @@ async fn validate_reports_every_problem() {
     );
     assert!(out.contains("problem: models/m3: model_name: required; provider_key_id: required; timeout: must be at least 1"), "{out}");
     assert!(
-        out.contains("config 'downstream.idle_timeout_secs (idle keep-alive connections close after proxy.header_read_timeout_ms)' is accepted but not acted on"),
+        out.contains("config 'observability.metrics.buckets (histograms use the built-in buckets)' is accepted but not acted on"),
         "{out}"
+    );
+
+    // Every problem of the config file itself in one run, one line each.
+    let broken = dir.path().join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    let broken = write_config(
+        &broken,
+        "upstream: {retries: many, timeout_msec: 5}\ndownstream: {idle_timeout_secs: 99999}\n",
+    );
+    let out = std::process::Command::new(tests::binary("aisix-agent"))
+        .args(["validate", "--config", broken.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for expected in [
+        "upstream.retries: invalid type",
+        "upstream: unknown field `timeout_msec`",
+        "downstream.idle_timeout_secs: must be at most 3600",
+    ] {
+        assert!(stderr.contains(expected), "{expected}: {stderr}");
+    }
+    assert_eq!(stderr.lines().count(), 3, "{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .all(|l| l.starts_with("aisix-agent: config file ")),
+        "{stderr}"
     );
 
     std::fs::write(

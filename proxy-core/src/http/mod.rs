@@ -133,9 +133,10 @@ async fn request_context(
     let trace = (state.0.options.tracing.as_ref())
         .filter(|_| traffic)
         .and_then(|tracing| tracing.server(req.headers(), &method, route));
-    let record = Record::new(id.clone(), trace);
+    let counted = traffic.then(|| (state.0.hooks.metrics.clone(), route));
+    let record = Record::with_in_flight(id.clone(), trace, counted);
     req.extensions_mut().insert(record.clone());
-    let in_flight = traffic.then(|| record::InFlight::new(state.0.hooks.metrics.clone()));
+    let in_flight = traffic.then(|| record::InFlight(record.clone()));
     let unanswered = traffic
         .then(|| record::Unanswered::new(state.0.hooks.metrics.clone(), route, record.clone()));
     let client_type = state.0.options.client_type(req.headers());

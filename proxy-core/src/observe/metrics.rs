@@ -55,6 +55,13 @@ pub struct RequestLabels {
     pub client_type: Name,
 }
 
+fn in_flight_labels(route: &'static str, model: Option<&Arc<str>>) -> RouteLabels {
+    RouteLabels {
+        endpoint: route,
+        model: model.map_or_else(empty, |m| Name(m.clone())),
+    }
+}
+
 /// An empty label value, shared (an absent label to Prometheus).
 fn empty() -> Name {
     static EMPTY: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
@@ -202,9 +209,12 @@ pub struct Metrics {
     pub heartbeats: Family<OutcomeLabels, Counter>,
     /// `aisix_budget_checks_total{outcome}`: `allowed`, `denied`, `failed`.
     pub budget_checks: Family<OutcomeLabels, Counter>,
-    /// `aisix_proxy_in_flight_requests`: requests (probes aside) whose answer has not
-    /// ended, streams until their last byte; the drain waits for it to reach 0.
+    /// Requests (probes aside) whose answer has not ended, streams until their last
+    /// byte; the drain waits for it to reach 0.
     pub in_flight: prometheus_client::metrics::gauge::Gauge,
+    /// `aisix_proxy_in_flight_requests{endpoint, model}`: the same, by route and model
+    /// (empty until the model is known).
+    pub in_flight_by: Family<RouteLabels, prometheus_client::metrics::gauge::Gauge>,
 }
 
 impl Default for Metrics {
@@ -226,10 +236,11 @@ impl Default for Metrics {
         let heartbeats = Family::default();
         let budget_checks = Family::default();
         let in_flight = prometheus_client::metrics::gauge::Gauge::default();
+        let in_flight_by = Family::default();
         registry.register(
             "aisix_proxy_in_flight_requests",
-            "Requests whose answer has not ended (streams until their last byte)",
-            in_flight.clone(),
+            "Requests whose answer has not ended (streams until their last byte), by endpoint and model",
+            in_flight_by.clone(),
         );
         registry.register(
             "aisix_proxy_requests",
@@ -339,6 +350,7 @@ impl Default for Metrics {
             heartbeats,
             budget_checks,
             in_flight,
+            in_flight_by,
         }
     }
 }
@@ -502,6 +514,37 @@ impl Metrics {
                 }));
             }
         }
+    }
+
+    /// A request arrived on `route` (its model not known yet).
+    pub fn in_flight_began(&self, route: &'static str) {
+        self.in_flight.inc();
+        self.in_flight_by
+            .get_or_create(&in_flight_labels(route, None))
+            .inc();
+    }
+
+    /// A request in flight on `route` is now known to name `model`.
+    pub fn in_flight_moved(
+        &self,
+        route: &'static str,
+        before: Option<&Arc<str>>,
+        model: &Arc<str>,
+    ) {
+        self.in_flight_by
+            .get_or_create(&in_flight_labels(route, before))
+            .dec();
+        self.in_flight_by
+            .get_or_create(&in_flight_labels(route, Some(model)))
+            .inc();
+    }
+
+    /// A request's answer ended.
+    pub fn in_flight_ended(&self, route: &'static str, model: Option<&Arc<str>>) {
+        self.in_flight.dec();
+        self.in_flight_by
+            .get_or_create(&in_flight_labels(route, model))
+            .dec();
     }
 
     /// A request whose caller went away before its response head.

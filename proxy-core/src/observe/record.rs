@@ -82,14 +82,43 @@ struct Shared {
     request_id: Arc<str>,
     facts: Mutex<Facts>,
     trace: Option<RequestTrace>,
+    /// Where the request counts in `aisix_proxy_in_flight_requests` (traffic only).
+    in_flight: Option<Counted>,
+}
+
+/// A request's series in `aisix_proxy_in_flight_requests`: its route, and its model
+/// once known.
+#[derive(Debug)]
+struct Counted {
+    metrics: Arc<Metrics>,
+    route: &'static str,
+    model: Mutex<Option<Arc<str>>>,
 }
 
 impl Record {
     pub fn new(request_id: Arc<str>, trace: Option<RequestTrace>) -> Self {
+        Self::with_in_flight(request_id, trace, None)
+    }
+
+    /// A record counted in flight on `route` (until its [`InFlight`] is dropped).
+    pub(crate) fn with_in_flight(
+        request_id: Arc<str>,
+        trace: Option<RequestTrace>,
+        counted: Option<(Arc<Metrics>, &'static str)>,
+    ) -> Self {
+        let in_flight = counted.map(|(metrics, route)| {
+            metrics.in_flight_began(route);
+            Counted {
+                metrics,
+                route,
+                model: Mutex::default(),
+            }
+        });
         Self(Arc::new(Shared {
             request_id,
             facts: Mutex::default(),
             trace,
+            in_flight,
         }))
     }
 
@@ -159,6 +188,15 @@ impl Record {
     /// The configured model alias the request named.
     pub fn model(&self, alias: &Arc<str>) {
         self.with(|f| f.model = Some(alias.clone()));
+        if let Some(counted) = &self.0.in_flight {
+            let mut model = counted.model.lock().unwrap_or_else(PoisonError::into_inner);
+            if model.as_ref() != Some(alias) {
+                let before = model.replace(alias.clone());
+                counted
+                    .metrics
+                    .in_flight_moved(counted.route, before.as_ref(), alias);
+            }
+        }
     }
 
     pub fn usage(&self, tokens: Tokens, first_token: Option<Duration>) {
@@ -214,20 +252,19 @@ pub(crate) fn is_probe(route: &str) -> bool {
     matches!(route, "/livez" | "/readyz")
 }
 
-/// One request in flight in `aisix_proxy_in_flight_requests`, until dropped.
+/// A counted record's request in flight in `aisix_proxy_in_flight_requests`, until
+/// dropped.
 #[derive(Debug)]
-pub(crate) struct InFlight(Arc<Metrics>);
-
-impl InFlight {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        metrics.in_flight.inc();
-        Self(metrics)
-    }
-}
+pub(crate) struct InFlight(pub Record);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.dec();
+        if let Some(counted) = &self.0.0.in_flight {
+            let model = counted.model.lock().unwrap_or_else(PoisonError::into_inner);
+            counted
+                .metrics
+                .in_flight_ended(counted.route, model.as_ref());
+        }
     }
 }
 
