@@ -407,12 +407,7 @@ fn header<'r>(r: &'r reqwest::Response, name: &str) -> &'r str {
 
 #[tokio::test]
 async fn request_limits_refuse_with_429_and_report_their_state_in_headers() {
-    let metrics = std::sync::Arc::new(proxy_core::observe::metrics::Metrics::default());
-    let hooks = Hooks {
-        metrics: metrics.clone(),
-        ..Hooks::default()
-    };
-    let h = harness_with(ProxyOptions::default(), hooks).await;
+    let (h, metrics) = harness_counting(ProxyOptions::default()).await;
     well_inside_a_minute().await;
     let r = h.chat(Some("limited-key"), hello("gpt")).await;
     assert_eq!(r.status(), 200);
@@ -447,7 +442,7 @@ async fn request_limits_refuse_with_429_and_report_their_state_in_headers() {
     let r = h.chat(Some(CALLER), hello("gpt")).await;
     assert!(!r.headers().contains_key("x-ratelimit-limit-requests"));
     // AISIX's family names the scope that refused.
-    let text = metrics.render(proxy_core::observe::metrics::Readings::default());
+    let text = exposition(&metrics);
     for line in [
         r#"aisix_ratelimit_rejections_total{scope="api_key"} 1"#,
         r#"aisix_ratelimit_rejections_total{scope="model"} 0"#,
@@ -561,12 +556,7 @@ async fn input_guardrails_block_before_dispatch_without_echoing_the_match() {
 
 #[tokio::test]
 async fn output_guardrails_block_answers_and_end_streams_with_an_error_event() {
-    let metrics = std::sync::Arc::new(proxy_core::observe::metrics::Metrics::default());
-    let hooks = Hooks {
-        metrics: metrics.clone(),
-        ..Hooks::default()
-    };
-    let h = harness_with(ProxyOptions::default(), hooks).await;
+    let (h, metrics) = harness_counting(ProxyOptions::default()).await;
     // The mock answers "Hello from the mock provider.".
     let r = h.chat(Some(CALLER), says("guarded-out", "hi", false)).await;
     assert_eq!(
@@ -589,7 +579,7 @@ async fn output_guardrails_block_answers_and_end_streams_with_an_error_event() {
         "{text}"
     );
     // Both count as guardrail rejections: the 422 and the stream cut after a 200.
-    let exposition = metrics.render(proxy_core::observe::metrics::Readings::default());
+    let exposition = exposition(&metrics);
     assert!(
         exposition.contains("aisix_policy_rejections_total{policy=\"guardrail\"} 2"),
         "{exposition}"
@@ -692,12 +682,7 @@ async fn round_robin_spreads_by_weight() {
 
 #[tokio::test]
 async fn retries_then_failover_and_cooldown_skips_the_failed_target() {
-    let metrics = std::sync::Arc::new(proxy_core::observe::metrics::Metrics::default());
-    let hooks = Hooks {
-        metrics: metrics.clone(),
-        ..Hooks::default()
-    };
-    let h = harness_with(ProxyOptions::default(), hooks).await;
+    let (h, metrics) = harness_counting(ProxyOptions::default()).await;
     let r = h.chat(Some(CALLER), hello("persistent")).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-aisix-served-by"], "gpt");
@@ -712,7 +697,7 @@ async fn retries_then_failover_and_cooldown_skips_the_failed_target() {
     assert_eq!(h.tried()[4..], ["up-gpt"]);
     // AISIX's deployment families count every attempt under the routing model; the
     // first request moved to `gpt`, which answered; the second started there.
-    let text = metrics.render(proxy_core::observe::metrics::Readings::default());
+    let text = exposition(&metrics);
     for line in [
         r#"aisix_deployment_requests_total{model="persistent",deployment="broken"} 3"#,
         r#"aisix_deployment_failure_responses_total{model="persistent",deployment="broken"} 3"#,
@@ -730,12 +715,7 @@ async fn retries_then_failover_and_cooldown_skips_the_failed_target() {
 
 #[tokio::test]
 async fn a_caller_gone_before_the_answer_began_is_counted_as_cancelled() {
-    let metrics = std::sync::Arc::new(proxy_core::observe::metrics::Metrics::default());
-    let hooks = Hooks {
-        metrics: metrics.clone(),
-        ..Hooks::default()
-    };
-    let h = harness_with(ProxyOptions::default(), hooks).await;
+    let (h, metrics) = harness_counting(ProxyOptions::default()).await;
     h.mock.set_script_for(
         "up-gpt",
         Script {
@@ -751,7 +731,7 @@ async fn a_caller_gone_before_the_answer_began_is_counted_as_cancelled() {
     let line = r#"aisix_proxy_client_cancelled_requests_total{endpoint="/v1/chat/completions",model="gpt"} 1"#;
     let mut text = String::new();
     for _ in 0..50 {
-        text = metrics.render(proxy_core::observe::metrics::Readings::default());
+        text = exposition(&metrics);
         if text.contains(line) {
             break;
         }
@@ -761,7 +741,7 @@ async fn a_caller_gone_before_the_answer_began_is_counted_as_cancelled() {
     // An answered request is not.
     h.mock.set_script_for("up-gpt", Script::default());
     assert_eq!(h.chat(Some(CALLER), hello("gpt")).await.status(), 200);
-    let text = metrics.render(proxy_core::observe::metrics::Readings::default());
+    let text = exposition(&metrics);
     assert!(text.contains(line), "{text}");
 }
 
@@ -1122,18 +1102,10 @@ async fn a_key_expires_at_its_deadline_without_a_config_change() {
 
 #[tokio::test]
 async fn a_large_over_limit_body_gets_a_readable_413() {
-    let metrics = std::sync::Arc::new(proxy_core::observe::metrics::Metrics::default());
-    let hooks = Hooks {
-        metrics: metrics.clone(),
-        ..Hooks::default()
-    };
-    let h = harness_with(
-        ProxyOptions {
-            body_limit: Some(1 << 20),
-            ..ProxyOptions::default()
-        },
-        hooks,
-    )
+    let (h, metrics) = harness_counting(ProxyOptions {
+        body_limit: Some(1 << 20),
+        ..ProxyOptions::default()
+    })
     .await;
     // 8 MiB, declared and chunked: the caller is still sending when the limit is hit.
     let big =
@@ -1172,7 +1144,7 @@ async fn a_large_over_limit_body_gets_a_readable_413() {
         "Anthropic's envelope on /v1/messages"
     );
     assert!(h.mock.requests().is_empty());
-    let text = metrics.render(proxy_core::observe::metrics::Readings::default());
+    let text = exposition(&metrics);
     for endpoint in ["/v1/chat/completions", "/v1/messages"] {
         let line = format!(
             "aisix_proxy_request_body_limit_rejections_total{{endpoint=\"{endpoint}\",outcome=\"rejected\"}} 1"
@@ -1207,12 +1179,7 @@ async fn an_empty_conversation_is_refused_before_any_upstream_call() {
 
 #[tokio::test]
 async fn requests_in_flight_are_counted_by_endpoint_and_model_until_they_end() {
-    let metrics = std::sync::Arc::new(proxy_core::observe::metrics::Metrics::default());
-    let hooks = Hooks {
-        metrics: metrics.clone(),
-        ..Hooks::default()
-    };
-    let h = harness_with(ProxyOptions::default(), hooks).await;
+    let (h, metrics) = harness_counting(ProxyOptions::default()).await;
     h.mock.set_script_for(
         "up-gpt",
         Script {
@@ -1220,7 +1187,7 @@ async fn requests_in_flight_are_counted_by_endpoint_and_model_until_they_end() {
             ..Script::default()
         },
     );
-    let render = || metrics.render(proxy_core::observe::metrics::Readings::default());
+    let render = || exposition(&metrics);
     let busy = r#"aisix_proxy_in_flight_requests{endpoint="/v1/chat/completions",model="gpt"} 1"#;
     let call = tokio::spawn({
         let (client, url) = (h.client.clone(), h.url.clone());

@@ -202,17 +202,7 @@ async fn sighup_reloads_and_a_broken_file_keeps_the_last_good_snapshot() {
         .wait_for_line("metrics listener ready", Duration::from_secs(10))
         .await;
     let status = format!("http://{}/status/config", tests::addr_in(&line));
-    let last_reload = || async {
-        let body: Value = client
-            .get(&status)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        body["last_reload"].clone()
-    };
+    let last_reload = || async { tests::get_json(&status).await["last_reload"].clone() };
     assert_eq!(last_reload().await["ok"], true);
 
     std::fs::write(&file, "models: [\n  broken").unwrap();

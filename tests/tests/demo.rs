@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use tests::{Process, eventually, free_port, http_client};
 
 /// Kills the processes the demo started, whatever the test's outcome.
@@ -111,14 +111,7 @@ async fn the_demo_listens_on_loopback_prints_its_pids_and_serves_offline() {
         }
     }
     assert_eq!(chat(&proxy).await, 200);
-    let ready: Value = http_client()
-        .get(format!("http://{status}/status/ready"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready = tests::get_json(&format!("http://{status}/status/ready")).await;
     assert_eq!(ready["ready"], true, "{ready}");
 
     // The offline step as printed: stop the control plane and the agent, start the

@@ -369,21 +369,13 @@ async fn metrics_status_and_access_log_tell_what_happened_and_no_secret_leaks() 
         .unwrap();
     assert_eq!(r.status(), 200);
     r.bytes().await.unwrap();
-    let text = http
-        .get(format!("{}/prom", agent.metrics))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let (families, _) = tests::metrics::scrape(&format!("{}/prom", agent.metrics)).await;
     let labels = [
         chat_route,
         ("model", "gpt"),
         ("status", "200"),
         ("client_type", "openai-python"),
     ];
-    let families = parse_openmetrics(&text);
     assert_eq!(
         sample(&families, "aisix_proxy_requests_total", &labels),
         Some(1.0)

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::http::StatusCode;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::formats::sse::StreamBreak;
 use crate::hooks::BudgetDenial;
@@ -144,6 +144,9 @@ pub enum Recovery {
 pub enum LogLevel {
     /// Caller mistakes and policy refusals: DEBUG.
     Debug,
+    /// A provider refusing a request (its 400s): INFO, so a translation or
+    /// configuration fault shows at the default level without raising alerts.
+    Info,
     /// Gateway-side or upstream problems an operator may need to look at: WARN.
     Warn,
 }
@@ -192,6 +195,9 @@ impl ProxyError {
         match class.log {
             LogLevel::Warn => {
                 warn!(request_id, status, error_type = class.kind, detail = ?self, "request failed");
+            }
+            LogLevel::Info => {
+                info!(request_id, status, error_type = class.kind, error = %self, "the provider refused the request");
             }
             LogLevel::Debug => {
                 debug!(request_id, status, error_type = class.kind, error = %self, "request rejected");
@@ -295,13 +301,13 @@ impl ProxyError {
                     should_retry: None,
                     upstream_retry_after: *retry_after,
                     // The provider refusing the gateway's credential or throttling it is
-                    // the operator's business; a refused request is the caller's.
+                    // the operator's business; a refused request is mostly the caller's.
                     log: if rate_limited
                         || matches!(*status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
                     {
                         Warn
                     } else {
-                        Debug
+                        LogLevel::Info
                     },
                 }
             }
@@ -481,14 +487,14 @@ mod tests {
             row(ProxyError::invalid_request("n", Some("n"))),
             (Caller, Final, false, "other", None, None)
         );
-        // The operator hears of a provider refusing or throttling the gateway; a
-        // provider refusing one request stays at debug.
+        // The operator is warned of a provider refusing or throttling the gateway; a
+        // provider refusing one request is an INFO line (shown at the default level).
         for (status, level) in [
             (401, LogLevel::Warn),
             (403, LogLevel::Warn),
             (429, LogLevel::Warn),
-            (400, LogLevel::Debug),
-            (404, LogLevel::Debug),
+            (400, LogLevel::Info),
+            (404, LogLevel::Info),
         ] {
             assert_eq!(upstream(status, None).class().log, level, "{status}");
         }

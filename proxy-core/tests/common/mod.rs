@@ -15,6 +15,7 @@ use bytes::Bytes;
 use cloud_mock::provider::{MockProvider, Script};
 use proxy_core::hooks::{UsageEvent, UsageSink};
 use proxy_core::http::{Hooks, ListenerOptions, ProxyOptions, ProxyState, router, serve};
+use proxy_core::observe::metrics::Metrics;
 use proxy_core::providers::client::Upstream;
 use proxy_core::resources::KeyHash;
 use proxy_core::snapshot::{SnapshotStore, Source, SourceEvent};
@@ -39,6 +40,21 @@ pub fn hash(k: &str) -> String {
 
 pub async fn harness(options: ProxyOptions) -> Harness {
     harness_with(options, Hooks::default()).await
+}
+
+/// The harness with its own metrics, to read what the requests recorded.
+pub async fn harness_counting(options: ProxyOptions) -> (Harness, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::default());
+    let hooks = Hooks {
+        metrics: metrics.clone(),
+        ..Hooks::default()
+    };
+    (harness_with(options, hooks).await, metrics)
+}
+
+/// The metrics' exposition, events only.
+pub fn exposition(metrics: &Metrics) -> String {
+    metrics.render(proxy_core::observe::metrics::Readings::default())
 }
 
 /// The harness with the given budget and usage hooks.
