@@ -1,7 +1,7 @@
 //! Tracing setup: human-readable by default, JSON on request; `RUST_LOG` overrides
 //! `observability.log_level`. Every line is written with its control characters
 //! escaped, so a value carrying a line break (a model name in a request, a header) cannot
-//! forge a log line.
+//! forge a log line. JSON lines carry `observability.service_name` as `service`.
 
 use std::io::{self, Write};
 
@@ -13,14 +13,49 @@ pub fn init(o: &ObservabilitySection) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&o.log_level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(|| Escaping(io::stderr()));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
     // A subscriber may already be set (tests running in-process): keep that one.
     let _ = match o.log_format {
-        LogFormat::Text => builder.with_ansi(false).try_init(),
-        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder
+            .with_writer(|| Escaping(io::stderr()))
+            .with_ansi(false)
+            .try_init(),
+        LogFormat::Json => {
+            let service: &'static str = Box::leak(service_field(&o.service_name).into_boxed_str());
+            builder
+                .with_writer(move || Escaping(WithService(service, io::stderr())))
+                .json()
+                .try_init()
+        }
     };
+}
+
+/// `"service":"<name>",` (JSON-escaped), put first in every JSON line.
+fn service_field(name: &str) -> String {
+    format!("\"service\":{},", serde_json::Value::from(name))
+}
+
+/// Writes each JSON log line (one `write` per event) with the service field first.
+struct WithService<W>(&'static str, W);
+
+impl<W: Write> Write for WithService<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match buf.strip_prefix(b"{") {
+            Some(rest) => {
+                let mut line = Vec::with_capacity(buf.len() + self.0.len());
+                line.push(b'{');
+                line.extend_from_slice(self.0.as_bytes());
+                line.extend_from_slice(rest);
+                self.1.write_all(&line)?;
+            }
+            None => self.1.write_all(buf)?,
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.1.flush()
+    }
 }
 
 /// Writes each log line (one `write` per event) with every control character but the
@@ -64,6 +99,17 @@ mod tests {
         let mut out = Escaping(Vec::new());
         out.write_all(line).unwrap_or_default();
         String::from_utf8(out.0).unwrap_or_default()
+    }
+
+    #[test]
+    fn json_lines_carry_the_service_name_first() {
+        let mut out = WithService("\"service\":\"orders \\\"gw\\\"\",", Vec::new());
+        out.write_all(b"{\"level\":\"INFO\"}\n").unwrap_or_default();
+        let line = String::from_utf8(out.1).unwrap_or_default();
+        let parsed: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        assert_eq!(parsed["service"], "orders \"gw\"");
+        assert_eq!(parsed["level"], "INFO");
+        assert_eq!(service_field("a\"b"), "\"service\":\"a\\\"b\",");
     }
 
     #[test]

@@ -477,7 +477,7 @@ async fn json_logs_and_access_log_switch() {
         .unwrap();
     let agent = start_agent(
         &resources(&mock.url(), ""),
-        "observability:\n  log_format: json\n  access_log: false\n",
+        "observability:\n  log_format: json\n  access_log: false\n  service_name: orders-gateway\n",
     )
     .await;
     let client = http_client();
@@ -491,10 +491,12 @@ async fn json_logs_and_access_log_switch() {
     let parsed: Value = serde_json::from_str(ready).unwrap();
     assert_eq!(parsed["level"], "INFO");
     assert_eq!(parsed["fields"]["message"], "proxy listener ready");
+    // Every line is JSON and names the service (observability.service_name).
     assert!(
         output
             .lines()
-            .all(|l| serde_json::from_str::<Value>(l).is_ok()),
+            .all(|l| serde_json::from_str::<Value>(l)
+                .is_ok_and(|v| v["service"] == "orders-gateway")),
         "{output}"
     );
     assert!(
