@@ -659,7 +659,6 @@ impl Config {
             .collect()
     }
 
-    /// The upstream client's defaults (`upstream`).
     /// The upstream client's settings, with `upstream.tls`'s files read; a file that
     /// cannot be used is the field's error.
     pub fn upstream_options(
