@@ -45,6 +45,8 @@ def traces(exports):
                             "content_type": export["content_type"],
                             "resource": resource,
                             "scope": scope_spans.scope.name,
+                            "scope_version": scope_spans.scope.version,
+                            "flags": span.flags,
                             "name": span.name,
                             "kind": trace_pb2.Span.SpanKind.Name(span.kind),
                             "trace_id": span.trace_id.hex(),

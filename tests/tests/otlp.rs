@@ -191,6 +191,10 @@ async fn a_failed_over_call_is_one_trace_continued_from_the_caller_with_genai_at
     assert_eq!(server["trace_state"], "vendor=abc");
     assert_eq!(server["resource"]["service.name"], "orders-gateway");
     assert_eq!(server["content_type"], "application/x-protobuf");
+    assert_eq!(server["scope"], "aisix-agent");
+    assert_eq!(server["scope_version"], env!("CARGO_PKG_VERSION"));
+    // Sampled, and a remote parent (the caller's), per trace.proto's `SpanFlags`.
+    assert_eq!(server["flags"], 0x301, "{server}");
     let attributes = &server["attributes"];
     assert_eq!(attributes["http.response.status_code"], 200);
     assert_eq!(attributes["http.route"], "/v1/chat/completions");
@@ -217,6 +221,7 @@ async fn a_failed_over_call_is_one_trace_continued_from_the_caller_with_genai_at
     assert_eq!(failed["attributes"]["aisix.target"], "primary");
     assert_eq!(failed["attributes"]["aisix.next"], "failover");
     assert_eq!(failed["status"], "STATUS_CODE_ERROR");
+    assert_eq!(failed["flags"], 0x101, "a local parent: {failed}");
     assert!(failed["attributes"]["error.type"].is_string());
     let a = &answered["attributes"];
     assert_eq!(answered["name"], "chat up-gpt");

@@ -1,8 +1,40 @@
 //! Token counts read from answers and stream events of every format.
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
 
 use crate::resources::Cost;
+
+/// `usage` in every format but Gemini's (see [`Tokens::from_json`]).
+#[derive(Deserialize)]
+struct Usage {
+    #[serde(alias = "input_tokens", alias = "inputTokens")]
+    prompt_tokens: Option<u64>,
+    #[serde(alias = "output_tokens", alias = "outputTokens")]
+    completion_tokens: Option<u64>,
+    #[serde(alias = "cacheWriteInputTokens")]
+    cache_creation_input_tokens: Option<u64>,
+    #[serde(alias = "cacheReadInputTokens")]
+    cache_read_input_tokens: Option<u64>,
+    #[serde(alias = "input_tokens_details")]
+    prompt_tokens_details: Option<Details>,
+}
+
+#[derive(Deserialize)]
+struct Details {
+    cached_tokens: Option<u64>,
+}
+
+/// Gemini's `usageMetadata`.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Google {
+    prompt_token_count: Option<u64>,
+    candidates_token_count: Option<u64>,
+    thoughts_token_count: Option<u64>,
+    cached_content_token_count: Option<u64>,
+}
 
 /// Token counts as the upstream reported them. `prompt` is every input token, the
 /// cached ones included; `cache_read` and `cache_write` are the parts of it read from
@@ -51,36 +83,23 @@ impl Tokens {
             usage_metadata: Option<Google>,
         }
         #[derive(Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct Google {
-            prompt_token_count: Option<u64>,
-            candidates_token_count: Option<u64>,
-            thoughts_token_count: Option<u64>,
-            cached_content_token_count: Option<u64>,
-        }
-        #[derive(Deserialize)]
         struct Nested {
             usage: Option<Usage>,
         }
-        #[derive(Deserialize)]
-        struct Usage {
-            #[serde(alias = "input_tokens", alias = "inputTokens")]
-            prompt_tokens: Option<u64>,
-            #[serde(alias = "output_tokens", alias = "outputTokens")]
-            completion_tokens: Option<u64>,
-            #[serde(alias = "cacheWriteInputTokens")]
-            cache_creation_input_tokens: Option<u64>,
-            #[serde(alias = "cacheReadInputTokens")]
-            cache_read_input_tokens: Option<u64>,
-            #[serde(alias = "input_tokens_details")]
-            prompt_tokens_details: Option<Details>,
-        }
-        #[derive(Deserialize)]
-        struct Details {
-            cached_tokens: Option<u64>,
-        }
         let document = serde_json::from_slice::<Document>(document).ok()?;
-        if let Some(google) = document.usage_metadata {
+        let nested = |n: Option<Nested>| n.and_then(|n| n.usage);
+        Tokens::of(
+            document
+                .usage
+                .or_else(|| nested(document.message))
+                .or_else(|| nested(document.response)),
+            document.usage_metadata,
+        )
+    }
+
+    /// The counts of a document's `usage` (or Gemini's `usageMetadata`, which wins).
+    fn of(usage: Option<Usage>, google: Option<Google>) -> Option<Tokens> {
+        if let Some(google) = google {
             return Some(Tokens {
                 prompt: google.prompt_token_count.unwrap_or(0),
                 completion: google.candidates_token_count.unwrap_or(0)
@@ -89,10 +108,7 @@ impl Tokens {
                 cache_write: 0,
             });
         }
-        let usage = document
-            .usage
-            .or_else(|| document.message?.usage)
-            .or_else(|| document.response?.usage)?;
+        let usage = usage?;
         let written = usage.cache_creation_input_tokens.unwrap_or(0);
         let read = usage.cache_read_input_tokens.unwrap_or(0);
         let included = usage
@@ -128,66 +144,79 @@ pub struct Answered {
 
 impl Answered {
     pub fn from_json(document: &[u8]) -> Answered {
+        Answered::with_tokens(document).0
+    }
+
+    /// What the document says of itself and its usage ([`Tokens::from_json`]), read in
+    /// one pass (a traced request's answer is not parsed twice).
+    pub fn with_tokens(document: &[u8]) -> (Answered, Option<Tokens>) {
         #[derive(Deserialize)]
         #[serde(rename_all = "camelCase")]
-        struct Document {
-            model: Option<String>,
-            model_version: Option<String>,
-            #[serde(default)]
-            choices: Vec<Choice>,
-            #[serde(default)]
-            candidates: Vec<Candidate>,
-            #[serde(rename = "stop_reason", alias = "stopReason")]
-            stop_reason: Option<String>,
-            delta: Option<Delta>,
-            message: Option<Nested>,
-            response: Option<Nested>,
+        struct Document<'a> {
+            #[serde(borrow)]
+            model: Option<Cow<'a, str>>,
+            #[serde(borrow)]
+            model_version: Option<Cow<'a, str>>,
+            #[serde(default, borrow)]
+            choices: Vec<Choice<'a>>,
+            #[serde(default, borrow)]
+            candidates: Vec<Choice<'a>>,
+            #[serde(rename = "stop_reason", alias = "stopReason", borrow)]
+            stop_reason: Option<Cow<'a, str>>,
+            #[serde(borrow)]
+            delta: Option<Nested<'a>>,
+            #[serde(borrow)]
+            message: Option<Nested<'a>>,
+            #[serde(borrow)]
+            response: Option<Nested<'a>>,
+            usage: Option<Usage>,
+            usage_metadata: Option<Google>,
         }
+        /// OpenAI's `choices[]` and Gemini's `candidates[]`.
         #[derive(Deserialize)]
-        struct Choice {
-            finish_reason: Option<String>,
+        struct Choice<'a> {
+            #[serde(alias = "finishReason", borrow)]
+            finish_reason: Option<Cow<'a, str>>,
         }
+        /// Anthropic's `message` and `delta`, the Responses API's `response`.
         #[derive(Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct Candidate {
-            finish_reason: Option<String>,
+        struct Nested<'a> {
+            #[serde(borrow)]
+            model: Option<Cow<'a, str>>,
+            #[serde(borrow)]
+            stop_reason: Option<Cow<'a, str>>,
+            #[serde(borrow)]
+            status: Option<Cow<'a, str>>,
+            usage: Option<Usage>,
         }
-        #[derive(Deserialize)]
-        struct Delta {
-            stop_reason: Option<String>,
-        }
-        #[derive(Deserialize)]
-        struct Nested {
-            model: Option<String>,
-            stop_reason: Option<String>,
-            status: Option<String>,
-        }
-        let Ok(document) = serde_json::from_slice::<Document>(document) else {
-            return Answered::default();
+        let Ok(document) = serde_json::from_slice::<Document<'_>>(document) else {
+            return (Answered::default(), None);
         };
         let nested = document.message.or(document.response);
-        let mut finish_reasons: Vec<String> = document
+        let (nested_model, nested_reason, nested_usage) = match nested {
+            Some(n) => (n.model, n.stop_reason.or(n.status), n.usage),
+            None => (None, None, None),
+        };
+        let finish_reasons = document
             .choices
             .into_iter()
+            .chain(document.candidates)
             .filter_map(|c| c.finish_reason)
-            .chain(
-                document
-                    .candidates
-                    .into_iter()
-                    .filter_map(|c| c.finish_reason),
-            )
+            .chain(document.stop_reason)
+            .chain(document.delta.and_then(|d| d.stop_reason))
+            .chain(nested_reason)
+            .map(Cow::into_owned)
             .collect();
-        finish_reasons.extend(document.stop_reason);
-        finish_reasons.extend(document.delta.and_then(|d| d.stop_reason));
-        let (nested_model, nested_reason) = match nested {
-            Some(n) => (n.model, n.stop_reason.or(n.status)),
-            None => (None, None),
-        };
-        finish_reasons.extend(nested_reason);
-        Answered {
-            model: document.model.or(document.model_version).or(nested_model),
+        let answered = Answered {
+            model: document
+                .model
+                .or(document.model_version)
+                .or(nested_model)
+                .map(Cow::into_owned),
             finish_reasons,
-        }
+        };
+        let tokens = Tokens::of(document.usage.or(nested_usage), document.usage_metadata);
+        (answered, tokens)
     }
 }
 
@@ -234,6 +263,32 @@ mod tests {
             (Some("o3"), vec!["completed".to_owned()])
         );
         assert_eq!(read("not json"), Answered::default());
+    }
+
+    #[test]
+    fn one_pass_reads_the_same_usage_as_the_usage_alone() {
+        for document in [
+            r#"{"model":"gpt-4o","choices":[{"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":4}}}"#,
+            r#"{"type":"message","model":"claude","stop_reason":"end_turn","usage":{"input_tokens":3,"output_tokens":4,"cache_read_input_tokens":2,"cache_creation_input_tokens":1}}"#,
+            r#"{"type":"message_start","message":{"model":"claude","usage":{"input_tokens":3,"output_tokens":1}}}"#,
+            r#"{"type":"response.completed","response":{"model":"o3","status":"completed","usage":{"input_tokens":9,"output_tokens":2,"input_tokens_details":{"cached_tokens":3}}}}"#,
+            r#"{"modelVersion":"g","candidates":[{"finishReason":"STOP"}],"usageMetadata":{"promptTokenCount":7,"candidatesTokenCount":2,"thoughtsTokenCount":1}}"#,
+            r#"{"output":{},"stopReason":"end_turn","usage":{"inputTokens":5,"outputTokens":6,"cacheReadInputTokens":1}}"#,
+            r#"{"model":"m","choices":[{"finish_reason":"st\u006fp"}]}"#,
+            "not json",
+        ] {
+            let (answered, tokens) = Answered::with_tokens(document.as_bytes());
+            assert_eq!(tokens, Tokens::from_json(document.as_bytes()), "{document}");
+            assert_eq!(
+                answered,
+                Answered::from_json(document.as_bytes()),
+                "{document}"
+            );
+        }
+        // Escaped text is read as text.
+        let (answered, _) =
+            Answered::with_tokens(br#"{"model":"m","choices":[{"finish_reason":"st\u006fp"}]}"#);
+        assert_eq!(answered.finish_reasons, ["stop"]);
     }
 
     #[test]

@@ -11,5 +11,6 @@
 pub mod metrics;
 pub mod otlp_metrics;
 pub mod record;
+mod span_wire;
 pub mod trace;
 pub mod usage;

@@ -277,22 +277,22 @@ impl Finish {
             return;
         }
         let duration = self.started.elapsed();
-        let facts = self.record.with(std::mem::take);
+        let mut facts = self.record.with(std::mem::take);
         let error_type = self.error_type.or(facts.late_error);
         if let Some(trace) = self.record.trace() {
-            trace.end(&Ending {
+            trace.end(Ending {
                 status: self.status,
                 request_id: self.record.request_id(),
-                key_id: facts.key_id.as_deref(),
-                model: facts.model.as_deref(),
+                key_id: facts.key_id.as_ref(),
+                model: facts.model.as_ref(),
                 error_type,
                 input_tokens: facts.tokens.prompt,
                 output_tokens: facts.tokens.completion,
                 cache_read_tokens: facts.tokens.cache_read,
                 cache_write_tokens: facts.tokens.cache_write,
                 first_token: facts.first_token,
-                response_model: facts.response_model.as_deref(),
-                finish_reasons: &facts.finish_reasons,
+                response_model: facts.response_model.take(),
+                finish_reasons: std::mem::take(&mut facts.finish_reasons),
             });
         }
         self.metrics.record_request(&RequestRecord {

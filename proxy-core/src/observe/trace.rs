@@ -16,31 +16,30 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use http::HeaderMap;
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{
     Span as _, SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue, Value};
-use opentelemetry_http::{HeaderExtractor, HeaderInjector, HttpClient, HttpError};
-use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
+use opentelemetry_http::{HeaderExtractor, HeaderInjector};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{
-    Sampler, SdkTracer, SdkTracerProvider, SpanData, SpanExporter, SpanProcessor,
-};
+use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider, SpanData, SpanProcessor};
 use tracing::warn;
 
 use crate::formats::body::RequestBody;
 use crate::formats::endpoint::Endpoint;
 use crate::observe::metrics::OtlpReading;
+use crate::observe::span_wire;
 
 /// Spans waiting for export at most; more are dropped (and counted).
 const MAX_QUEUE: usize = 4096;
 /// Spans per export request, and how long a span waits for a fuller batch.
 const MAX_BATCH: usize = 512;
 const BATCH_DELAY: Duration = Duration::from_secs(1);
+/// The instrumentation scope of every span.
+const SCOPE: &str = "aisix-agent";
 /// How often dropped spans are reported in the log, at most.
 const REPORT_EVERY: Duration = Duration::from_secs(10);
 
@@ -114,24 +113,21 @@ impl std::fmt::Debug for Tracing {
 impl Tracing {
     /// Starts the exporter; must be called inside a Tokio runtime (it exports there).
     pub fn start(options: &TraceOptions) -> Result<Tracing, String> {
-        let client = otlp_client(options.timeout).map_err(|e| format!("the OTLP client: {e}"))?;
-        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_endpoint(options.endpoint.clone())
-            .with_timeout(options.timeout)
-            .with_http_client(Client(client))
-            .build()
+        let endpoint = reqwest::Url::parse(&options.endpoint)
             .map_err(|e| format!("observability.tracing.otlp.endpoint: {e}"))?;
+        let client = otlp_client(options.timeout).map_err(|e| format!("the OTLP client: {e}"))?;
         let stats = Arc::new(ExportStats::default());
         let resource = opentelemetry_sdk::Resource::builder()
             .with_service_name(options.service_name.clone())
             .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
             .build();
-        exporter.set_resource(&resource);
         let queue = Arc::new(Queue {
-            spans: Mutex::new(Vec::new()),
+            batches: Mutex::new(Vec::new()),
             full: tokio::sync::Notify::new(),
-            exporter,
+            client,
+            endpoint,
+            resource: span_wire::resource(resource.iter()),
+            scope: span_wire::scope(SCOPE, env!("CARGO_PKG_VERSION")),
             stats: stats.clone(),
             runtime: tokio::runtime::Handle::current(),
         });
@@ -143,7 +139,7 @@ impl Tracing {
             ))))
             .with_resource(resource)
             .build();
-        let tracer = provider.tracer("aisix-agent");
+        let tracer = provider.tracer(SCOPE);
         let tracing = Tracing(Arc::new(Inner {
             tracer,
             queue,
@@ -232,16 +228,16 @@ impl std::fmt::Debug for RequestTrace {
 pub struct Ending<'a> {
     pub status: u16,
     pub request_id: &'a Arc<str>,
-    pub key_id: Option<&'a str>,
-    pub model: Option<&'a str>,
-    pub error_type: Option<&'a str>,
+    pub key_id: Option<&'a Arc<str>>,
+    pub model: Option<&'a Arc<str>>,
+    pub error_type: Option<&'static str>,
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub cache_read_tokens: u64,
     pub cache_write_tokens: u64,
     pub first_token: Option<Duration>,
-    pub response_model: Option<&'a str>,
-    pub finish_reasons: &'a [String],
+    pub response_model: Option<String>,
+    pub finish_reasons: Vec<String>,
 }
 
 impl RequestTrace {
@@ -277,14 +273,16 @@ impl RequestTrace {
         inject(&self.cx, headers);
     }
 
-    /// Ends the answering attempt's span (with the usage) and the server span.
-    pub fn end(&self, ending: &Ending<'_>) {
+    /// Ends the answering attempt's span (with the usage) and the server span. Each
+    /// span's attributes are set at once (one lock of the span each).
+    pub fn end(&self, ending: Ending<'_>) {
         let answered = self
             .answer
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        let usage = [
+        let mut usage = Vec::with_capacity(4);
+        for (key, n) in [
             ("gen_ai.usage.input_tokens", ending.input_tokens),
             ("gen_ai.usage.output_tokens", ending.output_tokens),
             (
@@ -295,29 +293,24 @@ impl RequestTrace {
                 "gen_ai.usage.cache_creation.input_tokens",
                 ending.cache_write_tokens,
             ),
-        ];
-        let usage: Vec<KeyValue> = usage
-            .iter()
-            .filter(|(_, n)| *n > 0)
-            .map(|(k, n)| KeyValue::new(*k, i64::try_from(*n).unwrap_or(i64::MAX)))
-            .collect();
+        ] {
+            if n > 0 {
+                usage.push(KeyValue::new(key, i64::try_from(n).unwrap_or(i64::MAX)));
+            }
+        }
         if let Some(cx) = answered {
             let span = cx.span();
-            let mut attributes = usage.clone();
+            let mut attributes = Vec::with_capacity(usage.len() + 4);
+            attributes.extend_from_slice(&usage);
             if let Some(model) = ending.response_model {
-                attributes.push(KeyValue::new("gen_ai.response.model", model.to_owned()));
+                attributes.push(KeyValue::new("gen_ai.response.model", model));
             }
             if !ending.finish_reasons.is_empty() {
+                let reasons: Vec<opentelemetry::StringValue> =
+                    ending.finish_reasons.into_iter().map(Into::into).collect();
                 attributes.push(KeyValue::new(
                     "gen_ai.response.finish_reasons",
-                    Value::Array(
-                        ending
-                            .finish_reasons
-                            .iter()
-                            .map(|r| r.clone().into())
-                            .collect::<Vec<opentelemetry::StringValue>>()
-                            .into(),
-                    ),
+                    Value::Array(reasons.into()),
                 ));
             }
             if let Some(ttft) = ending.first_token {
@@ -327,30 +320,31 @@ impl RequestTrace {
                 ));
             }
             if let Some(error) = ending.error_type {
-                attributes.push(KeyValue::new("error.type", error.to_owned()));
-                span.set_status(Status::error(error.to_owned()));
+                attributes.push(KeyValue::new("error.type", error));
+                span.set_status(Status::error(error));
             }
             span.set_attributes(attributes);
             span.end();
         }
         let span = self.cx.span();
-        span.set_attribute(KeyValue::new(
+        let mut attributes = usage;
+        attributes.push(KeyValue::new(
             "http.response.status_code",
             i64::from(ending.status),
         ));
-        span.set_attribute(KeyValue::new("aisix.request_id", ending.request_id.clone()));
+        attributes.push(KeyValue::new("aisix.request_id", ending.request_id.clone()));
         if let Some(key) = ending.key_id {
-            span.set_attribute(KeyValue::new("aisix.api_key_id", key.to_owned()));
+            attributes.push(KeyValue::new("aisix.api_key_id", key.clone()));
         }
         if let Some(model) = ending.model {
-            span.set_attribute(KeyValue::new("aisix.model", model.to_owned()));
+            attributes.push(KeyValue::new("aisix.model", model.clone()));
         }
-        span.set_attributes(usage);
         if let Some(error) = ending.error_type {
-            span.set_attribute(KeyValue::new("error.type", error.to_owned()));
+            attributes.push(KeyValue::new("error.type", error));
         }
+        span.set_attributes(attributes);
         if ending.status >= 500 || (ending.error_type.is_some() && ending.status < 400) {
-            span.set_status(Status::error(ending.error_type.unwrap_or("").to_owned()));
+            span.set_status(Status::error(ending.error_type.unwrap_or("")));
         }
         span.end();
     }
@@ -503,17 +497,28 @@ pub fn forward_caller_context(caller: &HeaderMap, upstream: &mut HeaderMap) {
     }
 }
 
-/// Ended spans waiting for export: a vector behind a lock, drained by
-/// [`export_batches`] on the agent's runtime. (The SDK's own batch processor wakes its
-/// thread for every span: a context switch per span, which cost +30 % CPU per request
-/// on a busy core in `scripts/bench`.)
+/// Ended spans waiting for export, already encoded ([`span_wire`]) in batches of at
+/// most [`MAX_BATCH`], behind a lock; drained by [`export_batches`] on the agent's
+/// runtime. (The SDK's own batch processor wakes its thread for every span: a context
+/// switch per span, which cost +30 % CPU per request on a busy core in `scripts/bench`.)
 struct Queue {
-    spans: Mutex<Vec<SpanData>>,
+    batches: Mutex<Vec<Batch>>,
     /// Told when a batch is full.
     full: tokio::sync::Notify,
-    exporter: opentelemetry_otlp::SpanExporter,
+    client: reqwest::Client,
+    endpoint: reqwest::Url,
+    /// The encoded `Resource` and `InstrumentationScope` of every export.
+    resource: Vec<u8>,
+    scope: Vec<u8>,
     stats: Arc<ExportStats>,
     runtime: tokio::runtime::Handle,
+}
+
+/// Encoded spans of one export request.
+#[derive(Default)]
+struct Batch {
+    spans: Vec<u8>,
+    count: usize,
 }
 
 impl std::fmt::Debug for Queue {
@@ -523,18 +528,18 @@ impl std::fmt::Debug for Queue {
 }
 
 impl Queue {
-    fn take(&self) -> Vec<SpanData> {
-        let mut spans = self.spans.lock().unwrap_or_else(PoisonError::into_inner);
-        // The next batch gets its room at once rather than growing into it.
-        std::mem::replace(&mut *spans, Vec::with_capacity(MAX_BATCH))
+    fn take(&self) -> Vec<Batch> {
+        std::mem::take(&mut *self.batches.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// Exports `spans` in batches, counting what the collector took and what it did not.
-    async fn export(&self, mut spans: Vec<SpanData>) {
-        while !spans.is_empty() {
-            let rest = spans.split_off(spans.len().min(MAX_BATCH));
-            let n = spans.len() as u64;
-            match self.exporter.export(spans).await {
+    /// Exports `batches`, one request each, counting what the collector took and what
+    /// it did not.
+    async fn export(&self, batches: Vec<Batch>) {
+        for batch in batches {
+            let body = span_wire::export_request(&self.resource, &self.scope, &batch.spans);
+            drop(batch.spans);
+            let n = batch.count as u64;
+            match self.send(body).await {
                 Ok(()) => {
                     self.stats.exported.fetch_add(n, Ordering::Relaxed);
                 }
@@ -546,10 +551,26 @@ impl Queue {
                         .stats
                         .last_error
                         .lock()
-                        .unwrap_or_else(PoisonError::into_inner) = Some(error.to_string());
+                        .unwrap_or_else(PoisonError::into_inner) = Some(error);
                 }
             }
-            spans = rest;
+        }
+    }
+
+    /// One OTLP/HTTP export (`application/x-protobuf`); any 2xx is taken.
+    async fn send(&self, body: Vec<u8>) -> Result<(), String> {
+        let answer = self
+            .client
+            .post(self.endpoint.clone())
+            .header(http::header::CONTENT_TYPE, "application/x-protobuf")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| format!("export failed: {e}"))?;
+        if answer.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("the collector answered {}", answer.status()))
         }
     }
 }
@@ -566,17 +587,30 @@ impl SpanProcessor for Queued {
             return;
         }
         let queue = &self.0;
-        let mut spans = queue.spans.lock().unwrap_or_else(PoisonError::into_inner);
-        if spans.len() >= MAX_QUEUE {
-            drop(spans);
+        let mut batches = queue.batches.lock().unwrap_or_else(PoisonError::into_inner);
+        let queued =
+            batches.len().saturating_sub(1) * MAX_BATCH + batches.last().map_or(0, |b| b.count);
+        if queued >= MAX_QUEUE {
+            drop(batches);
             queue
                 .stats
                 .dropped_queue_full
                 .fetch_add(1, Ordering::Relaxed);
             return;
         }
-        spans.push(span);
-        if spans.len() == MAX_BATCH {
+        if batches.last().is_none_or(|b| b.count >= MAX_BATCH) {
+            batches.push(Batch {
+                // About what a batch of the agent's spans takes.
+                spans: Vec::with_capacity(MAX_BATCH * 384),
+                count: 0,
+            });
+        }
+        let Some(batch) = batches.last_mut() else {
+            return;
+        };
+        span_wire::push_span(&mut batch.spans, &span);
+        batch.count += 1;
+        if batch.count == MAX_BATCH {
             queue.full.notify_one();
         }
     }
@@ -584,12 +618,12 @@ impl SpanProcessor for Queued {
     /// Starts exporting what is queued ([`Tracing::flush`] waits for it).
     fn force_flush(&self) -> OTelSdkResult {
         let queue = self.0.clone();
-        let spans = queue.take();
-        if !spans.is_empty() {
+        let batches = queue.take();
+        if !batches.is_empty() {
             queue
                 .runtime
                 .clone()
-                .spawn(async move { queue.export(spans).await });
+                .spawn(async move { queue.export(batches).await });
         }
         Ok(())
     }
@@ -610,8 +644,8 @@ async fn export_batches(queue: std::sync::Weak<Queue>) {
             () = tokio::time::sleep(BATCH_DELAY) => {}
             () = q.full.notified() => {}
         }
-        let spans = q.take();
-        q.export(spans).await;
+        let batches = q.take();
+        q.export(batches).await;
     }
 }
 
@@ -625,28 +659,6 @@ pub(super) fn otlp_client(timeout: Duration) -> reqwest::Result<reqwest::Client>
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
         .build()
-}
-
-/// The exporter's HTTP calls over the workspace's reqwest (they are made from tasks on
-/// the agent's runtime).
-#[derive(Debug)]
-struct Client(reqwest::Client);
-
-#[async_trait::async_trait]
-impl HttpClient for Client {
-    async fn send_bytes(
-        &self,
-        request: http::Request<Bytes>,
-    ) -> Result<http::Response<Bytes>, HttpError> {
-        let request = reqwest::Request::try_from(request.map(reqwest::Body::from))?;
-        let response = self.0.execute(request).await?;
-        let mut answer = http::Response::builder().status(response.status());
-        if let Some(headers) = answer.headers_mut() {
-            *headers = response.headers().clone();
-        }
-        let body = response.bytes().await?;
-        Ok(answer.body(body)?)
-    }
 }
 
 /// Logs dropped spans at most once per [`REPORT_EVERY`], until the tracer is gone.
@@ -694,7 +706,7 @@ mod tests {
                     "/v1/chat/completions",
                 )
                 .unwrap_or_else(|| panic!("sampled at ratio 1"));
-            trace.end(&Ending {
+            trace.end(Ending {
                 status: 200,
                 request_id: &request_id,
                 key_id: None,
@@ -706,7 +718,7 @@ mod tests {
                 cache_write_tokens: 0,
                 first_token: None,
                 response_model: None,
-                finish_reasons: &[],
+                finish_reasons: Vec::new(),
             });
         }
         let counts = tracing.stats().reading();

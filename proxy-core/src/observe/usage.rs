@@ -58,6 +58,19 @@ impl Pending {
         }
     }
 
+    /// Finishes with a whole answer (`document`): its usage and, for a traced request,
+    /// its model and finish reasons, read in one pass.
+    pub fn finish_answer(self, document: &[u8]) {
+        let tokens = if self.record.trace().is_some() {
+            let (answered, tokens) = Answered::with_tokens(document);
+            self.record.answer(answered.model, answered.finish_reasons);
+            tokens
+        } else {
+            Tokens::from_json(document)
+        };
+        self.finish(tokens.unwrap_or_default(), None);
+    }
+
     pub fn finish(self, tokens: Tokens, ttft: Option<Duration>) {
         let Pending {
             report,
@@ -226,12 +239,10 @@ impl WholeTap {
 impl Drop for WholeTap {
     fn drop(&mut self) {
         if let Some(pending) = self.pending.take() {
-            let kept = self.kept.as_deref();
-            if let Some(kept) = kept {
-                pending.answered(kept);
+            match self.kept.as_deref() {
+                Some(kept) => pending.finish_answer(kept),
+                None => pending.finish(Tokens::default(), None),
             }
-            let tokens = kept.and_then(Tokens::from_json).unwrap_or_default();
-            pending.finish(tokens, None);
         }
     }
 }

@@ -131,8 +131,7 @@ async fn whole_answer(
         }
     };
     // Usage is read in the upstream's format, which may say more (cache writes).
-    usage.answered(&bytes);
-    usage.finish(Tokens::from_json(&bytes).unwrap_or_default(), None);
+    usage.finish_answer(&bytes);
     let bytes = match whole.conversion.answer(bytes, &served_by.name) {
         Ok(bytes) => bytes,
         Err(e) => {
