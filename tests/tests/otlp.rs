@@ -434,6 +434,35 @@ async fn a_dead_or_slow_collector_costs_callers_nothing_and_is_counted() {
         slowest < Duration::from_millis(400),
         "a call waited for the slow collector: {slowest:?}"
     );
+    drop(agent);
+
+    // A collector that refuses every export: the batches are counted as lost, and
+    // /status/config says what the collector answered.
+    mock.set_otlp_script(OtlpScript {
+        status: 503,
+        delay_ms: 0,
+    });
+    let agent = start(
+        &mock,
+        &format!("{{enabled: true, endpoint: \"{}\"}}", mock.url()),
+    )
+    .await;
+    slowest_of_20(&agent).await;
+    eventually(
+        "the refused spans are counted with the collector's answer",
+        Duration::from_secs(20),
+        || async {
+            let status = get_json(&format!("{}/status/config", agent.metrics)).await;
+            let tracing = &status["tracing"];
+            tracing["spans_dropped_export_failed"]
+                .as_u64()
+                .is_some_and(|n| n > 0)
+                && tracing["last_error"] == "the collector answered 503 Service Unavailable"
+        },
+    )
+    .await;
+    let status = get_json(&format!("{}/status/config", agent.metrics)).await;
+    assert_eq!(status["tracing"]["spans_exported"], 0, "{status}");
 }
 
 #[tokio::test]

@@ -515,7 +515,6 @@ struct Queue {
 }
 
 /// Encoded spans of one export request.
-#[derive(Default)]
 struct Batch {
     spans: Vec<u8>,
     count: usize,
@@ -557,7 +556,8 @@ impl Queue {
         }
     }
 
-    /// One OTLP/HTTP export (`application/x-protobuf`); any 2xx is taken.
+    /// One OTLP/HTTP export (`application/x-protobuf`); any 2xx is taken. The answer
+    /// is read to its end, so the connection goes back to the pool for the next batch.
     async fn send(&self, body: Vec<u8>) -> Result<(), String> {
         let answer = self
             .client
@@ -567,10 +567,15 @@ impl Queue {
             .send()
             .await
             .map_err(|e| format!("export failed: {e}"))?;
-        if answer.status().is_success() {
+        let status = answer.status();
+        answer
+            .bytes()
+            .await
+            .map_err(|e| format!("export failed: {e}"))?;
+        if status.is_success() {
             Ok(())
         } else {
-            Err(format!("the collector answered {}", answer.status()))
+            Err(format!("the collector answered {status}"))
         }
     }
 }
