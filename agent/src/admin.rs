@@ -251,7 +251,7 @@ fn kind(name: &str) -> Result<Kind, AdminError> {
     Kind::parse(name).ok_or_else(|| {
         AdminError(
             StatusCode::NOT_FOUND,
-            format!("unknown resource kind '{name}' (provider_keys, models, api_keys, guardrails)"),
+            format!("unknown resource kind '{name}' (provider_keys, models, api_keys, guardrails, guardrail_attachments)"),
         )
     })
 }
@@ -378,7 +378,14 @@ fn dependents(snapshot: &Snapshot, kind: Kind, id: &str) -> Vec<String> {
                 .map(|m| format!("models/{} ({})", m.id, m.name))
                 .collect()
         }
-        Kind::ApiKeys | Kind::Guardrails => Vec::new(),
+        Kind::Guardrails => {
+            let id: std::sync::Arc<str> = id.into();
+            snapshot
+                .attachments_of(&id)
+                .map(|a| format!("guardrail_attachments/{}", a.id))
+                .collect()
+        }
+        Kind::ApiKeys | Kind::GuardrailAttachments => Vec::new(),
     };
     found.sort();
     found
@@ -456,7 +463,7 @@ fn prepare(
                 }
             }
         }
-        Kind::Models | Kind::Guardrails => {}
+        Kind::Models | Kind::Guardrails | Kind::GuardrailAttachments => {}
     }
     Ok(())
 }
@@ -477,7 +484,8 @@ async fn check_unique(
             k.display_name.clone(),
             Some(hex::encode(k.key_hash.0)),
         ),
-        Resource::Guardrail(g) => ("name", Some(g.name.clone()), None),
+        Resource::Guardrail(g) => ("name", Some(g.name.to_string()), None),
+        Resource::Attachment(_) => return Ok(()),
     };
     let listing = admin.etcd.list(&admin.dir(kind)).await?;
     for kv in &listing.kvs {
@@ -511,6 +519,16 @@ async fn check_unique(
 /// A model must refer to what exists in the store: its provider key, or (routing)
 /// direct models by display name.
 async fn check_references(admin: &Admin, resource: &Resource) -> Result<(), AdminError> {
+    if let Resource::Attachment(a) = resource {
+        let key = admin.key(Kind::Guardrails, &a.guardrail_id);
+        if admin.etcd.get(&key).await?.is_none() {
+            return Err(AdminError::bad(format!(
+                "guardrail_id: guardrail '{}' does not exist",
+                a.guardrail_id
+            )));
+        }
+        return Ok(());
+    }
     let Resource::Model(model) = resource else {
         return Ok(());
     };

@@ -53,6 +53,28 @@ pub struct UsageEvent {
     /// `stream_truncated`, `stream_unreadable`, `upstream_stream_error`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finish_reason: Option<String>,
+    /// Guardrail verdicts other than passes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guardrails: Vec<GuardrailVerdict>,
+}
+
+/// What one guardrail did to a request or its answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuardrailVerdict {
+    pub guardrail: String,
+    #[serde(default)]
+    pub kind: String,
+    /// `input` or `output`.
+    #[serde(default)]
+    pub hook: String,
+    /// `blocked`, `masked`, `monitored` or `bypassed`.
+    pub outcome: String,
+    /// What was found (a detector's label), never the text.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub found: Vec<String>,
+    /// Why the rule could not run (`bypassed`, or `blocked` failing closed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

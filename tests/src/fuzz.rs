@@ -194,13 +194,31 @@ pub fn guardrail_scan(data: &[u8]) {
     let Ok(request) = proxy_core::formats::body::RequestBody::parse(body.as_bytes()) else {
         return;
     };
-    for conversational in [true, false] {
-        let text = proxy_core::policy::guardrails::request_text(&request, conversational);
-        assert!(
-            text.contains(WORD),
-            "a body nested {depth} deep was accepted but its text was not scanned"
-        );
-    }
+    let spec = serde_json::json!({"name": "fuzz", "patterns": [{"value": WORD}]});
+    let Ok(rule) = serde_json::from_value(spec)
+        .map_err(|_| ())
+        .and_then(|spec| proxy_core::resources::Guardrail::from_spec("g", spec).map_err(|_| ()))
+    else {
+        unreachable!("the fuzz guardrail is valid")
+    };
+    let rules = [std::sync::Arc::new(rule)];
+    let record = proxy_core::observe::record::Record::new("fuzz".into(), None);
+    let metrics = proxy_core::observe::metrics::Metrics::default();
+    let chain = proxy_core::policy::guardrails::Chain {
+        rules: &rules,
+        stage: proxy_core::policy::guardrails::Stage::Input,
+        request_id: "fuzz",
+        record: &record,
+        metrics: &metrics,
+    };
+    assert!(
+        chain.request(&request).is_err(),
+        "a body nested {depth} deep was accepted but its text was not blocked"
+    );
+    assert!(
+        chain.raw(body.as_bytes()).is_err(),
+        "a passthrough body nested {depth} deep was not blocked"
+    );
 }
 
 /// An AWS event stream (Bedrock's `converse-stream`), cut at an arbitrary point (the

@@ -462,6 +462,18 @@ fn wire_event(e: UsageEvent) -> contract::telemetry::UsageEvent {
         ttft_ms: e.ttft_ms,
         timestamp_unix_ms: e.timestamp_unix_ms,
         finish_reason: e.finish_reason,
+        guardrails: e
+            .guardrails
+            .into_iter()
+            .map(|v| contract::telemetry::GuardrailVerdict {
+                guardrail: v.guardrail,
+                kind: v.kind,
+                hook: v.hook,
+                outcome: v.outcome,
+                found: v.found,
+                reason: v.reason,
+            })
+            .collect(),
     }
 }
 
@@ -638,6 +650,7 @@ mod tests {
             ttft_ms: None,
             timestamp_unix_ms: 1,
             finish_reason: None,
+            guardrails: Vec::new(),
         }
     }
 

@@ -74,10 +74,12 @@ pub enum ProxyError {
     #[error("{0}")]
     ProviderUnavailable(String),
     /// A blocking guardrail matched; the matched text is never shown.
-    #[error("the {stage} was blocked by guardrail '{guardrail}'")]
+    #[error("the {stage} was blocked by guardrail '{guardrail}'{why}")]
     ContentFiltered {
         guardrail: String,
         stage: &'static str,
+        /// Empty for a match; else why the rule blocked without one (it could not run).
+        why: &'static str,
     },
     /// A rate limit of the caller key or the model refused the request.
     #[error("{message}")]

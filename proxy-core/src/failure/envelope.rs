@@ -476,6 +476,7 @@ mod tests {
                 ProxyError::ContentFiltered {
                     guardrail: "g".into(),
                     stage: "input",
+                    why: "",
                 },
                 422,
                 r#"{"type":"error","error":{"type":"invalid_request_error","message":"the input was blocked by guardrail 'g'"}}"#,

@@ -207,6 +207,26 @@ impl<'a> RequestBody<'a> {
         self.assemble(upstream_model, None)
     }
 
+    /// The body with the fields at the given positions (in [`Self::fields`]' order)
+    /// replaced by new JSON; every other field byte for byte.
+    pub fn with_fields_at(&self, replaced: &[(usize, String)]) -> Bytes {
+        let mut out = Vec::with_capacity(self.size + 64);
+        out.push(b'{');
+        for (at, (key, value)) in self.fields.iter().enumerate() {
+            if at > 0 {
+                out.push(b',');
+            }
+            write_json_string(&mut out, key);
+            out.push(b':');
+            match replaced.iter().find(|(i, _)| *i == at) {
+                Some((_, json)) => out.extend_from_slice(json.as_bytes()),
+                None => out.extend_from_slice(value.get().as_bytes()),
+            }
+        }
+        out.push(b'}');
+        Bytes::from(out)
+    }
+
     /// The fields in order, `model` (once) as `upstream_model`, and with
     /// `stream_options` replaced by `stream_options` when given, as the last field.
     fn assemble(&self, upstream_model: &str, stream_options: Option<&str>) -> JsonBody {

@@ -9,4 +9,4 @@ pub mod budget;
 pub mod usage;
 
 pub use budget::{BudgetDenial, BudgetGate, Check, Verdict};
-pub use usage::{UsageEvent, UsageSink};
+pub use usage::{GuardrailVerdict, UsageEvent, UsageSink};

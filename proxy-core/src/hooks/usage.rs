@@ -43,4 +43,25 @@ pub struct UsageEvent {
     /// `upstream_stream_error`); the tokens are what did stream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finish_reason: Option<String>,
+    /// What guardrails did to the request and its answer (passes are not listed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guardrails: Vec<GuardrailVerdict>,
+}
+
+/// One guardrail's verdict on a request that was not a plain pass.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuardrailVerdict {
+    pub guardrail: String,
+    pub kind: String,
+    /// `input` or `output`.
+    pub hook: String,
+    /// `blocked`, `masked`, `monitored` (a monitor rule found something: it would
+    /// have blocked or masked) or `bypassed` (the rule could not run and fails open).
+    pub outcome: String,
+    /// What was found (`keyword`, `EMAIL`, a custom pattern's name), never the text.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub found: Vec<String>,
+    /// Why the rule could not run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }

@@ -17,6 +17,7 @@ use tracing::info;
 
 use crate::formats::endpoint::FORWARDED;
 use crate::formats::tokens::Tokens;
+use crate::hooks::GuardrailVerdict;
 use crate::observe::metrics::{Metrics, RequestRecord};
 use crate::observe::trace::{Ending, RequestTrace};
 
@@ -35,6 +36,8 @@ struct Facts {
     /// What the answer said of itself (traced requests only).
     response_model: Option<String>,
     finish_reasons: Vec<String>,
+    /// Guardrail verdicts other than passes, each once.
+    guardrails: Vec<GuardrailVerdict>,
 }
 
 /// Counts a request whose caller went away before its response head (the server drops
@@ -168,6 +171,20 @@ impl Record {
 
     fn with<T>(&self, f: impl FnOnce(&mut Facts) -> T) -> T {
         f(&mut self.0.facts.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// A guardrail's verdict (the same verdict twice is kept once: a stream's windows).
+    pub fn guardrail(&self, verdict: GuardrailVerdict) {
+        self.with(|f| {
+            if !f.guardrails.contains(&verdict) {
+                f.guardrails.push(verdict);
+            }
+        });
+    }
+
+    /// The verdicts so far, for the usage event.
+    pub fn guardrails(&self) -> Vec<GuardrailVerdict> {
+        self.with(|f| f.guardrails.clone())
     }
 
     /// The caller key's id (its resource id, never the key).

@@ -98,6 +98,7 @@ impl Pending {
         event.latency_ms = millis(started.elapsed());
         event.ttft_ms = ttft.map(millis);
         event.finish_reason = broke.map(str::to_owned);
+        event.guardrails = record.guardrails();
         sink.record(event);
     }
 
@@ -296,6 +297,7 @@ mod tests {
             ttft_ms: None,
             timestamp_unix_ms: 1,
             finish_reason: None,
+            guardrails: Vec::new(),
         };
         let cost = Cost {
             input_per_1k: 1.0,

@@ -19,7 +19,7 @@ use crate::formats::endpoint::Endpoint;
 use crate::formats::multipart::{self, Form};
 use crate::hooks::Verdict;
 use crate::observe::record::Record;
-use crate::policy::guardrails::{self, Applicable, Stage};
+use crate::policy::guardrails::{self, Applicable, Stage, Subject};
 use crate::policy::ratelimit::{self, Denied, Lease, Scope};
 use crate::resources::{ApiKey, KeyHash, Model, RateLimit};
 use crate::snapshot::Snapshot;
@@ -30,6 +30,8 @@ pub(super) struct Admitted<'s> {
     pub model: &'s Arc<Model>,
     /// The output guardrails to apply to the answer (input ones have passed).
     pub guards: Applicable,
+    /// The body as the input guardrails masked it, when they did.
+    pub masked: Option<Bytes>,
     /// Held until the answer ends: concurrency slots, and the token charge.
     pub lease: Option<Lease>,
     /// `x-ratelimit-*` of the caller key's limits, sent with the answer.
@@ -45,6 +47,15 @@ pub(super) struct Read {
 }
 
 impl Read {
+    /// A JSON body the input guardrails rewrote.
+    pub fn masked(bytes: Bytes) -> Self {
+        Self {
+            fields: bytes.clone(),
+            bytes,
+            form: None,
+        }
+    }
+
     /// The request's routing fields; a conversation must carry `messages`.
     pub fn parse(&self, endpoint: Endpoint) -> Result<RequestBody<'_>, ProxyError> {
         let request = RequestBody::shared(&self.fields)?;
@@ -115,14 +126,19 @@ pub(super) async fn admit<'s>(
             model.name
         )));
     }
-    let guards = guardrails::applicable(snapshot, &model.name, &caller.id);
+    let guards = guardrails::applicable(snapshot, &subject(model, caller, None));
+    let mut masked = None;
     if !guards.input.is_empty() {
         let started = call.record.clock();
-        let text = guardrails::request_text(request, call.endpoint.has_messages());
-        let scanned = guardrails::scan(&guards.input, &text, Stage::Input, &call.request_id);
-        let outcome = if scanned.is_ok() { "passed" } else { "blocked" };
+        let chain = call.guardrails(&guards.input, Stage::Input, &state.hooks.metrics);
+        let checked = chain.request(request);
+        let outcome = match &checked {
+            Ok(None) => "passed",
+            Ok(Some(_)) => "masked",
+            Err(_) => "blocked",
+        };
         call.record.step("aisix.guardrails.input", started, outcome);
-        scanned?;
+        masked = checked?;
     }
     // Only a token window holds the estimate: no scan of the body otherwise.
     let counts_tokens = |l: &RateLimit| l.tpm.is_some() || l.tpd.is_some();
@@ -137,9 +153,25 @@ pub(super) async fn admit<'s>(
         caller,
         model,
         guards,
+        masked,
         lease,
         quota_headers,
     })
+}
+
+/// What guardrail attachments and scopes match a call on.
+pub(super) fn subject<'a>(
+    model: &'a Model,
+    caller: &'a ApiKey,
+    passthrough: Option<&'a str>,
+) -> Subject<'a> {
+    Subject {
+        model_id: &model.id,
+        model: &model.name,
+        api_key_id: &caller.id,
+        team_id: caller.team_id.as_deref(),
+        passthrough,
+    }
 }
 
 /// Counts the request against the caller key's (and the model's) rate limits, then

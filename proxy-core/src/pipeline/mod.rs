@@ -97,7 +97,28 @@ async fn phases(
     call.record.caller(&caller.id);
     let read = admit::read(state, call.endpoint, headers, body).await?;
     let request = read.parse(call.endpoint)?;
-    let admitted = admit::admit(state, &snapshot, call, caller, peer, headers, &request).await?;
+    let mut admitted =
+        admit::admit(state, &snapshot, call, caller, peer, headers, &request).await?;
+    // A mask rewrote the body: what follows (cache, upstream) sees only the new one.
+    let rewritten = match admitted.masked.take() {
+        Some(_) if read.form.is_some() => {
+            return Err(ProxyError::ContentFiltered {
+                guardrail: "(masking)".into(),
+                stage: "input",
+                why: ": a form upload cannot be masked in place, so it is refused",
+            });
+        }
+        Some(bytes) => Some(admit::Read::masked(bytes)),
+        None => None,
+    };
+    let reparsed = rewritten
+        .as_ref()
+        .map(|r| r.parse(call.endpoint))
+        .transpose()?;
+    let (read, request) = match (&rewritten, reparsed) {
+        (Some(rewritten), Some(reparsed)) => (rewritten, reparsed),
+        _ => (&read, request),
+    };
     let cache = cache::slot(
         state.cache.as_ref(),
         call.endpoint,
@@ -118,7 +139,7 @@ async fn phases(
         None => None,
     };
     if let Some(hit) = hit {
-        return respond::from_cache(&hit, admitted, &call.request_id);
+        return respond::from_cache(state, &hit, admitted, call);
     }
     let caller_request = CallerRequest {
         endpoint: call.endpoint,

@@ -13,10 +13,13 @@
 //! several keys match, the one behind the alphabetically first such model is used.
 //! Admission is the pipeline's own (caller key, the granting model's allow list and
 //! client-address rules, request rate limits and budget of the caller key, body size),
-//! and the granting model's input guardrails read every string of the body (or the
-//! body as text when it is not JSON). The answer is relayed as it comes; its usage is
-//! read where its format is known (events, JSON) and charged like a call's (token
-//! limits, the usage event). The cache and output guardrails do not apply. The upstream
+//! and the granting model's guardrails apply (their attachments may also name the
+//! route, `passthrough_route`): input rules read every string of the body (or the body
+//! as text when it is not JSON) and may mask it; output rules check event streams
+//! window by window and JSON answers whole (then buffered). The answer is otherwise
+//! relayed as it comes; its usage is read where its format is known (events, JSON) and
+//! charged like a call's (token limits, the usage event). The cache does not apply.
+//! The upstream
 //! client is the one calls use; an upstream redirect is relayed as it is, never
 //! followed.
 
@@ -29,16 +32,16 @@ use axum::response::Response;
 use futures_util::StreamExt;
 use tracing::debug;
 
-use super::admit::{authenticate, limits_and_budget, read_body};
+use super::admit::{authenticate, limits_and_budget, read_body, subject};
 use super::state::{Inner, ProxyState, client_ip};
 use crate::failure::{Envelope, ProxyError};
 use crate::formats::sse::{self, Filtered};
 use crate::hooks::UsageEvent;
 use crate::observe::record::Record;
 use crate::observe::usage::{Pending, WholeTap, unix_now_ms};
-use crate::policy::guardrails::{self, Stage};
+use crate::policy::guardrails::{self, Chain, Stage, StreamGuard};
 use crate::providers::{self, client::Relayed};
-use crate::resources::{Adapter, ApiKey, Model, ModelTarget, ProviderKey};
+use crate::resources::{Adapter, ApiKey, Guardrail, Model, ModelTarget, ProviderKey};
 use crate::snapshot::Snapshot;
 
 /// One passthrough request to `provider`; refusals before the upstream answers use
@@ -115,12 +118,18 @@ async fn forward(
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .unwrap_or(0);
     let lease = limits_and_budget(state, record, caller, None, declared.div_ceil(4)).await?;
-    let bytes = read_body(body, headers, &state.options).await?;
-    // The input guardrails of the model that grants the access read the whole body.
-    let guards = guardrails::applicable(snapshot, &model.name, &caller.id);
-    if !guards.input.is_empty() {
-        let text = guardrails::raw_body_text(&bytes)?;
-        guardrails::scan(&guards.input, &text, Stage::Input, request_id)?;
+    let mut bytes = read_body(body, headers, &state.options).await?;
+    // The guardrails of the model that grants the access; input ones read the body.
+    let guards = guardrails::applicable(snapshot, &subject(model, caller, Some(provider)));
+    let chain = |rules, stage| Chain {
+        rules,
+        stage,
+        request_id,
+        record,
+        metrics: &state.hooks.metrics,
+    };
+    if let Some(masked) = chain(&guards.input, Stage::Input).raw(&bytes)? {
+        bytes = masked;
     }
     let mut url = format!("{}/{rest}", provider_key.api_base);
     if let Some(query) = uri.query() {
@@ -161,20 +170,74 @@ async fn forward(
         model.cost,
         started,
     );
-    relay(response, &content_type, usage)
+    let output = Output {
+        rules: guards.output,
+        envelope: match provider_key.adapter {
+            Adapter::Anthropic => Envelope::Anthropic,
+            _ => Envelope::OpenAi,
+        },
+        metrics: state.hooks.metrics.clone(),
+    };
+    relay(response, &content_type, usage, output, record).await
+}
+
+/// The output guardrails of a passthrough call, and the format of its errors.
+struct Output {
+    rules: Vec<Arc<Guardrail>>,
+    envelope: Envelope,
+    metrics: Arc<crate::observe::metrics::Metrics>,
 }
 
 /// The upstream's answer as it comes, its usage read where its format is known
 /// (server-sent events, JSON) and charged like a call's: token limits, the usage
 /// event, the budget behind it.
-fn relay(
+async fn relay(
     response: reqwest::Response,
     content_type: &str,
     usage: Pending,
+    output: Output,
+    record: &Record,
 ) -> Result<Response, ProxyError> {
     let mut relayed = Response::builder().status(response.status());
     if let Some(out) = relayed.headers_mut() {
         *out = forwardable_response(response.headers());
+    }
+    let json = content_type.starts_with("application/json");
+    if json && !output.rules.is_empty() {
+        // A JSON answer is checked whole: buffered, masked or refused, then sent.
+        let answer = response
+            .bytes()
+            .await
+            .map_err(|e| ProxyError::UpstreamFailed {
+                detail: format!("passthrough response: {e}"),
+                retry_after: None,
+            })?;
+        let chain = Chain {
+            rules: &output.rules,
+            stage: Stage::Output,
+            request_id: record.request_id(),
+            record,
+            metrics: &output.metrics,
+        };
+        let checked = chain.answer(&answer);
+        let mut tap = WholeTap::json(usage);
+        tap.observe(&answer);
+        drop(tap);
+        let body = match checked? {
+            Some(masked) => {
+                if let Some(headers) = relayed.headers_mut() {
+                    headers.remove(header::CONTENT_LENGTH);
+                }
+                masked
+            }
+            None => answer,
+        };
+        return relayed
+            .body(Body::from(body))
+            .map_err(|e| ProxyError::UpstreamFailed {
+                detail: format!("passthrough response: {e}"),
+                retry_after: None,
+            });
     }
     let upstream = Body::from_stream(
         response
@@ -183,12 +246,27 @@ fn relay(
     );
     let body = if content_type.starts_with("text/event-stream") {
         let mut tap = usage.tap();
+        let mut guard = (!output.rules.is_empty()).then(|| {
+            StreamGuard::new(
+                output.rules,
+                record.request_id().clone(),
+                record.clone(),
+                output.metrics,
+                output.envelope,
+            )
+        });
+        if let Some(headers) = relayed.headers_mut() {
+            headers.remove(header::CONTENT_LENGTH);
+        }
         sse::filter_events(upstream, move |events| {
             tap.observe(&events);
-            Filtered::Send(events)
+            match &mut guard {
+                Some(guard) => guard.check(events),
+                None => Filtered::Send(events),
+            }
         })
     } else {
-        let mut tap = if content_type.starts_with("application/json") {
+        let mut tap = if json {
             WholeTap::json(usage)
         } else {
             WholeTap::opaque(usage)
@@ -242,6 +320,7 @@ fn usage_event(
         ttft_ms: None,
         timestamp_unix_ms: unix_now_ms(),
         finish_reason: None,
+        guardrails: Vec::new(),
     }
 }
 

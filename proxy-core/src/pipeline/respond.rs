@@ -4,8 +4,6 @@
 //! usage, is checked and is kept in the cache. Either way the usage event and the
 //! rate-limit token charge are settled once, and the gateway's headers are added.
 
-use std::sync::Arc;
-
 use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
@@ -25,8 +23,8 @@ use crate::formats::sse;
 use crate::formats::tokens::Tokens;
 use crate::hooks::UsageEvent;
 use crate::observe::usage::{Pending, unix_now_ms};
-use crate::policy::guardrails;
-use crate::resources::{Guardrail, Model, ModelTarget};
+use crate::policy::guardrails::{Chain, Stage};
+use crate::resources::{Model, ModelTarget};
 use crate::snapshot::Snapshot;
 
 /// The response to a dispatched call, or the failure that ended dispatch (its usage
@@ -92,7 +90,8 @@ pub(super) async fn respond(
             body: answer.body,
             conversion,
         };
-        whole_answer(whole, usage, &output, served_by, cache, call).await
+        let chain = call.guardrails(&output, Stage::Output, &state.hooks.metrics);
+        whole_answer(whole, usage, &chain, served_by, cache, call).await
     };
     response.headers_mut().extend(admitted.quota_headers);
     if caching && response.status().is_success() {
@@ -116,7 +115,7 @@ struct Whole {
 async fn whole_answer(
     whole: Whole,
     usage: Pending,
-    output: &[Arc<Guardrail>],
+    output: &Chain<'_>,
     served_by: &Model,
     cache: Option<Slot<'_>>,
     call: &Call,
@@ -130,18 +129,18 @@ async fn whole_answer(
             Bytes::new()
         }
     };
+    let converted = whole.conversion.answer(bytes.clone(), &served_by.name);
+    if let Err(e) = &converted {
+        e.log(request_id);
+    }
+    // Output rules run before the usage event is made, so it carries their verdicts.
+    let checked = converted.and_then(|answer| Ok(output.answer(&answer)?.unwrap_or(answer)));
     // Usage is read in the upstream's format, which may say more (cache writes).
     usage.finish_answer(&bytes);
-    let bytes = match whole.conversion.answer(bytes, &served_by.name) {
+    let bytes = match checked {
         Ok(bytes) => bytes,
-        Err(e) => {
-            e.log(request_id);
-            return e.into_response_in(envelope);
-        }
+        Err(e) => return e.into_response_in(envelope),
     };
-    if let Err(e) = guardrails::check_answer(output, &bytes, request_id) {
-        return e.into_response_in(envelope);
-    }
     let content_type = whole.content_type.filter(|_| whole.conversion.is_none());
     if let Some(slot) = cache {
         slot.put(
@@ -163,15 +162,17 @@ async fn whole_answer(
 /// A kept answer: output guardrails still apply (they may have changed since); no
 /// upstream is called and no tokens are charged.
 pub(super) fn from_cache(
+    state: &Inner,
     hit: &Cached,
     admitted: Admitted<'_>,
-    request_id: &str,
+    call: &Call,
 ) -> Result<Response, ProxyError> {
-    guardrails::check_answer(&admitted.guards.output, &hit.body, request_id)?;
+    let chain = call.guardrails(&admitted.guards.output, Stage::Output, &state.hooks.metrics);
+    let body = chain.answer(&hit.body)?.unwrap_or_else(|| hit.body.clone());
     let mut response = build(
         hit.status,
         hit.content_type.clone(),
-        Body::from(hit.body.clone()),
+        Body::from(body),
         &hit.served_by,
         false,
     );
@@ -212,6 +213,7 @@ fn pending(
             ttft_ms: None,
             timestamp_unix_ms: unix_now_ms(),
             finish_reason: None,
+            guardrails: Vec::new(),
         };
         (sink, event)
     });

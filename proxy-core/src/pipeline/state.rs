@@ -208,6 +208,24 @@ pub(crate) struct Call {
     pub record: Record,
 }
 
+impl Call {
+    /// `rules` at `stage`, their verdicts going to this call's record.
+    pub fn guardrails<'a>(
+        &'a self,
+        rules: &'a [Arc<crate::resources::Guardrail>],
+        stage: crate::policy::guardrails::Stage,
+        metrics: &'a crate::observe::metrics::Metrics,
+    ) -> crate::policy::guardrails::Chain<'a> {
+        crate::policy::guardrails::Chain {
+            rules,
+            stage,
+            request_id: &self.request_id,
+            record: &self.record,
+            metrics,
+        }
+    }
+}
+
 /// The client's address: the peer's, unless the peer is a trusted proxy; then the
 /// rightmost address in `client_ip_header` that is not itself a trusted proxy (what
 /// the nearest untrusted hop connected from), or without `real_ip_recursive` simply

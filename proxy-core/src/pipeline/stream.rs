@@ -145,8 +145,15 @@ impl AnswerStream {
         served_by: Arc<str>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let guard = (!output.is_empty())
-            .then(|| StreamGuard::new(output, call.request_id.clone(), call.endpoint.envelope()));
+        let guard = (!output.is_empty()).then(|| {
+            StreamGuard::new(
+                output,
+                call.request_id.clone(),
+                call.record.clone(),
+                metrics.clone(),
+                call.endpoint.envelope(),
+            )
+        });
         Self {
             translator: conversion.stream(&served_by),
             tap: usage.tap(),

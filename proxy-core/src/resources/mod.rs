@@ -5,6 +5,7 @@
 //! checks it on its own (types, required fields, value ranges); references between
 //! resources are checked by the snapshot builder, which sees all of them.
 
+pub mod guardrail;
 pub mod spec;
 pub mod types;
 pub mod validate;
@@ -14,11 +15,11 @@ use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 
+pub use guardrail::{Attachment, Check, Guardrail, HookPoint, Scope};
 pub use types::{
     Adapter, ApiKey, AwsCredential, Cost, DirectTarget, EntraCredential, FieldError, GoogleAuth,
-    Guardrail, GuardrailPattern, HookPoint, KeyHash, Model, ModelTarget, Problems, PromptCache,
-    ProviderKey, RateLimit, Routing, ServiceAccount, Strategy, Target, VertexProject,
-    WhenAllUnavailable,
+    KeyHash, Model, ModelTarget, Problems, PromptCache, ProviderKey, RateLimit, Routing,
+    ServiceAccount, Strategy, Target, VertexProject, WhenAllUnavailable,
 };
 
 /// The resource kinds this build understands, as they appear in keys.
@@ -28,14 +29,16 @@ pub enum Kind {
     Models,
     ApiKeys,
     Guardrails,
+    GuardrailAttachments,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 5] = [
         Kind::ProviderKeys,
         Kind::Models,
         Kind::ApiKeys,
         Kind::Guardrails,
+        Kind::GuardrailAttachments,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -44,6 +47,7 @@ impl Kind {
             Kind::Models => "models",
             Kind::ApiKeys => "api_keys",
             Kind::Guardrails => "guardrails",
+            Kind::GuardrailAttachments => "guardrail_attachments",
         }
     }
 
@@ -116,6 +120,7 @@ pub enum Resource {
     Model(Arc<Model>),
     ApiKey(Arc<ApiKey>),
     Guardrail(Arc<Guardrail>),
+    Attachment(Arc<Attachment>),
 }
 
 impl Resource {
@@ -131,6 +136,9 @@ impl Resource {
             Kind::Guardrails => {
                 Resource::Guardrail(Arc::new(Guardrail::from_spec(id, decode(json)?)?))
             }
+            Kind::GuardrailAttachments => {
+                Resource::Attachment(Arc::new(Attachment::from_spec(id, decode(json)?)?))
+            }
         })
     }
 
@@ -141,6 +149,7 @@ impl Resource {
             Resource::Model(r) => r.unknown_fields,
             Resource::ApiKey(r) => r.unknown_fields,
             Resource::Guardrail(r) => r.unknown_fields,
+            Resource::Attachment(r) => r.unknown_fields,
         }
     }
 }

@@ -134,9 +134,56 @@ pub struct GuardrailSpec {
     pub enabled: Option<bool>,
     pub enforcement_mode: Option<String>,
     pub fail_open: Option<bool>,
+    pub output_fail_open: Option<bool>,
+    pub mandatory: Option<bool>,
+    pub timeout_ms: Option<u64>,
+    /// RFC 3339 text or Unix seconds: the evaluation order (oldest first).
+    pub created_at: Option<Value>,
+    /// An attachment hint only (`hook_point` governs); accepted and not used.
+    pub direction: Option<String>,
+    pub stream_processing_mode: Option<String>,
+    pub window_size: Option<u64>,
+    pub window_overlap_size: Option<u64>,
+    pub max_buffer_bytes: Option<u64>,
+    pub on_buffer_exceeded: Option<String>,
+    /// `pii`: built-in detectors, custom patterns and the action of both by default.
+    pub detectors: Option<Vec<PiiDetectorSpec>>,
+    pub custom_patterns: Option<Vec<CustomPatternSpec>>,
+    pub default_action: Option<String>,
     /// Scope: model display names (globs allowed) and caller key ids; empty means all.
     pub models: Option<Vec<String>>,
     pub api_keys: Option<Vec<String>>,
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PiiDetectorSpec {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub action: Option<String>,
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CustomPatternSpec {
+    pub name: Option<String>,
+    pub regex: Option<String>,
+    pub action: Option<String>,
+    pub replacement: Option<String>,
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, Value>,
+}
+
+/// A `guardrail_attachments` document: which requests a guardrail applies to.
+#[derive(Debug, Deserialize)]
+pub struct AttachmentSpec {
+    pub guardrail_id: Option<String>,
+    pub scope_type: Option<String>,
+    pub scope_id: Option<String>,
+    pub priority: Option<i64>,
+    pub enabled: Option<bool>,
     #[serde(flatten)]
     pub unknown: BTreeMap<String, Value>,
 }

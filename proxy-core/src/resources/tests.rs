@@ -370,20 +370,24 @@ fn guardrails_validate_every_pattern() {
         panic!("expected a guardrail")
     };
     assert_eq!(
-        (g.patterns.len(), g.hook_point, g.block, g.enabled),
+        (
+            match &g.check {
+                crate::resources::Check::Keyword(p) => p.len(),
+                _ => 0,
+            },
+            g.hook_point,
+            g.block,
+            g.enabled
+        ),
         (2, HookPoint::Input, false, true)
     );
     assert_eq!(
         problems(
             Kind::Guardrails,
-            r#"{"kind":"semantic","patterns":[{"kind":"regex","value":"("},{"kind":"glob","value":"x"},{}],"hook_point":"later"}"#
+            r#"{"kind":"keyword","patterns":[{"kind":"regex","value":"("},{"kind":"glob","value":"x"},{}],"hook_point":"later"}"#
         ),
         [
             ("name".to_owned(), "required".to_owned()),
-            (
-                "kind".to_owned(),
-                "'semantic' is not supported (keyword)".to_owned()
-            ),
             (
                 "patterns[0].value".to_owned(),
                 problems(

@@ -320,31 +320,3 @@ impl ModelPattern {
         }
     }
 }
-
-/// A keyword guardrail (enforced by the policy layer; validated and served here).
-#[derive(Debug)]
-pub struct Guardrail {
-    pub id: Arc<str>,
-    pub name: String,
-    pub patterns: Vec<GuardrailPattern>,
-    pub hook_point: HookPoint,
-    pub enabled: bool,
-    pub block: bool,
-    pub fail_open: bool,
-    pub models: Vec<ModelPattern>,
-    pub api_keys: Vec<String>,
-    pub unknown_fields: usize,
-}
-
-#[derive(Debug)]
-pub enum GuardrailPattern {
-    Literal(String),
-    Regex(regex::Regex),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HookPoint {
-    Input,
-    Output,
-    Both,
-}

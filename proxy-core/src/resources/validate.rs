@@ -8,14 +8,13 @@ use std::time::{Duration, SystemTime};
 use ipnet::IpNet;
 
 use super::spec::{
-    ApiKeySpec, CooldownSpec, CostSpec, GuardrailSpec, ModelSpec, PromptCacheSpec, ProviderKeySpec,
-    RateLimitSpec, RoutingSpec,
+    ApiKeySpec, CooldownSpec, CostSpec, ModelSpec, PromptCacheSpec, ProviderKeySpec, RateLimitSpec,
+    RoutingSpec,
 };
 use super::types::{
     Adapter, ApiKey, AwsCredential, Cooldown, Cost, DirectTarget, EntraCredential, GoogleAuth,
-    Guardrail, GuardrailPattern, HookPoint, KeyHash, Model, ModelPattern, ModelTarget, Problems,
-    PromptCache, ProviderKey, RateLimit, Routing, ServiceAccount, Strategy, Target, VertexProject,
-    WhenAllUnavailable,
+    KeyHash, Model, ModelPattern, ModelTarget, Problems, PromptCache, ProviderKey, RateLimit,
+    Routing, ServiceAccount, Strategy, Target, VertexProject, WhenAllUnavailable,
 };
 use crate::secret::Secret;
 
@@ -374,7 +373,7 @@ fn has_control(s: &str) -> bool {
     s.chars().any(char::is_control)
 }
 
-fn required_name(p: &mut Problems, path: &str, v: Option<String>) -> String {
+pub(super) fn required_name(p: &mut Problems, path: &str, v: Option<String>) -> String {
     match v {
         Some(s) if has_control(&s) => {
             p.push(
@@ -768,87 +767,5 @@ fn routing(p: &mut Problems, spec: RoutingSpec) -> Routing {
         fallback_on_statuses: statuses,
         when_all_unavailable,
         resume_streams: spec.resume_streams.unwrap_or(false),
-    }
-}
-
-impl Guardrail {
-    pub fn from_spec(id: &str, spec: GuardrailSpec) -> Result<Self, Problems> {
-        let mut p = Problems::default();
-        let name = required_name(&mut p, "name", spec.name);
-        match spec.kind.as_deref() {
-            None | Some("keyword") => {}
-            Some(other) => p.push("kind", format!("'{other}' is not supported (keyword)")),
-        }
-        let mut patterns = Vec::new();
-        let specs = spec.patterns.unwrap_or_default();
-        if specs.is_empty() {
-            p.push("patterns", "at least one pattern is required");
-        }
-        for (i, pattern) in specs.into_iter().enumerate() {
-            let value = match pattern.value {
-                Some(v) if !v.is_empty() => v,
-                _ => {
-                    p.push(format!("patterns[{i}].value"), "required");
-                    continue;
-                }
-            };
-            match pattern.kind.as_deref() {
-                None | Some("literal") => patterns.push(GuardrailPattern::Literal(value)),
-                Some("regex") => match regex::RegexBuilder::new(&value).size_limit(1 << 20).build()
-                {
-                    Ok(re) => patterns.push(GuardrailPattern::Regex(re)),
-                    Err(e) => p.push(
-                        format!("patterns[{i}].value"),
-                        format!("invalid regex: {e}"),
-                    ),
-                },
-                Some(other) => p.push(
-                    format!("patterns[{i}].kind"),
-                    format!("'{other}' is not one of literal, regex"),
-                ),
-            }
-        }
-        let hook_point = match spec.hook_point.as_deref() {
-            None | Some("both") => HookPoint::Both,
-            Some("input") => HookPoint::Input,
-            Some("output") => HookPoint::Output,
-            Some(other) => {
-                p.push(
-                    "hook_point",
-                    format!("'{other}' is not one of input, output, both"),
-                );
-                HookPoint::Both
-            }
-        };
-        let block = match spec.enforcement_mode.as_deref() {
-            None | Some("block") => true,
-            Some("monitor") => false,
-            Some(other) => {
-                p.push(
-                    "enforcement_mode",
-                    format!("'{other}' is not one of block, monitor"),
-                );
-                true
-            }
-        };
-        let models = spec
-            .models
-            .unwrap_or_default()
-            .into_iter()
-            .map(|m| ModelPattern::new(&m))
-            .collect();
-        let unknown_fields = spec.unknown.len();
-        p.into_result(Guardrail {
-            id: id.into(),
-            name,
-            patterns,
-            hook_point,
-            enabled: spec.enabled.unwrap_or(true),
-            block,
-            fail_open: spec.fail_open.unwrap_or(false),
-            models,
-            api_keys: spec.api_keys.unwrap_or_default(),
-            unknown_fields,
-        })
     }
 }

@@ -122,7 +122,9 @@ impl Builder {
                     routers.insert(key);
                 }
                 (Kind::Models, _) => direct.push(key),
-                (Kind::ApiKeys | Kind::Guardrails, _) => rest.push(key),
+                (Kind::ApiKeys | Kind::Guardrails | Kind::GuardrailAttachments, _) => {
+                    rest.push(key)
+                }
             }
         }
         for key in direct {
@@ -185,7 +187,7 @@ impl Builder {
                 add(self.routers_by_target.get(&m.name));
             }
             Resource::ApiKey(k) => add(self.hash_claims.get(&k.key_hash)),
-            Resource::Guardrail(_) => {}
+            Resource::Guardrail(_) | Resource::Attachment(_) => {}
         }
     }
 
@@ -226,7 +228,7 @@ impl Builder {
                 }
             }
             Resource::ApiKey(k) => edit(&mut self.hash_claims, k.key_hash, key, insert),
-            Resource::Guardrail(_) => {}
+            Resource::Guardrail(_) | Resource::Attachment(_) => {}
         }
     }
 
@@ -294,7 +296,7 @@ impl Builder {
     /// Checks what a resource refers to against what is published now.
     fn check_references(&self, key: &ResourceKey, r: &Resource) -> Result<(), String> {
         match r {
-            Resource::ProviderKey(_) | Resource::Guardrail(_) => Ok(()),
+            Resource::ProviderKey(_) | Resource::Guardrail(_) | Resource::Attachment(_) => Ok(()),
             Resource::Model(m) => {
                 self.check_owner(&self.name_claims, &m.name, key, "display_name")?;
                 self.check_model_refs(m)
@@ -395,7 +397,11 @@ impl Builder {
                 s.api_keys.insert(k.key_hash, k.clone());
             }
             Resource::Guardrail(g) => {
-                s.guardrails.insert(g.id.clone(), g.clone());
+                s.guardrails.insert(g.order(), g.clone());
+            }
+            Resource::Attachment(a) => {
+                s.attachments
+                    .insert((a.guardrail_id.clone(), a.id.clone()), a.clone());
             }
         }
     }
@@ -420,7 +426,11 @@ impl Builder {
                 }
             }
             Resource::Guardrail(g) => {
-                s.guardrails.remove(&g.id);
+                s.guardrails.remove(&g.order());
+            }
+            Resource::Attachment(a) => {
+                s.attachments
+                    .remove(&(a.guardrail_id.clone(), a.id.clone()));
             }
         }
     }

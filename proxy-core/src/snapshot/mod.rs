@@ -22,7 +22,7 @@ use tokio::time::Instant;
 pub use builder::BatchReport;
 use builder::Builder;
 
-use crate::resources::{ApiKey, Guardrail, KeyHash, Model, ProviderKey, ResourceKey};
+use crate::resources::{ApiKey, Attachment, Guardrail, KeyHash, Model, ProviderKey, ResourceKey};
 
 /// Where the serving configuration came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -85,7 +85,10 @@ pub struct Snapshot {
     provider_keys: imbl::HashMap<Arc<str>, Arc<ProviderKey>>,
     models: imbl::HashMap<Arc<str>, Arc<Model>>,
     api_keys: imbl::HashMap<KeyHash, Arc<ApiKey>>,
-    guardrails: imbl::OrdMap<Arc<str>, Arc<Guardrail>>,
+    /// In evaluation order ([`Guardrail::order`]).
+    guardrails: imbl::OrdMap<(bool, i128, Arc<str>), Arc<Guardrail>>,
+    /// By (guardrail id, attachment id).
+    attachments: imbl::OrdMap<(Arc<str>, Arc<str>), Arc<Attachment>>,
     rejected: imbl::OrdMap<ResourceKey, Rejection>,
 }
 
@@ -107,9 +110,26 @@ impl Snapshot {
         self.models.values()
     }
 
-    /// Guardrails by id.
+    /// Guardrails in evaluation order: by `created_at`, oldest first, then those
+    /// without it; ties by id.
     pub fn guardrails(&self) -> impl Iterator<Item = &Arc<Guardrail>> {
         self.guardrails.values()
+    }
+
+    /// The attachments that name guardrail `id`.
+    pub fn attachments_of<'a>(
+        &'a self,
+        id: &'a Arc<str>,
+    ) -> impl Iterator<Item = &'a Arc<Attachment>> {
+        let from: (Arc<str>, Arc<str>) = (id.clone(), Arc::from(""));
+        self.attachments
+            .range(from..)
+            .take_while(move |((g, _), _)| g == id)
+            .map(|(_, a)| a)
+    }
+
+    pub fn attachment_count(&self) -> usize {
+        self.attachments.len()
     }
 
     pub fn rejections(&self) -> impl Iterator<Item = &Rejection> {

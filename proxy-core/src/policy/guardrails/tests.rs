@@ -1,0 +1,543 @@
+#![allow(clippy::unwrap_used, reason = "tests")]
+use serde_json::json;
+
+use super::*;
+use crate::failure::Envelope;
+use crate::formats::sse::Filtered;
+use crate::resources::spec::{AttachmentSpec, GuardrailSpec};
+use crate::resources::{Attachment, Kind, ResourceKey};
+use crate::snapshot::{SnapshotStore, Source, SourceEvent};
+
+fn guardrail(json: serde_json::Value) -> Arc<Guardrail> {
+    let spec: GuardrailSpec = serde_json::from_value(json).unwrap();
+    Arc::new(Guardrail::from_spec("g", spec).unwrap())
+}
+
+struct Harness {
+    record: Record,
+    metrics: Metrics,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self {
+            record: Record::new("r".into(), None),
+            metrics: Metrics::default(),
+        }
+    }
+
+    fn chain<'a>(&'a self, rules: &'a [Arc<Guardrail>], stage: Stage) -> Chain<'a> {
+        Chain {
+            rules,
+            stage,
+            request_id: "r",
+            record: &self.record,
+            metrics: &self.metrics,
+        }
+    }
+
+    fn outcomes(&self) -> Vec<(String, String, Vec<String>)> {
+        self.record
+            .guardrails()
+            .into_iter()
+            .map(|v| (v.guardrail, v.outcome, v.found))
+            .collect()
+    }
+}
+
+fn run(h: &Harness, rules: &[Arc<Guardrail>], text: &str) -> Result<String, ProxyError> {
+    let mut text = text.to_owned();
+    h.chain(rules, Stage::Input).run(&mut [&mut text])?;
+    Ok(text)
+}
+
+#[test]
+fn keywords_block_literals_ignore_case_and_monitor_only_records() {
+    let h = Harness::new();
+    let block = guardrail(json!({"name": "secrets", "patterns": [
+        {"kind": "literal", "value": "Project X"}, {"kind": "regex", "value": "\\bsk-[a-z0-9]{8}\\b"}]}));
+    let err = run(&h, std::slice::from_ref(&block), "tell me about PROJECT x").unwrap_err();
+    assert_eq!(err.class().status, 422);
+    assert_eq!(err.class().kind, "content_filter");
+    assert_eq!(
+        err.to_string(),
+        "the input was blocked by guardrail 'secrets'"
+    );
+    assert!(run(&h, std::slice::from_ref(&block), "key SK-ABCDEF12 here").is_ok());
+    // A literal is text, not a pattern.
+    let dots = guardrail(json!({"name": "dots", "patterns": [{"value": "a.b"}]}));
+    assert!(run(&h, std::slice::from_ref(&dots), "axb").is_ok());
+    assert!(run(&h, std::slice::from_ref(&dots), "A.B").is_err());
+    // An empty list allows everything.
+    let empty = guardrail(json!({"name": "none", "patterns": []}));
+    assert!(run(&h, &[empty], "anything").is_ok());
+    let monitor = guardrail(
+        json!({"name": "watch", "enforcement_mode": "monitor", "patterns": [{"value": "project x"}]}),
+    );
+    assert_eq!(run(&h, &[monitor], "project x").unwrap(), "project x");
+    assert_eq!(
+        h.outcomes(),
+        [
+            ("secrets".into(), "blocked".into(), vec!["keyword".into()]),
+            ("dots".into(), "blocked".into(), vec!["keyword".into()]),
+            ("watch".into(), "monitored".into(), vec!["keyword".into()]),
+        ]
+    );
+    let scrape = h
+        .metrics
+        .render(crate::observe::metrics::Readings::default());
+    assert!(
+        scrape.contains(
+            r#"aisix_guardrail_blocks_total{guardrail="secrets",hook="input",kind="keyword"} 1"#
+        ),
+        "{scrape}"
+    );
+    assert!(scrape.contains(
+        r#"aisix_guardrail_latency_seconds_count{guardrail="watch",hook="input",kind="keyword"} 1"#
+    ));
+}
+
+#[test]
+fn pii_masks_in_place_blocks_per_detector_and_later_rules_see_the_mask() {
+    let h = Harness::new();
+    let pii = guardrail(json!({"name": "pii", "kind": "pii",
+        "detectors": [{"type": "email"}, {"type": "bank_card"}, {"type": "private_key", "action": "block"}],
+        "custom_patterns": [
+            {"name": "employee", "regex": "employee (E\\d{4})"},
+            {"name": "codename", "regex": "Bluebird", "replacement": ""}]}));
+    // A keyword rule after it would block on the address: it sees the mask instead.
+    let later = guardrail(json!({"name": "no-mail", "patterns": [{"value": "@example.com"}]}));
+    let rules = [pii.clone(), later];
+    let masked = run(
+        &h,
+        &rules,
+        "mail ann@example.com, card 4111-1111-1111-1111, employee E1234, Bluebird.",
+    )
+    .unwrap();
+    assert_eq!(
+        masked,
+        "mail [EMAIL_REDACTED], card [BANK_CARD_REDACTED], employee [EMPLOYEE_REDACTED], ."
+    );
+    let err = run(&h, &rules, "-----BEGIN PRIVATE KEY-----\nMIIE").unwrap_err();
+    assert_eq!(err.to_string(), "the input was blocked by guardrail 'pii'");
+    assert!(!err.to_string().contains("MIIE"));
+    assert_eq!(
+        h.outcomes()[0],
+        (
+            "pii".into(),
+            "masked".into(),
+            vec![
+                "EMAIL".into(),
+                "BANK_CARD".into(),
+                "EMPLOYEE".into(),
+                "CODENAME".into()
+            ]
+        )
+    );
+    // `default_action: block` makes every detector block unless it says otherwise.
+    let strict = guardrail(
+        json!({"name": "strict", "kind": "pii", "default_action": "block",
+        "detectors": [{"type": "email"}, {"type": "ip_address", "action": "mask"}]}),
+    );
+    assert_eq!(
+        run(&h, std::slice::from_ref(&strict), "from 10.1.2.3").unwrap(),
+        "from [IP_ADDRESS_REDACTED]"
+    );
+    assert!(run(&h, &[strict], "to a@b.io").is_err());
+    // In monitor mode nothing changes.
+    let watch = guardrail(
+        json!({"name": "watch", "kind": "pii", "enforcement_mode": "monitor",
+        "detectors": [{"type": "email"}]}),
+    );
+    assert_eq!(run(&h, &[watch], "a@b.io").unwrap(), "a@b.io");
+}
+
+#[test]
+fn a_rule_that_cannot_run_fails_open_or_closed_as_configured() {
+    let h = Harness::new();
+    let closed = guardrail(json!({"name": "moderation", "kind": "openai_moderation"}));
+    let err = run(&h, std::slice::from_ref(&closed), "hello").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the input was blocked by guardrail 'moderation': the guardrail could not run and does not fail open"
+    );
+    let open = guardrail(json!({"name": "lakera", "kind": "lakera", "fail_open": true}));
+    assert_eq!(
+        run(&h, std::slice::from_ref(&open), "hello").unwrap(),
+        "hello"
+    );
+    // fail_open covers the input; the output has its own switch.
+    let mut text = "answer".to_owned();
+    assert!(
+        h.chain(std::slice::from_ref(&open), Stage::Output)
+            .run(&mut [&mut text])
+            .is_err()
+    );
+    let mandatory = guardrail(
+        json!({"name": "must", "kind": "presidio", "fail_open": true, "mandatory": true}),
+    );
+    assert!(run(&h, &[mandatory], "hello").is_err());
+    let outcomes = h.outcomes();
+    assert_eq!(outcomes[1].0, "lakera");
+    assert_eq!(outcomes[1].1, "bypassed");
+    let scrape = h
+        .metrics
+        .render(crate::observe::metrics::Readings::default());
+    assert!(
+        scrape.contains(
+            r#"aisix_guardrail_bypasses_total{guardrail="lakera",hook="input",kind="lakera"} 1"#
+        ),
+        "{scrape}"
+    );
+}
+
+#[test]
+fn a_request_is_rewritten_only_where_a_mask_changed_it() {
+    let h = Harness::new();
+    let pii = [guardrail(
+        json!({"name": "pii", "kind": "pii", "detectors": [{"type": "email"}]}),
+    )];
+    let chat = br#"{"model":"m","temperature":0.70,"messages":[{"role":"user","content":[{"type":"text","text":"I am bob@corp.io"}]},{"role":"assistant","tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{\"to\":\"eve@corp.io\"}"}}]}],"metadata":{"a":"b"}}"#;
+    let body = RequestBody::parse(chat).unwrap();
+    let rewritten = h.chain(&pii, Stage::Input).request(&body).unwrap().unwrap();
+    let text = std::str::from_utf8(&rewritten).unwrap();
+    // Fields the mask did not touch are copied byte for byte.
+    assert!(
+        text.starts_with(r#"{"model":"m","temperature":0.70,"messages":"#),
+        "{text}"
+    );
+    assert!(text.ends_with(r#","metadata":{"a":"b"}}"#), "{text}");
+    let expected = json!({"model":"m","temperature":0.70,"messages":[
+        {"role":"user","content":[{"type":"text","text":"I am [EMAIL_REDACTED]"}]},
+        {"role":"assistant","tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{\"to\":\"[EMAIL_REDACTED]\"}"}}]}],
+        "metadata":{"a":"b"}});
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(text).unwrap(),
+        expected
+    );
+    let clean = RequestBody::parse(br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#)
+        .unwrap();
+    assert!(
+        h.chain(&pii, Stage::Input)
+            .request(&clean)
+            .unwrap()
+            .is_none()
+    );
+    // A passthrough body that is not JSON is text.
+    let raw = h
+        .chain(&pii, Stage::Input)
+        .raw(b"to: x@y.org")
+        .unwrap()
+        .unwrap();
+    assert_eq!(&raw[..], b"to: [EMAIL_REDACTED]");
+}
+
+#[test]
+fn answers_of_every_format_are_masked() {
+    let h = Harness::new();
+    let pii = [guardrail(
+        json!({"name": "pii", "kind": "pii", "detectors": [{"type": "us_ssn"}]}),
+    )];
+    let answers = [
+        json!({"choices":[{"index":0,"message":{"role":"assistant","content":"ssn 078-05-1120"},"finish_reason":"stop"}]}),
+        json!({"choices":[{"index":0,"text":"ssn 078-05-1120"}]}),
+        json!({"type":"message","role":"assistant","content":[{"type":"text","text":"ssn 078-05-1120"}]}),
+        json!({"object":"response","output":[{"type":"message","content":[{"type":"output_text","text":"ssn 078-05-1120"}]}]}),
+    ];
+    for answer in answers {
+        let bytes = serde_json::to_vec(&answer).unwrap();
+        let masked = h
+            .chain(&pii, Stage::Output)
+            .answer(&bytes)
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8(masked.to_vec()).unwrap();
+        assert!(
+            text.contains("ssn [US_SSN_REDACTED]") && !text.contains("1120"),
+            "{text}"
+        );
+    }
+}
+
+fn chat_event(text: &str) -> Bytes {
+    let event = json!({"choices":[{"index":0,"delta":{"content":text}}]});
+    Bytes::from(format!("data: {event}\n\n"))
+}
+
+fn sent(filtered: Filtered) -> String {
+    match filtered {
+        Filtered::Send(b) => String::from_utf8(b.to_vec()).unwrap(),
+        _ => panic!("not sent"),
+    }
+}
+
+/// The text the caller's client puts together from the deltas.
+fn deltas(stream: &str) -> String {
+    stream
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .filter_map(|v| {
+            v.pointer("/choices/0/delta/content")?
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+#[test]
+fn a_stream_masks_a_span_split_across_events_and_releases_the_rest_at_the_end() {
+    let h = Harness::new();
+    let pii = guardrail(
+        json!({"name": "pii", "kind": "pii", "detectors": [{"type": "email"}],
+        "window_size": 16, "window_overlap_size": 12}),
+    );
+    let metrics = Arc::new(Metrics::default());
+    let mut guard = StreamGuard::new(
+        vec![pii],
+        "r".into(),
+        h.record.clone(),
+        metrics,
+        Envelope::OpenAi,
+    );
+    let mut out = String::new();
+    for piece in [
+        "Write to ann.lee@exa",
+        "mple.com today, or to bo",
+        "b@example.org. ",
+        "That is all.",
+    ] {
+        out.push_str(&sent(guard.check(chat_event(piece))));
+    }
+    out.push_str(&sent(guard.check(Bytes::from(
+        "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n",
+    ))));
+    assert_eq!(
+        deltas(&out),
+        "Write to [EMAIL_REDACTED] today, or to [EMAIL_REDACTED]. That is all."
+    );
+    assert!(!out.contains("example"), "{out}");
+    assert!(out.trim_end().ends_with("data: [DONE]"), "{out}");
+    let finish = out.find("finish_reason").unwrap();
+    assert!(
+        out[..finish].contains("That is all."),
+        "held text goes out before the finish chunk"
+    );
+}
+
+#[test]
+fn a_stream_is_blocked_on_text_split_across_events_and_buffer_full_holds_everything() {
+    let h = Harness::new();
+    let words = guardrail(
+        json!({"name": "words", "patterns": [{"kind": "regex", "value": "mock\\s+provider"}]}),
+    );
+    let metrics = Arc::new(Metrics::default());
+    let mut guard = StreamGuard::new(
+        vec![words],
+        "r".into(),
+        h.record.clone(),
+        metrics.clone(),
+        Envelope::OpenAi,
+    );
+    let first = sent(guard.check(chat_event("Hello from the mock")));
+    assert!(
+        !first.contains("mock"),
+        "held back within the overlap: {first}"
+    );
+    // The window is not full yet: the text is checked when the answer ends.
+    assert_eq!(deltas(&sent(guard.check(chat_event(" provider.")))), "");
+    let finish = Bytes::from(
+        "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+    );
+    let Filtered::Abort(error) = guard.check(finish) else {
+        panic!("not blocked")
+    };
+    let error = String::from_utf8(error.to_vec()).unwrap();
+    assert!(error.starts_with("data: {\"error\""), "{error}");
+    assert!(error.contains("content_filter") && error.contains("words"));
+    assert!(
+        !error.contains("provider."),
+        "the matched text is not echoed"
+    );
+
+    let whole = guardrail(
+        json!({"name": "whole", "kind": "pii", "detectors": [{"type": "email"}],
+        "stream_processing_mode": "buffer_full", "max_buffer_bytes": 40}),
+    );
+    let mut guard = StreamGuard::new(
+        vec![whole],
+        "r".into(),
+        h.record.clone(),
+        metrics,
+        Envelope::OpenAi,
+    );
+    assert_eq!(
+        deltas(&sent(guard.check(chat_event("a long answer, ")))),
+        ""
+    );
+    let Filtered::Abort(error) = guard.check(chat_event("longer than the forty bytes allowed"))
+    else {
+        panic!("a full buffer fails closed by default")
+    };
+    assert!(String::from_utf8_lossy(&error).contains("max_buffer_bytes"));
+}
+
+fn attachment(id: &str, json: serde_json::Value) -> (String, Bytes) {
+    let _: Attachment = Attachment::from_spec(
+        id,
+        serde_json::from_value::<AttachmentSpec>(json.clone()).unwrap(),
+    )
+    .unwrap();
+    (
+        ResourceKey::new(Kind::GuardrailAttachments, id).full("/aisix"),
+        Bytes::from(json.to_string()),
+    )
+}
+
+#[test]
+fn attachments_scope_rules_by_priority_and_rules_run_oldest_first() {
+    let store = SnapshotStore::new("/aisix");
+    let doc = |kind: Kind, id: &str, json: serde_json::Value| {
+        (
+            ResourceKey::new(kind, id).full("/aisix"),
+            Bytes::from(json.to_string()),
+        )
+    };
+    let mut entries = vec![
+        doc(
+            Kind::Guardrails,
+            "new",
+            json!({"name": "new", "created_at": "2026-02-01T00:00:00Z", "patterns": [{"value": "x"}]}),
+        ),
+        doc(
+            Kind::Guardrails,
+            "old",
+            json!({"name": "old", "created_at": 1700000000, "patterns": [{"value": "x"}]}),
+        ),
+        doc(
+            Kind::Guardrails,
+            "undated",
+            json!({"name": "undated", "hook_point": "output", "patterns": [{"value": "x"}]}),
+        ),
+        doc(
+            Kind::Guardrails,
+            "scoped",
+            json!({"name": "scoped", "models": ["gpt-*"], "patterns": [{"value": "x"}]}),
+        ),
+    ];
+    // "new" applies everywhere but to model m2 (a disabled attachment of higher priority)
+    // and to team t1's keys.
+    entries.push(attachment(
+        "a1",
+        json!({"guardrail_id": "new", "scope_type": "env", "priority": 1}),
+    ));
+    entries.push(attachment("a2", json!({"guardrail_id": "new", "scope_type": "model", "scope_id": "m2", "priority": 5, "enabled": false})));
+    entries.push(attachment("a3", json!({"guardrail_id": "new", "scope_type": "team", "scope_id": "t1", "priority": 1, "enabled": false})));
+    // "old" applies to key k9 only.
+    entries.push(attachment(
+        "a4",
+        json!({"guardrail_id": "old", "scope_type": "api_key", "scope_id": "k9"}),
+    ));
+    store.apply(
+        Source::File,
+        [SourceEvent::Reset {
+            entries,
+            revision: 1,
+        }],
+    );
+    let snapshot = store.load();
+    let names = |subject: Subject<'_>| -> (Vec<String>, Vec<String>) {
+        let found = applicable(&snapshot, &subject);
+        let names = |v: &[Arc<Guardrail>]| v.iter().map(|g| g.name.to_string()).collect();
+        (names(&found.input), names(&found.output))
+    };
+    let base = Subject {
+        model_id: "id1",
+        model: "gpt-4o",
+        api_key_id: "k9",
+        team_id: None,
+        passthrough: None,
+    };
+    assert_eq!(
+        names(base),
+        (
+            vec!["old".into(), "new".into(), "scoped".into()],
+            vec![
+                "old".into(),
+                "new".into(),
+                "scoped".into(),
+                "undated".into()
+            ]
+        )
+    );
+    assert_eq!(
+        names(Subject {
+            model: "m2",
+            api_key_id: "k1",
+            ..base
+        })
+        .0,
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        names(Subject {
+            api_key_id: "k1",
+            team_id: Some("t1"),
+            ..base
+        })
+        .0,
+        ["scoped"]
+    );
+    assert_eq!(
+        names(Subject {
+            api_key_id: "k1",
+            ..base
+        })
+        .0,
+        ["new", "scoped"]
+    );
+}
+
+#[test]
+fn bad_guardrails_are_rejected_naming_the_field() {
+    let problems = |json: serde_json::Value| -> Vec<String> {
+        let spec: GuardrailSpec = serde_json::from_value(json).unwrap();
+        Guardrail::from_spec("g", spec)
+            .unwrap_err()
+            .0
+            .into_iter()
+            .map(|e| e.path)
+            .collect()
+    };
+    assert_eq!(
+        problems(json!({"name": "p", "kind": "pii", "detectors": [{"type": "passport"}]})),
+        ["detectors[0].type", "detectors"]
+    );
+    assert_eq!(
+        problems(
+            json!({"name": "p", "kind": "pii", "custom_patterns": [{"name": "c", "regex": "("}]})
+        ),
+        ["custom_patterns[0].regex", "detectors"]
+    );
+    assert_eq!(
+        problems(json!({"name": "k", "kind": "telepathy"})),
+        ["kind"]
+    );
+    assert_eq!(
+        problems(json!({"name": "k", "created_at": "yesterday"})),
+        ["created_at"]
+    );
+    assert_eq!(
+        problems(json!({"name": "k", "window_size": 10, "window_overlap_size": 10})),
+        ["window_overlap_size"]
+    );
+    let spec: AttachmentSpec =
+        serde_json::from_value(json!({"guardrail_id": "g", "scope_type": "model"})).unwrap();
+    let paths: Vec<String> = Attachment::from_spec("a", spec)
+        .unwrap_err()
+        .0
+        .into_iter()
+        .map(|e| e.path)
+        .collect();
+    assert_eq!(paths, ["scope_id"]);
+}
