@@ -75,7 +75,7 @@ impl ResourcesFile {
             Value::Mapping(m) => m,
             _ => {
                 return Err(shape(
-                    "the document must be a mapping with lists provider_keys, models, api_keys, guardrails"
+                    "the document must be a mapping with lists provider_keys, models, api_keys, guardrails, guardrail_attachments"
                         .to_owned(),
                 ));
             }
@@ -89,7 +89,7 @@ impl ResourcesFile {
                 return Err(shape("top-level keys must be strings".to_owned()));
             };
             let Some(kind) = Kind::parse(name) else {
-                out.problems.push(format!("{name}: unknown resource list (expected provider_keys, models, api_keys or guardrails); ignored"));
+                out.problems.push(format!("{name}: unknown resource list (expected provider_keys, models, api_keys, guardrails or guardrail_attachments); ignored"));
                 continue;
             };
             let items = match list {
@@ -177,7 +177,7 @@ mod tests {
                 "models[2].id: duplicate id 'x' (first used by models[1]); skipped",
                 "models[3]: must be a mapping",
                 "models[4].id: must be a non-empty string without '/'",
-                "widgets: unknown resource list (expected provider_keys, models, api_keys or guardrails); ignored",
+                "widgets: unknown resource list (expected provider_keys, models, api_keys, guardrails or guardrail_attachments); ignored",
             ]
         );
     }

@@ -596,6 +596,73 @@ async fn output_guardrails_block_answers_and_end_streams_with_an_error_event() {
 }
 
 #[tokio::test]
+async fn pii_is_masked_before_the_upstream_and_before_the_caller_whole_and_streamed() {
+    let recorder = std::sync::Arc::new(Recorder::default());
+    let hooks = Hooks {
+        usage: Some(recorder.clone()),
+        ..Hooks::default()
+    };
+    let h = harness_with(ProxyOptions::default(), hooks).await;
+    // The mock answers "Hello from the mock provider.": the rule masks "mock provider".
+    let r = h
+        .chat(
+            Some(CALLER),
+            says("guarded-pii", "mail me at ann.lee@corp.example", false),
+        )
+        .await;
+    let (status, body) = status_and_body(r).await;
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        answer["choices"][0]["message"]["content"],
+        "Hello from the [VENDOR_REDACTED]."
+    );
+    let sent = h.mock.requests()[0].json();
+    assert_eq!(
+        sent["messages"][0]["content"],
+        "mail me at [EMAIL_REDACTED]"
+    );
+    assert_eq!(sent["model"], "up-gpt");
+    // Streamed in pieces, the span split across them: still masked whole.
+    let r = h.chat(Some(CALLER), says("guarded-pii", "hi", true)).await;
+    let (text, aborted) = read_stream(r).await;
+    assert!(!aborted, "{text}");
+    let deltas: String = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(deltas, "Hello from the [VENDOR_REDACTED].");
+    assert!(!text.contains("provider"), "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    // Each usage event says what the rule did, never the text.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while recorder.0.lock().unwrap().len() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let events = recorder.0.lock().unwrap().clone();
+    let verdicts: Vec<(String, String, Vec<String>)> = events[0]
+        .guardrails
+        .iter()
+        .map(|v| (v.hook.clone(), v.outcome.clone(), v.found.clone()))
+        .collect();
+    assert_eq!(
+        verdicts,
+        [
+            ("input".into(), "masked".into(), vec!["EMAIL".into()]),
+            ("output".into(), "masked".into(), vec!["VENDOR".into()]),
+        ]
+    );
+    assert_eq!(events[1].guardrails[0].outcome, "masked");
+    assert!(!format!("{events:?}").contains("ann.lee"));
+}
+
+#[tokio::test]
 async fn the_response_cache_serves_repeats_per_caller_without_the_upstream_or_token_charges() {
     let h = harness(ProxyOptions {
         cache: Some(proxy_core::pipeline::cache::CacheOptions {

@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use super::ResourcesFile;
 
 /// AISIX kinds this build does not have: their lists are reported and skipped.
-const NOT_SUPPORTED: &[&str] = &["guardrail_attachments", "policies"];
+const NOT_SUPPORTED: &[&str] = &["policies"];
 
 /// An AISIX-format document (its root), as storage keys and JSON documents under
 /// `prefix`; `Err` says why the whole file is refused.
@@ -48,7 +48,7 @@ pub(super) fn read(
         }
         let Some(kind) = Kind::parse(&name) else {
             refusals.push(format!(
-                "{name}: unknown top-level key (expected _format_version, provider_keys, models, api_keys, guardrails)"
+                "{name}: unknown top-level key (expected _format_version, provider_keys, models, api_keys, guardrails, guardrail_attachments)"
             ));
             continue;
         };
@@ -70,6 +70,7 @@ pub(super) fn read(
         Kind::Models,
         Kind::ApiKeys,
         Kind::Guardrails,
+        Kind::GuardrailAttachments,
     ];
     for kind in order {
         let Some(items) = lists.remove(&kind) else {
@@ -89,8 +90,8 @@ pub(super) fn read(
                     }
                     seen.insert(identity.clone(), i);
                     let id = derived_id(kind, &identity);
-                    if kind == Kind::ProviderKeys {
-                        key_ids.insert(identity, id.clone());
+                    if matches!(kind, Kind::ProviderKeys | Kind::Guardrails) {
+                        key_ids.insert(format!("{kind}/{identity}"), id.clone());
                     }
                     out.entries
                         .push((format!("{prefix}/{kind}/{id}"), Bytes::from(document)));
@@ -105,8 +106,42 @@ pub(super) fn read(
 fn identity_field(kind: Kind) -> &'static str {
     match kind {
         Kind::Guardrails => "name",
+        Kind::GuardrailAttachments => "guardrail, scope_type and scope_id",
         _ => "display_name",
     }
+}
+
+/// An attachment names its guardrail by `guardrail` (the guardrail's name in this
+/// file) or `guardrail_id`; it is identified by what it attaches to what.
+fn attachment(
+    mut fields: serde_yaml_ng::Mapping,
+    at: &str,
+    ids: &HashMap<String, String>,
+) -> Result<(String, Vec<u8>), String> {
+    let text = |fields: &serde_yaml_ng::Mapping, name: &str| {
+        fields
+            .get(name)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    if let Some(name) = fields.shift_remove("guardrail") {
+        let name = name.as_str().unwrap_or_default().to_owned();
+        let Some(id) = ids.get(&format!("{}/{name}", Kind::Guardrails)) else {
+            return Err(format!(
+                "{at}.guardrail: no guardrail named '{name}' in this file"
+            ));
+        };
+        fields.insert("guardrail_id".into(), Value::String(id.clone()));
+    }
+    let identity = format!(
+        "{}/{}/{}",
+        text(&fields, "guardrail_id"),
+        text(&fields, "scope_type"),
+        text(&fields, "scope_id")
+    );
+    let json = serde_json::to_vec(&fields).map_err(|e| format!("{at}: {e}"))?;
+    Ok((identity, json))
 }
 
 /// The id of the entry of `kind` named `identity`: stable across reloads and processes.
@@ -140,6 +175,9 @@ fn entry(
     if let Some(problem) = missing.into_iter().next() {
         return Err(problem);
     }
+    if kind == Kind::GuardrailAttachments {
+        return attachment(fields, at, key_ids);
+    }
     let identity = match fields.get(identity_field(kind)) {
         Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
         _ => {
@@ -154,8 +192,11 @@ fn entry(
         Kind::Models => {
             if let Some(name) = fields.shift_remove("provider_key") {
                 let name = name.as_str().unwrap_or_default().to_owned();
-                let Some(id) = key_ids.get(&name) else {
-                    let mut known: Vec<&str> = key_ids.keys().map(String::as_str).collect();
+                let Some(id) = key_ids.get(&format!("{}/{name}", Kind::ProviderKeys)) else {
+                    let mut known: Vec<&str> = key_ids
+                        .keys()
+                        .filter_map(|k| k.strip_prefix("provider_keys/"))
+                        .collect();
                     known.sort_unstable();
                     return Err(format!(
                         "{at}.provider_key: no provider key named '{name}' (there are: {})",
@@ -327,21 +368,48 @@ api_keys:
     }
 
     #[test]
+    fn attachments_name_their_guardrail_by_name() {
+        let text = format!(
+            "{FILE}guardrails:\n  - {{name: pii, kind: pii, detectors: [{{type: email}}]}}\nguardrail_attachments:\n  - {{guardrail: pii, scope_type: model, scope_id: gpt-4o, priority: 2}}\n  - {{guardrail: pii, scope_type: model, scope_id: gpt-4o}}\n"
+        );
+        let f = parse(&text).unwrap();
+        assert_eq!(
+            f.problems,
+            ["guardrail_attachments[1]: duplicate guardrail, scope_type and scope_id '{id}/model/gpt-4o' (first used by guardrail_attachments[0]); skipped"
+                .replace("{id}", &derived_id(Kind::Guardrails, "pii"))]
+        );
+        let (key, json) = f
+            .entries
+            .iter()
+            .find(|(k, _)| k.starts_with("/aisix/guardrail_attachments/"))
+            .unwrap();
+        let doc: serde_json::Value = serde_json::from_slice(json).unwrap();
+        assert_eq!(
+            doc["guardrail_id"],
+            derived_id(Kind::Guardrails, "pii").as_str()
+        );
+        assert!(doc.get("guardrail").is_none());
+        let resource = proxy_core::resources::ResourceKey::parse("/aisix", key).unwrap();
+        assert!(proxy_core::resources::Resource::parse(&resource, json).is_ok());
+    }
+
+    #[test]
     fn every_problem_is_reported_with_kind_entry_and_field() {
         let text = FILE
             .replace("provider_key: openai-prod", "provider_key: openai-staging")
             .replace("TEAM_A_KEY", "UNSET_KEY")
             .replace("${OPENAI_KEY}", "${NOT_SET}")
-            + "  - display_name: team-b\n    key_hash: x\n    allowed_models: []\nguardrail_attachments: []\n";
+            + "  - display_name: team-b\n    key_hash: x\n    allowed_models: []\npolicies: []\nguardrail_attachments:\n  - {guardrail: nope, scope_type: env}\n";
         let f = parse(&text).unwrap();
         assert_eq!(
             f.problems,
             [
-                "guardrail_attachments: not supported by this build; ignored",
+                "policies: not supported by this build; ignored",
                 "provider_keys[0].api_key: the environment variable NOT_SET is not set",
                 "models[0] ('gpt-4o').provider_key: no provider key named 'openai-staging' (there are: none)",
                 "api_keys[0] ('team-a').key_env: the environment variable UNSET_KEY is not set",
                 "api_keys[2]: duplicate display_name 'team-b' (first used by api_keys[1]); skipped",
+                "guardrail_attachments[0].guardrail: no guardrail named 'nope' in this file",
             ]
         );
         // The key's value never shows in a problem.

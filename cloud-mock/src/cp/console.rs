@@ -50,7 +50,13 @@ use super::state::{Budget, Settings, Spend, scoped};
 use super::{ControlPlane, budget, unix_now, unix_now_ms};
 
 const DAY: u64 = 86_400;
-const KINDS: [&str; 4] = ["provider_keys", "models", "api_keys", "guardrails"];
+const KINDS: [&str; 5] = [
+    "provider_keys",
+    "models",
+    "api_keys",
+    "guardrails",
+    "guardrail_attachments",
+];
 
 /// A console error: a status and a message for `{"error": ...}`.
 pub struct ConsoleError(StatusCode, String);

@@ -224,6 +224,20 @@ pub async fn harness_with(options: ProxyOptions, hooks: Hooks) -> Harness {
                    "patterns": [{"kind": "regex", "value": "mock\\s+provider"}]}),
         ),
         (
+            "models/g4",
+            json!({"display_name": "guarded-pii", "model_name": "up-gpt", "provider_key_id": "pk1"}),
+        ),
+        (
+            "guardrails/gr4",
+            json!({"name": "pii", "kind": "pii", "window_size": 20, "window_overlap_size": 16,
+                   "detectors": [{"type": "email"}],
+                   "custom_patterns": [{"name": "vendor", "regex": "mock\\s+provider"}]}),
+        ),
+        (
+            "guardrail_attachments/ga4",
+            json!({"guardrail_id": "gr4", "scope_type": "model", "scope_id": "guarded-pii"}),
+        ),
+        (
             "guardrails/gr3",
             json!({"name": "watcher", "enforcement_mode": "monitor", "models": ["guarded-watch"],
                    "patterns": [{"kind": "literal", "value": "forbidden-word"}, {"kind": "literal", "value": "mock provider"}]}),
