@@ -130,8 +130,8 @@ pub(super) async fn admit<'s>(
     let mut masked = None;
     if !guards.input.is_empty() {
         let started = call.record.clock();
-        let chain = call.guardrails(&guards.input, Stage::Input, &state.hooks.metrics);
-        let checked = chain.request(request);
+        let chain = call.guardrails(&guards.input, Stage::Input, state);
+        let checked = chain.request(request).await;
         let outcome = match &checked {
             Ok(None) => "passed",
             Ok(Some(_)) => "masked",

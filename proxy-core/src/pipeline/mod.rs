@@ -139,7 +139,7 @@ async fn phases(
         None => None,
     };
     if let Some(hit) = hit {
-        return respond::from_cache(state, &hit, admitted, call);
+        return respond::from_cache(state, &hit, admitted, call).await;
     }
     let caller_request = CallerRequest {
         endpoint: call.endpoint,

@@ -121,14 +121,15 @@ async fn forward(
     let mut bytes = read_body(body, headers, &state.options).await?;
     // The guardrails of the model that grants the access; input ones read the body.
     let guards = guardrails::applicable(snapshot, &subject(model, caller, Some(provider)));
-    let chain = |rules, stage| Chain {
-        rules,
-        stage,
+    let input = Chain {
+        rules: &guards.input,
+        stage: Stage::Input,
         request_id,
         record,
         metrics: &state.hooks.metrics,
+        detectors: &state.detectors,
     };
-    if let Some(masked) = chain(&guards.input, Stage::Input).raw(&bytes)? {
+    if let Some(masked) = input.raw(&bytes).await? {
         bytes = masked;
     }
     let mut url = format!("{}/{rest}", provider_key.api_base);
@@ -177,6 +178,7 @@ async fn forward(
             _ => Envelope::OpenAi,
         },
         metrics: state.hooks.metrics.clone(),
+        detectors: state.detectors.clone(),
     };
     relay(response, &content_type, usage, output, record).await
 }
@@ -186,6 +188,7 @@ struct Output {
     rules: Vec<Arc<Guardrail>>,
     envelope: Envelope,
     metrics: Arc<crate::observe::metrics::Metrics>,
+    detectors: Arc<guardrails::Detectors>,
 }
 
 /// The upstream's answer as it comes, its usage read where its format is known
@@ -218,8 +221,9 @@ async fn relay(
             request_id: record.request_id(),
             record,
             metrics: &output.metrics,
+            detectors: &output.detectors,
         };
-        let checked = chain.answer(&answer);
+        let checked = chain.answer(&answer).await;
         let mut tap = WholeTap::json(usage);
         tap.observe(&answer);
         drop(tap);
@@ -246,25 +250,26 @@ async fn relay(
     );
     let body = if content_type.starts_with("text/event-stream") {
         let mut tap = usage.tap();
-        let mut guard = (!output.rules.is_empty()).then(|| {
-            StreamGuard::new(
+        let body = sse::filter_events(upstream, move |events| {
+            tap.observe(&events);
+            Filtered::Send(events)
+        });
+        if output.rules.is_empty() {
+            body
+        } else {
+            if let Some(headers) = relayed.headers_mut() {
+                headers.remove(header::CONTENT_LENGTH);
+            }
+            let guard = StreamGuard::new(
                 output.rules,
                 record.request_id().clone(),
                 record.clone(),
                 output.metrics,
+                output.detectors,
                 output.envelope,
-            )
-        });
-        if let Some(headers) = relayed.headers_mut() {
-            headers.remove(header::CONTENT_LENGTH);
+            );
+            guardrails::guarded(body, guard)
         }
-        sse::filter_events(upstream, move |events| {
-            tap.observe(&events);
-            match &mut guard {
-                Some(guard) => guard.check(events),
-                None => Filtered::Send(events),
-            }
-        })
     } else {
         let mut tap = if json {
             WholeTap::json(usage)

@@ -23,7 +23,7 @@ use crate::formats::sse;
 use crate::formats::tokens::Tokens;
 use crate::hooks::UsageEvent;
 use crate::observe::usage::{Pending, unix_now_ms};
-use crate::policy::guardrails::{Chain, Stage};
+use crate::policy::guardrails::{self, Chain, Stage, StreamGuard};
 use crate::resources::{Model, ModelTarget};
 use crate::snapshot::Snapshot;
 
@@ -71,7 +71,6 @@ pub(super) async fn respond(
             call,
             conversion,
             usage,
-            output,
             strip_usage,
             served_by.name.clone(),
             state.hooks.metrics.clone(),
@@ -81,6 +80,20 @@ pub(super) async fn respond(
             None => filter,
         };
         let body = sse::filter_stream_kept_alive(answer.body, filter, state.options.sse_keepalive);
+        // Output rules see the stream in the caller's format, as it leaves.
+        let body = if output.is_empty() {
+            body
+        } else {
+            let guard = StreamGuard::new(
+                output,
+                call.request_id.clone(),
+                call.record.clone(),
+                state.hooks.metrics.clone(),
+                state.detectors.clone(),
+                call.endpoint.envelope(),
+            );
+            guardrails::guarded(body, guard)
+        };
         let content_type = answer.content_type.filter(|_| conversion.is_none());
         build(answer.status, content_type, body, &served_by.name, true)
     } else {
@@ -90,7 +103,7 @@ pub(super) async fn respond(
             body: answer.body,
             conversion,
         };
-        let chain = call.guardrails(&output, Stage::Output, &state.hooks.metrics);
+        let chain = call.guardrails(&output, Stage::Output, state);
         whole_answer(whole, usage, &chain, served_by, cache, call).await
     };
     response.headers_mut().extend(admitted.quota_headers);
@@ -134,7 +147,13 @@ async fn whole_answer(
         e.log(request_id);
     }
     // Output rules run before the usage event is made, so it carries their verdicts.
-    let checked = converted.and_then(|answer| Ok(output.answer(&answer)?.unwrap_or(answer)));
+    let checked = match converted {
+        Ok(answer) => output
+            .answer(&answer)
+            .await
+            .map(|masked| masked.unwrap_or(answer)),
+        Err(e) => Err(e),
+    };
     // Usage is read in the upstream's format, which may say more (cache writes).
     usage.finish_answer(&bytes);
     let bytes = match checked {
@@ -161,14 +180,17 @@ async fn whole_answer(
 
 /// A kept answer: output guardrails still apply (they may have changed since); no
 /// upstream is called and no tokens are charged.
-pub(super) fn from_cache(
+pub(super) async fn from_cache(
     state: &Inner,
     hit: &Cached,
     admitted: Admitted<'_>,
     call: &Call,
 ) -> Result<Response, ProxyError> {
-    let chain = call.guardrails(&admitted.guards.output, Stage::Output, &state.hooks.metrics);
-    let body = chain.answer(&hit.body)?.unwrap_or_else(|| hit.body.clone());
+    let chain = call.guardrails(&admitted.guards.output, Stage::Output, state);
+    let body = chain
+        .answer(&hit.body)
+        .await?
+        .unwrap_or_else(|| hit.body.clone());
     let mut response = build(
         hit.status,
         hit.content_type.clone(),

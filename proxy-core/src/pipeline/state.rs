@@ -2,6 +2,7 @@
 //! gateway's own headers, and the call being served.
 
 use crate::observe::trace::Tracing;
+use crate::policy::guardrails::Detectors;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -146,6 +147,8 @@ pub struct ProxyState(pub(crate) Arc<Inner>);
 pub(crate) struct Inner {
     pub store: Arc<SnapshotStore>,
     pub upstream: Upstream,
+    /// Guardrails' detector services: their client and circuits.
+    pub detectors: Arc<Detectors>,
     pub options: ProxyOptions,
     pub draining: CancellationToken,
     pub started_unix: u64,
@@ -173,7 +176,9 @@ impl ProxyState {
         let cache = options.cache.clone().map(ResponseCache::new);
         let limiter = Arc::new(RateLimiter::new(options.shared_limits.clone()));
         let routing = RoutingState::with_default_retries(upstream.default_retries());
+        let detectors = Arc::new(Detectors::new(upstream.client().clone()));
         Self(Arc::new(Inner {
+            detectors,
             store,
             upstream,
             options,
@@ -214,14 +219,15 @@ impl Call {
         &'a self,
         rules: &'a [Arc<crate::resources::Guardrail>],
         stage: crate::policy::guardrails::Stage,
-        metrics: &'a crate::observe::metrics::Metrics,
+        state: &'a Inner,
     ) -> crate::policy::guardrails::Chain<'a> {
         crate::policy::guardrails::Chain {
             rules,
             stage,
             request_id: &self.request_id,
             record: &self.record,
-            metrics,
+            metrics: &state.hooks.metrics,
+            detectors: &state.detectors,
         }
     }
 }

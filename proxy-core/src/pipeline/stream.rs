@@ -27,15 +27,12 @@ use crate::formats::sse::{self, EventFilter, Filtered, StreamBreak};
 use crate::observe::metrics::Metrics;
 use crate::observe::record::Record;
 use crate::observe::usage::{Pending, StreamTap};
-use crate::policy::guardrails::StreamGuard;
-use crate::resources::Guardrail;
 
 /// The filter of one streamed answer (see the module documentation).
 pub(super) struct AnswerStream {
     translator: Option<StreamTranslator>,
     tap: StreamTap,
     strip_usage: bool,
-    guard: Option<StreamGuard>,
     endpoint: Endpoint,
     record: Record,
     metrics: Arc<Metrics>,
@@ -74,14 +71,6 @@ impl EventFilter for AnswerStream {
         } else {
             run
         };
-        if let Some(guard) = &mut self.guard {
-            let checked = guard.check(run);
-            let Filtered::Send(run) = checked else {
-                self.record.late_error("content_filter");
-                return checked;
-            };
-            return self.sent(run, broke);
-        }
         self.sent(run, broke)
     }
 
@@ -140,25 +129,14 @@ impl AnswerStream {
         call: &Call,
         conversion: Conversion,
         usage: Pending,
-        output: Vec<Arc<Guardrail>>,
         strip_usage: bool,
         served_by: Arc<str>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let guard = (!output.is_empty()).then(|| {
-            StreamGuard::new(
-                output,
-                call.request_id.clone(),
-                call.record.clone(),
-                metrics.clone(),
-                call.endpoint.envelope(),
-            )
-        });
         Self {
             translator: conversion.stream(&served_by),
             tap: usage.tap(),
             strip_usage,
-            guard,
             endpoint: call.endpoint,
             record: call.record.clone(),
             metrics,

@@ -128,6 +128,12 @@ impl Upstream {
         Self::with_options(&UpstreamOptions::default())
     }
 
+    /// The HTTP client (no redirects followed), for the gateway's other outbound
+    /// calls (guardrail detectors).
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
     pub fn with_options(options: &UpstreamOptions) -> Result<Self, reqwest::Error> {
         crate::install_crypto_provider();
         let mut builder = reqwest::Client::builder()

@@ -6,7 +6,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use serde_json::Value;
+
+use crate::secret::Secret;
 
 use super::spec::{AttachmentSpec, CustomPatternSpec, GuardrailSpec, PiiDetectorSpec};
 use super::types::{ModelPattern, Problems};
@@ -48,6 +52,7 @@ impl Guardrail {
         match &self.check {
             Check::Keyword(_) => "keyword",
             Check::Pii(_) => "pii",
+            Check::Remote(remote) => remote.kind(),
             Check::Unsupported(kind) => kind,
         }
     }
@@ -87,6 +92,8 @@ pub enum Check {
     /// as case-insensitive regexes of their escaped text.
     Keyword(Vec<regex::Regex>),
     Pii(Vec<PiiRule>),
+    /// A detector service, called per check.
+    Remote(Remote),
     /// A kind this agent cannot run; it never passes silently (`fail_open` decides).
     Unsupported(&'static str),
 }
@@ -175,26 +182,101 @@ pub const DEFAULT_WINDOW: usize = 256;
 pub const DEFAULT_OVERLAP: usize = 64;
 pub const DEFAULT_MAX_BUFFER: usize = 1 << 20;
 
-/// Kinds an operator may configure that call a service or a model this agent does not
-/// run (yet): accepted, reported, and never a silent pass.
-const UNSUPPORTED_KINDS: [&str; 9] = [
-    "presidio",
-    "openai_moderation",
-    "lakera",
-    "azure_content_safety",
-    "azure_content_safety_text_moderation",
-    "bedrock",
-    "aliyun_text_moderation",
-    "aliyun_ai_guardrail",
-    "semantic",
-];
+/// Kinds an operator may configure that call a regional service or a local model this
+/// agent does not run: accepted, reported, and never a silent pass.
+const UNSUPPORTED_KINDS: [&str; 3] = ["aliyun_text_moderation", "aliyun_ai_guardrail", "semantic"];
+
+/// The detector services guardrails call.
+#[derive(Debug)]
+pub enum Remote {
+    Presidio(Presidio),
+    OpenAiModeration {
+        /// `{endpoint}/moderations`.
+        base: String,
+        api_key: Secret,
+        model: String,
+        /// Only the listed categories are enforced; none listed: the service's `flagged`.
+        thresholds: BTreeMap<String, f64>,
+    },
+    Lakera {
+        base: String,
+        api_key: Secret,
+        project_id: Option<String>,
+    },
+    /// Azure AI Content Safety's Prompt Shield.
+    PromptShield {
+        base: String,
+        api_key: Secret,
+    },
+    TextModeration(TextModeration),
+    Bedrock(BedrockGuardrail),
+}
+
+impl Remote {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Remote::Presidio(_) => "presidio",
+            Remote::OpenAiModeration { .. } => "openai_moderation",
+            Remote::Lakera { .. } => "lakera",
+            Remote::PromptShield { .. } => "azure_content_safety",
+            Remote::TextModeration(_) => "azure_content_safety_text_moderation",
+            Remote::Bedrock(_) => "bedrock",
+        }
+    }
+
+    /// Whether a verdict may rewrite text (then the rule runs on its own, in order);
+    /// the others only block, and consecutive ones are called at the same time.
+    pub fn masks(&self) -> bool {
+        matches!(self, Remote::Presidio(_) | Remote::Bedrock(_))
+    }
+}
+
+#[derive(Debug)]
+pub struct Presidio {
+    pub analyzer: String,
+    pub anonymizer: Option<String>,
+    /// Entity types and their actions; empty: every recognizer, `default_action`.
+    pub entities: Vec<(String, PiiAction)>,
+    pub language: String,
+    pub score_threshold: Option<f64>,
+    /// The anonymizer's operator: `replace`, `mask`, `hash`, `redact`.
+    pub operator: String,
+    pub default_action: PiiAction,
+}
+
+#[derive(Debug)]
+pub struct TextModeration {
+    pub base: String,
+    pub api_key: Secret,
+    pub categories: Vec<String>,
+    pub blocklists: Vec<String>,
+    pub halt_on_blocklist_hit: bool,
+    pub output_type: String,
+    /// A category at this severity or above blocks (per-category overrides win).
+    pub threshold: u32,
+    pub by_category: BTreeMap<String, u32>,
+    /// `concatenate_all_content`; else only the callers' own messages.
+    pub all_content: bool,
+}
+
+#[derive(Debug)]
+pub struct BedrockGuardrail {
+    /// `https://bedrock-runtime.{region}.amazonaws.com`, or `endpoint`.
+    pub base: String,
+    pub id: String,
+    pub version: String,
+    pub credential: super::AwsCredential,
+    /// `latency_mode: timed`: the longest wait for a verdict (else `timeout_ms`).
+    pub timed: Option<Duration>,
+}
 
 impl Guardrail {
-    pub fn from_spec(id: &str, spec: GuardrailSpec) -> Result<Self, Problems> {
+    pub fn from_spec(id: &str, mut spec: GuardrailSpec) -> Result<Self, Problems> {
         let mut p = Problems::default();
         let stream = stream_check(&mut p, &spec);
-        let name = required_name(&mut p, "name", spec.name);
-        let check = match spec.kind.as_deref() {
+        let name = required_name(&mut p, "name", spec.name.take());
+        let kind = spec.kind.take();
+        let check = match kind.as_deref() {
             None | Some("keyword") => Check::Keyword(keyword_patterns(&mut p, spec.patterns)),
             Some("pii") => Check::Pii(pii_rules(
                 &mut p,
@@ -202,6 +284,14 @@ impl Guardrail {
                 spec.custom_patterns,
                 spec.default_action.as_deref(),
             )),
+            Some(
+                kind @ ("presidio"
+                | "openai_moderation"
+                | "lakera"
+                | "azure_content_safety"
+                | "azure_content_safety_text_moderation"
+                | "bedrock"),
+            ) => Check::Remote(remote(&mut p, kind, &mut spec)),
             Some(other) => match UNSUPPORTED_KINDS.iter().find(|k| **k == other) {
                 Some(kind) => Check::Unsupported(kind),
                 None => {
@@ -422,6 +512,236 @@ fn pii_rules(
         );
     }
     rules
+}
+
+/// An `http(s)` URL without its trailing slash.
+fn base_url(p: &mut Problems, field: &str, value: Option<String>, default: Option<&str>) -> String {
+    let value = value.or_else(|| default.map(str::to_owned));
+    match value {
+        Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
+            url.trim_end_matches('/').to_owned()
+        }
+        Some(_) => {
+            p.push(field, "must be an http:// or https:// URL");
+            String::new()
+        }
+        None => {
+            p.push(field, "required");
+            String::new()
+        }
+    }
+}
+
+fn secret(p: &mut Problems, field: &str, value: Option<Secret>) -> Secret {
+    match value {
+        Some(s) if !s.is_empty() => s,
+        _ => {
+            p.push(field, "required");
+            Secret::new("")
+        }
+    }
+}
+
+fn remote(p: &mut Problems, kind: &str, spec: &mut GuardrailSpec) -> Remote {
+    match kind {
+        "presidio" => {
+            let default_action = action(
+                p,
+                "default_action".into(),
+                spec.default_action.as_deref(),
+                PiiAction::Mask,
+            );
+            let mut entities = Vec::new();
+            for (i, e) in spec
+                .entities
+                .take()
+                .unwrap_or_default()
+                .into_iter()
+                .enumerate()
+            {
+                let action = action(
+                    p,
+                    format!("entities[{i}].action"),
+                    e.action.as_deref(),
+                    default_action,
+                );
+                match e.kind.filter(|k| !k.is_empty()) {
+                    Some(kind) => entities.push((kind, action)),
+                    None => p.push(format!("entities[{i}].type"), "required"),
+                }
+            }
+            let masks = default_action == PiiAction::Mask
+                || entities.iter().any(|(_, a)| *a == PiiAction::Mask);
+            let anonymizer = match spec.anonymizer_url.take() {
+                Some(url) => Some(base_url(p, "anonymizer_url", Some(url), None)),
+                None if masks => {
+                    p.push("anonymizer_url", "required when an entity's action is mask");
+                    None
+                }
+                None => None,
+            };
+            let operator = spec.operator.take().unwrap_or_else(|| "replace".into());
+            if !["replace", "mask", "hash", "redact"].contains(&operator.as_str()) {
+                p.push(
+                    "operator",
+                    format!("'{operator}' is not one of replace, mask, hash, redact"),
+                );
+            }
+            Remote::Presidio(Presidio {
+                analyzer: base_url(p, "analyzer_url", spec.analyzer_url.take(), None),
+                anonymizer,
+                entities,
+                language: spec.language.take().unwrap_or_else(|| "en".into()),
+                score_threshold: spec.score_threshold,
+                operator,
+                default_action,
+            })
+        }
+        "openai_moderation" => Remote::OpenAiModeration {
+            base: base_url(
+                p,
+                "endpoint",
+                spec.endpoint.take(),
+                Some("https://api.openai.com/v1"),
+            ),
+            api_key: secret(p, "api_key", spec.api_key.take()),
+            model: spec
+                .model
+                .take()
+                .unwrap_or_else(|| "omni-moderation-latest".into()),
+            thresholds: spec.category_thresholds.take().unwrap_or_default(),
+        },
+        "lakera" => Remote::Lakera {
+            base: base_url(
+                p,
+                "endpoint",
+                spec.endpoint.take(),
+                Some("https://api.lakera.ai"),
+            ),
+            api_key: secret(p, "api_key", spec.api_key.take()),
+            project_id: spec.project_id.take(),
+        },
+        "azure_content_safety" => Remote::PromptShield {
+            base: base_url(p, "endpoint", spec.endpoint.take(), None),
+            api_key: secret(p, "api_key", spec.api_key.take()),
+        },
+        "azure_content_safety_text_moderation" => {
+            let output_type = spec
+                .output_type
+                .take()
+                .unwrap_or_else(|| "FourSeverityLevels".into());
+            if !["FourSeverityLevels", "EightSeverityLevels"].contains(&output_type.as_str()) {
+                p.push(
+                    "output_type",
+                    format!(
+                        "'{output_type}' is not one of FourSeverityLevels, EightSeverityLevels"
+                    ),
+                );
+            }
+            let all_content = one_of(
+                p,
+                "text_source",
+                spec.text_source.as_deref(),
+                &[
+                    ("concatenate_user_content", false),
+                    ("concatenate_all_content", true),
+                ],
+                false,
+            );
+            Remote::TextModeration(TextModeration {
+                base: base_url(p, "endpoint", spec.endpoint.take(), None),
+                api_key: secret(p, "api_key", spec.api_key.take()),
+                categories: spec.categories.take().unwrap_or_default(),
+                blocklists: spec.blocklist_names.take().unwrap_or_default(),
+                halt_on_blocklist_hit: spec.halt_on_blocklist_hit.unwrap_or(false),
+                output_type,
+                threshold: spec.severity_threshold.unwrap_or(4),
+                by_category: spec
+                    .severity_threshold_by_category
+                    .take()
+                    .unwrap_or_default(),
+                all_content,
+            })
+        }
+        _ => {
+            let region = spec.region.take().filter(|r| !r.is_empty());
+            if region.is_none() {
+                p.push("region", "required");
+            }
+            let region = region.unwrap_or_default();
+            let credential = match spec.aws_credentials.take() {
+                Some(c) => {
+                    if c.kind.as_deref().is_some_and(|k| k != "static") {
+                        p.push(
+                            "aws_credentials.kind",
+                            "only static credentials are supported",
+                        );
+                    }
+                    let access_key_id =
+                        c.access_key_id
+                            .filter(|k| !k.is_empty())
+                            .unwrap_or_else(|| {
+                                p.push("aws_credentials.access_key_id", "required");
+                                String::new()
+                            });
+                    super::AwsCredential {
+                        access_key_id,
+                        secret_access_key: secret(
+                            p,
+                            "aws_credentials.secret_access_key",
+                            c.secret_access_key,
+                        ),
+                        session_token: c.session_token,
+                        region: region.clone(),
+                    }
+                }
+                None => {
+                    p.push(
+                        "aws_credentials",
+                        "required ({kind: static, access_key_id, secret_access_key})",
+                    );
+                    super::AwsCredential {
+                        access_key_id: String::new(),
+                        secret_access_key: Secret::new(""),
+                        session_token: None,
+                        region: region.clone(),
+                    }
+                }
+            };
+            let timed = match spec.latency_mode.take() {
+                None => None,
+                Some(m) => match m.kind.as_deref() {
+                    None | Some("serial") => None,
+                    Some("timed") => Some(Duration::from_millis(m.timeout_ms.unwrap_or(1000))),
+                    Some(other) => {
+                        p.push(
+                            "latency_mode.kind",
+                            format!("'{other}' is not one of serial, timed"),
+                        );
+                        None
+                    }
+                },
+            };
+            let required = |p: &mut Problems, field: &str, v: Option<String>| {
+                v.filter(|s| !s.is_empty()).unwrap_or_else(|| {
+                    p.push(field, "required");
+                    String::new()
+                })
+            };
+            Remote::Bedrock(BedrockGuardrail {
+                base: base_url(
+                    p,
+                    "endpoint",
+                    spec.endpoint.take(),
+                    Some(&format!("https://bedrock-runtime.{region}.amazonaws.com")),
+                ),
+                id: required(p, "guardrail_id", spec.guardrail_id.take()),
+                version: required(p, "guardrail_version", spec.guardrail_version.take()),
+                credential,
+                timed,
+            })
+        }
+    }
 }
 
 /// RFC 3339 text, or Unix seconds.

@@ -150,11 +150,54 @@ pub struct GuardrailSpec {
     pub detectors: Option<Vec<PiiDetectorSpec>>,
     pub custom_patterns: Option<Vec<CustomPatternSpec>>,
     pub default_action: Option<String>,
+    /// Remote detectors: where they are and how they answer.
+    pub endpoint: Option<String>,
+    pub api_key: Option<Secret>,
+    /// `presidio`.
+    pub analyzer_url: Option<String>,
+    pub anonymizer_url: Option<String>,
+    pub entities: Option<Vec<PiiDetectorSpec>>,
+    pub language: Option<String>,
+    pub score_threshold: Option<f64>,
+    pub operator: Option<String>,
+    /// `openai_moderation`.
+    pub model: Option<String>,
+    pub category_thresholds: Option<BTreeMap<String, f64>>,
+    /// `lakera`.
+    pub project_id: Option<String>,
+    /// `azure_content_safety_text_moderation`.
+    pub categories: Option<Vec<String>>,
+    pub blocklist_names: Option<Vec<String>>,
+    pub halt_on_blocklist_hit: Option<bool>,
+    pub output_type: Option<String>,
+    pub severity_threshold: Option<u32>,
+    pub severity_threshold_by_category: Option<BTreeMap<String, u32>>,
+    pub text_source: Option<String>,
+    /// `bedrock`.
+    pub guardrail_id: Option<String>,
+    pub guardrail_version: Option<String>,
+    pub region: Option<String>,
+    pub aws_credentials: Option<AwsCredentialsSpec>,
+    pub latency_mode: Option<LatencyModeSpec>,
     /// Scope: model display names (globs allowed) and caller key ids; empty means all.
     pub models: Option<Vec<String>>,
     pub api_keys: Option<Vec<String>>,
     #[serde(flatten)]
     pub unknown: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct AwsCredentialsSpec {
+    pub kind: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<Secret>,
+    pub session_token: Option<Secret>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct LatencyModeSpec {
+    pub kind: Option<String>,
+    pub timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -16,6 +16,7 @@
 //! without the text, and written on the request's usage event.
 
 mod pii;
+pub mod remote;
 mod stream;
 pub mod text;
 
@@ -24,6 +25,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures_util::future::join_all;
 use tracing::warn;
 
 use crate::failure::ProxyError;
@@ -31,11 +33,13 @@ use crate::formats::body::RequestBody;
 use crate::hooks::GuardrailVerdict as Verdict;
 use crate::observe::metrics::Metrics;
 use crate::observe::record::Record;
-use crate::resources::guardrail::{PiiAction, Scope};
+use crate::resources::guardrail::{PiiAction, Remote, Scope};
 use crate::resources::{Check, Guardrail};
 use crate::snapshot::Snapshot;
 
-pub use stream::StreamGuard;
+pub use remote::Detectors;
+use remote::Said;
+pub use stream::{StreamGuard, guarded};
 use text::{RawText, RequestText};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,13 +116,15 @@ fn matches(scope: &Scope, s: &Subject<'_>) -> bool {
     }
 }
 
-/// A stage's rules with what running them needs: where verdicts go.
+/// A stage's rules with what running them needs: where verdicts go, and the client
+/// of the detector services.
 pub struct Chain<'a> {
     pub rules: &'a [Arc<Guardrail>],
     pub stage: Stage,
     pub request_id: &'a str,
     pub record: &'a Record,
     pub metrics: &'a Metrics,
+    pub detectors: &'a Detectors,
 }
 
 /// What one rule found in a set of strings.
@@ -128,8 +134,29 @@ enum Finding {
     Block(String),
     /// Spans to mask, per string: (string index, span, replacement), and labels.
     Mask(Vec<(usize, Range<usize>, String)>, Vec<String>),
+    /// Whole strings to replace (a detector service masked them), and labels.
+    Rewrite(Vec<(usize, String)>, Vec<String>),
     /// The rule could not run.
     Failed(String),
+}
+
+impl From<Result<Said, String>> for Finding {
+    fn from(said: Result<Said, String>) -> Self {
+        match said {
+            Ok(Said::Nothing) => Finding::Nothing,
+            Ok(Said::Block(label)) => Finding::Block(label),
+            Ok(Said::Rewrite(texts, labels)) => Finding::Rewrite(texts, labels),
+            Err(reason) => Finding::Failed(reason),
+        }
+    }
+}
+
+/// A rule whose detector service only blocks: consecutive ones are asked at once.
+fn blocks_only(g: &Guardrail) -> Option<&Remote> {
+    match &g.check {
+        Check::Remote(r) if !r.masks() => Some(r),
+        _ => None,
+    }
 }
 
 impl Chain<'_> {
@@ -137,56 +164,117 @@ impl Chain<'_> {
         self.rules.is_empty()
     }
 
-    /// Runs every rule over `texts`, masking in place. Returns the indexes of the
-    /// strings a mask changed, or the refusal of the first rule that blocks.
-    pub fn run(&self, texts: &mut [&mut String]) -> Result<Vec<usize>, ProxyError> {
+    /// Runs every rule over `texts`, in order, masking in place. Detector services
+    /// that only block and follow each other are called at the same time. Returns the
+    /// indexes of the strings a mask changed, or the refusal of the first rule that
+    /// blocks.
+    pub async fn run(&self, texts: &mut [&mut String]) -> Result<Vec<usize>, ProxyError> {
         let mut changed = Vec::new();
         if texts.iter().all(|t| t.is_empty()) {
             return Ok(changed);
         }
-        for g in self.rules {
-            let started = Instant::now();
-            let finding = find(g, texts);
-            self.metrics.record_guardrail_latency(
-                &g.name,
-                self.stage.as_str(),
-                g.kind(),
-                started.elapsed(),
-            );
-            match finding {
-                Finding::Nothing => {}
-                Finding::Failed(reason) => {
-                    if g.fails_open(self.stage == Stage::Output) {
-                        self.metrics.record_guardrail_bypass(
-                            &g.name,
-                            self.stage.as_str(),
-                            g.kind(),
-                        );
-                        warn!(request_id = self.request_id, guardrail = %g.name, stage = self.stage.as_str(), reason, "guardrail could not run; let through (fail open)");
-                        self.note(g, "bypassed", Vec::new(), Some(reason));
-                    } else {
-                        return Err(self.block(g, vec![], Some(reason)));
-                    }
+        let mut at = 0;
+        while at < self.rules.len() {
+            let batch = self.rules[at..]
+                .iter()
+                .take_while(|g| blocks_only(g).is_some())
+                .count();
+            if batch > 0 {
+                let rules = &self.rules[at..at + batch];
+                let view: Vec<&str> = texts.iter().map(|t| t.as_str()).collect();
+                let asked = rules.iter().filter_map(|g| {
+                    let remote = blocks_only(g)?;
+                    let view = &view;
+                    Some(async move {
+                        let started = Instant::now();
+                        let said = self.detectors.check(g, remote, view, self.stage).await;
+                        (Finding::from(said), started.elapsed())
+                    })
+                });
+                let found = join_all(asked).await;
+                for (g, (finding, took)) in rules.iter().zip(found) {
+                    self.took(g, took);
+                    self.apply(g, finding, texts, &mut changed)?;
                 }
-                Finding::Block(label) if g.block => return Err(self.block(g, vec![label], None)),
-                Finding::Block(label) => self.monitored(g, vec![label]),
-                Finding::Mask(_, labels) if !g.block => self.monitored(g, labels),
-                Finding::Mask(spans, labels) => {
-                    for (i, text) in texts.iter_mut().enumerate() {
-                        let mine: Vec<_> = spans.iter().filter(|(at, ..)| *at == i).collect();
-                        if !mine.is_empty() {
-                            **text = masked(text, &mine);
-                            if !changed.contains(&i) {
-                                changed.push(i);
-                            }
-                        }
-                    }
-                    warn!(request_id = self.request_id, guardrail = %g.name, stage = self.stage.as_str(), found = ?labels, "guardrail masked text");
-                    self.note(g, "masked", labels, None);
-                }
+                at += batch;
+                continue;
             }
+            let g = &self.rules[at];
+            let started = Instant::now();
+            let finding = match &g.check {
+                Check::Remote(remote) => {
+                    let view: Vec<&str> = texts.iter().map(|t| t.as_str()).collect();
+                    Finding::from(self.detectors.check(g, remote, &view, self.stage).await)
+                }
+                _ => find(g, texts),
+            };
+            self.took(g, started.elapsed());
+            self.apply(g, finding, texts, &mut changed)?;
+            at += 1;
         }
         Ok(changed)
+    }
+
+    fn took(&self, g: &Guardrail, took: std::time::Duration) {
+        self.metrics
+            .record_guardrail_latency(&g.name, self.stage.as_str(), g.kind(), took);
+    }
+
+    /// Acts on what `g` found: blocks, masks, records.
+    fn apply(
+        &self,
+        g: &Guardrail,
+        finding: Finding,
+        texts: &mut [&mut String],
+        changed: &mut Vec<usize>,
+    ) -> Result<(), ProxyError> {
+        let mut mark = |i: usize| {
+            if !changed.contains(&i) {
+                changed.push(i);
+            }
+        };
+        match finding {
+            Finding::Nothing => {}
+            Finding::Failed(reason) => {
+                if !g.fails_open(self.stage == Stage::Output) {
+                    return Err(self.block(g, vec![], Some(reason)));
+                }
+                self.metrics
+                    .record_guardrail_bypass(&g.name, self.stage.as_str(), g.kind());
+                warn!(request_id = self.request_id, guardrail = %g.name, stage = self.stage.as_str(), reason, "guardrail could not run; let through (fail open)");
+                self.note(g, "bypassed", Vec::new(), Some(reason));
+            }
+            Finding::Block(label) if g.block => return Err(self.block(g, vec![label], None)),
+            Finding::Block(label) => self.monitored(g, vec![label]),
+            Finding::Mask(_, labels) | Finding::Rewrite(_, labels) if !g.block => {
+                self.monitored(g, labels);
+            }
+            Finding::Mask(spans, labels) => {
+                for (i, text) in texts.iter_mut().enumerate() {
+                    let mine: Vec<_> = spans.iter().filter(|(at, ..)| *at == i).collect();
+                    if !mine.is_empty() {
+                        **text = masked(text, &mine);
+                        mark(i);
+                    }
+                }
+                self.masked(g, labels);
+            }
+            Finding::Rewrite(rewrites, labels) => {
+                for (i, new) in rewrites {
+                    if let Some(text) = texts.get_mut(i) {
+                        **text = new;
+                        mark(i);
+                    }
+                }
+                self.masked(g, labels);
+            }
+        }
+        Ok(())
+    }
+
+    fn masked(&self, g: &Guardrail, labels: Vec<String>) {
+        warn!(request_id = self.request_id, guardrail = %g.name, stage = self.stage.as_str(), found = ?labels, "guardrail masked text");
+        self.note(g, "masked", labels, None);
     }
 
     fn block(&self, g: &Guardrail, found: Vec<String>, reason: Option<String>) -> ProxyError {
@@ -223,35 +311,36 @@ impl Chain<'_> {
     }
 
     /// Checks a request's text; `Some(body)` when a mask rewrote it.
-    pub fn request(&self, request: &RequestBody<'_>) -> Result<Option<Bytes>, ProxyError> {
+    pub async fn request(&self, request: &RequestBody<'_>) -> Result<Option<Bytes>, ProxyError> {
         if self.is_empty() {
             return Ok(None);
         }
         let mut text = RequestText::of(request);
         let (mut strings, owners) = text.strings();
-        let changed = self.run(&mut strings)?;
+        let changed = self.run(&mut strings).await?;
         drop(strings);
         if changed.is_empty() {
             return Ok(None);
         }
         let mut fields: Vec<usize> = changed.iter().map(|&i| owners[i]).collect();
+        fields.sort_unstable();
         fields.dedup();
         Ok(Some(text.rewrite(request, &fields)))
     }
 
     /// Checks a body the proxy does not interpret (passthrough); `Some(body)` when a
     /// mask rewrote it.
-    pub fn raw(&self, bytes: &[u8]) -> Result<Option<Bytes>, ProxyError> {
+    pub async fn raw(&self, bytes: &[u8]) -> Result<Option<Bytes>, ProxyError> {
         if self.is_empty() {
             return Ok(None);
         }
         let mut text = RawText::of(bytes)?;
-        let changed = self.run(&mut text.strings())?;
+        let changed = self.run(&mut text.strings()).await?;
         Ok((!changed.is_empty()).then(|| text.into_bytes()))
     }
 
     /// Checks a whole answer; `Some(body)` when a mask rewrote it.
-    pub fn answer(&self, body: &[u8]) -> Result<Option<Bytes>, ProxyError> {
+    pub async fn answer(&self, body: &[u8]) -> Result<Option<Bytes>, ProxyError> {
         if self.is_empty() {
             return Ok(None);
         }
@@ -260,12 +349,12 @@ impl Chain<'_> {
         };
         let mut strings = Vec::new();
         text::answer_strings(&mut answer, &mut strings);
-        let changed = self.run(&mut strings)?;
+        let changed = self.run(&mut strings).await?;
         Ok((!changed.is_empty()).then(|| Bytes::from(answer.to_string())))
     }
 }
 
-/// What `g` finds in `texts`.
+/// What an in-process rule `g` finds in `texts`.
 fn find(g: &Guardrail, texts: &[&mut String]) -> Finding {
     match &g.check {
         Check::Keyword(patterns) => {
@@ -303,6 +392,8 @@ fn find(g: &Guardrail, texts: &[&mut String]) -> Finding {
                 Finding::Mask(spans, labels)
             }
         }
+        // Asked in `Chain::run`.
+        Check::Remote(_) => Finding::Nothing,
         Check::Unsupported(kind) => Finding::Failed(format!(
             "guardrail kind '{kind}' is not supported by this agent"
         )),

@@ -12,15 +12,20 @@
 //!
 //! A block replaces the rest of the stream with an error event in the caller's format,
 //! and the response is aborted after it (the caller's SDK raises).
+//!
+//! The guard wraps the body the stream filters made ([`guarded`]): it may wait for
+//! a detector service between two runs of events.
 
 use std::sync::Arc;
 
+use axum::body::Body;
 use bytes::Bytes;
+use futures_util::StreamExt;
 use serde_json::Value;
 
-use super::{Chain, Stage, text};
+use super::{Chain, Detectors, Stage, text};
 use crate::failure::{Envelope, ProxyError, stream_error_event};
-use crate::formats::sse::{self, Event, Filtered};
+use crate::formats::sse::{self, Event};
 use crate::observe::metrics::Metrics;
 use crate::observe::record::Record;
 use crate::resources::Guardrail;
@@ -31,6 +36,7 @@ pub struct StreamGuard {
     request_id: Arc<str>,
     record: Record,
     metrics: Arc<Metrics>,
+    detectors: Arc<Detectors>,
     envelope: Envelope,
     mode: StreamCheck,
     /// Text received and not yet released.
@@ -50,6 +56,7 @@ impl StreamGuard {
         request_id: Arc<str>,
         record: Record,
         metrics: Arc<Metrics>,
+        detectors: Arc<Detectors>,
         envelope: Envelope,
     ) -> Self {
         let mut mode: Option<StreamCheck> = None;
@@ -88,6 +95,7 @@ impl StreamGuard {
             request_id,
             record,
             metrics,
+            detectors,
             envelope,
             mode: mode.unwrap_or(StreamCheck::Window {
                 size: crate::resources::guardrail::DEFAULT_WINDOW,
@@ -106,25 +114,32 @@ impl StreamGuard {
             request_id: &self.request_id,
             record: &self.record,
             metrics: &self.metrics,
+            detectors: &self.detectors,
         }
     }
 
-    /// Checks a run of complete events; what may be released is sent.
-    pub fn check(&mut self, run: Bytes) -> Filtered {
+    /// Checks a run of complete events: what may be released now, or (`Err`) the
+    /// error event that ends the stream.
+    pub async fn check(&mut self, run: Bytes) -> Result<Bytes, Bytes> {
+        if !sse::mentions(&run, b"data:") {
+            // A keep-alive comment.
+            return Ok(run);
+        }
         let mut out = Vec::with_capacity(run.len() + 64);
         for event in sse::events(&run) {
-            if let Err(e) = self.event(event, &mut out) {
+            if let Err(e) = self.event(event, &mut out).await {
                 self.held.clear();
-                return Filtered::Abort(stream_error_event(&e, self.envelope));
+                self.record.late_error("content_filter");
+                return Err(stream_error_event(&e, self.envelope));
             }
         }
-        Filtered::Send(Bytes::from(out))
+        Ok(Bytes::from(out))
     }
 
-    fn event(&mut self, event: Event, out: &mut Vec<u8>) -> Result<(), ProxyError> {
+    async fn event(&mut self, event: Event, out: &mut Vec<u8>) -> Result<(), ProxyError> {
         let Ok(mut value) = serde_json::from_slice::<Value>(&event.data) else {
             // `[DONE]` and the like: whatever is held goes first.
-            self.flush(out)?;
+            self.flush(out).await?;
             write(out, event.name.as_deref(), &event.data);
             return Ok(());
         };
@@ -136,7 +151,7 @@ impl StreamGuard {
             let piece = std::mem::take(delta);
             self.held.push_str(&piece);
             let template = value.clone();
-            let release = self.release(false)?;
+            let release = self.release(false).await?;
             if let Some(delta) = text::delta_text(&mut value) {
                 *delta = release;
             }
@@ -144,10 +159,10 @@ impl StreamGuard {
             self.template = Some((event.name, template));
             return Ok(());
         }
-        self.flush(out)?;
+        self.flush(out).await?;
         let mut strings = Vec::new();
         text::answer_strings(&mut value, &mut strings);
-        let changed = self.chain().run(&mut strings)?;
+        let changed = self.chain().run(&mut strings).await?;
         if changed.is_empty() {
             write(out, event.name.as_deref(), &event.data);
         } else {
@@ -158,13 +173,13 @@ impl StreamGuard {
 
     /// Checks what is held and returns what may be sent: everything when `all`, else
     /// (windows) all but the overlap once a window is full, or nothing.
-    fn release(&mut self, all: bool) -> Result<String, ProxyError> {
+    async fn release(&mut self, all: bool) -> Result<String, ProxyError> {
         match self.mode {
             StreamCheck::Window { size, overlap } => {
                 if !all && self.held.len() < size + overlap {
                     return Ok(String::new());
                 }
-                self.check_held()?;
+                self.check_held().await?;
                 let keep = if all { 0 } else { overlap };
                 let mut cut = self.held.len().saturating_sub(keep);
                 while !self.held.is_char_boundary(cut) {
@@ -207,25 +222,25 @@ impl StreamGuard {
                 if !all {
                     return Ok(String::new());
                 }
-                self.check_held()?;
+                self.check_held().await?;
                 Ok(std::mem::take(&mut self.held))
             }
         }
     }
 
-    fn check_held(&mut self) -> Result<(), ProxyError> {
+    async fn check_held(&mut self) -> Result<(), ProxyError> {
         let mut held = std::mem::take(&mut self.held);
-        let checked = self.chain().run(&mut [&mut held]);
+        let checked = self.chain().run(&mut [&mut held]).await;
         self.held = held;
         checked.map(drop)
     }
 
     /// Releases everything held, in an event shaped like the last delta.
-    fn flush(&mut self, out: &mut Vec<u8>) -> Result<(), ProxyError> {
+    async fn flush(&mut self, out: &mut Vec<u8>) -> Result<(), ProxyError> {
         if self.held.is_empty() {
             return Ok(());
         }
-        let release = self.release(true)?;
+        let release = self.release(true).await?;
         if let Some((name, template)) = &self.template {
             let mut event = template.clone();
             if let Some(delta) = text::delta_text(&mut event) {
@@ -246,4 +261,41 @@ fn write(out: &mut Vec<u8>, name: Option<&str>, data: &[u8]) {
     out.extend_from_slice(b"data: ");
     out.extend_from_slice(data);
     out.extend_from_slice(b"\n\n");
+}
+
+/// `body` (a stream of whole event runs) through `guard`. After an error event the
+/// response is aborted: HTTP/1.1 gets no terminating chunk, HTTP/2 a reset.
+pub fn guarded(body: Body, guard: StreamGuard) -> Body {
+    enum State {
+        Running,
+        Abort,
+        Done,
+    }
+    let start = (body.into_data_stream(), guard, State::Running);
+    Body::from_stream(futures_util::stream::unfold(
+        start,
+        |(mut inner, mut guard, state)| async move {
+            match state {
+                State::Done => return None,
+                State::Abort => {
+                    // Let the connection flush the error event first.
+                    tokio::task::yield_now().await;
+                    let error = axum::Error::new(std::io::Error::other("blocked by a guardrail"));
+                    return Some((Err(error), (inner, guard, State::Done)));
+                }
+                State::Running => {}
+            }
+            loop {
+                match inner.next().await {
+                    None => return None,
+                    Some(Err(e)) => return Some((Err(e), (inner, guard, State::Done))),
+                    Some(Ok(run)) => match guard.check(run).await {
+                        Ok(out) if out.is_empty() => {}
+                        Ok(out) => return Some((Ok(out), (inner, guard, State::Running))),
+                        Err(event) => return Some((Ok(event), (inner, guard, State::Abort))),
+                    },
+                }
+            }
+        },
+    ))
 }

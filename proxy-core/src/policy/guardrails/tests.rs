@@ -3,7 +3,6 @@ use serde_json::json;
 
 use super::*;
 use crate::failure::Envelope;
-use crate::formats::sse::Filtered;
 use crate::resources::spec::{AttachmentSpec, GuardrailSpec};
 use crate::resources::{Attachment, Kind, ResourceKey};
 use crate::snapshot::{SnapshotStore, Source, SourceEvent};
@@ -16,6 +15,7 @@ fn guardrail(json: serde_json::Value) -> Arc<Guardrail> {
 struct Harness {
     record: Record,
     metrics: Metrics,
+    detectors: Arc<Detectors>,
 }
 
 impl Harness {
@@ -23,6 +23,12 @@ impl Harness {
         Self {
             record: Record::new("r".into(), None),
             metrics: Metrics::default(),
+            detectors: Arc::new(Detectors::new(
+                crate::providers::client::Upstream::new()
+                    .unwrap()
+                    .client()
+                    .clone(),
+            )),
         }
     }
 
@@ -33,6 +39,7 @@ impl Harness {
             request_id: "r",
             record: &self.record,
             metrics: &self.metrics,
+            detectors: &self.detectors,
         }
     }
 
@@ -45,36 +52,42 @@ impl Harness {
     }
 }
 
-fn run(h: &Harness, rules: &[Arc<Guardrail>], text: &str) -> Result<String, ProxyError> {
+async fn run(h: &Harness, rules: &[Arc<Guardrail>], text: &str) -> Result<String, ProxyError> {
     let mut text = text.to_owned();
-    h.chain(rules, Stage::Input).run(&mut [&mut text])?;
+    h.chain(rules, Stage::Input).run(&mut [&mut text]).await?;
     Ok(text)
 }
 
-#[test]
-fn keywords_block_literals_ignore_case_and_monitor_only_records() {
+#[tokio::test]
+async fn keywords_block_literals_ignore_case_and_monitor_only_records() {
     let h = Harness::new();
     let block = guardrail(json!({"name": "secrets", "patterns": [
         {"kind": "literal", "value": "Project X"}, {"kind": "regex", "value": "\\bsk-[a-z0-9]{8}\\b"}]}));
-    let err = run(&h, std::slice::from_ref(&block), "tell me about PROJECT x").unwrap_err();
+    let err = run(&h, std::slice::from_ref(&block), "tell me about PROJECT x")
+        .await
+        .unwrap_err();
     assert_eq!(err.class().status, 422);
     assert_eq!(err.class().kind, "content_filter");
     assert_eq!(
         err.to_string(),
         "the input was blocked by guardrail 'secrets'"
     );
-    assert!(run(&h, std::slice::from_ref(&block), "key SK-ABCDEF12 here").is_ok());
+    assert!(
+        run(&h, std::slice::from_ref(&block), "key SK-ABCDEF12 here")
+            .await
+            .is_ok()
+    );
     // A literal is text, not a pattern.
     let dots = guardrail(json!({"name": "dots", "patterns": [{"value": "a.b"}]}));
-    assert!(run(&h, std::slice::from_ref(&dots), "axb").is_ok());
-    assert!(run(&h, std::slice::from_ref(&dots), "A.B").is_err());
+    assert!(run(&h, std::slice::from_ref(&dots), "axb").await.is_ok());
+    assert!(run(&h, std::slice::from_ref(&dots), "A.B").await.is_err());
     // An empty list allows everything.
     let empty = guardrail(json!({"name": "none", "patterns": []}));
-    assert!(run(&h, &[empty], "anything").is_ok());
+    assert!(run(&h, &[empty], "anything").await.is_ok());
     let monitor = guardrail(
         json!({"name": "watch", "enforcement_mode": "monitor", "patterns": [{"value": "project x"}]}),
     );
-    assert_eq!(run(&h, &[monitor], "project x").unwrap(), "project x");
+    assert_eq!(run(&h, &[monitor], "project x").await.unwrap(), "project x");
     assert_eq!(
         h.outcomes(),
         [
@@ -97,8 +110,8 @@ fn keywords_block_literals_ignore_case_and_monitor_only_records() {
     ));
 }
 
-#[test]
-fn pii_masks_in_place_blocks_per_detector_and_later_rules_see_the_mask() {
+#[tokio::test]
+async fn pii_masks_in_place_blocks_per_detector_and_later_rules_see_the_mask() {
     let h = Harness::new();
     let pii = guardrail(json!({"name": "pii", "kind": "pii",
         "detectors": [{"type": "email"}, {"type": "bank_card"}, {"type": "private_key", "action": "block"}],
@@ -113,12 +126,15 @@ fn pii_masks_in_place_blocks_per_detector_and_later_rules_see_the_mask() {
         &rules,
         "mail ann@example.com, card 4111-1111-1111-1111, employee E1234, Bluebird.",
     )
+    .await
     .unwrap();
     assert_eq!(
         masked,
         "mail [EMAIL_REDACTED], card [BANK_CARD_REDACTED], employee [EMPLOYEE_REDACTED], ."
     );
-    let err = run(&h, &rules, "-----BEGIN PRIVATE KEY-----\nMIIE").unwrap_err();
+    let err = run(&h, &rules, "-----BEGIN PRIVATE KEY-----\nMIIE")
+        .await
+        .unwrap_err();
     assert_eq!(err.to_string(), "the input was blocked by guardrail 'pii'");
     assert!(!err.to_string().contains("MIIE"));
     assert_eq!(
@@ -140,46 +156,74 @@ fn pii_masks_in_place_blocks_per_detector_and_later_rules_see_the_mask() {
         "detectors": [{"type": "email"}, {"type": "ip_address", "action": "mask"}]}),
     );
     assert_eq!(
-        run(&h, std::slice::from_ref(&strict), "from 10.1.2.3").unwrap(),
+        run(&h, std::slice::from_ref(&strict), "from 10.1.2.3")
+            .await
+            .unwrap(),
         "from [IP_ADDRESS_REDACTED]"
     );
-    assert!(run(&h, &[strict], "to a@b.io").is_err());
+    assert!(run(&h, &[strict], "to a@b.io").await.is_err());
     // In monitor mode nothing changes.
     let watch = guardrail(
         json!({"name": "watch", "kind": "pii", "enforcement_mode": "monitor",
         "detectors": [{"type": "email"}]}),
     );
-    assert_eq!(run(&h, &[watch], "a@b.io").unwrap(), "a@b.io");
+    assert_eq!(run(&h, &[watch], "a@b.io").await.unwrap(), "a@b.io");
 }
 
-#[test]
-fn a_rule_that_cannot_run_fails_open_or_closed_as_configured() {
+#[tokio::test]
+async fn a_rule_that_cannot_run_fails_open_or_closed_as_configured() {
     let h = Harness::new();
-    let closed = guardrail(json!({"name": "moderation", "kind": "openai_moderation"}));
-    let err = run(&h, std::slice::from_ref(&closed), "hello").unwrap_err();
+    let closed = guardrail(json!({"name": "semantic", "kind": "semantic"}));
+    let err = run(&h, std::slice::from_ref(&closed), "hello")
+        .await
+        .unwrap_err();
     assert_eq!(
         err.to_string(),
-        "the input was blocked by guardrail 'moderation': the guardrail could not run and does not fail open"
+        "the input was blocked by guardrail 'semantic': the guardrail could not run and does not fail open"
     );
-    let open = guardrail(json!({"name": "lakera", "kind": "lakera", "fail_open": true}));
+    // A detector nobody answers for: allowed with the reason recorded.
+    let dead = dead_port().await;
+    let open = guardrail(
+        json!({"name": "lakera", "kind": "lakera", "fail_open": true,
+        "api_key": "sk-lakera-secret", "endpoint": format!("http://{dead}")}),
+    );
     assert_eq!(
-        run(&h, std::slice::from_ref(&open), "hello").unwrap(),
+        run(&h, std::slice::from_ref(&open), "hello").await.unwrap(),
         "hello"
     );
     // fail_open covers the input; the output has its own switch.
     let mut text = "answer".to_owned();
+    let err = h
+        .chain(std::slice::from_ref(&open), Stage::Output)
+        .run(&mut [&mut text])
+        .await
+        .unwrap_err();
+    assert_eq!(err.class().status, 422);
+    let mandatory = guardrail(json!({"name": "must", "kind": "aliyun_ai_guardrail",
+        "fail_open": true, "mandatory": true}));
+    assert!(run(&h, &[mandatory], "hello").await.is_err());
+    // timeout_ms 0 waits for nothing.
+    let instant = guardrail(
+        json!({"name": "instant", "kind": "openai_moderation", "fail_open": true,
+        "timeout_ms": 0, "api_key": "k", "endpoint": format!("http://{dead}")}),
+    );
+    assert!(run(&h, &[instant], "hello").await.is_ok());
+    let outcomes = h.record.guardrails();
+    let bypass = &outcomes[1];
+    assert_eq!(
+        (bypass.guardrail.as_str(), bypass.outcome.as_str()),
+        ("lakera", "bypassed")
+    );
+    let reason = bypass.reason.as_deref().unwrap();
     assert!(
-        h.chain(std::slice::from_ref(&open), Stage::Output)
-            .run(&mut [&mut text])
-            .is_err()
+        reason.starts_with("the detector could not be reached"),
+        "{reason}"
     );
-    let mandatory = guardrail(
-        json!({"name": "must", "kind": "presidio", "fail_open": true, "mandatory": true}),
+    assert!(!format!("{outcomes:?}").contains("sk-lakera-secret"));
+    assert_eq!(
+        outcomes.last().unwrap().reason.as_deref(),
+        Some("timeout_ms is 0: no answer is waited for")
     );
-    assert!(run(&h, &[mandatory], "hello").is_err());
-    let outcomes = h.outcomes();
-    assert_eq!(outcomes[1].0, "lakera");
-    assert_eq!(outcomes[1].1, "bypassed");
     let scrape = h
         .metrics
         .render(crate::observe::metrics::Readings::default());
@@ -191,15 +235,45 @@ fn a_rule_that_cannot_run_fails_open_or_closed_as_configured() {
     );
 }
 
-#[test]
-fn a_request_is_rewritten_only_where_a_mask_changed_it() {
+/// A local port nothing listens on.
+async fn dead_port() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+#[tokio::test]
+async fn a_detector_that_keeps_failing_is_not_called_until_its_circuit_closes() {
+    let h = Harness::new();
+    let dead = dead_port().await;
+    let rule = guardrail(
+        json!({"name": "moderation", "kind": "openai_moderation", "fail_open": true,
+        "api_key": "k", "endpoint": format!("http://{dead}")}),
+    );
+    for _ in 0..remote::TRIP_AFTER + 1 {
+        assert!(run(&h, std::slice::from_ref(&rule), "hello").await.is_ok());
+    }
+    let outcomes = h.record.guardrails();
+    let last = outcomes.last().unwrap().reason.as_deref().unwrap();
+    assert_eq!(
+        last,
+        "the detector failed 5 times in a row; not called for 30 s"
+    );
+}
+
+#[tokio::test]
+async fn a_request_is_rewritten_only_where_a_mask_changed_it() {
     let h = Harness::new();
     let pii = [guardrail(
         json!({"name": "pii", "kind": "pii", "detectors": [{"type": "email"}]}),
     )];
     let chat = br#"{"model":"m","temperature":0.70,"messages":[{"role":"user","content":[{"type":"text","text":"I am bob@corp.io"}]},{"role":"assistant","tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{\"to\":\"eve@corp.io\"}"}}]}],"metadata":{"a":"b"}}"#;
     let body = RequestBody::parse(chat).unwrap();
-    let rewritten = h.chain(&pii, Stage::Input).request(&body).unwrap().unwrap();
+    let rewritten = h
+        .chain(&pii, Stage::Input)
+        .request(&body)
+        .await
+        .unwrap()
+        .unwrap();
     let text = std::str::from_utf8(&rewritten).unwrap();
     // Fields the mask did not touch are copied byte for byte.
     assert!(
@@ -220,6 +294,7 @@ fn a_request_is_rewritten_only_where_a_mask_changed_it() {
     assert!(
         h.chain(&pii, Stage::Input)
             .request(&clean)
+            .await
             .unwrap()
             .is_none()
     );
@@ -227,13 +302,14 @@ fn a_request_is_rewritten_only_where_a_mask_changed_it() {
     let raw = h
         .chain(&pii, Stage::Input)
         .raw(b"to: x@y.org")
+        .await
         .unwrap()
         .unwrap();
     assert_eq!(&raw[..], b"to: [EMAIL_REDACTED]");
 }
 
-#[test]
-fn answers_of_every_format_are_masked() {
+#[tokio::test]
+async fn answers_of_every_format_are_masked() {
     let h = Harness::new();
     let pii = [guardrail(
         json!({"name": "pii", "kind": "pii", "detectors": [{"type": "us_ssn"}]}),
@@ -249,6 +325,7 @@ fn answers_of_every_format_are_masked() {
         let masked = h
             .chain(&pii, Stage::Output)
             .answer(&bytes)
+            .await
             .unwrap()
             .unwrap();
         let text = String::from_utf8(masked.to_vec()).unwrap();
@@ -264,11 +341,8 @@ fn chat_event(text: &str) -> Bytes {
     Bytes::from(format!("data: {event}\n\n"))
 }
 
-fn sent(filtered: Filtered) -> String {
-    match filtered {
-        Filtered::Send(b) => String::from_utf8(b.to_vec()).unwrap(),
-        _ => panic!("not sent"),
-    }
+fn sent(checked: Result<Bytes, Bytes>) -> String {
+    String::from_utf8(checked.expect("not sent").to_vec()).unwrap()
 }
 
 /// The text the caller's client puts together from the deltas.
@@ -285,8 +359,8 @@ fn deltas(stream: &str) -> String {
         .collect()
 }
 
-#[test]
-fn a_stream_masks_a_span_split_across_events_and_releases_the_rest_at_the_end() {
+#[tokio::test]
+async fn a_stream_masks_a_span_split_across_events_and_releases_the_rest_at_the_end() {
     let h = Harness::new();
     let pii = guardrail(
         json!({"name": "pii", "kind": "pii", "detectors": [{"type": "email"}],
@@ -298,6 +372,7 @@ fn a_stream_masks_a_span_split_across_events_and_releases_the_rest_at_the_end() 
         "r".into(),
         h.record.clone(),
         metrics,
+        h.detectors.clone(),
         Envelope::OpenAi,
     );
     let mut out = String::new();
@@ -307,11 +382,11 @@ fn a_stream_masks_a_span_split_across_events_and_releases_the_rest_at_the_end() 
         "b@example.org. ",
         "That is all.",
     ] {
-        out.push_str(&sent(guard.check(chat_event(piece))));
+        out.push_str(&sent(guard.check(chat_event(piece)).await));
     }
     out.push_str(&sent(guard.check(Bytes::from(
         "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n",
-    ))));
+    )).await));
     assert_eq!(
         deltas(&out),
         "Write to [EMAIL_REDACTED] today, or to [EMAIL_REDACTED]. That is all."
@@ -325,8 +400,8 @@ fn a_stream_masks_a_span_split_across_events_and_releases_the_rest_at_the_end() 
     );
 }
 
-#[test]
-fn a_stream_is_blocked_on_text_split_across_events_and_buffer_full_holds_everything() {
+#[tokio::test]
+async fn a_stream_is_blocked_on_text_split_across_events_and_buffer_full_holds_everything() {
     let h = Harness::new();
     let words = guardrail(
         json!({"name": "words", "patterns": [{"kind": "regex", "value": "mock\\s+provider"}]}),
@@ -337,19 +412,23 @@ fn a_stream_is_blocked_on_text_split_across_events_and_buffer_full_holds_everyth
         "r".into(),
         h.record.clone(),
         metrics.clone(),
+        h.detectors.clone(),
         Envelope::OpenAi,
     );
-    let first = sent(guard.check(chat_event("Hello from the mock")));
+    let first = sent(guard.check(chat_event("Hello from the mock")).await);
     assert!(
         !first.contains("mock"),
         "held back within the overlap: {first}"
     );
     // The window is not full yet: the text is checked when the answer ends.
-    assert_eq!(deltas(&sent(guard.check(chat_event(" provider.")))), "");
+    assert_eq!(
+        deltas(&sent(guard.check(chat_event(" provider.")).await)),
+        ""
+    );
     let finish = Bytes::from(
         "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
     );
-    let Filtered::Abort(error) = guard.check(finish) else {
+    let Err(error) = guard.check(finish).await else {
         panic!("not blocked")
     };
     let error = String::from_utf8(error.to_vec()).unwrap();
@@ -369,13 +448,16 @@ fn a_stream_is_blocked_on_text_split_across_events_and_buffer_full_holds_everyth
         "r".into(),
         h.record.clone(),
         metrics,
+        h.detectors.clone(),
         Envelope::OpenAi,
     );
     assert_eq!(
-        deltas(&sent(guard.check(chat_event("a long answer, ")))),
+        deltas(&sent(guard.check(chat_event("a long answer, ")).await)),
         ""
     );
-    let Filtered::Abort(error) = guard.check(chat_event("longer than the forty bytes allowed"))
+    let Err(error) = guard
+        .check(chat_event("longer than the forty bytes allowed"))
+        .await
     else {
         panic!("a full buffer fails closed by default")
     };
@@ -394,8 +476,8 @@ fn attachment(id: &str, json: serde_json::Value) -> (String, Bytes) {
     )
 }
 
-#[test]
-fn attachments_scope_rules_by_priority_and_rules_run_oldest_first() {
+#[tokio::test]
+async fn attachments_scope_rules_by_priority_and_rules_run_oldest_first() {
     let store = SnapshotStore::new("/aisix");
     let doc = |kind: Kind, id: &str, json: serde_json::Value| {
         (
@@ -498,8 +580,8 @@ fn attachments_scope_rules_by_priority_and_rules_run_oldest_first() {
     );
 }
 
-#[test]
-fn bad_guardrails_are_rejected_naming_the_field() {
+#[tokio::test]
+async fn bad_guardrails_are_rejected_naming_the_field() {
     let problems = |json: serde_json::Value| -> Vec<String> {
         let spec: GuardrailSpec = serde_json::from_value(json).unwrap();
         Guardrail::from_spec("g", spec)
