@@ -41,7 +41,7 @@ fn error_type(status: StatusCode) -> &'static str {
     }
 }
 
-fn refusal(status: StatusCode, kind: &str, message: &str) -> Response {
+pub(super) fn refusal(status: StatusCode, kind: &str, message: &str) -> Response {
     (
         status,
         [
@@ -241,7 +241,7 @@ type Refused = (StatusCode, &'static str, &'static str);
 /// Checks the request's Signature V4 as AWS does: the mock's access key, service
 /// `bedrock`, a signing time within five minutes, and the signature recomputed over
 /// the headers it says it signed.
-fn verify(
+pub(super) fn verify(
     method: &axum::http::Method,
     uri: &axum::http::Uri,
     headers: &HeaderMap,

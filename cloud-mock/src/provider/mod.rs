@@ -24,6 +24,7 @@
 mod anthropic;
 pub mod azure;
 pub mod bedrock;
+pub mod detectors;
 mod gemini;
 mod openai;
 pub mod otlp;
@@ -165,6 +166,8 @@ struct Shared {
     google_assertions: Vec<String>,
     /// The OTLP receiver.
     otlp: otlp::Sink,
+    /// The guardrail detector services.
+    detectors: detectors::Detectors,
 }
 
 impl Shared {
@@ -288,6 +291,11 @@ impl MockProvider {
     }
 
     /// How the OTLP receiver answers from now on.
+    /// Faults for every guardrail detector route (see `detectors`).
+    pub fn set_detector_script(&self, script: detectors::DetectorScript) {
+        lock(&self.shared).detectors.script = script;
+    }
+
     pub fn set_otlp_script(&self, script: otlp::OtlpScript) {
         lock(&self.shared).otlp.script = script;
     }
@@ -343,6 +351,23 @@ fn router(shared: SharedState) -> Router {
         .route("/_mock/entra", put(set_entra).get(get_entra))
         .route("/v1/traces", post(otlp::traces))
         .route("/v1/metrics", post(otlp::metrics))
+        .route("/analyze", post(detectors::analyze))
+        .route("/anonymize", post(detectors::anonymize))
+        .route("/v1/moderations", post(detectors::moderations))
+        .route("/v2/guard", post(detectors::lakera))
+        .route(
+            "/contentsafety/text:shieldPrompt",
+            post(detectors::shield_prompt),
+        )
+        .route("/contentsafety/text:analyze", post(detectors::analyze_text))
+        .route(
+            "/guardrail/{id}/version/{version}/apply",
+            post(detectors::apply_guardrail),
+        )
+        .route(
+            "/_mock/detectors",
+            put(detectors::set_script).get(detectors::calls),
+        )
         .route(
             "/_mock/otlp",
             put(otlp::set_script).get(otlp::list).delete(otlp::clear),
