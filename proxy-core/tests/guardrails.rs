@@ -3,6 +3,11 @@
 //! ApplyGuardrail), through a real proxy over real HTTP: verdicts, masks, outages,
 //! timeouts, fail-open and fail-closed, and what the usage event and metrics say.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failure should fail the test loudly"
+)]
+
 mod common;
 
 use std::sync::Arc;
@@ -209,10 +214,16 @@ async fn presidio_and_bedrock_mask_what_they_find_before_the_upstream_sees_it() 
 #[tokio::test]
 async fn an_outage_or_a_slow_detector_fails_closed_or_open_as_each_rule_says() {
     let rig = rig(vec![
-        ("closed", json!({"kind": "lakera", "hook_point": "input", "api_key": "sk-lakera-secret",
-            "endpoint": "$MOCK", "timeout_ms": 300})),
-        ("open", json!({"kind": "lakera", "hook_point": "input", "api_key": "lk", "endpoint": "$MOCK",
-            "fail_open": true, "timeout_ms": 300})),
+        (
+            "closed",
+            json!({"kind": "lakera", "hook_point": "input", "api_key": "sk-lakera-secret",
+            "endpoint": "$MOCK", "timeout_ms": 300}),
+        ),
+        (
+            "open",
+            json!({"kind": "lakera", "hook_point": "input", "api_key": "lk", "endpoint": "$MOCK",
+            "fail_open": true, "timeout_ms": 300}),
+        ),
     ])
     .await;
     rig.mock.set_detector_script(DetectorScript {
