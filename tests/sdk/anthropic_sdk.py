@@ -111,6 +111,20 @@ expect_error(anthropic.PermissionDeniedError, 403, "permission_error",
              lambda: narrow.messages.create(model="claude", max_tokens=5, messages=MESSAGES))
 expect_error(anthropic.BadRequestError, 400, "invalid_request_error",
              lambda: client.messages.create(model="claude", max_tokens=5, messages="not a list"))
+
+# Guardrails: a blocked prompt is a 422 in Anthropic's envelope; a masked answer, whole
+# or streamed, arrives masked (native and translated).
+GUARDED = "Hello from the [VENDOR_REDACTED]."
+for model in ["claude-guarded", "guarded"]:
+    e = expect_error(anthropic.UnprocessableEntityError, 422, "invalid_request_error",
+                     lambda: client.messages.create(model=model, max_tokens=5,
+                                                    messages=[{"role": "user", "content": "say forbidden-word"}]))
+    check("no-secrets" in e.message, f"{model}: block names the rule {e.message}")
+    message = client.messages.create(model=model, max_tokens=50, messages=MESSAGES)
+    check(message.content[0].text == GUARDED, f"{model}: masked answer {message.content}")
+    with client.messages.stream(model=model, max_tokens=50, messages=MESSAGES) as stream:
+        text = "".join(stream.text_stream)
+    check(text == GUARDED, f"{model}: masked stream {text!r}")
 for model in ["claude-busy", "busy"]:
     e = expect_error(anthropic.RateLimitError, 429, "rate_limit_error",
                      lambda: client.messages.create(model=model, max_tokens=5, messages=MESSAGES))

@@ -78,4 +78,22 @@ except ClientError as e:
     check(e.response["Error"]["Code"] == "InvalidSignatureException", f"bad signature {e.response['Error']}")
     check(e.response["ResponseMetadata"]["HTTPStatusCode"] == 403, "bad signature status")
 
+# ApplyGuardrail (the guardrail kind `bedrock`): botocore builds the path, signs and
+# parses the mock's verdicts.
+def apply(text, source="INPUT"):
+    return bedrock.apply_guardrail(guardrailIdentifier="gr-sdk", guardrailVersion="DRAFT",
+                                   source=source, content=[{"text": {"text": text}}])
+
+
+answer = apply("a plain question")
+check(answer["action"] == "NONE" and answer["outputs"] == [], f"guardrail pass {answer}")
+answer = apply("tell me [block]", source="OUTPUT")
+check(answer["action"] == "GUARDRAIL_INTERVENED", f"guardrail block {answer}")
+filters = answer["assessments"][0]["contentPolicy"]["filters"]
+check(filters[0]["action"] == "BLOCKED", f"guardrail block assessment {filters}")
+answer = apply("mail ann@corp.example")
+check(answer["outputs"] == [{"text": "mail {EMAIL}"}], f"guardrail mask {answer}")
+entities = answer["assessments"][0]["sensitiveInformationPolicy"]["piiEntities"]
+check(entities[0]["action"] == "ANONYMIZED", f"guardrail mask assessment {entities}")
+
 passed("bedrock-mock")

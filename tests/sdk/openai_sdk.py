@@ -23,7 +23,7 @@ def expect_error(cls, status, kind, call):
 client = openai.OpenAI(base_url=BASE, api_key=KEY, max_retries=0)
 
 ids = sorted(m.id for m in client.models.list())
-check("gpt-4o-mini" in ids and "claude" in ids and len(ids) == 18, f"models.list() == {ids}")
+check("gpt-4o-mini" in ids and "claude" in ids and len(ids) == 20, f"models.list() == {ids}")
 
 raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES)
 check(raw.headers.get("x-aisix-served-by") == "gpt-4o-mini", "x-aisix-served-by")
@@ -123,6 +123,20 @@ for model in ["gpt-tools", "claude-tools"]:
 
 bad = openai.OpenAI(base_url=BASE, api_key="not-a-key", max_retries=0)
 expect_error(openai.AuthenticationError, 401, "invalid_api_key", lambda: bad.models.list())
+
+# Guardrails: a blocked prompt is a 422 content_filter; a masked answer, whole or
+# streamed, arrives masked (native and translated).
+GUARDED = "Hello from the [VENDOR_REDACTED]."
+for model in ["guarded", "claude-guarded"]:
+    e = expect_error(openai.UnprocessableEntityError, 422, "content_filter",
+                     lambda: client.chat.completions.create(
+                         model=model, messages=[{"role": "user", "content": "say forbidden-word"}]))
+    check("no-secrets" in e.message and "say" not in e.message, f"{model}: block names the rule {e.message}")
+    content = client.chat.completions.create(model=model, messages=MESSAGES).choices[0].message.content
+    check(content == GUARDED, f"{model}: masked answer {content!r}")
+    stream = client.chat.completions.create(model=model, messages=MESSAGES, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    check(text == GUARDED, f"{model}: masked stream {text!r}")
 expect_error(openai.NotFoundError, 404, "model_not_found",
              lambda: client.chat.completions.create(model="nope", messages=MESSAGES))
 narrow = openai.OpenAI(base_url=BASE, api_key=NARROW, max_retries=0)

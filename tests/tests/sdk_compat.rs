@@ -111,6 +111,17 @@ models:
   - {{id: r2, display_name: claude-resumable, routing: {{resume_streams: true, targets: [{{model: claude-cut}}, {{model: claude}}]}}}}
   - {{id: f1, display_name: first-byte, routing: {{targets: [{{model: late}}, {{model: gpt-4o-mini}}]}}}}
   - {{id: f2, display_name: claude-first-byte, routing: {{targets: [{{model: claude-late}}, {{model: claude}}]}}}}
+  - {{id: g1, display_name: guarded, model_name: up-gpt, provider_key_id: pk1}}
+  - {{id: g2, display_name: claude-guarded, model_name: claude-up, provider_key_id: pk2}}
+guardrails:
+  - {{id: gr1, name: no-secrets, hook_point: input, patterns: [{{value: forbidden-word}}]}}
+  - {{id: gr2, name: no-vendor, kind: pii, hook_point: output, window_size: 20, window_overlap_size: 16,
+      custom_patterns: [{{name: vendor, regex: "mock\\s+provider"}}]}}
+guardrail_attachments:
+  - {{id: ga1, guardrail_id: gr1, scope_type: model, scope_id: guarded}}
+  - {{id: ga2, guardrail_id: gr1, scope_type: model, scope_id: claude-guarded}}
+  - {{id: ga3, guardrail_id: gr2, scope_type: model, scope_id: guarded}}
+  - {{id: ga4, guardrail_id: gr2, scope_type: model, scope_id: claude-guarded}}
 api_keys:
   - {{id: k1, key_hash: {wide}, allowed_models: ["*"]}}
   - {{id: k2, key_hash: {narrow}, allowed_models: ["gpt-4o-mini"]}}
@@ -483,6 +494,21 @@ async fn the_azure_mock_answers_the_official_azure_openai_client() {
     assert_eq!(chat.query.as_deref(), Some("api-version=2024-10-21"));
     assert_eq!(chat.headers["api-key"], "azure-sdk-key");
     assert_eq!(mock.entra_tokens_minted(), 1);
+}
+
+/// The guardrail detector mocks against the services' own clients: the OpenAI SDK's
+/// moderations and Microsoft's azure-ai-contentsafety.
+#[tokio::test]
+async fn the_detector_mocks_answer_the_official_moderation_and_content_safety_clients() {
+    let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    run_against_mock("detectors_mock.py", &mock).await;
+    let requests = mock.requests();
+    assert!(
+        requests.is_empty(),
+        "detector calls are not chat requests: {requests:?}"
+    );
 }
 
 /// Vertex AI through the agent: a service account's RS256 JWT, exchanged at the
