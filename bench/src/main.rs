@@ -13,6 +13,7 @@
     reason = "a benchmark tool: a failure should stop it loudly"
 )]
 
+mod guardrails;
 mod limiter;
 mod load;
 mod nginx;
@@ -152,6 +153,13 @@ async fn bench(args: RunArgs) {
     let bench = Bench::prepare(args);
     let args = &bench.args;
     let mut figures = Figures::default();
+    let (clean, found) = guardrails::measure();
+    println!(
+        "guardrails: pii chain of every detector on a 2 KB prompt: {:.1} µs clean, {:.1} µs with 3 masks",
+        clean.as_secs_f64() * 1e6,
+        found.as_secs_f64() * 1e6
+    );
+    figures.guardrail_chain = Some((clean, found));
     let script = load::script(bench.dir.path(), "bench", CALLER);
 
     // The file-mode gateway, the nginx baseline and the mock itself.
