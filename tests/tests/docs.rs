@@ -6,7 +6,8 @@
 //!   with its admin and status listeners, cloud-mock's control plane and console, the
 //!   mock provider), with the workspace's binaries first on `PATH` and these variables:
 //!   `AISIX_PROXY`, `AISIX_STATUS`, `AISIX_ADMIN`, `AISIX_API_KEY`, `AISIX_ADMIN_KEY`,
-//!   `AISIX_CP`, `AISIX_CONSOLE`, `AISIX_CONSOLE_TOKEN`. Each must succeed.
+//!   `AISIX_CP`, `AISIX_CONSOLE`, `AISIX_CONSOLE_TOKEN`, `AISIX_MOCK` (the mock
+//!   provider, also the guardrail detector mocks). Each must succeed.
 //! - ```` ```sh no-run ````: host administration this machine cannot do (systemctl,
 //!   docker, package installs) or commands that do not end (`scripts/demo`): each
 //!   command's program must be one of a known list, scripts must exist.
@@ -304,6 +305,7 @@ async fn stack() -> Stack {
         ("AISIX_CP", cloud.dp_url.clone()),
         ("AISIX_CONSOLE", cloud.console.url.clone()),
         ("AISIX_CONSOLE_TOKEN", cloud.console.token.clone()),
+        ("AISIX_MOCK", mock.url()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
