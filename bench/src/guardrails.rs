@@ -59,7 +59,10 @@ fn time(chain: &Chain<'_>, body: &[u8]) -> Duration {
     let request = RequestBody::parse(body).expect("the bench body parses");
     let check = || {
         let checked = chain.request(&request).now_or_never();
-        assert!(matches!(checked, Some(Ok(_))), "in-process rules answer at once");
+        assert!(
+            matches!(checked, Some(Ok(_))),
+            "in-process rules answer at once"
+        );
     };
     for _ in 0..200 {
         check();

@@ -294,7 +294,11 @@ impl Figures {
                 let us = |d: Duration| d.as_secs_f64() * 1e6;
                 (
                     "guardrails: a pii chain of every detector, 2 KB prompt".into(),
-                    format!("{:.1} µs clean / {:.1} µs with 3 masks", us(clean), us(found)),
+                    format!(
+                        "{:.1} µs clean / {:.1} µs with 3 masks",
+                        us(clean),
+                        us(found)
+                    ),
                     "in-process, median of 21 × 200 checks".into(),
                     "≤ 50 µs".into(),
                     Some(self.guardrail_chain.is_some() && us(clean).max(us(found)) <= 50.0),

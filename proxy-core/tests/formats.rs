@@ -785,6 +785,48 @@ async fn passthrough_forwards_with_the_gateway_credential() {
 }
 
 #[tokio::test]
+async fn guardrails_read_a_forms_text_fields_and_its_answer() {
+    let h = harness(ProxyOptions::default()).await;
+    let form = |prompt: &str| {
+        reqwest::multipart::Form::new()
+            .text("model", "guarded-pii")
+            .text("prompt", prompt.to_owned())
+            .part(
+                "file",
+                reqwest::multipart::Part::bytes(b"RIFF-fake-wave".to_vec()).file_name("a.wav"),
+            )
+    };
+    let send = |prompt: &str| {
+        h.client
+            .post(format!("{}/v1/audio/transcriptions", h.url))
+            .bearer_auth(CALLER)
+            .multipart(form(prompt))
+            .send()
+    };
+    // The answer's text is masked as a chat answer's would be.
+    let r = send("names of speakers").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"text": "Hello from the [VENDOR_REDACTED]."})
+    );
+    // A form cannot be rewritten in place: a mask on it refuses the request.
+    let r = send("speaker: ann@corp.example").await.unwrap();
+    let (status, body) = status_and_body(r).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body.contains("a form upload cannot be masked in place"),
+        "{body}"
+    );
+    assert!(!body.contains("ann@corp.example"));
+    assert_eq!(
+        h.mock.requests().len(),
+        1,
+        "the refused form never went upstream"
+    );
+}
+
+#[tokio::test]
 async fn forms_are_routed_by_their_model_field_and_sent_on_intact() {
     let h = harness(ProxyOptions::default()).await;
     let form = || {

@@ -355,3 +355,78 @@ async fn an_output_detector_cuts_a_stream_the_callers_sdk_sees_as_broken() {
     let (status, body) = rig.ask("out", "hi", false).await;
     assert_eq!(status, 422, "{body}");
 }
+
+#[tokio::test]
+async fn output_rules_apply_to_cache_hits_as_they_are_now() {
+    let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let store = Arc::new(proxy_core::snapshot::SnapshotStore::new("/aisix"));
+    let docs = vec![
+        (
+            "provider_keys/pk",
+            json!({"display_name": "mock", "provider": "openai", "api_base": format!("{}/v1", mock.url()), "api_key": "sk-up"}),
+        ),
+        (
+            "api_keys/k1",
+            json!({"key_hash": hash(CALLER), "allowed_models": ["*"]}),
+        ),
+        (
+            "models/m",
+            json!({"display_name": "m", "model_name": "up", "provider_key_id": "pk"}),
+        ),
+    ];
+    let options = ProxyOptions {
+        cache: Some(proxy_core::pipeline::cache::CacheOptions {
+            ttl: Duration::from_secs(60),
+            max_entries: std::num::NonZeroUsize::new(10).unwrap(),
+            max_entry_bytes: 1 << 20,
+            redis: None,
+        }),
+        ..ProxyOptions::default()
+    };
+    let (url, _, _) = start_proxy_on(store.clone(), docs, options, Hooks::default()).await;
+    let client = reqwest::Client::new();
+    let ask = || async {
+        let r = client
+            .post(format!("{url}/v1/chat/completions"))
+            .bearer_auth(CALLER)
+            .json(&json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        let cache = r
+            .headers()
+            .get("x-aisix-cache")
+            .map(|v| v.to_str().unwrap().to_owned());
+        (r.status().as_u16(), cache, r.text().await.unwrap())
+    };
+    let (status, cache, _) = ask().await;
+    assert_eq!((status, cache.as_deref()), (200, Some("miss")));
+    // A rule added after the answer was kept: the hit is masked, then blocked.
+    let put = |id: &str, rule: Value, revision: i64| proxy_core::snapshot::SourceEvent::Put {
+        key: format!("/aisix/guardrails/{id}"),
+        value: bytes::Bytes::from(rule.to_string()),
+        revision,
+    };
+    let mask = json!({"name": "vendor", "kind": "pii", "hook_point": "output",
+        "custom_patterns": [{"name": "vendor", "regex": "mock provider"}]});
+    store.apply(proxy_core::snapshot::Source::File, [put("g1", mask, 2)]);
+    let (status, cache, body) = ask().await;
+    assert_eq!((status, cache.as_deref()), (200, Some("hit")));
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        answer["choices"][0]["message"]["content"],
+        "Hello from the [VENDOR_REDACTED]."
+    );
+    let block =
+        json!({"name": "no-hello", "hook_point": "output", "patterns": [{"value": "hello"}]});
+    store.apply(proxy_core::snapshot::Source::File, [put("g2", block, 3)]);
+    let (status, _, body) = ask().await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body.contains("the output was blocked by guardrail 'no-hello'"),
+        "{body}"
+    );
+    assert_eq!(mock.requests().len(), 1, "hits never reach the upstream");
+}

@@ -282,6 +282,16 @@ pub async fn start_proxy(
     hooks: Hooks,
 ) -> (String, CancellationToken, CancellationToken) {
     let store = Arc::new(SnapshotStore::new("/aisix"));
+    start_proxy_on(store, docs, options, hooks).await
+}
+
+/// [`start_proxy`] on `store`, which the test may change afterwards.
+pub async fn start_proxy_on(
+    store: Arc<SnapshotStore>,
+    docs: Vec<(&str, Value)>,
+    options: ProxyOptions,
+    hooks: Hooks,
+) -> (String, CancellationToken, CancellationToken) {
     let entries = docs
         .into_iter()
         .map(|(k, v)| (format!("/aisix/{k}"), Bytes::from(v.to_string())))

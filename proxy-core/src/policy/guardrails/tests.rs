@@ -623,3 +623,70 @@ async fn bad_guardrails_are_rejected_naming_the_field() {
         .collect();
     assert_eq!(paths, ["scope_id"]);
 }
+
+/// The stream property: whatever the chunking and the window, no text a blocking rule
+/// matches reaches the caller (the window's overlap at least as long as the match).
+#[tokio::test]
+async fn no_blocked_word_reaches_the_caller_whatever_the_chunking() {
+    const WORD: &str = "forbidden";
+    let h = Harness::new();
+    let mut rng = fastrand::Rng::with_seed(31);
+    for _ in 0..300 {
+        let overlap = rng.usize(WORD.len()..WORD.len() + 8);
+        let size = rng.usize(overlap + 1..overlap + 40);
+        let buffer_full = rng.u8(0..4) == 0;
+        let mut rule = json!({"name": "w", "hook_point": "output", "patterns": [{"value": WORD}],
+            "window_size": size, "window_overlap_size": overlap});
+        if buffer_full {
+            rule["stream_processing_mode"] = json!("buffer_full");
+        }
+        let g = guardrail(rule);
+        let before = "x".repeat(rng.usize(0..60));
+        let text = format!("{before}{WORD} and after {}", "y".repeat(rng.usize(0..30)));
+        let mut cuts: Vec<usize> = (0..rng.usize(1..8))
+            .map(|_| rng.usize(0..=text.len()))
+            .collect();
+        cuts.sort_unstable();
+        cuts.push(text.len());
+        let metrics = Arc::new(Metrics::default());
+        let mut guard = StreamGuard::new(
+            vec![g],
+            "r".into(),
+            h.record.clone(),
+            metrics,
+            h.detectors.clone(),
+            Envelope::OpenAi,
+        );
+        let (mut shown, mut at, mut blocked) = (String::new(), 0, false);
+        let finish = Bytes::from(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n",
+        );
+        let runs = cuts
+            .iter()
+            .map(|&cut| {
+                let piece = chat_event(&text[at..cut]);
+                at = cut;
+                piece
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .chain([finish]);
+        for run in runs {
+            match guard.check(run).await {
+                Ok(out) => shown.push_str(&deltas(&String::from_utf8(out.to_vec()).unwrap())),
+                Err(_) => {
+                    blocked = true;
+                    break;
+                }
+            }
+        }
+        assert!(
+            blocked,
+            "size {size} overlap {overlap} cuts {cuts:?}: not blocked"
+        );
+        assert!(
+            !shown.contains(WORD),
+            "size {size} overlap {overlap} cuts {cuts:?}: {shown:?}"
+        );
+    }
+}
