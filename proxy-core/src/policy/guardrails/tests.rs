@@ -673,7 +673,7 @@ async fn no_blocked_word_reaches_the_caller_whatever_the_chunking() {
             .chain([finish]);
         for run in runs {
             match guard.check(run).await {
-                Ok(out) => shown.push_str(&deltas(&String::from_utf8(out.to_vec()).unwrap())),
+                Ok(out) => shown.push_str(&deltas(std::str::from_utf8(&out).unwrap())),
                 Err(_) => {
                     blocked = true;
                     break;
