@@ -192,6 +192,7 @@ struct Resources {
     models: usize,
     api_keys: usize,
     guardrails: usize,
+    guardrail_attachments: usize,
 }
 
 impl Resources {
@@ -202,6 +203,7 @@ impl Resources {
             models,
             api_keys,
             guardrails: snapshot.guardrails().count(),
+            guardrail_attachments: snapshot.attachment_count(),
         }
     }
 
@@ -211,6 +213,7 @@ impl Resources {
             ("models", self.models),
             ("api_keys", self.api_keys),
             ("guardrails", self.guardrails),
+            ("guardrail_attachments", self.guardrail_attachments),
         ]
         .into_iter()
         .map(|(kind, n)| (kind, n as u64))

@@ -323,6 +323,25 @@ async fn console_writes_reach_the_proxy_and_heartbeats_report_the_snapshot() {
     let revision = cp.put("models", "m2", model("gpt-2")).await;
     agent.wait_model("gpt-2").await;
     assert!(!agent.models().await.contains(&"bad".to_owned()));
+    // A guardrail attached to one model through the console: that model refuses the
+    // word, the others do not.
+    cp.put(
+        "guardrails",
+        "g1",
+        json!({"name": "no-hi", "hook_point": "input", "patterns": [{"value": "hi"}]}),
+    )
+    .await;
+    cp.put(
+        "guardrail_attachments",
+        "ga1",
+        json!({"guardrail_id": "g1", "scope_type": "model", "scope_id": "gpt-2"}),
+    )
+    .await;
+    eventually("the attached guardrail applies", WITHIN, || async {
+        agent.chat("gpt-2").await == 422
+    })
+    .await;
+    assert_eq!(agent.chat("gpt").await, 200);
 
     // The heartbeat reports what is applied, what was rejected, and the certificate.
     eventually("a heartbeat reports the rejection", WITHIN, || async {

@@ -390,7 +390,7 @@ async fn metrics_status_and_access_log_tell_what_happened_and_no_secret_leaks() 
     assert_eq!(status["config_hash"].as_str().unwrap().len(), 64);
     assert_eq!(
         status["resources"],
-        json!({"provider_keys": 1, "models": 3, "api_keys": 1, "guardrails": 1})
+        json!({"provider_keys": 1, "models": 3, "api_keys": 1, "guardrails": 1, "guardrail_attachments": 0})
     );
     let rejected = &status["rejected_resources"][0];
     assert_eq!(rejected["key"], "/aisix/models/m4");
