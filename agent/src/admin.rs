@@ -8,6 +8,10 @@
 //!   names) and then stored in etcd. The proxy sees them through its watch like any
 //!   other write: a 2xx means "accepted and stored", not "serving".
 //!
+//! - `POST /api/v1/admin/guardrails/test` `{"text", "policy"?, "hook"?}`: runs the text
+//!   through the guardrail named `policy` (or every enabled one; `"default"` too) at
+//!   `hook` (`input`, or `output`) and says what they did, masks included.
+//!
 //! Every route but `/livez` needs an admin key (`Authorization: Bearer` or
 //! `x-api-key`), compared in constant time. Errors use `{"error_msg": "..."}`.
 
@@ -21,6 +25,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use proxy_core::policy::guardrails::{Detectors, Stage, trial};
 use proxy_core::policy::health::{Health, ModelHealth};
 use proxy_core::resources::{Kind, ModelTarget, Resource, ResourceKey};
 use proxy_core::secret::Secret;
@@ -47,6 +52,8 @@ pub struct Admin {
     /// Digests of the admin keys.
     key_digests: Vec<[u8; 32]>,
     pub draining: CancellationToken,
+    /// For guardrail trials that call detector services.
+    detectors: Detectors,
 }
 
 impl Admin {
@@ -65,6 +72,12 @@ impl Admin {
             watch,
             key_digests: admin_keys.iter().map(|k| digest(k.expose())).collect(),
             draining,
+            detectors: Detectors::new(
+                reqwest::Client::builder()
+                    .redirect(reqwest::redirect::Policy::none())
+                    .build()
+                    .unwrap_or_default(),
+            ),
         }
     }
 
@@ -137,6 +150,10 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/admin/v1/health", get(health))
+        .route(
+            "/api/v1/admin/guardrails/test",
+            axum::routing::post(guardrail_trial),
+        )
         .route("/admin/v1/{kind}", get(list).post(create))
         .route(
             "/admin/v1/{kind}/{id}",
@@ -156,7 +173,8 @@ pub fn router(admin: Arc<Admin>) -> Router {
 /// Probes and paths outside the admin API (404) need no key.
 async fn authenticate(State(admin): State<Arc<Admin>>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    let open = matches!(path, "/livez" | "/readyz") || !path.starts_with("/admin/");
+    let api = path.starts_with("/admin/") || path.starts_with("/api/");
+    let open = matches!(path, "/livez" | "/readyz") || !api;
     if open || admin.authorized(req.headers()) {
         return next.run(req).await;
     }
@@ -165,6 +183,46 @@ async fn authenticate(State(admin): State<Arc<Admin>>, req: Request, next: Next)
         "missing or invalid admin key".to_owned(),
     )
     .into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct TrialRequest {
+    text: String,
+    policy: Option<String>,
+    hook: Option<String>,
+}
+
+async fn guardrail_trial(State(admin): State<Arc<Admin>>, body: Bytes) -> Response {
+    let request: TrialRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return AdminError::bad(format!(
+                "the body must be {{\"text\": ..., \"policy\"?: ..., \"hook\"?: ...}}: {e}"
+            ))
+            .into_response();
+        }
+    };
+    let stage = match request.hook.as_deref() {
+        None | Some("input") => Stage::Input,
+        Some("output") => Stage::Output,
+        Some(other) => {
+            return AdminError::bad(format!("hook: '{other}' is not one of input, output"))
+                .into_response();
+        }
+    };
+    let policy = request.policy.as_deref().filter(|p| *p != "default");
+    let snapshot = admin.store.load();
+    match trial(&snapshot, policy, stage, &request.text, &admin.detectors).await {
+        Some(found) => axum::Json(found).into_response(),
+        None => AdminError(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no enabled guardrail named '{}' runs at this hook",
+                policy.unwrap_or_default()
+            ),
+        )
+        .into_response(),
+    }
 }
 
 async fn livez(

@@ -390,6 +390,44 @@ async fn admin_writes_reach_the_proxy_and_every_error_uses_the_admin_envelope() 
         )
         .await;
     assert_eq!(status, 409);
+    // The troubleshooting guide's guardrail test endpoint: what a rule does to a text.
+    let trial = json!({"text": "my SSN is secret", "policy": "no-pii"});
+    let mut answer = Value::Null;
+    for _ in 0..100 {
+        let (status, found) = agent
+            .admin(
+                reqwest::Method::POST,
+                "/api/v1/admin/guardrails/test",
+                Some(trial.clone()),
+            )
+            .await;
+        answer = found;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(answer["allowed"], false, "{answer}");
+    assert_eq!(
+        answer["error"],
+        "the input was blocked by guardrail 'no-pii'"
+    );
+    assert_eq!(answer["verdicts"][0]["outcome"], "blocked");
+    let (status, answer) = agent
+        .admin(
+            reqwest::Method::POST,
+            "/api/v1/admin/guardrails/test",
+            Some(json!({"text": "fine", "policy": "nope"})),
+        )
+        .await;
+    assert_eq!(status, 404, "{answer}");
+    let unauthorized = http_client()
+        .post(format!("{}/api/v1/admin/guardrails/test", agent.admin))
+        .json(&trial)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthorized.status(), 401);
 
     let (status, answer) = agent
         .admin(reqwest::Method::PATCH, "/admin/v1/models", None)

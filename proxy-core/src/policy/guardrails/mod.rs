@@ -425,3 +425,61 @@ fn masked(text: &str, spans: &[&(usize, Range<usize>, String)]) -> String {
 
 #[cfg(test)]
 mod tests;
+
+/// What [`trial`] found: the text as the rules left it, and each rule's verdict.
+#[derive(Debug, serde::Serialize)]
+pub struct Trial {
+    pub allowed: bool,
+    /// The text after masks (the input when blocked).
+    pub text: String,
+    /// The rules that ran, in order.
+    pub guardrails: Vec<String>,
+    pub verdicts: Vec<Verdict>,
+    /// The refusal a request would get, when a rule blocked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Runs `text` through the enabled rules of `stage` named `policy` (every enabled rule
+/// of the stage when `None`), as a request would meet them: for operators to see what
+/// a rule does before callers do. Nothing is counted in the gateway's metrics.
+pub async fn trial(
+    snapshot: &Snapshot,
+    policy: Option<&str>,
+    stage: Stage,
+    text: &str,
+    detectors: &Detectors,
+) -> Option<Trial> {
+    let rules: Vec<Arc<Guardrail>> = snapshot
+        .guardrails()
+        .filter(|g| g.enabled && g.runs_at(stage == Stage::Output))
+        .filter(|g| policy.is_none_or(|p| *g.name == *p || *g.id == *p))
+        .cloned()
+        .collect();
+    if policy.is_some() && rules.is_empty() {
+        return None;
+    }
+    let record = Record::new("guardrail-trial".into(), None);
+    let metrics = Metrics::default();
+    let chain = Chain {
+        rules: &rules,
+        stage,
+        request_id: "guardrail-trial",
+        record: &record,
+        metrics: &metrics,
+        detectors,
+    };
+    let mut checked = text.to_owned();
+    let outcome = chain.run(&mut [&mut checked]).await;
+    Some(Trial {
+        allowed: outcome.is_ok(),
+        text: if outcome.is_ok() {
+            checked
+        } else {
+            text.to_owned()
+        },
+        guardrails: rules.iter().map(|g| g.name.to_string()).collect(),
+        verdicts: record.guardrails(),
+        error: outcome.err().map(|e| e.to_string()),
+    })
+}
