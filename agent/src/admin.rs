@@ -72,12 +72,7 @@ impl Admin {
             watch,
             key_digests: admin_keys.iter().map(|k| digest(k.expose())).collect(),
             draining,
-            detectors: Detectors::new(
-                reqwest::Client::builder()
-                    .redirect(reqwest::redirect::Policy::none())
-                    .build()
-                    .unwrap_or_default(),
-            ),
+            detectors: Detectors::standalone(),
         }
     }
 

@@ -28,7 +28,7 @@ pub fn measure() -> (Duration, Duration) {
     let rules = [Arc::new(rule)];
     let record = Record::new("bench".into(), None);
     let metrics = Metrics::default();
-    let detectors = Detectors::new(reqwest::Client::new());
+    let detectors = Detectors::standalone();
     let chain = Chain {
         rules: &rules,
         stage: Stage::Input,

@@ -430,3 +430,64 @@ async fn output_rules_apply_to_cache_hits_as_they_are_now() {
     );
     assert_eq!(mock.requests().len(), 1, "hits never reach the upstream");
 }
+
+#[tokio::test]
+async fn passthrough_answers_are_checked_whole_and_streamed() {
+    let rig = rig(vec![(
+        "pass",
+        json!({"kind": "pii", "hook_point": "both", "window_size": 20, "window_overlap_size": 16,
+            "detectors": [{"type": "email"}],
+            "custom_patterns": [{"name": "vendor", "regex": "mock\\s+provider"}]}),
+    )])
+    .await;
+    let call = |stream: bool| {
+        rig.client
+            .post(format!("{}/passthrough/mock/v1/chat/completions", rig.url))
+            .bearer_auth(CALLER)
+            .json(&json!({"model": "up-pass", "stream": stream,
+                "messages": [{"role": "user", "content": "to ann@corp.example"}]}))
+            .send()
+    };
+    let r = call(false).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(
+        answer["choices"][0]["message"]["content"],
+        "Hello from the [VENDOR_REDACTED]."
+    );
+    assert_eq!(rig.sent(), "to [EMAIL_REDACTED]");
+    let (text, aborted) = read_stream(call(true).await.unwrap()).await;
+    assert!(!aborted, "{text}");
+    let deltas: String = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(deltas, "Hello from the [VENDOR_REDACTED].");
+}
+
+#[tokio::test]
+async fn a_monitoring_detector_records_what_it_would_have_blocked() {
+    let rig = rig(vec![(
+        "watch",
+        json!({"kind": "openai_moderation", "enforcement_mode": "monitor", "api_key": "k",
+            "endpoint": "$MOCK/v1"}),
+    )])
+    .await;
+    let (status, body) = rig.ask("watch", "how to [violence]", false).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(rig.sent(), "how to [violence]");
+    let verdicts = rig.verdicts(1).await;
+    assert_eq!(verdicts[0].outcome, "monitored");
+    assert_eq!(verdicts[0].found, ["violence"]);
+    let scrape = exposition(&rig.metrics);
+    assert!(
+        !scrape.contains(r#"aisix_guardrail_blocks_total{guardrail="watch""#),
+        "{scrape}"
+    );
+}

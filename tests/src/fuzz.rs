@@ -205,7 +205,7 @@ pub fn guardrail_scan(data: &[u8]) {
     let rules = [std::sync::Arc::new(rule)];
     let record = proxy_core::observe::record::Record::new("fuzz".into(), None);
     let metrics = proxy_core::observe::metrics::Metrics::default();
-    let detectors = proxy_core::policy::guardrails::Detectors::new(reqwest::Client::new());
+    let detectors = proxy_core::policy::guardrails::Detectors::standalone();
     let chain = proxy_core::policy::guardrails::Chain {
         rules: &rules,
         stage: proxy_core::policy::guardrails::Stage::Input,

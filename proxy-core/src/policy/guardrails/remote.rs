@@ -57,6 +57,17 @@ impl Detectors {
         }
     }
 
+    /// With a client of its own (no redirects followed), for callers outside the
+    /// proxy (the admin API's trials, tools).
+    pub fn standalone() -> Self {
+        crate::install_crypto_provider();
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap_or_default();
+        Self::new(client)
+    }
+
     /// Asks `remote` (the detector of rule `g`) about `texts`.
     pub async fn check(
         &self,
