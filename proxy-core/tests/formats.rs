@@ -14,7 +14,7 @@ mod common;
 use cloud_mock::provider::{Script, ToolCall, Usage};
 use common::*;
 use proxy_core::formats::sse;
-use proxy_core::http::{Hooks, ProxyOptions};
+use proxy_core::http::ProxyOptions;
 use serde_json::{Value, json};
 
 const WEATHER_TOOL: &str = r#"{"city":"Paris","unit":"celsius"}"#;
@@ -893,12 +893,7 @@ async fn forms_are_routed_by_their_model_field_and_sent_on_intact() {
 
 #[tokio::test]
 async fn usage_is_counted_whatever_the_formats() {
-    let recorder = std::sync::Arc::new(Recorder::default());
-    let hooks = Hooks {
-        usage: Some(recorder.clone()),
-        ..Hooks::default()
-    };
-    let h = harness_with(ProxyOptions::default(), hooks).await;
+    let (h, recorder) = harness_recording(ProxyOptions::default()).await;
     for stream in [false, true] {
         let mut chat = stream_hello("claude");
         chat["stream"] = json!(stream);
@@ -969,12 +964,7 @@ async fn rate_limit_headers_come_with_messages_too() {
 
 #[tokio::test]
 async fn passthrough_answers_are_charged_their_tokens() {
-    let recorder = std::sync::Arc::new(Recorder::default());
-    let hooks = Hooks {
-        usage: Some(recorder.clone()),
-        ..Hooks::default()
-    };
-    let h = harness_with(ProxyOptions::default(), hooks).await;
+    let (h, recorder) = harness_recording(ProxyOptions::default()).await;
     let send = |key: &'static str, body: Value| {
         h.client
             .post(format!("{}/passthrough/openai/v1/chat/completions", h.url))
@@ -1027,12 +1017,7 @@ fn cached_usage() -> Script {
 
 #[tokio::test]
 async fn prompt_cache_markers_reach_anthropic_and_cached_tokens_come_back_in_each_format() {
-    let recorder = std::sync::Arc::new(Recorder::default());
-    let hooks = Hooks {
-        usage: Some(recorder.clone()),
-        ..Hooks::default()
-    };
-    let h = harness_with(ProxyOptions::default(), hooks).await;
+    let (h, recorder) = harness_recording(ProxyOptions::default()).await;
     h.mock.set_script(cached_usage());
     let marker = json!({"type": "ephemeral"});
     let long = json!({"type": "ephemeral", "ttl": "1h"});
@@ -1114,12 +1099,7 @@ async fn prompt_cache_markers_reach_anthropic_and_cached_tokens_come_back_in_eac
 
 #[tokio::test]
 async fn automatic_prompt_cache_breakpoints_are_added_unless_the_caller_set_its_own() {
-    let recorder = std::sync::Arc::new(Recorder::default());
-    let hooks = Hooks {
-        usage: Some(recorder.clone()),
-        ..Hooks::default()
-    };
-    let h = harness_with(ProxyOptions::default(), hooks).await;
+    let (h, recorder) = harness_recording(ProxyOptions::default()).await;
     let marker = json!({"type": "ephemeral"});
     let chat = json!({"model": "claude-auto-cache", "messages": [
         {"role": "system", "content": "A long, shared system prompt."},

@@ -458,16 +458,7 @@ async fn passthrough_answers_are_checked_whole_and_streamed() {
     assert_eq!(rig.sent(), "to [EMAIL_REDACTED]");
     let (text, aborted) = read_stream(call(true).await.unwrap()).await;
     assert!(!aborted, "{text}");
-    let deltas: String = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|v| {
-            v["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect();
+    let deltas = chat_deltas(&text);
     assert_eq!(deltas, "Hello from the [VENDOR_REDACTED].");
 }
 

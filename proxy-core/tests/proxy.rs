@@ -100,12 +100,7 @@ async fn caller_request_ids_are_honoured_only_where_configured() {
 
 #[tokio::test]
 async fn one_request_id_from_the_caller_to_every_attempt_and_the_usage_event() {
-    let recorder = std::sync::Arc::new(Recorder::default());
-    let hooks = Hooks {
-        usage: Some(recorder.clone()),
-        ..Hooks::default()
-    };
-    let h = harness_with(ProxyOptions::default(), hooks).await;
+    let (h, recorder) = harness_recording(ProxyOptions::default()).await;
     // `persistent`: two retries of a broken target, then a working one.
     let r = h
         .client
@@ -597,12 +592,7 @@ async fn output_guardrails_block_answers_and_end_streams_with_an_error_event() {
 
 #[tokio::test]
 async fn pii_is_masked_before_the_upstream_and_before_the_caller_whole_and_streamed() {
-    let recorder = std::sync::Arc::new(Recorder::default());
-    let hooks = Hooks {
-        usage: Some(recorder.clone()),
-        ..Hooks::default()
-    };
-    let h = harness_with(ProxyOptions::default(), hooks).await;
+    let (h, recorder) = harness_recording(ProxyOptions::default()).await;
     // The mock answers "Hello from the mock provider.": the rule masks "mock provider".
     let r = h
         .chat(
@@ -627,16 +617,7 @@ async fn pii_is_masked_before_the_upstream_and_before_the_caller_whole_and_strea
     let r = h.chat(Some(CALLER), says("guarded-pii", "hi", true)).await;
     let (text, aborted) = read_stream(r).await;
     assert!(!aborted, "{text}");
-    let deltas: String = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|v| {
-            v["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect();
+    let deltas = chat_deltas(&text);
     assert_eq!(deltas, "Hello from the [VENDOR_REDACTED].");
     assert!(!text.contains("provider"), "{text}");
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");

@@ -374,6 +374,30 @@ pub async fn read_stream(r: reqwest::Response) -> (String, bool) {
     (String::from_utf8_lossy(&text).into_owned(), false)
 }
 
+/// The text an OpenAI chat stream's deltas put together.
+pub fn chat_deltas(stream: &str) -> String {
+    stream
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+/// The harness with a usage sink that keeps every event.
+pub async fn harness_recording(options: ProxyOptions) -> (Harness, Arc<Recorder>) {
+    let recorder = Arc::new(Recorder::default());
+    let hooks = Hooks {
+        usage: Some(recorder.clone()),
+        ..Hooks::default()
+    };
+    (harness_with(options, hooks).await, recorder)
+}
+
 pub async fn status_and_body(r: reqwest::Response) -> (u16, String) {
     (r.status().as_u16(), r.text().await.unwrap())
 }
