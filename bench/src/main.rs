@@ -169,6 +169,7 @@ async fn bench(args: RunArgs) {
     let nginx = nginx::start(
         args.gateway_core,
         bench.dir.path(),
+        "nginx",
         nginx_port,
         &bench.upstream,
     );
@@ -232,6 +233,7 @@ async fn bench(args: RunArgs) {
         .traced_rounds(&mut figures, &gateway_url, gateway_pid)
         .await;
     bench.translated_rounds(&mut figures, &gateway_url, gateway_pid);
+    bench.static_rounds(&mut figures).await;
 
     let streamer = reqwest::Client::builder()
         .tcp_nodelay(true)
@@ -506,6 +508,53 @@ impl Bench {
         self.paired_rounds(figures, &targets, &script);
         println!("tracing rounds done");
         traced.0.stop();
+    }
+
+    /// The second topology: an nginx static upstream on the load core beside the load
+    /// generator, and on the gateway core, each alone while measured, a gateway and an
+    /// nginx proxy in front of it (a reviewer's setup: no Rust mock in the path).
+    async fn static_rounds(&self, figures: &mut Figures) {
+        let dir = self.dir.path();
+        let static_port = free_port();
+        let mut upstream = nginx::start_static(self.args.load_core, dir, static_port);
+        let upstream_addr = format!("127.0.0.1:{static_port}");
+        let proxy_port = free_port();
+        let mut proxy = nginx::start(
+            self.args.gateway_core,
+            dir,
+            "nginx-proxy-static",
+            proxy_port,
+            &upstream_addr,
+        );
+        let key = json!({"id": "mock", "display_name": "mock", "provider": "openai",
+            "api_base": format!("http://{upstream_addr}/v1"), "api_key": "sk-bench-provider"});
+        let mut model = self.model("bench");
+        model["id"] = json!("bench");
+        let mut caller = self.caller();
+        caller["id"] = json!("caller");
+        let resources = json!({"provider_keys": [key], "models": [model], "api_keys": [caller]});
+        let file = self.path("resources-static.yaml");
+        std::fs::write(&file, resources.to_string()).expect("write resources");
+        let mode = (format!("resources_file: {}\n", file.display()), free_port());
+        let mut gateway = self.start_agent("gateway-static", &mode);
+        let chat = |addr: &str| format!("http://{addr}/v1/chat/completions");
+        let targets = [
+            Target::new("direct-static", chat(&upstream_addr), None),
+            Target::new(
+                "nginx-static",
+                chat(&format!("127.0.0.1:{proxy_port}")),
+                Some(proxy.pid()),
+            ),
+            Target::new("gateway-static", chat(&gateway.1), Some(gateway.0.pid())),
+        ];
+        for t in &targets {
+            self.chat_ok(&t.url).await;
+        }
+        self.paired_rounds(figures, &targets, &load::script(dir, "bench", CALLER));
+        println!("static-upstream topology rounds done");
+        gateway.0.stop();
+        proxy.stop();
+        upstream.stop();
     }
 
     /// Rounds of c=1 latency and throughput on the file-mode gateway for one model of

@@ -239,6 +239,81 @@ impl Figures {
                 Some(self.cpu_us("gateway") <= 40.0),
             ),
             (
+                "CPU per request over nginx's".into(),
+                format!("{:.2}x", self.cpu_us("gateway") / self.cpu_us("nginx")),
+                "gateway and nginx on the gateway core, load and mock on the other".into(),
+                "≤ 2.0x".into(),
+                Some(self.cpu_us("gateway") <= 2.0 * self.cpu_us("nginx")),
+            ),
+            {
+                let (g, n) = (
+                    Self::over(
+                        &self.latency,
+                        "gateway-static",
+                        "direct-static",
+                        |r: &Run| r.p50_us,
+                    ),
+                    Self::over(&self.latency, "nginx-static", "direct-static", |r: &Run| {
+                        r.p50_us
+                    }),
+                );
+                (
+                    "static upstream: added latency p50, c=1".into(),
+                    format!("{g:.0} µs"),
+                    format!("nginx {n:.0} µs (nginx static upstream beside the load)"),
+                    "≤ nginx + 30 µs".into(),
+                    Some(g <= n + 30.0),
+                )
+            },
+            {
+                let (g, n) = (
+                    Self::over(
+                        &self.latency,
+                        "gateway-static",
+                        "direct-static",
+                        |r: &Run| r.p99_us,
+                    ),
+                    Self::over(&self.latency, "nginx-static", "direct-static", |r: &Run| {
+                        r.p99_us
+                    }),
+                );
+                (
+                    "static upstream: added latency p99, c=1".into(),
+                    format!("{g:.0} µs"),
+                    format!("nginx {n:.0} µs"),
+                    "≤ nginx + 100 µs".into(),
+                    Some(g <= n + 100.0),
+                )
+            },
+            {
+                let ratio = self.rps("gateway-static") / self.rps("nginx-static");
+                (
+                    format!("static upstream: throughput, c={}", args.connections),
+                    format!(
+                        "{:.0} req/s ({ratio:.2} × nginx), {} errors",
+                        self.rps("gateway-static"),
+                        self.errors("gateway-static")
+                    ),
+                    format!(
+                        "nginx {:.0} req/s, direct {:.0} req/s",
+                        self.rps("nginx-static"),
+                        self.rps("direct-static")
+                    ),
+                    "≥ 0.5 × nginx".into(),
+                    Some(ratio >= 0.5 && self.errors("gateway-static") == 0),
+                )
+            },
+            {
+                let (g, n) = (self.cpu_us("gateway-static"), self.cpu_us("nginx-static"));
+                (
+                    "static upstream: CPU per request over nginx's".into(),
+                    format!("{:.2}x ({g:.1} / {n:.1} µs)", g / n),
+                    "gateway alone on its core".into(),
+                    "≤ 2.0x".into(),
+                    Some(g <= 2.0 * n),
+                )
+            },
+            (
                 "rate limits on Redis: added latency over local, c=1".into(),
                 format!(
                     "p50 {:+.0} µs, p99 {:+.0} µs",
@@ -426,14 +501,16 @@ impl Figures {
         );
         let _ = writeln!(
             md,
-            "Gateway and nginx on core {}, wrk, mock upstream, etcd and cloud-mock on core {}; {} rounds of {} s (c=1) and {} s (c={}); access log {}.\n",
+            "Gateway and nginx on core {}, wrk, mock upstream, etcd and cloud-mock on core {}; {} rounds of {} s (c=1) and {} s (c={}); access log {}. The `static upstream` rows (and the `-static` rows below) are the second topology: an nginx static upstream beside wrk on core {}, and on core {} a gateway and an nginx proxy in front of it, each alone while measured.\n",
             args.gateway_core,
             args.load_core,
             args.rounds,
             args.latency_secs,
             args.throughput_secs,
             args.connections,
-            if args.access_log { "on" } else { "off" }
+            if args.access_log { "on" } else { "off" },
+            args.load_core,
+            args.gateway_core,
         );
         let _ = writeln!(md, "| figure | gateway | nginx / note | target | met |");
         let _ = writeln!(md, "|---|---|---|---|---|");
@@ -451,7 +528,21 @@ impl Figures {
             args.connections
         );
         let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
-        for t in ["direct", "nginx", "gateway"] {
+        for t in [
+            "direct",
+            "nginx",
+            "gateway",
+            "direct-static",
+            "nginx-static",
+            "gateway-static",
+        ] {
+            let base = if t.ends_with("-static") {
+                "direct-static"
+            } else {
+                "direct"
+            };
+            let p50 = |t| Self::over(&self.latency, t, base, |r: &Run| r.p50_us);
+            let p99 = |t| Self::over(&self.latency, t, base, |r: &Run| r.p99_us);
             let lat = |f: fn(&Run) -> f64| {
                 median(self.latency.get(t).into_iter().flatten().map(f).collect())
             };
@@ -459,7 +550,7 @@ impl Figures {
                 median(self.streaming.get(t).into_iter().flatten().map(f).collect())
             };
             let added = |v: f64| {
-                if t == "direct" {
+                if t == base {
                     "—".to_owned()
                 } else {
                     format!("{v:.0} µs")
