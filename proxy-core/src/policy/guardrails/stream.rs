@@ -151,7 +151,12 @@ impl StreamGuard {
             let piece = std::mem::take(delta);
             self.held.push_str(&piece);
             let template = value.clone();
-            let release = self.release(false).await?;
+            // A delta that also finishes its choice (completions' last chunk) takes
+            // everything held: no text may follow the finish.
+            let finishes = value
+                .pointer("/choices/0/finish_reason")
+                .is_some_and(|f| !f.is_null());
+            let release = self.release(finishes).await?;
             if let Some(delta) = text::delta_text(&mut value) {
                 *delta = release;
             }

@@ -690,3 +690,40 @@ async fn no_blocked_word_reaches_the_caller_whatever_the_chunking() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_completions_stream_gets_its_held_text_before_its_finish() {
+    let h = Harness::new();
+    let pii = guardrail(json!({"name": "pii", "kind": "pii", "detectors": [{"type": "email"}]}));
+    let metrics = Arc::new(Metrics::default());
+    let mut guard = StreamGuard::new(
+        vec![pii],
+        "r".into(),
+        h.record.clone(),
+        metrics,
+        h.detectors.clone(),
+        Envelope::OpenAi,
+    );
+    let event = |text: &str, finish: serde_json::Value| {
+        let event = json!({"object": "text_completion", "choices": [{"index": 0, "text": text, "finish_reason": finish}]});
+        Bytes::from(format!("data: {event}\n\n"))
+    };
+    let mut out = sent(guard.check(event("write to ann@", json!(null))).await);
+    out.push_str(&sent(
+        guard.check(event("corp.example", json!("stop"))).await,
+    ));
+    out.push_str(&sent(guard.check(Bytes::from("data: [DONE]\n\n")).await));
+    let texts: Vec<String> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .map(|v| {
+            v["choices"][0]["text"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(texts, ["", "write to [EMAIL_REDACTED]"], "{out}");
+    assert!(out.ends_with("data: [DONE]\n\n"), "{out}");
+}
