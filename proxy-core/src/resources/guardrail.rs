@@ -177,6 +177,41 @@ pub enum StreamCheck {
     BufferFull { max_bytes: usize, fail_open: bool },
 }
 
+impl StreamCheck {
+    /// The mode that satisfies both: `buffer_full` over windows (the smaller buffer,
+    /// failing open only if both do), else the smaller window with the larger overlap.
+    pub fn stricter(self, other: StreamCheck) -> StreamCheck {
+        use StreamCheck::{BufferFull, Window};
+        match (self, other) {
+            (
+                BufferFull {
+                    max_bytes,
+                    fail_open,
+                },
+                BufferFull {
+                    max_bytes: other_bytes,
+                    fail_open: other_open,
+                },
+            ) => BufferFull {
+                max_bytes: max_bytes.min(other_bytes),
+                fail_open: fail_open && other_open,
+            },
+            (whole @ BufferFull { .. }, Window { .. })
+            | (Window { .. }, whole @ BufferFull { .. }) => whole,
+            (
+                Window { size, overlap },
+                Window {
+                    size: other_size,
+                    overlap: other_overlap,
+                },
+            ) => Window {
+                size: size.min(other_size),
+                overlap: overlap.max(other_overlap),
+            },
+        }
+    }
+}
+
 /// Without `window_size`: about a paragraph per release.
 pub const DEFAULT_WINDOW: usize = 256;
 pub const DEFAULT_OVERLAP: usize = 64;

@@ -121,7 +121,9 @@ impl Snapshot {
         &'a self,
         id: &'a Arc<str>,
     ) -> impl Iterator<Item = &'a Arc<Attachment>> {
-        let from: (Arc<str>, Arc<str>) = (id.clone(), Arc::from(""));
+        // The smallest attachment id: the range starts at the guardrail's first one.
+        static FIRST: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
+        let from: (Arc<str>, Arc<str>) = (id.clone(), FIRST.clone());
         self.attachments
             .range(from..)
             .take_while(move |((g, _), _)| g == id)

@@ -33,7 +33,7 @@ use crate::formats::body::RequestBody;
 use crate::hooks::GuardrailVerdict as Verdict;
 use crate::observe::metrics::Metrics;
 use crate::observe::record::Record;
-use crate::resources::guardrail::{PiiAction, Remote, Scope};
+use crate::resources::guardrail::{PiiAction, Scope};
 use crate::resources::{Check, Guardrail};
 use crate::snapshot::Snapshot;
 
@@ -70,7 +70,7 @@ pub struct Subject<'a> {
 }
 
 /// The enabled rules of one request, in order, by stage.
-#[derive(Default, Clone)]
+#[derive(Default)]
 pub struct Applicable {
     pub input: Vec<Arc<Guardrail>>,
     pub output: Vec<Arc<Guardrail>>,
@@ -152,11 +152,8 @@ impl From<Result<Said, String>> for Finding {
 }
 
 /// A rule whose detector service only blocks: consecutive ones are asked at once.
-fn blocks_only(g: &Guardrail) -> Option<&Remote> {
-    match &g.check {
-        Check::Remote(r) if !r.masks() => Some(r),
-        _ => None,
-    }
+fn blocks_only(g: &Guardrail) -> bool {
+    matches!(&g.check, Check::Remote(r) if !r.masks())
 }
 
 impl Chain<'_> {
@@ -175,42 +172,43 @@ impl Chain<'_> {
         }
         let mut at = 0;
         while at < self.rules.len() {
-            let batch = self.rules[at..]
-                .iter()
-                .take_while(|g| blocks_only(g).is_some())
-                .count();
-            if batch > 0 {
-                let rules = &self.rules[at..at + batch];
-                let view: Vec<&str> = texts.iter().map(|t| t.as_str()).collect();
-                let asked = rules.iter().filter_map(|g| {
-                    let remote = blocks_only(g)?;
-                    let view = &view;
-                    Some(async move {
-                        let started = Instant::now();
-                        let said = self.detectors.check(g, remote, view, self.stage).await;
-                        (Finding::from(said), started.elapsed())
-                    })
-                });
-                let found = join_all(asked).await;
-                for (g, (finding, took)) in rules.iter().zip(found) {
-                    self.took(g, took);
-                    self.apply(g, finding, texts, &mut changed)?;
-                }
-                at += batch;
-                continue;
-            }
             let g = &self.rules[at];
-            let started = Instant::now();
-            let finding = match &g.check {
-                Check::Remote(remote) => {
-                    let view: Vec<&str> = texts.iter().map(|t| t.as_str()).collect();
-                    Finding::from(self.detectors.check(g, remote, &view, self.stage).await)
-                }
-                _ => find(g, texts),
+            let Check::Remote(_) = &g.check else {
+                let started = Instant::now();
+                let finding = find(g, texts);
+                self.took(g, started.elapsed());
+                self.apply(g, finding, texts, &mut changed)?;
+                at += 1;
+                continue;
             };
-            self.took(g, started.elapsed());
-            self.apply(g, finding, texts, &mut changed)?;
-            at += 1;
+            // A masking service alone; block-only ones with those that follow them.
+            let batch = if blocks_only(g) {
+                self.rules[at..]
+                    .iter()
+                    .take_while(|g| blocks_only(g))
+                    .count()
+            } else {
+                1
+            };
+            let rules = &self.rules[at..at + batch];
+            let view: Vec<&str> = texts.iter().map(|t| t.as_str()).collect();
+            let asked = rules.iter().filter_map(|g| {
+                let Check::Remote(remote) = &g.check else {
+                    return None;
+                };
+                let view = &view;
+                Some(async move {
+                    let started = Instant::now();
+                    let said = self.detectors.check(g, remote, view, self.stage).await;
+                    (Finding::from(said), started.elapsed())
+                })
+            });
+            let found = join_all(asked).await;
+            for (g, (finding, took)) in rules.iter().zip(found) {
+                self.took(g, took);
+                self.apply(g, finding, texts, &mut changed)?;
+            }
+            at += batch;
         }
         Ok(changed)
     }

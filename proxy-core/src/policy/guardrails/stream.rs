@@ -59,37 +59,7 @@ impl StreamGuard {
         detectors: Arc<Detectors>,
         envelope: Envelope,
     ) -> Self {
-        let mut mode: Option<StreamCheck> = None;
-        for g in &rules {
-            mode = Some(match (mode, g.stream) {
-                (None, m) => m,
-                (
-                    Some(StreamCheck::BufferFull {
-                        max_bytes,
-                        fail_open,
-                    }),
-                    StreamCheck::BufferFull {
-                        max_bytes: other,
-                        fail_open: other_open,
-                    },
-                ) => StreamCheck::BufferFull {
-                    max_bytes: max_bytes.min(other),
-                    fail_open: fail_open && other_open,
-                },
-                (Some(whole @ StreamCheck::BufferFull { .. }), _) => whole,
-                (Some(StreamCheck::Window { .. }), whole @ StreamCheck::BufferFull { .. }) => whole,
-                (
-                    Some(StreamCheck::Window { size, overlap }),
-                    StreamCheck::Window {
-                        size: other,
-                        overlap: other_overlap,
-                    },
-                ) => StreamCheck::Window {
-                    size: size.min(other),
-                    overlap: overlap.max(other_overlap),
-                },
-            });
-        }
+        let mode = rules.iter().map(|g| g.stream).reduce(StreamCheck::stricter);
         Self {
             rules,
             request_id,
