@@ -482,3 +482,32 @@ async fn a_monitoring_detector_records_what_it_would_have_blocked() {
         "{scrape}"
     );
 }
+
+#[tokio::test]
+async fn bedrocks_timed_latency_mode_bounds_the_wait_for_a_verdict() {
+    let rig = rig(vec![(
+        "timed",
+        json!({"kind": "bedrock", "hook_point": "input", "guardrail_id": "gr-1", "guardrail_version": "1",
+            "region": "us-east-1", "endpoint": "$MOCK", "timeout_ms": 5000,
+            "latency_mode": {"kind": "timed", "timeout_ms": 200},
+            "aws_credentials": {"kind": "static", "access_key_id": bedrock::ACCESS_KEY_ID,
+                                "secret_access_key": bedrock::SECRET_ACCESS_KEY}}),
+    )])
+    .await;
+    rig.mock.set_detector_script(DetectorScript {
+        status: 0,
+        delay_ms: 2_000,
+    });
+    let started = Instant::now();
+    let (status, body) = rig.ask("timed", "hi", false).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body.contains("could not run and does not fail open"),
+        "{body}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(1_500),
+        "{:?}",
+        started.elapsed()
+    );
+}

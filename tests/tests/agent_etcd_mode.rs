@@ -376,10 +376,29 @@ async fn admin_writes_reach_the_proxy_and_every_error_uses_the_admin_envelope() 
             .unwrap()
             .starts_with("display_name: 'gpt' is already used by models/")
     );
-    agent
+    let no_pii = agent
         .create(
             "guardrails",
             json!({"name": "no-pii", "patterns": [{"kind": "literal", "value": "ssn"}]}),
+        )
+        .await;
+    // An attachment must name a guardrail that exists.
+    let (status, answer) = agent
+        .admin(
+            reqwest::Method::POST,
+            "/admin/v1/guardrail_attachments",
+            Some(json!({"guardrail_id": "ghost", "scope_type": "env"})),
+        )
+        .await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(
+        answer["error_msg"],
+        "guardrail_id: guardrail 'ghost' does not exist"
+    );
+    let attached = agent
+        .create(
+            "guardrail_attachments",
+            json!({"guardrail_id": no_pii, "scope_type": "model", "scope_id": "nobody"}),
         )
         .await;
     let (status, _) = agent
@@ -457,8 +476,9 @@ async fn admin_writes_reach_the_proxy_and_every_error_uses_the_admin_envelope() 
     );
     agent.wait_models(&["gpt"]).await;
 
-    // 409 when a delete would leave something silently unable to serve: a provider key
-    // still used by a model, a model still named by a routing model.
+    // 409 when a delete would leave something silently unable to serve: a guardrail
+    // still attached, a provider key still used by a model, a model still named by a
+    // routing model.
     let routed = agent
         .create(
             "models",
@@ -475,7 +495,15 @@ async fn admin_writes_reach_the_proxy_and_every_error_uses_the_admin_envelope() 
         .as_str()
         .unwrap()
         .to_owned();
+    eventually("the attachment is served", WITHIN, || async {
+        agent.config_status().await["resources"]["guardrail_attachments"] == 1
+    })
+    .await;
     for (path, dependent) in [
+        (
+            format!("/admin/v1/guardrails/{no_pii}"),
+            format!("guardrail_attachments/{attached}"),
+        ),
         (
             format!("/admin/v1/provider_keys/{pk}"),
             format!("models/{gpt} (gpt)"),

@@ -14,7 +14,7 @@ fn guardrail(json: serde_json::Value) -> Arc<Guardrail> {
 
 struct Harness {
     record: Record,
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
     detectors: Arc<Detectors>,
 }
 
@@ -22,13 +22,8 @@ impl Harness {
     fn new() -> Self {
         Self {
             record: Record::new("r".into(), None),
-            metrics: Metrics::default(),
-            detectors: Arc::new(Detectors::new(
-                crate::providers::client::Upstream::new()
-                    .unwrap()
-                    .client()
-                    .clone(),
-            )),
+            metrics: Arc::default(),
+            detectors: Arc::new(Detectors::standalone()),
         }
     }
 
@@ -41,6 +36,23 @@ impl Harness {
             metrics: &self.metrics,
             detectors: &self.detectors,
         }
+    }
+
+    /// A stream guard of `rules` in the OpenAI format, its verdicts in this record.
+    fn guard(&self, rules: Vec<Arc<Guardrail>>) -> StreamGuard {
+        StreamGuard::new(
+            rules,
+            "r".into(),
+            self.record.clone(),
+            self.metrics.clone(),
+            self.detectors.clone(),
+            Envelope::OpenAi,
+        )
+    }
+
+    fn scrape(&self) -> String {
+        self.metrics
+            .render(crate::observe::metrics::Readings::default())
     }
 
     fn outcomes(&self) -> Vec<(String, String, Vec<String>)> {
@@ -96,9 +108,7 @@ async fn keywords_block_literals_ignore_case_and_monitor_only_records() {
             ("watch".into(), "monitored".into(), vec!["keyword".into()]),
         ]
     );
-    let scrape = h
-        .metrics
-        .render(crate::observe::metrics::Readings::default());
+    let scrape = h.scrape();
     assert!(
         scrape.contains(
             r#"aisix_guardrail_blocks_total{guardrail="secrets",hook="input",kind="keyword"} 1"#
@@ -224,15 +234,58 @@ async fn a_rule_that_cannot_run_fails_open_or_closed_as_configured() {
         outcomes.last().unwrap().reason.as_deref(),
         Some("timeout_ms is 0: no answer is waited for")
     );
-    let scrape = h
-        .metrics
-        .render(crate::observe::metrics::Readings::default());
+    let scrape = h.scrape();
     assert!(
         scrape.contains(
             r#"aisix_guardrail_bypasses_total{guardrail="lakera",hook="input",kind="lakera"} 1"#
         ),
         "{scrape}"
     );
+}
+
+#[tokio::test]
+async fn output_fail_open_lets_an_answer_through_when_the_rule_cannot_run() {
+    let h = Harness::new();
+    let rule = guardrail(json!({"name": "semantic", "kind": "semantic", "output_fail_open": true}));
+    let mut text = "answer".to_owned();
+    let changed = h
+        .chain(std::slice::from_ref(&rule), Stage::Output)
+        .run(&mut [&mut text])
+        .await
+        .unwrap();
+    assert!(changed.is_empty());
+    // The input has its own switch (fail_open, off).
+    assert!(run(&h, &[rule], "question").await.is_err());
+    let outcomes = h.outcomes();
+    assert_eq!(outcomes[0].1, "bypassed");
+    assert_eq!(outcomes[1].1, "blocked");
+}
+
+#[tokio::test]
+async fn a_full_buffer_that_fails_open_releases_the_rest_unchecked_and_says_so() {
+    let h = Harness::new();
+    let whole = guardrail(
+        json!({"name": "whole", "kind": "pii", "detectors": [{"type": "email"}],
+        "stream_processing_mode": "buffer_full", "max_buffer_bytes": 20, "on_buffer_exceeded": "fail_open"}),
+    );
+    let mut guard = h.guard(vec![whole]);
+    assert_eq!(
+        deltas(&sent(guard.check(chat_event("held back, ")).await)),
+        ""
+    );
+    let released = deltas(&sent(guard.check(chat_event("then a@b.io and more")).await));
+    assert_eq!(released, "held back, then a@b.io and more");
+    let later = deltas(&sent(guard.check(chat_event(" c@d.io")).await));
+    assert_eq!(later, " c@d.io", "past the buffer nothing is checked");
+    let verdicts = h.record.guardrails();
+    assert_eq!(verdicts[0].outcome, "bypassed");
+    assert_eq!(
+        verdicts[0].reason.as_deref(),
+        Some("the answer outgrew max_buffer_bytes")
+    );
+    assert!(h.scrape().contains(
+        r#"aisix_guardrail_bypasses_total{guardrail="whole",hook="output",kind="pii"} 1"#
+    ));
 }
 
 /// A local port nothing listens on.
@@ -366,15 +419,7 @@ async fn a_stream_masks_a_span_split_across_events_and_releases_the_rest_at_the_
         json!({"name": "pii", "kind": "pii", "detectors": [{"type": "email"}],
         "window_size": 16, "window_overlap_size": 12}),
     );
-    let metrics = Arc::new(Metrics::default());
-    let mut guard = StreamGuard::new(
-        vec![pii],
-        "r".into(),
-        h.record.clone(),
-        metrics,
-        h.detectors.clone(),
-        Envelope::OpenAi,
-    );
+    let mut guard = h.guard(vec![pii]);
     let mut out = String::new();
     for piece in [
         "Write to ann.lee@exa",
@@ -406,15 +451,7 @@ async fn a_stream_is_blocked_on_text_split_across_events_and_buffer_full_holds_e
     let words = guardrail(
         json!({"name": "words", "patterns": [{"kind": "regex", "value": "mock\\s+provider"}]}),
     );
-    let metrics = Arc::new(Metrics::default());
-    let mut guard = StreamGuard::new(
-        vec![words],
-        "r".into(),
-        h.record.clone(),
-        metrics.clone(),
-        h.detectors.clone(),
-        Envelope::OpenAi,
-    );
+    let mut guard = h.guard(vec![words]);
     let first = sent(guard.check(chat_event("Hello from the mock")).await);
     assert!(
         !first.contains("mock"),
@@ -443,14 +480,7 @@ async fn a_stream_is_blocked_on_text_split_across_events_and_buffer_full_holds_e
         json!({"name": "whole", "kind": "pii", "detectors": [{"type": "email"}],
         "stream_processing_mode": "buffer_full", "max_buffer_bytes": 40}),
     );
-    let mut guard = StreamGuard::new(
-        vec![whole],
-        "r".into(),
-        h.record.clone(),
-        metrics,
-        h.detectors.clone(),
-        Envelope::OpenAi,
-    );
+    let mut guard = h.guard(vec![whole]);
     assert_eq!(
         deltas(&sent(guard.check(chat_event("a long answer, ")).await)),
         ""
@@ -520,6 +550,22 @@ async fn attachments_scope_rules_by_priority_and_rules_run_oldest_first() {
         "a4",
         json!({"guardrail_id": "old", "scope_type": "api_key", "scope_id": "k9"}),
     ));
+    // "pass" applies to passthrough calls to acme only; "mcp" to MCP servers: never here.
+    for (id, name) in [("pass", "pass"), ("mcp", "mcp")] {
+        entries.push(doc(
+            Kind::Guardrails,
+            id,
+            json!({"name": name, "hook_point": "input", "patterns": [{"value": "x"}]}),
+        ));
+    }
+    entries.push(attachment(
+        "a5",
+        json!({"guardrail_id": "pass", "scope_type": "passthrough_route", "scope_id": "acme"}),
+    ));
+    entries.push(attachment(
+        "a6",
+        json!({"guardrail_id": "mcp", "scope_type": "mcp_server", "scope_id": "tools"}),
+    ));
     store.apply(
         Source::File,
         [SourceEvent::Reset {
@@ -577,6 +623,22 @@ async fn attachments_scope_rules_by_priority_and_rules_run_oldest_first() {
         })
         .0,
         ["new", "scoped"]
+    );
+    assert_eq!(
+        names(Subject {
+            passthrough: Some("acme"),
+            ..base
+        })
+        .0,
+        ["old", "new", "pass", "scoped"]
+    );
+    assert_eq!(
+        names(Subject {
+            passthrough: Some("other"),
+            ..base
+        })
+        .0,
+        ["old", "new", "scoped"]
     );
 }
 
@@ -648,15 +710,7 @@ async fn no_blocked_word_reaches_the_caller_whatever_the_chunking() {
             .collect();
         cuts.sort_unstable();
         cuts.push(text.len());
-        let metrics = Arc::new(Metrics::default());
-        let mut guard = StreamGuard::new(
-            vec![g],
-            "r".into(),
-            h.record.clone(),
-            metrics,
-            h.detectors.clone(),
-            Envelope::OpenAi,
-        );
+        let mut guard = h.guard(vec![g]);
         let (mut shown, mut at, mut blocked) = (String::new(), 0, false);
         let finish = Bytes::from(
             "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n",
@@ -695,15 +749,7 @@ async fn no_blocked_word_reaches_the_caller_whatever_the_chunking() {
 async fn a_completions_stream_gets_its_held_text_before_its_finish() {
     let h = Harness::new();
     let pii = guardrail(json!({"name": "pii", "kind": "pii", "detectors": [{"type": "email"}]}));
-    let metrics = Arc::new(Metrics::default());
-    let mut guard = StreamGuard::new(
-        vec![pii],
-        "r".into(),
-        h.record.clone(),
-        metrics,
-        h.detectors.clone(),
-        Envelope::OpenAi,
-    );
+    let mut guard = h.guard(vec![pii]);
     let event = |text: &str, finish: serde_json::Value| {
         let event = json!({"object": "text_completion", "choices": [{"index": 0, "text": text, "finish_reason": finish}]});
         Bytes::from(format!("data: {event}\n\n"))
