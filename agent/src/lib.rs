@@ -40,6 +40,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use anyhow::Context;
 use proxy_core::http::{ListenerOptions, ProxyOptions, ProxyState, router};
 use proxy_core::observe::metrics::Metrics;
 use proxy_core::observe::otlp_metrics::push_every;
@@ -233,6 +234,10 @@ impl Serving {
             redis: proxy.redis(),
             tracing: serving.tracing.clone(),
             metrics_push: push.as_ref().map(|_| Arc::default()),
+            serving: status::ServingModel {
+                thread_per_core: config.proxy.thread_per_core,
+                workers: config.workers(),
+            },
         });
         if let (Some(options), Some(stats)) = (push, status.metrics_push.clone()) {
             let status = status.clone();
@@ -258,18 +263,24 @@ impl Serving {
                     options.max_connections = config.proxy.max_connections;
                     options.max_head_bytes = config.proxy.max_header_bytes.saturating_mul(2);
                     options.max_headers = Some(2 * proxy_core::http::MAX_HEADER_LINES);
-                    router(ProxyState::new(
+                    let upstream = config
+                        .upstream_options()
+                        .map_err(|(f, m)| anyhow::anyhow!("{f}: {m}"))?;
+                    let state = ProxyState::new(
                         shared.store.clone(),
-                        Upstream::with_options(
-                            &config
-                                .upstream_options()
-                                .map_err(|(f, m)| anyhow::anyhow!("{f}: {m}"))?,
-                        )?,
+                        Upstream::with_options(&upstream)?,
                         proxy.take().unwrap_or_default(),
                         serving.draining.clone(),
                         shared.health.clone(),
                         hooks.take().unwrap_or_default(),
-                    ))
+                    );
+                    if config.proxy.thread_per_core {
+                        let workers = bound.listeners.len();
+                        serving.spawn_workers(bound.listeners, &state, &upstream, options)?;
+                        info!(addr = %addr, workers, "proxy listener ready (a thread per core)");
+                        continue;
+                    }
+                    router(state)
                 }
                 Role::Admin => {
                     let (Some(client), Some(section)) = (&etcd, config.admin()) else {
@@ -291,8 +302,11 @@ impl Serving {
                 ),
             };
             let scheme = scheme(&options);
+            let Some(listener) = bound.listeners.into_iter().next() else {
+                continue;
+            };
             serving.servers.spawn(serve_logged(
-                bound.listener,
+                listener,
                 router,
                 serving.stop.clone(),
                 options,
@@ -301,6 +315,54 @@ impl Serving {
             info!(addr = %addr, scheme, "{} listener ready", bound.role.name());
         }
         Ok(serving)
+    }
+
+    /// Serves the proxy on a thread per socket, each with a current-thread runtime
+    /// and an upstream pool of its own, so a request never leaves its thread; the
+    /// snapshot, limits, cache and metrics stay shared. The workers count as servers:
+    /// the drain waits for them.
+    fn spawn_workers(
+        &self,
+        listeners: Vec<tokio::net::TcpListener>,
+        state: &ProxyState,
+        upstream: &proxy_core::providers::client::UpstreamOptions,
+        mut options: ListenerOptions,
+    ) -> anyhow::Result<()> {
+        options.slots = Some(Arc::new(tokio::sync::Semaphore::new(
+            options.max_connections.max(1),
+        )));
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let listener = listener.into_std()?;
+            let state = if i == 0 {
+                state.clone()
+            } else {
+                state.with_upstream(state.upstream().with_own_pool(upstream)?)
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start a worker's runtime")?;
+            let (stop, failed, options) = (self.stop.clone(), self.failed.clone(), options.clone());
+            let running = self.servers.token();
+            std::thread::Builder::new()
+                .name(format!("aisix-worker-{i}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        match tokio::net::TcpListener::from_std(listener) {
+                            Ok(listener) => {
+                                serve_logged(listener, router(state), stop, options, failed).await;
+                            }
+                            Err(e) => {
+                                error!(error = %e, "a proxy worker cannot listen; the agent stops");
+                                failed.cancel();
+                            }
+                        }
+                    });
+                    drop(running);
+                })
+                .context("cannot start a proxy worker thread")?;
+        }
+        Ok(())
     }
 
     /// Fails liveness at once and keeps the listeners accepting until `min_drain_secs`

@@ -41,6 +41,9 @@ pub struct Planned {
     /// The config field the address comes from, for error messages.
     field: &'static str,
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Sockets on the address, one per worker; more than one share it with
+    /// `SO_REUSEPORT`, and the kernel spreads connections over them.
+    copies: usize,
 }
 
 /// The listeners `config` asks for, their TLS files read (key files made private
@@ -51,6 +54,11 @@ pub fn plan(config: &Config) -> anyhow::Result<Vec<Planned>> {
         addr: config.proxy.addr,
         field: "proxy.addr",
         tls: tls(config.proxy.tls.as_ref(), "proxy")?,
+        copies: if config.proxy.thread_per_core {
+            config.workers()
+        } else {
+            1
+        },
     }];
     if let (Some(_), Some(admin)) = (&config.etcd, config.admin()) {
         set.push(Planned {
@@ -58,6 +66,7 @@ pub fn plan(config: &Config) -> anyhow::Result<Vec<Planned>> {
             addr: admin.addr,
             field: "admin.addr",
             tls: tls(admin.tls.as_ref(), "admin")?,
+            copies: 1,
         });
     }
     let prometheus = &config.observability.metrics.prometheus;
@@ -67,6 +76,7 @@ pub fn plan(config: &Config) -> anyhow::Result<Vec<Planned>> {
             addr: prometheus.addr,
             field: "observability.metrics.prometheus.addr",
             tls: None,
+            copies: 1,
         });
     }
     Ok(set)
@@ -90,16 +100,19 @@ fn read(path: &Path, field: &str) -> anyhow::Result<String> {
         .with_context(|| format!("{field}: cannot read {}", path.display()))
 }
 
-/// A bound listener.
+/// A bound listener: one socket, or one per worker on the same address.
 pub struct Bound {
     pub role: Role,
-    pub listener: TcpListener,
+    pub listeners: Vec<TcpListener>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Bound {
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        match self.listeners.first() {
+            Some(listener) => listener.local_addr(),
+            None => Err(std::io::Error::other("no socket bound")),
+        }
     }
 }
 
@@ -111,11 +124,23 @@ pub const BACKLOG: u32 = 1024;
 pub async fn bind(set: Vec<Planned>) -> anyhow::Result<Vec<Bound>> {
     let mut bound = Vec::with_capacity(set.len());
     for planned in set {
-        let listener = listen(planned.addr)
-            .with_context(|| format!("{}: cannot listen on {}", planned.field, planned.addr))?;
+        let cannot = || format!("{}: cannot listen on {}", planned.field, planned.addr);
+        let mut addr = planned.addr;
+        if planned.copies > 1 {
+            // A socket of another process that shares the port the same way would be
+            // joined silently, and take half the connections: a plain socket finds
+            // the port taken. Port 0 picks the port here, once, for every worker.
+            let probe = listen(addr, false).with_context(cannot)?;
+            addr = probe.local_addr().with_context(cannot)?;
+        }
+        let shared = planned.copies > 1;
+        let mut listeners = Vec::with_capacity(planned.copies);
+        for _ in 0..planned.copies {
+            listeners.push(listen(addr, shared).with_context(cannot)?);
+        }
         bound.push(Bound {
             role: planned.role,
-            listener,
+            listeners,
             tls: planned.tls,
         });
     }
@@ -123,14 +148,17 @@ pub async fn bind(set: Vec<Planned>) -> anyhow::Result<Vec<Bound>> {
 }
 
 /// A listening socket with a [`BACKLOG`]-deep queue (the standard library's bind
-/// gives 128).
-fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// gives 128); `shared` lets sockets of this process share the address.
+fn listen(addr: SocketAddr, shared: bool) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    if shared {
+        socket.set_reuseport(true)?;
+    }
     socket.bind(addr)?;
     socket.listen(BACKLOG)
 }

@@ -4,10 +4,86 @@
 //! forge a log line. JSON lines carry `observability.service_name` as `service`.
 
 use std::io::{self, Write};
+use std::sync::{Condvar, Mutex, PoisonError};
+use std::time::Duration;
 
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, ObservabilitySection};
+
+/// Lines wait at most this long to be written: one `write` carries every line of
+/// the interval (an access-log line per request would otherwise cost a system call).
+const FLUSH_AFTER: Duration = Duration::from_millis(10);
+/// A batch this large is written at once, by the thread that filled it.
+const MAX_BATCH: usize = 64 * 1024;
+
+/// Lines not yet written to standard error, and what wakes the flushing thread.
+static PENDING: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+static WAKE: Condvar = Condvar::new();
+
+/// Standard error, in batches: a line is copied into [`PENDING`]; the first line
+/// of a batch wakes the flushing thread, which writes the batch [`FLUSH_AFTER`]
+/// later. Idle, nothing runs. [`flush`] writes what is pending (at exit).
+struct Batched;
+
+impl Write for Batched {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut pending = PENDING.lock().unwrap_or_else(PoisonError::into_inner);
+        if pending.is_empty() {
+            WAKE.notify_one();
+        }
+        pending.extend_from_slice(buf);
+        if pending.len() >= MAX_BATCH {
+            write_out(&mut pending);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes the batch while holding its lock, so lines keep their order.
+fn write_out(pending: &mut Vec<u8>) {
+    // Nowhere to report a failed write of the log itself.
+    let _ = io::stderr().write_all(pending);
+    pending.clear();
+    if pending.capacity() > MAX_BATCH {
+        pending.shrink_to(MAX_BATCH);
+    }
+}
+
+/// Writes every pending log line now: before exiting, and before printing to
+/// standard error directly.
+pub fn flush() {
+    write_out(&mut PENDING.lock().unwrap_or_else(PoisonError::into_inner));
+}
+
+fn start_flushing() {
+    let spawned = std::thread::Builder::new()
+        .name("aisix-log".to_owned())
+        .spawn(|| {
+            loop {
+                {
+                    let pending = PENDING.lock().unwrap_or_else(PoisonError::into_inner);
+                    let _woken = WAKE
+                        .wait_while(pending, |p| p.is_empty())
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+                std::thread::sleep(FLUSH_AFTER);
+                flush();
+            }
+        });
+    if spawned.is_err() {
+        eprintln!("aisix-agent: cannot start the log thread; log lines wait for exit");
+    }
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        flush();
+        default(info);
+    }));
+}
 
 pub fn init(o: &ObservabilitySection) {
     let filter = EnvFilter::try_from_default_env()
@@ -15,19 +91,22 @@ pub fn init(o: &ObservabilitySection) {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     // A subscriber may already be set (tests running in-process): keep that one.
-    let _ = match o.log_format {
+    let set = match o.log_format {
         LogFormat::Text => builder
-            .with_writer(|| Escaping(io::stderr()))
+            .with_writer(|| Escaping(Batched))
             .with_ansi(false)
             .try_init(),
         LogFormat::Json => {
             let service: &'static str = Box::leak(service_field(&o.service_name).into_boxed_str());
             builder
-                .with_writer(move || Escaping(WithService(service, io::stderr())))
+                .with_writer(move || Escaping(WithService(service, Batched)))
                 .json()
                 .try_init()
         }
     };
+    if set.is_ok() {
+        start_flushing();
+    }
 }
 
 /// `"service":"<name>",` (JSON-escaped), put first in every JSON line.

@@ -48,6 +48,16 @@ pub struct Status {
     pub tracing: Option<Tracing>,
     /// The OTLP metrics pushes, when on.
     pub metrics_push: Option<Arc<PushStats>>,
+    pub serving: ServingModel,
+}
+
+/// How the proxy listener is served (`proxy.thread_per_core`, `proxy.workers`).
+#[derive(Serialize, Clone, Copy)]
+pub struct ServingModel {
+    /// Each worker a thread with its own runtime, socket and upstream pool.
+    pub thread_per_core: bool,
+    /// Worker threads (of the shared runtime, or one per socket).
+    pub workers: usize,
 }
 
 pub fn router(status: Arc<Status>, metrics_path: &str) -> Router {
@@ -164,6 +174,7 @@ struct ConfigStatus {
     rejected_resources: Vec<RejectedResource>,
     /// Config keys accepted but not acted on by this build, each with why.
     ignored: Vec<String>,
+    serving: ServingModel,
     /// The shared rate limits' and cache's Redis connections; absent when neither
     /// uses Redis.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -235,6 +246,7 @@ async fn config(State(status): State<Arc<Status>>) -> Json<ConfigStatus> {
         resources: Resources::of(&snapshot),
         rejected_resources: store.rejected(),
         ignored: status.ignored.clone(),
+        serving: status.serving,
         redis: status.redis.iter().map(Redis::status).collect(),
         tracing: status.tracing.as_ref().map(|t| {
             let counts = t.stats().reading();

@@ -13,7 +13,9 @@
     reason = "a benchmark tool: a failure should stop it loudly"
 )]
 
+mod fixed;
 mod guardrails;
+mod inflight;
 mod limiter;
 mod load;
 mod nginx;
@@ -93,6 +95,12 @@ pub struct RunArgs {
     /// Cold starts timed.
     #[arg(long, default_value_t = 10)]
     cold_starts: usize,
+    /// Calls held in flight at once, one burst each, for the memory per call.
+    #[arg(long, value_delimiter = ',', default_values_t = [1000, 5000])]
+    inflight: Vec<usize>,
+    /// Requests a second of the fixed-rate latency runs (at most 1000).
+    #[arg(long, default_value_t = 1000)]
+    fixed_rate: u32,
     /// Write access logs (the agent's default) to a file.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     access_log: bool,
@@ -226,6 +234,7 @@ async fn bench(args: RunArgs) {
         );
     }
 
+    bench.fixed_rounds(&mut figures, &targets).await;
     bench
         .limiter_rounds(&mut figures, &gateway_url, gateway_pid)
         .await;
@@ -234,6 +243,7 @@ async fn bench(args: RunArgs) {
         .await;
     bench.translated_rounds(&mut figures, &gateway_url, gateway_pid);
     bench.static_rounds(&mut figures).await;
+    bench.inflight_rounds(&mut figures).await;
 
     let streamer = reqwest::Client::builder()
         .tcp_nodelay(true)
@@ -371,11 +381,16 @@ impl Bench {
     /// The agent's config file; `source` may end with an `observability:` block's
     /// extra lines after a `#observability` marker line (see [`Self::traced_rounds`]).
     fn config(&self, name: &str, source: &str, port: u16) -> PathBuf {
+        self.config_with(name, source, port, "")
+    }
+
+    /// [`Self::config`] with `proxy` (YAML lines) added to the proxy section.
+    fn config_with(&self, name: &str, source: &str, port: u16, proxy: &str) -> PathBuf {
         let (source, observability) = source
             .split_once("#observability\n")
             .unwrap_or((source, ""));
         let text = format!(
-            "{source}proxy:\n  addr: 127.0.0.1:{port}\nobservability:\n  access_log: {}\n{observability}  metrics:\n    prometheus:\n      addr: 127.0.0.1:0\nshutdown:\n  min_drain_secs: 0\n  drain_timeout_secs: 5\n",
+            "{source}proxy:\n  addr: 127.0.0.1:{port}\n{proxy}observability:\n  access_log: {}\n{observability}  metrics:\n    prometheus:\n      addr: 127.0.0.1:0\nshutdown:\n  min_drain_secs: 0\n  drain_timeout_secs: 5\n",
             self.args.access_log
         );
         let path = self.path(&format!("{name}.yaml"));
@@ -526,17 +541,12 @@ impl Bench {
             proxy_port,
             &upstream_addr,
         );
-        let key = json!({"id": "mock", "display_name": "mock", "provider": "openai",
-            "api_base": format!("http://{upstream_addr}/v1"), "api_key": "sk-bench-provider"});
-        let mut model = self.model("bench");
-        model["id"] = json!("bench");
-        let mut caller = self.caller();
-        caller["id"] = json!("caller");
-        let resources = json!({"provider_keys": [key], "models": [model], "api_keys": [caller]});
-        let file = self.path("resources-static.yaml");
-        std::fs::write(&file, resources.to_string()).expect("write resources");
-        let mode = (format!("resources_file: {}\n", file.display()), free_port());
+        let mode = self.mode_for(&upstream_addr, "static");
         let mut gateway = self.start_agent("gateway-static", &mode);
+        let tpc_mode = (mode.0.clone(), free_port());
+        let one_worker = "  thread_per_core: true\n  workers: 1\n";
+        let core = self.args.gateway_core.to_string();
+        let mut tpc = self.start_agent_on(&core, "gateway-tpc-static", &tpc_mode, one_worker);
         let chat = |addr: &str| format!("http://{addr}/v1/chat/completions");
         let targets = [
             Target::new("direct-static", chat(&upstream_addr), None),
@@ -546,15 +556,149 @@ impl Bench {
                 Some(proxy.pid()),
             ),
             Target::new("gateway-static", chat(&gateway.1), Some(gateway.0.pid())),
+            Target::new("gateway-tpc-static", chat(&tpc.1), Some(tpc.0.pid())),
         ];
         for t in &targets {
             self.chat_ok(&t.url).await;
         }
-        self.paired_rounds(figures, &targets, &load::script(dir, "bench", CALLER));
+        let script = load::script(dir, "bench", CALLER);
+        self.paired_rounds(figures, &targets, &script);
+        self.fixed_rounds(figures, &targets).await;
         println!("static-upstream topology rounds done");
         gateway.0.stop();
+        tpc.0.stop();
         proxy.stop();
+        self.core_rounds(figures, &mode.0, &script).await;
         upstream.stop();
+    }
+
+    /// File mode with one model served by the upstream at `addr`; its resources file
+    /// is named after `name`.
+    fn mode_for(&self, addr: &str, name: &str) -> (String, u16) {
+        let key = json!({"id": "mock", "display_name": "mock", "provider": "openai",
+            "api_base": format!("http://{addr}/v1"), "api_key": "sk-bench-provider"});
+        let mut model = self.model("bench");
+        model["id"] = json!("bench");
+        let mut caller = self.caller();
+        caller["id"] = json!("caller");
+        let resources = json!({"provider_keys": [key], "models": [model], "api_keys": [caller]});
+        let file = self.path(&format!("resources-{name}.yaml"));
+        std::fs::write(&file, resources.to_string()).expect("write resources");
+        (format!("resources_file: {}\n", file.display()), free_port())
+    }
+
+    /// Resident memory with 1,000 and then 5,000 calls in flight at once (an upstream
+    /// that answers after 5 s, a connection per call), and a minute after the burst.
+    async fn inflight_rounds(&self, figures: &mut Figures) {
+        const HELD_US: u64 = 5_000_000;
+        let port = free_port();
+        let exe = std::env::current_exe().expect("own path");
+        let addr = format!("127.0.0.1:{port}");
+        let mut slow = Pinned::start(
+            self.args.load_core,
+            &exe,
+            &[
+                "upstream",
+                "--addr",
+                &addr,
+                "--delay-us",
+                &HELD_US.to_string(),
+            ],
+            &self.path("upstream-slow.log"),
+        );
+        slow.wait_for_line("upstream listening on", Duration::from_secs(10));
+        let (mut gateway, gateway_addr) =
+            self.start_agent("gateway-slow", &self.mode_for(&addr, "slow"));
+        let url = format!("http://{gateway_addr}/v1/chat/completions");
+        self.chat_ok(&url).await;
+        let pid = gateway.pid();
+        for calls in self.args.inflight.clone() {
+            let before = rss_mib(pid);
+            let set = inflight::start(&url, CALLER, calls);
+            // Every call is in flight from about a second in until the upstream
+            // answers; the peak is read meanwhile.
+            let mut peak = before;
+            let sampling = Instant::now();
+            while sampling.elapsed() < Duration::from_micros(HELD_US - 500_000) {
+                peak = peak.max(rss_mib(pid));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let failed = inflight::finish(set, Duration::from_secs(30)).await;
+            println!(
+                "{calls} calls in flight: {before:.1} -> {peak:.1} MiB, {:.1} KiB a call, {failed} failed",
+                (peak - before) * 1024.0 / calls as f64
+            );
+            figures.inflight.push(report::InFlight {
+                calls,
+                before_mib: before,
+                peak_mib: peak,
+                failed,
+            });
+        }
+        let burst_ended = Instant::now();
+        let idle = Duration::from_secs(self.args.after_secs);
+        tokio::time::sleep(idle.saturating_sub(burst_ended.elapsed())).await;
+        figures.rss_after_burst_mib = Some(rss_mib(pid));
+        gateway.stop();
+        slow.stop();
+    }
+
+    /// Throughput of the gateway on one core and on both, with a thread per core and
+    /// with the shared runtime, against the static upstream (which, like wrk, then
+    /// shares the second core with the gateway).
+    async fn core_rounds(&self, figures: &mut Figures, source: &str, script: &Path) {
+        let one = self.args.gateway_core.to_string();
+        let both = format!("{},{}", self.args.gateway_core, self.args.load_core);
+        let setups = [
+            ("tpc-1core", &one, "  thread_per_core: true\n  workers: 1\n"),
+            (
+                "tpc-2cores",
+                &both,
+                "  thread_per_core: true\n  workers: 2\n",
+            ),
+            ("shared-1core", &one, "  workers: 1\n"),
+            ("shared-2cores", &both, "  workers: 2\n"),
+        ];
+        let mut agents = Vec::new();
+        let mut targets = Vec::new();
+        for (name, cpus, proxy) in setups {
+            let (agent, addr) =
+                self.start_agent_on(cpus, name, &(source.to_owned(), free_port()), proxy);
+            let url = format!("http://{addr}/v1/chat/completions");
+            self.chat_ok(&url).await;
+            targets.push(Target::new(name, url, Some(agent.pid())));
+            agents.push(agent);
+        }
+        for round in 0..self.args.rounds {
+            for t in rotated(&targets, round) {
+                let before = t.pid.map(cpu_time);
+                let run = load::wrk(
+                    &t.url,
+                    self.args.connections,
+                    Duration::from_secs(self.args.throughput_secs),
+                    script,
+                );
+                let cpu = t.pid.zip(before).map(|(pid, b)| cpu_time(pid) - b);
+                figures.throughput(t.name, run, cpu);
+            }
+        }
+        println!("one-core and two-core rounds done");
+        for mut agent in agents {
+            agent.stop();
+        }
+    }
+
+    /// Rounds of fixed-rate load (`--fixed-rate` requests a second) per target, its
+    /// latency measured from each request's due time.
+    async fn fixed_rounds(&self, figures: &mut Figures, targets: &[Target]) {
+        let secs = Duration::from_secs(self.args.latency_secs);
+        for round in 0..self.args.rounds {
+            for t in rotated(targets, round) {
+                let run = fixed::run(&t.url, CALLER, "bench", self.args.fixed_rate, secs).await;
+                figures.latency(report::fixed(t.name), run);
+            }
+        }
+        println!("fixed-rate rounds done");
     }
 
     /// Rounds of c=1 latency and throughput on the file-mode gateway for one model of
@@ -603,10 +747,22 @@ impl Bench {
     }
 
     /// Starts the agent on the gateway core and waits for its proxy listener.
-    fn start_agent(&self, name: &str, (source, port): &(String, u16)) -> (Pinned, String) {
-        let config = self.config(name, source, *port);
-        let mut agent = Pinned::start(
-            self.args.gateway_core,
+    fn start_agent(&self, name: &str, mode: &(String, u16)) -> (Pinned, String) {
+        self.start_agent_on(&self.args.gateway_core.to_string(), name, mode, "")
+    }
+
+    /// Starts the agent on the cores of `cpus` with `proxy` added to its proxy
+    /// section, and waits for its proxy listener.
+    fn start_agent_on(
+        &self,
+        cpus: &str,
+        name: &str,
+        (source, port): &(String, u16),
+        proxy: &str,
+    ) -> (Pinned, String) {
+        let config = self.config_with(name, source, *port, proxy);
+        let mut agent = Pinned::start_on(
+            cpus,
             &self.agent,
             &["--config", config.to_str().expect("utf-8 path")],
             &self.path(&format!("{name}.log")),

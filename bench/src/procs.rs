@@ -14,11 +14,16 @@ pub struct Pinned {
 impl Pinned {
     /// Starts `program args` on `core` with its stdout and stderr in `log`.
     pub fn start(core: usize, program: &Path, args: &[&str], log: &Path) -> Pinned {
+        Self::start_on(&core.to_string(), program, args, log)
+    }
+
+    /// The same on the cores of `cpus`, a taskset list (`0`, `0,1`).
+    pub fn start_on(cpus: &str, program: &Path, args: &[&str], log: &Path) -> Pinned {
         let out = File::create(log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
         let err = out.try_clone().expect("log file handle");
         let child = Command::new("taskset")
             .arg("-c")
-            .arg(core.to_string())
+            .arg(cpus)
             .arg(program)
             .args(args)
             .stdin(Stdio::null())

@@ -36,6 +36,36 @@ impl Target {
     }
 }
 
+/// A burst of calls held in flight at once.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct InFlight {
+    pub calls: usize,
+    pub before_mib: f64,
+    pub peak_mib: f64,
+    /// Calls that were not a 200 (`usize::MAX`: not all answered in time).
+    pub failed: usize,
+}
+
+impl InFlight {
+    fn per_call_kib(&self) -> f64 {
+        (self.peak_mib - self.before_mib) * 1024.0 / self.calls as f64
+    }
+}
+
+/// The name of `target`'s fixed-rate latency rows.
+pub fn fixed(target: &str) -> &'static str {
+    match target {
+        "direct" => "direct-fixed",
+        "nginx" => "nginx-fixed",
+        "gateway" => "gateway-fixed",
+        "direct-static" => "direct-static-fixed",
+        "nginx-static" => "nginx-static-fixed",
+        "gateway-static" => "gateway-static-fixed",
+        "gateway-tpc-static" => "gateway-tpc-static-fixed",
+        _ => "other-fixed",
+    }
+}
+
 /// Per target, one entry per round, in round order.
 #[derive(Default)]
 pub struct Figures {
@@ -55,6 +85,9 @@ pub struct Figures {
     pub scale: Value,
     /// A `pii` chain of every detector on a 2 KB prompt: clean, and with three masks.
     pub guardrail_chain: Option<(Duration, Duration)>,
+    pub inflight: Vec<InFlight>,
+    /// Resident memory a minute (`--after-secs`) after the last in-flight burst.
+    pub rss_after_burst_mib: Option<f64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -169,6 +202,31 @@ impl Figures {
         peak(&v[2 * third..]) - peak(&v[third..2 * third])
     }
 
+    /// The fixed-rate latency row of one topology: `gateway` and `nginx` over `direct`.
+    fn fixed_row(
+        &self,
+        topology: &str,
+        gateway: &str,
+        nginx: &str,
+        direct: &str,
+        args: &RunArgs,
+    ) -> (String, String, String, String, Option<bool>) {
+        let over =
+            |t: &str, f: fn(&Run) -> f64| Self::over(&self.latency, fixed(t), fixed(direct), f);
+        let (g50, g99) = (over(gateway, |r| r.p50_us), over(gateway, |r| r.p99_us));
+        let (n50, n99) = (over(nginx, |r| r.p50_us), over(nginx, |r| r.p99_us));
+        (
+            format!(
+                "{topology}added latency at a fixed {} req/s (from due time)",
+                args.fixed_rate
+            ),
+            format!("p50 {g50:.0} µs, p99 {g99:.0} µs"),
+            format!("nginx p50 {n50:.0} µs, p99 {n99:.0} µs"),
+            "≤ nginx + 30 µs (p50), + 100 µs (p99)".into(),
+            Some(g50 <= n50 + 30.0 && g99 <= n99 + 100.0),
+        )
+    }
+
     pub fn report(&self, args: &RunArgs, machine: &Value) -> (String, Value) {
         let p50 = |t| Self::added(&self.latency, t, |r: &Run| r.p50_us);
         let p99 = |t| Self::added(&self.latency, t, |r: &Run| r.p99_us);
@@ -200,7 +258,7 @@ impl Figures {
         let gateway_errors = self.errors("gateway") + self.steady.map_or(0, |r| r.errors);
 
         // (figure, gateway, nginx or note, target, met)
-        let rows: Vec<(String, String, String, String, Option<bool>)> = vec![
+        let mut rows: Vec<(String, String, String, String, Option<bool>)> = vec![
             (
                 "added latency p50, c=1".into(),
                 format!("{:.0} µs", p50("gateway")),
@@ -313,6 +371,47 @@ impl Figures {
                     Some(g <= 2.0 * n),
                 )
             },
+            {
+                let (g, n) = (
+                    self.cpu_us("gateway-tpc-static"),
+                    self.cpu_us("nginx-static"),
+                );
+                let ratio = self.rps("gateway-tpc-static") / self.rps("nginx-static");
+                (
+                    "static upstream, thread per core (1 worker): CPU per request over nginx's, throughput".into(),
+                    format!("{:.2}x ({g:.1} µs), {ratio:.2} × nginx", g / n),
+                    format!("shared runtime {:.1} µs", self.cpu_us("gateway-static")),
+                    "≤ 2.0x, ≥ 0.5 × nginx".into(),
+                    Some(g <= 2.0 * n && ratio >= 0.5),
+                )
+            },
+            self.fixed_row("", "gateway", "nginx", "direct", args),
+            self.fixed_row(
+                "static upstream, ",
+                "gateway-static",
+                "nginx-static",
+                "direct-static",
+                args,
+            ),
+            {
+                let ratio = self.rps("tpc-2cores") / self.rps("tpc-1core");
+                (
+                    format!("2 cores over 1, thread per core, c={}", args.connections),
+                    format!(
+                        "{ratio:.2}x ({:.0} / {:.0} req/s)",
+                        self.rps("tpc-2cores"),
+                        self.rps("tpc-1core")
+                    ),
+                    format!(
+                        "shared runtime {:.2}x ({:.0} / {:.0} req/s); on 2 cores the gateway shares the load core with wrk and the static upstream",
+                        self.rps("shared-2cores") / self.rps("shared-1core"),
+                        self.rps("shared-2cores"),
+                        self.rps("shared-1core")
+                    ),
+                    "≥ 1.8x".into(),
+                    Some(ratio >= 1.8),
+                )
+            },
             (
                 "rate limits on Redis: added latency over local, c=1".into(),
                 format!(
@@ -405,8 +504,8 @@ impl Figures {
                 "resident memory, idle".into(),
                 format!("{:.1} MiB", self.rss_idle_mib),
                 String::new(),
-                "≤ 20 MB".into(),
-                Some(self.rss_idle_mib * 1.048_576 <= 20.0),
+                "≤ 12 MiB".into(),
+                Some(self.rss_idle_mib <= 12.0),
             ),
             (
                 "resident memory, under load (peak)".into(),
@@ -429,6 +528,35 @@ impl Figures {
                 "(reported)".into(),
                 None,
             ),
+        ];
+        for burst in &self.inflight {
+            rows.push((
+                format!("memory per call in flight, {} calls at once", burst.calls),
+                format!("{:.1} KiB", burst.per_call_kib()),
+                format!(
+                    "{:.1} -> {:.1} MiB resident, {} failed",
+                    burst.before_mib,
+                    burst.peak_mib,
+                    if burst.failed == usize::MAX {
+                        "not all answered in time: some".to_owned()
+                    } else {
+                        burst.failed.to_string()
+                    }
+                ),
+                "≤ 16 KiB".into(),
+                Some(burst.per_call_kib() <= 16.0 && burst.failed == 0),
+            ));
+        }
+        if let (Some(after), Some(first)) = (self.rss_after_burst_mib, self.inflight.first()) {
+            rows.push((
+                format!("resident memory {} s after the bursts", args.after_secs),
+                format!("{after:.1} MiB"),
+                format!("{:.1} MiB before them", first.before_mib),
+                "within 10 % of before".into(),
+                Some(after <= first.before_mib * 1.1),
+            ));
+        }
+        rows.extend([
             (
                 "cold start (cache, control plane down)".into(),
                 format!("p50 {:.1} ms, max {:.1} ms", cold.0, cold.1),
@@ -486,7 +614,7 @@ impl Figures {
                 "≤ 5 ms".into(),
                 Some(change_max <= 5.0),
             ),
-        ];
+        ]);
 
         let mut md = String::new();
         let _ = writeln!(md, "## aisix-bench results\n");
@@ -532,14 +660,27 @@ impl Figures {
             "direct",
             "nginx",
             "gateway",
+            "direct-fixed",
+            "nginx-fixed",
+            "gateway-fixed",
             "direct-static",
             "nginx-static",
             "gateway-static",
+            "gateway-tpc-static",
+            "direct-static-fixed",
+            "nginx-static-fixed",
+            "gateway-static-fixed",
+            "gateway-tpc-static-fixed",
+            "tpc-1core",
+            "tpc-2cores",
+            "shared-1core",
+            "shared-2cores",
         ] {
-            let base = if t.ends_with("-static") {
-                "direct-static"
-            } else {
-                "direct"
+            let base = match (t.contains("-static"), t.ends_with("-fixed")) {
+                (true, true) => "direct-static-fixed",
+                (true, false) => "direct-static",
+                (false, true) => "direct-fixed",
+                (false, false) => "direct",
             };
             let p50 = |t| Self::over(&self.latency, t, base, |r: &Run| r.p50_us);
             let p99 = |t| Self::over(&self.latency, t, base, |r: &Run| r.p99_us);
@@ -609,6 +750,8 @@ impl Figures {
                 "rounds": self.rss_rounds,
                 "steady": self.rss_steady,
                 "after": self.rss_after_mib,
+                "in_flight_bursts": self.inflight,
+                "after_bursts": self.rss_after_burst_mib,
             },
             "steady_run": self.steady,
             "propagation_ms": {"etcd": ms_list(&self.propagation_etcd), "cloud_mock": ms_list(&self.propagation_cloud)},

@@ -1094,7 +1094,7 @@ proxy:
   addr: 127.0.0.1:0
   real_ip: {{trusted_proxies: ["127.0.0.1/32"], recursive: false, header: x-real-ip}}
   request_id: {{accept_headers: ["x-request-id"]}}
-  thread_per_core: false
+  thread_per_core: true
   workers: 2
 admin: {{enabled: true, addr: "127.0.0.1:0", admin_keys: ["{ADMIN_KEY}"]}}
 observability:
@@ -1169,9 +1169,14 @@ managed: {{snapshot_cache_path: {snapshot}}}
         .await
         .unwrap();
     let ignored = config_status["ignored"].to_string();
-    assert!(ignored.contains("proxy.thread_per_core"), "{ignored}");
-    // The rest of the operator's keys are acted on.
+    assert_eq!(
+        config_status["serving"],
+        json!({"thread_per_core": true, "workers": 2})
+    );
+    // The operator's keys are acted on.
     for key in [
+        "proxy.thread_per_core",
+        "proxy.workers",
         "downstream.idle_timeout_secs",
         "observability.metrics.client_type_rules",
         "upstream.retries",

@@ -249,6 +249,59 @@ async fn sighup_reloads_and_a_broken_file_keeps_the_last_good_snapshot() {
 
 #[tokio::test]
 async fn sigterm_fails_liveness_drains_streams_and_exits_zero() {
+    drains_streams_and_exits_zero("", 1).await;
+}
+
+/// The same with a worker thread, runtime and socket per core: every worker's
+/// streams finish before the process exits.
+#[tokio::test]
+async fn thread_per_core_workers_drain_their_streams_and_exit_zero() {
+    drains_streams_and_exits_zero("  thread_per_core: true\n  workers: 2\n", 4).await;
+}
+
+/// Workers share their port with `SO_REUSEPORT`; a second agent started on the same
+/// port the same way must not join it and take half the connections.
+#[tokio::test]
+async fn a_second_thread_per_core_agent_on_a_taken_port_does_not_start() {
+    let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let workers = "  thread_per_core: true\n  workers: 2\n";
+    let first = start_agent(&resources(&mock.url(), ""), "").await;
+    drop(first.process);
+    let config = write_config(first.dir.path(), "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let limit = "  request_body_limit_bytes: 65536\n";
+    std::fs::write(&config, text.replace(limit, &format!("{limit}{workers}"))).unwrap();
+    let (mut running, url) = tests::start_agent(&config).await;
+    let port = url.rsplit(':').next().unwrap().to_owned();
+    let r = post_chat(&http_client(), &url, CALLER, &chat("gpt-4o-mini", false)).await;
+    assert_eq!(r.status(), 200);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let second = first.dir.path().join("second.yaml");
+    std::fs::write(
+        &second,
+        text.replace("127.0.0.1:0", &format!("127.0.0.1:{port}")),
+    )
+    .unwrap();
+    let (started, output) = run_to_exit(&["--config", second.to_str().unwrap()]).await;
+    assert!(!started, "{output}");
+    assert!(
+        output.contains(&format!("proxy.addr: cannot listen on 127.0.0.1:{port}")),
+        "{output}"
+    );
+    // The first one still serves every connection.
+    for _ in 0..4 {
+        let r = post_chat(&http_client(), &url, CALLER, &chat("gpt-4o-mini", false)).await;
+        assert_eq!(r.status(), 200);
+    }
+    running.signal("TERM");
+    assert!(running.wait_exit(STARTUP).await.success());
+}
+
+/// SIGTERM with `streams` streams in flight, on connections of their own, with
+/// `proxy` added to the proxy section.
+async fn drains_streams_and_exits_zero(proxy: &str, streams: usize) {
     let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
         .await
         .unwrap();
@@ -259,11 +312,13 @@ async fn sigterm_fails_liveness_drains_streams_and_exits_zero() {
         .to_str()
         .unwrap()
         .to_owned();
+    let limit = "  request_body_limit_bytes: 65536\n";
     std::fs::write(
         &config,
         std::fs::read_to_string(&config)
             .unwrap()
-            .replace("min_drain_secs: 0", "min_drain_secs: 2"),
+            .replace("min_drain_secs: 0", "min_drain_secs: 2")
+            .replace(limit, &format!("{limit}{proxy}")),
     )
     .unwrap();
     agent.process = Process::start(&binary("aisix-agent"), &["--config", &config], &[]);
@@ -283,9 +338,19 @@ async fn sigterm_fails_liveness_drains_streams_and_exits_zero() {
         chunk_interval_ms: 500,
         ..Script::default()
     });
-    let r = post_chat(&client, &agent.url, CALLER, &chat("gpt-4o-mini", true)).await;
-    assert_eq!(r.status(), 200);
-    let stream = tokio::spawn(r.text());
+    let mut running = Vec::new();
+    for _ in 0..streams {
+        // A client each: a connection each, spread over the workers' sockets.
+        let r = post_chat(
+            &http_client(),
+            &agent.url,
+            CALLER,
+            &chat("gpt-4o-mini", true),
+        )
+        .await;
+        assert_eq!(r.status(), 200);
+        running.push(tokio::spawn(r.text()));
+    }
 
     agent.process.signal("TERM");
     eventually(
@@ -311,11 +376,13 @@ async fn sigterm_fails_liveness_drains_streams_and_exits_zero() {
     // Responses during the drain close their keep-alive connection.
     assert_eq!(ready.headers()["connection"], "close");
     assert_eq!(ready.text().await.unwrap(), "readyz check failed");
-    let text = stream.await.unwrap().unwrap();
-    assert!(
-        text.ends_with("data: [DONE]\n\n"),
-        "the in-flight stream was cut: {text}"
-    );
+    for stream in running {
+        let text = stream.await.unwrap().unwrap();
+        assert!(
+            text.ends_with("data: [DONE]\n\n"),
+            "an in-flight stream was cut: {text}"
+        );
+    }
     let status = agent.process.wait_exit(Duration::from_secs(20)).await;
     assert!(status.success(), "{status}");
 }

@@ -373,6 +373,10 @@ pub struct ProxySection {
     /// Threads serving requests; by default one per core the process may run on
     /// (taskset and cgroup limits included).
     pub workers: Option<usize>,
+    /// Serve the proxy listener with `workers` threads, each with a runtime, an
+    /// `SO_REUSEPORT` listener and an upstream pool of its own, instead of one shared
+    /// multi-threaded runtime.
+    pub thread_per_core: bool,
     /// Path rewrites before routing: the first rule whose pattern matches rewrites the
     /// path, once.
     pub url_rewrites: Vec<UrlRewriteSection>,
@@ -401,6 +405,7 @@ impl Default for ProxySection {
             client_ip_header: "x-forwarded-for".to_owned(),
             real_ip: None,
             workers: None,
+            thread_per_core: false,
             url_rewrites: Vec::new(),
             tls: None,
             max_connections: 10_000,

@@ -46,6 +46,9 @@ pub struct ListenerOptions {
     /// The hard bound of header lines in a request head (hyper's own, 100, when
     /// unset); the proxy refuses fewer past its own limit, in its error envelope.
     pub max_headers: Option<usize>,
+    /// Connection slots shared by listeners of one address (a worker each); a
+    /// listener alone has `max_connections` of its own.
+    pub slots: Option<Arc<Semaphore>>,
 }
 
 impl ListenerOptions {
@@ -57,6 +60,7 @@ impl ListenerOptions {
             max_connections: 10_000,
             max_head_bytes: 128 * 1024,
             max_headers: None,
+            slots: None,
         }
     }
 }
@@ -80,7 +84,10 @@ pub async fn serve(
     }
     let http = Arc::new(http);
     let tls = options.tls.clone().map(TlsAcceptor::from);
-    let slots = Arc::new(Semaphore::new(options.max_connections.max(1)));
+    let slots = options
+        .slots
+        .clone()
+        .unwrap_or_else(|| Arc::new(Semaphore::new(options.max_connections.max(1))));
     let connections = TaskTracker::new();
     let mut accept_errors = Throttle::default();
     let mut at_limit = Throttle::default();

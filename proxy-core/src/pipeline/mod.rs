@@ -120,7 +120,7 @@ async fn phases(
         _ => (&read, request),
     };
     let cache = cache::slot(
-        state.cache.as_ref(),
+        state.cache.as_deref(),
         call.endpoint,
         &admitted.caller.id,
         &admitted.model.name,

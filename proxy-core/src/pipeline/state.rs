@@ -154,9 +154,9 @@ pub(crate) struct Inner {
     pub started_unix: u64,
     pub health: Arc<ModelHealth>,
     pub hooks: Hooks,
-    pub routing: RoutingState,
+    pub routing: Arc<RoutingState>,
     pub limiter: Arc<RateLimiter>,
-    pub cache: Option<ResponseCache>,
+    pub cache: Option<Arc<ResponseCache>>,
 }
 
 impl ProxyState {
@@ -173,9 +173,14 @@ impl ProxyState {
         let started_unix = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let cache = options.cache.clone().map(ResponseCache::new);
+        let cache = options
+            .cache
+            .clone()
+            .map(|c| Arc::new(ResponseCache::new(c)));
         let limiter = Arc::new(RateLimiter::new(options.shared_limits.clone()));
-        let routing = RoutingState::with_default_retries(upstream.default_retries());
+        let routing = Arc::new(RoutingState::with_default_retries(
+            upstream.default_retries(),
+        ));
         let detectors = Arc::new(Detectors::new(upstream.client().clone()));
         Self(Arc::new(Inner {
             detectors,
@@ -190,6 +195,31 @@ impl ProxyState {
             limiter,
             cache,
         }))
+    }
+
+    /// The same proxy (snapshot, limits, cache, routing credits, detector circuits,
+    /// hooks) sending through `upstream`: for a worker with a runtime of its own,
+    /// whose upstream connections must live on that runtime.
+    pub fn with_upstream(&self, upstream: Upstream) -> Self {
+        let inner = &self.0;
+        Self(Arc::new(Inner {
+            detectors: Arc::new(inner.detectors.with_client(upstream.client().clone())),
+            store: inner.store.clone(),
+            upstream,
+            options: inner.options.clone(),
+            draining: inner.draining.clone(),
+            started_unix: inner.started_unix,
+            health: inner.health.clone(),
+            hooks: inner.hooks.clone(),
+            routing: inner.routing.clone(),
+            limiter: inner.limiter.clone(),
+            cache: inner.cache.clone(),
+        }))
+    }
+
+    /// The client provider calls go through.
+    pub fn upstream(&self) -> &Upstream {
+        &self.0.upstream
     }
 
     /// Upstream failure streaks per model, recorded by the request handlers.

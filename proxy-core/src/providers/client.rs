@@ -7,8 +7,9 @@
 //! chunk by chunk, each gap bounded by `stream_timeout`; a cut or a stall after that
 //! is a [`StreamBreak`] the caller's stream reports.
 
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -59,10 +60,37 @@ pub struct Upstream {
     client: reqwest::Client,
     /// Tokens minted from provider keys' credentials (Entra ID, service accounts).
     tokens: Arc<Tokens>,
+    urls: Arc<Urls>,
     /// Bounds of calls to models that set none of their own.
     timeout: Duration,
     stream_timeout: Option<Duration>,
     default_retries: u32,
+}
+
+/// Provider URLs parsed once: a deployment calls a few endpoints again and again,
+/// and parsing one (its host through IDNA) costs about a microsecond.
+#[derive(Default)]
+struct Urls(Mutex<HashMap<String, reqwest::Url>>);
+
+/// Distinct URLs kept at most; past it the map starts again.
+const MAX_URLS: usize = 1024;
+
+impl Urls {
+    /// `url` parsed, or back unparsed when it is no URL.
+    fn parsed(&self, url: String) -> Result<reqwest::Url, String> {
+        let mut known = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(parsed) = known.get(&url) {
+            return Ok(parsed.clone());
+        }
+        let Ok(parsed) = reqwest::Url::parse(&url) else {
+            return Err(url);
+        };
+        if known.len() >= MAX_URLS {
+            known.clear();
+        }
+        known.insert(url, parsed.clone());
+        Ok(parsed)
+    }
 }
 
 /// The upstream client's defaults (the config's `upstream` section).
@@ -165,9 +193,20 @@ impl Upstream {
         Ok(Self {
             client: builder.build()?,
             tokens: Arc::default(),
+            urls: Arc::default(),
             timeout: options.timeout,
             stream_timeout: options.stream_timeout,
             default_retries: options.retries,
+        })
+    }
+
+    /// A client with a connection pool of its own and the same minted tokens: for a
+    /// worker with a runtime of its own (a pool's connections are driven by the
+    /// runtime that opened them).
+    pub fn with_own_pool(&self, options: &UpstreamOptions) -> Result<Self, reqwest::Error> {
+        Ok(Self {
+            tokens: self.tokens.clone(),
+            ..Self::with_options(options)?
         })
     }
 
@@ -187,9 +226,12 @@ impl Upstream {
         let timeout = target.model.timeout.unwrap_or(self.timeout);
         let gap = target.model.stream_timeout.or(self.stream_timeout);
         let url = format!("{}{}", target.provider_key.api_base, outgoing.path);
-        let request = self
-            .client
-            .post(url)
+        let request = match self.urls.parsed(url) {
+            Ok(url) => self.client.post(url),
+            // reqwest says what is wrong with it, when the request is sent.
+            Err(url) => self.client.post(url),
+        };
+        let request = request
             .headers(outgoing.headers)
             .header("x-aisix-request-id", request_id);
         let request = match outgoing.payload {

@@ -39,7 +39,7 @@ pub enum Said {
 /// The client detector calls go through, and each detector's circuit.
 pub struct Detectors {
     client: reqwest::Client,
-    circuits: Mutex<HashMap<Arc<str>, Circuit>>,
+    circuits: Arc<Mutex<HashMap<Arc<str>, Circuit>>>,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -53,7 +53,15 @@ impl Detectors {
     pub fn new(client: reqwest::Client) -> Self {
         Self {
             client,
-            circuits: Mutex::default(),
+            circuits: Arc::default(),
+        }
+    }
+
+    /// The same circuits, calling through `client`.
+    pub fn with_client(&self, client: reqwest::Client) -> Self {
+        Self {
+            client,
+            circuits: self.circuits.clone(),
         }
     }
 
