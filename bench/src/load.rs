@@ -20,17 +20,28 @@ pub struct Run {
 
 /// Writes the request script: a chat completion for `model` with the caller key.
 pub fn script(dir: &Path, model: &str, caller_key: &str) -> PathBuf {
+    script_closing(dir, model, caller_key, false)
+}
+
+/// [`script`], each request with `Connection: close` when `close` (a new connection,
+/// and handshake, per request).
+pub fn script_closing(dir: &Path, model: &str, caller_key: &str, close: bool) -> PathBuf {
     let body = serde_json::json!({
         "model": model,
         "messages": [{"role": "user", "content": "Say hello."}],
     })
     .to_string();
+    let connection = if close {
+        "wrk.headers[\"Connection\"] = \"close\"\n"
+    } else {
+        ""
+    };
     let lua = format!(
         r#"wrk.method = "POST"
 wrk.body = '{body}'
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer {caller_key}"
-done = function(summary, latency, requests)
+{connection}done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
     '\nWRK-JSON {{"requests":%d,"duration_us":%d,"errors":%d,"p50_us":%f,"p99_us":%f}}\n',
@@ -39,7 +50,7 @@ done = function(summary, latency, requests)
 end
 "#
     );
-    let path = dir.join(format!("chat-{model}-{caller_key}.lua"));
+    let path = dir.join(format!("chat-{model}-{caller_key}-{close}.lua"));
     std::fs::write(&path, lua).expect("write the wrk script");
     path
 }

@@ -569,6 +569,7 @@ impl Bench {
         tpc.0.stop();
         proxy.stop();
         self.core_rounds(figures, &mode.0, &script).await;
+        self.tls_rounds(figures, &mode.0).await;
         upstream.stop();
     }
 
@@ -686,6 +687,73 @@ impl Bench {
         for mut agent in agents {
             agent.stop();
         }
+    }
+
+    /// The gateway alone on its core over plain HTTP and over TLS (rustls, the
+    /// listener's `tls`), with keep-alive, and TLS with a new connection per request:
+    /// the handshakes a second one core completes.
+    async fn tls_rounds(&self, figures: &mut Figures, source: &str) {
+        let dir = self.dir.path();
+        let files = tests::TlsFiles::generate(dir, "bench-ca");
+        let tls = format!(
+            "  tls: {{cert_file: {}, key_file: {}}}\n",
+            files.server_cert.display(),
+            files.server_key.display()
+        );
+        let core = self.args.gateway_core.to_string();
+        let (mut plain, plain_addr) = self.start_agent_on(
+            &core,
+            "gateway-plain",
+            &(source.to_owned(), free_port()),
+            "",
+        );
+        let (mut secure, secure_addr) = self.start_agent_on(
+            &core,
+            "gateway-tls",
+            &(source.to_owned(), free_port()),
+            &tls,
+        );
+        proxy_core::install_crypto_provider();
+        let trusting = reqwest::Client::builder()
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(&std::fs::read(&files.ca).expect("CA file"))
+                    .expect("CA certificate"),
+            )
+            .build()
+            .expect("client");
+        let secure_url = format!("https://{secure_addr}/v1/chat/completions");
+        assert_eq!(
+            self.chat(&trusting, &secure_url).await,
+            Some(200),
+            "the TLS gateway answers"
+        );
+        let kept = load::script(dir, "bench", CALLER);
+        let closing = load::script_closing(dir, "bench", CALLER, true);
+        let targets = [
+            Target::new(
+                "plain",
+                format!("http://{plain_addr}/v1/chat/completions"),
+                Some(plain.pid()),
+            ),
+            Target::new("tls", secure_url.clone(), Some(secure.pid())),
+            Target::new("tls-handshakes", secure_url, Some(secure.pid())).with_script(closing),
+        ];
+        for round in 0..self.args.rounds {
+            for t in rotated(&targets, round) {
+                let before = t.pid.map(cpu_time);
+                let run = load::wrk(
+                    &t.url,
+                    self.args.connections,
+                    Duration::from_secs(self.args.throughput_secs),
+                    t.script.as_deref().unwrap_or(&kept),
+                );
+                let cpu = t.pid.zip(before).map(|(pid, b)| cpu_time(pid) - b);
+                figures.throughput(t.name, run, cpu);
+            }
+        }
+        println!("TLS rounds done");
+        plain.stop();
+        secure.stop();
     }
 
     /// Rounds of fixed-rate load (`--fixed-rate` requests a second) per target, its

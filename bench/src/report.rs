@@ -412,6 +412,26 @@ impl Figures {
                     Some(ratio >= 1.8),
                 )
             },
+            {
+                let (t, p) = (self.cpu_us("tls"), self.cpu_us("plain"));
+                (
+                    format!(
+                        "TLS listener: CPU per request over plain, keep-alive, c={}",
+                        args.connections
+                    ),
+                    format!("{:.2}x ({t:.1} / {p:.1} µs)", t / p),
+                    format!(
+                        "{:.0} req/s over TLS, {:.0} plain; {:.0} handshakes/s (a connection per request, {:.1} µs CPU each), {} errors",
+                        self.rps("tls"),
+                        self.rps("plain"),
+                        self.rps("tls-handshakes"),
+                        self.cpu_us("tls-handshakes"),
+                        self.errors("tls") + self.errors("tls-handshakes")
+                    ),
+                    "≤ 1.5x".into(),
+                    Some(t <= 1.5 * p && self.errors("tls") == 0),
+                )
+            },
             (
                 "rate limits on Redis: added latency over local, c=1".into(),
                 format!(
@@ -675,6 +695,9 @@ impl Figures {
             "tpc-2cores",
             "shared-1core",
             "shared-2cores",
+            "plain",
+            "tls",
+            "tls-handshakes",
         ] {
             let base = match (t.contains("-static"), t.ends_with("-fixed")) {
                 (true, true) => "direct-static-fixed",

@@ -1,6 +1,7 @@
 //! Soak test (not in the default suite; `bash scripts/soak [MINUTES]`): the agent in
 //! managed mode against `cloud-mock serve` (its control plane, console and mock
-//! provider) for MINUTES (default 10) at half of the measured saturation, with a
+//! provider) for MINUTES (default 10) at FRACTION (default 0.5) of the measured
+//! saturation (`bash scripts/soak 10 0.9` for 90 %), with a
 //! console write every second and a control-plane flap (connections refused and
 //! watches cut for 10 s) every minute. Prints errors by cause, the agent's resident
 //! memory over time and, per 10 s, the slowest call through the gateway and the
@@ -36,6 +37,12 @@ async fn main() -> ExitCode {
     let minutes: u64 = std::env::args()
         .nth(1)
         .map_or(10, |m| m.parse().expect("MINUTES is a whole number"));
+    let fraction: f64 = std::env::args().nth(2).map_or(0.5, |f| {
+        f.parse()
+            .ok()
+            .filter(|f| (0.01..=1.0).contains(f))
+            .expect("FRACTION is a number from 0.01 to 1")
+    });
     let dir = tempfile::tempdir().unwrap();
     let cloud = CloudMockProcess::start(&dir.path().join("cloud-mock"), None).await;
     let resources = format!("/console/v1/environments/{ENV}/resources");
@@ -171,8 +178,11 @@ async fn main() -> ExitCode {
         w.await.unwrap();
     }
     let saturation = done.load(Ordering::Relaxed) as f64 / 10.0;
-    let rate = (saturation / 2.0).max(1.0);
-    println!("saturation {saturation:.0} req/s; soaking {minutes} min at {rate:.0} req/s");
+    let rate = (saturation * fraction).max(1.0);
+    println!(
+        "saturation {saturation:.0} req/s; soaking {minutes} min at {rate:.0} req/s ({:.0} %)",
+        fraction * 100.0
+    );
 
     slowest.store(0, Ordering::Relaxed);
     let ok = Arc::new(AtomicU64::new(0));
