@@ -1,11 +1,15 @@
-//! Load at a fixed rate, for latency without coordinated omission: requests are sent
-//! on a schedule (one per millisecond tick of the harness's timer), each on an idle
-//! keep-alive connection or a new one when every open one is busy, and a request's
-//! latency runs from when it was due, not from when it could be sent. A target that
-//! stalls therefore shows the wait of every request scheduled behind the stall, which
-//! a closed loop (wrk) hides.
+//! Load at a fixed rate, for latency without coordinated omission, and the requests
+//! the in-flight bursts send.
+//!
+//! [`run`] sends on a schedule, blocking its thread, over one keep-alive
+//! connection: it sleeps until a request is due (then spins the last stretch, so the
+//! send is on time to a few microseconds), and a request's latency runs from when it
+//! was due, not from when it could be sent. A target that stalls therefore shows the
+//! wait of every request scheduled behind the stall, which a closed loop (wrk) hides.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream as StdTcpStream;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -16,51 +20,38 @@ use tokio::net::TcpStream;
 
 use crate::load::Run;
 
-/// Connections open at most; a request due while all are busy waits for one.
-const MAX_CONNECTIONS: usize = 64;
-
-/// Sends `per_second` requests a second (at most 1000: the timer's resolution) for
-/// `duration`, and returns the latency percentiles measured from each due time.
-pub async fn run(
-    url: &str,
-    caller_key: &str,
-    model: &str,
-    per_second: u32,
-    duration: Duration,
-) -> Run {
-    let request = Arc::new(Request::chat(url, caller_key, model));
-    let idle: Arc<Mutex<Vec<SendRequest<Full<Bytes>>>>> = Arc::default();
-    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let results: Arc<Mutex<Vec<Result<Duration, ()>>>> = Arc::default();
-    let every = Duration::from_secs(1) / per_second.clamp(1, 1000);
-    let mut ticks = tokio::time::interval(every);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+/// Sends `per_second` chat completions a second to `url` for `duration` (blocking),
+/// and returns the latency percentiles measured from each due time.
+pub fn run(url: &str, caller_key: &str, model: &str, per_second: u32, duration: Duration) -> Run {
+    let request = Request::chat(url, caller_key, model);
+    let mut wire = format!(
+        "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nAuthorization: {}\r\nContent-Length: {}\r\n\r\n",
+        request.uri.path(),
+        request.authority,
+        request.auth,
+        request.body.len()
+    )
+    .into_bytes();
+    wire.extend_from_slice(&request.body);
+    let every = Duration::from_secs(1) / per_second.max(1);
+    let mut connection: Option<BufReader<StdTcpStream>> = None;
+    let (mut latencies, mut errors, mut sent) = (Vec::new(), 0u64, 0u64);
     let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    while started.elapsed() < duration {
-        let due = ticks.tick().await.into_std();
-        let (request, idle, open, results) =
-            (request.clone(), idle.clone(), open.clone(), results.clone());
-        tasks.spawn(async move {
-            let Ok(_slot) = open.acquire().await else {
-                return;
-            };
-            let outcome = one(&request, &idle).await;
-            let latency = outcome.map(|()| due.elapsed());
-            results
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(latency);
-        });
+    let mut due = started;
+    while due.duration_since(started) < duration {
+        wait_until(due);
+        sent += 1;
+        let answered = exchange(&mut connection, &request.authority, &wire);
+        match answered {
+            Some(true) => latencies.push(due.elapsed().as_secs_f64() * 1e6),
+            _ => {
+                errors += 1;
+                connection = None;
+            }
+        }
+        due += every;
     }
-    while tasks.join_next().await.is_some() {}
     let elapsed = started.elapsed();
-    let results = std::mem::take(&mut *results.lock().unwrap_or_else(PoisonError::into_inner));
-    let mut latencies: Vec<f64> = results
-        .iter()
-        .filter_map(|r| r.as_ref().ok())
-        .map(|d| d.as_secs_f64() * 1e6)
-        .collect();
     latencies.sort_by(f64::total_cmp);
     let at = |p: f64| {
         if latencies.is_empty() {
@@ -70,12 +61,61 @@ pub async fn run(
         latencies[rank.clamp(1, latencies.len()) - 1]
     };
     Run {
-        requests: results.len() as u64,
-        errors: results.iter().filter(|r| r.is_err()).count() as u64,
-        rps: results.len() as f64 / elapsed.as_secs_f64(),
+        requests: sent,
+        errors,
+        rps: sent as f64 / elapsed.as_secs_f64(),
         p50_us: at(50.0),
         p99_us: at(99.0),
     }
+}
+
+/// Sleeps until shortly before `due`, then spins to it.
+fn wait_until(due: Instant) {
+    const SPIN: Duration = Duration::from_micros(100);
+    let now = Instant::now();
+    if due > now + SPIN {
+        std::thread::sleep(due - now - SPIN);
+    }
+    while Instant::now() < due {
+        std::hint::spin_loop();
+    }
+}
+
+/// One request on the kept connection (opened when there is none): `Some(true)` for a
+/// whole 200, `Some(false)` for another status, `None` when the connection failed.
+fn exchange(
+    connection: &mut Option<BufReader<StdTcpStream>>,
+    authority: &str,
+    wire: &[u8],
+) -> Option<bool> {
+    if connection.is_none() {
+        let tcp = StdTcpStream::connect(authority).ok()?;
+        tcp.set_nodelay(true).ok()?;
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        *connection = Some(BufReader::new(tcp));
+    }
+    let reader = connection.as_mut()?;
+    reader.get_mut().write_all(wire).ok()?;
+    let mut line = String::new();
+    reader.read_line(&mut line).ok()?;
+    let ok = line.starts_with("HTTP/1.1 200");
+    let mut length = 0usize;
+    loop {
+        line.clear();
+        reader.read_line(&mut line).ok()?;
+        let header = line.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().ok()?;
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).ok()?;
+    Some(ok)
 }
 
 /// A chat completion request, sent again and again.

@@ -98,7 +98,7 @@ pub struct RunArgs {
     /// Calls held in flight at once, one burst each, for the memory per call.
     #[arg(long, value_delimiter = ',', default_values_t = [1000, 5000])]
     inflight: Vec<usize>,
-    /// Requests a second of the fixed-rate latency runs (at most 1000).
+    /// Requests a second of the fixed-rate latency runs.
     #[arg(long, default_value_t = 1000)]
     fixed_rate: u32,
     /// Write access logs (the agent's default) to a file.
@@ -762,7 +762,7 @@ impl Bench {
         let secs = Duration::from_secs(self.args.latency_secs);
         for round in 0..self.args.rounds {
             for t in rotated(targets, round) {
-                let run = fixed::run(&t.url, CALLER, "bench", self.args.fixed_rate, secs).await;
+                let run = fixed::run(&t.url, CALLER, "bench", self.args.fixed_rate, secs);
                 figures.latency(report::fixed(t.name), run);
             }
         }

@@ -1182,6 +1182,8 @@ cache:
         assert_eq!(c.proxy.addr.to_string(), "0.0.0.0:3000");
         assert_eq!(c.proxy.request_body_limit_bytes, 64 * 1024 * 1024);
         assert_eq!(c.shutdown.min_drain_secs, 5);
+        assert_eq!(c.upstream.pool_max_idle_per_host, Some(128));
+        assert!(!c.proxy.thread_per_core);
         assert!(c.ignored.is_empty(), "{:?}", c.ignored);
         let prometheus = &c.observability.metrics.prometheus;
         assert!(prometheus.enabled);

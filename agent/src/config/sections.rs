@@ -479,7 +479,7 @@ pub struct UpstreamSection {
     pub tcp_keepalive_retries: Option<u32>,
     /// Idle pooled connections are closed after this.
     pub pool_idle_timeout_secs: u64,
-    /// Idle connections kept per upstream host; unset: no limit.
+    /// Idle connections kept per upstream host (default 128).
     pub pool_max_idle_per_host: Option<usize>,
     /// Retries of a model (or routing model) that sets none of its own.
     pub retries: u32,
@@ -580,7 +580,7 @@ impl Default for UpstreamSection {
             tcp_keepalive_interval_secs: None,
             tcp_keepalive_retries: None,
             pool_idle_timeout_secs: 90,
-            pool_max_idle_per_host: None,
+            pool_max_idle_per_host: Some(proxy_core::providers::client::DEFAULT_POOL_MAX_IDLE),
             retries: 0,
             tls: UpstreamTlsSection::default(),
         }

@@ -28,6 +28,10 @@ use crate::resources::{GoogleAuth, Model, ProviderKey};
 /// Used when a model sets no `timeout`: LLM answers can be slow, but not unbounded.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle connections kept per upstream host by default (nginx's `keepalive 128`):
+/// after a burst of thousands of calls the rest close at once, and their buffers
+/// (about 20 KiB each) go back, instead of idling for `pool_idle_timeout`.
+pub const DEFAULT_POOL_MAX_IDLE: usize = 128;
 /// Upstream error bodies larger than this are not read (they are summarised instead).
 const MAX_ERROR_BODY: usize = 64 * 1024;
 /// The most of a stream held while waiting for its first event.
@@ -141,7 +145,7 @@ impl Default for UpstreamOptions {
             stream_timeout: None,
             connect_timeout: CONNECT_TIMEOUT,
             pool_idle_timeout: Duration::from_secs(90),
-            pool_max_idle_per_host: None,
+            pool_max_idle_per_host: Some(DEFAULT_POOL_MAX_IDLE),
             tcp_keepalive: None,
             tcp_keepalive_interval: None,
             tcp_keepalive_retries: None,
