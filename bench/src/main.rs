@@ -670,19 +670,7 @@ impl Bench {
             targets.push(Target::new(name, url, Some(agent.pid())));
             agents.push(agent);
         }
-        for round in 0..self.args.rounds {
-            for t in rotated(&targets, round) {
-                let before = t.pid.map(cpu_time);
-                let run = load::wrk(
-                    &t.url,
-                    self.args.connections,
-                    Duration::from_secs(self.args.throughput_secs),
-                    script,
-                );
-                let cpu = t.pid.zip(before).map(|(pid, b)| cpu_time(pid) - b);
-                figures.throughput(t.name, run, cpu);
-            }
-        }
+        self.throughput_rounds(figures, &targets, script);
         println!("one-core and two-core rounds done");
         for mut agent in agents {
             agent.stop();
@@ -738,19 +726,7 @@ impl Bench {
             Target::new("tls", secure_url.clone(), Some(secure.pid())),
             Target::new("tls-handshakes", secure_url, Some(secure.pid())).with_script(closing),
         ];
-        for round in 0..self.args.rounds {
-            for t in rotated(&targets, round) {
-                let before = t.pid.map(cpu_time);
-                let run = load::wrk(
-                    &t.url,
-                    self.args.connections,
-                    Duration::from_secs(self.args.throughput_secs),
-                    t.script.as_deref().unwrap_or(&kept),
-                );
-                let cpu = t.pid.zip(before).map(|(pid, b)| cpu_time(pid) - b);
-                figures.throughput(t.name, run, cpu);
-            }
-        }
+        self.throughput_rounds(figures, &targets, &kept);
         println!("TLS rounds done");
         plain.stop();
         secure.stop();
@@ -801,17 +777,32 @@ impl Bench {
                 let script = t.script.as_deref().unwrap_or(script);
                 let run = load::wrk(&t.url, 1, Duration::from_secs(args.latency_secs), script);
                 figures.latency(t.name, run);
-                let before = t.pid.map(cpu_time);
-                let run = load::wrk(
-                    &t.url,
-                    args.connections,
-                    Duration::from_secs(args.throughput_secs),
-                    script,
-                );
-                let cpu = t.pid.zip(before).map(|(pid, b)| cpu_time(pid) - b);
-                figures.throughput(t.name, run, cpu);
+                self.throughput_run(figures, &t, script);
             }
         }
+    }
+
+    /// Interleaved rounds of throughput with CPU, per target (with its own script,
+    /// when it has one).
+    fn throughput_rounds(&self, figures: &mut Figures, targets: &[Target], script: &Path) {
+        for round in 0..self.args.rounds {
+            for t in rotated(targets, round) {
+                self.throughput_run(figures, &t, t.script.as_deref().unwrap_or(script));
+            }
+        }
+    }
+
+    /// One throughput run at `--connections`, with the target's CPU time.
+    fn throughput_run(&self, figures: &mut Figures, t: &Target, script: &Path) {
+        let before = t.pid.map(cpu_time);
+        let run = load::wrk(
+            &t.url,
+            self.args.connections,
+            Duration::from_secs(self.args.throughput_secs),
+            script,
+        );
+        let cpu = t.pid.zip(before).map(|(pid, b)| cpu_time(pid) - b);
+        figures.throughput(t.name, run, cpu);
     }
 
     /// Starts the agent on the gateway core and waits for its proxy listener.
