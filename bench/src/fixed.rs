@@ -128,10 +128,19 @@ pub struct Request {
 
 impl Request {
     pub fn chat(url: &str, caller_key: &str, model: &str) -> Self {
+        Self::new(url, caller_key, model, false)
+    }
+
+    pub fn chat_streamed(url: &str, caller_key: &str, model: &str) -> Self {
+        Self::new(url, caller_key, model, true)
+    }
+
+    fn new(url: &str, caller_key: &str, model: &str, stream: bool) -> Self {
         let uri: hyper::Uri = url.parse().expect("target URL");
         let authority = uri.authority().expect("target host and port").to_string();
         let body = serde_json::json!({
             "model": model,
+            "stream": stream,
             "messages": [{"role": "user", "content": "Say hello."}],
         })
         .to_string();
@@ -142,6 +151,20 @@ impl Request {
             body: Bytes::from(body),
         }
     }
+
+    pub fn authority(&self) -> &str {
+        &self.authority
+    }
+
+    /// The request as hyper sends it.
+    pub fn message(&self) -> Option<hyper::Request<Full<Bytes>>> {
+        hyper::Request::post(self.uri.clone())
+            .header(hyper::header::HOST, &self.authority)
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header(hyper::header::AUTHORIZATION, &self.auth)
+            .body(Full::new(self.body.clone()))
+            .ok()
+    }
 }
 
 /// One request on an idle connection (or a new one); `Err` unless a whole 200.
@@ -151,12 +174,7 @@ pub async fn one(request: &Request, idle: &Mutex<Vec<SendRequest<Full<Bytes>>>>)
         Some(sender) => sender,
         None => connect(&request.authority).await?,
     };
-    let message = hyper::Request::post(request.uri.clone())
-        .header(hyper::header::HOST, &request.authority)
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .header(hyper::header::AUTHORIZATION, &request.auth)
-        .body(Full::new(request.body.clone()))
-        .map_err(|_| ())?;
+    let message = request.message().ok_or(())?;
     sender.ready().await.map_err(|_| ())?;
     let response = sender.send_request(message).await.map_err(|_| ())?;
     let ok = response.status() == 200;

@@ -23,6 +23,7 @@ mod procs;
 mod report;
 mod scale;
 mod streaming;
+mod streams;
 mod upstream;
 
 use std::path::{Path, PathBuf};
@@ -98,6 +99,14 @@ pub struct RunArgs {
     /// Calls held in flight at once, one burst each, for the memory per call.
     #[arg(long, value_delimiter = ',', default_values_t = [1000, 5000])]
     inflight: Vec<usize>,
+    /// Concurrent streams of the streams-at-scale burst, their content events and the
+    /// gap between events (ms).
+    #[arg(long, default_value_t = 5000)]
+    scale_streams: usize,
+    #[arg(long, default_value_t = 100)]
+    scale_chunks: usize,
+    #[arg(long, default_value_t = 20)]
+    scale_interval_ms: u64,
     /// Requests a second of the fixed-rate latency runs.
     #[arg(long, default_value_t = 1000)]
     fixed_rate: u32,
@@ -244,6 +253,7 @@ async fn bench(args: RunArgs) {
     bench.translated_rounds(&mut figures, &gateway_url, gateway_pid);
     bench.static_rounds(&mut figures).await;
     bench.inflight_rounds(&mut figures).await;
+    bench.stream_scale(&mut figures).await;
 
     let streamer = reqwest::Client::builder()
         .tcp_nodelay(true)
@@ -642,6 +652,64 @@ impl Bench {
         figures.rss_after_burst_mib = Some(rss_mib(pid));
         gateway.stop();
         slow.stop();
+    }
+
+    /// `--scale-streams` streams at once, straight from a mock upstream and through
+    /// the gateway: the gaps between events, stalled streams, and the gateway's memory.
+    async fn stream_scale(&self, figures: &mut Figures) {
+        let args = &self.args;
+        let port = free_port();
+        let exe = std::env::current_exe().expect("own path");
+        let addr = format!("127.0.0.1:{port}");
+        let interval_us = (args.scale_interval_ms * 1000).to_string();
+        let chunks = args.scale_chunks.to_string();
+        let mut mock = Pinned::start(
+            args.load_core,
+            &exe,
+            &[
+                "upstream",
+                "--addr",
+                &addr,
+                "--sse-chunks",
+                &chunks,
+                "--sse-interval-us",
+                &interval_us,
+            ],
+            &self.path("upstream-streams.log"),
+        );
+        mock.wait_for_line("upstream listening on", Duration::from_secs(10));
+        let (mut gateway, gateway_addr) =
+            self.start_agent("gateway-streams", &self.mode_for(&addr, "streams"));
+        let pid = gateway.pid();
+        let chat = |a: &str| format!("http://{a}/v1/chat/completions");
+        let within = Duration::from_millis(args.scale_interval_ms * args.scale_chunks as u64)
+            + Duration::from_secs(60);
+        for (name, url) in [("direct", chat(&addr)), ("gateway", chat(&gateway_addr))] {
+            let before = rss_mib(pid);
+            let running = streams::burst(&url, CALLER, args.scale_streams, within);
+            tokio::pin!(running);
+            let mut peak = before;
+            let burst = loop {
+                tokio::select! {
+                    burst = &mut running => break burst,
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {
+                        peak = peak.max(rss_mib(pid));
+                    }
+                }
+            };
+            println!(
+                "{} streams {name}: {} finished, {} stalled, gap p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs",
+                burst.streams,
+                burst.finished,
+                burst.stalled,
+                burst.gap_p50_us,
+                burst.gap_p99_us,
+                burst.gap_max_us
+            );
+            figures.stream_bursts.push((name, burst, before, peak));
+        }
+        gateway.stop();
+        mock.stop();
     }
 
     /// Throughput of the gateway on one core and on both, with a thread per core and

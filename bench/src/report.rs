@@ -86,6 +86,9 @@ pub struct Figures {
     /// A `pii` chain of every detector on a 2 KB prompt: clean, and with three masks.
     pub guardrail_chain: Option<(Duration, Duration)>,
     pub inflight: Vec<InFlight>,
+    /// Streams at scale: target, what its burst saw, the gateway's resident memory
+    /// before and at the peak (MiB).
+    pub stream_bursts: Vec<(&'static str, crate::streams::Burst, f64, f64)>,
     /// Resident memory a minute (`--after-secs`) after the last in-flight burst.
     pub rss_after_burst_mib: Option<f64>,
 }
@@ -567,6 +570,26 @@ impl Figures {
                 Some(burst.per_call_kib() <= 16.0 && burst.failed == 0),
             ));
         }
+        let burst_of = |name: &str| self.stream_bursts.iter().find(|b| b.0 == name);
+        if let (Some(direct), Some(gateway)) = (burst_of("direct"), burst_of("gateway")) {
+            let added = gateway.1.gap_p99_us - direct.1.gap_p99_us;
+            rows.push((
+                format!(
+                    "{} streams at once, an event every {} ms: added gap p99",
+                    gateway.1.streams, args.scale_interval_ms
+                ),
+                format!(
+                    "{added:.0} µs (p99 {:.0} µs, max {:.0} µs); {} stalled",
+                    gateway.1.gap_p99_us, gateway.1.gap_max_us, gateway.1.stalled
+                ),
+                format!(
+                    "direct p99 {:.0} µs, {} stalled; gateway {:.1} -> {:.1} MiB resident",
+                    direct.1.gap_p99_us, direct.1.stalled, gateway.2, gateway.3
+                ),
+                "≤ 1 ms, none stalled".into(),
+                Some(added <= 1000.0 && gateway.1.stalled == 0),
+            ));
+        }
         if let (Some(after), Some(first)) = (self.rss_after_burst_mib, self.inflight.first()) {
             rows.push((
                 format!("resident memory {} s after the bursts", args.after_secs),
@@ -774,6 +797,7 @@ impl Figures {
                 "steady": self.rss_steady,
                 "after": self.rss_after_mib,
                 "in_flight_bursts": self.inflight,
+                "stream_bursts": self.stream_bursts,
                 "after_bursts": self.rss_after_burst_mib,
             },
             "steady_run": self.steady,
