@@ -30,6 +30,7 @@ pub mod files;
 pub mod listeners;
 pub mod logging;
 pub mod managed;
+pub mod memory;
 pub mod resources_file;
 pub mod source;
 pub mod status;
@@ -347,6 +348,7 @@ impl Serving {
             std::thread::Builder::new()
                 .name(format!("aisix-worker-{i}"))
                 .spawn(move || {
+                    runtime.spawn(crate::memory::keep_collecting());
                     runtime.block_on(async move {
                         match tokio::net::TcpListener::from_std(listener) {
                             Ok(listener) => {

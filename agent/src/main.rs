@@ -119,6 +119,7 @@ fn serve(config: Config) -> anyhow::Result<ExitCode> {
         runtime.worker_threads(config.workers());
     }
     let runtime = runtime.build().context("cannot start the async runtime")?;
+    runtime.spawn(agent::memory::keep_collecting());
     runtime.block_on(async {
         let agent = agent::start(config).await?;
         // Handlers are installed before anything serves, so an early SIGTERM drains too.
