@@ -53,13 +53,7 @@ pub fn run(url: &str, caller_key: &str, model: &str, per_second: u32, duration: 
     }
     let elapsed = started.elapsed();
     latencies.sort_by(f64::total_cmp);
-    let at = |p: f64| {
-        if latencies.is_empty() {
-            return f64::NAN;
-        }
-        let rank = ((p / 100.0) * latencies.len() as f64).ceil() as usize;
-        latencies[rank.clamp(1, latencies.len()) - 1]
-    };
+    let at = |p| nearest_rank(&latencies, p);
     Run {
         requests: sent,
         errors,
@@ -67,6 +61,15 @@ pub fn run(url: &str, caller_key: &str, model: &str, per_second: u32, duration: 
         p50_us: at(50.0),
         p99_us: at(99.0),
     }
+}
+
+/// The nearest-rank `p`th percentile of `sorted` (NaN when empty).
+pub fn nearest_rank(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 /// Sleeps until shortly before `due`, then spins to it.

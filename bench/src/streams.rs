@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
 
-use crate::fixed::{Request, connect};
+use crate::fixed::{Request, connect, nearest_rank};
 
 /// What one burst of streams saw.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -48,13 +48,7 @@ pub async fn burst(url: &str, caller_key: &str, streams: usize, within: Duration
         }
     }
     gaps.sort_by(f64::total_cmp);
-    let at = |p: f64| {
-        if gaps.is_empty() {
-            return f64::NAN;
-        }
-        let rank = ((p / 100.0) * gaps.len() as f64).ceil() as usize;
-        gaps[rank.clamp(1, gaps.len()) - 1]
-    };
+    let at = |p| nearest_rank(&gaps, p);
     Burst {
         streams,
         finished,
