@@ -99,8 +99,11 @@ fn routed(endpoint: Endpoint) -> MethodRouter<ProxyState> {
         move |State(state): State<ProxyState>,
               ConnectInfo(peer): ConnectInfo<SocketAddr>,
               Extension(record): Extension<Record>,
-              headers: HeaderMap,
-              body: Body| pipeline::call(endpoint, state, peer, record, headers, body),
+              request: Request| {
+            // The headers are moved out, not cloned as axum's `HeaderMap` extractor does.
+            let (parts, body) = request.into_parts();
+            pipeline::call(endpoint, state, peer, record, parts.headers, body)
+        },
     )
 }
 

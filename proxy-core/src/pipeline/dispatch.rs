@@ -80,7 +80,8 @@ pub(super) async fn dispatch<'s>(
                     }
                     state.health.success(&candidate.name);
                     state.routing.recovered(&candidate.name);
-                    let resume = plan.resume_streams.then(|| Resume {
+                    // Only a stream can be resumed: a plain answer copies nothing for it.
+                    let resume = (plan.resume_streams && request.body.stream).then(|| Resume {
                         state: shared.clone(),
                         endpoint: call.endpoint,
                         headers: request.headers.clone(),
@@ -93,7 +94,7 @@ pub(super) async fn dispatch<'s>(
                         answer,
                         conversion,
                         served_by: candidate,
-                        resume: resume.filter(|_| request.body.stream),
+                        resume,
                     });
                 }
                 Err(error) => error,
