@@ -269,7 +269,8 @@ impl Serving {
                         .map_err(|(f, m)| anyhow::anyhow!("{f}: {m}"))?;
                     let state = ProxyState::new(
                         shared.store.clone(),
-                        Upstream::with_options(&upstream)?,
+                        Upstream::with_options(&upstream)
+                            .map_err(|e| anyhow::anyhow!("upstream.tls: {e}"))?,
                         proxy.take().unwrap_or_default(),
                         serving.draining.clone(),
                         shared.health.clone(),
@@ -337,7 +338,12 @@ impl Serving {
             let state = if i == 0 {
                 state.clone()
             } else {
-                state.with_upstream(state.upstream().with_own_pool(upstream)?)
+                state.with_upstream(
+                    state
+                        .upstream()
+                        .with_own_pool(upstream)
+                        .map_err(|e| anyhow::anyhow!("upstream.tls: {e}"))?,
+                )
             };
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -522,22 +522,20 @@ impl UpstreamTlsSection {
             None => Vec::new(),
             Some(path) => {
                 let pem = read("upstream.tls.ca_file", path)?;
-                reqwest::Certificate::from_pem_bundle(&pem)
-                    .ok()
-                    .filter(|roots| !roots.is_empty())
-                    .ok_or((
-                        "upstream.tls.ca_file",
-                        format!("{}: no PEM certificate in it", path.display()),
-                    ))?
+                proxy_core::providers::connect::certificates_from_pem(&pem).ok_or((
+                    "upstream.tls.ca_file",
+                    format!("{}: no PEM certificate in it", path.display()),
+                ))?
             }
         };
         let identity = match (&self.client_cert_file, &self.client_key_file) {
             (None, None) => None,
             (Some(cert), Some(key)) => {
-                let mut pem = read("upstream.tls.client_cert_file", cert)?;
-                pem.push(b'\n');
-                pem.extend(read("upstream.tls.client_key_file", key)?);
-                let identity = reqwest::Identity::from_pem(&pem).map_err(|_| {
+                let identity = proxy_core::providers::connect::Identity::from_pem(
+                    &read("upstream.tls.client_cert_file", cert)?,
+                    &read("upstream.tls.client_key_file", key)?,
+                )
+                .ok_or_else(|| {
                     (
                         "upstream.tls.client_key_file",
                         format!(

@@ -30,6 +30,8 @@ use axum::body::Body;
 use axum::http::{HeaderMap, HeaderName, Method, Uri, header};
 use axum::response::Response;
 use futures_util::StreamExt;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use tracing::debug;
 
 use super::admit::{authenticate, limits_and_budget, read_body, subject};
@@ -195,7 +197,7 @@ struct Output {
 /// (server-sent events, JSON) and charged like a call's: token limits, the usage
 /// event, the budget behind it.
 async fn relay(
-    response: reqwest::Response,
+    response: http::Response<Incoming>,
     content_type: &str,
     usage: Pending,
     output: Output,
@@ -209,12 +211,14 @@ async fn relay(
     if json && !output.rules.is_empty() {
         // A JSON answer is checked whole: buffered, masked or refused, then sent.
         let answer = response
-            .bytes()
+            .into_body()
+            .collect()
             .await
             .map_err(|e| ProxyError::UpstreamFailed {
                 detail: format!("passthrough response: {e}"),
                 retry_after: None,
-            })?;
+            })?
+            .to_bytes();
         let chain = Chain {
             rules: &output.rules,
             stage: Stage::Output,
@@ -243,11 +247,7 @@ async fn relay(
                 retry_after: None,
             });
     }
-    let upstream = Body::from_stream(
-        response
-            .bytes_stream()
-            .map(|c| c.map_err(std::io::Error::other)),
-    );
+    let upstream = Body::new(response.into_body());
     let body = if content_type.starts_with("text/event-stream") {
         let mut tap = usage.tap();
         let body = sse::filter_events(upstream, move |events| {
@@ -289,7 +289,7 @@ async fn relay(
     })
 }
 
-fn content_type(response: &reqwest::Response) -> String {
+fn content_type(response: &http::Response<Incoming>) -> String {
     response
         .headers()
         .get(header::CONTENT_TYPE)
@@ -304,7 +304,7 @@ fn usage_event(
     caller: &ApiKey,
     model: &Model,
     provider_key: &ProviderKey,
-    response: &reqwest::Response,
+    response: &http::Response<Incoming>,
     stream: bool,
 ) -> UsageEvent {
     UsageEvent {

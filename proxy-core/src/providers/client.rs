@@ -1,23 +1,26 @@
 //! The upstream HTTP client every adapter and passthrough share; the adapter adds its
 //! credential and reads its error bodies.
 //!
-//! One pooled keep-alive client serves every upstream (TCP_NODELAY on). Non-streaming
-//! answers are read whole within the model's `timeout`. A stream is held until its
-//! first event (so what fails before it can be retried or failed over), then relayed
-//! chunk by chunk, each gap bounded by `stream_timeout`; a cut or a stall after that
-//! is a [`StreamBreak`] the caller's stream reports.
+//! One pool of keep-alive connections serves every upstream ([`super::connect`]).
+//! Non-streaming answers are read whole within the model's `timeout`. A stream is
+//! held until its first event (so what fails before it can be retried or failed
+//! over), then relayed chunk by chunk, each gap bounded by `stream_timeout`; a cut or
+//! a stall after that is a [`StreamBreak`] the caller's stream reports.
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
-use futures_util::{Stream, StreamExt, stream};
+use futures_util::{StreamExt, stream};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
+use http_body_util::{BodyDataStream, BodyExt, Limited};
+use hyper::body::Incoming;
+use rustls::pki_types::CertificateDer;
 use tracing::warn;
 
+use super::connect::{self, Identity, Pool};
 use super::provider::{Outgoing, Payload, Provider};
 use super::tokens::{TokenSource, Tokens};
 use crate::failure::{ProxyError, UpstreamErrorFields};
@@ -61,6 +64,10 @@ pub struct Answer {
 
 #[derive(Clone)]
 pub struct Upstream {
+    /// Provider calls and passthrough go through this pool.
+    pool: Pool,
+    /// Builds those requests, and makes the gateway's other outbound calls (tokens,
+    /// guardrail detectors) with the same TLS configuration.
     client: reqwest::Client,
     /// Tokens minted from provider keys' credentials (Entra ID, service accounts).
     tokens: Arc<Tokens>,
@@ -121,9 +128,9 @@ pub struct UpstreamOptions {
 #[derive(Debug, Clone)]
 pub struct UpstreamTls {
     /// Trusted besides the system's roots (a private CA, a corporate egress proxy's).
-    pub extra_roots: Vec<reqwest::Certificate>,
+    pub extra_roots: Vec<CertificateDer<'static>>,
     /// Presented to providers that ask for a client certificate.
-    pub identity: Option<reqwest::Identity>,
+    pub identity: Option<Identity>,
     /// `false` accepts any certificate (never in production; the agent warns).
     pub verify: bool,
 }
@@ -156,7 +163,7 @@ impl Default for UpstreamOptions {
 }
 
 impl Upstream {
-    pub fn new() -> Result<Self, reqwest::Error> {
+    pub fn new() -> Result<Self, String> {
         Self::with_options(&UpstreamOptions::default())
     }
 
@@ -166,9 +173,13 @@ impl Upstream {
         &self.client
     }
 
-    pub fn with_options(options: &UpstreamOptions) -> Result<Self, reqwest::Error> {
-        crate::install_crypto_provider();
+    /// The client `options` describe; why not, when its TLS settings cannot be used.
+    pub fn with_options(options: &UpstreamOptions) -> Result<Self, String> {
+        let tls = connect::tls_config(&options.tls)?;
+        let mut http1 = tls.clone();
+        http1.alpn_protocols = vec![b"http/1.1".to_vec()];
         let mut builder = reqwest::Client::builder()
+            .tls_backend_preconfigured(http1)
             .tcp_nodelay(true)
             .connect_timeout(options.connect_timeout)
             .pool_idle_timeout(options.pool_idle_timeout)
@@ -186,16 +197,11 @@ impl Upstream {
         if let Some(retries) = options.tcp_keepalive_retries {
             builder = builder.tcp_keepalive_retries(retries);
         }
-        let tls = &options.tls;
-        builder = builder.tls_certs_merge(tls.extra_roots.iter().cloned());
-        if let Some(identity) = &tls.identity {
-            builder = builder.identity(identity.clone());
-        }
-        if !tls.verify {
-            builder = builder.tls_danger_accept_invalid_certs(true);
-        }
         Ok(Self {
-            client: builder.build()?,
+            pool: connect::pool(options, tls),
+            client: builder
+                .build()
+                .map_err(|e| format!("the HTTP client: {e}"))?,
             tokens: Arc::default(),
             urls: Arc::default(),
             timeout: options.timeout,
@@ -207,7 +213,7 @@ impl Upstream {
     /// A client with a connection pool of its own and the same minted tokens: for a
     /// worker with a runtime of its own (a pool's connections are driven by the
     /// runtime that opened them).
-    pub fn with_own_pool(&self, options: &UpstreamOptions) -> Result<Self, reqwest::Error> {
+    pub fn with_own_pool(&self, options: &UpstreamOptions) -> Result<Self, String> {
         Ok(Self {
             tokens: self.tokens.clone(),
             ..Self::with_options(options)?
@@ -253,10 +259,10 @@ impl Upstream {
             })?;
         let (stream, json_answer) = (outgoing.stream, outgoing.json_answer);
         let started = tokio::time::Instant::now();
-        let response = tokio::time::timeout(timeout, self.client.execute(request))
+        let response = tokio::time::timeout(timeout, self.pool.request(request))
             .await
             .map_err(|_| ProxyError::Timeout(timeout.as_millis()))?
-            .map_err(|e| transport_failure(target, &e))?;
+            .map_err(|e| transport_failure(target, &e, e.is_connect()))?;
         let status = response.status();
         let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
         if !status.is_success() {
@@ -274,7 +280,7 @@ impl Upstream {
         }
         let body = if stream {
             let mut chunks = Chunks {
-                inner: Box::pin(response.bytes_stream()),
+                inner: BodyDataStream::new(response.into_body()),
                 frames: framed.then(EventStreamToSse::default),
                 gap,
                 model: target.model.name.clone(),
@@ -290,10 +296,11 @@ impl Upstream {
             }
         } else {
             let remaining = timeout.saturating_sub(started.elapsed());
-            let bytes = tokio::time::timeout(remaining, response.bytes())
+            let bytes = tokio::time::timeout(remaining, response.into_body().collect())
                 .await
                 .map_err(|_| ProxyError::Timeout(timeout.as_millis()))?
-                .map_err(|e| transport_failure(target, &e))?;
+                .map_err(|e| transport_failure(target, &e, false))?
+                .to_bytes();
             if json_answer && serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err() {
                 return Err(misshapen(target, status, "JSON"));
             }
@@ -320,13 +327,12 @@ impl Upstream {
         provider: &dyn Provider,
         key: &ProviderKey,
         request: reqwest::RequestBuilder,
-    ) -> Result<reqwest::Request, String> {
+    ) -> Result<http::Request<reqwest::Body>, String> {
+        let cannot = |e: reqwest::Error| format!("the request cannot be built: {e}");
         let request = self.credential(provider, key, request).await?;
-        let mut request = request
-            .build()
-            .map_err(|e| format!("the request cannot be built: {e}"))?;
+        let mut request = request.build().map_err(cannot)?;
         provider.sign(&mut request, key)?;
-        Ok(request)
+        http::Request::try_from(request).map_err(cannot)
     }
 
     /// The credential a request carries in a header, before it is built.
@@ -360,7 +366,7 @@ impl Upstream {
         key: &ProviderKey,
         relayed: Relayed,
         request_id: &str,
-    ) -> Result<reqwest::Response, ProxyError> {
+    ) -> Result<http::Response<Incoming>, ProxyError> {
         let request = self
             .client
             .request(relayed.method, relayed.url)
@@ -374,11 +380,11 @@ impl Upstream {
                 detail: format!("passthrough to {}: {detail}", key.provider),
                 retry_after: None,
             })?;
-        tokio::time::timeout(self.timeout, self.client.execute(request))
+        tokio::time::timeout(self.timeout, self.pool.request(request))
             .await
             .map_err(|_| ProxyError::Timeout(self.timeout.as_millis()))?
             .map_err(|e| ProxyError::UpstreamFailed {
-                detail: format!("passthrough to {}: {e}", key.provider),
+                detail: format!("passthrough to {}: {}", key.provider, transport_cause(&e)),
                 retry_after: None,
             })
     }
@@ -413,7 +419,7 @@ fn misshapen(target: &Target<'_>, status: StatusCode, expected: &str) -> ProxyEr
 async fn rejected(
     provider: &dyn Provider,
     target: &Target<'_>,
-    response: reqwest::Response,
+    response: http::Response<Incoming>,
     within: Duration,
 ) -> ProxyError {
     let status = response.status();
@@ -469,31 +475,23 @@ pub fn retry_after(headers: &http::HeaderMap) -> Option<u64> {
     Some(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
 }
 
-async fn read_bounded(response: reqwest::Response, within: Duration) -> Bytes {
-    if response
-        .content_length()
-        .is_some_and(|n| n > MAX_ERROR_BODY as u64)
-    {
-        return Bytes::new();
+/// The body, when it arrives whole within `within` and is at most [`MAX_ERROR_BODY`];
+/// else nothing.
+async fn read_bounded(response: http::Response<Incoming>, within: Duration) -> Bytes {
+    let read = Limited::new(response.into_body(), MAX_ERROR_BODY).collect();
+    match tokio::time::timeout(within, read).await {
+        Ok(Ok(body)) => body.to_bytes(),
+        _ => Bytes::new(),
     }
-    let mut chunks = response.bytes_stream();
-    let mut body = Vec::new();
-    let read = async {
-        while let Some(Ok(chunk)) = chunks.next().await {
-            body.extend_from_slice(&chunk);
-            if body.len() > MAX_ERROR_BODY {
-                body.clear();
-                break;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(within, read).await;
-    Bytes::from(body)
 }
 
-fn transport_failure(target: &Target<'_>, e: &reqwest::Error) -> ProxyError {
+fn transport_failure(
+    target: &Target<'_>,
+    e: &(dyn std::error::Error + 'static),
+    connecting: bool,
+) -> ProxyError {
     let cause = transport_cause(e);
-    if e.is_connect() {
+    if connecting {
         return ProxyError::ProviderUnreachable {
             model: target.model.name.to_string(),
             detail: format!("cannot connect: {cause} ({e})"),
@@ -507,12 +505,9 @@ fn transport_failure(target: &Target<'_>, e: &reqwest::Error) -> ProxyError {
 
 /// What went wrong under a transport error, in an operator's words: refused, a DNS
 /// failure, TLS, a timeout, a reset, or the innermost error's own text.
-fn transport_cause(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        return "timed out".to_owned();
-    }
+fn transport_cause(e: &(dyn std::error::Error + 'static)) -> String {
     let mut innermost = None;
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut source = Some(e);
     while let Some(error) = source {
         source = error.source();
         if let Some(tls) = error.downcast_ref::<rustls::Error>() {
@@ -546,7 +541,7 @@ fn transport_cause(e: &reqwest::Error) -> String {
 /// An upstream stream's chunks as they arrive, each gap bounded by `stream_timeout`.
 /// A transport error or a longer gap is a [`StreamBreak`] (logged here).
 struct Chunks {
-    inner: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    inner: BodyDataStream<Incoming>,
     /// Turns an AWS event stream into server-sent events as it arrives.
     frames: Option<EventStreamToSse>,
     gap: Option<Duration>,
@@ -665,12 +660,15 @@ mod tests {
     use super::*;
 
     async fn failure(url: &str) -> String {
-        crate::install_crypto_provider();
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(300))
-            .build()
+        let upstream = Upstream::with_options(&UpstreamOptions {
+            connect_timeout: Duration::from_millis(300),
+            ..UpstreamOptions::default()
+        })
+        .unwrap();
+        let request = http::Request::get(url)
+            .body(reqwest::Body::from(""))
             .unwrap();
-        transport_cause(&client.get(url).send().await.unwrap_err())
+        transport_cause(&upstream.pool.request(request).await.unwrap_err())
     }
 
     #[tokio::test]

@@ -32,12 +32,14 @@
 //!   translated), and Vertex's service-account tokens.
 //! - `bedrock.rs`: AWS Bedrock's Converse API and Signature V4.
 //! - `tokens.rs`: bearer tokens minted from credentials (Entra ID, service accounts).
-//! - `client.rs`: the pooled upstream client: send, timeouts, stream relay, passthrough.
+//! - `client.rs`: the upstream client: send, timeouts, stream relay, passthrough.
+//! - `connect.rs`: the connection pool under it: TCP, TLS, connect timeouts.
 
 pub mod anthropic;
 pub mod azure;
 pub mod bedrock;
 pub mod client;
+pub mod connect;
 pub mod gemini;
 pub mod openai;
 mod provider;
