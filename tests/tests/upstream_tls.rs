@@ -24,16 +24,16 @@ const CALLER: &str = "sk-upstream-tls-caller";
 
 const ANSWER: &str = r#"{"id":"c1","object":"chat.completion","created":1,"model":"up","choices":[{"index":0,"message":{"role":"assistant","content":"over TLS"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#;
 
-/// An HTTPS provider that requires a client certificate from `tls.ca`; counts the
-/// requests that got past the handshake.
-async fn provider(tls: &TlsFiles) -> (String, Arc<AtomicUsize>) {
+/// An HTTPS provider with a certificate from `tls.ca` that, when `client_certificate`,
+/// requires one from it too; counts the requests that got past the handshake.
+async fn provider(tls: &TlsFiles, client_certificate: bool) -> (String, Arc<AtomicUsize>) {
     let read = |p: &Path| std::fs::read_to_string(p).unwrap();
-    let config = certs::tls::server_config(
-        &read(&tls.server_cert),
-        &read(&tls.server_key),
-        &read(&tls.ca),
-    )
-    .unwrap();
+    let (cert, key) = (read(&tls.server_cert), read(&tls.server_key));
+    let config = if client_certificate {
+        certs::tls::server_config(&cert, &key, &read(&tls.ca)).unwrap()
+    } else {
+        certs::tls::listener_config(&cert, &key).unwrap()
+    };
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}/v1", listener.local_addr().unwrap());
@@ -106,7 +106,7 @@ async fn chat(url: &str) -> (u16, String) {
 async fn a_provider_behind_a_private_ca_and_client_certificates_is_reached_with_upstream_tls() {
     let dir = tempfile::tempdir().unwrap();
     let tls = TlsFiles::generate(dir.path(), "private provider CA");
-    let (api_base, served) = provider(&tls).await;
+    let (api_base, served) = provider(&tls, true).await;
 
     // The system's roots alone: the provider's certificate is not trusted.
     let (mut plain, url) = start_agent(&write_config(dir.path(), &api_base, "")).await;
@@ -135,6 +135,24 @@ async fn a_provider_behind_a_private_ca_and_client_certificates_is_reached_with_
         tls.client_key.display()
     );
     let (agent, url) = start_agent(&write_config(dir.path(), &api_base, &full)).await;
+    let (status, body) = chat(&url).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("over TLS"), "{body}");
+    assert_eq!(served.load(Ordering::SeqCst), 1);
+    drop(agent);
+}
+
+#[tokio::test]
+async fn verify_false_reaches_a_provider_whose_certificate_nobody_trusts() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = TlsFiles::generate(dir.path(), "untrusted bench CA");
+    let (api_base, served) = provider(&tls, false).await;
+    let (agent, url) = start_agent(&write_config(dir.path(), &api_base, "")).await;
+    let (status, body) = chat(&url).await;
+    assert_eq!(status, 503, "{body}");
+    drop(agent);
+    let off = "upstream:\n  tls:\n    verify: false\n";
+    let (agent, url) = start_agent(&write_config(dir.path(), &api_base, off)).await;
     let (status, body) = chat(&url).await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("over TLS"), "{body}");
