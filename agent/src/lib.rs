@@ -236,7 +236,7 @@ impl Serving {
             tracing: serving.tracing.clone(),
             metrics_push: push.as_ref().map(|_| Arc::default()),
             serving: status::ServingModel {
-                thread_per_core: config.proxy.thread_per_core,
+                thread_per_core: config.thread_per_core(),
                 workers: config.workers(),
             },
         });
@@ -276,7 +276,7 @@ impl Serving {
                         shared.health.clone(),
                         hooks.take().unwrap_or_default(),
                     );
-                    if config.proxy.thread_per_core {
+                    if config.thread_per_core() {
                         let workers = bound.listeners.len();
                         serving.spawn_workers(bound.listeners, &state, &upstream, options)?;
                         info!(addr = %addr, workers, "proxy listener ready (a thread per core)");

@@ -54,7 +54,7 @@ pub fn plan(config: &Config) -> anyhow::Result<Vec<Planned>> {
         addr: config.proxy.addr,
         field: "proxy.addr",
         tls: tls(config.proxy.tls.as_ref(), "proxy")?,
-        copies: if config.proxy.thread_per_core {
+        copies: if config.thread_per_core() {
             config.workers()
         } else {
             1

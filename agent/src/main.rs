@@ -111,7 +111,7 @@ fn serve(config: Config) -> anyhow::Result<ExitCode> {
     agent::logging::init(&config.observability);
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
-    if config.proxy.thread_per_core {
+    if config.thread_per_core() {
         // The proxy's workers run runtimes of their own; this one keeps the admin and
         // status listeners and the background work.
         runtime.worker_threads(1);

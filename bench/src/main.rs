@@ -553,10 +553,12 @@ impl Bench {
         );
         let mode = self.mode_for(&upstream_addr, "static");
         let mut gateway = self.start_agent("gateway-static", &mode);
-        let tpc_mode = (mode.0.clone(), free_port());
-        let one_worker = "  thread_per_core: true\n  workers: 1\n";
+        // The default on one core is a thread per core; the shared runtime beside it.
+        let shared_mode = (mode.0.clone(), free_port());
+        let one_worker = "  thread_per_core: false\n  workers: 1\n";
         let core = self.args.gateway_core.to_string();
-        let mut tpc = self.start_agent_on(&core, "gateway-tpc-static", &tpc_mode, one_worker);
+        let mut shared =
+            self.start_agent_on(&core, "gateway-shared-static", &shared_mode, one_worker);
         let chat = |addr: &str| format!("http://{addr}/v1/chat/completions");
         let targets = [
             Target::new("direct-static", chat(&upstream_addr), None),
@@ -566,7 +568,11 @@ impl Bench {
                 Some(proxy.pid()),
             ),
             Target::new("gateway-static", chat(&gateway.1), Some(gateway.0.pid())),
-            Target::new("gateway-tpc-static", chat(&tpc.1), Some(tpc.0.pid())),
+            Target::new(
+                "gateway-shared-static",
+                chat(&shared.1),
+                Some(shared.0.pid()),
+            ),
         ];
         for t in &targets {
             self.chat_ok(&t.url).await;
@@ -576,7 +582,7 @@ impl Bench {
         self.fixed_rounds(figures, &targets).await;
         println!("static-upstream topology rounds done");
         gateway.0.stop();
-        tpc.0.stop();
+        shared.0.stop();
         proxy.stop();
         self.core_rounds(figures, &mode.0, &script).await;
         self.tls_rounds(figures, &mode.0).await;
@@ -725,8 +731,16 @@ impl Bench {
                 &both,
                 "  thread_per_core: true\n  workers: 2\n",
             ),
-            ("shared-1core", &one, "  workers: 1\n"),
-            ("shared-2cores", &both, "  workers: 2\n"),
+            (
+                "shared-1core",
+                &one,
+                "  thread_per_core: false\n  workers: 1\n",
+            ),
+            (
+                "shared-2cores",
+                &both,
+                "  thread_per_core: false\n  workers: 2\n",
+            ),
         ];
         let mut agents = Vec::new();
         let mut targets = Vec::new();

@@ -259,6 +259,36 @@ async fn thread_per_core_workers_drain_their_streams_and_exit_zero() {
     drains_streams_and_exits_zero("  thread_per_core: true\n  workers: 2\n", 4).await;
 }
 
+/// One worker is served by a thread of its own (a shared runtime would have nothing
+/// to share, at a higher cost per request) unless the operator says otherwise;
+/// `/status/config` says which, and either serves.
+#[tokio::test]
+async fn one_worker_gets_a_thread_of_its_own_unless_the_operator_says_otherwise() {
+    let mock = MockProvider::start(([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let cases = [
+        ("  workers: 1\n", true),
+        ("  workers: 1\n  thread_per_core: false\n", false),
+    ];
+    for (proxy, thread_per_core) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let config = format!(
+            "proxy:\n  addr: 127.0.0.1:0\n{proxy}observability:\n  metrics:\n    prometheus: {{addr: \"127.0.0.1:0\"}}\nshutdown:\n  min_drain_secs: 0\n"
+        );
+        let (_agent, url, metrics) =
+            tests::start_file_agent(dir.path(), &resources(&mock.url(), ""), &config).await;
+        let status = tests::get_json(&format!("{metrics}/status/config")).await;
+        assert_eq!(
+            status["serving"],
+            json!({"thread_per_core": thread_per_core, "workers": 1}),
+            "{proxy}"
+        );
+        let r = post_chat(&http_client(), &url, CALLER, &chat("gpt-4o-mini", false)).await;
+        assert_eq!(r.status(), 200, "{proxy}");
+    }
+}
+
 /// Workers share their port with `SO_REUSEPORT`; a second agent started on the same
 /// port the same way must not join it and take half the connections.
 #[tokio::test]

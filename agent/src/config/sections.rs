@@ -375,8 +375,9 @@ pub struct ProxySection {
     pub workers: Option<usize>,
     /// Serve the proxy listener with `workers` threads, each with a runtime, an
     /// `SO_REUSEPORT` listener and an upstream pool of its own, instead of one shared
-    /// multi-threaded runtime.
-    pub thread_per_core: bool,
+    /// multi-threaded runtime. Unset: a thread per core when there is one worker
+    /// ([`crate::config::Config::thread_per_core`]).
+    pub thread_per_core: Option<bool>,
     /// Path rewrites before routing: the first rule whose pattern matches rewrites the
     /// path, once.
     pub url_rewrites: Vec<UrlRewriteSection>,
@@ -405,7 +406,7 @@ impl Default for ProxySection {
             client_ip_header: "x-forwarded-for".to_owned(),
             real_ip: None,
             workers: None,
-            thread_per_core: false,
+            thread_per_core: None,
             url_rewrites: Vec::new(),
             tls: None,
             max_connections: 10_000,
