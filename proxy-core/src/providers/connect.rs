@@ -109,6 +109,9 @@ pub fn pool(options: &UpstreamOptions, tls: ClientConfig) -> Pool {
     let mut tcp = HttpConnector::new();
     tcp.enforce_http(false);
     tcp.set_nodelay(true);
+    // Shared between a host's addresses, so a black-holed first address leaves time
+    // for the next; the wrapper below bounds the whole connect, TLS included.
+    tcp.set_connect_timeout(Some(options.connect_timeout));
     tcp.set_keepalive(options.tcp_keepalive);
     tcp.set_keepalive_interval(options.tcp_keepalive_interval);
     tcp.set_keepalive_retries(options.tcp_keepalive_retries);
