@@ -192,6 +192,15 @@ async fn bad_upstream_tls_files_stop_start_up_naming_the_field_and_no_key_shows(
             ),
             "upstream.tls.client_key_file",
         ),
+        // A real certificate with another certificate's key.
+        (
+            format!(
+                "upstream:\n  tls:\n    client_cert_file: {}\n    client_key_file: {}\n",
+                tls.client_cert.display(),
+                tls.server_key.display()
+            ),
+            "upstream.tls.client_key_file",
+        ),
         ("upstream:\n  retries: 99\n".to_owned(), "upstream.retries"),
     ];
     for (upstream, field) in cases {

@@ -4,9 +4,9 @@
 //! included) within `connect_timeout`.
 //!
 //! Calls go through hyper's pooled client directly rather than through reqwest's:
-//! reqwest's per-call work (a copy of the headers kept for redirects, a clone of its
-//! service stack, its response wrapper) was a seventh of the gateway's CPU per
-//! request. reqwest still builds the requests (the adapters' credential hooks and
+//! without reqwest's per-call work (a copy of the headers kept for redirects, a clone
+//! of its service stack, its response wrapper) a request costs about a fifth less CPU
+//! (docs/performance.md, fourth round). reqwest still builds the requests (the adapters' credential hooks and
 //! multipart forms) and serves the gateway's other outbound calls, with the same TLS
 //! configuration.
 
@@ -40,12 +40,24 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// The chain and key read from PEM, or `None` when either holds none.
+    /// The chain and key read from PEM, or `None` when either holds none or the key
+    /// is not the first certificate's (a mismatch would otherwise fail every
+    /// handshake, or stop start-up without naming the file).
     pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Option<Self> {
         let chain = certificates_from_pem(cert_pem)?;
         let key = rustls_pemfile::private_key(&mut &key_pem[..]).ok()??;
+        rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &crypto_provider())
+            .ok()?;
         Some(Self { chain, key })
     }
+}
+
+/// The process's rustls provider (ring, installed once).
+fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    crate::install_crypto_provider();
+    rustls::crypto::CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
 }
 
 impl Clone for Identity {
@@ -78,10 +90,7 @@ pub fn certificates_from_pem(pem: &[u8]) -> Option<Vec<CertificateDer<'static>>>
 /// verifier with the extra roots (or none, when `verify` is off), the client
 /// certificate when there is one.
 pub fn tls_config(tls: &UpstreamTls) -> Result<ClientConfig, String> {
-    crate::install_crypto_provider();
-    let provider = rustls::crypto::CryptoProvider::get_default()
-        .cloned()
-        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
+    let provider = crypto_provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS versions: {e}"))?
@@ -235,6 +244,10 @@ mod tests {
         assert!(shown.contains("[redacted]"), "{shown}");
         assert!(!shown.contains(&key.serialize_pem()[40..80]), "{shown}");
         assert!(Identity::from_pem(cert.pem().as_bytes(), b"no key").is_none());
+        let other = rcgen::KeyPair::generate().unwrap();
+        let mismatched =
+            Identity::from_pem(cert.pem().as_bytes(), other.serialize_pem().as_bytes());
+        assert!(mismatched.is_none(), "a key that is not the certificate's");
         assert!(certificates_from_pem(b"not a certificate").is_none());
     }
 }
