@@ -1,8 +1,11 @@
 //! Token counts read from answers and stream events of every format.
 
 use std::borrow::Cow;
+use std::fmt;
 
 use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 
 use crate::resources::Cost;
 
@@ -34,6 +37,116 @@ struct Google {
     candidates_token_count: Option<u64>,
     thoughts_token_count: Option<u64>,
     cached_content_token_count: Option<u64>,
+}
+
+/// A JSON document's counts ([`Tokens::read`]): the usage fields are kept as raw
+/// text while the document is checked, then parsed alone, so a field of another shape
+/// loses its counts without making the document unreadable.
+struct Read(Option<Tokens>);
+
+/// The keys [`Read`] looks under.
+enum Key {
+    Usage,
+    Message,
+    Response,
+    UsageMetadata,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Key, D::Error> {
+        struct Named;
+        impl Visitor<'_> for Named {
+            type Value = Key;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E: de::Error>(self, key: &str) -> Result<Key, E> {
+                Ok(match key {
+                    "usage" => Key::Usage,
+                    "message" => Key::Message,
+                    "response" => Key::Response,
+                    "usageMetadata" => Key::UsageMetadata,
+                    _ => Key::Other,
+                })
+            }
+        }
+        deserializer.deserialize_identifier(Named)
+    }
+}
+
+impl<'de> Deserialize<'de> for Read {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Read, D::Error> {
+        deserializer.deserialize_any(Read(None))
+    }
+}
+
+/// `message` (Anthropic's `message_start`) and `response` (`response.completed`).
+#[derive(Deserialize)]
+struct Nested {
+    usage: Option<Usage>,
+}
+
+impl<'de> Visitor<'de> for Read {
+    type Value = Read;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON document")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Read, A::Error> {
+        let (mut usage, mut message, mut response, mut google) = (None, None, None, None);
+        while let Some(key) = map.next_key::<Key>()? {
+            let slot = match key {
+                Key::Usage => &mut usage,
+                Key::Message => &mut message,
+                Key::Response => &mut response,
+                Key::UsageMetadata => &mut google,
+                Key::Other => {
+                    map.next_value::<de::IgnoredAny>()?;
+                    continue;
+                }
+            };
+            *slot = Some(map.next_value::<&'de RawValue>()?);
+        }
+        fn parsed<T: de::DeserializeOwned>(raw: Option<&RawValue>) -> Option<T> {
+            raw.and_then(|raw| serde_json::from_str(raw.get()).ok())
+        }
+        let nested = |raw| parsed::<Nested>(raw).and_then(|n| n.usage);
+        let usage = parsed::<Usage>(usage)
+            .or_else(|| nested(message))
+            .or_else(|| nested(response));
+        Ok(Read(Tokens::of(usage, parsed(google))))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Read, A::Error> {
+        while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+        Ok(self)
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Read, E> {
+        Ok(self)
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Read, E> {
+        Ok(self)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Read, E> {
+        Ok(self)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Read, E> {
+        Ok(self)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Read, E> {
+        Ok(self)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Read, E> {
+        Ok(self)
+    }
 }
 
 /// Token counts as the upstream reported them. `prompt` is every input token, the
@@ -73,28 +186,18 @@ impl Tokens {
     /// Bedrock's `usage` (also in a stream's `metadata` event): `inputTokens`,
     /// `outputTokens`, `cacheReadInputTokens` and `cacheWriteInputTokens`, in
     /// Anthropic's arithmetic.
+    ///
+    /// Every JSON document is read: one whose fields are not of these shapes has no
+    /// counts, not an error.
     pub fn from_json(document: &[u8]) -> Option<Tokens> {
-        #[derive(Deserialize)]
-        struct Document {
-            usage: Option<Usage>,
-            message: Option<Nested>,
-            response: Option<Nested>,
-            #[serde(rename = "usageMetadata")]
-            usage_metadata: Option<Google>,
-        }
-        #[derive(Deserialize)]
-        struct Nested {
-            usage: Option<Usage>,
-        }
-        let document = serde_json::from_slice::<Document>(document).ok()?;
-        let nested = |n: Option<Nested>| n.and_then(|n| n.usage);
-        Tokens::of(
-            document
-                .usage
-                .or_else(|| nested(document.message))
-                .or_else(|| nested(document.response)),
-            document.usage_metadata,
-        )
+        Tokens::read(document).ok().flatten()
+    }
+
+    /// A whole answer read once: an error when it is not JSON at all, else what
+    /// [`Tokens::from_json`] reads. Only the usage fields are parsed; the rest is
+    /// checked and skipped.
+    pub fn read(document: &[u8]) -> Result<Option<Tokens>, serde_json::Error> {
+        serde_json::from_slice::<Read>(document).map(|read| read.0)
     }
 
     /// The counts of a document's `usage` (or Gemini's `usageMetadata`, which wins).
@@ -289,6 +392,47 @@ mod tests {
         let (answered, _) =
             Answered::with_tokens(br#"{"model":"m","choices":[{"finish_reason":"st\u006fp"}]}"#);
         assert_eq!(answered.finish_reasons, ["stop"]);
+    }
+
+    #[test]
+    fn any_json_is_read_and_only_json() {
+        let counts = Some(Tokens {
+            prompt: 3,
+            completion: 4,
+            ..Tokens::default()
+        });
+        let read = |doc: &str| Tokens::read(doc.as_bytes()).ok();
+        // Not JSON, or JSON cut off or followed by more: unreadable.
+        for broken in ["not json", r#"{"usage":{"prompt_tokens":3}"#, "{} {}", ""] {
+            assert!(Tokens::read(broken.as_bytes()).is_err(), "{broken}");
+        }
+        // Any JSON value reads; only objects can have counts.
+        for bare in [
+            "[1,{\"usage\":2}]",
+            "\"text\"",
+            "12",
+            "-1.5",
+            "true",
+            "null",
+        ] {
+            assert_eq!(read(bare), Some(None), "{bare}");
+        }
+        // A usage field of another shape has no counts but leaves the document JSON,
+        // and a nested one still counts.
+        assert_eq!(read(r#"{"usage":"lots","choices":[]}"#), Some(None));
+        assert_eq!(
+            read(
+                r#"{"usage":{"prompt_tokens":"3"},"message":{"usage":{"input_tokens":3,"output_tokens":4}}}"#
+            ),
+            Some(counts)
+        );
+        // Keys are read as text, escapes and all; other fields are skipped unread.
+        assert_eq!(
+            read(
+                r#"{"id":"x","us\u0061ge":{"prompt_tokens":3,"completion_tokens":4},"choices":[{"message":{"content":"\"usage\""}}]}"#
+            ),
+            Some(counts)
+        );
     }
 
     #[test]

@@ -247,6 +247,9 @@ pub fn route_label(path: &str) -> &'static str {
     "other"
 }
 
+/// The tracing target of the access-log line (`RUST_LOG=aisix::access=off` silences it).
+pub const ACCESS_TARGET: &str = "aisix::access";
+
 /// Everything the access-log line and the metrics need, gathered when the response
 /// headers were sent; written once, when the body ends or is dropped.
 pub(crate) struct Finish {
@@ -325,7 +328,7 @@ impl Finish {
         });
         if self.access_log {
             info!(
-                target: "aisix::access",
+                target: ACCESS_TARGET,
                 request_id = %self.record.request_id(),
                 method = %self.method,
                 path = self.path,

@@ -60,13 +60,13 @@ impl Pending {
 
     /// Finishes with a whole answer (`document`): its usage and, for a traced request,
     /// its model and finish reasons, read in one pass.
-    pub fn finish_answer(self, document: &[u8]) {
+    pub fn finish_answer(self, document: &[u8], read: Option<Tokens>) {
         let tokens = if self.record.trace().is_some() {
             let (answered, tokens) = Answered::with_tokens(document);
             self.record.answer(answered.model, answered.finish_reasons);
             tokens
         } else {
-            Tokens::from_json(document)
+            read.or_else(|| Tokens::from_json(document))
         };
         self.finish(tokens.unwrap_or_default(), None);
     }
@@ -241,7 +241,7 @@ impl Drop for WholeTap {
     fn drop(&mut self) {
         if let Some(pending) = self.pending.take() {
             match self.kept.as_deref() {
-                Some(kept) => pending.finish_answer(kept),
+                Some(kept) => pending.finish_answer(kept, None),
                 None => pending.finish(Tokens::default(), None),
             }
         }

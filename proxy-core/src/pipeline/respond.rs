@@ -101,6 +101,7 @@ pub(super) async fn respond(
             status: answer.status,
             content_type: answer.content_type,
             body: answer.body,
+            usage: answer.usage,
             conversion,
         };
         let chain = call.guardrails(&output, Stage::Output, state);
@@ -120,6 +121,8 @@ struct Whole {
     status: StatusCode,
     content_type: Option<HeaderValue>,
     body: Body,
+    /// Its token counts, when read already.
+    usage: Option<Tokens>,
     conversion: Conversion,
 }
 
@@ -155,7 +158,7 @@ async fn whole_answer(
         Err(e) => Err(e),
     };
     // Usage is read in the upstream's format, which may say more (cache writes).
-    usage.finish_answer(&bytes);
+    usage.finish_answer(&bytes, whole.usage);
     let bytes = match checked {
         Ok(bytes) => bytes,
         Err(e) => return e.into_response_in(envelope),

@@ -26,6 +26,7 @@ use super::tokens::{TokenSource, Tokens};
 use crate::failure::{ProxyError, UpstreamErrorFields};
 use crate::formats::eventstream::EventStreamToSse;
 use crate::formats::sse::{self, StreamBreak};
+use crate::formats::tokens::Tokens as Usage;
 use crate::resources::{GoogleAuth, Model, ProviderKey};
 
 /// Used when a model sets no `timeout`: LLM answers can be slow, but not unbounded.
@@ -60,6 +61,9 @@ pub struct Answer {
     pub status: StatusCode,
     pub content_type: Option<HeaderValue>,
     pub body: Body,
+    /// A whole JSON answer's token counts, read while checking it is JSON (`None`:
+    /// not read).
+    pub usage: Option<Usage>,
 }
 
 #[derive(Clone)]
@@ -278,6 +282,7 @@ impl Upstream {
             };
             return Err(misshapen(target, status, expected));
         }
+        let mut usage = None;
         let body = if stream {
             let mut chunks = Chunks {
                 inner: BodyDataStream::new(response.into_body()),
@@ -301,8 +306,9 @@ impl Upstream {
                 .map_err(|_| ProxyError::Timeout(timeout.as_millis()))?
                 .map_err(|e| transport_failure(target, &e, false))?
                 .to_bytes();
-            if json_answer && serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err() {
-                return Err(misshapen(target, status, "JSON"));
+            if json_answer {
+                let read = Usage::read(&bytes).map_err(|_| misshapen(target, status, "JSON"))?;
+                usage = Some(read.unwrap_or_default());
             }
             Body::from(bytes)
         };
@@ -316,6 +322,7 @@ impl Upstream {
             status,
             content_type,
             body,
+            usage,
         })
     }
 
