@@ -39,17 +39,39 @@ struct Google {
     cached_content_token_count: Option<u64>,
 }
 
-/// A JSON document's counts ([`Tokens::read`]): the usage fields are kept as raw
-/// text while the document is checked, then parsed alone, so a field of another shape
-/// loses its counts without making the document unreadable.
-struct Read(Option<Tokens>);
+/// What a JSON document (a whole answer or one stream event) says, read in one pass
+/// ([`read`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Read {
+    pub tokens: Option<Tokens>,
+    /// Asked for only: the model and finish reasons ([`Answered`]).
+    pub answered: Option<Answered>,
+}
 
-/// The keys [`Read`] looks under.
+/// Reads `document` once: an error when it is not JSON at all, else its usage
+/// ([`Tokens::from_json`]) and, when `answered`, what it says of itself
+/// ([`Answered::with_tokens`]). The fields that say these are kept as raw text while
+/// the document is checked, then parsed alone, so one of another shape loses what it
+/// would have said without making the document unreadable; the rest is skipped.
+pub fn read(document: &[u8], answered: bool) -> Result<Read, serde_json::Error> {
+    let mut deserializer = serde_json::Deserializer::from_slice(document);
+    let read = de::Deserializer::deserialize_any(&mut deserializer, Reader { answered })?;
+    deserializer.end()?;
+    Ok(read)
+}
+
+/// The keys [`read`] looks under.
 enum Key {
     Usage,
+    UsageMetadata,
     Message,
     Response,
-    UsageMetadata,
+    Model,
+    ModelVersion,
+    Choices,
+    Candidates,
+    StopReason,
+    Delta,
     Other,
 }
 
@@ -64,9 +86,15 @@ impl<'de> Deserialize<'de> for Key {
             fn visit_str<E: de::Error>(self, key: &str) -> Result<Key, E> {
                 Ok(match key {
                     "usage" => Key::Usage,
+                    "usageMetadata" => Key::UsageMetadata,
                     "message" => Key::Message,
                     "response" => Key::Response,
-                    "usageMetadata" => Key::UsageMetadata,
+                    "model" => Key::Model,
+                    "modelVersion" => Key::ModelVersion,
+                    "choices" => Key::Choices,
+                    "candidates" => Key::Candidates,
+                    "stop_reason" | "stopReason" => Key::StopReason,
+                    "delta" => Key::Delta,
                     _ => Key::Other,
                 })
             }
@@ -75,19 +103,88 @@ impl<'de> Deserialize<'de> for Key {
     }
 }
 
-impl<'de> Deserialize<'de> for Read {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Read, D::Error> {
-        deserializer.deserialize_any(Read(None))
-    }
+/// The raw values of a document's keys that [`read`] parses.
+#[derive(Default)]
+struct Raw<'a> {
+    usage: Option<&'a RawValue>,
+    usage_metadata: Option<&'a RawValue>,
+    message: Option<&'a RawValue>,
+    response: Option<&'a RawValue>,
+    model: Option<&'a RawValue>,
+    model_version: Option<&'a RawValue>,
+    choices: Option<&'a RawValue>,
+    candidates: Option<&'a RawValue>,
+    stop_reason: Option<&'a RawValue>,
+    delta: Option<&'a RawValue>,
 }
 
-/// `message` (Anthropic's `message_start`) and `response` (`response.completed`).
+/// Anthropic's `message` (`message_start`) and `delta` (`message_delta`), the
+/// Responses API's `response`.
 #[derive(Deserialize)]
-struct Nested {
+struct Nested<'a> {
+    #[serde(borrow)]
+    model: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    stop_reason: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    status: Option<Cow<'a, str>>,
     usage: Option<Usage>,
 }
 
-impl<'de> Visitor<'de> for Read {
+/// OpenAI's `choices[]` and Gemini's `candidates[]`.
+#[derive(Deserialize)]
+struct Choice<'a> {
+    #[serde(alias = "finishReason", borrow)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+fn parsed<'a, T: Deserialize<'a>>(raw: Option<&'a RawValue>) -> Option<T> {
+    raw.and_then(|raw| serde_json::from_str(raw.get()).ok())
+}
+
+impl<'a> Raw<'a> {
+    fn read(self, answered: bool) -> Read {
+        let mut message = parsed::<Nested<'a>>(self.message);
+        let mut response = parsed::<Nested<'a>>(self.response);
+        let usage = parsed::<Usage>(self.usage)
+            .or_else(|| message.as_mut().and_then(|n| n.usage.take()))
+            .or_else(|| response.as_mut().and_then(|n| n.usage.take()));
+        let tokens = Tokens::of(usage, parsed(self.usage_metadata));
+        let answered = answered.then(|| {
+            let nested = message.or(response);
+            let (nested_model, nested_reason) = match nested {
+                Some(n) => (n.model, n.stop_reason.or(n.status)),
+                None => (None, None),
+            };
+            let choices = |raw| parsed::<Vec<Choice<'a>>>(raw).unwrap_or_default();
+            let finish_reasons = choices(self.choices)
+                .into_iter()
+                .chain(choices(self.candidates))
+                .filter_map(|c| c.finish_reason)
+                .chain(parsed::<Option<Cow<'a, str>>>(self.stop_reason).flatten())
+                .chain(parsed::<Nested<'a>>(self.delta).and_then(|d| d.stop_reason))
+                .chain(nested_reason)
+                .map(Cow::into_owned)
+                .collect();
+            let text = |raw| parsed::<Option<Cow<'a, str>>>(raw).flatten();
+            Answered {
+                model: text(self.model)
+                    .or_else(|| text(self.model_version))
+                    .or(nested_model)
+                    .map(Cow::into_owned),
+                finish_reasons,
+            }
+        });
+        Read { tokens, answered }
+    }
+}
+
+/// Reads a document's keys into a [`Raw`] (any other JSON value says nothing).
+struct Reader {
+    answered: bool,
+}
+
+impl<'de> Visitor<'de> for Reader {
     type Value = Read;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -95,57 +192,56 @@ impl<'de> Visitor<'de> for Read {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Read, A::Error> {
-        let (mut usage, mut message, mut response, mut google) = (None, None, None, None);
+        let mut raw = Raw::default();
         while let Some(key) = map.next_key::<Key>()? {
             let slot = match key {
-                Key::Usage => &mut usage,
-                Key::Message => &mut message,
-                Key::Response => &mut response,
-                Key::UsageMetadata => &mut google,
-                Key::Other => {
+                Key::Usage => &mut raw.usage,
+                Key::UsageMetadata => &mut raw.usage_metadata,
+                Key::Message => &mut raw.message,
+                Key::Response => &mut raw.response,
+                Key::Model if self.answered => &mut raw.model,
+                Key::ModelVersion if self.answered => &mut raw.model_version,
+                Key::Choices if self.answered => &mut raw.choices,
+                Key::Candidates if self.answered => &mut raw.candidates,
+                Key::StopReason if self.answered => &mut raw.stop_reason,
+                Key::Delta if self.answered => &mut raw.delta,
+                _ => {
                     map.next_value::<de::IgnoredAny>()?;
                     continue;
                 }
             };
             *slot = Some(map.next_value::<&'de RawValue>()?);
         }
-        fn parsed<T: de::DeserializeOwned>(raw: Option<&RawValue>) -> Option<T> {
-            raw.and_then(|raw| serde_json::from_str(raw.get()).ok())
-        }
-        let nested = |raw| parsed::<Nested>(raw).and_then(|n| n.usage);
-        let usage = parsed::<Usage>(usage)
-            .or_else(|| nested(message))
-            .or_else(|| nested(response));
-        Ok(Read(Tokens::of(usage, parsed(google))))
+        Ok(raw.read(self.answered))
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Read, A::Error> {
         while seq.next_element::<de::IgnoredAny>()?.is_some() {}
-        Ok(self)
+        Ok(Read::default())
     }
 
     fn visit_str<E: de::Error>(self, _: &str) -> Result<Read, E> {
-        Ok(self)
+        Ok(Read::default())
     }
 
     fn visit_bool<E: de::Error>(self, _: bool) -> Result<Read, E> {
-        Ok(self)
+        Ok(Read::default())
     }
 
     fn visit_i64<E: de::Error>(self, _: i64) -> Result<Read, E> {
-        Ok(self)
+        Ok(Read::default())
     }
 
     fn visit_u64<E: de::Error>(self, _: u64) -> Result<Read, E> {
-        Ok(self)
+        Ok(Read::default())
     }
 
     fn visit_f64<E: de::Error>(self, _: f64) -> Result<Read, E> {
-        Ok(self)
+        Ok(Read::default())
     }
 
     fn visit_unit<E: de::Error>(self) -> Result<Read, E> {
-        Ok(self)
+        Ok(Read::default())
     }
 }
 
@@ -190,14 +286,7 @@ impl Tokens {
     /// Every JSON document is read: one whose fields are not of these shapes has no
     /// counts, not an error.
     pub fn from_json(document: &[u8]) -> Option<Tokens> {
-        Tokens::read(document).ok().flatten()
-    }
-
-    /// A whole answer read once: an error when it is not JSON at all, else what
-    /// [`Tokens::from_json`] reads. Only the usage fields are parsed; the rest is
-    /// checked and skipped.
-    pub fn read(document: &[u8]) -> Result<Option<Tokens>, serde_json::Error> {
-        serde_json::from_slice::<Read>(document).map(|read| read.0)
+        read(document, false).ok().and_then(|read| read.tokens)
     }
 
     /// The counts of a document's `usage` (or Gemini's `usageMetadata`, which wins).
@@ -253,73 +342,10 @@ impl Answered {
     /// What the document says of itself and its usage ([`Tokens::from_json`]), read in
     /// one pass (a traced request's answer is not parsed twice).
     pub fn with_tokens(document: &[u8]) -> (Answered, Option<Tokens>) {
-        #[derive(Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct Document<'a> {
-            #[serde(borrow)]
-            model: Option<Cow<'a, str>>,
-            #[serde(borrow)]
-            model_version: Option<Cow<'a, str>>,
-            #[serde(default, borrow)]
-            choices: Vec<Choice<'a>>,
-            #[serde(default, borrow)]
-            candidates: Vec<Choice<'a>>,
-            #[serde(rename = "stop_reason", alias = "stopReason", borrow)]
-            stop_reason: Option<Cow<'a, str>>,
-            #[serde(borrow)]
-            delta: Option<Nested<'a>>,
-            #[serde(borrow)]
-            message: Option<Nested<'a>>,
-            #[serde(borrow)]
-            response: Option<Nested<'a>>,
-            usage: Option<Usage>,
-            usage_metadata: Option<Google>,
+        match read(document, true) {
+            Ok(read) => (read.answered.unwrap_or_default(), read.tokens),
+            Err(_) => (Answered::default(), None),
         }
-        /// OpenAI's `choices[]` and Gemini's `candidates[]`.
-        #[derive(Deserialize)]
-        struct Choice<'a> {
-            #[serde(alias = "finishReason", borrow)]
-            finish_reason: Option<Cow<'a, str>>,
-        }
-        /// Anthropic's `message` and `delta`, the Responses API's `response`.
-        #[derive(Deserialize)]
-        struct Nested<'a> {
-            #[serde(borrow)]
-            model: Option<Cow<'a, str>>,
-            #[serde(borrow)]
-            stop_reason: Option<Cow<'a, str>>,
-            #[serde(borrow)]
-            status: Option<Cow<'a, str>>,
-            usage: Option<Usage>,
-        }
-        let Ok(document) = serde_json::from_slice::<Document<'_>>(document) else {
-            return (Answered::default(), None);
-        };
-        let nested = document.message.or(document.response);
-        let (nested_model, nested_reason, nested_usage) = match nested {
-            Some(n) => (n.model, n.stop_reason.or(n.status), n.usage),
-            None => (None, None, None),
-        };
-        let finish_reasons = document
-            .choices
-            .into_iter()
-            .chain(document.candidates)
-            .filter_map(|c| c.finish_reason)
-            .chain(document.stop_reason)
-            .chain(document.delta.and_then(|d| d.stop_reason))
-            .chain(nested_reason)
-            .map(Cow::into_owned)
-            .collect();
-        let answered = Answered {
-            model: document
-                .model
-                .or(document.model_version)
-                .or(nested_model)
-                .map(Cow::into_owned),
-            finish_reasons,
-        };
-        let tokens = Tokens::of(document.usage.or(nested_usage), document.usage_metadata);
-        (answered, tokens)
     }
 }
 
@@ -401,10 +427,10 @@ mod tests {
             completion: 4,
             ..Tokens::default()
         });
-        let read = |doc: &str| Tokens::read(doc.as_bytes()).ok();
+        let read = |doc: &str| read(doc.as_bytes(), false).ok().map(|r| r.tokens);
         // Not JSON, or JSON cut off or followed by more: unreadable.
         for broken in ["not json", r#"{"usage":{"prompt_tokens":3}"#, "{} {}", ""] {
-            assert!(Tokens::read(broken.as_bytes()).is_err(), "{broken}");
+            assert!(super::read(broken.as_bytes(), true).is_err(), "{broken}");
         }
         // Any JSON value reads; only objects can have counts.
         for bare in [
@@ -432,6 +458,20 @@ mod tests {
                 r#"{"id":"x","us\u0061ge":{"prompt_tokens":3,"completion_tokens":4},"choices":[{"message":{"content":"\"usage\""}}]}"#
             ),
             Some(counts)
+        );
+        // What an answer says of itself is read only when asked, and a field of
+        // another shape loses only itself.
+        let doc = br#"{"model":"m","choices":"none","stop_reason":7,"usage":{"prompt_tokens":3,"completion_tokens":4}}"#;
+        let plain = super::read(doc, false).ok();
+        assert_eq!(plain.as_ref().map(|r| r.tokens), Some(counts));
+        assert_eq!(plain.and_then(|r| r.answered), None);
+        let asked = super::read(doc, true).ok().and_then(|r| r.answered);
+        assert_eq!(
+            asked,
+            Some(Answered {
+                model: Some("m".to_owned()),
+                finish_reasons: Vec::new()
+            })
         );
     }
 

@@ -16,13 +16,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{
-    Span as _, SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider as _,
+    Span as _, SpanKind, Status, TraceContextExt as _, TraceFlags, Tracer as _, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue, Value};
-use opentelemetry_http::{HeaderExtractor, HeaderInjector};
+use opentelemetry_http::HeaderExtractor;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider, SpanData, SpanProcessor};
@@ -482,10 +482,35 @@ pub fn attempt_attributes(facts: &AttemptFacts<'_>) -> Vec<KeyValue> {
     attributes
 }
 
+/// `traceparent` (version 00, and only the sampled flag) and `tracestate`, as the
+/// SDK's `TraceContextPropagator` writes them but without `format!` and its hex
+/// formatting of each id (a tenth of a traced request's tracing cost).
 fn inject(cx: &Context, headers: &mut HeaderMap) {
     headers.remove("traceparent");
     headers.remove("tracestate");
-    TraceContextPropagator::new().inject_context(cx, &mut HeaderInjector(headers));
+    let span = cx.span();
+    let context = span.span_context();
+    if !context.is_valid() {
+        return;
+    }
+    let mut parent = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    let flags = (context.trace_flags() & TraceFlags::SAMPLED).to_u8();
+    let ids = [
+        (3..35, &context.trace_id().to_bytes()[..]),
+        (36..52, &context.span_id().to_bytes()[..]),
+        (53..55, &[flags][..]),
+    ];
+    for (at, id) in ids {
+        // The slots are twice the ids' lengths.
+        let _ = hex::encode_to_slice(id, &mut parent[at]);
+    }
+    // Hex digits and dashes: always a valid value.
+    if let Ok(parent) = HeaderValue::from_bytes(&parent) {
+        headers.insert("traceparent", parent);
+    }
+    if let Ok(state) = HeaderValue::from_str(&context.trace_state().header()) {
+        headers.insert("tracestate", state);
+    }
 }
 
 /// The caller's trace context, sent upstream as it came when the agent does not trace.
@@ -690,6 +715,38 @@ async fn report_drops(inner: std::sync::Weak<Inner>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_context_is_injected_as_the_sdk_would() {
+        use opentelemetry::trace::{SpanContext, SpanId, TraceId, TraceState};
+        let state: TraceState = "vendor=abc,other=1".parse().unwrap_or_default();
+        let contexts = [
+            (TraceFlags::SAMPLED, state),
+            (TraceFlags::new(0x03), TraceState::default()),
+            (TraceFlags::default(), TraceState::default()),
+        ];
+        for (flags, state) in contexts {
+            let span = SpanContext::new(
+                TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").unwrap_or(TraceId::INVALID),
+                SpanId::from_hex("b7ad6b7169203331").unwrap_or(SpanId::INVALID),
+                flags,
+                true,
+                state,
+            );
+            let cx = Context::new().with_remote_span_context(span);
+            let mut ours = HeaderMap::new();
+            ours.insert("traceparent", HeaderValue::from_static("stale"));
+            inject(&cx, &mut ours);
+            let mut sdk = HeaderMap::new();
+            TraceContextPropagator::new()
+                .inject_context(&cx, &mut opentelemetry_http::HeaderInjector(&mut sdk));
+            assert_eq!(ours, sdk);
+        }
+        let mut none = HeaderMap::new();
+        none.insert("tracestate", HeaderValue::from_static("stale"));
+        inject(&Context::new(), &mut none);
+        assert!(none.is_empty(), "{none:?}");
+    }
 
     #[tokio::test]
     async fn a_full_queue_drops_spans_and_counts_them() {

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use crate::formats::sse;
-use crate::formats::tokens::{Answered, Tokens};
+use crate::formats::tokens::{self, Answered, Read, Tokens};
 use crate::hooks::{UsageEvent, UsageSink};
 use crate::observe::record::Record;
 use crate::policy::ratelimit::Lease;
@@ -60,15 +60,16 @@ impl Pending {
 
     /// Finishes with a whole answer (`document`): its usage and, for a traced request,
     /// its model and finish reasons, read in one pass.
-    pub fn finish_answer(self, document: &[u8], read: Option<Tokens>) {
-        let tokens = if self.record.trace().is_some() {
-            let (answered, tokens) = Answered::with_tokens(document);
+    /// `read` is what the answer says when it was read already ([`tokens::read`]).
+    pub fn finish_answer(self, document: &[u8], read: Option<Read>) {
+        let traced = self.record.trace().is_some();
+        let read = read
+            .filter(|read| !traced || read.answered.is_some())
+            .unwrap_or_else(|| tokens::read(document, traced).unwrap_or_default());
+        if let Some(answered) = read.answered {
             self.record.answer(answered.model, answered.finish_reasons);
-            tokens
-        } else {
-            read.or_else(|| Tokens::from_json(document))
-        };
-        self.finish(tokens.unwrap_or_default(), None);
+        }
+        self.finish(read.tokens.unwrap_or_default(), None);
     }
 
     pub fn finish(self, tokens: Tokens, ttft: Option<Duration>) {

@@ -236,6 +236,7 @@ async fn send(
         model,
         upstream_model: &direct.model_name,
         provider_key,
+        traced: record.trace().is_some(),
     };
     debug!(request_id, model = %model.name, upstream_model = target.upstream_model, path = &*prepared.outgoing.path, "dispatching");
     let headers = &mut prepared.outgoing.headers;

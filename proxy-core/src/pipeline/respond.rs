@@ -20,7 +20,7 @@ use crate::failure::ProxyError;
 use crate::formats::body::RequestBody;
 use crate::formats::chat::Conversion;
 use crate::formats::sse;
-use crate::formats::tokens::Tokens;
+use crate::formats::tokens::{Read, Tokens};
 use crate::hooks::UsageEvent;
 use crate::observe::usage::{Pending, unix_now_ms};
 use crate::policy::guardrails::{self, Chain, Stage, StreamGuard};
@@ -101,7 +101,7 @@ pub(super) async fn respond(
             status: answer.status,
             content_type: answer.content_type,
             body: answer.body,
-            usage: answer.usage,
+            read: answer.read,
             conversion,
         };
         let chain = call.guardrails(&output, Stage::Output, state);
@@ -121,8 +121,8 @@ struct Whole {
     status: StatusCode,
     content_type: Option<HeaderValue>,
     body: Body,
-    /// Its token counts, when read already.
-    usage: Option<Tokens>,
+    /// What it says, when read already.
+    read: Option<Read>,
     conversion: Conversion,
 }
 
@@ -158,7 +158,7 @@ async fn whole_answer(
         Err(e) => Err(e),
     };
     // Usage is read in the upstream's format, which may say more (cache writes).
-    usage.finish_answer(&bytes, whole.usage);
+    usage.finish_answer(&bytes, whole.read);
     let bytes = match checked {
         Ok(bytes) => bytes,
         Err(e) => return e.into_response_in(envelope),

@@ -26,7 +26,7 @@ use super::tokens::{TokenSource, Tokens};
 use crate::failure::{ProxyError, UpstreamErrorFields};
 use crate::formats::eventstream::EventStreamToSse;
 use crate::formats::sse::{self, StreamBreak};
-use crate::formats::tokens::Tokens as Usage;
+use crate::formats::tokens::{self as usage, Read};
 use crate::resources::{GoogleAuth, Model, ProviderKey};
 
 /// Used when a model sets no `timeout`: LLM answers can be slow, but not unbounded.
@@ -46,6 +46,9 @@ pub struct Target<'a> {
     pub model: &'a Arc<Model>,
     pub upstream_model: &'a str,
     pub provider_key: &'a Arc<ProviderKey>,
+    /// Read what a whole answer says of itself (its model, finish reasons) with its
+    /// usage: the request is traced.
+    pub traced: bool,
 }
 
 /// A passthrough request: sent as the caller sent it, minus what stays behind.
@@ -61,9 +64,9 @@ pub struct Answer {
     pub status: StatusCode,
     pub content_type: Option<HeaderValue>,
     pub body: Body,
-    /// A whole JSON answer's token counts, read while checking it is JSON (`None`:
-    /// not read).
-    pub usage: Option<Usage>,
+    /// What a whole JSON answer says (its usage; its model and finish reasons when
+    /// traced), read while checking it is JSON (`None`: not read).
+    pub read: Option<Read>,
 }
 
 #[derive(Clone)]
@@ -282,7 +285,7 @@ impl Upstream {
             };
             return Err(misshapen(target, status, expected));
         }
-        let mut usage = None;
+        let mut read = None;
         let body = if stream {
             let mut chunks = Chunks {
                 inner: BodyDataStream::new(response.into_body()),
@@ -307,8 +310,9 @@ impl Upstream {
                 .map_err(|e| transport_failure(target, &e, false))?
                 .to_bytes();
             if json_answer {
-                let read = Usage::read(&bytes).map_err(|_| misshapen(target, status, "JSON"))?;
-                usage = Some(read.unwrap_or_default());
+                let answer = usage::read(&bytes, target.traced)
+                    .map_err(|_| misshapen(target, status, "JSON"))?;
+                read = Some(answer);
             }
             Body::from(bytes)
         };
@@ -322,7 +326,7 @@ impl Upstream {
             status,
             content_type,
             body,
-            usage,
+            read,
         })
     }
 
