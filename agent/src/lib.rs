@@ -42,7 +42,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use proxy_core::http::{ListenerOptions, ProxyOptions, ProxyState, router};
+use proxy_core::http::{App, ListenerOptions, ProxyOptions, ProxyState, router};
 use proxy_core::observe::metrics::Metrics;
 use proxy_core::observe::otlp_metrics::push_every;
 use proxy_core::observe::trace::Tracing;
@@ -256,7 +256,7 @@ impl Serving {
                 tls: bound.tls,
                 ..ListenerOptions::plain(bound.role.name())
             };
-            let router = match bound.role {
+            let app: App = match bound.role {
                 Role::Proxy => {
                     // Heads up to twice the limits (bytes, header lines) get the proxy's
                     // 431 envelope; hyper cuts larger.
@@ -282,7 +282,7 @@ impl Serving {
                         info!(addr = %addr, workers, "proxy listener ready (a thread per core)");
                         continue;
                     }
-                    router(state)
+                    router(state).into()
                 }
                 Role::Admin => {
                     let (Some(client), Some(section)) = (&etcd, config.admin()) else {
@@ -296,12 +296,13 @@ impl Serving {
                         &section.admin_keys,
                         serving.draining.clone(),
                     );
-                    admin::router(Arc::new(admin))
+                    admin::router(Arc::new(admin)).into()
                 }
                 Role::Metrics => status::router(
                     status.clone(),
                     &config.observability.metrics.prometheus.path,
-                ),
+                )
+                .into(),
             };
             let scheme = scheme(&options);
             let Some(listener) = bound.listeners.into_iter().next() else {
@@ -309,7 +310,7 @@ impl Serving {
             };
             serving.servers.spawn(serve_logged(
                 listener,
-                router,
+                app,
                 serving.stop.clone(),
                 options,
                 serving.failed.clone(),
@@ -358,7 +359,8 @@ impl Serving {
                     runtime.block_on(async move {
                         match tokio::net::TcpListener::from_std(listener) {
                             Ok(listener) => {
-                                serve_logged(listener, router(state), stop, options, failed).await;
+                                serve_logged(listener, router(state).into(), stop, options, failed)
+                                    .await;
                             }
                             Err(e) => {
                                 error!(error = %e, "a proxy worker cannot listen; the agent stops");

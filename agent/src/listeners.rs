@@ -168,13 +168,13 @@ fn listen(addr: SocketAddr, shared: bool) -> std::io::Result<TcpListener> {
 /// staying up and ready without it.
 pub async fn serve_logged(
     listener: TcpListener,
-    router: axum::Router,
+    app: proxy_core::http::App,
     stop: CancellationToken,
     options: ListenerOptions,
     failed: CancellationToken,
 ) {
     let name = options.name;
-    let error = match tokio::spawn(serve(listener, router, stop, options)).await {
+    let error = match tokio::spawn(serve(listener, app, stop, options)).await {
         Ok(Ok(())) => return,
         Ok(Err(e)) => e.to_string(),
         Err(e) => format!("its task ended: {e}"),

@@ -10,11 +10,13 @@
 
 use std::convert::Infallible;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
+use axum::response::Response;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -27,6 +29,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
 use tracing::{debug, info, warn};
+
+use super::Proxy;
 
 /// How a listener accepts and reads connections.
 #[derive(Clone)]
@@ -65,15 +69,50 @@ impl ListenerOptions {
     }
 }
 
-/// Serves `router` on `listener` until `stop` is cancelled, then stops accepting, asks
+/// What a listener serves: an axum router (admin, status), or the proxy.
+#[derive(Clone)]
+pub enum App {
+    Router(Router),
+    Proxy(Proxy),
+}
+
+impl From<Router> for App {
+    fn from(router: Router) -> App {
+        App::Router(router)
+    }
+}
+
+impl From<Proxy> for App {
+    fn from(proxy: Proxy) -> App {
+        App::Proxy(proxy)
+    }
+}
+
+impl App {
+    async fn call(self, mut req: http::Request<Incoming>, peer: SocketAddr) -> Response {
+        match self {
+            App::Router(mut router) => {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                match router.call(req).await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                }
+            }
+            App::Proxy(proxy) => proxy.call(req, peer).await,
+        }
+    }
+}
+
+/// Serves `app` on `listener` until `stop` is cancelled, then stops accepting, asks
 /// open connections to close after their current request, and waits for them
 /// (streams included).
 pub async fn serve(
     listener: TcpListener,
-    router: Router,
+    app: impl Into<App>,
     stop: CancellationToken,
     options: ListenerOptions,
 ) -> io::Result<()> {
+    let app = app.into();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(options.header_read_timeout)
@@ -102,15 +141,14 @@ pub async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let (router, http, tls, stop) = (router.clone(), http.clone(), tls.clone(), stop.clone());
+        let (app, http, tls, stop) = (app.clone(), http.clone(), tls.clone(), stop.clone());
         let timeout = options.header_read_timeout;
         let name = options.name;
         connections.spawn(async move {
             let _slot = permit;
-            let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
-                req.extensions_mut().insert(ConnectInfo(peer));
-                let mut router = router.clone();
-                async move { Ok::<_, Infallible>(router.call(req).await.unwrap_or_else(|e| match e {})) }
+            let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(app.call(req, peer).await) }
             });
             match tls {
                 None => drive(&http, tcp, service, &stop).await,
