@@ -184,6 +184,17 @@ struct Reader {
     answered: bool,
 }
 
+impl Reader {
+    /// What a document that is not an object says: no counts, and (when asked) that
+    /// it names no model and no finish reason.
+    fn nothing(&self) -> Read {
+        Read {
+            tokens: None,
+            answered: self.answered.then(Answered::default),
+        }
+    }
+}
+
 impl<'de> Visitor<'de> for Reader {
     type Value = Read;
 
@@ -217,31 +228,31 @@ impl<'de> Visitor<'de> for Reader {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Read, A::Error> {
         while seq.next_element::<de::IgnoredAny>()?.is_some() {}
-        Ok(Read::default())
+        Ok(self.nothing())
     }
 
     fn visit_str<E: de::Error>(self, _: &str) -> Result<Read, E> {
-        Ok(Read::default())
+        Ok(self.nothing())
     }
 
     fn visit_bool<E: de::Error>(self, _: bool) -> Result<Read, E> {
-        Ok(Read::default())
+        Ok(self.nothing())
     }
 
     fn visit_i64<E: de::Error>(self, _: i64) -> Result<Read, E> {
-        Ok(Read::default())
+        Ok(self.nothing())
     }
 
     fn visit_u64<E: de::Error>(self, _: u64) -> Result<Read, E> {
-        Ok(Read::default())
+        Ok(self.nothing())
     }
 
     fn visit_f64<E: de::Error>(self, _: f64) -> Result<Read, E> {
-        Ok(Read::default())
+        Ok(self.nothing())
     }
 
     fn visit_unit<E: de::Error>(self) -> Result<Read, E> {
-        Ok(Read::default())
+        Ok(self.nothing())
     }
 }
 
@@ -462,6 +473,8 @@ mod tests {
         // What an answer says of itself is read only when asked, and a field of
         // another shape loses only itself.
         let doc = br#"{"model":"m","choices":"none","stop_reason":7,"usage":{"prompt_tokens":3,"completion_tokens":4}}"#;
+        let bare = super::read(b"[1]", true).ok();
+        assert_eq!(bare.and_then(|r| r.answered), Some(Answered::default()));
         let plain = super::read(doc, false).ok();
         assert_eq!(plain.as_ref().map(|r| r.tokens), Some(counts));
         assert_eq!(plain.and_then(|r| r.answered), None);

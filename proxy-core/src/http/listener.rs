@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::response::Response;
 use hyper::body::Incoming;
@@ -89,17 +90,24 @@ impl From<Proxy> for App {
 }
 
 impl App {
-    async fn call(self, mut req: http::Request<Incoming>, peer: SocketAddr) -> Response {
+    async fn call(self, req: http::Request<Incoming>, peer: SocketAddr) -> Response {
         match self {
-            App::Router(mut router) => {
-                req.extensions_mut().insert(ConnectInfo(peer));
-                match router.call(req).await {
-                    Ok(response) => response,
-                    Err(never) => match never {},
-                }
-            }
+            App::Router(router) => via_router(router, req.map(Body::new), peer).await,
             App::Proxy(proxy) => proxy.call(req, peer).await,
         }
+    }
+}
+
+/// `req` answered by `router`, its handlers given the peer's address (`ConnectInfo`).
+pub(super) async fn via_router(
+    mut router: Router,
+    mut req: http::Request<Body>,
+    peer: SocketAddr,
+) -> Response {
+    req.extensions_mut().insert(ConnectInfo(peer));
+    match router.call(req).await {
+        Ok(response) => response,
+        Err(never) => match never {},
     }
 }
 

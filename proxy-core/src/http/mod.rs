@@ -22,7 +22,6 @@ use axum::response::Response;
 use axum::routing::{MethodRouter, any, get, post};
 use axum::{Extension, Router};
 use hyper::body::Incoming;
-use tower_service::Service as _;
 
 use crate::failure::{Envelope, ErrorType, ProxyError};
 use crate::formats::endpoint::{self, Endpoint};
@@ -74,14 +73,7 @@ impl Proxy {
                 })
                 .await
             }
-            None => {
-                request.extensions_mut().insert(ConnectInfo(peer));
-                let mut router = self.router;
-                match router.call(request).await {
-                    Ok(response) => response,
-                    Err(never) => match never {},
-                }
-            }
+            None => listener::via_router(self.router, request, peer).await,
         }
     }
 }
