@@ -160,10 +160,19 @@ pub async fn serve(
             });
             match tls {
                 None => drive(&http, tcp, service, &stop).await,
-                Some(acceptor) => match handshake(acceptor, tcp, timeout).await {
-                    Ok(stream) => drive(&http, stream, service, &stop).await,
-                    Err(e) => debug!(listener = name, %peer, error = %e, "TLS handshake failed"),
-                },
+                // Boxed: a TLS stream is larger than a plain one, and every plain
+                // connection's task was sized for it (4.7 KiB, 1.1 KiB without).
+                Some(acceptor) => {
+                    Box::pin(async move {
+                        match handshake(acceptor, tcp, timeout).await {
+                            Ok(stream) => drive(&http, stream, service, &stop).await,
+                            Err(e) => {
+                                debug!(listener = name, %peer, error = %e, "TLS handshake failed");
+                            }
+                        }
+                    })
+                    .await;
+                }
             }
         });
     }

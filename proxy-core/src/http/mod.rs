@@ -21,6 +21,7 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{MethodRouter, any, get, post};
 use axum::{Extension, Router};
+use bytes::{Bytes, BytesMut};
 use hyper::body::Incoming;
 
 use crate::failure::{Envelope, ErrorType, ProxyError};
@@ -58,6 +59,7 @@ pub struct Proxy {
 impl Proxy {
     pub async fn call(self, request: http::Request<Incoming>, peer: SocketAddr) -> Response {
         let mut request = request.map(Body::new);
+        detach_headers(request.headers_mut());
         if !self.rewrites.is_empty() {
             // Rewritten before routing, so the new path is routed (and logged) as sent.
             request = rewrite(&self.rewrites, request);
@@ -73,8 +75,49 @@ impl Proxy {
                 })
                 .await
             }
-            None => listener::via_router(self.router, request, peer).await,
+            None => {
+                // A passthrough call lasts as long as a model-routed one and keeps
+                // its URI (the model-routed path drops it before the call).
+                detach_uri(request.uri_mut());
+                listener::via_router(self.router, request, peer).await
+            }
         }
+    }
+}
+
+/// hyper's header values (and the path) are slices of the connection's read buffer
+/// and keep all of it (8 KiB) alive while the call lasts, and hyper reads on into a
+/// buffer of its own meanwhile, to notice a caller hanging up. Moved into one
+/// allocation their size, a call in flight holds one read buffer, not two.
+fn detach_headers(headers: &mut HeaderMap) {
+    let size = headers.values().map(HeaderValue::len).sum();
+    let mut block = BytesMut::with_capacity(size);
+    for value in headers.values() {
+        block.extend_from_slice(value.as_bytes());
+    }
+    let mut block = block.freeze();
+    for value in headers.values_mut() {
+        let own = block.split_to(value.len());
+        if let Ok(mut own) = HeaderValue::from_maybe_shared(own) {
+            own.set_sensitive(value.is_sensitive());
+            *value = own;
+        }
+    }
+}
+
+/// The path and query in an allocation of their own (see [`detach_headers`]).
+fn detach_uri(uri: &mut http::Uri) {
+    let Some(own) = uri
+        .path_and_query()
+        .map(|p| Bytes::copy_from_slice(p.as_str().as_bytes()))
+        .and_then(|p| http::uri::PathAndQuery::from_maybe_shared(p).ok())
+    else {
+        return;
+    };
+    let mut parts = std::mem::take(uri).into_parts();
+    parts.path_and_query = Some(own);
+    if let Ok(detached) = http::Uri::from_parts(parts) {
+        *uri = detached;
     }
 }
 
@@ -288,6 +331,46 @@ fn well_formed_id(v: &str) -> bool {
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
+
+    #[test]
+    fn header_values_and_paths_leave_the_read_buffer() {
+        let buffer = Bytes::from_static(b"/v1/x?a=1 application/json t1 t2 secret");
+        let inside = |bytes: &[u8]| buffer.as_ptr_range().contains(&bytes.as_ptr());
+        let value = |range: std::ops::Range<usize>| {
+            HeaderValue::from_maybe_shared(buffer.slice(range)).unwrap()
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, value(10..26));
+        headers.append("x-tag", value(27..29));
+        headers.append("x-tag", value(30..32));
+        let mut secret = value(33..39);
+        secret.set_sensitive(true);
+        headers.insert(header::AUTHORIZATION, secret);
+        headers.insert("x-empty", HeaderValue::from_static(""));
+        let before = headers.clone();
+        assert!(
+            headers
+                .values()
+                .all(|v| v.is_empty() || inside(v.as_bytes()))
+        );
+
+        detach_headers(&mut headers);
+        assert_eq!(headers, before);
+        assert!(headers.values().all(|v| !inside(v.as_bytes())));
+        assert!(headers[header::AUTHORIZATION].is_sensitive());
+        assert!(!headers[header::CONTENT_TYPE].is_sensitive());
+        let tags: Vec<_> = headers.get_all("x-tag").iter().collect();
+        assert_eq!(tags, ["t1", "t2"]);
+
+        let mut uri = http::Uri::from_maybe_shared(buffer.slice(0..9)).unwrap();
+        assert!(inside(uri.path().as_bytes()));
+        detach_uri(&mut uri);
+        assert_eq!(uri, "/v1/x?a=1");
+        assert!(!inside(uri.path().as_bytes()));
+        let mut absolute = http::Uri::from_static("http://h:1/p?q");
+        detach_uri(&mut absolute);
+        assert_eq!(absolute, "http://h:1/p?q");
+    }
 
     #[test]
     fn only_model_routed_posts_skip_the_router() {

@@ -274,7 +274,8 @@ impl Upstream {
         let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
         if !status.is_success() {
             let remaining = timeout.saturating_sub(started.elapsed());
-            return Err(rejected(provider, target, response, remaining).await);
+            // Boxed for the same reason as a token's minting: it is the rare path.
+            return Err(Box::pin(rejected(provider, target, response, remaining)).await);
         }
         let framed = provider.aws_event_stream();
         if json_answer && stream && !is_stream_type(content_type.as_ref(), framed) {
@@ -339,33 +340,28 @@ impl Upstream {
         key: &ProviderKey,
         request: reqwest::RequestBuilder,
     ) -> Result<http::Request<reqwest::Body>, String> {
+        let request = provider.authorize(request, key);
+        let source = match (&key.entra, key.vertex.as_ref().map(|v| &v.auth)) {
+            (Some(entra), _) => Some(TokenSource::Entra(entra.clone())),
+            (None, Some(GoogleAuth::ServiceAccount(account))) => {
+                Some(TokenSource::Google(account.clone()))
+            }
+            (None, Some(GoogleAuth::AccessToken(_)) | None) => None,
+        };
+        let request = match (source, key.vertex.as_ref().map(|v| &v.auth)) {
+            (Some(source), _) => {
+                // Boxed: minting a token is a whole HTTP call, and its future inline
+                // would grow every call's future (held as long as the call) by its size.
+                let token = Box::pin(self.tokens.token(&self.client, &source)).await?;
+                request.bearer_auth(token.expose())
+            }
+            (None, Some(GoogleAuth::AccessToken(token))) => request.bearer_auth(token.expose()),
+            (None, _) => request,
+        };
         let cannot = |e: reqwest::Error| format!("the request cannot be built: {e}");
-        let request = self.credential(provider, key, request).await?;
         let mut request = request.build().map_err(cannot)?;
         provider.sign(&mut request, key)?;
         http::Request::try_from(request).map_err(cannot)
-    }
-
-    /// The credential a request carries in a header, before it is built.
-    async fn credential(
-        &self,
-        provider: &dyn Provider,
-        key: &ProviderKey,
-        request: reqwest::RequestBuilder,
-    ) -> Result<reqwest::RequestBuilder, String> {
-        let request = provider.authorize(request, key);
-        let source = match (&key.entra, key.vertex.as_ref().map(|v| &v.auth)) {
-            (Some(entra), _) => TokenSource::Entra(entra.clone()),
-            (None, Some(GoogleAuth::ServiceAccount(account))) => {
-                TokenSource::Google(account.clone())
-            }
-            (None, Some(GoogleAuth::AccessToken(token))) => {
-                return Ok(request.bearer_auth(token.expose()));
-            }
-            (None, None) => return Ok(request),
-        };
-        let token = self.tokens.token(&self.client, &source).await?;
-        Ok(request.bearer_auth(token.expose()))
     }
 
     /// Relays a passthrough request as it is: the provider's credential added, its
