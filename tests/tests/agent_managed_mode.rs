@@ -337,11 +337,14 @@ async fn console_writes_reach_the_proxy_and_heartbeats_report_the_snapshot() {
         json!({"guardrail_id": "g1", "scope_type": "model", "scope_id": "gpt-2"}),
     )
     .await;
-    eventually("the attached guardrail applies", WITHIN, || async {
-        agent.chat("gpt-2").await == 422
-    })
+    // Until its attachment lands the guardrail has no scope and applies to every model,
+    // so wait for both halves of the attached state.
+    eventually(
+        "the attached guardrail applies to its model alone",
+        WITHIN,
+        || async { agent.chat("gpt-2").await == 422 && agent.chat("gpt").await == 200 },
+    )
     .await;
-    assert_eq!(agent.chat("gpt").await, 200);
 
     // The heartbeat reports what is applied, what was rejected, and the certificate.
     eventually("a heartbeat reports the rejection", WITHIN, || async {
