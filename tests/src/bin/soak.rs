@@ -6,8 +6,11 @@
 //! watches cut for 10 s) every minute. Prints errors by cause, the agent's resident
 //! memory over time and, per 10 s, the slowest call through the gateway and the
 //! slowest answer of the mock provider asked directly (so a pile-up can be placed);
-//! fails when the gateway answered anything but 200 or its memory kept growing (the
-//! last third's peak more than 10 % + 2 MiB over the middle third's).
+//! fails when the gateway answered anything but 200, its memory kept growing (the
+//! last third's peak more than 10 % + 2 MiB over the middle third's) or the rate was
+//! not held (a call not sent because 1,024 were in flight: the run was at saturation,
+//! not at FRACTION of it). Saturation is what the soak's own open loop carries, beside
+//! the same side load, when offered the rate 64 closed-loop callers reach in 10 s.
 
 #![allow(
     clippy::unwrap_used,
@@ -177,99 +180,36 @@ async fn main() -> ExitCode {
     for w in workers {
         w.await.unwrap();
     }
-    let saturation = done.load(Ordering::Relaxed) as f64 / 10.0;
+    let closed = done.load(Ordering::Relaxed) as f64 / 10.0;
+    // A closed loop of 64 callers carries more than the soak's own load can: an open
+    // loop (a task per call, up to 1024 in flight) beside the mock probes and a
+    // console write every second. Saturation is what that load carries when offered
+    // the closed loop's rate for 20 s.
+    let calibrated = Instant::now() + Duration::from_secs(20);
+    let (calibration_errors, carried): (Errors, _) = (Arc::default(), Arc::new(AtomicU64::new(0)));
+    let calibration = open_loop(
+        closed,
+        calibrated,
+        call.clone(),
+        calibration_errors,
+        carried.clone(),
+    );
+    let calibration_side = side_load(calibrated, probe.clone(), cloud.console.clone(), None);
+    tokio::time::sleep_until(calibrated.into()).await;
+    let saturation = carried.load(Ordering::Relaxed) as f64 / 20.0;
+    calibration.await.unwrap();
+    calibration_side.await.unwrap();
     let rate = (saturation * fraction).max(1.0);
     println!(
-        "saturation {saturation:.0} req/s; soaking {minutes} min at {rate:.0} req/s ({:.0} %)",
+        "closed loop {closed:.0} req/s; open loop offered that carried {saturation:.0} req/s (the saturation); soaking {minutes} min at {rate:.0} req/s ({:.0} %)",
         fraction * 100.0
     );
 
     slowest.store(0, Ordering::Relaxed);
     let ok = Arc::new(AtomicU64::new(0));
     let stop = Instant::now() + Duration::from_secs(minutes * 60);
-    // Config writes every second; a control-plane flap every minute.
-    let console = cloud.console.clone();
-    let churn = {
-        let errors = errors.clone();
-        tokio::spawn(async move {
-            let mut n = 0u64;
-            while Instant::now() < stop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                n += 1;
-                let path = format!(
-                    "/console/v1/environments/{ENV}/resources/models/churn-{}",
-                    n % 50
-                );
-                let body = json!({"display_name": format!("churn-{}", n % 50), "model_name": format!("up-{n}"), "provider_key_id": "pk"});
-                if console.call("PUT", &path, Some(body)).await.0 != 200 {
-                    *errors
-                        .lock()
-                        .await
-                        .entry("console write (not the gateway)".into())
-                        .or_default() += 1;
-                }
-                if n % 60 == 30 {
-                    console
-                        .call(
-                            "PUT",
-                            "/console/v1/faults",
-                            Some(json!({"refuse_connections": true})),
-                        )
-                        .await;
-                    console
-                        .call("POST", "/console/v1/faults/cut-watches", None)
-                        .await;
-                } else if n % 60 == 40 {
-                    console
-                        .call("PUT", "/console/v1/faults", Some(json!({})))
-                        .await;
-                }
-            }
-        })
-    };
-    // Open-loop load at `rate`; at most 1024 in flight.
-    let load = {
-        let (errors, ok) = (errors.clone(), ok.clone());
-        tokio::spawn(async move {
-            let slots = Arc::new(Semaphore::new(1024));
-            let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            while Instant::now() < stop {
-                ticker.tick().await;
-                let Ok(permit) = slots.clone().try_acquire_owned() else {
-                    *errors
-                        .lock()
-                        .await
-                        .entry("call not sent: 1024 already in flight (answers slower than 1024 / rate)".into())
-                        .or_default() += 1;
-                    continue;
-                };
-                let (call, errors, ok) = (call.clone(), errors.clone(), ok.clone());
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    match call().await {
-                        None => ok.fetch_add(1, Ordering::Relaxed),
-                        Some(cause) => {
-                            *errors
-                                .lock()
-                                .await
-                                .entry(format!("gateway: {cause}"))
-                                .or_default() += 1;
-                            0
-                        }
-                    };
-                });
-            }
-            let _ = slots.acquire_many(1024).await;
-        })
-    };
-    let prober = tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(Duration::from_millis(50));
-        while Instant::now() < stop {
-            ticker.tick().await;
-            tokio::spawn(probe());
-        }
-    });
+    let churn = side_load(stop, probe, cloud.console.clone(), Some(errors.clone()));
+    let load = open_loop(rate, stop, call, errors.clone(), ok.clone());
     // Resident memory and the slowest answers every 10 s.
     let pid = agent.pid();
     let mut rss = Vec::new();
@@ -301,7 +241,6 @@ async fn main() -> ExitCode {
         );
     }
     load.await.unwrap();
-    prober.await.unwrap();
     churn.await.unwrap();
     let errors = errors.lock().await.clone();
     println!("\nerrors by cause:");
@@ -331,10 +270,133 @@ async fn main() -> ExitCode {
             " (plateau)"
         }
     );
-    if gateway > 0 || grows {
+    let not_sent = errors
+        .iter()
+        .filter(|(c, _)| c.starts_with("call not sent"))
+        .map(|(_, n)| n)
+        .sum::<u64>();
+    if not_sent > 0 {
+        println!(
+            "the soak did not hold its rate ({not_sent} calls not sent): it ran at saturation, not at {:.0} % of it",
+            fraction * 100.0
+        );
+    }
+    if gateway > 0 || grows || not_sent > 0 {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+/// Calls `call` at `rate` a second until `stop` (open loop, at most 1024 in flight),
+/// counting answers in `ok` and failures by cause in `errors`; ends when every call
+/// has ended.
+fn open_loop<C, F>(
+    rate: f64,
+    stop: Instant,
+    call: C,
+    errors: Errors,
+    ok: Arc<AtomicU64>,
+) -> tokio::task::JoinHandle<()>
+where
+    C: Fn() -> F + Send + Sync + Clone + 'static,
+    F: std::future::Future<Output = Option<String>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let slots = Arc::new(Semaphore::new(1024));
+        let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        while Instant::now() < stop {
+            ticker.tick().await;
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                *errors
+                    .lock()
+                    .await
+                    .entry(
+                        "call not sent: 1024 already in flight (answers slower than 1024 / rate)"
+                            .into(),
+                    )
+                    .or_default() += 1;
+                continue;
+            };
+            let (call, errors, ok) = (call.clone(), errors.clone(), ok.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                match call().await {
+                    None => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(cause) => {
+                        *errors
+                            .lock()
+                            .await
+                            .entry(format!("gateway: {cause}"))
+                            .or_default() += 1;
+                    }
+                }
+            });
+        }
+        let _ = slots.acquire_many(1024).await;
+    })
+}
+
+/// Until `stop`: the mock provider probed 20 times a second, a console write every
+/// second and, when `errors` are kept (the soak itself), a control-plane flap
+/// (connections refused and watches cut for 10 s) every minute.
+fn side_load<P, F>(
+    stop: Instant,
+    probe: P,
+    console: tests::cloud::Console,
+    errors: Option<Errors>,
+) -> tokio::task::JoinHandle<()>
+where
+    P: Fn() -> F + Send + 'static,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let prober = tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(Duration::from_millis(50));
+        while Instant::now() < stop {
+            ticker.tick().await;
+            tokio::spawn(probe());
+        }
+    });
+    tokio::spawn(async move {
+        let mut n = 0u64;
+        while Instant::now() < stop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            n += 1;
+            let path = format!(
+                "/console/v1/environments/{ENV}/resources/models/churn-{}",
+                n % 50
+            );
+            let body = json!({"display_name": format!("churn-{}", n % 50), "model_name": format!("up-{n}"), "provider_key_id": "pk"});
+            let written = console.call("PUT", &path, Some(body)).await.0 == 200;
+            let Some(errors) = &errors else { continue };
+            if !written {
+                *errors
+                    .lock()
+                    .await
+                    .entry("console write (not the gateway)".into())
+                    .or_default() += 1;
+            }
+            if n % 60 == 30 {
+                console
+                    .call(
+                        "PUT",
+                        "/console/v1/faults",
+                        Some(json!({"refuse_connections": true})),
+                    )
+                    .await;
+                console
+                    .call("POST", "/console/v1/faults/cut-watches", None)
+                    .await;
+            } else if n % 60 == 40 {
+                console
+                    .call("PUT", "/console/v1/faults", Some(json!({})))
+                    .await;
+            }
+        }
+        prober.await.unwrap();
+    })
 }
 
 /// Raises `slowest` (µs) to this call's duration when dropped.
