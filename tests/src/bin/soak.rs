@@ -1,6 +1,6 @@
 //! Soak test (not in the default suite; `bash scripts/soak [MINUTES]`): the agent in
-//! managed mode against `cloud-mock serve` (its control plane, console and mock
-//! provider) for MINUTES (default 10) at FRACTION (default 0.5) of the measured
+//! managed mode against `cloud-mock serve` (its control plane and console) and
+//! `cloud-mock provider` (the mock provider, in a process of its own) for MINUTES (default 10) at FRACTION (default 0.5) of the measured
 //! saturation (`bash scripts/soak 10 0.9` for 90 %), with a
 //! console write every second and a control-plane flap (connections refused and
 //! watches cut for 10 s) every minute. Prints errors by cause, the agent's resident
@@ -48,13 +48,28 @@ async fn main() -> ExitCode {
     });
     let dir = tempfile::tempdir().unwrap();
     let cloud = CloudMockProcess::start(&dir.path().join("cloud-mock"), None).await;
+    // The mock provider in a process of its own: the control plane takes an outage's
+    // usage backlog on its runtime, which slowed a provider beside it (the gateway's
+    // calls and the direct probes alike).
+    let mut provider = Process::start(
+        &binary("cloud-mock"),
+        &["provider", "--addr", "127.0.0.1:0"],
+        &[],
+    );
+    let provider_url = provider
+        .wait_for_line("mock provider listening on", Duration::from_secs(30))
+        .await
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .to_owned();
     let resources = format!("/console/v1/environments/{ENV}/resources");
     cloud
         .console
         .ok(
             "PUT",
             &format!("{resources}/provider_keys/pk"),
-            Some(json!({"display_name": "mock", "provider": "openai", "api_base": format!("{}/v1", cloud.provider_url), "api_key": "sk-soak"})),
+            Some(json!({"display_name": "mock", "provider": "openai", "api_base": format!("{}/v1", provider_url), "api_key": "sk-soak"})),
         )
         .await;
     cloud
@@ -128,7 +143,7 @@ async fn main() -> ExitCode {
     let errors: Errors = Arc::default();
     let probe = {
         let (http, slowest, errors) = (http.clone(), provider_slowest.clone(), errors.clone());
-        let url = format!("{}/v1/chat/completions", cloud.provider_url);
+        let url = format!("{}/v1/chat/completions", provider_url);
         move || {
             let (http, url, slowest, errors) =
                 (http.clone(), url.clone(), slowest.clone(), errors.clone());
