@@ -109,6 +109,20 @@ pub struct CloudMockProcess {
     pub bundle_dir: std::path::PathBuf,
 }
 
+/// Starts `cloud-mock provider` on an ephemeral port; returns it and its base URL.
+pub async fn start_provider() -> (crate::Process, String) {
+    let mut process = crate::Process::start(
+        &crate::binary("cloud-mock"),
+        &["provider", "--addr", "127.0.0.1:0"],
+        &[],
+    );
+    let line = process
+        .wait_for_line("mock provider listening on", Duration::from_secs(30))
+        .await;
+    let url = after(&line, "listening on ").to_owned();
+    (process, url)
+}
+
 fn after<'a>(line: &'a str, marker: &str) -> &'a str {
     line.split(marker)
         .nth(1)

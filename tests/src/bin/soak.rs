@@ -1,8 +1,8 @@
-//! Soak test (not in the default suite; `bash scripts/soak [MINUTES]`): the agent in
-//! managed mode against `cloud-mock serve` (its control plane and console) and
-//! `cloud-mock provider` (the mock provider, in a process of its own) for MINUTES (default 10) at FRACTION (default 0.5) of the measured
-//! saturation (`bash scripts/soak 10 0.9` for 90 %), with a
-//! console write every second and a control-plane flap (connections refused and
+//! Soak test (not in the default suite; `bash scripts/soak [MINUTES] [FRACTION]`): the
+//! agent in managed mode against `cloud-mock serve` (its control plane and console) and
+//! `cloud-mock provider` (the mock provider, in a process of its own) for MINUTES
+//! (default 10) at FRACTION (default 0.5; 0.9 for 90 %) of the measured saturation,
+//! with a console write every second and a control-plane flap (connections refused and
 //! watches cut for 10 s) every minute. Prints errors by cause, the agent's resident
 //! memory over time and, per 10 s, the slowest call through the gateway and the
 //! slowest answer of the mock provider asked directly (so a pile-up can be placed);
@@ -32,6 +32,8 @@ use tokio::sync::{Mutex, Semaphore};
 
 const CALLER: &str = "soak-caller-key";
 const ENV: &str = "demo";
+/// The cause counted for a call the open loop could not send: the run was at saturation.
+const NOT_SENT: &str = "call not sent: 1024 already in flight (answers slower than 1024 / rate)";
 
 type Errors = Arc<Mutex<BTreeMap<String, u64>>>;
 
@@ -51,18 +53,7 @@ async fn main() -> ExitCode {
     // The mock provider in a process of its own: the control plane takes an outage's
     // usage backlog on its runtime, which slowed a provider beside it (the gateway's
     // calls and the direct probes alike).
-    let mut provider = Process::start(
-        &binary("cloud-mock"),
-        &["provider", "--addr", "127.0.0.1:0"],
-        &[],
-    );
-    let provider_url = provider
-        .wait_for_line("mock provider listening on", Duration::from_secs(30))
-        .await
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .to_owned();
+    let (_provider, provider_url) = tests::cloud::start_provider().await;
     let resources = format!("/console/v1/environments/{ENV}/resources");
     cloud
         .console
@@ -287,7 +278,7 @@ async fn main() -> ExitCode {
     );
     let not_sent = errors
         .iter()
-        .filter(|(c, _)| c.starts_with("call not sent"))
+        .filter(|(c, _)| c.as_str() == NOT_SENT)
         .map(|(_, n)| n)
         .sum::<u64>();
     if not_sent > 0 {
@@ -323,14 +314,7 @@ where
         while Instant::now() < stop {
             ticker.tick().await;
             let Ok(permit) = slots.clone().try_acquire_owned() else {
-                *errors
-                    .lock()
-                    .await
-                    .entry(
-                        "call not sent: 1024 already in flight (answers slower than 1024 / rate)"
-                            .into(),
-                    )
-                    .or_default() += 1;
+                *errors.lock().await.entry(NOT_SENT.into()).or_default() += 1;
                 continue;
             };
             let (call, errors, ok) = (call.clone(), errors.clone(), ok.clone());
